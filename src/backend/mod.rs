@@ -1,0 +1,109 @@
+//! The backend: a dumb store of named immutable objects (save, load a range,
+//! stat, list, remove). It knows nothing of packs or snapshots beyond which
+//! folder a kind of object lives in. Retry, dry-run and the like are wrappers.
+//!
+//! spec: format-spec/01-layout.md
+
+pub mod local;
+
+use std::fmt;
+
+pub use local::LocalBackend;
+
+/// The kinds of object a repository stores; each maps to a folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Config,
+    Pack,
+    Snapshot,
+    Lock,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Config => "config",
+            Kind::Pack => "pack",
+            Kind::Snapshot => "snapshot",
+            Kind::Lock => "lock",
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{kind} '{name}' not found")]
+    NotFound { kind: Kind, name: String },
+    /// Worth retrying (interrupted, timed out, throttled).
+    #[error("{kind} '{name}': {op} failed (transient): {source}")]
+    Transient {
+        kind: Kind,
+        name: String,
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("{kind} '{name}': {op} failed: {source}")]
+    Permanent {
+        kind: Kind,
+        name: String,
+        op: &'static str,
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, BackendError::NotFound { .. })
+    }
+
+    pub(crate) fn from_io(kind: Kind, name: &str, op: &'static str, e: std::io::Error) -> Self {
+        use std::io::ErrorKind as K;
+        let name = name.to_string();
+        match e.kind() {
+            K::NotFound => BackendError::NotFound { kind, name },
+            K::Interrupted | K::TimedOut | K::WouldBlock => BackendError::Transient {
+                kind,
+                name,
+                op,
+                source: e,
+            },
+            _ => BackendError::Permanent {
+                kind,
+                name,
+                op,
+                source: e,
+            },
+        }
+    }
+}
+
+/// An object store. Every method is safe to call from many threads.
+pub trait Backend: Send + Sync {
+    /// Human-readable location, for messages.
+    fn location(&self) -> String;
+    // Durable and atomic when it returns Ok: readers see all of it or nothing.
+    // Replaces an object of the same name (names are content hashes or random).
+    fn save(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), BackendError>;
+    // Fills `buf` from `offset`; an object shorter than offset+len is an error.
+    fn load_into(
+        &self,
+        kind: Kind,
+        name: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), BackendError>;
+    // Size in bytes of an existing object.
+    fn stat(&self, kind: Kind, name: &str) -> Result<u64, BackendError>;
+    // Every object of a kind with its size, in no particular order.
+    fn list(&self, kind: Kind) -> Result<Vec<(String, u64)>, BackendError>;
+    // Removing a missing object is NotFound.
+    fn remove(&self, kind: Kind, name: &str) -> Result<(), BackendError>;
+
+    /// Whole object.
+    fn load(&self, kind: Kind, name: &str) -> Result<Vec<u8>, BackendError> {
+        let len = self.stat(kind, name)?;
+        let mut buf = vec![0u8; len as usize];
+        self.load_into(kind, name, 0, &mut buf)?;
+        Ok(buf)
+    }
+}

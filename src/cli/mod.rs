@@ -1,0 +1,160 @@
+//! Argument shape (clap derive). Parsed arguments are turned into validated
+//! options by the commands before any work starts.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cbtvault",
+    version,
+    about = "Incremental, deduplicating backup of virtual disks driven by changed block tracking"
+)]
+pub struct Cli {
+    /// Repository folder.
+    #[arg(short = 'r', long = "repo", env = "CBTVAULT_REPOSITORY", global = true)]
+    pub repo: Option<PathBuf>,
+    /// Print machine-readable JSON results on stdout.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a new repository.
+    Init(InitArgs),
+    /// Back up a disk image or block device.
+    Backup(BackupArgs),
+    /// List snapshots.
+    Snapshots(FilterArgs),
+    /// Restore a snapshot to a file, block device or stdout.
+    Restore(RestoreArgs),
+    /// Verify the repository's structure and, optionally, its data.
+    Check(CheckArgs),
+    /// Print a repository object as JSON.
+    Cat(CatArgs),
+    /// List the blocks that differ between two snapshots.
+    Diff(DiffArgs),
+    /// Sizes, deduplication and compression of the repository.
+    Stats,
+    /// Remove stale locks.
+    Unlock(UnlockArgs),
+    /// Repair derived data.
+    #[command(subcommand)]
+    Repair(RepairCommand),
+    /// Back up, change, back up again and restore a generated image in a
+    /// temporary repository, verifying the result.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Block size in bytes (65536 matches XenServer CBT).
+    #[arg(long, default_value_t = 65536)]
+    pub block_size: u32,
+    /// zstd compression level (1-22).
+    #[arg(long, default_value_t = 3)]
+    pub compression_level: i32,
+    /// Target pack size in MiB.
+    #[arg(long, default_value_t = 32)]
+    pub pack_size_mib: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Path of a raw disk image or block device.
+    pub source: PathBuf,
+    /// Base64 bitmap of changed 64 KiB blocks, as VDI.list_changed_blocks returns it.
+    #[arg(long, value_name = "FILE")]
+    pub changed_blocks: Option<PathBuf>,
+    /// Layer on this snapshot instead of the newest of the same source.
+    #[arg(long, value_name = "ID", conflicts_with = "full")]
+    pub parent: Option<String>,
+    /// Start a new backup set: read every block, write a full manifest.
+    #[arg(long)]
+    pub full: bool,
+    /// Write a synthetic full manifest (no data rewritten) once the chain
+    /// since the last full reaches N snapshots.
+    #[arg(long, value_name = "N")]
+    pub full_every: Option<u32>,
+    /// Tag the snapshot (repeatable).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct FilterArgs {
+    /// Only snapshots of this source identity (e.g. file:/path) or path.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Only snapshots with this tag (repeatable: all must match).
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Snapshot id (or unique prefix), or `latest`.
+    pub snapshot: String,
+    /// A file path, a block device, or `-` for stdout.
+    #[arg(long)]
+    pub target: PathBuf,
+    /// Replace an existing non-empty regular file.
+    #[arg(long)]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Decompress and re-hash every block.
+    #[arg(long)]
+    pub read_data: bool,
+    /// Read only a subset of the packs: `N%` or `n/t`.
+    #[arg(long, value_name = "SUBSET", conflicts_with = "read_data")]
+    pub read_data_subset: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CatArgs {
+    /// `config` or `snapshot`.
+    pub kind: String,
+    /// Snapshot id, for `snapshot`.
+    pub id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    pub a: String,
+    pub b: String,
+}
+
+#[derive(Debug, Args)]
+pub struct UnlockArgs {
+    /// Remove every lock, not only stale ones.
+    #[arg(long)]
+    pub remove_all: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RepairCommand {
+    /// Rebuild the catalog from the packs and snapshot objects.
+    Index,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Size of the generated image in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: u64,
+    /// Work folder (default: a new temporary folder, removed afterwards).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}

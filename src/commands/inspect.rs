@@ -1,0 +1,226 @@
+//! `init`, `snapshots`, `cat`, `diff`, `stats`, `unlock`.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use chrono::Utc;
+use serde_json::json;
+
+use super::{filtered, Outcome};
+use crate::cli::{CatArgs, DiffArgs, FilterArgs, InitArgs, UnlockArgs};
+use crate::format::bitmap;
+use crate::format::snapshot::BlockRef;
+use crate::manifest;
+use crate::output::{human_bytes, Ui};
+use crate::repo::{lock, InitOptions, Repository};
+
+pub fn init(ui: &Ui, path: &Path, a: &InitArgs) -> Result<Outcome> {
+    let options = InitOptions {
+        block_size: a.block_size,
+        compression_level: a.compression_level,
+        pack_size_target_bytes: a.pack_size_mib.max(1) << 20,
+    };
+    if !(1..=22).contains(&options.compression_level) {
+        bail!("--compression-level {} outside 1..=22", options.compression_level);
+    }
+    let config = Repository::init(path, &options)?;
+    ui.json(&json!({"id": config.id, "location": path.display().to_string()}));
+    ui.info(format!(
+        "created repository {} at '{}'",
+        &config.id[..8],
+        path.display()
+    ));
+    Ok(Outcome::Ok)
+}
+
+pub fn snapshots(ui: &Ui, repo: &Repository, filter: &FilterArgs) -> Result<Outcome> {
+    let list = filtered(repo, filter)?;
+    if ui.json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|s| {
+                let m = &s.meta;
+                json!({
+                    "id": m.id, "time": m.time.to_rfc3339(), "parent": m.parent,
+                    "source": m.source, "size": m.disk_size_bytes, "tags": m.tags,
+                    "hostname": m.hostname, "backup_set": m.backup_set,
+                    "full": m.parent.is_none(), "read_mode": m.read_mode,
+                    "new_set_reason": m.new_set_reason, "landmark": m.landmark,
+                    "object": s.object.to_hex(),
+                })
+            })
+            .collect();
+        ui.json(&v);
+        return Ok(Outcome::Ok);
+    }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            let m = &s.meta;
+            vec![
+                m.id.short(),
+                m.time.format("%Y-%m-%d %H:%M:%S").to_string(),
+                m.parent.map(|p| p.short()).unwrap_or_else(|| "(full)".into()),
+                m.source.clone(),
+                human_bytes(m.disk_size_bytes),
+                m.tags.join(","),
+            ]
+        })
+        .collect();
+    ui.table(&["ID", "Time (UTC)", "Parent", "Source", "Size", "Tags"], &rows);
+    ui.print(format!("{} snapshots", rows.len()));
+    Ok(Outcome::Ok)
+}
+
+pub fn cat(ui: &Ui, repo: &Repository, a: &CatArgs) -> Result<Outcome> {
+    let value = match (a.kind.as_str(), &a.id) {
+        ("config", _) => serde_json::to_value(repo.config())?,
+        ("snapshot", Some(id)) => {
+            let entry = repo.find_snapshot(id)?;
+            let obj = repo.load_snapshot(&entry.object)?;
+            let entries: Vec<_> = obj
+                .entries
+                .iter()
+                .map(|(i, r)| match r {
+                    BlockRef::Zero => json!({"index": i, "block": "zero"}),
+                    BlockRef::Data(id) => json!({"index": i, "block": id.to_hex()}),
+                })
+                .collect();
+            json!({
+                "object": entry.object.to_hex(),
+                "meta": obj.meta,
+                "entries": entries,
+                "bitmap": obj.bitmap.as_deref().map(bitmap::encode_base64),
+            })
+        }
+        ("snapshot", None) => bail!("cat snapshot needs a snapshot id"),
+        (other, _) => bail!("cannot cat '{other}': use config or snapshot"),
+    };
+    // cat always prints JSON.
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    let _ = ui;
+    Ok(Outcome::Ok)
+}
+
+/// Runs of consecutive indices as (first, last).
+fn ranges(indices: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for i in indices {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == i => *last = i,
+            _ => out.push((i, i)),
+        }
+    }
+    out
+}
+
+pub fn diff(ui: &Ui, repo: &Repository, a: &DiffArgs) -> Result<Outcome> {
+    let sa = repo.find_snapshot(&a.a)?;
+    let sb = repo.find_snapshot(&a.b)?;
+    let ma = repo.resolve(sa.meta.id)?;
+    let mb = repo.resolve(sb.meta.id)?;
+    let changes = manifest::diff(&ma, &mb);
+    let rs = ranges(changes.iter().map(|c| c.index));
+    let added = changes.iter().filter(|c| c.before.is_none()).count();
+    let removed = changes.iter().filter(|c| c.after.is_none()).count();
+    ui.json(&json!({
+        "a": sa.meta.id, "b": sb.meta.id,
+        "block_size": mb.block_size,
+        "changed_blocks": changes.len(),
+        "now_data": added, "now_zero": removed,
+        "modified": changes.len() - added - removed,
+        "size_a": ma.disk_size_bytes, "size_b": mb.disk_size_bytes,
+        "ranges": rs,
+    }));
+    ui.print(format!(
+        "{} blocks differ between {} and {} ({} modified, {} became data, {} became zero)",
+        changes.len(),
+        sa.meta.id.short(),
+        sb.meta.id.short(),
+        changes.len() - added - removed,
+        added,
+        removed
+    ));
+    if ma.disk_size_bytes != mb.disk_size_bytes {
+        ui.print(format!(
+            "disk size changed: {} -> {} bytes",
+            ma.disk_size_bytes, mb.disk_size_bytes
+        ));
+    }
+    for (first, last) in rs {
+        if first == last {
+            ui.print(format!("  block {first}"));
+        } else {
+            ui.print(format!("  blocks {first}-{last}"));
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+pub fn stats(ui: &Ui, repo: &Repository) -> Result<Outcome> {
+    let snaps = repo.snapshots()?;
+    let logical: u64 = snaps.iter().map(|s| s.meta.disk_size_bytes).sum();
+    let mut logical_data = 0u64;
+    for s in &snaps {
+        let map = repo.resolve(s.meta.id)?;
+        logical_data += map.data.iter().map(|(i, _)| map.span_of(*i) as u64).sum::<u64>();
+    }
+    let (blocks, raw, stored_blobs) = repo.catalog().block_totals()?;
+    let packs = repo.catalog().packs()?;
+    let stored: u64 = packs.iter().map(|p| p.1).sum();
+    let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    let v = json!({
+        "snapshots": snaps.len(),
+        "logical_bytes": logical,
+        "logical_data_bytes": logical_data,
+        "unique_blocks": blocks,
+        "unique_raw_bytes": raw,
+        "stored_blob_bytes": stored_blobs,
+        "stored_bytes": stored,
+        "packs": packs.len(),
+        "dedup_ratio": ratio(logical_data, raw),
+        "compression_ratio": ratio(raw, stored_blobs),
+        "total_ratio": ratio(logical, stored),
+    });
+    ui.json(&v);
+    ui.print(format!("snapshots:           {}", snaps.len()));
+    ui.print(format!("logical size:        {} (non-zero {})", human_bytes(logical), human_bytes(logical_data)));
+    ui.print(format!("unique blocks:       {blocks} ({})", human_bytes(raw)));
+    ui.print(format!("stored:              {} in {} packs", human_bytes(stored), packs.len()));
+    ui.print(format!("dedup ratio:         {:.2}x", ratio(logical_data, raw)));
+    ui.print(format!("compression ratio:   {:.2}x", ratio(raw, stored_blobs)));
+    ui.print(format!("logical / stored:    {:.2}x", ratio(logical, stored)));
+    Ok(Outcome::Ok)
+}
+
+pub fn unlock(ui: &Ui, repo: &Repository, a: &UnlockArgs) -> Result<Outcome> {
+    let now = Utc::now();
+    let mut removed = Vec::new();
+    let mut kept = Vec::new();
+    for (name, info) in lock::list(repo.backend().as_ref())? {
+        let why = match &info {
+            Err(e) => Some(format!("unreadable ({e})")),
+            Ok(i) => lock::stale_reason(i, now),
+        };
+        match (why, a.remove_all) {
+            (Some(why), _) => {
+                repo.backend().remove(crate::backend::Kind::Lock, &name)?;
+                ui.info(format!("removed stale lock {}: {why}", &name[..8]));
+                removed.push(name);
+            }
+            (None, true) => {
+                repo.backend().remove(crate::backend::Kind::Lock, &name)?;
+                ui.info(format!("removed lock {}", &name[..8]));
+                removed.push(name);
+            }
+            (None, false) => {
+                if let Ok(i) = &info {
+                    ui.info(format!("kept {} (holder alive)", lock::describe(i)));
+                }
+                kept.push(name);
+            }
+        }
+    }
+    ui.json(&json!({"removed": removed, "kept": kept}));
+    Ok(Outcome::Ok)
+}

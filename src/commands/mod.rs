@@ -1,0 +1,102 @@
+//! One workflow per subcommand. `anyhow` lives here and above; library
+//! errors are given context on the way out.
+
+mod backup;
+mod check;
+mod demo;
+mod inspect;
+mod restore;
+mod sinks;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::{Cli, Command, FilterArgs, RepairCommand};
+use crate::output::Ui;
+use crate::repo::{Repository, SnapshotEntry};
+
+/// Exit status of a command that ran to the end.
+pub enum Outcome {
+    Ok,
+    /// `check` found an integrity problem.
+    IntegrityProblem,
+}
+
+impl From<Outcome> for ExitCode {
+    fn from(o: Outcome) -> ExitCode {
+        match o {
+            Outcome::Ok => ExitCode::SUCCESS,
+            Outcome::IntegrityProblem => ExitCode::from(3),
+        }
+    }
+}
+
+pub fn run(cli: Cli) -> Result<Outcome> {
+    let ui = Ui::new(cli.json, cli.quiet);
+    let repo_path = || -> Result<PathBuf> {
+        cli.repo.clone().context(
+            "no repository given: use -r/--repo or set CBTVAULT_REPOSITORY",
+        )
+    };
+    match cli.command {
+        Command::Init(ref a) => inspect::init(&ui, &repo_path()?, a),
+        Command::Backup(ref a) => backup::run(&ui, &open(&ui, &repo_path()?)?, a),
+        Command::Snapshots(ref f) => inspect::snapshots(&ui, &open(&ui, &repo_path()?)?, f),
+        Command::Restore(ref a) => restore::run(&ui, &open(&ui, &repo_path()?)?, a),
+        Command::Check(ref a) => check::run(&ui, &open(&ui, &repo_path()?)?, a),
+        Command::Cat(ref a) => inspect::cat(&ui, &open(&ui, &repo_path()?)?, a),
+        Command::Diff(ref a) => inspect::diff(&ui, &open(&ui, &repo_path()?)?, a),
+        Command::Stats => inspect::stats(&ui, &open(&ui, &repo_path()?)?),
+        Command::Unlock(ref a) => inspect::unlock(&ui, &open(&ui, &repo_path()?)?, a),
+        Command::Repair(RepairCommand::Index) => check::repair_index(&ui, &repo_path()?),
+        Command::Demo(ref a) => demo::run(&ui, a),
+    }
+}
+
+/// Opens the repository, saying so when the catalog had to be rebuilt.
+pub(crate) fn open(ui: &Ui, path: &Path) -> Result<Repository> {
+    let repo = Repository::open(path)
+        .with_context(|| format!("open repository '{}'", path.display()))?;
+    if repo.catalog_rebuilt {
+        ui.warn("the catalog was missing or out of date and has been rebuilt from the packs");
+    }
+    for (name, reason) in &repo.unreadable_snapshots {
+        ui.warn(format!("snapshot object {name} is unreadable: {reason}"));
+    }
+    Ok(repo)
+}
+
+/// Snapshots matching a filter, oldest first. A `--source` that names an
+/// existing path matches that path's identity.
+pub(crate) fn filtered(repo: &Repository, filter: &FilterArgs) -> Result<Vec<SnapshotEntry>> {
+    let source = filter.source.as_ref().map(|s| {
+        if s.contains(':') {
+            s.clone()
+        } else {
+            match std::fs::canonicalize(s) {
+                Ok(p) => format!("file:{}", p.display()),
+                Err(_) => s.clone(),
+            }
+        }
+    });
+    Ok(repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| source.as_ref().is_none_or(|src| &s.meta.source == src))
+        .filter(|s| filter.tags.iter().all(|t| s.meta.tags.contains(t)))
+        .collect())
+}
+
+/// Resolves `latest` (within the filter) or an id prefix.
+pub(crate) fn pick_snapshot(repo: &Repository, query: &str, filter: &FilterArgs) -> Result<SnapshotEntry> {
+    if query == "latest" {
+        match filtered(repo, filter)?.pop() {
+            Some(s) => Ok(s),
+            None => bail!("no snapshot matches 'latest' with the given filters"),
+        }
+    } else {
+        Ok(repo.find_snapshot(query)?)
+    }
+}

@@ -1,0 +1,376 @@
+//! The SQLite catalog: a derived, rebuildable cache of which pack holds each
+//! block and of the snapshot objects' metadata. It is never the truth:
+//! deleting it loses nothing (spec: format-spec/04-catalog.md).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::format::pack::TrailerEntry;
+use crate::format::snapshot::SnapshotMeta;
+use crate::format::{BlockId, ObjectName};
+
+pub const SCHEMA_VERSION: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("catalog '{path}': {source}")]
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("catalog '{path}': {reason}; run 'cbtvault repair index'")]
+    Inconsistent { path: String, reason: String },
+}
+
+/// Where a block is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockLocation {
+    pub pack: ObjectName,
+    pub offset: u64,
+    pub stored_length: u32,
+    pub raw_length: u32,
+}
+
+pub struct Catalog {
+    conn: Connection,
+    path: String,
+}
+
+/// How the catalog was found when opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenState {
+    /// Schema and repository id matched.
+    Current,
+    /// Missing, of another schema or repository: emptied; needs a rebuild.
+    Reset,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS packs(pack_id INTEGER PRIMARY KEY, name BLOB NOT NULL UNIQUE, size_bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS blocks(block_id BLOB PRIMARY KEY, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, stored_length INTEGER NOT NULL, raw_length INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS snapshots(object BLOB PRIMARY KEY, id TEXT NOT NULL, generation INTEGER NOT NULL, time TEXT NOT NULL, source TEXT NOT NULL, parent TEXT, meta TEXT NOT NULL) WITHOUT ROWID;
+";
+
+impl Catalog {
+    /// Opens (creating if needed) the catalog for repository `repo_id`.
+    pub fn open(path: &Path, repo_id: &str) -> Result<(Catalog, OpenState), IndexError> {
+        let shown = path.display().to_string();
+        let sql = |source| IndexError::Sqlite {
+            path: shown.clone(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(sql)?;
+        conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        let mut cat = Catalog { conn, path: shown };
+        let state = cat.ensure_schema(repo_id)?;
+        Ok((cat, state))
+    }
+
+    fn err(&self, source: rusqlite::Error) -> IndexError {
+        IndexError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn ensure_schema(&mut self, repo_id: &str) -> Result<OpenState, IndexError> {
+        let has_meta: bool = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name='meta'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(|e| self.err(e))?
+            > 0;
+        let (version, id) = if has_meta {
+            let get = |k: &str| {
+                self.conn
+                    .query_row("SELECT value FROM meta WHERE key=?1", [k], |r| {
+                        r.get::<_, String>(0)
+                    })
+                    .optional()
+            };
+            (
+                get("schema_version").map_err(|e| self.err(e))?,
+                get("repository_id").map_err(|e| self.err(e))?,
+            )
+        } else {
+            (None, None)
+        };
+        if version.as_deref() == Some(SCHEMA_VERSION) && id.as_deref() == Some(repo_id) {
+            return Ok(OpenState::Current);
+        }
+        let tx = self.conn.transaction().map_err(|e| IndexError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        tx.execute_batch(
+            "DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS packs;
+             DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS snapshots;",
+        )
+        .and_then(|_| tx.execute_batch(SCHEMA))
+        .and_then(|_| {
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', ?1), ('repository_id', ?2)",
+                params![SCHEMA_VERSION, repo_id],
+            )
+        })
+        .and_then(|_| tx.commit())
+        .map_err(|e| IndexError::Sqlite {
+            path: self.path.clone(),
+            source: e,
+        })?;
+        Ok(OpenState::Reset)
+    }
+
+    /// Empties packs, blocks and snapshots (before a rebuild).
+    pub fn clear(&mut self) -> Result<(), IndexError> {
+        self.conn
+            .execute_batch("DELETE FROM blocks; DELETE FROM packs; DELETE FROM snapshots;")
+            .map_err(|e| self.err(e))
+    }
+
+    /// Records a durable pack and all its blocks in one transaction. A block
+    /// already known keeps its first location.
+    pub fn add_pack(
+        &mut self,
+        name: &ObjectName,
+        size_bytes: u64,
+        entries: &[TrailerEntry],
+    ) -> Result<(), IndexError> {
+        let path = self.path.clone();
+        let run = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT OR IGNORE INTO packs(name, size_bytes) VALUES (?1, ?2)",
+                params![&name.0[..], size_bytes as i64],
+            )?;
+            let pack_id: i64 =
+                tx.query_row("SELECT pack_id FROM packs WHERE name=?1", [&name.0[..]], |r| {
+                    r.get(0)
+                })?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO blocks(block_id, pack_id, offset, stored_length, raw_length)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for e in entries {
+                    stmt.execute(params![
+                        &e.block_id.0[..],
+                        pack_id,
+                        e.offset as i64,
+                        e.stored_length,
+                        e.raw_length
+                    ])?;
+                }
+            }
+            tx.commit()
+        };
+        run(&mut self.conn).map_err(|source| IndexError::Sqlite { path, source })
+    }
+
+    /// Forgets a pack and every block located in it.
+    pub fn remove_pack(&mut self, name: &ObjectName) -> Result<(), IndexError> {
+        let path = self.path.clone();
+        let run = |conn: &mut Connection| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "DELETE FROM blocks WHERE pack_id IN (SELECT pack_id FROM packs WHERE name=?1)",
+                [&name.0[..]],
+            )?;
+            tx.execute("DELETE FROM packs WHERE name=?1", [&name.0[..]])?;
+            tx.commit()
+        };
+        run(&mut self.conn).map_err(|source| IndexError::Sqlite { path, source })
+    }
+
+    fn row_to_location(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<BlockLocation> {
+        let name: Vec<u8> = row.get(0)?;
+        let name: [u8; 32] = name.try_into().map_err(|_| {
+            rusqlite::Error::FromSqlConversionFailure(
+                0,
+                rusqlite::types::Type::Blob,
+                "pack name is not 32 bytes".into(),
+            )
+        })?;
+        Ok(BlockLocation {
+            pack: ObjectName(name),
+            offset: row.get::<_, i64>(1)? as u64,
+            stored_length: row.get(2)?,
+            raw_length: row.get(3)?,
+        })
+    }
+
+    /// Looks up many blocks at once (one read transaction).
+    pub fn lookup_many(&self, ids: &[BlockId]) -> Result<Vec<Option<BlockLocation>>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT p.name, b.offset, b.stored_length, b.raw_length
+                 FROM blocks b JOIN packs p ON p.pack_id = b.pack_id WHERE b.block_id = ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(
+                stmt.query_row([&id.0[..]], |r| self.row_to_location(r))
+                    .optional()
+                    .map_err(|e| self.err(e))?,
+            );
+        }
+        drop(stmt);
+        tx.finish().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    pub fn lookup(&self, id: &BlockId) -> Result<Option<BlockLocation>, IndexError> {
+        Ok(self.lookup_many(std::slice::from_ref(id))?.pop().flatten())
+    }
+
+    /// Whether each block is known (cheaper than a full lookup).
+    pub fn contains_many(&self, ids: &[BlockId]) -> Result<Vec<bool>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT 1 FROM blocks WHERE block_id = ?1")
+            .map_err(|e| self.err(e))?;
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(stmt.exists([&id.0[..]]).map_err(|e| self.err(e))?);
+        }
+        drop(stmt);
+        tx.finish().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// Every pack the catalog knows, with its size and block count.
+    pub fn packs(&self) -> Result<Vec<(ObjectName, u64, u64)>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT p.name, p.size_bytes, (SELECT count(*) FROM blocks b WHERE b.pack_id = p.pack_id)
+                 FROM packs p",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let name: Vec<u8> = r.get(0)?;
+                Ok((name, r.get::<_, i64>(1)? as u64, r.get::<_, i64>(2)? as u64))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, size, count) = row.map_err(|e| self.err(e))?;
+            let name: [u8; 32] = name.try_into().map_err(|_| IndexError::Inconsistent {
+                path: self.path.clone(),
+                reason: "a pack name is not 32 bytes".into(),
+            })?;
+            out.push((ObjectName(name), size, count));
+        }
+        Ok(out)
+    }
+
+    /// Blocks located in one pack.
+    pub fn blocks_in_pack(&self, pack: &ObjectName) -> Result<Vec<(BlockId, BlockLocation)>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT p.name, b.offset, b.stored_length, b.raw_length, b.block_id
+                 FROM blocks b JOIN packs p ON p.pack_id = b.pack_id WHERE p.name = ?1
+                 ORDER BY b.offset",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([&pack.0[..]], |r| {
+                let loc = self.row_to_location(r)?;
+                let id: Vec<u8> = r.get(4)?;
+                Ok((id, loc))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, loc) = row.map_err(|e| self.err(e))?;
+            let id: [u8; 32] = id.try_into().map_err(|_| IndexError::Inconsistent {
+                path: self.path.clone(),
+                reason: "a block id is not 32 bytes".into(),
+            })?;
+            out.push((BlockId(id), loc));
+        }
+        Ok(out)
+    }
+
+    /// (number of blocks, sum of raw lengths, sum of stored lengths).
+    pub fn block_totals(&self) -> Result<(u64, u64, u64), IndexError> {
+        self.conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(raw_length),0), coalesce(sum(stored_length),0) FROM blocks",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)? as u64,
+                        r.get::<_, i64>(1)? as u64,
+                        r.get::<_, i64>(2)? as u64,
+                    ))
+                },
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn upsert_snapshot(&mut self, object: &ObjectName, meta: &SnapshotMeta) -> Result<(), IndexError> {
+        let json = serde_json::to_string(meta).expect("meta serializes");
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO snapshots(object, id, generation, time, source, parent, meta)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    &object.0[..],
+                    meta.id.to_hex(),
+                    meta.generation,
+                    meta.time.to_rfc3339(),
+                    meta.source,
+                    meta.parent.map(|p| p.to_hex()),
+                    json
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn remove_snapshot(&mut self, object: &ObjectName) -> Result<(), IndexError> {
+        self.conn
+            .execute("DELETE FROM snapshots WHERE object=?1", [&object.0[..]])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every snapshot object recorded, with its metadata.
+    pub fn snapshots(&self) -> Result<Vec<(ObjectName, SnapshotMeta)>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT object, meta FROM snapshots")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (object, meta) = row.map_err(|e| self.err(e))?;
+            let bad = |reason: &str| IndexError::Inconsistent {
+                path: self.path.clone(),
+                reason: reason.to_string(),
+            };
+            let object: [u8; 32] = object.try_into().map_err(|_| bad("object name not 32 bytes"))?;
+            let meta: SnapshotMeta =
+                serde_json::from_str(&meta).map_err(|_| bad("snapshot metadata unreadable"))?;
+            out.push((ObjectName(object), meta));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,15 @@
+//! cbtvault: incremental, deduplicating backup of virtual disks driven by
+//! changed block tracking. See DESIGN.md in the project's shared folder and
+//! `format-spec/` for the on-disk contract.
+
+pub mod backend;
+pub mod cli;
+pub mod commands;
+pub mod format;
+pub mod index;
+pub mod manifest;
+pub mod pack;
+pub mod output;
+pub mod progress;
+pub mod repo;
+pub mod source;

@@ -1,0 +1,408 @@
+//! The backup pipeline: read -> hash (parallel) -> dedup lookup (batched) ->
+//! compress and verify (parallel) -> pack writer -> backend, joined by
+//! bounded queues so memory stays fixed whatever the disk size. The snapshot
+//! object is written last, after every block it names is durable.
+//!
+//! spec: format-spec/06-ordering.md#backup
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Instant;
+
+use chrono::Utc;
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::{RepoError, Repository};
+use crate::backend::Kind;
+use crate::format::bitmap;
+use crate::format::snapshot::{block_count, BlockRef, ReadMode, SnapshotMeta, SnapshotObject};
+use crate::format::{BlockId, SnapshotId};
+use crate::manifest::{self, BlockMap};
+use crate::pack::{compress_block, CompressedBlock, PackWriter};
+use crate::progress::Progress;
+use crate::source::{BlockSource, SourceError};
+
+/// The parent a new snapshot is layered on.
+pub struct ParentInfo {
+    pub meta: SnapshotMeta,
+    pub map: BlockMap,
+    /// Manifests between the parent and the last full one.
+    pub depth: u32,
+}
+
+/// Everything decided before the pipeline runs.
+pub struct BackupPlan {
+    pub parent: Option<ParentInfo>,
+    /// Blocks to read (decoded bitmap); `None` reads every block. Only
+    /// meaningful with a parent: unmarked blocks are taken from it.
+    pub changed: Option<Vec<u8>>,
+    /// Write a full manifest while continuing the parent's backup set.
+    pub synthetic_full: bool,
+    pub tags: Vec<String>,
+    pub hostname: String,
+    pub landmark: BTreeMap<String, String>,
+    /// Why a new backup set starts (no parent), for the snapshot and output.
+    pub new_set_reason: Option<String>,
+}
+
+/// Pipeline sizing.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// Blocks per read batch.
+    pub batch_blocks: usize,
+    /// Batches in flight between stages.
+    pub queue_depth: usize,
+    pub compression_level: i32,
+    pub pack_size_target_bytes: u64,
+}
+
+impl PipelineOptions {
+    pub fn from_repo(repo: &Repository) -> Self {
+        PipelineOptions {
+            batch_blocks: 32,
+            queue_depth: 4,
+            compression_level: repo.config().compression_level,
+            pack_size_target_bytes: repo.config().pack_size_target_bytes,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupSummary {
+    pub snapshot_id: SnapshotId,
+    pub parent_id: Option<SnapshotId>,
+    pub backup_set: SnapshotId,
+    pub full: bool,
+    pub synthetic_full: bool,
+    pub new_set_reason: Option<String>,
+    pub disk_size_bytes: u64,
+    pub blocks_read: u64,
+    pub blocks_new: u64,
+    pub blocks_deduplicated: u64,
+    pub blocks_zero: u64,
+    pub blocks_changed: u64,
+    pub bytes_read: u64,
+    pub bytes_stored: u64,
+    pub packs_written: u64,
+    pub seconds: f64,
+}
+
+struct ReadBatch {
+    /// (block index, offset in data, length)
+    blocks: Vec<(u64, usize, usize)>,
+    data: Vec<u8>,
+}
+
+fn is_zero(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(64);
+    let whole = chunks
+        .by_ref()
+        .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0);
+    whole && chunks.remainder().iter().all(|b| *b == 0)
+}
+
+fn reader(
+    source: &dyn BlockSource,
+    block_size: u32,
+    indices: &mut dyn Iterator<Item = u64>,
+    batch_blocks: usize,
+    tx: Sender<Result<ReadBatch, SourceError>>,
+) {
+    let size = source.size_bytes();
+    let span = |i: u64| (size - i * block_size as u64).min(block_size as u64) as usize;
+    let mut pending: Vec<u64> = Vec::with_capacity(batch_blocks);
+    let flush = |pending: &mut Vec<u64>| -> bool {
+        if pending.is_empty() {
+            return true;
+        }
+        let total: usize = pending.iter().map(|i| span(*i)).sum();
+        let mut batch = ReadBatch {
+            blocks: Vec::with_capacity(pending.len()),
+            data: vec![0u8; total],
+        };
+        // Read each run of consecutive blocks with one call.
+        let mut k = 0;
+        let mut off = 0usize;
+        while k < pending.len() {
+            let mut end = k + 1;
+            while end < pending.len() && pending[end] == pending[end - 1] + 1 {
+                end += 1;
+            }
+            let run_len: usize = pending[k..end].iter().map(|i| span(*i)).sum();
+            if let Err(e) = source.read_at(
+                pending[k] * block_size as u64,
+                &mut batch.data[off..off + run_len],
+            ) {
+                let _ = tx.send(Err(e));
+                return false;
+            }
+            for &i in &pending[k..end] {
+                batch.blocks.push((i, off, span(i)));
+                off += span(i);
+            }
+            k = end;
+        }
+        pending.clear();
+        tx.send(Ok(batch)).is_ok()
+    };
+    for i in indices {
+        pending.push(i);
+        if pending.len() >= batch_blocks && !flush(&mut pending) {
+            return;
+        }
+    }
+    flush(&mut pending);
+}
+
+struct WriterStats {
+    packs: u64,
+}
+
+fn writer(
+    repo: &Repository,
+    rx: Receiver<Vec<CompressedBlock>>,
+    committed: Sender<Vec<BlockId>>,
+    target: u64,
+) -> Result<WriterStats, RepoError> {
+    let mut catalog = repo.open_catalog()?;
+    let mut stats = WriterStats { packs: 0 };
+    let mut pack = PackWriter::new(target);
+    let mut flush = |pack: PackWriter, stats: &mut WriterStats| -> Result<(), RepoError> {
+        let done = pack.finish();
+        // Durable pack first, then its catalog rows (spec: 06-ordering).
+        repo.backend()
+            .save(Kind::Pack, &done.name.to_hex(), &done.bytes)?;
+        catalog.add_pack(&done.name, done.bytes.len() as u64, &done.entries)?;
+        stats.packs += 1;
+        let _ = committed.send(done.entries.iter().map(|e| e.block_id).collect());
+        Ok(())
+    };
+    for blocks in rx {
+        for b in &blocks {
+            pack.add(b);
+            if pack.is_full() {
+                let full = std::mem::replace(&mut pack, PackWriter::new(target));
+                flush(full, &mut stats)?;
+            }
+        }
+    }
+    if !pack.is_empty() {
+        flush(pack, &mut stats)?;
+    }
+    Ok(stats)
+}
+
+#[derive(Default)]
+struct Counters {
+    blocks_read: u64,
+    blocks_new: u64,
+    blocks_zero: u64,
+    bytes_read: u64,
+    bytes_stored: u64,
+}
+
+/// Runs a backup of `source` according to `plan` and commits the snapshot.
+pub fn run(
+    repo: &Repository,
+    source: &dyn BlockSource,
+    plan: BackupPlan,
+    options: &PipelineOptions,
+    progress: &dyn Progress,
+) -> Result<BackupSummary, RepoError> {
+    let started = Instant::now();
+    let block_size = repo.config().block_size;
+    let disk_size = source.size_bytes();
+    let blocks = block_count(disk_size, block_size);
+    if let Some(b) = &plan.changed {
+        bitmap::validate(b, blocks).map_err(|reason| {
+            RepoError::Invalid(format!(
+                "changed-block bitmap does not fit '{}' ({disk_size} bytes): {reason}",
+                source.identity()
+            ))
+        })?;
+        if plan.parent.is_none() {
+            return Err(RepoError::Invalid(
+                "a changed-block bitmap needs a parent snapshot".into(),
+            ));
+        }
+    }
+    let read_total = match &plan.changed {
+        Some(b) => bitmap::iter_set(b).map(|i| span_len(disk_size, block_size, i)).sum(),
+        None => disk_size,
+    };
+    progress.set_total(read_total);
+
+    let empty = BlockMap {
+        disk_size_bytes: 0,
+        block_size,
+        data: Vec::new(),
+    };
+    let parent_map = plan.parent.as_ref().map(|p| &p.map).unwrap_or(&empty);
+    let has_parent = plan.parent.is_some();
+
+    let (read_tx, read_rx) = bounded::<Result<ReadBatch, SourceError>>(options.queue_depth);
+    let (write_tx, write_rx) = bounded::<Vec<CompressedBlock>>(options.queue_depth);
+    let (done_tx, done_rx) = unbounded::<Vec<BlockId>>();
+
+    let mut delta: Vec<(u64, BlockRef)> = Vec::new();
+    let mut counters = Counters::default();
+
+    let (process_result, writer_result) = std::thread::scope(|s| {
+        let changed = plan.changed.as_deref();
+        s.spawn(move || {
+            let mut all = 0..blocks;
+            let mut marked = changed.map(|b| bitmap::iter_set(b));
+            let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
+                Some(m) => m,
+                None => &mut all,
+            };
+            reader(source, block_size, it, options.batch_blocks, read_tx);
+        });
+        let writer_handle =
+            s.spawn(move || writer(repo, write_rx, done_tx, options.pack_size_target_bytes));
+        let process_result = (|| -> Result<(), RepoError> {
+            let catalog = repo.open_catalog()?;
+            // Blocks handed to the writer but not yet in the catalog.
+            let mut pending: HashSet<BlockId> = HashSet::new();
+            for batch in read_rx {
+                let batch = batch?;
+                for ids in done_rx.try_iter() {
+                    for id in ids {
+                        pending.remove(&id);
+                    }
+                }
+                let hashed: Vec<Option<BlockId>> = batch
+                    .blocks
+                    .par_iter()
+                    .map(|&(_, off, len)| {
+                        let raw = &batch.data[off..off + len];
+                        (!is_zero(raw)).then(|| BlockId::of(raw))
+                    })
+                    .collect();
+                let mut candidates: Vec<(usize, BlockId)> = Vec::new();
+                for (k, (&(index, _, len), id)) in batch.blocks.iter().zip(&hashed).enumerate() {
+                    counters.blocks_read += 1;
+                    counters.bytes_read += len as u64;
+                    let before = if has_parent { parent_map.get(index) } else { None };
+                    match id {
+                        None => {
+                            counters.blocks_zero += 1;
+                            if before.is_some() {
+                                delta.push((index, BlockRef::Zero));
+                            }
+                        }
+                        Some(id) => {
+                            if before != Some(*id) {
+                                delta.push((index, BlockRef::Data(*id)));
+                                if !pending.contains(id) {
+                                    candidates.push((k, *id));
+                                }
+                            }
+                        }
+                    }
+                }
+                let ids: Vec<BlockId> = candidates.iter().map(|c| c.1).collect();
+                let known = catalog.contains_many(&ids)?;
+                let mut to_store: Vec<(usize, BlockId)> = Vec::new();
+                for ((k, id), known) in candidates.into_iter().zip(known) {
+                    if !known && pending.insert(id) {
+                        to_store.push((k, id));
+                    }
+                }
+                if !to_store.is_empty() {
+                    let level = options.compression_level;
+                    let compressed: Result<Vec<CompressedBlock>, _> = to_store
+                        .par_iter()
+                        .map(|&(k, id)| {
+                            let (_, off, len) = batch.blocks[k];
+                            compress_block(&batch.data[off..off + len], id, level)
+                        })
+                        .collect();
+                    let compressed = compressed?;
+                    counters.blocks_new += compressed.len() as u64;
+                    counters.bytes_stored +=
+                        compressed.iter().map(|c| c.frame.len() as u64).sum::<u64>();
+                    if write_tx.send(compressed).is_err() {
+                        // The writer stopped; its error is reported below.
+                        return Ok(());
+                    }
+                }
+                progress.advance(batch.data.len() as u64);
+            }
+            Ok(())
+        })();
+        drop(write_tx);
+        let writer_result = writer_handle.join().expect("pack writer panicked");
+        (process_result, writer_result)
+    });
+    process_result?;
+    let stats = writer_result?;
+    if counters.blocks_read != plan.changed.as_deref().map(bitmap::count).unwrap_or(blocks) {
+        return Err(RepoError::Invalid(format!(
+            "read {} blocks but {} were planned; nothing committed",
+            counters.blocks_read,
+            plan.changed.as_deref().map(bitmap::count).unwrap_or(blocks)
+        )));
+    }
+
+    // Blocks beyond the new end are dropped by resolution; the delta is
+    // complete for every block read.
+    let id = SnapshotId(rand::random());
+    let (parent, backup_set, entries) = match &plan.parent {
+        None => (None, id, delta.clone()),
+        Some(p) if plan.synthetic_full => {
+            let map = manifest::apply(&p.map, &delta, disk_size);
+            (None, p.meta.backup_set, manifest::flatten(&map))
+        }
+        Some(p) => (Some(p.meta.id), p.meta.backup_set, delta.clone()),
+    };
+    let meta = SnapshotMeta {
+        id,
+        generation: 0,
+        time: Utc::now(),
+        hostname: plan.hostname.clone(),
+        source: source.identity().to_string(),
+        disk_size_bytes: disk_size,
+        block_size,
+        parent,
+        backup_set,
+        tags: plan.tags.clone(),
+        landmark: plan.landmark.clone(),
+        read_mode: if plan.changed.is_some() {
+            ReadMode::ChangedBlocks
+        } else {
+            ReadMode::All
+        },
+        new_set_reason: plan.new_set_reason.clone(),
+    };
+    let obj = SnapshotObject {
+        meta,
+        entries,
+        bitmap: plan.changed.clone(),
+    };
+    repo.commit_snapshot(&obj)?;
+    let blocks_deduplicated = counters.blocks_read - counters.blocks_zero - counters.blocks_new;
+    Ok(BackupSummary {
+        snapshot_id: id,
+        parent_id: plan.parent.as_ref().map(|p| p.meta.id),
+        backup_set,
+        full: plan.parent.is_none(),
+        synthetic_full: plan.parent.is_some() && plan.synthetic_full,
+        new_set_reason: plan.new_set_reason,
+        disk_size_bytes: disk_size,
+        blocks_read: counters.blocks_read,
+        blocks_new: counters.blocks_new,
+        blocks_deduplicated,
+        blocks_zero: counters.blocks_zero,
+        blocks_changed: delta.len() as u64,
+        bytes_read: counters.bytes_read,
+        bytes_stored: counters.bytes_stored,
+        packs_written: stats.packs,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn span_len(disk_size: u64, block_size: u32, index: u64) -> u64 {
+    (disk_size.saturating_sub(index * block_size as u64)).min(block_size as u64)
+}

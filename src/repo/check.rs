@@ -1,0 +1,297 @@
+//! `check`: structure (config, snapshot objects and their chains, packs and
+//! their trailers), catalog against packs, manifests against the catalog,
+//! and optionally the data itself (every selected blob decompressed and
+//! re-hashed). Reports problems and the snapshots they affect; never
+//! modifies the repository.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use super::{RepoError, Repository};
+use crate::backend::Kind;
+use crate::format::{pack as layout, BlockId, ObjectName, SnapshotId};
+use crate::pack::decompress_verified;
+use crate::progress::Progress;
+
+/// Which packs `--read-data` reads.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum DataSubset {
+    All,
+    /// A random share of the packs, in percent (0 < p <= 100).
+    Percent(f64),
+    /// Part `n` of `t` (1-based) of the packs sorted by name.
+    Part { n: u32, t: u32 },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Problem {
+    pub severity: Severity,
+    /// The object concerned, e.g. `pack 3fa2...` or `snapshot 9c1e...`.
+    pub object: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AffectedSnapshot {
+    pub id: SnapshotId,
+    pub source: String,
+    pub time: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct CheckReport {
+    pub snapshots_checked: u64,
+    pub packs_checked: u64,
+    pub packs_read: u64,
+    pub blocks_read: u64,
+    pub problems: Vec<Problem>,
+    pub affected_snapshots: Vec<AffectedSnapshot>,
+}
+
+impl CheckReport {
+    pub fn has_errors(&self) -> bool {
+        self.problems.iter().any(|p| p.severity == Severity::Error)
+    }
+    fn error(&mut self, object: String, message: String) {
+        self.problems.push(Problem {
+            severity: Severity::Error,
+            object,
+            message,
+        });
+    }
+    fn warn(&mut self, object: String, message: String) {
+        self.problems.push(Problem {
+            severity: Severity::Warning,
+            object,
+            message,
+        });
+    }
+}
+
+fn select_packs(mut packs: Vec<(String, u64)>, subset: DataSubset) -> Vec<(String, u64)> {
+    packs.sort();
+    match subset {
+        DataSubset::All => packs,
+        DataSubset::Part { n, t } => {
+            let len = packs.len();
+            let (n, t) = (n as usize, t as usize);
+            let start = len * (n - 1) / t;
+            let end = len * n / t;
+            packs[start..end].to_vec()
+        }
+        DataSubset::Percent(p) => {
+            use rand::seq::SliceRandom;
+            let want = ((packs.len() as f64) * p / 100.0).ceil() as usize;
+            let mut rng = rand::thread_rng();
+            packs.shuffle(&mut rng);
+            packs.truncate(want.min(packs.len()));
+            packs
+        }
+    }
+}
+
+/// Runs the check. `read_data` selects packs whose blobs are all verified.
+pub fn run(
+    repo: &Repository,
+    read_data: Option<DataSubset>,
+    progress: &dyn Progress,
+) -> Result<CheckReport, RepoError> {
+    let mut report = CheckReport::default();
+    let backend = repo.backend();
+
+    // Snapshot objects that could not even be listed into the catalog.
+    for (name, reason) in &repo.unreadable_snapshots {
+        report.error(format!("snapshot object {name}"), reason.clone());
+    }
+
+    // Packs on storage against the catalog.
+    let listed: Vec<(String, u64)> = backend.list(Kind::Pack)?;
+    let listed_map: HashMap<String, u64> = listed.iter().cloned().collect();
+    let catalog_packs = repo.catalog().packs()?;
+    let catalog_names: HashSet<String> = catalog_packs.iter().map(|p| p.0.to_hex()).collect();
+    let mut bad_blocks: HashMap<BlockId, String> = HashMap::new();
+    let mark_pack_bad = |bad_blocks: &mut HashMap<BlockId, String>,
+                         pack: &ObjectName,
+                         why: &str|
+     -> Result<(), RepoError> {
+        for (id, _) in repo.catalog().blocks_in_pack(pack)? {
+            bad_blocks.entry(id).or_insert_with(|| format!("pack {} {why}", pack.short()));
+        }
+        Ok(())
+    };
+    for (name, size, _) in &catalog_packs {
+        let hex = name.to_hex();
+        match listed_map.get(&hex) {
+            None => {
+                report.error(
+                    format!("pack {hex}"),
+                    "listed in the catalog but missing from storage".into(),
+                );
+                mark_pack_bad(&mut bad_blocks, name, "is missing")?;
+            }
+            Some(actual) if actual != size => {
+                report.error(
+                    format!("pack {hex}"),
+                    format!("is {actual} bytes, the catalog recorded {size} (truncated or replaced)"),
+                );
+                mark_pack_bad(&mut bad_blocks, name, "has the wrong size")?;
+            }
+            Some(_) => {}
+        }
+    }
+    progress.set_total(listed.len() as u64);
+    for (name, size) in &listed {
+        progress.advance(1);
+        report.packs_checked += 1;
+        let Ok(pack) = name.parse::<ObjectName>() else {
+            report.warn(format!("data/{name}"), "not a pack name; ignored".into());
+            continue;
+        };
+        match repo.read_pack_index(name, *size) {
+            Err(e) => {
+                report.error(format!("pack {name}"), format!("unreadable trailer: {e}"));
+                mark_pack_bad(&mut bad_blocks, &pack, "is unreadable")?;
+            }
+            Ok(entries) => {
+                if !catalog_names.contains(name) {
+                    report.warn(
+                        format!("pack {name}"),
+                        format!(
+                            "{} blocks not in the catalog (left by an interrupted backup); 'cbtvault repair index' adopts it",
+                            entries.len()
+                        ),
+                    );
+                    continue;
+                }
+                let rows: HashMap<BlockId, _> = repo.catalog().blocks_in_pack(&pack)?.into_iter().collect();
+                for (id, loc) in &rows {
+                    let found = entries.iter().any(|e| {
+                        e.block_id == *id
+                            && e.offset == loc.offset
+                            && e.stored_length == loc.stored_length
+                            && e.raw_length == loc.raw_length
+                    });
+                    if !found {
+                        report.error(
+                            format!("pack {name}"),
+                            format!("catalog places block {id} at offset {} but the trailer disagrees; run 'cbtvault repair index'", loc.offset),
+                        );
+                        bad_blocks.entry(*id).or_insert_with(|| format!("catalog entry in pack {} is wrong", pack.short()));
+                    }
+                }
+            }
+        }
+    }
+
+    // Data: decompress and re-hash every blob of the selected packs.
+    if let Some(subset) = read_data {
+        let selected = select_packs(listed.clone(), subset);
+        progress.set_total(selected.iter().map(|p| p.1).sum());
+        for (name, size) in selected {
+            let Ok(pack) = name.parse::<ObjectName>() else {
+                continue;
+            };
+            report.packs_read += 1;
+            let bytes = match backend.load(Kind::Pack, &name) {
+                Ok(b) => b,
+                Err(e) => {
+                    report.error(format!("pack {name}"), format!("cannot read: {e}"));
+                    mark_pack_bad(&mut bad_blocks, &pack, "is unreadable")?;
+                    continue;
+                }
+            };
+            progress.advance(size);
+            if ObjectName::of(&bytes) != pack {
+                report.error(
+                    format!("pack {name}"),
+                    "content does not match its name (hash): the file was modified".into(),
+                );
+            }
+            let entries = match layout::decode_pack_index(&bytes, repo.config().block_size) {
+                Ok(e) => e,
+                // Already reported by the structure pass.
+                Err(_) => continue,
+            };
+            for e in entries {
+                report.blocks_read += 1;
+                let frame = &bytes[e.offset as usize..(e.offset + e.stored_length as u64) as usize];
+                if let Err(err) = decompress_verified(frame, e.raw_length, e.block_id, pack) {
+                    report.error(format!("pack {name}"), err.to_string());
+                    bad_blocks.entry(e.block_id).or_insert_with(|| {
+                        format!("block {} in pack {} is corrupt", e.block_id.short(), pack.short())
+                    });
+                }
+            }
+        }
+    }
+
+    // Snapshots: every chain loads, every referenced block is indexed and good.
+    for snap in repo.snapshots()? {
+        report.snapshots_checked += 1;
+        let id = snap.meta.id;
+        let affected = |reason: String| AffectedSnapshot {
+            id,
+            source: snap.meta.source.clone(),
+            time: snap.meta.time.to_rfc3339(),
+            reason,
+        };
+        let map = match repo.resolve(id) {
+            Ok(m) => m,
+            Err(e) => {
+                report.error(format!("snapshot {id}"), format!("cannot be resolved: {e}"));
+                report.affected_snapshots.push(affected(e.to_string()));
+                continue;
+            }
+        };
+        let mut missing = 0u64;
+        let mut corrupt = 0u64;
+        let mut first: Option<String> = None;
+        for chunk in map.data.chunks(4096) {
+            let ids: Vec<BlockId> = chunk.iter().map(|c| c.1).collect();
+            let known = repo.catalog().contains_many(&ids)?;
+            for ((index, block), known) in chunk.iter().zip(known) {
+                if !known {
+                    missing += 1;
+                    first.get_or_insert_with(|| format!("block {index} ({}) is in no pack", block.short()));
+                } else if let Some(why) = bad_blocks.get(block) {
+                    corrupt += 1;
+                    first.get_or_insert_with(|| format!("block {index}: {why}"));
+                }
+            }
+        }
+        if missing > 0 {
+            report.error(
+                format!("snapshot {id}"),
+                format!("{missing} referenced blocks are not in any pack"),
+            );
+        }
+        if missing + corrupt > 0 {
+            report.affected_snapshots.push(affected(format!(
+                "{} damaged blocks, first: {}",
+                missing + corrupt,
+                first.unwrap_or_default()
+            )));
+        }
+    }
+
+    // Harmless leftovers.
+    if let Ok(rd) = std::fs::read_dir(repo.root().join("tmp")) {
+        let n = rd.count();
+        if n > 0 {
+            report.warn(
+                "tmp/".into(),
+                format!("{n} temporary files left by interrupted writers (harmless)"),
+            );
+        }
+    }
+    Ok(report)
+}

@@ -1,0 +1,156 @@
+//! Repository locks: shared for backup/restore/check, exclusive for prune and
+//! repair. A held lock is refreshed (a new object, then the old one removed)
+//! so others can tell a live holder from a stale one.
+//!
+//! spec: format-spec/05-locks.md
+
+use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::backend::{Backend, BackendError, Kind};
+use crate::format::lock::{self, LockInfo};
+
+/// A lock is stale when not refreshed for this long.
+pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("repository is locked by {holder}; if that process is gone run 'cbtvault unlock'")]
+    Conflict { holder: String },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Why a lock is stale, or `None` when its holder may still be alive.
+pub fn stale_reason(info: &LockInfo, now: DateTime<Utc>) -> Option<String> {
+    let age = now.signed_duration_since(info.time);
+    if age.num_seconds() > STALE_AFTER.as_secs() as i64 {
+        return Some(format!("not refreshed for {} minutes", age.num_minutes()));
+    }
+    if info.hostname == hostname() && !pid_alive(info.pid) {
+        return Some(format!("process {} no longer exists on this host", info.pid));
+    }
+    None
+}
+
+pub fn describe(info: &LockInfo) -> String {
+    format!(
+        "{} lock of '{}' held by pid {} on {} since {}",
+        if info.exclusive { "an exclusive" } else { "a shared" },
+        info.command,
+        info.pid,
+        info.hostname,
+        info.time.format("%Y-%m-%d %H:%M:%S UTC")
+    )
+}
+
+/// Every lock object with its decoded content (unreadable ones as Err text).
+pub fn list(backend: &dyn Backend) -> Result<Vec<(String, Result<LockInfo, String>)>, BackendError> {
+    let mut out = Vec::new();
+    for (name, _) in backend.list(Kind::Lock)? {
+        match backend.load(Kind::Lock, &name) {
+            Ok(bytes) => out.push((name, lock::decode(&bytes).map_err(|e| e.to_string()))),
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+/// A held lock; released on drop.
+pub struct LockGuard {
+    stop: Option<Sender<()>>,
+    refresher: Option<JoinHandle<()>>,
+    backend: Arc<dyn Backend>,
+    current: Arc<Mutex<String>>,
+}
+
+fn new_lock_name() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+fn write_lock(backend: &dyn Backend, exclusive: bool, command: &str) -> Result<String, BackendError> {
+    let info = LockInfo {
+        exclusive,
+        hostname: hostname(),
+        pid: std::process::id(),
+        time: Utc::now(),
+        command: command.to_string(),
+    };
+    let name = new_lock_name();
+    backend.save(Kind::Lock, &name, &lock::encode(&info))?;
+    Ok(name)
+}
+
+/// Takes a lock: writes ours, then looks for conflicting live ones.
+pub fn acquire(backend: Arc<dyn Backend>, exclusive: bool, command: &str) -> Result<LockGuard, LockError> {
+    let name = write_lock(backend.as_ref(), exclusive, command)?;
+    let now = Utc::now();
+    for (other, info) in list(backend.as_ref())? {
+        if other == name {
+            continue;
+        }
+        let Ok(info) = info else { continue };
+        if stale_reason(&info, now).is_some() {
+            continue;
+        }
+        if exclusive || info.exclusive {
+            let _ = backend.remove(Kind::Lock, &name);
+            return Err(LockError::Conflict {
+                holder: describe(&info),
+            });
+        }
+    }
+    let current = Arc::new(Mutex::new(name));
+    let (stop_tx, stop_rx) = channel::<()>();
+    let refresher = {
+        let backend = backend.clone();
+        let current = current.clone();
+        let command = command.to_string();
+        std::thread::spawn(move || loop {
+            match stop_rx.recv_timeout(REFRESH_EVERY) {
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Ok(new) = write_lock(backend.as_ref(), exclusive, &command) {
+                        let old = std::mem::replace(&mut *current.lock().expect("lock name"), new);
+                        let _ = backend.remove(Kind::Lock, &old);
+                    }
+                }
+                _ => return,
+            }
+        })
+    };
+    Ok(LockGuard {
+        stop: Some(stop_tx),
+        refresher: Some(refresher),
+        backend,
+        current,
+    })
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(h) = self.refresher.take() {
+            let _ = h.join();
+        }
+        let name = self.current.lock().expect("lock name").clone();
+        let _ = self.backend.remove(Kind::Lock, &name);
+    }
+}
