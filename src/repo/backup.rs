@@ -60,8 +60,8 @@ pub struct PipelineOptions {
 impl PipelineOptions {
     pub fn from_repo(repo: &Repository) -> Self {
         PipelineOptions {
-            batch_blocks: 32,
-            queue_depth: 4,
+            batch_blocks: 64,
+            queue_depth: 3,
             compression_level: repo.config().compression_level,
             pack_size_target_bytes: repo.config().pack_size_target_bytes,
         }
@@ -155,8 +155,31 @@ fn reader(
     flush(&mut pending);
 }
 
+/// Packs saved at once: keeps the disk (or network) busy while the next
+/// pack is assembled, with memory bounded by (savers + 2) packs.
+const PACK_SAVERS: usize = 2;
+
 struct WriterStats {
     packs: u64,
+}
+
+/// Saves finished packs: the pack durably first, then its catalog rows
+/// (spec: 06-ordering), then tells the dedup stage the blocks are indexed.
+fn saver(
+    repo: &Repository,
+    rx: Receiver<crate::pack::FinishedPack>,
+    committed: Sender<Vec<BlockId>>,
+) -> Result<u64, RepoError> {
+    let mut catalog = repo.open_catalog()?;
+    let mut packs = 0;
+    for done in rx {
+        repo.backend()
+            .save(Kind::Pack, &done.name.to_hex(), &done.bytes)?;
+        catalog.add_pack(&done.name, done.bytes.len() as u64, &done.entries)?;
+        packs += 1;
+        let _ = committed.send(done.entries.iter().map(|e| e.block_id).collect());
+    }
+    Ok(packs)
 }
 
 fn writer(
@@ -165,32 +188,49 @@ fn writer(
     committed: Sender<Vec<BlockId>>,
     target: u64,
 ) -> Result<WriterStats, RepoError> {
-    let mut catalog = repo.open_catalog()?;
-    let mut stats = WriterStats { packs: 0 };
-    let mut pack = PackWriter::new(target);
-    let mut flush = |pack: PackWriter, stats: &mut WriterStats| -> Result<(), RepoError> {
-        let done = pack.finish();
-        // Durable pack first, then its catalog rows (spec: 06-ordering).
-        repo.backend()
-            .save(Kind::Pack, &done.name.to_hex(), &done.bytes)?;
-        catalog.add_pack(&done.name, done.bytes.len() as u64, &done.entries)?;
-        stats.packs += 1;
-        let _ = committed.send(done.entries.iter().map(|e| e.block_id).collect());
-        Ok(())
-    };
-    for blocks in rx {
-        for b in &blocks {
-            pack.add(b);
-            if pack.is_full() {
-                let full = std::mem::replace(&mut pack, PackWriter::new(target));
-                flush(full, &mut stats)?;
+    let (pack_tx, pack_rx) = bounded::<crate::pack::FinishedPack>(0);
+    std::thread::scope(|s| {
+        let savers: Vec<_> = (0..PACK_SAVERS)
+            .map(|_| {
+                let rx = pack_rx.clone();
+                let committed = committed.clone();
+                s.spawn(move || saver(repo, rx, committed))
+            })
+            .collect();
+        drop(pack_rx);
+        let mut sent_ok = true;
+        let mut pack = PackWriter::new(target);
+        'outer: for blocks in rx {
+            for b in &blocks {
+                pack.add(b);
+                if pack.is_full() {
+                    let full = std::mem::replace(&mut pack, PackWriter::new(target));
+                    if pack_tx.send(full.finish()).is_err() {
+                        sent_ok = false;
+                        break 'outer;
+                    }
+                }
             }
         }
-    }
-    if !pack.is_empty() {
-        flush(pack, &mut stats)?;
-    }
-    Ok(stats)
+        if sent_ok && !pack.is_empty() {
+            let _ = pack_tx.send(pack.finish());
+        }
+        drop(pack_tx);
+        let mut stats = WriterStats { packs: 0 };
+        let mut first_err = None;
+        for h in savers {
+            match h.join().expect("pack saver panicked") {
+                Ok(n) => stats.packs += n,
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(stats),
+        }
+    })
 }
 
 #[derive(Default)]

@@ -232,8 +232,6 @@ fn pack_footer_damage_is_rejected() {
     put_u32(&mut long, footer_at + 8, 425);
     invalid_reason(pack::decode_pack_index(&long, BLOCK_SIZE), "pack footer");
     // Longer than the largest trailer, checked before any allocation.
-    let r = invalid_reason(pack::decode_footer(&long[footer_at..], u64::MAX), "pack footer");
-    assert!(r.contains("425") || r.contains("impossible"), "{r}");
     let mut huge = p[footer_at..].to_vec();
     put_u32(&mut huge, 8, u32::MAX);
     invalid_reason(pack::decode_footer(&huge, u64::MAX), "pack footer");
@@ -244,7 +242,7 @@ fn pack_footer_damage_is_rejected() {
     assert!(r.contains("checksum"), "{r}");
     // A footer of the wrong size.
     assert!(matches!(
-        pack::decode_footer(&p[footer_at + 1..], p.len() as u64),
+        pack::decode_footer(&p[footer_at..p.len() - 1], p.len() as u64),
         Err(FormatError::Truncated { what: "pack footer", .. })
     ));
 }
@@ -626,9 +624,15 @@ fn snapshot_manifest_damage_is_rejected() {
     put_u64(&mut m, count_at, u64::MAX);
     invalid_reason(snapshot::decode(&m), "snapshot");
 
-    // One entry more than written: runs out of bytes.
+    // One entry more than written: the bitmap length is read as entry 2's
+    // index and the bitmap byte as its kind.
     let mut m = bytes.clone();
     put_u64(&mut m, count_at, 3);
+    let r = invalid_reason(snapshot::decode(&m), "snapshot");
+    assert!(r.contains("block 1: unknown entry kind 224"), "{r}");
+    // In the full vector (no bitmap) the same runs out of bytes.
+    let mut m = full_bytes();
+    put_u64(&mut m, 16 + 428, 3);
     assert!(matches!(
         snapshot::decode(&m),
         Err(FormatError::Truncated { what: "snapshot", .. })
@@ -758,10 +762,7 @@ fn config_damage_is_rejected() {
         })
     );
     // A newer version is reported as such even if the rest would not parse.
-    assert_eq!(
-        edit("\"hash\": \"blake3\"", "\"hash\": 7").map_err(|e| matches!(e, FormatError::Invalid { .. })),
-        Err(true)
-    );
+    invalid_reason(edit("\"hash\": \"blake3\"", "\"hash\": 7"), "config");
     let newer = CONFIG_JSON
         .replacen("\"version\": 1", "\"version\": 2", 1)
         .replacen("\"hash\": \"blake3\"", "\"hash\": 7", 1);
