@@ -82,6 +82,9 @@ if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
   (cd "$ROOT" && cargo build --release --quiet)
 fi
 [[ -x $CBT ]] || die "cbtvault binary not found: $CBT"
+# Benchmark a private copy: the work tree may be rebuilt by someone else mid-run.
+cp "$CBT" "$WORK/cbtvault"
+CBT=$WORK/cbtvault
 
 RESTIC_VER=null
 if [[ $SKIP_RESTIC != 1 ]]; then
@@ -139,6 +142,8 @@ put hash "$HASH"
 put restic_version "$RESTIC_VER"
 put cbtvault_version "$("$CBT" --version | awk '{print $2}')"
 put change_pct "$CHANGE_PCT"
+put git_rev "$(cd "$ROOT" && { git rev-parse --short HEAD 2>/dev/null || echo unknown; })$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo -dirty)"
+put loadavg_start "$(cut -d' ' -f1 /proc/loadavg)"
 
 # ---------------------------------------------------------------- 1. image
 log "generating ${SIZE_MIB} MiB image (64 KiB blocks, i%5<3 random, else zero as $ZEROS)"
@@ -263,6 +268,8 @@ timed cp cp "$IMG" "$WORK/copy.raw"
 put copy_alloc_bytes "$(( $(stat -c %b "$WORK/copy.raw") * $(stat -c %B "$WORK/copy.raw") ))"
 rm -f -- "$WORK/copy.raw"
 
+put loadavg_end "$(cut -d' ' -f1 /proc/loadavg)"
+
 # ---------------------------------------------------------------- 7. report
 python3 - "$RESULTS" "$JSON_OUT" <<'PY'
 import json, sys
@@ -287,6 +294,9 @@ r = {
     "zero_blocks_as": raw["zeros"],
     "page_cache": raw["caches"],
     "cbtvault_version": raw["cbtvault_version"],
+    "git_rev": raw["git_rev"],
+    "loadavg_start": f("loadavg_start"),
+    "loadavg_end": f("loadavg_end"),
     "restic_version": None if raw["restic_version"] == "null" else raw["restic_version"],
     "restic_repo_version": raw.get("restic_repo_version"),
     "changed_blocks": int(f("changed_blocks")),
@@ -362,9 +372,10 @@ rows = [
      mark(r["restore_verified"])),
 ]
 print()
-print(f'cbtvault {r["cbtvault_version"]} vs restic {r["restic_version"] or "n/a"} (repo v{r["restic_repo_version"] or "?"}) | '
+print(f'cbtvault {r["cbtvault_version"]} ({r["git_rev"]}) vs restic {r["restic_version"] or "n/a"} (repo v{r["restic_repo_version"] or "?"}) | '
       f'image {r["size_mib"]} MiB, 60% random / 40% zero blocks (zeros as {r["zero_blocks_as"]}), '
-      f'{r["changed_blocks"]} blocks changed | page cache {r["page_cache"]} before each step')
+      f'{r["changed_blocks"]} blocks changed | page cache {r["page_cache"]} before each step | '
+      f'loadavg {r["loadavg_start"]:.2f} -> {r["loadavg_end"]:.2f}')
 w0 = max(len(x[0]) for x in rows); w1 = max(len(x[1]) for x in rows); w2 = max(len(x[2]) for x in rows)
 print(f'{"metric":<{w0}}  {"value":<{w1}}  {"target":<{w2}}  result')
 print("-" * (w0 + w1 + w2 + 14))

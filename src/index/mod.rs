@@ -57,6 +57,29 @@ CREATE TABLE IF NOT EXISTS snapshots(object BLOB PRIMARY KEY, id TEXT NOT NULL, 
 impl Catalog {
     /// Opens (creating if needed) the catalog for repository `repo_id`.
     pub fn open(path: &Path, repo_id: &str) -> Result<(Catalog, OpenState), IndexError> {
+        match Self::open_once(path, repo_id) {
+            // A damaged cache is thrown away: it is rebuilt from the packs.
+            Err(IndexError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            }) if matches!(
+                e.code,
+                rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+            ) =>
+            {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut p = path.as_os_str().to_owned();
+                    p.push(suffix);
+                    let _ = std::fs::remove_file(p);
+                }
+                let (cat, _) = Self::open_once(path, repo_id)?;
+                Ok((cat, OpenState::Reset))
+            }
+            other => other,
+        }
+    }
+
+    fn open_once(path: &Path, repo_id: &str) -> Result<(Catalog, OpenState), IndexError> {
         let shown = path.display().to_string();
         let sql = |source| IndexError::Sqlite {
             path: shown.clone(),

@@ -164,6 +164,8 @@ impl Repository {
         let bytes = config::encode(&config);
         config::decode(&bytes).map_err(|e| RepoError::Invalid(e.to_string()))?;
         backend.save(Kind::Config, "config", &bytes)?;
+        // An empty catalog, so the first open has nothing to rebuild.
+        Catalog::open(&path.join(CATALOG_FILE), &config.id)?;
         Ok(config)
     }
 
