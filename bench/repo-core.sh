@@ -272,7 +272,7 @@ put loadavg_end "$(cut -d' ' -f1 /proc/loadavg)"
 
 # ---------------------------------------------------------------- 7. report
 python3 - "$RESULTS" "$JSON_OUT" <<'PY'
-import json, sys
+import json, os, sys
 raw = {}
 for line in open(sys.argv[1]):
     k, _, v = line.rstrip("\n").partition("\t")
@@ -339,34 +339,34 @@ r["hash"] = raw["hash"]
 
 def mark(ok):
     return "n/a" if ok is None else ("PASS" if ok else "MISS")
-def fmt(v, spec=".2f"):
-    return "n/a" if v is None else format(v, spec)
+def cell(template, *vals):
+    return "n/a" if any(v is None for v in vals) else template.format(*vals)
 maxrss = max(r[s + "_rss_mib"] for s in ("cbt_full", "cbt_incr", "cbt_restore"))
 rows = [
     ("full backup MiB/s (cbtvault | restic)",
-     f'{fmt(r["cbt_full_mibs"], ".1f")} | {fmt(r["restic_full_mibs"], ".1f")}  ratio {fmt(r["full_ratio_vs_restic"])}x',
+     cell("{:.1f} | ", r["cbt_full_mibs"]) + cell("{:.1f}  ratio {:.2f}x", r["restic_full_mibs"], r["full_ratio_vs_restic"]),
      ">= 2x restic", mark(None if r["full_ratio_vs_restic"] is None else r["full_ratio_vs_restic"] >= 2)),
     ("full backup wall s (cbtvault | restic)",
-     f'{fmt(r["cbt_full_s"])} | {fmt(r["restic_full_s"])}', "", ""),
+     cell("{:.2f} | ", r["cbt_full_s"]) + cell("{:.2f}", r["restic_full_s"]), "", ""),
     ("incremental wall s, % of full (cbtvault)",
-     f'{fmt(r["cbt_incr_s"])} s  {fmt(r["cbt_incr_pct_of_full"], ".1f")}%',
+     cell("{:.2f} s  {:.1f}%", r["cbt_incr_s"], r["cbt_incr_pct_of_full"]),
      "<= 5% of full", mark(r["cbt_incr_pct_of_full"] <= 5)),
     ("restic 2nd run wall s, % of its full",
-     f'{fmt(r["restic_incr_s"])} s  {fmt(r["restic_incr_pct_of_full"], ".1f")}%', "(reference)", ""),
+     cell("{:.2f} s  {:.1f}%", r["restic_incr_s"], r["restic_incr_pct_of_full"]), "(reference)", ""),
     ("repo growth / changed data (cbtvault)",
-     f'{fmt(r["cbt_growth_mib"], ".1f")} MiB / {fmt(r["changed_mib"], ".1f")} MiB = {fmt(r["cbt_growth_per_changed"], ".3f")}x',
+     cell("{:.1f} MiB / {:.1f} MiB = {:.3f}x", r["cbt_growth_mib"], r["changed_mib"], r["cbt_growth_per_changed"]),
      "<= 1.1x", mark(r["cbt_growth_per_changed"] <= 1.1)),
     ("repo growth / changed data (restic)",
-     f'{fmt(r["restic_growth_mib"], ".1f")} MiB / {fmt(r["changed_mib"], ".1f")} MiB = {fmt(r["restic_growth_per_changed"], ".3f")}x',
+     cell("{:.1f} MiB / {:.1f} MiB = {:.3f}x", r["restic_growth_mib"], r["changed_mib"], r["restic_growth_per_changed"]),
      "(reference)", ""),
     ("restore MiB/s vs cp MiB/s",
-     f'{fmt(r["cbt_restore_mibs"], ".1f")} | {fmt(r["cp_mibs"], ".1f")}  ratio {fmt(r["restore_ratio_vs_cp"])}x',
+     cell("{:.1f} | {:.1f}  ratio {:.2f}x", r["cbt_restore_mibs"], r["cp_mibs"], r["restore_ratio_vs_cp"]),
      ">= 0.7x cp", mark(r["restore_ratio_vs_cp"] >= 0.7)),
     ("peak RSS MiB full | incr | restore",
-     f'{r["cbt_full_rss_mib"]:.1f} | {r["cbt_incr_rss_mib"]:.1f} | {r["cbt_restore_rss_mib"]:.1f}',
+     cell("{:.1f} | {:.1f} | {:.1f}", r["cbt_full_rss_mib"], r["cbt_incr_rss_mib"], r["cbt_restore_rss_mib"]),
      "< 300 MiB", mark(maxrss < 300)),
     ("repo after full vs zstd -3 -T1 of image",
-     f'{r["cbt_repo_full_mib"]:.1f} MiB vs {r["zstd3_mib"]:.1f} MiB  ratio {fmt(r["repo_ratio_vs_zstd3"], ".4f")}',
+     cell("{:.1f} MiB vs {:.1f} MiB  ratio {:.4f}", r["cbt_repo_full_mib"], r["zstd3_mib"], r["repo_ratio_vs_zstd3"]),
      "<= 1.02", mark(r["repo_ratio_vs_zstd3"] <= 1.02)),
     ("restore verified (" + r["hash"] + ")", "yes" if r["restore_verified"] else "NO", "must match",
      mark(r["restore_verified"])),
@@ -381,6 +381,10 @@ print(f'{"metric":<{w0}}  {"value":<{w1}}  {"target":<{w2}}  result')
 print("-" * (w0 + w1 + w2 + 14))
 for a, b, c, d in rows:
     print(f"{a:<{w0}}  {b:<{w1}}  {c:<{w2}}  {d}")
+ncpu = os.cpu_count() or 1
+if max(r["loadavg_start"], r["loadavg_end"]) > 0.5 * ncpu:
+    print(f"note: load average reached {max(r['loadavg_start'], r['loadavg_end']):.2f} on {ncpu} CPUs: "
+          "other work was running, timings are noisy")
 print()
 line = json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, separators=(",", ":"))
 print(line)

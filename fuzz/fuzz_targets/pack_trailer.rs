@@ -23,8 +23,8 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(!entries.is_empty());
     // Round trip: the blobs as they are, trailer and footer re-encoded.
-    let blobs_end = (entries.last().unwrap().offset
-        + entries.last().unwrap().stored_length as u64) as usize;
+    let blobs_end =
+        (entries.last().unwrap().offset + entries.last().unwrap().stored_length as u64) as usize;
     let mut again = pack_bytes[..blobs_end].to_vec();
     again.extend_from_slice(&pack::encode_trailer(&entries));
     assert_eq!(again, pack_bytes, "trailer encoding is canonical");

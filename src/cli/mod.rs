@@ -68,8 +68,15 @@ pub struct InitArgs {
 
 #[derive(Debug, Args)]
 pub struct BackupArgs {
-    /// Path of a raw disk image or block device.
-    pub source: PathBuf,
+    /// A raw disk image or block device path, or an NBD URI
+    /// (nbd://HOST[:PORT]/EXPORT, nbds://..., nbd+unix:///EXPORT?socket=PATH).
+    pub source: String,
+    #[command(flatten)]
+    pub nbd: NbdArgs,
+    /// NBD: back up only the extents this QEMU dirty bitmap marks
+    /// (meta context qemu:dirty-bitmap:NAME), the rest from the parent.
+    #[arg(long, value_name = "NAME")]
+    pub dirty_bitmap: Option<String>,
     /// Base64 bitmap of changed 64 KiB blocks, as VDI.list_changed_blocks returns it.
     #[arg(long, value_name = "FILE")]
     pub changed_blocks: Option<PathBuf>,
@@ -86,6 +93,23 @@ pub struct BackupArgs {
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
+}
+
+/// How to reach an NBD server.
+#[derive(Debug, Args, Clone, Default)]
+pub struct NbdArgs {
+    /// Trust server certificates issued by these CAs (PEM); enables TLS.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Trust exactly this server certificate (PEM); enables TLS.
+    #[arg(long, value_name = "FILE", conflicts_with = "tls_ca")]
+    pub tls_cert_pin: Option<PathBuf>,
+    /// Name the server certificate must carry (default: the URI's host).
+    #[arg(long, value_name = "NAME")]
+    pub tls_name: Option<String>,
+    /// Connections to open to the export.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub nbd_connections: usize,
 }
 
 #[derive(Debug, Args, Clone, Default)]

@@ -1,12 +1,14 @@
-//! `backup SOURCE`: choose the parent, validate the change bitmap, run the
-//! pipeline, report.
+//! `backup SOURCE`: open the source, learn what changed (a CBT bitmap, a
+//! QEMU dirty bitmap, allocation extents), choose the parent, run the
+//! pipeline, report. Lost change tracking starts a new backup set, loudly.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
 use super::Outcome;
-use crate::cli::BackupArgs;
+use crate::cli::{BackupArgs, NbdArgs};
 use crate::format::bitmap;
 use crate::format::snapshot::{block_count, SnapshotObject};
 use crate::manifest;
@@ -14,34 +16,43 @@ use crate::output::{human_bytes, Ui};
 use crate::repo::backup::{self, BackupPlan, BackupSummary, ParentInfo, PipelineOptions};
 use crate::repo::lock::hostname;
 use crate::repo::Repository;
+use crate::source::nbd::{proto, tls, NbdSource, NbdUri, PoolOptions};
 use crate::source::{BlockSource, FileSource};
 
 /// Validated options of one backup.
 pub struct BackupOptions {
-    pub changed_blocks: Option<String>,
     pub parent: Option<String>,
     pub full: bool,
     pub full_every: Option<u32>,
     pub tags: Vec<String>,
 }
 
+/// What the source says changed.
+pub enum Changes {
+    /// Nothing known: read every block that is not known to be zero.
+    Unknown,
+    /// Exactly these blocks changed since the parent's point in time.
+    Since(Vec<u8>),
+    /// The source lost track of changes: a new backup set with a full read.
+    Lost(String),
+}
+
+/// Source-side facts gathered before planning.
+pub struct SourceFacts {
+    pub changes: Changes,
+    /// Blocks that hold any non-zero extent, when the source can tell.
+    pub nonzero: Option<Vec<u8>>,
+}
+
 impl BackupOptions {
     fn from_args(args: &BackupArgs) -> Result<Self> {
-        let changed_blocks = match &args.changed_blocks {
-            None => None,
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("read changed-block bitmap '{}'", p.display()))?,
-            ),
-        };
-        if args.full && changed_blocks.is_some() {
+        if args.full && args.changed_blocks.is_some() {
             bail!("--full reads every block; it cannot be combined with --changed-blocks");
         }
         if args.full_every == Some(0) {
             bail!("--full-every must be at least 1");
         }
         Ok(BackupOptions {
-            changed_blocks,
             parent: args.parent.clone(),
             full: args.full,
             full_every: args.full_every,
@@ -50,11 +61,130 @@ impl BackupOptions {
     }
 }
 
+fn is_nbd_uri(s: &str) -> bool {
+    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
+        .iter()
+        .any(|p| s.starts_with(p))
+}
+
+/// TLS options from the command line for a server at `host`.
+pub(crate) fn nbd_tls(args: &NbdArgs, uri: &NbdUri) -> Result<Option<tls::TlsOptions>> {
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("read '{}'", p.display()));
+    let trust = match (&args.tls_ca, &args.tls_cert_pin) {
+        (Some(ca), _) => Some(tls::Trust::CaPem(read(ca)?)),
+        (None, Some(pin)) => Some(tls::Trust::PinnedPem(read(pin)?)),
+        (None, None) => None,
+    };
+    let Some(trust) = trust else {
+        if uri.tls {
+            bail!("'nbds' asks for TLS: give --tls-ca FILE or --tls-cert-pin FILE");
+        }
+        return Ok(None);
+    };
+    let server_name = match (&args.tls_name, &uri.address) {
+        (Some(n), _) => n.clone(),
+        (None, crate::source::nbd::client::Address::Tcp { host, .. }) => host.clone(),
+        (None, _) => bail!("TLS over a unix socket needs --tls-name NAME"),
+    };
+    Ok(Some(tls::TlsOptions { trust, server_name }))
+}
+
+/// Blocks (of `block_size`) touched by extents whose flags satisfy `pick`.
+pub(crate) fn blocks_with(
+    extents: &[(u64, u64, u32)],
+    disk_size: u64,
+    block_size: u32,
+    pick: impl Fn(u32) -> bool,
+) -> Vec<u8> {
+    let blocks = block_count(disk_size, block_size);
+    let mut out = vec![0u8; bitmap::len_for(blocks) as usize];
+    let bs = block_size as u64;
+    for &(offset, length, flags) in extents {
+        if length == 0 || !pick(flags) {
+            continue;
+        }
+        let first = offset / bs;
+        let last = ((offset + length - 1) / bs).min(blocks.saturating_sub(1));
+        for b in first..=last {
+            bitmap::set(&mut out, b);
+        }
+    }
+    out
+}
+
 pub fn run(ui: &Ui, repo: &Repository, args: &BackupArgs) -> Result<Outcome> {
     let options = BackupOptions::from_args(args)?;
-    let source = FileSource::open(&args.source)?;
-    let _lock = repo.lock(false, "backup")?;
-    let summary = backup_source(ui, repo, &source, &options)?;
+    let block_size = repo.config().block_size;
+    let summary = if is_nbd_uri(&args.source) {
+        if args.changed_blocks.is_some() {
+            bail!("--changed-blocks applies to image files; for NBD use --dirty-bitmap");
+        }
+        let uri = NbdUri::parse(&args.source)?;
+        let tls = nbd_tls(&args.nbd, &uri)?;
+        let mut contexts = vec!["base:allocation".to_string()];
+        let dirty_context = args
+            .dirty_bitmap
+            .as_ref()
+            .map(|n| format!("qemu:dirty-bitmap:{n}"));
+        contexts.extend(dirty_context.clone());
+        let source = NbdSource::connect(
+            &uri,
+            uri.identity(),
+            tls,
+            contexts,
+            PoolOptions {
+                connections: args.nbd.nbd_connections.max(1),
+                ..PoolOptions::default()
+            },
+        )
+        .with_context(|| format!("connect to '{}'", args.source))?;
+        let size = source.size_bytes();
+        let nonzero = if source.has_context("base:allocation") {
+            let ex = source.extents("base:allocation")?;
+            Some(blocks_with(&ex, size, block_size, |f| f & proto::STATE_ZERO == 0))
+        } else {
+            None
+        };
+        let changes = match (&dirty_context, &args.dirty_bitmap) {
+            (Some(ctx), Some(name)) if source.has_context(ctx) => {
+                let ex = source.extents(ctx)?;
+                let _ = name;
+                Changes::Since(blocks_with(&ex, size, block_size, |f| f & proto::STATE_DIRTY != 0))
+            }
+            (Some(_), Some(name)) => Changes::Lost(format!(
+                "the server does not offer dirty bitmap '{name}' (qemu:dirty-bitmap:{name}): change tracking lost"
+            )),
+            _ => Changes::Unknown,
+        };
+        let _lock = repo.lock(false, "backup")?;
+        let s = backup_source(ui, repo, &source, &options, SourceFacts { changes, nonzero })?;
+        source.close();
+        s
+    } else {
+        if args.dirty_bitmap.is_some() {
+            bail!("--dirty-bitmap applies to NBD sources");
+        }
+        let source = FileSource::open(Path::new(&args.source))?;
+        let blocks = block_count(source.size_bytes(), block_size);
+        // Decode and check the bitmap before anything is written.
+        let changes = match &args.changed_blocks {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("read changed-block bitmap '{}'", p.display()))?;
+                Changes::Since(bitmap::decode_base64(&text, blocks).map_err(|reason| {
+                    anyhow::anyhow!(
+                        "changed-block bitmap '{}' rejected for '{}' ({} bytes, {blocks} blocks): {reason}; nothing was written",
+                        p.display(),
+                        source.identity(),
+                        source.size_bytes()
+                    )
+                })?)
+            }
+            None => Changes::Unknown,
+        };
+        let _lock = repo.lock(false, "backup")?;
+        backup_source(ui, repo, &source, &options, SourceFacts { changes, nonzero: None })?
+    };
     report(ui, &summary);
     Ok(Outcome::Ok)
 }
@@ -65,40 +195,32 @@ pub(crate) fn backup_source(
     repo: &Repository,
     source: &dyn BlockSource,
     options: &BackupOptions,
+    facts: SourceFacts,
 ) -> Result<BackupSummary> {
     let blocks = block_count(source.size_bytes(), repo.config().block_size);
-    // Decode and check the bitmap before anything is written.
-    let mut changed = match &options.changed_blocks {
-        Some(text) => Some(bitmap::decode_base64(text, blocks).map_err(|reason| {
-            anyhow::anyhow!(
-                "changed-block bitmap rejected for '{}' ({} bytes, {blocks} blocks): {reason}; nothing was written",
-                source.identity(),
-                source.size_bytes()
-            )
-        })?),
-        None => None,
-    };
-
+    let mut new_set_reason = None;
     let parent_entry = if options.full {
+        new_set_reason = Some("full backup requested (--full)".to_string());
+        None
+    } else if let Changes::Lost(reason) = &facts.changes {
+        ui.warn(format!("{reason}; starting a new backup set with a full read"));
+        new_set_reason = Some(reason.clone());
         None
     } else if let Some(query) = &options.parent {
         Some(repo.find_snapshot(query)?)
     } else {
-        repo.snapshots()?
+        let found = repo
+            .snapshots()?
             .into_iter()
             .filter(|s| s.meta.source == source.identity())
-            .last()
-    };
-    let mut new_set_reason = None;
-    let parent = match parent_entry {
-        None => {
-            new_set_reason = Some(if options.full {
-                "full backup requested (--full)".to_string()
-            } else {
-                "first backup of this source".to_string()
-            });
-            None
+            .last();
+        if found.is_none() {
+            new_set_reason = Some("first backup of this source".to_string());
         }
+        found
+    };
+    let parent = match parent_entry {
+        None => None,
         Some(entry) => {
             if entry.meta.block_size != repo.config().block_size {
                 bail!("parent {} uses another block size", entry.meta.id);
@@ -114,13 +236,35 @@ pub(crate) fn backup_source(
             })
         }
     };
-    if parent.is_none() && changed.is_some() {
-        ui.warn(format!(
-            "no parent snapshot of '{}': a changed-block bitmap alone cannot describe the disk; reading every block",
-            source.identity()
-        ));
-        changed = None;
-    }
+    let not = |b: &[u8]| -> Vec<u8> {
+        let mut out: Vec<u8> = b.iter().map(|x| !x).collect();
+        // Keep padding bits clear.
+        if blocks % 8 != 0 {
+            if let Some(last) = out.last_mut() {
+                *last &= 0xffu8 << (8 - blocks % 8);
+            }
+        }
+        out
+    };
+    let and = |a: &[u8], b: &[u8]| -> Vec<u8> { a.iter().zip(b).map(|(x, y)| x & y).collect() };
+    let (read, known_zero, change_bitmap) = match (&parent, facts.changes) {
+        (Some(_), Changes::Since(changed)) => match &facts.nonzero {
+            Some(nz) => (Some(and(&changed, nz)), Some(and(&changed, &not(nz))), Some(changed)),
+            None => (Some(changed.clone()), None, Some(changed)),
+        },
+        (None, Changes::Since(_)) => {
+            ui.warn(format!(
+                "no parent snapshot of '{}': a change bitmap alone cannot describe the disk; reading every block",
+                source.identity()
+            ));
+            (facts.nonzero.clone(), None, None)
+        }
+        (_, _) => (
+            facts.nonzero.clone(),
+            facts.nonzero.as_deref().map(not),
+            None,
+        ),
+    };
     let synthetic_full = match (&parent, options.full_every) {
         (Some(p), Some(n)) => p.depth + 1 >= n,
         _ => false,
@@ -130,7 +274,9 @@ pub(crate) fn backup_source(
     }
     let plan = BackupPlan {
         parent,
-        changed,
+        read,
+        known_zero,
+        change_bitmap,
         synthetic_full,
         tags: options.tags.clone(),
         hostname: hostname(),
@@ -146,6 +292,11 @@ pub(crate) fn backup_source(
 
 pub(crate) fn report(ui: &Ui, s: &BackupSummary) {
     ui.json(s);
+    if let Some(reason) = &s.new_set_reason {
+        if s.full && !reason.starts_with("first backup") {
+            ui.info(format!("  (new backup set: {reason})"));
+        }
+    }
     let kind = if s.full {
         "full"
     } else if s.synthetic_full {

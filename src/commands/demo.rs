@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use super::backup::{backup_source, report, BackupOptions};
+use super::backup::{backup_source, report, BackupOptions, Changes, SourceFacts};
 use super::restore::restore_to_path;
 use super::Outcome;
 use crate::cli::DemoArgs;
@@ -86,7 +86,6 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
     Repository::init(&repo_path, &InitOptions::default())?;
     let repo = Repository::open(&repo_path)?;
     let source_opts = BackupOptions {
-        changed_blocks: None,
         parent: None,
         full: false,
         full_every: None,
@@ -96,7 +95,11 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
     ui.info("3. full backup");
     let full = {
         let _lock = repo.lock(false, "demo backup")?;
-        backup_source(ui, &repo, &FileSource::open(&image)?, &source_opts)?
+        let facts = SourceFacts {
+            changes: Changes::Unknown,
+            nonzero: None,
+        };
+        backup_source(ui, &repo, &FileSource::open(&image)?, &source_opts, facts)?
     };
     report(ui, &full);
 
@@ -114,11 +117,11 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
     f.sync_all()?;
     let incremental = {
         let _lock = repo.lock(false, "demo backup")?;
-        let opts = BackupOptions {
-            changed_blocks: Some(bitmap::encode_base64(&bits)),
-            ..source_opts
+        let facts = SourceFacts {
+            changes: Changes::Since(bits.clone()),
+            nonzero: None,
         };
-        backup_source(ui, &repo, &FileSource::open(&image)?, &opts)?
+        backup_source(ui, &repo, &FileSource::open(&image)?, &source_opts, facts)?
     };
     ui.info("5. incremental backup of the changed blocks only");
     report(ui, &incremental);

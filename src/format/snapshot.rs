@@ -179,19 +179,20 @@ fn read_meta(c: &mut Cursor<'_>) -> Result<SnapshotMeta, FormatError> {
         ));
     }
     let meta = c.take(meta_len as usize)?;
-    serde_json::from_slice(meta)
-        .map_err(|e| FormatError::invalid("snapshot", format!("metadata: {e}")))
-}
-
-pub fn decode(bytes: &[u8]) -> Result<SnapshotObject, FormatError> {
-    let mut c = Cursor::new("snapshot", bytes);
-    let meta = read_meta(&mut c)?;
+    let meta: SnapshotMeta = serde_json::from_slice(meta)
+        .map_err(|e| FormatError::invalid("snapshot", format!("metadata: {e}")))?;
     if !valid_block_size(meta.block_size) {
         return Err(FormatError::invalid(
             "snapshot",
             format!("block size {} invalid", meta.block_size),
         ));
     }
+    Ok(meta)
+}
+
+pub fn decode(bytes: &[u8]) -> Result<SnapshotObject, FormatError> {
+    let mut c = Cursor::new("snapshot", bytes);
+    let meta = read_meta(&mut c)?;
     let count = c.u64()?;
     // Each entry takes at least 9 bytes and there are at most block_count.
     if count > meta.block_count() || count > (c.remaining() / 9) as u64 {

@@ -34,9 +34,13 @@ pub struct ParentInfo {
 /// Everything decided before the pipeline runs.
 pub struct BackupPlan {
     pub parent: Option<ParentInfo>,
-    /// Blocks to read (decoded bitmap); `None` reads every block. Only
-    /// meaningful with a parent: unmarked blocks are taken from it.
-    pub changed: Option<Vec<u8>>,
+    /// Blocks to read (a bitmap); `None` reads every block. A block neither
+    /// read nor in `known_zero` is taken from the parent (zero without one).
+    pub read: Option<Vec<u8>>,
+    /// Blocks known to be zero without reading them (e.g. NBD block status).
+    pub known_zero: Option<Vec<u8>>,
+    /// The change bitmap that produced this backup, kept with the snapshot.
+    pub change_bitmap: Option<Vec<u8>>,
     /// Write a full manifest while continuing the parent's backup set.
     pub synthetic_full: bool,
     pub tags: Vec<String>,
@@ -254,20 +258,15 @@ pub fn run(
     let block_size = repo.config().block_size;
     let disk_size = source.size_bytes();
     let blocks = block_count(disk_size, block_size);
-    if let Some(b) = &plan.changed {
+    for b in [&plan.read, &plan.known_zero, &plan.change_bitmap].into_iter().flatten() {
         bitmap::validate(b, blocks).map_err(|reason| {
             RepoError::Invalid(format!(
-                "changed-block bitmap does not fit '{}' ({disk_size} bytes): {reason}",
+                "block bitmap does not fit '{}' ({disk_size} bytes): {reason}",
                 source.identity()
             ))
         })?;
-        if plan.parent.is_none() {
-            return Err(RepoError::Invalid(
-                "a changed-block bitmap needs a parent snapshot".into(),
-            ));
-        }
     }
-    let read_total = match &plan.changed {
+    let read_total = match &plan.read {
         Some(b) => bitmap::iter_set(b).map(|i| span_len(disk_size, block_size, i)).sum(),
         None => disk_size,
     };
@@ -289,7 +288,7 @@ pub fn run(
     let mut counters = Counters::default();
 
     let (process_result, writer_result) = std::thread::scope(|s| {
-        let changed = plan.changed.as_deref();
+        let changed = plan.read.as_deref();
         s.spawn(move || {
             let mut all = 0..blocks;
             let mut marked = changed.map(|b| bitmap::iter_set(b));
@@ -378,12 +377,26 @@ pub fn run(
     });
     process_result?;
     let stats = writer_result?;
-    if counters.blocks_read != plan.changed.as_deref().map(bitmap::count).unwrap_or(blocks) {
+    let planned = plan.read.as_deref().map(bitmap::count).unwrap_or(blocks);
+    if counters.blocks_read != planned {
         return Err(RepoError::Invalid(format!(
-            "read {} blocks but {} were planned; nothing committed",
-            counters.blocks_read,
-            plan.changed.as_deref().map(bitmap::count).unwrap_or(blocks)
+            "read {} blocks but {planned} were planned; nothing committed",
+            counters.blocks_read
         )));
+    }
+    // Blocks known to be zero without reading: a zero entry where the
+    // parent had data (nothing to record without a parent).
+    if let (Some(zero), Some(p)) = (&plan.known_zero, &plan.parent) {
+        let mut extra: Vec<(u64, BlockRef)> = bitmap::iter_set(zero)
+            .filter(|i| !plan.read.as_deref().is_some_and(|r| bitmap::is_set(r, *i)))
+            .filter(|i| p.map.get(*i).is_some())
+            .map(|i| (i, BlockRef::Zero))
+            .collect();
+        counters.blocks_zero += extra.len() as u64;
+        if !extra.is_empty() {
+            delta.append(&mut extra);
+            delta.sort_by_key(|e| e.0);
+        }
     }
 
     // Blocks beyond the new end are dropped by resolution; the delta is
@@ -409,7 +422,7 @@ pub fn run(
         backup_set,
         tags: plan.tags.clone(),
         landmark: plan.landmark.clone(),
-        read_mode: if plan.changed.is_some() {
+        read_mode: if plan.read.is_some() {
             ReadMode::ChangedBlocks
         } else {
             ReadMode::All
@@ -419,7 +432,7 @@ pub fn run(
     let obj = SnapshotObject {
         meta,
         entries,
-        bitmap: plan.changed.clone(),
+        bitmap: plan.change_bitmap.clone(),
     };
     repo.commit_snapshot(&obj)?;
     let blocks_deduplicated = counters.blocks_read - counters.blocks_zero - counters.blocks_new;

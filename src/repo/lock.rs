@@ -107,7 +107,17 @@ pub fn acquire(backend: Arc<dyn Backend>, exclusive: bool, command: &str) -> Res
         if other == name {
             continue;
         }
-        let Ok(info) = info else { continue };
+        // An unreadable lock may belong to a live holder: treat it as
+        // exclusive (spec: 05-locks.md); `unlock` removes it.
+        let info = match info {
+            Ok(i) => i,
+            Err(e) => {
+                let _ = backend.remove(Kind::Lock, &name);
+                return Err(LockError::Conflict {
+                    holder: format!("unreadable lock '{other}' ({e})"),
+                });
+            }
+        };
         if stale_reason(&info, now).is_some() {
             continue;
         }

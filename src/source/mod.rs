@@ -4,6 +4,7 @@
 //! repository modules.
 
 pub mod file;
+pub mod nbd;
 
 pub use file::FileSource;
 

@@ -153,8 +153,14 @@ fn tiled_entries(max_stored: u32) -> impl Strategy<Value = (Vec<TrailerEntry>, u
 }
 
 fn repo_config() -> impl Strategy<Value = config::RepoConfig> {
-    (any::<[u8; 32]>(), time(), 9u32..=24, 1i32..=22, any::<u64>()).prop_map(
-        |(id, created, shift, level, target)| config::RepoConfig {
+    (
+        any::<[u8; 32]>(),
+        time(),
+        9u32..=24,
+        1i32..=22,
+        any::<u64>(),
+    )
+        .prop_map(|(id, created, shift, level, target)| config::RepoConfig {
             version: 1,
             id: hex::encode(id),
             created,
@@ -163,8 +169,7 @@ fn repo_config() -> impl Strategy<Value = config::RepoConfig> {
             compression: "zstd".into(),
             compression_level: level,
             pack_size_target_bytes: target,
-        },
-    )
+        })
 }
 
 /// A valid vector with a few bytes overwritten.

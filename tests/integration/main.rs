@@ -2,3 +2,12 @@
 
 mod codec_props;
 mod vectors;
+mod util;
+
+mod catalog;
+mod changed_blocks;
+mod cli;
+mod corruption;
+mod crash;
+mod manifest_props;
+mod roundtrip;

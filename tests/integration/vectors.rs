@@ -38,7 +38,10 @@ pub(crate) fn parse_hex(text: &str) -> Vec<u8> {
         let data = line.split('#').next().unwrap_or("");
         digits.extend(data.chars().filter(|c| !c.is_whitespace()));
     }
-    assert!(digits.len() % 2 == 0, "odd number of hex digits in a vector");
+    assert!(
+        digits.len() % 2 == 0,
+        "odd number of hex digits in a vector"
+    );
     hex::decode(&digits).expect("vector holds only hex digits outside comments")
 }
 
@@ -200,7 +203,12 @@ fn pack_vector_reencodes_byte_for_byte() {
 fn pack_header_damage_is_rejected() {
     let p = pack_bytes();
     let e = pack::decode_pack_index(&with_byte(&p, 0, |b| *b ^= 0x20), BLOCK_SIZE);
-    assert_eq!(e, Err(FormatError::BadMagic { what: "pack header" }));
+    assert_eq!(
+        e,
+        Err(FormatError::BadMagic {
+            what: "pack header"
+        })
+    );
     let e = pack::decode_pack_index(&with_byte(&p, 8, |b| *b = 2), BLOCK_SIZE);
     assert_eq!(
         e,
@@ -221,7 +229,12 @@ fn pack_footer_damage_is_rejected() {
     let p = pack_bytes();
     let footer_at = p.len() - pack::FOOTER_LEN;
     let e = pack::decode_pack_index(&with_byte(&p, footer_at + 3, |b| *b ^= 1), BLOCK_SIZE);
-    assert_eq!(e, Err(FormatError::BadMagic { what: "pack footer" }));
+    assert_eq!(
+        e,
+        Err(FormatError::BadMagic {
+            what: "pack footer"
+        })
+    );
     // Shorter than one entry.
     let mut short = p.clone();
     put_u32(&mut short, footer_at + 8, 87);
@@ -243,7 +256,10 @@ fn pack_footer_damage_is_rejected() {
     // A footer of the wrong size.
     assert!(matches!(
         pack::decode_footer(&p[footer_at..p.len() - 1], p.len() as u64),
-        Err(FormatError::Truncated { what: "pack footer", .. })
+        Err(FormatError::Truncated {
+            what: "pack footer",
+            ..
+        })
     ));
 }
 
@@ -328,7 +344,10 @@ fn pack_blob_damage_is_caught_on_read() {
         for at in e.offset as usize..(e.offset + e.stored_length as u64) as usize {
             let damaged = with_byte(&p, at, |b| *b ^= 0x01);
             // The trailer does not cover blob bytes: listing still works.
-            assert_eq!(pack::decode_pack_index(&damaged, BLOCK_SIZE).unwrap(), entries);
+            assert_eq!(
+                pack::decode_pack_index(&damaged, BLOCK_SIZE).unwrap(),
+                entries
+            );
             match read_blob(&damaged, e) {
                 Err(_) => caught += 1,
                 // A flip that does not change the output is harmless.
@@ -349,7 +368,10 @@ fn pack_any_single_byte_flip_is_detected_or_harmless() {
             let Ok(entries) = pack::decode_pack_index(&damaged, BLOCK_SIZE) else {
                 continue;
             };
-            assert_eq!(entries, good, "byte {at} mask {mask:#x} changed the listing");
+            assert_eq!(
+                entries, good,
+                "byte {at} mask {mask:#x} changed the listing"
+            );
             for e in &entries {
                 if let Ok(raw) = read_blob(&damaged, e) {
                     assert_eq!(raw, read_blob(&p, e).unwrap(), "byte {at} mask {mask:#x}");
@@ -363,8 +385,15 @@ fn pack_any_single_byte_flip_is_detected_or_harmless() {
 fn pack_truncated_or_extended_is_rejected() {
     let p = pack_bytes();
     for len in 0..p.len() {
-        assert!(pack::decode_pack_index(&p[..len], BLOCK_SIZE).is_err(), "prefix {len}");
-        assert!(pack::decode_pack_index(&p[len + 1..], BLOCK_SIZE).is_err(), "suffix from {}", len + 1);
+        assert!(
+            pack::decode_pack_index(&p[..len], BLOCK_SIZE).is_err(),
+            "prefix {len}"
+        );
+        assert!(
+            pack::decode_pack_index(&p[len + 1..], BLOCK_SIZE).is_err(),
+            "suffix from {}",
+            len + 1
+        );
     }
     let mut longer = p.clone();
     longer.push(0);
@@ -373,7 +402,10 @@ fn pack_truncated_or_extended_is_rejected() {
     gap.push(0);
     gap.extend_from_slice(&p[pack::HEADER_LEN..]);
     let r = invalid_reason(pack::decode_pack_index(&gap, BLOCK_SIZE), "pack trailer");
-    assert!(r.contains("blobs end at 304 but the trailer starts at 305"), "{r}");
+    assert!(
+        r.contains("blobs end at 304 but the trailer starts at 305"),
+        "{r}"
+    );
 }
 
 // ---------------------------------------------------------------- snapshots
@@ -441,7 +473,10 @@ fn check_delta(obj: &SnapshotObject) {
     assert_eq!(m.new_set_reason, None);
     assert_eq!(
         obj.entries,
-        vec![(0, BlockRef::Zero), (2, BlockRef::Data(block_id(BLOCK_A_ID)))]
+        vec![
+            (0, BlockRef::Zero),
+            (2, BlockRef::Data(block_id(BLOCK_A_ID)))
+        ]
     );
     assert_eq!(obj.bitmap, Some(vec![0xe0]));
     let changed: Vec<u64> = bitmap::iter_set(obj.bitmap.as_ref().unwrap()).collect();
@@ -482,7 +517,11 @@ fn resolve(chain: &[SnapshotObject], pack_bytes: &[u8]) -> Vec<u8> {
     let entries = pack::decode_pack_index(pack_bytes, BLOCK_SIZE).unwrap();
     let mut map: Vec<BlockRef> = Vec::new();
     for (i, s) in chain.iter().enumerate() {
-        assert_eq!(s.meta.parent.is_none(), i == 0, "chain starts at the full manifest");
+        assert_eq!(
+            s.meta.parent.is_none(),
+            i == 0,
+            "chain starts at the full manifest"
+        );
         if i > 0 {
             assert_eq!(s.meta.parent, Some(chain[i - 1].meta.id));
         }
@@ -500,7 +539,10 @@ fn resolve(chain: &[SnapshotObject], pack_bytes: &[u8]) -> Vec<u8> {
         let mut block = match r {
             BlockRef::Zero => Vec::new(),
             BlockRef::Data(id) => {
-                let e = entries.iter().find(|e| e.block_id == *id).expect("block in the pack");
+                let e = entries
+                    .iter()
+                    .find(|e| e.block_id == *id)
+                    .expect("block in the pack");
                 read_blob(pack_bytes, e).unwrap()
             }
         };
@@ -518,7 +560,7 @@ fn snapshot_vectors_resolve_to_the_documented_disks() {
     let mut want_full = vec![0u8; 200_000];
     want_full[..100].copy_from_slice(&block_a());
     want_full[196_608..].copy_from_slice(&block_b());
-    assert_eq!(resolve(&[full.clone()], &p), want_full);
+    assert_eq!(resolve(std::slice::from_ref(&full), &p), want_full);
     let mut want_delta = vec![0u8; 200_000];
     want_delta[131_072..131_172].copy_from_slice(&block_a());
     want_delta[196_608..].copy_from_slice(&block_b());
@@ -550,7 +592,10 @@ fn snapshot_header_damage_is_rejected() {
         put_u32(&mut past, 12, snapshot::MAX_META_LEN);
         assert!(matches!(
             snapshot::decode(&past),
-            Err(FormatError::Truncated { what: "snapshot", .. })
+            Err(FormatError::Truncated {
+                what: "snapshot",
+                ..
+            })
         ));
         // One byte too many or too few: no longer a JSON object.
         for delta in [1i64, -1] {
@@ -587,8 +632,14 @@ fn snapshot_metadata_damage_is_rejected() {
         (find("2026-11-03T"), b'x', "metadata:"),
     ];
     for (at, value, want) in cases {
-        let r = invalid_reason(snapshot::decode(&with_byte(&bytes, at, |b| *b = value)), "snapshot");
-        assert!(r.contains(want), "byte {at} = {value:#x}: want '{want}', got '{r}'");
+        let r = invalid_reason(
+            snapshot::decode(&with_byte(&bytes, at, |b| *b = value)),
+            "snapshot",
+        );
+        assert!(
+            r.contains(want),
+            "byte {at} = {value:#x}: want '{want}', got '{r}'"
+        );
     }
 }
 
@@ -602,18 +653,27 @@ fn snapshot_manifest_damage_is_rejected() {
     let bitmap_at = bitmap_len_at + 8;
     assert_eq!(bitmap_at, bytes.len() - 1);
 
-    let r = invalid_reason(snapshot::decode(&with_byte(&bytes, entry0 + 8, |b| *b = 2)), "snapshot");
+    let r = invalid_reason(
+        snapshot::decode(&with_byte(&bytes, entry0 + 8, |b| *b = 2)),
+        "snapshot",
+    );
     assert!(r.contains("block 0: unknown entry kind 2"), "{r}");
 
     let mut m = bytes.clone();
     put_u64(&mut m, entry1, 0);
     let r = invalid_reason(snapshot::decode(&m), "snapshot");
-    assert!(r.contains("block index 0 not in strictly ascending order"), "{r}");
+    assert!(
+        r.contains("block index 0 not in strictly ascending order"),
+        "{r}"
+    );
 
     let mut m = bytes.clone();
     put_u64(&mut m, entry1, 4);
     let r = invalid_reason(snapshot::decode(&m), "snapshot");
-    assert!(r.contains("block index 4 beyond the disk's 4 blocks"), "{r}");
+    assert!(
+        r.contains("block index 4 beyond the disk's 4 blocks"),
+        "{r}"
+    );
 
     // More entries than the disk has blocks, checked before reading them.
     let mut m = bytes.clone();
@@ -635,7 +695,10 @@ fn snapshot_manifest_damage_is_rejected() {
     put_u64(&mut m, 16 + 428, 3);
     assert!(matches!(
         snapshot::decode(&m),
-        Err(FormatError::Truncated { what: "snapshot", .. })
+        Err(FormatError::Truncated {
+            what: "snapshot",
+            ..
+        })
     ));
 
     // Bitmap length beyond the object.
@@ -651,7 +714,10 @@ fn snapshot_manifest_damage_is_rejected() {
     );
 
     // A padding bit set after block 3.
-    let r = invalid_reason(snapshot::decode(&with_byte(&bytes, bitmap_at, |b| *b |= 0x08)), "snapshot");
+    let r = invalid_reason(
+        snapshot::decode(&with_byte(&bytes, bitmap_at, |b| *b |= 0x08)),
+        "snapshot",
+    );
     assert!(r.contains("padding bits"), "{r}");
 
     // bitmap_length 0 leaves the bitmap byte trailing.
@@ -665,7 +731,10 @@ fn snapshot_manifest_damage_is_rejected() {
     put_u64(&mut m, bitmap_len_at, 2);
     m.push(0);
     let r = invalid_reason(snapshot::decode(&m), "snapshot");
-    assert!(r.contains("bitmap has 2 bytes but a disk of 4 blocks needs 1"), "{r}");
+    assert!(
+        r.contains("bitmap has 2 bytes but a disk of 4 blocks needs 1"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -720,7 +789,10 @@ fn bitmap_damage_is_rejected() {
     assert!(e.contains("padding bits"), "{e}");
     // The right bytes for another disk size.
     let e = bitmap::decode_base64("gUA=", 17).unwrap_err();
-    assert!(e.contains("bitmap has 2 bytes but a disk of 17 blocks needs 3"), "{e}");
+    assert!(
+        e.contains("bitmap has 2 bytes but a disk of 17 blocks needs 3"),
+        "{e}"
+    );
     // 16 blocks use every bit: no padding to check.
     assert_eq!(bitmap::decode_base64("gUE=", 16).unwrap(), vec![0x81, 0x41]);
     for bad in ["gUA", "gU@=", "gUA==", "gUB="] {
@@ -735,7 +807,10 @@ fn bitmap_damage_is_rejected() {
 fn config_vector_decodes_and_reencodes() {
     let c = config::decode(CONFIG_JSON.as_bytes()).unwrap();
     assert_eq!(c.version, 1);
-    assert_eq!(c.id, "41c20fcfe24752a81280ba16bf922dd27ff30e86b60cd139216aa8a7f7d05626");
+    assert_eq!(
+        c.id,
+        "41c20fcfe24752a81280ba16bf922dd27ff30e86b60cd139216aa8a7f7d05626"
+    );
     assert_eq!(c.created.to_rfc3339(), "2026-11-01T00:00:00+00:00");
     assert_eq!(c.block_size, BLOCK_SIZE);
     assert_eq!(c.hash, "blake3");
@@ -773,15 +848,39 @@ fn config_damage_is_rejected() {
     let cases = [
         ("\"blake3\"", "\"blake2\"", "unsupported hash 'blake2'"),
         ("\"zstd\"", "\"lz4\"", "compression 'lz4'"),
-        ("\"block_size\": 65536", "\"block_size\": 65535", "block size 65535 invalid"),
-        ("\"block_size\": 65536", "\"block_size\": 256", "block size 256 invalid"),
-        ("\"compression_level\": 3", "\"compression_level\": 0", "zstd level 0"),
-        ("\"compression_level\": 3", "\"compression_level\": 23", "zstd level 23"),
+        (
+            "\"block_size\": 65536",
+            "\"block_size\": 65535",
+            "block size 65535 invalid",
+        ),
+        (
+            "\"block_size\": 65536",
+            "\"block_size\": 256",
+            "block size 256 invalid",
+        ),
+        (
+            "\"compression_level\": 3",
+            "\"compression_level\": 0",
+            "zstd level 0",
+        ),
+        (
+            "\"compression_level\": 3",
+            "\"compression_level\": 23",
+            "zstd level 23",
+        ),
         ("\"id\": \"41", "\"id\": \"4", "id is not 64 hex digits"),
         ("\"id\": \"41", "\"id\": \"4g", "id is not 64 hex digits"),
         ("\"created\"", "\"created_at\"", "unknown field"),
-        ("  \"hash\"", "  \"encryption\": \"none\",\n  \"hash\"", "unknown field"),
-        ("\"created\": \"2026", "\"created\": \"x026", "input contains invalid characters"),
+        (
+            "  \"hash\"",
+            "  \"encryption\": \"none\",\n  \"hash\"",
+            "unknown field",
+        ),
+        (
+            "\"created\": \"2026",
+            "\"created\": \"x026",
+            "input contains invalid characters",
+        ),
         ("}", "", "EOF"),
     ];
     for (from, to, want) in cases {

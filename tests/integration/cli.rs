@@ -1,0 +1,329 @@
+//! The command line as a user meets it: `snapshots --json` fields, `latest`
+//! with filters, `diff`, `stats`, `cat config`, `init` refusing a used
+//! folder, a missing repository, `--full`, `--full-every`, and restore
+//! refusing to overwrite a file.
+
+use std::collections::BTreeSet;
+
+use serde_json::json;
+
+use crate::util::*;
+
+#[test]
+fn snapshots_json_has_every_field() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("fields.img"), &random_bytes(40, 0, 3 * BSU + 7));
+    let first = t.backup(&img.path, &["--tag", "daily", "--tag", "vm1"]);
+    img.write_block(1, &random_block(41, 1));
+    let second = t.backup(&img.path, &[]);
+    let snaps = t.snapshots(&[]);
+    assert_eq!(snaps.len(), 2);
+    let canonical = std::fs::canonicalize(&img.path).unwrap();
+    for (s, summary) in snaps.iter().zip([&first, &second]) {
+        let id = str_of(s, "id");
+        assert_eq!(id, str_of(summary, "snapshot_id"));
+        assert_eq!(id.len(), 32);
+        assert!(id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        chrono::DateTime::parse_from_rfc3339(str_of(s, "time")).expect("time is RFC 3339");
+        assert_eq!(str_of(s, "source"), format!("file:{}", canonical.display()));
+        assert_eq!(u64_of(s, "size"), 3 * BS + 7);
+        assert_eq!(str_of(s, "object").len(), 64);
+        assert!(t.repo.join("snapshots").join(str_of(s, "object")).is_file());
+        assert_eq!(str_of(s, "hostname"), std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim());
+        assert_eq!(str_of(s, "backup_set"), str_of(&first, "snapshot_id"));
+        assert_eq!(s["read_mode"], "all");
+    }
+    assert!(snaps[0]["parent"].is_null());
+    assert_eq!(snaps[0]["full"], true);
+    assert_eq!(snaps[0]["tags"], json!(["daily", "vm1"]));
+    assert!(snaps[0]["new_set_reason"].is_string());
+    assert_eq!(snaps[1]["parent"], first["snapshot_id"]);
+    assert_eq!(snaps[1]["full"], false);
+    assert_eq!(snaps[1]["tags"], json!([]));
+    assert!(snaps[1]["new_set_reason"].is_null());
+    // Human listing: a table with the short ids and a count.
+    let human = t.run(&[&"snapshots"]).ok().out();
+    assert!(human.contains(&str_of(&first, "snapshot_id")[..8]), "{human}");
+    assert!(human.contains("2 snapshots"), "{human}");
+}
+
+#[test]
+fn latest_honours_source_and_tag_filters() {
+    let t = TestRepo::new();
+    let a = Image::from_bytes(&t.path("a.img"), &random_bytes(42, 0, 4 * BSU));
+    let b = Image::from_bytes(&t.path("b.img"), &random_bytes(43, 0, 5 * BSU));
+    let a1 = TestRepo::id_of(&t.backup(&a.path, &["--tag", "weekly"]));
+    let a1_hash = a.hash();
+    a.write_block(0, &random_block(44, 0));
+    let a2 = TestRepo::id_of(&t.backup(&a.path, &[]));
+    let b1 = TestRepo::id_of(&t.backup(&b.path, &["--tag", "weekly"]));
+    let ids = |filters: &[&str]| -> Vec<String> {
+        t.snapshots(filters)
+            .iter()
+            .map(|s| str_of(s, "id").to_string())
+            .collect()
+    };
+    let a_path = a.path.to_str().unwrap();
+    assert_eq!(ids(&["--source", a_path]), vec![a1.clone(), a2.clone()]);
+    // A relative path (commands run in the image's folder) means the same.
+    assert_eq!(ids(&["--source", "a.img"]), vec![a1.clone(), a2.clone()]);
+    let identity = format!("file:{}", std::fs::canonicalize(&b.path).unwrap().display());
+    assert_eq!(ids(&["--source", &identity]), vec![b1.clone()]);
+    assert_eq!(ids(&["--tag", "weekly"]), vec![a1.clone(), b1.clone()]);
+    assert_eq!(ids(&["--tag", "weekly", "--source", a_path]), vec![a1.clone()]);
+    assert!(ids(&["--tag", "nope"]).is_empty());
+
+    let restore_latest = |filters: &[&str]| -> Vec<u8> {
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"restore", &"latest", &"--target", &"-"];
+        for f in filters {
+            args.push(f);
+        }
+        t.run(&args).ok().stdout
+    };
+    assert_eq!(blake3::hash(&restore_latest(&[])), b.hash(), "latest overall is b");
+    assert_eq!(blake3::hash(&restore_latest(&["--source", a_path])), a.hash());
+    assert_eq!(
+        blake3::hash(&restore_latest(&["--source", a_path, "--tag", "weekly"])),
+        a1_hash
+    );
+    let none = t.run(&[&"restore", &"latest", &"--tag", &"nope", &"--target", &"-"]);
+    none.expect_code(1).stderr_mentions(&["no snapshot", "latest"]);
+    // An id prefix works as well.
+    t.run(&[&"restore", &&a2[..10], &"--target", &"-"]).ok();
+}
+
+#[test]
+fn diff_lists_exactly_the_changed_blocks() {
+    let t = TestRepo::new();
+    let img = Image::create(&t.path("diff.img"), 40 * BS);
+    for i in 0..30 {
+        img.write_block(i, &random_block(45, i));
+    }
+    let a = TestRepo::id_of(&t.backup(&img.path, &[]));
+    for i in [3u64, 4, 5, 10] {
+        img.write_block(i, &random_block(46, i));
+    }
+    img.zero_block(20); // data -> zero
+    img.write_block(35, &random_block(46, 35)); // zero -> data
+    img.write_block(7, &random_block(45, 7)); // rewritten, same content
+    let mid = TestRepo::id_of(&t.backup(&img.path, &[]));
+    img.write_block(36, &random_block(47, 36));
+    let b = TestRepo::id_of(&t.backup(&img.path, &[]));
+
+    let v = t.run(&[&"--json", &"diff", &a, &mid]).ok().json();
+    assert_eq!(u64_of(&v, "changed_blocks"), 6);
+    assert_eq!(v["ranges"], json!([[3, 5], [10, 10], [20, 20], [35, 35]]));
+    assert_eq!(u64_of(&v, "modified"), 4);
+    assert_eq!(u64_of(&v, "now_zero"), 1);
+    assert_eq!(u64_of(&v, "now_data"), 1);
+    assert_eq!(str_of(&v, "a"), a);
+    assert_eq!(str_of(&v, "b"), mid);
+
+    // Across two layers, and in reverse.
+    let v = t.run(&[&"--json", &"diff", &a, &b]).ok().json();
+    assert_eq!(v["ranges"], json!([[3, 5], [10, 10], [20, 20], [35, 36]]));
+    let v = t.run(&[&"--json", &"diff", &b, &a]).ok().json();
+    assert_eq!(u64_of(&v, "changed_blocks"), 7);
+    assert_eq!(u64_of(&v, "now_zero"), 2);
+    assert_eq!(u64_of(&v, "now_data"), 1);
+    // A snapshot against itself.
+    let v = t.run(&[&"--json", &"diff", &b, &b]).ok().json();
+    assert_eq!(u64_of(&v, "changed_blocks"), 0);
+    // Human output names the ranges.
+    let human = t.run(&[&"diff", &a, &mid]).ok().out();
+    assert!(human.contains("blocks 3-5"), "{human}");
+    assert!(human.contains("block 20"), "{human}");
+}
+
+#[test]
+fn stats_reports_dedup_and_compression() {
+    let t = TestRepo::new();
+    let img = Image::create(&t.path("s1.img"), 20 * BS);
+    for i in 0..16 {
+        img.write_block(i, &text_block(48, i));
+    }
+    t.backup(&img.path, &[]);
+    // The same disk under another name: everything deduplicated.
+    std::fs::copy(&img.path, t.path("s2.img")).unwrap();
+    let s = t.backup(&t.path("s2.img"), &[]);
+    assert_eq!(u64_of(&s, "blocks_new"), 0);
+    assert_eq!(u64_of(&s, "blocks_deduplicated"), 16);
+
+    let v = t.run(&[&"--json", &"stats"]).ok().json();
+    assert_eq!(u64_of(&v, "snapshots"), 2);
+    assert_eq!(u64_of(&v, "logical_bytes"), 40 * BS);
+    assert_eq!(u64_of(&v, "logical_data_bytes"), 32 * BS);
+    assert_eq!(u64_of(&v, "unique_blocks"), 16);
+    assert_eq!(u64_of(&v, "unique_raw_bytes"), 16 * BS);
+    let dedup = v["dedup_ratio"].as_f64().unwrap();
+    assert!((dedup - 2.0).abs() < 1e-9, "dedup ratio {dedup}");
+    let compression = v["compression_ratio"].as_f64().unwrap();
+    assert!(compression > 2.0, "text compresses well: {compression}");
+    assert!(v["total_ratio"].as_f64().unwrap() > compression);
+    assert!(u64_of(&v, "packs") >= 1);
+}
+
+#[test]
+fn cat_config_shows_the_block_size() {
+    let t = TestRepo::new();
+    let v = t.run(&[&"cat", &"config"]).ok().json();
+    assert_eq!(u64_of(&v, "block_size"), 65536);
+    assert_eq!(str_of(&v, "hash"), "blake3");
+    assert_eq!(str_of(&v, "compression"), "zstd");
+    assert_eq!(str_of(&v, "id").len(), 64);
+    t.run(&[&"cat", &"nonsense"]).expect_code(1);
+}
+
+#[test]
+fn init_refuses_a_folder_that_is_not_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let used = dir.path().join("used");
+    std::fs::create_dir(&used).unwrap();
+    std::fs::write(used.join("precious.txt"), b"keep me").unwrap();
+    let r = run_in(dir.path(), &[&"-r", &used, &"init"]).expect_code(1);
+    r.stderr_mentions(&["already"]);
+    assert!(!used.join("config").exists());
+    assert_eq!(std::fs::read(used.join("precious.txt")).unwrap(), b"keep me");
+
+    // An existing repository is not initialised twice.
+    let repo = dir.path().join("repo");
+    run_in(dir.path(), &[&"-r", &repo, &"init"]).ok();
+    let config = std::fs::read(repo.join("config")).unwrap();
+    run_in(dir.path(), &[&"-r", &repo, &"init"]).expect_code(1);
+    assert_eq!(std::fs::read(repo.join("config")).unwrap(), config);
+}
+
+#[test]
+fn missing_repository_says_how_to_create_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let nowhere = dir.path().join("nowhere");
+    for args in [vec!["snapshots"], vec!["check"], vec!["restore", "latest", "--target", "-"]] {
+        let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"-r", &nowhere];
+        for a in &args {
+            all.push(a);
+        }
+        let r = run_in(dir.path(), &all).expect_code(1);
+        r.stderr_mentions(&["not a cbtvault repository", "init"]);
+    }
+    let img = dir.path().join("x.img");
+    std::fs::write(&img, b"data").unwrap();
+    run_in(dir.path(), &[&"-r", &nowhere, &"backup", &img])
+        .expect_code(1)
+        .stderr_mentions(&["init"]);
+    assert!(!nowhere.exists(), "a failed command created the repository folder");
+    // No repository at all.
+    run_in(dir.path(), &[&"snapshots"])
+        .expect_code(1)
+        .stderr_mentions(&["--repo"]);
+}
+
+#[test]
+fn full_flag_starts_a_new_backup_set() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("full.img"), &random_bytes(49, 0, 6 * BSU));
+    let first = t.backup(&img.path, &[]);
+    img.write_block(2, &random_block(50, 2));
+    let inc = t.backup(&img.path, &[]);
+    assert_eq!(inc["parent_id"], first["snapshot_id"]);
+    let full = t.backup(&img.path, &["--full"]);
+    assert!(full["parent_id"].is_null());
+    assert_eq!(full["full"], true);
+    assert_eq!(u64_of(&full, "blocks_read"), 6);
+    assert_eq!(u64_of(&full, "blocks_new"), 0, "a full backup still deduplicates");
+    let id = TestRepo::id_of(&full);
+    let snap = t.snapshots(&[]).pop().unwrap();
+    assert_eq!(str_of(&snap, "id"), id);
+    assert!(snap["parent"].is_null());
+    assert_eq!(str_of(&snap, "backup_set"), id, "a new backup set starts at it");
+    assert!(snap["new_set_reason"].as_str().unwrap().contains("--full"));
+    let entries = t.cat_snapshot(&id)["entries"].as_array().unwrap().len();
+    assert_eq!(entries, 6, "a full manifest lists every data block");
+    t.assert_restores(&id, img.hash(), img.size());
+    // --full cannot take a bitmap.
+    let bitmap = t.path("bm.b64");
+    write_bitmap(&bitmap, &bitmap_base64(img.size(), &[0]));
+    t.try_backup(&img.path, &["--full", "--changed-blocks", bitmap.to_str().unwrap()])
+        .expect_code(1);
+}
+
+#[test]
+fn full_every_writes_synthetic_fulls() {
+    let t = TestRepo::new();
+    let img = Image::create(&t.path("fe.img"), 12 * BS);
+    for i in 0..12 {
+        img.write_block(i, &random_block(51, i));
+    }
+    let mut history = Vec::new();
+    for step in 0..7u64 {
+        if step > 0 {
+            img.write_block(step, &random_block(52, step));
+            img.zero_block(11 - step);
+        }
+        let s = t.backup(&img.path, &["--full-every", "3"]);
+        history.push((s, img.hash()));
+    }
+    let snaps = t.snapshots(&[]);
+    let parents: Vec<bool> = snaps.iter().map(|s| s["parent"].is_null()).collect();
+    // full, inc, inc, synthetic full (3rd after the full), inc, inc, synthetic full
+    assert_eq!(parents, vec![true, false, false, true, false, false, true]);
+    let set = str_of(&snaps[0], "backup_set").to_string();
+    for (k, (s, hash)) in history.iter().enumerate() {
+        let id = TestRepo::id_of(s);
+        assert_eq!(str_of(&snaps[k], "id"), id);
+        assert_eq!(str_of(&snaps[k], "backup_set"), set, "a synthetic full continues the set");
+        if k == 3 || k == 6 {
+            assert_eq!(s["synthetic_full"], true);
+            // The summary's parent_id names the snapshot it was built from;
+            // the snapshot itself has no parent (checked in the listing).
+            assert_eq!(s["parent_id"], history[k - 1].0["snapshot_id"]);
+            assert_eq!(u64_of(s, "blocks_new"), 1, "a synthetic full rewrites no data");
+            // Its manifest is complete on its own.
+            let entries: BTreeSet<u64> = t.cat_snapshot(&id)["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["index"].as_u64().unwrap())
+                .collect();
+            let data: BTreeSet<u64> = (0..12)
+                .filter(|&i| img_block_was_data(k as u64, i))
+                .collect();
+            assert_eq!(entries, data, "snapshot {k}");
+        }
+        t.assert_restores(&id, *hash, 12 * BS);
+    }
+}
+
+/// Block `i` holds data after step `k` of `full_every_writes_synthetic_fulls`.
+fn img_block_was_data(k: u64, i: u64) -> bool {
+    // Steps 1..=k wrote block `step` and zeroed block 11 - step, in order.
+    let mut data = [true; 12];
+    for step in 1..=k {
+        data[step as usize] = true;
+        data[(11 - step) as usize] = false;
+    }
+    data[i as usize]
+}
+
+#[test]
+fn restore_refuses_to_overwrite_without_permission() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("o.img"), &random_bytes(53, 0, 3 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let target = t.path("existing.img");
+    std::fs::write(&target, b"precious data").unwrap();
+    let r = t.restore(&id, &target, &[]).expect_code(1);
+    r.stderr_mentions(&["--overwrite"]);
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious data");
+    t.restore(&id, &target, &["--overwrite"]).ok();
+    assert_eq!(hash_file(&target), img.hash());
+    // An existing empty file is fine without --overwrite.
+    let empty = t.path("empty-target.img");
+    std::fs::write(&empty, b"").unwrap();
+    t.restore(&id, &empty, &[]).ok();
+    assert_eq!(hash_file(&empty), img.hash());
+    // Overwriting a longer file leaves no tail behind.
+    let long = t.path("long.img");
+    std::fs::write(&long, random_bytes(54, 0, 5 * BSU)).unwrap();
+    t.restore(&id, &long, &["--overwrite"]).ok();
+    assert_eq!(hash_file(&long), img.hash());
+}

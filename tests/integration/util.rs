@@ -1,0 +1,451 @@
+//! Helpers shared by the integration tests: a temporary repository driven
+//! through the real `cbtvault` binary, captured command results, images
+//! generated deterministically from a seed, whole-file BLAKE3 hashes and
+//! XenServer-style change bitmaps. Nothing here knows the repository format;
+//! tests that need it use the library directly.
+
+#![allow(dead_code)]
+
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+use serde_json::Value;
+
+/// The block size every test repository uses (XenServer CBT granularity).
+pub const BS: u64 = 65536;
+pub const BSU: usize = BS as usize;
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_cbtvault")
+}
+
+/// The captured result of one command.
+#[derive(Debug)]
+pub struct Run {
+    /// What was run, for failure messages.
+    pub command: String,
+    /// Exit code; -1 when killed by a signal.
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// stdout parsed as one JSON value.
+    #[track_caller]
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{}: stdout is not one JSON value ({e}):\n{}\nstderr:\n{}",
+                self.command,
+                self.out(),
+                self.stderr
+            )
+        })
+    }
+
+    #[track_caller]
+    pub fn expect_code(self, code: i32) -> Self {
+        assert_eq!(
+            self.code, code,
+            "{}: exit code {} where {code} was expected\nstdout:\n{}\nstderr:\n{}",
+            self.command,
+            self.code,
+            if self.stdout.len() > 4096 { "(long)".to_string() } else { self.out() },
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        self.expect_code(0)
+    }
+
+    /// Asserts that stderr contains every key word (case-insensitive).
+    #[track_caller]
+    pub fn stderr_mentions(&self, words: &[&str]) -> &Self {
+        let lower = self.stderr.to_lowercase();
+        for w in words {
+            assert!(
+                lower.contains(&w.to_lowercase()),
+                "{}: stderr does not mention '{w}':\n{}",
+                self.command,
+                self.stderr
+            );
+        }
+        self
+    }
+}
+
+/// Runs the binary with `args` in `cwd`, without inheriting a repository
+/// from the environment.
+pub fn run_in(cwd: &Path, args: &[&dyn AsRef<OsStr>]) -> Run {
+    let mut cmd = Command::new(bin());
+    cmd.current_dir(cwd)
+        .env_remove("CBTVAULT_REPOSITORY")
+        .stdin(Stdio::null());
+    let mut shown = String::from("cbtvault");
+    for a in args {
+        cmd.arg(a.as_ref());
+        shown.push(' ');
+        shown.push_str(&a.as_ref().to_string_lossy());
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    Run {
+        command: shown,
+        code: out.status.code().unwrap_or(-1),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A temporary folder holding a repository (`repo/`) and scratch files.
+pub struct TestRepo {
+    dir: tempfile::TempDir,
+    /// The repository folder.
+    pub repo: PathBuf,
+}
+
+impl TestRepo {
+    /// `cbtvault -r DIR/repo init` with default options.
+    pub fn new() -> TestRepo {
+        TestRepo::init(&[])
+    }
+
+    /// `init` with extra options, e.g. `["--pack-size-mib", "1"]`.
+    pub fn init(extra: &[&str]) -> TestRepo {
+        let dir = tempfile::Builder::new()
+            .prefix("cbtvault-it-")
+            .tempdir()
+            .expect("create a temporary folder");
+        let repo = dir.path().join("repo");
+        let t = TestRepo { dir, repo };
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"init"];
+        for e in extra {
+            args.push(e);
+        }
+        t.run(&args).ok();
+        t
+    }
+
+    /// The temporary folder (images and restored files go here).
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A path in the scratch folder.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `cbtvault -r REPO ARGS...`.
+    pub fn run(&self, args: &[&dyn AsRef<OsStr>]) -> Run {
+        let mut all: Vec<&dyn AsRef<OsStr>> = vec![&"-r", &self.repo];
+        all.extend_from_slice(args);
+        run_in(self.dir.path(), &all)
+    }
+
+    /// `backup --json IMAGE EXTRA...`, which must succeed; its JSON summary.
+    #[track_caller]
+    pub fn backup(&self, image: &Path, extra: &[&str]) -> Value {
+        let r = self.try_backup(image, extra).ok();
+        r.json()
+    }
+
+    pub fn try_backup(&self, image: &Path, extra: &[&str]) -> Run {
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"backup", &image];
+        for e in extra {
+            args.push(e);
+        }
+        self.run(&args)
+    }
+
+    /// The snapshot id a backup summary names.
+    pub fn id_of(summary: &Value) -> String {
+        summary["snapshot_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no snapshot_id in {summary}"))
+            .to_string()
+    }
+
+    /// `snapshots --json` (plus filters), oldest first.
+    #[track_caller]
+    pub fn snapshots(&self, filters: &[&str]) -> Vec<Value> {
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"snapshots"];
+        for f in filters {
+            args.push(f);
+        }
+        match self.run(&args).ok().json() {
+            Value::Array(v) => v,
+            other => panic!("snapshots --json is not a list: {other}"),
+        }
+    }
+
+    pub fn snapshot_ids(&self) -> Vec<String> {
+        self.snapshots(&[])
+            .iter()
+            .map(|s| s["id"].as_str().expect("id").to_string())
+            .collect()
+    }
+
+    /// `restore ID --target TARGET EXTRA...`.
+    pub fn restore(&self, id: &str, target: &Path, extra: &[&str]) -> Run {
+        let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"restore", &id, &"--target", &target];
+        for e in extra {
+            args.push(e);
+        }
+        self.run(&args)
+    }
+
+    /// Restores `id` to a new file, checks it succeeded and returns the
+    /// whole-file hash and size; the file is removed afterwards.
+    #[track_caller]
+    pub fn restored_hash(&self, id: &str) -> (blake3::Hash, u64) {
+        let target = self.path(&format!("restored-{id}-{}.img", rand::random::<u32>()));
+        self.restore(id, &target, &[]).ok();
+        let h = hash_file(&target);
+        let len = std::fs::metadata(&target).expect("restored file").len();
+        std::fs::remove_file(&target).expect("remove restored file");
+        (h, len)
+    }
+
+    /// Asserts that snapshot `id` restores to exactly the bytes of `image`
+    /// as hashed in `expected`.
+    #[track_caller]
+    pub fn assert_restores(&self, id: &str, expected: blake3::Hash, expected_len: u64) {
+        let (h, len) = self.restored_hash(id);
+        assert_eq!(len, expected_len, "snapshot {id}: restored size differs");
+        assert_eq!(h, expected, "snapshot {id}: restored content differs from the source");
+    }
+
+    /// `check --json [--read-data]`: the run (exit code unchecked) and its report.
+    pub fn check(&self, read_data: bool) -> (Run, Value) {
+        let r = if read_data {
+            self.run(&[&"--json", &"check", &"--read-data"])
+        } else {
+            self.run(&[&"--json", &"check"])
+        };
+        let v = r.json();
+        (r, v)
+    }
+
+    /// `cat snapshot ID` as JSON.
+    #[track_caller]
+    pub fn cat_snapshot(&self, id: &str) -> Value {
+        self.run(&[&"cat", &"snapshot", &id]).ok().json()
+    }
+
+    /// Names of the files under a repository sub-folder, recursively, sorted.
+    pub fn files_under(&self, sub: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            let Ok(rd) = std::fs::read_dir(dir) else { return };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, base, out);
+                } else {
+                    out.push(p.strip_prefix(base).unwrap().display().to_string());
+                }
+            }
+        }
+        let base = self.repo.join(sub);
+        walk(&base, &base, &mut out);
+        out.sort();
+        out
+    }
+
+    /// Paths of every pack file.
+    pub fn packs(&self) -> Vec<PathBuf> {
+        self.files_under("data")
+            .into_iter()
+            .map(|n| self.repo.join("data").join(n))
+            .collect()
+    }
+}
+
+// ------------------------------------------------------------------ images
+
+/// `len` pseudo-random bytes determined by `seed` and `stream` (BLAKE3 XOF).
+pub fn random_bytes(seed: u64, stream: u64, len: usize) -> Vec<u8> {
+    let mut h = blake3::Hasher::new_derive_key("cbtvault integration tests 2024 random bytes");
+    h.update(&seed.to_le_bytes());
+    h.update(&stream.to_le_bytes());
+    let mut out = vec![0u8; len];
+    h.finalize_xof().fill(&mut out);
+    out
+}
+
+/// A full block of incompressible data, distinct for each (seed, n).
+pub fn random_block(seed: u64, n: u64) -> Vec<u8> {
+    random_bytes(seed, n, BSU)
+}
+
+/// A full block of compressible, text-like data, distinct for each (seed, n).
+pub fn text_block(seed: u64, n: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(BSU);
+    let mut line = 0u64;
+    while out.len() < BSU {
+        out.extend_from_slice(
+            format!("seed {seed} block {n} line {line}: the quick brown fox jumps over the lazy dog\n")
+                .as_bytes(),
+        );
+        line += 1;
+    }
+    out.truncate(BSU);
+    out
+}
+
+pub fn zero_block() -> Vec<u8> {
+    vec![0u8; BSU]
+}
+
+/// An image file edited block by block.
+pub struct Image {
+    pub path: PathBuf,
+    file: File,
+}
+
+impl Image {
+    /// Creates (or empties) `path` with `size` zero bytes (a sparse file).
+    pub fn create(path: &Path, size: u64) -> Image {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .unwrap_or_else(|e| panic!("create image {}: {e}", path.display()));
+        file.set_len(size).expect("size image");
+        Image {
+            path: path.to_path_buf(),
+            file,
+        }
+    }
+
+    /// Creates `path` holding exactly `bytes`.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Image {
+        let img = Image::create(path, 0);
+        img.file.write_all_at(bytes, 0).expect("write image");
+        img
+    }
+
+    pub fn size(&self) -> u64 {
+        self.file.metadata().expect("stat image").len()
+    }
+
+    pub fn set_len(&self, size: u64) {
+        self.file.set_len(size).expect("resize image");
+    }
+
+    /// Writes block `index`, clipped to the image size (a partial last block).
+    pub fn write_block(&self, index: u64, data: &[u8]) {
+        let size = self.size();
+        let start = index * BS;
+        assert!(start < size, "block {index} beyond the image");
+        let n = ((size - start) as usize).min(data.len());
+        self.file.write_all_at(&data[..n], start).expect("write block");
+    }
+
+    pub fn zero_block(&self, index: u64) {
+        self.write_block(index, &zero_block());
+    }
+
+    /// The bytes of block `index` (shorter for a partial last block).
+    pub fn read_block(&self, index: u64) -> Vec<u8> {
+        let size = self.size();
+        let start = index * BS;
+        let n = (size.saturating_sub(start)).min(BS) as usize;
+        let mut buf = vec![0u8; n];
+        self.file.read_exact_at(&mut buf, start).expect("read block");
+        buf
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.size().div_ceil(BS)
+    }
+
+    pub fn hash(&self) -> blake3::Hash {
+        hash_file(&self.path)
+    }
+
+    pub fn bytes(&self) -> Vec<u8> {
+        std::fs::read(&self.path).expect("read image")
+    }
+}
+
+/// BLAKE3 of a whole file.
+pub fn hash_file(path: &Path) -> blake3::Hash {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read file");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    h.finalize()
+}
+
+/// Bytes the file occupies on disk (st_blocks is in 512-byte units).
+pub fn allocated_bytes(path: &Path) -> u64 {
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+// ----------------------------------------------------------------- bitmaps
+
+/// The raw change bitmap of a disk of `size_bytes`: one bit per 64 KiB
+/// block, most significant bit of byte 0 = block 0, `ceil(blocks / 8)`
+/// bytes. Written independently of the crate's own bitmap code.
+pub fn bitmap_raw(size_bytes: u64, marked: &[u64]) -> Vec<u8> {
+    let blocks = size_bytes.div_ceil(BS);
+    let mut out = vec![0u8; blocks.div_ceil(8) as usize];
+    for &b in marked {
+        assert!(b < blocks, "block {b} beyond a disk of {blocks} blocks");
+        out[(b / 8) as usize] |= 0x80 >> (b % 8);
+    }
+    out
+}
+
+/// Standard base64 with padding, as `VDI.list_changed_blocks` returns it.
+pub fn base64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+pub fn bitmap_base64(size_bytes: u64, marked: &[u64]) -> String {
+    base64(&bitmap_raw(size_bytes, marked))
+}
+
+/// Writes a bitmap file (with a trailing newline, as a shell would).
+pub fn write_bitmap(path: &Path, text: &str) {
+    std::fs::write(path, format!("{text}\n")).expect("write bitmap");
+}
+
+// -------------------------------------------------------------------- json
+
+pub fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("'{key}' is not a string in {v}"))
+}
+
+pub fn u64_of(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("'{key}' is not an unsigned number in {v}"))
+}
