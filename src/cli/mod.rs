@@ -48,9 +48,34 @@ pub enum Command {
     /// Repair derived data.
     #[command(subcommand)]
     Repair(RepairCommand),
+    /// Export a snapshot read-only over NBD (for qemu-img, qemu-nbd --connect, guestmount).
+    Serve(ServeArgs),
     /// Back up, change, back up again and restore a generated image in a
     /// temporary repository, verifying the result.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Snapshot id (or unique prefix), or `latest`.
+    pub snapshot: String,
+    /// TCP address to listen on (HOST:PORT).
+    #[arg(long, value_name = "ADDR", conflicts_with = "socket")]
+    pub listen: Option<String>,
+    /// Unix socket path to listen on.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Export name (default: the snapshot id; any name is accepted when empty).
+    #[arg(long)]
+    pub export_name: Option<String>,
+    /// Server certificate (PEM) for TLS; requires --tls-key. TLS is then mandatory.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(Debug, Args)]

@@ -6,6 +6,7 @@ mod check;
 mod demo;
 mod inspect;
 mod restore;
+mod serve;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -51,6 +52,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Stats => inspect::stats(&ui, &open(&ui, &repo_path()?)?),
         Command::Unlock(ref a) => inspect::unlock(&ui, &open(&ui, &repo_path()?)?, a),
         Command::Repair(RepairCommand::Index) => check::repair_index(&ui, &repo_path()?),
+        Command::Serve(ref a) => serve::run(&ui, open(&ui, &repo_path()?)?, a),
         Command::Demo(ref a) => demo::run(&ui, a),
     }
 }
