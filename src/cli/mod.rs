@@ -98,6 +98,11 @@ pub struct BackupArgs {
     pub source: String,
     #[command(flatten)]
     pub nbd: NbdArgs,
+    /// Identity of the disk for finding the parent (default: `file:` plus
+    /// the absolute path, or the NBD URI). Use it when the path changes
+    /// between runs, e.g. a new LVM snapshot device each time.
+    #[arg(long, value_name = "ID")]
+    pub source_id: Option<String>,
     /// NBD: back up only the extents this QEMU dirty bitmap marks
     /// (meta context qemu:dirty-bitmap:NAME), the rest from the parent.
     #[arg(long, value_name = "NAME")]

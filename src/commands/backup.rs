@@ -112,6 +112,45 @@ pub(crate) fn blocks_with(
     out
 }
 
+/// XenServer CBT granularity: one bit per 64 KiB, whatever the repository's
+/// block size.
+const CBT_BLOCK_BYTES: u64 = 65536;
+
+/// Re-expresses a 64 KiB change bitmap in the repository's blocks.
+fn cbt_to_repo_blocks(cbt: &[u8], disk_size: u64, block_size: u32) -> Vec<u8> {
+    if block_size as u64 == CBT_BLOCK_BYTES {
+        return cbt.to_vec();
+    }
+    let extents: Vec<(u64, u64, u32)> = bitmap::iter_set(cbt)
+        .map(|i| {
+            let start = i * CBT_BLOCK_BYTES;
+            (start, CBT_BLOCK_BYTES.min(disk_size - start), 1)
+        })
+        .collect();
+    blocks_with(&extents, disk_size, block_size, |_| true)
+}
+
+/// Runs a planned backup under the given identity override.
+fn backup_as(
+    ui: &Ui,
+    repo: &Repository,
+    source: &dyn BlockSource,
+    source_id: &Option<String>,
+    options: &BackupOptions,
+    facts: SourceFacts,
+) -> Result<BackupSummary> {
+    match source_id {
+        Some(id) => {
+            let renamed = crate::source::Renamed {
+                inner: source,
+                identity: id.clone(),
+            };
+            backup_source(ui, repo, &renamed, options, facts)
+        }
+        None => backup_source(ui, repo, source, options, facts),
+    }
+}
+
 pub fn run(ui: &Ui, repo: &Repository, args: &BackupArgs) -> Result<Outcome> {
     let options = BackupOptions::from_args(args)?;
     let block_size = repo.config().block_size;
@@ -141,7 +180,9 @@ pub fn run(ui: &Ui, repo: &Repository, args: &BackupArgs) -> Result<Outcome> {
         let size = source.size_bytes();
         let nonzero = if source.has_context("base:allocation") {
             let ex = source.extents("base:allocation")?;
-            Some(blocks_with(&ex, size, block_size, |f| f & proto::STATE_ZERO == 0))
+            Some(blocks_with(&ex, size, block_size, |f| {
+                f & proto::STATE_ZERO == 0
+            }))
         } else {
             None
         };
@@ -157,7 +198,14 @@ pub fn run(ui: &Ui, repo: &Repository, args: &BackupArgs) -> Result<Outcome> {
             _ => Changes::Unknown,
         };
         let _lock = repo.lock(false, "backup")?;
-        let s = backup_source(ui, repo, &source, &options, SourceFacts { changes, nonzero })?;
+        let s = backup_as(
+            ui,
+            repo,
+            &source,
+            &args.source_id,
+            &options,
+            SourceFacts { changes, nonzero },
+        )?;
         source.close();
         s
     } else {
@@ -165,25 +213,30 @@ pub fn run(ui: &Ui, repo: &Repository, args: &BackupArgs) -> Result<Outcome> {
             bail!("--dirty-bitmap applies to NBD sources");
         }
         let source = FileSource::open(Path::new(&args.source))?;
-        let blocks = block_count(source.size_bytes(), block_size);
+        let blocks = block_count(source.size_bytes(), CBT_BLOCK_BYTES as u32);
         // Decode and check the bitmap before anything is written.
         let changes = match &args.changed_blocks {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("read changed-block bitmap '{}'", p.display()))?;
-                Changes::Since(bitmap::decode_base64(&text, blocks).map_err(|reason| {
+                let cbt = bitmap::decode_base64(&text, blocks).map_err(|reason| {
                     anyhow::anyhow!(
                         "changed-block bitmap '{}' rejected for '{}' ({} bytes, {blocks} blocks): {reason}; nothing was written",
                         p.display(),
                         source.identity(),
                         source.size_bytes()
                     )
-                })?)
+                })?;
+                Changes::Since(cbt_to_repo_blocks(&cbt, source.size_bytes(), block_size))
             }
             None => Changes::Unknown,
         };
         let _lock = repo.lock(false, "backup")?;
-        backup_source(ui, repo, &source, &options, SourceFacts { changes, nonzero: None })?
+        let facts = SourceFacts {
+            changes,
+            nonzero: None,
+        };
+        backup_as(ui, repo, &source, &args.source_id, &options, facts)?
     };
     report(ui, &summary);
     Ok(Outcome::Ok)
@@ -203,7 +256,9 @@ pub(crate) fn backup_source(
         new_set_reason = Some("full backup requested (--full)".to_string());
         None
     } else if let Changes::Lost(reason) = &facts.changes {
-        ui.warn(format!("{reason}; starting a new backup set with a full read"));
+        ui.warn(format!(
+            "{reason}; starting a new backup set with a full read"
+        ));
         new_set_reason = Some(reason.clone());
         None
     } else if let Some(query) = &options.parent {
@@ -239,7 +294,7 @@ pub(crate) fn backup_source(
     let not = |b: &[u8]| -> Vec<u8> {
         let mut out: Vec<u8> = b.iter().map(|x| !x).collect();
         // Keep padding bits clear.
-        if blocks % 8 != 0 {
+        if !blocks.is_multiple_of(8) {
             if let Some(last) = out.last_mut() {
                 *last &= 0xffu8 << (8 - blocks % 8);
             }
@@ -249,7 +304,11 @@ pub(crate) fn backup_source(
     let and = |a: &[u8], b: &[u8]| -> Vec<u8> { a.iter().zip(b).map(|(x, y)| x & y).collect() };
     let (read, known_zero, change_bitmap) = match (&parent, facts.changes) {
         (Some(_), Changes::Since(changed)) => match &facts.nonzero {
-            Some(nz) => (Some(and(&changed, nz)), Some(and(&changed, &not(nz))), Some(changed)),
+            Some(nz) => (
+                Some(and(&changed, nz)),
+                Some(and(&changed, &not(nz))),
+                Some(changed),
+            ),
             None => (Some(changed.clone()), None, Some(changed)),
         },
         (None, Changes::Since(_)) => {

@@ -12,15 +12,24 @@ use crate::repo::Repository;
 
 fn parse_subset(s: &str) -> Result<DataSubset> {
     if let Some(p) = s.strip_suffix('%') {
-        let p: f64 = p.trim().parse().with_context(|| format!("'{s}' is not a percentage"))?;
+        let p: f64 = p
+            .trim()
+            .parse()
+            .with_context(|| format!("'{s}' is not a percentage"))?;
         if !(p > 0.0 && p <= 100.0) {
             bail!("--read-data-subset '{s}': percentage must be in (0, 100]");
         }
         return Ok(DataSubset::Percent(p));
     }
     if let Some((n, t)) = s.split_once('/') {
-        let n: u32 = n.trim().parse().with_context(|| format!("'{s}': n is not a number"))?;
-        let t: u32 = t.trim().parse().with_context(|| format!("'{s}': t is not a number"))?;
+        let n: u32 = n
+            .trim()
+            .parse()
+            .with_context(|| format!("'{s}': n is not a number"))?;
+        let t: u32 = t
+            .trim()
+            .parse()
+            .with_context(|| format!("'{s}': t is not a number"))?;
         if n == 0 || t == 0 || n > t {
             bail!("--read-data-subset '{s}': need 1 <= n <= t");
         }
@@ -57,7 +66,10 @@ pub fn run(ui: &Ui, repo: &Repository, args: &CheckArgs) -> Result<Outcome> {
         report.snapshots_checked,
         report.packs_checked,
         if subset.is_some() {
-            format!(", read {} packs and {} blocks", report.packs_read, report.blocks_read)
+            format!(
+                ", read {} packs and {} blocks",
+                report.packs_read, report.blocks_read
+            )
         } else {
             String::new()
         }
@@ -74,8 +86,8 @@ pub fn run(ui: &Ui, repo: &Repository, args: &CheckArgs) -> Result<Outcome> {
 pub fn repair_index(ui: &Ui, path: &Path) -> Result<Outcome> {
     // Opening rebuilds a missing catalog; rebuild again under an exclusive
     // lock so the result reflects every pack present now.
-    let mut repo = Repository::open(path)
-        .with_context(|| format!("open repository '{}'", path.display()))?;
+    let mut repo =
+        Repository::open(path).with_context(|| format!("open repository '{}'", path.display()))?;
     let _lock = repo.lock(true, "repair index")?;
     let bar = ui.progress("index", false);
     let skipped = repo.rebuild_catalog(&bar)?;

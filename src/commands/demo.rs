@@ -71,7 +71,11 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         "1. generating a {size_mib} MiB disk image (60% random data, 40% zero) in '{}'",
         dir.display()
     ));
-    let f = OpenOptions::new().create(true).write(true).truncate(true).open(&image)?;
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&image)?;
     f.set_len(blocks * BLOCK)?;
     let mut buf = vec![0u8; BLOCK as usize];
     for i in 0..blocks {
@@ -82,7 +86,10 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
     }
     f.sync_all()?;
 
-    ui.info(format!("2. creating a repository at '{}'", repo_path.display()));
+    ui.info(format!(
+        "2. creating a repository at '{}'",
+        repo_path.display()
+    ));
     Repository::init(&repo_path, &InitOptions::default())?;
     let repo = Repository::open(&repo_path)?;
     let source_opts = BackupOptions {
@@ -126,7 +133,10 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
     ui.info("5. incremental backup of the changed blocks only");
     report(ui, &incremental);
 
-    ui.info(format!("6. restoring the incremental to '{}'", restored.display()));
+    ui.info(format!(
+        "6. restoring the incremental to '{}'",
+        restored.display()
+    ));
     let map = repo.resolve(incremental.snapshot_id)?;
     let summary = {
         let _lock = repo.lock(false, "demo restore")?;

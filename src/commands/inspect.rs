@@ -21,7 +21,10 @@ pub fn init(ui: &Ui, path: &Path, a: &InitArgs) -> Result<Outcome> {
         pack_size_target_bytes: a.pack_size_mib.max(1) << 20,
     };
     if !(1..=22).contains(&options.compression_level) {
-        bail!("--compression-level {} outside 1..=22", options.compression_level);
+        bail!(
+            "--compression-level {} outside 1..=22",
+            options.compression_level
+        );
     }
     let config = Repository::init(path, &options)?;
     ui.json(&json!({"id": config.id, "location": path.display().to_string()}));
@@ -60,14 +63,19 @@ pub fn snapshots(ui: &Ui, repo: &Repository, filter: &FilterArgs) -> Result<Outc
             vec![
                 m.id.short(),
                 m.time.format("%Y-%m-%d %H:%M:%S").to_string(),
-                m.parent.map(|p| p.short()).unwrap_or_else(|| "(full)".into()),
+                m.parent
+                    .map(|p| p.short())
+                    .unwrap_or_else(|| "(full)".into()),
                 m.source.clone(),
                 human_bytes(m.disk_size_bytes),
                 m.tags.join(","),
             ]
         })
         .collect();
-    ui.table(&["ID", "Time (UTC)", "Parent", "Source", "Size", "Tags"], &rows);
+    ui.table(
+        &["ID", "Time (UTC)", "Parent", "Source", "Size", "Tags"],
+        &rows,
+    );
     ui.print(format!("{} snapshots", rows.len()));
     Ok(Outcome::Ok)
 }
@@ -163,7 +171,11 @@ pub fn stats(ui: &Ui, repo: &Repository) -> Result<Outcome> {
     let mut logical_data = 0u64;
     for s in &snaps {
         let map = repo.resolve(s.meta.id)?;
-        logical_data += map.data.iter().map(|(i, _)| map.span_of(*i) as u64).sum::<u64>();
+        logical_data += map
+            .data
+            .iter()
+            .map(|(i, _)| map.span_of(*i) as u64)
+            .sum::<u64>();
     }
     let (blocks, raw, stored_blobs) = repo.catalog().block_totals()?;
     let packs = repo.catalog().packs()?;
@@ -184,12 +196,32 @@ pub fn stats(ui: &Ui, repo: &Repository) -> Result<Outcome> {
     });
     ui.json(&v);
     ui.print(format!("snapshots:           {}", snaps.len()));
-    ui.print(format!("logical size:        {} (non-zero {})", human_bytes(logical), human_bytes(logical_data)));
-    ui.print(format!("unique blocks:       {blocks} ({})", human_bytes(raw)));
-    ui.print(format!("stored:              {} in {} packs", human_bytes(stored), packs.len()));
-    ui.print(format!("dedup ratio:         {:.2}x", ratio(logical_data, raw)));
-    ui.print(format!("compression ratio:   {:.2}x", ratio(raw, stored_blobs)));
-    ui.print(format!("logical / stored:    {:.2}x", ratio(logical, stored)));
+    ui.print(format!(
+        "logical size:        {} (non-zero {})",
+        human_bytes(logical),
+        human_bytes(logical_data)
+    ));
+    ui.print(format!(
+        "unique blocks:       {blocks} ({})",
+        human_bytes(raw)
+    ));
+    ui.print(format!(
+        "stored:              {} in {} packs",
+        human_bytes(stored),
+        packs.len()
+    ));
+    ui.print(format!(
+        "dedup ratio:         {:.2}x",
+        ratio(logical_data, raw)
+    ));
+    ui.print(format!(
+        "compression ratio:   {:.2}x",
+        ratio(raw, stored_blobs)
+    ));
+    ui.print(format!(
+        "logical / stored:    {:.2}x",
+        ratio(logical, stored)
+    ));
     Ok(Outcome::Ok)
 }
 

@@ -37,9 +37,9 @@ impl From<Outcome> for ExitCode {
 pub fn run(cli: Cli) -> Result<Outcome> {
     let ui = Ui::new(cli.json, cli.quiet);
     let repo_path = || -> Result<PathBuf> {
-        cli.repo.clone().context(
-            "no repository given: use -r/--repo or set CBTVAULT_REPOSITORY",
-        )
+        cli.repo
+            .clone()
+            .context("no repository given: use -r/--repo or set CBTVAULT_REPOSITORY")
     };
     match cli.command {
         Command::Init(ref a) => inspect::init(&ui, &repo_path()?, a),
@@ -59,8 +59,8 @@ pub fn run(cli: Cli) -> Result<Outcome> {
 
 /// Opens the repository, saying so when the catalog had to be rebuilt.
 pub(crate) fn open(ui: &Ui, path: &Path) -> Result<Repository> {
-    let repo = Repository::open(path)
-        .with_context(|| format!("open repository '{}'", path.display()))?;
+    let repo =
+        Repository::open(path).with_context(|| format!("open repository '{}'", path.display()))?;
     if repo.catalog_rebuilt {
         ui.warn("the catalog was missing or out of date and has been rebuilt from the packs");
     }
@@ -77,7 +77,9 @@ pub(crate) fn filtered(repo: &Repository, filter: &FilterArgs) -> Result<Vec<Sna
         if s.contains(':') {
             s.clone()
         } else {
-            match std::fs::canonicalize(s) {
+            // The image may be gone (that is when one restores): fall back
+            // to the absolute path it had.
+            match std::fs::canonicalize(s).or_else(|_| std::path::absolute(s)) {
                 Ok(p) => format!("file:{}", p.display()),
                 Err(_) => s.clone(),
             }
@@ -92,7 +94,11 @@ pub(crate) fn filtered(repo: &Repository, filter: &FilterArgs) -> Result<Vec<Sna
 }
 
 /// Resolves `latest` (within the filter) or an id prefix.
-pub(crate) fn pick_snapshot(repo: &Repository, query: &str, filter: &FilterArgs) -> Result<SnapshotEntry> {
+pub(crate) fn pick_snapshot(
+    repo: &Repository,
+    query: &str,
+    filter: &FilterArgs,
+) -> Result<SnapshotEntry> {
     if query == "latest" {
         match filtered(repo, filter)?.pop() {
             Some(s) => Ok(s),

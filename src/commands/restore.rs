@@ -15,7 +15,10 @@ pub fn run(ui: &Ui, repo: &Repository, args: &RestoreArgs) -> Result<Outcome> {
     let id = entry.meta.id;
     let map = repo.resolve(id)?;
     let summary = if args.target.as_os_str() == "-" {
-        let mut sink = StreamSink::new(std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()));
+        let mut sink = StreamSink::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout(),
+        ));
         let bar = ui.progress("restore", true);
         restore::run(repo, id, &map, &mut sink, &bar)?
     } else {
@@ -50,7 +53,11 @@ pub(crate) fn restore_to_path(
                 format!(
                     "restore of snapshot {id} to '{}' failed{}",
                     target.display(),
-                    if created { "; the partial file was removed" } else { "; the target is incomplete" }
+                    if created {
+                        "; the partial file was removed"
+                    } else {
+                        "; the target is incomplete"
+                    }
                 )
             })
         }

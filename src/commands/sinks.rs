@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::repo::restore::BlockSink;
 
-const ZEROS: [u8; 1 << 16] = [0u8; 1 << 16];
+static ZEROS: [u8; 1 << 16] = [0u8; 1 << 16];
 
 /// A regular file (holes for zero blocks) or a block device (zeros written).
 pub struct FileSink {
@@ -32,12 +32,20 @@ impl FileSink {
                 if dev_size < size {
                     bail!("block device '{shown}' has {dev_size} bytes, the snapshot needs {size}");
                 }
-                Ok((FileSink { file, sparse: false }, false))
+                Ok((
+                    FileSink {
+                        file,
+                        sparse: false,
+                    },
+                    false,
+                ))
             }
             Ok(m) if m.is_file() && m.len() > 0 && !overwrite => {
                 bail!("'{shown}' exists and is not empty; pass --overwrite to replace it")
             }
-            Ok(m) if !m.is_file() => bail!("'{shown}' is neither a regular file nor a block device"),
+            Ok(m) if !m.is_file() => {
+                bail!("'{shown}' is neither a regular file nor a block device")
+            }
             _ => {
                 let created = !path.exists();
                 let file = OpenOptions::new()

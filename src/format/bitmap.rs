@@ -60,8 +60,7 @@ pub fn encode_base64(bitmap: &[u8]) -> String {
 /// Iterates the indices of set bits in ascending order.
 pub fn iter_set(bitmap: &[u8]) -> impl Iterator<Item = u64> + '_ {
     bitmap.iter().enumerate().flat_map(|(byte_index, &b)| {
-        (0..8u64).filter_map(move |bit| {
-            (b & (0x80 >> bit) != 0).then_some(byte_index as u64 * 8 + bit)
-        })
+        (0..8u64)
+            .filter_map(move |bit| (b & (0x80 >> bit) != 0).then_some(byte_index as u64 * 8 + bit))
     })
 }

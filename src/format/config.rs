@@ -55,11 +55,17 @@ pub fn decode(bytes: &[u8]) -> Result<RepoConfig, FormatError> {
     if c.hash != "blake3" || c.compression != "zstd" {
         return Err(FormatError::invalid(
             WHAT,
-            format!("unsupported hash '{}' or compression '{}'", c.hash, c.compression),
+            format!(
+                "unsupported hash '{}' or compression '{}'",
+                c.hash, c.compression
+            ),
         ));
     }
     if !super::snapshot::valid_block_size(c.block_size) {
-        return Err(FormatError::invalid(WHAT, format!("block size {} invalid", c.block_size)));
+        return Err(FormatError::invalid(
+            WHAT,
+            format!("block size {} invalid", c.block_size),
+        ));
     }
     if !(1..=22).contains(&c.compression_level) {
         return Err(FormatError::invalid(

@@ -45,7 +45,10 @@ macro_rules! digest_id {
             fn from_str(s: &str) -> Result<Self, FormatError> {
                 let mut out = [0u8; 32];
                 if s.len() != 64 {
-                    return Err(FormatError::invalid($what, format!("'{s}' is not 64 hex digits")));
+                    return Err(FormatError::invalid(
+                        $what,
+                        format!("'{s}' is not 64 hex digits"),
+                    ));
                 }
                 hex::decode_to_slice(s, &mut out)
                     .map_err(|_| FormatError::invalid($what, format!("'{s}' is not hex")))?;

@@ -34,7 +34,9 @@ pub struct TrailerEntry {
 /// Largest stored length a blob of `raw_length` bytes may have (zstd's
 /// worst-case expansion is far below this).
 pub fn max_stored_length(raw_length: u32) -> u32 {
-    raw_length.saturating_add(raw_length / 64).saturating_add(1024)
+    raw_length
+        .saturating_add(raw_length / 64)
+        .saturating_add(1024)
 }
 
 pub fn encode_header() -> [u8; HEADER_LEN] {
@@ -59,7 +61,10 @@ pub fn decode_header(bytes: &[u8]) -> Result<(), FormatError> {
         });
     }
     if c.u32()? != 0 {
-        return Err(FormatError::invalid("pack header", "reserved field is not 0"));
+        return Err(FormatError::invalid(
+            "pack header",
+            "reserved field is not 0",
+        ));
     }
     Ok(())
 }
@@ -132,7 +137,10 @@ pub fn decode_trailer(
     let mut c = Cursor::new(WHAT, body);
     let count = c.u32()?;
     if count == 0 || count > MAX_ENTRIES {
-        return Err(FormatError::invalid(WHAT, format!("entry count {count} out of range")));
+        return Err(FormatError::invalid(
+            WHAT,
+            format!("entry count {count} out of range"),
+        ));
     }
     if c.u32()? != 0 {
         return Err(FormatError::invalid(WHAT, "reserved field is not 0"));
@@ -140,7 +148,11 @@ pub fn decode_trailer(
     if c.remaining() != count as usize * ENTRY_LEN {
         return Err(FormatError::invalid(
             WHAT,
-            format!("{count} entries need {} bytes, have {}", count as usize * ENTRY_LEN, c.remaining()),
+            format!(
+                "{count} entries need {} bytes, have {}",
+                count as usize * ENTRY_LEN,
+                c.remaining()
+            ),
         ));
     }
     let blobs_end = pack_len
@@ -158,7 +170,10 @@ pub fn decode_trailer(
         if e.offset != expected_offset {
             return Err(FormatError::invalid(
                 WHAT,
-                format!("entry {i}: offset {} where {expected_offset} was expected", e.offset),
+                format!(
+                    "entry {i}: offset {} where {expected_offset} was expected",
+                    e.offset
+                ),
             ));
         }
         if e.raw_length == 0 || e.raw_length > max_block_size.min(MAX_BLOCK_SIZE) {
@@ -187,7 +202,10 @@ pub fn decode_trailer(
 
 /// Decodes a whole pack held in memory: header, footer, trailer. Blob
 /// contents are not touched.
-pub fn decode_pack_index(pack: &[u8], max_block_size: u32) -> Result<Vec<TrailerEntry>, FormatError> {
+pub fn decode_pack_index(
+    pack: &[u8],
+    max_block_size: u32,
+) -> Result<Vec<TrailerEntry>, FormatError> {
     if pack.len() < HEADER_LEN + FOOTER_LEN {
         return Err(FormatError::Truncated {
             what: "pack",

@@ -97,7 +97,10 @@ fn validate(obj: &SnapshotObject) -> Result<(), FormatError> {
     if !valid_block_size(obj.meta.block_size) {
         return Err(FormatError::invalid(
             WHAT,
-            format!("block size {} is not a power of two in 512..=16 MiB", obj.meta.block_size),
+            format!(
+                "block size {} is not a power of two in 512..=16 MiB",
+                obj.meta.block_size
+            ),
         ));
     }
     let blocks = obj.meta.block_count();
@@ -130,7 +133,10 @@ pub fn encode(obj: &SnapshotObject) -> Result<Vec<u8>, FormatError> {
     let meta = serde_json::to_vec(&obj.meta)
         .map_err(|e| FormatError::invalid("snapshot", format!("metadata: {e}")))?;
     if meta.len() > MAX_META_LEN as usize {
-        return Err(FormatError::invalid("snapshot", "metadata larger than 1 MiB"));
+        return Err(FormatError::invalid(
+            "snapshot",
+            "metadata larger than 1 MiB",
+        ));
     }
     let bitmap = obj.bitmap.as_deref().unwrap_or(&[]);
     let mut out = Vec::with_capacity(32 + meta.len() + obj.entries.len() * 41 + bitmap.len());

@@ -87,8 +87,10 @@ impl Catalog {
         };
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(sql)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
         let mut cat = Catalog { conn, path: shown };
         let state = cat.ensure_schema(repo_id)?;
         Ok((cat, state))
@@ -111,7 +113,7 @@ impl Catalog {
             )
             .map_err(|e| self.err(e))?
             > 0;
-        let (version, id) = if has_meta {
+        let (version, id, complete) = if has_meta {
             let get = |k: &str| {
                 self.conn
                     .query_row("SELECT value FROM meta WHERE key=?1", [k], |r| {
@@ -122,12 +124,18 @@ impl Catalog {
             (
                 get("schema_version").map_err(|e| self.err(e))?,
                 get("repository_id").map_err(|e| self.err(e))?,
+                get("complete").map_err(|e| self.err(e))?,
             )
         } else {
-            (None, None)
+            (None, None, None)
         };
         if version.as_deref() == Some(SCHEMA_VERSION) && id.as_deref() == Some(repo_id) {
-            return Ok(OpenState::Current);
+            // A rebuild that was interrupted left no 'complete' row.
+            return Ok(if complete.is_some() {
+                OpenState::Current
+            } else {
+                OpenState::Reset
+            });
         }
         let tx = self.conn.transaction().map_err(|e| IndexError::Sqlite {
             path: self.path.clone(),
@@ -152,11 +160,26 @@ impl Catalog {
         Ok(OpenState::Reset)
     }
 
-    /// Empties packs, blocks and snapshots (before a rebuild).
+    /// Empties packs, blocks and snapshots and marks the catalog incomplete
+    /// until [`Catalog::mark_complete`] (so an interrupted rebuild is redone).
     pub fn clear(&mut self) -> Result<(), IndexError> {
         self.conn
-            .execute_batch("DELETE FROM blocks; DELETE FROM packs; DELETE FROM snapshots;")
+            .execute_batch(
+                "BEGIN; DELETE FROM meta WHERE key='complete'; DELETE FROM blocks;
+                 DELETE FROM packs; DELETE FROM snapshots; COMMIT;",
+            )
             .map_err(|e| self.err(e))
+    }
+
+    /// Records that the catalog describes every durable pack.
+    pub fn mark_complete(&mut self) -> Result<(), IndexError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('complete', '1')",
+                [],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Records a durable pack and all its blocks in one transaction. A block
@@ -174,10 +197,11 @@ impl Catalog {
                 "INSERT OR IGNORE INTO packs(name, size_bytes) VALUES (?1, ?2)",
                 params![&name.0[..], size_bytes as i64],
             )?;
-            let pack_id: i64 =
-                tx.query_row("SELECT pack_id FROM packs WHERE name=?1", [&name.0[..]], |r| {
-                    r.get(0)
-                })?;
+            let pack_id: i64 = tx.query_row(
+                "SELECT pack_id FROM packs WHERE name=?1",
+                [&name.0[..]],
+                |r| r.get(0),
+            )?;
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT OR IGNORE INTO blocks(block_id, pack_id, offset, stored_length, raw_length)
@@ -301,7 +325,10 @@ impl Catalog {
     }
 
     /// Blocks located in one pack.
-    pub fn blocks_in_pack(&self, pack: &ObjectName) -> Result<Vec<(BlockId, BlockLocation)>, IndexError> {
+    pub fn blocks_in_pack(
+        &self,
+        pack: &ObjectName,
+    ) -> Result<Vec<(BlockId, BlockLocation)>, IndexError> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -346,7 +373,11 @@ impl Catalog {
             .map_err(|e| self.err(e))
     }
 
-    pub fn upsert_snapshot(&mut self, object: &ObjectName, meta: &SnapshotMeta) -> Result<(), IndexError> {
+    pub fn upsert_snapshot(
+        &mut self,
+        object: &ObjectName,
+        meta: &SnapshotMeta,
+    ) -> Result<(), IndexError> {
         let json = serde_json::to_string(meta).expect("meta serializes");
         self.conn
             .execute(
@@ -380,7 +411,9 @@ impl Catalog {
             .prepare("SELECT object, meta FROM snapshots")
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
+            })
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for row in rows {
@@ -389,7 +422,9 @@ impl Catalog {
                 path: self.path.clone(),
                 reason: reason.to_string(),
             };
-            let object: [u8; 32] = object.try_into().map_err(|_| bad("object name not 32 bytes"))?;
+            let object: [u8; 32] = object
+                .try_into()
+                .map_err(|_| bad("object name not 32 bytes"))?;
             let meta: SnapshotMeta =
                 serde_json::from_str(&meta).map_err(|_| bad("snapshot metadata unreadable"))?;
             out.push((ObjectName(object), meta));

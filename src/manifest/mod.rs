@@ -144,7 +144,10 @@ pub fn diff(a: &BlockMap, b: &BlockMap) -> Vec<BlockChange> {
 
 /// The entries of a full manifest for `map` (zero blocks omitted).
 pub fn flatten(map: &BlockMap) -> Vec<(u64, BlockRef)> {
-    map.data.iter().map(|(i, id)| (*i, BlockRef::Data(*id))).collect()
+    map.data
+        .iter()
+        .map(|(i, id)| (*i, BlockRef::Data(*id)))
+        .collect()
 }
 
 /// Merges a delta (ascending) over a base map: the map of the child.

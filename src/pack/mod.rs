@@ -12,7 +12,9 @@ use crate::format::{BlockId, ObjectName};
 pub enum PackError {
     #[error("block {block}: compression failed: {reason}")]
     Compress { block: BlockId, reason: String },
-    #[error("block {block}: written bytes do not read back to the same hash (verify before write)")]
+    #[error(
+        "block {block}: written bytes do not read back to the same hash (verify before write)"
+    )]
     VerifyBeforeWrite { block: BlockId },
     #[error("block {block} in pack {pack}: {reason}; run 'cbtvault check --read-data'")]
     Corrupt {
@@ -33,13 +35,12 @@ pub struct CompressedBlock {
 /// Compresses `raw` into one zstd frame and checks that the frame
 /// decompresses back to `id` (verify before write).
 pub fn compress_block(raw: &[u8], id: BlockId, level: i32) -> Result<CompressedBlock, PackError> {
-    let frame = zstd::bulk::compress(raw, level).map_err(|e| PackError::Compress {
+    let frame = with_compressor(level, |c| c.compress(raw)).map_err(|e| PackError::Compress {
         block: id,
         reason: e.to_string(),
     })?;
-    let back = zstd::bulk::decompress(&frame, raw.len()).map_err(|_| {
-        PackError::VerifyBeforeWrite { block: id }
-    })?;
+    let back = with_decompressor(|d| d.decompress(&frame, raw.len()))
+        .map_err(|_| PackError::VerifyBeforeWrite { block: id })?;
     if back.len() != raw.len() || BlockId::of(&back) != id {
         return Err(PackError::VerifyBeforeWrite { block: id });
     }
@@ -69,7 +70,7 @@ pub fn decompress_verified(
         pack,
         reason,
     };
-    let raw = zstd::bulk::decompress(frame, raw_length as usize)
+    let raw = with_decompressor(|d| d.decompress(frame, raw_length as usize))
         .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
     if raw.len() != raw_length as usize {
         return Err(corrupt(format!(
@@ -81,6 +82,39 @@ pub fn decompress_verified(
         return Err(corrupt("content does not match its hash".into()));
     }
     Ok(raw)
+}
+
+thread_local! {
+    // zstd contexts are costly to set up; one per thread is reused.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn with_compressor<T>(
+    level: i32,
+    f: impl FnOnce(&mut zstd::bulk::Compressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level)?));
+        }
+        f(&mut slot.as_mut().expect("just set").1)
+    })
+}
+
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        f(slot.as_mut().expect("just set"))
+    })
 }
 
 /// A pack being assembled in memory.

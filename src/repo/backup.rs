@@ -92,6 +92,9 @@ pub struct BackupSummary {
     pub seconds: f64,
 }
 
+/// Reads in flight for scattered blocks.
+const READ_LANES: usize = 8;
+
 struct ReadBatch {
     /// (block index, offset in data, length)
     blocks: Vec<(u64, usize, usize)>,
@@ -125,7 +128,8 @@ fn reader(
             blocks: Vec::with_capacity(pending.len()),
             data: vec![0u8; total],
         };
-        // Read each run of consecutive blocks with one call.
+        // Runs of consecutive blocks, each read with one call.
+        let mut runs: Vec<(u64, usize)> = Vec::new(); // (first block, byte length)
         let mut k = 0;
         let mut off = 0usize;
         while k < pending.len() {
@@ -134,18 +138,54 @@ fn reader(
                 end += 1;
             }
             let run_len: usize = pending[k..end].iter().map(|i| span(*i)).sum();
-            if let Err(e) = source.read_at(
-                pending[k] * block_size as u64,
-                &mut batch.data[off..off + run_len],
-            ) {
-                let _ = tx.send(Err(e));
-                return false;
-            }
+            runs.push((pending[k], run_len));
             for &i in &pending[k..end] {
                 batch.blocks.push((i, off, span(i)));
                 off += span(i);
             }
             k = end;
+        }
+        // Scattered runs (a sparse change bitmap) are read by several
+        // threads at once so the device sees a queue, not one read at a time.
+        let mut slices: Vec<&mut [u8]> = Vec::with_capacity(runs.len());
+        let mut rest: &mut [u8] = &mut batch.data;
+        for &(_, len) in &runs {
+            let (head, tail) = rest.split_at_mut(len);
+            slices.push(head);
+            rest = tail;
+        }
+        let mut jobs: Vec<(u64, &mut [u8])> = runs
+            .iter()
+            .map(|r| r.0 * block_size as u64)
+            .zip(slices)
+            .collect();
+        let result = if jobs.len() < 2 {
+            jobs.iter_mut()
+                .try_for_each(|(at, buf)| source.read_at(*at, buf))
+        } else {
+            let lanes = jobs.len().min(READ_LANES);
+            let per = jobs.len().div_ceil(lanes);
+            std::thread::scope(|s| {
+                let handles: Vec<_> = jobs
+                    .chunks_mut(per)
+                    .map(|group| {
+                        s.spawn(move || {
+                            group
+                                .iter_mut()
+                                .try_for_each(|(at, buf)| source.read_at(*at, buf))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("reader lane panicked"))
+                    .collect::<Result<Vec<()>, _>>()
+                    .map(|_| ())
+            })
+        };
+        if let Err(e) = result {
+            let _ = tx.send(Err(e));
+            return false;
         }
         pending.clear();
         tx.send(Ok(batch)).is_ok()
@@ -242,6 +282,8 @@ struct Counters {
     blocks_read: u64,
     blocks_new: u64,
     blocks_zero: u64,
+    /// Zero without being read (source extents).
+    blocks_known_zero: u64,
     bytes_read: u64,
     bytes_stored: u64,
 }
@@ -258,7 +300,27 @@ pub fn run(
     let block_size = repo.config().block_size;
     let disk_size = source.size_bytes();
     let blocks = block_count(disk_size, block_size);
-    for b in [&plan.read, &plan.known_zero, &plan.change_bitmap].into_iter().flatten() {
+    let mut plan = plan;
+    // A size change leaves a partial block at the old or the new end whose
+    // stored bytes no longer describe it: always read those blocks again.
+    if let (Some(p), Some(read)) = (&plan.parent, plan.read.as_mut()) {
+        if p.meta.disk_size_bytes != disk_size
+            && blocks > 0
+            && read.len() as u64 == bitmap::len_for(blocks)
+        {
+            let bs = block_size as u64;
+            for end in [disk_size, p.meta.disk_size_bytes] {
+                let b = end.saturating_sub(1) / bs;
+                if end > 0 && b < blocks {
+                    bitmap::set(read, b);
+                }
+            }
+        }
+    }
+    for b in [&plan.read, &plan.known_zero, &plan.change_bitmap]
+        .into_iter()
+        .flatten()
+    {
         bitmap::validate(b, blocks).map_err(|reason| {
             RepoError::Invalid(format!(
                 "block bitmap does not fit '{}' ({disk_size} bytes): {reason}",
@@ -267,7 +329,9 @@ pub fn run(
         })?;
     }
     let read_total = match &plan.read {
-        Some(b) => bitmap::iter_set(b).map(|i| span_len(disk_size, block_size, i)).sum(),
+        Some(b) => bitmap::iter_set(b)
+            .map(|i| span_len(disk_size, block_size, i))
+            .sum(),
         None => disk_size,
     };
     progress.set_total(read_total);
@@ -291,7 +355,7 @@ pub fn run(
         let changed = plan.read.as_deref();
         s.spawn(move || {
             let mut all = 0..blocks;
-            let mut marked = changed.map(|b| bitmap::iter_set(b));
+            let mut marked = changed.map(bitmap::iter_set);
             let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
                 Some(m) => m,
                 None => &mut all,
@@ -323,7 +387,11 @@ pub fn run(
                 for (k, (&(index, _, len), id)) in batch.blocks.iter().zip(&hashed).enumerate() {
                     counters.blocks_read += 1;
                     counters.bytes_read += len as u64;
-                    let before = if has_parent { parent_map.get(index) } else { None };
+                    let before = if has_parent {
+                        parent_map.get(index)
+                    } else {
+                        None
+                    };
                     match id {
                         None => {
                             counters.blocks_zero += 1;
@@ -392,7 +460,7 @@ pub fn run(
             .filter(|i| p.map.get(*i).is_some())
             .map(|i| (i, BlockRef::Zero))
             .collect();
-        counters.blocks_zero += extra.len() as u64;
+        counters.blocks_known_zero += extra.len() as u64;
         if !extra.is_empty() {
             delta.append(&mut extra);
             delta.sort_by_key(|e| e.0);
@@ -438,7 +506,7 @@ pub fn run(
     let blocks_deduplicated = counters.blocks_read - counters.blocks_zero - counters.blocks_new;
     Ok(BackupSummary {
         snapshot_id: id,
-        parent_id: plan.parent.as_ref().map(|p| p.meta.id),
+        parent_id: parent,
         backup_set,
         full: plan.parent.is_none(),
         synthetic_full: plan.parent.is_some() && plan.synthetic_full,
@@ -447,7 +515,7 @@ pub fn run(
         blocks_read: counters.blocks_read,
         blocks_new: counters.blocks_new,
         blocks_deduplicated,
-        blocks_zero: counters.blocks_zero,
+        blocks_zero: counters.blocks_zero + counters.blocks_known_zero,
         blocks_changed: delta.len() as u64,
         bytes_read: counters.bytes_read,
         bytes_stored: counters.bytes_stored,

@@ -21,7 +21,10 @@ pub enum DataSubset {
     /// A random share of the packs, in percent (0 < p <= 100).
     Percent(f64),
     /// Part `n` of `t` (1-based) of the packs sorted by name.
-    Part { n: u32, t: u32 },
+    Part {
+        n: u32,
+        t: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -124,7 +127,9 @@ pub fn run(
                          why: &str|
      -> Result<(), RepoError> {
         for (id, _) in repo.catalog().blocks_in_pack(pack)? {
-            bad_blocks.entry(id).or_insert_with(|| format!("pack {} {why}", pack.short()));
+            bad_blocks
+                .entry(id)
+                .or_insert_with(|| format!("pack {} {why}", pack.short()));
         }
         Ok(())
     };
@@ -141,7 +146,9 @@ pub fn run(
             Some(actual) if actual != size => {
                 report.error(
                     format!("pack {hex}"),
-                    format!("is {actual} bytes, the catalog recorded {size} (truncated or replaced)"),
+                    format!(
+                        "is {actual} bytes, the catalog recorded {size} (truncated or replaced)"
+                    ),
                 );
                 mark_pack_bad(&mut bad_blocks, name, "has the wrong size")?;
             }
@@ -172,7 +179,8 @@ pub fn run(
                     );
                     continue;
                 }
-                let rows: HashMap<BlockId, _> = repo.catalog().blocks_in_pack(&pack)?.into_iter().collect();
+                let rows: HashMap<BlockId, _> =
+                    repo.catalog().blocks_in_pack(&pack)?.into_iter().collect();
                 for (id, loc) in &rows {
                     let found = entries.iter().any(|e| {
                         e.block_id == *id
@@ -185,7 +193,9 @@ pub fn run(
                             format!("pack {name}"),
                             format!("catalog places block {id} at offset {} but the trailer disagrees; run 'cbtvault repair index'", loc.offset),
                         );
-                        bad_blocks.entry(*id).or_insert_with(|| format!("catalog entry in pack {} is wrong", pack.short()));
+                        bad_blocks.entry(*id).or_insert_with(|| {
+                            format!("catalog entry in pack {} is wrong", pack.short())
+                        });
                     }
                 }
             }
@@ -227,7 +237,11 @@ pub fn run(
                 if let Err(err) = decompress_verified(frame, e.raw_length, e.block_id, pack) {
                     report.error(format!("pack {name}"), err.to_string());
                     bad_blocks.entry(e.block_id).or_insert_with(|| {
-                        format!("block {} in pack {} is corrupt", e.block_id.short(), pack.short())
+                        format!(
+                            "block {} in pack {} is corrupt",
+                            e.block_id.short(),
+                            pack.short()
+                        )
                     });
                 }
             }
@@ -261,7 +275,9 @@ pub fn run(
             for ((index, block), known) in chunk.iter().zip(known) {
                 if !known {
                     missing += 1;
-                    first.get_or_insert_with(|| format!("block {index} ({}) is in no pack", block.short()));
+                    first.get_or_insert_with(|| {
+                        format!("block {index} ({}) is in no pack", block.short())
+                    });
                 } else if let Some(why) = bad_blocks.get(block) {
                     corrupt += 1;
                     first.get_or_insert_with(|| format!("block {index}: {why}"));

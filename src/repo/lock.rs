@@ -45,7 +45,10 @@ pub fn stale_reason(info: &LockInfo, now: DateTime<Utc>) -> Option<String> {
         return Some(format!("not refreshed for {} minutes", age.num_minutes()));
     }
     if info.hostname == hostname() && !pid_alive(info.pid) {
-        return Some(format!("process {} no longer exists on this host", info.pid));
+        return Some(format!(
+            "process {} no longer exists on this host",
+            info.pid
+        ));
     }
     None
 }
@@ -53,7 +56,11 @@ pub fn stale_reason(info: &LockInfo, now: DateTime<Utc>) -> Option<String> {
 pub fn describe(info: &LockInfo) -> String {
     format!(
         "{} lock of '{}' held by pid {} on {} since {}",
-        if info.exclusive { "an exclusive" } else { "a shared" },
+        if info.exclusive {
+            "an exclusive"
+        } else {
+            "a shared"
+        },
         info.command,
         info.pid,
         info.hostname,
@@ -61,8 +68,11 @@ pub fn describe(info: &LockInfo) -> String {
     )
 }
 
+/// A lock object's name and its decoded content (or why it is unreadable).
+pub type ListedLock = (String, Result<LockInfo, String>);
+
 /// Every lock object with its decoded content (unreadable ones as Err text).
-pub fn list(backend: &dyn Backend) -> Result<Vec<(String, Result<LockInfo, String>)>, BackendError> {
+pub fn list(backend: &dyn Backend) -> Result<Vec<ListedLock>, BackendError> {
     let mut out = Vec::new();
     for (name, _) in backend.list(Kind::Lock)? {
         match backend.load(Kind::Lock, &name) {
@@ -86,7 +96,11 @@ fn new_lock_name() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-fn write_lock(backend: &dyn Backend, exclusive: bool, command: &str) -> Result<String, BackendError> {
+fn write_lock(
+    backend: &dyn Backend,
+    exclusive: bool,
+    command: &str,
+) -> Result<String, BackendError> {
     let info = LockInfo {
         exclusive,
         hostname: hostname(),
@@ -100,7 +114,11 @@ fn write_lock(backend: &dyn Backend, exclusive: bool, command: &str) -> Result<S
 }
 
 /// Takes a lock: writes ours, then looks for conflicting live ones.
-pub fn acquire(backend: Arc<dyn Backend>, exclusive: bool, command: &str) -> Result<LockGuard, LockError> {
+pub fn acquire(
+    backend: Arc<dyn Backend>,
+    exclusive: bool,
+    command: &str,
+) -> Result<LockGuard, LockError> {
     let name = write_lock(backend.as_ref(), exclusive, command)?;
     let now = Utc::now();
     for (other, info) in list(backend.as_ref())? {

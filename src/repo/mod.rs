@@ -30,7 +30,9 @@ pub const CATALOG_FILE: &str = "catalog.sqlite";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
-    #[error("'{location}' is not a cbtvault repository (no config); create one with 'cbtvault init'")]
+    #[error(
+        "'{location}' is not a cbtvault repository (no config); create one with 'cbtvault init'"
+    )]
     NotARepository { location: String },
     #[error("'{location}' already holds a repository or other files")]
     AlreadyExists { location: String },
@@ -54,7 +56,9 @@ pub enum RepoError {
     SnapshotNotFound { query: String },
     #[error("'{query}' matches several snapshots: {candidates}")]
     AmbiguousSnapshot { query: String, candidates: String },
-    #[error("snapshot {snapshot}: block {index} ({block}) is not in any pack; run 'cbtvault check'")]
+    #[error(
+        "snapshot {snapshot}: block {index} ({block}) is not in any pack; run 'cbtvault check'"
+    )]
     BlockMissing {
         snapshot: SnapshotId,
         index: u64,
@@ -164,8 +168,10 @@ impl Repository {
         let bytes = config::encode(&config);
         config::decode(&bytes).map_err(|e| RepoError::Invalid(e.to_string()))?;
         backend.save(Kind::Config, "config", &bytes)?;
-        // An empty catalog, so the first open has nothing to rebuild.
-        Catalog::open(&path.join(CATALOG_FILE), &config.id)?;
+        // An empty, complete catalog: the first open has nothing to rebuild.
+        Catalog::open(&path.join(CATALOG_FILE), &config.id)?
+            .0
+            .mark_complete()?;
         Ok(config)
     }
 
@@ -182,7 +188,8 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
-        let config = config::decode(&bytes).map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
+        let config =
+            config::decode(&bytes).map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
         let catalog_path = path.join(CATALOG_FILE);
         let (catalog, state) = Catalog::open(&catalog_path, &config.id)?;
         let mut repo = Repository {
@@ -287,6 +294,7 @@ impl Repository {
         }
         drop(catalog);
         self.sync_snapshots()?;
+        self.catalog().mark_complete()?;
         Ok(skipped)
     }
 
@@ -307,7 +315,8 @@ impl Repository {
     /// Makes the catalog's snapshot table mirror `snapshots/`.
     pub fn sync_snapshots(&mut self) -> Result<(), RepoError> {
         let listed = self.backend.list(Kind::Snapshot)?;
-        let known: HashMap<ObjectName, SnapshotMeta> = self.catalog().snapshots()?.into_iter().collect();
+        let known: HashMap<ObjectName, SnapshotMeta> =
+            self.catalog().snapshots()?.into_iter().collect();
         let mut present = std::collections::HashSet::new();
         self.unreadable_snapshots.clear();
         for (name, _) in listed {
@@ -343,7 +352,12 @@ impl Repository {
             }
         }
         let mut v: Vec<SnapshotEntry> = by_id.into_values().collect();
-        v.sort_by(|a, b| a.meta.time.cmp(&b.meta.time).then(a.meta.id.cmp(&b.meta.id)));
+        v.sort_by(|a, b| {
+            a.meta
+                .time
+                .cmp(&b.meta.time)
+                .then(a.meta.id.cmp(&b.meta.id))
+        });
         Ok(v)
     }
 
@@ -373,8 +387,11 @@ impl Repository {
 
     /// The chain of snapshot objects from the full manifest to `id`, oldest first.
     pub fn load_chain(&self, id: SnapshotId) -> Result<Vec<SnapshotObject>, RepoError> {
-        let live: HashMap<SnapshotId, SnapshotEntry> =
-            self.snapshots()?.into_iter().map(|s| (s.meta.id, s)).collect();
+        let live: HashMap<SnapshotId, SnapshotEntry> = self
+            .snapshots()?
+            .into_iter()
+            .map(|s| (s.meta.id, s))
+            .collect();
         let mut chain = Vec::new();
         let mut next = Some(id);
         while let Some(id) = next {
@@ -383,9 +400,9 @@ impl Repository {
                     "snapshot {id}: parent chain loops"
                 )));
             }
-            let entry = live.get(&id).ok_or_else(|| RepoError::SnapshotNotFound {
-                query: id.to_hex(),
-            })?;
+            let entry = live
+                .get(&id)
+                .ok_or_else(|| RepoError::SnapshotNotFound { query: id.to_hex() })?;
             let obj = self.load_snapshot(&entry.object)?;
             next = obj.meta.parent;
             chain.push(obj);
@@ -396,12 +413,10 @@ impl Repository {
 
     /// The resolved block map of snapshot `id`.
     pub fn resolve(&self, id: SnapshotId) -> Result<BlockMap, RepoError> {
-        let chain = self
-            .load_chain(id)
-            .map_err(|e| RepoError::InSnapshot {
-                snapshot: id,
-                source: Box::new(e),
-            })?;
+        let chain = self.load_chain(id).map_err(|e| RepoError::InSnapshot {
+            snapshot: id,
+            source: Box::new(e),
+        })?;
         let refs: Vec<&SnapshotObject> = chain.iter().collect();
         Ok(manifest::resolve(&refs))
     }

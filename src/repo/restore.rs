@@ -71,7 +71,9 @@ fn fetch_chunk(
     for k in order {
         let l = locations[k].expect("checked");
         if let Some((pack, start, end, members)) = ranges.last_mut() {
-            if *pack == l.pack && l.offset >= *end && l.offset - *end < 4096
+            if *pack == l.pack
+                && l.offset >= *end
+                && l.offset - *end < 4096
                 && l.offset + l.stored_length as u64 - *start <= MAX_RANGE_BYTES
             {
                 *end = l.offset + l.stored_length as u64;
@@ -81,7 +83,8 @@ fn fetch_chunk(
         }
         ranges.push((l.pack, l.offset, l.offset + l.stored_length as u64, vec![k]));
     }
-    let pieces: Result<Vec<Vec<(usize, Vec<u8>)>>, RepoError> = ranges
+    type Pieces = Vec<Vec<(usize, Vec<u8>)>>;
+    let pieces: Result<Pieces, RepoError> = ranges
         .par_iter()
         .map(|(pack, start, end, members)| {
             let mut buf = vec![0u8; (end - start) as usize];
@@ -184,7 +187,10 @@ pub fn run(
             Ok(())
         })();
         drop(tx);
-        (fetch_result, writer.join().expect("restore writer panicked"))
+        (
+            fetch_result,
+            writer.join().expect("restore writer panicked"),
+        )
     });
     fetch_result?;
     let written = write_result?;
@@ -197,4 +203,3 @@ pub fn run(
         seconds: started.elapsed().as_secs_f64(),
     })
 }
-

@@ -29,3 +29,21 @@ pub trait BlockSource: Send + Sync {
     /// Fills `buf` from byte `offset`; a range past the end is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
 }
+
+/// A source under another identity (`backup --source-id`).
+pub struct Renamed<'a> {
+    pub inner: &'a dyn BlockSource,
+    pub identity: String,
+}
+
+impl BlockSource for Renamed<'_> {
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+    fn size_bytes(&self) -> u64 {
+        self.inner.size_bytes()
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.inner.read_at(offset, buf)
+    }
+}

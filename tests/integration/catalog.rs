@@ -83,7 +83,11 @@ fn opening_rebuilds_a_missing_catalog_with_a_warning() {
     assert_eq!(r.json(), serde_json::Value::Array(before));
     // Rebuilt once; the next command is quiet about it.
     let again = t.run(&[&"--json", &"snapshots"]).ok();
-    assert!(!again.stderr.contains("catalog"), "rebuilt twice: {}", again.stderr);
+    assert!(
+        !again.stderr.contains("catalog"),
+        "rebuilt twice: {}",
+        again.stderr
+    );
     assert_all_restore(&t, &expected);
     // Deduplication still works against the rebuilt catalog.
     let s = t.backup(&t.path("b.img"), &[]);
@@ -98,7 +102,11 @@ fn catalog_of_another_repository_is_replaced() {
     other.backup(&img.path, &[]);
     // Copy the other repository's catalog over ours (both closed now).
     remove_catalog(&t.repo);
-    std::fs::copy(other.repo.join("catalog.sqlite"), t.repo.join("catalog.sqlite")).unwrap();
+    std::fs::copy(
+        other.repo.join("catalog.sqlite"),
+        t.repo.join("catalog.sqlite"),
+    )
+    .unwrap();
     let r = t.run(&[&"--json", &"snapshots"]).ok();
     r.stderr_mentions(&["catalog"]);
     assert_all_restore(&t, &expected);
@@ -132,7 +140,6 @@ fn damaged_catalog_file_is_rebuilt() {
 /// repository id written, as `Catalog::open` does first) holding only the
 /// first pack, as a rebuild killed after its first pack leaves it.
 #[test]
-#[ignore = "bug: an interrupted catalog rebuild is taken as complete (src/repo/mod.rs Repository::open / rebuild_catalog)"]
 fn interrupted_catalog_rebuild_is_completed() {
     use cbtvault::format::ObjectName;
     use cbtvault::index::Catalog;
@@ -148,8 +155,16 @@ fn interrupted_catalog_rebuild_is_completed() {
         let first = t.packs().into_iter().next().unwrap();
         let bytes = std::fs::read(&first).unwrap();
         let entries = cbtvault::format::pack::decode_pack_index(&bytes, BS as u32).unwrap();
-        let name: ObjectName = first.file_name().unwrap().to_str().unwrap().parse().unwrap();
-        catalog.add_pack(&name, bytes.len() as u64, &entries).unwrap();
+        let name: ObjectName = first
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        catalog
+            .add_pack(&name, bytes.len() as u64, &entries)
+            .unwrap();
     }
     let (check, report) = t.check(true);
     assert_eq!(
@@ -185,7 +200,11 @@ fn write_lock(t: &TestRepo, exclusive: bool, host: &str, pid: u32, age: ChronoDu
         "time": (Utc::now() - age).to_rfc3339(),
         "command": "prune",
     });
-    std::fs::write(t.repo.join("locks").join(&name), serde_json::to_vec(&lock).unwrap()).unwrap();
+    std::fs::write(
+        t.repo.join("locks").join(&name),
+        serde_json::to_vec(&lock).unwrap(),
+    )
+    .unwrap();
     name
 }
 
@@ -214,14 +233,28 @@ fn exclusive_lock_of_a_live_process_blocks_backup() {
     let t = TestRepo::new();
     let img = small_image(&t);
     let first = t.backup(&img.path, &[]);
-    let name = write_lock(&t, true, &this_host(), std::process::id(), ChronoDuration::zero());
+    let name = write_lock(
+        &t,
+        true,
+        &this_host(),
+        std::process::id(),
+        ChronoDuration::zero(),
+    );
     img.write_block(1, &random_block(37, 1));
     let data_before = t.files_under("data");
     let r = t.try_backup(&img.path, &[]).expect_code(1);
     r.stderr_mentions(&["locked"]);
     assert_eq!(t.snapshot_ids(), vec![TestRepo::id_of(&first)]);
-    assert_eq!(t.files_under("data"), data_before, "a blocked backup wrote data");
-    assert_eq!(t.files_under("locks"), vec![name.clone()], "the blocked backup left its lock");
+    assert_eq!(
+        t.files_under("data"),
+        data_before,
+        "a blocked backup wrote data"
+    );
+    assert_eq!(
+        t.files_under("locks"),
+        vec![name.clone()],
+        "the blocked backup left its lock"
+    );
     // Restore takes a shared lock and is blocked too.
     let target = t.path("blocked.img");
     t.restore(&TestRepo::id_of(&first), &target, &[])
@@ -240,7 +273,13 @@ fn exclusive_lock_of_a_live_process_blocks_backup() {
 fn shared_lock_of_a_live_process_does_not_block_backup() {
     let t = TestRepo::new();
     let img = small_image(&t);
-    write_lock(&t, false, &this_host(), std::process::id(), ChronoDuration::zero());
+    write_lock(
+        &t,
+        false,
+        &this_host(),
+        std::process::id(),
+        ChronoDuration::zero(),
+    );
     t.backup(&img.path, &[]);
 }
 
@@ -249,7 +288,13 @@ fn exclusive_lock_on_another_host_blocks_backup() {
     let t = TestRepo::new();
     let img = small_image(&t);
     // The pid cannot be checked on another host; only age makes it stale.
-    write_lock(&t, true, "some-other-host.example", dead_pid(), ChronoDuration::minutes(1));
+    write_lock(
+        &t,
+        true,
+        "some-other-host.example",
+        dead_pid(),
+        ChronoDuration::minutes(1),
+    );
     t.try_backup(&img.path, &[])
         .expect_code(1)
         .stderr_mentions(&["locked"]);
@@ -261,8 +306,20 @@ fn old_lock_counts_as_stale() {
     let t = TestRepo::new();
     let img = small_image(&t);
     // A live pid, but not refreshed for two hours; and one from another host.
-    let a = write_lock(&t, true, &this_host(), std::process::id(), ChronoDuration::hours(2));
-    let b = write_lock(&t, true, "some-other-host.example", 1, ChronoDuration::hours(2));
+    let a = write_lock(
+        &t,
+        true,
+        &this_host(),
+        std::process::id(),
+        ChronoDuration::hours(2),
+    );
+    let b = write_lock(
+        &t,
+        true,
+        "some-other-host.example",
+        1,
+        ChronoDuration::hours(2),
+    );
     let s = t.backup(&img.path, &[]);
     t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
     let v = t.run(&[&"--json", &"unlock"]).ok().json();

@@ -23,13 +23,20 @@ fn snapshots_json_has_every_field() {
         let id = str_of(s, "id");
         assert_eq!(id, str_of(summary, "snapshot_id"));
         assert_eq!(id.len(), 32);
-        assert!(id.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(id
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         chrono::DateTime::parse_from_rfc3339(str_of(s, "time")).expect("time is RFC 3339");
         assert_eq!(str_of(s, "source"), format!("file:{}", canonical.display()));
         assert_eq!(u64_of(s, "size"), 3 * BS + 7);
         assert_eq!(str_of(s, "object").len(), 64);
         assert!(t.repo.join("snapshots").join(str_of(s, "object")).is_file());
-        assert_eq!(str_of(s, "hostname"), std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim());
+        assert_eq!(
+            str_of(s, "hostname"),
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap()
+                .trim()
+        );
         assert_eq!(str_of(s, "backup_set"), str_of(&first, "snapshot_id"));
         assert_eq!(s["read_mode"], "all");
     }
@@ -43,7 +50,10 @@ fn snapshots_json_has_every_field() {
     assert!(snaps[1]["new_set_reason"].is_null());
     // Human listing: a table with the short ids and a count.
     let human = t.run(&[&"snapshots"]).ok().out();
-    assert!(human.contains(&str_of(&first, "snapshot_id")[..8]), "{human}");
+    assert!(
+        human.contains(&str_of(&first, "snapshot_id")[..8]),
+        "{human}"
+    );
     assert!(human.contains("2 snapshots"), "{human}");
 }
 
@@ -70,24 +80,36 @@ fn latest_honours_source_and_tag_filters() {
     let identity = format!("file:{}", std::fs::canonicalize(&b.path).unwrap().display());
     assert_eq!(ids(&["--source", &identity]), vec![b1.clone()]);
     assert_eq!(ids(&["--tag", "weekly"]), vec![a1.clone(), b1.clone()]);
-    assert_eq!(ids(&["--tag", "weekly", "--source", a_path]), vec![a1.clone()]);
+    assert_eq!(
+        ids(&["--tag", "weekly", "--source", a_path]),
+        vec![a1.clone()]
+    );
     assert!(ids(&["--tag", "nope"]).is_empty());
 
     let restore_latest = |filters: &[&str]| -> Vec<u8> {
-        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"restore", &"latest", &"--target", &"-"];
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"restore", &"latest", &"--target", &"-"];
         for f in filters {
             args.push(f);
         }
         t.run(&args).ok().stdout
     };
-    assert_eq!(blake3::hash(&restore_latest(&[])), b.hash(), "latest overall is b");
-    assert_eq!(blake3::hash(&restore_latest(&["--source", a_path])), a.hash());
+    assert_eq!(
+        blake3::hash(&restore_latest(&[])),
+        b.hash(),
+        "latest overall is b"
+    );
+    assert_eq!(
+        blake3::hash(&restore_latest(&["--source", a_path])),
+        a.hash()
+    );
     assert_eq!(
         blake3::hash(&restore_latest(&["--source", a_path, "--tag", "weekly"])),
         a1_hash
     );
     let none = t.run(&[&"restore", &"latest", &"--tag", &"nope", &"--target", &"-"]);
-    none.expect_code(1).stderr_mentions(&["no snapshot", "latest"]);
+    none.expect_code(1)
+        .stderr_mentions(&["no snapshot", "latest"]);
     // An id prefix works as well.
     t.run(&[&"restore", &&a2[..10], &"--target", &"-"]).ok();
 }
@@ -183,7 +205,10 @@ fn init_refuses_a_folder_that_is_not_empty() {
     let r = run_in(dir.path(), &[&"-r", &used, &"init"]).expect_code(1);
     r.stderr_mentions(&["already"]);
     assert!(!used.join("config").exists());
-    assert_eq!(std::fs::read(used.join("precious.txt")).unwrap(), b"keep me");
+    assert_eq!(
+        std::fs::read(used.join("precious.txt")).unwrap(),
+        b"keep me"
+    );
 
     // An existing repository is not initialised twice.
     let repo = dir.path().join("repo");
@@ -197,7 +222,11 @@ fn init_refuses_a_folder_that_is_not_empty() {
 fn missing_repository_says_how_to_create_one() {
     let dir = tempfile::tempdir().unwrap();
     let nowhere = dir.path().join("nowhere");
-    for args in [vec!["snapshots"], vec!["check"], vec!["restore", "latest", "--target", "-"]] {
+    for args in [
+        vec!["snapshots"],
+        vec!["check"],
+        vec!["restore", "latest", "--target", "-"],
+    ] {
         let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"-r", &nowhere];
         for a in &args {
             all.push(a);
@@ -210,7 +239,10 @@ fn missing_repository_says_how_to_create_one() {
     run_in(dir.path(), &[&"-r", &nowhere, &"backup", &img])
         .expect_code(1)
         .stderr_mentions(&["init"]);
-    assert!(!nowhere.exists(), "a failed command created the repository folder");
+    assert!(
+        !nowhere.exists(),
+        "a failed command created the repository folder"
+    );
     // No repository at all.
     run_in(dir.path(), &[&"snapshots"])
         .expect_code(1)
@@ -229,12 +261,20 @@ fn full_flag_starts_a_new_backup_set() {
     assert!(full["parent_id"].is_null());
     assert_eq!(full["full"], true);
     assert_eq!(u64_of(&full, "blocks_read"), 6);
-    assert_eq!(u64_of(&full, "blocks_new"), 0, "a full backup still deduplicates");
+    assert_eq!(
+        u64_of(&full, "blocks_new"),
+        0,
+        "a full backup still deduplicates"
+    );
     let id = TestRepo::id_of(&full);
     let snap = t.snapshots(&[]).pop().unwrap();
     assert_eq!(str_of(&snap, "id"), id);
     assert!(snap["parent"].is_null());
-    assert_eq!(str_of(&snap, "backup_set"), id, "a new backup set starts at it");
+    assert_eq!(
+        str_of(&snap, "backup_set"),
+        id,
+        "a new backup set starts at it"
+    );
     assert!(snap["new_set_reason"].as_str().unwrap().contains("--full"));
     let entries = t.cat_snapshot(&id)["entries"].as_array().unwrap().len();
     assert_eq!(entries, 6, "a full manifest lists every data block");
@@ -242,8 +282,11 @@ fn full_flag_starts_a_new_backup_set() {
     // --full cannot take a bitmap.
     let bitmap = t.path("bm.b64");
     write_bitmap(&bitmap, &bitmap_base64(img.size(), &[0]));
-    t.try_backup(&img.path, &["--full", "--changed-blocks", bitmap.to_str().unwrap()])
-        .expect_code(1);
+    t.try_backup(
+        &img.path,
+        &["--full", "--changed-blocks", bitmap.to_str().unwrap()],
+    )
+    .expect_code(1);
 }
 
 #[test]
@@ -270,13 +313,21 @@ fn full_every_writes_synthetic_fulls() {
     for (k, (s, hash)) in history.iter().enumerate() {
         let id = TestRepo::id_of(s);
         assert_eq!(str_of(&snaps[k], "id"), id);
-        assert_eq!(str_of(&snaps[k], "backup_set"), set, "a synthetic full continues the set");
+        assert_eq!(
+            str_of(&snaps[k], "backup_set"),
+            set,
+            "a synthetic full continues the set"
+        );
         if k == 3 || k == 6 {
             assert_eq!(s["synthetic_full"], true);
-            // The summary's parent_id names the snapshot it was built from;
-            // the snapshot itself has no parent (checked in the listing).
-            assert_eq!(s["parent_id"], history[k - 1].0["snapshot_id"]);
-            assert_eq!(u64_of(s, "blocks_new"), 1, "a synthetic full rewrites no data");
+            // A synthetic full has a full manifest: no parent, in the
+            // summary as in the listing.
+            assert_eq!(s["parent_id"], serde_json::Value::Null);
+            assert_eq!(
+                u64_of(s, "blocks_new"),
+                1,
+                "a synthetic full rewrites no data"
+            );
             // Its manifest is complete on its own.
             let entries: BTreeSet<u64> = t.cat_snapshot(&id)["entries"]
                 .as_array()
@@ -326,4 +377,34 @@ fn restore_refuses_to_overwrite_without_permission() {
     std::fs::write(&long, random_bytes(54, 0, 5 * BSU)).unwrap();
     t.restore(&id, &long, &["--overwrite"]).ok();
     assert_eq!(hash_file(&long), img.hash());
+}
+
+/// Disaster recovery: the disk image is gone and its latest snapshot is
+/// wanted by the path it had. `--source PATH` must match the identity
+/// `file:PATH` also when PATH no longer exists.
+#[test]
+fn latest_by_source_path_works_after_the_image_is_gone() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("lost.img"), &random_bytes(55, 0, 2 * BSU + 3));
+    let hash = img.hash();
+    let path = std::fs::canonicalize(&img.path).unwrap();
+    t.backup(&path, &[]);
+    std::fs::remove_file(&path).unwrap();
+    let path_str = path.to_str().unwrap();
+    assert_eq!(
+        t.snapshots(&["--source", path_str]).len(),
+        1,
+        "snapshots --source PATH"
+    );
+    let out = t
+        .run(&[
+            &"restore",
+            &"latest",
+            &"--source",
+            &path_str,
+            &"--target",
+            &"-",
+        ])
+        .ok();
+    assert_eq!(blake3::hash(&out.stdout), hash);
 }

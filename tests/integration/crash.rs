@@ -24,7 +24,8 @@ fn rewrite(path: &std::path::Path, seed: u64, generation: u64, regions: &[u64]) 
     let f = File::options().write(true).open(path).expect("open image");
     for &r in regions {
         let data = random_bytes(seed ^ (generation << 32), r, REGION);
-        f.write_all_at(&data, r * REGION as u64).expect("write image");
+        f.write_all_at(&data, r * REGION as u64)
+            .expect("write image");
     }
 }
 
@@ -42,9 +43,17 @@ enum KillAt {
 }
 
 fn count_files(dir: &std::path::Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     rd.flatten()
-        .map(|e| if e.path().is_dir() { count_files(&e.path()) } else { 1 })
+        .map(|e| {
+            if e.path().is_dir() {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
         .sum()
 }
 
@@ -152,7 +161,11 @@ fn backup_killed_at_random_moments_leaves_a_consistent_repository() {
             "iteration {it} (seed {seed}, {at:?}): check --read-data after a kill: {report}\n{}",
             check.stderr
         );
-        assert_eq!(t.snapshot_ids().len(), expected.len(), "iteration {it}: snapshots vanished");
+        assert_eq!(
+            t.snapshot_ids().len(),
+            expected.len(),
+            "iteration {it}: snapshots vanished"
+        );
         for (id, hash) in &expected {
             t.assert_restores(id, *hash, IMAGE_BYTES);
         }
@@ -166,7 +179,11 @@ fn backup_killed_at_random_moments_leaves_a_consistent_repository() {
     assert_eq!(check.code, 0, "final check: {report}\n{}", check.stderr);
     // Locks of killed backups are stale (dead pid on this host).
     t.run(&[&"unlock"]).ok();
-    assert!(t.files_under("locks").is_empty(), "unlock left {:?}", t.files_under("locks"));
+    assert!(
+        t.files_under("locks").is_empty(),
+        "unlock left {:?}",
+        t.files_under("locks")
+    );
 }
 
 /// Backups of several disks running at once share the repository (shared
@@ -180,7 +197,11 @@ fn concurrent_backups_share_the_repository() {
         let img = Image::create(&t.path(&format!("c{k}.img")), 96 * BS);
         for i in 0..96 {
             // Half the blocks are common to all three disks.
-            let data = if i % 2 == 0 { random_block(60, i) } else { random_block(61 + k, i) };
+            let data = if i % 2 == 0 {
+                random_block(60, i)
+            } else {
+                random_block(61 + k, i)
+            };
             img.write_block(i, &data);
         }
         images.push(img);

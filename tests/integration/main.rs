@@ -1,8 +1,8 @@
 //! The one integration-test binary (STYLE.md): one module per area.
 
 mod codec_props;
-mod vectors;
 mod util;
+mod vectors;
 
 mod catalog;
 mod changed_blocks;
@@ -10,4 +10,5 @@ mod cli;
 mod corruption;
 mod crash;
 mod manifest_props;
+mod nbd;
 mod roundtrip;

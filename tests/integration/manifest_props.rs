@@ -58,7 +58,7 @@ fn meta(k: usize, size: u64) -> SnapshotMeta {
         source: "file:/disk.img".into(),
         disk_size_bytes: size,
         block_size: BS,
-        parent: (k > 0).then(|| SnapshotId([k as u8; 16])),
+        parent: (k > 0).then_some(SnapshotId([k as u8; 16])),
         backup_set: SnapshotId([1; 16]),
         tags: vec![],
         landmark: BTreeMap::new(),
@@ -75,7 +75,12 @@ fn objects(layers: &[Layer]) -> Vec<SnapshotObject> {
             meta: meta(k, *size),
             entries: entries
                 .iter()
-                .map(|(i, v)| (*i, v.map(|v| BlockRef::Data(id(v))).unwrap_or(BlockRef::Zero)))
+                .map(|(i, v)| {
+                    (
+                        *i,
+                        v.map(|v| BlockRef::Data(id(v))).unwrap_or(BlockRef::Zero),
+                    )
+                })
                 .collect(),
             bitmap: None,
         })
@@ -195,7 +200,10 @@ fn empty_chain_resolves_to_an_empty_disk() {
 fn shrink_then_grow_brings_back_zeros() {
     let bs = BS as u64;
     let layers: Vec<Layer> = vec![
-        (4 * bs, BTreeMap::from([(0, Some(1)), (1, Some(2)), (2, Some(3)), (3, Some(4))])),
+        (
+            4 * bs,
+            BTreeMap::from([(0, Some(1)), (1, Some(2)), (2, Some(3)), (3, Some(4))]),
+        ),
         (2 * bs, BTreeMap::new()),
         (4 * bs, BTreeMap::from([(3, Some(5))])),
     ];

@@ -19,8 +19,15 @@ fn round_trip(t: &TestRepo, img: &Image) -> serde_json::Value {
     let id = TestRepo::id_of(&summary);
     t.assert_restores(&id, img.hash(), img.size());
     let out = t.restore(&id, std::path::Path::new("-"), &[]).ok();
-    assert_eq!(out.stdout.len() as u64, img.size(), "restore to stdout: length");
-    assert!(out.stdout == img.bytes(), "restore to stdout: content differs");
+    assert_eq!(
+        out.stdout.len() as u64,
+        img.size(),
+        "restore to stdout: length"
+    );
+    assert!(
+        out.stdout == img.bytes(),
+        "restore to stdout: content differs"
+    );
     summary
 }
 
@@ -47,7 +54,11 @@ fn all_zero_image_stores_nothing_and_restores_sparse() {
     assert_eq!(u64_of(&s, "blocks_zero"), 64);
     assert_eq!(u64_of(&s, "blocks_new"), 0);
     assert_eq!(u64_of(&s, "bytes_stored"), 0);
-    assert!(t.packs().is_empty(), "zero blocks must never be stored: {:?}", t.packs());
+    assert!(
+        t.packs().is_empty(),
+        "zero blocks must never be stored: {:?}",
+        t.packs()
+    );
 
     let target = t.path("zeros.out");
     t.restore(&TestRepo::id_of(&s), &target, &[]).ok();
@@ -163,7 +174,12 @@ fn empty_image_round_trips() {
 
     let target = t.path("empty.out");
     t.restore(&id, &target, &[]).ok();
-    assert_eq!(std::fs::metadata(&target).expect("restored file exists").len(), 0);
+    assert_eq!(
+        std::fs::metadata(&target)
+            .expect("restored file exists")
+            .len(),
+        0
+    );
     let out = t.restore(&id, std::path::Path::new("-"), &[]).ok();
     assert!(out.stdout.is_empty());
     // And an incremental on top of an empty disk.
@@ -251,7 +267,11 @@ fn chain_of_50_incrementals() {
     let snaps = t.snapshots(&[]);
     assert_eq!(snaps.len(), 51);
     for (k, snap) in snaps.iter().enumerate() {
-        assert_eq!(snap["id"].as_str(), Some(history[k].0.as_str()), "listing order");
+        assert_eq!(
+            snap["id"].as_str(),
+            Some(history[k].0.as_str()),
+            "listing order"
+        );
     }
     for k in (0..=50).step_by(10) {
         let (id, hash) = &history[k];

@@ -57,11 +57,16 @@ impl Run {
     #[track_caller]
     pub fn expect_code(self, code: i32) -> Self {
         assert_eq!(
-            self.code, code,
+            self.code,
+            code,
             "{}: exit code {} where {code} was expected\nstdout:\n{}\nstderr:\n{}",
             self.command,
             self.code,
-            if self.stdout.len() > 4096 { "(long)".to_string() } else { self.out() },
+            if self.stdout.len() > 4096 {
+                "(long)".to_string()
+            } else {
+                self.out()
+            },
             self.stderr
         );
         self
@@ -228,7 +233,10 @@ impl TestRepo {
     pub fn assert_restores(&self, id: &str, expected: blake3::Hash, expected_len: u64) {
         let (h, len) = self.restored_hash(id);
         assert_eq!(len, expected_len, "snapshot {id}: restored size differs");
-        assert_eq!(h, expected, "snapshot {id}: restored content differs from the source");
+        assert_eq!(
+            h, expected,
+            "snapshot {id}: restored content differs from the source"
+        );
     }
 
     /// `check --json [--read-data]`: the run (exit code unchecked) and its report.
@@ -252,7 +260,9 @@ impl TestRepo {
     pub fn files_under(&self, sub: &str) -> Vec<String> {
         let mut out = Vec::new();
         fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
-            let Ok(rd) = std::fs::read_dir(dir) else { return };
+            let Ok(rd) = std::fs::read_dir(dir) else {
+                return;
+            };
             for e in rd.flatten() {
                 let p = e.path();
                 if p.is_dir() {
@@ -300,8 +310,10 @@ pub fn text_block(seed: u64, n: u64) -> Vec<u8> {
     let mut line = 0u64;
     while out.len() < BSU {
         out.extend_from_slice(
-            format!("seed {seed} block {n} line {line}: the quick brown fox jumps over the lazy dog\n")
-                .as_bytes(),
+            format!(
+                "seed {seed} block {n} line {line}: the quick brown fox jumps over the lazy dog\n"
+            )
+            .as_bytes(),
         );
         line += 1;
     }
@@ -357,7 +369,9 @@ impl Image {
         let start = index * BS;
         assert!(start < size, "block {index} beyond the image");
         let n = ((size - start) as usize).min(data.len());
-        self.file.write_all_at(&data[..n], start).expect("write block");
+        self.file
+            .write_all_at(&data[..n], start)
+            .expect("write block");
     }
 
     pub fn zero_block(&self, index: u64) {
@@ -370,7 +384,9 @@ impl Image {
         let start = index * BS;
         let n = (size.saturating_sub(start)).min(BS) as usize;
         let mut buf = vec![0u8; n];
-        self.file.read_exact_at(&mut buf, start).expect("read block");
+        self.file
+            .read_exact_at(&mut buf, start)
+            .expect("read block");
         buf
     }
 

@@ -12,7 +12,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
-use super::proto::{self, ClientHandshake, Decoded, HandshakeOptions, Negotiated, ReplyHeader, Request, Step};
+use super::proto::{
+    self, ClientHandshake, Decoded, HandshakeOptions, Negotiated, ReplyHeader, Request, Step,
+};
 use super::tls::{self, TlsOptions};
 use super::NbdError;
 
@@ -57,9 +59,12 @@ enum Pending {
     BlockStatus {
         replies: Vec<(u32, Vec<(u32, u32)>)>,
         error: Option<(u32, String)>,
-        tx: oneshot::Sender<Result<Vec<(u32, Vec<(u32, u32)>)>, NbdError>>,
+        tx: oneshot::Sender<Result<ContextExtents, NbdError>>,
     },
 }
+
+/// Block status descriptors (length, flags) per meta context id.
+pub type ContextExtents = Vec<(u32, Vec<(u32, u32)>)>;
 
 type PendingMap = Arc<Mutex<HashMap<u64, (Request, Pending)>>>;
 
@@ -88,7 +93,11 @@ async fn open_stream(address: &Address) -> Result<Box<dyn Io>, NbdError> {
             s.set_nodelay(true).map_err(io_err)?;
             Box::new(s)
         }
-        Address::Unix { path } => Box::new(tokio::net::UnixStream::connect(path).await.map_err(io_err)?),
+        Address::Unix { path } => Box::new(
+            tokio::net::UnixStream::connect(path)
+                .await
+                .map_err(io_err)?,
+        ),
     })
 }
 
@@ -107,19 +116,29 @@ async fn negotiate(
     loop {
         match step {
             Step::Send(bytes) => {
-                io.write_all(&bytes).await.map_err(NbdError::io("send option"))?;
+                io.write_all(&bytes)
+                    .await
+                    .map_err(NbdError::io("send option"))?;
                 io.flush().await.map_err(NbdError::io("send option"))?;
             }
             Step::NeedMore(_) => {}
             Step::StartTls(bytes) => {
-                io.write_all(&bytes).await.map_err(NbdError::io("send option"))?;
-                let tls = opts.tls.as_ref().expect("STARTTLS only when TLS was asked for");
+                io.write_all(&bytes)
+                    .await
+                    .map_err(NbdError::io("send option"))?;
+                let tls = opts
+                    .tls
+                    .as_ref()
+                    .expect("STARTTLS only when TLS was asked for");
                 let (config, name) = tls::client_config(tls)?;
                 let connector = tokio_rustls::TlsConnector::from(config);
-                let stream = connector.connect(name, io).await.map_err(|e| NbdError::Tls {
-                    address: opts.address.to_string(),
-                    reason: e.to_string(),
-                })?;
+                let stream = connector
+                    .connect(name, io)
+                    .await
+                    .map_err(|e| NbdError::Tls {
+                        address: opts.address.to_string(),
+                        reason: e.to_string(),
+                    })?;
                 io = Box::new(stream);
                 step = hs.tls_established()?;
                 continue;
@@ -129,7 +148,8 @@ async fn negotiate(
         let n = io.read(&mut buf).await.map_err(NbdError::io("negotiate"))?;
         if n == 0 {
             return Err(NbdError::Closed(
-                "server closed the connection during negotiation (export name or session refused?)".into(),
+                "server closed the connection during negotiation (export name or session refused?)"
+                    .into(),
             ));
         }
         step = hs.feed(&buf[..n])?;
@@ -192,7 +212,10 @@ impl Connection {
         let mut w = self.writer.lock().await;
         let r = w.write_all(&proto::encode_request(&req)).await;
         if let Err(e) = r {
-            self.pending.lock().expect("pending map").remove(&req.cookie);
+            self.pending
+                .lock()
+                .expect("pending map")
+                .remove(&req.cookie);
             return Err(NbdError::io("send request")(e));
         }
         Ok(())
@@ -263,7 +286,10 @@ impl Connection {
     ) -> Result<T, NbdError> {
         match tokio::time::timeout(self.timeout, rx).await {
             Err(_) => {
-                self.pending.lock().expect("pending map").remove(&req.cookie);
+                self.pending
+                    .lock()
+                    .expect("pending map")
+                    .remove(&req.cookie);
                 Err(NbdError::Timeout(format!("{req} on {}", self.address)))
             }
             Ok(Err(_)) => Err(NbdError::Closed(
@@ -364,7 +390,9 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                     .lock()
                     .expect("pending map")
                     .remove(&cookie)
-                    .ok_or_else(|| proto_err(format!("simple reply for unknown cookie {cookie}")))?;
+                    .ok_or_else(|| {
+                        proto_err(format!("simple reply for unknown cookie {cookie}"))
+                    })?;
                 match p {
                     Pending::Read { mut buf, tx, .. } => {
                         if error != 0 {
@@ -407,13 +435,17 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                 let (req, plan) = {
                     let mut guard = pending.lock().expect("pending map");
                     let Some((req, p)) = guard.get_mut(&cookie) else {
-                        return Err(proto_err(format!("reply chunk for unknown cookie {cookie}")));
+                        return Err(proto_err(format!(
+                            "reply chunk for unknown cookie {cookie}"
+                        )));
                     };
                     let plan = match (kind, p) {
-                        (proto::REPLY_TYPE_OFFSET_DATA, Pending::Read { offset, buf, .. }) => Plan::Data {
-                            base: *offset,
-                            buf: std::mem::take(buf),
-                        },
+                        (proto::REPLY_TYPE_OFFSET_DATA, Pending::Read { offset, buf, .. }) => {
+                            Plan::Data {
+                                base: *offset,
+                                buf: std::mem::take(buf),
+                            }
+                        }
                         (proto::REPLY_TYPE_OFFSET_DATA, _) => {
                             return Err(proto_err("OFFSET_DATA chunk for a non-read request"))
                         }
@@ -431,7 +463,9 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                         }
                         let data_len = (length - 8) as u64;
                         let mut off = [0u8; 8];
-                        rd.read_exact(&mut off).await.map_err(NbdError::io("read chunk"))?;
+                        rd.read_exact(&mut off)
+                            .await
+                            .map_err(NbdError::io("read chunk"))?;
                         let at = u64::from_be_bytes(off);
                         if at < base || at + data_len > base + buf.len() as u64 {
                             return Err(proto_err(format!(
@@ -444,7 +478,13 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                             .await
                             .map_err(NbdError::io("read chunk data"))?;
                         let mut guard = pending.lock().expect("pending map");
-                        let Some((_, Pending::Read { buf: slot, covered, .. })) = guard.get_mut(&cookie) else {
+                        let Some((
+                            _,
+                            Pending::Read {
+                                buf: slot, covered, ..
+                            },
+                        )) = guard.get_mut(&cookie)
+                        else {
                             return Err(proto_err("request vanished while reading"));
                         };
                         *slot = buf;
@@ -452,10 +492,14 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                     }
                     Plan::Other { limit } => {
                         if length > limit {
-                            return Err(proto_err(format!("reply chunk of {length} bytes for {req}")));
+                            return Err(proto_err(format!(
+                                "reply chunk of {length} bytes for {req}"
+                            )));
                         }
                         let mut payload = vec![0u8; length as usize];
-                        rd.read_exact(&mut payload).await.map_err(NbdError::io("read chunk"))?;
+                        rd.read_exact(&mut payload)
+                            .await
+                            .map_err(NbdError::io("read chunk"))?;
                         let chunk = proto::decode_chunk(kind, &payload)?;
                         let mut guard = pending.lock().expect("pending map");
                         let Some((_, p)) = guard.get_mut(&cookie) else {
@@ -500,25 +544,48 @@ fn apply_chunk(
     use proto::Chunk;
     match (p, chunk) {
         (_, Chunk::None) => Ok(()),
-        (Pending::Read { error, .. } | Pending::BlockStatus { error, .. }, Chunk::Error { error: e, message, .. }) => {
+        (
+            Pending::Read { error, .. } | Pending::BlockStatus { error, .. },
+            Chunk::Error {
+                error: e, message, ..
+            },
+        ) => {
             error.get_or_insert((e, message));
             Ok(())
         }
-        (Pending::Read { offset, buf, covered, .. }, Chunk::OffsetHole { offset: at, length }) => {
+        (
+            Pending::Read {
+                offset,
+                buf,
+                covered,
+                ..
+            },
+            Chunk::OffsetHole { offset: at, length },
+        ) => {
             let (base, len) = (*offset, buf.len() as u64);
             if at < base || at + length as u64 > base + len {
-                return Err(proto_err(format!("OFFSET_HOLE at {at}+{length} outside {req}")));
+                return Err(proto_err(format!(
+                    "OFFSET_HOLE at {at}+{length} outside {req}"
+                )));
             }
             let rel = (at - base) as usize;
             buf[rel..rel + length as usize].fill(0);
             add_coverage(covered, at, length as u64)
         }
         (Pending::BlockStatus { replies, .. }, Chunk::BlockStatus { context, extents }) => {
-            if !negotiated.meta_contexts.iter().any(|(id, _)| *id == context) {
-                return Err(proto_err(format!("block status for unselected context {context}")));
+            if !negotiated
+                .meta_contexts
+                .iter()
+                .any(|(id, _)| *id == context)
+            {
+                return Err(proto_err(format!(
+                    "block status for unselected context {context}"
+                )));
             }
             if replies.iter().any(|(c, _)| *c == context) {
-                return Err(proto_err(format!("two block status chunks for context {context}")));
+                return Err(proto_err(format!(
+                    "two block status chunks for context {context}"
+                )));
             }
             replies.push((context, extents));
             Ok(())
@@ -563,7 +630,9 @@ fn finish(req: &Request, p: Pending) -> Result<(), NbdError> {
                 return Ok(());
             }
             if replies.is_empty() {
-                return Err(proto_err(format!("block status reply without extents for {req}")));
+                return Err(proto_err(format!(
+                    "block status reply without extents for {req}"
+                )));
             }
             let _ = tx.send(Ok(replies));
         }

@@ -54,7 +54,10 @@ impl NbdError {
     pub fn is_connection_failure(&self) -> bool {
         matches!(
             self,
-            NbdError::Closed(_) | NbdError::Io { .. } | NbdError::Connect { .. } | NbdError::Timeout(_)
+            NbdError::Closed(_)
+                | NbdError::Io { .. }
+                | NbdError::Connect { .. }
+                | NbdError::Timeout(_)
         )
     }
 }
@@ -113,7 +116,9 @@ impl NbdUri {
     pub fn identity(&self) -> String {
         match &self.address {
             Address::Tcp { host, port } => format!("nbd://{host}:{port}/{}", self.export),
-            Address::Unix { path } => format!("nbd+unix:///{}?socket={}", self.export, path.display()),
+            Address::Unix { path } => {
+                format!("nbd+unix:///{}?socket={}", self.export, path.display())
+            }
         }
     }
 }
@@ -188,7 +193,11 @@ impl NbdPool {
             .map(|(_, _, max)| max)
             .unwrap_or(proto::MAX_READ);
         let mut pool = pool;
-        pool.request_bytes = pool.request_bytes.min(max).min(proto::MAX_READ).max(alignment);
+        pool.request_bytes = pool
+            .request_bytes
+            .min(max)
+            .min(proto::MAX_READ)
+            .max(alignment);
         pool.request_bytes -= pool.request_bytes % alignment;
         Ok(NbdPool {
             size_bytes: negotiated.export.size_bytes,
@@ -257,7 +266,9 @@ impl NbdPool {
             pieces.push((at, len as u32));
             at += len;
         }
-        let futures = pieces.iter().map(|&(at, len)| self.with_retry(move |c| async move { c.read(at, len).await }));
+        let futures = pieces
+            .iter()
+            .map(|&(at, len)| self.with_retry(move |c| async move { c.read(at, len).await }));
         let results = join_all(futures).await;
         for ((at, _), r) in pieces.iter().zip(results) {
             let data = r?;
@@ -271,8 +282,15 @@ impl NbdPool {
     /// flags), contiguous and covering the export. Loops as the spec
     /// requires, since a server may describe less than asked.
     pub async fn extents(&self, name: &str) -> Result<Vec<(u64, u64, u32)>, NbdError> {
-        let Some(&(id, _)) = self.negotiated.meta_contexts.iter().find(|(_, n)| n == name) else {
-            return Err(NbdError::Invalid(format!("meta context '{name}' was not negotiated")));
+        let Some(&(id, _)) = self
+            .negotiated
+            .meta_contexts
+            .iter()
+            .find(|(_, n)| n == name)
+        else {
+            return Err(NbdError::Invalid(format!(
+                "meta context '{name}' was not negotiated"
+            )));
         };
         let mut out: Vec<(u64, u64, u32)> = Vec::new();
         let mut at = 0u64;
@@ -285,9 +303,11 @@ impl NbdPool {
                 .into_iter()
                 .find(|(c, _)| *c == id)
                 .map(|(_, e)| e)
-                .ok_or_else(|| NbdError::Protocol(proto::ProtoError::Protocol(format!(
-                    "block status reply lacks context '{name}'"
-                ))))?;
+                .ok_or_else(|| {
+                    NbdError::Protocol(proto::ProtoError::Protocol(format!(
+                        "block status reply lacks context '{name}'"
+                    )))
+                })?;
             let before = at;
             for (elen, flags) in extents {
                 if at >= self.size_bytes {
@@ -396,7 +416,11 @@ impl NbdSource {
     }
 
     pub fn has_context(&self, name: &str) -> bool {
-        self.pool().negotiated.meta_contexts.iter().any(|(_, n)| n == name)
+        self.pool()
+            .negotiated
+            .meta_contexts
+            .iter()
+            .any(|(_, n)| n == name)
     }
 
     /// Disconnects (NBD_CMD_DISC on every connection).

@@ -1,0 +1,531 @@
+//! The NBD client against qemu-nbd as a real server: plain TCP, unix
+//! socket, TLS with x509 credentials made by the test, raw and qcow2 images,
+//! and QEMU persistent dirty bitmaps for incrementals. Plus a hostile
+//! in-process server, named by what it does wrong.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{hash_file, random_block, Image, TestRepo, BS};
+
+/// A qemu-nbd child, killed on drop.
+struct QemuNbd {
+    child: Child,
+    uri: String,
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+fn wait_for(cond: impl Fn() -> bool, what: &str) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts qemu-nbd read-only on TCP or a unix socket.
+fn qemu_nbd(image: &Path, format: &str, unix: Option<&Path>, extra: &[&str]) -> QemuNbd {
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-r", "-t", "--shared=8", "-f", format, "-x", "disk"]);
+    cmd.args(extra);
+    let uri = match unix {
+        Some(sock) => {
+            cmd.arg("-k").arg(sock);
+            format!("nbd+unix:///disk?socket={}", sock.display())
+        }
+        None => {
+            let port = free_port();
+            cmd.args(["-b", "127.0.0.1", "-p", &port.to_string()]);
+            format!("nbd://127.0.0.1:{port}/disk")
+        }
+    };
+    cmd.arg(image).stdout(Stdio::null()).stderr(Stdio::piped());
+    let child = cmd.spawn().expect("start qemu-nbd (qemu-utils)");
+    let server = QemuNbd { child, uri };
+    match unix {
+        Some(sock) => wait_for(|| sock.exists(), "qemu-nbd socket"),
+        None => {
+            let addr = server
+                .uri
+                .trim_start_matches("nbd://")
+                .split('/')
+                .next()
+                .unwrap()
+                .to_string();
+            wait_for(|| TcpStream::connect(&addr).is_ok(), "qemu-nbd port")
+        }
+    }
+    server
+}
+
+/// An image with random, zero and text blocks (a ~ 1/3 each).
+fn mixed_image(t: &TestRepo, name: &str, blocks: u64) -> Image {
+    let img = Image::create(&t.path(name), blocks * BS);
+    for i in 0..blocks {
+        match i % 3 {
+            0 => img.write_block(i, &random_block(7, i)),
+            1 => {}
+            _ => img.write_block(i, &crate::util::text_block(7, i)),
+        }
+    }
+    img
+}
+
+fn data_blocks(blocks: u64) -> u64 {
+    (0..blocks).filter(|i| i % 3 != 1).count() as u64
+}
+
+#[test]
+fn tcp_raw_full_backup_reads_only_allocated_blocks_and_restores_exactly() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 48);
+    let server = qemu_nbd(&img.path, "raw", None, &[]);
+    let s = t.backup(Path::new(&server.uri), &[]);
+    // base:allocation lets the zero blocks (holes) go unread.
+    assert_eq!(s["blocks_read"], data_blocks(48), "{s}");
+    assert_eq!(s["blocks_new"], data_blocks(48));
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+}
+
+#[test]
+fn unix_socket_qcow2_round_trip() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 40);
+    let qcow = t.path("disk.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(&img.path)
+        .arg(&qcow)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let sock = t.path("nbd.sock");
+    let server = qemu_nbd(&qcow, "qcow2", Some(&sock), &[]);
+    let s = t.backup(Path::new(&server.uri), &["--nbd-connections", "2"]);
+    assert_eq!(s["blocks_read"], data_blocks(40));
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+    // The snapshot's source is the URI, so the next run finds its parent.
+    let s2 = t.backup(Path::new(&server.uri), &[]);
+    assert_eq!(s2["parent_id"], s["snapshot_id"]);
+    assert_eq!(s2["blocks_new"], 0);
+}
+
+/// x509 credentials for qemu-nbd: a CA and a server certificate for
+/// 127.0.0.1 and localhost.
+struct Creds {
+    dir: PathBuf,
+    ca: PathBuf,
+    server_cert: PathBuf,
+}
+
+fn make_creds(root: &Path) -> Creds {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let dir = root.join("pki");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "cbtvault test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    Creds {
+        ca: dir.join("ca-cert.pem"),
+        server_cert: dir.join("server-cert.pem"),
+        dir,
+    }
+}
+
+fn qemu_nbd_tls(image: &Path, creds: &Creds) -> QemuNbd {
+    let object = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=no",
+        creds.dir.display()
+    );
+    let mut s = qemu_nbd(
+        image,
+        "raw",
+        None,
+        &["--object", &object, "--tls-creds", "tls0"],
+    );
+    s.uri = s.uri.replacen("nbd://", "nbds://", 1);
+    s
+}
+
+#[test]
+fn tls_with_ca_and_with_pinned_certificate() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 24);
+    let creds = make_creds(t.root());
+    let server = qemu_nbd_tls(&img.path, &creds);
+    let ca = creds.ca.to_str().unwrap();
+    let s = t.backup(Path::new(&server.uri), &["--tls-ca", ca]);
+    assert_eq!(s["blocks_read"], data_blocks(24));
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+    let pin = creds.server_cert.to_str().unwrap();
+    let s = t.backup(
+        Path::new(&server.uri),
+        &["--tls-cert-pin", pin, "--tls-name", "localhost"],
+    );
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+}
+
+#[test]
+fn tls_refusals_read_no_data() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 8);
+    let creds = make_creds(t.root());
+    let other = make_creds(&t.path("other"));
+    let server = qemu_nbd_tls(&img.path, &creds);
+    let uri = Path::new(&server.uri);
+    // A pinned certificate that is not the server's.
+    let r = t.try_backup(
+        uri,
+        &["--tls-cert-pin", other.server_cert.to_str().unwrap()],
+    );
+    r.expect_code(1).stderr_mentions(&["tls"]);
+    // The right certificate, the wrong name.
+    let r = t.try_backup(
+        uri,
+        &[
+            "--tls-cert-pin",
+            creds.server_cert.to_str().unwrap(),
+            "--tls-name",
+            "backup.example",
+        ],
+    );
+    r.expect_code(1).stderr_mentions(&["tls"]);
+    // A CA that did not issue the server certificate.
+    let r = t.try_backup(uri, &["--tls-ca", other.ca.to_str().unwrap()]);
+    r.expect_code(1).stderr_mentions(&["tls"]);
+    // Plaintext against a TLS-only server: refused, not downgraded.
+    let plain = server.uri.replacen("nbds://", "nbd://", 1);
+    let r = t.try_backup(Path::new(&plain), &[]);
+    r.expect_code(1).stderr_mentions(&["tls"]);
+    drop(server);
+    // TLS asked for, the server has none: no plaintext fallback.
+    let plain_server = qemu_nbd(&img.path, "raw", None, &[]);
+    let r = t.try_backup(
+        Path::new(&plain_server.uri),
+        &["--tls-ca", creds.ca.to_str().unwrap()],
+    );
+    r.expect_code(1).stderr_mentions(&["tls"]);
+    assert!(t.snapshot_ids().is_empty(), "nothing may be committed");
+}
+
+fn qemu_io(image: &Path, cmd: &str) {
+    let st = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", cmd])
+        .arg(image)
+        .stdout(Stdio::null())
+        .status()
+        .expect("qemu-io");
+    assert!(st.success(), "qemu-io {cmd}");
+}
+
+fn raw_of(qcow: &Path, out: &Path) -> (blake3::Hash, u64) {
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(qcow)
+        .arg(out)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    (hash_file(out), std::fs::metadata(out).unwrap().len())
+}
+
+#[test]
+fn dirty_bitmap_incremental_reads_exactly_the_written_blocks() {
+    let t = TestRepo::new();
+    let qcow = t.path("d.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    qemu_io(&qcow, "write -P 0x11 0 1M");
+    qemu_io(&qcow, "write -P 0x22 4M 512k");
+    // The checkpoint: a bitmap starts recording now; the full backup
+    // describes the disk at this instant.
+    let st = Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&qcow)
+        .arg("b0")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let full = {
+        let server = qemu_nbd(&qcow, "qcow2", Some(&t.path("a.sock")), &[]);
+        t.backup(
+            Path::new(&server.uri),
+            &["--dirty-bitmap", "b0", "--source-id", "vm1/disk0"],
+        )
+    };
+    assert_eq!(full["parent_id"], serde_json::Value::Null);
+    assert_eq!(full["blocks_read"], 16 + 8, "{full}");
+    // Guest writes: 4 KiB inside block 2, 64 KiB spanning blocks 100-101,
+    // and zeroes over a block that had data (block 5).
+    qemu_io(&qcow, "write -P 0x33 135168 4k");
+    qemu_io(&qcow, "write -P 0x44 6586368 64k");
+    qemu_io(&qcow, "write -z 327680 64k");
+    // A new server on another socket: --source-id keeps the identity.
+    let server = qemu_nbd(&qcow, "qcow2", Some(&t.path("b.sock")), &["-B", "b0"]);
+    let inc = t.backup(
+        Path::new(&server.uri),
+        &["--dirty-bitmap", "b0", "--source-id", "vm1/disk0"],
+    );
+    drop(server);
+    assert_eq!(inc["parent_id"], full["snapshot_id"], "{inc}");
+    // Blocks 2, 100, 101 read; block 5 known zero from base:allocation.
+    assert_eq!(inc["blocks_read"], 3, "{inc}");
+    let (h, len) = raw_of(&qcow, &t.path("after.raw"));
+    t.assert_restores(&TestRepo::id_of(&inc), h, len);
+    let snap = t.cat_snapshot(&TestRepo::id_of(&inc));
+    assert!(
+        snap["bitmap"].is_string(),
+        "the dirty bitmap is kept with the snapshot"
+    );
+}
+
+#[test]
+fn missing_dirty_bitmap_starts_a_new_backup_set_loudly() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 8);
+    let server = qemu_nbd(&img.path, "raw", None, &[]);
+    let uri = Path::new(&server.uri);
+    t.backup(uri, &[]);
+    let r = t.try_backup(uri, &["--dirty-bitmap", "nosuch"]).ok();
+    let s = r.json();
+    assert_eq!(s["parent_id"], serde_json::Value::Null);
+    assert!(s["new_set_reason"].as_str().unwrap().contains("nosuch"));
+    r.stderr_mentions(&["warning", "nosuch", "full"]);
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+}
+
+// ---------------------------------------------------------------- hostile
+
+const NBDMAGIC: u64 = 0x4e42444d41474943;
+const IHAVEOPT: u64 = 0x49484156454f5054;
+const REPLY_MAGIC: u64 = 0x0003e889045565a9;
+
+/// What the hostile server does once a client reaches transmission.
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    OptionReplyAbsurdLength,
+    OversizedChunk,
+    UnknownCookie,
+    ShortBlockStatus,
+    EofMidReply,
+    DropAfterSomeReads,
+}
+
+fn read_exact(s: &mut TcpStream, n: usize) -> Option<Vec<u8>> {
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).ok()?;
+    Some(b)
+}
+
+fn be32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b[..4].try_into().unwrap())
+}
+
+fn opt_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
+    let mut v = REPLY_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&option.to_be_bytes());
+    v.extend_from_slice(&reply.to_be_bytes());
+    v.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+const SIZE: u64 = 16 * BS;
+
+/// One client session of the hostile server.
+fn hostile_session(mut s: TcpStream, how: Misbehaviour) -> Option<()> {
+    let mut g = NBDMAGIC.to_be_bytes().to_vec();
+    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    g.extend_from_slice(&3u16.to_be_bytes()); // fixed newstyle, no zeroes
+    s.write_all(&g).ok()?;
+    read_exact(&mut s, 4)?;
+    let mut structured = false;
+    loop {
+        let h = read_exact(&mut s, 16)?;
+        let option = be32(&h[8..]);
+        let data = read_exact(&mut s, be32(&h[12..]) as usize)?;
+        match option {
+            8 => {
+                if let Misbehaviour::OptionReplyAbsurdLength = how {
+                    let mut v = opt_reply(8, 1, &[]);
+                    v[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+                    s.write_all(&v).ok()?;
+                    return Some(());
+                }
+                structured = true;
+                s.write_all(&opt_reply(8, 1, &[])).ok()?;
+            }
+            10 => {
+                let mut d = 1u32.to_be_bytes().to_vec();
+                d.extend_from_slice(b"base:allocation");
+                s.write_all(&opt_reply(10, 4, &d)).ok()?;
+                s.write_all(&opt_reply(10, 1, &[])).ok()?;
+            }
+            7 => {
+                let mut info = 0u16.to_be_bytes().to_vec();
+                info.extend_from_slice(&SIZE.to_be_bytes());
+                info.extend_from_slice(&3u16.to_be_bytes());
+                s.write_all(&opt_reply(7, 3, &info)).ok()?;
+                s.write_all(&opt_reply(7, 1, &[])).ok()?;
+                break;
+            }
+            _ => {
+                let _ = data;
+                s.write_all(&opt_reply(option, 0x8000_0001, &[])).ok()?;
+            }
+        }
+    }
+    assert!(structured);
+    let mut reads = 0;
+    loop {
+        let r = read_exact(&mut s, 28)?;
+        let kind = u16::from_be_bytes([r[6], r[7]]);
+        let cookie = u64::from_be_bytes(r[8..16].try_into().unwrap());
+        let offset = u64::from_be_bytes(r[16..24].try_into().unwrap());
+        let length = be32(&r[24..]);
+        let chunk = |flags: u16, ty: u16, cookie: u64, len: u32| {
+            let mut v = 0x668e33efu32.to_be_bytes().to_vec();
+            v.extend_from_slice(&flags.to_be_bytes());
+            v.extend_from_slice(&ty.to_be_bytes());
+            v.extend_from_slice(&cookie.to_be_bytes());
+            v.extend_from_slice(&len.to_be_bytes());
+            v
+        };
+        match kind {
+            7 => {
+                if let Misbehaviour::ShortBlockStatus = how {
+                    // Claims 2 descriptors, sends a payload too short for them.
+                    let mut v = chunk(1, 5, cookie, 8);
+                    v.extend_from_slice(&1u32.to_be_bytes());
+                    v.extend_from_slice(&(SIZE as u32).to_be_bytes());
+                    s.write_all(&v).ok()?;
+                    continue;
+                }
+                let mut v = chunk(1, 5, cookie, 12);
+                v.extend_from_slice(&1u32.to_be_bytes());
+                v.extend_from_slice(&(SIZE as u32).to_be_bytes());
+                v.extend_from_slice(&0u32.to_be_bytes());
+                s.write_all(&v).ok()?;
+            }
+            0 => {
+                reads += 1;
+                match how {
+                    Misbehaviour::OversizedChunk => {
+                        s.write_all(&chunk(1, 1, cookie, 0x7fff_ffff)).ok()?;
+                        return Some(());
+                    }
+                    Misbehaviour::UnknownCookie => {
+                        s.write_all(&chunk(1, 0, cookie ^ 0xdead_beef, 0)).ok()?;
+                        return Some(());
+                    }
+                    Misbehaviour::EofMidReply => {
+                        let mut v = chunk(1, 1, cookie, length + 8);
+                        v.extend_from_slice(&offset.to_be_bytes());
+                        v.extend_from_slice(&vec![0x5a; (length / 2) as usize]);
+                        s.write_all(&v).ok()?;
+                        return Some(());
+                    }
+                    Misbehaviour::DropAfterSomeReads if reads > 0 => return Some(()),
+                    _ => {
+                        let mut v = chunk(1, 1, cookie, length + 8);
+                        v.extend_from_slice(&offset.to_be_bytes());
+                        v.extend_from_slice(&vec![0x5a; length as usize]);
+                        s.write_all(&v).ok()?;
+                    }
+                }
+            }
+            2 => return Some(()),
+            _ => return Some(()),
+        }
+    }
+}
+
+/// Serves every connection (retries reconnect) with the same misbehaviour.
+fn hostile_server(how: Misbehaviour) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || hostile_session(s, how));
+        }
+    });
+    format!("nbd://127.0.0.1:{port}/x")
+}
+
+fn assert_fails_cleanly(how: Misbehaviour, words: &[&str]) {
+    let t = TestRepo::new();
+    let uri = hostile_server(how);
+    let r = t.try_backup(Path::new(&uri), &["--nbd-connections", "1"]);
+    assert_eq!(r.code, 1, "{}: {}", r.command, r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    r.stderr_mentions(words);
+    assert!(t.snapshot_ids().is_empty(), "no snapshot may be committed");
+}
+
+#[test]
+fn server_option_reply_of_absurd_length() {
+    assert_fails_cleanly(Misbehaviour::OptionReplyAbsurdLength, &["too long"]);
+}
+
+#[test]
+fn server_oversize_reply_chunk() {
+    assert_fails_cleanly(Misbehaviour::OversizedChunk, &["exceeds"]);
+}
+
+#[test]
+fn server_unknown_cookie() {
+    assert_fails_cleanly(Misbehaviour::UnknownCookie, &["unknown cookie"]);
+}
+
+#[test]
+fn server_short_block_status() {
+    assert_fails_cleanly(Misbehaviour::ShortBlockStatus, &["block_status"]);
+}
+
+#[test]
+fn server_eof_mid_reply() {
+    assert_fails_cleanly(Misbehaviour::EofMidReply, &["nbd"]);
+}
+
+#[test]
+fn server_drops_the_connection_mid_backup() {
+    assert_fails_cleanly(Misbehaviour::DropAfterSomeReads, &["nbd"]);
+}
