@@ -252,27 +252,31 @@ pub(crate) fn backup_source(
 ) -> Result<BackupSummary> {
     let blocks = block_count(source.size_bytes(), repo.config().block_size);
     let mut new_set_reason = None;
-    let parent_entry = if options.full {
-        new_set_reason = Some("full backup requested (--full)".to_string());
-        None
-    } else if let Changes::Lost(reason) = &facts.changes {
-        ui.warn(format!(
-            "{reason}; starting a new backup set with a full read"
-        ));
-        new_set_reason = Some(reason.clone());
-        None
-    } else if let Some(query) = &options.parent {
-        Some(repo.find_snapshot(query)?)
-    } else {
-        let found = repo
+    let candidate = match &options.parent {
+        Some(query) => Some(repo.find_snapshot(query)?),
+        None => repo
             .snapshots()?
             .into_iter()
             .filter(|s| s.meta.source == source.identity())
-            .last();
-        if found.is_none() {
-            new_set_reason = Some("first backup of this source".to_string());
+            .last(),
+    };
+    let parent_entry = match (&facts.changes, candidate) {
+        _ if options.full => {
+            new_set_reason = Some("full backup requested (--full)".to_string());
+            None
         }
-        found
+        (_, None) => {
+            new_set_reason = Some("first backup of this source".to_string());
+            None
+        }
+        (Changes::Lost(reason), Some(_)) => {
+            ui.warn(format!(
+                "{reason}; starting a new backup set with a full read"
+            ));
+            new_set_reason = Some(reason.clone());
+            None
+        }
+        (_, Some(c)) => Some(c),
     };
     let parent = match parent_entry {
         None => None,
