@@ -396,11 +396,7 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                 match p {
                     Pending::Read { mut buf, tx, .. } => {
                         if error != 0 {
-                            let _ = tx.send(Err(NbdError::Server {
-                                errno: error,
-                                request: req.to_string(),
-                                message: String::new(),
-                            }));
+                            let _ = tx.send(Err(server_error(&req, (error, String::new()))));
                             continue;
                         }
                         rd.read_exact(&mut buf)
@@ -412,11 +408,7 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                         if error == 0 {
                             return Err(proto_err("simple success reply to BLOCK_STATUS"));
                         }
-                        let _ = tx.send(Err(NbdError::Server {
-                            errno: error,
-                            request: req.to_string(),
-                            message: String::new(),
-                        }));
+                        let _ = tx.send(Err(server_error(&req, (error, String::new()))));
                     }
                 }
             }
@@ -594,6 +586,16 @@ fn apply_chunk(
     }
 }
 
+fn server_error(req: &Request, (errno, message): (u32, String)) -> NbdError {
+    NbdError::Server {
+        errno,
+        request: req.to_string(),
+        message,
+    }
+}
+
+/// Completes a request whose last chunk arrived: a server error goes to
+/// the caller, an incomplete reply breaks the connection.
 fn finish(req: &Request, p: Pending) -> Result<(), NbdError> {
     match p {
         Pending::Read {
@@ -603,38 +605,32 @@ fn finish(req: &Request, p: Pending) -> Result<(), NbdError> {
             tx,
             ..
         } => {
-            if let Some((errno, message)) = error {
-                let _ = tx.send(Err(NbdError::Server {
-                    errno,
-                    request: req.to_string(),
-                    message,
-                }));
-                return Ok(());
-            }
-            let total: u64 = covered.iter().map(|(s, e)| e - s).sum();
-            if total != buf.len() as u64 {
-                return Err(proto_err(format!(
-                    "read reply covers {total} of {} bytes for {req}",
-                    buf.len()
-                )));
-            }
-            let _ = tx.send(Ok(buf));
+            let result = match error {
+                Some(e) => Err(server_error(req, e)),
+                None => {
+                    let total: u64 = covered.iter().map(|(s, e)| e - s).sum();
+                    if total != buf.len() as u64 {
+                        return Err(proto_err(format!(
+                            "read reply covers {total} of {} bytes for {req}",
+                            buf.len()
+                        )));
+                    }
+                    Ok(buf)
+                }
+            };
+            let _ = tx.send(result);
         }
         Pending::BlockStatus { replies, error, tx } => {
-            if let Some((errno, message)) = error {
-                let _ = tx.send(Err(NbdError::Server {
-                    errno,
-                    request: req.to_string(),
-                    message,
-                }));
-                return Ok(());
-            }
-            if replies.is_empty() {
-                return Err(proto_err(format!(
-                    "block status reply without extents for {req}"
-                )));
-            }
-            let _ = tx.send(Ok(replies));
+            let result = match error {
+                Some(e) => Err(server_error(req, e)),
+                None if replies.is_empty() => {
+                    return Err(proto_err(format!(
+                        "block status reply without extents for {req}"
+                    )))
+                }
+                None => Ok(replies),
+            };
+            let _ = tx.send(result);
         }
     }
     Ok(())
