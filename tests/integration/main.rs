@@ -12,3 +12,4 @@ mod crash;
 mod manifest_props;
 mod nbd;
 mod roundtrip;
+mod serve;

@@ -331,7 +331,8 @@ pub fn decode_go_data(data: &[u8]) -> Result<(String, Vec<u16>), ProtoError> {
     if n > MAX_NAME || data.len() < 4 + n + 2 {
         return Err(proto("GO export name length invalid"));
     }
-    let name = String::from_utf8(data[4..4 + n].to_vec()).map_err(|_| proto("export name not UTF-8"))?;
+    let name =
+        String::from_utf8(data[4..4 + n].to_vec()).map_err(|_| proto("export name not UTF-8"))?;
     let count = be16(&data[4 + n..]) as usize;
     let rest = &data[4 + n + 2..];
     if rest.len() != count * 2 {
@@ -670,7 +671,9 @@ impl ClientHandshake {
                         }
                         REP_ACK => {
                             if !self.got_export_info {
-                                return Err(proto("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT"));
+                                return Err(proto(
+                                    "NBD_OPT_GO acknowledged without NBD_INFO_EXPORT",
+                                ));
                             }
                             self.state = State::Finished;
                             return Ok(Step::Done(self.negotiated(false)));
@@ -810,7 +813,10 @@ pub fn decode_request(buf: &[u8]) -> Result<Decoded<Request>, ProtoError> {
 /// only from the request) or one structured chunk header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplyHeader {
-    Simple { error: u32, cookie: u64 },
+    Simple {
+        error: u32,
+        cookie: u64,
+    },
     Chunk {
         flags: u16,
         kind: u16,
@@ -889,11 +895,24 @@ pub fn decode_reply_header(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Chunk<'a> {
     None,
-    OffsetData { offset: u64, data: &'a [u8] },
-    OffsetHole { offset: u64, length: u32 },
+    OffsetData {
+        offset: u64,
+        data: &'a [u8],
+    },
+    OffsetHole {
+        offset: u64,
+        length: u32,
+    },
     /// (length, flags) descriptors of one meta context.
-    BlockStatus { context: u32, extents: Vec<(u32, u32)> },
-    Error { error: u32, message: String, offset: Option<u64> },
+    BlockStatus {
+        context: u32,
+        extents: Vec<(u32, u32)>,
+    },
+    Error {
+        error: u32,
+        message: String,
+        offset: Option<u64>,
+    },
 }
 
 /// Parses a chunk payload of `kind`.
@@ -928,7 +947,7 @@ pub fn decode_chunk(kind: u16, payload: &[u8]) -> Result<Chunk<'_>, ProtoError> 
             })
         }
         REPLY_TYPE_BLOCK_STATUS => {
-            if payload.len() < 12 || (payload.len() - 4) % 8 != 0 {
+            if payload.len() < 12 || !(payload.len() - 4).is_multiple_of(8) {
                 return Err(proto("BLOCK_STATUS chunk of bad length"));
             }
             let count = (payload.len() - 4) / 8;
@@ -953,7 +972,13 @@ pub fn decode_chunk(kind: u16, payload: &[u8]) -> Result<Chunk<'_>, ProtoError> 
             }
             let error = be32(payload);
             let mlen = be16(&payload[4..]) as usize;
-            let want = 6 + mlen + if kind == REPLY_TYPE_ERROR_OFFSET { 8 } else { 0 };
+            let want = 6
+                + mlen
+                + if kind == REPLY_TYPE_ERROR_OFFSET {
+                    8
+                } else {
+                    0
+                };
             if payload.len() != want {
                 return Err(proto("ERROR chunk of bad length"));
             }
@@ -994,4 +1019,76 @@ impl fmt::Display for Request {
             self.kind, self.offset, self.length, self.cookie
         )
     }
+}
+
+// ------------------------------------------------------------- server side
+//
+// Appended for the NBD server (`crate::nbdserver`); everything above is the
+// shared contract and stays as it is.
+
+pub const CMD_TRIM: u16 = 4;
+pub const CMD_CACHE: u16 = 5;
+pub const CMD_WRITE_ZEROES: u16 = 6;
+
+/// Client flags this codec knows; any other bit set by a client is a
+/// protocol violation (the spec says the server MUST close).
+pub const KNOWN_CLIENT_FLAGS: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
+
+/// The longest error message an ERROR chunk carries (the spec's limit).
+pub const MAX_ERROR_MESSAGE: usize = 4096;
+
+/// Decodes the client's 4 flag bytes that follow the greeting. Unknown bits
+/// are refused.
+pub fn decode_client_flags(buf: &[u8]) -> Result<Decoded<u32>, ProtoError> {
+    if buf.len() < 4 {
+        return Ok(Decoded::Incomplete(4 - buf.len()));
+    }
+    let flags = be32(buf);
+    if flags & !KNOWN_CLIENT_FLAGS != 0 {
+        return Err(proto(format!(
+            "client sent unknown handshake flags {flags:#x}"
+        )));
+    }
+    Ok(Decoded::Done(flags, 4))
+}
+
+/// The export name carried by NBD_OPT_EXPORT_NAME (the whole option data).
+pub fn decode_export_name_data(data: &[u8]) -> Result<String, ProtoError> {
+    if data.len() > MAX_NAME {
+        return Err(proto("export name too long"));
+    }
+    String::from_utf8(data.to_vec()).map_err(|_| proto("export name not UTF-8"))
+}
+
+/// Data of an NBD_REP_SERVER reply to NBD_OPT_LIST: name length, name,
+/// then an optional description filling the rest.
+pub fn encode_server_reply_data(name: &str, description: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + name.len() + description.len());
+    b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b.extend_from_slice(description.as_bytes());
+    b
+}
+
+/// Payload of an OFFSET_HOLE chunk: offset, length.
+pub fn encode_offset_hole(offset: u64, length: u32) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&offset.to_be_bytes());
+    b[8..].copy_from_slice(&length.to_be_bytes());
+    b
+}
+
+/// Payload of an ERROR chunk: errno, message length, message (cut at a
+/// character boundary to [`MAX_ERROR_MESSAGE`] bytes). `error` must not be 0.
+pub fn encode_error_chunk(error: u32, message: &str) -> Vec<u8> {
+    let mut end = message.len().min(MAX_ERROR_MESSAGE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let message = &message[..end];
+    let mut b = Vec::with_capacity(6 + message.len());
+    b.extend_from_slice(&error.to_be_bytes());
+    b.extend_from_slice(&(message.len() as u16).to_be_bytes());
+    b.extend_from_slice(message.as_bytes());
+    b
 }
