@@ -307,7 +307,7 @@ fn chain_with_resizes_round_trips() {
             // Change a few blocks, including ones in the grown area.
             for i in 0..img.blocks() {
                 // Grown area: even blocks get data, odd ones stay zero.
-                if (i + step as u64) % 3 == 0 || (i * BS >= old && i % 2 == 0) {
+                if (i + step as u64).is_multiple_of(3) || (i * BS >= old && i.is_multiple_of(2)) {
                     img.write_block(i, &random_block(6, step as u64 * 100 + i));
                 }
             }

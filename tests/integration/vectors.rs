@@ -39,7 +39,7 @@ pub(crate) fn parse_hex(text: &str) -> Vec<u8> {
         digits.extend(data.chars().filter(|c| !c.is_whitespace()));
     }
     assert!(
-        digits.len() % 2 == 0,
+        digits.len().is_multiple_of(2),
         "odd number of hex digits in a vector"
     );
     hex::decode(&digits).expect("vector holds only hex digits outside comments")
