@@ -13,4 +13,5 @@ pub mod output;
 pub mod pack;
 pub mod progress;
 pub mod repo;
+pub mod sim;
 pub mod source;

@@ -53,6 +53,43 @@ pub enum Command {
     /// Back up, change, back up again and restore a generated image in a
     /// temporary repository, verifying the result.
     Demo(DemoArgs),
+    /// Run a simulated XenServer host (XenAPI over HTTPS, NBD with TLS) to
+    /// try cbtvault without one.
+    Sim(SimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// State folder: disk images, the host certificate and the objects,
+    /// kept across restarts (default: a temporary folder, removed on exit).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// HTTPS address for XenAPI (XML-RPC, JSON-RPC) and the HTTP handlers.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8443")]
+    pub listen: String,
+    /// NBD address (default: the --listen host, port 10809).
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_listen: Option<String>,
+    /// User name accepted by session.login_with_password.
+    #[arg(long, default_value = "root")]
+    pub user: String,
+    /// Password accepted (default: a random one, printed at start).
+    #[arg(
+        long = "password-env",
+        value_name = "VAR",
+        default_value = "CBTVAULT_SIM_PASSWORD"
+    )]
+    pub password_env: String,
+    /// Host name in the certificate and in VDI.get_nbd_info's `subject`.
+    #[arg(long, default_value = "localhost")]
+    pub hostname: String,
+    /// Size in MiB of each disk of the VM 'demo-vm' created at the first
+    /// start (repeatable).
+    #[arg(long = "disk-mib", value_name = "MIB", default_values_t = [64u64])]
+    pub disk_mib: Vec<u64>,
+    /// Behave as an old host without CBT (the CBT calls are unknown).
+    #[arg(long)]
+    pub legacy_host: bool,
 }
 
 #[derive(Debug, Args)]

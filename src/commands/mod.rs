@@ -7,6 +7,7 @@ mod demo;
 mod inspect;
 mod restore;
 mod serve;
+mod sim;
 mod sinks;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +55,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Repair(RepairCommand::Index) => check::repair_index(&ui, &repo_path()?),
         Command::Serve(ref a) => serve::run(&ui, open(&ui, &repo_path()?)?, a),
         Command::Demo(ref a) => demo::run(&ui, a),
+        Command::Sim(ref a) => sim::run(&ui, a),
     }
 }
 

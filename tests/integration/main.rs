@@ -13,3 +13,4 @@ mod manifest_props;
 mod nbd;
 mod roundtrip;
 mod serve;
+mod sim;

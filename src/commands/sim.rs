@@ -1,0 +1,143 @@
+//! `sim`: run the XenServer simulator until SIGINT or SIGTERM, with one VM
+//! ready to back up, and say how to reach it (URL, certificate fingerprint,
+//! credentials, NBD port) and how to write guest data.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use super::Outcome;
+use crate::cli::SimArgs;
+use crate::output::Ui;
+use crate::sim::{SimOptions, Simulator};
+
+#[derive(Serialize)]
+struct Started {
+    url: String,
+    jsonrpc_url: String,
+    fingerprint_sha256: String,
+    username: String,
+    password: String,
+    nbd_port: u16,
+    vm_uuid: String,
+    vdi_uuids: Vec<String>,
+    state_dir: String,
+}
+
+/// A password nobody guesses: 16 random bytes, hex.
+fn random_password() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+pub fn run(ui: &Ui, args: &SimArgs) -> Result<Outcome> {
+    // Signal handlers first: a client may stop us as soon as it has the URL.
+    use tokio::signal::unix::{signal, SignalKind};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the signal handler")?;
+    let (mut interrupt, mut terminate) = {
+        let _guard = runtime.enter();
+        (
+            signal(SignalKind::interrupt()).context("install signal handlers")?,
+            signal(SignalKind::terminate()).context("install signal handlers")?,
+        )
+    };
+    let password = std::env::var(&args.password_env)
+        .ok()
+        .filter(|p| !p.is_empty());
+    let password_generated = password.is_none();
+    let password = password.unwrap_or_else(random_password);
+    let nbd_listen = match &args.nbd_listen {
+        Some(a) => a.clone(),
+        None => {
+            let host = args
+                .listen
+                .rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .context("--listen must be HOST:PORT")?;
+            format!("{host}:10809")
+        }
+    };
+    if let Some(dir) = &args.dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create state folder '{}'", dir.display()))?;
+    }
+    let sim = Simulator::start(SimOptions {
+        dir: args.dir.clone(),
+        listen: args.listen.clone(),
+        nbd_listen: Some(nbd_listen),
+        username: args.user.clone(),
+        password: password.clone(),
+        hostname: args.hostname.clone(),
+        legacy_host: args.legacy_host,
+        ..SimOptions::default()
+    })
+    .context("start the XenServer simulator")?;
+    let sizes: Vec<u64> = args.disk_mib.iter().map(|m| m << 20).collect();
+    // A state folder from an earlier run already has it.
+    let vm = match sim.find_vm("demo-vm") {
+        Some(vm) => vm,
+        None => sim
+            .create_vm_with_disks("demo-vm", &sizes)
+            .context("create the demo VM")?,
+    };
+    let started = Started {
+        url: sim.url(),
+        jsonrpc_url: format!("{}jsonrpc", sim.url()),
+        fingerprint_sha256: sim.fingerprint().to_string(),
+        username: sim.username().to_string(),
+        password: password.clone(),
+        nbd_port: sim.nbd_port(),
+        vm_uuid: vm.vm_uuid.clone(),
+        vdi_uuids: vm.disks.iter().map(|d| d.vdi_uuid.clone()).collect(),
+        state_dir: sim.dir().display().to_string(),
+    };
+    ui.json(&started);
+    ui.print(format!("XenServer simulator at {}", started.url));
+    ui.print(format!(
+        "  certificate SHA-256 {}",
+        started.fingerprint_sha256
+    ));
+    ui.print(format!(
+        "  login: user '{}', password {}",
+        started.username,
+        if password_generated {
+            format!(
+                "'{password}' (generated; set ${} to choose)",
+                args.password_env
+            )
+        } else {
+            format!("from ${}", args.password_env)
+        }
+    ));
+    ui.print(format!(
+        "  NBD (TLS, xapi-nbd style) on port {}",
+        started.nbd_port
+    ));
+    ui.print(format!("  VM 'demo-vm' {}", vm.vm_uuid));
+    for d in &vm.disks {
+        ui.print(format!(
+            "    VDI {} ({} MiB)",
+            d.vdi_uuid,
+            d.size_bytes >> 20
+        ));
+    }
+    if let Some(first) = vm.disks.first() {
+        ui.info("write guest data (as the running VM would; sets CBT bits):");
+        ui.info(format!(
+            "  curl -k -u {}:PASSWORD -X PUT --data-binary @FILE '{}sim/guest_write?vdi={}&offset=0'",
+            started.username, started.url, first.vdi_uuid
+        ));
+        ui.info("  or the XenAPI call sim.guest_write(session, vdi_ref, offset, base64_data)");
+    }
+    ui.info("stop with Ctrl-C or SIGTERM");
+    runtime.block_on(async {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+    });
+    sim.shutdown();
+    ui.info("stopped");
+    Ok(Outcome::Ok)
+}

@@ -1,0 +1,463 @@
+#!/usr/bin/env python3
+"""Conformance of the cbtvault XenServer simulator, driven by the official
+Python binding (`pip install XenAPI`, which speaks XML-RPC) the way the
+XenServer CBT guide (seed 002) and its samples use a real host.
+
+Every answer is checked against ../shared/xenapi-reference.md: values and
+their wire types, error codes and parameters, HTTP handlers, the JSON-RPC
+envelopes, and an NBD read over TLS with the certificate from
+VDI.get_nbd_info pinned. One line per check; the first mismatch prints
+what was expected and what came, and exits 1.
+
+The simulator-only hooks (sim.create_vm, sim.guest_write) stand in for the
+VM that a real host would have: a real host answers MESSAGE_METHOD_UNKNOWN.
+
+usage: xenapi_conformance.py URL [--user root]   (password in
+       $XENAPI_CONFORMANCE_PASSWORD or --password)
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import re
+import socket
+import ssl
+import struct
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import XenAPI
+
+BLOCK = 64 * 1024
+CHECKS = 0
+
+
+class Mismatch(Exception):
+    pass
+
+
+def check(what, got, expected):
+    global CHECKS
+    if got != expected:
+        raise Mismatch("%s: expected %r, got %r" % (what, expected, got))
+    CHECKS += 1
+    print("ok   %s" % what)
+
+
+def check_true(what, cond, detail=""):
+    global CHECKS
+    if not cond:
+        raise Mismatch("%s: %s" % (what, detail or "condition false"))
+    CHECKS += 1
+    print("ok   %s" % what)
+
+
+def failure(what, fn, code, params=None):
+    """Calls fn; it must raise XenAPI.Failure [code, params...]."""
+    try:
+        got = fn()
+    except XenAPI.Failure as e:
+        details = list(e.details)
+        if params is None:
+            check(what, details[0], code)
+        else:
+            check(what, details, [code] + list(params))
+        return details
+    raise Mismatch("%s: expected failure %s, got success %r" % (what, code, got))
+
+
+def bitmap_blocks(b64, size):
+    """Blocks marked in a list_changed_blocks answer; checks its length."""
+    data = base64.b64decode(b64, validate=True)
+    blocks = (size + BLOCK - 1) // BLOCK
+    if len(data) != (blocks + 7) // 8:
+        raise Mismatch("bitmap of %d bytes for %d blocks" % (len(data), blocks))
+    marked = [i for i in range(len(data) * 8) if data[i // 8] & (0x80 >> (i % 8))]
+    if any(i >= blocks for i in marked):
+        raise Mismatch("padding bits set in the bitmap: %r" % marked)
+    return marked
+
+
+def blocks_of(offset, length):
+    return list(range(offset // BLOCK, (offset + length - 1) // BLOCK + 1))
+
+
+def pattern(seed, length):
+    out = bytearray()
+    i = 0
+    while len(out) < length:
+        out += ("%d:%d|" % (seed, i)).encode()
+        i += 1
+    return bytes(out[:length])
+
+
+class Host:
+    def __init__(self, url, user, password):
+        self.url = url.rstrip("/") + "/"
+        self.user = user
+        self.password = password
+        self.session = XenAPI.Session(self.url, ignore_ssl=True)
+        self.session.xenapi.login_with_password(user, password, "1.0", "cbtvault-conformance")
+        self.x = self.session.xenapi
+        self.ref = self.session._session
+        self.ssl = ssl._create_unverified_context()
+
+    def http(self, method, path, query, body=None, context=None, headers=None):
+        q = dict(query)
+        q.setdefault("session_id", self.ref)
+        url = self.url.rstrip("/") + path + "?" + urllib.parse.urlencode(q)
+        req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, context=context or self.ssl) as r:
+                return r.status, dict((k.lower(), v) for k, v in r.getheaders()), r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict((k.lower(), v) for k, v in e.headers.items()), e.read()
+
+    def jsonrpc(self, payload):
+        req = urllib.request.Request(
+            self.url + "jsonrpc",
+            data=json.dumps(payload).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, context=self.ssl) as r:
+            check("JSON-RPC content-type", r.headers.get("content-type"), "application/json")
+            return json.loads(r.read())
+
+    def write(self, vdi, offset, data):
+        self.x.sim.guest_write(vdi, str(offset), base64.b64encode(data).decode())
+
+    def export(self, vdi_uuid, context=None):
+        status, headers, body = self.http(
+            "GET", "/export_raw_vdi", {"vdi": vdi_uuid, "format": "raw"}, context=context
+        )
+        check("export_raw_vdi status", status, 200)
+        check_true("export_raw_vdi task-id header", headers.get("task-id", "").startswith("OpaqueRef:"))
+        return body
+
+
+# ---------------------------------------------------------------- NBD client
+
+NBDMAGIC = 0x4E42444D41474943
+IHAVEOPT = 0x49484156454F5054
+REPLY_MAGIC = 0x3E889045565A9
+OPT_EXPORT_NAME, OPT_STARTTLS, OPT_GO = 1, 5, 7
+REP_ACK, REP_ERR_UNSUP = 1, 2 ** 31 + 1
+
+
+def recv_exact(sock, n):
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise Mismatch("NBD server closed the connection after %d of %d bytes" % (len(buf), n))
+        buf += chunk
+    return buf
+
+
+def nbd_option(sock, option, data=b""):
+    sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
+    magic, opt, reply, length = struct.unpack(">QIII", recv_exact(sock, 20))
+    check("NBD option reply magic", magic, REPLY_MAGIC)
+    check("NBD option reply names the option", opt, option)
+    payload = recv_exact(sock, length)
+    return reply, payload
+
+
+def nbd_open(info):
+    """fixed-newstyle, STARTTLS with the returned cert pinned and its
+    subject verified, GO refused, EXPORT_NAME; returns (tls socket, size)."""
+    raw = socket.create_connection((info["address"], int(info["port"])), timeout=20)
+    magic, opt_magic, flags = struct.unpack(">QQH", recv_exact(raw, 18))
+    check("NBD greeting magic", (magic, opt_magic), (NBDMAGIC, IHAVEOPT))
+    check("NBD global flags: FIXED_NEWSTYLE only (no NO_ZEROES)", flags, 1)
+    raw.sendall(struct.pack(">I", 1))
+    reply, _ = nbd_option(raw, OPT_STARTTLS)
+    check("NBD STARTTLS acknowledged", reply, REP_ACK)
+    ctx = ssl.create_default_context(cadata=info["cert"])
+    ctx.check_hostname = True
+    tls = ctx.wrap_socket(raw, server_hostname=info["subject"])
+    reply, _ = nbd_option(tls, OPT_GO, struct.pack(">I", 0) + struct.pack(">H", 0))
+    check("NBD_OPT_GO answered NBD_REP_ERR_UNSUP (xapi-nbd)", reply, REP_ERR_UNSUP)
+    name = info["exportname"].encode()
+    tls.sendall(struct.pack(">QII", IHAVEOPT, OPT_EXPORT_NAME, len(name)) + name)
+    reply = recv_exact(tls, 134)
+    size, tflags = struct.unpack(">QH", reply[:10])
+    check("NBD export flags HAS_FLAGS|READ_ONLY", tflags, 3)
+    check("NBD export reply ends with 124 zero bytes", reply[10:], b"\0" * 124)
+    return tls, size
+
+
+def nbd_read(sock, offset, length, handle=1):
+    sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, handle, offset, length))
+    magic, error, got_handle = struct.unpack(">IIQ", recv_exact(sock, 16))
+    check("NBD simple reply magic", magic, 0x67446698)
+    check("NBD reply handle", got_handle, handle)
+    if error:
+        return error, b""
+    return 0, recv_exact(sock, length)
+
+
+def nbd_close(sock):
+    sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 99, 0, 0))
+    sock.close()
+
+
+# ------------------------------------------------------------- the procedure
+
+
+def run(h):
+    x = h.x
+    size = 4 * 1024 * 1024 + 12345  # 65 blocks, the last partial
+    nblocks = (size + BLOCK - 1) // BLOCK
+    unrelated = [
+        "SR_BACKEND_FAILURE_460",
+        "",
+        "Failed to calculate changed blocks for given VDIs. [opterr=Source and target VDI are unrelated]",
+        "",
+    ]
+
+    check_true("login returns an OpaqueRef session", h.ref.startswith("OpaqueRef:"), h.ref)
+    bad = XenAPI.Session(h.url, ignore_ssl=True)
+    failure(
+        "wrong password -> SESSION_AUTHENTICATION_FAILED",
+        lambda: bad.xenapi.login_with_password(h.user, h.password + "x", "1.0", "t"),
+        "SESSION_AUTHENTICATION_FAILED",
+        [],
+    )
+
+    vm = x.sim.create_vm("conformance-vm", [str(size)])
+    vdi = x.VBD.get_VDI(x.VM.get_VBDs(vm)[0])
+    uuid = x.VDI.get_uuid(vdi)
+    check("VDI.get_by_uuid(get_uuid(vdi)) == vdi", x.VDI.get_by_uuid(uuid), vdi)
+    failure("unknown uuid -> UUID_INVALID", lambda: x.VDI.get_by_uuid("no-such-uuid"), "UUID_INVALID", ["VDI", "no-such-uuid"])
+    failure("dead ref -> HANDLE_INVALID", lambda: x.VDI.get_type("OpaqueRef:dead"), "HANDLE_INVALID", ["VDI", "OpaqueRef:dead"])
+    failure("unknown call -> MESSAGE_METHOD_UNKNOWN", lambda: x.VDI.frobnicate(vdi), "MESSAGE_METHOD_UNKNOWN", ["VDI.frobnicate"])
+    check("virtual_size is a decimal string on XML-RPC", x.VDI.get_virtual_size(vdi), str(size))
+    check("new VDI: cbt_enabled false", x.VDI.get_cbt_enabled(vdi), False)
+    rec = x.VDI.get_record(vdi)
+    check("record: type user", rec["type"], "user")
+    check("record: on_boot persist", rec["on_boot"], "persist")
+    check("record: is_a_snapshot false", rec["is_a_snapshot"], False)
+    check("record: snapshot_of null", rec["snapshot_of"], "OpaqueRef:NULL")
+    check("record: snapshot_time is the epoch datetime", str(rec["snapshot_time"]), "19700101T00:00:00Z")
+
+    # Seed step 2: the VM metadata, without snapshot history.
+    status, headers, xva = h.http("GET", "/export_metadata", {"uuid": x.VM.get_uuid(vm), "export_snapshots": "false"})
+    check("export_metadata status", status, 200)
+    check("export_metadata content-disposition", headers.get("content-disposition"), 'attachment; filename="export.xva"')
+    check("export_metadata: a tar holding only ova.xml", tarfile.open(fileobj=io.BytesIO(xva)).getnames(), ["ova.xml"])
+
+    # Guest data before CBT and the base.
+    first = pattern(1, 3 * BLOCK)
+    h.write(vdi, 0, first)
+
+    check("enable_cbt returns void ('')", x.VDI.enable_cbt(vdi), "")
+    check("enable_cbt again is a no-op", x.VDI.enable_cbt(vdi), "")
+    check("get_cbt_enabled after enable", x.VDI.get_cbt_enabled(vdi), True)
+
+    base = x.VDI.snapshot(vdi)
+    check("snapshot: is_a_snapshot", x.VDI.get_is_a_snapshot(base), True)
+    check("snapshot: snapshot_of the VDI", x.VDI.get_snapshot_of(base), vdi)
+    check("snapshot inherits cbt_enabled", x.VDI.get_cbt_enabled(base), True)
+    check_true(
+        "snapshot_time in YYYYMMDDTHH:MM:SSZ form",
+        re.match(r"^\d{8}T\d\d:\d\d:\d\dZ$", str(x.VDI.get_snapshot_time(base))),
+        str(x.VDI.get_snapshot_time(base)),
+    )
+    failure("enable_cbt on a snapshot -> OPERATION_NOT_ALLOWED", lambda: x.VDI.enable_cbt(base),
+            "OPERATION_NOT_ALLOWED", ["VDI is a snapshot: %s" % base])
+    base_uuid = x.VDI.get_uuid(base)
+    exported = h.export(base_uuid)
+    check("export_raw_vdi of the base: size", len(exported), size)
+    check("export_raw_vdi of the base: the guest data", exported[: len(first)], first)
+
+    s1 = x.VDI.snapshot(vdi)
+    check("list_changed_blocks with no writes: nothing marked", bitmap_blocks(x.VDI.list_changed_blocks(base, s1), size), [])
+
+    writes = [(BLOCK - 10, 20), (10 * BLOCK, 3 * BLOCK), (size - 1, 1), (40 * BLOCK + 7, 1)]
+    expected = []
+    for i, (off, length) in enumerate(writes):
+        h.write(vdi, off, pattern(100 + i, length))
+        expected += blocks_of(off, length)
+    expected = sorted(set(expected))
+    s2 = x.VDI.snapshot(vdi)
+    marked = bitmap_blocks(x.VDI.list_changed_blocks(s1, s2), size)
+    check("list_changed_blocks(s1, s2) marks exactly the written blocks", marked, expected)
+    check("list_changed_blocks(base, s2) the same (nothing between base and s1)",
+          bitmap_blocks(x.VDI.list_changed_blocks(base, s2), size), expected)
+    check("bitmap length ceil(ceil(size/64K)/8)", len(base64.b64decode(x.VDI.list_changed_blocks(s1, s2))), (nblocks + 7) // 8)
+    failure("wrong order -> SR_BACKEND_FAILURE_460 unrelated", lambda: x.VDI.list_changed_blocks(s2, s1), unrelated[0], unrelated[1:])
+    failure("same VDI twice -> SR_BACKEND_FAILURE_460 same", lambda: x.VDI.list_changed_blocks(s2, s2),
+            "SR_BACKEND_FAILURE_460",
+            ["", "Failed to calculate changed blocks for given VDIs. [opterr=Source and target VDI are same]", ""])
+
+    # get_nbd_info and an NBD read with the returned cert pinned.
+    infos = x.VDI.get_nbd_info(s2)
+    check("get_nbd_info: one record per NBD address", len(infos), 1)
+    info = infos[0]
+    check("get_nbd_info: fields", sorted(info.keys()), ["address", "cert", "exportname", "port", "subject"])
+    s2_uuid = x.VDI.get_uuid(s2)
+    check("get_nbd_info: exportname /<uuid>?session_id=<session>", info["exportname"], "/%s?session_id=%s" % (s2_uuid, h.ref))
+    check_true("get_nbd_info: port is an int (a decimal string on XML-RPC)", re.match(r"^\d+$", str(info["port"])), info["port"])
+    check_true("get_nbd_info: cert is PEM", info["cert"].startswith("-----BEGIN CERTIFICATE-----"))
+    host, port = urllib.parse.urlparse(h.url).hostname, urllib.parse.urlparse(h.url).port
+    served = ssl.get_server_certificate((host, port))
+    check("get_nbd_info: cert is the host's HTTPS certificate",
+          ssl.PEM_cert_to_DER_cert(served), ssl.PEM_cert_to_DER_cert(info["cert"]))
+    pinned = ssl.create_default_context(cadata=info["cert"])
+    s2_export = h.export(s2_uuid, context=pinned)
+    sock, nbd_size = nbd_open(info)
+    check("NBD export size == virtual_size", nbd_size, size)
+    data = b""
+    handle = 10
+    aligned = size - size % 512
+    for off in range(0, aligned, 1024 * 1024):
+        n = min(1024 * 1024, aligned - off)
+        err, chunk = nbd_read(sock, off, n, handle)
+        handle += 1
+        if err:
+            raise Mismatch("NBD read at %d failed with errno %d" % (off, err))
+        data += chunk
+    check("NBD read == /export_raw_vdi (512-aligned part)", data, s2_export[:aligned])
+    err, _ = nbd_read(sock, 1, 512, 7)
+    check("NBD unaligned read -> EINVAL", err, 22)
+    failure("list_changed_blocks while vdi_to is open over NBD -> VDI_IN_USE",
+            lambda: x.VDI.list_changed_blocks(s1, s2), "VDI_IN_USE", [s2, "list_changed_blocks"])
+    nbd_close(sock)
+    deadline = time.time() + 10
+    while True:
+        try:
+            x.VDI.list_changed_blocks(s1, s2)
+            break
+        except XenAPI.Failure as e:
+            if e.details[0] != "VDI_IN_USE" or time.time() > deadline:
+                raise
+            time.sleep(0.05)
+    check_true("list_changed_blocks works again after NBD_CMD_DISC", True)
+
+    # data_destroy: cbt_metadata, idempotent, still a valid vdi_from.
+    failure("data_destroy on a non-snapshot -> OPERATION_NOT_ALLOWED", lambda: x.VDI.data_destroy(vdi),
+            "OPERATION_NOT_ALLOWED", ["VDI is not a snapshot: %s" % vdi])
+    check("data_destroy returns void", x.VDI.data_destroy(base), "")
+    check("data_destroy -> get_type cbt_metadata", x.VDI.get_type(base), "cbt_metadata")
+    check("data_destroy again is a no-op (seed spelling vdi.data_destroy)", h.x.vdi.data_destroy(base), "")
+    check("cbt_metadata keeps cbt_enabled", x.VDI.get_cbt_enabled(base), True)
+    failure("get_nbd_info on cbt_metadata -> VDI_INCOMPATIBLE_TYPE", lambda: x.VDI.get_nbd_info(base),
+            "VDI_INCOMPATIBLE_TYPE", [base, "cbt_metadata"])
+    status, _, _ = h.http("GET", "/export_raw_vdi", {"vdi": base_uuid})
+    check_true("export_raw_vdi of a cbt_metadata VDI fails", status >= 400, status)
+    check("list_changed_blocks from the metadata snapshot", bitmap_blocks(x.VDI.list_changed_blocks(base, s2), size), expected)
+
+    # Destroying the middle snapshot keeps the chain.
+    more = (30 * BLOCK, 100)
+    h.write(vdi, more[0], pattern(7, more[1]))
+    s3 = x.VDI.snapshot(vdi)
+    check("VDI.destroy of the middle snapshot", x.VDI.destroy(s2), "")
+    check("list_changed_blocks across the destroyed snapshot", bitmap_blocks(x.VDI.list_changed_blocks(s1, s3), size),
+          sorted(set(expected + blocks_of(*more))))
+    failure("destroyed snapshot -> HANDLE_INVALID", lambda: x.VDI.get_uuid(s2), "HANDLE_INVALID", ["VDI", s2])
+
+    # VM.snapshot, then data_destroy needs the snapshot VM gone.
+    snap_vm = x.VM.snapshot(vm, "conformance backup")
+    check("VM.snapshot: is_a_snapshot", x.VM.get_is_a_snapshot(snap_vm), True)
+    snap_vdi = x.VBD.get_VDI(x.VM.get_VBDs(snap_vm)[0])
+    check("VM.snapshot: disk snapshot_of the VDI", x.VDI.get_snapshot_of(snap_vdi), vdi)
+    check("VM.snapshot: disk inherits cbt_enabled", x.VDI.get_cbt_enabled(snap_vdi), True)
+    failure("data_destroy with the snapshot VM's VBD -> VDI_IN_USE", lambda: x.VDI.data_destroy(snap_vdi),
+            "VDI_IN_USE", [snap_vdi, "data_destroy"])
+    check("VM.destroy of the snapshot VM", x.VM.destroy(snap_vm), "")
+    check("VM.destroy keeps the VDI", x.VDI.get_VBDs(snap_vdi), [])
+    check("data_destroy after VM.destroy", x.VDI.data_destroy(snap_vdi), "")
+
+    # disable_cbt breaks the chain, also after re-enabling.
+    check("disable_cbt returns void", x.VDI.disable_cbt(vdi), "")
+    check("disable_cbt again is a no-op", x.VDI.disable_cbt(vdi), "")
+    plain = x.VDI.snapshot(vdi)
+    check("snapshot of a non-CBT VDI: cbt_enabled false", x.VDI.get_cbt_enabled(plain), False)
+    failure("data_destroy without CBT -> VDI_NO_CBT_METADATA", lambda: x.VDI.data_destroy(plain), "VDI_NO_CBT_METADATA", [plain])
+    x.VDI.enable_cbt(vdi)
+    s4 = x.VDI.snapshot(vdi)
+    failure("after disable_cbt: list_changed_blocks(old, new) unrelated", lambda: x.VDI.list_changed_blocks(s3, s4),
+            unrelated[0], unrelated[1:])
+
+    # Restore (seed 002): VDI.create from a record, import_raw_vdi under a task.
+    sr = x.VDI.get_SR(vdi)
+    new = x.VDI.create({"SR": sr, "virtual_size": str(size), "type": "user", "sharable": False,
+                        "read_only": False, "other_config": {}, "name_label": "restored"})
+    check("VDI.create: cbt_enabled false", x.VDI.get_cbt_enabled(new), False)
+    new_uuid = x.VDI.get_uuid(new)
+    task = x.task.create("import_vdi", "conformance import")
+    status, headers, _ = h.http("PUT", "/import_raw_vdi", {"vdi": new_uuid, "format": "raw", "task_id": task},
+                                body=s2_export, headers={"Content-Length": str(len(s2_export))})
+    check("import_raw_vdi status", status, 200)
+    check("import_raw_vdi task-id is the caller's task", headers.get("task-id"), task)
+    deadline = time.time() + 10
+    while x.task.get_status(task) == "pending" and time.time() < deadline:
+        time.sleep(0.05)
+    check("import task: success", x.task.get_status(task), "success")
+    check_true("import task result holds the VDI ref", new in x.task.get_result(task), x.task.get_result(task))
+    check("import then export round-trips", h.export(new_uuid), s2_export)
+    # Seed restore step 2: a new VM from the metadata, its disk remapped.
+    task = x.task.create("import_vm", "Task to track vm import")
+    status, headers, _ = h.http("PUT", "/import_metadata", {"task_id": task, "vdi:%s" % uuid: new_uuid},
+                                body=xva, headers={"Content-Length": str(len(xva))})
+    check("import_metadata status", status, 200)
+    check("import_metadata task-id", headers.get("task-id"), task)
+    deadline = time.time() + 10
+    while x.task.get_status(task) == "pending" and time.time() < deadline:
+        time.sleep(0.05)
+    check("import_metadata task: success", x.task.get_status(task), "success")
+    vms = re.findall(r"OpaqueRef:[0-9a-f-]+", x.task.get_result(task))
+    check("import_metadata result: one VM ref", len(vms), 1)
+    check("imported VM keeps the name", x.VM.get_name_label(vms[0]), "conformance-vm")
+    check("imported VM's disk is the remapped VDI", [x.VBD.get_VDI(b) for b in x.VM.get_VBDs(vms[0])], [new])
+
+    status, _, _ = h.http("PUT", "/import_raw_vdi", {"vdi": new_uuid}, body=b"x", headers={"Transfer-Encoding": "chunked"})
+    check("import_raw_vdi with HTTP chunked encoding -> 404", status, 404)
+    status, _, _ = h.http("GET", "/export_raw_vdi", {"vdi": new_uuid, "session_id": "OpaqueRef:bogus"})
+    check("export_raw_vdi with a bad session -> 401", status, 401)
+
+    # JSON-RPC envelopes (same session as XML-RPC).
+    v2 = h.jsonrpc({"jsonrpc": "2.0", "method": "VDI.get_by_uuid", "params": [h.ref, "nope"], "id": 1})
+    check("JSON-RPC v2 error shape", v2, {"jsonrpc": "2.0", "error": {"code": 1, "message": "UUID_INVALID", "data": ["VDI", "nope"]}, "id": 1})
+    v2 = h.jsonrpc({"jsonrpc": "2.0", "method": "VDI.get_virtual_size", "params": [h.ref, vdi], "id": "x"})
+    check("JSON-RPC v2 result: ints are numbers", v2, {"jsonrpc": "2.0", "result": size, "id": "x"})
+    v1 = h.jsonrpc({"method": "VDI.get_by_uuid", "params": [h.ref, "nope"], "id": 2})
+    check("JSON-RPC v1 error shape", v1, {"result": None, "error": ["UUID_INVALID", "VDI", "nope"], "id": 2})
+
+    # SESSION_INVALID after logout (through the raw proxy: the binding
+    # itself re-logs-in on SESSION_INVALID).
+    old = h.ref
+    h.session.xenapi.session.logout()
+    raw = getattr(h.session, "VDI.get_all")(old)
+    check("after logout -> SESSION_INVALID [session]", raw, {"Status": "Failure", "ErrorDescription": ["SESSION_INVALID", old]})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("url")
+    p.add_argument("--user", default="root")
+    p.add_argument("--password", default=os.environ.get("XENAPI_CONFORMANCE_PASSWORD"))
+    a = p.parse_args()
+    if not a.password:
+        sys.exit("give --password or set XENAPI_CONFORMANCE_PASSWORD")
+    try:
+        run(Host(a.url, a.user, a.password))
+    except Mismatch as e:
+        print("FAIL %s" % e)
+        sys.exit(1)
+    except XenAPI.Failure as e:
+        print("FAIL unexpected XenAPI failure %s" % (e.details,))
+        sys.exit(1)
+    print("conformance: all checks passed (%d)" % CHECKS)
+
+
+if __name__ == "__main__":
+    main()
