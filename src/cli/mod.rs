@@ -50,8 +50,8 @@ pub enum Command {
     Repair(RepairCommand),
     /// Export a snapshot read-only over NBD (for qemu-img, qemu-nbd --connect, guestmount).
     Serve(ServeArgs),
-    /// Back up, change, back up again and restore a generated image in a
-    /// temporary repository, verifying the result.
+    /// Start a simulated XenServer host, back a VM up (full, then
+    /// incremental with CBT), restore a disk and verify it bit for bit.
     Demo(DemoArgs),
     /// Run a simulated XenServer host (XenAPI over HTTPS, NBD with TLS) to
     /// try cbtvault without one.
@@ -130,11 +130,15 @@ pub struct InitArgs {
 
 #[derive(Debug, Args)]
 pub struct BackupArgs {
-    /// A raw disk image or block device path, or an NBD URI
-    /// (nbd://HOST[:PORT]/EXPORT, nbds://..., nbd+unix:///EXPORT?socket=PATH).
+    /// A raw disk image or block device path, an NBD URI
+    /// (nbd://HOST[:PORT]/EXPORT, nbds://..., nbd+unix:///EXPORT?socket=PATH),
+    /// or a XenServer disk or VM (xen://[USER@]HOST[:PORT]/vdi/UUID,
+    /// xen://[USER@]HOST[:PORT]/vm/UUID).
     pub source: String,
     #[command(flatten)]
     pub nbd: NbdArgs,
+    #[command(flatten)]
+    pub xen: XenArgs,
     /// Identity of the disk for finding the parent (default: `file:` plus
     /// the absolute path, or the NBD URI). Use it when the path changes
     /// between runs, e.g. a new LVM snapshot device each time.
@@ -160,6 +164,36 @@ pub struct BackupArgs {
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
+}
+
+/// How to reach a XenServer host (xen:// sources).
+#[derive(Debug, Args, Clone, Default)]
+pub struct XenArgs {
+    /// XenServer user (default: the one in the URL, else root).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// File whose first line is the XenServer password (or set
+    /// CBTVAULT_XEN_PASSWORD; never on the command line).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Trust XenAPI certificates issued by these CAs (PEM) instead of the
+    /// system's.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Trust exactly the XenAPI certificate with this SHA-256 fingerprint
+    /// (AB:CD:... as `openssl x509 -fingerprint -sha256` prints it).
+    #[arg(long, value_name = "SHA256", conflicts_with = "ca_file")]
+    pub fingerprint: Option<String>,
+    /// Do not verify the XenAPI certificate (NOT RECOMMENDED: warns every run).
+    #[arg(long, conflicts_with_all = ["ca_file", "fingerprint"])]
+    pub insecure: bool,
+    /// Do not enable changed block tracking on disks that have it off
+    /// (they are then read in full every time).
+    #[arg(long)]
+    pub no_enable_cbt: bool,
+    /// Keep the host-side snapshot's data (skip VDI.data_destroy).
+    #[arg(long)]
+    pub keep_snapshot_data: bool,
 }
 
 /// How to reach an NBD server.
@@ -242,7 +276,7 @@ pub enum RepairCommand {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Size of the generated image in MiB.
+    /// Size of the first simulated disk in MiB (the second is half).
     #[arg(long, default_value_t = 256)]
     pub size_mib: u64,
     /// Work folder (default: a new temporary folder, removed afterwards).

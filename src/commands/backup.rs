@@ -17,6 +17,12 @@ use crate::repo::backup::{self, BackupPlan, BackupSummary, ParentInfo, PipelineO
 use crate::repo::lock::hostname;
 use crate::repo::Repository;
 use crate::source::nbd::{proto, tls, NbdSource, NbdUri, PoolOptions};
+use crate::source::xenapi::workflow::{
+    self, BoxError, Committer, DiskChanges, FrozenDisk, Previous, RunReport, WorkflowOptions,
+};
+use crate::source::xenapi::{
+    Client, ClientOptions, Credentials, HttpsTrust, Password, Session, XenUrl,
+};
 use crate::source::{BlockSource, FileSource};
 
 /// Validated options of one backup.
@@ -25,6 +31,9 @@ pub struct BackupOptions {
     pub full: bool,
     pub full_every: Option<u32>,
     pub tags: Vec<String>,
+    /// Source landmark recorded in the snapshot (e.g. the XenServer
+    /// snapshot VDI that the next incremental compares against).
+    pub landmark: BTreeMap<String, String>,
 }
 
 /// What the source says changed.
@@ -57,6 +66,7 @@ impl BackupOptions {
             full: args.full,
             full_every: args.full_every,
             tags: args.tags.clone(),
+            landmark: BTreeMap::new(),
         })
     }
 }
@@ -154,6 +164,9 @@ fn backup_as(
 pub fn run(ui: &Ui, repo: &Repository, args: &BackupArgs) -> Result<Outcome> {
     let options = BackupOptions::from_args(args)?;
     let block_size = repo.config().block_size;
+    if XenUrl::is_xen(&args.source) {
+        return run_xen(ui, repo, args, options);
+    }
     let summary = if is_nbd_uri(&args.source) {
         if args.changed_blocks.is_some() {
             bail!("--changed-blocks applies to image files; for NBD use --dirty-bitmap");
@@ -343,7 +356,7 @@ pub(crate) fn backup_source(
         synthetic_full,
         tags: options.tags.clone(),
         hostname: hostname(),
-        landmark: BTreeMap::new(),
+        landmark: options.landmark.clone(),
         new_set_reason,
     };
     let bar = ui.progress("backup", true);
@@ -355,6 +368,10 @@ pub(crate) fn backup_source(
 
 pub(crate) fn report(ui: &Ui, s: &BackupSummary) {
     ui.json(s);
+    report_human(ui, s);
+}
+
+pub(crate) fn report_human(ui: &Ui, s: &BackupSummary) {
     if let Some(reason) = &s.new_set_reason {
         if s.full && !reason.starts_with("first backup") {
             ui.info(format!("  (new backup set: {reason})"));
@@ -386,4 +403,268 @@ pub(crate) fn report(ui: &Ui, s: &BackupSummary) {
         s.blocks_zero,
         human_bytes(s.bytes_stored)
     ));
+}
+
+/// The environment variable holding the XenServer password.
+pub const XEN_PASSWORD_ENV: &str = "CBTVAULT_XEN_PASSWORD";
+
+/// Logs in to the host of `url` as the command line says. The password
+/// comes from `--password-file` or the environment, never from argv.
+pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, args: &crate::cli::XenArgs) -> Result<Session> {
+    let trust = if args.insecure {
+        ui.warn(format!(
+            "--insecure: the certificate of '{}' is NOT verified; anyone on the path can read the password and the disks",
+            url.authority()
+        ));
+        HttpsTrust::Insecure
+    } else if let Some(fp) = &args.fingerprint {
+        HttpsTrust::Fingerprint(crate::source::xenapi::tls::parse_fingerprint(fp)?)
+    } else if let Some(ca) = &args.ca_file {
+        HttpsTrust::CaPem(
+            std::fs::read(ca).with_context(|| format!("read CA file '{}'", ca.display()))?,
+        )
+    } else {
+        HttpsTrust::System
+    };
+    let user = args
+        .user
+        .clone()
+        .or_else(|| url.user.clone())
+        .unwrap_or_else(|| "root".to_string());
+    let password = match &args.password_file {
+        Some(p) => Password::from_file(p)?,
+        None => match std::env::var(XEN_PASSWORD_ENV) {
+            Ok(p) if !p.is_empty() => Password::new(p),
+            _ => {
+                bail!("no XenServer password: give --password-file FILE or set {XEN_PASSWORD_ENV}")
+            }
+        },
+    };
+    let client = Client::new(ClientOptions::new(&url.host, url.port, trust))?;
+    let session = client
+        .login(Credentials {
+            user: user.clone(),
+            password,
+        })
+        .with_context(|| format!("log in to '{}' as '{user}'", url.authority()))?;
+    Ok(session)
+}
+
+/// What a XenServer backup stored.
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct XenBackupSummary {
+    pub source: String,
+    pub vm_backup: Option<String>,
+    pub disks: Vec<XenDiskSummary>,
+    pub metadata: Option<BackupSummary>,
+    pub seconds: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub(crate) struct XenDiskSummary {
+    pub vdi: String,
+    pub name_label: String,
+    pub host_snapshot_vdi: Option<String>,
+    pub lost_reason: Option<String>,
+    #[serde(flatten)]
+    pub summary: BackupSummary,
+}
+
+/// The repository side of the XenServer workflow.
+struct RepoCommitter<'a> {
+    ui: &'a Ui,
+    repo: &'a Repository,
+    options: &'a BackupOptions,
+    disks: Vec<XenDiskSummary>,
+    metadata: Option<BackupSummary>,
+}
+
+fn boxed(e: anyhow::Error) -> BoxError {
+    // Keep the whole context chain on one line.
+    format!("{e:#}").into()
+}
+
+impl Committer for RepoCommitter<'_> {
+    fn previous(&mut self, identity: &str) -> std::result::Result<Previous, BoxError> {
+        let last = self
+            .repo
+            .snapshots()
+            .map_err(|e| boxed(e.into()))?
+            .into_iter()
+            .rfind(|s| s.meta.source == identity);
+        Ok(match last {
+            None => Previous::None,
+            Some(s) => match s.meta.landmark.get(workflow::keys::SNAPSHOT_VDI) {
+                Some(uuid) => Previous::Landmark(uuid.clone()),
+                None => Previous::NoLandmark(format!(
+                    "the last backup of '{identity}' (snapshot {}) recorded no CBT landmark",
+                    s.meta.id.short()
+                )),
+            },
+        })
+    }
+
+    fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> std::result::Result<(), BoxError> {
+        let block_size = self.repo.config().block_size;
+        let (changes, lost_reason) = match &disk.changes {
+            DiskChanges::Since(cbt) => (
+                Changes::Since(cbt_to_repo_blocks(cbt, disk.size_bytes, block_size)),
+                None,
+            ),
+            DiskChanges::Full(Some(reason)) => {
+                (Changes::Lost(reason.clone()), Some(reason.clone()))
+            }
+            DiskChanges::Full(None) => (Changes::Unknown, None),
+        };
+        self.ui.info(format!(
+            "disk {} ('{}', {}): {}",
+            disk.vdi_uuid,
+            disk.name_label,
+            human_bytes(disk.size_bytes),
+            match &changes {
+                Changes::Since(b) => format!("{} changed blocks", bitmap::iter_set(b).count()),
+                Changes::Lost(_) => "change tracking lost, full read".to_string(),
+                Changes::Unknown => "full read".to_string(),
+            }
+        ));
+        let mut options = BackupOptions {
+            parent: None,
+            full: self.options.full,
+            full_every: self.options.full_every,
+            tags: self.options.tags.clone(),
+            landmark: disk.landmark.clone(),
+        };
+        options.landmark.extend(self.options.landmark.clone());
+        let facts = SourceFacts {
+            changes,
+            nonzero: None,
+        };
+        let summary =
+            backup_source(self.ui, self.repo, disk.source, &options, facts).map_err(boxed)?;
+        report_human(self.ui, &summary);
+        self.disks.push(XenDiskSummary {
+            vdi: disk.vdi_uuid.clone(),
+            name_label: disk.name_label.clone(),
+            host_snapshot_vdi: disk.landmark.get(workflow::keys::SNAPSHOT_VDI).cloned(),
+            lost_reason,
+            summary,
+        });
+        Ok(())
+    }
+
+    fn commit_metadata(
+        &mut self,
+        identity: &str,
+        tar: &[u8],
+        landmark: BTreeMap<String, String>,
+    ) -> std::result::Result<(), BoxError> {
+        let source = crate::source::xenapi::nbd::MemorySource {
+            identity: identity.to_string(),
+            bytes: tar.to_vec(),
+        };
+        let options = BackupOptions {
+            parent: None,
+            full: false,
+            full_every: self.options.full_every,
+            tags: self.options.tags.clone(),
+            landmark,
+        };
+        let facts = SourceFacts {
+            changes: Changes::Unknown,
+            nonzero: None,
+        };
+        let summary = backup_source(self.ui, self.repo, &source, &options, facts).map_err(boxed)?;
+        self.ui.info(format!(
+            "VM metadata ({}) saved as snapshot {}",
+            human_bytes(tar.len() as u64),
+            summary.snapshot_id.short()
+        ));
+        self.metadata = Some(summary);
+        Ok(())
+    }
+
+    fn warn(&mut self, message: String) {
+        self.ui.warn(message);
+    }
+
+    fn info(&mut self, message: String) {
+        self.ui.info(message);
+    }
+}
+
+/// Backs up a XenServer VDI or VM (the workflow, then the repository).
+pub(crate) fn xen_backup(
+    ui: &Ui,
+    repo: &Repository,
+    url: &XenUrl,
+    session: &Session,
+    workflow_options: &WorkflowOptions,
+    options: &BackupOptions,
+) -> Result<(XenBackupSummary, RunReport)> {
+    let started = std::time::Instant::now();
+    let _lock = repo.lock(false, "backup")?;
+    let mut committer = RepoCommitter {
+        ui,
+        repo,
+        options,
+        disks: Vec::new(),
+        metadata: None,
+    };
+    let report = workflow::run(session, url, workflow_options, &mut committer)
+        .with_context(|| format!("back up xen://{}/{}", url.authority(), url.uuid))?;
+    Ok((
+        XenBackupSummary {
+            source: format!(
+                "xen://{}/{}/{}",
+                url.authority(),
+                match url.object {
+                    crate::source::xenapi::XenObject::Vdi => "vdi",
+                    crate::source::xenapi::XenObject::Vm => "vm",
+                },
+                url.uuid
+            ),
+            vm_backup: report.vm_backup.clone(),
+            disks: committer.disks,
+            metadata: committer.metadata,
+            seconds: started.elapsed().as_secs_f64(),
+        },
+        report,
+    ))
+}
+
+fn run_xen(
+    ui: &Ui,
+    repo: &Repository,
+    args: &BackupArgs,
+    options: BackupOptions,
+) -> Result<Outcome> {
+    if args.changed_blocks.is_some() || args.dirty_bitmap.is_some() || args.parent.is_some() {
+        bail!("--changed-blocks, --dirty-bitmap and --parent do not apply to xen:// sources: the host tracks changes");
+    }
+    if args.source_id.is_some() {
+        bail!("--source-id does not apply to xen:// sources: disks are identified by host and VDI uuid");
+    }
+    let url = XenUrl::parse(&args.source)?;
+    let session = xen_session(ui, &url, &args.xen)?;
+    let workflow_options = WorkflowOptions {
+        enable_cbt: !args.xen.no_enable_cbt,
+        keep_snapshot_data: args.xen.keep_snapshot_data,
+        nbd_connections: args.nbd.nbd_connections.max(1),
+        ..WorkflowOptions::default()
+    };
+    let result = xen_backup(ui, repo, &url, &session, &workflow_options, &options);
+    session.logout();
+    let (summary, _) = result?;
+    ui.json(&summary);
+    ui.info(format!(
+        "backed up {} disk(s){} in {:.2}s",
+        summary.disks.len(),
+        summary
+            .vm_backup
+            .as_ref()
+            .map(|id| format!(" and the VM metadata (VM backup {id})"))
+            .unwrap_or_default(),
+        summary.seconds
+    ));
+    Ok(Outcome::Ok)
 }

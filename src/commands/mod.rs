@@ -59,6 +59,22 @@ pub fn run(cli: Cli) -> Result<Outcome> {
     }
 }
 
+/// BLAKE3 of a whole file, streamed.
+pub(crate) fn hash_file(path: &Path) -> Result<blake3::Hash> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("open '{}'", path.display()))?;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize())
+}
+
 /// Opens the repository, saying so when the catalog had to be rebuilt.
 pub(crate) fn open(ui: &Ui, path: &Path) -> Result<Repository> {
     let repo =

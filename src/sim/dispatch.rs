@@ -340,6 +340,12 @@ fn call_inner(core: &Arc<Core>, method: &str, params: &[Value]) -> Result<Value,
         other => return Err(ApiError::session_invalid(&format!("{other:?}"))),
     };
     core.lock().check_session(&session)?;
+    let injected = core.lock().faults.fail_calls.get(method).cloned();
+    if let Some(desc) = injected {
+        let mut items = desc.into_iter();
+        let code = items.next().unwrap_or_else(|| "INTERNAL_ERROR".into());
+        return Err(ApiError::new(&code, items));
+    }
     if class == Class::Vdi && name == "data_destroy" {
         return data_destroy(core, params);
     }

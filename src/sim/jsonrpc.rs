@@ -24,7 +24,8 @@ pub struct Request {
     pub params: Vec<Value>,
 }
 
-fn from_json(v: serde_json::Value) -> Value {
+/// A JSON value as a XenAPI value (numbers that fit become `Int`).
+pub fn from_json(v: serde_json::Value) -> Value {
     match v {
         serde_json::Value::Null => Value::Nil,
         serde_json::Value::Bool(b) => Value::Bool(b),

@@ -37,6 +37,9 @@
 //!     afterwards drop (no reply) once they have served that many bytes.
 //!   - `task_delay_ms` (int): async tasks and HTTP handler tasks stay
 //!     `pending` that long (cancellable meanwhile) before they complete.
+//!   - `fail_calls` (only through [`Simulator::set_faults`]): named
+//!     session calls answer the given `[code, params...]` and change
+//!     nothing, e.g. to fail a workflow at one step.
 //!   - `sim.system_disable_cbt(session, vdi)`: the system turned CBT off
 //!     (SM after an inconsistent log): `cbt_enabled` false, chain broken.
 //!   - `sim.attach_to_dom0(session, vdi)` -> VBD ref and `sim.detach(session,

@@ -271,6 +271,9 @@ pub struct Faults {
     pub nbd_drop_after_bytes: Option<u64>,
     /// Async tasks and HTTP handler tasks stay `pending` this long first.
     pub task_delay_ms: u64,
+    /// Calls (by method name, e.g. `VDI.snapshot`) that fail with this
+    /// `[code, params...]` after the session check, changing nothing.
+    pub fail_calls: BTreeMap<String, Vec<String>>,
 }
 
 /// Static facts about the simulated host, fixed at start.

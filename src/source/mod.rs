@@ -5,6 +5,7 @@
 
 pub mod file;
 pub mod nbd;
+pub mod xenapi;
 
 pub use file::FileSource;
 

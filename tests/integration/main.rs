@@ -14,3 +14,4 @@ mod nbd;
 mod roundtrip;
 mod serve;
 mod sim;
+mod xen_backup;

@@ -1,0 +1,303 @@
+//! Reading a frozen VDI: over NBD as `VDI.get_nbd_info` describes it
+//! (reference §2.6, §4): TLS with the returned `cert` pinned and `subject`
+//! as the server name, `NBD_OPT_EXPORT_NAME` with the session-bearing
+//! export name, connections spread over the returned entries and opened
+//! one after another, never more than the host's 16; or, for hosts without
+//! an NBD network, `/export_raw_vdi` spooled to a sparse temporary file.
+
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use super::client::{NbdInfo, Session};
+use super::XenApiError;
+use crate::source::nbd::client::{Address, ConnectOptions};
+use crate::source::nbd::tls::{TlsOptions, Trust};
+use crate::source::nbd::{NbdError, NbdPool, PoolOptions};
+use crate::source::{BlockSource, SourceError};
+
+/// xapi-nbd's limit per host (reference §4).
+pub const HOST_CONNECTION_LIMIT: usize = 16;
+
+/// One VDI read over NBD through several entries of `get_nbd_info`.
+pub struct NbdSet {
+    runtime: tokio::runtime::Runtime,
+    pools: Vec<NbdPool>,
+    next: AtomicUsize,
+    identity: String,
+    size_bytes: u64,
+}
+
+impl NbdSet {
+    /// Opens `connections` (at most 16) spread over `entries` in turn,
+    /// one after another. An entry that cannot be reached is skipped; no
+    /// entry at all is an error.
+    pub fn connect(
+        entries: &[NbdInfo],
+        identity: String,
+        expected_size: u64,
+        connections: usize,
+    ) -> Result<NbdSet, NbdError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(NbdError::io("start runtime"))?;
+        let total = connections.clamp(1, HOST_CONNECTION_LIMIT);
+        let used = entries.len().min(total).max(1);
+        let mut pools = Vec::new();
+        let mut last_error = None;
+        for (k, e) in entries.iter().enumerate().take(used) {
+            // Spread the connections: the first entries take the remainder.
+            let share = total / used + usize::from(k < total % used);
+            let options = ConnectOptions {
+                address: Address::Tcp {
+                    host: e.address.clone(),
+                    port: e.port,
+                },
+                export: e.exportname.clone(),
+                tls: Some(TlsOptions {
+                    trust: Trust::PinnedPem(e.cert.as_bytes().to_vec()),
+                    server_name: e.subject.clone(),
+                }),
+                // xapi-nbd has no structured replies nor block status.
+                meta_contexts: Vec::new(),
+                timeout: Duration::from_secs(120),
+            };
+            let pool = PoolOptions {
+                connections: share.max(1),
+                ..PoolOptions::default()
+            };
+            match runtime.block_on(NbdPool::connect(options, pool)) {
+                Ok(p) => pools.push(p),
+                Err(err) if err.is_connection_failure() => last_error = Some(err),
+                Err(err) => return Err(err),
+            }
+        }
+        let Some(first) = pools.first() else {
+            return Err(last_error.unwrap_or_else(|| {
+                NbdError::Invalid("VDI.get_nbd_info returned no entry".into())
+            }));
+        };
+        let size_bytes = first.size_bytes;
+        if size_bytes != expected_size || pools.iter().any(|p| p.size_bytes != size_bytes) {
+            return Err(NbdError::Invalid(format!(
+                "the NBD export has {size_bytes} bytes where the VDI's virtual_size is {expected_size}"
+            )));
+        }
+        Ok(NbdSet {
+            runtime,
+            pools,
+            next: AtomicUsize::new(0),
+            identity,
+            size_bytes,
+        })
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.pools.iter().map(|p| p.connection_count()).sum()
+    }
+
+    /// Disconnects every connection (NBD_CMD_DISC), so that the host
+    /// detaches the VDI from dom0 before VM.destroy / data_destroy.
+    pub fn close(mut self) {
+        let pools = std::mem::take(&mut self.pools);
+        self.runtime.block_on(async move {
+            for p in pools {
+                p.close().await;
+            }
+        });
+    }
+}
+
+impl Drop for NbdSet {
+    fn drop(&mut self) {
+        let pools = std::mem::take(&mut self.pools);
+        if !pools.is_empty() {
+            self.runtime.block_on(async move {
+                for p in pools {
+                    p.close().await;
+                }
+            });
+        }
+    }
+}
+
+impl BlockSource for NbdSet {
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.pools.len().max(1);
+        let pool = self.pools.get(k).ok_or_else(|| SourceError::Invalid {
+            source_name: self.identity.clone(),
+            reason: "no NBD connection".into(),
+        })?;
+        self.runtime
+            .block_on(pool.read_into(offset, buf))
+            .map_err(|e| SourceError::Invalid {
+                source_name: self.identity.clone(),
+                reason: format!("read at byte {offset}: {e}"),
+            })
+    }
+}
+
+/// A whole VDI fetched with `/export_raw_vdi` into a sparse temporary
+/// file (zero blocks are not written), removed when dropped.
+pub struct SpooledExport {
+    file: std::fs::File,
+    path: PathBuf,
+    identity: String,
+    size_bytes: u64,
+}
+
+impl SpooledExport {
+    pub fn fetch(
+        session: &Session,
+        vdi_uuid: &str,
+        identity: String,
+        size_bytes: u64,
+        dir: &std::path::Path,
+    ) -> Result<SpooledExport, XenApiError> {
+        let path = dir.join(format!(
+            "cbtvault-export-{}-{:08x}.raw",
+            vdi_uuid,
+            rand::random::<u32>()
+        ));
+        let io = |what: &str| {
+            let what = format!("{what} '{}'", path.display());
+            move |source| XenApiError::Io { what, source }
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io("create spool file"))?;
+        let spooled = SpooledExport {
+            file,
+            path: path.clone(),
+            identity,
+            size_bytes,
+        };
+        spooled
+            .file
+            .set_len(size_bytes)
+            .map_err(io("size spool file"))?;
+        let mut resp = session.export_raw_vdi(vdi_uuid)?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        loop {
+            // Fill the buffer fully (or to EOF) so zero runs are skipped in big pieces.
+            let mut filled = 0;
+            while filled < buf.len() {
+                match resp.read(&mut buf[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        return Err(XenApiError::Protocol {
+                            what: "GET /export_raw_vdi".into(),
+                            reason: format!("stream broke at byte {}: {e}", at + filled as u64),
+                        })
+                    }
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            if at + filled as u64 > size_bytes {
+                return Err(XenApiError::Protocol {
+                    what: "GET /export_raw_vdi".into(),
+                    reason: format!("more than the VDI's {size_bytes} bytes"),
+                });
+            }
+            for (k, chunk) in buf[..filled].chunks(65536).enumerate() {
+                if chunk.iter().any(|b| *b != 0) {
+                    spooled
+                        .file
+                        .write_all_at(chunk, at + (k * 65536) as u64)
+                        .map_err(io("write spool file"))?;
+                }
+            }
+            at += filled as u64;
+        }
+        if at != size_bytes {
+            return Err(XenApiError::Protocol {
+                what: "GET /export_raw_vdi".into(),
+                reason: format!("stream ended at byte {at} of {size_bytes} (truncated export)"),
+            });
+        }
+        Ok(spooled)
+    }
+}
+
+impl Drop for SpooledExport {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl BlockSource for SpooledExport {
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        if offset + buf.len() as u64 > self.size_bytes {
+            return Err(SourceError::Invalid {
+                source_name: self.identity.clone(),
+                reason: format!("read {offset}+{} beyond the end", buf.len()),
+            });
+        }
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|error| SourceError::Io {
+                source_name: self.identity.clone(),
+                op: "read spooled export",
+                offset,
+                error,
+            })
+    }
+}
+
+/// Bytes held in memory as a source (the VM metadata export).
+pub struct MemorySource {
+    pub identity: String,
+    pub bytes: Vec<u8>,
+}
+
+impl BlockSource for MemorySource {
+    fn identity(&self) -> &str {
+        &self.identity
+    }
+
+    fn size_bytes(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX);
+        match self.bytes.get(start..start.saturating_add(buf.len())) {
+            Some(src) => {
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            None => Err(SourceError::Invalid {
+                source_name: self.identity.clone(),
+                reason: format!("read {offset}+{} beyond the end", buf.len()),
+            }),
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! TLS for the XenAPI HTTPS endpoint: system roots, a CA file, a pinned
+//! SHA-256 certificate fingerprint (as `openssl x509 -fingerprint -sha256`
+//! prints it, and as `cbtvault sim` shows), or no verification at all when
+//! the user asked for `--insecure` (the command warns on every run).
+//! NBD TLS is separate (`source::nbd::tls`, pinned to get_nbd_info's cert).
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
+
+use super::XenApiError;
+
+/// Whom the XenAPI client trusts.
+#[derive(Clone)]
+pub enum HttpsTrust {
+    /// The operating system's certificate authorities.
+    System,
+    /// PEM certificates of certificate authorities (`--ca-file`).
+    CaPem(Vec<u8>),
+    /// Exactly the certificate with this SHA-256 digest of its DER.
+    Fingerprint([u8; 32]),
+    /// No verification (`--insecure`).
+    Insecure,
+}
+
+impl std::fmt::Debug for HttpsTrust {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HttpsTrust::System => write!(f, "System"),
+            HttpsTrust::CaPem(_) => write!(f, "CaPem"),
+            HttpsTrust::Fingerprint(d) => write!(f, "Fingerprint({})", format_fingerprint(d)),
+            HttpsTrust::Insecure => write!(f, "Insecure"),
+        }
+    }
+}
+
+/// Parses `AB:CD:...` or plain hex (64 digits), case-insensitive, with an
+/// optional `sha256:` / `SHA256=` prefix.
+pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], XenApiError> {
+    let t = text.trim();
+    let t = [
+        "sha256:",
+        "sha256=",
+        "SHA256:",
+        "SHA256=",
+        "sha256 Fingerprint=",
+    ]
+    .iter()
+    .find_map(|p| t.strip_prefix(p))
+    .unwrap_or(t);
+    let digits: String = t.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(&digits).map_err(|_| {
+        XenApiError::Invalid(format!(
+            "fingerprint '{text}' is not a SHA-256 digest in hex (AB:CD:... or 64 hex digits)"
+        ))
+    })?;
+    bytes.try_into().map_err(|b: Vec<u8>| {
+        XenApiError::Invalid(format!(
+            "fingerprint '{text}' has {} bytes; SHA-256 has 32",
+            b.len()
+        ))
+    })
+}
+
+pub fn format_fingerprint(d: &[u8]) -> String {
+    d.iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[derive(Debug)]
+struct PinVerifier {
+    /// `None`: accept any certificate (`--insecure`).
+    digest: Option<[u8; 32]>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // A pin names the certificate itself, so neither the chain nor the
+        // name matter (that is the point of pinning a self-signed host).
+        if let Some(want) = &self.digest {
+            let got = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
+            if got.as_ref() != want.as_slice() {
+                return Err(rustls::Error::InvalidCertificate(
+                    CertificateError::ApplicationVerificationFailure,
+                ));
+            }
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A rustls client configuration (ring provider) for the given trust.
+pub fn client_config(trust: &HttpsTrust) -> Result<ClientConfig, XenApiError> {
+    let provider = provider();
+    let tls = |e: rustls::Error| XenApiError::Tls(e.to_string());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(tls)?;
+    let roots = |certs: Vec<CertificateDer<'static>>, what: &str| {
+        let mut store = RootCertStore::empty();
+        let (added, _ignored) = store.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(XenApiError::Tls(format!("{what}: no usable certificate")));
+        }
+        Ok(store)
+    };
+    Ok(match trust {
+        HttpsTrust::System => {
+            let found = rustls_native_certs::load_native_certs();
+            let store = roots(found.certs, "system certificate store")?;
+            builder.with_root_certificates(store).with_no_client_auth()
+        }
+        HttpsTrust::CaPem(pem) => {
+            let certs = crate::source::nbd::tls::certs_from_pem(pem, "CA file")
+                .map_err(|e| XenApiError::Tls(e.to_string()))?;
+            builder
+                .with_root_certificates(roots(certs, "CA file")?)
+                .with_no_client_auth()
+        }
+        HttpsTrust::Fingerprint(d) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                digest: Some(*d),
+                provider,
+            }))
+            .with_no_client_auth(),
+        HttpsTrust::Insecure => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier {
+                digest: None,
+                provider,
+            }))
+            .with_no_client_auth(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints() {
+        let colon = (0..32)
+            .map(|i| format!("{i:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let d = parse_fingerprint(&colon).unwrap();
+        assert_eq!(d[31], 31);
+        assert_eq!(
+            parse_fingerprint(&format!("sha256:{}", hex::encode(d))).unwrap(),
+            d
+        );
+        assert_eq!(format_fingerprint(&d).to_ascii_lowercase(), colon);
+        assert!(parse_fingerprint("AB:CD").is_err());
+        assert!(parse_fingerprint("zz").is_err());
+    }
+}

@@ -1,0 +1,721 @@
+//! The CBT backup workflow of a VDI or a whole VM (seed 002, reference §5
+//! and §7), host side only; the repository side is a [`Committer`] the
+//! command supplies.
+//!
+//! Per run: check `cbt_enabled` (enable it and wait, unless told not to);
+//! for a VM fetch `/export_metadata?export_snapshots=false`; snapshot
+//! (`VDI.snapshot`, or one `VM.snapshot` for every disk); for each disk
+//! with a landmark, `VDI.list_changed_blocks(landmark, snapshot)` **before**
+//! any NBD connection to the snapshot (an attached `vdi_to` answers
+//! `VDI_IN_USE`); then per disk read over NBD (or `/export_raw_vdi` when
+//! `get_nbd_info` is empty) and commit, the snapshot's uuid recorded as
+//! the next landmark in the committed object; disconnect; destroy the
+//! snapshot VM; `VDI.data_destroy` each snapshot so only a `cbt_metadata`
+//! landmark stays on the host; destroy the superseded landmark.
+//!
+//! Lost tracking (CBT off, `SR_BACKEND_FAILURE_460`/`459`, a vanished
+//! landmark, `VDI_NO_CBT_METADATA`, `MESSAGE_METHOD_UNKNOWN`, ...) is a
+//! normal event: the disk is read in full with the reason, never silently.
+//! On failure nothing more is committed, every snapshot taken by this run
+//! and not committed is destroyed, and the previous landmark is untouched
+//! (invariant 5 of DESIGN.md).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::client::{NbdInfo, Session, VdiRecord};
+use super::nbd::{NbdSet, SpooledExport};
+use super::{XenApiError, XenObject, XenUrl};
+use crate::source::BlockSource;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Landmark map keys (stored in each committed snapshot).
+pub mod keys {
+    /// `HOST:PORT` of the XenAPI endpoint.
+    pub const HOST: &str = "xen.host";
+    /// The live VDI backed up.
+    pub const VDI: &str = "xen.vdi";
+    /// The snapshot VDI of this run: the `vdi_from` of the next one.
+    pub const SNAPSHOT_VDI: &str = "xen.snapshot_vdi";
+    /// The VM, for VM backups.
+    pub const VM: &str = "xen.vm";
+    /// Groups the disks and the metadata of one VM backup.
+    pub const VM_BACKUP: &str = "xen.vm_backup";
+    /// `nbd` or `export_raw_vdi`.
+    pub const READ_VIA: &str = "xen.read_via";
+    /// `disk` or `vm-metadata`.
+    pub const KIND: &str = "xen.kind";
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkflowOptions {
+    /// Enable CBT on disks that have it off (then wait for the call).
+    pub enable_cbt: bool,
+    /// Keep the snapshot's data instead of `VDI.data_destroy`.
+    pub keep_snapshot_data: bool,
+    /// NBD connections in total (at most 16).
+    pub nbd_connections: usize,
+    /// Where `/export_raw_vdi` is spooled when there is no NBD.
+    pub spool_dir: PathBuf,
+    /// Destroy the previous landmark (a `cbt_metadata` VDI) once superseded.
+    pub destroy_superseded_landmark: bool,
+    /// Largest VM metadata export accepted.
+    pub metadata_limit_bytes: u64,
+}
+
+impl Default for WorkflowOptions {
+    fn default() -> Self {
+        WorkflowOptions {
+            enable_cbt: true,
+            keep_snapshot_data: false,
+            nbd_connections: 4,
+            spool_dir: std::env::temp_dir(),
+            destroy_superseded_landmark: true,
+            metadata_limit_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What the repository knows of the last backup of a disk.
+#[derive(Debug, Clone)]
+pub enum Previous {
+    /// Never backed up.
+    None,
+    /// Backed up, but that snapshot records no usable landmark (why).
+    NoLandmark(String),
+    /// The landmark (a snapshot VDI uuid) recorded by the last backup.
+    Landmark(String),
+}
+
+/// Which blocks to read.
+#[derive(Debug, Clone)]
+pub enum DiskChanges {
+    /// Exactly these 64 KiB blocks changed since the landmark (MSB first).
+    Since(Vec<u8>),
+    /// Read everything. `Some(reason)`: change tracking was lost.
+    Full(Option<String>),
+}
+
+/// A frozen disk, ready to be read and committed.
+pub struct FrozenDisk<'a> {
+    pub vdi_uuid: String,
+    pub name_label: String,
+    pub identity: String,
+    pub size_bytes: u64,
+    pub changes: DiskChanges,
+    pub source: &'a dyn BlockSource,
+    /// To be stored in the committed snapshot (see [`keys`]).
+    pub landmark: BTreeMap<String, String>,
+}
+
+/// The repository side of the workflow.
+pub trait Committer {
+    /// What the repository knows of this disk identity.
+    fn previous(&mut self, identity: &str) -> Result<Previous, BoxError>;
+    /// Reads and commits one disk; the snapshot object must carry
+    /// `disk.landmark`. Called once per disk.
+    fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), BoxError>;
+    /// Stores a VM's metadata export (after its disks).
+    fn commit_metadata(
+        &mut self,
+        identity: &str,
+        tar: &[u8],
+        landmark: BTreeMap<String, String>,
+    ) -> Result<(), BoxError>;
+    fn warn(&mut self, message: String);
+    fn info(&mut self, message: String);
+}
+
+/// Which step failed, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {source}")]
+pub struct WorkflowError {
+    pub step: String,
+    #[source]
+    pub source: BoxError,
+}
+
+fn step<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> WorkflowError {
+    let step = what.into();
+    move |e| WorkflowError {
+        step,
+        source: e.into(),
+    }
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub vm_backup: Option<String>,
+    pub disks: Vec<DiskReport>,
+    pub seconds_host: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskReport {
+    pub vdi_uuid: String,
+    pub snapshot_vdi: String,
+    pub incremental: bool,
+    pub lost_reason: Option<String>,
+}
+
+const NULL_REF: &str = "OpaqueRef:NULL";
+
+/// Codes that mean "no usable change tracking between these two VDIs".
+fn lost_code(code: &str) -> bool {
+    matches!(
+        code,
+        "SR_BACKEND_FAILURE_460"
+            | "SR_BACKEND_FAILURE_459"
+            | "VDI_NO_CBT_METADATA"
+            | "MESSAGE_METHOD_UNKNOWN"
+            | "VDI_INCOMPATIBLE_TYPE"
+            | "HANDLE_INVALID"
+            | "UUID_INVALID"
+    )
+}
+
+fn describe(e: &XenApiError) -> String {
+    match e {
+        XenApiError::Api { code, params, .. } => {
+            let detail: Vec<&str> = params
+                .iter()
+                .map(String::as_str)
+                .filter(|p| !p.is_empty())
+                .collect();
+            if detail.is_empty() {
+                code.clone()
+            } else {
+                format!("{code} ({})", detail.join("; "))
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// One disk of the run.
+struct Disk {
+    vdi_ref: String,
+    record: VdiRecord,
+    identity: String,
+    /// Set when tracking is already known to be lost (or never started).
+    full_reason: Option<Option<String>>,
+    landmark: Option<String>,
+    landmark_ref: Option<String>,
+    snapshot_ref: Option<String>,
+    snapshot_uuid: String,
+    snapshot_cbt: bool,
+    changes: Option<DiskChanges>,
+    committed: bool,
+}
+
+/// Host-side objects of this run, cleaned up on every path.
+struct HostSide<'s> {
+    session: &'s Session,
+    snapshot_vm: Option<String>,
+}
+
+impl HostSide<'_> {
+    /// `VDI.destroy`, retried while the host still sees a dom0 VBD (an NBD
+    /// connection being torn down): reference §6, XO issue 7956.
+    fn destroy_vdi(&self, vdi: &str) -> Result<(), XenApiError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.session.vdi_destroy(vdi) {
+                Err(e) if e.is_code("VDI_IN_USE") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) if e.is_code("HANDLE_INVALID") => return Ok(()),
+                other => return other,
+            }
+        }
+    }
+
+    fn data_destroy(&self, vdi: &str) -> Result<(), XenApiError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.session.vdi_data_destroy(vdi) {
+                Err(e) if e.is_code("VDI_IN_USE") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn destroy_snapshot_vm(&mut self) -> Result<(), XenApiError> {
+        if let Some(vm) = self.snapshot_vm.take() {
+            match self.session.vm_destroy(&vm) {
+                Err(e) if !e.is_code("HANDLE_INVALID") => {
+                    self.snapshot_vm = Some(vm);
+                    return Err(e);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one backup of `url` (a VDI or a VM) through `committer`.
+pub fn run(
+    session: &Session,
+    url: &XenUrl,
+    options: &WorkflowOptions,
+    committer: &mut dyn Committer,
+) -> Result<RunReport, WorkflowError> {
+    let started = Instant::now();
+    let mut host = HostSide {
+        session,
+        snapshot_vm: None,
+    };
+    let mut disks = discover(session, url, committer)?;
+    let vm_ref = match url.object {
+        XenObject::Vm => Some(
+            session
+                .vm_by_uuid(&url.uuid)
+                .map_err(step("VM.get_by_uuid"))?,
+        ),
+        XenObject::Vdi => None,
+    };
+    for d in disks.iter_mut() {
+        prepare_cbt(session, d, options, committer)?;
+    }
+    let vm_backup = vm_ref
+        .as_ref()
+        .map(|_| format!("{:032x}", rand::random::<u128>()));
+    let metadata = match &vm_ref {
+        Some(_) => Some(
+            session
+                .export_metadata(&url.uuid, options.metadata_limit_bytes)
+                .map_err(step("GET /export_metadata"))?,
+        ),
+        None => None,
+    };
+
+    // From the snapshot on, every exit path cleans up.
+    let result = (|| -> Result<(), WorkflowError> {
+        take_snapshots(&mut host, vm_ref.as_deref(), &mut disks)?;
+        // Every bitmap before any NBD connection to a snapshot.
+        for d in disks.iter_mut() {
+            changes_of(session, d)?;
+        }
+        for d in disks.iter_mut() {
+            read_and_commit(session, url, options, vm_backup.as_deref(), d, committer)?;
+        }
+        if let (Some(tar), Some(id)) = (&metadata, &vm_backup) {
+            let mut landmark = BTreeMap::new();
+            landmark.insert(keys::HOST.into(), url.authority());
+            landmark.insert(keys::VM.into(), url.uuid.clone());
+            landmark.insert(keys::VM_BACKUP.into(), id.clone());
+            landmark.insert(keys::KIND.into(), "vm-metadata".into());
+            committer
+                .commit_metadata(&url.vm_metadata_identity(&url.uuid), tar, landmark)
+                .map_err(step("commit the VM metadata"))?;
+        }
+        Ok(())
+    })();
+
+    // Host-side clean-up: the snapshot VM first (its VBDs block data_destroy).
+    if let Err(e) = host.destroy_snapshot_vm() {
+        committer.warn(format!(
+            "could not destroy the snapshot VM: {}; remove it by hand",
+            describe(&e)
+        ));
+    }
+    let mut reports = Vec::new();
+    for d in disks.iter() {
+        let Some(snap) = &d.snapshot_ref else {
+            continue;
+        };
+        if d.committed && d.snapshot_cbt {
+            // Now the next landmark: keep only its CBT metadata.
+            if !options.keep_snapshot_data {
+                if let Err(e) = host.data_destroy(snap) {
+                    committer.warn(format!(
+                        "VDI.data_destroy of snapshot {} failed: {}; the snapshot keeps its data and stays a valid landmark",
+                        d.snapshot_uuid,
+                        describe(&e)
+                    ));
+                }
+            }
+            if options.destroy_superseded_landmark {
+                if let Some(old) = &d.landmark_ref {
+                    supersede(&host, old, &d.vdi_ref, options, committer);
+                }
+            }
+        } else if let Err(e) = host.destroy_vdi(snap) {
+            // Not committed (failure) or useless as a landmark (no CBT).
+            committer.warn(format!(
+                "could not destroy snapshot VDI {}: {}; remove it by hand",
+                d.snapshot_uuid,
+                describe(&e)
+            ));
+        }
+        if d.committed {
+            let (incremental, lost_reason) = match &d.changes {
+                Some(DiskChanges::Since(_)) => (true, None),
+                Some(DiskChanges::Full(r)) => (false, r.clone()),
+                None => (false, None),
+            };
+            reports.push(DiskReport {
+                vdi_uuid: d.record.uuid.clone(),
+                snapshot_vdi: d.snapshot_uuid.clone(),
+                incremental,
+                lost_reason,
+            });
+        }
+    }
+    result?;
+    Ok(RunReport {
+        vm_backup,
+        disks: reports,
+        seconds_host: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Destroys the previous landmark once a newer one is committed, if it is
+/// a snapshot of the same VDI: a `cbt_metadata` one always, one that kept
+/// its data (its data_destroy failed) unless snapshot data is to be kept.
+/// Destroying a chain member merges its bitmap into its child (reference
+/// §2.8), so the chain stays whole.
+fn supersede(
+    host: &HostSide<'_>,
+    old: &str,
+    vdi_ref: &str,
+    options: &WorkflowOptions,
+    committer: &mut dyn Committer,
+) {
+    let s = host.session;
+    let ok = match s.vdi_record(old) {
+        Ok(r) => {
+            r.is_a_snapshot
+                && r.snapshot_of == vdi_ref
+                && (r.vdi_type == "cbt_metadata" || !options.keep_snapshot_data)
+        }
+        Err(_) => false,
+    };
+    if ok {
+        if let Err(e) = host.destroy_vdi(old) {
+            committer.warn(format!(
+                "could not destroy the superseded landmark: {}",
+                describe(&e)
+            ));
+        }
+    }
+}
+
+fn discover(
+    session: &Session,
+    url: &XenUrl,
+    committer: &mut dyn Committer,
+) -> Result<Vec<Disk>, WorkflowError> {
+    let new_disk = |vdi_ref: String, record: VdiRecord| Disk {
+        identity: url.disk_identity(&record.uuid),
+        vdi_ref,
+        record,
+        full_reason: None,
+        landmark: None,
+        landmark_ref: None,
+        snapshot_ref: None,
+        snapshot_uuid: String::new(),
+        snapshot_cbt: false,
+        changes: None,
+        committed: false,
+    };
+    let mut disks = Vec::new();
+    match url.object {
+        XenObject::Vdi => {
+            let r = session
+                .vdi_by_uuid(&url.uuid)
+                .map_err(step(format!("find VDI {}", url.uuid)))?;
+            let rec = session.vdi_record(&r).map_err(step("VDI.get_record"))?;
+            if rec.is_a_snapshot {
+                return Err(step("check the VDI")(format!(
+                    "VDI {} is a snapshot; name the live VDI (its snapshot_of)",
+                    rec.uuid
+                )));
+            }
+            if rec.vdi_type != "user" && rec.vdi_type != "system" {
+                return Err(step("check the VDI")(format!(
+                    "VDI {} has type '{}'; only user and system disks are backed up",
+                    rec.uuid, rec.vdi_type
+                )));
+            }
+            disks.push(new_disk(r, rec));
+        }
+        XenObject::Vm => {
+            let vm = session
+                .vm_by_uuid(&url.uuid)
+                .map_err(step(format!("find VM {}", url.uuid)))?;
+            let mut found = Vec::new();
+            for vbd in session.vm_vbds(&vm).map_err(step("VM.get_VBDs"))? {
+                let b = session.vbd_record(&vbd).map_err(step("VBD.get_record"))?;
+                if b.vbd_type != "Disk" || b.vdi == NULL_REF || b.vdi.is_empty() {
+                    continue;
+                }
+                let rec = session.vdi_record(&b.vdi).map_err(step("VDI.get_record"))?;
+                if rec.vdi_type != "user" && rec.vdi_type != "system" {
+                    committer.info(format!(
+                        "skipping VDI {} of type '{}'",
+                        rec.uuid, rec.vdi_type
+                    ));
+                    continue;
+                }
+                found.push((b.userdevice, b.vdi, rec));
+            }
+            found.sort_by(|a, b| {
+                let n = |s: &str| s.parse::<u64>().unwrap_or(u64::MAX);
+                n(&a.0).cmp(&n(&b.0)).then(a.0.cmp(&b.0))
+            });
+            for (_, r, rec) in found {
+                disks.push(new_disk(r, rec));
+            }
+            if disks.is_empty() {
+                return Err(step("find the VM's disks")(format!(
+                    "VM {} has no user or system disk",
+                    url.uuid
+                )));
+            }
+        }
+    }
+    Ok(disks)
+}
+
+/// Checks CBT and the repository's landmark; enables CBT when asked.
+fn prepare_cbt(
+    session: &Session,
+    d: &mut Disk,
+    options: &WorkflowOptions,
+    committer: &mut dyn Committer,
+) -> Result<(), WorkflowError> {
+    let previous = committer
+        .previous(&d.identity)
+        .map_err(step("read the previous backup"))?;
+    let uuid = d.record.uuid.clone();
+    let cbt = match session.vdi_cbt_enabled(&d.vdi_ref) {
+        Ok(b) => Some(b),
+        Err(e) if e.is_code("MESSAGE_METHOD_UNKNOWN") => None,
+        Err(e) => return Err(step("VDI.get_cbt_enabled")(e)),
+    };
+    let had_backup = !matches!(previous, Previous::None);
+    let lost = |why: String| if had_backup { Some(why) } else { None };
+    match cbt {
+        None => {
+            d.full_reason = Some(lost(format!(
+                "the host has no changed block tracking (MESSAGE_METHOD_UNKNOWN for VDI.get_cbt_enabled): VDI {uuid} is read in full every time"
+            )));
+            if !had_backup {
+                committer.warn(format!(
+                    "the host has no changed block tracking: VDI {uuid} will be read in full every time"
+                ));
+            }
+            return Ok(());
+        }
+        Some(false) => {
+            if options.enable_cbt {
+                session
+                    .vdi_enable_cbt(&d.vdi_ref)
+                    .map_err(step(format!("VDI.enable_cbt on {uuid}")))?;
+                committer.info(format!("enabled changed block tracking on VDI {uuid}"));
+                d.full_reason = Some(lost(format!(
+                    "changed block tracking was disabled on VDI {uuid} (by a user, or by the host after a crash); enabled it again"
+                )));
+            } else {
+                d.full_reason = Some(lost(format!(
+                    "changed block tracking is disabled on VDI {uuid} (--no-enable-cbt)"
+                )));
+            }
+            return Ok(());
+        }
+        Some(true) => {}
+    }
+    match previous {
+        Previous::None => d.full_reason = Some(None),
+        Previous::NoLandmark(why) => d.full_reason = Some(Some(why)),
+        Previous::Landmark(uuid) => d.landmark = Some(uuid),
+    }
+    Ok(())
+}
+
+fn take_snapshots(
+    host: &mut HostSide<'_>,
+    vm_ref: Option<&str>,
+    disks: &mut [Disk],
+) -> Result<(), WorkflowError> {
+    let s = host.session;
+    match vm_ref {
+        None => {
+            let d = &mut disks[0];
+            let snap = s
+                .vdi_snapshot(&d.vdi_ref)
+                .map_err(step(format!("VDI.snapshot of {}", d.record.uuid)))?;
+            d.snapshot_ref = Some(snap);
+        }
+        Some(vm) => {
+            let name = format!(
+                "cbtvault {}",
+                chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+            );
+            let snap_vm = s.vm_snapshot(vm, &name).map_err(step("VM.snapshot"))?;
+            host.snapshot_vm = Some(snap_vm.clone());
+            for vbd in s
+                .vm_vbds(&snap_vm)
+                .map_err(step("VM.get_VBDs of the snapshot"))?
+            {
+                let b = s.vbd_record(&vbd).map_err(step("VBD.get_record"))?;
+                if b.vdi == NULL_REF || b.vdi.is_empty() {
+                    continue;
+                }
+                let rec = s.vdi_record(&b.vdi).map_err(step("VDI.get_record"))?;
+                if let Some(d) = disks.iter_mut().find(|d| d.vdi_ref == rec.snapshot_of) {
+                    d.snapshot_ref = Some(b.vdi.clone());
+                }
+            }
+            if let Some(d) = disks.iter().find(|d| d.snapshot_ref.is_none()) {
+                return Err(step("VM.snapshot")(format!(
+                    "the snapshot has no disk for VDI {}",
+                    d.record.uuid
+                )));
+            }
+        }
+    }
+    for d in disks.iter_mut() {
+        let Some(snap) = &d.snapshot_ref else {
+            continue;
+        };
+        let rec = s
+            .vdi_record(snap)
+            .map_err(step("VDI.get_record of the snapshot"))?;
+        if rec.virtual_size != d.record.virtual_size {
+            // Resized between the record and the snapshot: use the snapshot's.
+            d.record.virtual_size = rec.virtual_size;
+        }
+        d.snapshot_uuid = rec.uuid;
+        d.snapshot_cbt = rec.cbt_enabled == Some(true);
+    }
+    Ok(())
+}
+
+/// `list_changed_blocks(landmark, snapshot)` or the reason for a full read.
+fn changes_of(session: &Session, d: &mut Disk) -> Result<(), WorkflowError> {
+    if let Some(reason) = &d.full_reason {
+        d.changes = Some(DiskChanges::Full(reason.clone()));
+        return Ok(());
+    }
+    let Some(landmark) = d.landmark.clone() else {
+        d.changes = Some(DiskChanges::Full(None));
+        return Ok(());
+    };
+    let Some(snap) = d.snapshot_ref.clone() else {
+        return Err(step("list changed blocks")("no snapshot"));
+    };
+    let uuid = &d.record.uuid;
+    let lost = |why: String| Some(DiskChanges::Full(Some(why)));
+    let from = match session.vdi_by_uuid(&landmark) {
+        Ok(r) => r,
+        Err(e) if e.is_code("UUID_INVALID") => {
+            d.changes = lost(format!(
+                "the landmark of VDI {uuid} (snapshot {landmark}) no longer exists on the host"
+            ));
+            return Ok(());
+        }
+        Err(e) => return Err(step("VDI.get_by_uuid of the landmark")(e)),
+    };
+    d.landmark_ref = Some(from.clone());
+    let expected = d.record.virtual_size.div_ceil(65536).div_ceil(8);
+    d.changes = match session.list_changed_blocks(&from, &snap) {
+        Ok(bits) if bits.len() as u64 == expected => Some(DiskChanges::Since(bits)),
+        Ok(bits) => lost(format!(
+            "VDI.list_changed_blocks for VDI {uuid} returned {} bitmap bytes where its size needs {expected}",
+            bits.len()
+        )),
+        Err(e) if e.code().is_some_and(lost_code) => lost(format!(
+            "changed block tracking of VDI {uuid} since snapshot {landmark} is lost: {}",
+            describe(&e)
+        )),
+        Err(e) => return Err(step(format!("VDI.list_changed_blocks for {uuid}"))(e)),
+    };
+    if let Some(DiskChanges::Full(Some(_))) = &d.changes {
+        // The old landmark is useless now; it is not ours to delete unless superseded.
+        d.landmark_ref = None;
+    }
+    Ok(())
+}
+
+fn read_and_commit(
+    session: &Session,
+    url: &XenUrl,
+    options: &WorkflowOptions,
+    vm_backup: Option<&str>,
+    d: &mut Disk,
+    committer: &mut dyn Committer,
+) -> Result<(), WorkflowError> {
+    let Some(snap) = d.snapshot_ref.clone() else {
+        return Err(step("read the snapshot")("no snapshot"));
+    };
+    let uuid = d.record.uuid.clone();
+    let entries: Vec<NbdInfo> = match session.vdi_nbd_info(&snap) {
+        Ok(e) => e,
+        Err(e) if e.is_code("MESSAGE_METHOD_UNKNOWN") => Vec::new(),
+        Err(e) => return Err(step(format!("VDI.get_nbd_info for {uuid}"))(e)),
+    };
+    let mut landmark = BTreeMap::new();
+    landmark.insert(keys::HOST.to_string(), url.authority());
+    landmark.insert(keys::VDI.to_string(), uuid.clone());
+    landmark.insert(keys::KIND.to_string(), "disk".to_string());
+    if d.snapshot_cbt {
+        landmark.insert(keys::SNAPSHOT_VDI.to_string(), d.snapshot_uuid.clone());
+    }
+    if let Some(id) = vm_backup {
+        landmark.insert(keys::VM.to_string(), url.uuid.clone());
+        landmark.insert(keys::VM_BACKUP.to_string(), id.to_string());
+    }
+    let mut changes = d.changes.clone().unwrap_or(DiskChanges::Full(None));
+    let size = d.record.virtual_size;
+    let source: Box<dyn BlockSource> = if entries.is_empty() {
+        committer.warn(format!(
+            "VDI.get_nbd_info returned no NBD server for VDI {uuid} (no network with purpose nbd): reading it with /export_raw_vdi, in full"
+        ));
+        if let DiskChanges::Since(_) = changes {
+            // The export streams the whole disk: tell the truth about it.
+            changes = DiskChanges::Full(Some(
+                "no NBD network on the host: the disk was exported in full with /export_raw_vdi"
+                    .into(),
+            ));
+        }
+        landmark.insert(keys::READ_VIA.to_string(), "export_raw_vdi".into());
+        Box::new(
+            SpooledExport::fetch(
+                session,
+                &d.snapshot_uuid,
+                d.identity.clone(),
+                size,
+                &options.spool_dir,
+            )
+            .map_err(step(format!("GET /export_raw_vdi of {uuid}")))?,
+        )
+    } else {
+        landmark.insert(keys::READ_VIA.to_string(), "nbd".into());
+        let set = NbdSet::connect(&entries, d.identity.clone(), size, options.nbd_connections)
+            .map_err(step(format!("connect NBD for VDI {uuid}")))?;
+        Box::new(set)
+    };
+    d.changes = Some(changes.clone());
+    let result = committer.commit_disk(FrozenDisk {
+        vdi_uuid: uuid.clone(),
+        name_label: d.record.name_label.clone(),
+        identity: d.identity.clone(),
+        size_bytes: size,
+        changes,
+        source: source.as_ref(),
+        landmark,
+    });
+    // Disconnect NBD (or drop the spool file) before anything else.
+    drop(source);
+    result.map_err(step(format!("back up VDI {uuid}")))?;
+    d.committed = true;
+    Ok(())
+}

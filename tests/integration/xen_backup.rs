@@ -1,0 +1,612 @@
+//! XenServer backups end to end: the real `cbtvault` binary against the
+//! simulator on loopback. VDI and VM backups over 20 incremental runs with
+//! random guest writes (each restore bit-exact with the guest disk at that
+//! time), every lost-tracking case (a full read and a warning), a failure
+//! injected at each workflow step (no leaked host snapshot, a valid
+//! landmark afterwards), TLS pin mismatch, and the password kept out of
+//! argv and output.
+
+use std::ffi::OsStr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cbtvault::sim::{SimOptions, SimVm, Simulator, Value};
+use serde_json::Value as Json;
+
+use crate::util::{random_bytes, Run, TestRepo, BS};
+
+const MIB: u64 = 1 << 20;
+const PASSWORD: &str = "s3cret-xen-pw";
+
+fn start() -> Simulator {
+    Simulator::start(SimOptions {
+        password: PASSWORD.into(),
+        data_destroy_wait: Duration::from_millis(500),
+        ..SimOptions::default()
+    })
+    .expect("start the simulator")
+}
+
+/// An in-process session on the simulator, for setup and inspection.
+struct Host<'a> {
+    sim: &'a Simulator,
+    session: String,
+}
+
+impl<'a> Host<'a> {
+    fn new(sim: &'a Simulator) -> Host<'a> {
+        let s = sim
+            .call(
+                "session.login_with_password",
+                &[Value::str("root"), Value::str(PASSWORD)],
+            )
+            .expect("login");
+        Host {
+            sim,
+            session: s.as_str().unwrap().to_string(),
+        }
+    }
+
+    fn call(&self, method: &str, args: &[&str]) -> Result<Value, cbtvault::sim::ApiError> {
+        let mut p = vec![Value::str(&self.session)];
+        p.extend(args.iter().map(|a| Value::str(*a)));
+        self.sim.call(method, &p)
+    }
+
+    fn vdi_ref(&self, uuid: &str) -> String {
+        self.call("VDI.get_by_uuid", &[uuid])
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// (uuid, type) of every snapshot VDI on the host.
+    fn snapshot_vdis(&self) -> Vec<(String, String)> {
+        let all = self.call("VDI.get_all_records", &[]).unwrap();
+        all.as_struct()
+            .unwrap()
+            .values()
+            .filter_map(|r| {
+                let r = r.as_struct()?;
+                (r.get("is_a_snapshot")?.as_bool()?).then(|| {
+                    (
+                        r["uuid"].as_str().unwrap().to_string(),
+                        r["type"].as_str().unwrap().to_string(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Snapshot VDIs that still hold data (anything but cbt_metadata).
+    fn data_snapshots(&self) -> usize {
+        self.snapshot_vdis()
+            .iter()
+            .filter(|(_, t)| t != "cbt_metadata")
+            .count()
+    }
+
+    fn snapshot_vms(&self) -> usize {
+        let all = self.call("VM.get_all_records", &[]).unwrap();
+        all.as_struct()
+            .unwrap()
+            .values()
+            .filter(|r| {
+                r.as_struct()
+                    .and_then(|r| r.get("is_a_snapshot"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+            })
+            .count()
+    }
+
+    fn disk(&self, uuid: &str, size: u64) -> Vec<u8> {
+        self.sim.read_vdi(uuid, 0, size as usize).unwrap()
+    }
+}
+
+/// Random guest writes: a few whole blocks and one unaligned piece.
+fn guest_writes(sim: &Simulator, vdi: &str, size: u64, seed: u64) {
+    let blocks = size / BS;
+    let n = 1 + seed % 5;
+    for k in 0..n {
+        let b = (seed.wrapping_mul(2654435761).wrapping_add(k * 40503)) % blocks;
+        sim.guest_write(vdi, b * BS, &random_bytes(seed, k, BS as usize))
+            .unwrap();
+    }
+    let off = (seed.wrapping_mul(7919) % (size - 5000)) | 1;
+    sim.guest_write(vdi, off, &random_bytes(seed, 99, 4000))
+        .unwrap();
+}
+
+fn fill(sim: &Simulator, vdi: &str, size: u64, seed: u64) {
+    // Half the disk with data, in 1 MiB pieces, every other MiB.
+    let mut at = 0;
+    while at < size {
+        sim.guest_write(vdi, at, &random_bytes(seed, at, MIB as usize))
+            .unwrap();
+        at += 2 * MIB;
+    }
+}
+
+fn source(sim: &Simulator, kind: &str, uuid: &str) -> String {
+    let a = sim.https_address();
+    format!("xen://root@{}:{}/{kind}/{uuid}", a.ip(), a.port())
+}
+
+/// `cbtvault -r REPO --json backup SOURCE --fingerprint FP ARGS`, with the
+/// password in the environment only.
+fn backup(repo: &TestRepo, sim: &Simulator, src: &str, extra: &[&str]) -> Run {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"backup", &src];
+    let fp = sim.fingerprint().to_string();
+    args.push(&"--fingerprint");
+    args.push(&fp);
+    for e in extra {
+        args.push(e);
+    }
+    run_with_password(repo, &args, PASSWORD)
+}
+
+fn run_with_password(repo: &TestRepo, args: &[&dyn AsRef<OsStr>], password: &str) -> Run {
+    let mut cmd = Command::new(crate::util::bin());
+    cmd.current_dir(repo.root())
+        .env_remove("CBTVAULT_REPOSITORY")
+        .env("CBTVAULT_XEN_PASSWORD", password)
+        .stdin(Stdio::null())
+        .arg("-r")
+        .arg(&repo.repo);
+    let mut shown = String::from("cbtvault");
+    for a in args {
+        cmd.arg(a.as_ref());
+        shown.push(' ');
+        shown.push_str(&a.as_ref().to_string_lossy());
+    }
+    assert!(
+        password.is_empty() || !shown.contains(password),
+        "the password is in argv: {shown}"
+    );
+    let out = cmd.output().expect("run cbtvault");
+    let run = Run {
+        command: shown,
+        code: out.status.code().unwrap_or(-1),
+        stdout: out.stdout,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert!(
+        !run.out().contains(PASSWORD) && !run.stderr.contains(PASSWORD),
+        "the password appears in the output of {}",
+        run.command
+    );
+    run
+}
+
+fn disks(summary: &Json) -> Vec<Json> {
+    summary["disks"].as_array().expect("disks").clone()
+}
+
+fn restore_bytes(repo: &TestRepo, id: &str) -> Vec<u8> {
+    let target = repo.path(&format!("r-{id}-{}.img", rand::random::<u32>()));
+    repo.restore(id, &target, &[]).ok();
+    let bytes = std::fs::read(&target).unwrap();
+    std::fs::remove_file(&target).unwrap();
+    bytes
+}
+
+#[test]
+fn xen_vdi_twenty_incrementals_restore_bit_exact() {
+    let sim = start();
+    let host = Host::new(&sim);
+    let size = 8 * MIB;
+    let vm = sim.create_vm_with_disks("vm", &[size]).unwrap();
+    let vdi = vm.disks[0].vdi_uuid.clone();
+    fill(&sim, &vdi, size, 1);
+    let repo = TestRepo::new();
+    let src = source(&sim, "vdi", &vdi);
+    let mut expected = Vec::new();
+    for run in 0..21u64 {
+        if run > 0 {
+            guest_writes(&sim, &vdi, size, run);
+        }
+        let r = backup(&repo, &sim, &src, &[]).ok();
+        let j = r.json();
+        let d = &disks(&j)[0];
+        assert_eq!(d["full"].as_bool(), Some(run == 0), "run {run}: {j}");
+        if run > 0 {
+            // Only what CBT marked: at most 5 whole blocks + 2 for the piece.
+            assert!(d["blocks_read"].as_u64().unwrap() <= 7, "run {run}: {d}");
+            assert!(r.stderr.is_empty(), "run {run}: {}", r.stderr);
+        }
+        expected.push((
+            d["snapshot_id"].as_str().unwrap().to_string(),
+            host.disk(&vdi, size),
+        ));
+        // Only the cbt_metadata landmark stays on the host.
+        assert_eq!(host.data_snapshots(), 0, "run {run}");
+        assert_eq!(host.snapshot_vdis().len(), 1, "run {run}");
+    }
+    for (id, bytes) in &expected {
+        assert!(restore_bytes(&repo, id) == *bytes, "snapshot {id} differs");
+    }
+    assert_eq!(sim.dom0_attachments(), 0);
+}
+
+#[test]
+fn xen_vm_twenty_incrementals_restore_bit_exact() {
+    let sim = start();
+    let host = Host::new(&sim);
+    let sizes = [8 * MIB, 4 * MIB];
+    let vm: SimVm = sim.create_vm_with_disks("vm", &sizes).unwrap();
+    for (k, d) in vm.disks.iter().enumerate() {
+        fill(&sim, &d.vdi_uuid, d.size_bytes, 10 + k as u64);
+    }
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    let mut expected: Vec<(String, Vec<u8>)> = Vec::new();
+    for run in 0..21u64 {
+        if run > 0 {
+            for (k, d) in vm.disks.iter().enumerate() {
+                if !(run + k as u64).is_multiple_of(3) {
+                    guest_writes(&sim, &d.vdi_uuid, d.size_bytes, run * 10 + k as u64);
+                }
+            }
+        }
+        let j = backup(&repo, &sim, &src, &[]).ok().json();
+        let ds = disks(&j);
+        assert_eq!(ds.len(), 2);
+        let group = j["vm_backup"].as_str().expect("a VM backup id").to_string();
+        for (d, disk) in ds.iter().zip(&vm.disks) {
+            assert_eq!(d["vdi"].as_str(), Some(disk.vdi_uuid.as_str()));
+            assert_eq!(d["full"].as_bool(), Some(run == 0), "run {run}: {d}");
+            let id = d["snapshot_id"].as_str().unwrap().to_string();
+            let cat = repo.cat_snapshot(&id);
+            let text = cat.to_string();
+            assert!(
+                text.contains(&group),
+                "snapshot {id} lacks the VM backup id"
+            );
+            expected.push((id, host.disk(&disk.vdi_uuid, disk.size_bytes)));
+        }
+        // The VM metadata, stored with the backup: an XVA tar with ova.xml.
+        let meta = j["metadata"]["snapshot_id"]
+            .as_str()
+            .expect("metadata")
+            .to_string();
+        if run == 0 || run == 20 {
+            let tar = restore_bytes(&repo, &meta);
+            assert!(cbtvault::sim::metadata::tar_find(&tar, "ova.xml").is_ok());
+        }
+        assert_eq!(host.snapshot_vms(), 0, "run {run}: snapshot VM leaked");
+        assert_eq!(host.data_snapshots(), 0, "run {run}");
+        assert_eq!(host.snapshot_vdis().len(), 2, "run {run}");
+    }
+    for (id, bytes) in &expected {
+        assert!(restore_bytes(&repo, id) == *bytes, "snapshot {id} differs");
+    }
+}
+
+/// One disk, backed up once (full) so that a landmark exists.
+fn one_disk_with_backup(size: u64) -> (Simulator, TestRepo, String, String) {
+    let sim = start();
+    let vm = sim.create_vm_with_disks("vm", &[size]).unwrap();
+    let vdi = vm.disks[0].vdi_uuid.clone();
+    fill(&sim, &vdi, size, 3);
+    let repo = TestRepo::new();
+    let src = source(&sim, "vdi", &vdi);
+    backup(&repo, &sim, &src, &[]).ok();
+    (sim, repo, vdi, src)
+}
+
+/// The next backup must be a full read with a warning mentioning `words`,
+/// restore bit-exact, and the one after it be incremental again.
+#[track_caller]
+fn expect_lost(sim: &Simulator, repo: &TestRepo, vdi: &str, src: &str, words: &[&str]) {
+    let host = Host::new(sim);
+    guest_writes(sim, vdi, 8 * MIB, 77);
+    let r = backup(repo, sim, src, &[]).ok();
+    let j = r.json();
+    let d = &disks(&j)[0];
+    assert_eq!(d["full"].as_bool(), Some(true), "{j}");
+    assert!(d["new_set_reason"].as_str().is_some(), "{j}");
+    assert!(d["lost_reason"].as_str().is_some(), "{j}");
+    r.stderr_mentions(&["warning"]);
+    r.stderr_mentions(words);
+    let id = d["snapshot_id"].as_str().unwrap();
+    assert!(restore_bytes(repo, id) == host.disk(vdi, 8 * MIB));
+    // The snapshot records the reason.
+    assert!(repo.cat_snapshot(id).to_string().contains("new_set_reason"));
+    assert_eq!(host.data_snapshots(), 0);
+}
+
+#[track_caller]
+fn expect_incremental_again(sim: &Simulator, repo: &TestRepo, vdi: &str, src: &str) {
+    let host = Host::new(sim);
+    guest_writes(sim, vdi, 8 * MIB, 78);
+    let r = backup(repo, sim, src, &[]).ok();
+    let j = r.json();
+    let d = &disks(&j)[0];
+    assert_eq!(d["full"].as_bool(), Some(false), "{j}\n{}", r.stderr);
+    let id = d["snapshot_id"].as_str().unwrap();
+    assert!(restore_bytes(repo, id) == host.disk(vdi, 8 * MIB));
+}
+
+#[test]
+fn xen_lost_cbt_disabled_by_user() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    let host = Host::new(&sim);
+    host.call("VDI.disable_cbt", &[&host.vdi_ref(&vdi)])
+        .unwrap();
+    expect_lost(&sim, &repo, &vdi, &src, &["disabled"]);
+    expect_incremental_again(&sim, &repo, &vdi, &src);
+}
+
+#[test]
+fn xen_lost_cbt_disabled_by_system() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    sim.system_disable_cbt(&vdi).unwrap();
+    expect_lost(&sim, &repo, &vdi, &src, &["disabled"]);
+    expect_incremental_again(&sim, &repo, &vdi, &src);
+}
+
+#[test]
+fn xen_lost_unrelated_460_after_disable_enable() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    let host = Host::new(&sim);
+    let r = host.vdi_ref(&vdi);
+    host.call("VDI.disable_cbt", &[&r]).unwrap();
+    host.call("VDI.enable_cbt", &[&r]).unwrap();
+    expect_lost(&sim, &repo, &vdi, &src, &["SR_BACKEND_FAILURE_460"]);
+    expect_incremental_again(&sim, &repo, &vdi, &src);
+}
+
+#[test]
+fn xen_lost_landmark_gone() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    let host = Host::new(&sim);
+    for (uuid, _) in host.snapshot_vdis() {
+        host.call("VDI.destroy", &[&host.vdi_ref(&uuid)]).unwrap();
+    }
+    expect_lost(&sim, &repo, &vdi, &src, &["no longer exists"]);
+    expect_incremental_again(&sim, &repo, &vdi, &src);
+}
+
+#[test]
+fn xen_lost_injected_codes() {
+    for code in ["VDI_NO_CBT_METADATA", "SR_BACKEND_FAILURE_459"] {
+        let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+        sim.set_faults(|f| {
+            f.fail_calls.insert(
+                "VDI.list_changed_blocks".into(),
+                vec![code.into(), "".into(), "injected".into()],
+            );
+        });
+        expect_lost(&sim, &repo, &vdi, &src, &[code]);
+        sim.set_faults(|f| f.fail_calls.clear());
+        expect_incremental_again(&sim, &repo, &vdi, &src);
+    }
+}
+
+#[test]
+fn xen_lost_legacy_host_uses_xmlrpc_and_export() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    // An old host: no CBT calls, no JSON-RPC, no get_nbd_info.
+    sim.set_faults(|f| f.legacy_host = true);
+    expect_lost(&sim, &repo, &vdi, &src, &["MESSAGE_METHOD_UNKNOWN"]);
+    // Every run is then a (deduplicated) full read, with a warning.
+    expect_lost(&sim, &repo, &vdi, &src, &["MESSAGE_METHOD_UNKNOWN"]);
+    sim.set_faults(|f| f.legacy_host = false);
+}
+
+#[test]
+fn xen_no_nbd_network_falls_back_to_export_raw_vdi() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    let host = Host::new(&sim);
+    let nets = host.call("network.get_all_records", &[]).unwrap();
+    for (r, rec) in nets.as_struct().unwrap() {
+        let purposes = rec.as_struct().unwrap()["purpose"]
+            .as_array()
+            .unwrap()
+            .to_vec();
+        for p in purposes {
+            host.call("network.remove_purpose", &[r, p.as_str().unwrap()])
+                .unwrap();
+        }
+    }
+    expect_lost(&sim, &repo, &vdi, &src, &["export_raw_vdi"]);
+}
+
+#[test]
+fn xen_failure_at_each_step_leaks_nothing_and_keeps_the_landmark() {
+    type Inject = fn(&Simulator);
+    let steps: Vec<(&str, Inject)> = vec![
+        ("VDI.get_cbt_enabled", |s| fail(s, "VDI.get_cbt_enabled")),
+        ("VM.snapshot", |s| fail(s, "VM.snapshot")),
+        ("VM.get_VBDs", |s| fail(s, "VM.get_VBDs")),
+        ("VDI.list_changed_blocks", |s| {
+            fail(s, "VDI.list_changed_blocks")
+        }),
+        ("VDI.get_nbd_info", |s| fail(s, "VDI.get_nbd_info")),
+        ("nbd read", |s| {
+            s.set_faults(|f| f.nbd_drop_after_bytes = Some(0))
+        }),
+    ];
+    fn fail(sim: &Simulator, method: &str) {
+        sim.set_faults(|f| {
+            f.fail_calls.insert(
+                method.into(),
+                vec!["INTERNAL_ERROR".into(), "injected".into()],
+            );
+        });
+    }
+    let sim = start();
+    let host = Host::new(&sim);
+    let vm = sim.create_vm_with_disks("vm", &[8 * MIB, 4 * MIB]).unwrap();
+    for d in &vm.disks {
+        fill(&sim, &d.vdi_uuid, d.size_bytes, 5);
+    }
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    backup(&repo, &sim, &src, &[]).ok();
+    let landmarks = host.snapshot_vdis();
+    assert_eq!(landmarks.len(), 2);
+    for (name, inject) in steps {
+        let before = repo.snapshot_ids().len();
+        for d in &vm.disks {
+            guest_writes(&sim, &d.vdi_uuid, d.size_bytes, before as u64);
+        }
+        inject(&sim);
+        // VM.get_VBDs fails before the snapshot too; the point is the same.
+        let r = backup(&repo, &sim, &src, &[]);
+        sim.set_faults(|f| {
+            f.fail_calls.clear();
+            f.nbd_drop_after_bytes = None;
+        });
+        assert_eq!(r.code, 1, "{name}: the backup should fail\n{}", r.stderr);
+        assert_eq!(
+            repo.snapshot_ids().len(),
+            before,
+            "{name}: committed anyway"
+        );
+        assert_eq!(host.snapshot_vms(), 0, "{name}: snapshot VM leaked");
+        assert_eq!(
+            host.snapshot_vdis(),
+            landmarks,
+            "{name}: host snapshots changed"
+        );
+        assert_eq!(sim.dom0_attachments(), 0, "{name}: NBD attachment leaked");
+    }
+    // The landmark is still good: the next run is incremental.
+    let j = backup(&repo, &sim, &src, &[]).ok().json();
+    for (d, disk) in disks(&j).iter().zip(&vm.disks) {
+        assert_eq!(d["full"].as_bool(), Some(false), "{j}");
+        let id = d["snapshot_id"].as_str().unwrap();
+        assert!(restore_bytes(&repo, id) == host.disk(&disk.vdi_uuid, disk.size_bytes));
+    }
+}
+
+#[test]
+fn xen_data_destroy_failure_after_commit_keeps_a_valid_landmark() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    let host = Host::new(&sim);
+    guest_writes(&sim, &vdi, 8 * MIB, 5);
+    sim.set_faults(|f| {
+        f.fail_calls.insert(
+            "VDI.data_destroy".into(),
+            vec!["INTERNAL_ERROR".into(), "injected".into()],
+        );
+    });
+    let r = backup(&repo, &sim, &src, &[]).ok();
+    r.stderr_mentions(&["warning", "data_destroy"]);
+    sim.set_faults(|f| f.fail_calls.clear());
+    // The snapshot kept its data; it is still the landmark.
+    assert_eq!(host.data_snapshots(), 1);
+    expect_incremental_again(&sim, &repo, &vdi, &src);
+    assert_eq!(host.data_snapshots(), 0);
+}
+
+#[test]
+fn xen_tls_pin_mismatch_is_refused() {
+    let sim = start();
+    let vm = sim.create_vm_with_disks("vm", &[MIB]).unwrap();
+    let repo = TestRepo::new();
+    let src = source(&sim, "vdi", &vm.disks[0].vdi_uuid);
+    let wrong = "00:".repeat(31) + "00";
+    let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src, &"--fingerprint", &wrong];
+    let r = run_with_password(&repo, &args, PASSWORD);
+    assert_eq!(r.code, 1);
+    r.stderr_mentions(&["certificate"]);
+    assert!(repo.snapshot_ids().is_empty());
+    // Neither does the system trust store know the simulator.
+    let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src];
+    let r = run_with_password(&repo, &args, PASSWORD);
+    assert_eq!(r.code, 1);
+    assert!(Host::new(&sim).snapshot_vdis().is_empty());
+    // --insecure works but says so.
+    let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src, &"--insecure"];
+    let r = run_with_password(&repo, &args, PASSWORD).ok();
+    r.stderr_mentions(&["warning", "insecure"]);
+}
+
+#[test]
+fn xen_password_only_from_file_or_env_and_never_shown() {
+    let sim = start();
+    let vm = sim.create_vm_with_disks("vm", &[MIB]).unwrap();
+    let repo = TestRepo::new();
+    let src = source(&sim, "vdi", &vm.disks[0].vdi_uuid);
+    // No option takes the password itself.
+    let help = crate::util::run_in(repo.root(), &[&"backup", &"--help"]).ok();
+    assert!(!help.out().contains("--password "), "{}", help.out());
+    // A wrong password: refused, and not echoed.
+    let wrong = "wrong-pw-123";
+    let fp = sim.fingerprint().to_string();
+    let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src, &"--fingerprint", &fp];
+    let r = run_with_password(&repo, &args, wrong);
+    assert_eq!(r.code, 1);
+    r.stderr_mentions(&["SESSION_AUTHENTICATION_FAILED"]);
+    assert!(!r.stderr.contains(wrong));
+    // From a file.
+    let pw = repo.path("pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let pws = pw.display().to_string();
+    let args: Vec<&dyn AsRef<OsStr>> = vec![
+        &"backup",
+        &src,
+        &"--fingerprint",
+        &fp,
+        &"--password-file",
+        &pws,
+    ];
+    run_with_password(&repo, &args, "").ok();
+    // In a URL: refused without echoing it.
+    let bad = src.replace("root@", &format!("root:{PASSWORD}@"));
+    let r = crate::util::run_in(repo.root(), &[&"-r", &repo.repo, &"backup", &bad]);
+    assert_eq!(r.code, 1);
+    assert!(!r.stderr.contains(PASSWORD), "{}", r.stderr);
+}
+
+#[test]
+fn xen_client_json_and_xml_rpc_agree_on_values_and_errors() {
+    use cbtvault::source::xenapi::client::Wire;
+    use cbtvault::source::xenapi::tls::parse_fingerprint;
+    use cbtvault::source::xenapi::{
+        Client, ClientOptions, Credentials, HttpsTrust, Password, XenApiError,
+    };
+    let sim = start();
+    let vm = sim.create_vm_with_disks("vm", &[3 * MIB]).unwrap();
+    let uuid = &vm.disks[0].vdi_uuid;
+    for wire in [Wire::JsonRpc, Wire::XmlRpc] {
+        let a = sim.https_address();
+        let trust = HttpsTrust::Fingerprint(parse_fingerprint(sim.fingerprint()).unwrap());
+        let client = Client::new(ClientOptions::new(&a.ip().to_string(), a.port(), trust)).unwrap();
+        client.set_wire(wire);
+        let s = client
+            .login(Credentials {
+                user: "root".into(),
+                password: Password::new(PASSWORD),
+            })
+            .unwrap();
+        let r = s.vdi_by_uuid(uuid).unwrap();
+        let rec = s.vdi_record(&r).unwrap();
+        // 64-bit ints arrive as strings in XML-RPC, numbers in JSON.
+        assert_eq!(rec.virtual_size, 3 * MIB, "{wire:?}");
+        assert_eq!(rec.cbt_enabled, Some(false));
+        assert_eq!(s.vdi_type(&r).unwrap(), "user");
+        match s.vdi_by_uuid("00000000-0000-0000-0000-000000000000") {
+            Err(XenApiError::Api { code, params, .. }) => {
+                assert_eq!(code, "UUID_INVALID");
+                assert_eq!(params[0], "VDI");
+            }
+            other => panic!("{wire:?}: {other:?}"),
+        }
+        match s.vdi_data_destroy(&r) {
+            Err(e) => assert!(e.is_code("OPERATION_NOT_ALLOWED"), "{e}"),
+            Ok(()) => panic!("data_destroy of a live VDI"),
+        }
+        assert_eq!(s.client().wire(), wire);
+        // An expired session is renewed once, transparently.
+        let old = s.session_ref().unwrap();
+        sim.call("session.logout", &[Value::str(&old)]).unwrap();
+        assert_eq!(s.vdi_uuid(&r).unwrap(), *uuid);
+        assert_ne!(s.session_ref().unwrap(), old);
+    }
+}
