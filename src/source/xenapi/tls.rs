@@ -6,12 +6,10 @@
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::pki_types::CertificateDer;
+use rustls::{ClientConfig, RootCertStore};
+
+use crate::source::nbd::tls::{Pin, PinVerifier};
 
 use super::XenApiError;
 
@@ -74,77 +72,9 @@ pub fn format_fingerprint(d: &[u8]) -> String {
         .join(":")
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-#[derive(Debug)]
-struct PinVerifier {
-    /// `None`: accept any certificate (`--insecure`).
-    digest: Option<[u8; 32]>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PinVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        // A pin names the certificate itself, so neither the chain nor the
-        // name matter (that is the point of pinning a self-signed host).
-        if let Some(want) = &self.digest {
-            let got = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
-            if got.as_ref() != want.as_slice() {
-                return Err(rustls::Error::InvalidCertificate(
-                    CertificateError::ApplicationVerificationFailure,
-                ));
-            }
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// A rustls client configuration (ring provider) for the given trust.
 pub fn client_config(trust: &HttpsTrust) -> Result<ClientConfig, XenApiError> {
-    let provider = provider();
+    let provider = crate::source::nbd::tls::provider();
     let tls = |e: rustls::Error| XenApiError::Tls(e.to_string());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -173,14 +103,14 @@ pub fn client_config(trust: &HttpsTrust) -> Result<ClientConfig, XenApiError> {
         HttpsTrust::Fingerprint(d) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                digest: Some(*d),
+                pin: Pin::Sha256(*d),
                 provider,
             }))
             .with_no_client_auth(),
         HttpsTrust::Insecure => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                digest: None,
+                pin: Pin::Any,
                 provider,
             }))
             .with_no_client_auth(),
