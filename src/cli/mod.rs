@@ -225,16 +225,41 @@ pub struct FilterArgs {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Snapshot id (or unique prefix), or `latest`.
+    /// Snapshot id (or unique prefix), or `latest`; with --new-vm, a VM
+    /// backup id or any snapshot of that VM backup.
     pub snapshot: String,
-    /// A file path, a block device, or `-` for stdout.
+    /// A file path, a block device, `-` for stdout, or a XenServer disk to
+    /// overwrite (xen://[USER@]HOST[:PORT]/vdi/UUID) or an SR to create a
+    /// new disk in (xen://[USER@]HOST[:PORT]/sr/UUID).
     #[arg(long)]
     pub target: PathBuf,
     /// Replace an existing non-empty regular file.
     #[arg(long)]
     pub overwrite: bool,
+    /// The newest snapshot of the same source taken at or before TIME
+    /// (RFC 3339, e.g. 2026-11-21T12:00:00Z) instead of SNAPSHOT itself.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+    /// xen://.../vdi/UUID: import even when the disk is attached to a
+    /// running VM or its size differs from the snapshot's.
+    #[arg(long)]
+    pub force: bool,
+    /// xen:// targets: read the imported disk back over NBD and compare
+    /// every block's hash with the snapshot's.
+    #[arg(long)]
+    pub verify: bool,
+    /// xen://.../sr/UUID: restore every disk of a VM backup and create a
+    /// new VM from its stored metadata (/import_metadata).
+    #[arg(long)]
+    pub new_vm: bool,
+    /// xen:// targets: `raw` (every byte), `chunked` (only data extents),
+    /// or `auto` (chunked when fewer than half the blocks hold data).
+    #[arg(long, value_name = "FORMAT", default_value = "auto")]
+    pub import_format: String,
     #[command(flatten)]
     pub filter: FilterArgs,
+    #[command(flatten)]
+    pub xen: XenArgs,
 }
 
 #[derive(Debug, Args)]

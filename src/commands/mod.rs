@@ -6,6 +6,7 @@ mod check;
 mod demo;
 mod inspect;
 mod restore;
+mod restore_xen;
 mod serve;
 mod sim;
 mod sinks;

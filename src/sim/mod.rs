@@ -37,6 +37,9 @@
 //!     afterwards drop (no reply) once they have served that many bytes.
 //!   - `task_delay_ms` (int): async tasks and HTTP handler tasks stay
 //!     `pending` that long (cancellable meanwhile) before they complete.
+//!   - `import_fail_after_bytes` (only through [`Simulator::set_faults`]):
+//!     `/import_raw_vdi` fails its task with `VDI_IO_ERROR` after that many
+//!     body bytes.
 //!   - `fail_calls` (only through [`Simulator::set_faults`]): named
 //!     session calls answer the given `[code, params...]` and change
 //!     nothing, e.g. to fail a workflow at one step.
@@ -79,6 +82,8 @@ pub(crate) struct Core {
     state: Mutex<State>,
     /// Where the state is kept across restarts (`SimOptions::dir` only).
     persist: Option<PathBuf>,
+    /// Body bytes received by `/import_raw_vdi` so far (a test hook).
+    pub(crate) import_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Core {
@@ -355,6 +360,7 @@ impl Simulator {
         let core = Arc::new(Core {
             state: Mutex::new(state),
             persist,
+            import_bytes: std::sync::atomic::AtomicU64::new(0),
         });
 
         let (stop, stop_rx) = watch::channel(false);
@@ -525,6 +531,14 @@ impl Simulator {
     /// Changes the fault switches.
     pub fn set_faults(&self, change: impl FnOnce(&mut Faults)) {
         change(&mut self.core.lock().faults);
+    }
+
+    /// Body bytes `/import_raw_vdi` has received since the start (headers
+    /// excluded), to check what a chunked import sends.
+    pub fn import_bytes_received(&self) -> u64 {
+        self.core
+            .import_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// VBDs currently attached to dom0 (open NBD connections, exports).

@@ -274,6 +274,9 @@ pub struct Faults {
     /// Calls (by method name, e.g. `VDI.snapshot`) that fail with this
     /// `[code, params...]` after the session check, changing nothing.
     pub fail_calls: BTreeMap<String, Vec<String>>,
+    /// `/import_raw_vdi` fails its task with `VDI_IO_ERROR` once it has
+    /// received this many body bytes (the data before is written).
+    pub import_fail_after_bytes: Option<u64>,
 }
 
 /// Static facts about the simulated host, fixed at start.

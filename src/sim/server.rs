@@ -87,6 +87,7 @@ pub(crate) async fn serve(
                         io,
                         buf: Vec::new(),
                         core,
+                        import_seen: 0,
                     };
                     // A client that breaks HTTP loses its own connection only.
                     let _ = conn.run().await;
@@ -106,6 +107,8 @@ struct Conn {
     /// Bytes read past the current request head.
     buf: Vec<u8>,
     core: Arc<Core>,
+    /// Import body bytes received on this connection.
+    import_seen: u64,
 }
 
 /// What to do with the connection after a response.
@@ -217,6 +220,22 @@ impl Conn {
     }
 
     /// Up to `max` body bytes, buffered ones first; empty at EOF.
+    /// A body read of `/import_raw_vdi`: counted, and failed once the
+    /// `import_fail_after_bytes` fault is reached.
+    async fn read_import(&mut self, max: usize) -> Result<Vec<u8>, ApiError> {
+        let io_error = || ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]);
+        let data = self.read_some(max).await.map_err(|_| io_error())?;
+        self.core
+            .import_bytes
+            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.import_seen += data.len() as u64;
+        let limit = self.core.lock().faults.import_fail_after_bytes;
+        if limit.is_some_and(|l| self.import_seen > l) {
+            return Err(io_error());
+        }
+        Ok(data)
+    }
+
     async fn read_some(&mut self, max: usize) -> std::io::Result<Vec<u8>> {
         if self.buf.is_empty() && self.read_more().await? == 0 {
             return Ok(Vec::new());
@@ -700,7 +719,6 @@ impl Conn {
     }
 
     async fn write_raw(&mut self, vdi: &str, len: Option<u64>) -> Result<(), ApiError> {
-        let io_error = |_| ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]);
         let mut offset = 0u64;
         loop {
             let want = match len {
@@ -708,7 +726,7 @@ impl Conn {
                 Some(l) => (l - offset).min(IO_CHUNK as u64) as usize,
                 None => IO_CHUNK,
             };
-            let data = self.read_some(want).await.map_err(io_error)?;
+            let data = self.read_import(want).await?;
             if data.is_empty() {
                 if len.is_some() {
                     return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
@@ -728,7 +746,7 @@ impl Conn {
         let mut input: Vec<u8> = Vec::new();
         while !decoder.is_done() {
             if input.is_empty() {
-                input = self.read_some(IO_CHUNK).await.map_err(|_| io_error())?;
+                input = self.read_import(IO_CHUNK).await?;
                 if input.is_empty() {
                     return Err(io_error());
                 }

@@ -15,3 +15,4 @@ mod roundtrip;
 mod serve;
 mod sim;
 mod xen_backup;
+mod xen_restore;

@@ -521,6 +521,45 @@ impl Session {
         Ok(resp)
     }
 
+    /// A `PUT PATH?QUERY&session_id=S` request on the host, not yet sent
+    /// (the caller attaches a streamed body and sends it, possibly from
+    /// another thread).
+    pub fn http_put_request(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<reqwest::blocking::RequestBuilder, XenApiError> {
+        let session = self.session_ref()?;
+        let mut pairs: Vec<(&str, &str)> = query.to_vec();
+        pairs.push(("session_id", &session));
+        let qs = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish();
+        Ok(self
+            .client
+            .http
+            .put(format!("{}{path}?{qs}", self.client.base_url())))
+    }
+
+    /// A transport error of this client, without the URL (it carries the
+    /// session).
+    pub fn transport_error(&self, e: reqwest::Error) -> XenApiError {
+        self.client.transport(e)
+    }
+
+    /// Where to open a raw HTTPS stream to the host currently answering
+    /// (`/import_raw_vdi`): host, port, `Host:` header value and the same
+    /// TLS trust as the calls.
+    pub fn https_endpoint(
+        &self,
+    ) -> Result<(String, u16, String, std::sync::Arc<rustls::ClientConfig>), XenApiError> {
+        let config = client_config(&self.client.options.trust)?;
+        let host = lock(&self.client.host).clone();
+        let port = self.client.options.port;
+        let authority = authority(&host, port);
+        Ok((host, port, authority, std::sync::Arc::new(config)))
+    }
+
     // ---- typed calls (reference §2) ----
 
     pub fn vdi_by_uuid(&self, uuid: &str) -> Result<String, XenApiError> {

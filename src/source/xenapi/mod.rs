@@ -7,6 +7,7 @@
 //! workflow hands each frozen disk to a caller-supplied committer.
 
 pub mod client;
+pub mod import;
 pub mod nbd;
 pub mod tls;
 pub mod workflow;
