@@ -131,16 +131,19 @@ sync
 read -r T_NEW RSS_NEW < <(timed "$CBT" -r "$R" restore "$NEWEST" --target "xen://root@127.0.0.1:$PORT/sr/$SR" --fingerprint "$FP" --import-format raw)
 sync
 read -r T_FULL RSS_FULL < <(timed "$CBT" -r "$R" restore "$FIRST" --target "xen://root@127.0.0.1:$PORT/sr/$SR" --fingerprint "$FP" --import-format raw)
+sync
+read -r T_CHUNKED _ < <(timed "$CBT" -r "$R" restore "$NEWEST" --target "xen://root@127.0.0.1:$PORT/sr/$SR" --fingerprint "$FP" --import-format chunked)
 "$CBT" -r "$R" -q restore "$NEWEST" --target "$WORK/image.raw"
 sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
 read -r T_CP _ < <(timed bash -c "cp '$WORK/image.raw' '$WORK/copy.raw' && sync")
-python3 - "$SIZE_MIB" "$COUNT" "$T_NEW" "$T_FULL" "$T_CP" "$RSS_NEW" "$RSS_FULL" <<'PY'
+python3 - "$SIZE_MIB" "$COUNT" "$T_NEW" "$T_FULL" "$T_CP" "$RSS_NEW" "$RSS_FULL" "$T_CHUNKED" <<'PY'
 import sys
 size, n = int(sys.argv[1]), int(sys.argv[2])
-new, full, cp, rss_new, rss_full = map(float, sys.argv[3:8])
+new, full, cp, rss_new, rss_full, chunked = map(float, sys.argv[3:9])
 print(f"disk {size} MiB, chain of {n} snapshots, restore into a new VDI over /import_raw_vdi (raw)")
 print(f"restore newest (depth {n}):   {new:7.2f}s  {size/new:7.1f} MiB/s  peak RSS {rss_new:.0f} MiB")
 print(f"restore first (full):        {full:7.2f}s  {size/full:7.1f} MiB/s  peak RSS {rss_full:.0f} MiB")
+print(f"restore newest, chunked body: {chunked:7.2f}s  {size/chunked:7.1f} MiB/s (only the data extents sent)")
 print(f"cp + sync of the raw image:  {cp:7.2f}s  {size/cp:7.1f} MiB/s")
 print(f"newest / full: {new/full:.2f}x (target <= 1.1x); restore vs cp: {cp/new:.2f}x (target >= 0.7x)")
 PY
