@@ -64,11 +64,12 @@ pub enum RepoError {
         index: u64,
         block: crate::format::BlockId,
     },
-    #[error("snapshot {snapshot}: {source}")]
+    /// A failure while working on one snapshot. The cause is part of the
+    /// message (not a separate source), so a printed chain says it once.
+    #[error("snapshot {snapshot}: {cause}")]
     InSnapshot {
         snapshot: SnapshotId,
-        #[source]
-        source: Box<RepoError>,
+        cause: Box<RepoError>,
     },
     #[error("{0}")]
     Invalid(String),
@@ -415,7 +416,7 @@ impl Repository {
     pub fn resolve(&self, id: SnapshotId) -> Result<BlockMap, RepoError> {
         let chain = self.load_chain(id).map_err(|e| RepoError::InSnapshot {
             snapshot: id,
-            source: Box::new(e),
+            cause: Box::new(e),
         })?;
         let refs: Vec<&SnapshotObject> = chain.iter().collect();
         Ok(manifest::resolve(&refs))

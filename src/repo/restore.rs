@@ -92,7 +92,7 @@ fn fetch_chunk(
                 .load_into(Kind::Pack, &pack.to_hex(), *start, &mut buf)
                 .map_err(|e| RepoError::InSnapshot {
                     snapshot,
-                    source: Box::new(e.into()),
+                    cause: Box::new(e.into()),
                 })?;
             members
                 .iter()
@@ -104,7 +104,7 @@ fn fetch_chunk(
                         .map(|raw| (k, raw))
                         .map_err(|e| RepoError::InSnapshot {
                             snapshot,
-                            source: Box::new(RepoError::Pack(e)),
+                            cause: Box::new(RepoError::Pack(e)),
                         })
                 })
                 .collect()
