@@ -136,8 +136,20 @@ pub struct FinishedPack {
 
 impl PackWriter {
     pub fn new(target_bytes: u64) -> Self {
-        let mut bytes = Vec::with_capacity((target_bytes as usize).min(64 << 20) + (1 << 20));
-        bytes.extend_from_slice(&layout::encode_header());
+        Self::with_buffer(target_bytes, Vec::new())
+    }
+
+    /// A writer that assembles into `buffer` (its contents are discarded,
+    /// its capacity kept): reusing the buffer of a saved pack spares the
+    /// page faults and zeroing of a fresh tens-of-MiB allocation.
+    pub fn with_buffer(target_bytes: u64, mut buffer: Vec<u8>) -> Self {
+        let bytes = {
+            buffer.clear();
+            let want = (target_bytes as usize).min(64 << 20) + (1 << 20);
+            buffer.reserve(want);
+            buffer.extend_from_slice(&layout::encode_header());
+            buffer
+        };
         PackWriter {
             bytes,
             entries: Vec::new(),

@@ -213,6 +213,7 @@ fn saver(
     repo: &Repository,
     rx: Receiver<crate::pack::FinishedPack>,
     committed: Sender<Vec<BlockId>>,
+    spare: Sender<Vec<u8>>,
 ) -> Result<u64, RepoError> {
     let mut catalog = repo.open_catalog()?;
     let mut packs = 0;
@@ -222,6 +223,8 @@ fn saver(
         catalog.add_pack(&done.name, done.bytes.len() as u64, &done.entries)?;
         packs += 1;
         let _ = committed.send(done.entries.iter().map(|e| e.block_id).collect());
+        // Hand the buffer back for the next pack (dropped if none is wanted).
+        let _ = spare.try_send(done.bytes);
     }
     Ok(packs)
 }
@@ -233,22 +236,27 @@ fn writer(
     target: u64,
 ) -> Result<WriterStats, RepoError> {
     let (pack_tx, pack_rx) = bounded::<crate::pack::FinishedPack>(0);
+    // Buffers of saved packs, reused for the next ones (bounded pool).
+    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(PACK_SAVERS);
+    let next_pack = || PackWriter::with_buffer(target, spare_rx.try_recv().unwrap_or_default());
     std::thread::scope(|s| {
         let savers: Vec<_> = (0..PACK_SAVERS)
             .map(|_| {
                 let rx = pack_rx.clone();
                 let committed = committed.clone();
-                s.spawn(move || saver(repo, rx, committed))
+                let spare = spare_tx.clone();
+                s.spawn(move || saver(repo, rx, committed, spare))
             })
             .collect();
+        drop(spare_tx);
         drop(pack_rx);
         let mut sent_ok = true;
-        let mut pack = PackWriter::new(target);
+        let mut pack = next_pack();
         'outer: for blocks in rx {
             for b in &blocks {
                 pack.add(b);
                 if pack.is_full() {
-                    let full = std::mem::replace(&mut pack, PackWriter::new(target));
+                    let full = std::mem::replace(&mut pack, next_pack());
                     if pack_tx.send(full.finish()).is_err() {
                         sent_ok = false;
                         break 'outer;
