@@ -217,22 +217,13 @@ impl Client {
             "params": params.iter().map(jsonrpc::to_json).collect::<Vec<_>>(),
             "id": id,
         });
-        let resp = self
-            .http
-            .post(format!("{}/jsonrpc", self.base_url()))
-            .header("content-type", "application/json")
-            .timeout(self.options.call_timeout)
-            .body(serde_json::to_vec(&body).unwrap_or_default())
-            .send()
-            .map_err(|e| self.transport(e))?;
-        let status = resp.status().as_u16();
-        if status != 200 {
-            return Err(XenApiError::Http {
-                what: format!("{method} (JSON-RPC)"),
-                status,
-            });
-        }
-        let bytes = self.read_body(method, resp)?;
+        let bytes = self.post_rpc(
+            method,
+            "JSON-RPC",
+            "/jsonrpc",
+            "application/json",
+            serde_json::to_vec(&body).unwrap_or_default(),
+        )?;
         let bad = |reason: String| XenApiError::Protocol {
             what: method.to_string(),
             reason,
@@ -272,23 +263,41 @@ impl Client {
         }
     }
 
-    fn rpc_xml(&self, method: &str, params: &[Value]) -> Result<Value, XenApiError> {
+    /// POSTs one RPC body and returns the response body of a 200 answer.
+    fn post_rpc(
+        &self,
+        method: &str,
+        wire: &str,
+        path: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, XenApiError> {
         let resp = self
             .http
-            .post(format!("{}/", self.base_url()))
-            .header("content-type", "text/xml")
+            .post(format!("{}{path}", self.base_url()))
+            .header("content-type", content_type)
             .timeout(self.options.call_timeout)
-            .body(xmlrpc::encode_call(method, params))
+            .body(body)
             .send()
             .map_err(|e| self.transport(e))?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Err(XenApiError::Http {
-                what: format!("{method} (XML-RPC)"),
+                what: format!("{method} ({wire})"),
                 status,
             });
         }
-        let bytes = self.read_body(method, resp)?;
+        self.read_body(method, resp)
+    }
+
+    fn rpc_xml(&self, method: &str, params: &[Value]) -> Result<Value, XenApiError> {
+        let bytes = self.post_rpc(
+            method,
+            "XML-RPC",
+            "/",
+            "text/xml",
+            xmlrpc::encode_call(method, params).into_bytes(),
+        )?;
         let bad = |reason: String| XenApiError::Protocol {
             what: method.to_string(),
             reason,
