@@ -16,3 +16,4 @@ mod serve;
 mod sim;
 mod xen_backup;
 mod xen_restore;
+mod xen_util;

@@ -8,9 +8,8 @@
 
 use std::ffi::OsStr;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use cbtvault::sim::{SimOptions, SimVm, Simulator, Value};
+use cbtvault::sim::{SimVm, Simulator, Value};
 use serde_json::Value as Json;
 
 use crate::util::{random_bytes, Run, TestRepo, BS};
@@ -19,42 +18,14 @@ const MIB: u64 = 1 << 20;
 const PASSWORD: &str = "s3cret-xen-pw";
 
 fn start() -> Simulator {
-    Simulator::start(SimOptions {
-        password: PASSWORD.into(),
-        data_destroy_wait: Duration::from_millis(500),
-        ..SimOptions::default()
-    })
-    .expect("start the simulator")
+    crate::xen_util::start(PASSWORD)
 }
 
-/// An in-process session on the simulator, for setup and inspection.
-struct Host<'a> {
-    sim: &'a Simulator,
-    session: String,
-}
+use crate::xen_util::Host;
 
 impl<'a> Host<'a> {
-    fn new(sim: &'a Simulator) -> Host<'a> {
-        let s = sim
-            .call(
-                "session.login_with_password",
-                &[Value::str("root"), Value::str(PASSWORD)],
-            )
-            .expect("login");
-        Host {
-            sim,
-            session: s.as_str().unwrap().to_string(),
-        }
-    }
-
-    fn call(&self, method: &str, args: &[&str]) -> Result<Value, cbtvault::sim::ApiError> {
-        let mut p = vec![Value::str(&self.session)];
-        p.extend(args.iter().map(|a| Value::str(*a)));
-        self.sim.call(method, &p)
-    }
-
     fn vdi_ref(&self, uuid: &str) -> String {
-        self.call("VDI.get_by_uuid", &[uuid])
+        self.try_call("VDI.get_by_uuid", &[uuid])
             .unwrap()
             .as_str()
             .unwrap()
@@ -63,7 +34,7 @@ impl<'a> Host<'a> {
 
     /// (uuid, type) of every snapshot VDI on the host.
     fn snapshot_vdis(&self) -> Vec<(String, String)> {
-        let all = self.call("VDI.get_all_records", &[]).unwrap();
+        let all = self.try_call("VDI.get_all_records", &[]).unwrap();
         all.as_struct()
             .unwrap()
             .values()
@@ -88,7 +59,7 @@ impl<'a> Host<'a> {
     }
 
     fn snapshot_vms(&self) -> usize {
-        let all = self.call("VM.get_all_records", &[]).unwrap();
+        let all = self.try_call("VM.get_all_records", &[]).unwrap();
         all.as_struct()
             .unwrap()
             .values()
@@ -99,10 +70,6 @@ impl<'a> Host<'a> {
                     .unwrap_or(false)
             })
             .count()
-    }
-
-    fn disk(&self, uuid: &str, size: u64) -> Vec<u8> {
-        self.sim.read_vdi(uuid, 0, size as usize).unwrap()
     }
 }
 
@@ -196,7 +163,7 @@ fn restore_bytes(repo: &TestRepo, id: &str) -> Vec<u8> {
 #[test]
 fn xen_vdi_twenty_incrementals_restore_bit_exact() {
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let size = 8 * MIB;
     let vm = sim.create_vm_with_disks("vm", &[size]).unwrap();
     let vdi = vm.disks[0].vdi_uuid.clone();
@@ -234,7 +201,7 @@ fn xen_vdi_twenty_incrementals_restore_bit_exact() {
 #[test]
 fn xen_vm_twenty_incrementals_restore_bit_exact() {
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let sizes = [8 * MIB, 4 * MIB];
     let vm: SimVm = sim.create_vm_with_disks("vm", &sizes).unwrap();
     for (k, d) in vm.disks.iter().enumerate() {
@@ -301,7 +268,7 @@ fn one_disk_with_backup(size: u64) -> (Simulator, TestRepo, String, String) {
 /// restore bit-exact, and the one after it be incremental again.
 #[track_caller]
 fn expect_lost(sim: &Simulator, repo: &TestRepo, vdi: &str, src: &str, words: &[&str]) {
-    let host = Host::new(sim);
+    let host = Host::login(sim, PASSWORD);
     guest_writes(sim, vdi, 8 * MIB, 77);
     let r = backup(repo, sim, src, &[]).ok();
     let j = r.json();
@@ -320,7 +287,7 @@ fn expect_lost(sim: &Simulator, repo: &TestRepo, vdi: &str, src: &str, words: &[
 
 #[track_caller]
 fn expect_incremental_again(sim: &Simulator, repo: &TestRepo, vdi: &str, src: &str) {
-    let host = Host::new(sim);
+    let host = Host::login(sim, PASSWORD);
     guest_writes(sim, vdi, 8 * MIB, 78);
     let r = backup(repo, sim, src, &[]).ok();
     let j = r.json();
@@ -333,8 +300,8 @@ fn expect_incremental_again(sim: &Simulator, repo: &TestRepo, vdi: &str, src: &s
 #[test]
 fn xen_lost_cbt_disabled_by_user() {
     let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
-    let host = Host::new(&sim);
-    host.call("VDI.disable_cbt", &[&host.vdi_ref(&vdi)])
+    let host = Host::login(&sim, PASSWORD);
+    host.try_call("VDI.disable_cbt", &[&host.vdi_ref(&vdi)])
         .unwrap();
     expect_lost(&sim, &repo, &vdi, &src, &["disabled"]);
     expect_incremental_again(&sim, &repo, &vdi, &src);
@@ -351,10 +318,10 @@ fn xen_lost_cbt_disabled_by_system() {
 #[test]
 fn xen_lost_unrelated_460_after_disable_enable() {
     let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let r = host.vdi_ref(&vdi);
-    host.call("VDI.disable_cbt", &[&r]).unwrap();
-    host.call("VDI.enable_cbt", &[&r]).unwrap();
+    host.try_call("VDI.disable_cbt", &[&r]).unwrap();
+    host.try_call("VDI.enable_cbt", &[&r]).unwrap();
     expect_lost(&sim, &repo, &vdi, &src, &["SR_BACKEND_FAILURE_460"]);
     expect_incremental_again(&sim, &repo, &vdi, &src);
 }
@@ -362,9 +329,10 @@ fn xen_lost_unrelated_460_after_disable_enable() {
 #[test]
 fn xen_lost_landmark_gone() {
     let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     for (uuid, _) in host.snapshot_vdis() {
-        host.call("VDI.destroy", &[&host.vdi_ref(&uuid)]).unwrap();
+        host.try_call("VDI.destroy", &[&host.vdi_ref(&uuid)])
+            .unwrap();
     }
     expect_lost(&sim, &repo, &vdi, &src, &["no longer exists"]);
     expect_incremental_again(&sim, &repo, &vdi, &src);
@@ -400,15 +368,15 @@ fn xen_lost_legacy_host_uses_xmlrpc_and_export() {
 #[test]
 fn xen_no_nbd_network_falls_back_to_export_raw_vdi() {
     let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
-    let host = Host::new(&sim);
-    let nets = host.call("network.get_all_records", &[]).unwrap();
+    let host = Host::login(&sim, PASSWORD);
+    let nets = host.try_call("network.get_all_records", &[]).unwrap();
     for (r, rec) in nets.as_struct().unwrap() {
         let purposes = rec.as_struct().unwrap()["purpose"]
             .as_array()
             .unwrap()
             .to_vec();
         for p in purposes {
-            host.call("network.remove_purpose", &[r, p.as_str().unwrap()])
+            host.try_call("network.remove_purpose", &[r, p.as_str().unwrap()])
                 .unwrap();
         }
     }
@@ -439,7 +407,7 @@ fn xen_failure_at_each_step_leaks_nothing_and_keeps_the_landmark() {
         });
     }
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let vm = sim.create_vm_with_disks("vm", &[8 * MIB, 4 * MIB]).unwrap();
     for d in &vm.disks {
         fill(&sim, &d.vdi_uuid, d.size_bytes, 5);
@@ -487,7 +455,7 @@ fn xen_failure_at_each_step_leaks_nothing_and_keeps_the_landmark() {
 #[test]
 fn xen_data_destroy_failure_after_commit_keeps_a_valid_landmark() {
     let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     guest_writes(&sim, &vdi, 8 * MIB, 5);
     sim.set_faults(|f| {
         f.fail_calls.insert(
@@ -520,7 +488,7 @@ fn xen_tls_pin_mismatch_is_refused() {
     let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src];
     let r = run_with_password(&repo, &args, PASSWORD);
     assert_eq!(r.code, 1);
-    assert!(Host::new(&sim).snapshot_vdis().is_empty());
+    assert!(Host::login(&sim, PASSWORD).snapshot_vdis().is_empty());
     // --insecure works but says so.
     let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src, &"--insecure"];
     let r = run_with_password(&repo, &args, PASSWORD).ok();

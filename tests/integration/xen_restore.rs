@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cbtvault::format::pack::decode_pack_index;
-use cbtvault::sim::{SimOptions, Simulator, Value};
+use cbtvault::sim::{Simulator, Value};
 use serde_json::Value as Json;
 
 use crate::util::{random_bytes, Run, TestRepo, BS};
@@ -22,39 +22,14 @@ const MIB: u64 = 1 << 20;
 const PASSWORD: &str = "restore-xen-pw";
 
 fn start() -> Simulator {
-    Simulator::start(SimOptions {
-        password: PASSWORD.into(),
-        data_destroy_wait: Duration::from_millis(500),
-        ..SimOptions::default()
-    })
-    .expect("start the simulator")
+    crate::xen_util::start(PASSWORD)
 }
 
-/// An in-process session on the simulator, for setup and inspection.
-struct Host<'a> {
-    sim: &'a Simulator,
-    session: String,
-}
+use crate::xen_util::Host;
 
 impl<'a> Host<'a> {
-    fn new(sim: &'a Simulator) -> Host<'a> {
-        let s = sim
-            .call(
-                "session.login_with_password",
-                &[Value::str("root"), Value::str(PASSWORD)],
-            )
-            .expect("login");
-        Host {
-            sim,
-            session: s.as_str().unwrap().to_string(),
-        }
-    }
-
     fn call(&self, method: &str, args: &[&str]) -> Value {
-        let mut p = vec![Value::str(&self.session)];
-        p.extend(args.iter().map(|a| Value::str(*a)));
-        self.sim
-            .call(method, &p)
+        self.try_call(method, args)
             .unwrap_or_else(|e| panic!("{method}: {e:?}"))
     }
 
@@ -71,10 +46,6 @@ impl<'a> Host<'a> {
 
     fn vdi_count(&self) -> usize {
         self.call("VDI.get_all", &[]).as_array().unwrap().len()
-    }
-
-    fn disk(&self, uuid: &str, size: u64) -> Vec<u8> {
-        self.sim.read_vdi(uuid, 0, size as usize).unwrap()
     }
 }
 
@@ -167,7 +138,7 @@ fn assert_repo_fine(repo: &TestRepo, id: &str, expected: &[u8]) {
 #[test]
 fn xen_restore_chain_snapshots_into_new_and_original_vdi_bit_exact() {
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let size = 8 * MIB;
     let vm = sim.create_vm_with_disks("vm", &[size]).unwrap();
     let vdi = vm.disks[0].vdi_uuid.clone();
@@ -235,7 +206,7 @@ fn xen_restore_chain_snapshots_into_new_and_original_vdi_bit_exact() {
 #[test]
 fn xen_restore_chunked_sends_about_the_data_size() {
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let size = 256 * MIB;
     let vm = sim.create_vm_with_disks("vm", &[size]).unwrap();
     let vdi = vm.disks[0].vdi_uuid.clone();
@@ -299,7 +270,7 @@ fn xen_restore_refuses_a_vdi_in_use_or_of_another_size() {
     sim.detach(&vbd);
     // The host's own refusal comes back with its code: the backup's
     // landmark is a cbt_metadata VDI without data.
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let all = host.call("VDI.get_all_records", &[]);
     let landmark = all
         .as_struct()
@@ -327,7 +298,7 @@ fn xen_restore_refuses_a_vdi_in_use_or_of_another_size() {
 #[test]
 fn xen_restore_into_a_missing_sr_fails_cleanly() {
     let (sim, repo, _, _, id, bytes) = one_backup();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let before = host.vdi_count();
     let r = restore(
         &repo,
@@ -345,7 +316,7 @@ fn xen_restore_into_a_missing_sr_fails_cleanly() {
 #[test]
 fn xen_restore_import_task_failing_midway_leaves_no_vdi() {
     let (sim, repo, _, vdi, id, bytes) = one_backup();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let sr = url(&sim, "sr", &host.sr_of(&vdi));
     let before = host.vdi_count();
     sim.set_faults(|f| f.import_fail_after_bytes = Some(2 * MIB));
@@ -381,7 +352,7 @@ fn flip_byte(path: &std::path::Path, offset: u64) {
 #[test]
 fn xen_restore_stops_at_a_corrupt_block_and_names_it() {
     let (sim, repo, _, vdi, id, _) = one_backup();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let before = host.vdi_count();
     let pack = repo.packs().into_iter().next().expect("a pack");
     let bytes = std::fs::read(&pack).unwrap();
@@ -399,7 +370,7 @@ fn xen_restore_stops_at_a_corrupt_block_and_names_it() {
 #[test]
 fn xen_restore_new_vm_from_a_vm_backup() {
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let sizes = [8 * MIB, 4 * MIB];
     let vm = sim.create_vm_with_disks("vm", &sizes).unwrap();
     for (k, d) in vm.disks.iter().enumerate() {
@@ -445,7 +416,7 @@ fn xen_restore_new_vm_from_a_vm_backup() {
 #[test]
 fn xen_restore_at_time_picks_the_newest_at_or_before() {
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let size = 4 * MIB;
     let vm = sim.create_vm_with_disks("vm", &[size]).unwrap();
     let vdi = vm.disks[0].vdi_uuid.clone();
@@ -497,7 +468,7 @@ fn xen_restore_at_time_picks_the_newest_at_or_before() {
 #[test]
 fn xen_restore_short_last_block_raw_and_chunked() {
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let size = 3 * MIB + 4096;
     let vm = sim.create_vm_with_disks("vm", &[size]).unwrap();
     let vdi = vm.disks[0].vdi_uuid.clone();
@@ -532,7 +503,7 @@ fn xen_restore_short_last_block_raw_and_chunked() {
 #[test]
 fn xen_restore_new_vm_at_time_and_cleanup_on_failure() {
     let sim = start();
-    let host = Host::new(&sim);
+    let host = Host::login(&sim, PASSWORD);
     let vm = sim.create_vm_with_disks("vm", &[2 * MIB, 4 * MIB]).unwrap();
     for (k, d) in vm.disks.iter().enumerate() {
         fill(&sim, &d.vdi_uuid, d.size_bytes, 60 + k as u64);
