@@ -144,16 +144,21 @@ fn deleted_pack_is_found() {
     f.assert_damage(&[&f.a1, &f.a2], &["pack", "not found"]);
 }
 
+/// The file of snapshot `id`'s object, found through `snapshots --json`.
+fn object_path(t: &TestRepo, id: &str) -> PathBuf {
+    let object = t
+        .snapshots(&[])
+        .into_iter()
+        .find(|s| s["id"].as_str() == Some(id))
+        .map(|s| str_of(&s, "object").to_string())
+        .unwrap_or_else(|| panic!("{id} listed"));
+    t.repo.join("snapshots").join(object)
+}
+
 #[test]
 fn corrupt_snapshot_object_affects_it_and_its_children() {
     let f = fixture();
-    let object =
-        f.t.snapshots(&[])
-            .into_iter()
-            .find(|s| s["id"].as_str() == Some(f.a1.0.as_str()))
-            .map(|s| str_of(&s, "object").to_string())
-            .expect("a1 listed");
-    let path = f.t.repo.join("snapshots").join(&object);
+    let path = object_path(&f.t, &f.a1.0);
     let len = std::fs::metadata(&path).unwrap().len();
     flip_byte(&path, len / 2);
     f.assert_damage(&[&f.a1, &f.a2], &["snapshot", "corrupt"]);
@@ -162,13 +167,7 @@ fn corrupt_snapshot_object_affects_it_and_its_children() {
 #[test]
 fn corrupt_snapshot_object_of_a_child_spares_the_parent() {
     let f = fixture();
-    let object =
-        f.t.snapshots(&[])
-            .into_iter()
-            .find(|s| s["id"].as_str() == Some(f.a2.0.as_str()))
-            .map(|s| str_of(&s, "object").to_string())
-            .expect("a2 listed");
-    let path = f.t.repo.join("snapshots").join(&object);
+    let path = object_path(&f.t, &f.a2.0);
     // The first byte of the magic.
     flip_byte(&path, 0);
     f.assert_damage(&[&f.a2], &["snapshot", "corrupt"]);
