@@ -335,3 +335,22 @@ fn old_lock_counts_as_stale() {
     assert_eq!(removed, want);
     assert!(t.files_under("locks").is_empty());
 }
+
+/// A lock object that cannot be decoded may belong to a live holder: it is
+/// treated as exclusive (spec 05-locks.md), named in the error, and
+/// `unlock` removes it.
+#[test]
+fn unreadable_lock_blocks_until_unlock_removes_it() {
+    let t = TestRepo::new();
+    let img = small_image(&t);
+    let name = hex::encode(rand::random::<[u8; 32]>());
+    std::fs::write(t.repo.join("locks").join(&name), b"{not json").unwrap();
+    let r = t.try_backup(&img.path, &[]).expect_code(1);
+    r.stderr_mentions(&["locked", "unreadable lock", &name]);
+    assert!(t.snapshot_ids().is_empty(), "nothing may be committed");
+    assert_eq!(t.files_under("locks"), vec![name.clone()]);
+    let v = t.run(&[&"--json", &"unlock"]).ok().json();
+    assert_eq!(v["removed"], json!([name]));
+    let s = t.backup(&img.path, &[]);
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+}
