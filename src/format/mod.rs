@@ -10,6 +10,7 @@ pub mod config;
 pub mod ids;
 pub mod lock;
 pub mod pack;
+pub mod raw_frame;
 pub mod snapshot;
 
 pub use ids::{BlockId, ObjectName, SnapshotId};

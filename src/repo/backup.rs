@@ -6,6 +6,7 @@
 //! spec: format-spec/06-ordering.md#backup
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -19,7 +20,7 @@ use crate::format::bitmap;
 use crate::format::snapshot::{block_count, BlockRef, ReadMode, SnapshotMeta, SnapshotObject};
 use crate::format::{BlockId, SnapshotId};
 use crate::manifest::{self, BlockMap};
-use crate::pack::{compress_block, CompressedBlock, PackWriter};
+use crate::pack::{looks_incompressible, prepare_block, CompressedBlock, PackWriter, SharedBytes};
 use crate::progress::Progress;
 use crate::source::{BlockSource, SourceError};
 
@@ -92,13 +93,48 @@ pub struct BackupSummary {
     pub seconds: f64,
 }
 
-/// Reads in flight for scattered blocks.
-const READ_LANES: usize = 8;
-
 struct ReadBatch {
     /// (block index, offset in data, length)
     blocks: Vec<(u64, usize, usize)>,
+    data: PooledBuf,
+}
+
+/// A read buffer that goes back to its pool when the last block stored
+/// from it has been copied into a pack: batches of tens of MiB are reused,
+/// not allocated, zeroed and faulted in again for every batch.
+struct PooledBuf {
     data: Vec<u8>,
+    home: Sender<Vec<u8>>,
+}
+
+impl PooledBuf {
+    /// A buffer of `len` bytes from `pool` (or a new one). Its old contents
+    /// are not cleared: every byte is overwritten by the read or the batch
+    /// is dropped.
+    fn take(pool: &(Sender<Vec<u8>>, Receiver<Vec<u8>>), len: usize) -> Self {
+        let mut data = pool.1.try_recv().unwrap_or_default();
+        if data.len() >= len {
+            data.truncate(len);
+        } else {
+            data.resize(len, 0);
+        }
+        PooledBuf {
+            data,
+            home: pool.0.clone(),
+        }
+    }
+}
+
+impl AsRef<[u8]> for PooledBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl Drop for PooledBuf {
+    fn drop(&mut self) {
+        let _ = self.home.try_send(std::mem::take(&mut self.data));
+    }
 }
 
 fn is_zero(bytes: &[u8]) -> bool {
@@ -109,94 +145,65 @@ fn is_zero(bytes: &[u8]) -> bool {
     whole && chunks.remainder().iter().all(|b| *b == 0)
 }
 
-fn reader(
+/// Reads one batch: the blocks `indices` (ascending), consecutive blocks
+/// in one range each, all ranges handed to the source at once.
+fn read_batch(
     source: &dyn BlockSource,
     block_size: u32,
-    indices: &mut dyn Iterator<Item = u64>,
-    batch_blocks: usize,
-    tx: Sender<Result<ReadBatch, SourceError>>,
-) {
+    indices: &[u64],
+    pool: &BufPool,
+) -> Result<ReadBatch, SourceError> {
     let size = source.size_bytes();
     let span = |i: u64| (size - i * block_size as u64).min(block_size as u64) as usize;
-    let mut pending: Vec<u64> = Vec::with_capacity(batch_blocks);
-    let flush = |pending: &mut Vec<u64>| -> bool {
-        if pending.is_empty() {
-            return true;
-        }
-        let total: usize = pending.iter().map(|i| span(*i)).sum();
-        let mut batch = ReadBatch {
-            blocks: Vec::with_capacity(pending.len()),
-            data: vec![0u8; total],
-        };
-        // Runs of consecutive blocks, each read with one call.
-        let mut runs: Vec<(u64, usize)> = Vec::new(); // (first block, byte length)
-        let mut k = 0;
-        let mut off = 0usize;
-        while k < pending.len() {
-            let mut end = k + 1;
-            while end < pending.len() && pending[end] == pending[end - 1] + 1 {
-                end += 1;
-            }
-            let run_len: usize = pending[k..end].iter().map(|i| span(*i)).sum();
-            runs.push((pending[k], run_len));
-            for &i in &pending[k..end] {
-                batch.blocks.push((i, off, span(i)));
-                off += span(i);
-            }
-            k = end;
-        }
-        // Scattered runs (a sparse change bitmap) are read by several
-        // threads at once so the device sees a queue, not one read at a time.
-        let mut slices: Vec<&mut [u8]> = Vec::with_capacity(runs.len());
-        let mut rest: &mut [u8] = &mut batch.data;
-        for &(_, len) in &runs {
-            let (head, tail) = rest.split_at_mut(len);
-            slices.push(head);
-            rest = tail;
-        }
-        let mut jobs: Vec<(u64, &mut [u8])> = runs
-            .iter()
-            .map(|r| r.0 * block_size as u64)
-            .zip(slices)
-            .collect();
-        let result = if jobs.len() < 2 {
-            jobs.iter_mut()
-                .try_for_each(|(at, buf)| source.read_at(*at, buf))
-        } else {
-            let lanes = jobs.len().min(READ_LANES);
-            let per = jobs.len().div_ceil(lanes);
-            std::thread::scope(|s| {
-                let handles: Vec<_> = jobs
-                    .chunks_mut(per)
-                    .map(|group| {
-                        s.spawn(move || {
-                            group
-                                .iter_mut()
-                                .try_for_each(|(at, buf)| source.read_at(*at, buf))
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("reader lane panicked"))
-                    .collect::<Result<Vec<()>, _>>()
-                    .map(|_| ())
-            })
-        };
-        if let Err(e) = result {
-            let _ = tx.send(Err(e));
-            return false;
-        }
-        pending.clear();
-        tx.send(Ok(batch)).is_ok()
+    let total: usize = indices.iter().map(|i| span(*i)).sum();
+    let mut batch = ReadBatch {
+        blocks: Vec::with_capacity(indices.len()),
+        data: PooledBuf::take(pool, total),
     };
-    for i in indices {
-        pending.push(i);
-        if pending.len() >= batch_blocks && !flush(&mut pending) {
-            return;
+    // Runs of consecutive blocks: (first block, byte length).
+    let mut runs: Vec<(u64, usize)> = Vec::new();
+    let mut off = 0usize;
+    for &i in indices {
+        match runs.last_mut() {
+            Some((first, len)) if *first + (*len as u64).div_ceil(block_size as u64) == i => {
+                *len += span(i)
+            }
+            _ => runs.push((i, span(i))),
         }
+        batch.blocks.push((i, off, span(i)));
+        off += span(i);
     }
-    flush(&mut pending);
+    let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
+    let mut rest: &mut [u8] = &mut batch.data.data;
+    for &(first, len) in &runs {
+        let (head, tail) = rest.split_at_mut(len);
+        reads.push((first * block_size as u64, head));
+        rest = tail;
+    }
+    source.read_many(&mut reads)?;
+    Ok(batch)
+}
+
+type BufPool = (Sender<Vec<u8>>, Receiver<Vec<u8>>);
+
+/// Threads reading batches at once, so the source always has the next
+/// batch's requests in flight while one batch is being finished.
+const READERS: usize = 2;
+
+/// Batches from the reader threads, in the order they were planned (batch
+/// k comes from reader k % READERS).
+struct InOrder {
+    rxs: Vec<Receiver<Result<ReadBatch, SourceError>>>,
+    next: usize,
+}
+
+impl Iterator for InOrder {
+    type Item = Result<ReadBatch, SourceError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let item = self.rxs[self.next % self.rxs.len()].recv().ok()?;
+        self.next += 1;
+        Some(item)
+    }
 }
 
 /// Packs saved at once: keeps the disk (or network) busy while the next
@@ -219,12 +226,12 @@ fn saver(
     let mut packs = 0;
     for done in rx {
         repo.backend()
-            .save(Kind::Pack, &done.name.to_hex(), &done.bytes)?;
-        catalog.add_pack(&done.name, done.bytes.len() as u64, &done.entries)?;
+            .save(Kind::Pack, &done.name.to_hex(), done.bytes())?;
+        catalog.add_pack(&done.name, done.bytes().len() as u64, &done.entries)?;
         packs += 1;
         let _ = committed.send(done.entries.iter().map(|e| e.block_id).collect());
         // Hand the buffer back for the next pack (dropped if none is wanted).
-        let _ = spare.try_send(done.bytes);
+        let _ = spare.try_send(done.into_buffer());
     }
     Ok(packs)
 }
@@ -254,7 +261,7 @@ fn writer(
         let mut pack = next_pack();
         'outer: for blocks in rx {
             for b in &blocks {
-                pack.add(b);
+                pack.add(b)?;
                 if pack.is_full() {
                     let full = std::mem::replace(&mut pack, next_pack());
                     if pack_tx.send(full.finish()).is_err() {
@@ -352,7 +359,6 @@ pub fn run(
     let parent_map = plan.parent.as_ref().map(|p| &p.map).unwrap_or(&empty);
     let has_parent = plan.parent.is_some();
 
-    let (read_tx, read_rx) = bounded::<Result<ReadBatch, SourceError>>(options.queue_depth);
     let (write_tx, write_rx) = bounded::<Vec<CompressedBlock>>(options.queue_depth);
     let (done_tx, done_rx) = unbounded::<Vec<BlockId>>();
 
@@ -361,6 +367,28 @@ pub fn run(
 
     let (process_result, writer_result) = std::thread::scope(|s| {
         let changed = plan.read.as_deref();
+        // Batches in the queues, in the hands of each stage, and one spare.
+        let pool: BufPool = bounded::<Vec<u8>>(2 * options.queue_depth + 2 * READERS + 2);
+        let mut plan_txs = Vec::new();
+        let mut read_rxs = Vec::new();
+        for _ in 0..READERS {
+            let (plan_tx, plan_rx) = bounded::<Vec<u64>>(1);
+            let (read_tx, read_rx) =
+                bounded::<Result<ReadBatch, SourceError>>(options.queue_depth.div_ceil(READERS));
+            plan_txs.push(plan_tx);
+            read_rxs.push(read_rx);
+            let pool = pool.clone();
+            s.spawn(move || {
+                for indices in plan_rx {
+                    let batch = read_batch(source, block_size, &indices, &pool);
+                    let failed = batch.is_err();
+                    if read_tx.send(batch).is_err() || failed {
+                        return;
+                    }
+                }
+            });
+        }
+        let batch_blocks = options.batch_blocks;
         s.spawn(move || {
             let mut all = 0..blocks;
             let mut marked = changed.map(bitmap::iter_set);
@@ -368,8 +396,19 @@ pub fn run(
                 Some(m) => m,
                 None => &mut all,
             };
-            reader(source, block_size, it, options.batch_blocks, read_tx);
+            let mut k = 0;
+            loop {
+                let indices: Vec<u64> = (&mut *it).take(batch_blocks).collect();
+                if indices.is_empty() || plan_txs[k % READERS].send(indices).is_err() {
+                    return;
+                }
+                k += 1;
+            }
         });
+        let read_rx = InOrder {
+            rxs: read_rxs,
+            next: 0,
+        };
         let writer_handle =
             s.spawn(move || writer(repo, write_rx, done_tx, options.pack_size_target_bytes));
         let process_result = (|| -> Result<(), RepoError> {
@@ -378,21 +417,24 @@ pub fn run(
             let mut pending: HashSet<BlockId> = HashSet::new();
             for batch in read_rx {
                 let batch = batch?;
+                let blocks = batch.blocks;
+                let shared: SharedBytes = Arc::new(batch.data);
+                let data: &[u8] = (*shared).as_ref();
                 for ids in done_rx.try_iter() {
                     for id in ids {
                         pending.remove(&id);
                     }
                 }
-                let hashed: Vec<Option<BlockId>> = batch
-                    .blocks
+                // Hash, and guess compressibility while the bytes are in cache.
+                let hashed: Vec<Option<(BlockId, bool)>> = blocks
                     .par_iter()
                     .map(|&(_, off, len)| {
-                        let raw = &batch.data[off..off + len];
-                        (!is_zero(raw)).then(|| BlockId::of(raw))
+                        let raw = &data[off..off + len];
+                        (!is_zero(raw)).then(|| (BlockId::of(raw), looks_incompressible(raw)))
                     })
                     .collect();
                 let mut candidates: Vec<(usize, BlockId)> = Vec::new();
-                for (k, (&(index, _, len), id)) in batch.blocks.iter().zip(&hashed).enumerate() {
+                for (k, (&(index, _, len), id)) in blocks.iter().zip(&hashed).enumerate() {
                     counters.blocks_read += 1;
                     counters.bytes_read += len as u64;
                     let before = if has_parent {
@@ -407,7 +449,7 @@ pub fn run(
                                 delta.push((index, BlockRef::Zero));
                             }
                         }
-                        Some(id) => {
+                        Some((id, _)) => {
                             if before != Some(*id) {
                                 delta.push((index, BlockRef::Data(*id)));
                                 if !pending.contains(id) {
@@ -430,20 +472,23 @@ pub fn run(
                     let compressed: Result<Vec<CompressedBlock>, _> = to_store
                         .par_iter()
                         .map(|&(k, id)| {
-                            let (_, off, len) = batch.blocks[k];
-                            compress_block(&batch.data[off..off + len], id, level)
+                            let (_, off, len) = blocks[k];
+                            let incompressible = hashed[k].is_some_and(|h| h.1);
+                            prepare_block(&shared, off..off + len, id, level, incompressible)
                         })
                         .collect();
                     let compressed = compressed?;
                     counters.blocks_new += compressed.len() as u64;
-                    counters.bytes_stored +=
-                        compressed.iter().map(|c| c.frame.len() as u64).sum::<u64>();
+                    counters.bytes_stored += compressed
+                        .iter()
+                        .map(|c| c.stored_length() as u64)
+                        .sum::<u64>();
                     if write_tx.send(compressed).is_err() {
                         // The writer stopped; its error is reported below.
                         return Ok(());
                     }
                 }
-                progress.advance(batch.data.len() as u64);
+                progress.advance(data.len() as u64);
             }
             Ok(())
         })();

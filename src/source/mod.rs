@@ -29,6 +29,46 @@ pub trait BlockSource: Send + Sync {
     fn size_bytes(&self) -> u64;
     /// Fills `buf` from byte `offset`; a range past the end is an error.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError>;
+
+    /// Fills every `(offset, buf)`. The default reads scattered ranges from
+    /// several threads at once so the device sees a queue, not one read at a
+    /// time; sources that pipeline requests themselves (NBD) override it.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
+        read_in_lanes(self, reads)
+    }
+}
+
+/// Threads used by the default [`BlockSource::read_many`].
+const READ_LANES: usize = 8;
+
+fn read_in_lanes<S: BlockSource + ?Sized>(
+    source: &S,
+    reads: &mut [(u64, &mut [u8])],
+) -> Result<(), SourceError> {
+    if reads.len() < 2 {
+        return reads
+            .iter_mut()
+            .try_for_each(|(at, buf)| source.read_at(*at, buf));
+    }
+    let lanes = reads.len().min(READ_LANES);
+    let per = reads.len().div_ceil(lanes);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = reads
+            .chunks_mut(per)
+            .map(|group| {
+                s.spawn(move || {
+                    group
+                        .iter_mut()
+                        .try_for_each(|(at, buf)| source.read_at(*at, buf))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reader lane panicked"))
+            .collect::<Result<Vec<()>, _>>()
+            .map(|_| ())
+    })
 }
 
 /// A source under another identity (`backup --source-id`).
@@ -46,5 +86,8 @@ impl BlockSource for Renamed<'_> {
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
         self.inner.read_at(offset, buf)
+    }
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
+        self.inner.read_many(reads)
     }
 }

@@ -18,6 +18,7 @@ pub(crate) const SNAPSHOT_DELTA_HEX: &str =
     include_str!("../../format-spec/test-vectors/snapshot-delta.hex");
 pub(crate) const BITMAP_XEN_TXT: &str =
     include_str!("../../format-spec/test-vectors/bitmap-xen.txt");
+pub(crate) const RAW_FRAME_HEX: &str = include_str!("../../format-spec/test-vectors/raw-frame.hex");
 pub(crate) const CONFIG_JSON: &str = include_str!("../../format-spec/test-vectors/config.json");
 
 const BLOCK_SIZE: u32 = 65536;
@@ -890,4 +891,23 @@ fn config_damage_is_rejected() {
     let big = format!("{}{}", " ".repeat(config::MAX_CONFIG_LEN), CONFIG_JSON);
     let r = invalid_reason(config::decode(big.as_bytes()), "config");
     assert!(r.contains("larger than 64 KiB"), "{r}");
+}
+
+#[test]
+fn raw_frame_vector_decodes_with_zstd_and_matches_the_encoder() {
+    let frame = parse_hex(RAW_FRAME_HEX);
+    let content: Vec<u8> = (0..300usize).map(|i| (i % 251) as u8).collect();
+    assert_eq!(frame.len(), 310);
+    assert_eq!(
+        zstd::bulk::decompress(&frame, 300).expect("any zstd decoder reads a raw frame"),
+        content
+    );
+    let mut ours = Vec::new();
+    cbtvault::format::raw_frame::encode_into(&content, &mut ours);
+    assert_eq!(ours, frame, "the encoder writes the documented bytes");
+    assert_eq!(cbtvault::format::raw_frame::encoded_len(300), 310);
+    // A damaged block header (size one too large) is rejected by zstd.
+    let mut bad = frame.clone();
+    bad[7] = 0x69;
+    assert!(zstd::bulk::decompress(&bad, 301).is_err());
 }

@@ -227,6 +227,18 @@ impl Connection {
 
     /// Reads `length` bytes at `offset`.
     pub async fn read(&self, offset: u64, length: u32) -> Result<Vec<u8>, NbdError> {
+        self.read_reusing(offset, length, Vec::new()).await
+    }
+
+    /// Reads `length` bytes at `offset` into `buf`'s memory (a buffer from
+    /// an earlier read: no allocation, no zeroing). Every byte returned is
+    /// covered by a data or hole chunk, or by a simple reply, of this read.
+    pub async fn read_reusing(
+        &self,
+        offset: u64,
+        length: u32,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, NbdError> {
         if length == 0 || length > proto::MAX_READ {
             return Err(NbdError::Invalid(format!("read of {length} bytes")));
         }
@@ -238,11 +250,16 @@ impl Connection {
             offset,
             length,
         };
+        if buf.len() > length as usize {
+            buf.truncate(length as usize);
+        } else {
+            buf.resize(length as usize, 0);
+        }
         self.send(
             req,
             Pending::Read {
                 offset,
-                buf: vec![0u8; length as usize],
+                buf,
                 covered: Vec::new(),
                 error: None,
                 tx,
@@ -347,7 +364,9 @@ async fn reader_loop(
     dead: Arc<Mutex<Option<String>>>,
     negotiated: Negotiated,
 ) {
-    let mut rd = tokio::io::BufReader::with_capacity(256 * 1024, rd);
+    // Small: reply headers come through it, while payloads (larger than
+    // the buffer) are read straight into their destination.
+    let mut rd = tokio::io::BufReader::with_capacity(8 * 1024, rd);
     let result = reply_loop(&mut rd, &pending, &negotiated).await;
     let why = match result {
         Ok(()) => "server closed the connection".to_string(),

@@ -150,12 +150,19 @@ impl Default for PoolOptions {
     }
 }
 
+/// Read buffers kept for reuse per pool (each at most one request long).
+const SPARE_BUFFERS: usize = 64;
+/// ... and at most this many bytes of them.
+const SPARE_BYTES: usize = 16 << 20;
+
 /// Several connections to one export, requests spread across them.
 pub struct NbdPool {
     options: ConnectOptions,
     pool: PoolOptions,
     slots: Vec<AsyncMutex<Arc<Connection>>>,
     next: std::sync::atomic::AtomicUsize,
+    /// Buffers of finished reads, reused by the next ones.
+    spare: std::sync::Mutex<Vec<Vec<u8>>>,
     /// Required read alignment (from block size constraints, or 512 when
     /// the server answered through EXPORT_NAME like xapi-nbd).
     pub alignment: u32,
@@ -205,6 +212,7 @@ impl NbdPool {
             pool,
             slots,
             next: std::sync::atomic::AtomicUsize::new(0),
+            spare: std::sync::Mutex::new(Vec::new()),
             alignment,
             negotiated,
         })
@@ -250,32 +258,78 @@ impl NbdPool {
     /// the pool. The range must respect the server's alignment, except at
     /// the end of the export.
     pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        let end = offset + buf.len() as u64;
-        if end > self.size_bytes {
-            return Err(NbdError::Invalid(format!(
-                "read {offset}+{} beyond the export's {} bytes",
-                buf.len(),
-                self.size_bytes
-            )));
-        }
+        self.read_many(&mut [(offset, buf)]).await
+    }
+
+    /// Fills every `(offset, buf)` with all their requests in flight at
+    /// once, spread over the pool's connections.
+    pub async fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
         let step = self.pool.request_bytes as u64;
-        let mut pieces = Vec::new();
-        let mut at = offset;
-        while at < end {
-            let len = (end - at).min(step);
-            pieces.push((at, len as u32));
-            at += len;
+        // (read, offset, length) of every request.
+        let mut pieces: Vec<(usize, u64, u32)> = Vec::new();
+        for (k, (offset, buf)) in reads.iter().enumerate() {
+            let end = *offset + buf.len() as u64;
+            if end > self.size_bytes {
+                return Err(NbdError::Invalid(format!(
+                    "read {offset}+{} beyond the export's {} bytes",
+                    buf.len(),
+                    self.size_bytes
+                )));
+            }
+            let mut at = *offset;
+            while at < end {
+                let len = (end - at).min(step);
+                pieces.push((k, at, len as u32));
+                at += len;
+            }
         }
-        let futures = pieces
-            .iter()
-            .map(|&(at, len)| self.with_retry(move |c| async move { c.read(at, len).await }));
+        let buffers: Vec<Vec<u8>> = {
+            let mut spare = self.spare.lock().expect("spare buffers");
+            pieces
+                .iter()
+                .map(|_| spare.pop().unwrap_or_default())
+                .collect()
+        };
+        let futures = pieces.iter().zip(buffers).map(|(&(_, at, len), buf)| {
+            // A retry starts over with a new buffer.
+            let buf = std::sync::Mutex::new(Some(buf));
+            async move {
+                self.with_retry(|c| {
+                    let b = buf.lock().expect("buffer").take().unwrap_or_default();
+                    async move { c.read_reusing(at, len, b).await }
+                })
+                .await
+            }
+        });
         let results = join_all(futures).await;
-        for ((at, _), r) in pieces.iter().zip(results) {
-            let data = r?;
-            let rel = (at - offset) as usize;
-            buf[rel..rel + data.len()].copy_from_slice(&data);
+        let mut done = Vec::with_capacity(results.len());
+        let mut first_err = None;
+        for (&(k, at, _), r) in pieces.iter().zip(results) {
+            match r {
+                Ok(data) => {
+                    let (offset, buf) = &mut reads[k];
+                    let rel = (at - *offset) as usize;
+                    buf[rel..rel + data.len()].copy_from_slice(&data);
+                    done.push(data);
+                }
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
+        let mut spare = self.spare.lock().expect("spare buffers");
+        let mut kept: usize = spare.iter().map(|b| b.capacity()).sum();
+        for b in done {
+            if spare.len() < SPARE_BUFFERS && kept + b.capacity() <= SPARE_BYTES {
+                kept += b.capacity();
+                spare.push(b);
+            }
+        }
+        drop(spare);
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// Extents of the whole export for context `name`: (offset, length,
@@ -340,7 +394,9 @@ impl NbdPool {
     }
 }
 
-async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+pub(crate) async fn join_all<F: std::future::Future>(
+    futures: impl Iterator<Item = F>,
+) -> Vec<F::Output> {
     // Poll every future concurrently on the current task.
     let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
     let mut results: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
@@ -449,11 +505,16 @@ impl BlockSource for NbdSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
+        self.read_many(&mut [(offset, buf)])
+    }
+
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
+        let first = reads.first().map(|r| r.0).unwrap_or(0);
         self.runtime
-            .block_on(self.pool().read_into(offset, buf))
+            .block_on(self.pool().read_many(reads))
             .map_err(|e| SourceError::Invalid {
                 source_name: self.identity.clone(),
-                reason: format!("read at byte {offset}: {e}"),
+                reason: format!("read from byte {first}: {e}"),
             })
     }
 }

@@ -135,16 +135,39 @@ impl BlockSource for NbdSet {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        let k = self.next.fetch_add(1, Ordering::Relaxed) % self.pools.len().max(1);
-        let pool = self.pools.get(k).ok_or_else(|| SourceError::Invalid {
-            source_name: self.identity.clone(),
-            reason: "no NBD connection".into(),
-        })?;
+        self.read_many(&mut [(offset, buf)])
+    }
+
+    /// Every read in flight at once, the reads dealt round-robin over the
+    /// hosts' pools.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
+        let n = self.pools.len();
+        if n == 0 {
+            return Err(SourceError::Invalid {
+                source_name: self.identity.clone(),
+                reason: "no NBD connection".into(),
+            });
+        }
+        let first = reads.first().map(|r| r.0).unwrap_or(0);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut shares: Vec<Vec<(u64, &mut [u8])>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, (at, buf)) in reads.iter_mut().enumerate() {
+            shares[(start + i) % n].push((*at, &mut **buf));
+        }
         self.runtime
-            .block_on(pool.read_into(offset, buf))
+            .block_on(async {
+                let mut futures = Vec::new();
+                for (pool, share) in self.pools.iter().zip(shares.iter_mut()) {
+                    futures.push(pool.read_many(share));
+                }
+                for r in crate::source::nbd::join_all(futures.into_iter()).await {
+                    r?;
+                }
+                Ok::<(), crate::source::nbd::NbdError>(())
+            })
             .map_err(|e| SourceError::Invalid {
                 source_name: self.identity.clone(),
-                reason: format!("read at byte {offset}: {e}"),
+                reason: format!("read from byte {first}: {e}"),
             })
     }
 }
