@@ -1237,8 +1237,12 @@ impl State {
             .clone()
             .ok_or_else(|| ApiError::incompatible_type(r, "cbt_metadata"))?;
         let uuid = new_uuid();
+        // Copy-on-write: the source goes on in a new file of its own.
         let copy = source
-            .copy_to(&self.disk_path(&uuid))
+            .snapshot(
+                &self.disk_path(&format!("{}.{}", v.uuid, new_uuid())),
+                &self.disk_path(&uuid),
+            )
             .map_err(State::io_error)?;
         let s = new_ref();
         let chain = v.cbt_enabled && !v.is_a_snapshot;

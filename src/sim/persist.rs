@@ -8,8 +8,15 @@
 //! for a log it finds inconsistent at attach (xenapi-reference.md §5 rule
 //! 4), CBT is then disabled on every live VDI that had it, so clients see
 //! the broken chain a real crash leaves.
+//!
+//! VDI data stays in its files under `D/vdis`; the state names them. Each
+//! disk is a chain of layers (see `disk`): `disks` gives, per VDI, its
+//! shared layers bottom to top and its own top file with the blocks written
+//! in it; `layers` gives the blocks written in each shared layer, once
+//! however many disks use it. Files are named relative to `D/vdis`. Format
+//! 1 (one `<uuid>.img` per VDI, `disks` holding its bitmap) still loads.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +24,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::cbt::ChangeBitmap;
-use super::disk::Disk;
+use super::disk::{Disk, Layer};
 use super::error::SimError;
 use super::model::{
     Faults, Host, HostConfig, Network, Pbd, Pif, Pool, Ref, Sr, State, Vbd, Vdi, Vm,
@@ -25,7 +32,20 @@ use super::model::{
 
 /// The state file in the state folder.
 pub const STATE_FILE: &str = "state.json";
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
+/// One image per VDI, `disks` holding each one's bitmap.
+const FORMAT_SINGLE_FILE: u32 = 1;
+
+/// A disk's chain of layers.
+#[derive(Serialize, Deserialize)]
+struct SavedDisk {
+    /// Read-only layers, bottom to top: file names, keys of `layers`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    shared: Vec<String>,
+    /// The disk's own top layer: its file name and the blocks written in it.
+    file: String,
+    written: ChangeBitmap,
+}
 
 #[derive(Serialize)]
 struct SavedRef<'a> {
@@ -40,8 +60,10 @@ struct SavedRef<'a> {
     vms: &'a BTreeMap<Ref, Vm>,
     vbds: BTreeMap<&'a Ref, &'a Vbd>,
     vdis: &'a BTreeMap<Ref, Vdi>,
-    /// Which blocks of each VDI image were ever written.
-    disks: BTreeMap<&'a Ref, ChangeBitmap>,
+    /// Each VDI's layers.
+    disks: BTreeMap<&'a Ref, SavedDisk>,
+    /// The blocks written in each shared layer.
+    layers: BTreeMap<String, ChangeBitmap>,
     host: &'a Ref,
     dom0: &'a Ref,
     default_sr: &'a Ref,
@@ -61,15 +83,46 @@ struct Saved {
     vms: BTreeMap<Ref, Vm>,
     vbds: BTreeMap<Ref, Vbd>,
     vdis: BTreeMap<Ref, Vdi>,
-    disks: BTreeMap<Ref, ChangeBitmap>,
+    /// [`SavedDisk`]s, or bitmaps in format 1.
+    disks: BTreeMap<Ref, serde_json::Value>,
+    #[serde(default)]
+    layers: BTreeMap<String, ChangeBitmap>,
     host: Ref,
     dom0: Ref,
     default_sr: Ref,
     nbd_network: Ref,
 }
 
+/// The name of a file of the data folder.
+fn file_name(path: &Path) -> std::io::Result<String> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_string)
+        .ok_or_else(|| std::io::Error::other(format!("bad image name {}", path.display())))
+}
+
 /// Writes the state durably to `dir/state.json`.
 pub fn save(st: &State, dir: &Path, clean: bool) -> std::io::Result<()> {
+    let mut disks = BTreeMap::new();
+    let mut layers = BTreeMap::new();
+    for (r, v) in &st.vdis {
+        let Some(d) = &v.data else { continue };
+        let layout = d.layout();
+        let mut shared = Vec::with_capacity(layout.shared.len());
+        for l in &layout.shared {
+            let name = file_name(l.path())?;
+            if !layers.contains_key(&name) {
+                layers.insert(name.clone(), l.written().clone());
+            }
+            shared.push(name);
+        }
+        let saved = SavedDisk {
+            shared,
+            file: file_name(&layout.top)?,
+            written: layout.top_written,
+        };
+        disks.insert(r, saved);
+    }
     let saved = SavedRef {
         format: FORMAT,
         clean,
@@ -82,11 +135,8 @@ pub fn save(st: &State, dir: &Path, clean: bool) -> std::io::Result<()> {
         vms: &st.vms,
         vbds: st.vbds.iter().filter(|(_, b)| b.vm != st.dom0).collect(),
         vdis: &st.vdis,
-        disks: st
-            .vdis
-            .iter()
-            .filter_map(|(r, v)| v.data.as_ref().map(|d| (r, d.allocated())))
-            .collect(),
+        disks,
+        layers,
         host: &st.host,
         dom0: &st.dom0,
         default_sr: &st.default_sr,
@@ -116,7 +166,7 @@ pub fn load(config: HostConfig, dir: &Path) -> Result<Option<State>, SimError> {
     };
     let invalid = |why: String| storage(std::io::Error::new(std::io::ErrorKind::InvalidData, why));
     let mut saved: Saved = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
-    if saved.format != FORMAT {
+    if saved.format != FORMAT && saved.format != FORMAT_SINGLE_FILE {
         return Err(invalid(format!(
             "state format {} is not {FORMAT}",
             saved.format
@@ -131,17 +181,25 @@ pub fn load(config: HostConfig, dir: &Path) -> Result<Option<State>, SimError> {
     for p in saved.pifs.values_mut() {
         p.ip = config.nbd_address.clone();
     }
+    let mut opened = Opened::default();
     for (r, v) in saved.vdis.iter_mut() {
-        if let Some(allocated) = saved.disks.remove(r) {
+        let Some(disk) = saved.disks.remove(r) else {
+            continue;
+        };
+        let disk = if saved.format == FORMAT_SINGLE_FILE {
+            let allocated: ChangeBitmap =
+                serde_json::from_value(disk).map_err(|e| invalid(format!("disk of {r}: {e}")))?;
             let image = config.data_dir.join(format!("{}.img", v.uuid));
-            let disk = Disk::open(&image, v.virtual_size, allocated).map_err(|source| {
-                SimError::Storage {
-                    path: image.display().to_string(),
-                    source,
-                }
-            })?;
-            v.data = Some(Arc::new(disk));
-        }
+            Disk::open(&image, v.virtual_size, allocated).map_err(|source| SimError::Storage {
+                path: image.display().to_string(),
+                source,
+            })?
+        } else {
+            let disk: SavedDisk =
+                serde_json::from_value(disk).map_err(|e| invalid(format!("disk of {r}: {e}")))?;
+            opened.disk(&config.data_dir, &saved.layers, disk, v.virtual_size)?
+        };
+        v.data = Some(Arc::new(disk));
     }
     let mut st = State {
         config,
@@ -174,4 +232,245 @@ pub fn load(config: HostConfig, dir: &Path) -> Result<Option<State>, SimError> {
         }
     }
     Ok(Some(st))
+}
+
+/// The layers opened so far while loading: each shared one opened once and
+/// shared again, each file used either as one shared layer or as one top.
+#[derive(Default)]
+struct Opened {
+    shared: BTreeMap<String, Arc<Layer>>,
+    tops: BTreeSet<String>,
+}
+
+impl Opened {
+    fn disk(
+        &mut self,
+        data_dir: &Path,
+        layers: &BTreeMap<String, ChangeBitmap>,
+        saved: SavedDisk,
+        size_bytes: u64,
+    ) -> Result<Disk, SimError> {
+        let failed = |name: &str, why: String| SimError::Storage {
+            path: data_dir.join(name).display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, why),
+        };
+        let mut shared = Vec::with_capacity(saved.shared.len());
+        for name in &saved.shared {
+            check_name(name).map_err(|why| failed(name, why))?;
+            if self.tops.contains(name) || saved.file == *name {
+                return Err(failed(name, "a shared layer is also a disk's own".into()));
+            }
+            if shared
+                .iter()
+                .any(|l: &Arc<Layer>| l.path().file_name() == Some(name.as_ref()))
+            {
+                return Err(failed(name, "a layer twice in one chain".into()));
+            }
+            if let Some(l) = self.shared.get(name) {
+                shared.push(l.clone());
+                continue;
+            }
+            let written = layers
+                .get(name)
+                .cloned()
+                .ok_or_else(|| failed(name, "a shared layer missing from `layers`".into()))?;
+            let path = data_dir.join(name);
+            let layer =
+                Layer::open(&path, size_bytes, written).map_err(|source| SimError::Storage {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            let layer = Arc::new(layer);
+            self.shared.insert(name.clone(), layer.clone());
+            shared.push(layer);
+        }
+        let name = &saved.file;
+        check_name(name).map_err(|why| failed(name, why))?;
+        if self.shared.contains_key(name) || !self.tops.insert(name.clone()) {
+            return Err(failed(name, "a disk's own file is used twice".into()));
+        }
+        let path = data_dir.join(name);
+        Disk::open_layered(shared, &path, size_bytes, saved.written).map_err(|source| {
+            SimError::Storage {
+                path: path.display().to_string(),
+                source,
+            }
+        })
+    }
+}
+
+/// A file name of the data folder, nothing else.
+fn check_name(name: &str) -> Result<(), String> {
+    let plain = Path::new(name).file_name().and_then(|n| n.to_str()) == Some(name);
+    if plain && name != "." && name != ".." {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a file name"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::model::NewVdi;
+
+    const MIB: u64 = 1 << 20;
+
+    fn config(dir: &Path) -> HostConfig {
+        HostConfig {
+            username: "root".into(),
+            password: "pw".into(),
+            hostname: "localhost".into(),
+            nbd_address: "127.0.0.1".into(),
+            nbd_port: 10809,
+            certificate_pem: String::new(),
+            subject: "localhost".into(),
+            data_dir: dir.join("vdis"),
+            data_destroy_wait_ms: 0,
+        }
+    }
+
+    fn start(dir: &Path) -> State {
+        std::fs::create_dir_all(dir.join("vdis")).unwrap();
+        State::new(config(dir))
+    }
+
+    fn create(st: &mut State, size: u64) -> Ref {
+        let sr = st.default_sr.clone();
+        st.vdi_create(NewVdi {
+            name_label: "disk".into(),
+            name_description: String::new(),
+            sr,
+            virtual_size: size,
+            vdi_type: "user".into(),
+            sharable: false,
+            read_only: false,
+            other_config: Default::default(),
+            sm_config: Default::default(),
+            xenstore_data: Default::default(),
+            tags: Vec::new(),
+        })
+        .unwrap()
+    }
+
+    fn content(st: &State) -> BTreeMap<Ref, Vec<u8>> {
+        st.vdis
+            .iter()
+            .filter_map(|(r, v)| {
+                let d = v.data.as_ref()?;
+                Some((r.clone(), d.read(0, d.size_bytes() as usize).unwrap()))
+            })
+            .collect()
+    }
+
+    fn files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("vdis")).unwrap().count()
+    }
+
+    #[test]
+    fn layered_disks_survive_a_restart_and_share_their_layers_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = start(dir.path());
+        let leaf = create(&mut st, 4 * MIB);
+        let other = create(&mut st, MIB);
+        st.write_vdi(&leaf, 0, &[7u8; 300_000]).unwrap();
+        st.write_vdi(&other, 5, b"alone").unwrap();
+        let s1 = st.vdi_snapshot(&leaf).unwrap();
+        st.write_vdi(&leaf, 70_000, b"after the first").unwrap();
+        let s2 = st.vdi_snapshot(&leaf).unwrap();
+        st.write_vdi(&leaf, 2 * MIB, b"after the second").unwrap();
+        st.write_vdi(&s1, 3 * MIB, b"on the snapshot").unwrap();
+        let s3 = st.vdi_snapshot(&s1).unwrap();
+        let before = content(&st);
+        save(&st, dir.path(), true).unwrap();
+        drop(st);
+
+        let mut st = load(config(dir.path()), dir.path()).unwrap().unwrap();
+        assert_eq!(content(&st), before);
+        let shared = |r: &str| st.vdis[r].data.as_ref().unwrap().layout().shared;
+        let (l, a, b, c) = (shared(&leaf), shared(&s1), shared(&s2), shared(&s3));
+        assert_eq!((l.len(), a.len(), b.len(), c.len()), (2, 2, 2, 2));
+        assert!(Arc::ptr_eq(&l[0], &a[0]) && Arc::ptr_eq(&l[0], &c[0]));
+        assert!(Arc::ptr_eq(&l[1], &b[1]));
+        assert!(Arc::ptr_eq(&a[1], &c[1]) && !Arc::ptr_eq(&a[1], &l[1]));
+        assert!(shared(&other).is_empty());
+        // Saved again as it was loaded.
+        let text = |st: &State| {
+            save(st, dir.path(), true).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap())
+                    .unwrap();
+            (v["disks"].clone(), v["layers"].clone())
+        };
+        let saved = text(&st);
+        assert_eq!(saved.1.as_object().unwrap().len(), 3);
+
+        // The files go with the last disk that uses them, as before.
+        let files_before = files(dir.path());
+        st.vdi_destroy(&s2).unwrap();
+        assert_eq!(files(dir.path()), files_before - 1);
+        st.vdi_destroy(&leaf).unwrap();
+        assert_eq!(files(dir.path()), files_before - 3);
+        assert_eq!(
+            content(&st)[&s3],
+            before[&s3],
+            "the snapshot of the snapshot keeps its layers"
+        );
+        st.vdi_destroy(&s1).unwrap();
+        st.vdi_destroy(&s3).unwrap();
+        st.vdi_destroy(&other).unwrap();
+        assert_eq!(files(dir.path()), 0);
+        let _ = text(&st);
+    }
+
+    #[test]
+    fn a_missing_layer_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = start(dir.path());
+        let leaf = create(&mut st, MIB);
+        st.write_vdi(&leaf, 0, b"data").unwrap();
+        let snap = st.vdi_snapshot(&leaf).unwrap();
+        save(&st, dir.path(), true).unwrap();
+        let layer = st.vdis[&snap].data.as_ref().unwrap().layout().shared[0]
+            .path()
+            .to_path_buf();
+        drop(st);
+        std::fs::remove_file(&layer).unwrap();
+        match load(config(dir.path()), dir.path()) {
+            Err(SimError::Storage { path, source }) => {
+                assert_eq!(path, layer.display().to_string());
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // A name that leaves the data folder is refused.
+        let state = dir.path().join(STATE_FILE);
+        let text = std::fs::read_to_string(&state).unwrap();
+        let name = layer.file_name().unwrap().to_str().unwrap();
+        std::fs::write(&state, text.replace(name, "../state.json")).unwrap();
+        let e = load(config(dir.path()), dir.path()).err().unwrap();
+        assert!(e.to_string().contains("not a file name"), "{e}");
+    }
+
+    #[test]
+    fn a_state_of_format_1_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = start(dir.path());
+        let leaf = create(&mut st, MIB);
+        st.write_vdi(&leaf, 65_530, b"format one").unwrap();
+        let before = content(&st);
+        save(&st, dir.path(), true).unwrap();
+        drop(st);
+        let state = dir.path().join(STATE_FILE);
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+        v["format"] = 1.into();
+        let written = v["disks"][&leaf]["written"].clone();
+        v["disks"][&leaf] = written;
+        v.as_object_mut().unwrap().remove("layers");
+        std::fs::write(&state, serde_json::to_vec(&v).unwrap()).unwrap();
+        let st = load(config(dir.path()), dir.path()).unwrap().unwrap();
+        assert_eq!(content(&st), before);
+        assert!(st.vdis[&leaf].data.as_ref().unwrap().is_allocated(1));
+    }
 }
