@@ -110,8 +110,14 @@ fn choose_format(map: &BlockMap, wanted: &str, new_vdi: bool) -> Result<ImportFo
         ),
         "chunked" => ImportFormat::Chunked,
         "auto" if !new_vdi => ImportFormat::Raw,
-        // Mostly zero: send only the data (reference §3.2 `chunked`).
-        "auto" if (map.data.len() as u64) * 2 < map.block_count() => ImportFormat::Chunked,
+        // A new VDI reads as zeros: send only the data (reference §3.2
+        // `chunked`) whenever that is the smaller body, i.e. unless the
+        // snapshot has no zero blocks at all.
+        "auto"
+            if body_bytes(map, ImportFormat::Chunked) < body_bytes(map, ImportFormat::Raw) =>
+        {
+            ImportFormat::Chunked
+        }
         "auto" => ImportFormat::Raw,
         other => bail!("--import-format '{other}': expected auto, raw or chunked"),
     })
@@ -626,4 +632,33 @@ fn import_metadata(session: &Session, tar: &[u8], vdi_map: &[(String, String)]) 
     uuid.as_str()
         .map(str::to_string)
         .ok_or_else(|| anyhow!("VM.get_uuid: not a string"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::BlockId;
+
+    fn map(blocks: u64, data: impl Iterator<Item = u64>) -> BlockMap {
+        BlockMap {
+            disk_size_bytes: blocks * 65536,
+            block_size: 65536,
+            data: data.map(|i| (i, BlockId([i as u8; 32]))).collect(),
+        }
+    }
+
+    #[test]
+    fn auto_sends_the_smaller_body_into_a_new_vdi_and_raw_into_an_existing_one() {
+        let half = map(1000, (0..1000).step_by(2));
+        let dense = map(1000, 0..1000);
+        let one_hole = map(1000, 1..1000);
+        let chunked =
+            |m: &BlockMap, new| choose_format(m, "auto", new).unwrap() == ImportFormat::Chunked;
+        assert!(chunked(&half, true));
+        assert!(!chunked(&half, false));
+        assert!(!chunked(&dense, true));
+        // One zero block saves 64 KiB, less than 12 bytes of header per block.
+        assert!(!chunked(&one_hole, true));
+        assert!(choose_format(&half, "chunked", false).is_err());
+    }
 }

@@ -111,6 +111,62 @@ struct Conn {
     import_seen: u64,
 }
 
+/// The disk side of an import: each write runs on a blocking thread while
+/// the connection receives the next piece (one write in flight), and the
+/// simulator's state lock is held only to find the disk and to record the
+/// change, not during the disk I/O.
+struct ImportWriter {
+    core: Arc<Core>,
+    vdi: String,
+    in_flight: Option<tokio::task::JoinHandle<Result<(), ApiError>>>,
+}
+
+impl ImportWriter {
+    fn new(core: &Arc<Core>, vdi: &str) -> Self {
+        ImportWriter {
+            core: core.clone(),
+            vdi: vdi.to_string(),
+            in_flight: None,
+        }
+    }
+
+    async fn write(&mut self, offset: u64, data: Vec<u8>) -> Result<(), ApiError> {
+        self.finish().await?;
+        let core = self.core.clone();
+        let vdi = self.vdi.clone();
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let disk = {
+                let st = core.lock();
+                let v = st.vdi(&vdi)?;
+                let fits = offset
+                    .checked_add(data.len() as u64)
+                    .is_some_and(|end| end <= v.virtual_size);
+                if !fits {
+                    return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
+                }
+                v.data
+                    .clone()
+                    .ok_or_else(|| ApiError::incompatible_type(&vdi, "cbt_metadata"))?
+            };
+            disk.write(offset, &data)
+                .map_err(|e| ApiError::new("VDI_IO_ERROR", [format!("Device I/O errors: {e}")]))?;
+            core.lock().mark_written(&vdi, offset, data.len() as u64);
+            Ok(())
+        }));
+        Ok(())
+    }
+
+    /// Waits for the write in flight; its error, if any.
+    async fn finish(&mut self) -> Result<(), ApiError> {
+        match self.in_flight.take() {
+            Some(h) => h
+                .await
+                .unwrap_or_else(|e| Err(ApiError::internal(e.to_string()))),
+            None => Ok(()),
+        }
+    }
+}
+
 /// What to do with the connection after a response.
 #[derive(PartialEq, Eq)]
 enum After {
@@ -184,12 +240,11 @@ impl Conn {
     /// Reads what the client sent next; a client silent for
     /// `IDLE_TIMEOUT` mid-request is an error.
     async fn read_more(&mut self) -> std::io::Result<usize> {
-        let mut tmp = vec![0u8; 64 * 1024];
-        let n = tokio::time::timeout(IDLE_TIMEOUT, self.io.read(&mut tmp))
+        // Straight into the buffer's spare room: no zeroed bounce buffer.
+        self.buf.reserve(256 * 1024);
+        tokio::time::timeout(IDLE_TIMEOUT, self.io.read_buf(&mut self.buf))
             .await
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-        self.buf.extend_from_slice(&tmp[..n]);
-        Ok(n)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
     }
 
     async fn read_head(&mut self) -> Result<Option<RequestHead>, ConnError> {
@@ -225,15 +280,22 @@ impl Conn {
     async fn read_import(&mut self, max: usize) -> Result<Vec<u8>, ApiError> {
         let io_error = || ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]);
         let data = self.read_some(max).await.map_err(|_| io_error())?;
+        self.count_import(data.len())?;
+        Ok(data)
+    }
+
+    /// Counts `n` import body bytes received; fails once the
+    /// `import_fail_after_bytes` fault is reached.
+    fn count_import(&mut self, n: usize) -> Result<(), ApiError> {
         self.core
             .import_bytes
-            .fetch_add(data.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        self.import_seen += data.len() as u64;
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.import_seen += n as u64;
         let limit = self.core.lock().faults.import_fail_after_bytes;
         if limit.is_some_and(|l| self.import_seen > l) {
-            return Err(io_error());
+            return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
         }
-        Ok(data)
+        Ok(())
     }
 
     async fn read_some(&mut self, max: usize) -> std::io::Result<Vec<u8>> {
@@ -710,15 +772,32 @@ impl Conn {
         Ok(After::Close)
     }
 
-    async fn write_at(&self, vdi: &str, offset: u64, data: Vec<u8>) -> Result<(), ApiError> {
-        let core = self.core.clone();
-        let vdi = vdi.to_string();
-        tokio::task::spawn_blocking(move || core.lock().write_vdi(&vdi, offset, &data))
-            .await
-            .unwrap_or_else(|e| Err(ApiError::internal(e.to_string())))
+    /// Up to `want` body bytes gathered into one buffer (fewer only at the
+    /// end of the body).
+    async fn read_import_chunk(&mut self, want: usize) -> Result<Vec<u8>, ApiError> {
+        let io_error = || ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]);
+        let mut out = Vec::with_capacity(want);
+        // Bytes already buffered first, then straight from the stream into
+        // `out` (its capacity bounds every read).
+        let n = want.min(self.buf.len());
+        out.extend_from_slice(&self.buf[..n]);
+        self.buf.drain(..n);
+        self.count_import(n)?;
+        while out.len() < want {
+            let read = tokio::time::timeout(IDLE_TIMEOUT, self.io.read_buf(&mut out))
+                .await
+                .map_err(|_| io_error())?
+                .map_err(|_| io_error())?;
+            if read == 0 {
+                break;
+            }
+            self.count_import(read)?;
+        }
+        Ok(out)
     }
 
     async fn write_raw(&mut self, vdi: &str, len: Option<u64>) -> Result<(), ApiError> {
+        let mut disk = ImportWriter::new(&self.core, vdi);
         let mut offset = 0u64;
         loop {
             let want = match len {
@@ -726,7 +805,7 @@ impl Conn {
                 Some(l) => (l - offset).min(IO_CHUNK as u64) as usize,
                 None => IO_CHUNK,
             };
-            let data = self.read_import(want).await?;
+            let data = self.read_import_chunk(want).await?;
             if data.is_empty() {
                 if len.is_some() {
                     return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
@@ -734,33 +813,57 @@ impl Conn {
                 break;
             }
             let n = data.len() as u64;
-            self.write_at(vdi, offset, data).await?;
+            disk.write(offset, data).await?;
             offset += n;
         }
-        Ok(())
+        disk.finish().await
     }
 
     async fn write_chunked(&mut self, vdi: &str) -> Result<(), ApiError> {
         let io_error = || ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]);
+        let mut disk = ImportWriter::new(&self.core, vdi);
         let mut decoder = ChunkedImport::new();
         let mut input: Vec<u8> = Vec::new();
+        let mut pos = 0;
+        // Data of consecutive chunks gathered into writes of up to IO_CHUNK.
+        let mut run: Option<(u64, Vec<u8>)> = None;
         while !decoder.is_done() {
-            if input.is_empty() {
+            if pos == input.len() {
                 input = self.read_import(IO_CHUNK).await?;
+                pos = 0;
                 if input.is_empty() {
                     return Err(io_error());
                 }
             }
             let (used, step) = decoder
-                .feed(&input)
+                .feed(&input[pos..])
                 .map_err(|e| ApiError::internal(e.to_string()))?;
             if let ChunkStep::Data { offset, len } = step {
-                self.write_at(vdi, offset, input[used - len..used].to_vec())
-                    .await?;
+                let bytes = &input[pos + used - len..pos + used];
+                match &mut run {
+                    Some((at, buf)) if *at + buf.len() as u64 == offset => {
+                        buf.extend_from_slice(bytes)
+                    }
+                    _ => {
+                        if let Some((at, buf)) = run.take() {
+                            disk.write(at, buf).await?;
+                        }
+                        let mut buf = Vec::with_capacity(IO_CHUNK);
+                        buf.extend_from_slice(bytes);
+                        run = Some((offset, buf));
+                    }
+                }
+                if run.as_ref().is_some_and(|(_, b)| b.len() >= IO_CHUNK) {
+                    let (at, buf) = run.take().expect("checked");
+                    disk.write(at, buf).await?;
+                }
             }
-            input.drain(..used);
+            pos += used;
         }
-        Ok(())
+        if let Some((at, buf)) = run.take() {
+            disk.write(at, buf).await?;
+        }
+        disk.finish().await
     }
 
     /// `GET /export_metadata` (§3.3): HTTP/1.0, Content-Length, an XVA tar
