@@ -3,6 +3,7 @@
 //! `format-spec/` for the on-disk contract.
 
 pub mod backend;
+pub mod bytes;
 pub mod cli;
 pub mod commands;
 pub mod format;

@@ -39,9 +39,7 @@ impl Export for MemoryExport {
         let mut at = offset;
         while at < end {
             let next = ((at / GRANULE + 1) * GRANULE).min(end);
-            let zero = self.data[at as usize..next as usize]
-                .iter()
-                .all(|&b| b == 0);
+            let zero = crate::bytes::is_zero(&self.data[at as usize..next as usize]);
             let flags = if zero {
                 proto::STATE_HOLE | proto::STATE_ZERO
             } else {

@@ -16,6 +16,7 @@ use serde::Serialize;
 
 use super::{RepoError, Repository};
 use crate::backend::Kind;
+use crate::bytes::is_zero;
 use crate::format::bitmap;
 use crate::format::snapshot::{block_count, BlockRef, ReadMode, SnapshotMeta, SnapshotObject};
 use crate::format::{BlockId, SnapshotId};
@@ -135,14 +136,6 @@ impl Drop for PooledBuf {
     fn drop(&mut self) {
         let _ = self.home.try_send(std::mem::take(&mut self.data));
     }
-}
-
-fn is_zero(bytes: &[u8]) -> bool {
-    let mut chunks = bytes.chunks_exact(64);
-    let whole = chunks
-        .by_ref()
-        .all(|c| c.iter().fold(0u8, |acc, b| acc | b) == 0);
-    whole && chunks.remainder().iter().all(|b| *b == 0)
 }
 
 /// Reads one batch: the blocks `indices` (ascending), consecutive blocks

@@ -443,6 +443,16 @@ impl Disk {
         let mut guard = self.chain_mut();
         let chain = &mut *guard;
         let mut block_buf = Vec::new();
+        // Pieces bound for the top file back to back are written with one
+        // call: (offset in `data` where the run starts, its length).
+        let mut run: Option<(usize, usize)> = None;
+        let flush = |run: &mut Option<(usize, usize)>, top: &Layer| -> std::io::Result<()> {
+            if let Some((start, len)) = run.take() {
+                top.file
+                    .write_all_at(&data[start..start + len], offset + start as u64)?;
+            }
+            Ok(())
+        };
         let mut at = 0usize;
         while at < data.len() {
             let pos = offset + at as u64;
@@ -451,27 +461,41 @@ impl Disk {
             let block_len = chain.top.block_len(block);
             let n = ((block_start + block_len - pos) as usize).min(data.len() - at);
             let piece = &data[at..at + n];
-            let top = &mut chain.top;
-            if top.written.is_set(block) {
-                top.file.write_all_at(piece, pos)?;
+            let direct = if chain.top.written.is_set(block) {
+                true
             } else if let Some(lower) = chain.shared.iter().rev().find(|l| l.written.is_set(block))
             {
                 if n as u64 == block_len {
-                    top.file.write_all_at(piece, pos)?;
+                    chain.top.written.set(block);
+                    true
                 } else {
+                    flush(&mut run, &chain.top)?;
                     block_buf.resize(block_len as usize, 0);
                     lower.file.read_exact_at(&mut block_buf, block_start)?;
                     block_buf[(pos - block_start) as usize..][..n].copy_from_slice(piece);
-                    top.file.write_all_at(&block_buf, block_start)?;
+                    chain.top.file.write_all_at(&block_buf, block_start)?;
+                    chain.top.written.set(block);
+                    false
                 }
-                top.written.set(block);
-            } else if piece.iter().any(|&b| b != 0) {
-                top.file.write_all_at(piece, pos)?;
-                top.written.set(block);
+            } else if !crate::bytes::is_zero(piece) {
+                chain.top.written.set(block);
+                true
+            } else {
+                flush(&mut run, &chain.top)?;
+                false
+            };
+            if direct {
+                match &mut run {
+                    Some((start, len)) if *start + *len == at => *len += n,
+                    _ => {
+                        flush(&mut run, &chain.top)?;
+                        run = Some((at, n));
+                    }
+                }
             }
             at += n;
         }
-        Ok(())
+        flush(&mut run, &chain.top)
     }
 
     /// Whether 64 KiB block `block` was ever written, as this disk sees it
