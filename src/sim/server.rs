@@ -119,7 +119,13 @@ struct ImportWriter {
     core: Arc<Core>,
     vdi: String,
     in_flight: Option<tokio::task::JoinHandle<Result<(), ApiError>>>,
+    /// Recently written ranges, released from the page cache once old
+    /// enough to have been written back (see `Disk::drop_cached`).
+    written: std::collections::VecDeque<(u64, u64)>,
 }
+
+/// Writes an import keeps in the page cache before releasing the oldest.
+const IMPORT_CACHE_WINDOW: usize = 8;
 
 impl ImportWriter {
     fn new(core: &Arc<Core>, vdi: &str) -> Self {
@@ -127,6 +133,7 @@ impl ImportWriter {
             core: core.clone(),
             vdi: vdi.to_string(),
             in_flight: None,
+            written: std::collections::VecDeque::new(),
         }
     }
 
@@ -134,6 +141,10 @@ impl ImportWriter {
         self.finish().await?;
         let core = self.core.clone();
         let vdi = self.vdi.clone();
+        self.written.push_back((offset, data.len() as u64));
+        let release = (self.written.len() > IMPORT_CACHE_WINDOW)
+            .then(|| self.written.pop_front())
+            .flatten();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
             let disk = {
                 let st = core.lock();
@@ -150,6 +161,11 @@ impl ImportWriter {
             };
             disk.write(offset, &data)
                 .map_err(|e| ApiError::new("VDI_IO_ERROR", [format!("Device I/O errors: {e}")]))?;
+            // Queue this write for writeback; drop an older one, now clean.
+            disk.drop_cached(offset, data.len() as u64);
+            if let Some((at, len)) = release {
+                disk.drop_cached(at, len);
+            }
             core.lock().mark_written(&vdi, offset, data.len() as u64);
             Ok(())
         }));
