@@ -182,25 +182,29 @@ struct Chain {
 enum Source {
     Top,
     Shared(usize),
+    /// No layer has the block: it reads as zeros without any I/O (as an
+    /// unallocated VHD block does in tapdisk).
+    Zero,
 }
 
 impl Chain {
-    /// The topmost layer holding `block`; the top for a block no layer has
-    /// (its file reads zeros there).
+    /// The topmost layer holding `block`, or `Zero` when none has it.
     fn source(&self, block: u64) -> Source {
         if self.top.written.is_set(block) {
             return Source::Top;
         }
         match self.shared.iter().rposition(|l| l.written.is_set(block)) {
             Some(i) => Source::Shared(i),
-            None => Source::Top,
+            None => Source::Zero,
         }
     }
 
-    fn layer(&self, source: Source) -> &Layer {
+    /// The layer to read for `source`; none for `Zero`.
+    fn layer(&self, source: Source) -> Option<&Layer> {
         match source {
-            Source::Top => &self.top,
-            Source::Shared(i) => &self.shared[i],
+            Source::Zero => None,
+            Source::Top => Some(&self.top),
+            Source::Shared(i) => Some(&self.shared[i]),
         }
     }
 
@@ -417,10 +421,6 @@ impl Disk {
         self.check(offset, len as u64)?;
         let mut buf = vec![0u8; len];
         let chain = self.chain();
-        if chain.shared.is_empty() {
-            chain.top.file.read_exact_at(&mut buf, offset)?;
-            return Ok(buf);
-        }
         let end = offset + len as u64;
         let mut run_start = offset;
         let mut run_source = Source::Top;
@@ -430,10 +430,9 @@ impl Disk {
             let source = chain.source(block);
             if source != run_source && pos > run_start {
                 let piece = &mut buf[(run_start - offset) as usize..(pos - offset) as usize];
-                chain
-                    .layer(run_source)
-                    .file
-                    .read_exact_at(piece, run_start)?;
+                if let Some(layer) = chain.layer(run_source) {
+                    layer.file.read_exact_at(piece, run_start)?;
+                }
                 run_start = pos;
             }
             run_source = source;
@@ -441,10 +440,9 @@ impl Disk {
         }
         if end > run_start {
             let piece = &mut buf[(run_start - offset) as usize..];
-            chain
-                .layer(run_source)
-                .file
-                .read_exact_at(piece, run_start)?;
+            if let Some(layer) = chain.layer(run_source) {
+                layer.file.read_exact_at(piece, run_start)?;
+            }
         }
         Ok(buf)
     }
