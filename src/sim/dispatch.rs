@@ -812,19 +812,7 @@ pub(crate) fn create_vm_with_disks(
     let vm = st.vm_create(name);
     let sr = st.default_sr.clone();
     for (i, &size) in sizes.iter().enumerate() {
-        let vdi = st.vdi_create(NewVdi {
-            name_label: format!("{name} disk {i}"),
-            name_description: String::new(),
-            sr: sr.clone(),
-            virtual_size: size,
-            vdi_type: "user".into(),
-            sharable: false,
-            read_only: false,
-            other_config: BTreeMap::new(),
-            sm_config: BTreeMap::new(),
-            xenstore_data: BTreeMap::new(),
-            tags: Vec::new(),
-        })?;
+        let vdi = st.vdi_create(NewVdi::user(format!("{name} disk {i}"), sr.clone(), size))?;
         st.vbd_create(NewVbd {
             vm: vm.clone(),
             vdi,

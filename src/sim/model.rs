@@ -334,6 +334,25 @@ pub struct NewVdi {
     pub tags: Vec<String>,
 }
 
+impl NewVdi {
+    /// A plain read-write `user` VDI with no configuration maps or tags.
+    pub fn user(name_label: impl Into<String>, sr: Ref, virtual_size: u64) -> NewVdi {
+        NewVdi {
+            name_label: name_label.into(),
+            name_description: String::new(),
+            sr,
+            virtual_size,
+            vdi_type: "user".into(),
+            sharable: false,
+            read_only: false,
+            other_config: BTreeMap::new(),
+            sm_config: BTreeMap::new(),
+            xenstore_data: BTreeMap::new(),
+            tags: Vec::new(),
+        }
+    }
+}
+
 /// The fields `VBD.create` reads.
 #[derive(Debug, Clone)]
 pub struct NewVbd {

@@ -337,20 +337,7 @@ mod tests {
 
     fn create(st: &mut State, size: u64) -> Ref {
         let sr = st.default_sr.clone();
-        st.vdi_create(NewVdi {
-            name_label: "disk".into(),
-            name_description: String::new(),
-            sr,
-            virtual_size: size,
-            vdi_type: "user".into(),
-            sharable: false,
-            read_only: false,
-            other_config: Default::default(),
-            sm_config: Default::default(),
-            xenstore_data: Default::default(),
-            tags: Vec::new(),
-        })
-        .unwrap()
+        st.vdi_create(NewVdi::user("disk", sr, size)).unwrap()
     }
 
     fn content(st: &State) -> BTreeMap<Ref, Vec<u8>> {

@@ -726,19 +726,7 @@ impl Conn {
                 };
                 let created = {
                     let mut st = self.core.lock();
-                    st.vdi_create(super::model::NewVdi {
-                        name_label: "Imported VDI".into(),
-                        name_description: String::new(),
-                        sr,
-                        virtual_size: size,
-                        vdi_type: "user".into(),
-                        sharable: false,
-                        read_only: false,
-                        other_config: Default::default(),
-                        sm_config: Default::default(),
-                        xenstore_data: Default::default(),
-                        tags: Vec::new(),
-                    })
+                    st.vdi_create(super::model::NewVdi::user("Imported VDI", sr, size))
                 };
                 match created {
                     Ok(v) => v,

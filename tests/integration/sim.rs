@@ -777,19 +777,7 @@ proptest! {
             data_destroy_wait_ms: 0,
         });
         let sr = st.default_sr.clone();
-        let leaf = st.vdi_create(NewVdi {
-            name_label: "disk".into(),
-            name_description: String::new(),
-            sr,
-            virtual_size: PROP_SIZE,
-            vdi_type: "user".into(),
-            sharable: false,
-            read_only: false,
-            other_config: Default::default(),
-            sm_config: Default::default(),
-            xenstore_data: Default::default(),
-            tags: Vec::new(),
-        }).unwrap();
+        let leaf = st.vdi_create(NewVdi::user("disk", sr, PROP_SIZE)).unwrap();
         st.enable_cbt(&leaf).unwrap();
         // snaps[i] = (ref, alive, blocks written between snapshot i-1 and i)
         let mut snaps: Vec<(String, bool, BTreeSet<u64>)> = Vec::new();
