@@ -40,6 +40,9 @@
 //!   - `import_fail_after_bytes` (only through [`Simulator::set_faults`]):
 //!     `/import_raw_vdi` fails its task with `VDI_IO_ERROR` after that many
 //!     body bytes.
+//!   - `import_drop_after_bytes` (only through [`Simulator::set_faults`]):
+//!     `/import_raw_vdi` drops the connection after that many body bytes
+//!     (reset, no answer) and fails its task with `VDI_IO_ERROR`.
 //!   - `fail_calls` (only through [`Simulator::set_faults`]): named
 //!     session calls answer the given `[code, params...]` and change
 //!     nothing, e.g. to fail a workflow at one step.

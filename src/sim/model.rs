@@ -277,6 +277,10 @@ pub struct Faults {
     /// `/import_raw_vdi` fails its task with `VDI_IO_ERROR` once it has
     /// received this many body bytes (the data before is written).
     pub import_fail_after_bytes: Option<u64>,
+    /// `/import_raw_vdi` drops the connection (no more reading, a reset)
+    /// once it has received this many body bytes, and fails its task with
+    /// `VDI_IO_ERROR`, as xapi does when the handler's socket dies.
+    pub import_drop_after_bytes: Option<u64>,
 }
 
 /// Static facts about the simulated host, fixed at start.

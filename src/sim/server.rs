@@ -88,6 +88,7 @@ pub(crate) async fn serve(
                         buf: Vec::new(),
                         core,
                         import_seen: 0,
+                        drop_now: false,
                     };
                     // A client that breaks HTTP loses its own connection only.
                     let _ = conn.run().await;
@@ -109,6 +110,8 @@ struct Conn {
     core: Arc<Core>,
     /// Import body bytes received on this connection.
     import_seen: u64,
+    /// The `import_drop_after_bytes` fault fired: close without lingering.
+    drop_now: bool,
 }
 
 /// The disk side of an import: each write runs on a blocking thread while
@@ -307,8 +310,18 @@ impl Conn {
             .import_bytes
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         self.import_seen += n as u64;
-        let limit = self.core.lock().faults.import_fail_after_bytes;
-        if limit.is_some_and(|l| self.import_seen > l) {
+        let (fail, drop) = {
+            let st = self.core.lock();
+            (
+                st.faults.import_fail_after_bytes,
+                st.faults.import_drop_after_bytes,
+            )
+        };
+        if drop.is_some_and(|l| self.import_seen > l) {
+            self.drop_now = true;
+            return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
+        }
+        if fail.is_some_and(|l| self.import_seen > l) {
             return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
         }
         Ok(())
@@ -773,6 +786,10 @@ impl Conn {
             task,
             written.map(|_| xmlrpc::value_fragment(&Value::str(&vdi))),
         );
+        if self.drop_now {
+            // Unread body bytes make the kernel reset the connection.
+            return Err(ConnError::Io(std::io::ErrorKind::ConnectionReset.into()));
+        }
         Ok(After::Close)
     }
 
