@@ -83,10 +83,12 @@ fn fetch_chunk(
         }
         ranges.push((l.pack, l.offset, l.offset + l.stored_length as u64, vec![k]));
     }
-    type Pieces = Vec<Vec<(usize, Vec<u8>)>>;
-    let pieces: Result<Pieces, RepoError> = ranges
+    // Ranges are read in parallel, then every blob is decompressed and
+    // verified in parallel, whatever range it came from (a chunk of a full
+    // snapshot is often one range).
+    let bufs: Vec<Vec<u8>> = ranges
         .par_iter()
-        .map(|(pack, start, end, members)| {
+        .map(|(pack, start, end, _)| {
             let mut buf = vec![0u8; (end - start) as usize];
             repo.backend()
                 .load_into(Kind::Pack, &pack.to_hex(), *start, &mut buf)
@@ -94,24 +96,31 @@ fn fetch_chunk(
                     snapshot,
                     cause: Box::new(e.into()),
                 })?;
-            members
-                .iter()
-                .map(|&k| {
-                    let l = locations[k].expect("checked");
-                    let rel = (l.offset - start) as usize;
-                    let frame = &buf[rel..rel + l.stored_length as usize];
-                    decompress_verified(frame, l.raw_length, chunk[k].1, *pack)
-                        .map(|raw| (k, raw))
-                        .map_err(|e| RepoError::InSnapshot {
-                            snapshot,
-                            cause: Box::new(RepoError::Pack(e)),
-                        })
+            Ok(buf)
+        })
+        .collect::<Result<_, RepoError>>()?;
+    let members: Vec<(usize, usize)> = ranges
+        .iter()
+        .enumerate()
+        .flat_map(|(r, range)| range.3.iter().map(move |&k| (r, k)))
+        .collect();
+    let pieces: Result<Vec<(usize, Vec<u8>)>, RepoError> = members
+        .par_iter()
+        .map(|&(r, k)| {
+            let (pack, start, _, _) = &ranges[r];
+            let l = locations[k].expect("checked");
+            let rel = (l.offset - start) as usize;
+            let frame = &bufs[r][rel..rel + l.stored_length as usize];
+            decompress_verified(frame, l.raw_length, chunk[k].1, *pack)
+                .map(|raw| (k, raw))
+                .map_err(|e| RepoError::InSnapshot {
+                    snapshot,
+                    cause: Box::new(RepoError::Pack(e)),
                 })
-                .collect()
         })
         .collect();
     let mut out: Vec<Vec<u8>> = vec![Vec::new(); chunk.len()];
-    for (k, raw) in pieces?.into_iter().flatten() {
+    for (k, raw) in pieces? {
         out[k] = raw;
     }
     Ok(out)
