@@ -314,58 +314,44 @@ fn xen_restore_into_a_missing_sr_fails_cleanly() {
 }
 
 #[test]
-fn xen_restore_import_task_failing_midway_leaves_no_vdi() {
-    let (sim, repo, _, vdi, id, bytes) = one_backup();
-    let host = Host::login(&sim, PASSWORD);
-    let sr = url(&sim, "sr", &host.sr_of(&vdi));
-    let before = host.vdi_count();
-    sim.set_faults(|f| f.import_fail_after_bytes = Some(2 * MIB));
-    for format in ["raw", "chunked"] {
-        let r = restore(&repo, &sim, &id, &sr, &["--import-format", format]).expect_code(1);
-        r.stderr_mentions(&["VDI_IO_ERROR", "destroyed"]);
-        assert_eq!(
-            host.vdi_count(),
-            before,
-            "{format}: a created VDI was left behind"
-        );
-    }
-    sim.set_faults(|f| f.import_fail_after_bytes = None);
-    assert_eq!(sim.dom0_attachments(), 0);
-    assert_repo_fine(&repo, &id, &bytes);
-    // And the same restore works once the host is healthy.
-    let j = restore(&repo, &sim, &id, &sr, &[]).ok().json();
-    assert!(host.disk(j["vdi_uuid"].as_str().unwrap(), 8 * MIB) == bytes);
-}
-
-#[test]
-fn xen_restore_connection_dropped_midway_leaves_no_vdi() {
-    let (sim, repo, _, vdi, id, bytes) = one_backup();
-    let host = Host::login(&sim, PASSWORD);
-    let sr = url(&sim, "sr", &host.sr_of(&vdi));
-    let vdi_target = url(&sim, "vdi", &vdi);
-    let before = host.vdi_count();
-    sim.set_faults(|f| f.import_drop_after_bytes = Some(MIB));
-    for format in ["raw", "chunked"] {
-        let r = restore(&repo, &sim, &id, &sr, &["--import-format", format]).expect_code(1);
+fn xen_restore_import_failing_or_dropped_midway_leaves_no_vdi() {
+    type Fault = fn(&mut cbtvault::sim::Faults, Option<u64>);
+    let faults: [(&str, Fault); 2] = [
+        ("task fails", |f, v| f.import_fail_after_bytes = v),
         // The socket dies mid-body; the task's code is what is reported.
-        r.stderr_mentions(&["VDI_IO_ERROR", "destroyed"]);
-        assert_eq!(
-            host.vdi_count(),
-            before,
-            "{format}: a created VDI was left behind"
-        );
+        ("connection drops", |f, v| f.import_drop_after_bytes = v),
+    ];
+    for (name, set) in faults {
+        let (sim, repo, _, vdi, id, bytes) = one_backup();
+        let host = Host::login(&sim, PASSWORD);
+        let sr = url(&sim, "sr", &host.sr_of(&vdi));
+        let vdi_target = url(&sim, "vdi", &vdi);
+        let before = host.vdi_count();
+        sim.set_faults(|f| set(f, Some(MIB)));
+        for format in ["raw", "chunked"] {
+            let r = restore(&repo, &sim, &id, &sr, &["--import-format", format]).expect_code(1);
+            r.stderr_mentions(&["VDI_IO_ERROR", "destroyed"]);
+            assert_eq!(
+                host.vdi_count(),
+                before,
+                "{name}, {format}: a created VDI was left behind"
+            );
+        }
+        // Into the existing VDI: fails the same way, the VDI itself stays.
+        restore(&repo, &sim, &id, &vdi_target, &["--force"])
+            .expect_code(1)
+            .stderr_mentions(&["VDI_IO_ERROR"]);
+        assert_eq!(host.vdi_count(), before, "{name}");
+        sim.set_faults(|f| set(f, None));
+        assert_eq!(sim.dom0_attachments(), 0, "{name}");
+        assert_repo_fine(&repo, &id, &bytes);
+        // Once the host is healthy: a new VDI, and the damaged original
+        // whole again.
+        let j = restore(&repo, &sim, &id, &sr, &[]).ok().json();
+        assert!(host.disk(j["vdi_uuid"].as_str().unwrap(), 8 * MIB) == bytes);
+        restore(&repo, &sim, &id, &vdi_target, &["--force"]).ok();
+        assert!(host.disk(&vdi, 8 * MIB) == bytes, "{name}");
     }
-    // Into the existing VDI: fails the same way, the VDI itself stays.
-    restore(&repo, &sim, &id, &vdi_target, &["--force"])
-        .expect_code(1)
-        .stderr_mentions(&["VDI_IO_ERROR"]);
-    assert_eq!(host.vdi_count(), before);
-    sim.set_faults(|f| f.import_drop_after_bytes = None);
-    assert_eq!(sim.dom0_attachments(), 0);
-    assert_repo_fine(&repo, &id, &bytes);
-    // The damaged original is whole again after a restore on a healthy host.
-    restore(&repo, &sim, &id, &vdi_target, &["--force"]).ok();
-    assert!(host.disk(&vdi, 8 * MIB) == bytes);
 }
 
 fn flip_byte(path: &std::path::Path, offset: u64) {
