@@ -424,10 +424,39 @@ impl Repository {
 
     /// Writes a snapshot object (after its blocks are durable) and records it.
     pub fn commit_snapshot(&self, obj: &SnapshotObject) -> Result<ObjectName, RepoError> {
+        #[cfg(debug_assertions)]
+        test_failpoint("commit_snapshot")?;
         let bytes = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
         let name = ObjectName::of(&bytes);
         self.backend.save(Kind::Snapshot, &name.to_hex(), &bytes)?;
         self.catalog().upsert_snapshot(&name, &obj.meta)?;
         Ok(name)
     }
+}
+
+/// Test hook, compiled into debug builds only (what `cargo test` runs):
+/// `CBTVAULT_TEST_FAILPOINT=NAME:N` makes the Nth pass through failpoint
+/// NAME in this process fail like a full disk, so tests can stop a
+/// multi-disk backup between two commits. Release builds have no hook.
+#[cfg(debug_assertions)]
+fn test_failpoint(name: &str) -> Result<(), RepoError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("CBTVAULT_TEST_FAILPOINT") else {
+        return Ok(());
+    };
+    let Some((point, n)) = spec.split_once(':') else {
+        return Ok(());
+    };
+    if point != name {
+        return Ok(());
+    }
+    let hit = HITS.fetch_add(1, Ordering::SeqCst) + 1;
+    if n.parse::<u64>().is_ok_and(|n| n == hit) {
+        return Err(RepoError::Io {
+            what: format!("failpoint {name} (test hook)"),
+            source: std::io::Error::other("No space left on device (injected)"),
+        });
+    }
+    Ok(())
 }

@@ -116,7 +116,17 @@ fn backup(repo: &TestRepo, sim: &Simulator, src: &str, extra: &[&str]) -> Run {
 }
 
 fn run_with_password(repo: &TestRepo, args: &[&dyn AsRef<OsStr>], password: &str) -> Run {
+    run_with_password_env(repo, args, password, &[])
+}
+
+fn run_with_password_env(
+    repo: &TestRepo,
+    args: &[&dyn AsRef<OsStr>],
+    password: &str,
+    envs: &[(&str, &str)],
+) -> Run {
     let mut cmd = Command::new(crate::util::bin());
+    cmd.envs(envs.iter().copied());
     cmd.current_dir(repo.root())
         .env_remove("CBTVAULT_REPOSITORY")
         .env("CBTVAULT_XEN_PASSWORD", password)
@@ -450,6 +460,53 @@ fn xen_failure_at_each_step_leaks_nothing_and_keeps_the_landmark() {
         let id = d["snapshot_id"].as_str().unwrap();
         assert!(restore_bytes(&repo, id) == host.disk(&disk.vdi_uuid, disk.size_bytes));
     }
+}
+
+#[test]
+fn xen_repository_failure_between_two_disks_keeps_every_chain_valid() {
+    let sim = start();
+    let host = Host::login(&sim, PASSWORD);
+    let vm = sim.create_vm_with_disks("vm", &[8 * MIB, 4 * MIB]).unwrap();
+    for d in &vm.disks {
+        fill(&sim, &d.vdi_uuid, d.size_bytes, 21);
+    }
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    backup(&repo, &sim, &src, &[]).ok();
+    let before = repo.snapshot_ids().len();
+    for d in &vm.disks {
+        guest_writes(&sim, &d.vdi_uuid, d.size_bytes, 22);
+    }
+    // The repository fails at the second disk's commit (the first went in).
+    let fp = sim.fingerprint().to_string();
+    let args: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"backup", &src, &"--fingerprint", &fp];
+    let r = run_with_password_env(
+        &repo,
+        &args,
+        PASSWORD,
+        &[("CBTVAULT_TEST_FAILPOINT", "commit_snapshot:2")],
+    );
+    assert_eq!(r.code, 1, "the backup should fail\n{}", r.stderr);
+    assert!(r.stderr.contains("No space left on device"), "{}", r.stderr);
+    // Disk 1's snapshot is committed, disk 2's and the VM metadata are not.
+    assert_eq!(repo.snapshot_ids().len(), before + 1);
+    // Host: no snapshot VM, no attachment, and exactly one landmark per
+    // disk, none holding data (disk 1's new one, disk 2's old one).
+    assert_eq!(host.snapshot_vms(), 0);
+    assert_eq!(sim.dom0_attachments(), 0);
+    assert_eq!(host.data_snapshots(), 0);
+    assert_eq!(host.snapshot_vdis().len(), 2);
+    // Both chains go on incrementally and restore bit-exact.
+    for d in &vm.disks {
+        guest_writes(&sim, &d.vdi_uuid, d.size_bytes, 23);
+    }
+    let j = backup(&repo, &sim, &src, &[]).ok().json();
+    for (d, disk) in disks(&j).iter().zip(&vm.disks) {
+        assert_eq!(d["full"].as_bool(), Some(false), "{j}");
+        let id = d["snapshot_id"].as_str().unwrap();
+        assert!(restore_bytes(&repo, id) == host.disk(&disk.vdi_uuid, disk.size_bytes));
+    }
+    repo.run(&[&"check", &"--read-data"]).ok();
 }
 
 #[test]
