@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use cbtvault::sim::{SimVm, Simulator, Value};
 use serde_json::Value as Json;
 
-use crate::util::{random_bytes, Run, TestRepo, BS};
+use crate::util::{Run, TestRepo};
 
 const MIB: u64 = 1 << 20;
 const PASSWORD: &str = "s3cret-xen-pw";
@@ -21,7 +21,7 @@ fn start() -> Simulator {
     crate::xen_util::start(PASSWORD)
 }
 
-use crate::xen_util::Host;
+use crate::xen_util::{fill, guest_writes, xen_url as source, Host};
 
 impl<'a> Host<'a> {
     fn vdi_ref(&self, uuid: &str) -> String {
@@ -71,35 +71,6 @@ impl<'a> Host<'a> {
             })
             .count()
     }
-}
-
-/// Random guest writes: a few whole blocks and one unaligned piece.
-fn guest_writes(sim: &Simulator, vdi: &str, size: u64, seed: u64) {
-    let blocks = size / BS;
-    let n = 1 + seed % 5;
-    for k in 0..n {
-        let b = (seed.wrapping_mul(2654435761).wrapping_add(k * 40503)) % blocks;
-        sim.guest_write(vdi, b * BS, &random_bytes(seed, k, BS as usize))
-            .unwrap();
-    }
-    let off = (seed.wrapping_mul(7919) % (size - 5000)) | 1;
-    sim.guest_write(vdi, off, &random_bytes(seed, 99, 4000))
-        .unwrap();
-}
-
-fn fill(sim: &Simulator, vdi: &str, size: u64, seed: u64) {
-    // Half the disk with data, in 1 MiB pieces, every other MiB.
-    let mut at = 0;
-    while at < size {
-        sim.guest_write(vdi, at, &random_bytes(seed, at, MIB as usize))
-            .unwrap();
-        at += 2 * MIB;
-    }
-}
-
-fn source(sim: &Simulator, kind: &str, uuid: &str) -> String {
-    let a = sim.https_address();
-    format!("xen://root@{}:{}/{kind}/{uuid}", a.ip(), a.port())
 }
 
 /// `cbtvault -r REPO --json backup SOURCE --fingerprint FP ARGS`, with the

@@ -25,7 +25,7 @@ fn start() -> Simulator {
     crate::xen_util::start(PASSWORD)
 }
 
-use crate::xen_util::Host;
+use crate::xen_util::{fill, guest_writes, xen_url as url, Host};
 
 impl<'a> Host<'a> {
     fn call(&self, method: &str, args: &[&str]) -> Value {
@@ -47,34 +47,6 @@ impl<'a> Host<'a> {
     fn vdi_count(&self) -> usize {
         self.call("VDI.get_all", &[]).as_array().unwrap().len()
     }
-}
-
-/// Random guest writes: a few whole blocks and one unaligned piece.
-fn guest_writes(sim: &Simulator, vdi: &str, size: u64, seed: u64) {
-    let blocks = size / BS;
-    for k in 0..1 + seed % 4 {
-        let b = (seed.wrapping_mul(2654435761).wrapping_add(k * 40503)) % blocks;
-        sim.guest_write(vdi, b * BS, &random_bytes(seed, k, BS as usize))
-            .unwrap();
-    }
-    let off = (seed.wrapping_mul(7919) % (size - 5000)) | 1;
-    sim.guest_write(vdi, off, &random_bytes(seed, 99, 4000))
-        .unwrap();
-}
-
-/// Every other MiB with data.
-fn fill(sim: &Simulator, vdi: &str, size: u64, seed: u64) {
-    let mut at = 0;
-    while at < size {
-        sim.guest_write(vdi, at, &random_bytes(seed, at, MIB as usize))
-            .unwrap();
-        at += 2 * MIB;
-    }
-}
-
-fn url(sim: &Simulator, kind: &str, uuid: &str) -> String {
-    let a = sim.https_address();
-    format!("xen://root@{}:{}/{kind}/{uuid}", a.ip(), a.port())
 }
 
 /// `cbtvault -r REPO --json ARGS --fingerprint FP`, the password in the

@@ -6,6 +6,10 @@ use std::time::Duration;
 
 use cbtvault::sim::{ApiError, SimOptions, Simulator, Value};
 
+use crate::util::{random_bytes, BS};
+
+const MIB: u64 = 1 << 20;
+
 /// A simulator whose `root` password is `password`; data_destroy waits a
 /// little, as a real host's does.
 pub fn start(password: &str) -> Simulator {
@@ -48,4 +52,33 @@ impl<'a> Host<'a> {
     pub fn disk(&self, uuid: &str, size: u64) -> Vec<u8> {
         self.sim.read_vdi(uuid, 0, size as usize).unwrap()
     }
+}
+
+/// Random guest writes: `1 + seed % 5` whole blocks and one unaligned piece.
+pub fn guest_writes(sim: &Simulator, vdi: &str, size: u64, seed: u64) {
+    let blocks = size / BS;
+    for k in 0..1 + seed % 5 {
+        let b = (seed.wrapping_mul(2654435761).wrapping_add(k * 40503)) % blocks;
+        sim.guest_write(vdi, b * BS, &random_bytes(seed, k, BS as usize))
+            .unwrap();
+    }
+    let off = (seed.wrapping_mul(7919) % (size - 5000)) | 1;
+    sim.guest_write(vdi, off, &random_bytes(seed, 99, 4000))
+        .unwrap();
+}
+
+/// Half the disk with data: 1 MiB pieces, every other MiB.
+pub fn fill(sim: &Simulator, vdi: &str, size: u64, seed: u64) {
+    let mut at = 0;
+    while at < size {
+        sim.guest_write(vdi, at, &random_bytes(seed, at, MIB as usize))
+            .unwrap();
+        at += 2 * MIB;
+    }
+}
+
+/// `xen://root@HOST:PORT/KIND/UUID` for the simulator.
+pub fn xen_url(sim: &Simulator, kind: &str, uuid: &str) -> String {
+    let a = sim.https_address();
+    format!("xen://root@{}:{}/{kind}/{uuid}", a.ip(), a.port())
 }

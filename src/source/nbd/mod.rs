@@ -254,15 +254,9 @@ impl NbdPool {
         }
     }
 
-    /// Reads `buf.len()` bytes at `offset` with requests in parallel over
-    /// the pool. The range must respect the server's alignment, except at
-    /// the end of the export.
-    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), NbdError> {
-        self.read_many(&mut [(offset, buf)]).await
-    }
-
     /// Fills every `(offset, buf)` with all their requests in flight at
-    /// once, spread over the pool's connections.
+    /// once, spread over the pool's connections. Ranges must respect the
+    /// server's alignment, except at the end of the export.
     pub async fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
         let step = self.pool.request_bytes as u64;
         // (read, offset, length) of every request.

@@ -501,6 +501,22 @@ impl Session {
         }
     }
 
+    /// `QUERY&session_id=S`, form-encoded: an HTTP handler's query.
+    pub(crate) fn handler_query(&self, query: &[(&str, &str)]) -> Result<String, XenApiError> {
+        let session = self.session_ref()?;
+        let mut pairs: Vec<(&str, &str)> = query.to_vec();
+        pairs.push(("session_id", &session));
+        Ok(url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(pairs)
+            .finish())
+    }
+
+    /// `BASE/PATH?QUERY&session_id=S`: an HTTP handler's URL.
+    fn handler_url(&self, path: &str, query: &[(&str, &str)]) -> Result<String, XenApiError> {
+        let qs = self.handler_query(query)?;
+        Ok(format!("{}{path}?{qs}", self.client.base_url()))
+    }
+
     /// `GET PATH?QUERY&session_id=S` on the host (redirects followed);
     /// anything but 200 is an error.
     pub fn http_get(
@@ -508,16 +524,10 @@ impl Session {
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<reqwest::blocking::Response, XenApiError> {
-        let session = self.session_ref()?;
-        let mut pairs: Vec<(&str, &str)> = query.to_vec();
-        pairs.push(("session_id", &session));
-        let qs = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish();
         let resp = self
             .client
             .http
-            .get(format!("{}{path}?{qs}", self.client.base_url()))
+            .get(self.handler_url(path, query)?)
             .send()
             .map_err(|e| self.client.transport(e))?;
         let status = resp.status().as_u16();
@@ -538,16 +548,7 @@ impl Session {
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<reqwest::blocking::RequestBuilder, XenApiError> {
-        let session = self.session_ref()?;
-        let mut pairs: Vec<(&str, &str)> = query.to_vec();
-        pairs.push(("session_id", &session));
-        let qs = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(pairs)
-            .finish();
-        Ok(self
-            .client
-            .http
-            .put(format!("{}{path}?{qs}", self.client.base_url())))
+        Ok(self.client.http.put(self.handler_url(path, query)?))
     }
 
     /// A transport error of this client, without the URL (it carries the

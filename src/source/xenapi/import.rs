@@ -91,12 +91,7 @@ fn open_put(
         host: authority.clone(),
         reason,
     };
-    let session_ref = session.session_ref()?;
-    let mut pairs: Vec<(&str, &str)> = query.to_vec();
-    pairs.push(("session_id", &session_ref));
-    let qs = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(pairs)
-        .finish();
+    let qs = session.handler_query(query)?;
     let tcp = TcpStream::connect((host.as_str(), port)).map_err(|e| transport(e.to_string()))?;
     let _ = tcp.set_nodelay(true);
     tcp.set_write_timeout(Some(IO_TIMEOUT))
