@@ -43,6 +43,7 @@
 //!   - `import_drop_after_bytes` (only through [`Simulator::set_faults`]):
 //!     `/import_raw_vdi` drops the connection after that many body bytes
 //!     (reset, no answer) and fails its task with `VDI_IO_ERROR`.
+//!     Both import faults are read when an import starts.
 //!   - `fail_calls` (only through [`Simulator::set_faults`]): named
 //!     session calls answer the given `[code, params...]` and change
 //!     nothing, e.g. to fail a workflow at one step.

@@ -89,6 +89,7 @@ pub(crate) async fn serve(
                         core,
                         import_seen: 0,
                         drop_now: false,
+                        import_faults: (None, None),
                     };
                     // A client that breaks HTTP loses its own connection only.
                     let _ = conn.run().await;
@@ -112,6 +113,9 @@ struct Conn {
     import_seen: u64,
     /// The `import_drop_after_bytes` fault fired: close without lingering.
     drop_now: bool,
+    /// (`import_fail_after_bytes`, `import_drop_after_bytes`) as they were
+    /// when the current import started: read once, not per body read.
+    import_faults: (Option<u64>, Option<u64>),
 }
 
 /// The disk side of an import: each write runs on a blocking thread while
@@ -310,13 +314,7 @@ impl Conn {
             .import_bytes
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         self.import_seen += n as u64;
-        let (fail, drop) = {
-            let st = self.core.lock();
-            (
-                st.faults.import_fail_after_bytes,
-                st.faults.import_drop_after_bytes,
-            )
-        };
+        let (fail, drop) = self.import_faults;
         if drop.is_some_and(|l| self.import_seen > l) {
             self.drop_now = true;
             return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
@@ -772,6 +770,13 @@ impl Conn {
             ("content-type", "text/plain".to_string()),
         ];
         self.respond(200, &headers, b"", false).await?;
+        self.import_faults = {
+            let st = self.core.lock();
+            (
+                st.faults.import_fail_after_bytes,
+                st.faults.import_drop_after_bytes,
+            )
+        };
         let written = if chunked {
             self.write_chunked(&vdi).await
         } else {
