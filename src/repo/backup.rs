@@ -24,6 +24,7 @@ use crate::manifest::{self, BlockMap};
 use crate::pack::{looks_incompressible, prepare_block, CompressedBlock, PackWriter, SharedBytes};
 use crate::progress::Progress;
 use crate::source::{BlockSource, SourceError};
+use ::bytes::BytesMut;
 
 /// The parent a new snapshot is layered on.
 pub struct ParentInfo {
@@ -97,6 +98,9 @@ pub struct BackupSummary {
 struct ReadBatch {
     /// (block index, offset in data, length)
     blocks: Vec<(u64, usize, usize)>,
+    /// Per block: None when all zero, else its id and whether it looks
+    /// incompressible.
+    hashed: Vec<Option<(BlockId, bool)>>,
     data: PooledBuf,
 }
 
@@ -104,15 +108,15 @@ struct ReadBatch {
 /// from it has been copied into a pack: batches of tens of MiB are reused,
 /// not allocated, zeroed and faulted in again for every batch.
 struct PooledBuf {
-    data: Vec<u8>,
-    home: Sender<Vec<u8>>,
+    data: BytesMut,
+    home: Sender<BytesMut>,
 }
 
 impl PooledBuf {
     /// A buffer of `len` bytes from `pool` (or a new one). Its old contents
     /// are not cleared: every byte is overwritten by the read or the batch
     /// is dropped.
-    fn take(pool: &(Sender<Vec<u8>>, Receiver<Vec<u8>>), len: usize) -> Self {
+    fn take(pool: &BufPool, len: usize) -> Self {
         let mut data = pool.1.try_recv().unwrap_or_default();
         if data.len() >= len {
             data.truncate(len);
@@ -128,7 +132,7 @@ impl PooledBuf {
 
 impl AsRef<[u8]> for PooledBuf {
     fn as_ref(&self) -> &[u8] {
-        &self.data
+        &self.data[..]
     }
 }
 
@@ -151,6 +155,7 @@ fn read_batch(
     let total: usize = indices.iter().map(|i| span(*i)).sum();
     let mut batch = ReadBatch {
         blocks: Vec::with_capacity(indices.len()),
+        hashed: Vec::new(),
         data: PooledBuf::take(pool, total),
     };
     // Runs of consecutive blocks: (first block, byte length).
@@ -166,22 +171,49 @@ fn read_batch(
         batch.blocks.push((i, off, span(i)));
         off += span(i);
     }
-    let mut reads: Vec<(u64, &mut [u8])> = Vec::with_capacity(runs.len());
-    let mut rest: &mut [u8] = &mut batch.data.data;
+    // One piece of the batch buffer per run, handed to the source, which
+    // fills them in place; the pieces join back into one buffer in O(1).
+    let mut rest = std::mem::take(&mut batch.data.data);
+    let mut reads: Vec<(u64, BytesMut)> = Vec::with_capacity(runs.len());
     for &(first, len) in &runs {
-        let (head, tail) = rest.split_at_mut(len);
-        reads.push((first * block_size as u64, head));
-        rest = tail;
+        let piece = if len < rest.len() {
+            rest.split_to(len)
+        } else {
+            std::mem::take(&mut rest)
+        };
+        reads.push((first * block_size as u64, piece));
     }
-    source.read_many(&mut reads)?;
+    let result = source.read_owned(&mut reads);
+    let mut whole = BytesMut::new();
+    for (_, piece) in reads {
+        if whole.is_empty() {
+            whole = piece;
+        } else {
+            whole.unsplit(piece);
+        }
+    }
+    batch.data.data = whole;
+    result?;
+    // Hash, and guess compressibility, on this thread while the bytes are
+    // still in cache; the readers take turns, so hashing runs in parallel
+    // with the next reads without a thread pool spinning between batches.
+    let data = &batch.data.data[..];
+    batch.hashed = batch
+        .blocks
+        .iter()
+        .map(|&(_, off, len)| {
+            let raw = &data[off..off + len];
+            (!is_zero(raw)).then(|| (BlockId::of(raw), looks_incompressible(raw)))
+        })
+        .collect();
     Ok(batch)
 }
 
-type BufPool = (Sender<Vec<u8>>, Receiver<Vec<u8>>);
+type BufPool = (Sender<BytesMut>, Receiver<BytesMut>);
 
-/// Threads reading batches at once, so the source always has the next
-/// batch's requests in flight while one batch is being finished.
-const READERS: usize = 2;
+/// Threads reading (and then hashing) batches at once, so the source
+/// always has requests in flight while other batches are being hashed.
+const READERS: usize = 4;
 
 /// Batches from the reader threads, in the order they were planned (batch
 /// k comes from reader k % READERS).
@@ -211,16 +243,22 @@ struct WriterStats {
 /// (spec: 06-ordering), then tells the dedup stage the blocks are indexed.
 fn saver(
     repo: &Repository,
+    catalog: &std::sync::Mutex<crate::index::Catalog>,
     rx: Receiver<crate::pack::FinishedPack>,
     committed: Sender<Vec<BlockId>>,
     spare: Sender<Vec<u8>>,
 ) -> Result<u64, RepoError> {
-    let mut catalog = repo.open_catalog()?;
     let mut packs = 0;
     for done in rx {
         repo.backend()
             .save(Kind::Pack, &done.name.to_hex(), done.bytes())?;
-        catalog.add_pack(&done.name, done.bytes().len() as u64, &done.entries)?;
+        // One connection for all savers: SQLite would make the second
+        // writer sleep and poll for the lock (busy timeout) instead.
+        catalog.lock().expect("catalog").add_pack(
+            &done.name,
+            done.bytes().len() as u64,
+            &done.entries,
+        )?;
         packs += 1;
         let _ = committed.send(done.entries.iter().map(|e| e.block_id).collect());
         // Hand the buffer back for the next pack (dropped if none is wanted).
@@ -239,13 +277,15 @@ fn writer(
     // Buffers of saved packs, reused for the next ones (bounded pool).
     let (spare_tx, spare_rx) = bounded::<Vec<u8>>(PACK_SAVERS);
     let next_pack = || PackWriter::with_buffer(target, spare_rx.try_recv().unwrap_or_default());
+    let catalog = std::sync::Mutex::new(repo.open_catalog()?);
+    let catalog = &catalog;
     std::thread::scope(|s| {
         let savers: Vec<_> = (0..PACK_SAVERS)
             .map(|_| {
                 let rx = pack_rx.clone();
                 let committed = committed.clone();
                 let spare = spare_tx.clone();
-                s.spawn(move || saver(repo, rx, committed, spare))
+                s.spawn(move || saver(repo, catalog, rx, committed, spare))
             })
             .collect();
         drop(spare_tx);
@@ -361,7 +401,7 @@ pub fn run(
     let (process_result, writer_result) = std::thread::scope(|s| {
         let changed = plan.read.as_deref();
         // Batches in the queues, in the hands of each stage, and one spare.
-        let pool: BufPool = bounded::<Vec<u8>>(2 * options.queue_depth + 2 * READERS + 2);
+        let pool: BufPool = bounded::<BytesMut>(2 * options.queue_depth + 2 * READERS + 2);
         let mut plan_txs = Vec::new();
         let mut read_rxs = Vec::new();
         for _ in 0..READERS {
@@ -411,6 +451,7 @@ pub fn run(
             for batch in read_rx {
                 let batch = batch?;
                 let blocks = batch.blocks;
+                let hashed = batch.hashed;
                 let shared: SharedBytes = Arc::new(batch.data);
                 let data: &[u8] = (*shared).as_ref();
                 for ids in done_rx.try_iter() {
@@ -418,14 +459,6 @@ pub fn run(
                         pending.remove(&id);
                     }
                 }
-                // Hash, and guess compressibility while the bytes are in cache.
-                let hashed: Vec<Option<(BlockId, bool)>> = blocks
-                    .par_iter()
-                    .map(|&(_, off, len)| {
-                        let raw = &data[off..off + len];
-                        (!is_zero(raw)).then(|| (BlockId::of(raw), looks_incompressible(raw)))
-                    })
-                    .collect();
                 let mut candidates: Vec<(usize, BlockId)> = Vec::new();
                 for (k, (&(index, _, len), id)) in blocks.iter().zip(&hashed).enumerate() {
                     counters.blocks_read += 1;
@@ -462,14 +495,21 @@ pub fn run(
                 }
                 if !to_store.is_empty() {
                     let level = options.compression_level;
-                    let compressed: Result<Vec<CompressedBlock>, _> = to_store
-                        .par_iter()
-                        .map(|&(k, id)| {
-                            let (_, off, len) = blocks[k];
-                            let incompressible = hashed[k].is_some_and(|h| h.1);
-                            prepare_block(&shared, off..off + len, id, level, incompressible)
-                        })
-                        .collect();
+                    let prepare = |&(k, id): &(usize, BlockId)| {
+                        let (_, off, len) = blocks[k];
+                        let incompressible = hashed[k].is_some_and(|h| h.1);
+                        prepare_block(&shared, off..off + len, id, level, incompressible)
+                    };
+                    // Raw blocks cost nothing to prepare: wake the pool only
+                    // when something is to be compressed.
+                    let compressed: Result<Vec<CompressedBlock>, _> = if to_store
+                        .iter()
+                        .all(|&(k, _)| hashed[k].is_some_and(|h| h.1))
+                    {
+                        to_store.iter().map(prepare).collect()
+                    } else {
+                        to_store.par_iter().map(prepare).collect()
+                    };
                     let compressed = compressed?;
                     counters.blocks_new += compressed.len() as u64;
                     counters.bytes_stored += compressed

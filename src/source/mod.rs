@@ -9,6 +9,8 @@ pub mod xenapi;
 
 pub use file::FileSource;
 
+use ::bytes::BytesMut;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("source '{source_name}': {op} at byte {offset}: {error}")]
@@ -35,6 +37,17 @@ pub trait BlockSource: Send + Sync {
     /// time; sources that pipeline requests themselves (NBD) override it.
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
         read_in_lanes(self, reads)
+    }
+
+    /// Fills every `(offset, buf)`, `buf.len()` bytes each, handing over
+    /// the buffers themselves: a source whose reads complete on other
+    /// threads (NBD) fills them in place rather than through a buffer of
+    /// its own and a copy. The buffers come back holding the data, in the
+    /// same order (a buffer may be replaced by another of the same length).
+    fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), SourceError> {
+        let mut slices: Vec<(u64, &mut [u8])> =
+            reads.iter_mut().map(|(at, b)| (*at, &mut b[..])).collect();
+        self.read_many(&mut slices)
     }
 }
 
@@ -89,5 +102,8 @@ impl BlockSource for Renamed<'_> {
     }
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
         self.inner.read_many(reads)
+    }
+    fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), SourceError> {
+        self.inner.read_owned(reads)
     }
 }

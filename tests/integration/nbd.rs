@@ -347,7 +347,13 @@ enum Misbehaviour {
     ShortBlockStatus,
     EofMidReply,
     DropAfterSomeReads,
+    /// Serves a 4 MiB export; the first connection drops at its second
+    /// read, every later one behaves.
+    DropOnceMidBatch,
 }
+
+/// Whether a `DropOnceMidBatch` server has dropped its connection yet.
+static DROPPED_ONCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 fn read_exact(s: &mut TcpStream, n: usize) -> Option<Vec<u8>> {
     let mut b = vec![0u8; n];
@@ -370,8 +376,20 @@ fn opt_reply(option: u32, reply: u32, data: &[u8]) -> Vec<u8> {
 
 const SIZE: u64 = 16 * BS;
 
+/// What the hostile server's export holds at `[offset, offset+len)`: a
+/// pattern that differs for every 512-byte sector of a 4 MiB export.
+fn hostile_data(offset: u64, len: u64) -> Vec<u8> {
+    (offset..offset + len)
+        .map(|p| ((p / 512) % 251) as u8 ^ ((p / (512 * 251)) as u8).wrapping_mul(7))
+        .collect()
+}
+
 /// One client session of the hostile server.
 fn hostile_session(mut s: TcpStream, how: Misbehaviour) -> Option<()> {
+    let size = match how {
+        Misbehaviour::DropOnceMidBatch => 64 * BS,
+        _ => SIZE,
+    };
     let mut g = NBDMAGIC.to_be_bytes().to_vec();
     g.extend_from_slice(&IHAVEOPT.to_be_bytes());
     g.extend_from_slice(&3u16.to_be_bytes()); // fixed newstyle, no zeroes
@@ -401,7 +419,7 @@ fn hostile_session(mut s: TcpStream, how: Misbehaviour) -> Option<()> {
             }
             7 => {
                 let mut info = 0u16.to_be_bytes().to_vec();
-                info.extend_from_slice(&SIZE.to_be_bytes());
+                info.extend_from_slice(&size.to_be_bytes());
                 info.extend_from_slice(&3u16.to_be_bytes());
                 s.write_all(&opt_reply(7, 3, &info)).ok()?;
                 s.write_all(&opt_reply(7, 1, &[])).ok()?;
@@ -435,13 +453,13 @@ fn hostile_session(mut s: TcpStream, how: Misbehaviour) -> Option<()> {
                     // Claims 2 descriptors, sends a payload too short for them.
                     let mut v = chunk(1, 5, cookie, 8);
                     v.extend_from_slice(&1u32.to_be_bytes());
-                    v.extend_from_slice(&(SIZE as u32).to_be_bytes());
+                    v.extend_from_slice(&(size as u32).to_be_bytes());
                     s.write_all(&v).ok()?;
                     continue;
                 }
                 let mut v = chunk(1, 5, cookie, 12);
                 v.extend_from_slice(&1u32.to_be_bytes());
-                v.extend_from_slice(&(SIZE as u32).to_be_bytes());
+                v.extend_from_slice(&(size as u32).to_be_bytes());
                 v.extend_from_slice(&0u32.to_be_bytes());
                 s.write_all(&v).ok()?;
             }
@@ -464,10 +482,16 @@ fn hostile_session(mut s: TcpStream, how: Misbehaviour) -> Option<()> {
                         return Some(());
                     }
                     Misbehaviour::DropAfterSomeReads if reads > 0 => return Some(()),
+                    Misbehaviour::DropOnceMidBatch
+                        if reads > 1
+                            && !DROPPED_ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) =>
+                    {
+                        return Some(())
+                    }
                     _ => {
                         let mut v = chunk(1, 1, cookie, length + 8);
                         v.extend_from_slice(&offset.to_be_bytes());
-                        v.extend_from_slice(&vec![0x5a; length as usize]);
+                        v.extend_from_slice(&hostile_data(offset, length as u64));
                         s.write_all(&v).ok()?;
                     }
                 }
@@ -528,6 +552,24 @@ fn server_eof_mid_reply() {
 #[test]
 fn server_drops_the_connection_mid_backup() {
     assert_fails_cleanly(Misbehaviour::DropAfterSomeReads, &["nbd"]);
+}
+
+/// A read that fails with the connection is retried on a new one into a
+/// new buffer, whose data must still land in its place in the batch (the
+/// batch is read in pieces that join back without a copy otherwise).
+#[test]
+fn server_drops_once_mid_batch_and_the_retry_completes_the_backup() {
+    let t = TestRepo::new();
+    let uri = hostile_server(Misbehaviour::DropOnceMidBatch);
+    let s = t.backup(Path::new(&uri), &["--nbd-connections", "1"]);
+    assert!(DROPPED_ONCE.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(s["blocks_read"], 64);
+    let image = hostile_data(0, 64 * BS);
+    t.assert_restores(
+        &TestRepo::id_of(&s),
+        blake3::hash(&image),
+        image.len() as u64,
+    );
 }
 
 mod codec {

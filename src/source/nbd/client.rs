@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ::bytes::BytesMut;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
 
@@ -51,10 +53,10 @@ pub struct ConnectOptions {
 enum Pending {
     Read {
         offset: u64,
-        buf: Vec<u8>,
+        buf: BytesMut,
         covered: Vec<(u64, u64)>,
         error: Option<(u32, String)>,
-        tx: oneshot::Sender<Result<Vec<u8>, NbdError>>,
+        tx: oneshot::Sender<Result<BytesMut, NbdError>>,
     },
     BlockStatus {
         replies: Vec<(u32, Vec<(u32, u32)>)>,
@@ -226,19 +228,20 @@ impl Connection {
     }
 
     /// Reads `length` bytes at `offset`.
-    pub async fn read(&self, offset: u64, length: u32) -> Result<Vec<u8>, NbdError> {
-        self.read_reusing(offset, length, Vec::new()).await
+    pub async fn read(&self, offset: u64, length: u32) -> Result<BytesMut, NbdError> {
+        self.read_reusing(offset, length, BytesMut::new()).await
     }
 
     /// Reads `length` bytes at `offset` into `buf`'s memory (a buffer from
-    /// an earlier read: no allocation, no zeroing). Every byte returned is
-    /// covered by a data or hole chunk, or by a simple reply, of this read.
+    /// an earlier read, or a piece split off the caller's buffer: no
+    /// allocation, no zeroing, no copy). Every byte returned is covered by
+    /// a data or hole chunk, or by a simple reply, of this read.
     pub async fn read_reusing(
         &self,
         offset: u64,
         length: u32,
-        mut buf: Vec<u8>,
-    ) -> Result<Vec<u8>, NbdError> {
+        mut buf: BytesMut,
+    ) -> Result<BytesMut, NbdError> {
         if length == 0 || length > proto::MAX_READ {
             return Err(NbdError::Invalid(format!("read of {length} bytes")));
         }
@@ -440,7 +443,7 @@ async fn reply_loop<R: AsyncRead + Unpin>(
                 // What the request expects, looked up without holding the
                 // lock across I/O.
                 enum Plan {
-                    Data { base: u64, buf: Vec<u8> },
+                    Data { base: u64, buf: BytesMut },
                     Other { limit: u32 },
                 }
                 let (req, plan) = {

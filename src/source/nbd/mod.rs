@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ::bytes::BytesMut;
 use tokio::sync::Mutex as AsyncMutex;
 
 use self::client::{Address, ConnectOptions, Connection};
@@ -162,7 +163,7 @@ pub struct NbdPool {
     slots: Vec<AsyncMutex<Arc<Connection>>>,
     next: std::sync::atomic::AtomicUsize,
     /// Buffers of finished reads, reused by the next ones.
-    spare: std::sync::Mutex<Vec<Vec<u8>>>,
+    spare: std::sync::Mutex<Vec<BytesMut>>,
     /// Required read alignment (from block size constraints, or 512 when
     /// the server answered through EXPORT_NAME like xapi-nbd).
     pub alignment: u32,
@@ -256,70 +257,96 @@ impl NbdPool {
 
     /// Fills every `(offset, buf)` with all their requests in flight at
     /// once, spread over the pool's connections. Ranges must respect the
-    /// server's alignment, except at the end of the export.
+    /// server's alignment, except at the end of the export. The data goes
+    /// through reused buffers and is copied into `reads`; the backup
+    /// pipeline uses [`NbdPool::read_owned`], which has no copy.
     pub async fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
-        let step = self.pool.request_bytes as u64;
-        // (read, offset, length) of every request.
-        let mut pieces: Vec<(usize, u64, u32)> = Vec::new();
-        for (k, (offset, buf)) in reads.iter().enumerate() {
-            let end = *offset + buf.len() as u64;
-            if end > self.size_bytes {
+        let mut owned: Vec<(u64, BytesMut)> = {
+            let mut spare = self.spare.lock().expect("spare buffers");
+            reads
+                .iter()
+                .map(|(at, buf)| {
+                    let mut b = spare.pop().unwrap_or_default();
+                    b.resize(buf.len(), 0);
+                    (*at, b)
+                })
+                .collect()
+        };
+        let result = self.read_owned(&mut owned).await;
+        if result.is_ok() {
+            for ((_, dst), (_, src)) in reads.iter_mut().zip(&owned) {
+                dst.copy_from_slice(src);
+            }
+        }
+        let mut spare = self.spare.lock().expect("spare buffers");
+        let mut kept: usize = spare.iter().map(|b| b.capacity()).sum();
+        for (_, b) in owned {
+            if spare.len() < SPARE_BUFFERS && kept + b.capacity() <= SPARE_BYTES {
+                kept += b.capacity();
+                spare.push(b);
+            }
+        }
+        result
+    }
+
+    /// Fills every `(offset, buf)` in place, `buf.len()` bytes each. A
+    /// buffer is split into request-sized pieces, all sent at once over the
+    /// pool's connections, and the pieces are joined again in order: the
+    /// data lands where the caller wants it, with no copy (a retried piece
+    /// gets a new buffer and is copied back). Ranges must respect the
+    /// server's alignment, except at the end of the export.
+    pub async fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), NbdError> {
+        let step = self.pool.request_bytes as usize;
+        for (offset, buf) in reads.iter() {
+            if offset.saturating_add(buf.len() as u64) > self.size_bytes {
                 return Err(NbdError::Invalid(format!(
                     "read {offset}+{} beyond the export's {} bytes",
                     buf.len(),
                     self.size_bytes
                 )));
             }
+        }
+        // (read, offset, piece) of every request.
+        let mut pieces: Vec<(usize, u64, BytesMut)> = Vec::new();
+        for (k, (offset, buf)) in reads.iter_mut().enumerate() {
+            let mut rest = std::mem::take(buf);
             let mut at = *offset;
-            while at < end {
-                let len = (end - at).min(step);
-                pieces.push((k, at, len as u32));
+            while !rest.is_empty() {
+                let piece = if rest.len() > step {
+                    rest.split_to(step)
+                } else {
+                    std::mem::take(&mut rest)
+                };
+                let len = piece.len() as u64;
+                pieces.push((k, at, piece));
                 at += len;
             }
         }
-        let buffers: Vec<Vec<u8>> = {
-            let mut spare = self.spare.lock().expect("spare buffers");
-            pieces
-                .iter()
-                .map(|_| spare.pop().unwrap_or_default())
-                .collect()
-        };
-        let futures = pieces.iter().zip(buffers).map(|(&(_, at, len), buf)| {
+        let futures = pieces.into_iter().map(|(k, at, piece)| {
+            let len = piece.len() as u32;
             // A retry starts over with a new buffer.
-            let buf = std::sync::Mutex::new(Some(buf));
+            let buf = std::sync::Mutex::new(Some(piece));
             async move {
-                self.with_retry(|c| {
-                    let b = buf.lock().expect("buffer").take().unwrap_or_default();
-                    async move { c.read_reusing(at, len, b).await }
-                })
-                .await
+                let r = self
+                    .with_retry(|c| {
+                        let b = buf.lock().expect("buffer").take().unwrap_or_default();
+                        async move { c.read_reusing(at, len, b).await }
+                    })
+                    .await;
+                (k, r)
             }
         });
-        let results = join_all(futures).await;
-        let mut done = Vec::with_capacity(results.len());
         let mut first_err = None;
-        for (&(k, at, _), r) in pieces.iter().zip(results) {
+        // In request order, so each piece joins the end of its read.
+        for (k, r) in join_all(futures).await {
             match r {
-                Ok(data) => {
-                    let (offset, buf) = &mut reads[k];
-                    let rel = (at - *offset) as usize;
-                    buf[rel..rel + data.len()].copy_from_slice(&data);
-                    done.push(data);
-                }
+                Ok(piece) if reads[k].1.is_empty() => reads[k].1 = piece,
+                Ok(piece) => reads[k].1.unsplit(piece),
                 Err(e) => {
                     first_err.get_or_insert(e);
                 }
             }
         }
-        let mut spare = self.spare.lock().expect("spare buffers");
-        let mut kept: usize = spare.iter().map(|b| b.capacity()).sum();
-        for b in done {
-            if spare.len() < SPARE_BUFFERS && kept + b.capacity() <= SPARE_BYTES {
-                kept += b.capacity();
-                spare.push(b);
-            }
-        }
-        drop(spare);
         match first_err {
             Some(e) => Err(e),
             None => Ok(()),
@@ -460,6 +487,13 @@ impl NbdSource {
         self.pool.as_ref().expect("open until dropped")
     }
 
+    fn read_error(&self, first: u64, e: NbdError) -> SourceError {
+        SourceError::Invalid {
+            source_name: self.identity.clone(),
+            reason: format!("read from byte {first}: {e}"),
+        }
+    }
+
     /// Extents for a negotiated meta context.
     pub fn extents(&self, name: &str) -> Result<Vec<(u64, u64, u32)>, NbdError> {
         self.runtime.block_on(self.pool().extents(name))
@@ -506,9 +540,13 @@ impl BlockSource for NbdSource {
         let first = reads.first().map(|r| r.0).unwrap_or(0);
         self.runtime
             .block_on(self.pool().read_many(reads))
-            .map_err(|e| SourceError::Invalid {
-                source_name: self.identity.clone(),
-                reason: format!("read from byte {first}: {e}"),
-            })
+            .map_err(|e| self.read_error(first, e))
+    }
+
+    fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), SourceError> {
+        let first = reads.first().map(|r| r.0).unwrap_or(0);
+        self.runtime
+            .block_on(self.pool().read_owned(reads))
+            .map_err(|e| self.read_error(first, e))
     }
 }

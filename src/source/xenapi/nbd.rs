@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use ::bytes::BytesMut;
+
 use super::client::{NbdInfo, Session};
 use super::XenApiError;
 use crate::source::nbd::client::{Address, ConnectOptions};
@@ -141,26 +143,64 @@ impl BlockSource for NbdSet {
     /// Every read in flight at once, the reads dealt round-robin over the
     /// hosts' pools.
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
-        let n = self.pools.len();
-        if n == 0 {
+        let first = reads.first().map(|r| r.0).unwrap_or(0);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.pools.len().max(1);
+        let mut shares: Vec<Vec<(u64, &mut [u8])>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, (at, buf)) in reads.iter_mut().enumerate() {
+            shares[(start + i) % n].push((*at, &mut **buf));
+        }
+        self.on_pools(first, shares.iter_mut(), |pool, share| {
+            pool.read_many(share)
+        })
+    }
+
+    /// As [`Self::read_many`], filling the caller's buffers in place.
+    fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), SourceError> {
+        let first = reads.first().map(|r| r.0).unwrap_or(0);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let n = self.pools.len().max(1);
+        let mut shares: Vec<Vec<(u64, BytesMut)>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, (at, buf)) in reads.iter_mut().enumerate() {
+            shares[(start + i) % n].push((*at, std::mem::take(buf)));
+        }
+        let result = self.on_pools(first, shares.iter_mut(), |pool, share| {
+            pool.read_owned(share)
+        });
+        // Hand the buffers back in their original order.
+        let mut taken: Vec<std::vec::IntoIter<(u64, BytesMut)>> =
+            shares.into_iter().map(|s| s.into_iter()).collect();
+        for (i, slot) in reads.iter_mut().enumerate() {
+            if let Some((_, buf)) = taken[(start + i) % n].next() {
+                slot.1 = buf;
+            }
+        }
+        result
+    }
+}
+
+impl NbdSet {
+    /// Runs `op` on every pool with its share, all at once.
+    fn on_pools<'s, S, F, Fut>(
+        &'s self,
+        first: u64,
+        shares: impl IntoIterator<Item = S>,
+        op: F,
+    ) -> Result<(), SourceError>
+    where
+        F: Fn(&'s NbdPool, S) -> Fut,
+        Fut: std::future::Future<Output = Result<(), crate::source::nbd::NbdError>>,
+    {
+        if self.pools.is_empty() {
             return Err(SourceError::Invalid {
                 source_name: self.identity.clone(),
                 reason: "no NBD connection".into(),
             });
         }
-        let first = reads.first().map(|r| r.0).unwrap_or(0);
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut shares: Vec<Vec<(u64, &mut [u8])>> = (0..n).map(|_| Vec::new()).collect();
-        for (i, (at, buf)) in reads.iter_mut().enumerate() {
-            shares[(start + i) % n].push((*at, &mut **buf));
-        }
         self.runtime
             .block_on(async {
-                let mut futures = Vec::new();
-                for (pool, share) in self.pools.iter().zip(shares.iter_mut()) {
-                    futures.push(pool.read_many(share));
-                }
-                for r in crate::source::nbd::join_all(futures.into_iter()).await {
+                let futures = self.pools.iter().zip(shares).map(|(p, s)| op(p, s));
+                for r in crate::source::nbd::join_all(futures).await {
                     r?;
                 }
                 Ok::<(), crate::source::nbd::NbdError>(())
