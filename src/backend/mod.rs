@@ -99,11 +99,51 @@ pub trait Backend: Send + Sync {
     // Removing a missing object is NotFound.
     fn remove(&self, kind: Kind, name: &str) -> Result<(), BackendError>;
 
+    /// Starts an object whose name is known only once all its bytes are
+    /// (a pack is named by the BLAKE3 of the file): bytes are appended in
+    /// order while the object is assembled, then [`NewObject::commit`]
+    /// makes it durable and visible under its name as atomically as
+    /// [`Backend::save`]. Dropped without a commit, it leaves nothing.
+    /// The default keeps the bytes in memory and saves them at the commit.
+    fn create(&self, kind: Kind) -> Result<Box<dyn NewObject + '_>, BackendError> {
+        Ok(Box::new(InMemoryObject {
+            backend: self,
+            kind,
+            data: Vec::new(),
+        }))
+    }
+
     /// Whole object.
     fn load(&self, kind: Kind, name: &str) -> Result<Vec<u8>, BackendError> {
         let len = self.stat(kind, name)?;
         let mut buf = vec![0u8; len as usize];
         self.load_into(kind, name, 0, &mut buf)?;
         Ok(buf)
+    }
+}
+
+/// An object being written: see [`Backend::create`].
+pub trait NewObject: Send {
+    /// Appends `data` after the bytes appended so far.
+    fn append(&mut self, data: &[u8]) -> Result<(), BackendError>;
+    /// Makes the object durable under `name`.
+    fn commit(self: Box<Self>, name: &str) -> Result<(), BackendError>;
+}
+
+/// [`Backend::create`] for backends that can only save whole objects.
+struct InMemoryObject<'a, B: Backend + ?Sized> {
+    backend: &'a B,
+    kind: Kind,
+    data: Vec<u8>,
+}
+
+impl<B: Backend + ?Sized> NewObject for InMemoryObject<'_, B> {
+    fn append(&mut self, data: &[u8]) -> Result<(), BackendError> {
+        self.data.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn commit(self: Box<Self>, name: &str) -> Result<(), BackendError> {
+        self.backend.save(self.kind, name, &self.data)
     }
 }

@@ -207,11 +207,16 @@ fn with_decompressor<T>(
     })
 }
 
-/// A pack being assembled in memory.
+/// A pack being assembled. Its bytes are staged in an aligned buffer and
+/// taken out in chunks ([`PackWriter::take_chunk`]) while the pack fills,
+/// so a pack is written to its file as it grows rather than held whole.
 pub struct PackWriter {
-    /// `[..start]` is alignment padding; the pack is `buffer[start..]`.
+    /// `[..start]` is alignment padding; the staged bytes are
+    /// `buffer[start..]`, pack bytes from `taken` on.
     buffer: Vec<u8>,
     start: usize,
+    /// Pack bytes already taken out in chunks.
+    taken: u64,
     entries: Vec<TrailerEntry>,
     target_bytes: u64,
     /// BLAKE3 of the pack so far, fed as bytes are appended (while they
@@ -219,45 +224,69 @@ pub struct PackWriter {
     hasher: blake3::Hasher,
 }
 
-/// A finished pack: its name and bytes, ready to save.
-pub struct FinishedPack {
-    pub name: ObjectName,
+/// Consecutive bytes of a pack: they start at a [`PACK_ALIGN`] boundary in
+/// memory (unless the buffer had to grow) and, except for a pack's last
+/// chunk, are a multiple of [`PACK_ALIGN`] long.
+pub struct PackChunk {
     buffer: Vec<u8>,
     start: usize,
-    pub entries: Vec<TrailerEntry>,
 }
 
-impl FinishedPack {
-    /// The pack file's bytes. They start at a [`PACK_ALIGN`] boundary in
-    /// memory unless the buffer had to grow mid-pack.
+impl PackChunk {
     pub fn bytes(&self) -> &[u8] {
         &self.buffer[self.start..]
     }
 
-    /// The buffer, for the next [`PackWriter::with_buffer`].
+    /// The buffer, for a later [`PackWriter::with_buffer`] or
+    /// [`PackWriter::take_chunk`].
     pub fn into_buffer(self) -> Vec<u8> {
         self.buffer
     }
+}
+
+/// A finished pack: its name, its entries, and its last bytes (all of them
+/// when no chunk was taken).
+pub struct FinishedPack {
+    pub name: ObjectName,
+    pub entries: Vec<TrailerEntry>,
+    pub tail: PackChunk,
+    pub size_bytes: u64,
 }
 
 /// Memory alignment of a pack's first byte, so a backend can hand the
 /// buffer to the disk without copying it (O_DIRECT).
 pub const PACK_ALIGN: usize = 4096;
 
+/// Staging room beyond the chunk size: one more block's frame can always
+/// be appended without the buffer moving (and losing its alignment).
+const STAGING_SLACK: usize = (1 << 20) + PACK_ALIGN;
+
+/// Empties `buffer` (keeping its capacity), makes room for `bytes` staged
+/// bytes and pads it to an aligned start; returns the start.
+fn prepare_staging(buffer: &mut Vec<u8>, bytes: usize) -> usize {
+    buffer.clear();
+    buffer.reserve(bytes + STAGING_SLACK);
+    let start = buffer.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
+    buffer.resize(start, 0);
+    start
+}
+
 impl PackWriter {
     pub fn new(target_bytes: u64) -> Self {
         Self::with_buffer(target_bytes, Vec::new())
     }
 
-    /// A writer that assembles into `buffer` (its contents are discarded,
-    /// its capacity kept): reusing the buffer of a saved pack spares the
-    /// page faults and zeroing of a fresh tens-of-MiB allocation.
-    pub fn with_buffer(target_bytes: u64, mut buffer: Vec<u8>) -> Self {
-        buffer.clear();
-        let want = (target_bytes as usize).min(64 << 20) + (1 << 20) + PACK_ALIGN;
-        buffer.reserve(want);
-        let start = buffer.as_ptr().align_offset(PACK_ALIGN).min(PACK_ALIGN);
-        buffer.resize(start, 0);
+    /// A writer that stages into `buffer` (its contents are discarded, its
+    /// capacity kept): reusing buffers spares the page faults and zeroing
+    /// of fresh allocations. Room is made for the whole pack.
+    pub fn with_buffer(target_bytes: u64, buffer: Vec<u8>) -> Self {
+        Self::with_room(target_bytes, buffer, (target_bytes as usize).min(64 << 20))
+    }
+
+    /// As [`Self::with_buffer`], with room for `room` staged bytes: a caller
+    /// that takes the pack out in chunks of that size ([`Self::take_chunk`]).
+    pub fn with_room(target_bytes: u64, mut buffer: Vec<u8>, room: usize) -> Self {
+        let start = prepare_staging(&mut buffer, room);
         let header = layout::encode_header();
         buffer.extend_from_slice(&header);
         let mut hasher = blake3::Hasher::new();
@@ -265,14 +294,37 @@ impl PackWriter {
         PackWriter {
             buffer,
             start,
+            taken: 0,
             entries: Vec::new(),
             target_bytes,
             hasher,
         }
     }
 
-    fn len(&self) -> usize {
+    /// Bytes appended and not yet taken out in a chunk.
+    pub fn staged(&self) -> usize {
         self.buffer.len() - self.start
+    }
+
+    fn len(&self) -> u64 {
+        self.taken + self.staged() as u64
+    }
+
+    /// Takes the staged bytes, down to a multiple of [`PACK_ALIGN`], out as
+    /// a chunk; the rest (less than [`PACK_ALIGN`] bytes) moves to `fresh`,
+    /// which becomes the staging buffer with room for `chunk_bytes`.
+    pub fn take_chunk(&mut self, fresh: Vec<u8>, chunk_bytes: usize) -> PackChunk {
+        let cut = self.staged() / PACK_ALIGN * PACK_ALIGN;
+        let mut next = fresh;
+        let start = prepare_staging(&mut next, chunk_bytes);
+        next.extend_from_slice(&self.buffer[self.start + cut..]);
+        self.buffer.truncate(self.start + cut);
+        let chunk = PackChunk {
+            buffer: std::mem::replace(&mut self.buffer, next),
+            start: std::mem::replace(&mut self.start, start),
+        };
+        self.taken += cut as u64;
+        chunk
     }
 
     /// Appends a block. A raw block's frame is built here, straight into
@@ -281,6 +333,7 @@ impl PackWriter {
     /// verbatim (verify before write for a frame with nothing to decode).
     pub fn add(&mut self, block: &CompressedBlock) -> Result<(), PackError> {
         let at = self.buffer.len();
+        let offset = self.len();
         match &block.stored {
             Stored::Frame(f) => self.buffer.extend_from_slice(f),
             Stored::Raw(shared, range) => {
@@ -298,7 +351,7 @@ impl PackWriter {
         self.hasher.update(&self.buffer[at..]);
         self.entries.push(TrailerEntry {
             block_id: block.id,
-            offset: (at - self.start) as u64,
+            offset,
             stored_length: (self.buffer.len() - at) as u32,
             raw_length: block.raw_length,
         });
@@ -311,18 +364,22 @@ impl PackWriter {
 
     /// True once the pack has reached its target size (or the entry limit).
     pub fn is_full(&self) -> bool {
-        self.len() as u64 >= self.target_bytes || self.entries.len() >= layout::MAX_ENTRIES as usize
+        self.len() >= self.target_bytes || self.entries.len() >= layout::MAX_ENTRIES as usize
     }
 
     pub fn finish(mut self) -> FinishedPack {
         let trailer = layout::encode_trailer(&self.entries);
         self.buffer.extend_from_slice(&trailer);
         self.hasher.update(&trailer);
+        let size_bytes = self.len();
         FinishedPack {
             name: ObjectName(*self.hasher.finalize().as_bytes()),
-            buffer: self.buffer,
-            start: self.start,
             entries: self.entries,
+            tail: PackChunk {
+                buffer: self.buffer,
+                start: self.start,
+            },
+            size_bytes,
         }
     }
 }
@@ -381,21 +438,69 @@ mod tests {
         let done = w.finish();
         // The name hashed on the way equals the hash of the finished bytes,
         // and the pack starts at an aligned address.
-        assert_eq!(done.name, ObjectName::of(done.bytes()));
-        assert_eq!(done.bytes().as_ptr().align_offset(PACK_ALIGN), 0);
-        let index = layout::decode_pack_index(done.bytes(), 65536).unwrap();
+        let bytes = done.tail.bytes();
+        assert_eq!(done.size_bytes, bytes.len() as u64);
+        assert_eq!(done.name, ObjectName::of(bytes));
+        assert_eq!(bytes.as_ptr().align_offset(PACK_ALIGN), 0);
+        let index = layout::decode_pack_index(bytes, 65536).unwrap();
         for (e, want) in index.iter().zip([&rnd, &txt]) {
-            let blob = &done.bytes()[e.offset as usize..][..e.stored_length as usize];
+            let blob = &bytes[e.offset as usize..][..e.stored_length as usize];
             let back = decompress_verified(blob, e.raw_length, e.block_id, done.name).unwrap();
             assert_eq!(&back, want);
         }
         // Reusing the buffer gives the same pack again.
         let again = {
-            let mut w = PackWriter::with_buffer(1 << 20, done.into_buffer());
+            let mut w = PackWriter::with_buffer(1 << 20, done.tail.into_buffer());
             w.add(&a).unwrap();
             w.add(&b).unwrap();
             w.finish()
         };
-        assert_eq!(again.name, ObjectName::of(again.bytes()));
+        assert_eq!(again.name, ObjectName::of(again.tail.bytes()));
+    }
+
+    /// A pack taken out in chunks as it fills is byte for byte the pack
+    /// assembled whole: same name, same entries, aligned chunks.
+    #[test]
+    fn pack_taken_in_chunks_equals_the_pack_assembled_whole() {
+        let blocks: Vec<(Vec<u8>, bool)> = (0..40u64)
+            .map(|k| match k % 3 {
+                0 => (random(65536, k + 1), true),
+                1 => (vec![k as u8; 65536], false),
+                _ => ([random(30000, k), vec![1; 35536]].concat(), false),
+            })
+            .collect();
+        let prepared: Vec<CompressedBlock> = blocks
+            .iter()
+            .map(|(b, raw)| {
+                let shared: SharedBytes = Arc::new(b.clone());
+                prepare_block(&shared, 0..b.len(), BlockId::of(b), 3, *raw).unwrap()
+            })
+            .collect();
+        let mut whole = PackWriter::new(64 << 20);
+        let mut chunked = PackWriter::with_room(64 << 20, Vec::new(), 256 << 10);
+        let mut streamed: Vec<u8> = Vec::new();
+        for (k, b) in prepared.iter().enumerate() {
+            whole.add(b).unwrap();
+            chunked.add(b).unwrap();
+            if k % 7 == 6 {
+                let c = chunked.take_chunk(Vec::new(), 256 << 10);
+                assert_eq!(c.bytes().len() % PACK_ALIGN, 0);
+                assert_eq!(c.bytes().as_ptr().align_offset(PACK_ALIGN), 0);
+                streamed.extend_from_slice(c.bytes());
+            }
+        }
+        let (whole, chunked) = (whole.finish(), chunked.finish());
+        streamed.extend_from_slice(chunked.tail.bytes());
+        assert_eq!(streamed, whole.tail.bytes());
+        assert_eq!(chunked.name, whole.name);
+        assert_eq!(chunked.name, ObjectName::of(&streamed));
+        assert_eq!(chunked.size_bytes, streamed.len() as u64);
+        assert_eq!(chunked.entries, whole.entries);
+        let index = layout::decode_pack_index(&streamed, 65536).unwrap();
+        for (e, (want, _)) in index.iter().zip(&blocks) {
+            let blob = &streamed[e.offset as usize..][..e.stored_length as usize];
+            let back = decompress_verified(blob, e.raw_length, e.block_id, chunked.name).unwrap();
+            assert_eq!(&back, want);
+        }
     }
 }

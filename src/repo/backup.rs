@@ -231,38 +231,68 @@ impl Iterator for InOrder {
     }
 }
 
-/// Packs saved at once: keeps the disk (or network) busy while the next
-/// pack is assembled, with memory bounded by (savers + 2) packs.
+/// Packs being written at once: one can be made durable (fsync, rename,
+/// catalog rows) while the next one fills.
 const PACK_SAVERS: usize = 2;
+/// A pack goes to its file in chunks of this size while it fills, so the
+/// disk works alongside the network and only a chunk per pack is in memory.
+const PACK_CHUNK: usize = 4 << 20;
+/// Chunk buffers kept for reuse: in the savers' queues, in their hands,
+/// and the one being filled.
+const SPARE_CHUNKS: usize = PACK_SAVERS * (SAVER_QUEUE + 1) + 1;
+/// Chunks queued for each saver.
+const SAVER_QUEUE: usize = 2;
 
 struct WriterStats {
     packs: u64,
 }
 
-/// Saves finished packs: the pack durably first, then its catalog rows
-/// (spec: 06-ordering), then tells the dedup stage the blocks are indexed.
+/// What the writer hands to a pack's saver.
+enum ToSaver {
+    /// The next bytes of the current pack.
+    Chunk(crate::pack::PackChunk),
+    /// Its last bytes, name and entries.
+    Finish(crate::pack::FinishedPack),
+}
+
+/// Writes the packs it is handed as their bytes come; when a pack is
+/// finished it is made durable first, then its catalog rows are added
+/// (spec: 06-ordering), then the dedup stage is told its blocks are indexed.
+/// A pack not finished (the writer failed) leaves nothing behind.
 fn saver(
     repo: &Repository,
     catalog: &std::sync::Mutex<crate::index::Catalog>,
-    rx: Receiver<crate::pack::FinishedPack>,
+    rx: Receiver<ToSaver>,
     committed: Sender<Vec<BlockId>>,
     spare: Sender<Vec<u8>>,
 ) -> Result<u64, RepoError> {
     let mut packs = 0;
-    for done in rx {
-        repo.backend()
-            .save(Kind::Pack, &done.name.to_hex(), done.bytes())?;
-        // One connection for all savers: SQLite would make the second
-        // writer sleep and poll for the lock (busy timeout) instead.
-        catalog.lock().expect("catalog").add_pack(
-            &done.name,
-            done.bytes().len() as u64,
-            &done.entries,
-        )?;
-        packs += 1;
-        let _ = committed.send(done.entries.iter().map(|e| e.block_id).collect());
-        // Hand the buffer back for the next pack (dropped if none is wanted).
-        let _ = spare.try_send(done.into_buffer());
+    let mut file: Option<Box<dyn crate::backend::NewObject + '_>> = None;
+    for msg in rx {
+        let f = match &mut file {
+            Some(f) => f,
+            None => file.insert(repo.backend().create(Kind::Pack)?),
+        };
+        match msg {
+            ToSaver::Chunk(chunk) => {
+                f.append(chunk.bytes())?;
+                let _ = spare.try_send(chunk.into_buffer());
+            }
+            ToSaver::Finish(done) => {
+                f.append(done.tail.bytes())?;
+                file.take().expect("open").commit(&done.name.to_hex())?;
+                // One connection for all savers: SQLite would make the
+                // second writer sleep and poll for the lock instead.
+                catalog.lock().expect("catalog").add_pack(
+                    &done.name,
+                    done.size_bytes,
+                    &done.entries,
+                )?;
+                packs += 1;
+                let _ = committed.send(done.entries.iter().map(|e| e.block_id).collect());
+                let _ = spare.try_send(done.tail.into_buffer());
+            }
+        }
     }
     Ok(packs)
 }
@@ -273,43 +303,56 @@ fn writer(
     committed: Sender<Vec<BlockId>>,
     target: u64,
 ) -> Result<WriterStats, RepoError> {
-    let (pack_tx, pack_rx) = bounded::<crate::pack::FinishedPack>(0);
-    // Buffers of saved packs, reused for the next ones (bounded pool).
-    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(PACK_SAVERS);
-    let next_pack = || PackWriter::with_buffer(target, spare_rx.try_recv().unwrap_or_default());
     let catalog = std::sync::Mutex::new(repo.open_catalog()?);
     let catalog = &catalog;
+    // Chunk buffers come back from the savers once written.
+    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(SPARE_CHUNKS);
+    let fresh = || spare_rx.try_recv().unwrap_or_default();
+    let next_pack = || PackWriter::with_room(target, fresh(), PACK_CHUNK);
     std::thread::scope(|s| {
-        let savers: Vec<_> = (0..PACK_SAVERS)
-            .map(|_| {
-                let rx = pack_rx.clone();
-                let committed = committed.clone();
-                let spare = spare_tx.clone();
-                s.spawn(move || saver(repo, catalog, rx, committed, spare))
-            })
-            .collect();
+        let mut to_savers = Vec::with_capacity(PACK_SAVERS);
+        let mut savers = Vec::with_capacity(PACK_SAVERS);
+        for _ in 0..PACK_SAVERS {
+            let (tx, rx) = bounded::<ToSaver>(SAVER_QUEUE);
+            let committed = committed.clone();
+            let spare = spare_tx.clone();
+            to_savers.push(tx);
+            savers.push(s.spawn(move || saver(repo, catalog, rx, committed, spare)));
+        }
         drop(spare_tx);
-        drop(pack_rx);
-        let mut sent_ok = true;
+        // Pack k goes to saver k % PACK_SAVERS, all its bytes in order.
+        let mut k = 0usize;
         let mut pack = next_pack();
-        'outer: for blocks in rx {
-            for b in &blocks {
-                pack.add(b)?;
-                if pack.is_full() {
-                    let full = std::mem::replace(&mut pack, next_pack());
-                    if pack_tx.send(full.finish()).is_err() {
-                        sent_ok = false;
-                        break 'outer;
+        let fill = (|| -> Result<bool, RepoError> {
+            for blocks in rx {
+                for b in &blocks {
+                    pack.add(b)?;
+                    let msg = if pack.is_full() {
+                        let full = std::mem::replace(&mut pack, next_pack());
+                        ToSaver::Finish(full.finish())
+                    } else if pack.staged() >= PACK_CHUNK {
+                        ToSaver::Chunk(pack.take_chunk(fresh(), PACK_CHUNK))
+                    } else {
+                        continue;
+                    };
+                    let last = matches!(msg, ToSaver::Finish(_));
+                    if to_savers[k % PACK_SAVERS].send(msg).is_err() {
+                        // That saver failed; its error is reported below.
+                        return Ok(false);
                     }
+                    k += usize::from(last);
                 }
             }
+            Ok(true)
+        })();
+        if let Ok(true) = fill {
+            if !pack.is_empty() {
+                let _ = to_savers[k % PACK_SAVERS].send(ToSaver::Finish(pack.finish()));
+            }
         }
-        if sent_ok && !pack.is_empty() {
-            let _ = pack_tx.send(pack.finish());
-        }
-        drop(pack_tx);
+        drop(to_savers);
         let mut stats = WriterStats { packs: 0 };
-        let mut first_err = None;
+        let mut first_err = fill.err();
         for h in savers {
             match h.join().expect("pack saver panicked") {
                 Ok(n) => stats.packs += n,
