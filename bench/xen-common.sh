@@ -1,6 +1,6 @@
 # bench/xen-common.sh - sourced by xen.sh and xen-restore.sh: options, work
 # dir, `cbtvault sim` with one BENCH_SIZE_MIB disk, and HELP (a JSON-RPC
-# helper: fill | change | sr | nbd). Sets SIM_PID, PORT, VM, FP, HELP.
+# helper: fill | change [ROUND] | sr | nbd). Sets SIM_PID, PORT, VM, FP, HELP.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -71,9 +71,11 @@ if cmd == "fill":
     for off in range(0, size, 2 * piece):
         write(off, os.urandom(min(piece, size - off)))
 elif cmd == "change":
+    # argv[4]: a round number, so each round rewrites other blocks.
+    shift = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     blocks = size // 65536; n = max(1, blocks // 100); step = blocks // n
     for k in range(n):
-        write(k * step * 65536, os.urandom(65536))
+        write((k * step + shift) % blocks * 65536, os.urandom(65536))
     print(n)
 elif cmd == "sr":
     ref = rpc("VDI.get_by_uuid", [s, vdi])

@@ -44,6 +44,32 @@ impl LocalBackend {
         sync_dir(&self.root)
     }
 
+    /// Makes the written file `f` at `tmp` the object `name`: fsync, rename
+    /// into place, fsync the folder (spec: 06-ordering.md).
+    fn publish(&self, f: File, tmp: &Path, kind: Kind, name: &str) -> Result<(), BackendError> {
+        let err = |op, e| BackendError::from_io(kind, name, op, e);
+        // Locks describe live processes, which a crash ends anyway: they
+        // need not survive one (spec: 05-locks.md).
+        let durable = kind != Kind::Lock;
+        if durable {
+            f.sync_all().map_err(|e| err("fsync", e))?;
+        }
+        if kind == Kind::Pack {
+            // A pack just written is not read again by this process; keep
+            // the page cache for the disk being backed up, not for its copy
+            // (the clean pages are dropped; a failure is harmless).
+            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+        }
+        drop(f);
+        let dest = self.path_of(kind, name);
+        fs::rename(tmp, &dest).map_err(|e| err("rename", e))?;
+        if durable {
+            sync_dir(dest.parent().expect("objects live in a folder"))
+                .map_err(|e| err("fsync folder", e))?;
+        }
+        Ok(())
+    }
+
     pub fn path_of(&self, kind: Kind, name: &str) -> PathBuf {
         match kind {
             Kind::Config => self.root.join("config"),
@@ -212,29 +238,15 @@ impl NewObject for LocalObject<'_> {
 
     fn commit(mut self: Box<Self>, name: &str) -> Result<(), BackendError> {
         let (kind, backend) = (self.kind, self.backend);
-        let err = |op, e| BackendError::from_io(kind, name, op, e);
         if self.file.is_none() {
             // An empty object still becomes a file.
-            self.buffered().map_err(|e| err("create", e))?;
+            self.buffered()
+                .map_err(|e| BackendError::from_io(kind, name, "create", e))?;
         }
         let f = self.file.take().expect("open");
-        let durable = kind != Kind::Lock;
-        if durable {
-            f.sync_all().map_err(|e| err("fsync", e))?;
-        }
-        if kind == Kind::Pack {
-            // As in save: the pack is not read again by this process.
-            let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-        }
-        drop(f);
-        let dest = backend.path_of(kind, name);
-        fs::rename(&self.tmp, &dest).map_err(|e| err("rename", e))?;
+        backend.publish(f, &self.tmp, kind, name)?;
         // Renamed: nothing left for Drop to remove.
         self.tmp = PathBuf::new();
-        if durable {
-            sync_dir(dest.parent().expect("objects live in a folder"))
-                .map_err(|e| err("fsync folder", e))?;
-        }
         Ok(())
     }
 }
@@ -263,29 +275,9 @@ impl Backend for LocalBackend {
     fn save(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), BackendError> {
         let err = |op, e| BackendError::from_io(kind, name, op, e);
         let tmp = self.root.join("tmp").join(random_tmp_name());
-        let result = (|| {
-            let f = write_new_file(&tmp, data, kind == Kind::Pack).map_err(|e| err("write", e))?;
-            // Locks describe live processes, which a crash ends anyway:
-            // they need not survive one (spec: 05-locks.md).
-            let durable = kind != Kind::Lock;
-            if durable {
-                f.sync_all().map_err(|e| err("fsync", e))?;
-            }
-            if kind == Kind::Pack {
-                // A pack just written is not read again by this process; keep
-                // the page cache for the disk being backed up, not for its
-                // copy (the clean pages are dropped; a failure is harmless).
-                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
-            }
-            drop(f);
-            let dest = self.path_of(kind, name);
-            fs::rename(&tmp, &dest).map_err(|e| err("rename", e))?;
-            if durable {
-                sync_dir(dest.parent().expect("objects live in a folder"))
-                    .map_err(|e| err("fsync folder", e))?;
-            }
-            Ok(())
-        })();
+        let result = write_new_file(&tmp, data, kind == Kind::Pack)
+            .map_err(|e| err("write", e))
+            .and_then(|f| self.publish(f, &tmp, kind, name));
         if result.is_err() {
             let _ = fs::remove_file(&tmp);
         }
