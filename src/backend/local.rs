@@ -146,7 +146,11 @@ fn write_new_file(path: &Path, data: &[u8], direct: bool) -> std::io::Result<Fil
                 }
                 Err(e) => return Err(e),
             },
-            Err(e) if unsupported(&e) => {}
+            // Refused after it may have created the file.
+            Err(e) if unsupported(&e) => match fs::remove_file(path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            },
             Err(e) => return Err(e),
         }
     }
@@ -164,6 +168,8 @@ struct LocalObject<'a> {
     file: Option<File>,
     /// Whether `file` was opened (or is still to be opened) with O_DIRECT.
     direct: bool,
+    /// An O_DIRECT open was refused after it may have created the file.
+    refused_open: bool,
     len: u64,
 }
 
@@ -175,11 +181,17 @@ impl LocalObject<'_> {
     /// The file, opened without O_DIRECT from now on.
     fn buffered(&mut self) -> std::io::Result<&File> {
         if self.direct || self.file.is_none() {
-            let f = OpenOptions::new()
-                .write(true)
-                .create(self.file.is_none())
-                .truncate(false)
-                .open(&self.tmp)?;
+            let mut o = OpenOptions::new();
+            o.write(true);
+            match (&self.file, self.refused_open) {
+                // Created here, exclusively (spec: 06-ordering).
+                (None, false) => o.create_new(true),
+                // Created by the refused O_DIRECT open, or still to be.
+                (None, true) => o.create(true).truncate(true),
+                // Reopened without O_DIRECT, keeping what was written.
+                (Some(_), _) => &mut o,
+            };
+            let f = o.open(&self.tmp)?;
             self.file = Some(f);
             self.direct = false;
         }
@@ -205,9 +217,10 @@ impl LocalObject<'_> {
                 .open(&self.tmp)
             {
                 Ok(f) => self.file = Some(f),
-                // A filesystem without direct I/O (tmpfs).
+                // A filesystem without direct I/O (the file may exist now).
                 Err(e) if unsupported(&e) => {
                     self.direct = false;
+                    self.refused_open = true;
                     return Ok(false);
                 }
                 Err(e) => return Err(e),
@@ -293,6 +306,7 @@ impl Backend for LocalBackend {
             tmp: self.root.join("tmp").join(random_tmp_name()),
             file: None,
             direct: kind == Kind::Pack,
+            refused_open: false,
             len: 0,
         }))
     }

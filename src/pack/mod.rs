@@ -257,9 +257,9 @@ pub struct FinishedPack {
 /// buffer to the disk without copying it (O_DIRECT).
 pub const PACK_ALIGN: usize = 4096;
 
-/// Staging room beyond the chunk size: one more block's frame can always
-/// be appended without the buffer moving (and losing its alignment).
-const STAGING_SLACK: usize = (1 << 20) + PACK_ALIGN;
+/// Staging room beyond what the caller asks for: the alignment padding
+/// and the frame header of a raw block.
+const STAGING_SLACK: usize = 2 * PACK_ALIGN;
 
 /// Empties `buffer` (keeping its capacity), makes room for `bytes` staged
 /// bytes and pads it to an aligned start; returns the start.
@@ -280,11 +280,17 @@ impl PackWriter {
     /// capacity kept): reusing buffers spares the page faults and zeroing
     /// of fresh allocations. Room is made for the whole pack.
     pub fn with_buffer(target_bytes: u64, buffer: Vec<u8>) -> Self {
-        Self::with_room(target_bytes, buffer, (target_bytes as usize).min(64 << 20))
+        Self::with_room(
+            target_bytes,
+            buffer,
+            (target_bytes as usize).min(64 << 20) + (1 << 20),
+        )
     }
 
     /// As [`Self::with_buffer`], with room for `room` staged bytes: a caller
-    /// that takes the pack out in chunks of that size ([`Self::take_chunk`]).
+    /// that takes the pack out in chunks ([`Self::take_chunk`]) asks for a
+    /// chunk plus the largest frame it may append after reaching the chunk
+    /// size, so the buffer never moves (and loses its alignment).
     pub fn with_room(target_bytes: u64, mut buffer: Vec<u8>, room: usize) -> Self {
         let start = prepare_staging(&mut buffer, room);
         let header = layout::encode_header();
@@ -477,13 +483,13 @@ mod tests {
             })
             .collect();
         let mut whole = PackWriter::new(64 << 20);
-        let mut chunked = PackWriter::with_room(64 << 20, Vec::new(), 256 << 10);
+        let mut chunked = PackWriter::with_room(64 << 20, Vec::new(), 512 << 10);
         let mut streamed: Vec<u8> = Vec::new();
         for (k, b) in prepared.iter().enumerate() {
             whole.add(b).unwrap();
             chunked.add(b).unwrap();
             if k % 7 == 6 {
-                let c = chunked.take_chunk(Vec::new(), 256 << 10);
+                let c = chunked.take_chunk(Vec::new(), 512 << 10);
                 assert_eq!(c.bytes().len() % PACK_ALIGN, 0);
                 assert_eq!(c.bytes().as_ptr().align_offset(PACK_ALIGN), 0);
                 streamed.extend_from_slice(c.bytes());

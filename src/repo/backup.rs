@@ -308,7 +308,11 @@ fn writer(
     // Chunk buffers come back from the savers once written.
     let (spare_tx, spare_rx) = bounded::<Vec<u8>>(SPARE_CHUNKS);
     let fresh = || spare_rx.try_recv().unwrap_or_default();
-    let next_pack = || PackWriter::with_room(target, fresh(), PACK_CHUNK);
+    // Room for a chunk and one more frame of the largest block, so the
+    // staging buffer never moves (and loses its alignment) mid-chunk.
+    let room =
+        PACK_CHUNK + crate::format::pack::max_stored_length(repo.config().block_size) as usize;
+    let next_pack = || PackWriter::with_room(target, fresh(), room);
     std::thread::scope(|s| {
         let mut to_savers = Vec::with_capacity(PACK_SAVERS);
         let mut savers = Vec::with_capacity(PACK_SAVERS);
@@ -331,7 +335,7 @@ fn writer(
                         let full = std::mem::replace(&mut pack, next_pack());
                         ToSaver::Finish(full.finish())
                     } else if pack.staged() >= PACK_CHUNK {
-                        ToSaver::Chunk(pack.take_chunk(fresh(), PACK_CHUNK))
+                        ToSaver::Chunk(pack.take_chunk(fresh(), room))
                     } else {
                         continue;
                     };
