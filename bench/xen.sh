@@ -27,7 +27,8 @@
 source "$(dirname "${BASH_SOURCE[0]}")/xen-common.sh"
 
 log "guest writes random data into half of the disk"
-t0=$(date +%s.%N); HELP fill "$SIZE_MIB"; t1=$(date +%s.%N)
+# sync: the fill's writeback must not land in the first timed round.
+t0=$(date +%s.%N); HELP fill "$SIZE_MIB"; sync; t1=$(date +%s.%N)
 log "  $(python3 -c "print(f'{$t1-$t0:.1f}s')")"
 
 now() { date +%s.%N; }
@@ -44,7 +45,7 @@ backup() { "$CBT" -r "$1" backup "$SRC" --fingerprint "$FP" --nbd-connections 4;
 FULLS=(); NBDS=(); NULLS=()
 for r in $(seq "$ROUNDS"); do
   log "round $r/$ROUNDS: nbdcopy of the NBD export to /dev/null (the issue's peer)"
-  t0=$(now); nbdcopy --request-size=2097152 "$URI" /dev/null; t1=$(now)
+  sync; t0=$(now); nbdcopy --request-size=2097152 "$URI" /dev/null; t1=$(now)
   NBDS+=("$(secs "$t0" "$t1")")
   log "round $r/$ROUNDS: nbdcopy of the NBD export to null: (pure read ceiling)"
   t0=$(now); nbdcopy --request-size=2097152 "$URI" null:; t1=$(now)
@@ -53,7 +54,7 @@ for r in $(seq "$ROUNDS"); do
   # for the incrementals).
   rm -rf "$WORK/repo"; "$CBT" -r "$WORK/repo" init >/dev/null
   log "round $r/$ROUNDS: full VM backup"
-  t0=$(now); backup "$WORK/repo" >"$WORK/full.txt"; t1=$(now)
+  sync; t0=$(now); backup "$WORK/repo" >"$WORK/full.txt"; t1=$(now)
   FULLS+=("$(secs "$t0" "$t1")"); cat "$WORK/full.txt" >&2
 done
 
@@ -62,7 +63,7 @@ for r in $(seq "$ROUNDS"); do
   log "round $r/$ROUNDS: the guest rewrites 1% of the blocks (other blocks each round)"
   CHANGED=$(HELP change "$SIZE_MIB" "$r")
   log "round $r/$ROUNDS: incremental VM backup ($CHANGED blocks changed)"
-  t0=$(now); backup "$WORK/repo" >"$WORK/inc.txt"; t1=$(now)
+  sync; t0=$(now); backup "$WORK/repo" >"$WORK/inc.txt"; t1=$(now)
   INCS+=("$(secs "$t0" "$t1")"); cat "$WORK/inc.txt" >&2
 done
 
