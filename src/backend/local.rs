@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -114,52 +113,12 @@ const DIRECT_ALIGN: usize = 4096;
 /// Smaller files are not worth a second open.
 const DIRECT_MIN: usize = 1 << 20;
 
-/// Creates `path` (which must not exist) holding `data`. With `direct`, an
-/// aligned buffer goes to the disk with O_DIRECT: a backup writes gigabytes
-/// it will not read again, and copying them through the page cache costs a
-/// CPU pass and evicts the cache of the disk being read. The unaligned tail
-/// goes through the page cache; a filesystem without direct I/O gets a plain
-/// write. The caller fsyncs the returned file either way.
-fn write_new_file(path: &Path, data: &[u8], direct: bool) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let head = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
-    if direct && head >= DIRECT_MIN && data.as_ptr().align_offset(DIRECT_ALIGN) == 0 {
-        let opened = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path);
-        let unsupported = |e: &std::io::Error| e.raw_os_error() == Some(libc::EINVAL);
-        match opened {
-            Ok(mut f) => match f.write_all(&data[..head]) {
-                Ok(()) => {
-                    if head == data.len() {
-                        return Ok(f);
-                    }
-                    let tail = OpenOptions::new().write(true).open(path)?;
-                    tail.write_all_at(&data[head..], head as u64)?;
-                    return Ok(tail);
-                }
-                Err(e) if unsupported(&e) => {
-                    drop(f);
-                    fs::remove_file(path)?;
-                }
-                Err(e) => return Err(e),
-            },
-            // Refused after it may have created the file.
-            Err(e) if unsupported(&e) => match fs::remove_file(path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            },
-            Err(e) => return Err(e),
-        }
-    }
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    f.write_all(data)?;
-    Ok(f)
-}
-
-/// An object of [`LocalBackend::create`]: `tmp` until the commit renames it.
+/// An object of [`LocalBackend::create`] (and of `save`): `tmp` until the
+/// commit renames it. Pack bytes go to the disk with O_DIRECT when they are
+/// aligned: a backup writes gigabytes it will not read again, and copying
+/// them through the page cache costs a CPU pass and evicts the cache of the
+/// disk being read. Unaligned bytes go through the page cache, and so does
+/// everything on a filesystem without direct I/O.
 struct LocalObject<'a> {
     backend: &'a LocalBackend,
     kind: Kind,
@@ -168,8 +127,6 @@ struct LocalObject<'a> {
     file: Option<File>,
     /// Whether `file` was opened (or is still to be opened) with O_DIRECT.
     direct: bool,
-    /// An O_DIRECT open was refused after it may have created the file.
-    refused_open: bool,
     len: u64,
 }
 
@@ -178,37 +135,39 @@ impl LocalObject<'_> {
         BackendError::from_io(self.kind, &self.tmp.display().to_string(), op, e)
     }
 
-    /// The file, opened without O_DIRECT from now on.
+    /// How much of `data`, appended now, may go with O_DIRECT: its aligned
+    /// head, when the buffer and the file offset are aligned too (and the
+    /// object is large enough to be worth a second open for its tail).
+    fn direct_head(&self, data: &[u8]) -> usize {
+        let head = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        let aligned = data.as_ptr().align_offset(DIRECT_ALIGN) == 0
+            && self.len.is_multiple_of(DIRECT_ALIGN as u64);
+        if self.direct && aligned && (self.file.is_some() || head >= DIRECT_MIN) {
+            head
+        } else {
+            0
+        }
+    }
+
+    /// The file, opened without O_DIRECT from now on; created here,
+    /// exclusively, if nothing was written yet (spec: 06-ordering).
     fn buffered(&mut self) -> std::io::Result<&File> {
         if self.direct || self.file.is_none() {
-            let mut o = OpenOptions::new();
-            o.write(true);
-            match (&self.file, self.refused_open) {
-                // Created here, exclusively (spec: 06-ordering).
-                (None, false) => o.create_new(true),
-                // Created by the refused O_DIRECT open, or still to be.
-                (None, true) => o.create(true).truncate(true),
-                // Reopened without O_DIRECT, keeping what was written.
-                (Some(_), _) => &mut o,
-            };
-            let f = o.open(&self.tmp)?;
+            let f = OpenOptions::new()
+                .write(true)
+                .create_new(self.file.is_none())
+                .open(&self.tmp)?;
             self.file = Some(f);
             self.direct = false;
         }
         Ok(self.file.as_ref().expect("just opened"))
     }
 
-    /// Writes `data` with O_DIRECT if it may go that way; Ok(false) when it
-    /// has to go through the page cache instead.
+    /// Writes the aligned `data` with O_DIRECT; Ok(false) when the
+    /// filesystem refuses direct I/O (then nothing was written).
     fn write_direct(&mut self, data: &[u8]) -> std::io::Result<bool> {
         use std::os::unix::fs::OpenOptionsExt;
-        let aligned = data.len().is_multiple_of(DIRECT_ALIGN)
-            && data.as_ptr().align_offset(DIRECT_ALIGN) == 0
-            && self.len.is_multiple_of(DIRECT_ALIGN as u64);
-        if !self.direct || !aligned {
-            return Ok(false);
-        }
-        let unsupported = |e: &std::io::Error| e.raw_os_error() == Some(libc::EINVAL);
+        let refused = |e: &std::io::Error| e.raw_os_error() == Some(libc::EINVAL);
         if self.file.is_none() {
             match OpenOptions::new()
                 .write(true)
@@ -217,11 +176,13 @@ impl LocalObject<'_> {
                 .open(&self.tmp)
             {
                 Ok(f) => self.file = Some(f),
-                // A filesystem without direct I/O (the file may exist now).
-                Err(e) if unsupported(&e) => {
+                // Refused after it may have created the file.
+                Err(e) if refused(&e) => {
                     self.direct = false;
-                    self.refused_open = true;
-                    return Ok(false);
+                    match fs::remove_file(&self.tmp) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => return Ok(false),
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -229,7 +190,7 @@ impl LocalObject<'_> {
         let f = self.file.as_ref().expect("open");
         match f.write_all_at(data, self.len) {
             Ok(()) => Ok(true),
-            Err(e) if unsupported(&e) => Ok(false),
+            Err(e) if refused(&e) => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -237,25 +198,31 @@ impl LocalObject<'_> {
 
 impl NewObject for LocalObject<'_> {
     fn append(&mut self, data: &[u8]) -> Result<(), BackendError> {
-        if data.is_empty() {
-            return Ok(());
+        let head = self.direct_head(data);
+        let mut done = 0;
+        if head > 0
+            && self
+                .write_direct(&data[..head])
+                .map_err(|e| self.err("write", e))?
+        {
+            done = head;
+            self.len += head as u64;
         }
-        if !self.write_direct(data).map_err(|e| self.err("write", e))? {
+        if done < data.len() || self.file.is_none() {
             let at = self.len;
-            let r = self.buffered().and_then(|f| f.write_all_at(data, at));
+            let r = self
+                .buffered()
+                .and_then(|f| f.write_all_at(&data[done..], at));
             r.map_err(|e| self.err("write", e))?;
+            self.len += (data.len() - done) as u64;
         }
-        self.len += data.len() as u64;
         Ok(())
     }
 
     fn commit(mut self: Box<Self>, name: &str) -> Result<(), BackendError> {
         let (kind, backend) = (self.kind, self.backend);
-        if self.file.is_none() {
-            // An empty object still becomes a file.
-            self.buffered()
-                .map_err(|e| BackendError::from_io(kind, name, "create", e))?;
-        }
+        // An empty object still becomes a file.
+        self.append(&[])?;
         let f = self.file.take().expect("open");
         backend.publish(f, &self.tmp, kind, name)?;
         // Renamed: nothing left for Drop to remove.
@@ -286,15 +253,9 @@ impl Backend for LocalBackend {
     }
 
     fn save(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), BackendError> {
-        let err = |op, e| BackendError::from_io(kind, name, op, e);
-        let tmp = self.root.join("tmp").join(random_tmp_name());
-        let result = write_new_file(&tmp, data, kind == Kind::Pack)
-            .map_err(|e| err("write", e))
-            .and_then(|f| self.publish(f, &tmp, kind, name));
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        let mut object = self.create(kind)?;
+        object.append(data)?;
+        object.commit(name)
     }
 
     /// A file under `tmp/` written as the bytes come: aligned appends go
@@ -306,7 +267,6 @@ impl Backend for LocalBackend {
             tmp: self.root.join("tmp").join(random_tmp_name()),
             file: None,
             direct: kind == Kind::Pack,
-            refused_open: false,
             len: 0,
         }))
     }

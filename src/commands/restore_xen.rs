@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use ::bytes::BytesMut;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
@@ -190,6 +191,28 @@ fn describe(e: XenApiError) -> anyhow::Error {
     }
 }
 
+/// Blocks read back at once by `--verify`.
+const VERIFY_BATCH_BLOCKS: usize = 64;
+
+/// The first block of `data` (blocks from `first` on) that differs from
+/// `map`: its index and what the map expects there (None: zeros).
+fn first_mismatch(map: &BlockMap, first: u64, data: &[u8]) -> Option<(u64, Option<BlockId>)> {
+    use rayon::prelude::*;
+    let bs = map.block_size as usize;
+    data.par_chunks(bs)
+        .enumerate()
+        .map(|(k, block)| (first + k as u64, block))
+        .filter_map(|(index, block)| {
+            let expected = map.get(index);
+            let ok = match expected {
+                Some(id) => BlockId::of(block) == id,
+                None => crate::bytes::is_zero(block),
+            };
+            (!ok).then_some((index, expected))
+        })
+        .min_by_key(|m| m.0)
+}
+
 /// Reads the VDI back over NBD and compares every block's hash with the map.
 fn verify(session: &Session, vdi_ref: &str, vdi_uuid: &str, map: &BlockMap) -> Result<()> {
     let entries = session
@@ -206,26 +229,19 @@ fn verify(session: &Session, vdi_ref: &str, vdi_uuid: &str, map: &BlockMap) -> R
     )
     .with_context(|| format!("verify: connect to VDI {vdi_uuid} over NBD"))?;
     let bs = map.block_size as u64;
-    let disk = map.disk_size_bytes;
-    let mut buf = vec![0u8; bs as usize];
-    let mut data = map.data.iter().peekable();
+    let mut buf = BytesMut::new();
     let result = (|| -> Result<()> {
-        for index in 0..map.block_count() {
-            let len = bs.min(disk - index * bs) as usize;
-            nbd.read_at(index * bs, &mut buf[..len])
-                .with_context(|| format!("verify: read block {index} of VDI {vdi_uuid}"))?;
-            let expected = match data.peek() {
-                Some(&&(i, id)) if i == index => {
-                    data.next();
-                    Some(id)
-                }
-                _ => None,
-            };
-            let ok = match expected {
-                Some(id) => BlockId::of(&buf[..len]) == id,
-                None => crate::bytes::is_zero(&buf[..len]),
-            };
-            if !ok {
+        // Batches of blocks, each one read with all its requests in flight
+        // (not a round trip per block), hashed in parallel.
+        for first in (0..map.block_count()).step_by(VERIFY_BATCH_BLOCKS) {
+            let at = first * bs;
+            let len = (VERIFY_BATCH_BLOCKS as u64 * bs).min(map.disk_size_bytes - at);
+            buf.resize(len as usize, 0);
+            let mut reads = [(at, std::mem::take(&mut buf))];
+            nbd.read_owned(&mut reads)
+                .with_context(|| format!("verify: read blocks from {first} of VDI {vdi_uuid}"))?;
+            buf = std::mem::take(&mut reads[0].1);
+            if let Some((index, expected)) = first_mismatch(map, first, &buf) {
                 bail!(
                     "verify: block {index} of VDI {vdi_uuid} differs from the snapshot (expected {})",
                     expected.map_or("zeros".to_string(), |id| id.to_hex())
@@ -645,6 +661,26 @@ mod tests {
             block_size: 65536,
             data: data.map(|i| (i, BlockId([i as u8; 32]))).collect(),
         }
+    }
+
+    #[test]
+    fn verify_names_the_first_block_that_differs() {
+        let a = vec![1u8; 65536];
+        let b = vec![2u8; 65536];
+        // Blocks 10.. of a disk: 10 = a, 11 = zeros, 12 = b, 13 = zeros.
+        let mut m = map(20, [10u64, 12].into_iter());
+        m.data = vec![(10, BlockId::of(&a)), (12, BlockId::of(&b))];
+        let good = [a.clone(), vec![0; 65536], b.clone(), vec![0; 65536]].concat();
+        assert_eq!(first_mismatch(&m, 10, &good), None);
+        let mut bad = good.clone();
+        bad[3 * 65536 + 5] = 1; // data where zeros are expected
+        bad[2 * 65536] ^= 1; // a changed byte in block 12 (reported first)
+        assert_eq!(
+            first_mismatch(&m, 10, &bad),
+            Some((12, Some(BlockId::of(&b))))
+        );
+        bad[2 * 65536] ^= 1;
+        assert_eq!(first_mismatch(&m, 10, &bad), Some((13, None)));
     }
 
     #[test]

@@ -237,7 +237,7 @@ impl PackChunk {
         &self.buffer[self.start..]
     }
 
-    /// The buffer, for a later [`PackWriter::with_buffer`] or
+    /// The buffer, for a later [`PackWriter::with_room`] or
     /// [`PackWriter::take_chunk`].
     pub fn into_buffer(self) -> Vec<u8> {
         self.buffer
@@ -272,25 +272,18 @@ fn prepare_staging(buffer: &mut Vec<u8>, bytes: usize) -> usize {
 }
 
 impl PackWriter {
+    /// A writer with room for a whole pack (it need not take chunks).
     pub fn new(target_bytes: u64) -> Self {
-        Self::with_buffer(target_bytes, Vec::new())
+        let room = (target_bytes as usize).min(64 << 20) + (1 << 20);
+        Self::with_room(target_bytes, Vec::new(), room)
     }
 
     /// A writer that stages into `buffer` (its contents are discarded, its
-    /// capacity kept): reusing buffers spares the page faults and zeroing
-    /// of fresh allocations. Room is made for the whole pack.
-    pub fn with_buffer(target_bytes: u64, buffer: Vec<u8>) -> Self {
-        Self::with_room(
-            target_bytes,
-            buffer,
-            (target_bytes as usize).min(64 << 20) + (1 << 20),
-        )
-    }
-
-    /// As [`Self::with_buffer`], with room for `room` staged bytes: a caller
-    /// that takes the pack out in chunks ([`Self::take_chunk`]) asks for a
-    /// chunk plus the largest frame it may append after reaching the chunk
-    /// size, so the buffer never moves (and loses its alignment).
+    /// capacity kept: reusing buffers spares the page faults and zeroing of
+    /// fresh allocations), with room for `room` staged bytes. A caller that
+    /// takes the pack out in chunks ([`Self::take_chunk`]) asks for a chunk
+    /// plus the largest frame it may append after reaching the chunk size,
+    /// so the buffer never moves (and loses its alignment).
     pub fn with_room(target_bytes: u64, mut buffer: Vec<u8>, room: usize) -> Self {
         let start = prepare_staging(&mut buffer, room);
         let header = layout::encode_header();
@@ -456,7 +449,7 @@ mod tests {
         }
         // Reusing the buffer gives the same pack again.
         let again = {
-            let mut w = PackWriter::with_buffer(1 << 20, done.tail.into_buffer());
+            let mut w = PackWriter::with_room(1 << 20, done.tail.into_buffer(), 2 << 20);
             w.add(&a).unwrap();
             w.add(&b).unwrap();
             w.finish()

@@ -173,26 +173,17 @@ fn read_batch(
     }
     // One piece of the batch buffer per run, handed to the source, which
     // fills them in place; the pieces join back into one buffer in O(1).
-    let mut rest = std::mem::take(&mut batch.data.data);
-    let mut reads: Vec<(u64, BytesMut)> = Vec::with_capacity(runs.len());
-    for &(first, len) in &runs {
-        let piece = if len < rest.len() {
-            rest.split_to(len)
-        } else {
-            std::mem::take(&mut rest)
-        };
-        reads.push((first * block_size as u64, piece));
-    }
+    let pieces = crate::bytes::split(
+        std::mem::take(&mut batch.data.data),
+        runs.iter().map(|r| r.1),
+    );
+    let mut reads: Vec<(u64, BytesMut)> = runs
+        .iter()
+        .zip(pieces)
+        .map(|(&(first, _), piece)| (first * block_size as u64, piece))
+        .collect();
     let result = source.read_owned(&mut reads);
-    let mut whole = BytesMut::new();
-    for (_, piece) in reads {
-        if whole.is_empty() {
-            whole = piece;
-        } else {
-            whole.unsplit(piece);
-        }
-    }
-    batch.data.data = whole;
+    batch.data.data = crate::bytes::join(reads.into_iter().map(|r| r.1));
     result?;
     // Hash, and guess compressibility, on this thread while the bytes are
     // still in cache; the readers take turns, so hashing runs in parallel

@@ -309,17 +309,13 @@ impl NbdPool {
         // (read, offset, piece) of every request.
         let mut pieces: Vec<(usize, u64, BytesMut)> = Vec::new();
         for (k, (offset, buf)) in reads.iter_mut().enumerate() {
-            let mut rest = std::mem::take(buf);
+            let len = buf.len();
+            let lens = (0..len).step_by(step).map(|at| step.min(len - at));
             let mut at = *offset;
-            while !rest.is_empty() {
-                let piece = if rest.len() > step {
-                    rest.split_to(step)
-                } else {
-                    std::mem::take(&mut rest)
-                };
-                let len = piece.len() as u64;
+            for piece in crate::bytes::split(std::mem::take(buf), lens) {
+                let n = piece.len() as u64;
                 pieces.push((k, at, piece));
-                at += len;
+                at += n;
             }
         }
         let futures = pieces.into_iter().map(|(k, at, piece)| {
@@ -340,7 +336,6 @@ impl NbdPool {
         // In request order, so each piece joins the end of its read.
         for (k, r) in join_all(futures).await {
             match r {
-                Ok(piece) if reads[k].1.is_empty() => reads[k].1 = piece,
                 Ok(piece) => reads[k].1.unsplit(piece),
                 Err(e) => {
                     first_err.get_or_insert(e);

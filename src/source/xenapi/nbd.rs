@@ -140,75 +140,55 @@ impl BlockSource for NbdSet {
         self.read_many(&mut [(offset, buf)])
     }
 
-    /// Every read in flight at once, the reads dealt round-robin over the
-    /// hosts' pools.
+    /// Through [`Self::read_owned`] and a copy (only single reads use it).
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
-        let first = reads.first().map(|r| r.0).unwrap_or(0);
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.pools.len().max(1);
-        let mut shares: Vec<Vec<(u64, &mut [u8])>> = (0..n).map(|_| Vec::new()).collect();
-        for (i, (at, buf)) in reads.iter_mut().enumerate() {
-            shares[(start + i) % n].push((*at, &mut **buf));
+        let mut owned: Vec<(u64, BytesMut)> = reads
+            .iter()
+            .map(|(at, buf)| (*at, BytesMut::zeroed(buf.len())))
+            .collect();
+        self.read_owned(&mut owned)?;
+        for ((_, dst), (_, src)) in reads.iter_mut().zip(&owned) {
+            dst.copy_from_slice(src);
         }
-        self.on_pools(first, shares.iter_mut(), |pool, share| {
-            pool.read_many(share)
-        })
+        Ok(())
     }
 
-    /// As [`Self::read_many`], filling the caller's buffers in place.
+    /// Every read in flight at once, the reads dealt round-robin over the
+    /// hosts' pools, each filling the caller's buffer in place.
     fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), SourceError> {
         let first = reads.first().map(|r| r.0).unwrap_or(0);
+        let failed = |reason: String| SourceError::Invalid {
+            source_name: self.identity.clone(),
+            reason,
+        };
+        let n = self.pools.len();
+        if n == 0 {
+            return Err(failed("no NBD connection".into()));
+        }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let n = self.pools.len().max(1);
         let mut shares: Vec<Vec<(u64, BytesMut)>> = (0..n).map(|_| Vec::new()).collect();
         for (i, (at, buf)) in reads.iter_mut().enumerate() {
             shares[(start + i) % n].push((*at, std::mem::take(buf)));
         }
-        let result = self.on_pools(first, shares.iter_mut(), |pool, share| {
-            pool.read_owned(share)
+        let result = self.runtime.block_on(async {
+            let futures = self
+                .pools
+                .iter()
+                .zip(shares.iter_mut())
+                .map(|(p, s)| p.read_owned(s));
+            for r in crate::source::nbd::join_all(futures).await {
+                r?;
+            }
+            Ok::<(), crate::source::nbd::NbdError>(())
         });
         // Hand the buffers back in their original order.
-        let mut taken: Vec<std::vec::IntoIter<(u64, BytesMut)>> =
-            shares.into_iter().map(|s| s.into_iter()).collect();
+        let mut taken: Vec<_> = shares.into_iter().map(|s| s.into_iter()).collect();
         for (i, slot) in reads.iter_mut().enumerate() {
             if let Some((_, buf)) = taken[(start + i) % n].next() {
                 slot.1 = buf;
             }
         }
-        result
-    }
-}
-
-impl NbdSet {
-    /// Runs `op` on every pool with its share, all at once.
-    fn on_pools<'s, S, F, Fut>(
-        &'s self,
-        first: u64,
-        shares: impl IntoIterator<Item = S>,
-        op: F,
-    ) -> Result<(), SourceError>
-    where
-        F: Fn(&'s NbdPool, S) -> Fut,
-        Fut: std::future::Future<Output = Result<(), crate::source::nbd::NbdError>>,
-    {
-        if self.pools.is_empty() {
-            return Err(SourceError::Invalid {
-                source_name: self.identity.clone(),
-                reason: "no NBD connection".into(),
-            });
-        }
-        self.runtime
-            .block_on(async {
-                let futures = self.pools.iter().zip(shares).map(|(p, s)| op(p, s));
-                for r in crate::source::nbd::join_all(futures).await {
-                    r?;
-                }
-                Ok::<(), crate::source::nbd::NbdError>(())
-            })
-            .map_err(|e| SourceError::Invalid {
-                source_name: self.identity.clone(),
-                reason: format!("read from byte {first}: {e}"),
-            })
+        result.map_err(|e| failed(format!("read from byte {first}: {e}")))
     }
 }
 
