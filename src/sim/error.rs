@@ -56,6 +56,16 @@ impl ApiError {
         ApiError::new("VDI_INCOMPATIBLE_TYPE", [vdi, vdi_type])
     }
 
+    /// What tapdisk's I/O failures surface as.
+    pub fn vdi_io() -> ApiError {
+        ApiError::new("VDI_IO_ERROR", ["Device I/O errors"])
+    }
+
+    /// As [`Self::vdi_io`], with the cause.
+    pub fn vdi_io_from(e: impl std::fmt::Display) -> ApiError {
+        ApiError::new("VDI_IO_ERROR", [format!("Device I/O errors: {e}")])
+    }
+
     pub fn in_use(vdi: &str, operation: &str) -> ApiError {
         ApiError::new("VDI_IN_USE", [vdi, operation])
     }

@@ -1111,10 +1111,6 @@ impl State {
         self.config.data_dir.join(format!("{uuid}.img"))
     }
 
-    fn io_error(e: std::io::Error) -> ApiError {
-        ApiError::new("VDI_IO_ERROR", [format!("Device I/O errors: {e}")])
-    }
-
     /// `VDI.create` (xenapi-reference.md §2.9).
     pub fn vdi_create(&mut self, new: NewVdi) -> Result<Ref, ApiError> {
         if new.vdi_type == "cbt_metadata" {
@@ -1131,8 +1127,8 @@ impl State {
             ));
         }
         let uuid = new_uuid();
-        let disk =
-            Disk::create(&self.disk_path(&uuid), new.virtual_size).map_err(State::io_error)?;
+        let disk = Disk::create(&self.disk_path(&uuid), new.virtual_size)
+            .map_err(ApiError::vdi_io_from)?;
         let r = new_ref();
         self.vdis.insert(
             r.clone(),
@@ -1266,7 +1262,7 @@ impl State {
                 &self.disk_path(&format!("{}.{}", v.uuid, new_uuid())),
                 &self.disk_path(&uuid),
             )
-            .map_err(State::io_error)?;
+            .map_err(ApiError::vdi_io_from)?;
         let s = new_ref();
         let chain = v.cbt_enabled && !v.is_a_snapshot;
         let snap = Vdi {
@@ -1513,21 +1509,34 @@ impl State {
         Ok(())
     }
 
-    /// A write by the guest (or an import): data, then the CBT bit of every
-    /// 64 KiB block touched on the leaf's current log.
-    pub fn write_vdi(&mut self, r: &str, offset: u64, data: &[u8]) -> Result<(), ApiError> {
+    /// The disk behind VDI `r` for a write of `len` bytes at `offset`: a
+    /// `cbt_metadata` VDI has none, and a write past the end fails as a
+    /// block device would. The caller writes without holding the state.
+    pub fn disk_for_write(
+        &self,
+        r: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<std::sync::Arc<Disk>, ApiError> {
         let v = self.vdi(r)?;
         let disk = v
             .data
             .clone()
             .ok_or_else(|| ApiError::incompatible_type(r, "cbt_metadata"))?;
         if offset
-            .checked_add(data.len() as u64)
+            .checked_add(len)
             .is_none_or(|end| end > v.virtual_size)
         {
-            return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
+            return Err(ApiError::vdi_io());
         }
-        disk.write(offset, data).map_err(State::io_error)?;
+        Ok(disk)
+    }
+
+    /// A write by the guest (or an import): data, then the CBT bit of every
+    /// 64 KiB block touched on the leaf's current log.
+    pub fn write_vdi(&mut self, r: &str, offset: u64, data: &[u8]) -> Result<(), ApiError> {
+        let disk = self.disk_for_write(r, offset, data.len() as u64)?;
+        disk.write(offset, data).map_err(ApiError::vdi_io_from)?;
         self.mark_written(r, offset, data.len() as u64);
         Ok(())
     }

@@ -111,9 +111,9 @@ pub fn save(st: &State, dir: &Path, clean: bool) -> std::io::Result<()> {
         let mut shared = Vec::with_capacity(layout.shared.len());
         for l in &layout.shared {
             let name = file_name(l.path())?;
-            if !layers.contains_key(&name) {
-                layers.insert(name.clone(), l.written().clone());
-            }
+            layers
+                .entry(name.clone())
+                .or_insert_with(|| l.written().clone());
             shared.push(name);
         }
         let saved = SavedDisk {
@@ -168,7 +168,7 @@ pub fn load(config: HostConfig, dir: &Path) -> Result<Option<State>, SimError> {
     let mut saved: Saved = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if saved.format != FORMAT && saved.format != FORMAT_SINGLE_FILE {
         return Err(invalid(format!(
-            "state format {} is not {FORMAT}",
+            "state format {} is not {FORMAT} (or {FORMAT_SINGLE_FILE})",
             saved.format
         )));
     }
@@ -369,7 +369,14 @@ mod tests {
         st.write_vdi(&s1, 3 * MIB, b"on the snapshot").unwrap();
         let s3 = st.vdi_snapshot(&s1).unwrap();
         let before = content(&st);
-        save(&st, dir.path(), true).unwrap();
+        let text = |st: &State| {
+            save(st, dir.path(), true).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap())
+                    .unwrap();
+            (v["disks"].clone(), v["layers"].clone())
+        };
+        let original = text(&st);
         drop(st);
 
         let mut st = load(config(dir.path()), dir.path()).unwrap().unwrap();
@@ -382,14 +389,8 @@ mod tests {
         assert!(Arc::ptr_eq(&a[1], &c[1]) && !Arc::ptr_eq(&a[1], &l[1]));
         assert!(shared(&other).is_empty());
         // Saved again as it was loaded.
-        let text = |st: &State| {
-            save(st, dir.path(), true).unwrap();
-            let v: serde_json::Value =
-                serde_json::from_slice(&std::fs::read(dir.path().join(STATE_FILE)).unwrap())
-                    .unwrap();
-            (v["disks"].clone(), v["layers"].clone())
-        };
         let saved = text(&st);
+        assert_eq!(saved, original);
         assert_eq!(saved.1.as_object().unwrap().len(), 3);
 
         // The files go with the last disk that uses them, as before.
@@ -407,7 +408,52 @@ mod tests {
         st.vdi_destroy(&s3).unwrap();
         st.vdi_destroy(&other).unwrap();
         assert_eq!(files(dir.path()), 0);
-        let _ = text(&st);
+        assert_eq!(text(&st).1.as_object().map(|l| l.len()), Some(0));
+    }
+
+    /// A state file whose disks and layers do not fit together is refused
+    /// with the reason, naming the file concerned.
+    #[test]
+    fn inconsistent_layer_records_are_clear_errors() {
+        type Edit = fn(&mut serde_json::Value, &str, &str, &str);
+        let cases: [(&str, Edit); 4] = [
+            ("also a disk's own", |v, leaf, _, layer| {
+                v["disks"][leaf]["file"] = layer.into();
+            }),
+            ("twice in one chain", |v, leaf, _, layer| {
+                v["disks"][leaf]["shared"] = serde_json::json!([layer, layer]);
+            }),
+            ("missing from `layers`", |v, _, _, layer| {
+                v["layers"].as_object_mut().unwrap().remove(layer);
+            }),
+            ("own file is used twice", |v, leaf, other, _| {
+                v["disks"][other]["file"] = v["disks"][leaf]["file"].clone();
+            }),
+        ];
+        for (why, edit) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let mut st = start(dir.path());
+            let leaf = create(&mut st, MIB);
+            let other = create(&mut st, MIB);
+            st.write_vdi(&leaf, 0, b"data").unwrap();
+            st.vdi_snapshot(&leaf).unwrap();
+            save(&st, dir.path(), true).unwrap();
+            let layout = st.vdis[&leaf].data.as_ref().unwrap().layout();
+            let layer = layout.shared[0].path().file_name().unwrap();
+            let layer = layer.to_str().unwrap().to_string();
+            drop(st);
+            let state = dir.path().join(STATE_FILE);
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+            edit(&mut v, &leaf, &other, &layer);
+            std::fs::write(&state, serde_json::to_vec(&v).unwrap()).unwrap();
+            match load(config(dir.path()), dir.path()) {
+                Err(e @ SimError::Storage { .. }) => {
+                    assert!(e.to_string().contains(why), "{why}: {e}")
+                }
+                other => panic!("{why}: {:?}", other.map(|_| ())),
+            }
+        }
     }
 
     #[test]

@@ -88,7 +88,6 @@ pub(crate) async fn serve(
                         buf: Vec::new(),
                         core,
                         import_seen: 0,
-                        drop_now: false,
                         import_faults: (None, None),
                     };
                     // A client that breaks HTTP loses its own connection only.
@@ -111,8 +110,6 @@ struct Conn {
     core: Arc<Core>,
     /// Import body bytes received on this connection.
     import_seen: u64,
-    /// The `import_drop_after_bytes` fault fired: close without lingering.
-    drop_now: bool,
     /// (`import_fail_after_bytes`, `import_drop_after_bytes`) as they were
     /// when the current import started: read once, not per body read.
     import_faults: (Option<u64>, Option<u64>),
@@ -153,21 +150,10 @@ impl ImportWriter {
             .then(|| self.written.pop_front())
             .flatten();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let disk = {
-                let st = core.lock();
-                let v = st.vdi(&vdi)?;
-                let fits = offset
-                    .checked_add(data.len() as u64)
-                    .is_some_and(|end| end <= v.virtual_size);
-                if !fits {
-                    return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
-                }
-                v.data
-                    .clone()
-                    .ok_or_else(|| ApiError::incompatible_type(&vdi, "cbt_metadata"))?
-            };
-            disk.write(offset, &data)
-                .map_err(|e| ApiError::new("VDI_IO_ERROR", [format!("Device I/O errors: {e}")]))?;
+            let disk = core
+                .lock()
+                .disk_for_write(&vdi, offset, data.len() as u64)?;
+            disk.write(offset, &data).map_err(ApiError::vdi_io_from)?;
             // Queue this write for writeback; drop an older one, now clean.
             disk.drop_cached(offset, data.len() as u64);
             if let Some((at, len)) = release {
@@ -301,7 +287,7 @@ impl Conn {
     /// A body read of `/import_raw_vdi`: counted, and failed once the
     /// `import_fail_after_bytes` fault is reached.
     async fn read_import(&mut self, max: usize) -> Result<Vec<u8>, ApiError> {
-        let io_error = || ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]);
+        let io_error = ApiError::vdi_io;
         let data = self.read_some(max).await.map_err(|_| io_error())?;
         self.count_import(data.len())?;
         Ok(data)
@@ -314,15 +300,17 @@ impl Conn {
             .import_bytes
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         self.import_seen += n as u64;
-        let (fail, drop) = self.import_faults;
-        if drop.is_some_and(|l| self.import_seen > l) {
-            self.drop_now = true;
-            return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
-        }
-        if fail.is_some_and(|l| self.import_seen > l) {
-            return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
+        let (fail, _) = self.import_faults;
+        if self.import_dropped() || fail.is_some_and(|l| self.import_seen > l) {
+            return Err(ApiError::vdi_io());
         }
         Ok(())
+    }
+
+    /// The `import_drop_after_bytes` fault fired: close without lingering.
+    fn import_dropped(&self) -> bool {
+        let (_, drop) = self.import_faults;
+        drop.is_some_and(|l| self.import_seen > l)
     }
 
     async fn read_some(&mut self, max: usize) -> std::io::Result<Vec<u8>> {
@@ -659,7 +647,7 @@ impl Conn {
             task,
             result
                 .map(|_| String::new())
-                .map_err(|_| ApiError::new("VDI_IO_ERROR", ["Device I/O errors"])),
+                .map_err(|_| ApiError::vdi_io()),
         );
         Ok(After::Close)
     }
@@ -791,7 +779,7 @@ impl Conn {
             task,
             written.map(|_| xmlrpc::value_fragment(&Value::str(&vdi))),
         );
-        if self.drop_now {
+        if self.import_dropped() {
             // Unread body bytes make the kernel reset the connection.
             return Err(ConnError::Io(std::io::ErrorKind::ConnectionReset.into()));
         }
@@ -801,7 +789,7 @@ impl Conn {
     /// Up to `want` body bytes gathered into one buffer (fewer only at the
     /// end of the body).
     async fn read_import_chunk(&mut self, want: usize) -> Result<Vec<u8>, ApiError> {
-        let io_error = || ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]);
+        let io_error = ApiError::vdi_io;
         let mut out = Vec::with_capacity(want);
         // Bytes already buffered first, then straight from the stream into
         // `out` (its capacity bounds every read).
@@ -834,7 +822,7 @@ impl Conn {
             let data = self.read_import_chunk(want).await?;
             if data.is_empty() {
                 if len.is_some() {
-                    return Err(ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]));
+                    return Err(ApiError::vdi_io());
                 }
                 break;
             }
@@ -846,7 +834,7 @@ impl Conn {
     }
 
     async fn write_chunked(&mut self, vdi: &str) -> Result<(), ApiError> {
-        let io_error = || ApiError::new("VDI_IO_ERROR", ["Device I/O errors"]);
+        let io_error = ApiError::vdi_io;
         let mut disk = ImportWriter::new(&self.core, vdi);
         let mut decoder = ChunkedImport::new();
         let mut input: Vec<u8> = Vec::new();
