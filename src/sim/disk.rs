@@ -614,12 +614,38 @@ mod tests {
         v
     }
 
-    struct Names(u32);
+    /// A folder of numbered layer files.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        n: u32,
+    }
 
-    impl Names {
-        fn next(&mut self, dir: &Path) -> PathBuf {
-            self.0 += 1;
-            dir.join(format!("{}.img", self.0))
+    impl Fixture {
+        fn new() -> Self {
+            Fixture {
+                dir: tempfile::tempdir().unwrap(),
+                n: 0,
+            }
+        }
+
+        fn path(&self) -> &Path {
+            self.dir.path()
+        }
+
+        fn name(&mut self) -> PathBuf {
+            self.n += 1;
+            self.dir.path().join(format!("{}.img", self.n))
+        }
+
+        /// A new disk of SIZE bytes.
+        fn disk(&mut self) -> Disk {
+            Disk::create(&self.name(), SIZE).unwrap()
+        }
+
+        /// A snapshot of `d`.
+        fn snap(&mut self, d: &Disk) -> Disk {
+            let (frozen, top) = (self.name(), self.name());
+            d.snapshot(&frozen, &top).unwrap()
         }
     }
 
@@ -645,16 +671,13 @@ mod tests {
 
     #[test]
     fn snapshot_then_writes_to_the_source_leave_the_snapshot_unchanged() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut n = Names(0);
-        let d = Disk::create(&n.next(dir.path()), SIZE).unwrap();
+        let mut f = Fixture::new();
+        let d = f.disk();
         let mut model = vec![0u8; SIZE as usize];
         put(&d, &mut model, 0, &random(1, (8 * BS) as usize));
         put(&d, &mut model, 12 * BS + 7, &random(2, 100));
         let before = hash(&d);
-        let snap = d
-            .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-            .unwrap();
+        let snap = f.snap(&d);
         assert_eq!(hash(&snap), before);
         // Whole blocks, partial blocks, across layers, the short last one.
         put(&d, &mut model, 2 * BS, &random(3, BS as usize));
@@ -673,15 +696,12 @@ mod tests {
 
     #[test]
     fn a_partial_write_copies_the_block_up_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut n = Names(0);
-        let d = Disk::create(&n.next(dir.path()), SIZE).unwrap();
+        let mut f = Fixture::new();
+        let d = f.disk();
         let mut model = vec![0u8; SIZE as usize];
         put(&d, &mut model, 4 * BS, &random(1, BS as usize));
         put(&d, &mut model, 20 * BS, &random(2, 1000));
-        let snap = d
-            .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-            .unwrap();
+        let snap = f.snap(&d);
         let frozen = model.clone();
         put(&d, &mut model, 4 * BS + 1000, b"copied up");
         put(&d, &mut model, 20 * BS + 999, b"!");
@@ -697,14 +717,11 @@ mod tests {
 
     #[test]
     fn zeros_written_over_a_lower_layer_shadow_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut n = Names(0);
-        let d = Disk::create(&n.next(dir.path()), SIZE).unwrap();
+        let mut f = Fixture::new();
+        let d = f.disk();
         let mut model = vec![0u8; SIZE as usize];
         put(&d, &mut model, 0, &random(1, (6 * BS) as usize));
-        let snap = d
-            .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-            .unwrap();
+        let snap = f.snap(&d);
         let frozen = model.clone();
         // A whole block, a partial one, and a piece on a never-written block.
         put(&d, &mut model, BS, &vec![0u8; BS as usize]);
@@ -719,9 +736,8 @@ mod tests {
 
     #[test]
     fn a_chain_of_five_snapshots_reads_back_exactly() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut n = Names(0);
-        let d = Disk::create(&n.next(dir.path()), SIZE).unwrap();
+        let mut f = Fixture::new();
+        let d = f.disk();
         let mut model = vec![0u8; SIZE as usize];
         let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let mut snaps = Vec::new();
@@ -731,9 +747,7 @@ mod tests {
                 let len = rng.gen_range(1..=(2 * BS).min(SIZE - offset));
                 put(&d, &mut model, offset, &random(i * 10 + j, len as usize));
             }
-            let s = d
-                .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-                .unwrap();
+            let s = f.snap(&d);
             snaps.push((s, model.clone()));
         }
         put(&d, &mut model, 7 * BS + 3, &random(99, (5 * BS) as usize));
@@ -763,41 +777,35 @@ mod tests {
 
     #[test]
     fn removing_the_source_keeps_the_snapshot_and_the_last_user_deletes_the_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut n = Names(0);
-        let d = Disk::create(&n.next(dir.path()), SIZE).unwrap();
+        let mut f = Fixture::new();
+        let d = f.disk();
         let mut model = vec![0u8; SIZE as usize];
         put(&d, &mut model, 0, &random(1, (3 * BS) as usize));
-        let s1 = d
-            .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-            .unwrap();
+        let s1 = f.snap(&d);
         let frozen = model.clone();
         put(&d, &mut model, BS, &random(2, 10));
-        let s2 = d
-            .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-            .unwrap();
+        let s2 = f.snap(&d);
         assert_eq!(
-            files(dir.path()),
+            files(f.path()),
             ["1.img", "2.img", "3.img", "4.img", "5.img"]
         );
         d.remove();
-        d.remove(); // twice is once
-                    // The source's own top (4) goes; 1 and 2 are used by the snapshots.
-        assert_eq!(files(dir.path()), ["1.img", "2.img", "3.img", "5.img"]);
+        // Twice is once. The source's own top (4) goes; 1 and 2 are used by
+        // the snapshots.
+        d.remove();
+        assert_eq!(files(f.path()), ["1.img", "2.img", "3.img", "5.img"]);
         assert_eq!(all(&s1), frozen);
         assert_eq!(all(&s2), model);
         // An export of a removed disk keeps reading its files.
         let export = Arc::new(s2);
         let held = export.clone();
         export.remove();
-        assert_eq!(files(dir.path()), ["1.img", "3.img"]);
+        assert_eq!(files(f.path()), ["1.img", "3.img"]);
         assert_eq!(all(&held), model);
         s1.remove();
-        assert_eq!(files(dir.path()), Vec::<String>::new());
+        assert_eq!(files(f.path()), Vec::<String>::new());
         assert_eq!(all(&held), model);
-        assert!(s1
-            .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-            .is_err());
+        assert!(s1.snapshot(&f.name(), &f.name()).is_err());
     }
 
     #[test]
@@ -833,18 +841,15 @@ mod tests {
 
     #[test]
     fn layers_nobody_else_uses_are_merged_so_chains_stay_short() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut n = Names(0);
-        let d = Disk::create(&n.next(dir.path()), SIZE).unwrap();
+        let mut f = Fixture::new();
+        let d = f.disk();
         let mut model = vec![0u8; SIZE as usize];
         put(&d, &mut model, 0, &random(1, SIZE as usize));
         // A backup run: snapshot, read it, drop its data; the guest writes.
         let mut kept = None;
         let mut held = None;
         for run in 0..(3 * MAX_SHARED_LAYERS as u64) {
-            let s = d
-                .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-                .unwrap();
+            let s = f.snap(&d);
             assert_eq!(all(&s), model, "run {run}");
             if run == 5 {
                 kept = Some((s, model.clone()));
@@ -883,22 +888,19 @@ mod tests {
         assert_eq!(all(&s), expect);
         // The layers of the kept snapshot stay; the rest were merged.
         assert!(depth(&d) <= MAX_SHARED_LAYERS);
-        assert!(files(dir.path()).len() <= MAX_SHARED_LAYERS + 2);
+        assert!(files(f.path()).len() <= MAX_SHARED_LAYERS + 2);
         s.remove();
         d.remove();
-        assert_eq!(files(dir.path()), Vec::<String>::new());
+        assert_eq!(files(f.path()), Vec::<String>::new());
     }
 
     #[test]
     fn random_histories_match_a_model() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut n = Names(0);
+        let mut f = Fixture::new();
         let mut rng = rand::rngs::StdRng::seed_from_u64(42);
         // (disk, its model); the first one is the leaf.
-        let mut disks: Vec<(Arc<Disk>, Vec<u8>)> = vec![(
-            Arc::new(Disk::create(&n.next(dir.path()), SIZE).unwrap()),
-            vec![0u8; SIZE as usize],
-        )];
+        let mut disks: Vec<(Arc<Disk>, Vec<u8>)> =
+            vec![(Arc::new(f.disk()), vec![0u8; SIZE as usize])];
         for step in 0..400 {
             let i = rng.gen_range(0..disks.len());
             match rng.gen_range(0..10) {
@@ -914,10 +916,7 @@ mod tests {
                     put(d, model, offset, &data);
                 }
                 6 | 7 => {
-                    let s = disks[i]
-                        .0
-                        .snapshot(&n.next(dir.path()), &n.next(dir.path()))
-                        .unwrap();
+                    let s = f.snap(&disks[i].0);
                     let model = disks[i].1.clone();
                     disks.push((Arc::new(s), model));
                 }
@@ -937,6 +936,6 @@ mod tests {
             assert_eq!(&all(d), model);
             d.remove();
         }
-        assert_eq!(files(dir.path()), Vec::<String>::new());
+        assert_eq!(files(f.path()), Vec::<String>::new());
     }
 }
