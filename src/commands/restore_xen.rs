@@ -112,8 +112,8 @@ fn choose_format(map: &BlockMap, wanted: &str, new_vdi: bool) -> Result<ImportFo
         "chunked" => ImportFormat::Chunked,
         "auto" if !new_vdi => ImportFormat::Raw,
         // A new VDI reads as zeros: send only the data (reference §3.2
-        // `chunked`) whenever that is the smaller body, i.e. unless the
-        // snapshot has no zero blocks at all.
+        // `chunked`) whenever that is the smaller body, i.e. when the zero
+        // blocks left out outweigh the chunk headers.
         "auto"
             if body_bytes(map, ImportFormat::Chunked) < body_bytes(map, ImportFormat::Raw) =>
         {

@@ -457,6 +457,36 @@ mod tests {
         assert_eq!(again.name, ObjectName::of(again.tail.bytes()));
     }
 
+    /// A raw block whose frame does not describe it is refused before a
+    /// byte reaches the pack, and the pack (name included) goes on as if
+    /// it had never been offered.
+    #[test]
+    fn a_raw_block_that_fails_verification_leaves_the_pack_untouched() {
+        let rnd = random(65536, 9);
+        let shared: SharedBytes = Arc::new(rnd.clone());
+        let good = prepare_block(&shared, 0..65536, BlockId::of(&rnd), 3, true).unwrap();
+        let bad = CompressedBlock {
+            raw_length: 65535,
+            ..prepare_block(&shared, 0..65536, BlockId::of(&rnd), 3, true).unwrap()
+        };
+        let mut w = PackWriter::new(1 << 20);
+        let staged = w.staged();
+        assert!(matches!(
+            w.add(&bad),
+            Err(PackError::VerifyBeforeWrite { .. })
+        ));
+        assert_eq!(w.staged(), staged);
+        assert!(w.is_empty());
+        w.add(&good).unwrap();
+        let done = w.finish();
+        let mut alone = PackWriter::new(1 << 20);
+        alone.add(&good).unwrap();
+        let alone = alone.finish();
+        assert_eq!(done.tail.bytes(), alone.tail.bytes());
+        assert_eq!(done.name, ObjectName::of(done.tail.bytes()));
+        assert_eq!(done.entries.len(), 1);
+    }
+
     /// A pack taken out in chunks as it fills is byte for byte the pack
     /// assembled whole: same name, same entries, aligned chunks.
     #[test]

@@ -264,6 +264,8 @@ fn saver(
             Some(f) => f,
             None => file.insert(repo.backend().create(Kind::Pack)?),
         };
+        #[cfg(debug_assertions)]
+        super::test_failpoint("pack_append")?;
         match msg {
             ToSaver::Chunk(chunk) => {
                 f.append(chunk.bytes())?;

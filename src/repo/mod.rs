@@ -436,10 +436,11 @@ impl Repository {
 
 /// Test hook, compiled into debug builds only (what `cargo test` runs):
 /// `CBTVAULT_TEST_FAILPOINT=NAME:N` makes the Nth pass through failpoint
-/// NAME in this process fail like a full disk, so tests can stop a
-/// multi-disk backup between two commits. Release builds have no hook.
+/// NAME in this process fail like a full disk, so tests can stop a backup
+/// between two commits (`commit_snapshot`) or in the middle of writing a
+/// pack (`pack_append`). Release builds have no hook.
 #[cfg(debug_assertions)]
-fn test_failpoint(name: &str) -> Result<(), RepoError> {
+pub(crate) fn test_failpoint(name: &str) -> Result<(), RepoError> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static HITS: AtomicU64 = AtomicU64::new(0);
     let Ok(spec) = std::env::var("CBTVAULT_TEST_FAILPOINT") else {

@@ -240,3 +240,26 @@ fn concurrent_backups_share_the_repository() {
         t.assert_restores(id, img.hash(), img.size());
     }
 }
+
+/// A pack that fails in the middle of being written (a full disk after its
+/// first 4 MiB went to its file) fails the backup with the cause, leaves no
+/// file in tmp/ and no pack, and the next backup of the image works.
+#[test]
+fn a_pack_failing_mid_write_leaves_nothing_behind() {
+    let t = TestRepo::new();
+    let img = Image::create(&t.path("disk.img"), 16 << 20);
+    for i in 0..img.blocks() {
+        img.write_block(i, &random_block(41, i));
+    }
+    let args: [&dyn AsRef<std::ffi::OsStr>; 3] = [&"--json", &"backup", &img.path];
+    let r = t.run_env(&args, &[("CBTVAULT_TEST_FAILPOINT", "pack_append:2")]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    r.stderr_mentions(&["No space left on device"]);
+    assert!(t.snapshot_ids().is_empty());
+    assert_eq!(t.files_under("tmp"), Vec::<String>::new());
+    assert!(t.packs().is_empty(), "{:?}", t.packs());
+    let s = t.backup(&img.path, &[]);
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+    let (check, _) = t.check(true);
+    assert_eq!(check.code, 0, "{}", check.stderr);
+}

@@ -522,6 +522,12 @@ fn assert_fails_cleanly(how: Misbehaviour, words: &[&str]) {
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     r.stderr_mentions(words);
     assert!(t.snapshot_ids().is_empty(), "no snapshot may be committed");
+    // A pack being written when the read failed leaves nothing behind.
+    assert!(
+        t.files_under("tmp").is_empty(),
+        "{:?}",
+        t.files_under("tmp")
+    );
 }
 
 #[test]

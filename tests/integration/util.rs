@@ -96,7 +96,13 @@ impl Run {
 /// Runs the binary with `args` in `cwd`, without inheriting a repository
 /// from the environment.
 pub fn run_in(cwd: &Path, args: &[&dyn AsRef<OsStr>]) -> Run {
+    run_in_env(cwd, args, &[])
+}
+
+/// [`run_in`] with extra environment variables.
+pub fn run_in_env(cwd: &Path, args: &[&dyn AsRef<OsStr>], envs: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(bin());
+    cmd.envs(envs.iter().copied());
     cmd.current_dir(cwd)
         .env_remove("CBTVAULT_REPOSITORY")
         .stdin(Stdio::null());
@@ -158,9 +164,14 @@ impl TestRepo {
 
     /// `cbtvault -r REPO ARGS...`.
     pub fn run(&self, args: &[&dyn AsRef<OsStr>]) -> Run {
+        self.run_env(args, &[])
+    }
+
+    /// [`TestRepo::run`] with extra environment variables.
+    pub fn run_env(&self, args: &[&dyn AsRef<OsStr>], envs: &[(&str, &str)]) -> Run {
         let mut all: Vec<&dyn AsRef<OsStr>> = vec![&"-r", &self.repo];
         all.extend_from_slice(args);
-        run_in(self.dir.path(), &all)
+        run_in_env(self.dir.path(), &all, envs)
     }
 
     /// `backup --json IMAGE EXTRA...`, which must succeed; its JSON summary.
