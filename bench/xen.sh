@@ -38,7 +38,18 @@ ROUNDS=${BENCH_ROUNDS:-3}
 
 URI=$(HELP nbd "$SIZE_MIB" "$WORK/tls")
 SRC="xen://root@127.0.0.1:$PORT/vm/$VM"
-backup() { "$CBT" -r "$1" backup "$SRC" --fingerprint "$FP" --nbd-connections 4; }
+backup() { "$CBT" -r "$1" --json backup "$SRC" --fingerprint "$FP" --nbd-connections 4; }
+# expect FILE full|BLOCKS: each disk of the VM backup was a full read, or an
+# incremental that read exactly BLOCKS blocks.
+expect() {
+  python3 - "$1" "$2" <<'PY' || die "the backup did not do what was measured: $(cat "$1")"
+import json, sys
+disks = json.load(open(sys.argv[1]))["disks"]
+want = sys.argv[2]
+ok = disks and all(d["full"] if want == "full" else (not d["full"] and d["blocks_read"] == int(want)) for d in disks)
+sys.exit(0 if ok else 1)
+PY
+}
 
 # Rounds alternate the peer and cbtvault on the same export, so a slow spell
 # of this machine hits both; medians are compared, every run is printed.
@@ -55,7 +66,7 @@ for r in $(seq "$ROUNDS"); do
   rm -rf "$WORK/repo"; "$CBT" -r "$WORK/repo" init >/dev/null
   log "round $r/$ROUNDS: full VM backup"
   sync; t0=$(now); backup "$WORK/repo" >"$WORK/full.txt"; t1=$(now)
-  FULLS+=("$(secs "$t0" "$t1")"); cat "$WORK/full.txt" >&2
+  FULLS+=("$(secs "$t0" "$t1")"); expect "$WORK/full.txt" full
 done
 
 INCS=(); CHANGED=0
@@ -64,7 +75,7 @@ for r in $(seq "$ROUNDS"); do
   CHANGED=$(HELP change "$SIZE_MIB" "$r")
   log "round $r/$ROUNDS: incremental VM backup ($CHANGED blocks changed)"
   sync; t0=$(now); backup "$WORK/repo" >"$WORK/inc.txt"; t1=$(now)
-  INCS+=("$(secs "$t0" "$t1")"); cat "$WORK/inc.txt" >&2
+  INCS+=("$(secs "$t0" "$t1")"); expect "$WORK/inc.txt" "$CHANGED"
 done
 
 python3 - "$SIZE_MIB" "$CHANGED" "${NBDS[*]}" "${NULLS[*]}" "${FULLS[*]}" "${INCS[*]}" <<'PY'
