@@ -71,11 +71,17 @@ if cmd == "fill":
     for off in range(0, size, 2 * piece):
         write(off, os.urandom(min(piece, size - off)))
 elif cmd == "change":
+    # 1% of the disk's blocks, spread over the blocks `fill` wrote (so the
+    # amount of data stays that of the full: a later snapshot differs from
+    # the first in where its blocks are stored, not in how many there are);
     # argv[4]: a round number, so each round rewrites other blocks.
     shift = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    blocks = size // 65536; n = max(1, blocks // 100); step = blocks // n
+    blocks = size // 65536; n = max(1, blocks // 100)
+    per = (4 << 20) // 65536
+    data = [b for b in range(blocks) if (b // per) % 2 == 0]
+    step = max(1, len(data) // n)
     for k in range(n):
-        write((k * step + shift) % blocks * 65536, os.urandom(65536))
+        write(data[(k * step + shift) % len(data)] * 65536, os.urandom(65536))
     print(n)
 elif cmd == "sr":
     ref = rpc("VDI.get_by_uuid", [s, vdi])
