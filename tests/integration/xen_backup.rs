@@ -245,6 +245,19 @@ fn one_disk_with_backup(size: u64) -> (Simulator, TestRepo, String, String) {
     (sim, repo, vdi, src)
 }
 
+/// A VM with two disks (8 and 4 MiB) filled from `seed`, backed up once.
+fn two_disk_vm_with_backup(seed: u64) -> (Simulator, SimVm, TestRepo, String) {
+    let sim = start();
+    let vm = sim.create_vm_with_disks("vm", &[8 * MIB, 4 * MIB]).unwrap();
+    for d in &vm.disks {
+        fill(&sim, &d.vdi_uuid, d.size_bytes, seed);
+    }
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    backup(&repo, &sim, &src, &[]).ok();
+    (sim, vm, repo, src)
+}
+
 /// The next backup must be a full read with a warning mentioning `words`,
 /// restore bit-exact, and the one after it be incremental again.
 #[track_caller]
@@ -387,15 +400,8 @@ fn xen_failure_at_each_step_leaks_nothing_and_keeps_the_landmark() {
             );
         });
     }
-    let sim = start();
+    let (sim, vm, repo, src) = two_disk_vm_with_backup(5);
     let host = Host::login(&sim, PASSWORD);
-    let vm = sim.create_vm_with_disks("vm", &[8 * MIB, 4 * MIB]).unwrap();
-    for d in &vm.disks {
-        fill(&sim, &d.vdi_uuid, d.size_bytes, 5);
-    }
-    let repo = TestRepo::new();
-    let src = source(&sim, "vm", &vm.vm_uuid);
-    backup(&repo, &sim, &src, &[]).ok();
     let landmarks = host.snapshot_vdis();
     assert_eq!(landmarks.len(), 2);
     for (name, inject) in steps {
@@ -435,15 +441,8 @@ fn xen_failure_at_each_step_leaks_nothing_and_keeps_the_landmark() {
 
 #[test]
 fn xen_repository_failure_between_two_disks_keeps_every_chain_valid() {
-    let sim = start();
+    let (sim, vm, repo, src) = two_disk_vm_with_backup(21);
     let host = Host::login(&sim, PASSWORD);
-    let vm = sim.create_vm_with_disks("vm", &[8 * MIB, 4 * MIB]).unwrap();
-    for d in &vm.disks {
-        fill(&sim, &d.vdi_uuid, d.size_bytes, 21);
-    }
-    let repo = TestRepo::new();
-    let src = source(&sim, "vm", &vm.vm_uuid);
-    backup(&repo, &sim, &src, &[]).ok();
     let before = repo.snapshot_ids().len();
     for d in &vm.disks {
         guest_writes(&sim, &d.vdi_uuid, d.size_bytes, 22);
