@@ -1,18 +1,19 @@
 //! The `cbtvault` command: parses arguments, runs one command, maps the
-//! outcome to an exit code (0 ok, 1 error, 3 integrity problem).
+//! outcome to an exit code (`cli::exit`: 0 ok, 1 error, 2 usage, 3
+//! integrity problem).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+use cbtvault::cli::{self, exit, Cli};
+use cbtvault::output::Ui;
+
 fn main() -> ExitCode {
-    let cli = cbtvault::cli::Cli::parse();
-    let ui = cbtvault::output::Ui::new(cli.json, cli.quiet);
-    match cbtvault::commands::run(cli) {
-        Ok(outcome) => outcome.into(),
-        Err(e) => {
-            ui.error(format!("{e:#}"));
-            ExitCode::from(1)
-        }
-    }
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return exit::of_parse_error(&e).into(),
+    };
+    let ui = Ui::new(cli.json, cli.quiet);
+    exit::of_result(&ui, cli::run(cli, &ui)).into()
 }

@@ -1,5 +1,8 @@
 //! All user-facing output: human text, `--json` results, warnings and
 //! progress bars. Nothing else in the crate prints.
+//!
+//! Write errors are ignored: a closed stdout pipe (`cbtvault snapshots |
+//! head -1`) is the reader's choice, not a failure of the command.
 
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
@@ -40,6 +43,13 @@ impl Ui {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{}", line.as_ref());
         }
+    }
+
+    /// A document the command exists to print (e.g. `cat`), on stdout
+    /// whatever the flags.
+    pub fn document(&self, text: impl AsRef<str>) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", text.as_ref());
     }
 
     /// A warning on stderr, always shown.

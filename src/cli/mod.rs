@@ -1,5 +1,12 @@
-//! Argument shape (clap derive). Parsed arguments are turned into validated
-//! options by the commands before any work starts.
+//! The command line: argument shape (clap derive, here), conversion into
+//! validated `*Options` before any work starts (`options`), the dispatch
+//! (`run`) and exit codes (`exit`). Nothing below `cli` sees clap.
+
+pub mod exit;
+mod options;
+mod run;
+
+pub use run::run;
 
 use std::path::PathBuf;
 

@@ -1,86 +1,112 @@
-//! `backup SOURCE`: open the source, learn what changed (a CBT bitmap, a
-//! QEMU dirty bitmap, allocation extents), choose the parent, run the
-//! pipeline, report. Lost change tracking starts a new backup set, loudly.
+//! `backup SOURCE`: wires options -> source -> plan -> pipeline -> output.
+//! Opens the source and asks it what changed (a CBT bitmap, a QEMU dirty
+//! bitmap, allocation extents: all [`Changes`] and [`Extents`]); choosing
+//! the parent and what to read is `repo::backup::plan`, reading and storing
+//! is `repo::backup::run`. XenServer sources run the host workflow, whose
+//! repository side ([`Committer`]) does the same for every disk. Lost change
+//! tracking starts a new backup set, loudly.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
 use super::Outcome;
-use crate::cli::{BackupArgs, NbdArgs};
-use crate::format::bitmap;
-use crate::format::snapshot::{block_count, SnapshotObject};
-use crate::manifest;
 use crate::output::{human_bytes, Ui};
-use crate::repo::backup::{self, BackupPlan, BackupSummary, ParentInfo, PipelineOptions};
+use crate::repo::backup::plan::{self, ParentRequest, PlanOptions, SourceDisk};
+use crate::repo::backup::{self, BackupSummary, BlockBitmap, PipelineOptions};
 use crate::repo::lock::hostname;
-use crate::repo::Repository;
+use crate::repo::{RepoError, Repository};
 use crate::source::nbd::{proto, tls, NbdSource, NbdUri, PoolOptions};
 use crate::source::xenapi::workflow::{
-    self, BoxError, Committer, DiskChanges, FrozenDisk, Previous, RunReport, WorkflowOptions,
+    self, Committer, FrozenDisk, Previous, RunReport, WorkflowOptions, CBT_BLOCK_BYTES,
 };
 use crate::source::xenapi::{
     Client, ClientOptions, Credentials, HttpsTrust, Password, Session, XenUrl,
 };
-use crate::source::{BlockSource, FileSource};
+use crate::source::{BlockSource, Changes, Extents, FileSource};
 
-/// Validated options of one backup.
+/// Validated options of `backup`.
 pub struct BackupOptions {
-    pub parent: Option<String>,
-    pub full: bool,
+    pub source: BackupSource,
+    pub snapshot: SnapshotOptions,
+}
+
+/// What to back up, with the options that apply to that kind of source.
+pub enum BackupSource {
+    /// A raw image file or block device.
+    File {
+        path: PathBuf,
+        /// A base64 CBT bitmap (64 KiB blocks) of the changes since the parent.
+        changed_blocks: Option<PathBuf>,
+        /// Identity for finding the parent, instead of the path's.
+        source_id: Option<String>,
+    },
+    /// An NBD export.
+    Nbd {
+        uri: NbdUri,
+        /// The URI as given, for messages.
+        text: String,
+        /// Only the extents this QEMU dirty bitmap marks changed.
+        dirty_bitmap: Option<String>,
+        nbd: NbdOptions,
+        source_id: Option<String>,
+    },
+    /// A XenServer VDI or VM.
+    Xen {
+        url: XenUrl,
+        xen: XenOptions,
+        /// NBD connections in total.
+        nbd_connections: usize,
+    },
+}
+
+/// How each snapshot of a run chooses its parent and what it records.
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    pub parent: ParentRequest,
+    /// Write a synthetic full manifest once the chain since the last full
+    /// reaches this many snapshots.
     pub full_every: Option<u32>,
     pub tags: Vec<String>,
-    /// Source landmark recorded in the snapshot (e.g. the XenServer
-    /// snapshot VDI that the next incremental compares against).
-    pub landmark: BTreeMap<String, String>,
 }
 
-/// What the source says changed.
-pub enum Changes {
-    /// Nothing known: read every block that is not known to be zero.
-    Unknown,
-    /// Exactly these blocks changed since the parent's point in time.
-    Since(Vec<u8>),
-    /// The source lost track of changes: a new backup set with a full read.
-    Lost(String),
+/// How to reach an NBD server.
+#[derive(Debug, Clone, Default)]
+pub struct NbdOptions {
+    /// Trust server certificates issued by these CAs (PEM); enables TLS.
+    pub tls_ca: Option<PathBuf>,
+    /// Trust exactly this server certificate (PEM); enables TLS.
+    pub tls_cert_pin: Option<PathBuf>,
+    /// Name the server certificate must carry (default: the URI's host).
+    pub tls_name: Option<String>,
+    /// Connections to open (at least 1).
+    pub connections: usize,
 }
 
-/// Source-side facts gathered before planning.
-pub struct SourceFacts {
-    pub changes: Changes,
-    /// Blocks that hold any non-zero extent, when the source can tell.
-    pub nonzero: Option<Vec<u8>>,
-}
-
-impl BackupOptions {
-    fn from_args(args: &BackupArgs) -> Result<Self> {
-        if args.full && args.changed_blocks.is_some() {
-            bail!("--full reads every block; it cannot be combined with --changed-blocks");
-        }
-        if args.full_every == Some(0) {
-            bail!("--full-every must be at least 1");
-        }
-        Ok(BackupOptions {
-            parent: args.parent.clone(),
-            full: args.full,
-            full_every: args.full_every,
-            tags: args.tags.clone(),
-            landmark: BTreeMap::new(),
-        })
-    }
-}
-
-fn is_nbd_uri(s: &str) -> bool {
-    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
-        .iter()
-        .any(|p| s.starts_with(p))
+/// How to reach a XenServer host, and what the backup may do there.
+#[derive(Debug, Clone, Default)]
+pub struct XenOptions {
+    /// XenServer user (default: the one in the URL, else root).
+    pub user: Option<String>,
+    /// File whose first line is the password (else the environment).
+    pub password_file: Option<PathBuf>,
+    /// Trust XenAPI certificates issued by these CAs (PEM).
+    pub ca_file: Option<PathBuf>,
+    /// Trust exactly the certificate with this SHA-256 fingerprint.
+    pub fingerprint: Option<String>,
+    /// Do not verify the certificate (warns every run).
+    pub insecure: bool,
+    /// Enable changed block tracking on disks that have it off.
+    pub enable_cbt: bool,
+    /// Keep the host-side snapshot's data (skip VDI.data_destroy).
+    pub keep_snapshot_data: bool,
 }
 
 /// TLS options from the command line for a server at `host`.
-pub(crate) fn nbd_tls(args: &NbdArgs, uri: &NbdUri) -> Result<Option<tls::TlsOptions>> {
+fn nbd_tls(options: &NbdOptions, uri: &NbdUri) -> Result<Option<tls::TlsOptions>> {
     let read = |p: &Path| std::fs::read(p).with_context(|| format!("read '{}'", p.display()));
-    let trust = match (&args.tls_ca, &args.tls_cert_pin) {
+    let trust = match (&options.tls_ca, &options.tls_cert_pin) {
         (Some(ca), _) => Some(tls::Trust::CaPem(read(ca)?)),
         (None, Some(pin)) => Some(tls::Trust::PinnedPem(read(pin)?)),
         (None, None) => None,
@@ -91,7 +117,7 @@ pub(crate) fn nbd_tls(args: &NbdArgs, uri: &NbdUri) -> Result<Option<tls::TlsOpt
         }
         return Ok(None);
     };
-    let server_name = match (&args.tls_name, &uri.address) {
+    let server_name = match (&options.tls_name, &uri.address) {
         (Some(n), _) => n.clone(),
         (None, crate::source::nbd::client::Address::Tcp { host, .. }) => host.clone(),
         (None, _) => bail!("TLS over a unix socket needs --tls-name NAME"),
@@ -99,269 +125,193 @@ pub(crate) fn nbd_tls(args: &NbdArgs, uri: &NbdUri) -> Result<Option<tls::TlsOpt
     Ok(Some(tls::TlsOptions { trust, server_name }))
 }
 
-/// Blocks (of `block_size`) touched by extents whose flags satisfy `pick`.
-pub(crate) fn blocks_with(
-    extents: &[(u64, u64, u32)],
-    disk_size: u64,
-    block_size: u32,
-    pick: impl Fn(u32) -> bool,
-) -> Vec<u8> {
-    let blocks = block_count(disk_size, block_size);
-    let mut out = vec![0u8; bitmap::len_for(blocks) as usize];
-    let bs = block_size as u64;
-    for &(offset, length, flags) in extents {
-        if length == 0 || !pick(flags) {
-            continue;
-        }
-        let first = offset / bs;
-        let last = ((offset + length - 1) / bs).min(blocks.saturating_sub(1));
-        for b in first..=last {
-            bitmap::set(&mut out, b);
-        }
-    }
-    out
-}
-
-/// XenServer CBT granularity: one bit per 64 KiB, whatever the repository's
-/// block size.
-const CBT_BLOCK_BYTES: u64 = 65536;
-
-/// Re-expresses a 64 KiB change bitmap in the repository's blocks.
-fn cbt_to_repo_blocks(cbt: &[u8], disk_size: u64, block_size: u32) -> Vec<u8> {
-    if block_size as u64 == CBT_BLOCK_BYTES {
-        return cbt.to_vec();
-    }
-    let extents: Vec<(u64, u64, u32)> = bitmap::iter_set(cbt)
-        .map(|i| {
-            let start = i * CBT_BLOCK_BYTES;
-            (start, CBT_BLOCK_BYTES.min(disk_size - start), 1)
-        })
-        .collect();
-    blocks_with(&extents, disk_size, block_size, |_| true)
-}
-
-/// Runs a planned backup under the given identity override.
+/// Runs one backup of `source` under another identity, when given.
 fn backup_as(
     ui: &Ui,
     repo: &Repository,
     source: &dyn BlockSource,
     source_id: &Option<String>,
-    options: &BackupOptions,
-    facts: SourceFacts,
+    options: &SnapshotOptions,
+    changes: Changes,
+    allocated: Option<Extents>,
 ) -> Result<BackupSummary> {
-    match source_id {
+    let summary = match source_id {
         Some(id) => {
             let renamed = crate::source::Renamed {
                 inner: source,
                 identity: id.clone(),
             };
-            backup_source(ui, repo, &renamed, options, facts)
+            backup_disk(
+                ui,
+                repo,
+                &renamed,
+                options,
+                changes,
+                allocated,
+                BTreeMap::new(),
+            )
         }
-        None => backup_source(ui, repo, source, options, facts),
-    }
-}
-
-pub fn run(ui: &Ui, repo: &Repository, args: &BackupArgs) -> Result<Outcome> {
-    let options = BackupOptions::from_args(args)?;
-    let block_size = repo.config().block_size;
-    if XenUrl::is_xen(&args.source) {
-        return run_xen(ui, repo, args, options);
-    }
-    let summary = if is_nbd_uri(&args.source) {
-        if args.changed_blocks.is_some() {
-            bail!("--changed-blocks applies to image files; for NBD use --dirty-bitmap");
-        }
-        let uri = NbdUri::parse(&args.source)?;
-        let tls = nbd_tls(&args.nbd, &uri)?;
-        let mut contexts = vec!["base:allocation".to_string()];
-        let dirty_context = args
-            .dirty_bitmap
-            .as_ref()
-            .map(|n| format!("qemu:dirty-bitmap:{n}"));
-        contexts.extend(dirty_context.clone());
-        let source = NbdSource::connect(
-            &uri,
-            uri.identity(),
-            tls,
-            contexts,
-            PoolOptions {
-                connections: args.nbd.nbd_connections.max(1),
-                ..PoolOptions::default()
-            },
-        )
-        .with_context(|| format!("connect to '{}'", args.source))?;
-        let size = source.size_bytes();
-        let nonzero = if source.has_context("base:allocation") {
-            let ex = source.extents("base:allocation")?;
-            Some(blocks_with(&ex, size, block_size, |f| {
-                f & proto::STATE_ZERO == 0
-            }))
-        } else {
-            None
-        };
-        let changes = match (&dirty_context, &args.dirty_bitmap) {
-            (Some(ctx), Some(name)) if source.has_context(ctx) => {
-                let ex = source.extents(ctx)?;
-                let _ = name;
-                Changes::Since(blocks_with(&ex, size, block_size, |f| f & proto::STATE_DIRTY != 0))
-            }
-            (Some(_), Some(name)) => Changes::Lost(format!(
-                "the server does not offer dirty bitmap '{name}' (qemu:dirty-bitmap:{name}): change tracking lost"
-            )),
-            _ => Changes::Unknown,
-        };
-        let _lock = repo.lock(false, "backup")?;
-        let s = backup_as(
+        None => backup_disk(
             ui,
             repo,
-            &source,
-            &args.source_id,
-            &options,
-            SourceFacts { changes, nonzero },
-        )?;
-        source.close();
-        s
-    } else {
-        if args.dirty_bitmap.is_some() {
-            bail!("--dirty-bitmap applies to NBD sources");
-        }
-        let source = FileSource::open(Path::new(&args.source))?;
-        let blocks = block_count(source.size_bytes(), CBT_BLOCK_BYTES as u32);
-        // Decode and check the bitmap before anything is written.
-        let changes = match &args.changed_blocks {
-            Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .with_context(|| format!("read changed-block bitmap '{}'", p.display()))?;
-                let cbt = bitmap::decode_base64(&text, blocks).map_err(|reason| {
-                    anyhow::anyhow!(
-                        "changed-block bitmap '{}' rejected for '{}' ({} bytes, {blocks} blocks): {reason}; nothing was written",
-                        p.display(),
-                        source.identity(),
-                        source.size_bytes()
-                    )
-                })?;
-                Changes::Since(cbt_to_repo_blocks(&cbt, source.size_bytes(), block_size))
-            }
-            None => Changes::Unknown,
-        };
-        let _lock = repo.lock(false, "backup")?;
-        let facts = SourceFacts {
+            source,
+            options,
             changes,
-            nonzero: None,
-        };
-        backup_as(ui, repo, &source, &args.source_id, &options, facts)?
+            allocated,
+            BTreeMap::new(),
+        ),
+    };
+    summary.with_context(|| {
+        format!(
+            "back up '{}'",
+            source_id.as_deref().unwrap_or(source.identity())
+        )
+    })
+}
+
+pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcome> {
+    let summary = match &options.source {
+        BackupSource::Xen {
+            url,
+            xen,
+            nbd_connections,
+        } => return run_xen(ui, repo, url, xen, *nbd_connections, &options.snapshot),
+        BackupSource::Nbd {
+            uri,
+            text,
+            dirty_bitmap,
+            nbd,
+            source_id,
+        } => {
+            let tls = nbd_tls(nbd, uri)?;
+            let mut contexts = vec!["base:allocation".to_string()];
+            let dirty_context = dirty_bitmap
+                .as_ref()
+                .map(|n| format!("qemu:dirty-bitmap:{n}"));
+            contexts.extend(dirty_context.clone());
+            let source = NbdSource::connect(
+                uri,
+                uri.identity(),
+                tls,
+                contexts,
+                PoolOptions {
+                    connections: nbd.connections,
+                    ..PoolOptions::default()
+                },
+            )
+            .with_context(|| format!("connect to '{text}'"))?;
+            let size = source.size_bytes();
+            let allocated = if source.has_context("base:allocation") {
+                let ex = source.extents("base:allocation")?;
+                Some(Extents::from_flagged(&ex, size, |f| {
+                    f & proto::STATE_ZERO == 0
+                }))
+            } else {
+                None
+            };
+            let changes = match (&dirty_context, dirty_bitmap) {
+                (Some(ctx), Some(_)) if source.has_context(ctx) => {
+                    let ex = source.extents(ctx)?;
+                    Changes::Since(Extents::from_flagged(&ex, size, |f| {
+                        f & proto::STATE_DIRTY != 0
+                    }))
+                }
+                (Some(_), Some(name)) => Changes::FullNeeded(format!(
+                    "the server does not offer dirty bitmap '{name}' (qemu:dirty-bitmap:{name}): change tracking lost"
+                )),
+                _ => Changes::Unknown,
+            };
+            let _lock = repo.lock(false, "backup")?;
+            let s = backup_as(
+                ui,
+                repo,
+                &source,
+                source_id,
+                &options.snapshot,
+                changes,
+                allocated,
+            )?;
+            source.close();
+            s
+        }
+        BackupSource::File {
+            path,
+            changed_blocks,
+            source_id,
+        } => {
+            let source = FileSource::open(path)?;
+            // Decode and check the bitmap before anything is written.
+            let changes = match changed_blocks {
+                Some(p) => Changes::Since(read_cbt_bitmap(p, &source)?),
+                None => Changes::Unknown,
+            };
+            let _lock = repo.lock(false, "backup")?;
+            backup_as(
+                ui,
+                repo,
+                &source,
+                source_id,
+                &options.snapshot,
+                changes,
+                None,
+            )?
+        }
     };
     report(ui, &summary);
     Ok(Outcome::Ok)
 }
 
-/// Plans and runs one backup of any source. Shared by `backup` and `demo`.
-pub(crate) fn backup_source(
+/// The changed extents a base64 CBT bitmap file (64 KiB blocks, as
+/// `VDI.list_changed_blocks` returns it) marks on `source`.
+fn read_cbt_bitmap(path: &Path, source: &FileSource) -> Result<Extents> {
+    let size = source.size_bytes();
+    let blocks = size.div_ceil(CBT_BLOCK_BYTES);
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read changed-block bitmap '{}'", path.display()))?;
+    let rejected = |reason: String| {
+        anyhow::anyhow!(
+            "changed-block bitmap '{}' rejected for '{}' ({size} bytes, {blocks} blocks): {reason}; nothing was written",
+            path.display(),
+            source.identity(),
+        )
+    };
+    let bits = crate::format::bitmap::decode_base64(&text, blocks).map_err(rejected)?;
+    Extents::from_bitmap(&bits, CBT_BLOCK_BYTES, size).map_err(|e| rejected(e.to_string()))
+}
+
+/// Plans and runs one backup of any source, the plan's warnings printed
+/// first. Shared by every kind of source and by `demo`.
+pub(crate) fn backup_disk(
     ui: &Ui,
     repo: &Repository,
     source: &dyn BlockSource,
-    options: &BackupOptions,
-    facts: SourceFacts,
-) -> Result<BackupSummary> {
-    let blocks = block_count(source.size_bytes(), repo.config().block_size);
-    let mut new_set_reason = None;
-    let candidate = match &options.parent {
-        Some(query) => Some(repo.find_snapshot(query)?),
-        None => repo
-            .snapshots()?
-            .into_iter()
-            .filter(|s| s.meta.source == source.identity())
-            .last(),
+    options: &SnapshotOptions,
+    changes: Changes,
+    allocated: Option<Extents>,
+    landmark: BTreeMap<String, String>,
+) -> Result<BackupSummary, RepoError> {
+    let lookup = plan::find_parent(repo, source.identity(), &options.parent, &changes)?;
+    let disk = SourceDisk {
+        identity: source.identity(),
+        size_bytes: source.size_bytes(),
+        changes,
+        allocated,
     };
-    let parent_entry = match (&facts.changes, candidate) {
-        _ if options.full => {
-            new_set_reason = Some("full backup requested (--full)".to_string());
-            None
-        }
-        (_, None) => {
-            new_set_reason = Some("first backup of this source".to_string());
-            None
-        }
-        (Changes::Lost(reason), Some(_)) => {
-            ui.warn(format!(
-                "{reason}; starting a new backup set with a full read"
-            ));
-            new_set_reason = Some(reason.clone());
-            None
-        }
-        (_, Some(c)) => Some(c),
-    };
-    let parent = match parent_entry {
-        None => None,
-        Some(entry) => {
-            if entry.meta.block_size != repo.config().block_size {
-                bail!("parent {} uses another block size", entry.meta.id);
-            }
-            let chain = repo
-                .load_chain(entry.meta.id)
-                .with_context(|| format!("load parent snapshot {}", entry.meta.id))?;
-            let refs: Vec<&SnapshotObject> = chain.iter().collect();
-            Some(ParentInfo {
-                map: manifest::resolve(&refs),
-                depth: chain.len() as u32 - 1,
-                meta: entry.meta,
-            })
-        }
-    };
-    let not = |b: &[u8]| -> Vec<u8> {
-        let mut out: Vec<u8> = b.iter().map(|x| !x).collect();
-        // Keep padding bits clear.
-        if !blocks.is_multiple_of(8) {
-            if let Some(last) = out.last_mut() {
-                *last &= 0xffu8 << (8 - blocks % 8);
-            }
-        }
-        out
-    };
-    let and = |a: &[u8], b: &[u8]| -> Vec<u8> { a.iter().zip(b).map(|(x, y)| x & y).collect() };
-    let (read, known_zero, change_bitmap) = match (&parent, facts.changes) {
-        (Some(_), Changes::Since(changed)) => match &facts.nonzero {
-            Some(nz) => (
-                Some(and(&changed, nz)),
-                Some(and(&changed, &not(nz))),
-                Some(changed),
-            ),
-            None => (Some(changed.clone()), None, Some(changed)),
-        },
-        (None, Changes::Since(_)) => {
-            ui.warn(format!(
-                "no parent snapshot of '{}': a change bitmap alone cannot describe the disk; reading every block",
-                source.identity()
-            ));
-            (facts.nonzero.clone(), None, None)
-        }
-        (_, _) => (
-            facts.nonzero.clone(),
-            facts.nonzero.as_deref().map(not),
-            None,
-        ),
-    };
-    let synthetic_full = match (&parent, options.full_every) {
-        (Some(p), Some(n)) => p.depth + 1 >= n,
-        _ => false,
-    };
-    if let Some(reason) = &new_set_reason {
-        ui.info(format!("new backup set: {reason}"));
-    }
-    let plan = BackupPlan {
-        parent,
-        read,
-        known_zero,
-        change_bitmap,
-        synthetic_full,
+    let plan_options = PlanOptions {
+        full_every: options.full_every,
         tags: options.tags.clone(),
         hostname: hostname(),
-        landmark: options.landmark.clone(),
-        new_set_reason,
+        landmark,
     };
+    let plan = plan::plan(lookup, disk, repo.config().block_size, &plan_options);
+    for w in &plan.warnings {
+        ui.warn(w);
+    }
+    if let Some(reason) = &plan.new_set_reason {
+        ui.info(format!("new backup set: {reason}"));
+    }
     let bar = ui.progress("backup", true);
-    let summary = backup::run(repo, source, plan, &PipelineOptions::from_repo(repo), &bar)
-        .with_context(|| format!("back up '{}'", source.identity()))?;
+    let summary = backup::run(repo, source, plan, &PipelineOptions::from_repo(repo), &bar)?;
     bar.finish();
     Ok(summary)
 }
@@ -410,28 +360,28 @@ pub const XEN_PASSWORD_ENV: &str = "CBTVAULT_XEN_PASSWORD";
 
 /// Logs in to the host of `url` as the command line says. The password
 /// comes from `--password-file` or the environment, never from argv.
-pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, args: &crate::cli::XenArgs) -> Result<Session> {
-    let trust = if args.insecure {
+pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result<Session> {
+    let trust = if options.insecure {
         ui.warn(format!(
             "--insecure: the certificate of '{}' is NOT verified; anyone on the path can read the password and the disks",
             url.authority()
         ));
         HttpsTrust::Insecure
-    } else if let Some(fp) = &args.fingerprint {
+    } else if let Some(fp) = &options.fingerprint {
         HttpsTrust::Fingerprint(crate::source::xenapi::tls::parse_fingerprint(fp)?)
-    } else if let Some(ca) = &args.ca_file {
+    } else if let Some(ca) = &options.ca_file {
         HttpsTrust::CaPem(
             std::fs::read(ca).with_context(|| format!("read CA file '{}'", ca.display()))?,
         )
     } else {
         HttpsTrust::System
     };
-    let user = args
+    let user = options
         .user
         .clone()
         .or_else(|| url.user.clone())
         .unwrap_or_else(|| "root".to_string());
-    let password = match &args.password_file {
+    let password = match &options.password_file {
         Some(p) => Password::from_file(p)?,
         None => match std::env::var(XEN_PASSWORD_ENV) {
             Ok(p) if !p.is_empty() => Password::new(p),
@@ -474,22 +424,18 @@ pub(crate) struct XenDiskSummary {
 struct RepoCommitter<'a> {
     ui: &'a Ui,
     repo: &'a Repository,
-    options: &'a BackupOptions,
+    options: &'a SnapshotOptions,
     disks: Vec<XenDiskSummary>,
     metadata: Option<BackupSummary>,
 }
 
-fn boxed(e: anyhow::Error) -> BoxError {
-    // Keep the whole context chain on one line.
-    format!("{e:#}").into()
-}
-
 impl Committer for RepoCommitter<'_> {
-    fn previous(&mut self, identity: &str) -> std::result::Result<Previous, BoxError> {
+    type Error = RepoError;
+
+    fn previous(&mut self, identity: &str) -> Result<Previous, RepoError> {
         let last = self
             .repo
-            .snapshots()
-            .map_err(|e| boxed(e.into()))?
+            .snapshots()?
             .into_iter()
             .rfind(|s| s.meta.source == identity);
         Ok(match last {
@@ -504,43 +450,40 @@ impl Committer for RepoCommitter<'_> {
         })
     }
 
-    fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> std::result::Result<(), BoxError> {
+    fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), RepoError> {
         let block_size = self.repo.config().block_size;
-        let (changes, lost_reason) = match &disk.changes {
-            DiskChanges::Since(cbt) => (
-                Changes::Since(cbt_to_repo_blocks(cbt, disk.size_bytes, block_size)),
-                None,
-            ),
-            DiskChanges::Full(Some(reason)) => {
-                (Changes::Lost(reason.clone()), Some(reason.clone()))
-            }
-            DiskChanges::Full(None) => (Changes::Unknown, None),
+        let lost_reason = match &disk.changes {
+            Changes::FullNeeded(reason) => Some(reason.clone()),
+            Changes::Since(_) | Changes::Unknown => None,
         };
         self.ui.info(format!(
             "disk {} ('{}', {}): {}",
             disk.vdi_uuid,
             disk.name_label,
             human_bytes(disk.size_bytes),
-            match &changes {
-                Changes::Since(b) => format!("{} changed blocks", bitmap::iter_set(b).count()),
-                Changes::Lost(_) => "change tracking lost, full read".to_string(),
+            match &disk.changes {
+                Changes::Since(e) => format!(
+                    "{} changed blocks",
+                    BlockBitmap::covering(
+                        e,
+                        block_size,
+                        disk.size_bytes.div_ceil(block_size as u64)
+                    )
+                    .count()
+                ),
+                Changes::FullNeeded(_) => "change tracking lost, full read".to_string(),
                 Changes::Unknown => "full read".to_string(),
             }
         ));
-        let mut options = BackupOptions {
-            parent: None,
-            full: self.options.full,
-            full_every: self.options.full_every,
-            tags: self.options.tags.clone(),
-            landmark: disk.landmark.clone(),
-        };
-        options.landmark.extend(self.options.landmark.clone());
-        let facts = SourceFacts {
-            changes,
-            nonzero: None,
-        };
-        let summary =
-            backup_source(self.ui, self.repo, disk.source, &options, facts).map_err(boxed)?;
+        let summary = backup_disk(
+            self.ui,
+            self.repo,
+            disk.source,
+            self.options,
+            disk.changes,
+            None,
+            disk.landmark.clone(),
+        )?;
         report_human(self.ui, &summary);
         self.disks.push(XenDiskSummary {
             vdi: disk.vdi_uuid.clone(),
@@ -557,23 +500,25 @@ impl Committer for RepoCommitter<'_> {
         identity: &str,
         tar: &[u8],
         landmark: BTreeMap<String, String>,
-    ) -> std::result::Result<(), BoxError> {
+    ) -> Result<(), RepoError> {
         let source = crate::source::xenapi::nbd::MemorySource {
             identity: identity.to_string(),
             bytes: tar.to_vec(),
         };
-        let options = BackupOptions {
-            parent: None,
-            full: false,
-            full_every: self.options.full_every,
-            tags: self.options.tags.clone(),
+        // The metadata is small: never a forced full, always layered.
+        let options = SnapshotOptions {
+            parent: ParentRequest::Newest,
+            ..self.options.clone()
+        };
+        let summary = backup_disk(
+            self.ui,
+            self.repo,
+            &source,
+            &options,
+            Changes::Unknown,
+            None,
             landmark,
-        };
-        let facts = SourceFacts {
-            changes: Changes::Unknown,
-            nonzero: None,
-        };
-        let summary = backup_source(self.ui, self.repo, &source, &options, facts).map_err(boxed)?;
+        )?;
         self.ui.info(format!(
             "VM metadata ({}) saved as snapshot {}",
             human_bytes(tar.len() as u64),
@@ -599,7 +544,7 @@ pub(crate) fn xen_backup(
     url: &XenUrl,
     session: &Session,
     workflow_options: &WorkflowOptions,
-    options: &BackupOptions,
+    options: &SnapshotOptions,
 ) -> Result<(XenBackupSummary, RunReport)> {
     let started = std::time::Instant::now();
     let _lock = repo.lock(false, "backup")?;
@@ -635,24 +580,19 @@ pub(crate) fn xen_backup(
 fn run_xen(
     ui: &Ui,
     repo: &Repository,
-    args: &BackupArgs,
-    options: BackupOptions,
+    url: &XenUrl,
+    xen: &XenOptions,
+    nbd_connections: usize,
+    options: &SnapshotOptions,
 ) -> Result<Outcome> {
-    if args.changed_blocks.is_some() || args.dirty_bitmap.is_some() || args.parent.is_some() {
-        bail!("--changed-blocks, --dirty-bitmap and --parent do not apply to xen:// sources: the host tracks changes");
-    }
-    if args.source_id.is_some() {
-        bail!("--source-id does not apply to xen:// sources: disks are identified by host and VDI uuid");
-    }
-    let url = XenUrl::parse(&args.source)?;
-    let session = xen_session(ui, &url, &args.xen)?;
+    let session = xen_session(ui, url, xen)?;
     let workflow_options = WorkflowOptions {
-        enable_cbt: !args.xen.no_enable_cbt,
-        keep_snapshot_data: args.xen.keep_snapshot_data,
-        nbd_connections: args.nbd.nbd_connections.max(1),
+        enable_cbt: xen.enable_cbt,
+        keep_snapshot_data: xen.keep_snapshot_data,
+        nbd_connections,
         ..WorkflowOptions::default()
     };
-    let result = xen_backup(ui, repo, &url, &session, &workflow_options, &options);
+    let result = xen_backup(ui, repo, url, &session, &workflow_options, options);
     session.logout();
     let (summary, _) = result?;
     ui.json(&summary);

@@ -2,48 +2,22 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
 use super::Outcome;
-use crate::cli::CheckArgs;
 use crate::output::Ui;
 use crate::repo::check::{self, DataSubset, Severity};
 use crate::repo::Repository;
 
-fn parse_subset(s: &str) -> Result<DataSubset> {
-    if let Some(p) = s.strip_suffix('%') {
-        let p: f64 = p
-            .trim()
-            .parse()
-            .with_context(|| format!("'{s}' is not a percentage"))?;
-        if !(p > 0.0 && p <= 100.0) {
-            bail!("--read-data-subset '{s}': percentage must be in (0, 100]");
-        }
-        return Ok(DataSubset::Percent(p));
-    }
-    if let Some((n, t)) = s.split_once('/') {
-        let n: u32 = n
-            .trim()
-            .parse()
-            .with_context(|| format!("'{s}': n is not a number"))?;
-        let t: u32 = t
-            .trim()
-            .parse()
-            .with_context(|| format!("'{s}': t is not a number"))?;
-        if n == 0 || t == 0 || n > t {
-            bail!("--read-data-subset '{s}': need 1 <= n <= t");
-        }
-        return Ok(DataSubset::Part { n, t });
-    }
-    bail!("--read-data-subset '{s}': use N% or n/t")
+/// Validated options of `check`.
+#[derive(Debug, Clone, Default)]
+pub struct CheckOptions {
+    /// Which packs to read and re-hash; `None` checks structure only.
+    pub read_data: Option<DataSubset>,
 }
 
-pub fn run(ui: &Ui, repo: &Repository, args: &CheckArgs) -> Result<Outcome> {
-    let subset = match (&args.read_data_subset, args.read_data) {
-        (Some(s), _) => Some(parse_subset(s)?),
-        (None, true) => Some(DataSubset::All),
-        (None, false) => None,
-    };
+pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome> {
+    let subset = options.read_data;
     let _lock = repo.lock(false, "check")?;
     let bar = ui.progress("check", subset.is_some());
     let report = check::run(repo, subset, &bar)?;

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::backup::{xen_backup, BackupOptions, XenBackupSummary};
+use super::backup::{xen_backup, SnapshotOptions, XenBackupSummary};
 use super::restore::restore_to_path;
 use super::Outcome;
-use crate::cli::DemoArgs;
 use crate::output::{human_bytes, Ui};
+use crate::repo::backup::plan::ParentRequest;
 use crate::repo::{InitOptions, Repository};
 use crate::sim::{SimOptions, SimVm, Simulator};
 use crate::source::xenapi::workflow::WorkflowOptions;
@@ -30,9 +30,18 @@ fn fill_random(seed: u64, buf: &mut [u8]) {
     h.finalize_xof().fill(buf);
 }
 
-pub fn run(ui: &Ui, args: &DemoArgs) -> Result<Outcome> {
+/// Validated options of `demo`.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Size of the first simulated disk in MiB (at least 1).
+    pub size_mib: u64,
+    /// Work folder (default: a new temporary one, removed afterwards).
+    pub dir: Option<std::path::PathBuf>,
+}
+
+pub fn run(ui: &Ui, options: &DemoOptions) -> Result<Outcome> {
     let tmp;
-    let dir = match &args.dir {
+    let dir = match &options.dir {
         Some(d) => {
             std::fs::create_dir_all(d)?;
             d.clone()
@@ -43,8 +52,8 @@ pub fn run(ui: &Ui, args: &DemoArgs) -> Result<Outcome> {
             tmp.clone()
         }
     };
-    let result = demo_in(ui, &dir, args.size_mib.max(1));
-    if args.dir.is_none() {
+    let result = demo_in(ui, &dir, options.size_mib);
+    if options.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
@@ -157,12 +166,10 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         spool_dir: dir.to_path_buf(),
         ..WorkflowOptions::default()
     };
-    let options = BackupOptions {
-        parent: None,
-        full: false,
+    let options = SnapshotOptions {
+        parent: ParentRequest::Newest,
         full_every: None,
         tags: vec!["demo".into()],
-        landmark: Default::default(),
     };
 
     ui.info(format!(

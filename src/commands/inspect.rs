@@ -2,31 +2,19 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use chrono::Utc;
 use serde_json::json;
 
-use super::{filtered, Outcome};
-use crate::cli::{CatArgs, DiffArgs, FilterArgs, InitArgs, UnlockArgs};
+use super::{filtered, Outcome, SnapshotFilter};
 use crate::format::bitmap;
 use crate::format::snapshot::BlockRef;
 use crate::manifest;
 use crate::output::{human_bytes, Ui};
 use crate::repo::{lock, InitOptions, Repository};
 
-pub fn init(ui: &Ui, path: &Path, a: &InitArgs) -> Result<Outcome> {
-    let options = InitOptions {
-        block_size: a.block_size,
-        compression_level: a.compression_level,
-        pack_size_target_bytes: a.pack_size_mib.max(1) << 20,
-    };
-    if !(1..=22).contains(&options.compression_level) {
-        bail!(
-            "--compression-level {} outside 1..=22",
-            options.compression_level
-        );
-    }
-    let config = Repository::init(path, &options)?;
+pub fn init(ui: &Ui, path: &Path, options: &InitOptions) -> Result<Outcome> {
+    let config = Repository::init(path, options)?;
     ui.json(&json!({"id": config.id, "location": path.display().to_string()}));
     ui.info(format!(
         "created repository {} at '{}'",
@@ -36,7 +24,7 @@ pub fn init(ui: &Ui, path: &Path, a: &InitArgs) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-pub fn snapshots(ui: &Ui, repo: &Repository, filter: &FilterArgs) -> Result<Outcome> {
+pub fn snapshots(ui: &Ui, repo: &Repository, filter: &SnapshotFilter) -> Result<Outcome> {
     let list = filtered(repo, filter)?;
     if ui.json {
         let v: Vec<_> = list
@@ -80,10 +68,18 @@ pub fn snapshots(ui: &Ui, repo: &Repository, filter: &FilterArgs) -> Result<Outc
     Ok(Outcome::Ok)
 }
 
-pub fn cat(ui: &Ui, repo: &Repository, a: &CatArgs) -> Result<Outcome> {
-    let value = match (a.kind.as_str(), &a.id) {
-        ("config", _) => serde_json::to_value(repo.config())?,
-        ("snapshot", Some(id)) => {
+/// What `cat` prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CatOptions {
+    Config,
+    /// A snapshot (id or unique prefix).
+    Snapshot(String),
+}
+
+pub fn cat(ui: &Ui, repo: &Repository, what: &CatOptions) -> Result<Outcome> {
+    let value = match what {
+        CatOptions::Config => serde_json::to_value(repo.config())?,
+        CatOptions::Snapshot(id) => {
             let entry = repo.find_snapshot(id)?;
             let obj = repo.load_snapshot(&entry.object)?;
             let entries: Vec<_> = obj
@@ -101,12 +97,9 @@ pub fn cat(ui: &Ui, repo: &Repository, a: &CatArgs) -> Result<Outcome> {
                 "bitmap": obj.bitmap.as_deref().map(bitmap::encode_base64),
             })
         }
-        ("snapshot", None) => bail!("cat snapshot needs a snapshot id"),
-        (other, _) => bail!("cannot cat '{other}': use config or snapshot"),
     };
     // cat always prints JSON.
-    println!("{}", serde_json::to_string_pretty(&value)?);
-    let _ = ui;
+    ui.document(serde_json::to_string_pretty(&value)?);
     Ok(Outcome::Ok)
 }
 
@@ -122,7 +115,14 @@ fn ranges(indices: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
     out
 }
 
-pub fn diff(ui: &Ui, repo: &Repository, a: &DiffArgs) -> Result<Outcome> {
+/// The two snapshots `diff` compares (ids or unique prefixes).
+#[derive(Debug, Clone)]
+pub struct DiffOptions {
+    pub a: String,
+    pub b: String,
+}
+
+pub fn diff(ui: &Ui, repo: &Repository, a: &DiffOptions) -> Result<Outcome> {
     let sa = repo.find_snapshot(&a.a)?;
     let sb = repo.find_snapshot(&a.b)?;
     let ma = repo.resolve(sa.meta.id)?;
@@ -225,7 +225,13 @@ pub fn stats(ui: &Ui, repo: &Repository) -> Result<Outcome> {
     Ok(Outcome::Ok)
 }
 
-pub fn unlock(ui: &Ui, repo: &Repository, a: &UnlockArgs) -> Result<Outcome> {
+#[derive(Debug, Clone, Default)]
+pub struct UnlockOptions {
+    /// Remove every lock, not only stale ones.
+    pub remove_all: bool,
+}
+
+pub fn unlock(ui: &Ui, repo: &Repository, a: &UnlockOptions) -> Result<Outcome> {
     let now = Utc::now();
     let mut removed = Vec::new();
     let mut kept = Vec::new();
@@ -236,12 +242,12 @@ pub fn unlock(ui: &Ui, repo: &Repository, a: &UnlockArgs) -> Result<Outcome> {
         };
         match (why, a.remove_all) {
             (Some(why), _) => {
-                repo.backend().remove(crate::backend::Kind::Lock, &name)?;
+                lock::remove(repo.backend().as_ref(), &name)?;
                 ui.info(format!("removed stale lock {}: {why}", &name[..8]));
                 removed.push(name);
             }
             (None, true) => {
-                repo.backend().remove(crate::backend::Kind::Lock, &name)?;
+                lock::remove(repo.backend().as_ref(), &name)?;
                 ui.info(format!("removed lock {}", &name[..8]));
                 removed.push(name);
             }

@@ -1,63 +1,42 @@
-//! One workflow per subcommand. `anyhow` lives here and above; library
-//! errors are given context on the way out.
+//! One workflow per subcommand, each taking validated `*Options` (built
+//! from the command line by `cli`; no clap type below `cli`, except the
+//! restore arguments still to be converted). `anyhow` lives here and above;
+//! library errors are given context on the way out.
 
-mod backup;
-mod check;
-mod demo;
-mod inspect;
-mod restore;
+pub mod backup;
+pub mod check;
+pub mod demo;
+pub mod inspect;
+pub(crate) mod restore;
 mod restore_xen;
-mod serve;
-mod sim;
+pub mod serve;
+pub mod sim;
 mod sinks;
 
-use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{Cli, Command, FilterArgs, RepairCommand};
 use crate::output::Ui;
 use crate::repo::{Repository, SnapshotEntry};
 
-/// Exit status of a command that ran to the end.
+/// Exit status of a command that ran to the end (mapped to a code in
+/// `cli::exit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
     /// `check` found an integrity problem.
     IntegrityProblem,
 }
 
-impl From<Outcome> for ExitCode {
-    fn from(o: Outcome) -> ExitCode {
-        match o {
-            Outcome::Ok => ExitCode::SUCCESS,
-            Outcome::IntegrityProblem => ExitCode::from(3),
-        }
-    }
-}
-
-pub fn run(cli: Cli) -> Result<Outcome> {
-    let ui = Ui::new(cli.json, cli.quiet);
-    let repo_path = || -> Result<PathBuf> {
-        cli.repo
-            .clone()
-            .context("no repository given: use -r/--repo or set CBTVAULT_REPOSITORY")
-    };
-    match cli.command {
-        Command::Init(ref a) => inspect::init(&ui, &repo_path()?, a),
-        Command::Backup(ref a) => backup::run(&ui, &open(&ui, &repo_path()?)?, a),
-        Command::Snapshots(ref f) => inspect::snapshots(&ui, &open(&ui, &repo_path()?)?, f),
-        Command::Restore(ref a) => restore::run(&ui, &open(&ui, &repo_path()?)?, a),
-        Command::Check(ref a) => check::run(&ui, &open(&ui, &repo_path()?)?, a),
-        Command::Cat(ref a) => inspect::cat(&ui, &open(&ui, &repo_path()?)?, a),
-        Command::Diff(ref a) => inspect::diff(&ui, &open(&ui, &repo_path()?)?, a),
-        Command::Stats => inspect::stats(&ui, &open(&ui, &repo_path()?)?),
-        Command::Unlock(ref a) => inspect::unlock(&ui, &open(&ui, &repo_path()?)?, a),
-        Command::Repair(RepairCommand::Index) => check::repair_index(&ui, &repo_path()?),
-        Command::Serve(ref a) => serve::run(&ui, open(&ui, &repo_path()?)?, a),
-        Command::Demo(ref a) => demo::run(&ui, a),
-        Command::Sim(ref a) => sim::run(&ui, a),
-    }
+/// Which snapshots a command looks at.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotFilter {
+    /// Only snapshots of this source identity (e.g. `file:/path`), or of
+    /// this path's identity.
+    pub source: Option<String>,
+    /// Only snapshots carrying every one of these tags.
+    pub tags: Vec<String>,
 }
 
 /// BLAKE3 of a whole file, streamed.
@@ -91,7 +70,7 @@ pub(crate) fn open(ui: &Ui, path: &Path) -> Result<Repository> {
 
 /// Snapshots matching a filter, oldest first. A `--source` that names an
 /// existing path matches that path's identity.
-pub(crate) fn filtered(repo: &Repository, filter: &FilterArgs) -> Result<Vec<SnapshotEntry>> {
+pub(crate) fn filtered(repo: &Repository, filter: &SnapshotFilter) -> Result<Vec<SnapshotEntry>> {
     let source = filter.source.as_ref().map(|s| {
         if s.contains(':') {
             s.clone()
@@ -116,7 +95,7 @@ pub(crate) fn filtered(repo: &Repository, filter: &FilterArgs) -> Result<Vec<Sna
 pub(crate) fn pick_snapshot(
     repo: &Repository,
     query: &str,
-    filter: &FilterArgs,
+    filter: &SnapshotFilter,
 ) -> Result<SnapshotEntry> {
     if query == "latest" {
         match filtered(repo, filter)?.pop() {

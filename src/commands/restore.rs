@@ -43,11 +43,15 @@ fn newest_at(
 /// the filtered ones for `latest`) at or before that time.
 fn select(repo: &Repository, args: &RestoreArgs) -> Result<SnapshotEntry> {
     let Some(at) = &args.at else {
-        return pick_snapshot(repo, &args.snapshot, &args.filter);
+        return pick_snapshot(repo, &args.snapshot, &(&args.filter).into());
     };
     let at = parse_time(at)?;
     if args.snapshot == "latest" {
-        return newest_at(filtered(repo, &args.filter)?, at, "the given filters");
+        return newest_at(
+            filtered(repo, &(&args.filter).into())?,
+            at,
+            "the given filters",
+        );
     }
     let anchor = repo.find_snapshot(&args.snapshot)?;
     let source = anchor.meta.source.clone();

@@ -465,7 +465,7 @@ pub(crate) fn run_disk(
 ) -> Result<()> {
     let text = args.target.to_string_lossy();
     let target = XenTarget::parse(&text)?;
-    let session = xen_session(ui, &target.url, &args.xen)?;
+    let session = xen_session(ui, &target.url, &(&args.xen).into())?;
     let result = restore_disk(ui, repo, &session, &target, entry, args);
     session.logout();
     let d = result?;
@@ -542,7 +542,7 @@ pub(crate) fn run_new_vm(
         )?;
         bytes
     };
-    let session = xen_session(ui, &target.url, &args.xen)?;
+    let session = xen_session(ui, &target.url, &(&args.xen).into())?;
     let mut restored: Vec<XenVmDisk> = Vec::new();
     let result = (|| -> Result<String> {
         for d in &disks {

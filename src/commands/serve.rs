@@ -8,8 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
-use super::{pick_snapshot, Outcome};
-use crate::cli::ServeArgs;
+use super::{pick_snapshot, Outcome, SnapshotFilter};
 use crate::nbdserver::{
     self, Export, ExportError, ExportResolver, Listener, ServerOptions, SnapshotExport,
 };
@@ -57,19 +56,35 @@ struct Serving {
     tls: bool,
 }
 
-pub fn run(ui: &Ui, repo: Repository, args: &ServeArgs) -> Result<Outcome> {
-    let endpoint = match (&args.listen, &args.socket) {
+/// Validated options of `serve`.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Snapshot id (or unique prefix), or `latest` within `filter`.
+    pub snapshot: String,
+    /// TCP address (HOST:PORT); exclusive with `socket`.
+    pub listen: Option<String>,
+    pub socket: Option<PathBuf>,
+    /// Export name (default: the snapshot id; empty: any name).
+    pub export_name: Option<String>,
+    /// Server certificate and key (PEM), both or neither.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub filter: SnapshotFilter,
+}
+
+pub fn run(ui: &Ui, repo: Repository, options: &ServeOptions) -> Result<Outcome> {
+    let endpoint = match (&options.listen, &options.socket) {
         (Some(_), Some(_)) => bail!("give either --listen or --socket, not both"),
         (Some(address), None) => Endpoint::Tcp(address.clone()),
         (None, Some(path)) => Endpoint::Unix(path.clone()),
         (None, None) => Endpoint::Tcp(DEFAULT_LISTEN.to_string()),
     };
-    let tls = match (&args.tls_cert, &args.tls_key) {
+    let tls = match (&options.tls_cert, &options.tls_key) {
         (Some(cert), Some(key)) => Some(load_tls(cert, key)?),
         (None, None) => None,
         _ => bail!("--tls-cert and --tls-key go together"),
     };
-    let entry = pick_snapshot(&repo, &args.snapshot, &args.filter)?;
+    let entry = pick_snapshot(&repo, &options.snapshot, &options.filter)?;
     let _lock = repo.lock(false, "serve")?;
     let id = entry.meta.id;
     let repo = Arc::new(repo);
@@ -82,7 +97,7 @@ pub fn run(ui: &Ui, repo: Repository, args: &ServeArgs) -> Result<Outcome> {
         ));
     }
     let size_bytes = export.size_bytes();
-    let name = args.export_name.clone().unwrap_or_else(|| id.to_hex());
+    let name = options.export_name.clone().unwrap_or_else(|| id.to_hex());
     let resolver = Arc::new(SingleExport {
         any_name: name.is_empty(),
         name: name.clone(),

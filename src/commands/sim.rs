@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use super::Outcome;
-use crate::cli::SimArgs;
 use crate::output::Ui;
 use crate::sim::{SimOptions, Simulator};
 
@@ -28,7 +27,26 @@ fn random_password() -> String {
     hex::encode(rand::random::<[u8; 16]>())
 }
 
-pub fn run(ui: &Ui, args: &SimArgs) -> Result<Outcome> {
+/// Validated options of `sim`.
+#[derive(Debug, Clone)]
+pub struct SimHostOptions {
+    /// State folder kept across restarts (default: a temporary one).
+    pub dir: Option<std::path::PathBuf>,
+    /// HTTPS address (HOST:PORT) for XenAPI and the HTTP handlers.
+    pub listen: String,
+    /// NBD address (default: the --listen host, port 10809).
+    pub nbd_listen: Option<String>,
+    pub user: String,
+    /// Environment variable holding the accepted password.
+    pub password_env: String,
+    pub hostname: String,
+    /// Size in MiB of each disk of the VM created at the first start.
+    pub disk_mib: Vec<u64>,
+    /// Behave as an old host without CBT.
+    pub legacy_host: bool,
+}
+
+pub fn run(ui: &Ui, options: &SimHostOptions) -> Result<Outcome> {
     // Signal handlers first: a client may stop us as soon as it has the URL.
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -42,15 +60,15 @@ pub fn run(ui: &Ui, args: &SimArgs) -> Result<Outcome> {
             signal(SignalKind::terminate()).context("install signal handlers")?,
         )
     };
-    let password = std::env::var(&args.password_env)
+    let password = std::env::var(&options.password_env)
         .ok()
         .filter(|p| !p.is_empty());
     let password_generated = password.is_none();
     let password = password.unwrap_or_else(random_password);
-    let nbd_listen = match &args.nbd_listen {
+    let nbd_listen = match &options.nbd_listen {
         Some(a) => a.clone(),
         None => {
-            let host = args
+            let host = options
                 .listen
                 .rsplit_once(':')
                 .map(|(h, _)| h.to_string())
@@ -58,22 +76,22 @@ pub fn run(ui: &Ui, args: &SimArgs) -> Result<Outcome> {
             format!("{host}:10809")
         }
     };
-    if let Some(dir) = &args.dir {
+    if let Some(dir) = &options.dir {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("create state folder '{}'", dir.display()))?;
     }
     let sim = Simulator::start(SimOptions {
-        dir: args.dir.clone(),
-        listen: args.listen.clone(),
+        dir: options.dir.clone(),
+        listen: options.listen.clone(),
         nbd_listen: Some(nbd_listen),
-        username: args.user.clone(),
+        username: options.user.clone(),
         password: password.clone(),
-        hostname: args.hostname.clone(),
-        legacy_host: args.legacy_host,
+        hostname: options.hostname.clone(),
+        legacy_host: options.legacy_host,
         ..SimOptions::default()
     })
     .context("start the XenServer simulator")?;
-    let sizes: Vec<u64> = args.disk_mib.iter().map(|m| m << 20).collect();
+    let sizes: Vec<u64> = options.disk_mib.iter().map(|m| m << 20).collect();
     // A state folder from an earlier run already has it.
     let vm = match sim.find_vm("demo-vm") {
         Some(vm) => vm,
@@ -104,10 +122,10 @@ pub fn run(ui: &Ui, args: &SimArgs) -> Result<Outcome> {
         if password_generated {
             format!(
                 "'{password}' (generated; set ${} to choose)",
-                args.password_env
+                options.password_env
             )
         } else {
-            format!("from ${}", args.password_env)
+            format!("from ${}", options.password_env)
         }
     ));
     ui.print(format!(

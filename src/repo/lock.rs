@@ -84,6 +84,13 @@ pub fn list(backend: &dyn Backend) -> Result<Vec<ListedLock>, BackendError> {
     Ok(out)
 }
 
+/// Removes the lock object `name`, whoever holds it (`unlock`: a stale
+/// lock, or every lock with `--remove-all`). Apart from a [`LockGuard`]
+/// releasing its own, this is the only way a lock object goes.
+pub fn remove(backend: &dyn Backend, name: &str) -> Result<(), BackendError> {
+    backend.remove(Kind::Lock, name)
+}
+
 /// A held lock; released on drop.
 pub struct LockGuard {
     stop: Option<Sender<()>>,

@@ -3,10 +3,12 @@
 //! separately (a bitmap, extents, or "read everything"). Never imports the
 //! repository modules.
 
+pub mod changes;
 pub mod file;
 pub mod nbd;
 pub mod xenapi;
 
+pub use changes::{Changes, Extent, Extents};
 pub use file::FileSource;
 
 use ::bytes::BytesMut;

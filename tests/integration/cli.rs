@@ -408,3 +408,111 @@ fn latest_by_source_path_works_after_the_image_is_gone() {
         .ok();
     assert_eq!(blake3::hash(&out.stdout), hash);
 }
+
+/// The parent of the newest snapshot was deleted (issue 22): the next
+/// backup of that source starts a new backup set with a full read, warns,
+/// records why in the snapshot, and restores bit for bit; the one after
+/// continues the new set. Naming the broken snapshot with --parent is
+/// still refused, with the way out.
+#[test]
+fn deleted_parent_starts_a_new_backup_set() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("p.img"), &random_bytes(61, 0, 8 * BSU));
+    let first = t.backup(&img.path, &[]);
+    let bitmap = t.path("bm.b64");
+    let bitmap_arg = bitmap.to_str().unwrap();
+    img.write_block(3, &random_block(62, 3));
+    write_bitmap(&bitmap, &bitmap_base64(img.size(), &[3]));
+    let second = t.backup(&img.path, &["--changed-blocks", bitmap_arg]);
+    assert_eq!(second["parent_id"], first["snapshot_id"]);
+    let second_id = TestRepo::id_of(&second);
+
+    // Delete the first snapshot's object: the second's chain is broken.
+    let listed = t.snapshots(&[]);
+    let object = listed
+        .iter()
+        .find(|s| s["id"] == first["snapshot_id"])
+        .map(|s| str_of(s, "object").to_string())
+        .expect("first snapshot listed");
+    std::fs::remove_file(t.repo.join("snapshots").join(&object)).expect("delete snapshot");
+
+    img.write_block(5, &random_block(63, 5));
+    write_bitmap(&bitmap, &bitmap_base64(img.size(), &[5]));
+    let r = t
+        .try_backup(&img.path, &["--changed-blocks", bitmap_arg])
+        .ok();
+    r.stderr_mentions(&["warning", "new backup set", "full read", &second_id[..8]]);
+    let third = r.json();
+    let id = TestRepo::id_of(&third);
+    assert!(third["parent_id"].is_null(), "{third}");
+    assert_eq!(third["full"], true);
+    assert_eq!(u64_of(&third, "blocks_read"), 8, "every block read");
+    let reason = str_of(&third, "new_set_reason").to_string();
+    assert!(reason.contains("broken"), "{reason}");
+    let snap = t
+        .snapshots(&[])
+        .into_iter()
+        .find(|s| str_of(s, "id") == id)
+        .expect("new snapshot listed");
+    assert_eq!(str_of(&snap, "backup_set"), id, "a new backup set starts");
+    assert_eq!(str_of(&snap, "new_set_reason"), reason);
+    assert_eq!(str_of(&snap, "read_mode"), "all");
+    t.assert_restores(&id, img.hash(), img.size());
+
+    // The next backup layers on the new set.
+    img.write_block(1, &random_block(64, 1));
+    write_bitmap(&bitmap, &bitmap_base64(img.size(), &[1]));
+    let fourth = t.backup(&img.path, &["--changed-blocks", bitmap_arg]);
+    assert_eq!(str_of(&fourth, "parent_id"), id);
+    assert_eq!(u64_of(&fourth, "blocks_read"), 1);
+    t.assert_restores(&TestRepo::id_of(&fourth), img.hash(), img.size());
+
+    // Asking for the broken snapshot by name fails and says what to do.
+    t.try_backup(&img.path, &["--parent", &second_id])
+        .expect_code(1)
+        .stderr_mentions(&[&second_id[..8], "--full"]);
+}
+
+/// A reader that goes away before the output comes (`cbtvault snapshots |
+/// head -1`) is not an error: exit 0, nothing on stderr.
+#[test]
+fn closed_stdout_is_not_an_error() {
+    use std::process::{Command, Stdio};
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("o.img"), &random_bytes(65, 0, 4 * BSU));
+    let a = TestRepo::id_of(&t.backup(&img.path, &[]));
+    img.write_block(2, &random_block(66, 2));
+    let b = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["snapshots"],
+        vec!["--json", "snapshots"],
+        vec!["cat", "config"],
+        vec!["cat", "snapshot", &a],
+        vec!["diff", &a, &b],
+        vec!["stats"],
+        vec!["--help"],
+    ];
+    for args in cases {
+        let mut child = Command::new(bin())
+            .arg("-r")
+            .arg(&t.repo)
+            .args(&args)
+            .env_remove("CBTVAULT_REPOSITORY")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start cbtvault");
+        // Close the read end before the command writes anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait for cbtvault");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "cbtvault {args:?} with stdout closed: {:?}\n{stderr}",
+            out.status
+        );
+        assert!(stderr.is_empty(), "cbtvault {args:?}: {stderr}");
+    }
+}

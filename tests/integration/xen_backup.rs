@@ -332,6 +332,37 @@ fn xen_lost_landmark_gone() {
     expect_incremental_again(&sim, &repo, &vdi, &src);
 }
 
+/// The repository lost the parent of the newest snapshot of a disk (its
+/// object deleted): the next backup reads the disk in full as a new backup
+/// set with a warning though the host still has a landmark, restores
+/// bit-exact, and the one after is incremental again.
+#[test]
+fn xen_deleted_parent_snapshot_starts_a_new_set() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    let host = Host::login(&sim, PASSWORD);
+    guest_writes(&sim, &vdi, 8 * MIB, 79);
+    let j = backup(&repo, &sim, &src, &[]).ok().json();
+    assert_eq!(disks(&j)[0]["full"].as_bool(), Some(false), "{j}");
+    let first = repo.snapshots(&[]).remove(0);
+    let object = first["object"].as_str().unwrap();
+    std::fs::remove_file(repo.repo.join("snapshots").join(object)).unwrap();
+
+    guest_writes(&sim, &vdi, 8 * MIB, 80);
+    let r = backup(&repo, &sim, &src, &[]).ok();
+    r.stderr_mentions(&["warning", "broken", "new backup set"]);
+    let j = r.json();
+    let d = &disks(&j)[0];
+    assert_eq!(d["full"].as_bool(), Some(true), "{j}");
+    assert!(
+        d["new_set_reason"].as_str().unwrap().contains("broken"),
+        "{j}"
+    );
+    let id = d["snapshot_id"].as_str().unwrap();
+    assert!(restore_bytes(&repo, id) == host.disk(&vdi, 8 * MIB));
+    assert_eq!(host.data_snapshots(), 0);
+    expect_incremental_again(&sim, &repo, &vdi, &src);
+}
+
 #[test]
 fn xen_lost_injected_codes() {
     for code in ["VDI_NO_CBT_METADATA", "SR_BACKEND_FAILURE_459"] {

@@ -5,7 +5,7 @@
 //!
 //! spec: format-spec/06-ordering.md#backup
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,10 +14,15 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use rayon::prelude::*;
 use serde::Serialize;
 
+pub mod bitmap;
+pub mod plan;
+
+pub use bitmap::BlockBitmap;
+pub use plan::{BackupPlan, ParentInfo};
+
 use super::{RepoError, Repository};
 use crate::backend::Kind;
 use crate::bytes::is_zero;
-use crate::format::bitmap;
 use crate::format::snapshot::{block_count, BlockRef, ReadMode, SnapshotMeta, SnapshotObject};
 use crate::format::{BlockId, SnapshotId};
 use crate::manifest::{self, BlockMap};
@@ -25,33 +30,6 @@ use crate::pack::{looks_incompressible, prepare_block, CompressedBlock, PackWrit
 use crate::progress::Progress;
 use crate::source::{BlockSource, SourceError};
 use ::bytes::BytesMut;
-
-/// The parent a new snapshot is layered on.
-pub struct ParentInfo {
-    pub meta: SnapshotMeta,
-    pub map: BlockMap,
-    /// Manifests between the parent and the last full one.
-    pub depth: u32,
-}
-
-/// Everything decided before the pipeline runs.
-pub struct BackupPlan {
-    pub parent: Option<ParentInfo>,
-    /// Blocks to read (a bitmap); `None` reads every block. A block neither
-    /// read nor in `known_zero` is taken from the parent (zero without one).
-    pub read: Option<Vec<u8>>,
-    /// Blocks known to be zero without reading them (e.g. NBD block status).
-    pub known_zero: Option<Vec<u8>>,
-    /// The change bitmap that produced this backup, kept with the snapshot.
-    pub change_bitmap: Option<Vec<u8>>,
-    /// Write a full manifest while continuing the parent's backup set.
-    pub synthetic_full: bool,
-    pub tags: Vec<String>,
-    pub hostname: String,
-    pub landmark: BTreeMap<String, String>,
-    /// Why a new backup set starts (no parent), for the snapshot and output.
-    pub new_set_reason: Option<String>,
-}
 
 /// Pipeline sizing.
 #[derive(Debug, Clone)]
@@ -388,38 +366,20 @@ pub fn run(
     let block_size = repo.config().block_size;
     let disk_size = source.size_bytes();
     let blocks = block_count(disk_size, block_size);
-    let mut plan = plan;
-    // A size change leaves a partial block at the old or the new end whose
-    // stored bytes no longer describe it: always read those blocks again.
-    if let (Some(p), Some(read)) = (&plan.parent, plan.read.as_mut()) {
-        if p.meta.disk_size_bytes != disk_size
-            && blocks > 0
-            && read.len() as u64 == bitmap::len_for(blocks)
-        {
-            let bs = block_size as u64;
-            for end in [disk_size, p.meta.disk_size_bytes] {
-                let b = end.saturating_sub(1) / bs;
-                if end > 0 && b < blocks {
-                    bitmap::set(read, b);
-                }
-            }
-        }
-    }
     for b in [&plan.read, &plan.known_zero, &plan.change_bitmap]
         .into_iter()
         .flatten()
     {
-        bitmap::validate(b, blocks).map_err(|reason| {
-            RepoError::Invalid(format!(
-                "block bitmap does not fit '{}' ({disk_size} bytes): {reason}",
+        if b.blocks() != blocks {
+            return Err(RepoError::Invalid(format!(
+                "block bitmap of {} blocks does not fit '{}' ({disk_size} bytes, {blocks} blocks)",
+                b.blocks(),
                 source.identity()
-            ))
-        })?;
+            )));
+        }
     }
     let read_total = match &plan.read {
-        Some(b) => bitmap::iter_set(b)
-            .map(|i| span_len(disk_size, block_size, i))
-            .sum(),
+        Some(b) => b.iter().map(|i| span_len(disk_size, block_size, i)).sum(),
         None => disk_size,
     };
     progress.set_total(read_total);
@@ -439,7 +399,7 @@ pub fn run(
     let mut counters = Counters::default();
 
     let (process_result, writer_result) = std::thread::scope(|s| {
-        let changed = plan.read.as_deref();
+        let changed = plan.read.as_ref();
         // Batches in the queues, in the hands of each stage, and one spare.
         let pool: BufPool = bounded::<BytesMut>(2 * options.queue_depth + 2 * READERS + 2);
         let mut plan_txs = Vec::new();
@@ -464,7 +424,7 @@ pub fn run(
         let batch_blocks = options.batch_blocks;
         s.spawn(move || {
             let mut all = 0..blocks;
-            let mut marked = changed.map(bitmap::iter_set);
+            let mut marked = changed.map(BlockBitmap::iter);
             let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
                 Some(m) => m,
                 None => &mut all,
@@ -571,7 +531,7 @@ pub fn run(
     });
     process_result?;
     let stats = writer_result?;
-    let planned = plan.read.as_deref().map(bitmap::count).unwrap_or(blocks);
+    let planned = plan.read.as_ref().map(BlockBitmap::count).unwrap_or(blocks);
     if counters.blocks_read != planned {
         return Err(RepoError::Invalid(format!(
             "read {} blocks but {planned} were planned; nothing committed",
@@ -581,8 +541,9 @@ pub fn run(
     // Blocks known to be zero without reading: a zero entry where the
     // parent had data (nothing to record without a parent).
     if let (Some(zero), Some(p)) = (&plan.known_zero, &plan.parent) {
-        let mut extra: Vec<(u64, BlockRef)> = bitmap::iter_set(zero)
-            .filter(|i| !plan.read.as_deref().is_some_and(|r| bitmap::is_set(r, *i)))
+        let mut extra: Vec<(u64, BlockRef)> = zero
+            .iter()
+            .filter(|i| !plan.read.as_ref().is_some_and(|r| r.is_set(*i)))
             .filter(|i| p.map.get(*i).is_some())
             .map(|i| (i, BlockRef::Zero))
             .collect();
@@ -626,7 +587,7 @@ pub fn run(
     let obj = SnapshotObject {
         meta,
         entries,
-        bitmap: plan.change_bitmap.clone(),
+        bitmap: plan.change_bitmap.clone().map(BlockBitmap::into_bytes),
     };
     repo.commit_snapshot(&obj)?;
     let blocks_deduplicated = counters.blocks_read - counters.blocks_zero - counters.blocks_new;

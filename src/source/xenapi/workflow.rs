@@ -27,9 +27,12 @@ use std::time::{Duration, Instant};
 use super::client::{NbdInfo, Session, VdiRecord};
 use super::nbd::{NbdSet, SpooledExport};
 use super::{XenApiError, XenObject, XenUrl};
-use crate::source::BlockSource;
+use crate::source::nbd::NbdError;
+use crate::source::{BlockSource, Changes, Extents};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// XenServer CBT granularity: one bit of `VDI.list_changed_blocks` per
+/// 64 KiB, whatever the repository's block size.
+pub const CBT_BLOCK_BYTES: u64 = 65536;
 
 /// Landmark map keys (stored in each committed snapshot).
 pub mod keys {
@@ -89,22 +92,14 @@ pub enum Previous {
     Landmark(String),
 }
 
-/// Which blocks to read.
-#[derive(Debug, Clone)]
-pub enum DiskChanges {
-    /// Exactly these 64 KiB blocks changed since the landmark (MSB first).
-    Since(Vec<u8>),
-    /// Read everything. `Some(reason)`: change tracking was lost.
-    Full(Option<String>),
-}
-
 /// A frozen disk, ready to be read and committed.
 pub struct FrozenDisk<'a> {
     pub vdi_uuid: String,
     pub name_label: String,
     pub identity: String,
     pub size_bytes: u64,
-    pub changes: DiskChanges,
+    /// What changed since the landmark, in bytes.
+    pub changes: Changes,
     pub source: &'a dyn BlockSource,
     /// To be stored in the committed snapshot (see [`keys`]).
     pub landmark: BTreeMap<String, String>,
@@ -112,36 +107,76 @@ pub struct FrozenDisk<'a> {
 
 /// The repository side of the workflow.
 pub trait Committer {
+    /// Why the repository side failed (its own typed error).
+    type Error: std::error::Error + Send + Sync + 'static;
     /// What the repository knows of this disk identity.
-    fn previous(&mut self, identity: &str) -> Result<Previous, BoxError>;
+    fn previous(&mut self, identity: &str) -> Result<Previous, Self::Error>;
     /// Reads and commits one disk; the snapshot object must carry
     /// `disk.landmark`. Called once per disk.
-    fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), BoxError>;
+    fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), Self::Error>;
     /// Stores a VM's metadata export (after its disks).
     fn commit_metadata(
         &mut self,
         identity: &str,
         tar: &[u8],
         landmark: BTreeMap<String, String>,
-    ) -> Result<(), BoxError>;
+    ) -> Result<(), Self::Error>;
     fn warn(&mut self, message: String);
     fn info(&mut self, message: String);
 }
 
-/// Which step failed, and why.
+/// Which step failed, and why. `E` is the [`Committer`]'s error.
 #[derive(Debug, thiserror::Error)]
-#[error("{step}: {source}")]
-pub struct WorkflowError {
-    pub step: String,
-    #[source]
-    pub source: BoxError,
+pub enum WorkflowError<E: std::error::Error + 'static> {
+    /// A XenAPI call or HTTP handler failed.
+    #[error("{step}: {source}")]
+    Host {
+        step: String,
+        #[source]
+        source: XenApiError,
+    },
+    /// The host's objects cannot be backed up as asked (why).
+    #[error("{step}: {reason}")]
+    Unusable { step: String, reason: String },
+    /// No NBD connection to a snapshot could be opened.
+    #[error("connect NBD for VDI {vdi}: {source}")]
+    Nbd {
+        vdi: String,
+        #[source]
+        source: NbdError,
+    },
+    /// The repository side failed; nothing more was committed.
+    #[error("{step}: {source}")]
+    Commit {
+        step: String,
+        #[source]
+        source: E,
+    },
 }
 
-fn step<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> WorkflowError {
-    let step = what.into();
-    move |e| WorkflowError {
-        step,
-        source: e.into(),
+/// Maps a XenAPI failure of `step`.
+fn on_host<E: std::error::Error + 'static>(
+    step: impl Into<String>,
+) -> impl FnOnce(XenApiError) -> WorkflowError<E> {
+    let step = step.into();
+    move |source| WorkflowError::Host { step, source }
+}
+
+/// Maps a repository-side failure of `step`.
+fn commit<E: std::error::Error + 'static>(
+    step: impl Into<String>,
+) -> impl FnOnce(E) -> WorkflowError<E> {
+    let step = step.into();
+    move |source| WorkflowError::Commit { step, source }
+}
+
+fn unusable<E: std::error::Error + 'static>(
+    step: impl Into<String>,
+    reason: impl Into<String>,
+) -> WorkflowError<E> {
+    WorkflowError::Unusable {
+        step: step.into(),
+        reason: reason.into(),
     }
 }
 
@@ -207,7 +242,7 @@ struct Disk {
     snapshot_ref: Option<String>,
     snapshot_uuid: String,
     snapshot_cbt: bool,
-    changes: Option<DiskChanges>,
+    changes: Option<Changes>,
     committed: bool,
 }
 
@@ -260,12 +295,12 @@ impl HostSide<'_> {
 }
 
 /// Runs one backup of `url` (a VDI or a VM) through `committer`.
-pub fn run(
+pub fn run<C: Committer>(
     session: &Session,
     url: &XenUrl,
     options: &WorkflowOptions,
-    committer: &mut dyn Committer,
-) -> Result<RunReport, WorkflowError> {
+    committer: &mut C,
+) -> Result<RunReport, WorkflowError<C::Error>> {
     let started = Instant::now();
     let mut host = HostSide {
         session,
@@ -276,7 +311,7 @@ pub fn run(
         XenObject::Vm => Some(
             session
                 .vm_by_uuid(&url.uuid)
-                .map_err(step("VM.get_by_uuid"))?,
+                .map_err(on_host("VM.get_by_uuid"))?,
         ),
         XenObject::Vdi => None,
     };
@@ -290,13 +325,13 @@ pub fn run(
         Some(_) => Some(
             session
                 .export_metadata(&url.uuid, options.metadata_limit_bytes)
-                .map_err(step("GET /export_metadata"))?,
+                .map_err(on_host("GET /export_metadata"))?,
         ),
         None => None,
     };
 
     // From the snapshot on, every exit path cleans up.
-    let result = (|| -> Result<(), WorkflowError> {
+    let result = (|| -> Result<(), WorkflowError<C::Error>> {
         take_snapshots(&mut host, vm_ref.as_deref(), &mut disks)?;
         // Every bitmap before any NBD connection to a snapshot.
         for d in disks.iter_mut() {
@@ -313,7 +348,7 @@ pub fn run(
             landmark.insert(keys::KIND.into(), "vm-metadata".into());
             committer
                 .commit_metadata(&url.vm_metadata_identity(&url.uuid), tar, landmark)
-                .map_err(step("commit the VM metadata"))?;
+                .map_err(commit("commit the VM metadata"))?;
         }
         Ok(())
     })();
@@ -356,9 +391,9 @@ pub fn run(
         }
         if d.committed {
             let (incremental, lost_reason) = match &d.changes {
-                Some(DiskChanges::Since(_)) => (true, None),
-                Some(DiskChanges::Full(r)) => (false, r.clone()),
-                None => (false, None),
+                Some(Changes::Since(_)) => (true, None),
+                Some(Changes::FullNeeded(r)) => (false, Some(r.clone())),
+                Some(Changes::Unknown) | None => (false, None),
             };
             reports.push(DiskReport {
                 vdi_uuid: d.record.uuid.clone(),
@@ -381,12 +416,12 @@ pub fn run(
 /// its data (its data_destroy failed) unless snapshot data is to be kept.
 /// Destroying a chain member merges its bitmap into its child (reference
 /// §2.8), so the chain stays whole.
-fn supersede(
+fn supersede<C: Committer>(
     host: &HostSide<'_>,
     old: &str,
     vdi_ref: &str,
     options: &WorkflowOptions,
-    committer: &mut dyn Committer,
+    committer: &mut C,
 ) {
     let s = host.session;
     let ok = match s.vdi_record(old) {
@@ -407,11 +442,11 @@ fn supersede(
     }
 }
 
-fn discover(
+fn discover<C: Committer>(
     session: &Session,
     url: &XenUrl,
-    committer: &mut dyn Committer,
-) -> Result<Vec<Disk>, WorkflowError> {
+    committer: &mut C,
+) -> Result<Vec<Disk>, WorkflowError<C::Error>> {
     let new_disk = |vdi_ref: String, record: VdiRecord| Disk {
         identity: url.disk_identity(&record.uuid),
         vdi_ref,
@@ -430,33 +465,43 @@ fn discover(
         XenObject::Vdi => {
             let r = session
                 .vdi_by_uuid(&url.uuid)
-                .map_err(step(format!("find VDI {}", url.uuid)))?;
-            let rec = session.vdi_record(&r).map_err(step("VDI.get_record"))?;
+                .map_err(on_host(format!("find VDI {}", url.uuid)))?;
+            let rec = session.vdi_record(&r).map_err(on_host("VDI.get_record"))?;
             if rec.is_a_snapshot {
-                return Err(step("check the VDI")(format!(
-                    "VDI {} is a snapshot; name the live VDI (its snapshot_of)",
-                    rec.uuid
-                )));
+                return Err(unusable(
+                    "check the VDI",
+                    format!(
+                        "VDI {} is a snapshot; name the live VDI (its snapshot_of)",
+                        rec.uuid
+                    ),
+                ));
             }
             if rec.vdi_type != "user" && rec.vdi_type != "system" {
-                return Err(step("check the VDI")(format!(
-                    "VDI {} has type '{}'; only user and system disks are backed up",
-                    rec.uuid, rec.vdi_type
-                )));
+                return Err(unusable(
+                    "check the VDI",
+                    format!(
+                        "VDI {} has type '{}'; only user and system disks are backed up",
+                        rec.uuid, rec.vdi_type
+                    ),
+                ));
             }
             disks.push(new_disk(r, rec));
         }
         XenObject::Vm => {
             let vm = session
                 .vm_by_uuid(&url.uuid)
-                .map_err(step(format!("find VM {}", url.uuid)))?;
+                .map_err(on_host(format!("find VM {}", url.uuid)))?;
             let mut found = Vec::new();
-            for vbd in session.vm_vbds(&vm).map_err(step("VM.get_VBDs"))? {
-                let b = session.vbd_record(&vbd).map_err(step("VBD.get_record"))?;
+            for vbd in session.vm_vbds(&vm).map_err(on_host("VM.get_VBDs"))? {
+                let b = session
+                    .vbd_record(&vbd)
+                    .map_err(on_host("VBD.get_record"))?;
                 if b.vbd_type != "Disk" || b.vdi == NULL_REF || b.vdi.is_empty() {
                     continue;
                 }
-                let rec = session.vdi_record(&b.vdi).map_err(step("VDI.get_record"))?;
+                let rec = session
+                    .vdi_record(&b.vdi)
+                    .map_err(on_host("VDI.get_record"))?;
                 if rec.vdi_type != "user" && rec.vdi_type != "system" {
                     committer.info(format!(
                         "skipping VDI {} of type '{}'",
@@ -474,10 +519,10 @@ fn discover(
                 disks.push(new_disk(r, rec));
             }
             if disks.is_empty() {
-                return Err(step("find the VM's disks")(format!(
-                    "VM {} has no user or system disk",
-                    url.uuid
-                )));
+                return Err(unusable(
+                    "find the VM's disks",
+                    format!("VM {} has no user or system disk", url.uuid),
+                ));
             }
         }
     }
@@ -485,20 +530,20 @@ fn discover(
 }
 
 /// Checks CBT and the repository's landmark; enables CBT when asked.
-fn prepare_cbt(
+fn prepare_cbt<C: Committer>(
     session: &Session,
     d: &mut Disk,
     options: &WorkflowOptions,
-    committer: &mut dyn Committer,
-) -> Result<(), WorkflowError> {
+    committer: &mut C,
+) -> Result<(), WorkflowError<C::Error>> {
     let previous = committer
         .previous(&d.identity)
-        .map_err(step("read the previous backup"))?;
+        .map_err(commit("read the previous backup"))?;
     let uuid = d.record.uuid.clone();
     let cbt = match session.vdi_cbt_enabled(&d.vdi_ref) {
         Ok(b) => Some(b),
         Err(e) if e.is_code("MESSAGE_METHOD_UNKNOWN") => None,
-        Err(e) => return Err(step("VDI.get_cbt_enabled")(e)),
+        Err(e) => return Err(on_host("VDI.get_cbt_enabled")(e)),
     };
     let had_backup = !matches!(previous, Previous::None);
     let lost = |why: String| if had_backup { Some(why) } else { None };
@@ -518,7 +563,7 @@ fn prepare_cbt(
             if options.enable_cbt {
                 session
                     .vdi_enable_cbt(&d.vdi_ref)
-                    .map_err(step(format!("VDI.enable_cbt on {uuid}")))?;
+                    .map_err(on_host(format!("VDI.enable_cbt on {uuid}")))?;
                 committer.info(format!("enabled changed block tracking on VDI {uuid}"));
                 d.full_reason = Some(lost(format!(
                     "changed block tracking was disabled on VDI {uuid} (by a user, or by the host after a crash); enabled it again"
@@ -540,18 +585,18 @@ fn prepare_cbt(
     Ok(())
 }
 
-fn take_snapshots(
-    host: &mut HostSide<'_>,
+fn take_snapshots<E: std::error::Error + 'static>(
+    side: &mut HostSide<'_>,
     vm_ref: Option<&str>,
     disks: &mut [Disk],
-) -> Result<(), WorkflowError> {
-    let s = host.session;
+) -> Result<(), WorkflowError<E>> {
+    let s = side.session;
     match vm_ref {
         None => {
             let d = &mut disks[0];
             let snap = s
                 .vdi_snapshot(&d.vdi_ref)
-                .map_err(step(format!("VDI.snapshot of {}", d.record.uuid)))?;
+                .map_err(on_host(format!("VDI.snapshot of {}", d.record.uuid)))?;
             d.snapshot_ref = Some(snap);
         }
         Some(vm) => {
@@ -559,26 +604,26 @@ fn take_snapshots(
                 "cbtvault {}",
                 chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
             );
-            let snap_vm = s.vm_snapshot(vm, &name).map_err(step("VM.snapshot"))?;
-            host.snapshot_vm = Some(snap_vm.clone());
+            let snap_vm = s.vm_snapshot(vm, &name).map_err(on_host("VM.snapshot"))?;
+            side.snapshot_vm = Some(snap_vm.clone());
             for vbd in s
                 .vm_vbds(&snap_vm)
-                .map_err(step("VM.get_VBDs of the snapshot"))?
+                .map_err(on_host("VM.get_VBDs of the snapshot"))?
             {
-                let b = s.vbd_record(&vbd).map_err(step("VBD.get_record"))?;
+                let b = s.vbd_record(&vbd).map_err(on_host("VBD.get_record"))?;
                 if b.vdi == NULL_REF || b.vdi.is_empty() {
                     continue;
                 }
-                let rec = s.vdi_record(&b.vdi).map_err(step("VDI.get_record"))?;
+                let rec = s.vdi_record(&b.vdi).map_err(on_host("VDI.get_record"))?;
                 if let Some(d) = disks.iter_mut().find(|d| d.vdi_ref == rec.snapshot_of) {
                     d.snapshot_ref = Some(b.vdi.clone());
                 }
             }
             if let Some(d) = disks.iter().find(|d| d.snapshot_ref.is_none()) {
-                return Err(step("VM.snapshot")(format!(
-                    "the snapshot has no disk for VDI {}",
-                    d.record.uuid
-                )));
+                return Err(unusable(
+                    "VM.snapshot",
+                    format!("the snapshot has no disk for VDI {}", d.record.uuid),
+                ));
             }
         }
     }
@@ -588,7 +633,7 @@ fn take_snapshots(
         };
         let rec = s
             .vdi_record(snap)
-            .map_err(step("VDI.get_record of the snapshot"))?;
+            .map_err(on_host("VDI.get_record of the snapshot"))?;
         if rec.virtual_size != d.record.virtual_size {
             // Resized between the record and the snapshot: use the snapshot's.
             d.record.virtual_size = rec.virtual_size;
@@ -600,20 +645,26 @@ fn take_snapshots(
 }
 
 /// `list_changed_blocks(landmark, snapshot)` or the reason for a full read.
-fn changes_of(session: &Session, d: &mut Disk) -> Result<(), WorkflowError> {
+fn changes_of<E: std::error::Error + 'static>(
+    session: &Session,
+    d: &mut Disk,
+) -> Result<(), WorkflowError<E>> {
     if let Some(reason) = &d.full_reason {
-        d.changes = Some(DiskChanges::Full(reason.clone()));
+        d.changes = Some(match reason {
+            Some(why) => Changes::FullNeeded(why.clone()),
+            None => Changes::Unknown,
+        });
         return Ok(());
     }
     let Some(landmark) = d.landmark.clone() else {
-        d.changes = Some(DiskChanges::Full(None));
+        d.changes = Some(Changes::Unknown);
         return Ok(());
     };
     let Some(snap) = d.snapshot_ref.clone() else {
-        return Err(step("list changed blocks")("no snapshot"));
+        return Err(unusable("list changed blocks", "no snapshot"));
     };
     let uuid = &d.record.uuid;
-    let lost = |why: String| Some(DiskChanges::Full(Some(why)));
+    let lost = |why: String| Some(Changes::FullNeeded(why));
     let from = match session.vdi_by_uuid(&landmark) {
         Ok(r) => r,
         Err(e) if e.is_code("UUID_INVALID") => {
@@ -622,12 +673,20 @@ fn changes_of(session: &Session, d: &mut Disk) -> Result<(), WorkflowError> {
             ));
             return Ok(());
         }
-        Err(e) => return Err(step("VDI.get_by_uuid of the landmark")(e)),
+        Err(e) => return Err(on_host("VDI.get_by_uuid of the landmark")(e)),
     };
     d.landmark_ref = Some(from.clone());
-    let expected = d.record.virtual_size.div_ceil(65536).div_ceil(8);
+    let size = d.record.virtual_size;
+    let expected = size.div_ceil(CBT_BLOCK_BYTES).div_ceil(8);
     d.changes = match session.list_changed_blocks(&from, &snap) {
-        Ok(bits) if bits.len() as u64 == expected => Some(DiskChanges::Since(bits)),
+        Ok(bits) if bits.len() as u64 == expected => {
+            match Extents::from_bitmap(&bits, CBT_BLOCK_BYTES, size) {
+                Ok(extents) => Some(Changes::Since(extents)),
+                Err(e) => lost(format!(
+                    "VDI.list_changed_blocks for VDI {uuid} returned an unusable bitmap: {e}"
+                )),
+            }
+        }
         Ok(bits) => lost(format!(
             "VDI.list_changed_blocks for VDI {uuid} returned {} bitmap bytes where its size needs {expected}",
             bits.len()
@@ -636,31 +695,31 @@ fn changes_of(session: &Session, d: &mut Disk) -> Result<(), WorkflowError> {
             "changed block tracking of VDI {uuid} since snapshot {landmark} is lost: {}",
             describe(&e)
         )),
-        Err(e) => return Err(step(format!("VDI.list_changed_blocks for {uuid}"))(e)),
+        Err(e) => return Err(on_host(format!("VDI.list_changed_blocks for {uuid}"))(e)),
     };
-    if let Some(DiskChanges::Full(Some(_))) = &d.changes {
+    if let Some(Changes::FullNeeded(_)) = &d.changes {
         // The old landmark is useless now; it is not ours to delete unless superseded.
         d.landmark_ref = None;
     }
     Ok(())
 }
 
-fn read_and_commit(
+fn read_and_commit<C: Committer>(
     session: &Session,
     url: &XenUrl,
     options: &WorkflowOptions,
     vm_backup: Option<&str>,
     d: &mut Disk,
-    committer: &mut dyn Committer,
-) -> Result<(), WorkflowError> {
+    committer: &mut C,
+) -> Result<(), WorkflowError<C::Error>> {
     let Some(snap) = d.snapshot_ref.clone() else {
-        return Err(step("read the snapshot")("no snapshot"));
+        return Err(unusable("read the snapshot", "no snapshot"));
     };
     let uuid = d.record.uuid.clone();
     let entries: Vec<NbdInfo> = match session.vdi_nbd_info(&snap) {
         Ok(e) => e,
         Err(e) if e.is_code("MESSAGE_METHOD_UNKNOWN") => Vec::new(),
-        Err(e) => return Err(step(format!("VDI.get_nbd_info for {uuid}"))(e)),
+        Err(e) => return Err(on_host(format!("VDI.get_nbd_info for {uuid}"))(e)),
     };
     let mut landmark = BTreeMap::new();
     landmark.insert(keys::HOST.to_string(), url.authority());
@@ -673,18 +732,18 @@ fn read_and_commit(
         landmark.insert(keys::VM.to_string(), url.uuid.clone());
         landmark.insert(keys::VM_BACKUP.to_string(), id.to_string());
     }
-    let mut changes = d.changes.clone().unwrap_or(DiskChanges::Full(None));
+    let mut changes = d.changes.clone().unwrap_or(Changes::Unknown);
     let size = d.record.virtual_size;
     let source: Box<dyn BlockSource> = if entries.is_empty() {
         committer.warn(format!(
             "VDI.get_nbd_info returned no NBD server for VDI {uuid} (no network with purpose nbd): reading it with /export_raw_vdi, in full"
         ));
-        if let DiskChanges::Since(_) = changes {
+        if let Changes::Since(_) = changes {
             // The export streams the whole disk: tell the truth about it.
-            changes = DiskChanges::Full(Some(
+            changes = Changes::FullNeeded(
                 "no NBD network on the host: the disk was exported in full with /export_raw_vdi"
                     .into(),
-            ));
+            );
         }
         landmark.insert(keys::READ_VIA.to_string(), "export_raw_vdi".into());
         Box::new(
@@ -695,12 +754,15 @@ fn read_and_commit(
                 size,
                 &options.spool_dir,
             )
-            .map_err(step(format!("GET /export_raw_vdi of {uuid}")))?,
+            .map_err(on_host(format!("GET /export_raw_vdi of {uuid}")))?,
         )
     } else {
         landmark.insert(keys::READ_VIA.to_string(), "nbd".into());
         let set = NbdSet::connect(&entries, d.identity.clone(), size, options.nbd_connections)
-            .map_err(step(format!("connect NBD for VDI {uuid}")))?;
+            .map_err(|source| WorkflowError::Nbd {
+                vdi: uuid.clone(),
+                source,
+            })?;
         Box::new(set)
     };
     d.changes = Some(changes.clone());
@@ -715,7 +777,7 @@ fn read_and_commit(
     });
     // Disconnect NBD (or drop the spool file) before anything else.
     drop(source);
-    result.map_err(step(format!("back up VDI {uuid}")))?;
+    result.map_err(commit(format!("back up VDI {uuid}")))?;
     d.committed = true;
     Ok(())
 }

@@ -1,0 +1,265 @@
+//! Parsed arguments -> validated options: every check that needs no I/O
+//! happens here, before any work starts, and the commands receive plain
+//! `*Options` values that know nothing of clap.
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    BackupArgs, CatArgs, CheckArgs, DemoArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, ServeArgs,
+    SimArgs, UnlockArgs, XenArgs,
+};
+use crate::commands::backup::{
+    BackupOptions, BackupSource, NbdOptions, SnapshotOptions, XenOptions,
+};
+use crate::commands::check::CheckOptions;
+use crate::commands::demo::DemoOptions;
+use crate::commands::inspect::{CatOptions, DiffOptions, UnlockOptions};
+use crate::commands::serve::ServeOptions;
+use crate::commands::sim::SimHostOptions;
+use crate::commands::SnapshotFilter;
+use crate::repo::backup::plan::ParentRequest;
+use crate::repo::check::DataSubset;
+use crate::repo::InitOptions;
+use crate::source::nbd::NbdUri;
+use crate::source::xenapi::XenUrl;
+
+impl From<&FilterArgs> for SnapshotFilter {
+    fn from(a: &FilterArgs) -> Self {
+        SnapshotFilter {
+            source: a.source.clone(),
+            tags: a.tags.clone(),
+        }
+    }
+}
+
+impl From<&XenArgs> for XenOptions {
+    fn from(a: &XenArgs) -> Self {
+        XenOptions {
+            user: a.user.clone(),
+            password_file: a.password_file.clone(),
+            ca_file: a.ca_file.clone(),
+            fingerprint: a.fingerprint.clone(),
+            insecure: a.insecure,
+            enable_cbt: !a.no_enable_cbt,
+            keep_snapshot_data: a.keep_snapshot_data,
+        }
+    }
+}
+
+impl From<&NbdArgs> for NbdOptions {
+    fn from(a: &NbdArgs) -> Self {
+        NbdOptions {
+            tls_ca: a.tls_ca.clone(),
+            tls_cert_pin: a.tls_cert_pin.clone(),
+            tls_name: a.tls_name.clone(),
+            connections: a.nbd_connections.max(1),
+        }
+    }
+}
+
+pub fn init(a: &InitArgs) -> Result<InitOptions> {
+    if !(1..=22).contains(&a.compression_level) {
+        bail!("--compression-level {} outside 1..=22", a.compression_level);
+    }
+    Ok(InitOptions {
+        block_size: a.block_size,
+        compression_level: a.compression_level,
+        pack_size_target_bytes: a.pack_size_mib.max(1) << 20,
+    })
+}
+
+fn is_nbd_uri(s: &str) -> bool {
+    ["nbd://", "nbds://", "nbd+unix://", "nbds+unix://"]
+        .iter()
+        .any(|p| s.starts_with(p))
+}
+
+pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
+    if a.full && a.changed_blocks.is_some() {
+        bail!("--full reads every block; it cannot be combined with --changed-blocks");
+    }
+    if a.full_every == Some(0) {
+        bail!("--full-every must be at least 1");
+    }
+    let parent = match (&a.parent, a.full) {
+        (_, true) => ParentRequest::NoParent,
+        (Some(query), false) => ParentRequest::Named(query.clone()),
+        (None, false) => ParentRequest::Newest,
+    };
+    let snapshot = SnapshotOptions {
+        parent,
+        full_every: a.full_every,
+        tags: a.tags.clone(),
+    };
+    let source = if XenUrl::is_xen(&a.source) {
+        if a.changed_blocks.is_some() || a.dirty_bitmap.is_some() || a.parent.is_some() {
+            bail!("--changed-blocks, --dirty-bitmap and --parent do not apply to xen:// sources: the host tracks changes");
+        }
+        if a.source_id.is_some() {
+            bail!("--source-id does not apply to xen:// sources: disks are identified by host and VDI uuid");
+        }
+        BackupSource::Xen {
+            url: XenUrl::parse(&a.source)?,
+            xen: (&a.xen).into(),
+            nbd_connections: a.nbd.nbd_connections.max(1),
+        }
+    } else if is_nbd_uri(&a.source) {
+        if a.changed_blocks.is_some() {
+            bail!("--changed-blocks applies to image files; for NBD use --dirty-bitmap");
+        }
+        BackupSource::Nbd {
+            uri: NbdUri::parse(&a.source)?,
+            text: a.source.clone(),
+            dirty_bitmap: a.dirty_bitmap.clone(),
+            nbd: (&a.nbd).into(),
+            source_id: a.source_id.clone(),
+        }
+    } else {
+        if a.dirty_bitmap.is_some() {
+            bail!("--dirty-bitmap applies to NBD sources");
+        }
+        BackupSource::File {
+            path: a.source.clone().into(),
+            changed_blocks: a.changed_blocks.clone(),
+            source_id: a.source_id.clone(),
+        }
+    };
+    Ok(BackupOptions { source, snapshot })
+}
+
+/// `N%` or `n/t`.
+fn parse_subset(s: &str) -> Result<DataSubset> {
+    if let Some(p) = s.strip_suffix('%') {
+        let p: f64 = p
+            .trim()
+            .parse()
+            .with_context(|| format!("'{s}' is not a percentage"))?;
+        if !(p > 0.0 && p <= 100.0) {
+            bail!("--read-data-subset '{s}': percentage must be in (0, 100]");
+        }
+        return Ok(DataSubset::Percent(p));
+    }
+    if let Some((n, t)) = s.split_once('/') {
+        let n: u32 = n
+            .trim()
+            .parse()
+            .with_context(|| format!("'{s}': n is not a number"))?;
+        let t: u32 = t
+            .trim()
+            .parse()
+            .with_context(|| format!("'{s}': t is not a number"))?;
+        if n == 0 || t == 0 || n > t {
+            bail!("--read-data-subset '{s}': need 1 <= n <= t");
+        }
+        return Ok(DataSubset::Part { n, t });
+    }
+    bail!("--read-data-subset '{s}': use N% or n/t")
+}
+
+pub fn check(a: &CheckArgs) -> Result<CheckOptions> {
+    let read_data = match (&a.read_data_subset, a.read_data) {
+        (Some(s), _) => Some(parse_subset(s)?),
+        (None, true) => Some(DataSubset::All),
+        (None, false) => None,
+    };
+    Ok(CheckOptions { read_data })
+}
+
+pub fn cat(a: &CatArgs) -> Result<CatOptions> {
+    match (a.kind.as_str(), &a.id) {
+        ("config", _) => Ok(CatOptions::Config),
+        ("snapshot", Some(id)) => Ok(CatOptions::Snapshot(id.clone())),
+        ("snapshot", None) => bail!("cat snapshot needs a snapshot id"),
+        (other, _) => bail!("cannot cat '{other}': use config or snapshot"),
+    }
+}
+
+pub fn diff(a: &DiffArgs) -> DiffOptions {
+    DiffOptions {
+        a: a.a.clone(),
+        b: a.b.clone(),
+    }
+}
+
+pub fn unlock(a: &UnlockArgs) -> UnlockOptions {
+    UnlockOptions {
+        remove_all: a.remove_all,
+    }
+}
+
+pub fn serve(a: &ServeArgs) -> ServeOptions {
+    ServeOptions {
+        snapshot: a.snapshot.clone(),
+        listen: a.listen.clone(),
+        socket: a.socket.clone(),
+        export_name: a.export_name.clone(),
+        tls_cert: a.tls_cert.clone(),
+        tls_key: a.tls_key.clone(),
+        filter: (&a.filter).into(),
+    }
+}
+
+pub fn demo(a: &DemoArgs) -> DemoOptions {
+    DemoOptions {
+        size_mib: a.size_mib.max(1),
+        dir: a.dir.clone(),
+    }
+}
+
+pub fn sim(a: &SimArgs) -> SimHostOptions {
+    SimHostOptions {
+        dir: a.dir.clone(),
+        listen: a.listen.clone(),
+        nbd_listen: a.nbd_listen.clone(),
+        user: a.user.clone(),
+        password_env: a.password_env.clone(),
+        hostname: a.hostname.clone(),
+        disk_mib: a.disk_mib.clone(),
+        legacy_host: a.legacy_host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn backup_of(args: &[&str]) -> Result<BackupOptions> {
+        let cli =
+            super::super::Cli::try_parse_from(["cbtvault", "backup"].iter().chain(args.iter()))
+                .expect("clap accepts it");
+        match cli.command {
+            super::super::Command::Backup(a) => backup(&a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn backup_flags_that_do_not_fit_the_source_are_refused() {
+        for args in [
+            &["disk.img", "--dirty-bitmap", "b"][..],
+            &["nbd://h/e", "--changed-blocks", "f"],
+            &["xen://h/vdi/u", "--parent", "abc"],
+            &["xen://h/vdi/u", "--source-id", "x"],
+            &["disk.img", "--full", "--changed-blocks", "f"],
+            &["disk.img", "--full-every", "0"],
+        ] {
+            assert!(backup_of(args).is_err(), "{args:?} was accepted");
+        }
+        let o = backup_of(&["disk.img", "--full"]).unwrap();
+        assert_eq!(o.snapshot.parent, ParentRequest::NoParent);
+        assert!(matches!(o.source, BackupSource::File { .. }));
+    }
+
+    #[test]
+    fn read_data_subset_forms() {
+        assert_eq!(parse_subset("10%").unwrap(), DataSubset::Percent(10.0));
+        assert_eq!(
+            parse_subset("2/5").unwrap(),
+            DataSubset::Part { n: 2, t: 5 }
+        );
+        for bad in ["0%", "101%", "0/3", "4/3", "x", "1/x"] {
+            assert!(parse_subset(bad).is_err(), "{bad}");
+        }
+    }
+}

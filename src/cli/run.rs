@@ -1,0 +1,50 @@
+//! The dispatch: one parsed command line -> its options -> its command.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use super::{options, Cli, Command, RepairCommand};
+use crate::commands::{self, backup, check, demo, inspect, open, restore, serve, sim, Outcome};
+use crate::output::Ui;
+
+/// Runs the command `cli` names. Options are validated before the
+/// repository is opened or anything else is done.
+pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
+    let repo_path = || -> Result<PathBuf> {
+        cli.repo
+            .clone()
+            .context("no repository given: use -r/--repo or set CBTVAULT_REPOSITORY")
+    };
+    match &cli.command {
+        Command::Init(a) => {
+            let o = options::init(a)?;
+            inspect::init(ui, &repo_path()?, &o)
+        }
+        Command::Backup(a) => {
+            let o = options::backup(a)?;
+            backup::run(ui, &open(ui, &repo_path()?)?, &o)
+        }
+        Command::Snapshots(f) => inspect::snapshots(
+            ui,
+            &open(ui, &repo_path()?)?,
+            &commands::SnapshotFilter::from(f),
+        ),
+        Command::Restore(a) => restore::run(ui, &open(ui, &repo_path()?)?, a),
+        Command::Check(a) => {
+            let o = options::check(a)?;
+            check::run(ui, &open(ui, &repo_path()?)?, &o)
+        }
+        Command::Cat(a) => {
+            let o = options::cat(a)?;
+            inspect::cat(ui, &open(ui, &repo_path()?)?, &o)
+        }
+        Command::Diff(a) => inspect::diff(ui, &open(ui, &repo_path()?)?, &options::diff(a)),
+        Command::Stats => inspect::stats(ui, &open(ui, &repo_path()?)?),
+        Command::Unlock(a) => inspect::unlock(ui, &open(ui, &repo_path()?)?, &options::unlock(a)),
+        Command::Repair(RepairCommand::Index) => check::repair_index(ui, &repo_path()?),
+        Command::Serve(a) => serve::run(ui, open(ui, &repo_path()?)?, &options::serve(a)),
+        Command::Demo(a) => demo::run(ui, &options::demo(a)),
+        Command::Sim(a) => sim::run(ui, &options::sim(a)),
+    }
+}

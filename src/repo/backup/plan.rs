@@ -1,0 +1,371 @@
+//! Backup planning: which snapshot a backup layers on, and which blocks it
+//! reads, takes from the parent, or knows to be zero. Turns the parent
+//! snapshot, what the source says changed ([`Changes`]) and what it says
+//! holds data into a [`BackupPlan`] for the pipeline. Reads snapshot objects
+//! but writes nothing and prints nothing: what the user must be told comes
+//! back in [`BackupPlan::warnings`] and [`BackupPlan::new_set_reason`].
+//!
+//! Lost change tracking, and a parent whose chain is gone, are normal
+//! events: a new backup set with a full read, said loudly (DESIGN.md
+//! invariant 6). spec: format-spec/03-snapshot.md#sets
+
+use std::collections::BTreeMap;
+
+use super::bitmap::BlockBitmap;
+use crate::format::snapshot::{block_count, SnapshotMeta, SnapshotObject};
+use crate::manifest::{self, BlockMap};
+use crate::repo::{RepoError, Repository};
+use crate::source::{Changes, Extents};
+
+/// The parent a new snapshot is layered on.
+pub struct ParentInfo {
+    pub meta: SnapshotMeta,
+    pub map: BlockMap,
+    /// Manifests between the parent and the last full one.
+    pub depth: u32,
+}
+
+/// Everything decided before the pipeline runs.
+pub struct BackupPlan {
+    pub parent: Option<ParentInfo>,
+    /// Blocks to read; `None` reads every block. A block neither read nor
+    /// in `known_zero` is taken from the parent (zero without one).
+    pub read: Option<BlockBitmap>,
+    /// Blocks known to be zero without reading them (e.g. NBD block status).
+    pub known_zero: Option<BlockBitmap>,
+    /// The change bitmap that produced this backup, kept with the snapshot.
+    pub change_bitmap: Option<BlockBitmap>,
+    /// Write a full manifest while continuing the parent's backup set.
+    pub synthetic_full: bool,
+    pub tags: Vec<String>,
+    pub hostname: String,
+    pub landmark: BTreeMap<String, String>,
+    /// Why a new backup set starts (no parent), for the snapshot and output.
+    pub new_set_reason: Option<String>,
+    /// What the user must be told before the backup runs, in order.
+    pub warnings: Vec<String>,
+}
+
+/// Which snapshot a backup may layer on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentRequest {
+    /// The newest snapshot of the same source identity.
+    Newest,
+    /// This snapshot (an id or unique prefix), whatever its source.
+    Named(String),
+    /// None: a new backup set (`--full`).
+    NoParent,
+}
+
+/// What looking for the parent found.
+pub enum ParentLookup {
+    Found(Box<ParentInfo>),
+    /// No parent: a new backup set starts, for this reason. `lost`: the
+    /// backup was expected to continue a set (change tracking lost, or the
+    /// parent's chain broken), so the user is warned.
+    NewSet {
+        reason: String,
+        lost: bool,
+    },
+}
+
+/// Finds and loads the parent of a backup of `identity` that saw
+/// `changes`. A named parent that cannot be loaded is an error (the user
+/// asked for it); the newest snapshot of the source whose chain is broken
+/// (a snapshot of it deleted or unreadable) starts a new set instead.
+pub fn find_parent(
+    repo: &Repository,
+    identity: &str,
+    request: &ParentRequest,
+    changes: &Changes,
+) -> Result<ParentLookup, RepoError> {
+    let new_set = |reason: String, lost: bool| Ok(ParentLookup::NewSet { reason, lost });
+    let candidate = match request {
+        ParentRequest::NoParent => {
+            return new_set("full backup requested (--full)".to_string(), false)
+        }
+        ParentRequest::Named(query) => repo.find_snapshot(query)?,
+        ParentRequest::Newest => match repo
+            .snapshots()?
+            .into_iter()
+            .rfind(|s| s.meta.source == identity)
+        {
+            Some(s) => s,
+            None => return new_set("first backup of this source".to_string(), false),
+        },
+    };
+    if let Changes::FullNeeded(reason) = changes {
+        return new_set(reason.clone(), true);
+    }
+    if candidate.meta.block_size != repo.config().block_size {
+        return Err(RepoError::Invalid(format!(
+            "parent {} uses another block size",
+            candidate.meta.id
+        )));
+    }
+    let id = candidate.meta.id;
+    let chain = match repo.load_chain(id) {
+        Ok(chain) => chain,
+        Err(RepoError::SnapshotNotFound { query }) if *request == ParentRequest::Newest => {
+            return new_set(
+                format!(
+                    "the parent chain of snapshot {} (the last backup of '{identity}') is broken: snapshot {query} is gone (deleted or unreadable)",
+                    id.short()
+                ),
+                true,
+            );
+        }
+        Err(e) => {
+            return Err(RepoError::Invalid(format!(
+                "load parent snapshot {id}: {e}; back up with --full to start a new backup set"
+            )))
+        }
+    };
+    let refs: Vec<&SnapshotObject> = chain.iter().collect();
+    Ok(ParentLookup::Found(Box::new(ParentInfo {
+        map: manifest::resolve(&refs),
+        depth: chain.len() as u32 - 1,
+        meta: candidate.meta,
+    })))
+}
+
+/// What is recorded with the snapshot besides its blocks.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Write a synthetic full once the chain since the last full reaches
+    /// this many snapshots.
+    pub full_every: Option<u32>,
+    pub tags: Vec<String>,
+    pub hostname: String,
+    pub landmark: BTreeMap<String, String>,
+}
+
+/// The disk being backed up, as its source describes it.
+pub struct SourceDisk<'a> {
+    pub identity: &'a str,
+    pub size_bytes: u64,
+    pub changes: Changes,
+    /// Bytes that may hold data (NBD `base:allocation`), when the source can
+    /// tell; everything else reads as zero.
+    pub allocated: Option<Extents>,
+}
+
+/// Decides what a backup of `disk` reads, given the parent lookup.
+pub fn plan(
+    parent: ParentLookup,
+    disk: SourceDisk<'_>,
+    block_size: u32,
+    options: &PlanOptions,
+) -> BackupPlan {
+    let disk_size = disk.size_bytes;
+    let blocks = block_count(disk_size, block_size);
+    let mut warnings = Vec::new();
+    let mut new_set_reason = None;
+    let mut lost = false;
+    let parent = match parent {
+        ParentLookup::Found(p) => Some(*p),
+        ParentLookup::NewSet { reason, lost: l } => {
+            if l {
+                warnings.push(format!(
+                    "{reason}; starting a new backup set with a full read"
+                ));
+            }
+            lost = l;
+            new_set_reason = Some(reason);
+            None
+        }
+    };
+    let nonzero = disk
+        .allocated
+        .as_ref()
+        .map(|a| BlockBitmap::covering(a, block_size, blocks));
+    let (mut read, known_zero, change_bitmap) = match (&parent, disk.changes) {
+        (Some(_), Changes::Since(extents)) => {
+            let changed = BlockBitmap::covering(&extents, block_size, blocks);
+            match &nonzero {
+                Some(nz) => (
+                    Some(changed.and(nz)),
+                    Some(changed.and(&nz.not())),
+                    Some(changed),
+                ),
+                None => (Some(changed.clone()), None, Some(changed)),
+            }
+        }
+        (None, Changes::Since(_)) => {
+            if !lost {
+                warnings.push(format!(
+                    "no parent snapshot of '{}': a change bitmap alone cannot describe the disk; reading every block",
+                    disk.identity
+                ));
+            }
+            (nonzero, None, None)
+        }
+        (_, _) => {
+            let zero = nonzero.as_ref().map(BlockBitmap::not);
+            (nonzero, zero, None)
+        }
+    };
+    // A size change leaves a partial block at the old or the new end whose
+    // stored bytes no longer describe it: always read those blocks again.
+    if let (Some(p), Some(read)) = (&parent, read.as_mut()) {
+        if p.meta.disk_size_bytes != disk_size {
+            let bs = block_size as u64;
+            for end in [disk_size, p.meta.disk_size_bytes] {
+                if end > 0 {
+                    read.set((end - 1) / bs);
+                }
+            }
+        }
+    }
+    let synthetic_full = match (&parent, options.full_every) {
+        (Some(p), Some(n)) => p.depth + 1 >= n,
+        _ => false,
+    };
+    BackupPlan {
+        parent,
+        read,
+        known_zero,
+        change_bitmap,
+        synthetic_full,
+        tags: options.tags.clone(),
+        hostname: options.hostname.clone(),
+        landmark: options.landmark.clone(),
+        new_set_reason,
+        warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::SnapshotId;
+
+    const BS: u32 = 65536;
+
+    fn parent(size: u64, depth: u32) -> ParentLookup {
+        let id = SnapshotId([7; 16]);
+        ParentLookup::Found(Box::new(ParentInfo {
+            meta: SnapshotMeta {
+                id,
+                generation: 0,
+                time: chrono::Utc::now(),
+                hostname: "h".into(),
+                source: "file:/d".into(),
+                disk_size_bytes: size,
+                block_size: BS,
+                parent: None,
+                backup_set: id,
+                tags: vec![],
+                landmark: BTreeMap::new(),
+                read_mode: crate::format::snapshot::ReadMode::All,
+                new_set_reason: None,
+            },
+            map: BlockMap {
+                disk_size_bytes: size,
+                block_size: BS,
+                data: Vec::new(),
+            },
+            depth,
+        }))
+    }
+
+    fn disk(size: u64, changes: Changes) -> SourceDisk<'static> {
+        SourceDisk {
+            identity: "file:/d",
+            size_bytes: size,
+            changes,
+            allocated: None,
+        }
+    }
+
+    fn since(ranges: &[(u64, u64)], size: u64) -> Changes {
+        Changes::Since(Extents::from_ranges(ranges.iter().copied(), size))
+    }
+
+    #[test]
+    fn changed_extents_are_read_and_kept_as_the_bitmap() {
+        let size = 10 * BS as u64;
+        let p = plan(
+            parent(size, 0),
+            disk(size, since(&[(BS as u64 * 3 + 5, 2 * BS as u64)], size)),
+            BS,
+            &PlanOptions::default(),
+        );
+        assert!(p.parent.is_some() && p.new_set_reason.is_none() && p.warnings.is_empty());
+        let read: Vec<u64> = p.read.unwrap().iter().collect();
+        assert_eq!(read, vec![3, 4, 5]);
+        assert_eq!(p.change_bitmap.unwrap().count(), 3);
+    }
+
+    #[test]
+    fn allocation_splits_changes_into_read_and_known_zero() {
+        let size = 8 * BS as u64;
+        let mut d = disk(size, since(&[(0, 4 * BS as u64)], size));
+        d.allocated = Some(Extents::from_ranges([(BS as u64, BS as u64)], size));
+        let p = plan(parent(size, 0), d, BS, &PlanOptions::default());
+        assert_eq!(p.read.unwrap().iter().collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            p.known_zero.unwrap().iter().collect::<Vec<_>>(),
+            vec![0, 2, 3]
+        );
+    }
+
+    #[test]
+    fn lost_tracking_starts_a_new_set_with_a_warning() {
+        let size = 4 * BS as u64;
+        let p = plan(
+            ParentLookup::NewSet {
+                reason: "bitmap gone".into(),
+                lost: true,
+            },
+            disk(size, Changes::Unknown),
+            BS,
+            &PlanOptions::default(),
+        );
+        assert!(p.parent.is_none() && p.read.is_none());
+        assert_eq!(p.new_set_reason.as_deref(), Some("bitmap gone"));
+        assert_eq!(p.warnings.len(), 1);
+    }
+
+    #[test]
+    fn a_lost_parent_with_changed_extents_warns_once() {
+        let size = 4 * BS as u64;
+        let p = plan(
+            ParentLookup::NewSet {
+                reason: "chain broken".into(),
+                lost: true,
+            },
+            disk(size, since(&[(0, 10)], size)),
+            BS,
+            &PlanOptions::default(),
+        );
+        assert!(p.parent.is_none() && p.read.is_none() && p.change_bitmap.is_none());
+        assert_eq!(p.new_set_reason.as_deref(), Some("chain broken"));
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        assert!(p.warnings[0].contains("new backup set"));
+    }
+
+    #[test]
+    fn a_resized_disk_rereads_the_blocks_at_both_ends() {
+        let old = 4 * BS as u64 + 100;
+        let new = 6 * BS as u64 + 10;
+        let p = plan(
+            parent(old, 0),
+            disk(new, since(&[], new)),
+            BS,
+            &PlanOptions::default(),
+        );
+        assert_eq!(p.read.unwrap().iter().collect::<Vec<_>>(), vec![4, 6]);
+    }
+
+    #[test]
+    fn full_every_makes_a_synthetic_full_at_the_chain_length() {
+        let size = BS as u64;
+        let options = PlanOptions {
+            full_every: Some(3),
+            ..PlanOptions::default()
+        };
+        assert!(!plan(parent(size, 1), disk(size, Changes::Unknown), BS, &options).synthetic_full);
+        assert!(plan(parent(size, 2), disk(size, Changes::Unknown), BS, &options).synthetic_full);
+    }
+}
