@@ -516,3 +516,22 @@ fn closed_stdout_is_not_an_error() {
         assert!(stderr.is_empty(), "cbtvault {args:?}: {stderr}");
     }
 }
+
+/// Exit codes (cli::exit): a malformed command line is 2 with clap's
+/// message, `--help` and `--version` are 0, a failing command is 1.
+#[test]
+fn exit_codes_for_usage_help_and_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    run_in(dir.path(), &[&"--no-such-flag"])
+        .expect_code(2)
+        .stderr_mentions(&["--no-such-flag"]);
+    run_in(dir.path(), &[&"backup"])
+        .expect_code(2)
+        .stderr_mentions(&["SOURCE"]);
+    let help = run_in(dir.path(), &[&"--help"]).ok();
+    assert!(help.out().contains("backup"), "{}", help.out());
+    run_in(dir.path(), &[&"--version"]).ok();
+    run_in(dir.path(), &[&"-r", &"missing-repo", &"snapshots"])
+        .expect_code(1)
+        .stderr_mentions(&["error", "init"]);
+}
