@@ -636,3 +636,87 @@ fn xen_client_json_and_xml_rpc_agree_on_values_and_errors() {
         assert_ne!(s.session_ref().unwrap(), old);
     }
 }
+
+/// The workflow's errors are typed: the committer's own error comes back
+/// as `WorkflowError::Commit` carrying it (and the run's host snapshot is
+/// destroyed), a host refusal as `WorkflowError::Host` with its XenAPI code.
+#[test]
+fn xen_workflow_errors_are_matchable() {
+    use std::collections::BTreeMap;
+
+    use cbtvault::source::xenapi::tls::parse_fingerprint;
+    use cbtvault::source::xenapi::workflow::{
+        self, Committer, FrozenDisk, Previous, WorkflowError, WorkflowOptions,
+    };
+    use cbtvault::source::xenapi::{
+        Client, ClientOptions, Credentials, HttpsTrust, Password, XenUrl,
+    };
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("repository full")]
+    struct RepositoryFull;
+
+    /// A repository side that refuses every disk.
+    struct Refusing;
+    impl Committer for Refusing {
+        type Error = RepositoryFull;
+        fn previous(&mut self, _: &str) -> Result<Previous, RepositoryFull> {
+            Ok(Previous::None)
+        }
+        fn commit_disk(&mut self, _: FrozenDisk<'_>) -> Result<(), RepositoryFull> {
+            Err(RepositoryFull)
+        }
+        fn commit_metadata(
+            &mut self,
+            _: &str,
+            _: &[u8],
+            _: BTreeMap<String, String>,
+        ) -> Result<(), RepositoryFull> {
+            Ok(())
+        }
+        fn warn(&mut self, _: String) {}
+        fn info(&mut self, _: String) {}
+    }
+
+    let sim = start();
+    let vm = sim.create_vm_with_disks("vm", &[4 * MIB]).unwrap();
+    let vdi = vm.disks[0].vdi_uuid.clone();
+    let url = XenUrl::parse(&source(&sim, "vdi", &vdi)).unwrap();
+    let client = Client::new(ClientOptions::new(
+        &url.host,
+        url.port,
+        HttpsTrust::Fingerprint(parse_fingerprint(sim.fingerprint()).unwrap()),
+    ))
+    .unwrap();
+    let session = client
+        .login(Credentials {
+            user: "root".into(),
+            password: Password::new(PASSWORD),
+        })
+        .unwrap();
+    let options = WorkflowOptions::default();
+
+    let err = workflow::run(&session, &url, &options, &mut Refusing).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            WorkflowError::Commit {
+                source: RepositoryFull,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let host = Host::login(&sim, PASSWORD);
+    assert_eq!(host.data_snapshots(), 0, "the run's snapshot was destroyed");
+
+    let unknown =
+        XenUrl::parse(&source(&sim, "vdi", "00000000-0000-4000-8000-000000000000")).unwrap();
+    match workflow::run(&session, &unknown, &options, &mut Refusing) {
+        Err(WorkflowError::Host { source, .. }) => {
+            assert!(source.is_code("UUID_INVALID"), "{source}")
+        }
+        other => panic!("expected a host error, got {other:?}"),
+    }
+    session.logout();
+}
