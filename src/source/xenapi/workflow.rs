@@ -18,7 +18,10 @@
 //! normal event: the disk is read in full with the reason, never silently.
 //! On failure nothing more is committed, every snapshot taken by this run
 //! and not committed is destroyed, and the previous landmark is untouched
-//! (invariant 5 of DESIGN.md).
+//! (invariant 5 of DESIGN.md). Failures are a [`WorkflowError`]: the step,
+//! and the host's, the NBD client's or the committer's own typed error.
+//! What changed on each disk reaches the committer as [`Changes`] (byte
+//! extents), never as the host's bitmap.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
