@@ -9,7 +9,6 @@ mod restore;
 mod restore_xen;
 mod serve;
 mod sim;
-mod sinks;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

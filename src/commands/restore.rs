@@ -6,7 +6,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 
 use super::restore_xen;
-use super::sinks::{FileSink, StreamSink};
 use super::{filtered, pick_snapshot, Outcome};
 use crate::cli::RestoreArgs;
 use crate::output::{human_bytes, Ui};
@@ -14,6 +13,7 @@ use crate::repo::restore::{self, RestoreSummary};
 use crate::repo::{Repository, SnapshotEntry};
 use crate::source::xenapi::workflow::keys;
 use crate::source::xenapi::XenUrl;
+use crate::target::{FileTarget, StreamSink};
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)
@@ -140,7 +140,7 @@ pub(crate) fn restore_to_path(
     target: &std::path::Path,
     overwrite: bool,
 ) -> Result<RestoreSummary> {
-    let (mut sink, created) = FileSink::create(target, map.disk_size_bytes, overwrite)?;
+    let (mut sink, created) = FileTarget::create(target, map.disk_size_bytes, overwrite)?;
     let bar = ui.progress("restore", true);
     let result = restore::run(repo, id, map, &mut sink, &bar);
     bar.finish();
