@@ -17,7 +17,7 @@ use crate::cli::RestoreArgs;
 use crate::format::SnapshotId;
 use crate::manifest::BlockMap;
 use crate::output::{human_bytes, Ui};
-use crate::repo::restore::{self, RestoreSummary};
+use crate::repo::restore::{self, RestoreOptions, RestoreSummary};
 use crate::repo::{RepoError, Repository, SnapshotEntry};
 use crate::sim::Value;
 use crate::source::xenapi::import::{ImportFormat, ImportStream};
@@ -61,7 +61,7 @@ fn import_into(
         block_size: map.block_size as u64,
     };
     let bar = ui.progress("restore", true);
-    let result = restore::run(repo, id, map, &mut sink, &bar);
+    let result = restore::run(repo, id, map, &mut sink, RestoreOptions::default(), &bar);
     bar.finish();
     match result {
         Ok(summary) => {
@@ -74,7 +74,7 @@ fn import_into(
         Err(e) => {
             // Cut the upload: the host must not take a partial disk as whole.
             let task_error = sink.stream.abort(session);
-            match (e, task_error) {
+            match (*e.cause, task_error) {
                 // The host stopped reading: its task says why, with the code.
                 (e @ RepoError::Io { .. }, Some(t)) => {
                     Err(describe(t).context(format!("sending stopped ({e})")))
@@ -423,6 +423,7 @@ pub(crate) fn run_new_vm(
             metadata.meta.id,
             &map,
             &mut sink,
+            RestoreOptions::default(),
             &crate::progress::NoProgress,
         )?;
         bytes

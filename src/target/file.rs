@@ -1,28 +1,47 @@
-//! File and block-device targets: a regular file (zero blocks stay holes)
-//! or an existing block device (zeros written out, its size checked first).
+//! File and block-device targets.
+//!
+//! A regular file is written under a temporary name in the same folder
+//! (`.NAME.cbtvault-partial-PID`, mode 0600 or the caller's, zero blocks
+//! left as holes), fsynced, and renamed to its name only by [`FileTarget::commit`],
+//! after the last block verified; dropped uncommitted, the temporary file
+//! is removed. A failed or killed restore therefore never leaves a file at
+//! the final name. A block device is written in place (zeros written out)
+//! after its size was checked against the snapshot's. Never prints.
 
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::path::Path;
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
-use super::{TargetError, ZEROS};
+use super::{check_disk_size, TargetError, ZEROS};
 use crate::repo::restore::BlockSink;
 
-/// A regular file (holes for zero blocks) or a block device (zeros written).
+/// How a file target is opened.
+#[derive(Debug, Clone, Copy)]
+pub struct FileOptions {
+    /// Replace an existing non-empty regular file.
+    pub overwrite: bool,
+    /// Permission bits of a new image file, applied whatever the umask.
+    pub mode: u32,
+    /// Accept a disk above `MAX_DISK_SIZE_BYTES`.
+    pub force_size: bool,
+}
+
+/// Marks temporary restore files; a name holding it is never a finished image.
+pub const PARTIAL_MARK: &str = ".cbtvault-partial-";
+
+/// A regular file (via a temporary name) or a block device.
 pub struct FileTarget {
     file: File,
-    sparse: bool,
+    path: PathBuf,
+    /// The temporary file being written; `None` for a device or once
+    /// committed.
+    temp: Option<PathBuf>,
+    device: bool,
 }
 
 impl FileTarget {
-    /// Opens `path` for a disk of `size` bytes. A new or emptied regular
-    /// file is sized up front so zero blocks stay holes. The flag says
-    /// whether the file was created.
-    pub fn create(
-        path: &Path,
-        size: u64,
-        overwrite: bool,
-    ) -> Result<(FileTarget, bool), TargetError> {
+    /// Opens `path` for a disk of `size` bytes; nothing is written yet.
+    pub fn open(path: &Path, size: u64, options: FileOptions) -> Result<FileTarget, TargetError> {
         match std::fs::metadata(path) {
             Ok(m) if m.file_type().is_block_device() => {
                 let mut file = OpenOptions::new()
@@ -37,15 +56,14 @@ impl FileTarget {
                         format!("block device has {dev_size} bytes, the snapshot needs {size}"),
                     ));
                 }
-                Ok((
-                    FileTarget {
-                        file,
-                        sparse: false,
-                    },
-                    false,
-                ))
+                Ok(FileTarget {
+                    file,
+                    path: path.to_path_buf(),
+                    temp: None,
+                    device: true,
+                })
             }
-            Ok(m) if m.is_file() && m.len() > 0 && !overwrite => Err(TargetError::refused(
+            Ok(m) if m.is_file() && m.len() > 0 && !options.overwrite => Err(TargetError::refused(
                 path,
                 "exists and is not empty; pass --overwrite to replace it",
             )),
@@ -54,19 +72,84 @@ impl FileTarget {
                 "is neither a regular file nor a block device",
             )),
             _ => {
-                let created = !path.exists();
+                check_disk_size(path, size, options.force_size)?;
+                let temp = temp_name(path)?;
                 let file = OpenOptions::new()
                     .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)
-                    .map_err(|e| TargetError::io("create", path, e))?;
-                file.set_len(size)
-                    .map_err(|e| TargetError::io("set the size of", path, e))?;
-                Ok((FileTarget { file, sparse: true }, created))
+                    .create_new(true)
+                    .mode(options.mode)
+                    .open(&temp)
+                    .map_err(|e| TargetError::io("create", &temp, e))?;
+                // The target owns the file from here: dropped, it is removed.
+                let target = FileTarget {
+                    file,
+                    path: path.to_path_buf(),
+                    temp: Some(temp.clone()),
+                    device: false,
+                };
+                // `mode` above is masked by the umask; this is not.
+                target
+                    .file
+                    .set_permissions(std::fs::Permissions::from_mode(options.mode))
+                    .map_err(|e| TargetError::io("set permissions of", &temp, e))?;
+                // Sized up front so zero blocks stay holes; a size above the
+                // file system's maximum fails here, before any write.
+                target
+                    .file
+                    .set_len(size)
+                    .map_err(|e| TargetError::io("set the size of", &temp, e))?;
+                Ok(target)
             }
         }
     }
+
+    pub fn is_device(&self) -> bool {
+        self.device
+    }
+
+    /// Gives a regular file its final name (after `finish` made it
+    /// durable) and makes the rename durable. A no-op for a device.
+    pub fn commit(mut self) -> Result<(), TargetError> {
+        let Some(temp) = self.temp.take() else {
+            return Ok(());
+        };
+        let fail = |what, e| {
+            let _ = std::fs::remove_file(&temp);
+            TargetError::io(what, &self.path, e)
+        };
+        self.file.sync_all().map_err(|e| fail("sync", e))?;
+        std::fs::rename(&temp, &self.path).map_err(|e| fail("rename the restored file to", e))?;
+        File::open(parent_of(&self.path))
+            .and_then(|d| d.sync_all())
+            .map_err(|e| TargetError::io("sync the folder of", &self.path, e))
+    }
+}
+
+impl Drop for FileTarget {
+    fn drop(&mut self) {
+        if let Some(temp) = self.temp.take() {
+            let _ = std::fs::remove_file(temp);
+        }
+    }
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// `.NAME.cbtvault-partial-PID` next to `path`.
+fn temp_name(path: &Path) -> Result<PathBuf, TargetError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| TargetError::refused(path, "names no file"))?;
+    Ok(parent_of(path).join(format!(
+        ".{}{PARTIAL_MARK}{}",
+        name.to_string_lossy(),
+        std::process::id()
+    )))
 }
 
 impl BlockSink for FileTarget {
@@ -75,7 +158,8 @@ impl BlockSink for FileTarget {
     }
 
     fn write_zeros(&mut self, mut offset: u64, mut len: u64) -> std::io::Result<()> {
-        if self.sparse {
+        // A new file was sized up front: its zeros are holes already.
+        if !self.device {
             return Ok(());
         }
         while len > 0 {
