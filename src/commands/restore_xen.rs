@@ -74,12 +74,16 @@ fn import_into(
         Err(e) => {
             // Cut the upload: the host must not take a partial disk as whole.
             let task_error = sink.stream.abort(session);
+            let cut = format!(
+                "the upload was cut after bytes 0..{} of the disk",
+                e.written_bytes
+            );
             match (*e.cause, task_error) {
                 // The host stopped reading: its task says why, with the code.
                 (e @ RepoError::Io { .. }, Some(t)) => {
-                    Err(describe(t).context(format!("sending stopped ({e})")))
+                    Err(describe(t).context(format!("sending stopped ({e}); {cut}")))
                 }
-                (e, _) => Err(e.into()),
+                (e, _) => Err(anyhow::Error::new(e).context(cut)),
             }
         }
     }

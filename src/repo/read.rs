@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use super::Repository;
 use crate::backend::Kind;
-use crate::format::{BlockId, ObjectName};
+use crate::format::{pack as layout, BlockId, ObjectName};
 use crate::index::{BlockLocation, IndexError};
 use crate::pack::{decompress_verified, PackError};
 
@@ -132,6 +132,23 @@ impl<'r> BlockReader<'r> {
         let mut order: Vec<(usize, BlockLocation)> = Vec::with_capacity(blocks.len());
         for (k, b) in blocks.iter().enumerate() {
             match b.location {
+                // Lengths are checked before they size a buffer: a damaged
+                // catalog must not make a reader allocate gigabytes.
+                Some(l)
+                    if l.raw_length > layout::MAX_BLOCK_SIZE
+                        || l.stored_length > layout::max_stored_length(l.raw_length) =>
+                {
+                    out[k] = Some(Err(ReadError::Damaged {
+                        index: b.index,
+                        block: b.block,
+                        pack: l.pack,
+                        offset: l.offset,
+                        reason: format!(
+                            "the catalog gives implausible lengths (stored {}, raw {})",
+                            l.stored_length, l.raw_length
+                        ),
+                    }))
+                }
                 Some(l) => order.push((k, l)),
                 None => {
                     out[k] = Some(Err(ReadError::Missing {
@@ -277,4 +294,67 @@ fn verify_blob(b: &Located, buf: &[u8], start: u64) -> BlockResult {
         PackError::Corrupt { reason, .. } => damaged(reason),
         other => damaged(other.to_string()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn located(raw: &[u8], offset: u64, stored_length: u32) -> Located {
+        Located {
+            index: 7,
+            block: BlockId::of(raw),
+            location: Some(BlockLocation {
+                pack: ObjectName::of(b"pack"),
+                offset,
+                stored_length,
+                raw_length: raw.len() as u32,
+            }),
+        }
+    }
+
+    #[test]
+    fn blob_verifies_out_of_a_range_that_starts_inside_the_pack() {
+        let raw = vec![5u8; 4096];
+        let frame = zstd::bulk::compress(&raw, 3).unwrap();
+        let mut buf = vec![0xEEu8; 10];
+        buf.extend_from_slice(&frame);
+        let b = located(&raw, 1000 + 10, frame.len() as u32);
+        assert_eq!(verify_blob(&b, &buf, 1000).unwrap(), raw);
+    }
+
+    #[test]
+    fn catalog_placing_a_blob_outside_the_bytes_read_is_damage_not_a_panic() {
+        let raw = vec![5u8; 4096];
+        let frame = zstd::bulk::compress(&raw, 3).unwrap();
+        for (offset, len) in [(0u64, frame.len() as u32), (1001, frame.len() as u32 + 1)] {
+            let b = located(&raw, offset, len);
+            match verify_blob(&b, &frame, 1000) {
+                Err(ReadError::Damaged { index: 7, .. }) => {}
+                other => panic!("expected damage, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn flipped_byte_is_damage_naming_block_pack_and_offset() {
+        let raw = (0..4096u32).map(|i| (i * 7) as u8).collect::<Vec<_>>();
+        let mut frame = zstd::bulk::compress(&raw, 3).unwrap();
+        let mid = frame.len() / 2;
+        frame[mid] ^= 0x40;
+        let b = located(&raw, 0, frame.len() as u32);
+        match verify_blob(&b, &frame, 0) {
+            Err(ReadError::Damaged {
+                block,
+                pack,
+                offset,
+                ..
+            }) => {
+                assert_eq!(block, BlockId::of(&raw));
+                assert_eq!(pack, ObjectName::of(b"pack"));
+                assert_eq!(offset, 0);
+            }
+            other => panic!("expected damage, got {other:?}"),
+        }
+    }
 }
