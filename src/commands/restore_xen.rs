@@ -2,31 +2,27 @@
 //! `--target xen://HOST/sr/UUID` (a new disk in that SR) and
 //! `--target xen://HOST/sr/UUID --new-vm` (every disk of a VM backup, then
 //! a new VM from its stored metadata). The bytes come from the one
-//! coalescing engine (`repo::restore::run`) through `target::xen::XenSink` straight
+//! coalescing engine (`repo::restore::run`) through `target::xen` straight
 //! into `/import_raw_vdi` (reference §3.2); nothing is materialised
 //! locally. A VDI this command created is destroyed when anything fails.
 
 use std::collections::BTreeMap;
 
-use ::bytes::BytesMut;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use super::backup::xen_session;
 use crate::cli::RestoreArgs;
 use crate::format::SnapshotId;
-use crate::manifest::BlockMap;
 use crate::output::{human_bytes, Ui};
 use crate::repo::restore::{self, RestoreOptions, RestoreSummary};
-use crate::repo::{RepoError, Repository, SnapshotEntry};
+use crate::repo::{Repository, SnapshotEntry};
 use crate::sim::Value;
-use crate::source::xenapi::import::{ImportFormat, ImportStream};
-use crate::source::xenapi::nbd::NbdSet;
+use crate::source::xenapi::import::ImportFormat;
 use crate::source::xenapi::workflow::keys;
-use crate::source::xenapi::{Session, XenApiError};
-use crate::source::BlockSource;
+use crate::source::xenapi::Session;
 use crate::target::xen::{
-    body_bytes, choose_format, first_mismatch, TargetKind, XenSink, XenTarget,
+    choose_format, describe, import_into, running_users, sr_by_uuid, verify, TargetKind, XenTarget,
 };
 use crate::target::StreamSink;
 
@@ -40,116 +36,6 @@ pub(crate) struct XenDiskRestore {
     pub verified: bool,
     #[serde(flatten)]
     pub summary: RestoreSummary,
-}
-
-/// Streams `map` into the existing VDI `vdi_ref` and follows the task.
-fn import_into(
-    ui: &Ui,
-    repo: &Repository,
-    session: &Session,
-    id: SnapshotId,
-    map: &BlockMap,
-    vdi_ref: &str,
-    format: ImportFormat,
-) -> Result<(RestoreSummary, u64)> {
-    let body = body_bytes(map, format);
-    let stream =
-        ImportStream::start(session, vdi_ref, format, body).context("start PUT /import_raw_vdi")?;
-    let mut sink = XenSink {
-        stream,
-        disk_size_bytes: map.disk_size_bytes,
-        block_size: map.block_size as u64,
-    };
-    let bar = ui.progress("restore", true);
-    let result = restore::run(repo, id, map, &mut sink, RestoreOptions::default(), &bar);
-    bar.finish();
-    match result {
-        Ok(summary) => {
-            sink.stream
-                .finish(session)
-                .map_err(describe)
-                .context("import into XenServer")?;
-            Ok((summary, body))
-        }
-        Err(e) => {
-            // Cut the upload: the host must not take a partial disk as whole.
-            let task_error = sink.stream.abort(session);
-            let cut = format!(
-                "the upload was cut after bytes 0..{} of the disk",
-                e.written_bytes
-            );
-            match (*e.cause, task_error) {
-                // The host stopped reading: its task says why, with the code.
-                (e @ RepoError::Io { .. }, Some(t)) => {
-                    Err(describe(t).context(format!("sending stopped ({e}); {cut}")))
-                }
-                (e, _) => Err(anyhow::Error::new(e).context(cut)),
-            }
-        }
-    }
-}
-
-/// A XenAPI error with its code first, for the one-line report.
-fn describe(e: XenApiError) -> anyhow::Error {
-    match &e {
-        XenApiError::Api { code, params, .. } => {
-            anyhow!("the host failed the import: {code} {params:?}")
-        }
-        _ => anyhow::Error::new(e),
-    }
-}
-
-/// Blocks read back at once by `--verify`.
-const VERIFY_BATCH_BLOCKS: usize = 64;
-
-/// Reads the VDI back over NBD and compares every block's hash with the map.
-fn verify(session: &Session, vdi_ref: &str, vdi_uuid: &str, map: &BlockMap) -> Result<()> {
-    let entries = session
-        .vdi_nbd_info(vdi_ref)
-        .context("verify: VDI.get_nbd_info")?;
-    if entries.is_empty() {
-        bail!("verify: the host offers no NBD network for VDI {vdi_uuid}");
-    }
-    let nbd = NbdSet::connect(
-        &entries,
-        format!("xen-verify:{vdi_uuid}"),
-        map.disk_size_bytes,
-        4,
-    )
-    .with_context(|| format!("verify: connect to VDI {vdi_uuid} over NBD"))?;
-    let bs = map.block_size as u64;
-    let mut buf = BytesMut::new();
-    let result = (|| -> Result<()> {
-        // Batches of blocks, each one read with all its requests in flight
-        // (not a round trip per block), hashed in parallel.
-        for first in (0..map.block_count()).step_by(VERIFY_BATCH_BLOCKS) {
-            let at = first * bs;
-            let len = (VERIFY_BATCH_BLOCKS as u64 * bs).min(map.disk_size_bytes - at);
-            buf.resize(len as usize, 0);
-            let mut reads = [(at, std::mem::take(&mut buf))];
-            nbd.read_owned(&mut reads)
-                .with_context(|| format!("verify: read blocks from {first} of VDI {vdi_uuid}"))?;
-            buf = std::mem::take(&mut reads[0].1);
-            if let Some((index, expected)) = first_mismatch(map, first, &buf) {
-                bail!(
-                    "verify: block {index} of VDI {vdi_uuid} differs from the snapshot (expected {})",
-                    expected.map_or("zeros".to_string(), |id| id.to_hex())
-                );
-            }
-        }
-        Ok(())
-    })();
-    nbd.close();
-    result
-}
-
-fn sr_by_uuid(session: &Session, uuid: &str) -> Result<String> {
-    let v = session
-        .call("SR.get_by_uuid", &[uuid.into()])
-        .with_context(|| format!("SR {uuid} does not exist on the host"))?;
-    v.as_str()
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("SR.get_by_uuid: not a string"))
 }
 
 /// `VDI.create` with all eleven fields (reference §2.9).
@@ -187,36 +73,6 @@ fn create_vdi(
     v.as_str()
         .map(str::to_string)
         .ok_or_else(|| anyhow!("VDI.create: not a string"))
-}
-
-/// Running VMs (name or uuid) with a VBD on `vdi`.
-fn running_users(session: &Session, vdi: &str) -> Result<Vec<String>> {
-    let vbds = session.call("VDI.get_VBDs", &[vdi.into()])?;
-    let mut users = Vec::new();
-    for vbd in vbds.as_array().unwrap_or_default() {
-        let Some(vbd) = vbd.as_str() else { continue };
-        let vm = session.call("VBD.get_VM", &[vbd.into()])?;
-        let Some(vm) = vm.as_str() else { continue };
-        let state = session.call("VM.get_power_state", &[vm.into()])?;
-        let attached = session
-            .call("VBD.get_currently_attached", &[vbd.into()])
-            .ok()
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        if attached
-            || state
-                .as_str()
-                .is_some_and(|s| s.eq_ignore_ascii_case("running"))
-        {
-            let label = session
-                .call("VM.get_uuid", &[vm.into()])
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| vm.to_string());
-            users.push(label);
-        }
-    }
-    Ok(users)
 }
 
 /// The name of the disk the snapshot came from, when the host still has it.
@@ -267,7 +123,8 @@ fn restore_disk(
                     users.join(", ")
                 );
             }
-            let (summary, body) = import_into(ui, repo, session, id, &map, &vdi, format)
+            let bar = ui.progress("restore", true);
+            let (summary, body) = import_into(repo, session, id, &map, &vdi, format, &bar)
                 .with_context(|| {
                     format!(
                         "restore of snapshot {id} into VDI {uuid} failed; the VDI may be partly overwritten"
@@ -292,7 +149,9 @@ fn restore_disk(
                 .with_context(|| format!("create a VDI in SR {uuid}"))?;
             let done = (|| -> Result<XenDiskRestore> {
                 let vdi_uuid = session.vdi_uuid(&vdi)?;
-                let (summary, body) = import_into(ui, repo, session, id, &map, &vdi, format)?;
+                let bar = ui.progress("restore", true);
+                let (summary, body) = import_into(repo, session, id, &map, &vdi, format, &bar)?;
+                bar.finish();
                 if args.verify {
                     verify(session, &vdi, &vdi_uuid, &map)?;
                 }

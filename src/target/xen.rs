@@ -1,15 +1,230 @@
 //! XenServer targets: what a `xen://` restore target names (a VDI to
-//! overwrite, an SR to create a disk in), the sink that pushes the
-//! engine's blocks into an `/import_raw_vdi` body, the choice of body
-//! format, and the check of a disk read back. The session workflow
-//! (create, import, verify, destroy on failure) stays in
-//! `commands/restore_xen.rs`.
+//! overwrite, an SR to create a disk in), the checks before writing (the
+//! SR exists, which running VMs use a VDI), the import of a snapshot into
+//! a VDI through the one restore engine (`/import_raw_vdi`, reference
+//! §3.2; cut at the first failure so the host never takes a partial disk
+//! as whole), and the read-back verification over NBD. The command
+//! workflow (which disks, creating and destroying VDIs, the new VM) stays
+//! in `commands/restore_xen.rs`. Never prints.
 
-use crate::format::BlockId;
+use ::bytes::BytesMut;
+
+use crate::format::{BlockId, SnapshotId};
 use crate::manifest::BlockMap;
-use crate::repo::restore::BlockSink;
+use crate::progress::Progress;
+use crate::repo::restore::{self, BlockSink, RestoreOptions, RestoreSummary};
+use crate::repo::{RepoError, Repository};
 use crate::source::xenapi::import::{chunked_body_bytes, ImportFormat, ImportStream};
-use crate::source::xenapi::{XenApiError, XenObject, XenUrl};
+use crate::source::xenapi::nbd::NbdSet;
+use crate::source::xenapi::{Session, XenApiError, XenObject, XenUrl};
+use crate::source::BlockSource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum XenTargetError {
+    /// A XenAPI call or step failed; `what` names it.
+    #[error("{what}: {error}")]
+    Call { what: String, error: XenApiError },
+    /// The host's import task failed: its code first.
+    #[error("the host failed the import: {code} {params:?}")]
+    HostFailed { code: String, params: Vec<String> },
+    /// The restore stopped; the upload was cut.
+    #[error("the upload was cut after bytes 0..{written_bytes} of the disk: {cause}")]
+    Stopped {
+        written_bytes: u64,
+        cause: Box<RepoError>,
+    },
+    /// Sending failed because the host stopped reading; its task says why.
+    #[error("sending stopped ({cause}); the upload was cut after bytes 0..{written_bytes} of the disk: {host}")]
+    HostStopped {
+        written_bytes: u64,
+        cause: Box<RepoError>,
+        host: Box<XenTargetError>,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "verify: block {index} of VDI {vdi_uuid} differs from the snapshot (expected {expected})"
+    )]
+    VerifyMismatch {
+        index: u64,
+        vdi_uuid: String,
+        expected: String,
+    },
+}
+
+fn call(what: impl Into<String>) -> impl FnOnce(XenApiError) -> XenTargetError {
+    let what = what.into();
+    move |error| XenTargetError::Call { what, error }
+}
+
+/// A XenAPI error with the host's code first, for the one-line report.
+pub fn describe(e: XenApiError) -> XenTargetError {
+    match e {
+        XenApiError::Api { code, params, .. } => XenTargetError::HostFailed { code, params },
+        error => XenTargetError::Call {
+            what: "import".into(),
+            error,
+        },
+    }
+}
+
+/// Streams `map` into the existing VDI `vdi_ref` and follows the task;
+/// returns the summary and the body's length.
+pub fn import_into(
+    repo: &Repository,
+    session: &Session,
+    id: SnapshotId,
+    map: &BlockMap,
+    vdi_ref: &str,
+    format: ImportFormat,
+    progress: &dyn Progress,
+) -> Result<(RestoreSummary, u64), XenTargetError> {
+    let body = body_bytes(map, format);
+    let stream = ImportStream::start(session, vdi_ref, format, body)
+        .map_err(call("start PUT /import_raw_vdi"))?;
+    let mut sink = XenSink {
+        stream,
+        disk_size_bytes: map.disk_size_bytes,
+        block_size: map.block_size as u64,
+    };
+    match restore::run(
+        repo,
+        id,
+        map,
+        &mut sink,
+        RestoreOptions::default(),
+        progress,
+    ) {
+        Ok(summary) => {
+            sink.stream.finish(session).map_err(|e| match describe(e) {
+                XenTargetError::Call { error, .. } => XenTargetError::Call {
+                    what: "import into XenServer".into(),
+                    error,
+                },
+                other => other,
+            })?;
+            Ok((summary, body))
+        }
+        Err(e) => {
+            // Cut the upload: the host must not take a partial disk as whole.
+            let task_error = sink.stream.abort(session);
+            let written_bytes = e.written_bytes;
+            Err(match (e.cause, task_error) {
+                // The host stopped reading: its task says why, with the code.
+                (cause, Some(t)) if matches!(*cause, RepoError::Io { .. }) => {
+                    XenTargetError::HostStopped {
+                        written_bytes,
+                        cause,
+                        host: Box::new(describe(t)),
+                    }
+                }
+                (cause, _) => XenTargetError::Stopped {
+                    written_bytes,
+                    cause,
+                },
+            })
+        }
+    }
+}
+
+/// Blocks read back at once by `--verify`.
+const VERIFY_BATCH_BLOCKS: usize = 64;
+
+/// Reads the VDI back over NBD and compares every block's hash with the map.
+pub fn verify(
+    session: &Session,
+    vdi_ref: &str,
+    vdi_uuid: &str,
+    map: &BlockMap,
+) -> Result<(), XenTargetError> {
+    let entries = session
+        .vdi_nbd_info(vdi_ref)
+        .map_err(call("verify: VDI.get_nbd_info"))?;
+    if entries.is_empty() {
+        return Err(XenTargetError::Invalid(format!(
+            "verify: the host offers no NBD network for VDI {vdi_uuid}"
+        )));
+    }
+    let nbd = NbdSet::connect(
+        &entries,
+        format!("xen-verify:{vdi_uuid}"),
+        map.disk_size_bytes,
+        4,
+    )
+    .map_err(|e| {
+        XenTargetError::Invalid(format!("verify: connect to VDI {vdi_uuid} over NBD: {e}"))
+    })?;
+    let bs = map.block_size as u64;
+    let mut buf = BytesMut::new();
+    let result = (|| -> Result<(), XenTargetError> {
+        // Batches of blocks, each one read with all its requests in flight
+        // (not a round trip per block), hashed in parallel.
+        for first in (0..map.block_count()).step_by(VERIFY_BATCH_BLOCKS) {
+            let at = first * bs;
+            let len = (VERIFY_BATCH_BLOCKS as u64 * bs).min(map.disk_size_bytes - at);
+            buf.resize(len as usize, 0);
+            let mut reads = [(at, std::mem::take(&mut buf))];
+            nbd.read_owned(&mut reads).map_err(|e| {
+                XenTargetError::Invalid(format!(
+                    "verify: read blocks from {first} of VDI {vdi_uuid}: {e}"
+                ))
+            })?;
+            buf = std::mem::take(&mut reads[0].1);
+            if let Some((index, expected)) = first_mismatch(map, first, &buf) {
+                return Err(XenTargetError::VerifyMismatch {
+                    index,
+                    vdi_uuid: vdi_uuid.to_string(),
+                    expected: expected.map_or("zeros".to_string(), |id| id.to_hex()),
+                });
+            }
+        }
+        Ok(())
+    })();
+    nbd.close();
+    result
+}
+
+/// The reference of the SR with `uuid`.
+pub fn sr_by_uuid(session: &Session, uuid: &str) -> Result<String, XenTargetError> {
+    let v = session
+        .call("SR.get_by_uuid", &[uuid.into()])
+        .map_err(call(format!("SR {uuid} does not exist on the host")))?;
+    v.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| XenTargetError::Invalid("SR.get_by_uuid: not a string".into()))
+}
+
+/// Running VMs (name or uuid) with a VBD on `vdi`.
+pub fn running_users(session: &Session, vdi: &str) -> Result<Vec<String>, XenTargetError> {
+    let get =
+        |method: &'static str, arg: &str| session.call(method, &[arg.into()]).map_err(call(method));
+    let vbds = get("VDI.get_VBDs", vdi)?;
+    let mut users = Vec::new();
+    for vbd in vbds.as_array().unwrap_or_default() {
+        let Some(vbd) = vbd.as_str() else { continue };
+        let vm = get("VBD.get_VM", vbd)?;
+        let Some(vm) = vm.as_str() else { continue };
+        let state = get("VM.get_power_state", vm)?;
+        let attached = session
+            .call("VBD.get_currently_attached", &[vbd.into()])
+            .ok()
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        if attached
+            || state
+                .as_str()
+                .is_some_and(|s| s.eq_ignore_ascii_case("running"))
+        {
+            let label = session
+                .call("VM.get_uuid", &[vm.into()])
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_else(|| vm.to_string());
+            users.push(label);
+        }
+    }
+    Ok(users)
+}
 
 /// What a `xen://` restore target names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
