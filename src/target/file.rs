@@ -79,7 +79,7 @@ impl FileTarget {
                     .create_new(true)
                     .mode(options.mode)
                     .open(&temp)
-                    .map_err(|e| TargetError::io("create", &temp, e))?;
+                    .map_err(|e| TargetError::io("create a temporary file next to", path, e))?;
                 // The target owns the file from here: dropped, it is removed.
                 let target = FileTarget {
                     file,

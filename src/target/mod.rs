@@ -13,23 +13,22 @@ pub use stdout::StreamSink;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TargetError {
-    #[error("{what} '{path}': {source}")]
+    #[error("{what} '{path}': {error}")]
     Io {
         what: &'static str,
         path: String,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("'{path}': {reason}")]
     Refused { path: String, reason: String },
 }
 
 impl TargetError {
-    pub(crate) fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(what: &'static str, path: &std::path::Path, error: std::io::Error) -> Self {
         TargetError::Io {
             what,
             path: path.display().to_string(),
-            source,
+            error,
         }
     }
 
