@@ -401,3 +401,26 @@ fn hostile_snapshot_claiming_a_2_pow_62_byte_disk_is_refused_before_writing() {
         0
     );
 }
+
+#[test]
+fn block_device_smaller_than_the_snapshot_is_refused_before_writing() {
+    let d = damaged();
+    let backing = d.t.path("small.img");
+    std::fs::write(&backing, vec![0xAA; ((BLOCKS - 1) * BS) as usize]).unwrap();
+    let Some(dev) = Loop::attach(&backing) else {
+        eprintln!("skipped: losetup is not available (needs root)");
+        return;
+    };
+    d.t.restore(&d.id, Path::new(&dev.0), &[])
+        .expect_code(1)
+        .stderr_mentions(&[
+            &format!("has {} bytes", (BLOCKS - 1) * BS),
+            &format!("needs {}", BLOCKS * BS),
+        ]);
+    let mut got = vec![0u8; ((BLOCKS - 1) * BS) as usize];
+    std::fs::File::open(&dev.0)
+        .unwrap()
+        .read_exact_at(&mut got, 0)
+        .unwrap();
+    assert!(got.iter().all(|&b| b == 0xAA), "the device was written");
+}
