@@ -16,3 +16,4 @@ pub mod progress;
 pub mod repo;
 pub mod sim;
 pub mod source;
+pub mod target;

@@ -70,6 +70,16 @@ impl Ui {
         }
     }
 
+    /// The machine-readable result on stderr (only with --json), for a
+    /// command whose stdout carries data (restore to `-`).
+    pub fn json_stderr<T: Serialize>(&self, value: &T) {
+        if self.json {
+            let mut out = std::io::stderr().lock();
+            let _ = serde_json::to_writer(&mut out, value);
+            let _ = writeln!(out);
+        }
+    }
+
     /// A progress bar over `unit` ("bytes" or "items"), hidden when not a TTY.
     pub fn progress(&self, label: &str, bytes: bool) -> Bar {
         let bar = if self.progress_bars {

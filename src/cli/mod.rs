@@ -248,9 +248,18 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
     /// xen://.../vdi/UUID: import even when the disk is attached to a
-    /// running VM or its size differs from the snapshot's.
+    /// running VM or its size differs from the snapshot's. File and stdout
+    /// targets: accept a snapshot disk above 64 TiB.
     #[arg(long)]
     pub force: bool,
+    /// Salvage: write zeros for blocks that are missing or fail
+    /// verification, list them, and exit 3 instead of stopping.
+    #[arg(long)]
+    pub allow_damaged: bool,
+    /// Permission bits of a restored image file (octal), whatever the
+    /// umask; default 600.
+    #[arg(long, value_name = "OCTAL")]
+    pub mode: Option<String>,
     /// xen:// targets: read the imported disk back over NBD and compare
     /// every block's hash with the snapshot's.
     #[arg(long)]

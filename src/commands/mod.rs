@@ -11,7 +11,6 @@ pub(crate) mod restore;
 mod restore_xen;
 pub mod serve;
 pub mod sim;
-mod sinks;
 
 use std::path::Path;
 

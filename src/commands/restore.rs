@@ -5,15 +5,21 @@
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, Utc};
 
+use std::path::Path;
+
+use serde::Serialize;
+
 use super::restore_xen;
-use super::sinks::{FileSink, StreamSink};
 use super::{filtered, pick_snapshot, Outcome};
 use crate::cli::RestoreArgs;
+use crate::format::SnapshotId;
+use crate::manifest::BlockMap;
 use crate::output::{human_bytes, Ui};
-use crate::repo::restore::{self, RestoreSummary};
+use crate::repo::restore::{self, BlockSink, RestoreOptions, RestoreSummary};
 use crate::repo::{Repository, SnapshotEntry};
 use crate::source::xenapi::workflow::keys;
 use crate::source::xenapi::XenUrl;
+use crate::target::{self, FileOptions, FileTarget, StreamSink};
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)
@@ -103,6 +109,9 @@ fn select_vm_backup(repo: &Repository, args: &RestoreArgs) -> Result<String> {
 pub fn run(ui: &Ui, repo: &Repository, args: &RestoreArgs) -> Result<Outcome> {
     let target_text = args.target.to_string_lossy();
     if XenUrl::is_xen(&target_text) {
+        if args.allow_damaged || args.mode.is_some() {
+            bail!("--allow-damaged and --mode apply to file, block device and stdout targets only");
+        }
         let _lock = repo.lock(false, "restore")?;
         if args.new_vm {
             let group = select_vm_backup(repo, args)?;
@@ -113,72 +122,212 @@ pub fn run(ui: &Ui, repo: &Repository, args: &RestoreArgs) -> Result<Outcome> {
         }
         return Ok(Outcome::Ok);
     }
-    if args.force || args.verify || args.new_vm {
-        bail!("--force, --verify and --new-vm apply to xen:// targets only");
+    if args.verify || args.new_vm {
+        bail!("--verify and --new-vm apply to xen:// targets only");
     }
+    let options = LocalOptions {
+        restore: RestoreOptions {
+            allow_damaged: args.allow_damaged,
+        },
+        overwrite: args.overwrite,
+        mode: parse_mode(args.mode.as_deref())?,
+        force_size: args.force,
+    };
     let entry = select(repo, args)?;
     let _lock = repo.lock(false, "restore")?;
     let id = entry.meta.id;
     let map = repo.resolve(id)?;
-    let summary = if args.target.as_os_str() == "-" {
-        let mut sink = StreamSink::new(std::io::BufWriter::with_capacity(
-            1 << 20,
-            std::io::stdout(),
-        ));
-        let bar = ui.progress("restore", true);
-        restore::run(repo, id, &map, &mut sink, &bar)?
+    let summary = restore_local(ui, repo, id, &map, &args.target, &options)?;
+    Ok(if summary.damaged_blocks.is_empty() {
+        Outcome::Ok
     } else {
-        restore_to_path(ui, repo, id, &map, &args.target, args.overwrite)?
-    };
-    if args.target.as_os_str() != "-" {
-        report(ui, &summary, &args.target.display().to_string());
-    }
-    Ok(Outcome::Ok)
+        Outcome::IntegrityProblem
+    })
 }
 
-pub(crate) fn restore_to_path(
-    ui: &Ui,
-    repo: &Repository,
-    id: crate::format::SnapshotId,
-    map: &crate::manifest::BlockMap,
-    target: &std::path::Path,
-    overwrite: bool,
-) -> Result<RestoreSummary> {
-    let (mut sink, created) = FileSink::create(target, map.disk_size_bytes, overwrite)?;
-    let bar = ui.progress("restore", true);
-    let result = restore::run(repo, id, map, &mut sink, &bar);
-    bar.finish();
-    match result {
-        Ok(s) => Ok(s),
-        Err(e) => {
-            // Never leave a half-restored new file that looks complete.
-            if created {
-                let _ = std::fs::remove_file(target);
-            }
-            Err(e).with_context(|| {
-                format!(
-                    "restore of snapshot {id} to '{}' failed{}",
-                    target.display(),
-                    if created {
-                        "; the partial file was removed"
-                    } else {
-                        "; the target is incomplete"
-                    }
-                )
-            })
+/// Options of a restore to a file, a block device or stdout.
+pub(crate) struct LocalOptions {
+    pub restore: RestoreOptions,
+    pub overwrite: bool,
+    /// Permission bits of a new image file.
+    pub mode: u32,
+    /// Accept a disk above `target::MAX_DISK_SIZE_BYTES`.
+    pub force_size: bool,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        LocalOptions {
+            restore: RestoreOptions::default(),
+            overwrite: false,
+            mode: 0o600,
+            force_size: false,
         }
     }
 }
 
+fn parse_mode(text: Option<&str>) -> Result<u32> {
+    let Some(text) = text else { return Ok(0o600) };
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| anyhow!("--mode '{text}': expected octal permission bits, e.g. 600 or 0640"))
+}
+
+/// What `--json` says about a restore that stopped.
+#[derive(Serialize)]
+struct RestoreStopped<'a> {
+    snapshot_id: SnapshotId,
+    target: &'a str,
+    complete: bool,
+    error: String,
+    disk_size_bytes: u64,
+    /// Bytes `start..end` of the disk were written to the target, nothing
+    /// after them (a file target: nothing at all, the partial file removed).
+    written_bytes: std::ops::Range<u64>,
+    /// The failing write may have changed bytes from `written_bytes.end` on.
+    failed_write_may_have_changed_more: bool,
+}
+
+/// Restores `map` to a path (a new file, renamed into place only when
+/// complete; a block device, written in place) or to stdout (`-`).
+pub(crate) fn restore_local(
+    ui: &Ui,
+    repo: &Repository,
+    id: SnapshotId,
+    map: &BlockMap,
+    target: &Path,
+    options: &LocalOptions,
+) -> Result<RestoreSummary> {
+    let disk = map.disk_size_bytes;
+    let stdout = target.as_os_str() == "-";
+    let shown = if stdout {
+        "stdout".to_string()
+    } else {
+        target.display().to_string()
+    };
+    // Sizes are checked before anything is written.
+    let mut file = None;
+    let mut stream = None;
+    let mut device = false;
+    let sink: &mut dyn BlockSink = if stdout {
+        target::check_disk_size(Path::new("stdout"), disk, options.force_size)?;
+        stream.insert(StreamSink::new(std::io::BufWriter::with_capacity(
+            1 << 20,
+            std::io::stdout(),
+        )))
+    } else {
+        let opened = FileTarget::open(
+            target,
+            disk,
+            FileOptions {
+                overwrite: options.overwrite,
+                mode: options.mode,
+                force_size: options.force_size,
+            },
+        )?;
+        device = opened.is_device();
+        file.insert(opened)
+    };
+    let bar = ui.progress("restore", true);
+    let result = restore::run(repo, id, map, sink, options.restore, &bar);
+    bar.finish();
+    // With stdout the target, the JSON result goes to stderr.
+    fn emit<T: Serialize>(ui: &Ui, stdout: bool, value: &T) {
+        if stdout {
+            ui.json_stderr(value);
+        } else {
+            ui.json(value);
+        }
+    }
+    match result {
+        Ok(summary) => {
+            if let Some(file) = file {
+                file.commit()?;
+            }
+            emit(ui, stdout, &summary);
+            report(ui, &summary, &shown);
+            Ok(summary)
+        }
+        Err(e) => {
+            drop(stream);
+            // A regular file: the temporary file goes with the target.
+            drop(file);
+            let written = e.written_bytes;
+            let what = if stdout || device {
+                format!(
+                    "restore of snapshot {id} to '{shown}' stopped after writing bytes 0..{written} of {disk} (nothing from byte {written} on{}); the target is not a usable copy",
+                    if e.target_failed {
+                        " except what the failed write may have left"
+                    } else {
+                        " was written"
+                    }
+                )
+            } else {
+                format!(
+                    "restore of snapshot {id} to '{shown}' failed; nothing was written to '{shown}' (the partial file was removed)"
+                )
+            };
+            emit(
+                ui,
+                stdout,
+                &RestoreStopped {
+                    snapshot_id: id,
+                    target: &shown,
+                    complete: false,
+                    error: format!("{what}: {e}"),
+                    disk_size_bytes: disk,
+                    written_bytes: 0..if stdout || device { written } else { 0 },
+                    failed_write_may_have_changed_more: e.target_failed,
+                },
+            );
+            Err(anyhow::Error::new(e).context(what))
+        }
+    }
+}
+
+/// A restore to a path with default options (demo).
+pub(crate) fn restore_to_path(
+    ui: &Ui,
+    repo: &Repository,
+    id: SnapshotId,
+    map: &BlockMap,
+    target: &Path,
+    overwrite: bool,
+) -> Result<RestoreSummary> {
+    let options = LocalOptions {
+        overwrite,
+        ..LocalOptions::default()
+    };
+    restore_local(ui, repo, id, map, target, &options)
+}
+
 fn report(ui: &Ui, s: &RestoreSummary, target: &str) {
-    ui.json(s);
-    ui.info(format!(
-        "restored snapshot {} to '{target}': {} ({} data blocks, {} zero) in {:.2}s, {}/s",
-        s.snapshot_id.short(),
-        human_bytes(s.disk_size_bytes),
-        s.blocks_data,
-        s.blocks_zero,
-        s.seconds,
-        human_bytes((s.disk_size_bytes as f64 / s.seconds.max(1e-9)) as u64)
-    ));
+    if target != "stdout" {
+        ui.info(format!(
+            "restored snapshot {} to '{target}': {} ({} data blocks, {} zero) in {:.2}s, {}/s",
+            s.snapshot_id.short(),
+            human_bytes(s.disk_size_bytes),
+            s.blocks_data,
+            s.blocks_zero,
+            s.seconds,
+            human_bytes((s.disk_size_bytes as f64 / s.seconds.max(1e-9)) as u64)
+        ));
+    }
+    if !s.damaged_blocks.is_empty() {
+        ui.warn(format!(
+            "restore of snapshot {} to '{target}' completed with damage: {} block(s) written as zeros (--allow-damaged); run 'cbtvault check --read-data'",
+            s.snapshot_id.short(),
+            s.damaged_blocks.len()
+        ));
+        for d in &s.damaged_blocks {
+            ui.warn(format!(
+                "zero-filled block {} ({}) {}",
+                d.index,
+                d.block,
+                d.pack
+                    .map_or("in no pack".to_string(), |p| format!("in pack {p}"))
+            ));
+        }
+    }
 }

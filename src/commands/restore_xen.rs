@@ -2,91 +2,29 @@
 //! `--target xen://HOST/sr/UUID` (a new disk in that SR) and
 //! `--target xen://HOST/sr/UUID --new-vm` (every disk of a VM backup, then
 //! a new VM from its stored metadata). The bytes come from the one
-//! coalescing engine (`repo::restore::run`) through [`XenSink`] straight
+//! coalescing engine (`repo::restore::run`) through `target::xen` straight
 //! into `/import_raw_vdi` (reference §3.2); nothing is materialised
 //! locally. A VDI this command created is destroyed when anything fails.
 
 use std::collections::BTreeMap;
 
-use ::bytes::BytesMut;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use super::backup::xen_session;
-use super::sinks::StreamSink;
 use crate::cli::RestoreArgs;
-use crate::format::{BlockId, SnapshotId};
-use crate::manifest::BlockMap;
+use crate::format::SnapshotId;
 use crate::output::{human_bytes, Ui};
-use crate::repo::restore::{self, BlockSink, RestoreSummary};
-use crate::repo::{RepoError, Repository, SnapshotEntry};
+use crate::repo::restore::{self, RestoreOptions, RestoreSummary};
+use crate::repo::{Repository, SnapshotEntry};
 use crate::sim::Value;
-use crate::source::xenapi::import::{chunked_body_bytes, ImportFormat, ImportStream};
-use crate::source::xenapi::nbd::NbdSet;
+use crate::source::xenapi::import::ImportFormat;
 use crate::source::xenapi::workflow::keys;
-use crate::source::xenapi::{Session, XenApiError, XenObject, XenUrl};
-use crate::source::BlockSource;
-
-/// What a `xen://` restore target names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum TargetKind {
-    Vdi,
-    Sr,
-}
-
-pub(crate) struct XenTarget {
-    /// Host, port and user; `uuid` is the VDI's or the SR's.
-    pub url: XenUrl,
-    pub kind: TargetKind,
-}
-
-impl XenTarget {
-    pub fn parse(text: &str) -> Result<XenTarget> {
-        // XenUrl knows /vdi/ and /vm/ only: an SR target has the same form.
-        if let Some((head, uuid)) = text.rsplit_once("/sr/") {
-            let url = XenUrl::parse(&format!("{head}/vdi/{uuid}"))
-                .map_err(|e| anyhow!("{}", e.to_string().replace("/vdi/", "/sr/")))?;
-            return Ok(XenTarget {
-                url,
-                kind: TargetKind::Sr,
-            });
-        }
-        let url = XenUrl::parse(text)?;
-        if url.object != XenObject::Vdi {
-            bail!("restore target '{text}' must be xen://HOST/vdi/UUID or xen://HOST/sr/UUID");
-        }
-        Ok(XenTarget {
-            url,
-            kind: TargetKind::Vdi,
-        })
-    }
-}
-
-/// The engine's output, pushed into an import. Every data block is sent
-/// as its whole span (a short last block padded) so the chunked body has
-/// the length computed up front.
-struct XenSink {
-    stream: ImportStream,
-    disk_size_bytes: u64,
-    block_size: u64,
-}
-
-impl BlockSink for XenSink {
-    fn write_data(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let span = self.block_size.min(self.disk_size_bytes - offset);
-        let span = span.max(data.len() as u64);
-        self.stream.write_extent(offset, data, span)
-    }
-
-    fn write_zeros(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
-        self.stream.zeros_until(offset + len)
-    }
-
-    fn finish(&mut self) -> std::io::Result<()> {
-        // The body is ended by `ImportStream::finish`, which needs the session.
-        Ok(())
-    }
-}
+use crate::source::xenapi::Session;
+use crate::target::xen::{
+    choose_format, describe, import_into, running_users, sr_by_uuid, verify, TargetKind, XenTarget,
+};
+use crate::target::StreamSink;
 
 /// One disk written into XenServer.
 #[derive(Debug, Serialize)]
@@ -98,169 +36,6 @@ pub(crate) struct XenDiskRestore {
     pub verified: bool,
     #[serde(flatten)]
     pub summary: RestoreSummary,
-}
-
-/// Chunked only into a new VDI: the chunked body writes the data extents
-/// only, so an existing disk would keep its old bytes where the snapshot
-/// has zeros.
-fn choose_format(map: &BlockMap, wanted: &str, new_vdi: bool) -> Result<ImportFormat> {
-    Ok(match wanted {
-        "raw" => ImportFormat::Raw,
-        "chunked" if !new_vdi => bail!(
-            "--import-format chunked writes only the data blocks, so an existing VDI would keep stale bytes where the snapshot has zeros: use raw or auto"
-        ),
-        "chunked" => ImportFormat::Chunked,
-        "auto" if !new_vdi => ImportFormat::Raw,
-        // A new VDI reads as zeros: send only the data (reference §3.2
-        // `chunked`) whenever that is the smaller body, i.e. when the zero
-        // blocks left out outweigh the chunk headers.
-        "auto"
-            if body_bytes(map, ImportFormat::Chunked) < body_bytes(map, ImportFormat::Raw) =>
-        {
-            ImportFormat::Chunked
-        }
-        "auto" => ImportFormat::Raw,
-        other => bail!("--import-format '{other}': expected auto, raw or chunked"),
-    })
-}
-
-fn body_bytes(map: &BlockMap, format: ImportFormat) -> u64 {
-    let bs = map.block_size as u64;
-    let disk = map.disk_size_bytes;
-    match format {
-        ImportFormat::Raw => disk,
-        ImportFormat::Chunked => chunked_body_bytes(
-            map.data
-                .iter()
-                .filter(|(i, _)| *i < map.block_count())
-                .map(|(i, _)| bs.min(disk - i * bs)),
-        ),
-    }
-}
-
-/// Streams `map` into the existing VDI `vdi_ref` and follows the task.
-fn import_into(
-    ui: &Ui,
-    repo: &Repository,
-    session: &Session,
-    id: SnapshotId,
-    map: &BlockMap,
-    vdi_ref: &str,
-    format: ImportFormat,
-) -> Result<(RestoreSummary, u64)> {
-    let body = body_bytes(map, format);
-    let stream =
-        ImportStream::start(session, vdi_ref, format, body).context("start PUT /import_raw_vdi")?;
-    let mut sink = XenSink {
-        stream,
-        disk_size_bytes: map.disk_size_bytes,
-        block_size: map.block_size as u64,
-    };
-    let bar = ui.progress("restore", true);
-    let result = restore::run(repo, id, map, &mut sink, &bar);
-    bar.finish();
-    match result {
-        Ok(summary) => {
-            sink.stream
-                .finish(session)
-                .map_err(describe)
-                .context("import into XenServer")?;
-            Ok((summary, body))
-        }
-        Err(e) => {
-            // Cut the upload: the host must not take a partial disk as whole.
-            let task_error = sink.stream.abort(session);
-            match (e, task_error) {
-                // The host stopped reading: its task says why, with the code.
-                (e @ RepoError::Io { .. }, Some(t)) => {
-                    Err(describe(t).context(format!("sending stopped ({e})")))
-                }
-                (e, _) => Err(e.into()),
-            }
-        }
-    }
-}
-
-/// A XenAPI error with its code first, for the one-line report.
-fn describe(e: XenApiError) -> anyhow::Error {
-    match &e {
-        XenApiError::Api { code, params, .. } => {
-            anyhow!("the host failed the import: {code} {params:?}")
-        }
-        _ => anyhow::Error::new(e),
-    }
-}
-
-/// Blocks read back at once by `--verify`.
-const VERIFY_BATCH_BLOCKS: usize = 64;
-
-/// The first block of `data` (blocks from `first` on) that differs from
-/// `map`: its index and what the map expects there (None: zeros).
-fn first_mismatch(map: &BlockMap, first: u64, data: &[u8]) -> Option<(u64, Option<BlockId>)> {
-    use rayon::prelude::*;
-    let bs = map.block_size as usize;
-    data.par_chunks(bs)
-        .enumerate()
-        .map(|(k, block)| (first + k as u64, block))
-        .filter_map(|(index, block)| {
-            let expected = map.get(index);
-            let ok = match expected {
-                Some(id) => BlockId::of(block) == id,
-                None => crate::bytes::is_zero(block),
-            };
-            (!ok).then_some((index, expected))
-        })
-        .min_by_key(|m| m.0)
-}
-
-/// Reads the VDI back over NBD and compares every block's hash with the map.
-fn verify(session: &Session, vdi_ref: &str, vdi_uuid: &str, map: &BlockMap) -> Result<()> {
-    let entries = session
-        .vdi_nbd_info(vdi_ref)
-        .context("verify: VDI.get_nbd_info")?;
-    if entries.is_empty() {
-        bail!("verify: the host offers no NBD network for VDI {vdi_uuid}");
-    }
-    let nbd = NbdSet::connect(
-        &entries,
-        format!("xen-verify:{vdi_uuid}"),
-        map.disk_size_bytes,
-        4,
-    )
-    .with_context(|| format!("verify: connect to VDI {vdi_uuid} over NBD"))?;
-    let bs = map.block_size as u64;
-    let mut buf = BytesMut::new();
-    let result = (|| -> Result<()> {
-        // Batches of blocks, each one read with all its requests in flight
-        // (not a round trip per block), hashed in parallel.
-        for first in (0..map.block_count()).step_by(VERIFY_BATCH_BLOCKS) {
-            let at = first * bs;
-            let len = (VERIFY_BATCH_BLOCKS as u64 * bs).min(map.disk_size_bytes - at);
-            buf.resize(len as usize, 0);
-            let mut reads = [(at, std::mem::take(&mut buf))];
-            nbd.read_owned(&mut reads)
-                .with_context(|| format!("verify: read blocks from {first} of VDI {vdi_uuid}"))?;
-            buf = std::mem::take(&mut reads[0].1);
-            if let Some((index, expected)) = first_mismatch(map, first, &buf) {
-                bail!(
-                    "verify: block {index} of VDI {vdi_uuid} differs from the snapshot (expected {})",
-                    expected.map_or("zeros".to_string(), |id| id.to_hex())
-                );
-            }
-        }
-        Ok(())
-    })();
-    nbd.close();
-    result
-}
-
-fn sr_by_uuid(session: &Session, uuid: &str) -> Result<String> {
-    let v = session
-        .call("SR.get_by_uuid", &[uuid.into()])
-        .with_context(|| format!("SR {uuid} does not exist on the host"))?;
-    v.as_str()
-        .map(str::to_string)
-        .ok_or_else(|| anyhow!("SR.get_by_uuid: not a string"))
 }
 
 /// `VDI.create` with all eleven fields (reference §2.9).
@@ -298,36 +73,6 @@ fn create_vdi(
     v.as_str()
         .map(str::to_string)
         .ok_or_else(|| anyhow!("VDI.create: not a string"))
-}
-
-/// Running VMs (name or uuid) with a VBD on `vdi`.
-fn running_users(session: &Session, vdi: &str) -> Result<Vec<String>> {
-    let vbds = session.call("VDI.get_VBDs", &[vdi.into()])?;
-    let mut users = Vec::new();
-    for vbd in vbds.as_array().unwrap_or_default() {
-        let Some(vbd) = vbd.as_str() else { continue };
-        let vm = session.call("VBD.get_VM", &[vbd.into()])?;
-        let Some(vm) = vm.as_str() else { continue };
-        let state = session.call("VM.get_power_state", &[vm.into()])?;
-        let attached = session
-            .call("VBD.get_currently_attached", &[vbd.into()])
-            .ok()
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
-        if attached
-            || state
-                .as_str()
-                .is_some_and(|s| s.eq_ignore_ascii_case("running"))
-        {
-            let label = session
-                .call("VM.get_uuid", &[vm.into()])
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_else(|| vm.to_string());
-            users.push(label);
-        }
-    }
-    Ok(users)
 }
 
 /// The name of the disk the snapshot came from, when the host still has it.
@@ -378,7 +123,8 @@ fn restore_disk(
                     users.join(", ")
                 );
             }
-            let (summary, body) = import_into(ui, repo, session, id, &map, &vdi, format)
+            let bar = ui.progress("restore", true);
+            let (summary, body) = import_into(repo, session, id, &map, &vdi, format, &bar)
                 .with_context(|| {
                     format!(
                         "restore of snapshot {id} into VDI {uuid} failed; the VDI may be partly overwritten"
@@ -403,7 +149,9 @@ fn restore_disk(
                 .with_context(|| format!("create a VDI in SR {uuid}"))?;
             let done = (|| -> Result<XenDiskRestore> {
                 let vdi_uuid = session.vdi_uuid(&vdi)?;
-                let (summary, body) = import_into(ui, repo, session, id, &map, &vdi, format)?;
+                let bar = ui.progress("restore", true);
+                let (summary, body) = import_into(repo, session, id, &map, &vdi, format, &bar)?;
+                bar.finish();
                 if args.verify {
                     verify(session, &vdi, &vdi_uuid, &map)?;
                 }
@@ -538,6 +286,7 @@ pub(crate) fn run_new_vm(
             metadata.meta.id,
             &map,
             &mut sink,
+            RestoreOptions::default(),
             &crate::progress::NoProgress,
         )?;
         bytes
@@ -648,54 +397,4 @@ fn import_metadata(session: &Session, tar: &[u8], vdi_map: &[(String, String)]) 
     uuid.as_str()
         .map(str::to_string)
         .ok_or_else(|| anyhow!("VM.get_uuid: not a string"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::format::BlockId;
-
-    fn map(blocks: u64, data: impl Iterator<Item = u64>) -> BlockMap {
-        BlockMap {
-            disk_size_bytes: blocks * 65536,
-            block_size: 65536,
-            data: data.map(|i| (i, BlockId([i as u8; 32]))).collect(),
-        }
-    }
-
-    #[test]
-    fn verify_names_the_first_block_that_differs() {
-        let a = vec![1u8; 65536];
-        let b = vec![2u8; 65536];
-        // Blocks 10.. of a disk: 10 = a, 11 = zeros, 12 = b, 13 = zeros.
-        let mut m = map(20, [10u64, 12].into_iter());
-        m.data = vec![(10, BlockId::of(&a)), (12, BlockId::of(&b))];
-        let good = [a.clone(), vec![0; 65536], b.clone(), vec![0; 65536]].concat();
-        assert_eq!(first_mismatch(&m, 10, &good), None);
-        let mut bad = good.clone();
-        bad[3 * 65536 + 5] = 1; // data where zeros are expected
-        bad[2 * 65536] ^= 1; // a changed byte in block 12 (reported first)
-        assert_eq!(
-            first_mismatch(&m, 10, &bad),
-            Some((12, Some(BlockId::of(&b))))
-        );
-        bad[2 * 65536] ^= 1;
-        assert_eq!(first_mismatch(&m, 10, &bad), Some((13, None)));
-    }
-
-    #[test]
-    fn auto_sends_the_smaller_body_into_a_new_vdi_and_raw_into_an_existing_one() {
-        let half = map(1000, (0..1000).step_by(2));
-        let dense = map(1000, 0..1000);
-        let one_hole = map(10_000, 1..10_000);
-        let chunked =
-            |m: &BlockMap, new| choose_format(m, "auto", new).unwrap() == ImportFormat::Chunked;
-        assert!(chunked(&half, true));
-        assert!(!chunked(&half, false));
-        assert!(!chunked(&dense, true));
-        // One zero block saves 64 KiB, less than 12 bytes of header for
-        // each of 9999 blocks.
-        assert!(!chunked(&one_hole, true));
-        assert!(choose_format(&half, "chunked", false).is_err());
-    }
 }

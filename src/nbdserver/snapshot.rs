@@ -1,7 +1,8 @@
-//! A stored snapshot as an NBD export, read straight from the packs:
-//! nothing is restored to disk first. Every block taken from a pack is
-//! decompressed and re-hashed (DESIGN.md §4 invariant 4); a block that does
-//! not verify fails the read that needs it with EIO and nothing else.
+//! A stored snapshot as an NBD export, read straight from the packs
+//! through the repository's one read path (`repo::read::BlockReader`):
+//! nothing is restored to disk first, and this module never reads packs
+//! itself. Every block is verified by the reader; a block that does not
+//! verify fails the read that needs it with EIO and nothing else.
 //! Zero blocks are holes. A small LRU keeps recently verified blocks, so
 //! clients reading in 4 KiB pieces do not decompress a block sixteen times.
 
@@ -9,34 +10,16 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::{Export, ExportError};
-use crate::backend::Kind;
-use crate::format::{BlockId, ObjectName, SnapshotId};
-use crate::index::BlockLocation;
+use crate::format::{BlockId, SnapshotId};
 use crate::manifest::BlockMap;
-use crate::pack::decompress_verified;
+use crate::repo::read::{BlockReader, Located};
 use crate::repo::{RepoError, Repository};
 use crate::source::nbd::proto;
 
 /// Verified blocks kept in memory (64 blocks of 64 KiB = 4 MiB).
 const CACHE_BLOCKS: usize = 64;
-/// Blobs closer than this in a pack are read with one request.
-const COALESCE_GAP_BYTES: u64 = 4096;
-/// Largest single range read from a pack.
-const MAX_RANGE_BYTES: u64 = 8 << 20;
 /// Descriptors one `zero_extents` call returns at most.
 const MAX_DESCRIPTORS_PER_CALL: usize = 128;
-/// Ids looked up in the catalog per query batch.
-const LOOKUP_BATCH: usize = 4096;
-
-/// Neighbouring blobs of one pack read together: pack, start, end, blobs.
-type PackRange = (ObjectName, u64, u64, Vec<(BlockLocation, BlockId)>);
-
-struct StoredBlock {
-    index: u64,
-    id: BlockId,
-    /// `None`: the catalog does not know the block (reads of it fail).
-    location: Option<BlockLocation>,
-}
 
 /// Least-recently-used verified blocks by id.
 struct BlockCache {
@@ -77,8 +60,9 @@ pub struct SnapshotExport {
     snapshot: SnapshotId,
     size_bytes: u64,
     block_size: u64,
-    /// Non-zero blocks, ascending by index.
-    blocks: Vec<StoredBlock>,
+    /// Non-zero blocks, ascending by index (location `None`: the catalog
+    /// does not know the block, reads of it fail).
+    blocks: Vec<Located>,
     missing: u64,
     cache: Mutex<BlockCache>,
 }
@@ -108,18 +92,7 @@ impl SnapshotExport {
                 "snapshot {snapshot}: block map out of order or beyond the disk; run 'cbtvault check'"
             )));
         }
-        let mut blocks = Vec::with_capacity(map.data.len());
-        for batch in map.data.chunks(LOOKUP_BATCH) {
-            let ids: Vec<BlockId> = batch.iter().map(|(_, id)| *id).collect();
-            let locations = repo.catalog().lookup_many(&ids)?;
-            blocks.extend(batch.iter().zip(locations).map(|(&(index, id), location)| {
-                StoredBlock {
-                    index,
-                    id,
-                    location,
-                }
-            }));
-        }
+        let blocks = BlockReader::new(&repo).locate(&map.data)?;
         let missing = blocks.iter().filter(|b| b.location.is_none()).count() as u64;
         Ok(SnapshotExport {
             repo,
@@ -155,67 +128,38 @@ impl SnapshotExport {
     /// large sequential reads then leave the cache (and the CPU's) alone.
     fn contents(
         &self,
-        wanted: &[StoredBlock],
+        wanted: &[Located],
         offset: u64,
         end: u64,
     ) -> Result<Vec<Arc<Vec<u8>>>, ExportError> {
         let mut got: Vec<Option<Arc<Vec<u8>>>> = {
             let mut cache = self.cache();
-            wanted.iter().map(|b| cache.get(&b.id)).collect()
+            wanted.iter().map(|b| cache.get(&b.block)).collect()
         };
-        let mut todo: Vec<(BlockLocation, BlockId)> = Vec::new();
-        for (b, g) in wanted.iter().zip(&got) {
-            if g.is_some() {
-                continue;
-            }
-            let location = b.location.ok_or_else(|| {
+        let mut todo: Vec<Located> = wanted
+            .iter()
+            .zip(&got)
+            .filter(|(_, g)| g.is_none())
+            .map(|(b, _)| *b)
+            .collect();
+        todo.sort_by_key(|b| b.block);
+        todo.dedup_by_key(|b| b.block);
+        let mut fetched: HashMap<BlockId, Arc<Vec<u8>>> = HashMap::new();
+        let reader = BlockReader::new(&self.repo);
+        for (b, raw) in todo.iter().zip(reader.read(&todo)) {
+            let raw = raw.map_err(|e| {
                 ExportError::Io(
-                    RepoError::BlockMissing {
+                    RepoError::InSnapshot {
                         snapshot: self.snapshot,
-                        index: b.index,
-                        block: b.id,
+                        cause: Box::new(e.into()),
                     }
                     .to_string(),
                 )
             })?;
-            todo.push((location, b.id));
-        }
-        // Group by pack and offset, read neighbours with one request.
-        todo.sort_by_key(|(l, _)| (l.pack, l.offset));
-        todo.dedup_by_key(|(_, id)| *id);
-        let mut ranges: Vec<PackRange> = Vec::new();
-        for (l, id) in todo {
-            let blob_end = l.offset + l.stored_length as u64;
-            if let Some((pack, start, end, members)) = ranges.last_mut() {
-                if *pack == l.pack
-                    && l.offset >= *end
-                    && l.offset - *end < COALESCE_GAP_BYTES
-                    && blob_end - *start <= MAX_RANGE_BYTES
-                {
-                    *end = blob_end;
-                    members.push((l, id));
-                    continue;
-                }
-            }
-            ranges.push((l.pack, l.offset, blob_end, vec![(l, id)]));
-        }
-        let mut fetched: HashMap<BlockId, Arc<Vec<u8>>> = HashMap::new();
-        for (pack, start, end, members) in ranges {
-            let mut buf = vec![0u8; (end - start) as usize];
-            self.repo
-                .backend()
-                .load_into(Kind::Pack, &pack.to_hex(), start, &mut buf)
-                .map_err(|e| ExportError::Io(format!("snapshot {}: {e}", self.snapshot)))?;
-            for (l, id) in members {
-                let rel = (l.offset - start) as usize;
-                let frame = &buf[rel..rel + l.stored_length as usize];
-                let raw = decompress_verified(frame, l.raw_length, id, pack)
-                    .map_err(|e| ExportError::Io(format!("snapshot {}: {e}", self.snapshot)))?;
-                fetched.insert(id, Arc::new(raw));
-            }
+            fetched.insert(b.block, Arc::new(raw));
         }
         let bs = self.block_size;
-        let partial: Vec<&StoredBlock> = wanted
+        let partial: Vec<&Located> = wanted
             .iter()
             .filter(|b| {
                 let start = b.index * bs;
@@ -225,14 +169,14 @@ impl SnapshotExport {
         if !partial.is_empty() {
             let mut cache = self.cache();
             for b in partial {
-                if let Some(raw) = fetched.get(&b.id) {
-                    cache.insert(b.id, raw.clone());
+                if let Some(raw) = fetched.get(&b.block) {
+                    cache.insert(b.block, raw.clone());
                 }
             }
         }
         for (b, g) in wanted.iter().zip(got.iter_mut()) {
             if g.is_none() {
-                *g = fetched.get(&b.id).cloned();
+                *g = fetched.get(&b.block).cloned();
             }
         }
         got.into_iter()

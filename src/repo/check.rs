@@ -8,10 +8,12 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
+use super::read::{BlockReader, Located, ReadError};
 use super::{RepoError, Repository};
 use crate::backend::Kind;
 use crate::format::{pack as layout, BlockId, ObjectName, SnapshotId};
-use crate::pack::decompress_verified;
+use crate::index::BlockLocation;
+use crate::pack::PackError;
 use crate::progress::Progress;
 
 /// Which packs `--read-data` reads.
@@ -231,15 +233,39 @@ pub fn run(
                 // Already reported by the structure pass.
                 Err(_) => continue,
             };
-            for e in entries {
+            // Every blob through the one read path, out of the bytes
+            // already loaded (the whole pack, for the name check above).
+            let blobs: Vec<Located> = entries
+                .iter()
+                .enumerate()
+                .map(|(k, e)| Located {
+                    index: k as u64,
+                    block: e.block_id,
+                    location: Some(BlockLocation {
+                        pack,
+                        offset: e.offset,
+                        stored_length: e.stored_length,
+                        raw_length: e.raw_length,
+                    }),
+                })
+                .collect();
+            let results = BlockReader::new(repo).verify_loaded(&blobs, 0, &bytes);
+            for (b, result) in blobs.iter().zip(results) {
                 report.blocks_read += 1;
-                let frame = &bytes[e.offset as usize..(e.offset + e.stored_length as u64) as usize];
-                if let Err(err) = decompress_verified(frame, e.raw_length, e.block_id, pack) {
-                    report.error(format!("pack {name}"), err.to_string());
-                    bad_blocks.entry(e.block_id).or_insert_with(|| {
+                if let Err(ReadError::Damaged { reason, .. }) = result {
+                    report.error(
+                        format!("pack {name}"),
+                        PackError::Corrupt {
+                            block: b.block,
+                            pack,
+                            reason,
+                        }
+                        .to_string(),
+                    );
+                    bad_blocks.entry(b.block).or_insert_with(|| {
                         format!(
                             "block {} in pack {} is corrupt",
-                            e.block_id.short(),
+                            b.block.short(),
                             pack.short()
                         )
                     });

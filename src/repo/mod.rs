@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod check;
 pub mod lock;
+pub mod read;
 pub mod restore;
 
 use std::collections::HashMap;
@@ -46,6 +47,8 @@ pub enum RepoError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Lock(#[from] LockError),
+    #[error(transparent)]
+    Read(#[from] read::ReadError),
     #[error("{kind} '{name}' is corrupt: {reason}; run 'cbtvault check'")]
     CorruptObject {
         kind: Kind,

@@ -11,6 +11,7 @@ mod corruption;
 mod crash;
 mod manifest_props;
 mod nbd;
+mod restore_failure;
 mod roundtrip;
 mod serve;
 mod sim;

@@ -1,0 +1,360 @@
+//! The one read path for stored blocks: where a block is (`locate`),
+//! coalesced range reads from packs, then every blob decompressed and
+//! re-hashed in parallel (DESIGN.md §4 invariant 4). Restore, the NBD
+//! export of a snapshot and `check --read-data` all read through here.
+//! It returns a result per block, so a caller decides whether one bad block
+//! stops it; it never hands out bytes whose BLAKE3 differs from their id.
+//! It does not write anywhere and keeps no cache (the NBD export keeps its
+//! own); memory is bounded by the ranges of one call, and `stream` holds at
+//! most `CHUNKS_IN_FLIGHT` chunks of `CHUNK_BLOCKS` blocks.
+//!
+//! Room for later: `locate` is the only place locations come from, so
+//! trying another copy of a block that failed verification, and skipping
+//! copies the catalog marks damaged, land there; `ReadError::Damaged`
+//! carries what a catalog record of the damage needs (block, pack, offset).
+
+use crossbeam_channel::bounded;
+use rayon::prelude::*;
+use thiserror::Error;
+
+use super::Repository;
+use crate::backend::Kind;
+use crate::format::{pack as layout, BlockId, ObjectName};
+use crate::index::{BlockLocation, IndexError};
+use crate::pack::{decompress_verified, PackError};
+
+/// Blocks per chunk `stream` hands on, and chunks read ahead.
+pub const CHUNK_BLOCKS: usize = 64;
+const CHUNKS_IN_FLIGHT: usize = 4;
+/// Blobs closer than this in a pack are read with one request.
+const COALESCE_GAP_BYTES: u64 = 4096;
+/// Largest single range read from a pack.
+const MAX_RANGE_BYTES: u64 = 8 << 20;
+/// Ids looked up in the catalog per query.
+const LOOKUP_BATCH: usize = 4096;
+
+/// Why one block could not be read. `index` is the caller's: the block's
+/// index in the disk for restore and the NBD export, the blob's position in
+/// its pack for `check`.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error("block {index} ({block}) is not in any pack; run 'cbtvault check'")]
+    Missing { index: u64, block: BlockId },
+    /// The stored bytes do not decompress to the block's hash.
+    #[error(
+        "block {index} ({block}) in pack {pack} at offset {offset} is damaged: {reason}; run 'cbtvault check --read-data'"
+    )]
+    Damaged {
+        index: u64,
+        block: BlockId,
+        pack: ObjectName,
+        offset: u64,
+        reason: String,
+    },
+    /// The pack could not be read there (missing, truncated, I/O error).
+    #[error(
+        "block {index} ({block}): pack {pack} cannot be read at offset {offset}: {reason}; run 'cbtvault check'"
+    )]
+    Unreadable {
+        index: u64,
+        block: BlockId,
+        pack: ObjectName,
+        offset: u64,
+        reason: String,
+    },
+    #[error(transparent)]
+    Index(#[from] IndexError),
+}
+
+impl ReadError {
+    /// The block this error is about (`None` for a catalog failure).
+    pub fn block(&self) -> Option<(u64, BlockId, Option<ObjectName>)> {
+        match self {
+            ReadError::Missing { index, block } => Some((*index, *block, None)),
+            ReadError::Damaged {
+                index, block, pack, ..
+            }
+            | ReadError::Unreadable {
+                index, block, pack, ..
+            } => Some((*index, *block, Some(*pack))),
+            ReadError::Index(_) => None,
+        }
+    }
+}
+
+/// A block wanted and where it is stored (`None`: in no pack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Located {
+    pub index: u64,
+    pub block: BlockId,
+    pub location: Option<BlockLocation>,
+}
+
+/// The verified content of one block, or why there is none.
+pub type BlockResult = Result<Vec<u8>, ReadError>;
+
+/// Reads blocks of one repository. Cheap to create; holds no state.
+pub struct BlockReader<'r> {
+    repo: &'r Repository,
+}
+
+impl<'r> BlockReader<'r> {
+    pub fn new(repo: &'r Repository) -> Self {
+        BlockReader { repo }
+    }
+
+    /// Where each of `blocks` (index, id) is stored, in the order given.
+    /// The only source of locations for every reader.
+    pub fn locate(&self, blocks: &[(u64, BlockId)]) -> Result<Vec<Located>, ReadError> {
+        let mut out = Vec::with_capacity(blocks.len());
+        for batch in blocks.chunks(LOOKUP_BATCH) {
+            let ids: Vec<BlockId> = batch.iter().map(|b| b.1).collect();
+            let locations = self.repo.catalog().lookup_many(&ids)?;
+            out.extend(
+                batch
+                    .iter()
+                    .zip(locations)
+                    .map(|(&(index, block), location)| Located {
+                        index,
+                        block,
+                        location,
+                    }),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Reads `blocks` (neighbours in a pack with one request, ranges and
+    /// blobs in parallel) and returns each one's verified content or error,
+    /// in the order given.
+    pub fn read(&self, blocks: &[Located]) -> Vec<BlockResult> {
+        let mut out: Vec<Option<BlockResult>> = (0..blocks.len()).map(|_| None).collect();
+        let mut order: Vec<(usize, BlockLocation)> = Vec::with_capacity(blocks.len());
+        for (k, b) in blocks.iter().enumerate() {
+            match b.location {
+                // Lengths are checked before they size a buffer: a damaged
+                // catalog must not make a reader allocate gigabytes.
+                Some(l)
+                    if l.raw_length > layout::MAX_BLOCK_SIZE
+                        || l.stored_length > layout::max_stored_length(l.raw_length) =>
+                {
+                    out[k] = Some(Err(ReadError::Damaged {
+                        index: b.index,
+                        block: b.block,
+                        pack: l.pack,
+                        offset: l.offset,
+                        reason: format!(
+                            "the catalog gives implausible lengths (stored {}, raw {})",
+                            l.stored_length, l.raw_length
+                        ),
+                    }))
+                }
+                Some(l) => order.push((k, l)),
+                None => {
+                    out[k] = Some(Err(ReadError::Missing {
+                        index: b.index,
+                        block: b.block,
+                    }))
+                }
+            }
+        }
+        order.sort_by_key(|(_, l)| (l.pack, l.offset));
+        // Neighbouring blobs of one pack: pack, start, end, members.
+        let mut ranges: Vec<(ObjectName, u64, u64, Vec<usize>)> = Vec::new();
+        for (k, l) in order {
+            let blob_end = l.offset + l.stored_length as u64;
+            if let Some((pack, start, end, members)) = ranges.last_mut() {
+                if *pack == l.pack
+                    && l.offset >= *end
+                    && l.offset - *end < COALESCE_GAP_BYTES
+                    && blob_end - *start <= MAX_RANGE_BYTES
+                {
+                    *end = blob_end;
+                    members.push(k);
+                    continue;
+                }
+            }
+            ranges.push((l.pack, l.offset, blob_end, vec![k]));
+        }
+        // Ranges are read in parallel, then every blob is decompressed and
+        // verified in parallel, whatever range it came from (a chunk of a
+        // full snapshot is often one range).
+        let bufs: Vec<Result<Vec<u8>, String>> = ranges
+            .par_iter()
+            .map(|(pack, start, end, _)| {
+                let mut buf = vec![0u8; (end - start) as usize];
+                self.repo
+                    .backend()
+                    .load_into(Kind::Pack, &pack.to_hex(), *start, &mut buf)
+                    .map(|()| buf)
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+        let members: Vec<(usize, usize)> = ranges
+            .iter()
+            .enumerate()
+            .flat_map(|(r, range)| range.3.iter().map(move |&k| (r, k)))
+            .collect();
+        let pieces: Vec<(usize, BlockResult)> = members
+            .par_iter()
+            .map(|&(r, k)| {
+                let b = &blocks[k];
+                let l = b.location.expect("only located blocks are in ranges");
+                let got = match &bufs[r] {
+                    Ok(buf) => verify_blob(b, buf, ranges[r].1),
+                    Err(reason) => Err(ReadError::Unreadable {
+                        index: b.index,
+                        block: b.block,
+                        pack: l.pack,
+                        offset: l.offset,
+                        reason: reason.clone(),
+                    }),
+                };
+                (k, got)
+            })
+            .collect();
+        for (k, got) in pieces {
+            out[k] = Some(got);
+        }
+        out.into_iter()
+            .map(|r| r.expect("every block has a result"))
+            .collect()
+    }
+
+    /// Verifies blobs out of bytes already read from their pack: `buf`
+    /// holds the pack from offset `start` (the whole pack for `check`).
+    /// Every block's location must name that pack and lie inside `buf`.
+    pub fn verify_loaded(&self, blocks: &[Located], start: u64, buf: &[u8]) -> Vec<BlockResult> {
+        blocks
+            .par_iter()
+            .map(|b| verify_blob(b, buf, start))
+            .collect()
+    }
+
+    /// Reads `blocks` (index, id; ascending index) in chunks of up to
+    /// `CHUNK_BLOCKS`, reading ahead while `consume` works on earlier
+    /// chunks on its own thread, and hands each chunk to `consume` in
+    /// order with one result per block. Stops reading as soon as `consume`
+    /// returns false. A catalog failure ends the stream with an error;
+    /// chunks after it are never handed on.
+    pub fn stream<F>(&self, blocks: &[(u64, BlockId)], consume: F) -> Result<(), ReadError>
+    where
+        F: FnMut(Vec<(Located, BlockResult)>) -> bool + Send,
+    {
+        let mut consume = consume;
+        let (tx, rx) = bounded::<Vec<(Located, BlockResult)>>(CHUNKS_IN_FLIGHT);
+        std::thread::scope(|s| {
+            let consumer = s.spawn(move || {
+                for chunk in rx {
+                    if !consume(chunk) {
+                        // Dropping `rx` stops the reader at its next send.
+                        return;
+                    }
+                }
+            });
+            let read = (|| -> Result<(), ReadError> {
+                for chunk in blocks.chunks(CHUNK_BLOCKS) {
+                    let located = self.locate(chunk)?;
+                    let results = self.read(&located);
+                    if tx.send(located.into_iter().zip(results).collect()).is_err() {
+                        return Ok(()); // the consumer stopped
+                    }
+                }
+                Ok(())
+            })();
+            drop(tx);
+            if let Err(panic) = consumer.join() {
+                std::panic::resume_unwind(panic);
+            }
+            read
+        })
+    }
+}
+
+/// Decompresses and verifies the blob of `b` out of `buf` (pack bytes from
+/// offset `start`).
+// spec: format-spec/02-pack.md#blobs (a blob read alone), #duplicates (later)
+fn verify_blob(b: &Located, buf: &[u8], start: u64) -> BlockResult {
+    let l = b.location.expect("a located block");
+    let damaged = |reason: String| ReadError::Damaged {
+        index: b.index,
+        block: b.block,
+        pack: l.pack,
+        offset: l.offset,
+        reason,
+    };
+    let rel = l
+        .offset
+        .checked_sub(start)
+        .map(|r| r as usize)
+        .filter(|&r| r + l.stored_length as usize <= buf.len())
+        .ok_or_else(|| damaged("the blob lies outside the pack".into()))?;
+    let frame = &buf[rel..rel + l.stored_length as usize];
+    decompress_verified(frame, l.raw_length, b.block, l.pack).map_err(|e| match e {
+        PackError::Corrupt { reason, .. } => damaged(reason),
+        other => damaged(other.to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn located(raw: &[u8], offset: u64, stored_length: u32) -> Located {
+        Located {
+            index: 7,
+            block: BlockId::of(raw),
+            location: Some(BlockLocation {
+                pack: ObjectName::of(b"pack"),
+                offset,
+                stored_length,
+                raw_length: raw.len() as u32,
+            }),
+        }
+    }
+
+    #[test]
+    fn blob_verifies_out_of_a_range_that_starts_inside_the_pack() {
+        let raw = vec![5u8; 4096];
+        let frame = zstd::bulk::compress(&raw, 3).unwrap();
+        let mut buf = vec![0xEEu8; 10];
+        buf.extend_from_slice(&frame);
+        let b = located(&raw, 1000 + 10, frame.len() as u32);
+        assert_eq!(verify_blob(&b, &buf, 1000).unwrap(), raw);
+    }
+
+    #[test]
+    fn catalog_placing_a_blob_outside_the_bytes_read_is_damage_not_a_panic() {
+        let raw = vec![5u8; 4096];
+        let frame = zstd::bulk::compress(&raw, 3).unwrap();
+        for (offset, len) in [(0u64, frame.len() as u32), (1001, frame.len() as u32 + 1)] {
+            let b = located(&raw, offset, len);
+            match verify_blob(&b, &frame, 1000) {
+                Err(ReadError::Damaged { index: 7, .. }) => {}
+                other => panic!("expected damage, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn flipped_byte_is_damage_naming_block_pack_and_offset() {
+        let raw = (0..4096u32).map(|i| (i * 7) as u8).collect::<Vec<_>>();
+        let mut frame = zstd::bulk::compress(&raw, 3).unwrap();
+        let mid = frame.len() / 2;
+        frame[mid] ^= 0x40;
+        let b = located(&raw, 0, frame.len() as u32);
+        match verify_blob(&b, &frame, 0) {
+            Err(ReadError::Damaged {
+                block,
+                pack,
+                offset,
+                ..
+            }) => {
+                assert_eq!(block, BlockId::of(&raw));
+                assert_eq!(pack, ObjectName::of(b"pack"));
+                assert_eq!(offset, 0);
+            }
+            other => panic!("expected damage, got {other:?}"),
+        }
+    }
+}
