@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use nbd::{proto, tls, NbdUri, PoolOptions};
 
 use super::Outcome;
 use crate::cli::{BackupArgs, NbdArgs};
@@ -16,7 +17,7 @@ use crate::output::{human_bytes, Ui};
 use crate::repo::backup::{self, BackupPlan, BackupSummary, ParentInfo, PipelineOptions};
 use crate::repo::lock::hostname;
 use crate::repo::Repository;
-use crate::source::nbd::{proto, tls, NbdSource, NbdUri, PoolOptions};
+use crate::source::nbd::NbdSource;
 use crate::source::xenapi::workflow::{
     self, BoxError, Committer, DiskChanges, FrozenDisk, Previous, RunReport, WorkflowOptions,
 };
@@ -93,7 +94,7 @@ pub(crate) fn nbd_tls(args: &NbdArgs, uri: &NbdUri) -> Result<Option<tls::TlsOpt
     };
     let server_name = match (&args.tls_name, &uri.address) {
         (Some(n), _) => n.clone(),
-        (None, crate::source::nbd::client::Address::Tcp { host, .. }) => host.clone(),
+        (None, nbd::client::Address::Tcp { host, .. }) => host.clone(),
         (None, _) => bail!("TLS over a unix socket needs --tls-name NAME"),
     };
     Ok(Some(tls::TlsOptions { trust, server_name }))

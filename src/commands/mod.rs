@@ -3,11 +3,13 @@
 
 mod backup;
 mod check;
+#[cfg(feature = "sim")]
 mod demo;
 mod inspect;
 mod restore;
 mod restore_xen;
 mod serve;
+#[cfg(feature = "sim")]
 mod sim;
 mod sinks;
 
@@ -55,12 +57,15 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Unlock(ref a) => inspect::unlock(&ui, &open(&ui, &repo_path()?)?, a),
         Command::Repair(RepairCommand::Index) => check::repair_index(&ui, &repo_path()?),
         Command::Serve(ref a) => serve::run(&ui, open(&ui, &repo_path()?)?, a),
+        #[cfg(feature = "sim")]
         Command::Demo(ref a) => demo::run(&ui, a),
+        #[cfg(feature = "sim")]
         Command::Sim(ref a) => sim::run(&ui, a),
     }
 }
 
 /// BLAKE3 of a whole file, streamed.
+#[cfg(feature = "sim")]
 pub(crate) fn hash_file(path: &Path) -> Result<blake3::Hash> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("open '{}'", path.display()))?;

@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use ::bytes::BytesMut;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
+use xapi_wire::chunked::chunked_body_bytes;
+use xapi_wire::Value;
 
 use super::backup::xen_session;
 use super::sinks::StreamSink;
@@ -20,8 +22,7 @@ use crate::manifest::BlockMap;
 use crate::output::{human_bytes, Ui};
 use crate::repo::restore::{self, BlockSink, RestoreSummary};
 use crate::repo::{RepoError, Repository, SnapshotEntry};
-use crate::sim::Value;
-use crate::source::xenapi::import::{chunked_body_bytes, ImportFormat, ImportStream};
+use crate::source::xenapi::import::{ImportFormat, ImportStream};
 use crate::source::xenapi::nbd::NbdSet;
 use crate::source::xenapi::workflow::keys;
 use crate::source::xenapi::{Session, XenApiError, XenObject, XenUrl};
@@ -206,7 +207,7 @@ fn first_mismatch(map: &BlockMap, first: u64, data: &[u8]) -> Option<(u64, Optio
             let expected = map.get(index);
             let ok = match expected {
                 Some(id) => BlockId::of(block) == id,
-                None => crate::bytes::is_zero(block),
+                None => nbd::bytes::is_zero(block),
             };
             (!ok).then_some((index, expected))
         })

@@ -8,7 +8,7 @@ use serde::Serialize;
 use super::Outcome;
 use crate::cli::SimArgs;
 use crate::output::Ui;
-use crate::sim::{SimOptions, Simulator};
+use xapi_sim::{SimOptions, Simulator};
 
 #[derive(Serialize)]
 struct Started {

@@ -8,14 +8,14 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{Export, ExportError};
 use crate::backend::Kind;
 use crate::format::{BlockId, ObjectName, SnapshotId};
 use crate::index::BlockLocation;
 use crate::manifest::BlockMap;
 use crate::pack::decompress_verified;
 use crate::repo::{RepoError, Repository};
-use crate::source::nbd::proto;
+use nbd::proto;
+use nbd::server::{Export, ExportError};
 
 /// Verified blocks kept in memory (64 blocks of 64 KiB = 4 MiB).
 const CACHE_BLOCKS: usize = 64;

@@ -13,7 +13,8 @@ mod manifest_props;
 mod nbd;
 mod roundtrip;
 mod serve;
-mod sim;
+#[cfg(feature = "sim")]
+mod sim_command;
 mod xen_backup;
 mod xen_restore;
 mod xen_util;

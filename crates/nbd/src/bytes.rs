@@ -1,4 +1,6 @@
-//! Byte-slice helpers shared by the data paths.
+//! Byte-slice helpers shared by the data paths (the NBD client's reads,
+//! the backup pipeline, the server and the simulator): zero detection and
+//! splitting a buffer into pieces that join back without a copy.
 
 use ::bytes::BytesMut;
 

@@ -42,7 +42,7 @@ pub struct TlsOptions {
 /// NBD) costs both ends noticeably less CPU than with AES-256, and it is
 /// the suite TLS 1.3 requires every peer to implement. Every default suite
 /// stays offered, so no server is refused.
-pub(crate) fn provider() -> Arc<CryptoProvider> {
+pub fn provider() -> Arc<CryptoProvider> {
     let mut p = rustls::crypto::ring::default_provider();
     p.cipher_suites.sort_by_key(|s| {
         use rustls::CipherSuite as C;
@@ -75,7 +75,7 @@ pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'stat
 
 /// What a [`PinVerifier`] accepts as the server's certificate.
 #[derive(Debug)]
-pub(crate) enum Pin {
+pub enum Pin {
     /// Exactly this certificate, valid for the server name (NBD: the `cert`
     /// and `subject` of `VDI.get_nbd_info`).
     Certificate(CertificateDer<'static>),
@@ -89,9 +89,9 @@ pub(crate) enum Pin {
 /// Verifies the server certificate against a pin; handshake signatures are
 /// always checked with the provider's algorithms.
 #[derive(Debug)]
-pub(crate) struct PinVerifier {
-    pub(crate) pin: Pin,
-    pub(crate) provider: Arc<CryptoProvider>,
+pub struct PinVerifier {
+    pub pin: Pin,
+    pub provider: Arc<CryptoProvider>,
 }
 
 impl ServerCertVerifier for PinVerifier {

@@ -490,7 +490,7 @@ impl Disk {
                     chain.top.written.set(block);
                     false
                 }
-            } else if !crate::bytes::is_zero(piece) {
+            } else if !nbd::bytes::is_zero(piece) {
                 chain.top.written.set(block);
                 true
             } else {

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use base64::Engine;
 
-use super::error::ApiError;
 use super::model::{Class, NewVbd, NewVdi, Ref, State};
-use super::value::Value;
-use super::xmlrpc;
 use super::Core;
+use xapi_wire::xmlrpc;
+use xapi_wire::ApiError;
+use xapi_wire::Value;
 
 /// The CBT-era calls an old host (7.1) does not know.
 const CBT_METHODS: [&str; 7] = [

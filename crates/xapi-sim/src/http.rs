@@ -1,9 +1,9 @@
 //! The HTTP/1.1 pieces the simulator needs, sans I/O: reading a request
 //! head (bounded), query and cookie parameters as xapi looks them up
-//! (cookie first, then query: xenapi-reference.md §3), and the body format
-//! of `PUT /import_raw_vdi?chunked` (vhd-tool `chunked.ml`: repeated
-//! `{offset: u64 LE, len: u32 LE}` headers each followed by `len` bytes,
-//! ended by a header with offset 0 and length 0).
+//! (cookie first, then query: xenapi-reference.md §3). The body format of
+//! `PUT /import_raw_vdi?chunked` is `xapi_wire::chunked`.
+
+use xapi_wire::ChunkedError;
 
 /// Largest request head accepted (request line and headers).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -18,7 +18,7 @@ pub enum HttpError {
     #[error("bad Content-Length '{0}'")]
     ContentLength(String),
     #[error("chunked import: {0}")]
-    Chunked(String),
+    Chunked(#[from] ChunkedError),
 }
 
 /// A parsed request line and headers.
@@ -142,95 +142,6 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     )))
 }
 
-/// What the chunked-import decoder found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChunkStep {
-    /// More input is needed.
-    Need,
-    /// The last `len` bytes consumed are data for disk offset `offset`.
-    Data { offset: u64, len: usize },
-    /// The terminating header was read.
-    Done,
-}
-
-/// Incremental decoder of the `chunked` import body. Data is handed out
-/// as it arrives, so a chunk's declared length never sizes an allocation.
-#[derive(Debug, Default)]
-pub struct ChunkedImport {
-    header: Vec<u8>,
-    /// Data of the current chunk still to come: (next offset, bytes left).
-    data: Option<(u64, u64)>,
-    done: bool,
-}
-
-impl ChunkedImport {
-    pub fn new() -> ChunkedImport {
-        ChunkedImport::default()
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.done
-    }
-
-    /// Consumes some of `input`; returns how many bytes and what they were.
-    pub fn feed(&mut self, input: &[u8]) -> Result<(usize, ChunkStep), HttpError> {
-        if self.done {
-            return if input.is_empty() {
-                Ok((0, ChunkStep::Done))
-            } else {
-                Err(HttpError::Chunked(
-                    "data after the terminating header".into(),
-                ))
-            };
-        }
-        if let Some((offset, left)) = self.data {
-            if input.is_empty() {
-                return Ok((0, ChunkStep::Need));
-            }
-            let n = (left.min(input.len() as u64)) as usize;
-            let rest = left - n as u64;
-            self.data = (rest > 0).then_some((offset + n as u64, rest));
-            return Ok((n, ChunkStep::Data { offset, len: n }));
-        }
-        let want = 12 - self.header.len();
-        let n = want.min(input.len());
-        self.header.extend_from_slice(&input[..n]);
-        if self.header.len() < 12 {
-            return Ok((n, ChunkStep::Need));
-        }
-        let mut offset_bytes = [0u8; 8];
-        offset_bytes.copy_from_slice(&self.header[..8]);
-        let mut len_bytes = [0u8; 4];
-        len_bytes.copy_from_slice(&self.header[8..12]);
-        self.header.clear();
-        let offset = u64::from_le_bytes(offset_bytes);
-        let len = u32::from_le_bytes(len_bytes) as u64;
-        if offset == 0 && len == 0 {
-            self.done = true;
-            return Ok((n, ChunkStep::Done));
-        }
-        if offset.checked_add(len).is_none() {
-            return Err(HttpError::Chunked(format!(
-                "chunk at {offset} of {len} bytes overflows"
-            )));
-        }
-        if len > 0 {
-            self.data = Some((offset, len));
-        }
-        Ok((n, ChunkStep::Need))
-    }
-}
-
-/// Encodes one chunk of the import format (for tests and clients).
-pub fn encode_import_chunk(offset: u64, data: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&offset.to_le_bytes());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(data);
-}
-
-/// The terminating header of the import format.
-pub const IMPORT_CHUNK_END: [u8; 12] = [0; 12];
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,63 +179,5 @@ mod tests {
                 let _ = h.param("session_id");
             }
         }
-
-        /// Any byte stream: the decoder never hands out more data than the
-        /// input held, and never panics.
-        #[test]
-        fn chunked_never_overreads(raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300), split in 1usize..40) {
-            let mut d = ChunkedImport::new();
-            for piece in raw.chunks(split) {
-                let mut at = 0;
-                while at < piece.len() {
-                    match d.feed(&piece[at..]) {
-                        Ok((n, step)) => {
-                            if let ChunkStep::Data { len, .. } = step {
-                                proptest::prop_assert!(len <= n);
-                            }
-                            proptest::prop_assert!(n <= piece.len() - at);
-                            if n == 0 {
-                                break;
-                            }
-                            at += n;
-                        }
-                        Err(_) => return Ok(()),
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn chunked_import_byte_by_byte() {
-        let mut body = Vec::new();
-        encode_import_chunk(65536, b"hello", &mut body);
-        encode_import_chunk(7, b"", &mut body);
-        encode_import_chunk(1 << 40, b"xy", &mut body);
-        body.extend_from_slice(&IMPORT_CHUNK_END);
-        let mut d = ChunkedImport::new();
-        let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut i = 0;
-        while i < body.len() {
-            let (n, step) = d.feed(&body[i..i + 1]).unwrap();
-            assert!(n <= 1);
-            if let ChunkStep::Data { offset, len } = step {
-                got.push((offset, body[i + n - len..i + n].to_vec()));
-            }
-            i += n;
-        }
-        assert!(d.is_done());
-        let joined: Vec<(u64, Vec<u8>)> = got.iter().fold(Vec::new(), |mut acc, (o, b)| {
-            match acc.last_mut() {
-                Some((lo, lb)) if *lo + lb.len() as u64 == *o => lb.extend_from_slice(b),
-                _ => acc.push((*o, b.clone())),
-            }
-            acc
-        });
-        assert_eq!(
-            joined,
-            vec![(65536, b"hello".to_vec()), (1 << 40, b"xy".to_vec())]
-        );
-        assert!(d.feed(b"x").is_err());
     }
 }

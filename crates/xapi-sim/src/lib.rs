@@ -2,12 +2,13 @@
 //! faithful to xenapi-reference.md (names, arguments, wire formats, error
 //! codes and behaviour), for tests, `cbtvault sim` and `cbtvault demo`.
 //! It never prints (the `sim` command does) and never touches a real host.
+//! Builds on the `nbd` and `xapi-wire` crates, never on the product.
 //!
 //! - One HTTPS port (self-signed certificate, see [`Simulator::fingerprint`])
 //!   serves XML-RPC (`POST /`, `/RPC2`), JSON-RPC v1/v2 (`POST /jsonrpc`),
 //!   `GET /export_raw_vdi` and `PUT /import_raw_vdi` (raw and `chunked`),
 //!   `GET /export_metadata` and `PUT /import_metadata` (ova.xml in a tar).
-//! - One NBD port serves VDIs like xapi-nbd through `nbdserver` in
+//! - One NBD port serves VDIs like xapi-nbd through `nbd::server` in
 //!   `XapiLike` mode: TLS mandatory with the same certificate, export name
 //!   `/<vdi-uuid>?session_id=<ref>` as `VDI.get_nbd_info` returns it, a dom0
 //!   VBD attached while a connection is open.
@@ -57,14 +58,11 @@ mod disk;
 mod dispatch;
 pub mod error;
 pub mod http;
-pub mod jsonrpc;
 pub mod metadata;
 pub mod model;
 mod nbd;
 mod persist;
 mod server;
-pub mod value;
-pub mod xmlrpc;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -73,12 +71,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use error::{ApiError, SimError, WireError};
+pub use error::SimError;
 pub use model::Faults;
 pub use nbd::parse_export_name;
-pub use value::Value;
+pub use xapi_wire::{ApiError, Value, WireError};
 
-use crate::nbdserver::{self, Listener, Mode, ServerOptions};
+use ::nbd::server::{self as nbdserver, Listener, Mode, ServerOptions};
 use model::{Class, HostConfig, State};
 
 /// The shared state every connection works on.
@@ -218,7 +216,7 @@ fn host_certificate(dir: &Path, names: Vec<String>) -> Result<(String, String), 
 /// `AB:CD:...`: SHA-256 of the certificate's DER, as `openssl x509
 /// -fingerprint -sha256` prints it.
 pub fn certificate_fingerprint(cert_pem: &str) -> Result<String, SimError> {
-    let certs = crate::source::nbd::tls::certs_from_pem(cert_pem.as_bytes(), "host certificate")
+    let certs = ::nbd::tls::certs_from_pem(cert_pem.as_bytes(), "host certificate")
         .map_err(|e| SimError::Certificate(e.to_string()))?;
     let digest = ring::digest::digest(&ring::digest::SHA256, certs[0].as_ref());
     Ok(digest

@@ -9,10 +9,10 @@
 
 use std::collections::BTreeMap;
 
-use super::error::ApiError;
 use super::model::{Class, NewVbd, Ref, State, NULL_REF};
-use super::value::{format_datetime, Value};
-use super::xmlrpc;
+use xapi_wire::value::{format_datetime, Value};
+use xapi_wire::xmlrpc;
+use xapi_wire::ApiError;
 
 /// Largest `ova.xml` accepted on import.
 pub const MAX_OVA_BYTES: u64 = 16 << 20;

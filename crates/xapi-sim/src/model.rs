@@ -19,8 +19,8 @@ use serde::{Deserialize, Serialize};
 
 use super::cbt::ChangeBitmap;
 use super::disk::Disk;
-use super::error::ApiError;
-use super::value::{format_datetime, Value, EPOCH};
+use xapi_wire::value::{format_datetime, Value, EPOCH};
+use xapi_wire::ApiError;
 
 pub type Ref = String;
 pub const NULL_REF: &str = "OpaqueRef:NULL";

@@ -12,8 +12,8 @@ use super::cbt::CBT_BLOCK_BYTES;
 use super::disk::Disk;
 use super::model::{Class, Ref};
 use super::Core;
-use crate::nbdserver::{Export, ExportError, ExportResolver};
-use crate::source::nbd::proto;
+use ::nbd::proto;
+use ::nbd::server::{Export, ExportError, ExportResolver};
 
 /// Resolves xapi-style export names against the simulator's state.
 pub(crate) struct SimResolver {

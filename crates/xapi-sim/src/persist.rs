@@ -312,7 +312,7 @@ fn check_name(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::model::NewVdi;
+    use crate::model::NewVdi;
 
     const MIB: u64 = 1 << 20;
 

@@ -17,14 +17,15 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::dispatch;
-use super::error::ApiError;
-use super::http::{self, ChunkStep, ChunkedImport, HttpError, RequestHead};
-use super::jsonrpc;
+use super::http::{self, HttpError, RequestHead};
 use super::metadata;
 use super::model::Ref;
-use super::value::Value;
-use super::xmlrpc;
 use super::Core;
+use xapi_wire::chunked::{ChunkStep, ChunkedImport};
+use xapi_wire::jsonrpc;
+use xapi_wire::xmlrpc;
+use xapi_wire::ApiError;
+use xapi_wire::Value;
 
 /// Largest RPC request body.
 const MAX_RPC_BODY: u64 = 16 << 20;
@@ -851,7 +852,7 @@ impl Conn {
             }
             let (used, step) = decoder
                 .feed(&input[pos..])
-                .map_err(|e| ApiError::internal(e.to_string()))?;
+                .map_err(|e| ApiError::internal(HttpError::from(e).to_string()))?;
             if let ChunkStep::Data { offset, len } = step {
                 let bytes = &input[pos + used - len..pos + used];
                 match &mut run {

@@ -2,8 +2,9 @@
 //! process (sessions, handles, the CBT chain, data_destroy, attachments,
 //! tasks, faults), property tests of the CBT log algebra on the model, the
 //! wire forms over real HTTPS (XML-RPC, JSON-RPC, the HTTP handlers), NBD
-//! through our own client with the pinned certificate, and the Python
-//! conformance script driving it with the official `XenAPI` binding.
+//! through the `nbd` crate's client with the pinned certificate, and the
+//! Python conformance script driving it with the official `XenAPI` binding.
+//! (`cbtvault sim`, the command, is tested with the product.)
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -11,13 +12,16 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use cbtvault::sim::model::{HostConfig, NewVdi, State};
-use cbtvault::sim::{self, ApiError, SimOptions, Simulator, Value};
-use cbtvault::source::nbd::client::{Address, ConnectOptions, Connection};
-use cbtvault::source::nbd::tls::{client_config, TlsOptions, Trust};
+use nbd::client::{Address, ConnectOptions, Connection};
+use nbd::tls::{client_config, TlsOptions, Trust};
 use proptest::prelude::*;
+use xapi_sim::model::{HostConfig, NewVdi, State};
+use xapi_sim::{self as sim, ApiError, SimOptions, Simulator, Value};
+use xapi_wire::{chunked, xmlrpc};
 
-use crate::util::{bitmap_base64, random_bytes, BS};
+mod util;
+
+use util::{bitmap_base64, random_bytes, BS};
 
 const MIB: u64 = 1 << 20;
 
@@ -930,12 +934,12 @@ fn post(sim: &Simulator, path: &str, content_type: &str, body: &[u8]) -> Respons
 }
 
 fn xml_call(sim: &Simulator, method: &str, params: &[Value]) -> Result<Value, ApiError> {
-    let body = sim::xmlrpc::encode_call(method, params);
+    let body = xmlrpc::encode_call(method, params);
     let r = post(sim, "/", "text/xml", body.as_bytes());
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.header("content-type"), Some("text/xml"));
-    let v = sim::xmlrpc::decode_response(&r.body).expect("a methodResponse");
-    sim::xmlrpc::status_result(v).expect("a Status struct")
+    let v = xmlrpc::decode_response(&r.body).expect("a methodResponse");
+    xmlrpc::status_result(v).expect("a Status struct")
 }
 
 fn json_call(sim: &Simulator, body: serde_json::Value) -> serde_json::Value {
@@ -963,7 +967,7 @@ fn sim_xmlrpc_wire_forms() {
     let session = session.as_str().unwrap().to_string();
     assert!(session.starts_with("OpaqueRef:"));
     // The raw body: untagged strings, ints as strings, Status first.
-    let body = sim::xmlrpc::encode_call(
+    let body = xmlrpc::encode_call(
         "VDI.get_virtual_size",
         &[s(&session), s(&vm.disks[0].vdi_ref)],
     );
@@ -1164,9 +1168,9 @@ fn sim_export_and_import_raw_vdi() {
     );
     // The chunked format: two pieces, then the terminator.
     let mut body = Vec::new();
-    sim::http::encode_import_chunk(2 * MIB, b"chunk one", &mut body);
-    sim::http::encode_import_chunk(5, b"two", &mut body);
-    body.extend_from_slice(&sim::http::IMPORT_CHUNK_END);
+    chunked::encode_chunk(2 * MIB, b"chunk one", &mut body);
+    chunked::encode_chunk(5, b"two", &mut body);
+    body.extend_from_slice(&chunked::END);
     let len = body.len().to_string();
     let r = request(
         &sim,
@@ -1257,7 +1261,7 @@ fn sim_export_and_import_metadata() {
     );
     assert!(r.header("task-id").unwrap().starts_with("OpaqueRef:"));
     let ova = sim::metadata::tar_find(&r.body, "ova.xml").expect("ova.xml in the tar");
-    let doc = sim::xmlrpc::decode_value_document(&ova).unwrap();
+    let doc = xmlrpc::decode_value_document(&ova).unwrap();
     let objects = doc.as_struct().unwrap()["objects"]
         .as_array()
         .unwrap()
@@ -1624,92 +1628,4 @@ fn sim_state_survives_a_restart_and_a_crash_breaks_cbt() {
         "SR_BACKEND_FAILURE_460",
         &unrelated(),
     );
-}
-
-// ---------------------------------------------------------------- the command
-
-#[test]
-fn sim_command_prints_how_to_connect_and_stops_on_sigterm() {
-    use std::io::BufRead;
-    let mut child = std::process::Command::new(crate::util::bin())
-        .args([
-            "--json",
-            "sim",
-            "--listen",
-            "127.0.0.1:0",
-            "--nbd-listen",
-            "127.0.0.1:0",
-        ])
-        .args(["--disk-mib", "2", "--disk-mib", "3"])
-        .env("CBTVAULT_SIM_PASSWORD", "secret-for-test")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("start cbtvault sim");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .expect("read the first line");
-    let v: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
-    assert_eq!(v["username"], "root");
-    assert_eq!(v["password"], "secret-for-test");
-    assert_eq!(v["vdi_uuids"].as_array().unwrap().len(), 2);
-    assert_eq!(v["fingerprint_sha256"].as_str().unwrap().len(), 95);
-    let url = v["url"].as_str().unwrap();
-    let address: std::net::SocketAddr = url
-        .trim_start_matches("https://")
-        .trim_end_matches('/')
-        .parse()
-        .unwrap();
-    // Log in over the wire with what it printed.
-    let body = sim::xmlrpc::encode_call(
-        "session.login_with_password",
-        &[s("root"), s("secret-for-test")],
-    );
-    // The certificate it serves is in its state folder; its fingerprint
-    // is the one printed.
-    let pem =
-        std::fs::read(std::path::Path::new(v["state_dir"].as_str().unwrap()).join("host-cert.pem"))
-            .expect("the host certificate in the state folder");
-    assert_eq!(
-        sim::certificate_fingerprint(std::str::from_utf8(&pem).unwrap()).unwrap(),
-        v["fingerprint_sha256"].as_str().unwrap()
-    );
-    let (config, name) = client_config(&TlsOptions {
-        trust: Trust::PinnedPem(pem),
-        server_name: "localhost".into(),
-    })
-    .unwrap();
-    let mut tcp = TcpStream::connect(address).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let conn = rustls::ClientConnection::new(config, name).unwrap();
-    let mut tls = rustls::StreamOwned::new(conn, &mut tcp);
-    let req = format!(
-        "POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    let _ = tls.read_to_end(&mut raw);
-    let text = String::from_utf8_lossy(&raw);
-    assert!(text.contains("<value>Success</value>"), "{text}");
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-s", "TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "sim exited with {status}");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "sim did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

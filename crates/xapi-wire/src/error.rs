@@ -1,6 +1,7 @@
 //! Errors: [`ApiError`] is what a XenAPI call answers on failure (code and
 //! string parameters, exactly as xapi sends them, xenapi-reference.md §2.1);
-//! [`SimError`] is why the simulator itself could not start or act.
+//! [`WireError`] is a body that cannot be read at all; [`ChunkedError`] a
+//! broken `chunked` import body.
 
 /// A XenAPI failure: `ErrorDescription` = `[code, params...]`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -101,27 +102,6 @@ impl ApiError {
     }
 }
 
-/// Why the simulator could not start or do what a test asked.
-#[derive(Debug, thiserror::Error)]
-pub enum SimError {
-    #[error("simulator state folder '{path}': {source}")]
-    Storage {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("cannot listen on '{address}': {source}")]
-    Listen {
-        address: String,
-        source: std::io::Error,
-    },
-    #[error("certificate: {0}")]
-    Certificate(String),
-    #[error("simulator runtime: {0}")]
-    Runtime(String),
-    #[error(transparent)]
-    Api(#[from] ApiError),
-}
-
 /// A request the RPC layer cannot even read (xapi answers HTTP 500 with an
 /// HTML page, not an API error: xenapi-reference.md §1.1).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -135,3 +115,8 @@ pub enum WireError {
     #[error("nesting deeper than {0} levels")]
     TooDeep(usize),
 }
+
+/// A `chunked` import body that breaks the format (the decoder stops there).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ChunkedError(pub String);

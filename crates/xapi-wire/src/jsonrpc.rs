@@ -3,6 +3,9 @@
 //! anything else v1; `params` is a positional array; `id` must be present
 //! and non-null. Errors are `["CODE", params...]` in v1 and
 //! `{"code": 1, "message": "CODE", "data": [params...]}` in v2.
+//!
+//! Both halves: the server's ([`decode_request`], [`encode_response`]) and
+//! the client's ([`encode_request`], [`decode_response`]).
 
 use serde_json::{json, Map, Number};
 
@@ -113,6 +116,68 @@ pub fn encode_response(
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
+/// A v2 request body for `method` (the client half; xapi answers v2).
+pub fn encode_request(id: u64, method: &str, params: &[Value]) -> Vec<u8> {
+    let body = json!({
+        "jsonrpc": "2.0",
+        "method": method,
+        "params": params.iter().map(to_json).collect::<Vec<_>>(),
+        "id": id,
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Decodes a response body (v1 or v2): `Ok(Ok(result))`, `Ok(Err(api
+/// error))` for an `error` member, or a [`WireError::JsonRpc`] for a body
+/// that is not a response at all.
+pub fn decode_response(body: &[u8]) -> Result<Result<Value, ApiError>, WireError> {
+    let bad = |reason: String| WireError::JsonRpc(reason);
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let serde_json::Value::Object(mut o) = v else {
+        return Err(bad("not a JSON object".into()));
+    };
+    match o.remove("error") {
+        None | Some(serde_json::Value::Null) => {}
+        // v2: {"code": 1, "message": CODE, "data": [params...]}
+        Some(serde_json::Value::Object(e)) => {
+            let code = e
+                .get("message")
+                .and_then(|m| m.as_str())
+                .unwrap_or("UNKNOWN_ERROR")
+                .to_string();
+            let params = match e.get("data") {
+                Some(serde_json::Value::Array(a)) => a.iter().map(json_text).collect(),
+                Some(serde_json::Value::Null) | None => Vec::new(),
+                Some(other) => vec![json_text(other)],
+            };
+            return Ok(Err(ApiError { code, params }));
+        }
+        // v1: ["CODE", params...]
+        Some(serde_json::Value::Array(a)) => {
+            let mut items = a.iter().map(json_text);
+            let code = items.next().unwrap_or_else(|| "UNKNOWN_ERROR".into());
+            return Ok(Err(ApiError {
+                code,
+                params: items.collect(),
+            }));
+        }
+        Some(other) => return Err(bad(format!("unexpected error value {other}"))),
+    }
+    match o.remove("result") {
+        Some(r) => Ok(Ok(from_json(r))),
+        None => Err(bad("neither result nor error".into())),
+    }
+}
+
+/// An error parameter as text: strings as they are, anything else as JSON.
+fn json_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +231,30 @@ mod tests {
         #[test]
         fn arbitrary_json_never_panics(text in "[\\[\\]{}\":,0-9a-z. -]{0,80}") {
             let _ = decode_request(text.as_bytes());
+        }
+    }
+
+    #[test]
+    fn client_half_round_trips_through_the_server_half() {
+        let body = encode_request(7, "VDI.get_uuid", &[Value::str("s"), Value::Int(1 << 40)]);
+        let r = decode_request(&body).unwrap();
+        assert_eq!(r.version, Version::V2);
+        assert_eq!(r.method, "VDI.get_uuid");
+        assert_eq!(r.params, vec![Value::str("s"), Value::Int(1 << 40)]);
+        for version in [Version::V1, Version::V2] {
+            let ok = Ok(Value::strings(["a", "b"]));
+            assert_eq!(
+                decode_response(&encode_response(version, &r.id, &ok)).unwrap(),
+                ok
+            );
+            let err = Err(ApiError::new("VDI_IN_USE", ["OpaqueRef:v", "snapshot"]));
+            assert_eq!(
+                decode_response(&encode_response(version, &r.id, &err)).unwrap(),
+                err
+            );
+        }
+        for bad in [&b"{"[..], b"[1]", b"{\"id\":1}", b"{\"error\":7}"] {
+            assert!(matches!(decode_response(bad), Err(WireError::JsonRpc(_))));
         }
     }
 

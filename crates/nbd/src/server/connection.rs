@@ -16,26 +16,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter, ReadHalf, Wri
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
+use super::error::ConnError;
+use super::export::{Export, ExportResolver, Mode, ServerOptions};
 use super::handshake::{self, Transmission};
-use super::{Export, ExportResolver, Mode, ServerOptions};
-use crate::source::nbd::client::Io;
-use crate::source::nbd::proto::{self, Decoded, Request};
-
-/// Why a connection ended early. Nobody reads these but tests and
-/// debuggers: a server has no one to report a client's misbehaviour to.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum ConnError {
-    #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
-    #[error(transparent)]
-    Codec(#[from] proto::ProtoError),
-    #[error("protocol: {0}")]
-    Protocol(String),
-    #[error("tls: {0}")]
-    Tls(String),
-    #[error("handshake timed out")]
-    Timeout,
-}
+use crate::client::Io;
+use crate::proto::{self, Decoded, Request};
 
 /// Bytes of read replies being prepared or queued per connection, counted
 /// in 64 KiB units of a semaphore: one largest read, so the server holds at

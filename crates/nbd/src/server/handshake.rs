@@ -10,10 +10,10 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::connection::ConnError;
-use super::{Export, ExportError, ExportResolver, Mode, ServerOptions};
-use crate::source::nbd::client::Io;
-use crate::source::nbd::proto::{self, ClientOption, Decoded};
+use super::error::ConnError;
+use super::export::{Export, ExportError, ExportResolver, Mode, ServerOptions};
+use crate::client::Io;
+use crate::proto::{self, ClientOption, Decoded};
 
 /// The only meta context served, and the id it is given.
 pub(super) const BASE_ALLOCATION: &str = "base:allocation";

@@ -1,8 +1,8 @@
 //! An export held in memory: for tests and for the simulator's small
 //! disks. Zero ranges are reported per 64 KiB granule.
 
-use super::{Export, ExportError};
-use crate::source::nbd::proto;
+use super::export::{Export, ExportError};
+use crate::proto;
 
 const GRANULE: u64 = 64 * 1024;
 

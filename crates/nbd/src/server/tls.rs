@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::source::nbd::tls::{certs_from_pem, TlsError};
+use crate::tls::{certs_from_pem, TlsError};
 
 /// A rustls server configuration (ring provider, TLS 1.2 and 1.3).
 pub fn server_config_from_pem(
