@@ -1023,7 +1023,7 @@ impl fmt::Display for Request {
 
 // ------------------------------------------------------------- server side
 //
-// Appended for the NBD server (`crate::nbdserver`); everything above is the
+// Appended for the NBD server (`crate::server`); everything above is the
 // shared contract and stays as it is.
 
 pub const CMD_TRIM: u16 = 4;

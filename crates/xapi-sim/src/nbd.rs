@@ -3,7 +3,7 @@
 //! time only; a cbt_metadata VDI is refused (xapi-nbd's `VBD.create`
 //! fails); while the connection is open the VDI has an attached read-only
 //! dom0 VBD, so `list_changed_blocks`, `data_destroy` and `destroy` on it
-//! see `VDI_IN_USE`. The protocol itself is `nbdserver` in `XapiLike` mode.
+//! see `VDI_IN_USE`. The protocol itself is `nbd::server` in `XapiLike` mode.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

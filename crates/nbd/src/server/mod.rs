@@ -135,8 +135,7 @@ pub async fn serve(
         let options = options.clone();
         tasks.spawn(async move {
             let _slot = slot;
-            // Errors end this connection only; there is nobody to tell.
-            let _ = connection::run(io, resolver, options).await;
+            serve_connection(io, resolver, options).await;
         });
     }
     // A unix socket file would otherwise outlive the server.
@@ -146,4 +145,17 @@ pub async fn serve(
         let _ = std::fs::remove_file(path);
     }
     tasks.shutdown().await;
+}
+
+/// Serves one connection that is already open (what [`serve`] runs for
+/// every accepted client; also an in-process peer or a fuzzer's pipe): the
+/// handshake, then transmission, until the client leaves, breaks the
+/// protocol or the handshake times out.
+pub async fn serve_connection(
+    io: Box<dyn Io>,
+    resolver: Arc<dyn ExportResolver>,
+    options: Arc<ServerOptions>,
+) {
+    // Errors end this connection only; there is nobody to tell.
+    let _ = connection::run(io, resolver, options).await;
 }
