@@ -1,6 +1,7 @@
-//! NBD as a block source: a synchronous [`BlockSource`] facade over the
-//! `nbd` crate's connection pool for the backup pipeline. Shared unchanged
-//! by the XenServer source.
+//! An NBD export as a block source: a synchronous [`BlockSource`] facade
+//! over the `nbd` crate's connection pool, for the backup pipeline. The
+//! protocol, the pool and URIs are the `nbd` crate's; the XenServer source
+//! uses the pool directly (`source::xenapi::nbd`).
 
 use std::time::Duration;
 
