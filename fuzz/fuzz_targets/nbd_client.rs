@@ -3,8 +3,8 @@
 //! Never a panic; whatever decodes must re-encode to the same bytes.
 #![no_main]
 
-use cbtvault::source::nbd::proto::{self, ClientHandshake, Decoded, HandshakeOptions, ReplyHeader, Step};
 use libfuzzer_sys::fuzz_target;
+use nbd::proto::{self, ClientHandshake, Decoded, HandshakeOptions, ReplyHeader, Step};
 
 fuzz_target!(|data: &[u8]| {
     if data.is_empty() {
@@ -41,8 +41,15 @@ fuzz_target!(|data: &[u8]| {
     for structured in [false, true] {
         if let Ok(Decoded::Done(h, used)) = proto::decode_reply_header(body, structured, 1 << 20) {
             let again = match h {
-                ReplyHeader::Simple { error, cookie } => proto::encode_simple_reply(error, cookie).to_vec(),
-                ReplyHeader::Chunk { flags, kind, cookie, length } => {
+                ReplyHeader::Simple { error, cookie } => {
+                    proto::encode_simple_reply(error, cookie).to_vec()
+                }
+                ReplyHeader::Chunk {
+                    flags,
+                    kind,
+                    cookie,
+                    length,
+                } => {
                     assert!(length <= 1 << 20);
                     proto::encode_chunk_header(flags, kind, cookie, length).to_vec()
                 }
@@ -52,12 +59,17 @@ fuzz_target!(|data: &[u8]| {
     }
     if body.len() >= 2 {
         let kind = u16::from_be_bytes([body[0], body[1]]);
-        if let Ok(proto::Chunk::BlockStatus { context, extents }) = proto::decode_chunk(kind, &body[2..]) {
+        if let Ok(proto::Chunk::BlockStatus { context, extents }) =
+            proto::decode_chunk(kind, &body[2..])
+        {
             assert_eq!(proto::encode_block_status(context, &extents), &body[2..]);
         }
     }
     if let Ok(Decoded::Done(r, used)) = proto::decode_option_reply(body) {
-        assert_eq!(proto::encode_option_reply(r.option, r.reply, &r.data), &body[..used]);
+        assert_eq!(
+            proto::encode_option_reply(r.option, r.reply, &r.data),
+            &body[..used]
+        );
     }
     if let Ok(Decoded::Done(r, used)) = proto::decode_request(body) {
         assert_eq!(&proto::encode_request(&r)[..], &body[..used]);

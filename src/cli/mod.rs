@@ -59,9 +59,11 @@ pub enum Command {
     Serve(ServeArgs),
     /// Start a simulated XenServer host, back a VM up (full, then
     /// incremental with CBT), restore a disk and verify it bit for bit.
+    #[cfg(feature = "sim")]
     Demo(DemoArgs),
     /// Run a simulated XenServer host (XenAPI over HTTPS, NBD with TLS) to
     /// try cbtvault without one.
+    #[cfg(feature = "sim")]
     Sim(SimArgs),
 }
 

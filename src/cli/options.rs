@@ -5,23 +5,27 @@
 use anyhow::{bail, Context, Result};
 
 use super::{
-    BackupArgs, CatArgs, CheckArgs, DemoArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, ServeArgs,
-    SimArgs, UnlockArgs, XenArgs,
+    BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, ServeArgs, UnlockArgs,
+    XenArgs,
 };
+#[cfg(feature = "sim")]
+use super::{DemoArgs, SimArgs};
 use crate::commands::backup::{
     BackupOptions, BackupSource, NbdOptions, SnapshotOptions, XenOptions,
 };
 use crate::commands::check::CheckOptions;
+#[cfg(feature = "sim")]
 use crate::commands::demo::DemoOptions;
 use crate::commands::inspect::{CatOptions, DiffOptions, UnlockOptions};
 use crate::commands::serve::ServeOptions;
+#[cfg(feature = "sim")]
 use crate::commands::sim::SimHostOptions;
 use crate::commands::SnapshotFilter;
 use crate::repo::backup::plan::ParentRequest;
 use crate::repo::check::DataSubset;
 use crate::repo::InitOptions;
-use crate::source::nbd::NbdUri;
 use crate::source::xenapi::XenUrl;
+use nbd::NbdUri;
 
 impl From<&FilterArgs> for SnapshotFilter {
     fn from(a: &FilterArgs) -> Self {
@@ -199,6 +203,7 @@ pub fn serve(a: &ServeArgs) -> ServeOptions {
     }
 }
 
+#[cfg(feature = "sim")]
 pub fn demo(a: &DemoArgs) -> DemoOptions {
     DemoOptions {
         size_mib: a.size_mib.max(1),
@@ -206,6 +211,7 @@ pub fn demo(a: &DemoArgs) -> DemoOptions {
     }
 }
 
+#[cfg(feature = "sim")]
 pub fn sim(a: &SimArgs) -> SimHostOptions {
     SimHostOptions {
         dir: a.dir.clone(),

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use super::{options, Cli, Command, RepairCommand};
-use crate::commands::{self, backup, check, demo, inspect, open, restore, serve, sim, Outcome};
+use crate::commands::{self, backup, check, inspect, open, restore, serve, Outcome};
+#[cfg(feature = "sim")]
+use crate::commands::{demo, sim};
 use crate::output::Ui;
 
 /// Runs the command `cli` names. Options are validated before the
@@ -44,7 +46,9 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         Command::Unlock(a) => inspect::unlock(ui, &open(ui, &repo_path()?)?, &options::unlock(a)),
         Command::Repair(RepairCommand::Index) => check::repair_index(ui, &repo_path()?),
         Command::Serve(a) => serve::run(ui, open(ui, &repo_path()?)?, &options::serve(a)),
+        #[cfg(feature = "sim")]
         Command::Demo(a) => demo::run(ui, &options::demo(a)),
+        #[cfg(feature = "sim")]
         Command::Sim(a) => sim::run(ui, &options::sim(a)),
     }
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use nbd::{proto, tls, NbdUri, PoolOptions};
 
 use super::Outcome;
 use crate::output::{human_bytes, Ui};
@@ -17,7 +18,7 @@ use crate::repo::backup::plan::{self, ParentRequest, PlanOptions, SourceDisk};
 use crate::repo::backup::{self, BackupSummary, BlockBitmap, PipelineOptions};
 use crate::repo::lock::hostname;
 use crate::repo::{RepoError, Repository};
-use crate::source::nbd::{proto, tls, NbdSource, NbdUri, PoolOptions};
+use crate::source::nbd::NbdSource;
 use crate::source::xenapi::workflow::{
     self, Committer, FrozenDisk, Previous, RunReport, WorkflowOptions, CBT_BLOCK_BYTES,
 };
@@ -119,7 +120,7 @@ fn nbd_tls(options: &NbdOptions, uri: &NbdUri) -> Result<Option<tls::TlsOptions>
     };
     let server_name = match (&options.tls_name, &uri.address) {
         (Some(n), _) => n.clone(),
-        (None, crate::source::nbd::client::Address::Tcp { host, .. }) => host.clone(),
+        (None, nbd::client::Address::Tcp { host, .. }) => host.clone(),
         (None, _) => bail!("TLS over a unix socket needs --tls-name NAME"),
     };
     Ok(Some(tls::TlsOptions { trust, server_name }))

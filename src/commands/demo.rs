@@ -15,11 +15,11 @@ use super::Outcome;
 use crate::output::{human_bytes, Ui};
 use crate::repo::backup::plan::ParentRequest;
 use crate::repo::{InitOptions, Repository};
-use crate::sim::{SimOptions, SimVm, Simulator};
 use crate::source::xenapi::workflow::WorkflowOptions;
 use crate::source::xenapi::{
     tls::parse_fingerprint, Client, ClientOptions, Credentials, HttpsTrust, Password, XenUrl,
 };
+use xapi_sim::{SimOptions, SimVm, Simulator};
 
 const BLOCK: u64 = 65536;
 

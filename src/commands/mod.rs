@@ -5,11 +5,13 @@
 
 pub mod backup;
 pub mod check;
+#[cfg(feature = "sim")]
 pub mod demo;
 pub mod inspect;
 pub(crate) mod restore;
 mod restore_xen;
 pub mod serve;
+#[cfg(feature = "sim")]
 pub mod sim;
 
 use std::path::Path;
@@ -39,6 +41,7 @@ pub struct SnapshotFilter {
 }
 
 /// BLAKE3 of a whole file, streamed.
+#[cfg(feature = "sim")]
 pub(crate) fn hash_file(path: &Path) -> Result<blake3::Hash> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("open '{}'", path.display()))?;

@@ -287,6 +287,7 @@ pub(crate) fn restore_local(
 }
 
 /// A restore to a path with default options (demo).
+#[cfg(feature = "sim")]
 pub(crate) fn restore_to_path(
     ui: &Ui,
     repo: &Repository,

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
+use xapi_wire::Value;
 
 use super::backup::xen_session;
 use crate::cli::RestoreArgs;
@@ -17,7 +18,6 @@ use crate::format::SnapshotId;
 use crate::output::{human_bytes, Ui};
 use crate::repo::restore::{self, RestoreOptions, RestoreSummary};
 use crate::repo::{Repository, SnapshotEntry};
-use crate::sim::Value;
 use crate::source::xenapi::import::ImportFormat;
 use crate::source::xenapi::workflow::keys;
 use crate::source::xenapi::Session;

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use nbd::server::{
+    self as nbdserver, Export, ExportError, ExportResolver, Listener, ServerOptions,
+};
 use serde::Serialize;
 
 use super::{pick_snapshot, Outcome, SnapshotFilter};
-use crate::nbdserver::{
-    self, Export, ExportError, ExportResolver, Listener, ServerOptions, SnapshotExport,
-};
+use crate::nbdserver::SnapshotExport;
 use crate::output::{human_bytes, Ui};
 use crate::repo::Repository;
 

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::Outcome;
 use crate::output::Ui;
-use crate::sim::{SimOptions, Simulator};
+use xapi_sim::{SimOptions, Simulator};
 
 #[derive(Serialize)]
 struct Started {

@@ -9,12 +9,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{Export, ExportError};
 use crate::format::{BlockId, SnapshotId};
 use crate::manifest::BlockMap;
 use crate::repo::read::{BlockReader, Located};
 use crate::repo::{RepoError, Repository};
-use crate::source::nbd::proto;
+use nbd::proto;
+use nbd::server::{Export, ExportError};
 
 /// Verified blocks kept in memory (64 blocks of 64 KiB = 4 MiB).
 const CACHE_BLOCKS: usize = 64;

@@ -14,10 +14,11 @@ use crate::manifest::BlockMap;
 use crate::progress::Progress;
 use crate::repo::restore::{self, BlockSink, RestoreOptions, RestoreSummary};
 use crate::repo::{RepoError, Repository};
-use crate::source::xenapi::import::{chunked_body_bytes, ImportFormat, ImportStream};
+use crate::source::xenapi::import::{ImportFormat, ImportStream};
 use crate::source::xenapi::nbd::NbdSet;
 use crate::source::xenapi::{Session, XenApiError, XenObject, XenUrl};
 use crate::source::BlockSource;
+use xapi_wire::chunked::chunked_body_bytes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum XenTargetError {
@@ -348,7 +349,7 @@ pub fn first_mismatch(map: &BlockMap, first: u64, data: &[u8]) -> Option<(u64, O
             let expected = map.get(index);
             let ok = match expected {
                 Some(id) => BlockId::of(block) == id,
-                None => crate::bytes::is_zero(block),
+                None => nbd::bytes::is_zero(block),
             };
             (!ok).then_some((index, expected))
         })

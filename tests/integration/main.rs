@@ -9,12 +9,14 @@ mod changed_blocks;
 mod cli;
 mod corruption;
 mod crash;
+mod layering;
 mod manifest_props;
 mod nbd;
 mod restore_failure;
 mod roundtrip;
 mod serve;
-mod sim;
+#[cfg(feature = "sim")]
+mod sim_command;
 mod xen_backup;
 mod xen_restore;
 mod xen_util;

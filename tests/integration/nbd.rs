@@ -579,9 +579,7 @@ fn server_drops_once_mid_batch_and_the_retry_completes_the_backup() {
 }
 
 mod codec {
-    use cbtvault::source::nbd::proto::{
-        self, ClientHandshake, Decoded, HandshakeOptions, Request, Step,
-    };
+    use nbd::proto::{self, ClientHandshake, Decoded, HandshakeOptions, Request, Step};
     use proptest::prelude::*;
 
     fn options(tls: bool) -> HandshakeOptions {

@@ -12,14 +12,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cbtvault::nbdserver::{
-    self, Export, ExportError, ExportResolver, Listener, MemoryExport, Mode, ServerOptions,
-    SnapshotExport,
-};
-use cbtvault::source::nbd::client::{Address, ConnectOptions, Connection};
-use cbtvault::source::nbd::tls::{TlsOptions, Trust};
-use cbtvault::source::nbd::{proto, NbdError, NbdSource, NbdUri, PoolOptions};
+use cbtvault::nbdserver::SnapshotExport;
+use cbtvault::source::nbd::NbdSource;
 use cbtvault::source::BlockSource;
+use nbd::client::{Address, ConnectOptions, Connection};
+use nbd::server::{
+    self as nbdserver, Export, ExportError, ExportResolver, Listener, MemoryExport, Mode,
+    ServerOptions,
+};
+use nbd::tls::{TlsOptions, Trust};
+use nbd::{proto, NbdError, NbdUri, PoolOptions};
 use serde_json::Value;
 
 use crate::util::*;

@@ -9,8 +9,8 @@
 use std::ffi::OsStr;
 use std::process::{Command, Stdio};
 
-use cbtvault::sim::{SimVm, Simulator, Value};
 use serde_json::Value as Json;
+use xapi_sim::{SimVm, Simulator, Value};
 
 use crate::util::{Run, TestRepo};
 
@@ -222,7 +222,7 @@ fn xen_vm_twenty_incrementals_restore_bit_exact() {
             .to_string();
         if run == 0 || run == 20 {
             let tar = restore_bytes(&repo, &meta);
-            assert!(cbtvault::sim::metadata::tar_find(&tar, "ova.xml").is_ok());
+            assert!(xapi_sim::metadata::tar_find(&tar, "ova.xml").is_ok());
         }
         assert_eq!(host.snapshot_vms(), 0, "run {run}: snapshot VM leaked");
         assert_eq!(host.data_snapshots(), 0, "run {run}");

@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use cbtvault::format::pack::decode_pack_index;
-use cbtvault::sim::{Simulator, Value};
 use serde_json::Value as Json;
+use xapi_sim::{Simulator, Value};
 
 use crate::util::{random_bytes, Run, TestRepo, BS};
 
@@ -287,7 +287,7 @@ fn xen_restore_into_a_missing_sr_fails_cleanly() {
 
 #[test]
 fn xen_restore_import_failing_or_dropped_midway_leaves_no_vdi() {
-    type Fault = fn(&mut cbtvault::sim::Faults, Option<u64>);
+    type Fault = fn(&mut xapi_sim::Faults, Option<u64>);
     let faults: [(&str, Fault); 2] = [
         ("task fails", |f, v| f.import_fail_after_bytes = v),
         // The socket dies mid-body; the task's code is what is reported.

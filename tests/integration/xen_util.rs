@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use cbtvault::sim::{ApiError, SimOptions, Simulator, Value};
+use xapi_sim::{ApiError, SimOptions, Simulator, Value};
 
 use crate::util::{random_bytes, BS};
 

@@ -22,7 +22,6 @@ pub use plan::{BackupPlan, ParentInfo};
 
 use super::{RepoError, Repository};
 use crate::backend::Kind;
-use crate::bytes::is_zero;
 use crate::format::snapshot::{block_count, BlockRef, ReadMode, SnapshotMeta, SnapshotObject};
 use crate::format::{BlockId, SnapshotId};
 use crate::manifest::{self, BlockMap};
@@ -30,6 +29,7 @@ use crate::pack::{looks_incompressible, prepare_block, CompressedBlock, PackWrit
 use crate::progress::Progress;
 use crate::source::{BlockSource, SourceError};
 use ::bytes::BytesMut;
+use nbd::bytes::is_zero;
 
 /// Pipeline sizing.
 #[derive(Debug, Clone)]
@@ -151,7 +151,7 @@ fn read_batch(
     }
     // One piece of the batch buffer per run, handed to the source, which
     // fills them in place; the pieces join back into one buffer in O(1).
-    let pieces = crate::bytes::split(
+    let pieces = nbd::bytes::split(
         std::mem::take(&mut batch.data.data),
         runs.iter().map(|r| r.1),
     );
@@ -161,7 +161,7 @@ fn read_batch(
         .map(|(&(first, _), piece)| (first * block_size as u64, piece))
         .collect();
     let result = source.read_owned(&mut reads);
-    batch.data.data = crate::bytes::join(reads.into_iter().map(|r| r.1));
+    batch.data.data = nbd::bytes::join(reads.into_iter().map(|r| r.1));
     result?;
     // Hash, and guess compressibility, on this thread while the bytes are
     // still in cache; the readers take turns, so hashing runs in parallel

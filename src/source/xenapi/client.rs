@@ -5,8 +5,8 @@
 //! path ends the session. The password lives only in [`Password`], which
 //! never prints, and is never put in a URL or an error.
 //!
-//! The pure encoders and decoders are the simulator's (`sim::xmlrpc`,
-//! `sim::jsonrpc`, `sim::value`): one codec for both ends of the wire.
+//! The pure encoders and decoders are the `xapi-wire` crate's, shared with
+//! the simulator: one codec for both ends of the wire.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,10 +14,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use base64::Engine;
+use xapi_wire::{jsonrpc, xmlrpc, Value, WireError};
 
 use super::tls::{client_config, HttpsTrust};
 use super::XenApiError;
-use crate::sim::{jsonrpc, xmlrpc, Value};
 
 /// A password that never shows in `Debug` or `Display`.
 #[derive(Clone)]
@@ -211,55 +211,23 @@ impl Client {
 
     fn rpc_json(&self, method: &str, params: &[Value]) -> Result<Value, XenApiError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let body = serde_json::json!({
-            "jsonrpc": "2.0",
-            "method": method,
-            "params": params.iter().map(jsonrpc::to_json).collect::<Vec<_>>(),
-            "id": id,
-        });
         let bytes = self.post_rpc(
             method,
             "JSON-RPC",
             "/jsonrpc",
             "application/json",
-            serde_json::to_vec(&body).unwrap_or_default(),
+            jsonrpc::encode_request(id, method, params),
         )?;
-        let bad = |reason: String| XenApiError::Protocol {
-            what: method.to_string(),
-            reason,
-        };
-        let v: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let serde_json::Value::Object(mut o) = v else {
-            return Err(bad("not a JSON object".into()));
-        };
-        match o.remove("error") {
-            None | Some(serde_json::Value::Null) => {}
-            // v2: {"code": 1, "message": CODE, "data": [params...]}
-            Some(serde_json::Value::Object(e)) => {
-                let code = e
-                    .get("message")
-                    .and_then(|m| m.as_str())
-                    .unwrap_or("UNKNOWN_ERROR")
-                    .to_string();
-                let params = match e.get("data") {
-                    Some(serde_json::Value::Array(a)) => a.iter().map(json_text).collect(),
-                    Some(serde_json::Value::Null) | None => Vec::new(),
-                    Some(other) => vec![json_text(other)],
-                };
-                return Err(Self::api_error(method, code, params));
-            }
-            // v1: ["CODE", params...]
-            Some(serde_json::Value::Array(a)) => {
-                let mut items = a.iter().map(json_text);
-                let code = items.next().unwrap_or_else(|| "UNKNOWN_ERROR".into());
-                return Err(Self::api_error(method, code, items.collect()));
-            }
-            Some(other) => return Err(bad(format!("unexpected error value {other}"))),
-        }
-        match o.remove("result") {
-            Some(r) => Ok(jsonrpc::from_json(r)),
-            None => Err(bad("neither result nor error".into())),
+        match jsonrpc::decode_response(&bytes) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(Self::api_error(method, e.code, e.params)),
+            Err(e) => Err(XenApiError::Protocol {
+                what: method.to_string(),
+                reason: match e {
+                    WireError::JsonRpc(reason) => reason,
+                    other => other.to_string(),
+                },
+            }),
         }
     }
 
@@ -348,13 +316,6 @@ impl Client {
                 reason: format!("expected a session ref, got {other:?}"),
             }),
         }
-    }
-}
-
-fn json_text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
     }
 }
 

@@ -11,6 +11,8 @@ use std::io::{BufWriter, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use xapi_wire::chunked::{chunk_header, END};
+
 use super::client::Session;
 use super::XenApiError;
 
@@ -24,26 +26,10 @@ pub enum ImportFormat {
     Chunked,
 }
 
-/// Size of a chunk header and of the terminator (reference §3.2).
-pub const CHUNK_HEADER_BYTES: u64 = 12;
 /// Bytes gathered before a write to the connection.
 const PIECE_BYTES: usize = 1 << 20;
 
 static ZEROS: [u8; 1 << 16] = [0u8; 1 << 16];
-
-/// Body length of a chunked import of extents of these lengths.
-pub fn chunked_body_bytes(extent_lengths: impl Iterator<Item = u64>) -> u64 {
-    extent_lengths.map(|l| CHUNK_HEADER_BYTES + l).sum::<u64>() + CHUNK_HEADER_BYTES
-}
-
-/// The header of one chunk (reference §3.2, vhd-tool `chunked.ml`):
-/// offset as u64 LE, then length as u32 LE. `(0, 0)` ends the body.
-pub fn chunk_header(offset: u64, len: u32) -> [u8; CHUNK_HEADER_BYTES as usize] {
-    let mut header = [0u8; CHUNK_HEADER_BYTES as usize];
-    header[..8].copy_from_slice(&offset.to_le_bytes());
-    header[8..].copy_from_slice(&len.to_le_bytes());
-    header
-}
 
 type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
@@ -246,7 +232,7 @@ impl ImportStream {
     pub fn finish(mut self, session: &Session) -> Result<ImportReport, XenApiError> {
         let sent = (|| -> std::io::Result<u16> {
             if self.format == ImportFormat::Chunked {
-                self.put_bytes(&chunk_header(0, 0))?;
+                self.put_bytes(&END)?;
             }
             if self.sent_bytes != self.body_bytes {
                 return Err(io_error(
@@ -304,50 +290,5 @@ impl ImportStream {
 impl Drop for ImportStream {
     fn drop(&mut self) {
         self.cut();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::sim::http::{ChunkStep, ChunkedImport};
-
-    #[test]
-    fn chunk_header_vector() {
-        assert_eq!(
-            chunk_header(0x0102_0304_0506_0708, 0x0001_0000),
-            [
-                0x08, 0x07, 0x06, 0x05, 0x04, 0x03, 0x02, 0x01, // offset, u64 LE
-                0x00, 0x00, 0x01, 0x00, // length 65536, u32 LE
-            ]
-        );
-        assert_eq!(chunk_header(0, 0), [0u8; 12], "terminator");
-    }
-
-    #[test]
-    fn chunked_body_decodes_with_the_simulator() {
-        // Two extents and the terminator, as write_extent/finish send them.
-        let mut body = Vec::new();
-        body.extend_from_slice(&chunk_header(65536, 4));
-        body.extend_from_slice(b"abcd");
-        body.extend_from_slice(&chunk_header(1 << 20, 2));
-        body.extend_from_slice(b"xy");
-        body.extend_from_slice(&chunk_header(0, 0));
-        assert_eq!(body.len() as u64, chunked_body_bytes([4u64, 2].into_iter()));
-        let mut decoder = ChunkedImport::new();
-        let mut input = &body[..];
-        let mut seen = Vec::new();
-        while !decoder.is_done() {
-            let (used, step) = decoder.feed(input).unwrap();
-            if let ChunkStep::Data { offset, len } = step {
-                seen.push((offset, input[used - len..used].to_vec()));
-            }
-            input = &input[used..];
-        }
-        assert!(input.is_empty());
-        assert_eq!(
-            seen,
-            vec![(65536, b"abcd".to_vec()), (1 << 20, b"xy".to_vec())]
-        );
     }
 }

@@ -12,12 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ::bytes::BytesMut;
+use ::nbd::client::{Address, ConnectOptions};
+use ::nbd::tls::{TlsOptions, Trust};
+use ::nbd::{NbdError, NbdPool, PoolOptions};
 
 use super::client::{NbdInfo, Session};
 use super::XenApiError;
-use crate::source::nbd::client::{Address, ConnectOptions};
-use crate::source::nbd::tls::{TlsOptions, Trust};
-use crate::source::nbd::{NbdError, NbdPool, PoolOptions};
 use crate::source::{BlockSource, SourceError};
 
 /// xapi-nbd's limit per host (reference §4).
@@ -176,10 +176,10 @@ impl BlockSource for NbdSet {
                 .iter()
                 .zip(shares.iter_mut())
                 .map(|(p, s)| p.read_owned(s));
-            for r in crate::source::nbd::join_all(futures).await {
+            for r in ::nbd::join_all(futures).await {
                 r?;
             }
-            Ok::<(), crate::source::nbd::NbdError>(())
+            Ok::<(), NbdError>(())
         });
         // Hand the buffers back in their original order.
         let mut taken: Vec<_> = shares.into_iter().map(|s| s.into_iter()).collect();

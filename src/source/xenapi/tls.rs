@@ -2,14 +2,13 @@
 //! SHA-256 certificate fingerprint (as `openssl x509 -fingerprint -sha256`
 //! prints it, and as `cbtvault sim` shows), or no verification at all when
 //! the user asked for `--insecure` (the command warns on every run).
-//! NBD TLS is separate (`source::nbd::tls`, pinned to get_nbd_info's cert).
+//! NBD TLS is separate (`nbd::tls`, pinned to get_nbd_info's cert).
 
 use std::sync::Arc;
 
+use nbd::tls::{Pin, PinVerifier};
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
-
-use crate::source::nbd::tls::{Pin, PinVerifier};
 
 use super::XenApiError;
 
@@ -74,7 +73,7 @@ pub fn format_fingerprint(d: &[u8]) -> String {
 
 /// A rustls client configuration (ring provider) for the given trust.
 pub fn client_config(trust: &HttpsTrust) -> Result<ClientConfig, XenApiError> {
-    let provider = crate::source::nbd::tls::provider();
+    let provider = nbd::tls::provider();
     let tls = |e: rustls::Error| XenApiError::Tls(e.to_string());
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -94,7 +93,7 @@ pub fn client_config(trust: &HttpsTrust) -> Result<ClientConfig, XenApiError> {
             builder.with_root_certificates(store).with_no_client_auth()
         }
         HttpsTrust::CaPem(pem) => {
-            let certs = crate::source::nbd::tls::certs_from_pem(pem, "CA file")
+            let certs = nbd::tls::certs_from_pem(pem, "CA file")
                 .map_err(|e| XenApiError::Tls(e.to_string()))?;
             builder
                 .with_root_certificates(roots(certs, "CA file")?)

@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 use super::client::{NbdInfo, Session, VdiRecord};
 use super::nbd::{NbdSet, SpooledExport};
 use super::{XenApiError, XenObject, XenUrl};
-use crate::source::nbd::NbdError;
 use crate::source::{BlockSource, Changes, Extents};
+use nbd::NbdError;
 
 /// XenServer CBT granularity: one bit of `VDI.list_changed_blocks` per
 /// 64 KiB, whatever the repository's block size.

@@ -1,0 +1,434 @@
+//! The client side above one connection: NBD URIs, the error type, and a
+//! pool of pipelined connections to one export with reconnect and bounded
+//! retry, zero-copy reads and block status extents. Knows nothing of what
+//! the blocks are for (the product's sources wrap it).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::bytes::BytesMut;
+use tokio::sync::Mutex as AsyncMutex;
+
+use crate::client::{Address, ConnectOptions, Connection};
+use crate::{proto, tls};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NbdError {
+    #[error(transparent)]
+    Protocol(#[from] proto::ProtoError),
+    #[error("nbd: cannot connect to {address}: {reason}")]
+    Connect { address: String, reason: String },
+    #[error("nbd: TLS with {address} failed: {reason}")]
+    Tls { address: String, reason: String },
+    #[error(transparent)]
+    TlsSetup(#[from] tls::TlsError),
+    #[error("nbd: {op}: {source}")]
+    Io {
+        op: &'static str,
+        source: std::io::Error,
+    },
+    #[error("nbd: connection lost: {0}")]
+    Closed(String),
+    #[error("nbd: timed out: {0}")]
+    Timeout(String),
+    #[error("nbd server error {} ({errno}) for {request}{}", proto::errno_name(*errno), if message.is_empty() { String::new() } else { format!(": {message}") })]
+    Server {
+        errno: u32,
+        request: String,
+        message: String,
+    },
+    #[error("nbd: {0}")]
+    Invalid(String),
+}
+
+impl NbdError {
+    /// Maps an I/O error of `op` into [`NbdError::Io`].
+    pub fn io(op: &'static str) -> impl Fn(std::io::Error) -> NbdError {
+        move |source| NbdError::Io { op, source }
+    }
+
+    /// Worth reconnecting and retrying (the connection broke, not the request).
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            NbdError::Closed(_)
+                | NbdError::Io { .. }
+                | NbdError::Connect { .. }
+                | NbdError::Timeout(_)
+        )
+    }
+}
+
+/// A parsed NBD URI (nbd://, nbds://, nbd+unix://, nbds+unix://).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    pub address: Address,
+    pub export: String,
+    /// The URI scheme asked for TLS (nbds).
+    pub tls: bool,
+}
+
+impl NbdUri {
+    pub fn parse(text: &str) -> Result<NbdUri, NbdError> {
+        let bad = |why: &str| NbdError::Invalid(format!("'{text}' is not an NBD URI: {why}"));
+        let url = url::Url::parse(text).map_err(|e| bad(&e.to_string()))?;
+        let (tls, unix) = match url.scheme() {
+            "nbd" => (false, false),
+            "nbds" => (true, false),
+            "nbd+unix" => (false, true),
+            "nbds+unix" => (true, true),
+            other => return Err(bad(&format!("unknown scheme '{other}'"))),
+        };
+        let path = url.path();
+        let export = percent_decode(path.strip_prefix('/').unwrap_or(path));
+        let address = if unix {
+            let socket = url
+                .query_pairs()
+                .find(|(k, _)| k == "socket")
+                .map(|(_, v)| v.into_owned())
+                .ok_or_else(|| bad("nbd+unix needs ?socket=PATH"))?;
+            Address::Unix {
+                path: PathBuf::from(socket),
+            }
+        } else {
+            let host = url
+                .host_str()
+                .ok_or_else(|| bad("no host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            Address::Tcp {
+                host,
+                port: url.port().unwrap_or(10809),
+            }
+        };
+        Ok(NbdUri {
+            address,
+            export,
+            tls,
+        })
+    }
+
+    /// Stable identity for finding parents: scheme, address and export.
+    pub fn identity(&self) -> String {
+        match &self.address {
+            Address::Tcp { host, port } => format!("nbd://{host}:{port}/{}", self.export),
+            Address::Unix { path } => {
+                format!("nbd+unix:///{}?socket={}", self.export, path.display())
+            }
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub connections: usize,
+    /// Largest single read request.
+    pub request_bytes: u32,
+    /// Reconnect-and-retry attempts per request before giving up.
+    pub retries: u32,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            connections: 4,
+            request_bytes: 2 << 20,
+            retries: 3,
+        }
+    }
+}
+
+/// Read buffers kept for reuse per pool (each at most one request long).
+const SPARE_BUFFERS: usize = 64;
+/// ... and at most this many bytes of them.
+const SPARE_BYTES: usize = 16 << 20;
+
+/// Several connections to one export, requests spread across them.
+pub struct NbdPool {
+    options: ConnectOptions,
+    pool: PoolOptions,
+    slots: Vec<AsyncMutex<Arc<Connection>>>,
+    next: std::sync::atomic::AtomicUsize,
+    /// Buffers of finished reads, reused by the next ones.
+    spare: std::sync::Mutex<Vec<BytesMut>>,
+    /// Required read alignment (from block size constraints, or 512 when
+    /// the server answered through EXPORT_NAME like xapi-nbd).
+    pub alignment: u32,
+    pub size_bytes: u64,
+    pub negotiated: proto::Negotiated,
+}
+
+impl NbdPool {
+    /// Opens the first connection, then the others one after another.
+    pub async fn connect(options: ConnectOptions, pool: PoolOptions) -> Result<NbdPool, NbdError> {
+        let first = Connection::open(&options).await?;
+        let negotiated = first.negotiated.clone();
+        let mut slots = vec![AsyncMutex::new(Arc::new(first))];
+        // A server that cannot serve several connections consistently gets one.
+        let multi = negotiated.used_export_name
+            || negotiated.export.transmission_flags & proto::TFLAG_CAN_MULTI_CONN != 0
+            || negotiated.export.transmission_flags & proto::TFLAG_READ_ONLY != 0;
+        let wanted = if multi { pool.connections.max(1) } else { 1 };
+        for _ in 1..wanted {
+            match Connection::open(&options).await {
+                Ok(c) => slots.push(AsyncMutex::new(Arc::new(c))),
+                // Servers limit connections (xapi-nbd: 16 per host).
+                Err(e) if e.is_connection_failure() => break,
+                Err(e) => return Err(e),
+            }
+        }
+        let alignment = match negotiated.export.block_size {
+            Some((min, _, _)) => min.max(1),
+            None if negotiated.used_export_name => 512,
+            None => 1,
+        };
+        let max = negotiated
+            .export
+            .block_size
+            .map(|(_, _, max)| max)
+            .unwrap_or(proto::MAX_READ);
+        let mut pool = pool;
+        pool.request_bytes = pool
+            .request_bytes
+            .min(max)
+            .min(proto::MAX_READ)
+            .max(alignment);
+        pool.request_bytes -= pool.request_bytes % alignment;
+        Ok(NbdPool {
+            size_bytes: negotiated.export.size_bytes,
+            options,
+            pool,
+            slots,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            spare: std::sync::Mutex::new(Vec::new()),
+            alignment,
+            negotiated,
+        })
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.slots.len()
+    }
+
+    async fn connection(&self, slot: usize) -> Result<Arc<Connection>, NbdError> {
+        let mut guard = self.slots[slot].lock().await;
+        if guard.is_dead() {
+            *guard = Arc::new(Connection::open(&self.options).await?);
+        }
+        Ok(guard.clone())
+    }
+
+    /// Runs `op` on some connection, reconnecting and retrying on
+    /// connection failures a bounded number of times.
+    async fn with_retry<T, F, Fut>(&self, op: F) -> Result<T, NbdError>
+    where
+        F: Fn(Arc<Connection>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, NbdError>>,
+    {
+        let slot = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.slots.len();
+        let mut attempt = 0;
+        loop {
+            let result = match self.connection(slot).await {
+                Ok(c) => op(c).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.is_connection_failure() && attempt < self.pool.retries => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Fills every `(offset, buf)` with all their requests in flight at
+    /// once, spread over the pool's connections. Ranges must respect the
+    /// server's alignment, except at the end of the export. The data goes
+    /// through reused buffers and is copied into `reads`; the backup
+    /// pipeline uses [`NbdPool::read_owned`], which has no copy.
+    pub async fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), NbdError> {
+        let mut owned: Vec<(u64, BytesMut)> = {
+            let mut spare = self.spare.lock().expect("spare buffers");
+            reads
+                .iter()
+                .map(|(at, buf)| {
+                    let mut b = spare.pop().unwrap_or_default();
+                    b.resize(buf.len(), 0);
+                    (*at, b)
+                })
+                .collect()
+        };
+        let result = self.read_owned(&mut owned).await;
+        if result.is_ok() {
+            for ((_, dst), (_, src)) in reads.iter_mut().zip(&owned) {
+                dst.copy_from_slice(src);
+            }
+        }
+        let mut spare = self.spare.lock().expect("spare buffers");
+        let mut kept: usize = spare.iter().map(|b| b.capacity()).sum();
+        for (_, b) in owned {
+            if spare.len() < SPARE_BUFFERS && kept + b.capacity() <= SPARE_BYTES {
+                kept += b.capacity();
+                spare.push(b);
+            }
+        }
+        result
+    }
+
+    /// Fills every `(offset, buf)` in place, `buf.len()` bytes each. A
+    /// buffer is split into request-sized pieces, all sent at once over the
+    /// pool's connections, and the pieces are joined again in order: the
+    /// data lands where the caller wants it, with no copy (a retried piece
+    /// gets a new buffer and is copied back). Ranges must respect the
+    /// server's alignment, except at the end of the export.
+    pub async fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), NbdError> {
+        let step = self.pool.request_bytes as usize;
+        for (offset, buf) in reads.iter() {
+            if offset.saturating_add(buf.len() as u64) > self.size_bytes {
+                return Err(NbdError::Invalid(format!(
+                    "read {offset}+{} beyond the export's {} bytes",
+                    buf.len(),
+                    self.size_bytes
+                )));
+            }
+        }
+        // (read, offset, piece) of every request.
+        let mut pieces: Vec<(usize, u64, BytesMut)> = Vec::new();
+        for (k, (offset, buf)) in reads.iter_mut().enumerate() {
+            let len = buf.len();
+            let lens = (0..len).step_by(step).map(|at| step.min(len - at));
+            let mut at = *offset;
+            for piece in crate::bytes::split(std::mem::take(buf), lens) {
+                let n = piece.len() as u64;
+                pieces.push((k, at, piece));
+                at += n;
+            }
+        }
+        let futures = pieces.into_iter().map(|(k, at, piece)| {
+            let len = piece.len() as u32;
+            // A retry starts over with a new buffer.
+            let buf = std::sync::Mutex::new(Some(piece));
+            async move {
+                let r = self
+                    .with_retry(|c| {
+                        let b = buf.lock().expect("buffer").take().unwrap_or_default();
+                        async move { c.read_reusing(at, len, b).await }
+                    })
+                    .await;
+                (k, r)
+            }
+        });
+        let mut first_err = None;
+        // In request order, so each piece joins the end of its read.
+        for (k, r) in join_all(futures).await {
+            match r {
+                Ok(piece) => reads[k].1.unsplit(piece),
+                Err(e) => {
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Extents of the whole export for context `name`: (offset, length,
+    /// flags), contiguous and covering the export. Loops as the spec
+    /// requires, since a server may describe less than asked.
+    pub async fn extents(&self, name: &str) -> Result<Vec<(u64, u64, u32)>, NbdError> {
+        let Some(&(id, _)) = self
+            .negotiated
+            .meta_contexts
+            .iter()
+            .find(|(_, n)| n == name)
+        else {
+            return Err(NbdError::Invalid(format!(
+                "meta context '{name}' was not negotiated"
+            )));
+        };
+        let mut out: Vec<(u64, u64, u32)> = Vec::new();
+        let mut at = 0u64;
+        while at < self.size_bytes {
+            let len = (self.size_bytes - at).min(1 << 30) as u32;
+            let replies = self
+                .with_retry(move |c| async move { c.block_status(at, len).await })
+                .await?;
+            let extents = replies
+                .into_iter()
+                .find(|(c, _)| *c == id)
+                .map(|(_, e)| e)
+                .ok_or_else(|| {
+                    NbdError::Protocol(proto::ProtoError::Protocol(format!(
+                        "block status reply lacks context '{name}'"
+                    )))
+                })?;
+            let before = at;
+            for (elen, flags) in extents {
+                if at >= self.size_bytes {
+                    break;
+                }
+                let elen = (elen as u64).min(self.size_bytes - at);
+                match out.last_mut() {
+                    Some(last) if last.2 == flags && last.0 + last.1 == at => last.1 += elen,
+                    _ => out.push((at, elen, flags)),
+                }
+                at += elen;
+            }
+            if at == before {
+                return Err(NbdError::Protocol(proto::ProtoError::Protocol(
+                    "block status made no progress".into(),
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Disconnects every connection cleanly.
+    pub async fn close(self) {
+        for slot in self.slots {
+            let conn = slot.into_inner();
+            if let Ok(c) = Arc::try_unwrap(conn) {
+                c.close().await;
+            }
+        }
+    }
+}
+
+/// Runs every future concurrently on the current task and returns their
+/// outputs in order.
+pub async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    // Poll every future concurrently on the current task.
+    let mut set: Vec<std::pin::Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = (0..set.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, f) in set.iter_mut().enumerate() {
+            if results[i].is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => results[i] = Some(v),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    results.into_iter().map(|r| r.expect("all ready")).collect()
+}

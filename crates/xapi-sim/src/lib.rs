@@ -1,0 +1,585 @@
+//! A simulated XenServer host: the XenAPI subset that CBT backup uses,
+//! faithful to xenapi-reference.md (names, arguments, wire formats, error
+//! codes and behaviour), for tests, `cbtvault sim` and `cbtvault demo`.
+//! It never prints (the `sim` command does) and never touches a real host.
+//! Builds on the `nbd` and `xapi-wire` crates, never on the product.
+//!
+//! - One HTTPS port (self-signed certificate, see [`Simulator::fingerprint`])
+//!   serves XML-RPC (`POST /`, `/RPC2`), JSON-RPC v1/v2 (`POST /jsonrpc`),
+//!   `GET /export_raw_vdi` and `PUT /import_raw_vdi` (raw and `chunked`),
+//!   `GET /export_metadata` and `PUT /import_metadata` (ova.xml in a tar).
+//! - One NBD port serves VDIs like xapi-nbd through `nbd::server` in
+//!   `XapiLike` mode: TLS mandatory with the same certificate, export name
+//!   `/<vdi-uuid>?session_id=<ref>` as `VDI.get_nbd_info` returns it, a dom0
+//!   VBD attached while a connection is open.
+//! - State: objects in memory behind one lock ([`model::State`]); VDI data in
+//!   sparse files under the state folder (a temporary one unless
+//!   [`SimOptions::dir`] is set). With a folder of one's own the objects are
+//!   kept in `state.json` across restarts; after a hard stop CBT comes back
+//!   disabled, as after a host crash (see `persist`).
+//!
+//! Simulator-only hooks (a real host answers `MESSAGE_METHOD_UNKNOWN` / 404):
+//! - Guest writes, as a running VM would write (every 64 KiB block touched
+//!   gets its CBT bit on the leaf's current log): [`Simulator::guest_write`],
+//!   RPC `sim.guest_write(session, vdi_ref, offset, base64_data)`, or HTTP
+//!   `PUT /sim/guest_write?session_id=S&vdi=UUID_OR_REF&offset=N` with the
+//!   bytes as body (answers `{"Status": "Success"}` or `{"Status":
+//!   "Failure", "ErrorDescription": [...]}`).
+//! - `sim.create_vm(session, name, [size_bytes...])` -> VM ref: a halted VM
+//!   with one user VDI per size ([`Simulator::create_vm_with_disks`]).
+//! - Faults, via [`Simulator::set_faults`] or `sim.set_fault(session, name,
+//!   value)`:
+//!   - `legacy_host` (bool): an old host (7.1): the CBT calls
+//!     (`VDI.enable_cbt`, `disable_cbt`, `list_changed_blocks`,
+//!     `data_destroy`, `get_nbd_info`, `get_cbt_enabled`) answer
+//!     `MESSAGE_METHOD_UNKNOWN`, VDI records lack `cbt_enabled`, and
+//!     `/jsonrpc` answers 404. Also [`SimOptions::legacy_host`].
+//!   - `nbd_drop_after_bytes` (int, or "" to clear): NBD connections opened
+//!     afterwards drop (no reply) once they have served that many bytes.
+//!   - `task_delay_ms` (int): async tasks and HTTP handler tasks stay
+//!     `pending` that long (cancellable meanwhile) before they complete.
+//!   - `import_fail_after_bytes` (only through [`Simulator::set_faults`]):
+//!     `/import_raw_vdi` fails its task with `VDI_IO_ERROR` after that many
+//!     body bytes.
+//!   - `import_drop_after_bytes` (only through [`Simulator::set_faults`]):
+//!     `/import_raw_vdi` drops the connection after that many body bytes
+//!     (reset, no answer) and fails its task with `VDI_IO_ERROR`.
+//!     Both import faults are read when an import starts.
+//!   - `fail_calls` (only through [`Simulator::set_faults`]): named
+//!     session calls answer the given `[code, params...]` and change
+//!     nothing, e.g. to fail a workflow at one step.
+//!   - `sim.system_disable_cbt(session, vdi)`: the system turned CBT off
+//!     (SM after an inconsistent log): `cbt_enabled` false, chain broken.
+//!   - `sim.attach_to_dom0(session, vdi)` -> VBD ref and `sim.detach(session,
+//!     vbd)`: a leftover dom0 attachment, so calls see `VDI_IN_USE`.
+
+pub mod cbt;
+mod disk;
+mod dispatch;
+pub mod error;
+pub mod http;
+pub mod metadata;
+pub mod model;
+mod nbd;
+mod persist;
+mod server;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+pub use error::SimError;
+pub use model::Faults;
+pub use nbd::parse_export_name;
+pub use xapi_wire::{ApiError, Value, WireError};
+
+use ::nbd::server::{self as nbdserver, Listener, Mode, ServerOptions};
+use model::{Class, HostConfig, State};
+
+/// The shared state every connection works on.
+pub(crate) struct Core {
+    state: Mutex<State>,
+    /// Where the state is kept across restarts (`SimOptions::dir` only).
+    persist: Option<PathBuf>,
+    /// Body bytes received by `/import_raw_vdi` so far (a test hook).
+    pub(crate) import_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Core {
+    /// The state; a panic in another holder does not make it unusable.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Saves the objects after a change (when persistent). A failed save
+    /// is not the caller's failure; the next one may succeed.
+    pub(crate) fn changed(&self, st: &State) {
+        if let Some(dir) = &self.persist {
+            let _ = persist::save(st, dir, false);
+        }
+    }
+}
+
+/// How to start a simulator.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    /// State folder (VDI images, the host certificate). `None`: a new
+    /// temporary folder, removed when the simulator stops.
+    pub dir: Option<PathBuf>,
+    /// HTTPS address, e.g. `127.0.0.1:0` (port 0 picks one).
+    pub listen: String,
+    /// NBD address; `None`: the HTTPS host with a free port.
+    pub nbd_listen: Option<String>,
+    pub username: String,
+    pub password: String,
+    /// The DNS name in the certificate and `get_nbd_info`'s `subject`.
+    pub hostname: String,
+    /// The address `get_nbd_info` reports; `None`: the NBD listen address,
+    /// or 127.0.0.1 when that is unspecified (0.0.0.0 / ::).
+    pub advertise_address: Option<String>,
+    /// Start as an old host without CBT (see the module docs).
+    pub legacy_host: bool,
+    /// How long `VDI.data_destroy` waits for VBDs to go (xapi: 4 s).
+    pub data_destroy_wait: Duration,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            dir: None,
+            listen: "127.0.0.1:0".into(),
+            nbd_listen: None,
+            username: "root".into(),
+            password: "sim-password".into(),
+            hostname: "localhost".into(),
+            advertise_address: None,
+            legacy_host: false,
+            data_destroy_wait: Duration::from_secs(4),
+        }
+    }
+}
+
+/// A disk of a VM made by [`Simulator::create_vm_with_disks`].
+#[derive(Debug, Clone)]
+pub struct SimDisk {
+    pub vdi_ref: String,
+    pub vdi_uuid: String,
+    pub size_bytes: u64,
+}
+
+/// A VM made by [`Simulator::create_vm_with_disks`].
+#[derive(Debug, Clone)]
+pub struct SimVm {
+    pub vm_ref: String,
+    pub vm_uuid: String,
+    pub disks: Vec<SimDisk>,
+}
+
+/// A running simulator; stops when dropped.
+pub struct Simulator {
+    runtime: Option<tokio::runtime::Runtime>,
+    core: Arc<Core>,
+    stop: watch::Sender<bool>,
+    https: SocketAddr,
+    nbd: SocketAddr,
+    certificate_pem: String,
+    fingerprint: String,
+    username: String,
+    password: String,
+    dir: PathBuf,
+    temporary_dir: bool,
+}
+
+/// The host certificate and key (PEM), kept in the state folder so that a
+/// restarted `cbtvault sim --dir D` keeps its fingerprint.
+fn host_certificate(dir: &Path, names: Vec<String>) -> Result<(String, String), SimError> {
+    let cert_path = dir.join("host-cert.pem");
+    let key_path = dir.join("host-key.pem");
+    if let (Ok(cert), Ok(key)) = (
+        std::fs::read_to_string(&cert_path),
+        std::fs::read_to_string(&key_path),
+    ) {
+        return Ok((cert, key));
+    }
+    let bad = |e: rcgen::Error| SimError::Certificate(e.to_string());
+    let mut params = rcgen::CertificateParams::new(names.clone()).map_err(bad)?;
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        names.first().cloned().unwrap_or_default(),
+    );
+    let key = rcgen::KeyPair::generate().map_err(bad)?;
+    let cert = params.self_signed(&key).map_err(bad)?;
+    let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+    let storage = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| SimError::Storage { path, source }
+    };
+    std::fs::write(&cert_path, &cert_pem).map_err(storage(&cert_path))?;
+    // The private key is for the simulator's eyes only.
+    let mut key_file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&key_path)
+            .map_err(storage(&key_path))?
+    };
+    std::io::Write::write_all(&mut key_file, key_pem.as_bytes()).map_err(storage(&key_path))?;
+    Ok((cert_pem, key_pem))
+}
+
+/// `AB:CD:...`: SHA-256 of the certificate's DER, as `openssl x509
+/// -fingerprint -sha256` prints it.
+pub fn certificate_fingerprint(cert_pem: &str) -> Result<String, SimError> {
+    let certs = ::nbd::tls::certs_from_pem(cert_pem.as_bytes(), "host certificate")
+        .map_err(|e| SimError::Certificate(e.to_string()))?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, certs[0].as_ref());
+    Ok(digest
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":"))
+}
+
+/// A VM and its disks in userdevice order.
+fn describe_vm(st: &State, vm_ref: &str) -> Result<SimVm, ApiError> {
+    let mut vbds: Vec<_> = st
+        .vbds_of_vm(vm_ref)
+        .into_iter()
+        .filter_map(|b| st.vbds.get(&b).cloned())
+        .collect();
+    vbds.sort_by(|a, b| a.userdevice.cmp(&b.userdevice));
+    let disks = vbds
+        .iter()
+        .filter_map(|b| {
+            st.vdis.get(&b.vdi).map(|v| SimDisk {
+                vdi_ref: b.vdi.clone(),
+                vdi_uuid: v.uuid.clone(),
+                size_bytes: v.virtual_size,
+            })
+        })
+        .collect();
+    Ok(SimVm {
+        vm_uuid: st.vm(vm_ref)?.uuid.clone(),
+        vm_ref: vm_ref.to_string(),
+        disks,
+    })
+}
+
+impl Simulator {
+    /// Binds both ports, generates (or reloads) the certificate and starts
+    /// serving on a runtime of its own.
+    pub fn start(options: SimOptions) -> Result<Simulator, SimError> {
+        let (dir, temporary_dir) = match &options.dir {
+            Some(d) => (d.clone(), false),
+            None => (
+                std::env::temp_dir().join(format!("cbtvault-sim-{}", model::new_uuid())),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(dir.join("vdis")).map_err(|source| SimError::Storage {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let cleanup = |e: SimError| {
+            if temporary_dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+            e
+        };
+        Simulator::start_in(options, dir.clone(), temporary_dir).map_err(cleanup)
+    }
+
+    fn start_in(
+        options: SimOptions,
+        dir: PathBuf,
+        temporary_dir: bool,
+    ) -> Result<Simulator, SimError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cbtvault-sim")
+            .enable_all()
+            .build()
+            .map_err(|e| SimError::Runtime(e.to_string()))?;
+        let listen = options.listen.clone();
+        let https_listener = runtime
+            .block_on(tokio::net::TcpListener::bind(&listen))
+            .map_err(|source| SimError::Listen {
+                address: listen.clone(),
+                source,
+            })?;
+        let https = https_listener
+            .local_addr()
+            .map_err(|source| SimError::Listen {
+                address: listen.clone(),
+                source,
+            })?;
+        let nbd_address = options
+            .nbd_listen
+            .clone()
+            .unwrap_or_else(|| SocketAddr::new(https.ip(), 0).to_string());
+        let nbd_listener =
+            runtime
+                .block_on(Listener::bind_tcp(&nbd_address))
+                .map_err(|source| SimError::Listen {
+                    address: nbd_address.clone(),
+                    source,
+                })?;
+        let nbd = nbd_listener.tcp_address().ok_or_else(|| SimError::Listen {
+            address: nbd_address.clone(),
+            source: std::io::ErrorKind::AddrNotAvailable.into(),
+        })?;
+        let advertised = options.advertise_address.clone().unwrap_or_else(|| {
+            if nbd.ip().is_unspecified() {
+                "127.0.0.1".to_string()
+            } else {
+                nbd.ip().to_string()
+            }
+        });
+        let mut names = vec![
+            options.hostname.clone(),
+            "127.0.0.1".to_string(),
+            "::1".to_string(),
+        ];
+        if advertised.parse::<IpAddr>().is_ok() && !names.contains(&advertised) {
+            names.push(advertised.clone());
+        }
+        let (certificate_pem, key_pem) = host_certificate(&dir, names)?;
+        let fingerprint = certificate_fingerprint(&certificate_pem)?;
+        let tls = nbdserver::server_config_from_pem(certificate_pem.as_bytes(), key_pem.as_bytes())
+            .map_err(|e| SimError::Certificate(e.to_string()))?;
+
+        let config = HostConfig {
+            username: options.username.clone(),
+            password: options.password.clone(),
+            hostname: options.hostname.clone(),
+            nbd_address: advertised,
+            nbd_port: nbd.port(),
+            certificate_pem: certificate_pem.clone(),
+            subject: options.hostname.clone(),
+            data_dir: dir.join("vdis"),
+            data_destroy_wait_ms: options.data_destroy_wait.as_millis() as u64,
+        };
+        // Only a folder the caller chose keeps the host across restarts.
+        let persist = (!temporary_dir).then(|| dir.clone());
+        let mut state = match &persist {
+            Some(d) => persist::load(config.clone(), d)?.unwrap_or_else(|| State::new(config)),
+            None => State::new(config),
+        };
+        state.faults.legacy_host = options.legacy_host;
+        if let Some(d) = &persist {
+            persist::save(&state, d, false).map_err(|source| SimError::Storage {
+                path: d.join(persist::STATE_FILE).display().to_string(),
+                source,
+            })?;
+        }
+        let core = Arc::new(Core {
+            state: Mutex::new(state),
+            persist,
+            import_bytes: std::sync::atomic::AtomicU64::new(0),
+        });
+
+        let (stop, stop_rx) = watch::channel(false);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
+        runtime.spawn(server::serve(
+            https_listener,
+            acceptor,
+            core.clone(),
+            stop_rx.clone(),
+        ));
+        let resolver = Arc::new(nbd::SimResolver { core: core.clone() });
+        let nbd_options = ServerOptions {
+            tls: Some(tls),
+            mode: Mode::XapiLike,
+            max_connections: 16,
+            ..ServerOptions::default()
+        };
+        let mut nbd_stop = stop_rx;
+        runtime.spawn(nbdserver::serve(
+            nbd_listener,
+            resolver,
+            nbd_options,
+            async move {
+                let _ = nbd_stop.changed().await;
+            },
+        ));
+        Ok(Simulator {
+            runtime: Some(runtime),
+            core,
+            stop,
+            https,
+            nbd,
+            certificate_pem,
+            fingerprint,
+            username: options.username,
+            password: options.password,
+            dir,
+            temporary_dir,
+        })
+    }
+
+    /// `https://ADDR:PORT/` (the XML-RPC endpoint; JSON-RPC is `jsonrpc` below it).
+    pub fn url(&self) -> String {
+        format!("https://{}/", self.https)
+    }
+
+    pub fn https_address(&self) -> SocketAddr {
+        self.https
+    }
+
+    pub fn nbd_port(&self) -> u16 {
+        self.nbd.port()
+    }
+
+    pub fn nbd_address(&self) -> SocketAddr {
+        self.nbd
+    }
+
+    /// The host certificate (PEM), as `get_nbd_info` returns it.
+    pub fn certificate_pem(&self) -> &str {
+        &self.certificate_pem
+    }
+
+    /// SHA-256 of the certificate, `AB:CD:...`.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn username(&self) -> &str {
+        &self.username
+    }
+
+    pub fn password(&self) -> &str {
+        &self.password
+    }
+
+    /// The state folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs a XenAPI call in process (no wire), e.g. for a demo's setup.
+    pub fn call(&self, method: &str, params: &[Value]) -> Result<Value, ApiError> {
+        dispatch::call(&self.core, method, params)
+    }
+
+    /// A halted VM with one user VDI per size.
+    pub fn create_vm_with_disks(&self, name: &str, disk_sizes: &[u64]) -> Result<SimVm, SimError> {
+        let mut st = self.core.lock();
+        let vm_ref = dispatch::create_vm_with_disks(&mut st, name, disk_sizes)?;
+        self.core.changed(&st);
+        Ok(describe_vm(&st, &vm_ref)?)
+    }
+
+    /// The first non-snapshot VM named `name` (e.g. one kept from an
+    /// earlier run in the same state folder).
+    pub fn find_vm(&self, name: &str) -> Option<SimVm> {
+        let st = self.core.lock();
+        let vm = st
+            .vms
+            .iter()
+            .find(|(_, v)| v.name_label == name && !v.is_a_snapshot && !v.is_control_domain)
+            .map(|(r, _)| r.clone())?;
+        describe_vm(&st, &vm).ok()
+    }
+
+    fn vdi_ref(&self, st: &State, vdi: &str) -> Result<String, SimError> {
+        Ok(st.vdi_by_ref_or_uuid(vdi)?)
+    }
+
+    /// Writes into a live VDI (uuid or ref) as its running VM would.
+    pub fn guest_write(&self, vdi: &str, offset: u64, data: &[u8]) -> Result<(), SimError> {
+        let mut st = self.core.lock();
+        let r = self.vdi_ref(&st, vdi)?;
+        Ok(dispatch::guest_write_checked(&mut st, &r, offset, data)?)
+    }
+
+    /// Reads a VDI's current content (uuid or ref).
+    pub fn read_vdi(&self, vdi: &str, offset: u64, len: usize) -> Result<Vec<u8>, SimError> {
+        let disk = {
+            let st = self.core.lock();
+            let r = self.vdi_ref(&st, vdi)?;
+            st.vdi(&r)?
+                .data
+                .clone()
+                .ok_or_else(|| ApiError::incompatible_type(&r, "cbt_metadata"))?
+        };
+        disk.read(offset, len).map_err(|source| SimError::Storage {
+            path: disk.path().display().to_string(),
+            source,
+        })
+    }
+
+    /// CBT switched off by the system on a VDI (uuid or ref).
+    pub fn system_disable_cbt(&self, vdi: &str) -> Result<(), SimError> {
+        let mut st = self.core.lock();
+        let r = self.vdi_ref(&st, vdi)?;
+        st.system_disable_cbt(&r)?;
+        self.core.changed(&st);
+        Ok(())
+    }
+
+    /// Starts (`true`) or halts a VM by uuid or ref: its VBDs become
+    /// (un)attached, which matters to `list_changed_blocks` on its disks.
+    pub fn set_vm_running(&self, vm: &str, running: bool) -> Result<(), SimError> {
+        let mut st = self.core.lock();
+        let r = if st.vms.contains_key(vm) {
+            vm.to_string()
+        } else {
+            st.by_uuid(Class::Vm, vm)?
+        };
+        st.vm_set_power(&r, running)?;
+        self.core.changed(&st);
+        Ok(())
+    }
+
+    /// A leftover dom0 attachment of a VDI; returns the VBD ref.
+    pub fn attach_to_dom0(&self, vdi: &str) -> Result<String, SimError> {
+        let mut st = self.core.lock();
+        let r = self.vdi_ref(&st, vdi)?;
+        Ok(st.attach_to_dom0(&r, "RO")?)
+    }
+
+    pub fn detach(&self, vbd: &str) {
+        self.core.lock().detach_and_destroy(vbd);
+    }
+
+    /// Changes the fault switches.
+    pub fn set_faults(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.core.lock().faults);
+    }
+
+    /// Body bytes `/import_raw_vdi` has received since the start (headers
+    /// excluded), to check what a chunked import sends.
+    pub fn import_bytes_received(&self) -> u64 {
+        self.core
+            .import_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// VBDs currently attached to dom0 (open NBD connections, exports).
+    pub fn dom0_attachments(&self) -> usize {
+        let st = self.core.lock();
+        st.vbds
+            .values()
+            .filter(|b| b.vm == st.dom0 && b.currently_attached)
+            .count()
+    }
+
+    /// Stops serving and waits for the servers to close.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(dir) = &self.core.persist {
+            // NBD connections still open lose their dom0 VBDs with the runtime.
+            let st = self.core.lock();
+            let _ = persist::save(&st, dir, true);
+        }
+        if let Some(rt) = self.runtime.take() {
+            // Blocking on a runtime's shutdown is not allowed inside another one.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(Duration::from_secs(2));
+            }
+        }
+        if self.temporary_dir {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
