@@ -90,6 +90,7 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         parent,
         full_every: a.full_every,
         tags: a.tags.clone(),
+        strict: a.strict,
     };
     let source = if XenUrl::is_xen(&a.source) {
         if a.changed_blocks.is_some() || a.dirty_bitmap.is_some() || a.parent.is_some() {
