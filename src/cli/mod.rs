@@ -173,6 +173,11 @@ pub struct BackupArgs {
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
+    /// Refuse to commit a snapshot of a source that changed while it was
+    /// read (size, times or inode of an image file or block device); by
+    /// default it is committed with a warning.
+    #[arg(long)]
+    pub strict: bool,
 }
 
 /// How to reach a XenServer host (xen:// sources).

@@ -5,8 +5,8 @@
 use anyhow::{bail, Context, Result};
 
 use super::{
-    BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, ServeArgs, UnlockArgs,
-    XenArgs,
+    BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, RestoreArgs,
+    ServeArgs, UnlockArgs, XenArgs,
 };
 #[cfg(feature = "sim")]
 use super::{DemoArgs, SimArgs};
@@ -17,6 +17,7 @@ use crate::commands::check::CheckOptions;
 #[cfg(feature = "sim")]
 use crate::commands::demo::DemoOptions;
 use crate::commands::inspect::{CatOptions, DiffOptions, UnlockOptions};
+use crate::commands::restore::{LocalOptions, RestoreOptions, RestoreTarget, XenRestoreOptions};
 use crate::commands::serve::ServeOptions;
 #[cfg(feature = "sim")]
 use crate::commands::sim::SimHostOptions;
@@ -25,6 +26,7 @@ use crate::repo::backup::plan::ParentRequest;
 use crate::repo::check::DataSubset;
 use crate::repo::InitOptions;
 use crate::source::xenapi::XenUrl;
+use crate::target::xen::{TargetKind, XenTarget};
 use nbd::NbdUri;
 
 impl From<&FilterArgs> for SnapshotFilter {
@@ -94,6 +96,7 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         parent,
         full_every: a.full_every,
         tags: a.tags.clone(),
+        strict: a.strict,
     };
     let source = if XenUrl::is_xen(&a.source) {
         if a.changed_blocks.is_some() || a.dirty_bitmap.is_some() || a.parent.is_some() {
@@ -129,6 +132,75 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         }
     };
     Ok(BackupOptions { source, snapshot })
+}
+
+/// `--mode`: octal permission bits; 600 when not given.
+fn parse_mode(text: Option<&str>) -> Result<u32> {
+    let Some(text) = text else { return Ok(0o600) };
+    u32::from_str_radix(text.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| {
+            anyhow::anyhow!("--mode '{text}': expected octal permission bits, e.g. 600 or 0640")
+        })
+}
+
+pub fn restore(a: &RestoreArgs) -> Result<RestoreOptions> {
+    let at = match &a.at {
+        Some(text) => Some(
+            chrono::DateTime::parse_from_rfc3339(text)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .with_context(|| {
+                    format!("--at '{text}': expected RFC 3339, e.g. 2026-11-21T12:00:00Z")
+                })?,
+        ),
+        None => None,
+    };
+    let text = a.target.to_string_lossy();
+    let target = if XenUrl::is_xen(&text) {
+        if a.allow_damaged || a.mode.is_some() {
+            bail!("--allow-damaged and --mode apply to file, block device and stdout targets only");
+        }
+        let target = XenTarget::parse(&text)?;
+        if a.new_vm && target.kind != TargetKind::Sr {
+            bail!("--new-vm needs an SR target: xen://HOST/sr/UUID");
+        }
+        if !["auto", "raw", "chunked"].contains(&a.import_format.as_str()) {
+            bail!(
+                "--import-format '{}': expected auto, raw or chunked",
+                a.import_format
+            );
+        }
+        RestoreTarget::Xen(XenRestoreOptions {
+            target,
+            xen: (&a.xen).into(),
+            force: a.force,
+            verify: a.verify,
+            new_vm: a.new_vm,
+            import_format: a.import_format.clone(),
+        })
+    } else {
+        if a.verify || a.new_vm {
+            bail!("--verify and --new-vm apply to xen:// targets only");
+        }
+        RestoreTarget::Local {
+            path: a.target.clone(),
+            options: LocalOptions {
+                restore: crate::repo::restore::RestoreOptions {
+                    allow_damaged: a.allow_damaged,
+                },
+                overwrite: a.overwrite,
+                mode: parse_mode(a.mode.as_deref())?,
+                force_size: a.force,
+            },
+        }
+    };
+    Ok(RestoreOptions {
+        snapshot: a.snapshot.clone(),
+        filter: (&a.filter).into(),
+        at,
+        target,
+    })
 }
 
 /// `N%` or `n/t`.
@@ -255,6 +327,93 @@ mod tests {
         let o = backup_of(&["disk.img", "--full"]).unwrap();
         assert_eq!(o.snapshot.parent, ParentRequest::NoParent);
         assert!(matches!(o.source, BackupSource::File { .. }));
+    }
+
+    fn restore_of(args: &[&str]) -> Result<RestoreOptions> {
+        let cli =
+            super::super::Cli::try_parse_from(["cbtvault", "restore"].iter().chain(args.iter()))
+                .expect("clap accepts it");
+        match cli.command {
+            super::super::Command::Restore(a) => restore(&a),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn restore_flags_that_do_not_fit_the_target_are_refused() {
+        let vdi = "xen://h/vdi/0b0c7d3e-32f4-4a51-9f4e-7d0c5a8e1b2c";
+        let sr = "xen://h/sr/0b0c7d3e-32f4-4a51-9f4e-7d0c5a8e1b2c";
+        for (args, says) in [
+            (
+                &["latest", "--target", "out.img", "--verify"][..],
+                "--verify",
+            ),
+            (&["latest", "--target", "-", "--new-vm"], "--new-vm"),
+            (
+                &["latest", "--target", vdi, "--allow-damaged"],
+                "--allow-damaged",
+            ),
+            (&["latest", "--target", vdi, "--mode", "600"], "--mode"),
+            (&["latest", "--target", vdi, "--new-vm"], "SR target"),
+            (
+                &["latest", "--target", sr, "--import-format", "zip"],
+                "'zip'",
+            ),
+            (&["latest", "--target", "xen://h/vm/x"], "xen://h/vm/x"),
+            (
+                &["latest", "--target", "out.img", "--mode", "9"],
+                "--mode '9'",
+            ),
+            (
+                &["latest", "--target", "out.img", "--at", "yesterday"],
+                "--at 'yesterday'",
+            ),
+        ] {
+            match restore_of(args) {
+                Ok(_) => panic!("{args:?} was accepted"),
+                Err(e) => assert!(format!("{e:#}").contains(says), "{args:?}: {e:#}"),
+            }
+        }
+    }
+
+    #[test]
+    fn restore_options_carry_the_target_and_its_flags() {
+        let o = restore_of(&[
+            "abc",
+            "--target",
+            "out.img",
+            "--mode",
+            "0640",
+            "--overwrite",
+            "--allow-damaged",
+            "--at",
+            "2026-11-21T12:00:00Z",
+            "--tag",
+            "t",
+        ])
+        .unwrap();
+        assert_eq!(o.snapshot, "abc");
+        assert_eq!(o.filter.tags, vec!["t".to_string()]);
+        assert_eq!(o.at.unwrap().to_rfc3339(), "2026-11-21T12:00:00+00:00");
+        match o.target {
+            RestoreTarget::Local { path, options } => {
+                assert_eq!(path, std::path::PathBuf::from("out.img"));
+                assert_eq!(options.mode, 0o640);
+                assert!(options.overwrite && options.restore.allow_damaged);
+                assert!(!options.force_size);
+            }
+            RestoreTarget::Xen(_) => panic!("a file target became xen"),
+        }
+        let sr = "xen://h/sr/0b0c7d3e-32f4-4a51-9f4e-7d0c5a8e1b2c";
+        let o = restore_of(&["abc", "--target", sr, "--new-vm", "--verify"]).unwrap();
+        match o.target {
+            RestoreTarget::Xen(x) => {
+                assert_eq!(x.target.kind, TargetKind::Sr);
+                assert!(x.new_vm && x.verify && !x.force);
+                assert_eq!(x.import_format, "auto");
+            }
+            RestoreTarget::Local { .. } => panic!("a xen target became local"),
+        }
     }
 
     #[test]

@@ -32,7 +32,10 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
             &open(ui, &repo_path()?)?,
             &commands::SnapshotFilter::from(f),
         ),
-        Command::Restore(a) => restore::run(ui, &open(ui, &repo_path()?)?, a),
+        Command::Restore(a) => {
+            let o = options::restore(a)?;
+            restore::run(ui, &open(ui, &repo_path()?)?, &o)
+        }
         Command::Check(a) => {
             let o = options::check(a)?;
             check::run(ui, &open(ui, &repo_path()?)?, &o)

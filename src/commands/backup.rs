@@ -70,6 +70,8 @@ pub struct SnapshotOptions {
     /// reaches this many snapshots.
     pub full_every: Option<u32>,
     pub tags: Vec<String>,
+    /// Commit nothing when the source changed while it was read.
+    pub strict: bool,
 }
 
 /// How to reach an NBD server.
@@ -303,6 +305,7 @@ pub(crate) fn backup_disk(
         tags: options.tags.clone(),
         hostname: hostname(),
         landmark,
+        strict: options.strict,
     };
     let plan = plan::plan(lookup, disk, repo.config().block_size, &plan_options);
     for w in &plan.warnings {
@@ -314,6 +317,14 @@ pub(crate) fn backup_disk(
     let bar = ui.progress("backup", true);
     let summary = backup::run(repo, source, plan, &PipelineOptions::from_repo(repo), &bar)?;
     bar.finish();
+    if !summary.source_changed.is_empty() {
+        ui.warn(format!(
+            "'{}' changed while it was read ({}): snapshot {} may hold a torn disk; back up a frozen copy (an LVM, qemu or file-system snapshot), or pass --strict to refuse such a backup",
+            source.identity(),
+            summary.source_changed.join(", "),
+            summary.snapshot_id.short()
+        ));
+    }
     Ok(summary)
 }
 

@@ -170,6 +170,7 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         parent: ParentRequest::Newest,
         full_every: None,
         tags: vec!["demo".into()],
+        strict: false,
     };
 
     ui.info(format!(

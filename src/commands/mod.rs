@@ -1,7 +1,6 @@
 //! One workflow per subcommand, each taking validated `*Options` (built
-//! from the command line by `cli`; no clap type below `cli`, except the
-//! restore arguments still to be converted). `anyhow` lives here and above;
-//! library errors are given context on the way out.
+//! from the command line by `cli`; no clap type below `cli`). `anyhow`
+//! lives here and above; library errors are given context on the way out.
 
 pub mod backup;
 pub mod check;

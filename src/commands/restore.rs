@@ -2,29 +2,46 @@
 //! in time. XenServer targets live in `restore_xen`; every target goes
 //! through the one engine, `repo::restore::run`.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use chrono::{DateTime, Utc};
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::restore_xen;
-use super::{filtered, pick_snapshot, Outcome};
-use crate::cli::RestoreArgs;
+pub use super::restore_xen::XenRestoreOptions;
+use super::{filtered, pick_snapshot, Outcome, SnapshotFilter};
 use crate::format::SnapshotId;
 use crate::manifest::BlockMap;
 use crate::output::{human_bytes, Ui};
-use crate::repo::restore::{self, BlockSink, RestoreOptions, RestoreSummary};
+use crate::repo::restore::{self, BlockSink, RestoreSummary};
 use crate::repo::{Repository, SnapshotEntry};
 use crate::source::xenapi::workflow::keys;
-use crate::source::xenapi::XenUrl;
 use crate::target::{self, FileOptions, FileTarget, StreamSink};
 
-fn parse_time(text: &str) -> Result<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(text)
-        .map(|t| t.with_timezone(&Utc))
-        .with_context(|| format!("--at '{text}': expected RFC 3339, e.g. 2026-11-21T12:00:00Z"))
+/// Validated options of `restore`.
+pub struct RestoreOptions {
+    /// A snapshot id (or unique prefix) or `latest`; with a new VM, a VM
+    /// backup id or any snapshot of that VM backup.
+    pub snapshot: String,
+    /// Which snapshots `latest` chooses from.
+    pub filter: SnapshotFilter,
+    /// The newest snapshot of the same source taken at or before this
+    /// time, instead of `snapshot` itself.
+    pub at: Option<DateTime<Utc>>,
+    pub target: RestoreTarget,
+}
+
+/// Where a restore writes, with the options that apply to that target.
+pub enum RestoreTarget {
+    /// A file path, a block device, or stdout (`-`).
+    Local {
+        path: PathBuf,
+        options: LocalOptions,
+    },
+    /// A XenServer disk to overwrite or an SR to create disks (or a VM) in.
+    Xen(XenRestoreOptions),
 }
 
 /// The newest of `candidates` taken at or before `at`.
@@ -47,19 +64,14 @@ fn newest_at(
 
 /// SNAPSHOT, or with `--at` the newest snapshot of SNAPSHOT's source (of
 /// the filtered ones for `latest`) at or before that time.
-fn select(repo: &Repository, args: &RestoreArgs) -> Result<SnapshotEntry> {
-    let Some(at) = &args.at else {
-        return pick_snapshot(repo, &args.snapshot, &(&args.filter).into());
+fn select(repo: &Repository, options: &RestoreOptions) -> Result<SnapshotEntry> {
+    let Some(at) = options.at else {
+        return pick_snapshot(repo, &options.snapshot, &options.filter);
     };
-    let at = parse_time(at)?;
-    if args.snapshot == "latest" {
-        return newest_at(
-            filtered(repo, &(&args.filter).into())?,
-            at,
-            "the given filters",
-        );
+    if options.snapshot == "latest" {
+        return newest_at(filtered(repo, &options.filter)?, at, "the given filters");
     }
-    let anchor = repo.find_snapshot(&args.snapshot)?;
+    let anchor = repo.find_snapshot(&options.snapshot)?;
     let source = anchor.meta.source.clone();
     let same: Vec<SnapshotEntry> = repo
         .snapshots()?
@@ -71,16 +83,16 @@ fn select(repo: &Repository, args: &RestoreArgs) -> Result<SnapshotEntry> {
 
 /// The VM backup id named by SNAPSHOT (a VM backup id or any of its
 /// snapshots); with `--at`, the VM backup of that VM at or before TIME.
-fn select_vm_backup(repo: &Repository, args: &RestoreArgs) -> Result<String> {
+fn select_vm_backup(repo: &Repository, options: &RestoreOptions) -> Result<String> {
     let all = repo.snapshots()?;
     let group_of = |s: &SnapshotEntry| s.meta.landmark.get(keys::VM_BACKUP).cloned();
     let anchor = match all
         .iter()
-        .find(|s| group_of(s).as_deref() == Some(args.snapshot.as_str()))
+        .find(|s| group_of(s).as_deref() == Some(options.snapshot.as_str()))
     {
         Some(s) => s.clone(),
         None => {
-            let s = select(repo, args)?;
+            let s = select(repo, options)?;
             if group_of(&s).is_none() {
                 bail!(
                     "snapshot {} is not part of a VM backup (back up xen://HOST/vm/UUID)",
@@ -90,10 +102,9 @@ fn select_vm_backup(repo: &Repository, args: &RestoreArgs) -> Result<String> {
             return Ok(group_of(&s).expect("checked"));
         }
     };
-    let Some(at) = &args.at else {
+    let Some(at) = options.at else {
         return Ok(group_of(&anchor).expect("found by group"));
     };
-    let at = parse_time(at)?;
     let vm = anchor.meta.landmark.get(keys::VM).cloned();
     let same: Vec<SnapshotEntry> = all
         .into_iter()
@@ -106,38 +117,26 @@ fn select_vm_backup(repo: &Repository, args: &RestoreArgs) -> Result<String> {
     Ok(group_of(&chosen).expect("a VM metadata snapshot has a VM backup id"))
 }
 
-pub fn run(ui: &Ui, repo: &Repository, args: &RestoreArgs) -> Result<Outcome> {
-    let target_text = args.target.to_string_lossy();
-    if XenUrl::is_xen(&target_text) {
-        if args.allow_damaged || args.mode.is_some() {
-            bail!("--allow-damaged and --mode apply to file, block device and stdout targets only");
+pub fn run(ui: &Ui, repo: &Repository, options: &RestoreOptions) -> Result<Outcome> {
+    let (path, local) = match &options.target {
+        RestoreTarget::Xen(xen) => {
+            let _lock = repo.lock(false, "restore")?;
+            if xen.new_vm {
+                let group = select_vm_backup(repo, options)?;
+                restore_xen::run_new_vm(ui, repo, xen, &group)?;
+            } else {
+                let entry = select(repo, options)?;
+                restore_xen::run_disk(ui, repo, xen, &entry)?;
+            }
+            return Ok(Outcome::Ok);
         }
-        let _lock = repo.lock(false, "restore")?;
-        if args.new_vm {
-            let group = select_vm_backup(repo, args)?;
-            restore_xen::run_new_vm(ui, repo, args, &group)?;
-        } else {
-            let entry = select(repo, args)?;
-            restore_xen::run_disk(ui, repo, args, &entry)?;
-        }
-        return Ok(Outcome::Ok);
-    }
-    if args.verify || args.new_vm {
-        bail!("--verify and --new-vm apply to xen:// targets only");
-    }
-    let options = LocalOptions {
-        restore: RestoreOptions {
-            allow_damaged: args.allow_damaged,
-        },
-        overwrite: args.overwrite,
-        mode: parse_mode(args.mode.as_deref())?,
-        force_size: args.force,
+        RestoreTarget::Local { path, options } => (path, options),
     };
-    let entry = select(repo, args)?;
+    let entry = select(repo, options)?;
     let _lock = repo.lock(false, "restore")?;
     let id = entry.meta.id;
     let map = repo.resolve(id)?;
-    let summary = restore_local(ui, repo, id, &map, &args.target, &options)?;
+    let summary = restore_local(ui, repo, id, &map, path, local)?;
     Ok(if summary.damaged_blocks.is_empty() {
         Outcome::Ok
     } else {
@@ -146,8 +145,8 @@ pub fn run(ui: &Ui, repo: &Repository, args: &RestoreArgs) -> Result<Outcome> {
 }
 
 /// Options of a restore to a file, a block device or stdout.
-pub(crate) struct LocalOptions {
-    pub restore: RestoreOptions,
+pub struct LocalOptions {
+    pub restore: restore::RestoreOptions,
     pub overwrite: bool,
     /// Permission bits of a new image file.
     pub mode: u32,
@@ -158,20 +157,12 @@ pub(crate) struct LocalOptions {
 impl Default for LocalOptions {
     fn default() -> Self {
         LocalOptions {
-            restore: RestoreOptions::default(),
+            restore: restore::RestoreOptions::default(),
             overwrite: false,
             mode: 0o600,
             force_size: false,
         }
     }
-}
-
-fn parse_mode(text: Option<&str>) -> Result<u32> {
-    let Some(text) = text else { return Ok(0o600) };
-    u32::from_str_radix(text.trim_start_matches("0o"), 8)
-        .ok()
-        .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| anyhow!("--mode '{text}': expected octal permission bits, e.g. 600 or 0640"))
 }
 
 /// What `--json` says about a restore that stopped.

@@ -12,8 +12,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use xapi_wire::Value;
 
-use super::backup::xen_session;
-use crate::cli::RestoreArgs;
+use super::backup::{xen_session, XenOptions};
 use crate::format::SnapshotId;
 use crate::output::{human_bytes, Ui};
 use crate::repo::restore::{self, RestoreOptions, RestoreSummary};
@@ -25,6 +24,23 @@ use crate::target::xen::{
     choose_format, describe, import_into, running_users, sr_by_uuid, verify, TargetKind, XenTarget,
 };
 use crate::target::StreamSink;
+
+/// Options of a restore into XenServer.
+pub struct XenRestoreOptions {
+    /// The disk to overwrite or the SR to create disks in.
+    pub target: XenTarget,
+    pub xen: XenOptions,
+    /// Import even when the disk is attached to a running VM or its size
+    /// differs from the snapshot's.
+    pub force: bool,
+    /// Read the imported disk back over NBD and compare every block.
+    pub verify: bool,
+    /// Restore every disk of a VM backup into the SR, then a new VM from
+    /// its stored metadata.
+    pub new_vm: bool,
+    /// `auto`, `raw` or `chunked`.
+    pub import_format: String,
+}
 
 /// One disk written into XenServer.
 #[derive(Debug, Serialize)]
@@ -96,11 +112,11 @@ fn restore_disk(
     session: &Session,
     target: &XenTarget,
     entry: &SnapshotEntry,
-    args: &RestoreArgs,
+    options: &XenRestoreOptions,
 ) -> Result<XenDiskRestore> {
     let id = entry.meta.id;
     let map = repo.resolve(id)?;
-    let format = choose_format(&map, &args.import_format, target.kind == TargetKind::Sr)?;
+    let format = choose_format(&map, &options.import_format, target.kind == TargetKind::Sr)?;
     let uuid = &target.url.uuid;
     match target.kind {
         TargetKind::Vdi => {
@@ -108,7 +124,7 @@ fn restore_disk(
                 .vdi_by_uuid(uuid)
                 .with_context(|| format!("VDI {uuid} does not exist on the host"))?;
             let rec = session.vdi_record(&vdi)?;
-            if rec.virtual_size != map.disk_size_bytes && !args.force {
+            if rec.virtual_size != map.disk_size_bytes && !options.force {
                 bail!(
                     "VDI {uuid} has {} bytes, snapshot {} has {}: pass --force to import anyway",
                     rec.virtual_size,
@@ -117,7 +133,7 @@ fn restore_disk(
                 );
             }
             let users = running_users(session, &vdi)?;
-            if !users.is_empty() && !args.force {
+            if !users.is_empty() && !options.force {
                 bail!(
                     "VDI {uuid} is in use by running VM(s) {}: shut them down or pass --force",
                     users.join(", ")
@@ -130,7 +146,7 @@ fn restore_disk(
                         "restore of snapshot {id} into VDI {uuid} failed; the VDI may be partly overwritten"
                     )
                 })?;
-            if args.verify {
+            if options.verify {
                 verify(session, &vdi, uuid, &map)?;
             }
             Ok(XenDiskRestore {
@@ -138,7 +154,7 @@ fn restore_disk(
                 created: false,
                 import_format: format,
                 body_bytes: body,
-                verified: args.verify,
+                verified: options.verify,
                 summary,
             })
         }
@@ -152,7 +168,7 @@ fn restore_disk(
                 let bar = ui.progress("restore", true);
                 let (summary, body) = import_into(repo, session, id, &map, &vdi, format, &bar)?;
                 bar.finish();
-                if args.verify {
+                if options.verify {
                     verify(session, &vdi, &vdi_uuid, &map)?;
                 }
                 Ok(XenDiskRestore {
@@ -160,7 +176,7 @@ fn restore_disk(
                     created: true,
                     import_format: format,
                     body_bytes: body,
-                    verified: args.verify,
+                    verified: options.verify,
                     summary,
                 })
             })();
@@ -208,13 +224,12 @@ fn report_disk(ui: &Ui, d: &XenDiskRestore) {
 pub(crate) fn run_disk(
     ui: &Ui,
     repo: &Repository,
-    args: &RestoreArgs,
+    options: &XenRestoreOptions,
     entry: &SnapshotEntry,
 ) -> Result<()> {
-    let text = args.target.to_string_lossy();
-    let target = XenTarget::parse(&text)?;
-    let session = xen_session(ui, &target.url, &(&args.xen).into())?;
-    let result = restore_disk(ui, repo, &session, &target, entry, args);
+    let target = &options.target;
+    let session = xen_session(ui, &target.url, &options.xen)?;
+    let result = restore_disk(ui, repo, &session, target, entry, options);
     session.logout();
     let d = result?;
     ui.json(&d);
@@ -267,14 +282,11 @@ pub(crate) fn vm_backup_members(
 pub(crate) fn run_new_vm(
     ui: &Ui,
     repo: &Repository,
-    args: &RestoreArgs,
+    options: &XenRestoreOptions,
     group: &str,
 ) -> Result<()> {
-    let text = args.target.to_string_lossy();
-    let target = XenTarget::parse(&text)?;
-    if target.kind != TargetKind::Sr {
-        bail!("--new-vm needs an SR target: xen://HOST/sr/UUID");
-    }
+    // An SR target (checked with the options).
+    let target = &options.target;
     let (disks, metadata) = vm_backup_members(repo, group)?;
     // The stored XVA tar (small): restored into memory through the engine.
     let tar = {
@@ -291,7 +303,7 @@ pub(crate) fn run_new_vm(
         )?;
         bytes
     };
-    let session = xen_session(ui, &target.url, &(&args.xen).into())?;
+    let session = xen_session(ui, &target.url, &options.xen)?;
     let mut restored: Vec<XenVmDisk> = Vec::new();
     let result = (|| -> Result<String> {
         for d in &disks {
@@ -301,7 +313,7 @@ pub(crate) fn run_new_vm(
                 .get(keys::VDI)
                 .cloned()
                 .ok_or_else(|| anyhow!("snapshot {} records no VDI", d.meta.id.short()))?;
-            let r = restore_disk(ui, repo, &session, &target, d, args)?;
+            let r = restore_disk(ui, repo, &session, target, d, options)?;
             report_disk(ui, &r);
             restored.push(XenVmDisk {
                 original_vdi: original,

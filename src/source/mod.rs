@@ -24,6 +24,13 @@ pub enum SourceError {
     },
     #[error("source '{source_name}': {reason}")]
     Invalid { source_name: String, reason: String },
+    /// The source changed while it was read, and the caller refuses a
+    /// snapshot that may mix two versions of the disk (`backup --strict`).
+    #[error("source '{source_name}' changed while it was read ({}); refused by --strict, nothing was committed: back up a frozen copy (an LVM, qemu or file-system snapshot)", .changes.join(", "))]
+    Changed {
+        source_name: String,
+        changes: Vec<String>,
+    },
 }
 
 /// A readable point-in-time view of a disk.
@@ -50,6 +57,15 @@ pub trait BlockSource: Send + Sync {
         let mut slices: Vec<(u64, &mut [u8])> =
             reads.iter_mut().map(|(at, b)| (*at, &mut b[..])).collect();
         self.read_many(&mut slices)
+    }
+
+    /// Called after the last read and before the snapshot is committed:
+    /// what changed in the source since it was opened (one phrase each,
+    /// e.g. "size 1048576 -> 1052672 bytes"), empty when nothing did or the
+    /// source cannot tell. A source whose view is frozen (a hypervisor
+    /// snapshot) keeps the default.
+    fn check_unchanged(&self) -> Result<Vec<String>, SourceError> {
+        Ok(Vec::new())
     }
 }
 
@@ -107,5 +123,8 @@ impl BlockSource for Renamed<'_> {
     }
     fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), SourceError> {
         self.inner.read_owned(reads)
+    }
+    fn check_unchanged(&self) -> Result<Vec<String>, SourceError> {
+        self.inner.check_unchanged()
     }
 }

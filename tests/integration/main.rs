@@ -9,6 +9,7 @@ mod changed_blocks;
 mod cli;
 mod corruption;
 mod crash;
+mod file_source;
 mod layering;
 mod manifest_props;
 mod nbd;

@@ -61,6 +61,9 @@ pub struct BackupSummary {
     pub full: bool,
     pub synthetic_full: bool,
     pub new_set_reason: Option<String>,
+    /// What changed in the source while it was read (the snapshot may mix
+    /// two versions of the disk); empty when nothing did.
+    pub source_changed: Vec<String>,
     pub disk_size_bytes: u64,
     pub blocks_read: u64,
     pub blocks_new: u64,
@@ -589,6 +592,16 @@ pub fn run(
         entries,
         bitmap: plan.change_bitmap.clone().map(BlockBitmap::into_bytes),
     };
+    // After the last read, before the commit: a source that changed while
+    // it was read may have given a torn disk.
+    let source_changed = source.check_unchanged()?;
+    if plan.strict && !source_changed.is_empty() {
+        return Err(SourceError::Changed {
+            source_name: source.identity().to_string(),
+            changes: source_changed,
+        }
+        .into());
+    }
     repo.commit_snapshot(&obj)?;
     let blocks_deduplicated = counters.blocks_read - counters.blocks_zero - counters.blocks_new;
     Ok(BackupSummary {
@@ -598,6 +611,7 @@ pub fn run(
         full: plan.parent.is_none(),
         synthetic_full: plan.parent.is_some() && plan.synthetic_full,
         new_set_reason: plan.new_set_reason,
+        source_changed,
         disk_size_bytes: disk_size,
         blocks_read: counters.blocks_read,
         blocks_new: counters.blocks_new,

@@ -44,6 +44,10 @@ pub struct BackupPlan {
     pub new_set_reason: Option<String>,
     /// What the user must be told before the backup runs, in order.
     pub warnings: Vec<String>,
+    /// Commit nothing when the source changed while it was read
+    /// (`backup --strict`); otherwise the change is reported with the
+    /// snapshot ([`super::BackupSummary::source_changed`]).
+    pub strict: bool,
 }
 
 /// Which snapshot a backup may layer on.
@@ -138,6 +142,8 @@ pub struct PlanOptions {
     pub tags: Vec<String>,
     pub hostname: String,
     pub landmark: BTreeMap<String, String>,
+    /// Refuse a source that changed while it was read.
+    pub strict: bool,
 }
 
 /// The disk being backed up, as its source describes it.
@@ -232,6 +238,7 @@ pub fn plan(
         landmark: options.landmark.clone(),
         new_set_reason,
         warnings,
+        strict: options.strict,
     }
 }
 

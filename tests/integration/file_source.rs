@@ -1,0 +1,124 @@
+//! Image files and devices as sources: what is refused before anything is
+//! read (character devices, FIFOs), and an image that another writer
+//! modifies while the backup reads it (the debug-only hook
+//! `CBTVAULT_TEST_MODIFY_SOURCE=N` overwrites the image's first 4 KiB at
+//! the Nth read): committed with a loud warning, or refused with `--strict`.
+
+use std::ffi::OsStr;
+use std::path::Path;
+
+use crate::util::*;
+
+/// A 16 MiB image of random blocks: several read batches, so the hook
+/// at the second read changes it between reads.
+fn image(t: &TestRepo) -> Image {
+    let img = Image::create(&t.path("disk.img"), 16 << 20);
+    for i in 0..img.blocks() {
+        img.write_block(i, &random_block(22, i));
+    }
+    img
+}
+
+fn backup_modified_at_read(t: &TestRepo, img: &Path, n: &str, extra: &[&str]) -> Run {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"backup", &img];
+    for e in extra {
+        args.push(e);
+    }
+    t.run_env(&args, &[("CBTVAULT_TEST_MODIFY_SOURCE", n)])
+}
+
+#[test]
+fn image_modified_during_backup_warns() {
+    let t = TestRepo::new();
+    let img = image(&t);
+    let r = backup_modified_at_read(&t, &img.path, "2", &[]).ok();
+    let shown = img.path.display().to_string();
+    r.stderr_mentions(&[
+        "warning:",
+        &shown,
+        "changed while it was read",
+        "modification time",
+        "--strict",
+    ]);
+    let summary = r.json();
+    let changed = summary["source_changed"]
+        .as_array()
+        .expect("source_changed");
+    assert!(
+        changed
+            .iter()
+            .any(|c| c.as_str().unwrap().starts_with("modification time")),
+        "{summary}"
+    );
+    // The snapshot is committed (the warning names it) and consistent.
+    let id = TestRepo::id_of(&summary);
+    assert_eq!(t.snapshot_ids(), vec![id.clone()]);
+    r.stderr_mentions(&[&id[..8]]);
+    let (check, report) = t.check(true);
+    assert_eq!(check.code, 0, "{report}");
+}
+
+#[test]
+fn image_modified_during_backup_is_refused_with_strict() {
+    let t = TestRepo::new();
+    let img = image(&t);
+    let first = t.backup(&img.path, &[]);
+    let r = backup_modified_at_read(&t, &img.path, "2", &["--strict"]).expect_code(1);
+    let shown = img.path.display().to_string();
+    r.stderr_mentions(&[
+        "error:",
+        &shown,
+        "changed while it was read",
+        "modification time",
+        "nothing was committed",
+    ]);
+    assert!(r.stdout.is_empty(), "{}", r.out());
+    // Only the first snapshot; the repository checks clean and the next
+    // backup of the (now quiet) image works and restores exactly.
+    assert_eq!(t.snapshot_ids(), vec![TestRepo::id_of(&first)]);
+    let (check, report) = t.check(true);
+    assert_eq!(check.code, 0, "{report}");
+    let s = t.backup(&img.path, &["--strict"]);
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+}
+
+#[test]
+fn unchanged_image_gives_no_warning() {
+    let t = TestRepo::new();
+    let img = image(&t);
+    for extra in [&[][..], &["--strict"]] {
+        let r = t.try_backup(&img.path, extra).ok();
+        assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+        let summary = r.json();
+        assert_eq!(
+            summary["source_changed"],
+            serde_json::json!([]),
+            "{summary}"
+        );
+        t.assert_restores(&TestRepo::id_of(&summary), img.hash(), img.size());
+    }
+}
+
+#[test]
+fn char_device_source_is_refused() {
+    let t = TestRepo::new();
+    for dev in ["/dev/null", "/dev/zero"] {
+        let r = t.try_backup(Path::new(dev), &[]).expect_code(1);
+        r.stderr_mentions(&[dev, "character device"]);
+    }
+    assert!(t.snapshot_ids().is_empty());
+}
+
+#[test]
+fn fifo_source_is_refused_without_waiting_for_a_writer() {
+    let t = TestRepo::new();
+    let fifo = t.path("pipe");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("run mkfifo");
+    assert!(made.success());
+    let r = t.try_backup(&fifo, &[]).expect_code(1);
+    r.stderr_mentions(&[&fifo.display().to_string(), "fifo"]);
+    assert!(t.snapshot_ids().is_empty());
+}
