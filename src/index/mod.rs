@@ -11,7 +11,7 @@ use crate::format::pack::TrailerEntry;
 use crate::format::snapshot::SnapshotMeta;
 use crate::format::{BlockId, ObjectName};
 
-pub const SCHEMA_VERSION: &str = "1";
+pub const SCHEMA_VERSION: &str = "2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -52,7 +52,35 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS packs(pack_id INTEGER PRIMARY KEY, name BLOB NOT NULL UNIQUE, size_bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks(block_id BLOB PRIMARY KEY, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, stored_length INTEGER NOT NULL, raw_length INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(object BLOB PRIMARY KEY, id TEXT NOT NULL, generation INTEGER NOT NULL, time TEXT NOT NULL, source TEXT NOT NULL, parent TEXT, meta TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS damaged(block_id BLOB NOT NULL, pack_name BLOB NOT NULL, reason TEXT NOT NULL, time TEXT NOT NULL, PRIMARY KEY(block_id, pack_name)) WITHOUT ROWID;
 ";
+
+/// A block row moves to a new copy only when its current copy is damaged
+/// and the new one is not (spec: format-spec/04-catalog.md#damaged).
+const INSERT_BLOCK: &str = "
+INSERT INTO blocks(block_id, pack_id, offset, stored_length, raw_length) VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT(block_id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset,
+    stored_length = excluded.stored_length, raw_length = excluded.raw_length
+WHERE EXISTS (SELECT 1 FROM damaged d JOIN packs p ON p.name = d.pack_name
+              WHERE d.block_id = blocks.block_id AND p.pack_id = blocks.pack_id)
+  AND NOT EXISTS (SELECT 1 FROM damaged d WHERE d.block_id = excluded.block_id AND d.pack_name = ?6)";
+
+/// Whether a block's catalog row names an intact copy.
+const INTACT_BLOCK: &str = "
+SELECT 1 FROM blocks b JOIN packs p ON p.pack_id = b.pack_id WHERE b.block_id = ?1
+AND NOT EXISTS (SELECT 1 FROM damaged d WHERE d.block_id = b.block_id AND d.pack_name = p.name)";
+
+/// A stored copy of a block found damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedCopy {
+    pub block: BlockId,
+    pub pack: ObjectName,
+    pub reason: String,
+    pub time: String,
+    /// Whether the catalog's row for the block still names this copy (no
+    /// intact copy is known).
+    pub current: bool,
+}
 
 impl Catalog {
     /// Opens (creating if needed) the catalog for repository `repo_id`.
@@ -143,7 +171,8 @@ impl Catalog {
         })?;
         tx.execute_batch(
             "DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS packs;
-             DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS snapshots;",
+             DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS snapshots;
+             DROP TABLE IF EXISTS damaged;",
         )
         .and_then(|_| tx.execute_batch(SCHEMA))
         .and_then(|_| {
@@ -160,15 +189,72 @@ impl Catalog {
         Ok(OpenState::Reset)
     }
 
-    /// Empties packs, blocks and snapshots and marks the catalog incomplete
-    /// until [`Catalog::mark_complete`] (so an interrupted rebuild is redone).
-    pub fn clear(&mut self) -> Result<(), IndexError> {
+    /// Starts a rebuild: one write transaction (`BEGIN IMMEDIATE`, so
+    /// concurrent rebuilders queue on it). Returns false, with the
+    /// transaction closed, when `only_if_incomplete` and another process
+    /// completed the catalog while this one waited. Otherwise empties packs,
+    /// blocks and snapshots (never `damaged`) inside the transaction, which
+    /// [`Catalog::finish_rebuild`] or [`Catalog::abort_rebuild`] closes.
+    /// spec: format-spec/04-catalog.md#rebuild
+    pub fn begin_rebuild(&mut self, only_if_incomplete: bool) -> Result<bool, IndexError> {
         self.conn
-            .execute_batch(
-                "BEGIN; DELETE FROM meta WHERE key='complete'; DELETE FROM blocks;
-                 DELETE FROM packs; DELETE FROM snapshots; COMMIT;",
-            )
-            .map_err(|e| self.err(e))
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        let run = |conn: &Connection| -> rusqlite::Result<bool> {
+            if only_if_incomplete {
+                let complete = conn
+                    .query_row("SELECT 1 FROM meta WHERE key='complete'", [], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                if complete {
+                    conn.execute_batch("COMMIT")?;
+                    return Ok(false);
+                }
+            }
+            conn.execute_batch(
+                "DELETE FROM meta WHERE key='complete'; DELETE FROM blocks;
+                 DELETE FROM packs; DELETE FROM snapshots;",
+            )?;
+            Ok(true)
+        };
+        match run(&self.conn) {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                self.abort_rebuild();
+                Err(self.err(e))
+            }
+        }
+    }
+
+    /// Ends a rebuild: drops `damaged` rows of packs no longer present (the
+    /// count is returned), marks the catalog complete and commits.
+    pub fn finish_rebuild(&mut self) -> Result<u64, IndexError> {
+        let run = |conn: &Connection| -> rusqlite::Result<u64> {
+            let gone = conn.execute(
+                "DELETE FROM damaged WHERE pack_name NOT IN (SELECT name FROM packs)",
+                [],
+            )?;
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('complete', '1')",
+                [],
+            )?;
+            conn.execute_batch("COMMIT")?;
+            Ok(gone as u64)
+        };
+        match run(&self.conn) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.abort_rebuild();
+                Err(self.err(e))
+            }
+        }
+    }
+
+    /// Rolls an unfinished rebuild back (the old catalog stays).
+    pub fn abort_rebuild(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
     }
 
     /// Records that the catalog describes every durable pack.
@@ -182,8 +268,9 @@ impl Catalog {
         Ok(())
     }
 
-    /// Records a durable pack and all its blocks in one transaction. A block
-    /// already known keeps its first location.
+    /// Records a durable pack and all its blocks in one transaction (a
+    /// savepoint inside a rebuild's). A block already known keeps its
+    /// location unless that copy is damaged and this one is not.
     pub fn add_pack(
         &mut self,
         name: &ObjectName,
@@ -192,7 +279,7 @@ impl Catalog {
     ) -> Result<(), IndexError> {
         let path = self.path.clone();
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             tx.execute(
                 "INSERT OR IGNORE INTO packs(name, size_bytes) VALUES (?1, ?2)",
                 params![&name.0[..], size_bytes as i64],
@@ -203,17 +290,15 @@ impl Catalog {
                 |r| r.get(0),
             )?;
             {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO blocks(block_id, pack_id, offset, stored_length, raw_length)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
+                let mut stmt = tx.prepare_cached(INSERT_BLOCK)?;
                 for e in entries {
                     stmt.execute(params![
                         &e.block_id.0[..],
                         pack_id,
                         e.offset as i64,
                         e.stored_length,
-                        e.raw_length
+                        e.raw_length,
+                        &name.0[..]
                     ])?;
                 }
             }
@@ -222,11 +307,12 @@ impl Catalog {
         run(&mut self.conn).map_err(|source| IndexError::Sqlite { path, source })
     }
 
-    /// Forgets a pack and every block located in it.
+    /// Forgets a pack and every block located in it. Its `damaged` rows
+    /// stay until [`Catalog::forget_damage_of_pack`] (after the file is gone).
     pub fn remove_pack(&mut self, name: &ObjectName) -> Result<(), IndexError> {
         let path = self.path.clone();
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             tx.execute(
                 "DELETE FROM blocks WHERE pack_id IN (SELECT pack_id FROM packs WHERE name=?1)",
                 [&name.0[..]],
@@ -279,6 +365,88 @@ impl Catalog {
 
     pub fn lookup(&self, id: &BlockId) -> Result<Option<BlockLocation>, IndexError> {
         Ok(self.lookup_many(std::slice::from_ref(id))?.pop().flatten())
+    }
+
+    /// Whether each block has a row naming an intact copy: what
+    /// deduplication may rely on (spec: format-spec/04-catalog.md#damaged).
+    pub fn contains_intact_many(&self, ids: &[BlockId]) -> Result<Vec<bool>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(INTACT_BLOCK)
+            .map_err(|e| self.err(e))?;
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(stmt.exists([&id.0[..]]).map_err(|e| self.err(e))?);
+        }
+        drop(stmt);
+        tx.finish().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// Records that the copy of `block` in `pack` failed verification.
+    /// Idempotent; the first reason is kept.
+    pub fn mark_damaged(
+        &self,
+        block: &BlockId,
+        pack: &ObjectName,
+        reason: &str,
+    ) -> Result<(), IndexError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO damaged(block_id, pack_name, reason, time) VALUES (?1, ?2, ?3, ?4)",
+                params![&block.0[..], &pack.0[..], reason, chrono::Utc::now().to_rfc3339()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every damaged copy recorded.
+    pub fn damaged(&self) -> Result<Vec<DamagedCopy>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT d.block_id, d.pack_name, d.reason, d.time,
+                        EXISTS (SELECT 1 FROM blocks b JOIN packs p ON p.pack_id = b.pack_id
+                                WHERE b.block_id = d.block_id AND p.name = d.pack_name)
+                 FROM damaged d ORDER BY d.pack_name, d.block_id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (block, pack, reason, time, current) = row.map_err(|e| self.err(e))?;
+            let bad = || IndexError::Inconsistent {
+                path: self.path.clone(),
+                reason: "a damaged row is not 32-byte ids".into(),
+            };
+            out.push(DamagedCopy {
+                block: BlockId(block.try_into().map_err(|_| bad())?),
+                pack: ObjectName(pack.try_into().map_err(|_| bad())?),
+                reason,
+                time,
+                current,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes the `damaged` rows of a pack whose file has been removed.
+    pub fn forget_damage_of_pack(&self, pack: &ObjectName) -> Result<(), IndexError> {
+        self.conn
+            .execute("DELETE FROM damaged WHERE pack_name = ?1", [&pack.0[..]])
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Whether each block is known (cheaper than a full lookup).

@@ -271,17 +271,51 @@ impl Repository {
         pack_layout::decode_trailer(&trailer, size, self.config.block_size).map_err(bad)
     }
 
-    /// Rebuilds the catalog from the packs and snapshot objects alone.
-    /// Returns the packs that could not be read (name, reason).
+    /// Rebuilds the catalog from the packs and snapshot objects alone, in
+    /// one SQLite transaction; known damage is kept
+    /// (spec: format-spec/04-catalog.md#rebuild). Returns the packs that
+    /// could not be read (name, reason).
     pub fn rebuild_catalog(
+        &mut self,
+        progress: &dyn crate::progress::Progress,
+    ) -> Result<Vec<(String, String)>, RepoError> {
+        Ok(self
+            .rebuild_catalog_if(false, progress)?
+            .unwrap_or_default())
+    }
+
+    /// The rebuild; with `only_if_incomplete`, nothing is done (None) when
+    /// another process completed the catalog while this one waited.
+    fn rebuild_catalog_if(
+        &mut self,
+        only_if_incomplete: bool,
+        progress: &dyn crate::progress::Progress,
+    ) -> Result<Option<Vec<(String, String)>>, RepoError> {
+        if !self.catalog().begin_rebuild(only_if_incomplete)? {
+            self.sync_snapshots()?;
+            return Ok(None);
+        }
+        let result = self.fill_catalog(progress);
+        let mut catalog = self.catalog();
+        match result {
+            Ok(skipped) => {
+                catalog.finish_rebuild()?;
+                Ok(Some(skipped))
+            }
+            Err(e) => {
+                catalog.abort_rebuild();
+                Err(e)
+            }
+        }
+    }
+
+    fn fill_catalog(
         &mut self,
         progress: &dyn crate::progress::Progress,
     ) -> Result<Vec<(String, String)>, RepoError> {
         let packs = self.backend.list(Kind::Pack)?;
         progress.set_total(packs.len() as u64);
         let mut skipped = Vec::new();
-        let mut catalog = self.catalog.lock().expect("catalog mutex poisoned");
-        catalog.clear()?;
         for (name, size) in packs {
             progress.advance(1);
             let Ok(pack_name) = name.parse::<ObjectName>() else {
@@ -289,14 +323,25 @@ impl Repository {
                 continue;
             };
             match self.read_pack_index(&name, size) {
-                Ok(entries) => catalog.add_pack(&pack_name, size, &entries)?,
+                Ok(entries) => self.catalog().add_pack(&pack_name, size, &entries)?,
                 Err(e) => skipped.push((name, e.to_string())),
             }
         }
-        drop(catalog);
         self.sync_snapshots()?;
-        self.catalog().mark_complete()?;
         Ok(skipped)
+    }
+
+    /// Records that the copy of `block` in `pack` failed verification, so
+    /// no backup deduplicates against it and the next one that reads the
+    /// block stores it again. Every reader that finds a damaged blob calls
+    /// this (spec: format-spec/04-catalog.md#damaged).
+    pub fn mark_damaged(
+        &self,
+        block: &crate::format::BlockId,
+        pack: &ObjectName,
+        reason: &str,
+    ) -> Result<(), RepoError> {
+        Ok(self.catalog().mark_damaged(block, pack, reason)?)
     }
 
     /// Loads a snapshot object, checking its name against its content.

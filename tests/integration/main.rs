@@ -9,6 +9,7 @@ mod changed_blocks;
 mod cli;
 mod corruption;
 mod crash;
+mod healing;
 mod manifest_props;
 mod nbd;
 mod roundtrip;
