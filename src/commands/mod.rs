@@ -5,6 +5,7 @@ mod backup;
 mod check;
 mod demo;
 mod inspect;
+mod repair;
 mod restore;
 mod restore_xen;
 mod serve;
@@ -54,6 +55,7 @@ pub fn run(cli: Cli) -> Result<Outcome> {
         Command::Stats => inspect::stats(&ui, &open(&ui, &repo_path()?)?),
         Command::Unlock(ref a) => inspect::unlock(&ui, &open(&ui, &repo_path()?)?, a),
         Command::Repair(RepairCommand::Index) => check::repair_index(&ui, &repo_path()?),
+        Command::Repair(ref r) => repair::run(&ui, &open(&ui, &repo_path()?)?, r),
         Command::Serve(ref a) => serve::run(&ui, open(&ui, &repo_path()?)?, a),
         Command::Demo(ref a) => demo::run(&ui, a),
         Command::Sim(ref a) => sim::run(&ui, a),

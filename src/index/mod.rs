@@ -323,6 +323,31 @@ impl Catalog {
         run(&mut self.conn).map_err(|source| IndexError::Sqlite { path, source })
     }
 
+    /// Replaces pack `old` by `new` (its salvaged blocks; None when nothing
+    /// was salvaged) in one transaction: the old pack's rows are deleted,
+    /// the new pack's added. Its `damaged` rows stay until the file is gone
+    /// (spec: format-spec/06-ordering.md#repair-packs).
+    pub fn replace_pack(
+        &mut self,
+        old: &ObjectName,
+        new: Option<(&ObjectName, u64, &[TrailerEntry])>,
+    ) -> Result<(), IndexError> {
+        self.conn
+            .execute_batch("SAVEPOINT replace_pack")
+            .map_err(|e| self.err(e))?;
+        let result = self.remove_pack(old).and_then(|()| match new {
+            Some((name, size, entries)) => self.add_pack(name, size, entries),
+            None => Ok(()),
+        });
+        let end = if result.is_ok() {
+            "RELEASE replace_pack"
+        } else {
+            "ROLLBACK TO replace_pack; RELEASE replace_pack"
+        };
+        self.conn.execute_batch(end).map_err(|e| self.err(e))?;
+        result
+    }
+
     fn row_to_location(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<BlockLocation> {
         let name: Vec<u8> = row.get(0)?;
         let name: [u8; 32] = name.try_into().map_err(|_| {

@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod check;
 pub mod lock;
+pub mod repair;
 pub mod restore;
 
 use std::collections::HashMap;
@@ -119,6 +120,8 @@ pub struct Repository {
     pub catalog_rebuilt: bool,
     /// Snapshot objects that could not be read while syncing the catalog.
     pub unreadable_snapshots: Vec<(String, String)>,
+    /// The health of the lock most recently taken through [`Repository::lock`].
+    lock_health: Mutex<Option<Arc<lock::LockHealth>>>,
 }
 
 /// A snapshot object as listed: its object name and metadata.
@@ -200,6 +203,7 @@ impl Repository {
             catalog: Mutex::new(catalog),
             catalog_rebuilt: false,
             unreadable_snapshots: Vec::new(),
+            lock_health: Mutex::new(None),
         };
         if state == OpenState::Reset {
             repo.rebuild_catalog(&crate::progress::NoProgress)?;
@@ -237,7 +241,20 @@ impl Repository {
     }
 
     pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard, RepoError> {
-        Ok(lock::acquire(self.backend.clone(), exclusive, command)?)
+        let guard = lock::acquire(self.backend.clone(), exclusive, command)?;
+        *self.lock_health.lock().expect("lock health") = Some(guard.health());
+        Ok(guard)
+    }
+
+    /// Fails once the lock taken last could not be refreshed for the
+    /// give-up time: called before every step that relies on the lock
+    /// (committing a snapshot, removing an object).
+    /// spec: format-spec/05-locks.md#refresh
+    pub fn ensure_lock_held(&self) -> Result<(), RepoError> {
+        match &*self.lock_health.lock().expect("lock health") {
+            Some(h) => Ok(h.check()?),
+            None => Ok(()),
+        }
     }
 
     /// Reads one pack's footer and trailer (two range reads).
@@ -471,6 +488,7 @@ impl Repository {
     pub fn commit_snapshot(&self, obj: &SnapshotObject) -> Result<ObjectName, RepoError> {
         #[cfg(debug_assertions)]
         test_failpoint("commit_snapshot")?;
+        self.ensure_lock_held()?;
         let bytes = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
         let name = ObjectName::of(&bytes);
         self.backend.save(Kind::Snapshot, &name.to_hex(), &bytes)?;

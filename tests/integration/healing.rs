@@ -123,3 +123,105 @@ fn backup_never_deduplicates_against_a_recorded_damaged_block() {
     assert_eq!(u64_of(&s, "blocks_deduplicated"), 0, "{s}");
     t.assert_restores(&TestRepo::id_of(&s), other.hash(), other.size());
 }
+
+/// The file of snapshot `id`'s live object.
+pub fn object_path(t: &TestRepo, id: &str) -> PathBuf {
+    let object = t
+        .snapshots(&[])
+        .into_iter()
+        .find(|s| s["id"].as_str() == Some(id))
+        .map(|s| str_of(&s, "object").to_string())
+        .unwrap_or_else(|| panic!("{id} listed"));
+    t.repo.join("snapshots").join(object)
+}
+
+#[test]
+fn repair_packs_salvages_the_good_blocks_of_a_damaged_pack() {
+    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(33, 0, 24 * BSU));
+    let old = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let x = img.read_block(7);
+    let pack = damage_block(&t, &x);
+    let in_pack = decode_pack_index(&std::fs::read(&pack).unwrap(), BS as u32)
+        .unwrap()
+        .len() as u64;
+    t.check(true).0.expect_code(3);
+
+    let r = t.run(&[&"--json", &"repair", &"packs"]).ok();
+    let report = r.json();
+    let one = &report.as_array().expect("one entry per pack")[0];
+    assert_eq!(u64_of(one, "blocks_salvaged"), in_pack - 1, "{report}");
+    assert_eq!(
+        one["blocks_dropped"].as_array().unwrap().len(),
+        1,
+        "{report}"
+    );
+    assert!(!pack.exists(), "the damaged pack is removed");
+
+    // Nothing damaged is stored any more; X is simply missing, and check
+    // says which command brings it back.
+    let (check, report) = t.check(true);
+    check.expect_code(3);
+    assert_eq!(affected(&report), BTreeSet::from([old.clone()]), "{report}");
+    assert!(
+        fixes(&report).iter().any(|f| f.contains("backup --full")),
+        "{report}"
+    );
+
+    let s = t.backup(&img.path, &["--full"]);
+    assert_eq!(u64_of(&s, "blocks_new"), 1, "only X is stored again: {s}");
+    t.check(true).0.ok();
+    t.assert_restores(&old, img.hash(), img.size());
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+}
+
+#[test]
+fn repair_snapshots_rewrites_a_snapshot_whose_parent_is_gone() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(34, 0, 8 * BSU));
+    let s1 = TestRepo::id_of(&t.backup(&img.path, &[]));
+    // Every block changes: s2's own entries describe the whole disk.
+    for i in 0..8 {
+        img.write_block(i, &random_block(35, i));
+    }
+    let s2 = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let at_s2 = (img.hash(), img.size());
+    img.write_block(3, &random_block(36, 3));
+    let s3 = TestRepo::id_of(&t.backup(&img.path, &[]));
+    std::fs::remove_file(object_path(&t, &s1)).unwrap();
+
+    let (check, report) = t.check(false);
+    check.expect_code(3);
+    assert_eq!(
+        affected(&report),
+        BTreeSet::from([s2.clone(), s3.clone()]),
+        "{report}"
+    );
+    assert!(
+        fixes(&report)
+            .iter()
+            .any(|f| f.contains("repair snapshots")),
+        "{report}"
+    );
+
+    t.run(&[&"repair", &"snapshots"]).ok();
+    t.check(false).0.ok();
+    t.assert_restores(&s2, at_s2.0, at_s2.1);
+    t.assert_restores(&s3, img.hash(), img.size());
+    let obj = t.cat_snapshot(&s2);
+    assert!(obj.to_string().contains("repaired"), "{obj}");
+}
+
+#[test]
+fn repair_snapshots_reports_a_snapshot_its_own_blocks_cannot_describe() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(37, 0, 8 * BSU));
+    let s1 = TestRepo::id_of(&t.backup(&img.path, &[]));
+    img.write_block(2, &random_block(38, 2));
+    let s2 = TestRepo::id_of(&t.backup(&img.path, &[]));
+    std::fs::remove_file(object_path(&t, &s1)).unwrap();
+    let r = t.run(&[&"repair", &"snapshots"]).expect_code(3);
+    r.stderr_mentions(&[&s2, "cannot be repaired", "backup --full"]);
+    // Nothing was rewritten: the snapshot still fails, loudly.
+    t.restore(&s2, &t.path("out.img"), &[]).expect_code(1);
+}
