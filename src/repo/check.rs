@@ -331,6 +331,13 @@ pub fn run(
         }
     }
 
+    // Two objects claiming one id's live generation: reported, never picked.
+    for dup in repo.duplicate_snapshots()? {
+        if let RepoError::DuplicateSnapshot { id, .. } = &dup {
+            report.error(format!("snapshot {id}"), dup.to_string());
+        }
+    }
+
     // Snapshots: every chain loads, every referenced block is indexed and good.
     for snap in repo.snapshots()? {
         report.snapshots_checked += 1;
@@ -345,7 +352,11 @@ pub fn run(
             Ok(m) => m,
             Err(e) => {
                 report.error(format!("snapshot {id}"), format!("cannot be resolved: {e}"));
-                report.fixed_by(fix::SNAPSHOTS);
+                let parent_missing = matches!(&e, RepoError::InSnapshot { cause, .. }
+                    if matches!(**cause, RepoError::SnapshotNotFound { .. }));
+                if parent_missing {
+                    report.fixed_by(fix::SNAPSHOTS);
+                }
                 report.affected_snapshots.push(affected(e.to_string()));
                 continue;
             }

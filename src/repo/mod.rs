@@ -72,6 +72,16 @@ pub enum RepoError {
         snapshot: SnapshotId,
         cause: Box<RepoError>,
     },
+    /// Two objects claim the same id and generation (spec:
+    /// format-spec/03-snapshot.md#identity): neither is picked.
+    #[error(
+        "snapshot {id}: objects {objects} all claim generation {generation}; refusing to pick one (one is forged or left by a broken writer): inspect them and remove the wrong one from snapshots/"
+    )]
+    DuplicateSnapshot {
+        id: SnapshotId,
+        generation: u32,
+        objects: String,
+    },
     #[error("{0}")]
     Invalid(String),
     #[error("{what}: {source}")]
@@ -403,7 +413,72 @@ impl Repository {
         Ok(())
     }
 
-    /// Live snapshots (highest generation of each id), oldest first.
+    /// Ids whose highest generation is claimed by more than one object,
+    /// each as the error readers return for it
+    /// (spec: format-spec/03-snapshot.md#identity).
+    pub fn duplicate_snapshots(&self) -> Result<Vec<RepoError>, RepoError> {
+        let mut by_id: HashMap<SnapshotId, (u32, Vec<ObjectName>)> = HashMap::new();
+        for (object, meta) in self.catalog().snapshots()? {
+            let e = by_id
+                .entry(meta.id)
+                .or_insert((meta.generation, Vec::new()));
+            if meta.generation > e.0 {
+                *e = (meta.generation, Vec::new());
+            }
+            if meta.generation == e.0 {
+                e.1.push(object);
+            }
+        }
+        let mut out: Vec<(SnapshotId, u32, Vec<ObjectName>)> = by_id
+            .into_iter()
+            .filter(|(_, (_, objects))| objects.len() > 1)
+            .map(|(id, (generation, objects))| (id, generation, objects))
+            .collect();
+        out.sort_by_key(|d| d.0);
+        Ok(out
+            .into_iter()
+            .map(|(id, generation, mut objects)| {
+                objects.sort();
+                RepoError::DuplicateSnapshot {
+                    id,
+                    generation,
+                    objects: objects
+                        .iter()
+                        .map(|o| o.to_hex())
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                }
+            })
+            .collect())
+    }
+
+    /// Fails when the live generation of `id` is claimed by several objects.
+    fn ensure_unique(&self, id: SnapshotId) -> Result<(), RepoError> {
+        let objects: Vec<(ObjectName, u32)> = self
+            .catalog()
+            .snapshots()?
+            .into_iter()
+            .filter(|(_, m)| m.id == id)
+            .map(|(o, m)| (o, m.generation))
+            .collect();
+        let top = objects.iter().map(|o| o.1).max();
+        let at_top: Vec<&(ObjectName, u32)> = objects.iter().filter(|o| Some(o.1) == top).collect();
+        if at_top.len() > 1 {
+            let mut names: Vec<String> = at_top.iter().map(|o| o.0.to_hex()).collect();
+            names.sort();
+            return Err(RepoError::DuplicateSnapshot {
+                id,
+                generation: top.unwrap_or_default(),
+                objects: names.join(" and "),
+            });
+        }
+        Ok(())
+    }
+
+    /// Live snapshots (highest generation of each id), oldest first. An id
+    /// whose live generation is claimed twice is listed once; every read
+    /// of it ([`Repository::find_snapshot`], [`Repository::load_chain`])
+    /// fails with [`RepoError::DuplicateSnapshot`].
     pub fn snapshots(&self) -> Result<Vec<SnapshotEntry>, RepoError> {
         let mut by_id: HashMap<SnapshotId, SnapshotEntry> = HashMap::new();
         for (object, meta) in self.catalog().snapshots()? {
@@ -436,7 +511,11 @@ impl Repository {
             0 => Err(RepoError::SnapshotNotFound {
                 query: query.to_string(),
             }),
-            1 => Ok(matches.into_iter().next().expect("one match")),
+            1 => {
+                let found = matches.into_iter().next().expect("one match");
+                self.ensure_unique(found.meta.id)?;
+                Ok(found)
+            }
             _ => Err(RepoError::AmbiguousSnapshot {
                 query: query.to_string(),
                 candidates: matches
@@ -466,6 +545,7 @@ impl Repository {
             let entry = live
                 .get(&id)
                 .ok_or_else(|| RepoError::SnapshotNotFound { query: id.to_hex() })?;
+            self.ensure_unique(id)?;
             let obj = self.load_snapshot(&entry.object)?;
             next = obj.meta.parent;
             chain.push(obj);

@@ -15,6 +15,7 @@ mod nbd;
 mod roundtrip;
 mod serve;
 mod sim;
+mod trust;
 mod xen_backup;
 mod xen_restore;
 mod xen_util;
