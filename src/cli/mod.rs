@@ -21,6 +21,9 @@ pub struct Cli {
     /// Print only warnings and errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Take no repository lock (reading commands only; as restic's --no-lock).
+    #[arg(long, global = true)]
+    pub no_lock: bool,
     #[command(subcommand)]
     pub command: Command,
 }

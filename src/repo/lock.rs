@@ -163,8 +163,10 @@ pub fn list(backend: &dyn Backend) -> Result<Vec<ListedLock>, BackendError> {
     Ok(out)
 }
 
-/// A held lock; released on drop.
+/// A held lock; released on drop. [`LockGuard::skipped`] holds nothing
+/// (read-only storage, `--no-lock`).
 pub struct LockGuard {
+    held: bool,
     health: Arc<LockHealth>,
     stop: Option<Sender<()>>,
     refresher: Option<JoinHandle<()>>,
@@ -266,6 +268,7 @@ pub fn acquire_with(
         })
     };
     Ok(LockGuard {
+        held: true,
         health,
         stop: Some(stop_tx),
         refresher: Some(refresher),
@@ -290,6 +293,18 @@ fn refresh_fault() -> Result<(), BackendError> {
 }
 
 impl LockGuard {
+    /// A guard for work done without a lock: nothing to refresh or remove.
+    pub fn skipped(backend: Arc<dyn Backend>) -> LockGuard {
+        LockGuard {
+            held: false,
+            health: Arc::new(LockHealth::new(Duration::MAX)),
+            stop: None,
+            refresher: None,
+            backend,
+            current: Arc::new(Mutex::new(String::new())),
+        }
+    }
+
     /// The health of this lock, for work that must stop once it is lost.
     pub fn health(&self) -> Arc<LockHealth> {
         self.health.clone()
@@ -301,6 +316,9 @@ impl Drop for LockGuard {
         drop(self.stop.take());
         if let Some(h) = self.refresher.take() {
             let _ = h.join();
+        }
+        if !self.held {
+            return;
         }
         let name = self.current.lock().expect("lock name").clone();
         let _ = self.backend.remove(Kind::Lock, &name);

@@ -11,6 +11,7 @@ pub mod repair;
 pub mod restore;
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -82,6 +83,10 @@ pub enum RepoError {
         generation: u32,
         objects: String,
     },
+    /// A command that writes or needs the lock, on storage that cannot
+    /// hold one (or with `--no-lock`).
+    #[error("'{command}' needs the repository lock, but {why}")]
+    LockRequired { command: String, why: String },
     #[error("{0}")]
     Invalid(String),
     #[error("{what}: {source}")]
@@ -120,6 +125,13 @@ impl Default for InitOptions {
     }
 }
 
+/// How to open a repository.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Take no lock (restic's `--no-lock`): reading commands only.
+    pub no_lock: bool,
+}
+
 /// An open repository.
 pub struct Repository {
     backend: Arc<dyn Backend>,
@@ -132,6 +144,61 @@ pub struct Repository {
     pub unreadable_snapshots: Vec<(String, String)>,
     /// The health of the lock most recently taken through [`Repository::lock`].
     lock_health: Mutex<Option<Arc<lock::LockHealth>>>,
+    /// The storage refuses writes: no locks, catalog in a cache folder.
+    read_only: bool,
+    no_lock: bool,
+    catalog_path: PathBuf,
+    /// The private cache folder holding the catalog, removed on drop.
+    cache_dir: Option<PathBuf>,
+}
+
+impl Drop for Repository {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.cache_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Where a repository on read-only storage keeps its catalog:
+/// `$CBTVAULT_CACHE_DIR`, else `$XDG_CACHE_HOME/cbtvault`, else
+/// `~/.cache/cbtvault`, else the temporary folder; one private folder per
+/// process (spec: format-spec/04-catalog.md#read-only).
+fn private_cache_dir(repo_id: &str) -> PathBuf {
+    let base = std::env::var_os("CBTVAULT_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("cbtvault")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/cbtvault")))
+        .unwrap_or_else(|| std::env::temp_dir().join("cbtvault-cache"));
+    base.join(repo_id).join(format!(
+        "{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ))
+}
+
+/// Copies the repository's catalog (and its write-ahead log) into `dir`,
+/// when there is one; returns the copy's path.
+fn copy_catalog(root: &Path, dir: &Path) -> Result<PathBuf, RepoError> {
+    let io = |what: String| move |source| RepoError::Io { what, source };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("create cache folder '{}'", dir.display())))?;
+    let dest = dir.join(CATALOG_FILE);
+    for suffix in ["", "-wal"] {
+        let mut from = root.join(CATALOG_FILE).into_os_string();
+        from.push(suffix);
+        let mut to = dest.clone().into_os_string();
+        to.push(suffix);
+        match std::fs::copy(&from, &to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("copy the catalog into '{}'", dir.display()))(e)),
+        }
+    }
+    Ok(dest)
 }
 
 /// A snapshot object as listed: its object name and metadata.
@@ -192,6 +259,13 @@ impl Repository {
     /// Opens a repository; rebuilds the catalog when it is missing or stale
     /// and brings its snapshot table up to date with `snapshots/`.
     pub fn open(path: &Path) -> Result<Repository, RepoError> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// [`Repository::open`] with options. On storage that refuses writes
+    /// the catalog is copied into (or rebuilt in) a private cache folder
+    /// and no lock is taken (spec: format-spec/04-catalog.md#read-only).
+    pub fn open_with(path: &Path, options: &OpenOptions) -> Result<Repository, RepoError> {
         let backend = LocalBackend::new(path);
         let bytes = match backend.load(Kind::Config, "config") {
             Ok(b) => b,
@@ -204,7 +278,13 @@ impl Repository {
         };
         let config =
             config::decode(&bytes).map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
-        let catalog_path = path.join(CATALOG_FILE);
+        let read_only = !backend.probe_writable();
+        let (catalog_path, cache_dir) = if read_only {
+            let dir = private_cache_dir(&config.id);
+            (copy_catalog(path, &dir)?, Some(dir))
+        } else {
+            (path.join(CATALOG_FILE), None)
+        };
         let (catalog, state) = Catalog::open(&catalog_path, &config.id)?;
         let mut repo = Repository {
             backend: Arc::new(backend),
@@ -214,10 +294,22 @@ impl Repository {
             catalog_rebuilt: false,
             unreadable_snapshots: Vec::new(),
             lock_health: Mutex::new(None),
+            read_only,
+            no_lock: options.no_lock,
+            catalog_path,
+            cache_dir,
         };
         if state == OpenState::Reset {
-            repo.rebuild_catalog(&crate::progress::NoProgress)?;
-            repo.catalog_rebuilt = true;
+            // Under a shared lock, one transaction; a process that waited
+            // for another's rebuild finds the catalog complete and skips it
+            // (spec: format-spec/04-catalog.md#rebuild).
+            let _lock = repo.lock(false, "catalog rebuild")?;
+            if repo
+                .rebuild_catalog_if(true, &crate::progress::NoProgress)?
+                .is_some()
+            {
+                repo.catalog_rebuilt = true;
+            }
         } else {
             repo.sync_snapshots()?;
         }
@@ -247,10 +339,41 @@ impl Repository {
 
     /// A new connection to the catalog, for another thread.
     pub fn open_catalog(&self) -> Result<Catalog, RepoError> {
-        Ok(Catalog::open(&self.root.join(CATALOG_FILE), &self.config.id)?.0)
+        Ok(Catalog::open(&self.catalog_path, &self.config.id)?.0)
     }
 
+    /// Whether the storage refuses writes (then no lock is taken and the
+    /// catalog lives in [`Repository::catalog_path`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether locks are skipped (read-only storage or `--no-lock`).
+    pub fn locks_skipped(&self) -> bool {
+        self.read_only || self.no_lock
+    }
+
+    pub fn catalog_path(&self) -> &Path {
+        &self.catalog_path
+    }
+
+    /// Takes a shared or exclusive lock (spec: format-spec/05-locks.md).
+    /// On read-only storage or with `--no-lock` a shared lock is skipped
+    /// (the command only reads); an exclusive one, and `backup`, fail.
     pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard, RepoError> {
+        if self.locks_skipped() {
+            if exclusive || command == "backup" {
+                return Err(RepoError::LockRequired {
+                    command: command.to_string(),
+                    why: if self.read_only {
+                        format!("'{}' is on read-only storage", self.location())
+                    } else {
+                        "--no-lock was given; run it without --no-lock".to_string()
+                    },
+                });
+            }
+            return Ok(LockGuard::skipped(self.backend.clone()));
+        }
         let guard = lock::acquire(self.backend.clone(), exclusive, command)?;
         *self.lock_health.lock().expect("lock health") = Some(guard.health());
         Ok(guard)

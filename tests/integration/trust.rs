@@ -107,3 +107,128 @@ pub fn with_read_only(dir: &Path, f: impl FnOnce()) -> bool {
     }
     true
 }
+
+/// Restores `id` into a file outside the repository and compares it.
+#[track_caller]
+fn assert_restores_with(t: &TestRepo, id: &str, img_hash: blake3::Hash, envs: &[(&str, &str)]) {
+    let target = t.path(&format!("ro-{}.img", rand::random::<u32>()));
+    t.run_env(&[&"restore", &id, &"--target", &target], envs)
+        .ok();
+    assert_eq!(hash_file(&target), img_hash, "restored content differs");
+    std::fs::remove_file(&target).unwrap();
+}
+
+/// Serves `id` on a unix socket outside the repository and copies the
+/// export with qemu-img; the copy must hold the image.
+fn assert_serves(t: &TestRepo, id: &str, img: &Image, envs: &[(&str, &str)]) {
+    use std::io::BufRead;
+    let sock = t.path(&format!("ro-{}.sock", rand::random::<u32>()));
+    let mut child = std::process::Command::new(bin())
+        .arg("-r")
+        .arg(&t.repo)
+        .args(["--json", "serve", id, "--socket"])
+        .arg(&sock)
+        .envs(envs.iter().copied())
+        .env_remove("CBTVAULT_REPOSITORY")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let copy = t.path("served.raw");
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(format!("nbd+unix:///{id}?socket={}", sock.display()))
+        .arg(&copy)
+        .status();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        st.unwrap().success(),
+        "qemu-img read the export; serve said: {line}"
+    );
+    let got = std::fs::read(&copy).unwrap();
+    assert_eq!(&got[..img.size() as usize], &img.bytes()[..]);
+    std::fs::remove_file(&copy).unwrap();
+}
+
+fn read_only_repository_serves_every_reader(drop_catalog: bool) {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(41, 0, 12 * BSU));
+    t.backup(&img.path, &[]);
+    img.write_block(4, &random_block(42, 4));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    if drop_catalog {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(t.repo.join(format!("catalog.sqlite{suffix}")));
+        }
+    }
+    let cache = t.path("cache");
+    let cache_s = cache.to_str().unwrap().to_string();
+    let envs = [("CBTVAULT_CACHE_DIR", cache_s.as_str())];
+    let before = t.files_under("");
+    let ran = with_read_only(&t.repo.clone(), || {
+        let r = t.run_env(&[&"--json", &"snapshots"], &envs).ok();
+        r.stderr_mentions(&["read-only"]);
+        assert_eq!(r.json().as_array().unwrap().len(), 2);
+        t.run_env(&[&"check", &"--read-data"], &envs).ok();
+        assert_restores_with(&t, &id, img.hash(), &envs);
+        assert_serves(&t, &id, &img, &envs);
+        // Writers refuse, naming why.
+        t.run_env(&[&"repair", &"tmp"], &envs)
+            .expect_code(1)
+            .stderr_mentions(&["lock", "read-only"]);
+        t.run_env(&[&"backup", &img.path], &envs)
+            .expect_code(1)
+            .stderr_mentions(&["read-only"]);
+    });
+    if ran {
+        assert_eq!(
+            t.files_under(""),
+            before,
+            "nothing was written to the repository"
+        );
+    }
+}
+
+#[test]
+fn read_only_repository_lists_checks_restores_and_serves() {
+    read_only_repository_serves_every_reader(false);
+}
+
+#[test]
+fn read_only_repository_without_a_catalog_rebuilds_it_in_the_cache() {
+    read_only_repository_serves_every_reader(true);
+}
+
+/// A live exclusive lock (this test process holds it) stops restore;
+/// `--no-lock` reads anyway and says so; writers refuse `--no-lock`.
+#[test]
+fn no_lock_reads_beside_a_live_exclusive_lock() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(43, 0, 4 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let lock = format!(
+        r#"{{"exclusive":true,"hostname":"{}","pid":{},"time":"{}","command":"prune"}}"#,
+        host.trim(),
+        std::process::id(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    std::fs::write(t.repo.join("locks").join("ab".repeat(32)), lock).unwrap();
+    t.restore(&id, &t.path("x.img"), &[])
+        .expect_code(1)
+        .stderr_mentions(&["locked"]);
+    let target = t.path("y.img");
+    t.run(&[&"--no-lock", &"restore", &id, &"--target", &target])
+        .ok()
+        .stderr_mentions(&["--no-lock"]);
+    assert_eq!(hash_file(&target), img.hash());
+    t.run(&[&"--no-lock", &"repair", &"tmp"])
+        .expect_code(1)
+        .stderr_mentions(&["needs the repository lock"]);
+}
