@@ -22,6 +22,12 @@ pub enum IndexError {
     },
     #[error("catalog '{path}': {reason}; run 'cbtvault repair index'")]
     Inconsistent { path: String, reason: String },
+    #[error("catalog '{path}': {what}: {source}")]
+    Io {
+        path: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Where a block is stored.
@@ -113,6 +119,25 @@ impl Catalog {
             path: shown.clone(),
             source,
         };
+        // SQLite gives its -wal and -shm files the database file's mode:
+        // created 0600 here, the whole catalog stays private.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+            if let Err(e) = created {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(IndexError::Io {
+                        path: shown.clone(),
+                        what: "create",
+                        source: e,
+                    });
+                }
+            }
+        }
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
         conn.pragma_update(None, "journal_mode", "WAL")

@@ -232,3 +232,99 @@ fn no_lock_reads_beside_a_live_exclusive_lock() {
         .expect_code(1)
         .stderr_mentions(&["needs the repository lock"]);
 }
+
+/// Copies `from` to `to` with `cp -r`, then deletes every empty folder of
+/// the copy (as a copy to a store without folders, or an archiver, would).
+fn copy_without_empty_folders(from: &Path, to: &Path) {
+    let st = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = std::process::Command::new("find")
+        .arg(to)
+        .args(["-mindepth", "1", "-type", "d", "-empty", "-delete"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for gone in ["tmp", "locks", "data/00"] {
+        assert!(!to.join(gone).exists(), "{gone} still in the copy");
+    }
+}
+
+#[test]
+fn copy_without_empty_folders_backs_up_and_restores() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(44, 0, 10 * BSU));
+    let first = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let at_first = img.hash();
+    let copy = t.path("copy");
+    copy_without_empty_folders(&t.repo, &copy);
+    let c = |args: &[&dyn AsRef<std::ffi::OsStr>]| {
+        let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"-r", &copy];
+        all.extend_from_slice(args);
+        run_in(t.root(), &all)
+    };
+    // Restore first: it needs locks/ and tmp/.
+    let target = t.path("first.img");
+    c(&[&"restore", &first, &"--target", &target]).ok();
+    assert_eq!(hash_file(&target), at_first);
+    // A backup writes new packs into data/XX folders that are gone.
+    for i in 0..10 {
+        img.write_block(i, &random_block(45, i));
+    }
+    let second = c(&[&"--json", &"backup", &img.path, &"--full"]).ok().json();
+    let second = TestRepo::id_of(&second);
+    let target = t.path("second.img");
+    c(&[&"restore", &second, &"--target", &target]).ok();
+    assert_eq!(hash_file(&target), img.hash());
+    c(&[&"check", &"--read-data"]).ok();
+}
+
+/// Under umask 022 every folder the repository gets is 0700 and every
+/// file 0600 (config, packs, snapshots, locks, the catalog and its WAL).
+#[test]
+fn repository_is_private_under_a_loose_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let img = Image::from_bytes(&dir.path().join("disk.img"), &random_bytes(46, 0, 4 * BSU));
+    let sh = |cmd: String| {
+        let st = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("umask 022; {cmd}"))
+            .env_remove("CBTVAULT_REPOSITORY")
+            .status()
+            .unwrap();
+        assert!(st.success(), "{cmd}");
+    };
+    let b = bin();
+    sh(format!("'{b}' -r '{}' init", repo.display()));
+    sh(format!(
+        "'{b}' -r '{}' backup '{}'",
+        repo.display(),
+        img.path.display()
+    ));
+    // A lock object too: a check that runs while we look.
+    sh(format!("'{b}' -r '{}' check", repo.display()));
+    let mut seen = 0;
+    fn walk(p: &Path, seen: &mut u32) {
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            let mode = e.metadata().unwrap().permissions().mode() & 0o777;
+            if e.file_type().unwrap().is_dir() {
+                assert_eq!(mode, 0o700, "{}", e.path().display());
+                walk(&e.path(), seen);
+            } else {
+                assert_eq!(mode, 0o600, "{}", e.path().display());
+                *seen += 1;
+            }
+        }
+    }
+    let mode = std::fs::metadata(&repo).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    walk(&repo, &mut seen);
+    assert!(seen >= 4, "config, a pack, a snapshot and the catalog");
+}
