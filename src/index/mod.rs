@@ -140,8 +140,20 @@ impl Catalog {
         }
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
+        // Switching a new file to WAL needs a moment alone with it; SQLite
+        // does not wait for that, so processes opening it together retry.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.map_err(sql)?,
+            }
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
         let mut cat = Catalog { conn, path: shown };
@@ -156,7 +168,52 @@ impl Catalog {
         }
     }
 
+    /// Checks the schema; resets the catalog when it is missing or of
+    /// another version or repository. A reset happens inside a write
+    /// transaction that re-reads the schema first, so processes opening a
+    /// missing catalog together create it once (the first) and see it.
     fn ensure_schema(&mut self, repo_id: &str) -> Result<OpenState, IndexError> {
+        if let Some(state) = self.schema_state(repo_id)? {
+            return Ok(state);
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        let result = (|| {
+            if let Some(state) = self.schema_state(repo_id)? {
+                return Ok(state);
+            }
+            self.conn
+                .execute_batch(
+                    "DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS packs;
+                     DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS snapshots;
+                     DROP TABLE IF EXISTS damaged;",
+                )
+                .and_then(|_| self.conn.execute_batch(SCHEMA))
+                .and_then(|_| {
+                    self.conn.execute(
+                        "INSERT INTO meta(key, value) VALUES ('schema_version', ?1), ('repository_id', ?2)",
+                        params![SCHEMA_VERSION, repo_id],
+                    )
+                })
+                .map_err(|e| self.err(e))?;
+            Ok(OpenState::Reset)
+        })();
+        match result {
+            Ok(state) => {
+                self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))?;
+                Ok(state)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// The state of a catalog of this schema and repository; None when it
+    /// must be reset.
+    fn schema_state(&self, repo_id: &str) -> Result<Option<OpenState>, IndexError> {
         let has_meta: bool = self
             .conn
             .query_row(
@@ -184,34 +241,13 @@ impl Catalog {
         };
         if version.as_deref() == Some(SCHEMA_VERSION) && id.as_deref() == Some(repo_id) {
             // A rebuild that was interrupted left no 'complete' row.
-            return Ok(if complete.is_some() {
+            return Ok(Some(if complete.is_some() {
                 OpenState::Current
             } else {
                 OpenState::Reset
-            });
+            }));
         }
-        let tx = self.conn.transaction().map_err(|e| IndexError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        tx.execute_batch(
-            "DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS packs;
-             DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS snapshots;
-             DROP TABLE IF EXISTS damaged;",
-        )
-        .and_then(|_| tx.execute_batch(SCHEMA))
-        .and_then(|_| {
-            tx.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema_version', ?1), ('repository_id', ?2)",
-                params![SCHEMA_VERSION, repo_id],
-            )
-        })
-        .and_then(|_| tx.commit())
-        .map_err(|e| IndexError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        Ok(OpenState::Reset)
+        Ok(None)
     }
 
     /// Starts a rebuild: one write transaction (`BEGIN IMMEDIATE`, so

@@ -691,12 +691,30 @@ impl Repository {
     pub fn commit_snapshot(&self, obj: &SnapshotObject) -> Result<ObjectName, RepoError> {
         #[cfg(debug_assertions)]
         test_failpoint("commit_snapshot")?;
+        #[cfg(debug_assertions)]
+        test_delay("commit_snapshot");
         self.ensure_lock_held()?;
         let bytes = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
         let name = ObjectName::of(&bytes);
         self.backend.save(Kind::Snapshot, &name.to_hex(), &bytes)?;
         self.catalog().upsert_snapshot(&name, &obj.meta)?;
         Ok(name)
+    }
+}
+
+/// Test hook, debug builds only: `CBTVAULT_TEST_DELAY=NAME:MS` sleeps MS
+/// milliseconds at point NAME (e.g. to let a lock go stale before a commit).
+#[cfg(debug_assertions)]
+pub(crate) fn test_delay(name: &str) {
+    let Ok(spec) = std::env::var("CBTVAULT_TEST_DELAY") else {
+        return;
+    };
+    if let Some((point, ms)) = spec.split_once(':') {
+        if point == name {
+            if let Ok(ms) = ms.parse() {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
     }
 }
 

@@ -328,3 +328,71 @@ fn repository_is_private_under_a_loose_umask() {
     walk(&repo, &mut seen);
     assert!(seen >= 4, "config, a pack, a snapshot and the catalog");
 }
+
+/// A backup whose lock cannot be refreshed stops before it commits once
+/// the give-up time has passed (test timing: refresh every 50 ms, give up
+/// after 300 ms; the commit waits 800 ms), and leaves a repository that
+/// the next backup and check accept.
+#[test]
+fn failed_lock_refresh_stops_the_backup_before_it_commits() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(47, 0, 6 * BSU));
+    let r = t.run_env(
+        &[&"backup", &img.path],
+        &[
+            ("CBTVAULT_TEST_LOCK_TIMING", "50,300"),
+            ("CBTVAULT_TEST_LOCK_REFRESH_FAILS", "1"),
+            ("CBTVAULT_TEST_DELAY", "commit_snapshot:800"),
+        ],
+    );
+    r.expect_code(1)
+        .stderr_mentions(&["lock lost", "no space left"]);
+    assert!(t.snapshot_ids().is_empty(), "nothing committed");
+    // The same timing with refreshes working commits.
+    let r = t.run_env(
+        &[&"--json", &"backup", &img.path],
+        &[
+            ("CBTVAULT_TEST_LOCK_TIMING", "50,300"),
+            ("CBTVAULT_TEST_DELAY", "commit_snapshot:800"),
+        ],
+    );
+    let id = TestRepo::id_of(&r.ok().json());
+    t.assert_restores(&id, img.hash(), img.size());
+    t.check(true).0.ok();
+}
+
+/// Commands started together on a repository without a catalog: one
+/// rebuilds it under the lock in one transaction, the others wait and use
+/// it; none fails with "database is locked".
+#[test]
+fn commands_started_together_share_one_catalog_rebuild() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(48, 0, 6 * BSU));
+    t.backup(&img.path, &[]);
+    img.write_block(1, &random_block(49, 1));
+    t.backup(&img.path, &[]);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(t.repo.join(format!("catalog.sqlite{suffix}")));
+    }
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(bin())
+                .arg("-r")
+                .arg(&t.repo)
+                .args(["--json", "snapshots"])
+                .env_remove("CBTVAULT_REPOSITORY")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v.as_array().unwrap().len(), 2, "{v}");
+    }
+    t.check(false).0.ok();
+}
