@@ -396,3 +396,90 @@ fn commands_started_together_share_one_catalog_rebuild() {
     }
     t.check(false).0.ok();
 }
+
+fn live_lock(t: &TestRepo, exclusive: bool) -> std::path::PathBuf {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let lock = format!(
+        r#"{{"exclusive":{exclusive},"hostname":"{}","pid":{},"time":"{}","command":"backup"}}"#,
+        host.trim(),
+        std::process::id(),
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+    let path = t.repo.join("locks").join("cd".repeat(32));
+    std::fs::write(&path, lock).unwrap();
+    path
+}
+
+/// A backup that failed after writing its packs (failpoint before the
+/// commit) and files left in tmp/ by killed writers: `repair tmp` removes
+/// the old files only, `repair packs --unreferenced` the failed backup's
+/// packs only, and neither runs beside a live backup's lock.
+#[test]
+fn garbage_of_failed_backups_is_reclaimed_and_never_a_live_backups() {
+    let t = TestRepo::new();
+    let a = Image::from_bytes(&t.path("a.img"), &random_bytes(50, 0, 6 * BSU));
+    let a1 = TestRepo::id_of(&t.backup(&a.path, &[]));
+    let packs_of_a = t.packs();
+    let b = Image::from_bytes(&t.path("b.img"), &random_bytes(51, 0, 5 * BSU));
+    t.run_env(
+        &[&"backup", &b.path],
+        &[("CBTVAULT_TEST_FAILPOINT", "commit_snapshot:1")],
+    )
+    .expect_code(1);
+    let orphans: Vec<_> = t
+        .packs()
+        .into_iter()
+        .filter(|p| !packs_of_a.contains(p))
+        .collect();
+    assert!(!orphans.is_empty(), "the failed backup left packs");
+    let old = t.repo.join("tmp").join("0123.tmp");
+    let fresh = t.repo.join("tmp").join("4567.tmp");
+    std::fs::write(&old, vec![7u8; 1 << 20]).unwrap();
+    std::fs::write(&fresh, b"being written").unwrap();
+    let st = std::process::Command::new("touch")
+        .args(["-d", "1 hour ago"])
+        .arg(&old)
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    let (check, report) = t.check(false);
+    check.ok();
+    assert!(
+        crate::healing::fixes(&report).contains("cbtvault repair tmp"),
+        "{report}"
+    );
+
+    // A live backup's lock: nothing is removed.
+    let lock = live_lock(&t, false);
+    for args in [
+        &["repair", "tmp"][..],
+        &["repair", "packs", "--unreferenced"],
+    ] {
+        let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = Vec::new();
+        for a in args {
+            all.push(a);
+        }
+        t.run(&all).expect_code(1).stderr_mentions(&["locked"]);
+    }
+    assert!(old.exists() && orphans.iter().all(|p| p.exists()));
+    std::fs::remove_file(lock).unwrap();
+
+    t.run(&[&"repair", &"tmp"]).ok();
+    assert!(!old.exists(), "an old tmp file is garbage");
+    assert!(fresh.exists(), "a fresh tmp file may belong to a writer");
+
+    let r = t
+        .run(&[&"--json", &"repair", &"packs", &"--unreferenced"])
+        .ok();
+    let removed = r.json()["packs_removed"].as_array().unwrap().len();
+    assert_eq!(removed, orphans.len());
+    assert!(orphans.iter().all(|p| !p.exists()));
+    assert!(packs_of_a.iter().all(|p| p.exists()));
+    t.assert_restores(&a1, a.hash(), a.size());
+    t.check(true).0.ok();
+    // The removed blocks are not deduplicated against: B is stored anew.
+    let s = t.backup(&b.path, &[]);
+    assert_eq!(u64_of(&s, "blocks_new"), 5, "{s}");
+    t.assert_restores(&TestRepo::id_of(&s), b.hash(), b.size());
+}
