@@ -102,6 +102,11 @@ pub(crate) fn open_with(
             "--no-lock: no lock is taken (a concurrent prune could remove what this command reads)",
         );
     }
+    if let Some(why) = &repo.catalog_incomplete {
+        ui.warn(format!(
+            "the catalog is missing and could not be rebuilt now: {why}"
+        ));
+    }
     if repo.catalog_rebuilt {
         ui.warn("the catalog was missing or out of date and has been rebuilt from the packs");
     }

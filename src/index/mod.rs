@@ -686,3 +686,87 @@ impl Catalog {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(block: u8, offset: u64) -> TrailerEntry {
+        TrailerEntry {
+            block_id: BlockId([block; 32]),
+            offset,
+            stored_length: 10,
+            raw_length: 20,
+        }
+    }
+
+    fn catalog(dir: &tempfile::TempDir) -> Catalog {
+        Catalog::open(&dir.path().join("c.sqlite"), "repo")
+            .unwrap()
+            .0
+    }
+
+    const P1: ObjectName = ObjectName([1; 32]);
+    const P2: ObjectName = ObjectName([2; 32]);
+    const P3: ObjectName = ObjectName([3; 32]);
+
+    #[test]
+    fn a_damaged_copy_is_replaced_by_an_intact_one_and_never_the_reverse() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = catalog(&dir);
+        let x = BlockId([9; 32]);
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        assert_eq!(c.contains_intact_many(&[x]).unwrap(), vec![true]);
+        c.mark_damaged(&x, &P1, "flipped").unwrap();
+        assert_eq!(c.contains_intact_many(&[x]).unwrap(), vec![false]);
+        // Still located (readers fail loudly on it), but not for dedup.
+        assert_eq!(c.lookup(&x).unwrap().unwrap().pack, P1);
+        // A pack whose copy is damaged too does not take the row.
+        c.mark_damaged(&x, &P2, "also bad").unwrap();
+        c.add_pack(&P2, 100, &[entry(9, 8)]).unwrap();
+        assert_eq!(c.lookup(&x).unwrap().unwrap().pack, P1);
+        // An intact copy does, and keeps it.
+        c.add_pack(&P3, 100, &[entry(9, 40)]).unwrap();
+        assert_eq!(c.lookup(&x).unwrap().unwrap().pack, P3);
+        assert_eq!(c.contains_intact_many(&[x]).unwrap(), vec![true]);
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        assert_eq!(c.lookup(&x).unwrap().unwrap().pack, P3);
+        let damaged = c.damaged().unwrap();
+        assert_eq!(damaged.len(), 2);
+        assert!(damaged.iter().all(|d| !d.current));
+    }
+
+    #[test]
+    fn a_rebuild_keeps_damage_of_present_packs_and_drops_that_of_gone_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = catalog(&dir);
+        let x = BlockId([9; 32]);
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        c.mark_damaged(&x, &P1, "flipped").unwrap();
+        c.mark_damaged(&x, &P2, "pack since removed").unwrap();
+        assert!(c.begin_rebuild(false).unwrap());
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        assert_eq!(c.finish_rebuild().unwrap(), 1);
+        let damaged = c.damaged().unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].pack, P1);
+        assert!(damaged[0].current);
+        assert_eq!(c.contains_intact_many(&[x]).unwrap(), vec![false]);
+        // A rebuild that only runs when incomplete does nothing now.
+        assert!(!c.begin_rebuild(true).unwrap());
+        assert!(c.conn.is_autocommit());
+    }
+
+    #[test]
+    fn an_aborted_rebuild_leaves_the_old_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = catalog(&dir);
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        c.mark_complete().unwrap();
+        assert!(c.begin_rebuild(false).unwrap());
+        assert!(c.packs().unwrap().is_empty());
+        c.abort_rebuild();
+        assert_eq!(c.packs().unwrap().len(), 1);
+        assert!(!c.begin_rebuild(true).unwrap(), "still complete");
+    }
+}

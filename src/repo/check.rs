@@ -321,14 +321,17 @@ pub fn run(
         let e = damaged_by_pack.entry(d.pack).or_insert((0, why));
         e.0 += 1;
     }
-    if read_data.is_none() {
-        for (pack, (n, first)) in damaged_by_pack {
-            report.error(
-                format!("pack {}", pack.to_hex()),
-                format!("{n} damaged blocks recorded in the catalog, first: {first}"),
-            );
-            report.fixed_by(fix::PACKS);
+    for (pack, (n, first)) in damaged_by_pack {
+        let object = format!("pack {}", pack.to_hex());
+        // Not said twice for a pack this run has just read.
+        if report.problems.iter().any(|p| p.object == object) {
+            continue;
         }
+        report.error(
+            object,
+            format!("{n} damaged blocks recorded in the catalog, first: {first}"),
+        );
+        report.fixed_by(fix::PACKS);
     }
 
     // Two objects claiming one id's live generation: reported, never picked.

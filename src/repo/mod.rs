@@ -142,6 +142,9 @@ pub struct Repository {
     pub catalog_rebuilt: bool,
     /// Snapshot objects that could not be read while syncing the catalog.
     pub unreadable_snapshots: Vec<(String, String)>,
+    /// Why the catalog could not be rebuilt on open (it lists snapshots
+    /// but not blocks), when it could not.
+    pub catalog_incomplete: Option<String>,
     /// The health of the lock most recently taken through [`Repository::lock`].
     lock_health: Mutex<Option<Arc<lock::LockHealth>>>,
     /// The storage refuses writes: no locks, catalog in a cache folder.
@@ -293,6 +296,7 @@ impl Repository {
             catalog: Mutex::new(catalog),
             catalog_rebuilt: false,
             unreadable_snapshots: Vec::new(),
+            catalog_incomplete: None,
             lock_health: Mutex::new(None),
             read_only,
             no_lock: options.no_lock,
@@ -303,12 +307,24 @@ impl Repository {
             // Under a shared lock, one transaction; a process that waited
             // for another's rebuild finds the catalog complete and skips it
             // (spec: format-spec/04-catalog.md#rebuild).
-            let _lock = repo.lock(false, "catalog rebuild")?;
-            if repo
-                .rebuild_catalog_if(true, &crate::progress::NoProgress)?
-                .is_some()
-            {
-                repo.catalog_rebuilt = true;
+            match repo.lock(false, "catalog rebuild") {
+                Ok(_lock) => {
+                    if repo
+                        .rebuild_catalog_if(true, &crate::progress::NoProgress)?
+                        .is_some()
+                    {
+                        repo.catalog_rebuilt = true;
+                    }
+                }
+                // An exclusive holder (or an unreadable lock) stops the
+                // rebuild, not lock-free commands such as `unlock`: the
+                // catalog stays incomplete (rebuilt by the next open), and
+                // any command that locks fails on the same conflict.
+                Err(RepoError::Lock(e @ LockError::Conflict { .. })) => {
+                    repo.catalog_incomplete = Some(e.to_string());
+                    repo.sync_snapshots()?;
+                }
+                Err(e) => return Err(e),
             }
         } else {
             repo.sync_snapshots()?;

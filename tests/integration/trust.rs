@@ -483,3 +483,22 @@ fn garbage_of_failed_backups_is_reclaimed_and_never_a_live_backups() {
     assert_eq!(u64_of(&s, "blocks_new"), 5, "{s}");
     t.assert_restores(&TestRepo::id_of(&s), b.hash(), b.size());
 }
+
+/// An unreadable lock object counts as a live exclusive lock; with the
+/// catalog missing too, `unlock` must still open the repository and
+/// remove it, after which everything works again.
+#[test]
+fn unreadable_lock_and_missing_catalog_unlock_still_runs() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(52, 0, 3 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    std::fs::write(t.repo.join("locks").join("ef".repeat(32)), b"garbage").unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(t.repo.join(format!("catalog.sqlite{suffix}")));
+    }
+    t.restore(&id, &t.path("x.img"), &[])
+        .expect_code(1)
+        .stderr_mentions(&["unreadable lock"]);
+    t.run(&[&"unlock"]).ok();
+    t.assert_restores(&id, img.hash(), img.size());
+}
