@@ -308,11 +308,12 @@ impl Repository {
             // for another's rebuild finds the catalog complete and skips it
             // (spec: format-spec/04-catalog.md#rebuild).
             match repo.lock(false, "catalog rebuild") {
-                Ok(_lock) => {
-                    if repo
-                        .rebuild_catalog_if(true, &crate::progress::NoProgress)?
-                        .is_some()
-                    {
+                Ok(lock) => {
+                    let rebuilt = repo.rebuild_catalog_if(true, &crate::progress::NoProgress);
+                    drop(lock);
+                    // Released: the command's own lock is the one to watch.
+                    *repo.lock_health.lock().expect("lock health") = None;
+                    if rebuilt?.is_some() {
                         repo.catalog_rebuilt = true;
                     }
                 }
@@ -495,6 +496,74 @@ impl Repository {
         }
         self.sync_snapshots()?;
         Ok(skipped)
+    }
+
+    /// Every stored copy of `block` not recorded as damaged, found by
+    /// reading every pack's trailer (the catalog names one copy only): for
+    /// a reader whose copy failed verification, to try before failing
+    /// (spec: format-spec/06-ordering.md#reading). Costly; failure path only.
+    pub fn intact_copies(
+        &self,
+        block: &crate::format::BlockId,
+    ) -> Result<Vec<(crate::index::BlockLocation, u64)>, RepoError> {
+        let damaged: std::collections::HashSet<ObjectName> = self
+            .catalog()
+            .damaged()?
+            .into_iter()
+            .filter(|d| d.block == *block)
+            .map(|d| d.pack)
+            .collect();
+        let mut out = Vec::new();
+        for (name, size) in self.backend.list(Kind::Pack)? {
+            let Ok(pack) = name.parse::<ObjectName>() else {
+                continue;
+            };
+            if damaged.contains(&pack) {
+                continue;
+            }
+            let Ok(entries) = self.read_pack_index(&name, size) else {
+                continue;
+            };
+            for e in entries.iter().filter(|e| e.block_id == *block) {
+                out.push((
+                    crate::index::BlockLocation {
+                        pack,
+                        offset: e.offset,
+                        stored_length: e.stored_length,
+                        raw_length: e.raw_length,
+                    },
+                    size,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Points the catalog at `location`, a copy of `block` the caller has
+    /// just read and verified, when the copy it named is damaged
+    /// (spec: format-spec/04-catalog.md#damaged).
+    pub fn use_copy(
+        &self,
+        block: &crate::format::BlockId,
+        location: &crate::index::BlockLocation,
+        pack_size_bytes: u64,
+    ) -> Result<(), RepoError> {
+        // The whole pack is adopted (it may have had no rows); only rows
+        // naming damaged copies move to it.
+        let entries = self.read_pack_index(&location.pack.to_hex(), pack_size_bytes)?;
+        if !entries.iter().any(|e| {
+            e.block_id == *block
+                && e.offset == location.offset
+                && e.stored_length == location.stored_length
+        }) {
+            return Err(RepoError::Invalid(format!(
+                "pack {} holds no copy of block {block} at offset {}",
+                location.pack, location.offset
+            )));
+        }
+        Ok(self
+            .catalog()
+            .add_pack(&location.pack, pack_size_bytes, &entries)?)
     }
 
     /// Records that the copy of `block` in `pack` failed verification, so

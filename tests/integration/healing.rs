@@ -225,3 +225,46 @@ fn repair_snapshots_reports_a_snapshot_its_own_blocks_cannot_describe() {
     // Nothing was rewritten: the snapshot still fails, loudly.
     t.restore(&s2, &t.path("out.img"), &[]).expect_code(1);
 }
+
+/// A reader whose copy failed verification finds an intact duplicate in
+/// another pack (Repository::intact_copies), verifies it and points the
+/// catalog at it (Repository::use_copy): the snapshot restores again
+/// without a new backup.
+#[test]
+fn an_intact_duplicate_in_another_pack_heals_the_catalog() {
+    use cbtvault::format::BlockId;
+    use cbtvault::pack::{compress_block, decompress_verified, PackWriter};
+    use cbtvault::repo::Repository;
+
+    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(39, 0, 6 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let x = img.read_block(4);
+    let damaged_pack = damage_block(&t, &x);
+    t.check(true).0.expect_code(3);
+    t.restore(&id, &t.path("bad.img"), &[]).expect_code(1);
+
+    // A second pack holding X, as a concurrent backup could have written.
+    let xid = BlockId(*blake3::hash(&x).as_bytes());
+    let mut w = PackWriter::new(1 << 20);
+    w.add(&compress_block(&x, xid, 3).unwrap()).unwrap();
+    let done = w.finish();
+    let name = done.name.to_hex();
+    let dir = t.repo.join("data").join(&name[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&name), done.tail.bytes()).unwrap();
+
+    let repo = Repository::open(&t.repo).unwrap();
+    let copies = repo.intact_copies(&xid).unwrap();
+    assert_eq!(copies.len(), 1, "the damaged copy is not offered");
+    let (loc, size) = copies[0];
+    assert_eq!(loc.pack, done.name);
+    assert_ne!(dir.join(&name), damaged_pack);
+    let bytes = std::fs::read(dir.join(&name)).unwrap();
+    let frame = &bytes[loc.offset as usize..(loc.offset + loc.stored_length as u64) as usize];
+    decompress_verified(frame, loc.raw_length, xid, loc.pack).unwrap();
+    repo.use_copy(&xid, &loc, size).unwrap();
+    drop(repo);
+
+    t.assert_restores(&id, img.hash(), img.size());
+}
