@@ -127,6 +127,8 @@ pub fn repair_packs(
                 .map(|d| (&d.name, d.size_bytes, &d.entries[..])),
         )?;
         result.new_pack = new.as_ref().map(|d| d.name.to_hex());
+        #[cfg(debug_assertions)]
+        super::test_failpoint("repair_pack_remove")?;
         if new.as_ref().is_none_or(|d| d.name != pack) {
             match backend.remove(Kind::Pack, &hex) {
                 Err(e) if !e.is_not_found() => return Err(e.into()),

@@ -268,3 +268,34 @@ fn an_intact_duplicate_in_another_pack_heals_the_catalog() {
 
     t.assert_restores(&id, img.hash(), img.size());
 }
+
+/// `repair packs` stopped after its catalog commit and before removing the
+/// old pack (crash table 06-ordering.md#repair-packs, third row): check
+/// accepts the state with a warning at most, a `repair index` in between
+/// does not bring the damaged copy back into use, and running the repair
+/// again finishes the job.
+#[test]
+fn repair_packs_interrupted_before_removing_the_old_pack_is_finished_by_a_rerun() {
+    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(53, 0, 12 * BSU));
+    let old = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let x = img.read_block(5);
+    let pack = damage_block(&t, &x);
+    t.check(true).0.expect_code(3);
+    t.run_env(
+        &[&"repair", &"packs"],
+        &[("CBTVAULT_TEST_FAILPOINT", "repair_pack_remove:1")],
+    )
+    .expect_code(1);
+    assert!(pack.exists(), "stopped before the removal");
+    t.run(&[&"repair", &"index"]).ok();
+    // X's only copy is the damaged one, still recorded: a backup stores it.
+    let (_, report) = t.check(false);
+    assert_eq!(affected(&report), BTreeSet::from([old.clone()]), "{report}");
+    t.run(&[&"repair", &"packs"]).ok();
+    assert!(!pack.exists());
+    let s = t.backup(&img.path, &["--full"]);
+    assert_eq!(u64_of(&s, "blocks_new"), 1, "{s}");
+    t.check(true).0.ok();
+    t.assert_restores(&old, img.hash(), img.size());
+}
