@@ -1,9 +1,11 @@
 //! Local-directory backend. Writes go to `tmp/`, are fsynced, renamed into
 //! place and the destination folder fsynced (spec: format-spec/06-ordering.md).
+//! Folders are created when missing (a copy may lack empty ones), 0700, and
+//! files 0600, whatever the umask (spec: format-spec/01-layout.md).
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -32,15 +34,41 @@ impl LocalBackend {
 
     /// Creates the folder tree of a new repository.
     pub fn create_layout(&self) -> std::io::Result<()> {
-        fs::create_dir_all(&self.root)?;
+        create_dirs(&self.root)?;
         for d in ["data", "snapshots", "locks", "tmp"] {
-            fs::create_dir_all(self.root.join(d))?;
+            create_dirs(&self.root.join(d))?;
         }
         for i in 0..=255u8 {
-            fs::create_dir_all(self.root.join("data").join(format!("{i:02x}")))?;
+            create_dirs(&self.root.join("data").join(format!("{i:02x}")))?;
         }
         sync_dir(&self.root.join("data"))?;
         sync_dir(&self.root)
+    }
+
+    /// Whether objects can be written here: false when the storage refuses
+    /// writes (read-only file system, no permission). Creates `tmp/` when
+    /// it is missing and a probe file in it, removed at once.
+    pub fn probe_writable(&self) -> bool {
+        let refused = |e: &std::io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
+            )
+        };
+        let tmp = self.root.join("tmp");
+        if let Err(e) = fs::create_dir(&tmp) {
+            if refused(&e) {
+                return false;
+            }
+        }
+        let probe = tmp.join(format!("{:032x}.probe", rand::random::<u128>()));
+        match OpenOptions::new().write(true).create_new(true).open(&probe) {
+            Ok(_) => {
+                let _ = fs::remove_file(&probe);
+                true
+            }
+            Err(e) => !refused(&e),
+        }
     }
 
     /// Makes the written file `f` at `tmp` the object `name`: fsync, rename
@@ -61,7 +89,19 @@ impl LocalBackend {
         }
         drop(f);
         let dest = self.path_of(kind, name);
-        fs::rename(tmp, &dest).map_err(|e| err("rename", e))?;
+        let parent = dest.parent().expect("objects live in a folder");
+        match fs::rename(tmp, &dest) {
+            // A copied repository may lack empty folders (`locks/`,
+            // `data/XX/`): writers create them (spec: 01-layout.md).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !parent.exists() => {
+                create_dirs(parent).map_err(|e| err("create folder", e))?;
+                if let Some(grand) = parent.parent() {
+                    sync_dir(grand).map_err(|e| err("fsync folder", e))?;
+                }
+                fs::rename(tmp, &dest).map_err(|e| err("rename", e))?;
+            }
+            other => other.map_err(|e| err("rename", e))?,
+        }
         if durable {
             sync_dir(dest.parent().expect("objects live in a folder"))
                 .map_err(|e| err("fsync folder", e))?;
@@ -156,6 +196,7 @@ impl LocalObject<'_> {
             let f = OpenOptions::new()
                 .write(true)
                 .create_new(self.file.is_none())
+                .mode(0o600)
                 .open(&self.tmp)?;
             self.file = Some(f);
             self.direct = false;
@@ -166,12 +207,12 @@ impl LocalObject<'_> {
     /// Writes the aligned `data` with O_DIRECT; Ok(false) when the
     /// filesystem refuses direct I/O (then nothing was written).
     fn write_direct(&mut self, data: &[u8]) -> std::io::Result<bool> {
-        use std::os::unix::fs::OpenOptionsExt;
         let refused = |e: &std::io::Error| e.raw_os_error() == Some(libc::EINVAL);
         if self.file.is_none() {
             match OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .custom_flags(libc::O_DIRECT)
                 .open(&self.tmp)
             {
@@ -243,6 +284,15 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Creates `dir` and its missing parents, each 0700 (the umask can only
+/// take bits away).
+pub(crate) fn create_dirs(dir: &Path) -> std::io::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 fn random_tmp_name() -> String {
     format!("{:032x}.tmp", rand::random::<u128>())
 }
@@ -261,6 +311,11 @@ impl Backend for LocalBackend {
     /// A file under `tmp/` written as the bytes come: aligned appends go
     /// to the disk with O_DIRECT (packs), the rest through the page cache.
     fn create(&self, kind: Kind) -> Result<Box<dyn NewObject + '_>, BackendError> {
+        let tmp = self.root.join("tmp");
+        if !tmp.is_dir() {
+            create_dirs(&tmp)
+                .map_err(|e| BackendError::from_io(kind, "tmp/", "create folder", e))?;
+        }
         Ok(Box::new(LocalObject {
             backend: self,
             kind,
@@ -314,9 +369,11 @@ impl Backend for LocalBackend {
             Kind::Pack => {
                 let data = self.root.join("data");
                 let mut v = Vec::new();
-                for entry in fs::read_dir(&data)
-                    .map_err(|e| BackendError::from_io(kind, "data/", "list", e))?
-                {
+                let listing = match fs::read_dir(&data) {
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+                    other => other.map_err(|e| BackendError::from_io(kind, "data/", "list", e))?,
+                };
+                for entry in listing {
                     let entry =
                         entry.map_err(|e| BackendError::from_io(kind, "data/", "list", e))?;
                     if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
@@ -331,9 +388,12 @@ impl Backend for LocalBackend {
         let mut out = Vec::new();
         for dir in dirs {
             let shown = dir.display().to_string();
-            for entry in
-                fs::read_dir(&dir).map_err(|e| BackendError::from_io(kind, &shown, "list", e))?
-            {
+            // A folder missing from a copied repository holds nothing.
+            let listing = match fs::read_dir(&dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                other => other.map_err(|e| BackendError::from_io(kind, &shown, "list", e))?,
+            };
+            for entry in listing {
                 let entry = entry.map_err(|e| BackendError::from_io(kind, &shown, "list", e))?;
                 let Ok(name) = entry.file_name().into_string() else {
                     continue;

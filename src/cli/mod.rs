@@ -28,6 +28,9 @@ pub struct Cli {
     /// Print only warnings and errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// Take no repository lock (reading commands only; as restic's --no-lock).
+    #[arg(long, global = true)]
+    pub no_lock: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -320,6 +323,22 @@ pub struct UnlockArgs {
 pub enum RepairCommand {
     /// Rebuild the catalog from the packs and snapshot objects.
     Index,
+    /// Salvage the good blocks of damaged packs into new packs and drop
+    /// the damaged ones; with --unreferenced, remove packs no snapshot uses.
+    Packs(RepairPacksArgs),
+    /// Rewrite snapshots whose parent is gone as full manifests where their
+    /// own blocks suffice; report the others.
+    Snapshots,
+    /// Remove files left in tmp/ by interrupted writers.
+    Tmp,
+}
+
+#[derive(Debug, Args)]
+pub struct RepairPacksArgs {
+    /// Instead: remove every pack none of whose blocks any snapshot
+    /// references (packs of failed or killed backups).
+    #[arg(long)]
+    pub unreferenced: bool,
 }
 
 #[derive(Debug, Args)]

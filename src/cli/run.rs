@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use super::{options, Cli, Command, RepairCommand};
-use crate::commands::{self, backup, check, inspect, open, restore, serve, Outcome};
+use crate::commands::repair::RepairAction;
+use crate::commands::{self, backup, check, inspect, open_with, repair, restore, serve, Outcome};
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
 use crate::output::Ui;
+use crate::repo::OpenOptions;
 
 /// Runs the command `cli` names. Options are validated before the
 /// repository is opened or anything else is done.
@@ -18,6 +20,10 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
             .clone()
             .context("no repository given: use -r/--repo or set CBTVAULT_REPOSITORY")
     };
+    let open_options = OpenOptions {
+        no_lock: cli.no_lock,
+    };
+    let open = |ui: &Ui, path: &std::path::Path| open_with(ui, path, &open_options);
     match &cli.command {
         Command::Init(a) => {
             let o = options::init(a)?;
@@ -48,6 +54,19 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         Command::Stats => inspect::stats(ui, &open(ui, &repo_path()?)?),
         Command::Unlock(a) => inspect::unlock(ui, &open(ui, &repo_path()?)?, &options::unlock(a)),
         Command::Repair(RepairCommand::Index) => check::repair_index(ui, &repo_path()?),
+        Command::Repair(RepairCommand::Packs(a)) => repair::run(
+            ui,
+            &open(ui, &repo_path()?)?,
+            RepairAction::Packs {
+                unreferenced: a.unreferenced,
+            },
+        ),
+        Command::Repair(RepairCommand::Snapshots) => {
+            repair::run(ui, &open(ui, &repo_path()?)?, RepairAction::Snapshots)
+        }
+        Command::Repair(RepairCommand::Tmp) => {
+            repair::run(ui, &open(ui, &repo_path()?)?, RepairAction::Tmp)
+        }
         Command::Serve(a) => serve::run(ui, open(ui, &repo_path()?)?, &options::serve(a)),
         #[cfg(feature = "sim")]
         Command::Demo(a) => demo::run(ui, &options::demo(a)),

@@ -24,9 +24,14 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
     bar.finish();
     ui.json(&report);
     for p in &report.problems {
+        let fix = p
+            .fix
+            .as_ref()
+            .map(|f| format!(" (fix: {f})"))
+            .unwrap_or_default();
         match p.severity {
-            Severity::Error => ui.error(format!("{}: {}", p.object, p.message)),
-            Severity::Warning => ui.warn(format!("{}: {}", p.object, p.message)),
+            Severity::Error => ui.error(format!("{}: {}{fix}", p.object, p.message)),
+            Severity::Warning => ui.warn(format!("{}: {}{fix}", p.object, p.message)),
         }
     }
     for a in &report.affected_snapshots {

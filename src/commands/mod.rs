@@ -7,6 +7,7 @@ pub mod check;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod inspect;
+pub mod repair;
 pub(crate) mod restore;
 mod restore_xen;
 pub mod serve;
@@ -56,10 +57,31 @@ pub(crate) fn hash_file(path: &Path) -> Result<blake3::Hash> {
     Ok(h.finalize())
 }
 
-/// Opens the repository, saying so when the catalog had to be rebuilt.
-pub(crate) fn open(ui: &Ui, path: &Path) -> Result<Repository> {
-    let repo =
-        Repository::open(path).with_context(|| format!("open repository '{}'", path.display()))?;
+/// Opens the repository, saying so when the catalog had to be rebuilt or
+/// no lock will be taken.
+pub(crate) fn open_with(
+    ui: &Ui,
+    path: &Path,
+    options: &crate::repo::OpenOptions,
+) -> Result<Repository> {
+    let repo = Repository::open_with(path, options)
+        .with_context(|| format!("open repository '{}'", path.display()))?;
+    if repo.is_read_only() {
+        ui.warn(format!(
+            "repository '{}' is on read-only storage: no lock is taken (a concurrent prune could remove what this command reads), catalog kept in '{}'",
+            path.display(),
+            repo.catalog_path().display()
+        ));
+    } else if options.no_lock {
+        ui.warn(
+            "--no-lock: no lock is taken (a concurrent prune could remove what this command reads)",
+        );
+    }
+    if let Some(why) = &repo.catalog_incomplete {
+        ui.warn(format!(
+            "the catalog is missing and could not be rebuilt now: {why}"
+        ));
+    }
     if repo.catalog_rebuilt {
         ui.warn("the catalog was missing or out of date and has been rebuilt from the packs");
     }

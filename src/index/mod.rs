@@ -11,7 +11,7 @@ use crate::format::pack::TrailerEntry;
 use crate::format::snapshot::SnapshotMeta;
 use crate::format::{BlockId, ObjectName};
 
-pub const SCHEMA_VERSION: &str = "1";
+pub const SCHEMA_VERSION: &str = "2";
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -22,6 +22,12 @@ pub enum IndexError {
     },
     #[error("catalog '{path}': {reason}; run 'cbtvault repair index'")]
     Inconsistent { path: String, reason: String },
+    #[error("catalog '{path}': {what}: {source}")]
+    Io {
+        path: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
 }
 
 /// Where a block is stored.
@@ -52,7 +58,35 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS packs(pack_id INTEGER PRIMARY KEY, name BLOB NOT NULL UNIQUE, size_bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks(block_id BLOB PRIMARY KEY, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, stored_length INTEGER NOT NULL, raw_length INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(object BLOB PRIMARY KEY, id TEXT NOT NULL, generation INTEGER NOT NULL, time TEXT NOT NULL, source TEXT NOT NULL, parent TEXT, meta TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS damaged(block_id BLOB NOT NULL, pack_name BLOB NOT NULL, reason TEXT NOT NULL, time TEXT NOT NULL, PRIMARY KEY(block_id, pack_name)) WITHOUT ROWID;
 ";
+
+/// A block row moves to a new copy only when its current copy is damaged
+/// and the new one is not (spec: format-spec/04-catalog.md#damaged).
+const INSERT_BLOCK: &str = "
+INSERT INTO blocks(block_id, pack_id, offset, stored_length, raw_length) VALUES (?1, ?2, ?3, ?4, ?5)
+ON CONFLICT(block_id) DO UPDATE SET pack_id = excluded.pack_id, offset = excluded.offset,
+    stored_length = excluded.stored_length, raw_length = excluded.raw_length
+WHERE EXISTS (SELECT 1 FROM damaged d JOIN packs p ON p.name = d.pack_name
+              WHERE d.block_id = blocks.block_id AND p.pack_id = blocks.pack_id)
+  AND NOT EXISTS (SELECT 1 FROM damaged d WHERE d.block_id = excluded.block_id AND d.pack_name = ?6)";
+
+/// Whether a block's catalog row names an intact copy.
+const INTACT_BLOCK: &str = "
+SELECT 1 FROM blocks b JOIN packs p ON p.pack_id = b.pack_id WHERE b.block_id = ?1
+AND NOT EXISTS (SELECT 1 FROM damaged d WHERE d.block_id = b.block_id AND d.pack_name = p.name)";
+
+/// A stored copy of a block found damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DamagedCopy {
+    pub block: BlockId,
+    pub pack: ObjectName,
+    pub reason: String,
+    pub time: String,
+    /// Whether the catalog's row for the block still names this copy (no
+    /// intact copy is known).
+    pub current: bool,
+}
 
 impl Catalog {
     /// Opens (creating if needed) the catalog for repository `repo_id`.
@@ -85,10 +119,41 @@ impl Catalog {
             path: shown.clone(),
             source,
         };
+        // SQLite gives its -wal and -shm files the database file's mode:
+        // created 0600 here, the whole catalog stays private.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let created = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+            if let Err(e) = created {
+                if e.kind() != std::io::ErrorKind::AlreadyExists {
+                    return Err(IndexError::Io {
+                        path: shown.clone(),
+                        what: "create",
+                        source: e,
+                    });
+                }
+            }
+        }
         let conn = Connection::open(path).map_err(sql)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(sql)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(sql)?;
+        // Switching a new file to WAL needs a moment alone with it; SQLite
+        // does not wait for that, so processes opening it together retry.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Err(rusqlite::Error::SqliteFailure(e, _))
+                    if e.code == rusqlite::ErrorCode::DatabaseBusy
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => break other.map_err(sql)?,
+            }
+        }
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(sql)?;
         let mut cat = Catalog { conn, path: shown };
@@ -103,7 +168,52 @@ impl Catalog {
         }
     }
 
+    /// Checks the schema; resets the catalog when it is missing or of
+    /// another version or repository. A reset happens inside a write
+    /// transaction that re-reads the schema first, so processes opening a
+    /// missing catalog together create it once (the first) and see it.
     fn ensure_schema(&mut self, repo_id: &str) -> Result<OpenState, IndexError> {
+        if let Some(state) = self.schema_state(repo_id)? {
+            return Ok(state);
+        }
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        let result = (|| {
+            if let Some(state) = self.schema_state(repo_id)? {
+                return Ok(state);
+            }
+            self.conn
+                .execute_batch(
+                    "DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS packs;
+                     DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS snapshots;
+                     DROP TABLE IF EXISTS damaged;",
+                )
+                .and_then(|_| self.conn.execute_batch(SCHEMA))
+                .and_then(|_| {
+                    self.conn.execute(
+                        "INSERT INTO meta(key, value) VALUES ('schema_version', ?1), ('repository_id', ?2)",
+                        params![SCHEMA_VERSION, repo_id],
+                    )
+                })
+                .map_err(|e| self.err(e))?;
+            Ok(OpenState::Reset)
+        })();
+        match result {
+            Ok(state) => {
+                self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))?;
+                Ok(state)
+            }
+            Err(e) => {
+                let _ = self.conn.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    /// The state of a catalog of this schema and repository; None when it
+    /// must be reset.
+    fn schema_state(&self, repo_id: &str) -> Result<Option<OpenState>, IndexError> {
         let has_meta: bool = self
             .conn
             .query_row(
@@ -131,44 +241,81 @@ impl Catalog {
         };
         if version.as_deref() == Some(SCHEMA_VERSION) && id.as_deref() == Some(repo_id) {
             // A rebuild that was interrupted left no 'complete' row.
-            return Ok(if complete.is_some() {
+            return Ok(Some(if complete.is_some() {
                 OpenState::Current
             } else {
                 OpenState::Reset
-            });
+            }));
         }
-        let tx = self.conn.transaction().map_err(|e| IndexError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        tx.execute_batch(
-            "DROP TABLE IF EXISTS meta; DROP TABLE IF EXISTS packs;
-             DROP TABLE IF EXISTS blocks; DROP TABLE IF EXISTS snapshots;",
-        )
-        .and_then(|_| tx.execute_batch(SCHEMA))
-        .and_then(|_| {
-            tx.execute(
-                "INSERT INTO meta(key, value) VALUES ('schema_version', ?1), ('repository_id', ?2)",
-                params![SCHEMA_VERSION, repo_id],
-            )
-        })
-        .and_then(|_| tx.commit())
-        .map_err(|e| IndexError::Sqlite {
-            path: self.path.clone(),
-            source: e,
-        })?;
-        Ok(OpenState::Reset)
+        Ok(None)
     }
 
-    /// Empties packs, blocks and snapshots and marks the catalog incomplete
-    /// until [`Catalog::mark_complete`] (so an interrupted rebuild is redone).
-    pub fn clear(&mut self) -> Result<(), IndexError> {
+    /// Starts a rebuild: one write transaction (`BEGIN IMMEDIATE`, so
+    /// concurrent rebuilders queue on it). Returns false, with the
+    /// transaction closed, when `only_if_incomplete` and another process
+    /// completed the catalog while this one waited. Otherwise empties packs,
+    /// blocks and snapshots (never `damaged`) inside the transaction, which
+    /// [`Catalog::finish_rebuild`] or [`Catalog::abort_rebuild`] closes.
+    /// spec: format-spec/04-catalog.md#rebuild
+    pub fn begin_rebuild(&mut self, only_if_incomplete: bool) -> Result<bool, IndexError> {
         self.conn
-            .execute_batch(
-                "BEGIN; DELETE FROM meta WHERE key='complete'; DELETE FROM blocks;
-                 DELETE FROM packs; DELETE FROM snapshots; COMMIT;",
-            )
-            .map_err(|e| self.err(e))
+            .execute_batch("BEGIN IMMEDIATE")
+            .map_err(|e| self.err(e))?;
+        let run = |conn: &Connection| -> rusqlite::Result<bool> {
+            if only_if_incomplete {
+                let complete = conn
+                    .query_row("SELECT 1 FROM meta WHERE key='complete'", [], |_| Ok(()))
+                    .optional()?
+                    .is_some();
+                if complete {
+                    conn.execute_batch("COMMIT")?;
+                    return Ok(false);
+                }
+            }
+            conn.execute_batch(
+                "DELETE FROM meta WHERE key='complete'; DELETE FROM blocks;
+                 DELETE FROM packs; DELETE FROM snapshots;",
+            )?;
+            Ok(true)
+        };
+        match run(&self.conn) {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                self.abort_rebuild();
+                Err(self.err(e))
+            }
+        }
+    }
+
+    /// Ends a rebuild: drops `damaged` rows of packs no longer present (the
+    /// count is returned), marks the catalog complete and commits.
+    pub fn finish_rebuild(&mut self) -> Result<u64, IndexError> {
+        let run = |conn: &Connection| -> rusqlite::Result<u64> {
+            let gone = conn.execute(
+                "DELETE FROM damaged WHERE pack_name NOT IN (SELECT name FROM packs)",
+                [],
+            )?;
+            conn.execute(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES ('complete', '1')",
+                [],
+            )?;
+            conn.execute_batch("COMMIT")?;
+            Ok(gone as u64)
+        };
+        match run(&self.conn) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.abort_rebuild();
+                Err(self.err(e))
+            }
+        }
+    }
+
+    /// Rolls an unfinished rebuild back (the old catalog stays).
+    pub fn abort_rebuild(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
     }
 
     /// Records that the catalog describes every durable pack.
@@ -182,8 +329,9 @@ impl Catalog {
         Ok(())
     }
 
-    /// Records a durable pack and all its blocks in one transaction. A block
-    /// already known keeps its first location.
+    /// Records a durable pack and all its blocks in one transaction (a
+    /// savepoint inside a rebuild's). A block already known keeps its
+    /// location unless that copy is damaged and this one is not.
     pub fn add_pack(
         &mut self,
         name: &ObjectName,
@@ -192,7 +340,7 @@ impl Catalog {
     ) -> Result<(), IndexError> {
         let path = self.path.clone();
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             tx.execute(
                 "INSERT OR IGNORE INTO packs(name, size_bytes) VALUES (?1, ?2)",
                 params![&name.0[..], size_bytes as i64],
@@ -203,17 +351,15 @@ impl Catalog {
                 |r| r.get(0),
             )?;
             {
-                let mut stmt = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO blocks(block_id, pack_id, offset, stored_length, raw_length)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
+                let mut stmt = tx.prepare_cached(INSERT_BLOCK)?;
                 for e in entries {
                     stmt.execute(params![
                         &e.block_id.0[..],
                         pack_id,
                         e.offset as i64,
                         e.stored_length,
-                        e.raw_length
+                        e.raw_length,
+                        &name.0[..]
                     ])?;
                 }
             }
@@ -222,11 +368,12 @@ impl Catalog {
         run(&mut self.conn).map_err(|source| IndexError::Sqlite { path, source })
     }
 
-    /// Forgets a pack and every block located in it.
+    /// Forgets a pack and every block located in it. Its `damaged` rows
+    /// stay until [`Catalog::forget_damage_of_pack`] (after the file is gone).
     pub fn remove_pack(&mut self, name: &ObjectName) -> Result<(), IndexError> {
         let path = self.path.clone();
         let run = |conn: &mut Connection| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
+            let tx = conn.savepoint()?;
             tx.execute(
                 "DELETE FROM blocks WHERE pack_id IN (SELECT pack_id FROM packs WHERE name=?1)",
                 [&name.0[..]],
@@ -235,6 +382,31 @@ impl Catalog {
             tx.commit()
         };
         run(&mut self.conn).map_err(|source| IndexError::Sqlite { path, source })
+    }
+
+    /// Replaces pack `old` by `new` (its salvaged blocks; None when nothing
+    /// was salvaged) in one transaction: the old pack's rows are deleted,
+    /// the new pack's added. Its `damaged` rows stay until the file is gone
+    /// (spec: format-spec/06-ordering.md#repair-packs).
+    pub fn replace_pack(
+        &mut self,
+        old: &ObjectName,
+        new: Option<(&ObjectName, u64, &[TrailerEntry])>,
+    ) -> Result<(), IndexError> {
+        self.conn
+            .execute_batch("SAVEPOINT replace_pack")
+            .map_err(|e| self.err(e))?;
+        let result = self.remove_pack(old).and_then(|()| match new {
+            Some((name, size, entries)) => self.add_pack(name, size, entries),
+            None => Ok(()),
+        });
+        let end = if result.is_ok() {
+            "RELEASE replace_pack"
+        } else {
+            "ROLLBACK TO replace_pack; RELEASE replace_pack"
+        };
+        self.conn.execute_batch(end).map_err(|e| self.err(e))?;
+        result
     }
 
     fn row_to_location(&self, row: &rusqlite::Row<'_>) -> rusqlite::Result<BlockLocation> {
@@ -279,6 +451,88 @@ impl Catalog {
 
     pub fn lookup(&self, id: &BlockId) -> Result<Option<BlockLocation>, IndexError> {
         Ok(self.lookup_many(std::slice::from_ref(id))?.pop().flatten())
+    }
+
+    /// Whether each block has a row naming an intact copy: what
+    /// deduplication may rely on (spec: format-spec/04-catalog.md#damaged).
+    pub fn contains_intact_many(&self, ids: &[BlockId]) -> Result<Vec<bool>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(INTACT_BLOCK)
+            .map_err(|e| self.err(e))?;
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(stmt.exists([&id.0[..]]).map_err(|e| self.err(e))?);
+        }
+        drop(stmt);
+        tx.finish().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// Records that the copy of `block` in `pack` failed verification.
+    /// Idempotent; the first reason is kept.
+    pub fn mark_damaged(
+        &self,
+        block: &BlockId,
+        pack: &ObjectName,
+        reason: &str,
+    ) -> Result<(), IndexError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO damaged(block_id, pack_name, reason, time) VALUES (?1, ?2, ?3, ?4)",
+                params![&block.0[..], &pack.0[..], reason, chrono::Utc::now().to_rfc3339()],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Every damaged copy recorded.
+    pub fn damaged(&self) -> Result<Vec<DamagedCopy>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT d.block_id, d.pack_name, d.reason, d.time,
+                        EXISTS (SELECT 1 FROM blocks b JOIN packs p ON p.pack_id = b.pack_id
+                                WHERE b.block_id = d.block_id AND p.name = d.pack_name)
+                 FROM damaged d ORDER BY d.pack_name, d.block_id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, Vec<u8>>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, bool>(4)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (block, pack, reason, time, current) = row.map_err(|e| self.err(e))?;
+            let bad = || IndexError::Inconsistent {
+                path: self.path.clone(),
+                reason: "a damaged row is not 32-byte ids".into(),
+            };
+            out.push(DamagedCopy {
+                block: BlockId(block.try_into().map_err(|_| bad())?),
+                pack: ObjectName(pack.try_into().map_err(|_| bad())?),
+                reason,
+                time,
+                current,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deletes the `damaged` rows of a pack whose file has been removed.
+    pub fn forget_damage_of_pack(&self, pack: &ObjectName) -> Result<(), IndexError> {
+        self.conn
+            .execute("DELETE FROM damaged WHERE pack_name = ?1", [&pack.0[..]])
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Whether each block is known (cheaper than a full lookup).
@@ -430,5 +684,89 @@ impl Catalog {
             out.push((ObjectName(object), meta));
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(block: u8, offset: u64) -> TrailerEntry {
+        TrailerEntry {
+            block_id: BlockId([block; 32]),
+            offset,
+            stored_length: 10,
+            raw_length: 20,
+        }
+    }
+
+    fn catalog(dir: &tempfile::TempDir) -> Catalog {
+        Catalog::open(&dir.path().join("c.sqlite"), "repo")
+            .unwrap()
+            .0
+    }
+
+    const P1: ObjectName = ObjectName([1; 32]);
+    const P2: ObjectName = ObjectName([2; 32]);
+    const P3: ObjectName = ObjectName([3; 32]);
+
+    #[test]
+    fn a_damaged_copy_is_replaced_by_an_intact_one_and_never_the_reverse() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = catalog(&dir);
+        let x = BlockId([9; 32]);
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        assert_eq!(c.contains_intact_many(&[x]).unwrap(), vec![true]);
+        c.mark_damaged(&x, &P1, "flipped").unwrap();
+        assert_eq!(c.contains_intact_many(&[x]).unwrap(), vec![false]);
+        // Still located (readers fail loudly on it), but not for dedup.
+        assert_eq!(c.lookup(&x).unwrap().unwrap().pack, P1);
+        // A pack whose copy is damaged too does not take the row.
+        c.mark_damaged(&x, &P2, "also bad").unwrap();
+        c.add_pack(&P2, 100, &[entry(9, 8)]).unwrap();
+        assert_eq!(c.lookup(&x).unwrap().unwrap().pack, P1);
+        // An intact copy does, and keeps it.
+        c.add_pack(&P3, 100, &[entry(9, 40)]).unwrap();
+        assert_eq!(c.lookup(&x).unwrap().unwrap().pack, P3);
+        assert_eq!(c.contains_intact_many(&[x]).unwrap(), vec![true]);
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        assert_eq!(c.lookup(&x).unwrap().unwrap().pack, P3);
+        let damaged = c.damaged().unwrap();
+        assert_eq!(damaged.len(), 2);
+        assert!(damaged.iter().all(|d| !d.current));
+    }
+
+    #[test]
+    fn a_rebuild_keeps_damage_of_present_packs_and_drops_that_of_gone_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = catalog(&dir);
+        let x = BlockId([9; 32]);
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        c.mark_damaged(&x, &P1, "flipped").unwrap();
+        c.mark_damaged(&x, &P2, "pack since removed").unwrap();
+        assert!(c.begin_rebuild(false).unwrap());
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        assert_eq!(c.finish_rebuild().unwrap(), 1);
+        let damaged = c.damaged().unwrap();
+        assert_eq!(damaged.len(), 1);
+        assert_eq!(damaged[0].pack, P1);
+        assert!(damaged[0].current);
+        assert_eq!(c.contains_intact_many(&[x]).unwrap(), vec![false]);
+        // A rebuild that only runs when incomplete does nothing now.
+        assert!(!c.begin_rebuild(true).unwrap());
+        assert!(c.conn.is_autocommit());
+    }
+
+    #[test]
+    fn an_aborted_rebuild_leaves_the_old_catalog() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = catalog(&dir);
+        c.add_pack(&P1, 100, &[entry(9, 8)]).unwrap();
+        c.mark_complete().unwrap();
+        assert!(c.begin_rebuild(false).unwrap());
+        assert!(c.packs().unwrap().is_empty());
+        c.abort_rebuild();
+        assert_eq!(c.packs().unwrap().len(), 1);
+        assert!(!c.begin_rebuild(true).unwrap(), "still complete");
     }
 }

@@ -1,8 +1,9 @@
 //! `check`: structure (config, snapshot objects and their chains, packs and
 //! their trailers), catalog against packs, manifests against the catalog,
 //! and optionally the data itself (every selected blob decompressed and
-//! re-hashed). Reports problems and the snapshots they affect; never
-//! modifies the repository.
+//! re-hashed). Reports problems, the snapshots they affect and the repair
+//! command that fixes each; never modifies the repository (it only records
+//! damaged blocks in the catalog, spec: format-spec/04-catalog.md#damaged).
 
 use std::collections::{HashMap, HashSet};
 
@@ -42,6 +43,19 @@ pub struct Problem {
     /// The object concerned, e.g. `pack 3fa2...` or `snapshot 9c1e...`.
     pub object: String,
     pub message: String,
+    /// The command that fixes it, when one does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// The repair commands `check` points to.
+pub mod fix {
+    pub const INDEX: &str = "cbtvault repair index";
+    pub const PACKS: &str = "cbtvault repair packs";
+    pub const SNAPSHOTS: &str = "cbtvault repair snapshots";
+    pub const TMP: &str = "cbtvault repair tmp";
+    pub const BACKUP_FULL: &str =
+        "cbtvault backup --full of the source (stores damaged blocks again)";
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +85,7 @@ impl CheckReport {
             severity: Severity::Error,
             object,
             message,
+            fix: None,
         });
     }
     fn warn(&mut self, object: String, message: String) {
@@ -78,7 +93,14 @@ impl CheckReport {
             severity: Severity::Warning,
             object,
             message,
+            fix: None,
         });
+    }
+    /// Sets the fix of the problem just added.
+    fn fixed_by(&mut self, fix: &str) {
+        if let Some(p) = self.problems.last_mut() {
+            p.fix = Some(fix.to_string());
+        }
     }
 }
 
@@ -143,6 +165,7 @@ pub fn run(
                     format!("pack {hex}"),
                     "listed in the catalog but missing from storage".into(),
                 );
+                report.fixed_by(fix::INDEX);
                 mark_pack_bad(&mut bad_blocks, name, "is missing")?;
             }
             Some(actual) if actual != size => {
@@ -152,6 +175,7 @@ pub fn run(
                         "is {actual} bytes, the catalog recorded {size} (truncated or replaced)"
                     ),
                 );
+                report.fixed_by(fix::INDEX);
                 mark_pack_bad(&mut bad_blocks, name, "has the wrong size")?;
             }
             Some(_) => {}
@@ -168,6 +192,7 @@ pub fn run(
         match repo.read_pack_index(name, *size) {
             Err(e) => {
                 report.error(format!("pack {name}"), format!("unreadable trailer: {e}"));
+                report.fixed_by(fix::INDEX);
                 mark_pack_bad(&mut bad_blocks, &pack, "is unreadable")?;
             }
             Ok(entries) => {
@@ -179,6 +204,7 @@ pub fn run(
                             entries.len()
                         ),
                     );
+                    report.fixed_by(fix::INDEX);
                     continue;
                 }
                 let rows: HashMap<BlockId, _> =
@@ -195,6 +221,7 @@ pub fn run(
                             format!("pack {name}"),
                             format!("catalog places block {id} at offset {} but the trailer disagrees; run 'cbtvault repair index'", loc.offset),
                         );
+                        report.fixed_by(fix::INDEX);
                         bad_blocks.entry(*id).or_insert_with(|| {
                             format!("catalog entry in pack {} is wrong", pack.short())
                         });
@@ -203,6 +230,30 @@ pub fn run(
             }
         }
     }
+
+    // A blob that fails verification is recorded in the catalog; it makes
+    // snapshots damaged only while the catalog has no intact copy.
+    let record_damage = |report: &mut CheckReport,
+                         bad_blocks: &mut HashMap<BlockId, String>,
+                         block: BlockId,
+                         pack: ObjectName,
+                         reason: String|
+     -> Result<(), RepoError> {
+        report.error(format!("pack {}", pack.to_hex()), reason.clone());
+        repo.mark_damaged(&block, &pack, &reason)?;
+        let current = repo.catalog().lookup(&block)?;
+        if current.is_none_or(|loc| loc.pack == pack) {
+            bad_blocks.entry(block).or_insert_with(|| {
+                format!(
+                    "block {} in pack {} is corrupt",
+                    block.short(),
+                    pack.short()
+                )
+            });
+        }
+        Ok(())
+    };
+    let first_data_problem = report.problems.len();
 
     // Data: decompress and re-hash every blob of the selected packs.
     if let Some(subset) = read_data {
@@ -253,24 +304,58 @@ pub fn run(
             for (b, result) in blobs.iter().zip(results) {
                 report.blocks_read += 1;
                 if let Err(ReadError::Damaged { reason, .. }) = result {
-                    report.error(
-                        format!("pack {name}"),
-                        PackError::Corrupt {
-                            block: b.block,
-                            pack,
-                            reason,
-                        }
-                        .to_string(),
-                    );
-                    bad_blocks.entry(b.block).or_insert_with(|| {
-                        format!(
-                            "block {} in pack {} is corrupt",
-                            b.block.short(),
-                            pack.short()
-                        )
-                    });
+                    let why = PackError::Corrupt {
+                        block: b.block,
+                        pack,
+                        reason,
+                    }
+                    .to_string();
+                    record_damage(&mut report, &mut bad_blocks, b.block, pack, why)?;
                 }
             }
+        }
+    }
+
+    for p in &mut report.problems[first_data_problem..] {
+        p.fix.get_or_insert_with(|| fix::PACKS.to_string());
+    }
+
+    // Damage found earlier (by a reader or an earlier check) and not yet
+    // healed: the catalog still names the damaged copy.
+    let mut damaged_by_pack: std::collections::BTreeMap<ObjectName, (u64, String)> =
+        Default::default();
+    for d in repo.catalog().damaged()? {
+        if !d.current {
+            continue;
+        }
+        let why = format!(
+            "block {} in pack {} is damaged (found {}: {})",
+            d.block.short(),
+            d.pack.short(),
+            d.time,
+            d.reason
+        );
+        bad_blocks.entry(d.block).or_insert_with(|| why.clone());
+        let e = damaged_by_pack.entry(d.pack).or_insert((0, why));
+        e.0 += 1;
+    }
+    for (pack, (n, first)) in damaged_by_pack {
+        let object = format!("pack {}", pack.to_hex());
+        // Not said twice for a pack this run has just read.
+        if report.problems.iter().any(|p| p.object == object) {
+            continue;
+        }
+        report.error(
+            object,
+            format!("{n} damaged blocks recorded in the catalog, first: {first}"),
+        );
+        report.fixed_by(fix::PACKS);
+    }
+
+    // Two objects claiming one id's live generation: reported, never picked.
+    for dup in repo.duplicate_snapshots()? {
+        if let RepoError::DuplicateSnapshot { id, .. } = &dup {
+            report.error(format!("snapshot {id}"), dup.to_string());
         }
     }
 
@@ -288,6 +373,11 @@ pub fn run(
             Ok(m) => m,
             Err(e) => {
                 report.error(format!("snapshot {id}"), format!("cannot be resolved: {e}"));
+                let parent_missing = matches!(&e, RepoError::InSnapshot { cause, .. }
+                    if matches!(**cause, RepoError::SnapshotNotFound { .. }));
+                if parent_missing {
+                    report.fixed_by(fix::SNAPSHOTS);
+                }
                 report.affected_snapshots.push(affected(e.to_string()));
                 continue;
             }
@@ -315,6 +405,7 @@ pub fn run(
                 format!("snapshot {id}"),
                 format!("{missing} referenced blocks are not in any pack"),
             );
+            report.fixed_by(fix::BACKUP_FULL);
         }
         if missing + corrupt > 0 {
             report.affected_snapshots.push(affected(format!(
@@ -333,6 +424,7 @@ pub fn run(
                 "tmp/".into(),
                 format!("{n} temporary files left by interrupted writers (harmless)"),
             );
+            report.fixed_by(fix::TMP);
         }
     }
     Ok(report)

@@ -4,10 +4,11 @@
 //!
 //! spec: format-spec/05-locks.md
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 
@@ -18,10 +19,88 @@ use crate::format::lock::{self, LockInfo};
 pub const STALE_AFTER: Duration = Duration::from_secs(30 * 60);
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
 
+/// How often a held lock is refreshed and when a holder that could not
+/// refresh it gives up (spec: 05-locks.md#refresh).
+#[derive(Debug, Clone, Copy)]
+pub struct LockTiming {
+    pub refresh_every: Duration,
+    pub give_up_after: Duration,
+}
+
+impl LockTiming {
+    pub const STANDARD: LockTiming = LockTiming {
+        refresh_every: REFRESH_EVERY,
+        give_up_after: STALE_AFTER,
+    };
+
+    /// The standard timing; debug builds (tests) accept
+    /// `CBTVAULT_TEST_LOCK_TIMING=REFRESH_MS,GIVE_UP_MS`.
+    pub fn current() -> LockTiming {
+        #[cfg(debug_assertions)]
+        if let Ok(spec) = std::env::var("CBTVAULT_TEST_LOCK_TIMING") {
+            if let Some((r, g)) = spec.split_once(',') {
+                if let (Ok(r), Ok(g)) = (r.parse(), g.parse()) {
+                    return LockTiming {
+                        refresh_every: Duration::from_millis(r),
+                        give_up_after: Duration::from_millis(g),
+                    };
+                }
+            }
+        }
+        LockTiming::STANDARD
+    }
+}
+
+/// Whether a held lock can still be relied on: shared between the
+/// refresher and the work that relies on the lock.
+#[derive(Debug)]
+pub struct LockHealth {
+    last_refresh: Mutex<Instant>,
+    last_error: Mutex<Option<String>>,
+    give_up_after: Duration,
+    lost: AtomicBool,
+}
+
+impl LockHealth {
+    fn new(give_up_after: Duration) -> Self {
+        LockHealth {
+            last_refresh: Mutex::new(Instant::now()),
+            last_error: Mutex::new(None),
+            give_up_after,
+            lost: AtomicBool::new(false),
+        }
+    }
+
+    /// Fails once the lock could not be refreshed for the give-up time;
+    /// stays failed (spec: 05-locks.md#refresh).
+    pub fn check(&self) -> Result<(), LockError> {
+        let since = self.last_refresh.lock().expect("lock health").elapsed();
+        if since > self.give_up_after {
+            self.lost.store(true, Ordering::SeqCst);
+        }
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(LockError::Lost {
+                seconds: since.as_secs(),
+                why: self
+                    .last_error
+                    .lock()
+                    .expect("lock health")
+                    .clone()
+                    .unwrap_or_else(|| "no refresh succeeded".into()),
+            });
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("repository is locked by {holder}; if that process is gone run 'cbtvault unlock'")]
     Conflict { holder: String },
+    #[error(
+        "repository lock lost: not refreshed for {seconds} s ({why}); stopped before relying on it, nothing more was written; run the command again"
+    )]
+    Lost { seconds: u64, why: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
@@ -91,8 +170,11 @@ pub fn remove(backend: &dyn Backend, name: &str) -> Result<(), BackendError> {
     backend.remove(Kind::Lock, name)
 }
 
-/// A held lock; released on drop.
+/// A held lock; released on drop. [`LockGuard::skipped`] holds nothing
+/// (read-only storage, `--no-lock`).
 pub struct LockGuard {
+    held: bool,
+    health: Arc<LockHealth>,
     stop: Option<Sender<()>>,
     refresher: Option<JoinHandle<()>>,
     backend: Arc<dyn Backend>,
@@ -126,6 +208,16 @@ pub fn acquire(
     exclusive: bool,
     command: &str,
 ) -> Result<LockGuard, LockError> {
+    acquire_with(backend, exclusive, command, LockTiming::current())
+}
+
+/// [`acquire`] with an explicit refresh timing.
+pub fn acquire_with(
+    backend: Arc<dyn Backend>,
+    exclusive: bool,
+    command: &str,
+    timing: LockTiming,
+) -> Result<LockGuard, LockError> {
     let name = write_lock(backend.as_ref(), exclusive, command)?;
     let now = Utc::now();
     for (other, info) in list(backend.as_ref())? {
@@ -154,17 +246,28 @@ pub fn acquire(
         }
     }
     let current = Arc::new(Mutex::new(name));
+    let health = Arc::new(LockHealth::new(timing.give_up_after));
     let (stop_tx, stop_rx) = channel::<()>();
     let refresher = {
         let backend = backend.clone();
         let current = current.clone();
         let command = command.to_string();
+        let health = health.clone();
         std::thread::spawn(move || loop {
-            match stop_rx.recv_timeout(REFRESH_EVERY) {
+            match stop_rx.recv_timeout(timing.refresh_every) {
                 Err(RecvTimeoutError::Timeout) => {
-                    if let Ok(new) = write_lock(backend.as_ref(), exclusive, &command) {
-                        let old = std::mem::replace(&mut *current.lock().expect("lock name"), new);
-                        let _ = backend.remove(Kind::Lock, &old);
+                    match refresh_fault()
+                        .and_then(|()| write_lock(backend.as_ref(), exclusive, &command))
+                    {
+                        Ok(new) => {
+                            let old =
+                                std::mem::replace(&mut *current.lock().expect("lock name"), new);
+                            let _ = backend.remove(Kind::Lock, &old);
+                            *health.last_refresh.lock().expect("lock health") = Instant::now();
+                        }
+                        Err(e) => {
+                            *health.last_error.lock().expect("lock health") = Some(e.to_string());
+                        }
                     }
                 }
                 _ => return,
@@ -172,6 +275,8 @@ pub fn acquire(
         })
     };
     Ok(LockGuard {
+        held: true,
+        health,
         stop: Some(stop_tx),
         refresher: Some(refresher),
         backend,
@@ -179,11 +284,48 @@ pub fn acquire(
     })
 }
 
+/// Test hook (debug builds only): `CBTVAULT_TEST_LOCK_REFRESH_FAILS=1`
+/// makes every refresh fail as a full disk would.
+fn refresh_fault() -> Result<(), BackendError> {
+    #[cfg(debug_assertions)]
+    if std::env::var_os("CBTVAULT_TEST_LOCK_REFRESH_FAILS").is_some() {
+        return Err(BackendError::Permanent {
+            kind: Kind::Lock,
+            name: "(refresh)".into(),
+            op: "save",
+            source: std::io::Error::other("No space left on device (injected)"),
+        });
+    }
+    Ok(())
+}
+
+impl LockGuard {
+    /// A guard for work done without a lock: nothing to refresh or remove.
+    pub fn skipped(backend: Arc<dyn Backend>) -> LockGuard {
+        LockGuard {
+            held: false,
+            health: Arc::new(LockHealth::new(Duration::MAX)),
+            stop: None,
+            refresher: None,
+            backend,
+            current: Arc::new(Mutex::new(String::new())),
+        }
+    }
+
+    /// The health of this lock, for work that must stop once it is lost.
+    pub fn health(&self) -> Arc<LockHealth> {
+        self.health.clone()
+    }
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
         drop(self.stop.take());
         if let Some(h) = self.refresher.take() {
             let _ = h.join();
+        }
+        if !self.held {
+            return;
         }
         let name = self.current.lock().expect("lock name").clone();
         let _ = self.backend.remove(Kind::Lock, &name);

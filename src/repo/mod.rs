@@ -8,9 +8,11 @@ pub mod backup;
 pub mod check;
 pub mod lock;
 pub mod read;
+pub mod repair;
 pub mod restore;
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -74,6 +76,20 @@ pub enum RepoError {
         snapshot: SnapshotId,
         cause: Box<RepoError>,
     },
+    /// Two objects claim the same id and generation (spec:
+    /// format-spec/03-snapshot.md#identity): neither is picked.
+    #[error(
+        "snapshot {id}: objects {objects} all claim generation {generation}; refusing to pick one (one is forged or left by a broken writer): inspect them and remove the wrong one from snapshots/"
+    )]
+    DuplicateSnapshot {
+        id: SnapshotId,
+        generation: u32,
+        objects: String,
+    },
+    /// A command that writes or needs the lock, on storage that cannot
+    /// hold one (or with `--no-lock`).
+    #[error("'{command}' needs the repository lock, but {why}")]
+    LockRequired { command: String, why: String },
     #[error("{0}")]
     Invalid(String),
     #[error("{what}: {source}")]
@@ -112,6 +128,13 @@ impl Default for InitOptions {
     }
 }
 
+/// How to open a repository.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// Take no lock (restic's `--no-lock`): reading commands only.
+    pub no_lock: bool,
+}
+
 /// An open repository.
 pub struct Repository {
     backend: Arc<dyn Backend>,
@@ -122,6 +145,66 @@ pub struct Repository {
     pub catalog_rebuilt: bool,
     /// Snapshot objects that could not be read while syncing the catalog.
     pub unreadable_snapshots: Vec<(String, String)>,
+    /// Why the catalog could not be rebuilt on open (it lists snapshots
+    /// but not blocks), when it could not.
+    pub catalog_incomplete: Option<String>,
+    /// The health of the lock most recently taken through [`Repository::lock`].
+    lock_health: Mutex<Option<Arc<lock::LockHealth>>>,
+    /// The storage refuses writes: no locks, catalog in a cache folder.
+    read_only: bool,
+    no_lock: bool,
+    catalog_path: PathBuf,
+    /// The private cache folder holding the catalog, removed on drop.
+    cache_dir: Option<PathBuf>,
+}
+
+impl Drop for Repository {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.cache_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Where a repository on read-only storage keeps its catalog:
+/// `$CBTVAULT_CACHE_DIR`, else `$XDG_CACHE_HOME/cbtvault`, else
+/// `~/.cache/cbtvault`, else the temporary folder; one private folder per
+/// process (spec: format-spec/04-catalog.md#read-only).
+fn private_cache_dir(repo_id: &str) -> PathBuf {
+    let base = std::env::var_os("CBTVAULT_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("cbtvault")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/cbtvault")))
+        .unwrap_or_else(|| std::env::temp_dir().join("cbtvault-cache"));
+    base.join(repo_id).join(format!(
+        "{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ))
+}
+
+/// Copies the repository's catalog (and its write-ahead log) into `dir`,
+/// when there is one; returns the copy's path.
+fn copy_catalog(root: &Path, dir: &Path) -> Result<PathBuf, RepoError> {
+    let io = |what: String| move |source| RepoError::Io { what, source };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(format!("create cache folder '{}'", dir.display())))?;
+    let dest = dir.join(CATALOG_FILE);
+    for suffix in ["", "-wal"] {
+        let mut from = root.join(CATALOG_FILE).into_os_string();
+        from.push(suffix);
+        let mut to = dest.clone().into_os_string();
+        to.push(suffix);
+        match std::fs::copy(&from, &to) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(format!("copy the catalog into '{}'", dir.display()))(e)),
+        }
+    }
+    Ok(dest)
 }
 
 /// A snapshot object as listed: its object name and metadata.
@@ -182,6 +265,13 @@ impl Repository {
     /// Opens a repository; rebuilds the catalog when it is missing or stale
     /// and brings its snapshot table up to date with `snapshots/`.
     pub fn open(path: &Path) -> Result<Repository, RepoError> {
+        Self::open_with(path, &OpenOptions::default())
+    }
+
+    /// [`Repository::open`] with options. On storage that refuses writes
+    /// the catalog is copied into (or rebuilt in) a private cache folder
+    /// and no lock is taken (spec: format-spec/04-catalog.md#read-only).
+    pub fn open_with(path: &Path, options: &OpenOptions) -> Result<Repository, RepoError> {
         let backend = LocalBackend::new(path);
         let bytes = match backend.load(Kind::Config, "config") {
             Ok(b) => b,
@@ -194,7 +284,13 @@ impl Repository {
         };
         let config =
             config::decode(&bytes).map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
-        let catalog_path = path.join(CATALOG_FILE);
+        let read_only = !backend.probe_writable();
+        let (catalog_path, cache_dir) = if read_only {
+            let dir = private_cache_dir(&config.id);
+            (copy_catalog(path, &dir)?, Some(dir))
+        } else {
+            (path.join(CATALOG_FILE), None)
+        };
         let (catalog, state) = Catalog::open(&catalog_path, &config.id)?;
         let mut repo = Repository {
             backend: Arc::new(backend),
@@ -203,10 +299,37 @@ impl Repository {
             catalog: Mutex::new(catalog),
             catalog_rebuilt: false,
             unreadable_snapshots: Vec::new(),
+            catalog_incomplete: None,
+            lock_health: Mutex::new(None),
+            read_only,
+            no_lock: options.no_lock,
+            catalog_path,
+            cache_dir,
         };
         if state == OpenState::Reset {
-            repo.rebuild_catalog(&crate::progress::NoProgress)?;
-            repo.catalog_rebuilt = true;
+            // Under a shared lock, one transaction; a process that waited
+            // for another's rebuild finds the catalog complete and skips it
+            // (spec: format-spec/04-catalog.md#rebuild).
+            match repo.lock(false, "catalog rebuild") {
+                Ok(lock) => {
+                    let rebuilt = repo.rebuild_catalog_if(true, &crate::progress::NoProgress);
+                    drop(lock);
+                    // Released: the command's own lock is the one to watch.
+                    *repo.lock_health.lock().expect("lock health") = None;
+                    if rebuilt?.is_some() {
+                        repo.catalog_rebuilt = true;
+                    }
+                }
+                // An exclusive holder (or an unreadable lock) stops the
+                // rebuild, not lock-free commands such as `unlock`: the
+                // catalog stays incomplete (rebuilt by the next open), and
+                // any command that locks fails on the same conflict.
+                Err(RepoError::Lock(e @ LockError::Conflict { .. })) => {
+                    repo.catalog_incomplete = Some(e.to_string());
+                    repo.sync_snapshots()?;
+                }
+                Err(e) => return Err(e),
+            }
         } else {
             repo.sync_snapshots()?;
         }
@@ -236,11 +359,55 @@ impl Repository {
 
     /// A new connection to the catalog, for another thread.
     pub fn open_catalog(&self) -> Result<Catalog, RepoError> {
-        Ok(Catalog::open(&self.root.join(CATALOG_FILE), &self.config.id)?.0)
+        Ok(Catalog::open(&self.catalog_path, &self.config.id)?.0)
     }
 
+    /// Whether the storage refuses writes (then no lock is taken and the
+    /// catalog lives in [`Repository::catalog_path`]).
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether locks are skipped (read-only storage or `--no-lock`).
+    pub fn locks_skipped(&self) -> bool {
+        self.read_only || self.no_lock
+    }
+
+    pub fn catalog_path(&self) -> &Path {
+        &self.catalog_path
+    }
+
+    /// Takes a shared or exclusive lock (spec: format-spec/05-locks.md).
+    /// On read-only storage or with `--no-lock` a shared lock is skipped
+    /// (the command only reads); an exclusive one, and `backup`, fail.
     pub fn lock(&self, exclusive: bool, command: &str) -> Result<LockGuard, RepoError> {
-        Ok(lock::acquire(self.backend.clone(), exclusive, command)?)
+        if self.locks_skipped() {
+            if exclusive || command == "backup" {
+                return Err(RepoError::LockRequired {
+                    command: command.to_string(),
+                    why: if self.read_only {
+                        format!("'{}' is on read-only storage", self.location())
+                    } else {
+                        "--no-lock was given; run it without --no-lock".to_string()
+                    },
+                });
+            }
+            return Ok(LockGuard::skipped(self.backend.clone()));
+        }
+        let guard = lock::acquire(self.backend.clone(), exclusive, command)?;
+        *self.lock_health.lock().expect("lock health") = Some(guard.health());
+        Ok(guard)
+    }
+
+    /// Fails once the lock taken last could not be refreshed for the
+    /// give-up time: called before every step that relies on the lock
+    /// (committing a snapshot, removing an object).
+    /// spec: format-spec/05-locks.md#refresh
+    pub fn ensure_lock_held(&self) -> Result<(), RepoError> {
+        match &*self.lock_health.lock().expect("lock health") {
+            Some(h) => Ok(h.check()?),
+            None => Ok(()),
+        }
     }
 
     /// Reads one pack's footer and trailer (two range reads).
@@ -274,17 +441,51 @@ impl Repository {
         pack_layout::decode_trailer(&trailer, size, self.config.block_size).map_err(bad)
     }
 
-    /// Rebuilds the catalog from the packs and snapshot objects alone.
-    /// Returns the packs that could not be read (name, reason).
+    /// Rebuilds the catalog from the packs and snapshot objects alone, in
+    /// one SQLite transaction; known damage is kept
+    /// (spec: format-spec/04-catalog.md#rebuild). Returns the packs that
+    /// could not be read (name, reason).
     pub fn rebuild_catalog(
+        &mut self,
+        progress: &dyn crate::progress::Progress,
+    ) -> Result<Vec<(String, String)>, RepoError> {
+        Ok(self
+            .rebuild_catalog_if(false, progress)?
+            .unwrap_or_default())
+    }
+
+    /// The rebuild; with `only_if_incomplete`, nothing is done (None) when
+    /// another process completed the catalog while this one waited.
+    fn rebuild_catalog_if(
+        &mut self,
+        only_if_incomplete: bool,
+        progress: &dyn crate::progress::Progress,
+    ) -> Result<Option<Vec<(String, String)>>, RepoError> {
+        if !self.catalog().begin_rebuild(only_if_incomplete)? {
+            self.sync_snapshots()?;
+            return Ok(None);
+        }
+        let result = self.fill_catalog(progress);
+        let mut catalog = self.catalog();
+        match result {
+            Ok(skipped) => {
+                catalog.finish_rebuild()?;
+                Ok(Some(skipped))
+            }
+            Err(e) => {
+                catalog.abort_rebuild();
+                Err(e)
+            }
+        }
+    }
+
+    fn fill_catalog(
         &mut self,
         progress: &dyn crate::progress::Progress,
     ) -> Result<Vec<(String, String)>, RepoError> {
         let packs = self.backend.list(Kind::Pack)?;
         progress.set_total(packs.len() as u64);
         let mut skipped = Vec::new();
-        let mut catalog = self.catalog.lock().expect("catalog mutex poisoned");
-        catalog.clear()?;
         for (name, size) in packs {
             progress.advance(1);
             let Ok(pack_name) = name.parse::<ObjectName>() else {
@@ -292,14 +493,93 @@ impl Repository {
                 continue;
             };
             match self.read_pack_index(&name, size) {
-                Ok(entries) => catalog.add_pack(&pack_name, size, &entries)?,
+                Ok(entries) => self.catalog().add_pack(&pack_name, size, &entries)?,
                 Err(e) => skipped.push((name, e.to_string())),
             }
         }
-        drop(catalog);
         self.sync_snapshots()?;
-        self.catalog().mark_complete()?;
         Ok(skipped)
+    }
+
+    /// Every stored copy of `block` not recorded as damaged, found by
+    /// reading every pack's trailer (the catalog names one copy only): for
+    /// a reader whose copy failed verification, to try before failing
+    /// (spec: format-spec/06-ordering.md#reading). Costly; failure path only.
+    pub fn intact_copies(
+        &self,
+        block: &crate::format::BlockId,
+    ) -> Result<Vec<(crate::index::BlockLocation, u64)>, RepoError> {
+        let damaged: std::collections::HashSet<ObjectName> = self
+            .catalog()
+            .damaged()?
+            .into_iter()
+            .filter(|d| d.block == *block)
+            .map(|d| d.pack)
+            .collect();
+        let mut out = Vec::new();
+        for (name, size) in self.backend.list(Kind::Pack)? {
+            let Ok(pack) = name.parse::<ObjectName>() else {
+                continue;
+            };
+            if damaged.contains(&pack) {
+                continue;
+            }
+            let Ok(entries) = self.read_pack_index(&name, size) else {
+                continue;
+            };
+            for e in entries.iter().filter(|e| e.block_id == *block) {
+                out.push((
+                    crate::index::BlockLocation {
+                        pack,
+                        offset: e.offset,
+                        stored_length: e.stored_length,
+                        raw_length: e.raw_length,
+                    },
+                    size,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Points the catalog at `location`, a copy of `block` the caller has
+    /// just read and verified, when the copy it named is damaged
+    /// (spec: format-spec/04-catalog.md#damaged).
+    pub fn use_copy(
+        &self,
+        block: &crate::format::BlockId,
+        location: &crate::index::BlockLocation,
+        pack_size_bytes: u64,
+    ) -> Result<(), RepoError> {
+        // The whole pack is adopted (it may have had no rows); only rows
+        // naming damaged copies move to it.
+        let entries = self.read_pack_index(&location.pack.to_hex(), pack_size_bytes)?;
+        if !entries.iter().any(|e| {
+            e.block_id == *block
+                && e.offset == location.offset
+                && e.stored_length == location.stored_length
+        }) {
+            return Err(RepoError::Invalid(format!(
+                "pack {} holds no copy of block {block} at offset {}",
+                location.pack, location.offset
+            )));
+        }
+        Ok(self
+            .catalog()
+            .add_pack(&location.pack, pack_size_bytes, &entries)?)
+    }
+
+    /// Records that the copy of `block` in `pack` failed verification, so
+    /// no backup deduplicates against it and the next one that reads the
+    /// block stores it again. Every reader that finds a damaged blob calls
+    /// this (spec: format-spec/04-catalog.md#damaged).
+    pub fn mark_damaged(
+        &self,
+        block: &crate::format::BlockId,
+        pack: &ObjectName,
+        reason: &str,
+    ) -> Result<(), RepoError> {
+        Ok(self.catalog().mark_damaged(block, pack, reason)?)
     }
 
     /// Loads a snapshot object, checking its name against its content.
@@ -344,7 +624,72 @@ impl Repository {
         Ok(())
     }
 
-    /// Live snapshots (highest generation of each id), oldest first.
+    /// Ids whose highest generation is claimed by more than one object,
+    /// each as the error readers return for it
+    /// (spec: format-spec/03-snapshot.md#identity).
+    pub fn duplicate_snapshots(&self) -> Result<Vec<RepoError>, RepoError> {
+        let mut by_id: HashMap<SnapshotId, (u32, Vec<ObjectName>)> = HashMap::new();
+        for (object, meta) in self.catalog().snapshots()? {
+            let e = by_id
+                .entry(meta.id)
+                .or_insert((meta.generation, Vec::new()));
+            if meta.generation > e.0 {
+                *e = (meta.generation, Vec::new());
+            }
+            if meta.generation == e.0 {
+                e.1.push(object);
+            }
+        }
+        let mut out: Vec<(SnapshotId, u32, Vec<ObjectName>)> = by_id
+            .into_iter()
+            .filter(|(_, (_, objects))| objects.len() > 1)
+            .map(|(id, (generation, objects))| (id, generation, objects))
+            .collect();
+        out.sort_by_key(|d| d.0);
+        Ok(out
+            .into_iter()
+            .map(|(id, generation, mut objects)| {
+                objects.sort();
+                RepoError::DuplicateSnapshot {
+                    id,
+                    generation,
+                    objects: objects
+                        .iter()
+                        .map(|o| o.to_hex())
+                        .collect::<Vec<_>>()
+                        .join(" and "),
+                }
+            })
+            .collect())
+    }
+
+    /// Fails when the live generation of `id` is claimed by several objects.
+    fn ensure_unique(&self, id: SnapshotId) -> Result<(), RepoError> {
+        let objects: Vec<(ObjectName, u32)> = self
+            .catalog()
+            .snapshots()?
+            .into_iter()
+            .filter(|(_, m)| m.id == id)
+            .map(|(o, m)| (o, m.generation))
+            .collect();
+        let top = objects.iter().map(|o| o.1).max();
+        let at_top: Vec<&(ObjectName, u32)> = objects.iter().filter(|o| Some(o.1) == top).collect();
+        if at_top.len() > 1 {
+            let mut names: Vec<String> = at_top.iter().map(|o| o.0.to_hex()).collect();
+            names.sort();
+            return Err(RepoError::DuplicateSnapshot {
+                id,
+                generation: top.unwrap_or_default(),
+                objects: names.join(" and "),
+            });
+        }
+        Ok(())
+    }
+
+    /// Live snapshots (highest generation of each id), oldest first. An id
+    /// whose live generation is claimed twice is listed once; every read
+    /// of it ([`Repository::find_snapshot`], [`Repository::load_chain`])
+    /// fails with [`RepoError::DuplicateSnapshot`].
     pub fn snapshots(&self) -> Result<Vec<SnapshotEntry>, RepoError> {
         let mut by_id: HashMap<SnapshotId, SnapshotEntry> = HashMap::new();
         for (object, meta) in self.catalog().snapshots()? {
@@ -377,7 +722,11 @@ impl Repository {
             0 => Err(RepoError::SnapshotNotFound {
                 query: query.to_string(),
             }),
-            1 => Ok(matches.into_iter().next().expect("one match")),
+            1 => {
+                let found = matches.into_iter().next().expect("one match");
+                self.ensure_unique(found.meta.id)?;
+                Ok(found)
+            }
             _ => Err(RepoError::AmbiguousSnapshot {
                 query: query.to_string(),
                 candidates: matches
@@ -407,6 +756,7 @@ impl Repository {
             let entry = live
                 .get(&id)
                 .ok_or_else(|| RepoError::SnapshotNotFound { query: id.to_hex() })?;
+            self.ensure_unique(id)?;
             let obj = self.load_snapshot(&entry.object)?;
             next = obj.meta.parent;
             chain.push(obj);
@@ -429,11 +779,30 @@ impl Repository {
     pub fn commit_snapshot(&self, obj: &SnapshotObject) -> Result<ObjectName, RepoError> {
         #[cfg(debug_assertions)]
         test_failpoint("commit_snapshot")?;
+        #[cfg(debug_assertions)]
+        test_delay("commit_snapshot");
+        self.ensure_lock_held()?;
         let bytes = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
         let name = ObjectName::of(&bytes);
         self.backend.save(Kind::Snapshot, &name.to_hex(), &bytes)?;
         self.catalog().upsert_snapshot(&name, &obj.meta)?;
         Ok(name)
+    }
+}
+
+/// Test hook, debug builds only: `CBTVAULT_TEST_DELAY=NAME:MS` sleeps MS
+/// milliseconds at point NAME (e.g. to let a lock go stale before a commit).
+#[cfg(debug_assertions)]
+pub(crate) fn test_delay(name: &str) {
+    let Ok(spec) = std::env::var("CBTVAULT_TEST_DELAY") else {
+        return;
+    };
+    if let Some((point, ms)) = spec.split_once(':') {
+        if point == name {
+            if let Ok(ms) = ms.parse() {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
     }
 }
 

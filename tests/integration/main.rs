@@ -10,6 +10,7 @@ mod cli;
 mod corruption;
 mod crash;
 mod file_source;
+mod healing;
 mod layering;
 mod manifest_props;
 mod nbd;
@@ -18,6 +19,7 @@ mod roundtrip;
 mod serve;
 #[cfg(feature = "sim")]
 mod sim_command;
+mod trust;
 mod xen_backup;
 mod xen_restore;
 mod xen_util;

@@ -489,7 +489,7 @@ pub fn run(
                     }
                 }
                 let ids: Vec<BlockId> = candidates.iter().map(|c| c.1).collect();
-                let known = catalog.contains_many(&ids)?;
+                let known = catalog.contains_intact_many(&ids)?; // spec: 04-catalog.md#damaged
                 let mut to_store: Vec<(usize, BlockId)> = Vec::new();
                 for ((k, id), known) in candidates.into_iter().zip(known) {
                     if !known && pending.insert(id) {
