@@ -1,0 +1,126 @@
+//! The `sim.*` calls: the simulator's own test hooks (guest writes, a
+//! system CBT disable, fault switches, dom0 attach/detach, a VM with
+//! disks). A real host answers them with `MESSAGE_METHOD_UNKNOWN`; nothing
+//! in the XenAPI surface depends on them.
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+
+use super::table::Call;
+use crate::model::{Class, NewVbd, NewVdi, Ref, State};
+use xapi_wire::ApiError;
+use xapi_wire::Value;
+
+type Reply = Result<Value, ApiError>;
+
+pub(super) fn guest_write(st: &mut State, c: &Call) -> Reply {
+    let v = c.args.obj(st, 1, Class::Vdi)?;
+    let offset = c.args.int(2, "offset")?;
+    let data = base64::engine::general_purpose::STANDARD
+        .decode(c.args.string(3, "data")?)
+        .map_err(|_| ApiError::field_type("data"))?;
+    let offset = u64::try_from(offset).map_err(|_| ApiError::field_type("offset"))?;
+    guest_write_checked(st, &v, offset, &data)?;
+    Ok(Value::void())
+}
+
+pub(super) fn system_disable_cbt(st: &mut State, c: &Call) -> Reply {
+    let v = c.args.obj(st, 1, Class::Vdi)?;
+    st.system_disable_cbt(&v)?;
+    Ok(Value::void())
+}
+
+pub(super) fn set_fault(st: &mut State, c: &Call) -> Reply {
+    let fault = c.args.string(1, "name")?;
+    let value = c.args.get(2);
+    match fault.as_str() {
+        "legacy_host" => st.faults.legacy_host = c.args.bool(2, "value")?,
+        "task_delay_ms" => {
+            st.faults.task_delay_ms = value
+                .as_int()
+                .and_then(|i| u64::try_from(i).ok())
+                .ok_or_else(|| ApiError::field_type("value"))?
+        }
+        "nbd_drop_after_bytes" => {
+            st.faults.nbd_drop_after_bytes = match value {
+                Value::String(s) if s.is_empty() => None,
+                Value::Nil => None,
+                v => Some(
+                    v.as_int()
+                        .and_then(|i| u64::try_from(i).ok())
+                        .ok_or_else(|| ApiError::field_type("value"))?,
+                ),
+            }
+        }
+        _ => return Err(ApiError::new("INVALID_VALUE", ["name", fault.as_str()])),
+    }
+    Ok(Value::void())
+}
+
+pub(super) fn attach_to_dom0(st: &mut State, c: &Call) -> Reply {
+    let v = c.args.obj(st, 1, Class::Vdi)?;
+    st.attach_to_dom0(&v, "RO").map(Value::String)
+}
+
+pub(super) fn detach(st: &mut State, c: &Call) -> Reply {
+    let b = c.args.obj(st, 1, Class::Vbd)?;
+    st.detach_and_destroy(&b);
+    Ok(Value::void())
+}
+
+pub(super) fn create_vm(st: &mut State, c: &Call) -> Reply {
+    let label = c.args.string(1, "name")?;
+    let sizes: Vec<u64> = c
+        .args
+        .get(2)
+        .as_array()
+        .ok_or_else(|| ApiError::field_type("disk_sizes"))?
+        .iter()
+        .map(|v| v.as_int().and_then(|i| u64::try_from(i).ok()))
+        .collect::<Option<_>>()
+        .ok_or_else(|| ApiError::field_type("disk_sizes"))?;
+    create_vm_with_disks(st, &label, &sizes).map(Value::String)
+}
+
+/// Guest writes go to live disks only: a snapshot is read-only and a
+/// cbt_metadata VDI has no data.
+pub(crate) fn guest_write_checked(
+    st: &mut State,
+    vdi: &str,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), ApiError> {
+    let v = st.vdi(vdi)?;
+    if v.vdi_type == "cbt_metadata" {
+        return Err(ApiError::incompatible_type(vdi, "cbt_metadata"));
+    }
+    if v.is_a_snapshot {
+        return Err(ApiError::operation_not_allowed(format!(
+            "VDI is a snapshot: {vdi}"
+        )));
+    }
+    st.write_vdi(vdi, offset, data)
+}
+
+/// A halted VM with one user VDI per size, plugged as xvda, xvdb, ...
+pub(crate) fn create_vm_with_disks(
+    st: &mut State,
+    name: &str,
+    sizes: &[u64],
+) -> Result<Ref, ApiError> {
+    let vm = st.vm_create(name);
+    let sr = st.default_sr.clone();
+    for (i, &size) in sizes.iter().enumerate() {
+        let vdi = st.vdi_create(NewVdi::user(format!("{name} disk {i}"), sr.clone(), size))?;
+        st.vbd_create(NewVbd {
+            vm: vm.clone(),
+            vdi,
+            userdevice: i.to_string(),
+            mode: "RW".into(),
+            bootable: i == 0,
+            other_config: BTreeMap::new(),
+        })?;
+    }
+    Ok(vm)
+}
