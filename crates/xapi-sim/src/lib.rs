@@ -52,6 +52,13 @@
 //!     (SM after an inconsistent log): `cbt_enabled` false, chain broken.
 //!   - `sim.attach_to_dom0(session, vdi)` -> VBD ref and `sim.detach(session,
 //!     vbd)`: a leftover dom0 attachment, so calls see `VDI_IN_USE`.
+//!
+//! Layout: `model` (the objects and the rules of the calls on them, one
+//! module per class; `cbt`, `disk`, `metadata` beside it), `dispatch` (the
+//! method table in `dispatch/table.rs`: every call's name, parameter count
+//! and handler; the checks before a handler runs), `server` (the HTTPS port:
+//! `rpc`, `tasks`, `raw_vdi`, `metadata`, `guest`), `nbd` (the NBD exports),
+//! `persist` (`state.json`).
 
 pub mod cbt;
 mod disk;

@@ -16,6 +16,8 @@ use xapi_wire::ApiError;
 use xapi_wire::Value;
 
 type Reply = Result<Value, ApiError>;
+/// A handler that runs under the state lock.
+type StateFn = fn(&mut State, &Call) -> Reply;
 
 /// One call as a handler sees it, after the table's checks.
 pub(super) struct Call<'a> {
@@ -32,7 +34,7 @@ pub(super) struct Call<'a> {
 #[derive(Clone, Copy)]
 pub(super) enum Handler {
     /// Runs under the state lock.
-    State(fn(&mut State, &Call) -> Reply),
+    State(StateFn),
     /// Takes the lock itself (a call that waits without holding it).
     Core(fn(&Arc<Core>, &Call) -> Reply),
 }
@@ -282,7 +284,7 @@ fn build() -> Table {
             },
         );
     }
-    let hooks: [(&str, usize, fn(&mut State, &Call) -> Reply); 6] = [
+    let hooks: [(&str, usize, StateFn); 6] = [
         ("guest_write", 4, hooks::guest_write),
         ("system_disable_cbt", 2, hooks::system_disable_cbt),
         ("set_fault", 3, hooks::set_fault),
