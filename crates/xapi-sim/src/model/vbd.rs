@@ -1,5 +1,6 @@
-//! VBDs: create, destroy, plug/unplug, and the simulator's dom0 attach /
-//! detach (as a backup tool's own attach would be).
+//! VBDs: create, destroy, plug/unplug, and the dom0 attach / detach that
+//! NBD connections, raw VDI transfers and the `sim.attach_to_dom0` /
+//! `sim.detach` hooks use.
 
 use std::collections::BTreeMap;
 
