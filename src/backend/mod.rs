@@ -4,7 +4,9 @@
 //!
 //! spec: format-spec/01-layout.md
 
+pub mod fault;
 pub mod local;
+pub mod powerloss;
 
 use std::fmt;
 

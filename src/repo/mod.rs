@@ -179,7 +179,8 @@ impl Repository {
     /// Opens a repository; rebuilds the catalog when it is missing or stale
     /// and brings its snapshot table up to date with `snapshots/`.
     pub fn open(path: &Path) -> Result<Repository, RepoError> {
-        let backend = LocalBackend::new(path);
+        // The local folder; in debug builds a test may wrap or replace it.
+        let backend = crate::backend::fault::open_backend(path);
         let bytes = match backend.load(Kind::Config, "config") {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
@@ -194,7 +195,7 @@ impl Repository {
         let catalog_path = path.join(CATALOG_FILE);
         let (catalog, state) = Catalog::open(&catalog_path, &config.id)?;
         let mut repo = Repository {
-            backend: Arc::new(backend),
+            backend,
             root: path.to_path_buf(),
             config,
             catalog: Mutex::new(catalog),

@@ -14,6 +14,10 @@ mod nbd;
 mod roundtrip;
 mod serve;
 mod sim;
+mod torture;
+// Drives the library over a test backend registered by a debug-only hook.
+#[cfg(debug_assertions)]
+mod torture_powerloss;
 mod xen_backup;
 mod xen_restore;
 mod xen_util;
