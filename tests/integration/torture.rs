@@ -1023,10 +1023,79 @@ impl World {
     }
 
     /// A damaged block, found by check --read-data, comes back with the
-    /// next full backup of an image that holds it (issue 22 item 2).
+    /// next full backup of an image that holds it (issue 22 item 2,
+    /// DESIGN.md invariant 10): a fresh block is backed up (so it sits in
+    /// the newest pack), a byte of that pack is flipped, check --read-data
+    /// finds it, and a full backup of the same image must then restore
+    /// exactly.
     fn heal_damaged_block(&mut self) -> Result<(), String> {
-        let _ = self.pick_file("data");
-        Err("heal-damaged-block: not written yet (needs the healing of issue 22)".into())
+        let d = self.rng.gen_range(0..self.disks.len());
+        let b = self.rng.gen_range(0..IMAGE_BLOCKS[d]);
+        self.fresh += 1;
+        let data = random_block(self.seed, 1_000_000 + self.fresh);
+        let start = (b * BS) as usize;
+        let end = (start + BSU).min(self.disks[d].bytes.len());
+        self.disks[d].bytes[start..end].copy_from_slice(&data[..end - start]);
+        std::fs::write(&self.disks[d].path, &self.disks[d].bytes).map_err(|e| e.to_string())?;
+        let (args, _) = self.backup_args(d, "full")?;
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = self.run(&a);
+        let state = self.state(d);
+        self.backup_outcome(d, state.clone(), &r, None, true)?;
+        let newest = self
+            .files("data")
+            .into_iter()
+            .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .ok_or("no pack after a backup with new data")?;
+        let len = std::fs::metadata(&newest).unwrap().len();
+        let offset = self.rng.gen_range(0..len);
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&newest)
+                .unwrap();
+            let mut old = [0u8];
+            f.read_exact_at(&mut old, offset).unwrap();
+            f.write_all_at(&[old[0] ^ 0x40], offset).unwrap();
+            self.damage.push(Damage::Flipped {
+                path: newest.clone(),
+                offset,
+                old: old[0],
+            });
+        }
+        let (code, _, _) = self.check(true, &[])?;
+        self.note(format!(
+            "heal: flipped byte {offset} of the newest pack; check exit {code}"
+        ));
+        let r = self.run(&a);
+        self.sane(&r)?;
+        if r.code != 0 {
+            return Err(format!(
+                "full backup of disk{d} after damage was found failed: {}",
+                r.stderr
+            ));
+        }
+        let id = r.json()["snapshot_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        self.known.insert(
+            id.clone(),
+            Known {
+                disk: d,
+                state,
+                learned: false,
+            },
+        );
+        if !self.restore_to_file(&id, &[])? {
+            return Err(format!(
+                "full backup {id} taken after check --read-data found damage does not \
+                 restore (it reused a damaged block rather than store it again?)"
+            ));
+        }
+        self.after_damage("heal: damage in the newest pack".into())
     }
 
     // ----------------------------------------------------- concurrency
