@@ -52,6 +52,15 @@ const CHECK_FAILED_RESTORE_LEAVES_NO_TARGET: bool = false;
 /// block stores it again and restores. Off: it deduplicates against the
 /// damaged block.
 const CHECK_BACKUP_HEALS_DAMAGED_BLOCKS: bool = false;
+/// Issue 22 item 4 (format-spec/03-snapshot.md#identity): two snapshot
+/// objects with the same id and generation are reported as damaged and
+/// neither is picked. Off: `check` passes and `restore` silently returns
+/// one of them (wrong bytes), so the action that forges one is disabled.
+const CHECK_DUPLICATE_SNAPSHOT_OBJECTS: bool = false;
+/// Issue 22 item 7 (format-spec/01-layout.md): a repository copied without
+/// its empty folders (`tmp/`, `locks/`, empty `data/XX/`) works. Off:
+/// restore fails on the lock, backup on a missing `data/XX/`.
+const CHECK_MISSING_EMPTY_FOLDERS: bool = false;
 /// Found by this harness (seed 3, step 35): `repair index` (and any
 /// catalog rebuild) that cannot read a pack because of an I/O error skips
 /// it, marks the catalog complete and exits 0; every snapshot with blocks
@@ -112,6 +121,8 @@ const ACTIONS: &[Action] = &[
     Action { name: "fault-delete-pack", weight: 1, run: World::delete_pack },
     Action { name: "fault-delete-snapshot", weight: 1, run: World::delete_snapshot },
     Action { name: "fault-concurrent", weight: 2, run: World::concurrent },
+    Action { name: "fault-duplicate-snapshot-object", weight: if CHECK_DUPLICATE_SNAPSHOT_OBJECTS { 1 } else { 0 }, run: World::duplicate_snapshot_object },
+    Action { name: "remove-empty-folders", weight: if CHECK_MISSING_EMPTY_FOLDERS { 1 } else { 0 }, run: World::remove_empty_folders },
     Action { name: "heal-damaged-block", weight: if CHECK_BACKUP_HEALS_DAMAGED_BLOCKS { 1 } else { 0 }, run: World::heal_damaged_block },
 ];
 
@@ -172,6 +183,7 @@ struct Disk {
 enum Damage {
     Flipped { path: PathBuf, offset: u64, old: u8 },
     Moved { path: PathBuf, aside: PathBuf },
+    Created { path: PathBuf },
 }
 
 struct World {
@@ -951,6 +963,7 @@ impl World {
                         f.write_all_at(&[old], offset).unwrap();
                     }
                     Damage::Moved { path, aside } => std::fs::rename(aside, path).unwrap(),
+                    Damage::Created { path } => std::fs::remove_file(path).unwrap(),
                 }
             }
             self.note("damage undone".into());
@@ -1096,6 +1109,53 @@ impl World {
             ));
         }
         self.after_damage("heal: damage in the newest pack".into())
+    }
+
+    /// A second object for a snapshot with the same id and generation but
+    /// every block zero (a forgery, or two writers that collided): it must
+    /// be reported, and neither object picked silently.
+    fn duplicate_snapshot_object(&mut self) -> Result<(), String> {
+        use cbtvault::format::snapshot::{self, BlockRef};
+        let Some(path) = self.pick_file("snapshots") else {
+            return Ok(());
+        };
+        let mut obj =
+            snapshot::decode(&std::fs::read(&path).unwrap()).map_err(|e| e.to_string())?;
+        if obj.entries.is_empty() {
+            return Ok(());
+        }
+        for e in &mut obj.entries {
+            e.1 = BlockRef::Zero;
+        }
+        let bytes = snapshot::encode(&obj).map_err(|e| e.to_string())?;
+        let name = cbtvault::format::ObjectName::of(&bytes).to_hex();
+        let forged = self.t.repo.join("snapshots").join(&name);
+        std::fs::write(&forged, &bytes).unwrap();
+        self.damage.push(Damage::Created { path: forged });
+        self.after_damage(format!(
+            "forged a second object of snapshot {} (same generation, all blocks zero)",
+            obj.meta.id
+        ))
+    }
+
+    /// Removes the empty folders a copy may not carry (tmp/, locks/, empty
+    /// data/XX/): every command must work without them.
+    fn remove_empty_folders(&mut self) -> Result<(), String> {
+        let mut removed = 0;
+        let mut dirs: Vec<PathBuf> = vec![self.t.repo.join("tmp"), self.t.repo.join("locks")];
+        for e in std::fs::read_dir(self.t.repo.join("data"))
+            .unwrap()
+            .flatten()
+        {
+            dirs.push(e.path());
+        }
+        for d in dirs {
+            if std::fs::remove_dir(&d).is_ok() {
+                removed += 1;
+            }
+        }
+        self.note(format!("removed {removed} empty folders"));
+        self.verify("after removing the empty folders", false)
     }
 
     // ----------------------------------------------------- concurrency

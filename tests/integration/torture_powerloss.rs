@@ -188,7 +188,7 @@ fn power_loss_run(seed: u64, steps: usize) {
         let marked = if rng.gen_bool(0.3) { None } else { marked };
         let armed = rng.gen_bool(0.6);
         if armed {
-            backend.arm(rng.gen_range(1..60));
+            backend.arm(rng.gen_range(1..24));
         }
         let result = backup_once(&repo, &image, parent, marked.as_deref());
         match &result {
