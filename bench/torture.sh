@@ -24,7 +24,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HOURS=${TORTURE_HOURS:-4}
 STEPS=${TORTURE_STEPS:-3000}
-SEED=${TORTURE_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
+SEED=${TORTURE_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d " ")}
 STOP=${TORTURE_STOP:-0}
 DIR=${TORTURE_DIR:-$ROOT/bench-work/torture}
 mkdir -p "$DIR"

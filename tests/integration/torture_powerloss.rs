@@ -275,10 +275,7 @@ fn power_loss_run(seed: u64, steps: usize) {
 
 #[test]
 fn power_loss_keeps_every_committed_snapshot_and_a_consistent_repository() {
-    let seed = std::env::var("CBTVAULT_TORTURE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
+    let seed = crate::torture::torture_seed();
     let steps = std::env::var("CBTVAULT_TORTURE_STEPS")
         .ok()
         .and_then(|s| s.parse::<usize>().ok())
