@@ -389,7 +389,11 @@ impl World {
                 marked.insert(self.rng.gen_range(0..now.blocks.len() as u64));
             }
             let marked: Vec<u64> = marked.into_iter().collect();
-            let file = self.t.path(&format!("bitmap-{}.b64", self.step));
+            let file = self.t.path(&format!(
+                "bitmap-{}-{}.b64",
+                self.step,
+                self.rng.gen::<u32>()
+            ));
             write_bitmap(&file, &bitmap_base64(now.len, &marked));
             args.extend(["--changed-blocks".into(), file.display().to_string()]);
         }
@@ -1166,8 +1170,9 @@ impl World {
 
     // ----------------------------------------------------- concurrency
 
-    /// Two cbtvault processes at once: two backups, or a backup beside a
-    /// restore, a check or a repair index. Lock conflicts may fail one.
+    /// Two cbtvault processes at once: two backups (of two disks or of one),
+    /// or a backup beside a restore, a check or a repair index. Lock
+    /// conflicts may fail one.
     fn concurrent(&mut self) -> Result<(), String> {
         let d = self.rng.gen_range(0..self.disks.len());
         let how = ["full", "bitmap"][self.rng.gen_range(0..2)];
@@ -1175,8 +1180,9 @@ impl World {
         let state = self.state(d);
         let other: Vec<String> = match self.rng.gen_range(0..4) {
             0 => {
-                let d2 = 1 - d;
-                let (a, _) = self.backup_args(d2, "full")?;
+                // The other disk, or the same one (both on the same parent).
+                let d2 = if self.rng.gen_bool(0.5) { 1 - d } else { d };
+                let (a, _) = self.backup_args(d2, how)?;
                 // The second backup's outcome is learned by verify.
                 self.attempts.push((d2, self.state(d2)));
                 a
