@@ -272,7 +272,8 @@ impl Repository {
     /// the catalog is copied into (or rebuilt in) a private cache folder
     /// and no lock is taken (spec: format-spec/04-catalog.md#read-only).
     pub fn open_with(path: &Path, options: &OpenOptions) -> Result<Repository, RepoError> {
-        let backend = LocalBackend::new(path);
+        // The local folder; in debug builds a test may wrap or replace it.
+        let backend = crate::backend::fault::open_backend(path);
         let bytes = match backend.load(Kind::Config, "config") {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
@@ -293,7 +294,7 @@ impl Repository {
         };
         let (catalog, state) = Catalog::open(&catalog_path, &config.id)?;
         let mut repo = Repository {
-            backend: Arc::new(backend),
+            backend,
             root: path.to_path_buf(),
             config,
             catalog: Mutex::new(catalog),
