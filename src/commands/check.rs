@@ -22,6 +22,9 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
     let bar = ui.progress("check", subset.is_some());
     let report = check::run(repo, subset, &bar)?;
     bar.finish();
+    for line in repo.take_notices() {
+        ui.warn(line);
+    }
     ui.json(&report);
     for p in &report.problems {
         let fix = p

@@ -156,7 +156,13 @@ pub struct Repository {
     catalog_path: PathBuf,
     /// The private cache folder holding the catalog, removed on drop.
     cache_dir: Option<PathBuf>,
+    /// What readers want the user told (a healed block, damage the
+    /// catalog could not record); commands print them (`take_notices`).
+    notices: Mutex<Vec<String>>,
 }
+
+/// Notices kept at most; more are counted, not kept.
+const MAX_NOTICES: usize = 1000;
 
 impl Drop for Repository {
     fn drop(&mut self) {
@@ -305,6 +311,7 @@ impl Repository {
             no_lock: options.no_lock,
             catalog_path,
             cache_dir,
+            notices: Mutex::new(Vec::new()),
         };
         if state == OpenState::Reset {
             // Under a shared lock, one transaction; a process that waited
@@ -501,6 +508,21 @@ impl Repository {
         Ok(skipped)
     }
 
+    /// Tells the user something through the command (see `take_notices`).
+    pub fn notice(&self, line: String) {
+        let mut n = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        if n.len() < MAX_NOTICES {
+            n.push(line);
+        } else if n.len() == MAX_NOTICES {
+            n.push("more notices were dropped".to_string());
+        }
+    }
+
+    /// The notices gathered since the last call, oldest first.
+    pub fn take_notices(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notices.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Every stored copy of `block` not recorded as damaged, found by
     /// reading every pack's trailer (the catalog names one copy only): for
     /// a reader whose copy failed verification, to try before failing
@@ -509,26 +531,44 @@ impl Repository {
         &self,
         block: &crate::format::BlockId,
     ) -> Result<Vec<(crate::index::BlockLocation, u64)>, RepoError> {
-        let damaged: std::collections::HashSet<ObjectName> = self
-            .catalog()
-            .damaged()?
-            .into_iter()
-            .filter(|d| d.block == *block)
-            .map(|d| d.pack)
-            .collect();
-        let mut out = Vec::new();
+        Ok(self
+            .intact_copies_many(std::slice::from_ref(block))?
+            .remove(block)
+            .unwrap_or_default())
+    }
+
+    /// [`Repository::intact_copies`] of several blocks with one pass over
+    /// the packs. A catalog that cannot list its damage is no reason to
+    /// give up: every copy is verified by the reader anyway.
+    pub fn intact_copies_many(
+        &self,
+        blocks: &[crate::format::BlockId],
+    ) -> Result<HashMap<crate::format::BlockId, Vec<(crate::index::BlockLocation, u64)>>, RepoError>
+    {
+        let wanted: std::collections::HashSet<crate::format::BlockId> =
+            blocks.iter().copied().collect();
+        let damaged: std::collections::HashSet<(crate::format::BlockId, ObjectName)> =
+            match self.catalog().damaged() {
+                Ok(d) => d
+                    .into_iter()
+                    .filter(|d| wanted.contains(&d.block))
+                    .map(|d| (d.block, d.pack))
+                    .collect(),
+                Err(_) => Default::default(),
+            };
+        let mut out: HashMap<_, Vec<_>> = HashMap::new();
         for (name, size) in self.backend.list(Kind::Pack)? {
             let Ok(pack) = name.parse::<ObjectName>() else {
                 continue;
             };
-            if damaged.contains(&pack) {
-                continue;
-            }
             let Ok(entries) = self.read_pack_index(&name, size) else {
                 continue;
             };
-            for e in entries.iter().filter(|e| e.block_id == *block) {
-                out.push((
+            for e in entries.iter().filter(|e| wanted.contains(&e.block_id)) {
+                if damaged.contains(&(e.block_id, pack)) {
+                    continue;
+                }
+                out.entry(e.block_id).or_default().push((
                     crate::index::BlockLocation {
                         pack,
                         offset: e.offset,
