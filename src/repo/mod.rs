@@ -86,6 +86,15 @@ pub enum RepoError {
         generation: u32,
         objects: String,
     },
+    /// The catalog file is damaged and this process may not rebuild it now.
+    #[error(
+        "catalog '{path}' is damaged ({reason}) and cannot be rebuilt now: {why}; run 'cbtvault repair index'"
+    )]
+    CatalogCorrupt {
+        path: String,
+        reason: String,
+        why: String,
+    },
     /// A command that writes or needs the lock, on storage that cannot
     /// hold one (or with `--no-lock`).
     #[error("'{command}' needs the repository lock, but {why}")]
@@ -148,6 +157,9 @@ pub struct Repository {
     /// Why the catalog could not be rebuilt on open (it lists snapshots
     /// but not blocks), when it could not.
     pub catalog_incomplete: Option<String>,
+    /// Set when the catalog file was found damaged and replaced: why, and
+    /// where the damaged file was kept (None: a private cache copy).
+    pub catalog_replaced: Option<(String, Option<PathBuf>)>,
     /// The health of the lock most recently taken through [`Repository::lock`].
     lock_health: Mutex<Option<Arc<lock::LockHealth>>>,
     /// The storage refuses writes: no locks, catalog in a cache folder.
@@ -211,6 +223,74 @@ fn copy_catalog(root: &Path, dir: &Path) -> Result<PathBuf, RepoError> {
         }
     }
     Ok(dest)
+}
+
+/// Replaces a damaged catalog file (spec: format-spec/04-catalog.md#corrupt).
+/// A private cache copy (read-only storage) is deleted; the repository's
+/// own file is moved aside as `catalog.corrupt-<time>` under the exclusive
+/// lock, which is returned for the rebuild to run under. With `--no-lock`,
+/// or when the lock is taken, nothing is touched and the error names the
+/// file and `repair index`. The returned catalog is empty (`Reset`).
+fn replace_corrupt_catalog(
+    backend: &Arc<dyn Backend>,
+    path: &Path,
+    repo_id: &str,
+    read_only: bool,
+    no_lock: bool,
+    cause: &IndexError,
+) -> Result<(Catalog, Option<LockGuard>, Option<PathBuf>), RepoError> {
+    let (reason, shown) = match cause {
+        IndexError::Corrupt { reason, path } => (reason.clone(), path.clone()),
+        other => (other.to_string(), path.display().to_string()),
+    };
+    let cannot = |why: String| RepoError::CatalogCorrupt {
+        path: shown.clone(),
+        reason: reason.clone(),
+        why,
+    };
+    if read_only {
+        let (catalog, _) = fresh_catalog(path, repo_id, true)?;
+        return Ok((catalog, None, None));
+    }
+    if no_lock {
+        return Err(cannot(
+            "--no-lock was given and replacing it needs the exclusive lock".into(),
+        ));
+    }
+    let guard = match lock::acquire(backend.clone(), true, "catalog rebuild") {
+        Ok(g) => g,
+        Err(e) => return Err(cannot(format!("the exclusive lock is not free ({e})"))),
+    };
+    // Another process may have replaced it while this one waited.
+    if let Ok((catalog, _)) = Catalog::open(path, repo_id) {
+        if catalog.snapshots().is_ok() {
+            return Ok((catalog, Some(guard), None));
+        }
+    }
+    let (catalog, aside) = fresh_catalog(path, repo_id, false)?;
+    Ok((catalog, Some(guard), aside))
+}
+
+/// An empty catalog in place of a damaged one, whose connections are all
+/// closed: a private cache copy is deleted, the repository's own file
+/// moved aside (its new name returned).
+fn fresh_catalog(
+    path: &Path,
+    repo_id: &str,
+    cache_copy: bool,
+) -> Result<(Catalog, Option<PathBuf>), RepoError> {
+    let aside = if cache_copy {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+        None
+    } else {
+        Some(crate::index::move_aside(path)?)
+    };
+    let (catalog, _) = Catalog::open(path, repo_id)?;
+    Ok((catalog, aside))
 }
 
 /// A snapshot object as listed: its object name and metadata.
@@ -297,15 +377,34 @@ impl Repository {
         } else {
             (path.join(CATALOG_FILE), None)
         };
-        let (catalog, state) = Catalog::open(&catalog_path, &config.id)?;
+        let backend: Arc<dyn Backend> = Arc::new(backend);
+        let mut held: Option<LockGuard> = None;
+        let mut replaced = None;
+        let (catalog, mut state) = match Catalog::open(&catalog_path, &config.id) {
+            Err(e) if e.is_corrupt() => {
+                let (catalog, guard, aside) = replace_corrupt_catalog(
+                    &backend,
+                    &catalog_path,
+                    &config.id,
+                    read_only,
+                    options.no_lock,
+                    &e,
+                )?;
+                held = guard;
+                replaced = Some((e.to_string(), aside));
+                (catalog, OpenState::Reset)
+            }
+            other => other?,
+        };
         let mut repo = Repository {
-            backend: Arc::new(backend),
+            backend,
             root: path.to_path_buf(),
             config,
             catalog: Mutex::new(catalog),
             catalog_rebuilt: false,
             unreadable_snapshots: Vec::new(),
             catalog_incomplete: None,
+            catalog_replaced: None,
             lock_health: Mutex::new(None),
             read_only,
             no_lock: options.no_lock,
@@ -313,11 +412,40 @@ impl Repository {
             cache_dir,
             notices: Mutex::new(Vec::new()),
         };
+        if state == OpenState::Current {
+            // A damaged page met by the first statements is handled as one
+            // found by quick_check.
+            match repo.sync_snapshots() {
+                Err(RepoError::Index(e)) if e.is_corrupt() => {
+                    // Every connection to the damaged file closes first.
+                    *repo.catalog.get_mut().expect("catalog mutex") = Catalog::detached()?;
+                    let (catalog, guard, aside) = replace_corrupt_catalog(
+                        &repo.backend,
+                        &repo.catalog_path,
+                        &repo.config.id,
+                        read_only,
+                        options.no_lock,
+                        &e,
+                    )?;
+                    *repo.catalog.get_mut().expect("catalog mutex") = catalog;
+                    held = guard;
+                    replaced = Some((e.to_string(), aside));
+                    state = OpenState::Reset;
+                }
+                other => other?,
+            }
+        }
+        repo.catalog_replaced = replaced;
         if state == OpenState::Reset {
             // Under a shared lock, one transaction; a process that waited
             // for another's rebuild finds the catalog complete and skips it
-            // (spec: format-spec/04-catalog.md#rebuild).
-            match repo.lock(false, "catalog rebuild") {
+            // (spec: format-spec/04-catalog.md#rebuild). A damaged catalog
+            // was replaced under the exclusive lock, still held here.
+            let lock = match held.take() {
+                Some(guard) => Ok(guard),
+                None => repo.lock(false, "catalog rebuild"),
+            };
+            match lock {
                 Ok(lock) => {
                     let rebuilt = repo.rebuild_catalog_if(true, &crate::progress::NoProgress);
                     drop(lock);
@@ -337,8 +465,6 @@ impl Repository {
                 }
                 Err(e) => return Err(e),
             }
-        } else {
-            repo.sync_snapshots()?;
         }
         Ok(repo)
     }
@@ -456,6 +582,19 @@ impl Repository {
         &mut self,
         progress: &dyn crate::progress::Progress,
     ) -> Result<Vec<(String, String)>, RepoError> {
+        // Whatever its size, a damaged file is moved aside first: the
+        // caller holds the exclusive lock (spec: format-spec/04-catalog.md#corrupt).
+        let check = self.catalog().quick_check();
+        if let Err(e) = check {
+            if !e.is_corrupt() {
+                return Err(e.into());
+            }
+            *self.catalog.get_mut().expect("catalog mutex") = Catalog::detached()?;
+            let (catalog, aside) =
+                fresh_catalog(&self.catalog_path, &self.config.id, self.read_only)?;
+            *self.catalog.get_mut().expect("catalog mutex") = catalog;
+            self.catalog_replaced = Some((e.to_string(), aside));
+        }
         Ok(self
             .rebuild_catalog_if(false, progress)?
             .unwrap_or_default())
