@@ -177,6 +177,12 @@ impl Catalog {
         Ok((cat, state))
     }
 
+    /// Another connection to a catalog this process has opened (and
+    /// checked) with [`Catalog::open`]: no `quick_check` again.
+    pub fn reopen(path: &Path, repo_id: &str) -> Result<Catalog, IndexError> {
+        Ok(Self::open_once(path, repo_id)?.0)
+    }
+
     /// A catalog of nothing, in memory: stands in while a damaged file's
     /// connection is closed and the file replaced.
     pub fn detached() -> Result<Catalog, IndexError> {

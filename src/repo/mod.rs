@@ -492,7 +492,7 @@ impl Repository {
 
     /// A new connection to the catalog, for another thread.
     pub fn open_catalog(&self) -> Result<Catalog, RepoError> {
-        Ok(Catalog::open(&self.catalog_path, &self.config.id)?.0)
+        Ok(Catalog::reopen(&self.catalog_path, &self.config.id)?)
     }
 
     /// Whether the storage refuses writes (then no lock is taken and the
