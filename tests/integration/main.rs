@@ -5,6 +5,7 @@ mod util;
 mod vectors;
 
 mod catalog;
+mod catalog_damage;
 mod changed_blocks;
 mod cli;
 mod corruption;
