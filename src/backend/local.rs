@@ -45,32 +45,6 @@ impl LocalBackend {
         sync_dir(&self.root)
     }
 
-    /// Whether objects can be written here: false when the storage refuses
-    /// writes (read-only file system, no permission). Creates `tmp/` when
-    /// it is missing and a probe file in it, removed at once.
-    pub fn probe_writable(&self) -> bool {
-        let refused = |e: &std::io::Error| {
-            matches!(
-                e.raw_os_error(),
-                Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
-            )
-        };
-        let tmp = self.root.join("tmp");
-        if let Err(e) = fs::create_dir(&tmp) {
-            if refused(&e) {
-                return false;
-            }
-        }
-        let probe = tmp.join(format!("{:032x}.probe", rand::random::<u128>()));
-        match OpenOptions::new().write(true).create_new(true).open(&probe) {
-            Ok(_) => {
-                let _ = fs::remove_file(&probe);
-                true
-            }
-            Err(e) => !refused(&e),
-        }
-    }
-
     /// Makes the written file `f` at `tmp` the object `name`: fsync, rename
     /// into place, fsync the folder (spec: 06-ordering.md).
     fn publish(&self, f: File, tmp: &Path, kind: Kind, name: &str) -> Result<(), BackendError> {
@@ -298,6 +272,32 @@ fn random_tmp_name() -> String {
 }
 
 impl Backend for LocalBackend {
+    /// Whether objects can be written here: false when the storage refuses
+    /// writes (read-only file system, no permission). Creates `tmp/` when
+    /// it is missing and a probe file in it, removed at once.
+    fn probe_writable(&self) -> bool {
+        let refused = |e: &std::io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EROFS) | Some(libc::EACCES) | Some(libc::EPERM)
+            )
+        };
+        let tmp = self.root.join("tmp");
+        if let Err(e) = fs::create_dir(&tmp) {
+            if refused(&e) {
+                return false;
+            }
+        }
+        let probe = tmp.join(format!("{:032x}.probe", rand::random::<u128>()));
+        match OpenOptions::new().write(true).create_new(true).open(&probe) {
+            Ok(_) => {
+                let _ = fs::remove_file(&probe);
+                true
+            }
+            Err(e) => !refused(&e),
+        }
+    }
+
     fn location(&self) -> String {
         self.root.display().to_string()
     }

@@ -4,7 +4,9 @@
 //!
 //! spec: format-spec/01-layout.md
 
+pub mod fault;
 pub mod local;
+pub mod powerloss;
 
 use std::fmt;
 
@@ -111,6 +113,12 @@ pub trait Backend: Send + Sync {
             kind,
             data: Vec::new(),
         }))
+    }
+
+    /// Whether objects can be written here: false when the storage refuses
+    /// writes (read-only file system, no permission). The default says yes.
+    fn probe_writable(&self) -> bool {
+        true
     }
 
     /// Whole object.

@@ -6,7 +6,7 @@
 //! repository side ([`Committer`]) does the same for every disk. Lost change
 //! tracking starts a new backup set, loudly.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -20,7 +20,8 @@ use crate::repo::lock::hostname;
 use crate::repo::{RepoError, Repository};
 use crate::source::nbd::NbdSource;
 use crate::source::xenapi::workflow::{
-    self, Committer, FrozenDisk, Previous, RunReport, WorkflowOptions, CBT_BLOCK_BYTES,
+    self, Committer, FrozenDisk, MarkedRun, Previous, RemovedLeftover, RunMarker, RunReport,
+    Verdict, WorkflowOptions, CBT_BLOCK_BYTES, LEFTOVER_SAFETY_AGE,
 };
 use crate::source::xenapi::{
     Client, ClientOptions, Credentials, HttpsTrust, Password, Session, XenUrl,
@@ -419,6 +420,8 @@ pub(crate) struct XenBackupSummary {
     pub vm_backup: Option<String>,
     pub disks: Vec<XenDiskSummary>,
     pub metadata: Option<BackupSummary>,
+    /// Leftovers of earlier (killed) runs destroyed on the host.
+    pub host_leftovers_removed: Vec<RemovedLeftover>,
     pub seconds: f64,
 }
 
@@ -547,6 +550,80 @@ impl Committer for RepoCommitter<'_> {
     fn info(&mut self, message: String) {
         self.ui.info(message);
     }
+
+    fn committed_landmarks(&mut self) -> Result<BTreeSet<String>, RepoError> {
+        Ok(self
+            .repo
+            .snapshots()?
+            .into_iter()
+            .filter_map(|s| s.meta.landmark.get(workflow::keys::SNAPSHOT_VDI).cloned())
+            .collect())
+    }
+
+    /// Over when the repository's lock listing proves it: the run's
+    /// process holds a stale lock, or holds none and is gone from this
+    /// machine; a run of another machine that holds no lock once it is
+    /// older than [`LEFTOVER_SAFETY_AGE`] (every backup holds its lock to
+    /// the end). Anything else may be live.
+    fn judge_run(&mut self, run: &MarkedRun) -> Verdict {
+        use crate::repo::lock;
+        let now = chrono::Utc::now();
+        let Some(pid) = run.pid.filter(|_| !run.hostname.is_empty()) else {
+            return Verdict::MaybeLive(format!("its marker names no process (run {})", run.run));
+        };
+        let here = hostname();
+        if run.hostname == here && pid == std::process::id() {
+            return Verdict::MaybeLive("it is this process".into());
+        }
+        let locks = match lock::list(self.repo.backend().as_ref()) {
+            Ok(l) => l,
+            Err(e) => {
+                return Verdict::MaybeLive(format!("the repository's locks cannot be listed: {e}"))
+            }
+        };
+        let held = locks
+            .into_iter()
+            .filter_map(|(_, info)| info.ok())
+            .filter(|i| i.hostname == run.hostname && i.pid == pid)
+            .max_by_key(|i| i.time);
+        if let Some(info) = held {
+            return match lock::stale_reason(&info, now) {
+                Some(why) => Verdict::Gone(format!("its process holds only a stale lock: {why}")),
+                None => {
+                    Verdict::MaybeLive(format!("its process still holds {}", lock::describe(&info)))
+                }
+            };
+        }
+        // No lock: the process is checked as a lock of it would be.
+        let probe = crate::format::lock::LockInfo {
+            exclusive: false,
+            hostname: run.hostname.clone(),
+            pid,
+            time: now,
+            command: "backup".into(),
+        };
+        if let Some(why) = lock::stale_reason(&probe, now) {
+            return Verdict::Gone(format!("it holds no lock and {why}"));
+        }
+        if run.hostname == here {
+            return Verdict::MaybeLive(format!("process {pid} still exists on this host"));
+        }
+        let age = run.started.map(|t| now.signed_duration_since(t));
+        match age {
+            Some(age) if age.num_seconds() > LEFTOVER_SAFETY_AGE.as_secs() as i64 => {
+                Verdict::Gone(format!(
+                    "it started {} hours ago on {} and holds no lock on the repository",
+                    age.num_hours(),
+                    run.hostname
+                ))
+            }
+            _ => Verdict::MaybeLive(format!(
+                "it ran on {} less than {} hours ago and may still be running",
+                run.hostname,
+                LEFTOVER_SAFETY_AGE.as_secs() / 3600
+            )),
+        }
+    }
 }
 
 /// Backs up a XenServer VDI or VM (the workflow, then the repository).
@@ -560,6 +637,11 @@ pub(crate) fn xen_backup(
 ) -> Result<(XenBackupSummary, RunReport)> {
     let started = std::time::Instant::now();
     let _lock = repo.lock(false, "backup")?;
+    let mut workflow_options = workflow_options.clone();
+    if workflow_options.marker.is_none() {
+        workflow_options.marker = Some(RunMarker::new(&repo.config().id, &hostname()));
+    }
+    let workflow_options = &workflow_options;
     let mut committer = RepoCommitter {
         ui,
         repo,
@@ -583,6 +665,7 @@ pub(crate) fn xen_backup(
             vm_backup: report.vm_backup.clone(),
             disks: committer.disks,
             metadata: committer.metadata,
+            host_leftovers_removed: report.removed.clone(),
             seconds: started.elapsed().as_secs_f64(),
         },
         report,

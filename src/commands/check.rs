@@ -22,6 +22,9 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
     let bar = ui.progress("check", subset.is_some());
     let report = check::run(repo, subset, &bar)?;
     bar.finish();
+    for line in repo.take_notices() {
+        ui.warn(line);
+    }
     ui.json(&report);
     for p in &report.problems {
         let fix = p
@@ -71,6 +74,12 @@ pub fn repair_index(ui: &Ui, path: &Path) -> Result<Outcome> {
     let bar = ui.progress("index", false);
     let skipped = repo.rebuild_catalog(&bar)?;
     bar.finish();
+    if let Some((why, Some(aside))) = &repo.catalog_replaced {
+        ui.warn(format!(
+            "the catalog was damaged ({why}); kept as '{}' for diagnosis",
+            aside.display()
+        ));
+    }
     for (name, why) in &skipped {
         ui.warn(format!("pack {name} skipped: {why}"));
     }

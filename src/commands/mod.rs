@@ -82,7 +82,15 @@ pub(crate) fn open_with(
             "the catalog is missing and could not be rebuilt now: {why}"
         ));
     }
-    if repo.catalog_rebuilt {
+    if let Some((why, aside)) = &repo.catalog_replaced {
+        ui.warn(format!(
+            "THE CATALOG WAS DAMAGED and has been rebuilt from the packs: {why}; {}; damage recorded by earlier reads is forgotten until a read or 'cbtvault check --read-data' finds it again",
+            match aside {
+                Some(p) => format!("the damaged file is kept as '{}' for diagnosis", p.display()),
+                None => "it was a private cache copy".to_string(),
+            }
+        ));
+    } else if repo.catalog_rebuilt {
         ui.warn("the catalog was missing or out of date and has been rebuilt from the packs");
     }
     for (name, reason) in &repo.unreadable_snapshots {

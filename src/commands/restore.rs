@@ -223,6 +223,9 @@ pub(crate) fn restore_local(
     let bar = ui.progress("restore", true);
     let result = restore::run(repo, id, map, sink, options.restore, &bar);
     bar.finish();
+    for line in repo.take_notices() {
+        ui.warn(line);
+    }
     // With stdout the target, the JSON result goes to stderr.
     fn emit<T: Serialize>(ui: &Ui, stdout: bool, value: &T) {
         if stdout {

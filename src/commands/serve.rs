@@ -89,7 +89,7 @@ pub fn run(ui: &Ui, repo: Repository, options: &ServeOptions) -> Result<Outcome>
     let _lock = repo.lock(false, "serve")?;
     let id = entry.meta.id;
     let repo = Arc::new(repo);
-    let export = SnapshotExport::open(repo, id)
+    let export = SnapshotExport::open(repo.clone(), id)
         .with_context(|| format!("open snapshot {id} for serving"))?;
     if export.missing_blocks() > 0 {
         ui.warn(format!(
@@ -143,6 +143,9 @@ pub fn run(ui: &Ui, repo: Repository, options: &ServeOptions) -> Result<Outcome>
         nbdserver::serve(listener, resolver, options, stop).await;
         Ok(())
     })?;
+    for line in repo.take_notices() {
+        ui.warn(line);
+    }
     ui.info("stopped");
     Ok(Outcome::Ok)
 }

@@ -22,12 +22,87 @@ pub enum IndexError {
     },
     #[error("catalog '{path}': {reason}; run 'cbtvault repair index'")]
     Inconsistent { path: String, reason: String },
+    /// SQLite found the file damaged (SQLITE_CORRUPT, SQLITE_NOTADB, or a
+    /// failed `quick_check`): the catalog is derived, so it is rebuilt.
+    #[error("catalog '{path}' is damaged ({reason}); it is rebuilt from the packs by 'cbtvault repair index'")]
+    Corrupt { path: String, reason: String },
     #[error("catalog '{path}': {what}: {source}")]
     Io {
         path: String,
         what: &'static str,
         source: std::io::Error,
     },
+}
+
+impl IndexError {
+    /// Whether the catalog file itself is damaged (spec:
+    /// format-spec/04-catalog.md#corrupt).
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, IndexError::Corrupt { .. })
+    }
+}
+
+/// A SQLite error as an [`IndexError`]; the damaged-file classes become
+/// [`IndexError::Corrupt`], whatever statement met them.
+fn sqlite_error(path: &str, source: rusqlite::Error) -> IndexError {
+    match &source {
+        rusqlite::Error::SqliteFailure(e, _)
+            if matches!(
+                e.code,
+                rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+            ) =>
+        {
+            IndexError::Corrupt {
+                path: path.to_string(),
+                reason: source.to_string(),
+            }
+        }
+        _ => IndexError::Sqlite {
+            path: path.to_string(),
+            source,
+        },
+    }
+}
+
+/// Catalogs up to this size are checked with `PRAGMA quick_check` on every
+/// open (a fraction of a second); larger ones are checked by
+/// `repair index` and otherwise found damaged by the statement that meets
+/// the damage.
+pub const QUICK_CHECK_MAX_BYTES: u64 = 32 << 20;
+
+/// Moves a damaged catalog (with its `-wal`) aside as
+/// `catalog.corrupt-<time>` in the same folder, for diagnosis, and removes
+/// its `-shm`. Every connection to it must be closed. Returns the new name.
+/// spec: format-spec/04-catalog.md#corrupt
+pub fn move_aside(path: &Path) -> Result<std::path::PathBuf, IndexError> {
+    let shown = path.display().to_string();
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let aside = dir.join(format!("catalog.corrupt-{stamp}"));
+    let io = |what: &'static str| {
+        let path = shown.clone();
+        move |source| IndexError::Io { path, what, source }
+    };
+    std::fs::rename(path, &aside).map_err(io("move the damaged catalog aside"))?;
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let mut wal_aside = aside.clone().into_os_string();
+    wal_aside.push("-wal");
+    match std::fs::rename(&wal, &wal_aside) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("move the damaged catalog's -wal aside")(e))
+        }
+        _ => {}
+    }
+    let mut shm = path.as_os_str().to_owned();
+    shm.push("-shm");
+    match std::fs::remove_file(&shm) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(io("remove the damaged catalog's -shm")(e))
+        }
+        _ => {}
+    }
+    Ok(aside)
 }
 
 /// Where a block is stored.
@@ -90,35 +165,54 @@ pub struct DamagedCopy {
 
 impl Catalog {
     /// Opens (creating if needed) the catalog for repository `repo_id`.
+    /// A damaged file is [`IndexError::Corrupt`] (checked with
+    /// `quick_check` when the file is small): the caller moves it aside
+    /// under the lock and rebuilds (spec: format-spec/04-catalog.md#corrupt).
     pub fn open(path: &Path, repo_id: &str) -> Result<(Catalog, OpenState), IndexError> {
-        match Self::open_once(path, repo_id) {
-            // A damaged cache is thrown away: it is rebuilt from the packs.
-            Err(IndexError::Sqlite {
-                source: rusqlite::Error::SqliteFailure(e, _),
-                ..
-            }) if matches!(
-                e.code,
-                rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
-            ) =>
-            {
-                for suffix in ["", "-wal", "-shm"] {
-                    let mut p = path.as_os_str().to_owned();
-                    p.push(suffix);
-                    let _ = std::fs::remove_file(p);
-                }
-                let (cat, _) = Self::open_once(path, repo_id)?;
-                Ok((cat, OpenState::Reset))
-            }
-            other => other,
+        let (cat, state) = Self::open_once(path, repo_id)?;
+        let small = std::fs::metadata(path).is_ok_and(|m| m.len() <= QUICK_CHECK_MAX_BYTES);
+        if small {
+            cat.quick_check()?;
+        }
+        Ok((cat, state))
+    }
+
+    /// Another connection to a catalog this process has opened (and
+    /// checked) with [`Catalog::open`]: no `quick_check` again.
+    pub fn reopen(path: &Path, repo_id: &str) -> Result<Catalog, IndexError> {
+        Ok(Self::open_once(path, repo_id)?.0)
+    }
+
+    /// A catalog of nothing, in memory: stands in while a damaged file's
+    /// connection is closed and the file replaced.
+    pub fn detached() -> Result<Catalog, IndexError> {
+        let conn = Connection::open_in_memory().map_err(|e| sqlite_error(":memory:", e))?;
+        Ok(Catalog {
+            conn,
+            path: ":memory:".into(),
+        })
+    }
+
+    /// `PRAGMA quick_check`: [`IndexError::Corrupt`] unless SQLite finds
+    /// the file sound. Reads every page: costs time in proportion to size.
+    pub fn quick_check(&self) -> Result<(), IndexError> {
+        let first: String = self
+            .conn
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        if first == "ok" {
+            Ok(())
+        } else {
+            Err(IndexError::Corrupt {
+                path: self.path.clone(),
+                reason: format!("quick_check: {first}"),
+            })
         }
     }
 
     fn open_once(path: &Path, repo_id: &str) -> Result<(Catalog, OpenState), IndexError> {
         let shown = path.display().to_string();
-        let sql = |source| IndexError::Sqlite {
-            path: shown.clone(),
-            source,
-        };
+        let sql = |source| sqlite_error(&shown, source);
         // SQLite gives its -wal and -shm files the database file's mode:
         // created 0600 here, the whole catalog stays private.
         if !path.exists() {
@@ -162,10 +256,7 @@ impl Catalog {
     }
 
     fn err(&self, source: rusqlite::Error) -> IndexError {
-        IndexError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
+        sqlite_error(&self.path, source)
     }
 
     /// Checks the schema; resets the catalog when it is missing or of
@@ -365,7 +456,7 @@ impl Catalog {
             }
             tx.commit()
         };
-        run(&mut self.conn).map_err(|source| IndexError::Sqlite { path, source })
+        run(&mut self.conn).map_err(|source| sqlite_error(&path, source))
     }
 
     /// Forgets a pack and every block located in it. Its `damaged` rows
@@ -381,7 +472,7 @@ impl Catalog {
             tx.execute("DELETE FROM packs WHERE name=?1", [&name.0[..]])?;
             tx.commit()
         };
-        run(&mut self.conn).map_err(|source| IndexError::Sqlite { path, source })
+        run(&mut self.conn).map_err(|source| sqlite_error(&path, source))
     }
 
     /// Replaces pack `old` by `new` (its salvaged blocks; None when nothing
@@ -755,6 +846,46 @@ mod tests {
         // A rebuild that only runs when incomplete does nothing now.
         assert!(!c.begin_rebuild(true).unwrap());
         assert!(c.conn.is_autocommit());
+    }
+
+    /// A catalog too large for `quick_check` on open: the statement that
+    /// meets a damaged page reports the damage as such (with the hint).
+    #[test]
+    fn a_statement_meeting_a_garbage_page_reports_the_catalog_corrupt() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.sqlite");
+        {
+            let mut c = catalog(&dir);
+            let entries: Vec<TrailerEntry> = (0..2000u32)
+                .map(|i| TrailerEntry {
+                    block_id: BlockId(*blake3::hash(&i.to_le_bytes()).as_bytes()),
+                    offset: i as u64,
+                    stored_length: 10,
+                    raw_length: 20,
+                })
+                .collect();
+            c.add_pack(&P1, 100, &entries).unwrap();
+        }
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        for page in 2..len / 4096 - 1 {
+            f.write_all_at(&[0xA5; 4096], page * 4096).unwrap();
+        }
+        drop(f);
+        let err = match Catalog::open_once(&path, "repo") {
+            Ok((c, _)) => c.block_totals().unwrap_err(),
+            Err(e) => e,
+        };
+        assert!(err.is_corrupt(), "{err:?}");
+        assert!(err.to_string().contains("repair index"), "{err}");
+        let aside = move_aside(&path).unwrap();
+        assert!(aside.exists() && !path.exists());
+        assert!(aside
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("catalog.corrupt-"));
     }
 
     #[test]

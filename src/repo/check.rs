@@ -241,7 +241,14 @@ pub fn run(
      -> Result<(), RepoError> {
         report.error(format!("pack {}", pack.to_hex()), reason.clone());
         repo.mark_damaged(&block, &pack, &reason)?;
-        let current = repo.catalog().lookup(&block)?;
+        let mut current = repo.catalog().lookup(&block)?;
+        if current.is_some_and(|loc| loc.pack == pack) {
+            // The one read path tries an intact copy elsewhere and points
+            // the catalog at it (spec: format-spec/04-catalog.md#damaged).
+            let reader = BlockReader::new(repo);
+            let _ = reader.read(&reader.locate(&[(0, block)])?);
+            current = repo.catalog().lookup(&block)?;
+        }
         if current.is_none_or(|loc| loc.pack == pack) {
             bad_blocks.entry(block).or_insert_with(|| {
                 format!(

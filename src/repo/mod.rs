@@ -86,6 +86,15 @@ pub enum RepoError {
         generation: u32,
         objects: String,
     },
+    /// The catalog file is damaged and this process may not rebuild it now.
+    #[error(
+        "catalog '{path}' is damaged ({reason}) and cannot be rebuilt now: {why}; run 'cbtvault repair index'"
+    )]
+    CatalogCorrupt {
+        path: String,
+        reason: String,
+        why: String,
+    },
     /// A command that writes or needs the lock, on storage that cannot
     /// hold one (or with `--no-lock`).
     #[error("'{command}' needs the repository lock, but {why}")]
@@ -148,6 +157,9 @@ pub struct Repository {
     /// Why the catalog could not be rebuilt on open (it lists snapshots
     /// but not blocks), when it could not.
     pub catalog_incomplete: Option<String>,
+    /// Set when the catalog file was found damaged and replaced: why, and
+    /// where the damaged file was kept (None: a private cache copy).
+    pub catalog_replaced: Option<(String, Option<PathBuf>)>,
     /// The health of the lock most recently taken through [`Repository::lock`].
     lock_health: Mutex<Option<Arc<lock::LockHealth>>>,
     /// The storage refuses writes: no locks, catalog in a cache folder.
@@ -156,7 +168,13 @@ pub struct Repository {
     catalog_path: PathBuf,
     /// The private cache folder holding the catalog, removed on drop.
     cache_dir: Option<PathBuf>,
+    /// What readers want the user told (a healed block, damage the
+    /// catalog could not record); commands print them (`take_notices`).
+    notices: Mutex<Vec<String>>,
 }
+
+/// Notices kept at most; more are counted, not kept.
+const MAX_NOTICES: usize = 1000;
 
 impl Drop for Repository {
     fn drop(&mut self) {
@@ -205,6 +223,74 @@ fn copy_catalog(root: &Path, dir: &Path) -> Result<PathBuf, RepoError> {
         }
     }
     Ok(dest)
+}
+
+/// Replaces a damaged catalog file (spec: format-spec/04-catalog.md#corrupt).
+/// A private cache copy (read-only storage) is deleted; the repository's
+/// own file is moved aside as `catalog.corrupt-<time>` under the exclusive
+/// lock, which is returned for the rebuild to run under. With `--no-lock`,
+/// or when the lock is taken, nothing is touched and the error names the
+/// file and `repair index`. The returned catalog is empty (`Reset`).
+fn replace_corrupt_catalog(
+    backend: &Arc<dyn Backend>,
+    path: &Path,
+    repo_id: &str,
+    read_only: bool,
+    no_lock: bool,
+    cause: &IndexError,
+) -> Result<(Catalog, Option<LockGuard>, Option<PathBuf>), RepoError> {
+    let (reason, shown) = match cause {
+        IndexError::Corrupt { reason, path } => (reason.clone(), path.clone()),
+        other => (other.to_string(), path.display().to_string()),
+    };
+    let cannot = |why: String| RepoError::CatalogCorrupt {
+        path: shown.clone(),
+        reason: reason.clone(),
+        why,
+    };
+    if read_only {
+        let (catalog, _) = fresh_catalog(path, repo_id, true)?;
+        return Ok((catalog, None, None));
+    }
+    if no_lock {
+        return Err(cannot(
+            "--no-lock was given and replacing it needs the exclusive lock".into(),
+        ));
+    }
+    let guard = match lock::acquire(backend.clone(), true, "catalog rebuild") {
+        Ok(g) => g,
+        Err(e) => return Err(cannot(format!("the exclusive lock is not free ({e})"))),
+    };
+    // Another process may have replaced it while this one waited.
+    if let Ok((catalog, _)) = Catalog::open(path, repo_id) {
+        if catalog.snapshots().is_ok() {
+            return Ok((catalog, Some(guard), None));
+        }
+    }
+    let (catalog, aside) = fresh_catalog(path, repo_id, false)?;
+    Ok((catalog, Some(guard), aside))
+}
+
+/// An empty catalog in place of a damaged one, whose connections are all
+/// closed: a private cache copy is deleted, the repository's own file
+/// moved aside (its new name returned).
+fn fresh_catalog(
+    path: &Path,
+    repo_id: &str,
+    cache_copy: bool,
+) -> Result<(Catalog, Option<PathBuf>), RepoError> {
+    let aside = if cache_copy {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+        None
+    } else {
+        Some(crate::index::move_aside(path)?)
+    };
+    let (catalog, _) = Catalog::open(path, repo_id)?;
+    Ok((catalog, aside))
 }
 
 /// A snapshot object as listed: its object name and metadata.
@@ -272,7 +358,8 @@ impl Repository {
     /// the catalog is copied into (or rebuilt in) a private cache folder
     /// and no lock is taken (spec: format-spec/04-catalog.md#read-only).
     pub fn open_with(path: &Path, options: &OpenOptions) -> Result<Repository, RepoError> {
-        let backend = LocalBackend::new(path);
+        // The local folder; in debug builds a test may wrap or replace it.
+        let backend = crate::backend::fault::open_backend(path);
         let bytes = match backend.load(Kind::Config, "config") {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
@@ -291,26 +378,75 @@ impl Repository {
         } else {
             (path.join(CATALOG_FILE), None)
         };
-        let (catalog, state) = Catalog::open(&catalog_path, &config.id)?;
+        let backend: Arc<dyn Backend> = Arc::new(backend);
+        let mut held: Option<LockGuard> = None;
+        let mut replaced = None;
+        let (catalog, mut state) = match Catalog::open(&catalog_path, &config.id) {
+            Err(e) if e.is_corrupt() => {
+                let (catalog, guard, aside) = replace_corrupt_catalog(
+                    &backend,
+                    &catalog_path,
+                    &config.id,
+                    read_only,
+                    options.no_lock,
+                    &e,
+                )?;
+                held = guard;
+                replaced = Some((e.to_string(), aside));
+                (catalog, OpenState::Reset)
+            }
+            other => other?,
+        };
         let mut repo = Repository {
-            backend: Arc::new(backend),
+            backend,
             root: path.to_path_buf(),
             config,
             catalog: Mutex::new(catalog),
             catalog_rebuilt: false,
             unreadable_snapshots: Vec::new(),
             catalog_incomplete: None,
+            catalog_replaced: None,
             lock_health: Mutex::new(None),
             read_only,
             no_lock: options.no_lock,
             catalog_path,
             cache_dir,
+            notices: Mutex::new(Vec::new()),
         };
+        if state == OpenState::Current {
+            // A damaged page met by the first statements is handled as one
+            // found by quick_check.
+            match repo.sync_snapshots() {
+                Err(RepoError::Index(e)) if e.is_corrupt() => {
+                    // Every connection to the damaged file closes first.
+                    *repo.catalog.get_mut().expect("catalog mutex") = Catalog::detached()?;
+                    let (catalog, guard, aside) = replace_corrupt_catalog(
+                        &repo.backend,
+                        &repo.catalog_path,
+                        &repo.config.id,
+                        read_only,
+                        options.no_lock,
+                        &e,
+                    )?;
+                    *repo.catalog.get_mut().expect("catalog mutex") = catalog;
+                    held = guard;
+                    replaced = Some((e.to_string(), aside));
+                    state = OpenState::Reset;
+                }
+                other => other?,
+            }
+        }
+        repo.catalog_replaced = replaced;
         if state == OpenState::Reset {
             // Under a shared lock, one transaction; a process that waited
             // for another's rebuild finds the catalog complete and skips it
-            // (spec: format-spec/04-catalog.md#rebuild).
-            match repo.lock(false, "catalog rebuild") {
+            // (spec: format-spec/04-catalog.md#rebuild). A damaged catalog
+            // was replaced under the exclusive lock, still held here.
+            let lock = match held.take() {
+                Some(guard) => Ok(guard),
+                None => repo.lock(false, "catalog rebuild"),
+            };
+            match lock {
                 Ok(lock) => {
                     let rebuilt = repo.rebuild_catalog_if(true, &crate::progress::NoProgress);
                     drop(lock);
@@ -330,8 +466,6 @@ impl Repository {
                 }
                 Err(e) => return Err(e),
             }
-        } else {
-            repo.sync_snapshots()?;
         }
         Ok(repo)
     }
@@ -359,7 +493,7 @@ impl Repository {
 
     /// A new connection to the catalog, for another thread.
     pub fn open_catalog(&self) -> Result<Catalog, RepoError> {
-        Ok(Catalog::open(&self.catalog_path, &self.config.id)?.0)
+        Ok(Catalog::reopen(&self.catalog_path, &self.config.id)?)
     }
 
     /// Whether the storage refuses writes (then no lock is taken and the
@@ -449,6 +583,19 @@ impl Repository {
         &mut self,
         progress: &dyn crate::progress::Progress,
     ) -> Result<Vec<(String, String)>, RepoError> {
+        // Whatever its size, a damaged file is moved aside first: the
+        // caller holds the exclusive lock (spec: format-spec/04-catalog.md#corrupt).
+        let check = self.catalog().quick_check();
+        if let Err(e) = check {
+            if !e.is_corrupt() {
+                return Err(e.into());
+            }
+            *self.catalog.get_mut().expect("catalog mutex") = Catalog::detached()?;
+            let (catalog, aside) =
+                fresh_catalog(&self.catalog_path, &self.config.id, self.read_only)?;
+            *self.catalog.get_mut().expect("catalog mutex") = catalog;
+            self.catalog_replaced = Some((e.to_string(), aside));
+        }
         Ok(self
             .rebuild_catalog_if(false, progress)?
             .unwrap_or_default())
@@ -501,6 +648,21 @@ impl Repository {
         Ok(skipped)
     }
 
+    /// Tells the user something through the command (see `take_notices`).
+    pub fn notice(&self, line: String) {
+        let mut n = self.notices.lock().unwrap_or_else(|e| e.into_inner());
+        if n.len() < MAX_NOTICES {
+            n.push(line);
+        } else if n.len() == MAX_NOTICES {
+            n.push("more notices were dropped".to_string());
+        }
+    }
+
+    /// The notices gathered since the last call, oldest first.
+    pub fn take_notices(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notices.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
     /// Every stored copy of `block` not recorded as damaged, found by
     /// reading every pack's trailer (the catalog names one copy only): for
     /// a reader whose copy failed verification, to try before failing
@@ -509,26 +671,44 @@ impl Repository {
         &self,
         block: &crate::format::BlockId,
     ) -> Result<Vec<(crate::index::BlockLocation, u64)>, RepoError> {
-        let damaged: std::collections::HashSet<ObjectName> = self
-            .catalog()
-            .damaged()?
-            .into_iter()
-            .filter(|d| d.block == *block)
-            .map(|d| d.pack)
-            .collect();
-        let mut out = Vec::new();
+        Ok(self
+            .intact_copies_many(std::slice::from_ref(block))?
+            .remove(block)
+            .unwrap_or_default())
+    }
+
+    /// [`Repository::intact_copies`] of several blocks with one pass over
+    /// the packs. A catalog that cannot list its damage is no reason to
+    /// give up: every copy is verified by the reader anyway.
+    pub fn intact_copies_many(
+        &self,
+        blocks: &[crate::format::BlockId],
+    ) -> Result<HashMap<crate::format::BlockId, Vec<(crate::index::BlockLocation, u64)>>, RepoError>
+    {
+        let wanted: std::collections::HashSet<crate::format::BlockId> =
+            blocks.iter().copied().collect();
+        let damaged: std::collections::HashSet<(crate::format::BlockId, ObjectName)> =
+            match self.catalog().damaged() {
+                Ok(d) => d
+                    .into_iter()
+                    .filter(|d| wanted.contains(&d.block))
+                    .map(|d| (d.block, d.pack))
+                    .collect(),
+                Err(_) => Default::default(),
+            };
+        let mut out: HashMap<_, Vec<_>> = HashMap::new();
         for (name, size) in self.backend.list(Kind::Pack)? {
             let Ok(pack) = name.parse::<ObjectName>() else {
                 continue;
             };
-            if damaged.contains(&pack) {
-                continue;
-            }
             let Ok(entries) = self.read_pack_index(&name, size) else {
                 continue;
             };
-            for e in entries.iter().filter(|e| e.block_id == *block) {
-                out.push((
+            for e in entries.iter().filter(|e| wanted.contains(&e.block_id)) {
+                if damaged.contains(&(e.block_id, pack)) {
+                    continue;
+                }
+                out.entry(e.block_id).or_default().push((
                     crate::index::BlockLocation {
                         pack,
                         offset: e.offset,

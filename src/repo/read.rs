@@ -4,14 +4,20 @@
 //! export of a snapshot and `check --read-data` all read through here.
 //! It returns a result per block, so a caller decides whether one bad block
 //! stops it; it never hands out bytes whose BLAKE3 differs from their id.
-//! It does not write anywhere and keeps no cache (the NBD export keeps its
-//! own); memory is bounded by the ranges of one call, and `stream` holds at
+//! It writes nothing but the catalog's damage records and healed rows,
+//! keeps no cache (the NBD export keeps its own); memory is bounded by the ranges of one call, and `stream` holds at
 //! most `CHUNKS_IN_FLIGHT` chunks of `CHUNK_BLOCKS` blocks.
 //!
-//! Room for later: `locate` is the only place locations come from, so
-//! trying another copy of a block that failed verification, and skipping
-//! copies the catalog marks damaged, land there; `ReadError::Damaged`
-//! carries what a catalog record of the damage needs (block, pack, offset).
+//! Healing (spec: format-spec/04-catalog.md#damaged): a blob that fails
+//! verification is recorded in the catalog (`Repository::mark_damaged`),
+//! then the block is located again (another reader may have healed it) and,
+//! failing that, every other stored copy (`Repository::intact_copies_many`)
+//! is read and verified; the first good one is returned and the catalog
+//! pointed at it (`Repository::use_copy`). Only when no copy verifies is
+//! the block `ReadError::Damaged`. A catalog that cannot record any of this
+//! (read-only cache, full disk) costs a notice (`Repository::notice`),
+//! never a read: the bytes handed out are verified either way. The catalog
+//! mutex is held for single statements only, never across a pack read.
 
 use crossbeam_channel::bounded;
 use rayon::prelude::*;
@@ -216,9 +222,156 @@ impl<'r> BlockReader<'r> {
         for (k, got) in pieces {
             out[k] = Some(got);
         }
-        out.into_iter()
+        let mut out: Vec<BlockResult> = out
+            .into_iter()
             .map(|r| r.expect("every block has a result"))
-            .collect()
+            .collect();
+        self.heal(blocks, &mut out);
+        out
+    }
+
+    /// Replaces every `Damaged` result of `results` (for `blocks`) by the
+    /// content of an intact copy when one exists, recording the damage and
+    /// pointing the catalog at the copy used.
+    // spec: format-spec/04-catalog.md#damaged, format-spec/02-pack.md#duplicates
+    fn heal(&self, blocks: &[Located], results: &mut [BlockResult]) {
+        // Damaged block id -> the pack and offset of the copy that failed.
+        let mut failed: Vec<(BlockId, ObjectName, u64)> = Vec::new();
+        for (b, r) in blocks.iter().zip(results.iter()) {
+            if let Err(ReadError::Damaged {
+                block,
+                pack,
+                offset,
+                reason,
+                ..
+            }) = r
+            {
+                if failed.iter().any(|f| f.0 == *block) {
+                    continue;
+                }
+                self.record(block, pack, reason);
+                failed.push((b.block, *pack, *offset));
+            }
+        }
+        if failed.is_empty() {
+            return;
+        }
+        let mut healed: Vec<(BlockId, Vec<u8>)> = Vec::new();
+        let mut unhealed: Vec<(BlockId, ObjectName, u64)> = Vec::new();
+        // First the catalog: another reader may have moved the row already
+        // (the NBD export keeps the locations it found when it opened).
+        for &(block, pack, offset) in &failed {
+            let now = match self.repo.catalog().lookup(&block) {
+                Ok(l) => l,
+                Err(e) => {
+                    self.repo
+                        .notice(format!("block {block}: catalog lookup failed: {e}"));
+                    None
+                }
+            };
+            match now.filter(|l| (l.pack, l.offset) != (pack, offset)) {
+                Some(l) => match self.read_copy(block, l) {
+                    Ok(raw) => healed.push((block, raw)),
+                    Err(e) => {
+                        if let ReadError::Damaged {
+                            pack: bad, reason, ..
+                        } = &e
+                        {
+                            self.record(&block, bad, reason);
+                        }
+                        unhealed.push((block, pack, offset))
+                    }
+                },
+                None => unhealed.push((block, pack, offset)),
+            }
+        }
+        if !unhealed.is_empty() {
+            let ids: Vec<BlockId> = unhealed.iter().map(|u| u.0).collect();
+            match self.repo.intact_copies_many(&ids) {
+                Ok(mut copies) => {
+                    for (block, pack, offset) in unhealed {
+                        let candidates = copies.remove(&block).unwrap_or_default();
+                        for (l, size) in candidates {
+                            if (l.pack, l.offset) == (pack, offset) {
+                                continue;
+                            }
+                            match self.read_copy(block, l) {
+                                Ok(raw) => {
+                                    if let Err(e) = self.repo.use_copy(&block, &l, size) {
+                                        self.repo.notice(format!(
+                                            "block {block}: the catalog could not be pointed at the intact copy in pack {}: {e}",
+                                            l.pack
+                                        ));
+                                    }
+                                    self.repo.notice(format!(
+                                        "block {block}: the copy in pack {pack} is damaged; read the intact copy in pack {} instead; run 'cbtvault repair packs' to salvage the damaged pack",
+                                        l.pack
+                                    ));
+                                    healed.push((block, raw));
+                                    break;
+                                }
+                                Err(ReadError::Damaged {
+                                    pack: bad, reason, ..
+                                }) => self.record(&block, &bad, &reason),
+                                Err(_) => {}
+                            }
+                        }
+                    }
+                }
+                Err(e) => self.repo.notice(format!(
+                    "looking for intact copies of damaged blocks failed: {e}"
+                )),
+            }
+        }
+        for (b, r) in blocks.iter().zip(results.iter_mut()) {
+            if matches!(r, Err(ReadError::Damaged { .. })) {
+                if let Some((_, raw)) = healed.iter().find(|h| h.0 == b.block) {
+                    *r = Ok(raw.clone());
+                }
+            }
+        }
+    }
+
+    /// Records a damaged copy; a catalog that cannot take the record (a
+    /// read-only cache, a full disk) is a notice, not a failed read.
+    fn record(&self, block: &BlockId, pack: &ObjectName, reason: &str) {
+        if let Err(e) = self.repo.mark_damaged(block, pack, reason) {
+            self.repo.notice(format!(
+                "block {block}: the damage of its copy in pack {pack} could not be recorded in the catalog: {e}"
+            ));
+        }
+    }
+
+    /// Reads and verifies one copy of `block` at `l`.
+    fn read_copy(&self, block: BlockId, l: BlockLocation) -> BlockResult {
+        let b = Located {
+            index: 0,
+            block,
+            location: Some(l),
+        };
+        if l.raw_length > layout::MAX_BLOCK_SIZE
+            || l.stored_length > layout::max_stored_length(l.raw_length)
+        {
+            return Err(ReadError::Damaged {
+                index: 0,
+                block,
+                pack: l.pack,
+                offset: l.offset,
+                reason: "implausible lengths".into(),
+            });
+        }
+        let mut buf = vec![0u8; l.stored_length as usize];
+        self.repo
+            .backend()
+            .load_into(Kind::Pack, &l.pack.to_hex(), l.offset, &mut buf)
+            .map_err(|e| ReadError::Unreadable {
+                index: 0,
+                block,
+                pack: l.pack,
+                offset: l.offset,
+                reason: e.to_string(),
+            })?;
+        verify_blob(&b, &buf, l.offset)
     }
 
     /// Verifies blobs out of bytes already read from their pack: `buf`

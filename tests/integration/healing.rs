@@ -299,3 +299,168 @@ fn repair_packs_interrupted_before_removing_the_old_pack_is_finished_by_a_rerun(
     t.check(true).0.ok();
     t.assert_restores(&old, img.hash(), img.size());
 }
+
+/// Writes a pack holding only `block` straight into `data/`, as a
+/// concurrent backup could have left it: the catalog does not know it.
+pub fn write_duplicate_pack(t: &TestRepo, block: &[u8]) -> (PathBuf, cbtvault::format::ObjectName) {
+    use cbtvault::format::BlockId;
+    use cbtvault::pack::{compress_block, PackWriter};
+    let id = BlockId(*blake3::hash(block).as_bytes());
+    let mut w = PackWriter::new(1 << 20);
+    w.add(&compress_block(block, id, 3).unwrap()).unwrap();
+    let done = w.finish();
+    let name = done.name.to_hex();
+    let dir = t.repo.join("data").join(&name[..2]);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&name), done.tail.bytes()).unwrap();
+    (dir.join(name), done.name)
+}
+
+/// The damaged copies the catalog records: (block, pack, still current).
+pub fn recorded_damage(t: &TestRepo) -> Vec<([u8; 32], [u8; 32], bool)> {
+    let repo = cbtvault::repo::Repository::open(&t.repo).unwrap();
+    let v = repo
+        .catalog()
+        .damaged()
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.block.0, d.pack.0, d.current))
+        .collect();
+    v
+}
+
+/// Block X is damaged in the pack the catalog names and intact in another
+/// pack the catalog does not know: restore reads the intact copy, writes
+/// the exact image, records the damage and points the catalog at the copy.
+#[test]
+fn restore_reads_an_intact_duplicate_when_the_catalogs_copy_is_damaged() {
+    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(60, 0, 10 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let x = img.read_block(6);
+    let bad_pack = damage_block(&t, &x);
+    let bad_pack = bad_pack.file_name().unwrap().to_str().unwrap().to_string();
+    let (_, dup) = write_duplicate_pack(&t, &x);
+
+    let target = t.path("out.img");
+    let r = t.restore(&id, &target, &[]).ok();
+    r.stderr_mentions(&[&dup.to_hex(), "intact copy"]);
+    assert_eq!(hash_file(&target), img.hash(), "restored bit for bit");
+    assert_eq!(std::fs::metadata(&target).unwrap().len(), img.size());
+
+    let xid = *blake3::hash(&x).as_bytes();
+    let damage = recorded_damage(&t);
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert_eq!(damage[0].0, xid);
+    assert_eq!(hex::encode(damage[0].1), bad_pack);
+    assert!(!damage[0].2, "the catalog now names the intact copy");
+    // Healed for good: the next restore needs no second search.
+    let r = t.restore(&id, &t.path("again.img"), &[]).ok();
+    assert!(!r.stderr.contains("intact copy"), "{}", r.stderr);
+    assert_eq!(hash_file(&t.path("again.img")), img.hash());
+}
+
+/// The same through `serve`: nbdcopy reads the whole export, bit for bit,
+/// though the catalog's copy of a block is damaged.
+#[test]
+fn serve_reads_an_intact_duplicate_when_the_catalogs_copy_is_damaged() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(61, 0, 10 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let x = img.read_block(3);
+    damage_block(&t, &x);
+    let (_, dup) = write_duplicate_pack(&t, &x);
+
+    let socket = t.path("serve.sock");
+    let stderr = t.path("serve.stderr");
+    let mut child = Command::new(bin())
+        .arg("-r")
+        .arg(&t.repo)
+        .args(["--json", "serve", &id, "--socket"])
+        .arg(&socket)
+        .env_remove("CBTVAULT_REPOSITORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr).unwrap())
+        .spawn()
+        .expect("start cbtvault serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let uri = match serde_json::from_str::<Value>(&line) {
+        Ok(v) => str_of(&v, "uri").to_string(),
+        Err(e) => {
+            let _ = child.kill();
+            panic!(
+                "serve printed no uri ({e}): {line}\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+        }
+    };
+    let copy = t.path("copy.img");
+    let out = Command::new("nbdcopy")
+        .args([&uri, copy.to_str().unwrap()])
+        .output()
+        .expect("nbdcopy (libnbd-bin) runs");
+    // A second pass: the export found its locations at open and must not
+    // fail on the damaged one now that the catalog is healed.
+    let again = t.path("again.img");
+    let out2 = Command::new("nbdcopy")
+        .args([&uri, again.to_str().unwrap()])
+        .output()
+        .expect("nbdcopy runs");
+    let _ = Command::new("kill")
+        .args(["-s", "TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(
+        out.status.success() && out2.status.success(),
+        "nbdcopy failed: {}{}\nserve:\n{log}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out2.stderr)
+    );
+    assert!(status.success(), "serve stopped cleanly: {status}\n{log}");
+    assert_eq!(hash_file(&copy), img.hash(), "served bit for bit");
+    assert_eq!(hash_file(&again), img.hash());
+    assert!(
+        log.contains(&dup.to_hex()),
+        "serve names the copy it used:\n{log}"
+    );
+    let damage = recorded_damage(&t);
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert!(!damage[0].2, "{damage:?}");
+}
+
+/// No intact copy anywhere: restore stops at the damaged block (no wrong
+/// bytes, no complete-looking file), the damage is recorded by the restore
+/// alone (no check ran), and the next full backup stores the block again.
+#[test]
+fn restore_without_an_intact_copy_stops_and_records_the_damage_for_the_next_backup() {
+    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(62, 0, 10 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let x = img.read_block(5);
+    let pack = damage_block(&t, &x);
+
+    let target = t.path("out.img");
+    let r = t.restore(&id, &target, &[]).expect_code(1);
+    r.stderr_mentions(&["damaged", "check --read-data"]);
+    assert!(!target.exists(), "no file that looks complete");
+    let damage = recorded_damage(&t);
+    assert_eq!(damage.len(), 1, "{damage:?}");
+    assert_eq!(damage[0].0, *blake3::hash(&x).as_bytes());
+    assert_eq!(
+        hex::encode(damage[0].1),
+        pack.file_name().unwrap().to_str().unwrap()
+    );
+    assert!(damage[0].2, "still the catalog's only copy");
+
+    let s = t.backup(&img.path, &["--full"]);
+    assert_eq!(u64_of(&s, "blocks_new"), 1, "X stored again: {s}");
+    t.assert_restores(&id, img.hash(), img.size());
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+}

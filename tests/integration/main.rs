@@ -5,6 +5,7 @@ mod util;
 mod vectors;
 
 mod catalog;
+mod catalog_damage;
 mod changed_blocks;
 mod cli;
 mod corruption;
@@ -19,7 +20,11 @@ mod roundtrip;
 mod serve;
 #[cfg(feature = "sim")]
 mod sim_command;
+mod torture;
 mod trust;
+// Drives the library over a test backend registered by a debug-only hook.
+#[cfg(debug_assertions)]
+mod torture_powerloss;
 mod xen_backup;
 mod xen_restore;
 mod xen_util;

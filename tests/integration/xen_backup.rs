@@ -530,6 +530,214 @@ fn xen_data_destroy_failure_after_commit_keeps_a_valid_landmark() {
     assert_eq!(host.data_snapshots(), 0);
 }
 
+/// A backup running in the background that sleeps right after its
+/// snapshots are taken and marked; SIGKILLed when dropped (or by
+/// [`Stalled::kill`]).
+struct Stalled(std::process::Child);
+
+impl Stalled {
+    fn start(repo: &TestRepo, sim: &Simulator, src: &str) -> Stalled {
+        let fp = sim.fingerprint().to_string();
+        let child = Command::new(crate::util::bin())
+            .current_dir(repo.root())
+            .env_remove("CBTVAULT_REPOSITORY")
+            .env("CBTVAULT_XEN_PASSWORD", PASSWORD)
+            .env("CBTVAULT_TEST_DELAY", "xen_snapshot_taken:120000")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .arg("-r")
+            .arg(&repo.repo)
+            .args(["--json", "backup", src, "--fingerprint", &fp])
+            .spawn()
+            .expect("start cbtvault");
+        Stalled(child)
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    fn kill(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+impl Drop for Stalled {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// (class, uuid) of what a backup reports it removed, all of run `run`.
+fn removed_leftovers(j: &Json, run: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = j["host_leftovers_removed"]
+        .as_array()
+        .expect("host_leftovers_removed")
+        .iter()
+        .map(|r| {
+            assert_eq!(r["run"].as_str(), Some(run), "{j}");
+            assert!(r["reason"].as_str().is_some_and(|s| !s.is_empty()), "{j}");
+            (
+                r["class"].as_str().unwrap().to_string(),
+                r["uuid"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn xen_killed_vm_backup_leftovers_removed_by_next_run_others_untouched() {
+    let (sim, vm, repo, src) = two_disk_vm_with_backup(31);
+    let host = Host::login(&sim, PASSWORD);
+    // The committed landmarks are marked as such.
+    let landmarks = host.snapshot_records("VDI");
+    assert_eq!(landmarks.len(), 2);
+    for l in &landmarks {
+        assert_eq!(l.vdi_type, "cbt_metadata");
+        assert_eq!(
+            l.other_config.get("cbtvault.state").map(String::as_str),
+            Some("landmark"),
+            "{l:?}"
+        );
+    }
+    // Someone else's snapshot (no marker), and another repository's one
+    // left by a run whose process is long gone: never touched.
+    let d0 = host.vdi_ref(&vm.disks[0].vdi_uuid);
+    let snap = |h: &Host| -> (String, String) {
+        let r = h.try_call("VDI.snapshot", &[&d0]).unwrap();
+        let r = r.as_str().unwrap().to_string();
+        let u = h.try_call("VDI.get_uuid", &[&r]).unwrap();
+        (r, u.as_str().unwrap().to_string())
+    };
+    let (_, foreign) = snap(&host);
+    let (other_ref, other) = snap(&host);
+    for (k, v) in [
+        ("cbtvault.run", "0123"),
+        ("cbtvault.state", "in-progress"),
+        ("cbtvault.started", "2001-01-01T00:00:00Z"),
+        ("cbtvault.process", "gone-host:1"),
+        ("cbtvault.repository", "another-repository"),
+    ] {
+        host.try_call("VDI.add_to_other_config", &[&other_ref, k, v])
+            .unwrap();
+    }
+    // The host refuses a second value for a key, as xapi does.
+    let dup = host
+        .try_call(
+            "VDI.add_to_other_config",
+            &[&other_ref, "cbtvault.run", "x"],
+        )
+        .unwrap_err();
+    assert_eq!(dup.code, "MAP_DUPLICATE_KEY");
+
+    for d in &vm.disks {
+        guest_writes(&sim, &d.vdi_uuid, d.size_bytes, 32);
+    }
+    // A backup killed right after its snapshot was taken (and marked).
+    let mut stalled = Stalled::start(&repo, &sim, &src);
+    let run = host.wait_for_marked_run(&[], 2);
+    stalled.kill();
+    let mut left: Vec<(String, String)> = Vec::new();
+    for (class, recs) in [
+        ("VM", host.snapshot_records("VM")),
+        ("VDI", host.snapshot_records("VDI")),
+    ] {
+        for r in recs.iter().filter(|r| r.run() == Some(run.as_str())) {
+            if class == "VDI" {
+                assert_eq!(r.vdi_type, "user", "the leftover holds data: {r:?}");
+            }
+            left.push((class.to_string(), r.uuid.clone()));
+        }
+    }
+    left.sort();
+    assert_eq!(left.len(), 3, "{left:?}");
+    // As if killed between a commit and the landmark's marker update: the
+    // committed landmark says in-progress; the repository still protects it.
+    for l in &landmarks {
+        let r = host.vdi_ref(&l.uuid);
+        host.try_call("VDI.remove_from_other_config", &[&r, "cbtvault.state"])
+            .unwrap();
+        host.try_call(
+            "VDI.add_to_other_config",
+            &[&r, "cbtvault.state", "in-progress"],
+        )
+        .unwrap();
+    }
+
+    let r = backup(&repo, &sim, &src, &[]).ok();
+    let j = r.json();
+    assert_eq!(removed_leftovers(&j, &run), left, "{j}");
+    // Nothing of the killed run remains; no snapshot VM at all.
+    assert_eq!(host.snapshot_vms(), 0);
+    let now = host.snapshot_records("VDI");
+    assert!(now.iter().all(|v| v.run() != Some(run.as_str())), "{now:?}");
+    // Untouched, still holding data.
+    for u in [&foreign, &other] {
+        let v = now.iter().find(|v| &v.uuid == u).expect("left alone");
+        assert_eq!(v.vdi_type, "user");
+    }
+    // The landmark survived the cleanup: the run was incremental, and it
+    // restores bit for bit; the new landmarks are marked.
+    for (d, disk) in disks(&j).iter().zip(&vm.disks) {
+        assert_eq!(d["full"].as_bool(), Some(false), "{j}");
+        let id = d["snapshot_id"].as_str().unwrap();
+        assert!(restore_bytes(&repo, id) == host.disk(&disk.vdi_uuid, disk.size_bytes));
+        let l = d["host_snapshot_vdi"].as_str().unwrap();
+        let v = now.iter().find(|v| v.uuid == l).expect("new landmark");
+        assert_eq!(v.vdi_type, "cbt_metadata");
+        assert_eq!(
+            v.other_config.get("cbtvault.state").map(String::as_str),
+            Some("landmark")
+        );
+    }
+    assert_eq!(now.len(), 4, "two landmarks and the two others: {now:?}");
+    assert_eq!(sim.dom0_attachments(), 0);
+}
+
+#[test]
+fn xen_leftover_of_a_live_concurrent_run_is_left_alone() {
+    let (sim, repo, vdi, src) = one_disk_with_backup(8 * MIB);
+    let host = Host::login(&sim, PASSWORD);
+    guest_writes(&sim, &vdi, 8 * MIB, 41);
+    let mut stalled = Stalled::start(&repo, &sim, &src);
+    let run = host.wait_for_marked_run(&[], 1);
+    let live: Vec<String> = host
+        .snapshot_records("VDI")
+        .iter()
+        .filter(|v| v.run() == Some(run.as_str()))
+        .map(|v| v.uuid.clone())
+        .collect();
+    assert_eq!(live.len(), 1);
+    // A second backup of the same disk while the first one runs.
+    let r = backup(&repo, &sim, &src, &[]).ok();
+    let j = r.json();
+    assert_eq!(removed_leftovers(&j, &run), vec![], "{j}");
+    r.stderr_mentions(&["warning", &live[0], "still holds"]);
+    let d = &disks(&j)[0];
+    let id = d["snapshot_id"].as_str().unwrap();
+    assert!(restore_bytes(&repo, id) == host.disk(&vdi, 8 * MIB));
+    let now = host.snapshot_records("VDI");
+    let v = now.iter().find(|v| v.uuid == live[0]).expect("left alone");
+    assert_eq!(v.vdi_type, "user");
+    // Once that run is killed, the next backup removes its snapshot.
+    stalled.kill();
+    guest_writes(&sim, &vdi, 8 * MIB, 42);
+    let j = backup(&repo, &sim, &src, &[]).ok().json();
+    assert_eq!(
+        removed_leftovers(&j, &run),
+        vec![("VDI".to_string(), live[0].clone())],
+        "{j}"
+    );
+    let now = host.snapshot_records("VDI");
+    assert_eq!(now.len(), 1, "only the landmark: {now:?}");
+    assert_eq!(now[0].vdi_type, "cbt_metadata");
+    let d = &disks(&j)[0];
+    assert_eq!(d["full"].as_bool(), Some(false), "{j}");
+    let id = d["snapshot_id"].as_str().unwrap();
+    assert!(restore_bytes(&repo, id) == host.disk(&vdi, 8 * MIB));
+}
+
 #[test]
 fn xen_tls_pin_mismatch_is_refused() {
     let sim = start();

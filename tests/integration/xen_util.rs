@@ -82,3 +82,83 @@ pub fn xen_url(sim: &Simulator, kind: &str, uuid: &str) -> String {
     let a = sim.https_address();
     format!("xen://root@{}:{}/{kind}/{uuid}", a.ip(), a.port())
 }
+
+/// What the cleanup tests read of a VM or VDI on the host.
+#[derive(Debug, Clone)]
+pub struct HostRecord {
+    pub uuid: String,
+    pub is_a_snapshot: bool,
+    /// VDI type; empty for a VM.
+    pub vdi_type: String,
+    pub other_config: std::collections::BTreeMap<String, String>,
+}
+
+impl HostRecord {
+    /// The `cbtvault.run` marker, if any.
+    pub fn run(&self) -> Option<&str> {
+        self.other_config.get("cbtvault.run").map(String::as_str)
+    }
+}
+
+impl Host<'_> {
+    /// Every snapshot object of `class` (`VM` or `VDI`) on the host.
+    pub fn snapshot_records(&self, class: &str) -> Vec<HostRecord> {
+        let all = self
+            .try_call(&format!("{class}.get_all_records"), &[])
+            .unwrap();
+        all.as_struct()
+            .unwrap()
+            .values()
+            .filter_map(|r| {
+                let r = r.as_struct()?;
+                let rec = HostRecord {
+                    uuid: r["uuid"].as_str()?.to_string(),
+                    is_a_snapshot: r.get("is_a_snapshot")?.as_bool()?,
+                    vdi_type: r
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    other_config: r
+                        .get("other_config")
+                        .and_then(Value::as_struct)
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                                .collect()
+                        })
+                        .unwrap_or_default(),
+                };
+                rec.is_a_snapshot.then_some(rec)
+            })
+            .collect()
+    }
+
+    /// Waits (up to 60 s) until `disks` snapshot VDIs marked
+    /// `in-progress` by one run not in `except_runs` exist (a VM backup
+    /// marks its snapshot VM before them); returns that run id.
+    pub fn wait_for_marked_run(&self, except_runs: &[&str], disks: usize) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut runs = std::collections::BTreeMap::<String, usize>::new();
+            for v in self.snapshot_records("VDI") {
+                if v.other_config.contains_key("cbtvault.repository")
+                    && v.other_config.get("cbtvault.state").map(String::as_str)
+                        == Some("in-progress")
+                {
+                    if let Some(run) = v.run().filter(|r| !except_runs.contains(r)) {
+                        *runs.entry(run.to_string()).or_default() += 1;
+                    }
+                }
+            }
+            if let Some((run, _)) = runs.into_iter().find(|(_, n)| *n == disks) {
+                return run;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no marked snapshot appeared on the host"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -361,6 +361,19 @@ pub struct VbdRecord {
     pub userdevice: String,
 }
 
+/// What cleanup reads of a VM or VDI from `CLASS.get_all_records`.
+#[derive(Debug, Clone)]
+pub struct HostObject {
+    pub reference: String,
+    pub uuid: String,
+    pub is_a_snapshot: bool,
+    /// The VDI `type` (empty for a VM).
+    pub vdi_type: String,
+    /// `VBDs` (set of refs).
+    pub vbds: Vec<String>,
+    pub other_config: BTreeMap<String, String>,
+}
+
 /// A logged-in session; logs out when dropped.
 pub struct Session {
     client: Client,
@@ -681,6 +694,72 @@ impl Session {
 
     pub fn vm_destroy(&self, vm: &str) -> Result<(), XenApiError> {
         self.call("VM.destroy", &[vm.into()]).map(|_| ())
+    }
+
+    /// `CLASS.add_to_other_config(self, key, value)`; xapi answers
+    /// `MAP_DUPLICATE_KEY` when the key is already there.
+    pub fn add_to_other_config(
+        &self,
+        class: &str,
+        object: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), XenApiError> {
+        let method = format!("{class}.add_to_other_config");
+        self.call(&method, &[object.into(), key.into(), value.into()])
+            .map(|_| ())
+    }
+
+    /// `CLASS.remove_from_other_config(self, key)`; a missing key is no error.
+    pub fn remove_from_other_config(
+        &self,
+        class: &str,
+        object: &str,
+        key: &str,
+    ) -> Result<(), XenApiError> {
+        let method = format!("{class}.remove_from_other_config");
+        self.call(&method, &[object.into(), key.into()]).map(|_| ())
+    }
+
+    /// Every object of `class` (`VM` or `VDI`) from `CLASS.get_all_records`:
+    /// one call, filtered by the caller.
+    pub fn all_objects(&self, class: &str) -> Result<Vec<HostObject>, XenApiError> {
+        let what = format!("{class}.get_all_records");
+        let v = self.call(&what, &[])?;
+        let all = v.as_struct().ok_or_else(|| XenApiError::Protocol {
+            what: what.clone(),
+            reason: "not a struct".into(),
+        })?;
+        let mut out = Vec::with_capacity(all.len());
+        for (reference, rec) in all {
+            let rec = rec.as_struct().ok_or_else(|| XenApiError::Protocol {
+                what: what.clone(),
+                reason: format!("record of {reference} is not a struct"),
+            })?;
+            let other_config = match rec.get("other_config") {
+                Some(Value::Struct(m)) => m
+                    .iter()
+                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+                    .collect(),
+                _ => BTreeMap::new(),
+            };
+            out.push(HostObject {
+                reference: reference.clone(),
+                uuid: text(&what, rec, "uuid")?,
+                is_a_snapshot: rec
+                    .get("is_a_snapshot")
+                    .map(|b| boolean(&what, b))
+                    .transpose()?
+                    .unwrap_or(false),
+                vdi_type: text(&what, rec, "type").unwrap_or_default(),
+                vbds: match rec.get("VBDs") {
+                    Some(v) => refs(&what, v.clone())?,
+                    None => Vec::new(),
+                },
+                other_config,
+            });
+        }
+        Ok(out)
     }
 
     pub fn task_create(&self, label: &str, description: &str) -> Result<String, XenApiError> {

@@ -22,12 +22,20 @@
 //! and the host's, the NBD client's or the committer's own typed error.
 //! What changed on each disk reaches the committer as [`Changes`] (byte
 //! extents), never as the host's bitmap.
+//!
+//! Every host object a run creates (snapshot VM, snapshot VDIs) carries a
+//! [`marker`] in `other_config`, set right after creation. At the start of
+//! a run, marked objects of the same repository left by an earlier run
+//! that is gone (killed) are destroyed: never an object without the
+//! marker, never a committed landmark, never one of a run that may still
+//! be live (the committer judges, from the repository's locks); when in
+//! doubt the object stays and a warning says why.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::client::{NbdInfo, Session, VdiRecord};
+use super::client::{HostObject, NbdInfo, Session, VdiRecord};
 use super::nbd::{NbdSet, SpooledExport};
 use super::{XenApiError, XenObject, XenUrl};
 use crate::source::{BlockSource, Changes, Extents};
@@ -55,6 +63,113 @@ pub mod keys {
     pub const KIND: &str = "xen.kind";
 }
 
+/// `other_config` keys marking the host objects a run creates.
+pub mod marker {
+    /// The repository id (`config` id) the run writes to.
+    pub const REPOSITORY: &str = "cbtvault.repository";
+    /// The run id (random, one per backup run).
+    pub const RUN: &str = "cbtvault.run";
+    /// [`IN_PROGRESS`] from creation, [`LANDMARK`] once committed.
+    pub const STATE: &str = "cbtvault.state";
+    /// When the run started (RFC 3339, UTC).
+    pub const STARTED: &str = "cbtvault.started";
+    /// `HOSTNAME:PID` of the process that ran it.
+    pub const PROCESS: &str = "cbtvault.process";
+    pub const IN_PROGRESS: &str = "in-progress";
+    pub const LANDMARK: &str = "landmark";
+}
+
+/// Who this run is, written into the [`marker`] of what it creates.
+#[derive(Debug, Clone)]
+pub struct RunMarker {
+    pub repository: String,
+    pub run: String,
+    pub started: chrono::DateTime<chrono::Utc>,
+    pub hostname: String,
+    pub pid: u32,
+}
+
+impl RunMarker {
+    /// A new run of this process writing to `repository`.
+    pub fn new(repository: &str, hostname: &str) -> RunMarker {
+        RunMarker {
+            repository: repository.to_string(),
+            run: format!("{:032x}", rand::random::<u128>()),
+            started: chrono::Utc::now(),
+            hostname: hostname.to_string(),
+            pid: std::process::id(),
+        }
+    }
+
+    fn entries(&self) -> [(&'static str, String); 5] {
+        // The repository key last: an object that carries it is fully
+        // marked (cleanup looks for it).
+        [
+            (marker::RUN, self.run.clone()),
+            (marker::STATE, marker::IN_PROGRESS.to_string()),
+            (
+                marker::STARTED,
+                self.started
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            ),
+            (marker::PROCESS, format!("{}:{}", self.hostname, self.pid)),
+            (marker::REPOSITORY, self.repository.clone()),
+        ]
+    }
+}
+
+/// An earlier run found in the marker of a leftover host object.
+#[derive(Debug, Clone)]
+pub struct MarkedRun {
+    pub run: String,
+    /// `None` when the marker's time is missing or unreadable.
+    pub started: Option<chrono::DateTime<chrono::Utc>>,
+    /// Empty when the marker names no process.
+    pub hostname: String,
+    pub pid: Option<u32>,
+}
+
+impl MarkedRun {
+    fn from_config(config: &BTreeMap<String, String>) -> Option<MarkedRun> {
+        let run = config.get(marker::RUN)?.clone();
+        let started = config
+            .get(marker::STARTED)
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map(|t| t.with_timezone(&chrono::Utc));
+        let (hostname, pid) = match config.get(marker::PROCESS).and_then(|p| p.rsplit_once(':')) {
+            Some((h, p)) => (h.to_string(), p.parse().ok()),
+            None => (String::new(), None),
+        };
+        Some(MarkedRun {
+            run,
+            started,
+            hostname,
+            pid,
+        })
+    }
+}
+
+/// Whether the run that left an object is over.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Over (why): its leftovers may go.
+    Gone(String),
+    /// Maybe still running (why): leave its objects.
+    MaybeLive(String),
+}
+
+/// One host object destroyed as a leftover of an earlier run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RemovedLeftover {
+    /// `VM` or `VDI`.
+    pub class: String,
+    pub uuid: String,
+    /// The run that created it.
+    pub run: String,
+    /// Why that run is known to be over.
+    pub reason: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct WorkflowOptions {
     /// Enable CBT on disks that have it off (then wait for the call).
@@ -69,6 +184,9 @@ pub struct WorkflowOptions {
     pub destroy_superseded_landmark: bool,
     /// Largest VM metadata export accepted.
     pub metadata_limit_bytes: u64,
+    /// Marks created objects and cleans up earlier runs' leftovers; `None`
+    /// does neither.
+    pub marker: Option<RunMarker>,
 }
 
 impl Default for WorkflowOptions {
@@ -80,6 +198,7 @@ impl Default for WorkflowOptions {
             spool_dir: std::env::temp_dir(),
             destroy_superseded_landmark: true,
             metadata_limit_bytes: 64 << 20,
+            marker: None,
         }
     }
 }
@@ -126,6 +245,16 @@ pub trait Committer {
     ) -> Result<(), Self::Error>;
     fn warn(&mut self, message: String);
     fn info(&mut self, message: String);
+    /// Uuids of every landmark a committed snapshot of the repository
+    /// records (`xen.snapshot_vdi`): never destroyed as leftovers.
+    fn committed_landmarks(&mut self) -> Result<BTreeSet<String>, Self::Error> {
+        Ok(BTreeSet::new())
+    }
+    /// Whether the run that marked a leftover is over. The default knows
+    /// nothing, so nothing is destroyed.
+    fn judge_run(&mut self, run: &MarkedRun) -> Verdict {
+        Verdict::MaybeLive(format!("nothing tells whether run {} is over", run.run))
+    }
 }
 
 /// Which step failed, and why. `E` is the [`Committer`]'s error.
@@ -188,6 +317,8 @@ fn unusable<E: std::error::Error + 'static>(
 pub struct RunReport {
     pub vm_backup: Option<String>,
     pub disks: Vec<DiskReport>,
+    /// Leftovers of earlier runs destroyed at the start of this one.
+    pub removed: Vec<RemovedLeftover>,
     pub seconds_host: f64,
 }
 
@@ -253,6 +384,7 @@ struct Disk {
 struct HostSide<'s> {
     session: &'s Session,
     snapshot_vm: Option<String>,
+    marker: Option<&'s RunMarker>,
 }
 
 impl HostSide<'_> {
@@ -283,6 +415,51 @@ impl HostSide<'_> {
         }
     }
 
+    /// `CLASS.add_to_other_config` of `key`, replacing a value the object
+    /// inherited (`VDI.snapshot` and `VM.snapshot` copy `other_config`;
+    /// xapi answers `MAP_DUPLICATE_KEY` for a key already there).
+    fn set_key(
+        &self,
+        class: &str,
+        object: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<(), XenApiError> {
+        let s = self.session;
+        match s.add_to_other_config(class, object, key, value) {
+            Err(e) if e.is_code("MAP_DUPLICATE_KEY") => {
+                s.remove_from_other_config(class, object, key)?;
+                s.add_to_other_config(class, object, key, value)
+            }
+            other => other,
+        }
+    }
+
+    /// Marks a VM or VDI this run just created (see [`marker`]).
+    fn mark(&self, class: &str, object: &str) -> Result<(), XenApiError> {
+        let Some(m) = self.marker else {
+            return Ok(());
+        };
+        for (key, value) in m.entries() {
+            self.set_key(class, object, key, &value)?;
+        }
+        Ok(())
+    }
+
+    /// Marks a committed snapshot VDI as a landmark (a warning on failure:
+    /// the committed snapshot records it anyway).
+    fn mark_landmark<C: Committer>(&self, vdi: &str, uuid: &str, committer: &mut C) {
+        if self.marker.is_none() {
+            return;
+        }
+        if let Err(e) = self.set_key("VDI", vdi, marker::STATE, marker::LANDMARK) {
+            committer.warn(format!(
+                "could not mark landmark VDI {uuid} as such in its other_config: {}",
+                describe(&e)
+            ));
+        }
+    }
+
     fn destroy_snapshot_vm(&mut self) -> Result<(), XenApiError> {
         if let Some(vm) = self.snapshot_vm.take() {
             match self.session.vm_destroy(&vm) {
@@ -308,8 +485,13 @@ pub fn run<C: Committer>(
     let mut host = HostSide {
         session,
         snapshot_vm: None,
+        marker: options.marker.as_ref(),
     };
     let mut disks = discover(session, url, committer)?;
+    let removed = match &options.marker {
+        Some(m) => clean_leftovers(&host, m, committer),
+        None => Vec::new(),
+    };
     let vm_ref = match url.object {
         XenObject::Vm => Some(
             session
@@ -336,6 +518,9 @@ pub fn run<C: Committer>(
     // From the snapshot on, every exit path cleans up.
     let result = (|| -> Result<(), WorkflowError<C::Error>> {
         take_snapshots(&mut host, vm_ref.as_deref(), &mut disks)?;
+        // Test hook: lets a test kill the process with marked snapshots.
+        #[cfg(debug_assertions)]
+        crate::repo::test_delay("xen_snapshot_taken");
         // Every bitmap before any NBD connection to a snapshot.
         for d in disks.iter_mut() {
             changes_of(session, d)?;
@@ -379,6 +564,7 @@ pub fn run<C: Committer>(
                     ));
                 }
             }
+            host.mark_landmark(snap, &d.snapshot_uuid, committer);
             if options.destroy_superseded_landmark {
                 if let Some(old) = &d.landmark_ref {
                     supersede(&host, old, &d.vdi_ref, options, committer);
@@ -410,8 +596,191 @@ pub fn run<C: Committer>(
     Ok(RunReport {
         vm_backup,
         disks: reports,
+        removed,
         seconds_host: started.elapsed().as_secs_f64(),
     })
+}
+
+/// How long a leftover of a run that holds no lock on the repository and
+/// ran on another machine is left alone (it may still be reading).
+pub const LEFTOVER_SAFETY_AGE: Duration = Duration::from_secs(6 * 3600);
+
+/// The verdict on `run`, asked of the committer once per run.
+fn verdict<C: Committer>(
+    cache: &mut BTreeMap<String, Verdict>,
+    run: &MarkedRun,
+    committer: &mut C,
+) -> Verdict {
+    cache
+        .entry(run.run.clone())
+        .or_insert_with(|| committer.judge_run(run))
+        .clone()
+}
+
+/// Destroys what earlier, finished runs of this repository left on the
+/// host (a killed run's snapshot VM and snapshot VDIs), found by their
+/// [`marker`] only. Never: an object without this repository's marker, one
+/// of this run, a committed landmark, a VDI that is not a snapshot, an
+/// object of a run that may still be live. Best effort: a failure is a
+/// warning and the backup goes on.
+fn clean_leftovers<C: Committer>(
+    host: &HostSide<'_>,
+    me: &RunMarker,
+    committer: &mut C,
+) -> Vec<RemovedLeftover> {
+    let s = host.session;
+    let mut removed = Vec::new();
+    let (vms, vdis) = match (s.all_objects("VM"), s.all_objects("VDI")) {
+        (Ok(vms), Ok(vdis)) => (vms, vdis),
+        (Err(e), _) | (_, Err(e)) => {
+            committer.warn(format!(
+                "could not look for leftovers of earlier backups on the host: {}; any stay there",
+                describe(&e)
+            ));
+            return removed;
+        }
+    };
+    let earlier = |o: &HostObject| -> Option<MarkedRun> {
+        if o.other_config.get(marker::REPOSITORY) != Some(&me.repository) || !o.is_a_snapshot {
+            return None;
+        }
+        MarkedRun::from_config(&o.other_config).filter(|r| r.run != me.run)
+    };
+    if !vms.iter().chain(&vdis).any(|o| earlier(o).is_some()) {
+        return removed;
+    }
+    let landmarks = match committer.committed_landmarks() {
+        Ok(l) => l,
+        Err(e) => {
+            committer.warn(format!(
+                "could not read the repository's landmarks: {e}; leftovers of earlier backups stay on the host"
+            ));
+            return removed;
+        }
+    };
+    let by_ref: BTreeMap<&str, &HostObject> =
+        vdis.iter().map(|o| (o.reference.as_str(), o)).collect();
+    let mut cache = BTreeMap::new();
+    'vms: for vm in &vms {
+        let Some(run) = earlier(vm) else {
+            continue;
+        };
+        let reason = match verdict(&mut cache, &run, committer) {
+            Verdict::Gone(why) => why,
+            Verdict::MaybeLive(why) => {
+                committer.warn(format!(
+                    "left snapshot VM {} of backup run {} on the host: {why}",
+                    vm.uuid, run.run
+                ));
+                continue;
+            }
+        };
+        let mut disks = Vec::new();
+        for vbd in &vm.vbds {
+            match s.vbd_record(vbd) {
+                Ok(b) if b.vdi != NULL_REF && !b.vdi.is_empty() => disks.push(b.vdi),
+                Ok(_) => {}
+                Err(e) => {
+                    committer.warn(format!(
+                        "could not read a disk of leftover snapshot VM {}: {}; left on the host",
+                        vm.uuid,
+                        describe(&e)
+                    ));
+                    continue 'vms;
+                }
+            }
+        }
+        match s.vm_destroy(&vm.reference) {
+            Err(e) if !e.is_code("HANDLE_INVALID") => {
+                committer.warn(format!(
+                    "could not destroy leftover snapshot VM {}: {}; remove it by hand",
+                    vm.uuid,
+                    describe(&e)
+                ));
+                continue;
+            }
+            _ => {}
+        }
+        committer.info(format!(
+            "removed snapshot VM {} left on the host by backup run {} ({reason})",
+            vm.uuid, run.run
+        ));
+        removed.push(RemovedLeftover {
+            class: "VM".into(),
+            uuid: vm.uuid.clone(),
+            run: run.run.clone(),
+            reason: reason.clone(),
+        });
+        // Its marked snapshot VDIs go below (now without VBDs); one that
+        // carries no marker (a kill before it was marked) is not touched.
+        for r in disks {
+            if let Some(vdi) = by_ref.get(r.as_str()) {
+                if vdi.is_a_snapshot && !vdi.other_config.contains_key(marker::REPOSITORY) {
+                    committer.warn(format!(
+                        "snapshot VDI {} of leftover snapshot VM {} carries no cbtvault marker; left on the host, remove it by hand if nobody needs it",
+                        vdi.uuid, vm.uuid
+                    ));
+                }
+            }
+        }
+    }
+    // Listed again: VBDs of the snapshot VMs destroyed above are gone.
+    let vdis = match s.all_objects("VDI") {
+        Ok(v) => v,
+        Err(e) => {
+            committer.warn(format!(
+                "could not list the host's VDIs again: {}; leftover snapshot VDIs stay there",
+                describe(&e)
+            ));
+            return removed;
+        }
+    };
+    for vdi in &vdis {
+        let Some(run) = earlier(vdi) else {
+            continue;
+        };
+        if landmarks.contains(&vdi.uuid)
+            || vdi.other_config.get(marker::STATE).map(String::as_str) == Some(marker::LANDMARK)
+        {
+            continue;
+        }
+        let reason = match verdict(&mut cache, &run, committer) {
+            Verdict::Gone(why) => why,
+            Verdict::MaybeLive(why) => {
+                committer.warn(format!(
+                    "left snapshot VDI {} of backup run {} on the host: {why}",
+                    vdi.uuid, run.run
+                ));
+                continue;
+            }
+        };
+        if !vdi.vbds.is_empty() {
+            committer.warn(format!(
+                "leftover snapshot VDI {} of backup run {} has a VBD (a VM or dom0 uses it); left on the host",
+                vdi.uuid, run.run
+            ));
+            continue;
+        }
+        if let Err(e) = host.destroy_vdi(&vdi.reference) {
+            committer.warn(format!(
+                "could not destroy leftover snapshot VDI {}: {}; remove it by hand",
+                vdi.uuid,
+                describe(&e)
+            ));
+            continue;
+        }
+        committer.info(format!(
+            "removed snapshot VDI {} left on the host by backup run {} ({reason})",
+            vdi.uuid, run.run
+        ));
+        removed.push(RemovedLeftover {
+            class: "VDI".into(),
+            uuid: vdi.uuid.clone(),
+            run: run.run.clone(),
+            reason,
+        });
+    }
+    removed
 }
 
 /// Destroys the previous landmark once a newer one is committed, if it is
@@ -600,7 +969,9 @@ fn take_snapshots<E: std::error::Error + 'static>(
             let snap = s
                 .vdi_snapshot(&d.vdi_ref)
                 .map_err(on_host(format!("VDI.snapshot of {}", d.record.uuid)))?;
-            d.snapshot_ref = Some(snap);
+            d.snapshot_ref = Some(snap.clone());
+            side.mark("VDI", &snap)
+                .map_err(on_host("mark the snapshot VDI (VDI.add_to_other_config)"))?;
         }
         Some(vm) => {
             let name = format!(
@@ -609,6 +980,9 @@ fn take_snapshots<E: std::error::Error + 'static>(
             );
             let snap_vm = s.vm_snapshot(vm, &name).map_err(on_host("VM.snapshot"))?;
             side.snapshot_vm = Some(snap_vm.clone());
+            side.mark("VM", &snap_vm)
+                .map_err(on_host("mark the snapshot VM (VM.add_to_other_config)"))?;
+            let mut snapshot_vdis = Vec::new();
             for vbd in s
                 .vm_vbds(&snap_vm)
                 .map_err(on_host("VM.get_VBDs of the snapshot"))?
@@ -618,9 +992,17 @@ fn take_snapshots<E: std::error::Error + 'static>(
                     continue;
                 }
                 let rec = s.vdi_record(&b.vdi).map_err(on_host("VDI.get_record"))?;
+                if rec.is_a_snapshot {
+                    snapshot_vdis.push(b.vdi.clone());
+                }
                 if let Some(d) = disks.iter_mut().find(|d| d.vdi_ref == rec.snapshot_of) {
                     d.snapshot_ref = Some(b.vdi.clone());
                 }
+            }
+            // Every snapshot VDI of the VM, backed up or not.
+            for vdi in &snapshot_vdis {
+                side.mark("VDI", vdi)
+                    .map_err(on_host("mark the snapshot VDI (VDI.add_to_other_config)"))?;
             }
             if let Some(d) = disks.iter().find(|d| d.snapshot_ref.is_none()) {
                 return Err(unusable(
