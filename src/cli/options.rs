@@ -375,6 +375,40 @@ mod tests {
         assert!(matches!(o.source, BackupSource::File { .. }));
     }
 
+    #[test]
+    fn max_disk_size_and_io_timeout_reach_nbd_and_xen_sources() {
+        assert_eq!(parse_size("64T").unwrap(), 64 << 40);
+        assert_eq!(parse_size("1023KiB").unwrap(), 1023 << 10);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "T", "12X", "1.5G", "-1", "99999999P"] {
+            assert!(parse_size(bad).is_err(), "'{bad}' was accepted");
+        }
+        let o = backup_of(&["nbd://h/e"]).unwrap();
+        let BackupSource::Nbd { nbd, .. } = o.source else {
+            panic!("not an NBD source")
+        };
+        assert_eq!(nbd.limits, NbdLimits::default());
+        assert_eq!(nbd.limits.max_disk_size_bytes, 64 << 40);
+        assert_eq!(nbd.limits.io_timeout, Duration::from_secs(60));
+        let args = ["--max-disk-size", "2G", "--io-timeout", "5"];
+        let o = backup_of(
+            &[
+                &["xen://h/vdi/6f4a1c2e-3b5d-4e6f-8a9b-0c1d2e3f4a5b"][..],
+                &args,
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let BackupSource::Xen { nbd_limits, .. } = o.source else {
+            panic!("not a xen source")
+        };
+        assert_eq!(nbd_limits.max_disk_size_bytes, 2 << 30);
+        assert_eq!(nbd_limits.io_timeout, Duration::from_secs(5));
+        for bad in [["--io-timeout", "0"], ["--max-disk-size", "0"]] {
+            assert!(backup_of(&[&["nbd://h/e"][..], &bad].concat()).is_err());
+        }
+    }
+
     fn restore_of(args: &[&str]) -> Result<RestoreOptions> {
         let cli =
             super::super::Cli::try_parse_from(["cbtvault", "restore"].iter().chain(args.iter()))
