@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::{hash_file, random_block, Image, TestRepo, BS};
 
-/// A qemu-nbd child, killed on drop.
+/// An NBD server child (qemu-nbd, nbdkit), killed on drop.
 struct QemuNbd {
     child: Child,
     uri: String,
@@ -687,6 +687,51 @@ fn server_silent_in_the_handshake_fails_within_the_io_timeout() {
     );
     assert!(took >= Duration::from_secs(2), "{took:?}");
     assert!(took < Duration::from_secs(9), "{took:?}");
+}
+
+/// `nbdkit null size=SIZE` on a unix socket: an export of zeros of any
+/// claimed size, up to 2^63 - 1 bytes.
+fn nbdkit_null(dir: &Path, size: &str) -> QemuNbd {
+    let sock = dir.join(format!("nbdkit-{size}.sock"));
+    let child = Command::new("nbdkit")
+        .args(["-f", "--exit-with-parent", "-U"])
+        .arg(&sock)
+        .args(["null", &format!("size={size}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nbdkit (apt install nbdkit)");
+    wait_for(|| sock.exists(), "nbdkit socket");
+    QemuNbd {
+        child,
+        uri: format!("nbd+unix:///?socket={}", sock.display()),
+    }
+}
+
+#[test]
+fn nbdkit_claiming_2_pow_63_minus_1_bytes_is_refused() {
+    let t = TestRepo::new();
+    let huge = nbdkit_null(&t.path(""), "9223372036854775807");
+    let started = Instant::now();
+    let r = t.try_backup(Path::new(&huge.uri), &[]);
+    assert_eq!(r.code, 1, "{}: {}", r.command, r.stderr);
+    r.stderr_mentions(&[
+        "claims 9223372036854775807 bytes",
+        "limit of 70368744177664 bytes",
+    ]);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // --max-disk-size lowers the limit, and exactly the size passes.
+    let small = nbdkit_null(&t.path(""), "1M");
+    let r = t.try_backup(Path::new(&small.uri), &["--max-disk-size", "1023K"]);
+    assert_eq!(r.code, 1, "{}: {}", r.command, r.stderr);
+    r.stderr_mentions(&["claims 1048576 bytes", "limit of 1047552 bytes"]);
+    assert!(t.snapshot_ids().is_empty());
+    let s = t.backup(Path::new(&small.uri), &["--max-disk-size", "1M"]);
+    t.assert_restores(
+        &TestRepo::id_of(&s),
+        blake3::hash(&vec![0u8; 1 << 20]),
+        1 << 20,
+    );
 }
 
 /// A read that fails with the connection is retried on a new one into a
