@@ -228,6 +228,15 @@ pub struct NbdArgs {
     /// Connections to open to the export.
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub nbd_connections: usize,
+    /// Refuse an NBD export larger than this (bytes, or with a K, M, G, T
+    /// or P suffix, powers of 1024).
+    #[arg(long, value_name = "SIZE", default_value = "64T")]
+    pub max_disk_size: String,
+    /// Fail when the NBD server sends nothing for this long during the
+    /// handshake or a request (one reconnect is tried on a broken
+    /// connection, within the same time).
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub io_timeout: u64,
 }
 
 #[derive(Debug, Args, Clone, Default)]

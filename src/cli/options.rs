@@ -2,7 +2,9 @@
 //! happens here, before any work starts, and the commands receive plain
 //! `*Options` values that know nothing of clap.
 
-use anyhow::{bail, Context, Result};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, RestoreArgs,
@@ -25,6 +27,7 @@ use crate::commands::SnapshotFilter;
 use crate::repo::backup::plan::ParentRequest;
 use crate::repo::check::DataSubset;
 use crate::repo::InitOptions;
+use crate::source::nbd::NbdLimits;
 use crate::source::xenapi::XenUrl;
 use crate::target::xen::{TargetKind, XenTarget};
 use nbd::NbdUri;
@@ -52,15 +55,57 @@ impl From<&XenArgs> for XenOptions {
     }
 }
 
-impl From<&NbdArgs> for NbdOptions {
-    fn from(a: &NbdArgs) -> Self {
-        NbdOptions {
+impl TryFrom<&NbdArgs> for NbdOptions {
+    type Error = anyhow::Error;
+
+    fn try_from(a: &NbdArgs) -> Result<Self> {
+        Ok(NbdOptions {
             tls_ca: a.tls_ca.clone(),
             tls_cert_pin: a.tls_cert_pin.clone(),
             tls_name: a.tls_name.clone(),
             connections: a.nbd_connections.max(1),
-        }
+            limits: nbd_limits(a)?,
+        })
     }
+}
+
+/// `--max-disk-size` and `--io-timeout`.
+fn nbd_limits(a: &NbdArgs) -> Result<NbdLimits> {
+    let max_disk_size_bytes = parse_size(&a.max_disk_size)
+        .with_context(|| format!("--max-disk-size '{}'", a.max_disk_size))?;
+    if max_disk_size_bytes == 0 {
+        bail!("--max-disk-size must be more than 0");
+    }
+    if a.io_timeout == 0 {
+        bail!("--io-timeout must be at least 1 second");
+    }
+    Ok(NbdLimits {
+        max_disk_size_bytes,
+        io_timeout: Duration::from_secs(a.io_timeout),
+    })
+}
+
+/// A byte count: digits, then optionally K, M, G, T or P (powers of 1024,
+/// also written KiB, ...; B alone is bytes).
+fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| anyhow!("not a size: give bytes, or a number with K, M, G, T or P"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        "T" | "TIB" => 40,
+        "P" | "PIB" => 50,
+        other => bail!("unknown unit '{other}': use K, M, G, T or P"),
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| anyhow!("more than 2^64 bytes"))
 }
 
 pub fn init(a: &InitArgs) -> Result<InitOptions> {
@@ -109,6 +154,7 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
             url: XenUrl::parse(&a.source)?,
             xen: (&a.xen).into(),
             nbd_connections: a.nbd.nbd_connections.max(1),
+            nbd_limits: nbd_limits(&a.nbd)?,
         }
     } else if is_nbd_uri(&a.source) {
         if a.changed_blocks.is_some() {
@@ -118,7 +164,7 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
             uri: NbdUri::parse(&a.source)?,
             text: a.source.clone(),
             dirty_bitmap: a.dirty_bitmap.clone(),
-            nbd: (&a.nbd).into(),
+            nbd: (&a.nbd).try_into()?,
             source_id: a.source_id.clone(),
         }
     } else {
@@ -327,6 +373,40 @@ mod tests {
         let o = backup_of(&["disk.img", "--full"]).unwrap();
         assert_eq!(o.snapshot.parent, ParentRequest::NoParent);
         assert!(matches!(o.source, BackupSource::File { .. }));
+    }
+
+    #[test]
+    fn max_disk_size_and_io_timeout_reach_nbd_and_xen_sources() {
+        assert_eq!(parse_size("64T").unwrap(), 64 << 40);
+        assert_eq!(parse_size("1023KiB").unwrap(), 1023 << 10);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        for bad in ["", "T", "12X", "1.5G", "-1", "99999999P"] {
+            assert!(parse_size(bad).is_err(), "'{bad}' was accepted");
+        }
+        let o = backup_of(&["nbd://h/e"]).unwrap();
+        let BackupSource::Nbd { nbd, .. } = o.source else {
+            panic!("not an NBD source")
+        };
+        assert_eq!(nbd.limits, NbdLimits::default());
+        assert_eq!(nbd.limits.max_disk_size_bytes, 64 << 40);
+        assert_eq!(nbd.limits.io_timeout, Duration::from_secs(60));
+        let args = ["--max-disk-size", "2G", "--io-timeout", "5"];
+        let o = backup_of(
+            &[
+                &["xen://h/vdi/6f4a1c2e-3b5d-4e6f-8a9b-0c1d2e3f4a5b"][..],
+                &args,
+            ]
+            .concat(),
+        )
+        .unwrap();
+        let BackupSource::Xen { nbd_limits, .. } = o.source else {
+            panic!("not a xen source")
+        };
+        assert_eq!(nbd_limits.max_disk_size_bytes, 2 << 30);
+        assert_eq!(nbd_limits.io_timeout, Duration::from_secs(5));
+        for bad in [["--io-timeout", "0"], ["--max-disk-size", "0"]] {
+            assert!(backup_of(&[&["nbd://h/e"][..], &bad].concat()).is_err());
+        }
     }
 
     fn restore_of(args: &[&str]) -> Result<RestoreOptions> {

@@ -18,7 +18,7 @@ use crate::repo::backup::plan::{self, ParentRequest, PlanOptions, SourceDisk};
 use crate::repo::backup::{self, BackupSummary, BlockBitmap, PipelineOptions};
 use crate::repo::lock::hostname;
 use crate::repo::{RepoError, Repository};
-use crate::source::nbd::NbdSource;
+use crate::source::nbd::{NbdLimits, NbdSource};
 use crate::source::xenapi::workflow::{
     self, Committer, FrozenDisk, MarkedRun, Previous, RemovedLeftover, RunMarker, RunReport,
     Verdict, WorkflowOptions, CBT_BLOCK_BYTES, LEFTOVER_SAFETY_AGE,
@@ -60,6 +60,8 @@ pub enum BackupSource {
         xen: XenOptions,
         /// NBD connections in total.
         nbd_connections: usize,
+        /// Export size limit and I/O timeout of the NBD connections.
+        nbd_limits: NbdLimits,
     },
 }
 
@@ -86,6 +88,8 @@ pub struct NbdOptions {
     pub tls_name: Option<String>,
     /// Connections to open (at least 1).
     pub connections: usize,
+    /// Export size limit and I/O timeout.
+    pub limits: NbdLimits,
 }
 
 /// How to reach a XenServer host, and what the backup may do there.
@@ -179,7 +183,11 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
             url,
             xen,
             nbd_connections,
-        } => return run_xen(ui, repo, url, xen, *nbd_connections, &options.snapshot),
+            nbd_limits,
+        } => {
+            let nbd = (*nbd_connections, *nbd_limits);
+            return run_xen(ui, repo, url, xen, nbd, &options.snapshot);
+        }
         BackupSource::Nbd {
             uri,
             text,
@@ -202,6 +210,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
                     connections: nbd.connections,
                     ..PoolOptions::default()
                 },
+                nbd.limits,
             )
             .with_context(|| format!("connect to '{text}'"))?;
             let size = source.size_bytes();
@@ -677,7 +686,7 @@ fn run_xen(
     repo: &Repository,
     url: &XenUrl,
     xen: &XenOptions,
-    nbd_connections: usize,
+    (nbd_connections, nbd_limits): (usize, NbdLimits),
     options: &SnapshotOptions,
 ) -> Result<Outcome> {
     let session = xen_session(ui, url, xen)?;
@@ -685,6 +694,7 @@ fn run_xen(
         enable_cbt: xen.enable_cbt,
         keep_snapshot_data: xen.keep_snapshot_data,
         nbd_connections,
+        nbd_limits,
         ..WorkflowOptions::default()
     };
     let result = xen_backup(ui, repo, url, &session, &workflow_options, options);

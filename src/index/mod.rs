@@ -618,6 +618,18 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Deletes the `damaged` row of one copy that verified again after a
+    /// whole-pack read (spec: format-spec/04-catalog.md#damaged).
+    pub fn clear_damaged(&self, block: &BlockId, pack: &ObjectName) -> Result<(), IndexError> {
+        self.conn
+            .execute(
+                "DELETE FROM damaged WHERE block_id = ?1 AND pack_name = ?2",
+                [&block.0[..], &pack.0[..]],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
     /// Deletes the `damaged` rows of a pack whose file has been removed.
     pub fn forget_damage_of_pack(&self, pack: &ObjectName) -> Result<(), IndexError> {
         self.conn

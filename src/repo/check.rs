@@ -264,6 +264,14 @@ pub fn run(
 
     // Data: decompress and re-hash every blob of the selected packs.
     if let Some(subset) = read_data {
+        // Copies recorded damaged: one that verifies again after a whole
+        // pack read whose name still matches its content loses its record.
+        let recorded: HashSet<(BlockId, ObjectName)> = repo
+            .catalog()
+            .damaged()?
+            .into_iter()
+            .map(|d| (d.block, d.pack))
+            .collect();
         let selected = select_packs(listed.clone(), subset);
         progress.set_total(selected.iter().map(|p| p.1).sum());
         for (name, size) in selected {
@@ -280,7 +288,8 @@ pub fn run(
                 }
             };
             progress.advance(size);
-            if ObjectName::of(&bytes) != pack {
+            let name_matches = ObjectName::of(&bytes) == pack;
+            if !name_matches {
                 report.error(
                     format!("pack {name}"),
                     "content does not match its name (hash): the file was modified".into(),
@@ -310,6 +319,14 @@ pub fn run(
             let results = BlockReader::new(repo).verify_loaded(&blobs, 0, &bytes);
             for (b, result) in blobs.iter().zip(results) {
                 report.blocks_read += 1;
+                if result.is_ok() && name_matches && recorded.contains(&(b.block, pack)) {
+                    repo.catalog().clear_damaged(&b.block, &pack)?;
+                    repo.notice(format!(
+                        "block {} in pack {} verifies again: its damage record is cleared",
+                        b.block.short(),
+                        pack.short()
+                    ));
+                }
                 if let Err(ReadError::Damaged { reason, .. }) = result {
                     let why = PackError::Corrupt {
                         block: b.block,

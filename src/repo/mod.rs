@@ -378,7 +378,6 @@ impl Repository {
         } else {
             (path.join(CATALOG_FILE), None)
         };
-        let backend: Arc<dyn Backend> = Arc::new(backend);
         let mut held: Option<LockGuard> = None;
         let mut replaced = None;
         let (catalog, mut state) = match Catalog::open(&catalog_path, &config.id) {

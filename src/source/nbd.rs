@@ -12,6 +12,37 @@ use ::nbd::{NbdError, NbdPool, NbdUri, PoolOptions};
 
 use super::{BlockSource, SourceError};
 
+/// The limits every NBD source of the product opens with (backup's
+/// `--max-disk-size` and `--io-timeout`; the XenServer source and restore's
+/// read-back use them too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Largest export accepted; a larger one is refused before any read.
+    pub max_disk_size_bytes: u64,
+    /// The longest the handshake, and each request with its retry, may
+    /// wait for the server.
+    pub io_timeout: Duration,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        NbdLimits {
+            max_disk_size_bytes: ::nbd::pool::DEFAULT_MAX_SIZE_BYTES,
+            io_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl NbdLimits {
+    /// `pool` with this export size limit.
+    pub fn pool(&self, pool: PoolOptions) -> PoolOptions {
+        PoolOptions {
+            max_size_bytes: self.max_disk_size_bytes,
+            ..pool
+        }
+    }
+}
+
 /// An NBD export as a synchronous block source for the backup pipeline.
 pub struct NbdSource {
     runtime: tokio::runtime::Runtime,
@@ -21,12 +52,14 @@ pub struct NbdSource {
 }
 
 impl NbdSource {
+    /// Opens the pool under `limits` (whose size limit replaces `pool`'s).
     pub fn connect(
         uri: &NbdUri,
         identity: String,
         tls: Option<TlsOptions>,
         meta_contexts: Vec<String>,
         pool: PoolOptions,
+        limits: NbdLimits,
     ) -> Result<NbdSource, NbdError> {
         if uri.tls && tls.is_none() {
             return Err(NbdError::Invalid(
@@ -43,9 +76,9 @@ impl NbdSource {
             export: uri.export.clone(),
             tls,
             meta_contexts,
-            timeout: Duration::from_secs(120),
+            timeout: limits.io_timeout,
         };
-        let pool = runtime.block_on(NbdPool::connect(options, pool))?;
+        let pool = runtime.block_on(NbdPool::connect(options, limits.pool(pool)))?;
         Ok(NbdSource {
             size_bytes: pool.size_bytes,
             runtime,

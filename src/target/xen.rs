@@ -14,6 +14,7 @@ use crate::manifest::BlockMap;
 use crate::progress::Progress;
 use crate::repo::restore::{self, BlockSink, RestoreOptions, RestoreSummary};
 use crate::repo::{RepoError, Repository};
+use crate::source::nbd::NbdLimits;
 use crate::source::xenapi::import::{ImportFormat, ImportStream};
 use crate::source::xenapi::nbd::NbdSet;
 use crate::source::xenapi::{Session, XenApiError, XenObject, XenUrl};
@@ -151,6 +152,7 @@ pub fn verify(
         format!("xen-verify:{vdi_uuid}"),
         map.disk_size_bytes,
         4,
+        NbdLimits::default(),
     )
     .map_err(|e| {
         XenTargetError::Invalid(format!("verify: connect to VDI {vdi_uuid} over NBD: {e}"))

@@ -464,3 +464,29 @@ fn restore_without_an_intact_copy_stops_and_records_the_damage_for_the_next_back
     t.assert_restores(&id, img.hash(), img.size());
     t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
 }
+
+/// A pack put back from a good copy (or damage that was in the reading):
+/// the whole-pack read verifies, so `check --read-data` clears the record
+/// instead of reporting the block damaged forever.
+#[test]
+fn damage_record_of_a_copy_that_verifies_again_is_cleared_by_check_read_data() {
+    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let img = Image::from_bytes(&t.path("disk.img"), &random_bytes(31, 0, 8 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let x = img.read_block(3);
+    let (pack, e) = locate(&t, &x);
+    let at = e.offset + e.stored_length as u64 / 2;
+    flip_byte(&pack, at);
+    let (check, report) = t.check(true);
+    check.expect_code(3);
+    assert_eq!(affected(&report), BTreeSet::from([id.clone()]), "{report}");
+
+    flip_byte(&pack, at); // the pack is whole again
+    let (check, report) = t.check(true);
+    let check = check.expect_code(0);
+    check.stderr_mentions(&["verifies again", "damage record is cleared"]);
+    assert!(affected(&report).is_empty(), "{report}");
+    let (check, _) = t.check(false);
+    check.expect_code(0);
+    t.assert_restores(&id, img.hash(), img.size());
+}

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::util::{hash_file, random_block, Image, TestRepo, BS};
 
-/// A qemu-nbd child, killed on drop.
+/// An NBD server child (qemu-nbd, nbdkit), killed on drop.
 struct QemuNbd {
     child: Child,
     uri: String,
@@ -350,6 +350,18 @@ enum Misbehaviour {
     /// Serves a 4 MiB export; the first connection drops at its second
     /// read, every later one behaves.
     DropOnceMidBatch,
+    /// Claims an export of 2^63 bytes.
+    Claims2Pow63Bytes,
+    /// The second and later connections claim one block more.
+    OtherSizeOnSecondConnection,
+    /// The first connection drops at its first read; every later one
+    /// claims one block more.
+    OtherSizeOnReconnect,
+    /// Hands over block status, then reads every read request and never
+    /// answers one.
+    NeverAnswersReads,
+    /// Accepts the connection and never sends its greeting.
+    SilentInHandshake,
 }
 
 /// Whether a `DropOnceMidBatch` server has dropped its connection yet.
@@ -384,10 +396,24 @@ fn hostile_data(offset: u64, len: u64) -> Vec<u8> {
         .collect()
 }
 
-/// One client session of the hostile server.
-fn hostile_session(mut s: TcpStream, how: Misbehaviour) -> Option<()> {
+/// Reads (and ignores) whatever the client sends until it hangs up.
+fn drain(s: &mut TcpStream) -> Option<()> {
+    let mut b = [0u8; 4096];
+    while s.read(&mut b).ok()? > 0 {}
+    Some(())
+}
+
+/// One client session (the `index`th of its server) of the hostile server.
+fn hostile_session(mut s: TcpStream, how: Misbehaviour, index: usize) -> Option<()> {
     let size = match how {
         Misbehaviour::DropOnceMidBatch => 64 * BS,
+        Misbehaviour::Claims2Pow63Bytes => 1 << 63,
+        Misbehaviour::OtherSizeOnSecondConnection | Misbehaviour::OtherSizeOnReconnect
+            if index > 0 =>
+        {
+            SIZE + BS
+        }
+        Misbehaviour::SilentInHandshake => return drain(&mut s),
         _ => SIZE,
     };
     let mut g = NBDMAGIC.to_be_bytes().to_vec();
@@ -482,6 +508,8 @@ fn hostile_session(mut s: TcpStream, how: Misbehaviour) -> Option<()> {
                         return Some(());
                     }
                     Misbehaviour::DropAfterSomeReads if reads > 0 => return Some(()),
+                    Misbehaviour::OtherSizeOnReconnect if index == 0 => return Some(()),
+                    Misbehaviour::NeverAnswersReads => continue,
                     Misbehaviour::DropOnceMidBatch
                         if reads > 1
                             && !DROPPED_ONCE.swap(true, std::sync::atomic::Ordering::SeqCst) =>
@@ -507,17 +535,25 @@ fn hostile_server(how: Misbehaviour) -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || hostile_session(s, how));
+        for (index, s) in l.incoming().flatten().enumerate() {
+            std::thread::spawn(move || hostile_session(s, how, index));
         }
     });
     format!("nbd://127.0.0.1:{port}/x")
 }
 
 fn assert_fails_cleanly(how: Misbehaviour, words: &[&str]) {
+    assert_fails_cleanly_with(how, &["--nbd-connections", "1"], words);
+}
+
+/// Backs up the hostile server's export with `args`, asserts the backup
+/// failed cleanly naming `words`, and returns how long it took.
+fn assert_fails_cleanly_with(how: Misbehaviour, args: &[&str], words: &[&str]) -> Duration {
     let t = TestRepo::new();
     let uri = hostile_server(how);
-    let r = t.try_backup(Path::new(&uri), &["--nbd-connections", "1"]);
+    let started = Instant::now();
+    let r = t.try_backup(Path::new(&uri), args);
+    let took = started.elapsed();
     assert_eq!(r.code, 1, "{}: {}", r.command, r.stderr);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     r.stderr_mentions(words);
@@ -528,6 +564,7 @@ fn assert_fails_cleanly(how: Misbehaviour, words: &[&str]) {
         "{:?}",
         t.files_under("tmp")
     );
+    took
 }
 
 #[test]
@@ -558,6 +595,143 @@ fn server_eof_mid_reply() {
 #[test]
 fn server_drops_the_connection_mid_backup() {
     assert_fails_cleanly(Misbehaviour::DropAfterSomeReads, &["nbd"]);
+}
+
+#[test]
+fn server_claims_2_pow_63_bytes_is_refused() {
+    let took = assert_fails_cleanly_with(
+        Misbehaviour::Claims2Pow63Bytes,
+        &[],
+        &[
+            "export 'x'",
+            "claims 9223372036854775808 bytes",
+            "limit of 70368744177664 bytes",
+        ],
+    );
+    // Refused at the handshake, not after reading for ever.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
+
+#[test]
+fn export_above_max_disk_size_is_refused_and_below_accepted() {
+    assert_fails_cleanly_with(
+        Misbehaviour::OtherSizeOnSecondConnection,
+        &["--nbd-connections", "1", "--max-disk-size", "1023K"],
+        &["claims 1048576 bytes", "limit of 1047552 bytes"],
+    );
+    // Exactly the export's size is accepted.
+    let t = TestRepo::new();
+    let uri = hostile_server(Misbehaviour::OtherSizeOnSecondConnection);
+    let s = t.backup(
+        Path::new(&uri),
+        &["--nbd-connections", "1", "--max-disk-size", "1M"],
+    );
+    assert_eq!(s["blocks_read"], SIZE / BS);
+    let r = t.try_backup(Path::new(&uri), &["--max-disk-size", "12X"]);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    r.stderr_mentions(&["--max-disk-size", "unit"]);
+    assert_eq!(t.snapshot_ids().len(), 1);
+}
+
+#[test]
+fn second_connection_reports_another_size() {
+    assert_fails_cleanly_with(
+        Misbehaviour::OtherSizeOnSecondConnection,
+        &["--nbd-connections", "2"],
+        &[
+            "connection 2 of 2",
+            &format!("{} bytes", SIZE + BS),
+            &format!("first connection reported {SIZE} bytes"),
+        ],
+    );
+}
+
+#[test]
+fn reconnect_reports_another_size() {
+    assert_fails_cleanly_with(
+        Misbehaviour::OtherSizeOnReconnect,
+        &["--nbd-connections", "1"],
+        &[
+            "reconnect of connection 1",
+            &format!("{} bytes", SIZE + BS),
+            &format!("first connection reported {SIZE} bytes"),
+        ],
+    );
+}
+
+/// One I/O timeout per request (with at most one reconnect), not minutes
+/// of retries: the backup fails soon after the timeout, says which request
+/// got no answer and for how long, and commits nothing.
+#[test]
+fn server_stops_answering_fails_within_the_io_timeout() {
+    let took = assert_fails_cleanly_with(
+        Misbehaviour::NeverAnswersReads,
+        &["--nbd-connections", "2", "--io-timeout", "2"],
+        &[
+            "stopped answering",
+            "no reply to read of",
+            "at offset",
+            "after 2.",
+        ],
+    );
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(9), "{took:?}");
+}
+
+#[test]
+fn server_silent_in_the_handshake_fails_within_the_io_timeout() {
+    let took = assert_fails_cleanly_with(
+        Misbehaviour::SilentInHandshake,
+        &["--io-timeout", "2"],
+        &["stopped answering", "handshake", "export 'x'"],
+    );
+    assert!(took >= Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(9), "{took:?}");
+}
+
+/// `nbdkit null size=SIZE` on a unix socket: an export of zeros of any
+/// claimed size, up to 2^63 - 1 bytes.
+fn nbdkit_null(dir: &Path, size: &str) -> QemuNbd {
+    let sock = dir.join(format!("nbdkit-{size}.sock"));
+    let child = Command::new("nbdkit")
+        .args(["-f", "--exit-with-parent", "-U"])
+        .arg(&sock)
+        .args(["null", &format!("size={size}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start nbdkit (apt install nbdkit)");
+    wait_for(|| sock.exists(), "nbdkit socket");
+    QemuNbd {
+        child,
+        uri: format!("nbd+unix:///?socket={}", sock.display()),
+    }
+}
+
+#[test]
+fn nbdkit_claiming_2_pow_63_minus_1_bytes_is_refused() {
+    let t = TestRepo::new();
+    let huge = nbdkit_null(&t.path(""), "9223372036854775807");
+    let started = Instant::now();
+    let r = t.try_backup(Path::new(&huge.uri), &[]);
+    assert_eq!(r.code, 1, "{}: {}", r.command, r.stderr);
+    r.stderr_mentions(&[
+        "claims 9223372036854775807 bytes",
+        "limit of 70368744177664 bytes",
+    ]);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // --max-disk-size lowers the limit, and exactly the size passes.
+    let small = nbdkit_null(&t.path(""), "1M");
+    let r = t.try_backup(Path::new(&small.uri), &["--max-disk-size", "1023K"]);
+    assert_eq!(r.code, 1, "{}: {}", r.command, r.stderr);
+    r.stderr_mentions(&["claims 1048576 bytes", "limit of 1047552 bytes"]);
+    assert!(t.snapshot_ids().is_empty());
+    let s = t.backup(Path::new(&small.uri), &["--max-disk-size", "1M"]);
+    t.assert_restores(
+        &TestRepo::id_of(&s),
+        blake3::hash(&vec![0u8; 1 << 20]),
+        1 << 20,
+    );
 }
 
 /// A read that fails with the connection is retried on a new one into a

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cbtvault::nbdserver::SnapshotExport;
-use cbtvault::source::nbd::NbdSource;
+use cbtvault::source::nbd::{NbdLimits, NbdSource};
 use cbtvault::source::BlockSource;
 use nbd::client::{Address, ConnectOptions, Connection};
 use nbd::server::{
@@ -343,6 +343,7 @@ fn tls_pinned_client_reads_every_byte_and_plaintext_is_refused() {
         Some(pinned(&pem)),
         vec!["base:allocation".into()],
         PoolOptions::default(),
+        NbdLimits::default(),
     )
     .expect("TLS connection with the pinned certificate");
     assert_eq!(source.size_bytes(), img.size());
@@ -360,9 +361,16 @@ fn tls_pinned_client_reads_every_byte_and_plaintext_is_refused() {
     // No TLS against a TLS server: refused in plain words, no data read.
     let mut plain = uri.clone();
     plain.tls = false;
-    let err = NbdSource::connect(&plain, "test".into(), None, vec![], PoolOptions::default())
-        .err()
-        .expect("plaintext must fail");
+    let err = NbdSource::connect(
+        &plain,
+        "test".into(),
+        None,
+        vec![],
+        PoolOptions::default(),
+        NbdLimits::default(),
+    )
+    .err()
+    .expect("plaintext must fail");
     assert!(err.to_string().contains("requires TLS"), "{err}");
     // nbdinfo without TLS cannot get in either.
     let r = Command::new("nbdinfo")

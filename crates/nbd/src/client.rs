@@ -13,6 +13,7 @@ use ::bytes::BytesMut;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::proto::{
     self, ClientHandshake, Decoded, HandshakeOptions, Negotiated, ReplyHeader, Request, Step,
@@ -47,6 +48,8 @@ pub struct ConnectOptions {
     pub export: String,
     pub tls: Option<TlsOptions>,
     pub meta_contexts: Vec<String>,
+    /// The one I/O timeout: the longest the handshake, and each request
+    /// (with its retries, in a pool), may wait for the server.
     pub timeout: Duration,
 }
 
@@ -165,9 +168,14 @@ impl Connection {
             let io = open_stream(&opts.address).await?;
             negotiate(io, opts).await
         };
-        let (io, negotiated, leftover) = tokio::time::timeout(opts.timeout, fut)
-            .await
-            .map_err(|_| NbdError::Timeout(format!("negotiation with {}", opts.address)))??;
+        let (io, negotiated, leftover) =
+            tokio::time::timeout(opts.timeout, fut)
+                .await
+                .map_err(|_| NbdError::Stalled {
+                    address: opts.address.to_string(),
+                    request: format!("the handshake for export '{}'", opts.export),
+                    waited: opts.timeout,
+                })??;
         if !leftover.is_empty() {
             return Err(NbdError::Protocol(proto::ProtoError::Protocol(
                 "server sent data before any request".into(),
@@ -232,15 +240,28 @@ impl Connection {
         self.read_reusing(offset, length, BytesMut::new()).await
     }
 
-    /// Reads `length` bytes at `offset` into `buf`'s memory (a buffer from
-    /// an earlier read, or a piece split off the caller's buffer: no
-    /// allocation, no zeroing, no copy). Every byte returned is covered by
-    /// a data or hole chunk, or by a simple reply, of this read.
+    /// [`Self::read_reusing`] with one I/O timeout from now.
     pub async fn read_reusing(
         &self,
         offset: u64,
         length: u32,
+        buf: BytesMut,
+    ) -> Result<BytesMut, NbdError> {
+        let deadline = Instant::now() + self.timeout;
+        self.read_before(offset, length, buf, deadline).await
+    }
+
+    /// Reads `length` bytes at `offset` into `buf`'s memory (a buffer from
+    /// an earlier read, or a piece split off the caller's buffer: no
+    /// allocation, no zeroing, no copy). Every byte returned is covered by
+    /// a data or hole chunk, or by a simple reply, of this read. A reply
+    /// not complete by `deadline` is [`NbdError::Stalled`].
+    pub async fn read_before(
+        &self,
+        offset: u64,
+        length: u32,
         mut buf: BytesMut,
+        deadline: Instant,
     ) -> Result<BytesMut, NbdError> {
         if length == 0 || length > proto::MAX_READ {
             return Err(NbdError::Invalid(format!("read of {length} bytes")));
@@ -269,7 +290,7 @@ impl Connection {
             },
         )
         .await?;
-        self.wait(rx, &req).await
+        self.wait(rx, &req, deadline).await
     }
 
     /// Block status of `[offset, offset+length)` for every selected context;
@@ -278,6 +299,18 @@ impl Connection {
         &self,
         offset: u64,
         length: u32,
+    ) -> Result<Vec<(u32, Vec<(u32, u32)>)>, NbdError> {
+        let deadline = Instant::now() + self.timeout;
+        self.block_status_before(offset, length, deadline).await
+    }
+
+    /// [`Self::block_status`], failing with [`NbdError::Stalled`] when the
+    /// reply is not complete by `deadline`.
+    pub async fn block_status_before(
+        &self,
+        offset: u64,
+        length: u32,
+        deadline: Instant,
     ) -> Result<Vec<(u32, Vec<(u32, u32)>)>, NbdError> {
         let (tx, rx) = oneshot::channel();
         let req = Request {
@@ -296,21 +329,35 @@ impl Connection {
             },
         )
         .await?;
-        self.wait(rx, &req).await
+        self.wait(rx, &req, deadline).await
     }
 
+    /// Waits for the reply to `req` until `deadline`. A server silent that
+    /// long has stopped answering: the connection is marked dead, so that
+    /// the pool opens a new one for the next request.
     async fn wait<T>(
         &self,
         rx: oneshot::Receiver<Result<T, NbdError>>,
         req: &Request,
+        deadline: Instant,
     ) -> Result<T, NbdError> {
-        match tokio::time::timeout(self.timeout, rx).await {
+        let sent = Instant::now();
+        match tokio::time::timeout_at(deadline, rx).await {
             Err(_) => {
                 self.pending
                     .lock()
                     .expect("pending map")
                     .remove(&req.cookie);
-                Err(NbdError::Timeout(format!("{req} on {}", self.address)))
+                let error = NbdError::Stalled {
+                    address: self.address.clone(),
+                    request: describe(req),
+                    waited: sent.elapsed(),
+                };
+                self.dead
+                    .lock()
+                    .expect("dead flag")
+                    .get_or_insert_with(|| error.to_string());
+                Err(error)
             }
             Ok(Err(_)) => Err(NbdError::Closed(
                 self.dead
@@ -533,6 +580,16 @@ async fn reply_loop<R: AsyncRead + Unpin>(
             }
         }
     }
+}
+
+/// A request as messages name it: what, and which bytes.
+fn describe(req: &Request) -> String {
+    let what = match req.kind {
+        proto::CMD_READ => "read",
+        proto::CMD_BLOCK_STATUS => "block status",
+        _ => "request",
+    };
+    format!("{what} of {} bytes at offset {}", req.length, req.offset)
 }
 
 fn proto_err(msg: impl Into<String>) -> NbdError {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use ::bytes::BytesMut;
 use tokio::sync::Mutex as AsyncMutex;
+use tokio::time::Instant;
 
 use crate::client::{Address, ConnectOptions, Connection};
 use crate::{proto, tls};
@@ -30,8 +31,31 @@ pub enum NbdError {
     },
     #[error("nbd: connection lost: {0}")]
     Closed(String),
-    #[error("nbd: timed out: {0}")]
-    Timeout(String),
+    /// The server sent nothing for the whole I/O timeout while a request
+    /// (or the handshake) waited for it.
+    #[error("nbd: server {address} stopped answering: no reply to {request} after {:.1} s", waited.as_secs_f64())]
+    Stalled {
+        address: String,
+        request: String,
+        waited: Duration,
+    },
+    /// The export is larger than the caller's limit ([`PoolOptions::max_size_bytes`]).
+    #[error("nbd: export '{export}' on {address} claims {size_bytes} bytes, more than the limit of {limit_bytes} bytes")]
+    ExportTooLarge {
+        export: String,
+        address: String,
+        size_bytes: u64,
+        limit_bytes: u64,
+    },
+    /// A later connection (or a reconnect) of a pool describes the export
+    /// differently from the first one.
+    #[error("nbd: {connection} reports {what} {got} where the first connection reported {first}: refusing to read from a different export")]
+    Inconsistent {
+        connection: String,
+        what: &'static str,
+        first: String,
+        got: String,
+    },
     #[error("nbd server error {} ({errno}) for {request}{}", proto::errno_name(*errno), if message.is_empty() { String::new() } else { format!(": {message}") })]
     Server {
         errno: u32,
@@ -48,14 +72,13 @@ impl NbdError {
         move |source| NbdError::Io { op, source }
     }
 
-    /// Worth reconnecting and retrying (the connection broke, not the request).
+    /// Worth reconnecting and retrying (the connection broke, not the
+    /// request). A server that stopped answering is not: its request has
+    /// used up its whole I/O timeout.
     pub fn is_connection_failure(&self) -> bool {
         matches!(
             self,
-            NbdError::Closed(_)
-                | NbdError::Io { .. }
-                | NbdError::Connect { .. }
-                | NbdError::Timeout(_)
+            NbdError::Closed(_) | NbdError::Io { .. } | NbdError::Connect { .. }
         )
     }
 }
@@ -134,16 +157,25 @@ pub struct PoolOptions {
     pub connections: usize,
     /// Largest single read request.
     pub request_bytes: u32,
-    /// Reconnect-and-retry attempts per request before giving up.
+    /// Reconnect-and-retry attempts per request before giving up (each
+    /// within the request's one I/O timeout, [`ConnectOptions::timeout`]).
     pub retries: u32,
+    /// Largest export size accepted: a server claiming more is refused
+    /// before anything is read.
+    pub max_size_bytes: u64,
 }
+
+/// The default of [`PoolOptions::max_size_bytes`]: 64 TiB, above any
+/// virtual disk in practice and far below what would exhaust memory.
+pub const DEFAULT_MAX_SIZE_BYTES: u64 = 64 << 40;
 
 impl Default for PoolOptions {
     fn default() -> Self {
         PoolOptions {
             connections: 4,
             request_bytes: 2 << 20,
-            retries: 3,
+            retries: 1,
+            max_size_bytes: DEFAULT_MAX_SIZE_BYTES,
         }
     }
 }
@@ -169,21 +201,37 @@ pub struct NbdPool {
 }
 
 impl NbdPool {
-    /// Opens the first connection, then the others one after another.
+    /// Opens the first connection, then the others one after another. An
+    /// export larger than [`PoolOptions::max_size_bytes`] is refused, and
+    /// every later connection must describe the export as the first did.
     pub async fn connect(options: ConnectOptions, pool: PoolOptions) -> Result<NbdPool, NbdError> {
         let first = Connection::open(&options).await?;
         let negotiated = first.negotiated.clone();
+        if negotiated.export.size_bytes > pool.max_size_bytes {
+            return Err(NbdError::ExportTooLarge {
+                export: options.export.clone(),
+                address: options.address.to_string(),
+                size_bytes: negotiated.export.size_bytes,
+                limit_bytes: pool.max_size_bytes,
+            });
+        }
         let mut slots = vec![AsyncMutex::new(Arc::new(first))];
         // A server that cannot serve several connections consistently gets one.
         let multi = negotiated.used_export_name
             || negotiated.export.transmission_flags & proto::TFLAG_CAN_MULTI_CONN != 0
             || negotiated.export.transmission_flags & proto::TFLAG_READ_ONLY != 0;
         let wanted = if multi { pool.connections.max(1) } else { 1 };
-        for _ in 1..wanted {
+        for k in 1..wanted {
             match Connection::open(&options).await {
-                Ok(c) => slots.push(AsyncMutex::new(Arc::new(c))),
+                Ok(c) => {
+                    let name = format!("connection {} of {wanted} to {}", k + 1, options.address);
+                    same_export(&negotiated, &c.negotiated, name)?;
+                    slots.push(AsyncMutex::new(Arc::new(c)));
+                }
                 // Servers limit connections (xapi-nbd: 16 per host).
-                Err(e) if e.is_connection_failure() => break,
+                Err(e) if e.is_connection_failure() || matches!(e, NbdError::Stalled { .. }) => {
+                    break
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -220,30 +268,46 @@ impl NbdPool {
         self.slots.len()
     }
 
+    /// The connection of `slot`, reopened if it failed; a reopened one must
+    /// describe the export as the first connection did.
     async fn connection(&self, slot: usize) -> Result<Arc<Connection>, NbdError> {
         let mut guard = self.slots[slot].lock().await;
         if guard.is_dead() {
-            *guard = Arc::new(Connection::open(&self.options).await?);
+            let c = Connection::open(&self.options).await?;
+            let name = format!(
+                "reconnect of connection {} to {}",
+                slot + 1,
+                self.options.address
+            );
+            same_export(&self.negotiated, &c.negotiated, name)?;
+            *guard = Arc::new(c);
         }
         Ok(guard.clone())
     }
 
     /// Runs `op` on some connection, reconnecting and retrying on
-    /// connection failures a bounded number of times.
+    /// connection failures a bounded number of times. `op` gets the
+    /// request's deadline: one I/O timeout from the first attempt, which
+    /// retries share (a reconnect's handshake has its own).
     async fn with_retry<T, F, Fut>(&self, op: F) -> Result<T, NbdError>
     where
-        F: Fn(Arc<Connection>) -> Fut,
+        F: Fn(Arc<Connection>, Instant) -> Fut,
         Fut: std::future::Future<Output = Result<T, NbdError>>,
     {
         let slot = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.slots.len();
+        let deadline = Instant::now() + self.options.timeout;
         let mut attempt = 0;
         loop {
             let result = match self.connection(slot).await {
-                Ok(c) => op(c).await,
+                Ok(c) => op(c, deadline).await,
                 Err(e) => Err(e),
             };
             match result {
-                Err(e) if e.is_connection_failure() && attempt < self.pool.retries => {
+                Err(e)
+                    if e.is_connection_failure()
+                        && attempt < self.pool.retries
+                        && Instant::now() < deadline =>
+                {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
                 }
@@ -321,9 +385,9 @@ impl NbdPool {
             let buf = std::sync::Mutex::new(Some(piece));
             async move {
                 let r = self
-                    .with_retry(|c| {
+                    .with_retry(|c, deadline| {
                         let b = buf.lock().expect("buffer").take().unwrap_or_default();
-                        async move { c.read_reusing(at, len, b).await }
+                        async move { c.read_before(at, len, b, deadline).await }
                     })
                     .await;
                 (k, r)
@@ -364,7 +428,9 @@ impl NbdPool {
         while at < self.size_bytes {
             let len = (self.size_bytes - at).min(1 << 30) as u32;
             let replies = self
-                .with_retry(move |c| async move { c.block_status(at, len).await })
+                .with_retry(move |c, deadline| async move {
+                    c.block_status_before(at, len, deadline).await
+                })
                 .await?;
             let extents = replies
                 .into_iter()
@@ -405,6 +471,34 @@ impl NbdPool {
             }
         }
     }
+}
+
+/// Whether `got` (a later connection, named `connection`) describes the
+/// export as `first` did: the same size and transmission flags. Reading
+/// through connections that disagree would mix two exports' bytes.
+fn same_export(
+    first: &proto::Negotiated,
+    got: &proto::Negotiated,
+    connection: String,
+) -> Result<(), NbdError> {
+    let (a, b) = (&first.export, &got.export);
+    if a.size_bytes != b.size_bytes {
+        return Err(NbdError::Inconsistent {
+            connection,
+            what: "an export size of",
+            first: format!("{} bytes", a.size_bytes),
+            got: format!("{} bytes", b.size_bytes),
+        });
+    }
+    if a.transmission_flags != b.transmission_flags {
+        return Err(NbdError::Inconsistent {
+            connection,
+            what: "transmission flags",
+            first: format!("{:#06x}", a.transmission_flags),
+            got: format!("{:#06x}", b.transmission_flags),
+        });
+    }
+    Ok(())
 }
 
 /// Runs every future concurrently on the current task and returns their

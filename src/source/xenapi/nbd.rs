@@ -9,7 +9,6 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use ::bytes::BytesMut;
 use ::nbd::client::{Address, ConnectOptions};
@@ -18,6 +17,7 @@ use ::nbd::{NbdError, NbdPool, PoolOptions};
 
 use super::client::{NbdInfo, Session};
 use super::XenApiError;
+use crate::source::nbd::NbdLimits;
 use crate::source::{BlockSource, SourceError};
 
 /// xapi-nbd's limit per host (reference §4).
@@ -41,6 +41,7 @@ impl NbdSet {
         identity: String,
         expected_size: u64,
         connections: usize,
+        limits: NbdLimits,
     ) -> Result<NbdSet, NbdError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -66,12 +67,12 @@ impl NbdSet {
                 }),
                 // xapi-nbd has no structured replies nor block status.
                 meta_contexts: Vec::new(),
-                timeout: Duration::from_secs(120),
+                timeout: limits.io_timeout,
             };
-            let pool = PoolOptions {
+            let pool = limits.pool(PoolOptions {
                 connections: share.max(1),
                 ..PoolOptions::default()
-            };
+            });
             match runtime.block_on(NbdPool::connect(options, pool)) {
                 Ok(p) => pools.push(p),
                 Err(err) if err.is_connection_failure() => last_error = Some(err),

@@ -38,6 +38,7 @@ use std::time::{Duration, Instant};
 use super::client::{HostObject, NbdInfo, Session, VdiRecord};
 use super::nbd::{NbdSet, SpooledExport};
 use super::{XenApiError, XenObject, XenUrl};
+use crate::source::nbd::NbdLimits;
 use crate::source::{BlockSource, Changes, Extents};
 use nbd::NbdError;
 
@@ -178,6 +179,8 @@ pub struct WorkflowOptions {
     pub keep_snapshot_data: bool,
     /// NBD connections in total (at most 16).
     pub nbd_connections: usize,
+    /// Export size limit and I/O timeout of the NBD connections.
+    pub nbd_limits: NbdLimits,
     /// Where `/export_raw_vdi` is spooled when there is no NBD.
     pub spool_dir: PathBuf,
     /// Destroy the previous landmark (a `cbt_metadata` VDI) once superseded.
@@ -195,6 +198,7 @@ impl Default for WorkflowOptions {
             enable_cbt: true,
             keep_snapshot_data: false,
             nbd_connections: 4,
+            nbd_limits: NbdLimits::default(),
             spool_dir: std::env::temp_dir(),
             destroy_superseded_landmark: true,
             metadata_limit_bytes: 64 << 20,
@@ -1143,11 +1147,17 @@ fn read_and_commit<C: Committer>(
         )
     } else {
         landmark.insert(keys::READ_VIA.to_string(), "nbd".into());
-        let set = NbdSet::connect(&entries, d.identity.clone(), size, options.nbd_connections)
-            .map_err(|source| WorkflowError::Nbd {
-                vdi: uuid.clone(),
-                source,
-            })?;
+        let set = NbdSet::connect(
+            &entries,
+            d.identity.clone(),
+            size,
+            options.nbd_connections,
+            options.nbd_limits,
+        )
+        .map_err(|source| WorkflowError::Nbd {
+            vdi: uuid.clone(),
+            source,
+        })?;
         Box::new(set)
     };
     d.changes = Some(changes.clone());
