@@ -547,10 +547,13 @@ impl Catalog {
     /// Whether each block has a row naming an intact copy: what
     /// deduplication may rely on (spec: format-spec/04-catalog.md#damaged).
     pub fn contains_intact_many(&self, ids: &[BlockId]) -> Result<Vec<bool>, IndexError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(INTACT_BLOCK)
-            .map_err(|e| self.err(e))?;
+        self.exists_many(INTACT_BLOCK, ids)
+    }
+
+    /// For each id, whether `sql` (one `?1` parameter: the block id) finds a
+    /// row; one prepared statement, one read transaction for the batch.
+    fn exists_many(&self, sql: &str, ids: &[BlockId]) -> Result<Vec<bool>, IndexError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
@@ -640,18 +643,7 @@ impl Catalog {
 
     /// Whether each block is known (cheaper than a full lookup).
     pub fn contains_many(&self, ids: &[BlockId]) -> Result<Vec<bool>, IndexError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT 1 FROM blocks WHERE block_id = ?1")
-            .map_err(|e| self.err(e))?;
-        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            out.push(stmt.exists([&id.0[..]]).map_err(|e| self.err(e))?);
-        }
-        drop(stmt);
-        tx.finish().map_err(|e| self.err(e))?;
-        Ok(out)
+        self.exists_many("SELECT 1 FROM blocks WHERE block_id = ?1", ids)
     }
 
     /// Every pack the catalog knows, with its size and block count.

@@ -9,11 +9,10 @@ use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
-use super::read::{BlockReader, Located, ReadError};
+use super::read::{BlockReader, ReadError};
 use super::{RepoError, Repository};
 use crate::backend::Kind;
-use crate::format::{pack as layout, BlockId, ObjectName, SnapshotId};
-use crate::index::BlockLocation;
+use crate::format::{BlockId, ObjectName, SnapshotId};
 use crate::pack::PackError;
 use crate::progress::Progress;
 
@@ -295,46 +294,31 @@ pub fn run(
                     "content does not match its name (hash): the file was modified".into(),
                 );
             }
-            let entries = match layout::decode_pack_index(&bytes, repo.config().block_size) {
-                Ok(e) => e,
+            // Every blob through the one read path, out of the bytes
+            // already loaded (the whole pack, for the name check above).
+            let verified = match BlockReader::new(repo).verify_pack(pack, &bytes) {
+                Ok(v) => v,
                 // Already reported by the structure pass.
                 Err(_) => continue,
             };
-            // Every blob through the one read path, out of the bytes
-            // already loaded (the whole pack, for the name check above).
-            let blobs: Vec<Located> = entries
-                .iter()
-                .enumerate()
-                .map(|(k, e)| Located {
-                    index: k as u64,
-                    block: e.block_id,
-                    location: Some(BlockLocation {
-                        pack,
-                        offset: e.offset,
-                        stored_length: e.stored_length,
-                        raw_length: e.raw_length,
-                    }),
-                })
-                .collect();
-            let results = BlockReader::new(repo).verify_loaded(&blobs, 0, &bytes);
-            for (b, result) in blobs.iter().zip(results) {
+            for (e, result) in verified {
                 report.blocks_read += 1;
-                if result.is_ok() && name_matches && recorded.contains(&(b.block, pack)) {
-                    repo.catalog().clear_damaged(&b.block, &pack)?;
+                if result.is_ok() && name_matches && recorded.contains(&(e.block_id, pack)) {
+                    repo.catalog().clear_damaged(&e.block_id, &pack)?;
                     repo.notice(format!(
                         "block {} in pack {} verifies again: its damage record is cleared",
-                        b.block.short(),
+                        e.block_id.short(),
                         pack.short()
                     ));
                 }
                 if let Err(ReadError::Damaged { reason, .. }) = result {
                     let why = PackError::Corrupt {
-                        block: b.block,
+                        block: e.block_id,
                         pack,
                         reason,
                     }
                     .to_string();
-                    record_damage(&mut report, &mut bad_blocks, b.block, pack, why)?;
+                    record_damage(&mut report, &mut bad_blocks, e.block_id, pack, why)?;
                 }
             }
         }

@@ -384,6 +384,34 @@ impl<'r> BlockReader<'r> {
             .collect()
     }
 
+    /// Every blob of a whole pack, `bytes` as loaded, against its trailer:
+    /// (trailer entry, result) per blob in trailer order, for
+    /// `check --read-data` and `repair packs`. `Err` when the trailer
+    /// itself does not decode (nothing in the pack can be located).
+    pub fn verify_pack(
+        &self,
+        pack: ObjectName,
+        bytes: &[u8],
+    ) -> Result<Vec<(layout::TrailerEntry, BlockResult)>, crate::format::FormatError> {
+        let entries = layout::decode_pack_index(bytes, self.repo.config().block_size)?;
+        let blobs: Vec<Located> = entries
+            .iter()
+            .enumerate()
+            .map(|(k, e)| Located {
+                index: k as u64,
+                block: e.block_id,
+                location: Some(BlockLocation {
+                    pack,
+                    offset: e.offset,
+                    stored_length: e.stored_length,
+                    raw_length: e.raw_length,
+                }),
+            })
+            .collect();
+        let results = self.verify_loaded(&blobs, 0, bytes);
+        Ok(entries.into_iter().zip(results).collect())
+    }
+
     /// Reads `blocks` (index, id; ascending index) in chunks of up to
     /// `CHUNK_BLOCKS`, reading ahead while `consume` works on earlier
     /// chunks on its own thread, and hands each chunk to `consume` in

@@ -10,12 +10,12 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use super::read::BlockReader;
 use super::{RepoError, Repository};
 use crate::backend::Kind;
-use crate::format::pack as layout;
 use crate::format::snapshot::{BlockRef, SnapshotObject};
 use crate::format::{BlockId, ObjectName, SnapshotId};
-use crate::pack::{decompress_verified, CompressedBlock, PackWriter, Stored};
+use crate::pack::{CompressedBlock, PackWriter, Stored};
 use crate::progress::Progress;
 
 /// Files in `tmp/` younger than this are left alone (06-ordering.md#cleanup).
@@ -68,8 +68,8 @@ pub fn repair_packs(
             skipped: None,
         };
         let bytes = backend.load(Kind::Pack, &hex)?;
-        let entries = match layout::decode_pack_index(&bytes, repo.config().block_size) {
-            Ok(e) => e,
+        let verified = match BlockReader::new(repo).verify_pack(pack, &bytes) {
+            Ok(v) => v,
             Err(e) => {
                 // Without its trailer nothing in it can be located.
                 result.skipped = Some(format!(
@@ -80,13 +80,13 @@ pub fn repair_packs(
             }
         };
         let mut writer = PackWriter::new(size.max(1 << 20));
-        for e in &entries {
-            let frame = &bytes[e.offset as usize..(e.offset + e.stored_length as u64) as usize];
-            if let Err(err) = decompress_verified(frame, e.raw_length, e.block_id, pack) {
+        for (e, verdict) in &verified {
+            if let Err(err) = verdict {
                 repo.mark_damaged(&e.block_id, &pack, &err.to_string())?;
                 result.blocks_dropped.push(e.block_id.to_hex());
                 continue;
             }
+            let frame = &bytes[e.offset as usize..(e.offset + e.stored_length as u64) as usize];
             let (location, intact) = {
                 let catalog = repo.catalog();
                 (

@@ -7,7 +7,6 @@
 
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use cbtvault::format::pack::{decode_pack_index, TrailerEntry};
@@ -57,18 +56,6 @@ fn fixture() -> Fixture {
         pack,
         blob,
     }
-}
-
-fn flip_byte(path: &Path, offset: u64) {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x40;
-    f.write_all_at(&b, offset).unwrap();
 }
 
 impl Fixture {
@@ -142,17 +129,6 @@ fn deleted_pack_is_found() {
     let f = fixture();
     std::fs::remove_file(&f.pack).unwrap();
     f.assert_damage(&[&f.a1, &f.a2], &["pack", "not found"]);
-}
-
-/// The file of snapshot `id`'s object, found through `snapshots --json`.
-fn object_path(t: &TestRepo, id: &str) -> PathBuf {
-    let object = t
-        .snapshots(&[])
-        .into_iter()
-        .find(|s| s["id"].as_str() == Some(id))
-        .map(|s| str_of(&s, "object").to_string())
-        .unwrap_or_else(|| panic!("{id} listed"));
-    t.repo.join("snapshots").join(object)
 }
 
 #[test]

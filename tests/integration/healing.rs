@@ -6,9 +6,7 @@
 //! snapshot whose parent is gone.
 
 use std::collections::BTreeSet;
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use cbtvault::format::pack::{decode_pack_index, TrailerEntry};
 use serde_json::Value;
@@ -26,18 +24,6 @@ pub fn locate(t: &TestRepo, block: &[u8]) -> (PathBuf, TrailerEntry) {
         }
     }
     panic!("block not in any pack");
-}
-
-pub fn flip_byte(path: &Path, offset: u64) {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x40;
-    f.write_all_at(&b, offset).unwrap();
 }
 
 /// Flips a byte in the middle of the stored frame of `block`.
@@ -122,17 +108,6 @@ fn backup_never_deduplicates_against_a_recorded_damaged_block() {
     assert_eq!(u64_of(&s, "blocks_new"), 2, "{s}");
     assert_eq!(u64_of(&s, "blocks_deduplicated"), 0, "{s}");
     t.assert_restores(&TestRepo::id_of(&s), other.hash(), other.size());
-}
-
-/// The file of snapshot `id`'s live object.
-pub fn object_path(t: &TestRepo, id: &str) -> PathBuf {
-    let object = t
-        .snapshots(&[])
-        .into_iter()
-        .find(|s| s["id"].as_str() == Some(id))
-        .map(|s| str_of(&s, "object").to_string())
-        .unwrap_or_else(|| panic!("{id} listed"));
-    t.repo.join("snapshots").join(object)
 }
 
 #[test]

@@ -7,7 +7,6 @@ use std::path::Path;
 use cbtvault::format::snapshot;
 use cbtvault::format::ObjectName;
 
-use crate::healing::object_path;
 use crate::util::*;
 
 /// A second object with the same id and generation as `id`'s, describing

@@ -476,3 +476,28 @@ pub fn u64_of(v: &Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("'{key}' is not an unsigned number in {v}"))
 }
+
+/// Flips one bit pattern (0x40) of the byte at `offset` of `path`; flipping
+/// twice puts it back.
+pub fn flip_byte(path: &Path, offset: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, offset).unwrap();
+    b[0] ^= 0x40;
+    f.write_all_at(&b, offset).unwrap();
+}
+
+/// The file of snapshot `id`'s live object, found through `snapshots --json`.
+pub fn object_path(t: &TestRepo, id: &str) -> PathBuf {
+    let object = t
+        .snapshots(&[])
+        .into_iter()
+        .find(|s| s["id"].as_str() == Some(id))
+        .map(|s| str_of(&s, "object").to_string())
+        .unwrap_or_else(|| panic!("{id} listed"));
+    t.repo.join("snapshots").join(object)
+}

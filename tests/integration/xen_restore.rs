@@ -7,8 +7,6 @@
 //! repository untouched).
 
 use std::ffi::OsStr;
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -16,7 +14,7 @@ use cbtvault::format::pack::decode_pack_index;
 use serde_json::Value as Json;
 use xapi_sim::{Simulator, Value};
 
-use crate::util::{random_bytes, Run, TestRepo, BS};
+use crate::util::{flip_byte, random_bytes, Run, TestRepo, BS};
 
 const MIB: u64 = 1 << 20;
 const PASSWORD: &str = "restore-xen-pw";
@@ -324,18 +322,6 @@ fn xen_restore_import_failing_or_dropped_midway_leaves_no_vdi() {
         restore(&repo, &sim, &id, &vdi_target, &["--force"]).ok();
         assert!(host.disk(&vdi, 8 * MIB) == bytes, "{name}");
     }
-}
-
-fn flip_byte(path: &std::path::Path, offset: u64) {
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, offset).unwrap();
-    b[0] ^= 0x40;
-    f.write_all_at(&b, offset).unwrap();
 }
 
 #[test]
