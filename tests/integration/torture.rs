@@ -43,24 +43,24 @@ use crate::util::*;
 /// Issue 22 item 1: a restore that fails has written only correct bytes (a
 /// prefix of the snapshot) to stdout. Off: the writer fills the rest with
 /// zeros after the failure.
-const CHECK_FAILED_RESTORE_WRITES_ONLY_CORRECT_BYTES: bool = false;
+const CHECK_FAILED_RESTORE_WRITES_ONLY_CORRECT_BYTES: bool = true;
 /// Issue 22 items 1 and 3: a restore to a file that failed or was killed
 /// leaves nothing under the target's name. Off: it leaves a full-size file.
-const CHECK_FAILED_RESTORE_LEAVES_NO_TARGET: bool = false;
+const CHECK_FAILED_RESTORE_LEAVES_NO_TARGET: bool = true;
 /// Issue 22 item 2 / DESIGN.md invariant 10: after damage has been found
 /// (check --read-data), a full backup of an image holding the damaged
 /// block stores it again and restores. Off: it deduplicates against the
 /// damaged block.
-const CHECK_BACKUP_HEALS_DAMAGED_BLOCKS: bool = false;
+const CHECK_BACKUP_HEALS_DAMAGED_BLOCKS: bool = true;
 /// Issue 22 item 4 (format-spec/03-snapshot.md#identity): two snapshot
 /// objects with the same id and generation are reported as damaged and
 /// neither is picked. Off: `check` passes and `restore` silently returns
 /// one of them (wrong bytes), so the action that forges one is disabled.
-const CHECK_DUPLICATE_SNAPSHOT_OBJECTS: bool = false;
+const CHECK_DUPLICATE_SNAPSHOT_OBJECTS: bool = true;
 /// Issue 22 item 7 (format-spec/01-layout.md): a repository copied without
 /// its empty folders (`tmp/`, `locks/`, empty `data/XX/`) works. Off:
 /// restore fails on the lock, backup on a missing `data/XX/`.
-const CHECK_MISSING_EMPTY_FOLDERS: bool = false;
+const CHECK_MISSING_EMPTY_FOLDERS: bool = true;
 /// Found by this harness (seed 3, step 35): `repair index` (and any
 /// catalog rebuild) that cannot read a pack because of an I/O error skips
 /// it, marks the catalog complete and exits 0; every snapshot with blocks
@@ -501,15 +501,37 @@ impl World {
             }
             true
         } else {
-            if CHECK_FAILED_RESTORE_LEAVES_NO_TARGET && target.exists() {
-                return Err(format!(
-                    "failed restore of {id} left '{tshown}' under the target's name"
-                ));
+            if CHECK_FAILED_RESTORE_LEAVES_NO_TARGET {
+                if target.exists() {
+                    return Err(format!(
+                        "failed restore of {id} left '{tshown}' under the target's name"
+                    ));
+                }
+                // A restore that ended (not killed) removes its temporary file.
+                let left = self.partials_of(&target);
+                if !left.is_empty() {
+                    return Err(format!(
+                        "failed restore of {id} left its temporary file(s) {left:?}"
+                    ));
+                }
             }
             false
         };
         let _ = std::fs::remove_file(&target);
         Ok(outcome)
+    }
+
+    /// Temporary files of a restore to `target` (`.NAME.cbtvault-partial-PID`).
+    fn partials_of(&self, target: &std::path::Path) -> Vec<PathBuf> {
+        let name = target.file_name().unwrap().to_string_lossy();
+        let prefix = format!(".{name}{}", cbtvault::target::file::PARTIAL_MARK);
+        std::fs::read_dir(target.parent().unwrap())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
     }
 
     fn restore_stdout_of(&self, id: &str, envs: &[(&str, &str)]) -> Result<bool, String> {
@@ -860,6 +882,12 @@ impl World {
                 "restore of {id} killed after {delay:?} left '{}' under the target's name",
                 target.display()
             ));
+        }
+        // A killed restore may leave its temporary file (documented:
+        // `.NAME.cbtvault-partial-PID`, never the final name); that is all
+        // it may leave.
+        for p in self.partials_of(&target) {
+            let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_file(&target);
         self.note(format!(
