@@ -66,7 +66,7 @@ const CHECK_MISSING_EMPTY_FOLDERS: bool = true;
 /// it, marks the catalog complete and exits 0; every snapshot with blocks
 /// in that pack then fails to restore ("not in any pack") until the next
 /// successful `repair index`. Off: repair index runs with write faults only.
-const REPAIR_INDEX_UNDER_READ_FAULTS: bool = false;
+const REPAIR_INDEX_UNDER_READ_FAULTS: bool = true;
 /// Put damaged objects back after the invariant was checked, so that the
 /// run goes on over a healthy repository. Needed while there is no
 /// `repair packs` / `repair snapshots` to bring one back (issue 22).
