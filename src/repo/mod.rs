@@ -640,6 +640,16 @@ impl Repository {
             };
             match self.read_pack_index(&name, size) {
                 Ok(entries) => self.catalog().add_pack(&pack_name, size, &entries)?,
+                // A pack that vanished since the listing has nothing to add.
+                Err(RepoError::Backend(e)) if e.is_not_found() => {
+                    skipped.push((name, e.to_string()))
+                }
+                // A read that failed says nothing about the pack: a catalog
+                // completed without it would lose its blocks until the next
+                // rebuild. The rebuild fails (the catalog stays incomplete,
+                // so the next open rebuilds again); the error names the pack.
+                Err(RepoError::Backend(e)) => return Err(RepoError::Backend(e)),
+                // A damaged pack is skipped; check reports it.
                 Err(e) => skipped.push((name, e.to_string())),
             }
         }

@@ -354,3 +354,47 @@ fn unreadable_lock_blocks_until_unlock_removes_it() {
     let s = t.backup(&img.path, &[]);
     t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
 }
+
+/// Found by the torture test (seed 3, step 35): a catalog rebuild that
+/// could not read a pack because of an I/O error skipped it, marked the
+/// catalog complete and exited 0, and every snapshot with blocks in that
+/// pack then failed to restore ("not in any pack") until another rebuild.
+/// A read error must fail the rebuild, name the pack, and leave the
+/// catalog incomplete so that the next command rebuilds it again.
+#[test]
+#[cfg(debug_assertions)]
+fn repair_index_fails_on_a_pack_read_error_and_the_next_open_rebuilds() {
+    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let img = Image::from_bytes(&t.path("d.img"), &random_bytes(41, 0, 64 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    assert!(t.packs().len() >= 4, "the image spans several packs");
+    let mut pack_errors = 0;
+    for seed in 1..=12 {
+        let spec = format!("{seed}:0.2:eio");
+        let r = t.run_env(
+            &[&"repair", &"index"],
+            &[("CBTVAULT_TEST_FAULTS", spec.as_str())],
+        );
+        assert!(
+            r.code == 0 || r.code == 1,
+            "repair index with faults {spec}: exit {}: {}",
+            r.code,
+            r.stderr
+        );
+        assert!(
+            !r.stderr.contains("skipped") && !r.out().contains("skipped"),
+            "repair index with faults {spec} skipped a pack it could not read: {}{}",
+            r.out(),
+            r.stderr
+        );
+        if r.code != 0 {
+            r.stderr_mentions(&["injected by CBTVAULT_TEST_FAULTS"]);
+            if r.stderr.contains("pack '") {
+                pack_errors += 1;
+            }
+        }
+        // Without faults, whatever the repair left: the snapshot restores.
+        t.assert_restores(&id, img.hash(), img.size());
+    }
+    assert!(pack_errors > 0, "no seed made a pack read fail");
+}

@@ -43,34 +43,42 @@ use crate::util::*;
 /// Issue 22 item 1: a restore that fails has written only correct bytes (a
 /// prefix of the snapshot) to stdout. Off: the writer fills the rest with
 /// zeros after the failure.
-const CHECK_FAILED_RESTORE_WRITES_ONLY_CORRECT_BYTES: bool = false;
+const CHECK_FAILED_RESTORE_WRITES_ONLY_CORRECT_BYTES: bool = true;
 /// Issue 22 items 1 and 3: a restore to a file that failed or was killed
 /// leaves nothing under the target's name. Off: it leaves a full-size file.
-const CHECK_FAILED_RESTORE_LEAVES_NO_TARGET: bool = false;
+const CHECK_FAILED_RESTORE_LEAVES_NO_TARGET: bool = true;
 /// Issue 22 item 2 / DESIGN.md invariant 10: after damage has been found
 /// (check --read-data), a full backup of an image holding the damaged
 /// block stores it again and restores. Off: it deduplicates against the
 /// damaged block.
-const CHECK_BACKUP_HEALS_DAMAGED_BLOCKS: bool = false;
+const CHECK_BACKUP_HEALS_DAMAGED_BLOCKS: bool = true;
 /// Issue 22 item 4 (format-spec/03-snapshot.md#identity): two snapshot
 /// objects with the same id and generation are reported as damaged and
 /// neither is picked. Off: `check` passes and `restore` silently returns
 /// one of them (wrong bytes), so the action that forges one is disabled.
-const CHECK_DUPLICATE_SNAPSHOT_OBJECTS: bool = false;
+const CHECK_DUPLICATE_SNAPSHOT_OBJECTS: bool = true;
 /// Issue 22 item 7 (format-spec/01-layout.md): a repository copied without
 /// its empty folders (`tmp/`, `locks/`, empty `data/XX/`) works. Off:
 /// restore fails on the lock, backup on a missing `data/XX/`.
-const CHECK_MISSING_EMPTY_FOLDERS: bool = false;
+const CHECK_MISSING_EMPTY_FOLDERS: bool = true;
 /// Found by this harness (seed 3, step 35): `repair index` (and any
 /// catalog rebuild) that cannot read a pack because of an I/O error skips
 /// it, marks the catalog complete and exits 0; every snapshot with blocks
 /// in that pack then fails to restore ("not in any pack") until the next
 /// successful `repair index`. Off: repair index runs with write faults only.
-const REPAIR_INDEX_UNDER_READ_FAULTS: bool = false;
+const REPAIR_INDEX_UNDER_READ_FAULTS: bool = true;
 /// Put damaged objects back after the invariant was checked, so that the
-/// run goes on over a healthy repository. Needed while there is no
-/// `repair packs` / `repair snapshots` to bring one back (issue 22).
+/// run goes on over a healthy repository, for damage no repair command
+/// remedies (a flipped or forged snapshot object), and for the share of
+/// pack damage not given to the remedies (below).
 const UNDO_DAMAGE_AFTER_CHECK: bool = true;
+/// Share of damage to packs and deletions of snapshot objects remedied by
+/// the product instead of undone: `repair packs` (blocks of a damaged pack
+/// salvaged, the rest dropped), `repair snapshots` (children of a deleted
+/// snapshot rewritten), then a full backup of the content of every
+/// snapshot that still fails, which must store the lost blocks again and
+/// heal it (issue 22 item 2).
+const REMEDY_SHARE: f64 = 0.5;
 
 /// The block size of the repository and of the change bitmaps.
 const IMAGE_BLOCKS: [u64; 2] = [24, 16];
@@ -124,6 +132,11 @@ const ACTIONS: &[Action] = &[
     Action { name: "fault-duplicate-snapshot-object", weight: if CHECK_DUPLICATE_SNAPSHOT_OBJECTS { 1 } else { 0 }, run: World::duplicate_snapshot_object },
     Action { name: "remove-empty-folders", weight: if CHECK_MISSING_EMPTY_FOLDERS { 1 } else { 0 }, run: World::remove_empty_folders },
     Action { name: "heal-damaged-block", weight: if CHECK_BACKUP_HEALS_DAMAGED_BLOCKS { 1 } else { 0 }, run: World::heal_damaged_block },
+    Action { name: "repair-packs", weight: 1, run: World::repair_packs },
+    Action { name: "repair-packs-unreferenced", weight: 1, run: World::repair_packs_unreferenced },
+    Action { name: "repair-snapshots", weight: 1, run: World::repair_snapshots },
+    Action { name: "repair-tmp", weight: 1, run: World::repair_tmp },
+    Action { name: "no-lock-beside-backup", weight: 2, run: World::no_lock_beside_backup },
 ];
 
 // ------------------------------------------------------------------- oracle
@@ -196,6 +209,9 @@ struct World {
     /// Image states of backups whose outcome is not known yet.
     attempts: Vec<(usize, State)>,
     damage: Vec<Damage>,
+    /// Every block content the images ever held, by hash: rebuilds the
+    /// bytes of any snapshot from its oracle state, to heal it.
+    contents: std::collections::HashMap<blake3::Hash, Vec<u8>>,
     fresh: u64,
     /// The step of the last invariant check that restored every snapshot.
     last_full: usize,
@@ -223,6 +239,16 @@ impl World {
                 bytes: vec![0u8; size as usize],
             });
         }
+        // The image the healing backups are taken of (not mutated, not
+        // backed up at random; its content is set per heal).
+        let path = t.path("heal.img");
+        std::fs::write(&path, b"").unwrap();
+        let abs = std::fs::canonicalize(&path).unwrap();
+        disks.push(Disk {
+            path,
+            source: format!("file:{}", abs.display()),
+            bytes: Vec::new(),
+        });
         World {
             t,
             seed,
@@ -232,6 +258,7 @@ impl World {
             known: BTreeMap::new(),
             attempts: Vec::new(),
             damage: Vec::new(),
+            contents: std::collections::HashMap::new(),
             fresh: 0,
             last_full: 0,
             log: Vec::new(),
@@ -293,7 +320,7 @@ impl World {
     // --------------------------------------------------------- images
 
     fn mutate(&mut self) -> Result<(), String> {
-        let d = self.rng.gen_range(0..self.disks.len());
+        let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let blocks = self.disks[d].bytes.len().div_ceil(BSU) as u64;
         let n = self.rng.gen_range(1..=4);
         let mut what = Vec::new();
@@ -320,8 +347,18 @@ impl World {
             what.push(format!("{b}:{kind}"));
         }
         std::fs::write(&self.disks[d].path, &self.disks[d].bytes).map_err(|e| e.to_string())?;
+        self.remember(d);
         self.note(format!("mutate disk{d} blocks {}", what.join(" ")));
         Ok(())
+    }
+
+    /// Keeps every block of disk `d` as it is now (see `contents`).
+    fn remember(&mut self, d: usize) {
+        for c in self.disks[d].bytes.chunks(BSU) {
+            self.contents
+                .entry(blake3::hash(c))
+                .or_insert_with(|| c.to_vec());
+        }
     }
 
     fn state(&self, d: usize) -> State {
@@ -445,7 +482,7 @@ impl World {
     }
 
     fn backup_by(&mut self, how: &str) -> Result<(), String> {
-        let d = self.rng.gen_range(0..self.disks.len());
+        let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let (args, parent) = self.backup_args(d, how)?;
         let state = self.state(d);
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -501,15 +538,37 @@ impl World {
             }
             true
         } else {
-            if CHECK_FAILED_RESTORE_LEAVES_NO_TARGET && target.exists() {
-                return Err(format!(
-                    "failed restore of {id} left '{tshown}' under the target's name"
-                ));
+            if CHECK_FAILED_RESTORE_LEAVES_NO_TARGET {
+                if target.exists() {
+                    return Err(format!(
+                        "failed restore of {id} left '{tshown}' under the target's name"
+                    ));
+                }
+                // A restore that ended (not killed) removes its temporary file.
+                let left = self.partials_of(&target);
+                if !left.is_empty() {
+                    return Err(format!(
+                        "failed restore of {id} left its temporary file(s) {left:?}"
+                    ));
+                }
             }
             false
         };
         let _ = std::fs::remove_file(&target);
         Ok(outcome)
+    }
+
+    /// Temporary files of a restore to `target` (`.NAME.cbtvault-partial-PID`).
+    fn partials_of(&self, target: &std::path::Path) -> Vec<PathBuf> {
+        let name = target.file_name().unwrap().to_string_lossy();
+        let prefix = format!(".{name}{}", cbtvault::target::file::PARTIAL_MARK);
+        std::fs::read_dir(target.parent().unwrap())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
+            .collect()
     }
 
     fn restore_stdout_of(&self, id: &str, envs: &[(&str, &str)]) -> Result<bool, String> {
@@ -816,7 +875,7 @@ impl World {
     }
 
     fn kill_backup(&mut self) -> Result<(), String> {
-        let d = self.rng.gen_range(0..self.disks.len());
+        let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let how = ["full", "bitmap", "read-all"][self.rng.gen_range(0..3)];
         let (args, parent) = self.backup_args(d, how)?;
         let state = self.state(d);
@@ -856,10 +915,22 @@ impl World {
                 return Err(format!("restore of {id} exited 0 with WRONG bytes"));
             }
         } else if CHECK_FAILED_RESTORE_LEAVES_NO_TARGET && target.exists() {
-            return Err(format!(
-                "restore of {id} killed after {delay:?} left '{}' under the target's name",
-                target.display()
-            ));
+            // The kill may land after the rename that ends a restore: a
+            // file under the final name must then be the whole snapshot.
+            let got = State::of(&std::fs::read(&target).unwrap());
+            if got != self.known[&id].state {
+                return Err(format!(
+                    "restore of {id} killed after {delay:?} (exit {}) left '{}' under the                      target's name with bytes that are not the snapshot's",
+                    r.code,
+                    target.display()
+                ));
+            }
+        }
+        // A killed restore may leave its temporary file (documented:
+        // `.NAME.cbtvault-partial-PID`, never the final name); that is all
+        // it may leave.
+        for p in self.partials_of(&target) {
+            let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_file(&target);
         self.note(format!(
@@ -884,7 +955,7 @@ impl World {
     // ----------------------------------------------------- backend faults
 
     fn faulty_backup(&mut self) -> Result<(), String> {
-        let d = self.rng.gen_range(0..self.disks.len());
+        let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let how = ["full", "bitmap", "read-all"][self.rng.gen_range(0..3)];
         let (args, parent) = self.backup_args(d, how)?;
         let kinds = self.random_kinds();
@@ -960,10 +1031,21 @@ impl World {
         Some(files[self.rng.gen_range(0..files.len())].clone())
     }
 
-    /// Checks the invariant over the damage, then undoes it (when so set).
+    /// Checks the invariant over the damage, then remedies it with the
+    /// repair commands (a share of pack damage and snapshot deletions) or
+    /// undoes it (when so set).
     fn after_damage(&mut self, what: String) -> Result<(), String> {
         self.note(what.clone());
         self.verify(&format!("after {what}"), true)?;
+        let remediable = !self.damage.is_empty()
+            && self.damage.iter().all(|d| match d {
+                Damage::Flipped { path, .. } => path.starts_with(self.t.repo.join("data")),
+                Damage::Moved { .. } => true,
+                Damage::Created { .. } => false,
+            });
+        if remediable && self.rng.gen_bool(REMEDY_SHARE) {
+            return self.remedy(&what);
+        }
         if UNDO_DAMAGE_AFTER_CHECK {
             for d in self.damage.drain(..).rev() {
                 match d {
@@ -980,6 +1062,198 @@ impl World {
             self.verify("after the damage was undone", false)?;
         }
         Ok(())
+    }
+
+    /// The product's remedies for the damage just checked: `repair packs`
+    /// for damaged packs, `repair snapshots` for children of a deleted
+    /// snapshot; every snapshot that still fails must be named by check
+    /// (never wrong bytes, never silence), and is then healed by a full
+    /// backup of its content, which stores the lost blocks again.
+    fn remedy(&mut self, what: &str) -> Result<(), String> {
+        let mut deleted_snapshots = Vec::new();
+        let mut deleted_packs = false;
+        for d in std::mem::take(&mut self.damage) {
+            if let Damage::Moved { path, aside } = d {
+                if path.starts_with(self.t.repo.join("snapshots")) {
+                    deleted_snapshots.push((path, aside));
+                } else {
+                    deleted_packs = true;
+                    let _ = std::fs::remove_file(aside);
+                }
+            }
+        }
+        if deleted_packs {
+            // What check names as the fix of a pack missing from storage:
+            // its blocks leave the catalog, so a backup stores them again.
+            let r = self.run(&["--json", "repair", "index"]);
+            self.sane(&r)?;
+            if r.code != 0 {
+                return Err(format!("repair index after {what} failed: {}", r.stderr));
+            }
+            self.note("remedy: repair index".into());
+        }
+        let r = self.run(&["--json", "repair", "packs"]);
+        self.sane(&r)?;
+        if r.code != 0 {
+            return Err(format!("repair packs after {what} failed: {}", r.stderr));
+        }
+        self.note(format!("remedy: repair packs: {}", first_line(&r.stderr)));
+        if !deleted_snapshots.is_empty() {
+            let r = self.run(&["--json", "repair", "snapshots"]);
+            self.sane(&r)?;
+            // 3: a child whose blocks were known only to its parent.
+            if r.code != 0 && r.code != 3 {
+                return Err(format!(
+                    "repair snapshots after {what} failed: {}",
+                    r.stderr
+                ));
+            }
+            self.note(format!("remedy: repair snapshots: exit {}", r.code));
+            for (path, aside) in deleted_snapshots {
+                if r.code == 0 {
+                    let _ = std::fs::remove_file(aside);
+                } else {
+                    // A child it cannot repair (blocks known only to the
+                    // deleted parent) stays damaged for good: the parent
+                    // object is put back rather than keep it in the oracle.
+                    std::fs::rename(aside, path).unwrap();
+                }
+            }
+            // The deleted snapshot is gone for good.
+            let listed: BTreeSet<String> =
+                self.listed_all()?.into_iter().map(|(id, _)| id).collect();
+            self.known.retain(|id, _| listed.contains(id));
+        }
+        // Loud, never wrong: every snapshot restored, failures named.
+        self.verify(&format!("after repairing {what}"), true)?;
+        // Healing: a full backup of the content of each snapshot that fails.
+        let ids: Vec<String> = self.known.keys().cloned().collect();
+        let mut healed = 0;
+        for id in ids {
+            if self.restore_to_file(&id, &[])? {
+                continue;
+            }
+            let state = self.known[&id].state.clone();
+            let mut bytes = Vec::with_capacity(state.len as usize);
+            for h in &state.blocks {
+                bytes.extend_from_slice(&self.contents[h]);
+            }
+            let h = self.disks.len() - 1;
+            self.disks[h].bytes = bytes;
+            std::fs::write(&self.disks[h].path, &self.disks[h].bytes).map_err(|e| e.to_string())?;
+            let image = self.disks[h].path.display().to_string();
+            let r = self.run(&["--json", "backup", &image, "--full"]);
+            self.backup_outcome(h, state, &r, None, true)?;
+            if !self.restore_to_file(&id, &[])? {
+                return Err(format!(
+                    "snapshot {id} still fails after a full backup of its content                      stored its blocks again (repair after {what})"
+                ));
+            }
+            healed += 1;
+        }
+        self.note(format!("remedy: healed {healed} snapshots by backups"));
+        self.verify(&format!("after the remedies for {what}"), false)
+    }
+
+    /// Every listed snapshot: (id, source).
+    fn listed_all(&self) -> Result<Vec<(String, String)>, String> {
+        let r = self.run(&["--json", "snapshots"]);
+        self.sane(&r)?;
+        if r.code != 0 {
+            return Err(format!("snapshots failed: {}", r.stderr));
+        }
+        Ok(r.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["id"].as_str().unwrap().to_string(),
+                    s["source"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect())
+    }
+
+    // ---------------------------------------------- repair on a healthy repo
+
+    /// A repair command in a healthy repository: exit 0 and nothing lost.
+    fn repair_healthy(&mut self, args: &[&str]) -> Result<(), String> {
+        let mut all = vec!["--json", "repair"];
+        all.extend_from_slice(args);
+        let r = self.run(&all);
+        self.sane(&r)?;
+        if r.code != 0 {
+            return Err(format!(
+                "repair {args:?} failed in a healthy repository: {}",
+                r.stderr
+            ));
+        }
+        self.note(format!("repair {args:?}: ok"));
+        self.verify(&format!("after repair {args:?}"), false)
+    }
+
+    fn repair_packs(&mut self) -> Result<(), String> {
+        self.repair_healthy(&["packs"])
+    }
+
+    fn repair_packs_unreferenced(&mut self) -> Result<(), String> {
+        self.repair_healthy(&["packs", "--unreferenced"])
+    }
+
+    fn repair_snapshots(&mut self) -> Result<(), String> {
+        self.repair_healthy(&["snapshots"])
+    }
+
+    fn repair_tmp(&mut self) -> Result<(), String> {
+        self.repair_healthy(&["tmp"])
+    }
+
+    /// Reading commands with `--no-lock` beside a backup that holds its
+    /// lock: `snapshots`, `check` or a restore; a restore that exits 0 has
+    /// the exact bytes, and none of them may crash.
+    fn no_lock_beside_backup(&mut self) -> Result<(), String> {
+        let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
+        let (args, parent) = self.backup_args(d, "bitmap")?;
+        let state = self.state(d);
+        let other: Vec<String> = match (self.rng.gen_range(0..3), self.pick_known()) {
+            (0, Some(id)) => vec!["restore".into(), id, "--target".into(), "-".into()],
+            (1, _) => vec!["check".into()],
+            _ => vec!["snapshots".into()],
+        };
+        let mut with_flag = vec!["--no-lock".to_string()];
+        with_flag.extend(other.iter().cloned());
+        let a = self.spawn(&args, &[]);
+        let b = self.spawn(&with_flag, &[]);
+        let oa = a.wait_with_output().unwrap();
+        let ob = b.wait_with_output().unwrap();
+        let ra = Run {
+            command: format!("{args:?}"),
+            code: oa.status.code().unwrap_or(-1),
+            stdout: oa.stdout,
+            stderr: String::from_utf8_lossy(&oa.stderr).into_owned(),
+        };
+        let rb = Run {
+            command: format!("{with_flag:?}"),
+            code: ob.status.code().unwrap_or(-1),
+            stdout: ob.stdout,
+            stderr: String::from_utf8_lossy(&ob.stderr).into_owned(),
+        };
+        self.sane(&rb)?;
+        if other[0] == "restore" && rb.code == 0 {
+            let id = &other[1];
+            if State::of(&rb.stdout) != self.known[id].state {
+                return Err(format!(
+                    "restore --no-lock of {id} beside a backup: WRONG bytes"
+                ));
+            }
+        }
+        self.note(format!(
+            "no-lock: backup disk{d} exit {} | {with_flag:?} exit {}",
+            ra.code, rb.code
+        ));
+        self.backup_outcome(d, state, &ra, parent.as_deref(), false)?;
+        self.verify("after a --no-lock reader beside a backup", false)
     }
 
     fn flip_in(&mut self, sub: &str) -> Result<(), String> {
@@ -1052,7 +1326,7 @@ impl World {
     /// finds it, and a full backup of the same image must then restore
     /// exactly.
     fn heal_damaged_block(&mut self) -> Result<(), String> {
-        let d = self.rng.gen_range(0..self.disks.len());
+        let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let b = self.rng.gen_range(0..IMAGE_BLOCKS[d]);
         self.fresh += 1;
         let data = random_block(self.seed, 1_000_000 + self.fresh);
@@ -1060,6 +1334,7 @@ impl World {
         let end = (start + BSU).min(self.disks[d].bytes.len());
         self.disks[d].bytes[start..end].copy_from_slice(&data[..end - start]);
         std::fs::write(&self.disks[d].path, &self.disks[d].bytes).map_err(|e| e.to_string())?;
+        self.remember(d);
         let (args, _) = self.backup_args(d, "full")?;
         let a: Vec<&str> = args.iter().map(String::as_str).collect();
         let r = self.run(&a);
@@ -1174,7 +1449,7 @@ impl World {
     /// or a backup beside a restore, a check or a repair index. Lock
     /// conflicts may fail one.
     fn concurrent(&mut self) -> Result<(), String> {
-        let d = self.rng.gen_range(0..self.disks.len());
+        let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let how = ["full", "bitmap"][self.rng.gen_range(0..2)];
         let (args, parent) = self.backup_args(d, how)?;
         let state = self.state(d);
@@ -1243,6 +1518,9 @@ pub fn torture(seed: u64, steps: usize) {
     );
     let started = Instant::now();
     let mut w = World::new(seed);
+    for d in 0..w.disks.len() {
+        w.remember(d);
+    }
     let total: u32 = ACTIONS.iter().map(|a| a.weight).sum();
     // Some data and a first snapshot of each disk.
     for _ in 0..6 {
