@@ -1451,12 +1451,19 @@ impl World {
     fn concurrent(&mut self) -> Result<(), String> {
         let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let how = ["full", "bitmap"][self.rng.gen_range(0..2)];
-        let (args, parent) = self.backup_args(d, how)?;
+        let (mut args, parent) = self.backup_args(d, how)?;
         let state = self.state(d);
         let other: Vec<String> = match self.rng.gen_range(0..4) {
             0 => {
                 // The other disk, or the same one (both on the same parent).
                 let d2 = if self.rng.gen_bool(0.5) { 1 - d } else { d };
+                if d2 == d && !args.iter().any(|a| a == "--parent") {
+                    // Whichever commits first would otherwise be the
+                    // other's "latest" parent: pin the one expected.
+                    if let Some(p) = &parent {
+                        args.extend(["--parent".into(), p.clone()]);
+                    }
+                }
                 let (a, _) = self.backup_args(d2, how)?;
                 // The second backup's outcome is learned by verify.
                 self.attempts.push((d2, self.state(d2)));
