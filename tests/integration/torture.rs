@@ -1223,22 +1223,7 @@ impl World {
         };
         let mut with_flag = vec!["--no-lock".to_string()];
         with_flag.extend(other.iter().cloned());
-        let a = self.spawn(&args, &[]);
-        let b = self.spawn(&with_flag, &[]);
-        let oa = a.wait_with_output().unwrap();
-        let ob = b.wait_with_output().unwrap();
-        let ra = Run {
-            command: format!("{args:?}"),
-            code: oa.status.code().unwrap_or(-1),
-            stdout: oa.stdout,
-            stderr: String::from_utf8_lossy(&oa.stderr).into_owned(),
-        };
-        let rb = Run {
-            command: format!("{with_flag:?}"),
-            code: ob.status.code().unwrap_or(-1),
-            stdout: ob.stdout,
-            stderr: String::from_utf8_lossy(&ob.stderr).into_owned(),
-        };
+        let (ra, rb) = self.two_at_once(&args, &with_flag);
         self.sane(&rb)?;
         if other[0] == "restore" && rb.code == 0 {
             let id = &other[1];
@@ -1448,6 +1433,22 @@ impl World {
     /// Two cbtvault processes at once: two backups (of two disks or of one),
     /// or a backup beside a restore, a check or a repair index. Lock
     /// conflicts may fail one.
+    /// Runs two cbtvault command lines as processes at the same time and
+    /// waits for both.
+    fn two_at_once(&self, a: &[String], b: &[String]) -> (Run, Run) {
+        let (pa, pb) = (self.spawn(a, &[]), self.spawn(b, &[]));
+        let run = |args: &[String], child: std::process::Child| {
+            let out = child.wait_with_output().unwrap();
+            Run {
+                command: format!("{args:?}"),
+                code: out.status.code().unwrap_or(-1),
+                stdout: out.stdout,
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        };
+        (run(a, pa), run(b, pb))
+    }
+
     fn concurrent(&mut self) -> Result<(), String> {
         let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let how = ["full", "bitmap"][self.rng.gen_range(0..2)];
@@ -1476,22 +1477,7 @@ impl World {
             2 => vec!["check".into(), "--read-data".into()],
             _ => vec!["repair".into(), "index".into()],
         };
-        let a = self.spawn(&args, &[]);
-        let b = self.spawn(&other, &[]);
-        let oa = a.wait_with_output().unwrap();
-        let ob = b.wait_with_output().unwrap();
-        let ra = Run {
-            command: format!("{args:?}"),
-            code: oa.status.code().unwrap_or(-1),
-            stdout: oa.stdout,
-            stderr: String::from_utf8_lossy(&oa.stderr).into_owned(),
-        };
-        let rb = Run {
-            command: format!("{other:?}"),
-            code: ob.status.code().unwrap_or(-1),
-            stdout: ob.stdout,
-            stderr: String::from_utf8_lossy(&ob.stderr).into_owned(),
-        };
+        let (ra, rb) = self.two_at_once(&args, &other);
         self.sane(&rb)?;
         if other[0] == "restore" && rb.code == 0 {
             let id = &other[1];
