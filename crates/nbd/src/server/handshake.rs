@@ -182,19 +182,11 @@ async fn xapi_option(
         proto::OPT_EXPORT_NAME => {
             // Any failure (bad session, unknown VDI, refused VBD) closes
             // the connection without a reply.
-            let Ok(name) = proto::decode_export_name_data(&option.data) else {
+            let Some((_, export)) =
+                export_name(io, resolver, &option.data, XAPI_FLAGS, false).await?
+            else {
                 return Ok(Next::Close);
             };
-            let Ok(export) = resolver.open(&name) else {
-                return Ok(Next::Close);
-            };
-            io.write_all(&proto::encode_export_name_reply(
-                export.size_bytes(),
-                XAPI_FLAGS,
-                false,
-            ))
-            .await?;
-            io.flush().await?;
             Ok(Next::Transmit(Transmission {
                 export,
                 structured: false,
@@ -223,6 +215,33 @@ async fn xapi_option(
             Ok(Next::Continue)
         }
     }
+}
+
+/// NBD_OPT_EXPORT_NAME: opens the export and sends the old-style reply
+/// that ends the handshake. `None` when the name does not decode or the
+/// export cannot be opened: the protocol has no error reply for this
+/// option, so the caller closes the connection.
+async fn export_name(
+    io: &mut Box<dyn Io>,
+    resolver: &dyn ExportResolver,
+    data: &[u8],
+    flags: u16,
+    no_zeroes: bool,
+) -> Result<Option<(String, Arc<dyn Export>)>, ConnError> {
+    let Ok(name) = proto::decode_export_name_data(data) else {
+        return Ok(None);
+    };
+    let Ok(export) = resolver.open(&name) else {
+        return Ok(None);
+    };
+    io.write_all(&proto::encode_export_name_reply(
+        export.size_bytes(),
+        flags,
+        no_zeroes,
+    ))
+    .await?;
+    io.flush().await?;
+    Ok(Some((name, export)))
 }
 
 /// The option reply for an export that could not be opened.
@@ -255,19 +274,11 @@ async fn standard_option(
     let code = option.option;
     match code {
         proto::OPT_EXPORT_NAME => {
-            let Ok(name) = proto::decode_export_name_data(&option.data) else {
+            let Some((name, export)) =
+                export_name(io, resolver, &option.data, STANDARD_FLAGS, agreed.no_zeroes).await?
+            else {
                 return Ok(Next::Close);
             };
-            let Ok(export) = resolver.open(&name) else {
-                return Ok(Next::Close);
-            };
-            io.write_all(&proto::encode_export_name_reply(
-                export.size_bytes(),
-                STANDARD_FLAGS,
-                agreed.no_zeroes,
-            ))
-            .await?;
-            io.flush().await?;
             Ok(Next::Transmit(transmission(export, &name, agreed)))
         }
         proto::OPT_GO | proto::OPT_INFO => {
