@@ -974,6 +974,8 @@ impl Repository {
         let bytes = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
         let name = ObjectName::of(&bytes);
         self.backend.save(Kind::Snapshot, &name.to_hex(), &bytes)?;
+        #[cfg(debug_assertions)]
+        test_kill("snapshot_durable");
         self.catalog().upsert_snapshot(&name, &obj.meta)?;
         Ok(name)
     }
@@ -992,6 +994,29 @@ pub(crate) fn test_delay(name: &str) {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
         }
+    }
+}
+
+/// Test hook, debug builds only: `CBTVAULT_TEST_KILL=NAME:N` ends the
+/// process at once (`abort`: no destructor, no lock removal, no flush, as
+/// a `kill -9` would) on the Nth pass through point NAME, so crash tests
+/// can stop a command between two precise steps.
+#[cfg(debug_assertions)]
+pub(crate) fn test_kill(name: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static HITS: AtomicU64 = AtomicU64::new(0);
+    let Ok(spec) = std::env::var("CBTVAULT_TEST_KILL") else {
+        return;
+    };
+    let Some((point, n)) = spec.split_once(':') else {
+        return;
+    };
+    if point != name {
+        return;
+    }
+    let hit = HITS.fetch_add(1, Ordering::SeqCst) + 1;
+    if n.parse::<u64>().is_ok_and(|n| n == hit) {
+        std::process::abort();
     }
 }
 
