@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod check;
 pub mod lock;
+pub mod policy;
 pub mod read;
 pub mod repair;
 pub mod restore;
