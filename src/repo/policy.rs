@@ -513,7 +513,7 @@ mod tests {
     fn oldest_is_kept_when_periods_are_left() {
         // Three snapshots on one day, --keep-daily 3: the newest (daily) and
         // the oldest (oldest daily) are kept, the middle one goes.
-        let times = vec![
+        let times = [
             t("2025-06-01T01:00:00Z"),
             t("2025-06-01T02:00:00Z"),
             t("2025-06-01T03:00:00Z"),
