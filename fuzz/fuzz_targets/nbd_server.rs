@@ -1,7 +1,9 @@
 //! A hostile NBD client's bytes fed to the server: first to the sans-IO
 //! server-side decoders (client flags, options, GO/INFO and meta context
 //! data, requests), each of which must re-encode to the bytes it read; then
-//! to a whole server connection (`nbd::server::serve_connection`, handshake
+//! to the handshake state machine (`nbd::server::ServerHandshake`) split at
+//! points drawn from the first byte, which must say exactly what it says
+//! when fed whole; then to a whole server connection (`nbd::server::serve_connection`, handshake
 //! and transmission, over an in-memory pipe, against a small memory export,
 //! in either personality). Never a panic, never a hang: the server ends the
 //! connection when the bytes run out.
@@ -13,7 +15,8 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use nbd::proto::{self, Decoded};
 use nbd::server::{
-    serve_connection, Export, ExportError, ExportResolver, MemoryExport, Mode, ServerOptions,
+    serve_connection, Export, ExportError, ExportResolver, MemoryExport, Mode, ServerHandshake,
+    ServerOptions, ServerStep,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -27,6 +30,133 @@ impl ExportResolver for One {
 
     fn list(&self) -> Vec<String> {
         vec!["disk".into()]
+    }
+}
+
+/// Only "disk" (and the default, empty name) opens; other names fail.
+struct Named(Arc<MemoryExport>);
+
+impl ExportResolver for Named {
+    fn open(&self, name: &str) -> Result<Arc<dyn Export>, ExportError> {
+        match name {
+            "" | "disk" => Ok(self.0.clone()),
+            _ => Err(ExportError::NotFound(name.into())),
+        }
+    }
+
+    fn list(&self) -> Vec<String> {
+        vec!["disk".into(), "x".repeat(5000)]
+    }
+}
+
+/// Everything the handshake machine said, in order.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Transcript {
+    out: Vec<u8>,
+    /// StartTls, the end (Transmit, Close, an error) or the last NeedMore.
+    events: Vec<String>,
+    /// Client bytes not consumed: fed but left over (greedy), or never
+    /// read (bounded).
+    rest: Vec<u8>,
+}
+
+/// Feeds `client` to a handshake machine in pieces of the given sizes
+/// (cycled). `bounded`: the way the server's driver reads, never more than
+/// `NeedMore` asks, TLS "established" at once after StartTls. Otherwise
+/// greedy: whole pieces, stopping at StartTls (what follows depends on the
+/// TLS layer, not on the machine).
+fn handshake(mode: Mode, tls: bool, client: &[u8], pieces: &[usize], bounded: bool) -> Transcript {
+    let resolver = Named(Arc::new(MemoryExport::new(vec![5; 4096])));
+    let mut hs = ServerHandshake::new(mode, tls, &resolver);
+    let mut t = Transcript::default();
+    let mut input = client;
+    let mut piece = pieces.iter().copied().cycle();
+    let mut step = hs.feed(&[]);
+    loop {
+        step = match step {
+            Err(e) => {
+                t.events.push(format!("error: {e}"));
+                break;
+            }
+            Ok(ServerStep::Send(bytes)) => {
+                assert!(!bytes.is_empty(), "an empty Send");
+                t.out.extend(bytes);
+                hs.feed(&[])
+            }
+            Ok(ServerStep::NeedMore(n)) => {
+                assert!(n > 0, "NeedMore(0)");
+                if input.is_empty() {
+                    t.events.push(format!("need {n}"));
+                    break;
+                }
+                let mut take = piece.next().unwrap_or(usize::MAX).max(1).min(input.len());
+                if bounded {
+                    take = take.min(n);
+                }
+                let (now, later) = input.split_at(take);
+                input = later;
+                hs.feed(now)
+            }
+            Ok(ServerStep::StartTls) => {
+                t.events.push("starttls".into());
+                if !bounded {
+                    break;
+                }
+                hs.tls_established()
+            }
+            Ok(ServerStep::Transmit(x)) => {
+                if bounded {
+                    assert!(hs.leftover().is_empty(), "bounded reads leave nothing over");
+                }
+                t.events.push(format!("{x:?}"));
+                break;
+            }
+            Ok(ServerStep::Close { farewell, shutdown }) => {
+                t.out.extend(farewell);
+                t.events.push(format!("close shutdown={shutdown}"));
+                break;
+            }
+        };
+    }
+    t.rest = hs.leftover().to_vec();
+    t.rest.extend_from_slice(input);
+    t
+}
+
+/// Piece sizes 1..=32 from a seed (xorshift).
+fn pieces(seed: u8, n: usize) -> Vec<usize> {
+    let mut x = u32::from(seed) | 0x100;
+    (0..n.clamp(1, 4096))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x % 32) as usize + 1
+        })
+        .collect()
+}
+
+/// Splitting the client's bytes changes nothing the machine says, and the
+/// driver's bounded reads see what a greedy feed sees.
+fn split_handshake(seed: u8, client: &[u8]) {
+    let mode = if seed & 1 == 0 {
+        Mode::Standard
+    } else {
+        Mode::XapiLike
+    };
+    let tls = seed & 2 != 0;
+    let split = pieces(seed, client.len());
+    let greedy = handshake(mode, tls, client, &[usize::MAX], false);
+    assert_eq!(greedy, handshake(mode, tls, client, &split, false));
+    assert_eq!(greedy, handshake(mode, tls, client, &[1], false));
+    let bounded = handshake(mode, tls, client, &[usize::MAX], true);
+    assert_eq!(bounded, handshake(mode, tls, client, &split, true));
+    if greedy.events.last().map(String::as_str) == Some("starttls") {
+        // The bounded run went on through "TLS" from the same point.
+        assert!(bounded.out.starts_with(&greedy.out));
+        assert_eq!(bounded.events[..greedy.events.len()], greedy.events[..]);
+    } else {
+        assert_eq!(greedy, bounded);
     }
 }
 
@@ -106,6 +236,7 @@ fn connection(mode: Mode, client: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     decoders(data);
     if let Some((&first, client)) = data.split_first() {
+        split_handshake(first, client);
         let mode = if first & 1 == 0 {
             Mode::Standard
         } else {

@@ -18,7 +18,8 @@ use tokio::task::JoinHandle;
 
 use super::error::ConnError;
 use super::export::{Export, ExportResolver, Mode, ServerOptions};
-use super::handshake::{self, Transmission};
+use super::handshake;
+use super::negotiate::Transmission;
 use crate::client::Io;
 use crate::proto::{self, Decoded, Request};
 

@@ -14,14 +14,17 @@
 //! it one export of a snapshot; the simulator validates a session in the
 //! export name and attaches a VBD for as long as the [`Export`] lives.
 //!
-//! Modules depend one way: `export` and `error` (plain types) <- `handshake`
-//! <- `connection` <- this file (listener and accept loop).
+//! Modules depend one way: `export` and `error` (plain types) <- `negotiate`
+//! (the handshake as a pure state machine, [`ServerHandshake`]) <-
+//! `handshake` (its async driver) <- `connection` <- this file (listener
+//! and accept loop).
 
 mod connection;
 mod error;
 mod export;
 mod handshake;
 mod memory;
+mod negotiate;
 mod tls;
 
 use std::future::Future;
@@ -37,6 +40,7 @@ use crate::client::Io;
 
 pub use export::{Export, ExportError, ExportResolver, Mode, ServerOptions};
 pub use memory::MemoryExport;
+pub use negotiate::{ServerHandshake, ServerStep, Transmission};
 pub use tls::server_config_from_pem;
 
 /// A bound listening socket.
