@@ -552,7 +552,7 @@ mod tests {
                 };
             }
         }
-        if t.events.last().map_or(true, |e| e == "starttls") {
+        if t.events.last().is_none_or(|e| e == "starttls") {
             t.events.push(format!("need {last_need:?}"));
         }
         t.leftover = hs.leftover().to_vec();
