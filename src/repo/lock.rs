@@ -59,16 +59,27 @@ pub struct LockHealth {
     last_error: Mutex<Option<String>>,
     give_up_after: Duration,
     lost: AtomicBool,
+    /// Whether the lock is exclusive (commands that remove objects check).
+    exclusive: bool,
+    /// Set when the guard was dropped: the lock is no longer held.
+    released: AtomicBool,
 }
 
 impl LockHealth {
-    fn new(give_up_after: Duration) -> Self {
+    fn new(give_up_after: Duration, exclusive: bool) -> Self {
         LockHealth {
             last_refresh: Mutex::new(Instant::now()),
             last_error: Mutex::new(None),
             give_up_after,
             lost: AtomicBool::new(false),
+            exclusive,
+            released: AtomicBool::new(false),
         }
+    }
+
+    /// Whether this is an exclusive lock still held (not yet released).
+    pub fn is_held_exclusive(&self) -> bool {
+        self.exclusive && !self.released.load(Ordering::SeqCst)
     }
 
     /// Fails once the lock could not be refreshed for the give-up time;
@@ -246,7 +257,7 @@ pub fn acquire_with(
         }
     }
     let current = Arc::new(Mutex::new(name));
-    let health = Arc::new(LockHealth::new(timing.give_up_after));
+    let health = Arc::new(LockHealth::new(timing.give_up_after, exclusive));
     let (stop_tx, stop_rx) = channel::<()>();
     let refresher = {
         let backend = backend.clone();
@@ -304,7 +315,7 @@ impl LockGuard {
     pub fn skipped(backend: Arc<dyn Backend>) -> LockGuard {
         LockGuard {
             held: false,
-            health: Arc::new(LockHealth::new(Duration::MAX)),
+            health: Arc::new(LockHealth::new(Duration::MAX, false)),
             stop: None,
             refresher: None,
             backend,
@@ -320,6 +331,7 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.health.released.store(true, Ordering::SeqCst);
         drop(self.stop.take());
         if let Some(h) = self.refresher.take() {
             let _ = h.join();

@@ -6,6 +6,7 @@
 
 pub mod backup;
 pub mod check;
+pub mod forget;
 pub mod lock;
 pub mod policy;
 pub mod read;
@@ -52,6 +53,8 @@ pub enum RepoError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Read(#[from] read::ReadError),
+    #[error(transparent)]
+    Fold(#[from] forget::FoldError),
     #[error("{kind} '{name}' is corrupt: {reason}; run 'cbtvault check'")]
     CorruptObject {
         kind: Kind,
@@ -100,6 +103,10 @@ pub enum RepoError {
     /// hold one (or with `--no-lock`).
     #[error("'{command}' needs the repository lock, but {why}")]
     LockRequired { command: String, why: String },
+    /// A command that removes or rewrites objects without holding the
+    /// exclusive lock (spec: format-spec/05-locks.md).
+    #[error("'{command}' must run under the exclusive repository lock: {why}")]
+    ExclusiveLockRequired { command: String, why: String },
     #[error("{0}")]
     Invalid(String),
     #[error("{what}: {source}")]
@@ -542,6 +549,22 @@ impl Repository {
             Some(h) => Ok(h.check()?),
             None => Ok(()),
         }
+    }
+
+    /// Fails unless the lock taken last through [`Repository::lock`] is an
+    /// exclusive one, still held and healthy: for engines that remove
+    /// objects a running backup or restore may need.
+    pub fn ensure_exclusive_lock(&self, command: &str) -> Result<(), RepoError> {
+        let health = self.lock_health.lock().expect("lock health").clone();
+        let why = match &health {
+            None => "no lock is held",
+            Some(h) if !h.is_held_exclusive() => "the lock held is shared or released",
+            Some(h) => return Ok(h.check()?),
+        };
+        Err(RepoError::ExclusiveLockRequired {
+            command: command.to_string(),
+            why: why.to_string(),
+        })
     }
 
     /// Reads one pack's footer and trailer (two range reads).
