@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod check;
+pub mod forget_host;
 pub mod forget_policy;
 #[cfg(feature = "sim")]
 pub mod demo;
