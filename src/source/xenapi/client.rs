@@ -351,6 +351,8 @@ pub struct VdiRecord {
     pub cbt_enabled: Option<bool>,
     pub is_a_snapshot: bool,
     pub snapshot_of: String,
+    /// `other_config` (string values only): carries the cbtvault marker.
+    pub other_config: BTreeMap<String, String>,
 }
 
 /// The VBD fields the workflow reads.
@@ -372,6 +374,17 @@ pub struct HostObject {
     /// `VBDs` (set of refs).
     pub vbds: Vec<String>,
     pub other_config: BTreeMap<String, String>,
+}
+
+/// The string entries of a map field (`other_config`); empty when absent.
+fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+    match v {
+        Some(Value::Struct(m)) => m
+            .iter()
+            .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
 }
 
 /// A logged-in session; logs out when dropped.
@@ -586,6 +599,7 @@ impl Session {
                 .transpose()?
                 .unwrap_or(false),
             snapshot_of: text(what, rec, "snapshot_of").unwrap_or_default(),
+            other_config: string_map(rec.get("other_config")),
         })
     }
 
@@ -736,13 +750,7 @@ impl Session {
                 what: what.clone(),
                 reason: format!("record of {reference} is not a struct"),
             })?;
-            let other_config = match rec.get("other_config") {
-                Some(Value::Struct(m)) => m
-                    .iter()
-                    .filter_map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_string())))
-                    .collect(),
-                _ => BTreeMap::new(),
-            };
+            let other_config = string_map(rec.get("other_config"));
             out.push(HostObject {
                 reference: reference.clone(),
                 uuid: text(&what, rec, "uuid")?,

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod import;
+pub mod landmarks;
 pub mod nbd;
 pub mod tls;
 pub mod workflow;

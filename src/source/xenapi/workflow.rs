@@ -36,6 +36,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::client::{HostObject, NbdInfo, Session, VdiRecord};
+use super::landmarks;
 use super::nbd::{NbdSet, SpooledExport};
 use super::{XenApiError, XenObject, XenUrl};
 use crate::source::nbd::NbdLimits;
@@ -377,6 +378,9 @@ struct Disk {
     full_reason: Option<Option<String>>,
     landmark: Option<String>,
     landmark_ref: Option<String>,
+    /// The landmark the repository recorded for this disk, whether or not
+    /// tracking still holds: superseded once this run commits.
+    recorded_landmark: Option<String>,
     snapshot_ref: Option<String>,
     snapshot_uuid: String,
     snapshot_cbt: bool,
@@ -581,6 +585,9 @@ pub fn run<C: Committer>(
                 d.snapshot_uuid,
                 describe(&e)
             ));
+        }
+        if d.committed && d.landmark_ref.is_none() && options.destroy_superseded_landmark {
+            release_lost_landmark(session, url, options, d, committer);
         }
         if d.committed {
             let (incremental, lost_reason) = match &d.changes {
@@ -818,6 +825,48 @@ fn supersede<C: Committer>(
     }
 }
 
+/// After a committed backup that did not continue from the landmark the
+/// repository recorded (tracking lost: CBT disabled, unrelated VDIs,
+/// `VDI_NO_CBT_METADATA`, ...), that landmark is useless: released with
+/// the checks of [`landmarks::release_one`] (only a `cbt_metadata`
+/// snapshot of this disk not marked by another repository). A vanished
+/// one is simply gone; anything else is a warning, never a failure.
+fn release_lost_landmark<C: Committer>(
+    session: &Session,
+    url: &XenUrl,
+    options: &WorkflowOptions,
+    d: &Disk,
+    committer: &mut C,
+) {
+    let Some(old) = d.recorded_landmark.as_ref().filter(|l| **l != d.snapshot_uuid) else {
+        return;
+    };
+    let Some(m) = &options.marker else {
+        // Without our repository id nothing proves the landmark is ours.
+        return;
+    };
+    let item = landmarks::Landmark {
+        host: url.authority(),
+        vdi: d.record.uuid.clone(),
+        landmark: old.clone(),
+    };
+    match landmarks::release_one(session, &m.repository, &item) {
+        landmarks::Outcome::Destroyed => committer.info(format!(
+            "destroyed landmark {old} of VDI {} on the host (superseded by the new backup set)",
+            d.record.uuid
+        )),
+        landmarks::Outcome::AlreadyGone => {}
+        landmarks::Outcome::Refused { reason } => committer.warn(format!(
+            "left the superseded landmark {old} of VDI {} on the host: {reason}",
+            d.record.uuid
+        )),
+        landmarks::Outcome::Failed { error } => committer.warn(format!(
+            "could not destroy the superseded landmark {old} of VDI {}: {error}; forget removes it later, or remove it by hand",
+            d.record.uuid
+        )),
+    }
+}
+
 fn discover<C: Committer>(
     session: &Session,
     url: &XenUrl,
@@ -830,6 +879,7 @@ fn discover<C: Committer>(
         full_reason: None,
         landmark: None,
         landmark_ref: None,
+        recorded_landmark: None,
         snapshot_ref: None,
         snapshot_uuid: String::new(),
         snapshot_cbt: false,
@@ -916,6 +966,9 @@ fn prepare_cbt<C: Committer>(
         .previous(&d.identity)
         .map_err(commit("read the previous backup"))?;
     let uuid = d.record.uuid.clone();
+    if let Previous::Landmark(l) = &previous {
+        d.recorded_landmark = Some(l.clone());
+    }
     let cbt = match session.vdi_cbt_enabled(&d.vdi_ref) {
         Ok(b) => Some(b),
         Err(e) if e.is_code("MESSAGE_METHOD_UNKNOWN") => None,
@@ -1087,7 +1140,8 @@ fn changes_of<E: std::error::Error + 'static>(
         Err(e) => return Err(on_host(format!("VDI.list_changed_blocks for {uuid}"))(e)),
     };
     if let Some(Changes::FullNeeded(_)) = &d.changes {
-        // The old landmark is useless now; it is not ours to delete unless superseded.
+        // Not a chain member of the new snapshot: released after the
+        // commit with the checks of `landmarks::release_one`.
         d.landmark_ref = None;
     }
     Ok(())

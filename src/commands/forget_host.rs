@@ -1,0 +1,127 @@
+//! The host side of `forget`: after the repository part, destroys on each
+//! XenServer host the `cbt_metadata` landmarks that only forgotten
+//! snapshots recorded (planning and checks in
+//! [`crate::source::xenapi::landmarks`]). An unreachable host is a
+//! warning naming what stays there, never a failure of the repository part.
+
+use anyhow::Result;
+
+use super::backup::{xen_session, XenOptions};
+use crate::format::snapshot::SnapshotMeta;
+use crate::output::Ui;
+use crate::source::xenapi::landmarks::{self, Landmark, Outcome, Released};
+use crate::source::xenapi::XenUrl;
+
+/// What the host side did (`--json`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct HostCleanup {
+    /// Every landmark the hosts were asked about, with its outcome.
+    pub released: Vec<Released>,
+    /// Landmarks left to clean: `--no-host`, or their host not reached.
+    pub left: Vec<LeftLandmark>,
+}
+
+/// A landmark not looked at on its host.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LeftLandmark {
+    #[serde(flatten)]
+    pub landmark: Landmark,
+    pub reason: String,
+}
+
+impl HostCleanup {
+    /// Landmarks still on a host after this (left, refused or failed).
+    pub fn remaining(&self) -> usize {
+        self.left.len()
+            + self
+                .released
+                .iter()
+                .filter(|r| matches!(r.outcome, Outcome::Refused { .. } | Outcome::Failed { .. }))
+                .count()
+    }
+}
+
+/// A `xen://` URL for `authority` (`HOST:PORT`) that `xen_session` logs in with.
+fn host_url(authority: &str) -> Result<XenUrl> {
+    Ok(XenUrl::parse(&format!(
+        "xen://{authority}/vdi/00000000-0000-0000-0000-000000000000"
+    ))?)
+}
+
+/// Plans which landmarks `forgotten` leaves useless (given `remaining`),
+/// then releases them host by host (unless `no_host`), with the connection
+/// options of `backup`. `repository` is this repository's id.
+pub fn clean_host(
+    ui: &Ui,
+    xen: &XenOptions,
+    repository: &str,
+    forgotten: &[SnapshotMeta],
+    remaining: &[SnapshotMeta],
+    no_host: bool,
+) -> Result<HostCleanup> {
+    let plan = landmarks::plan(forgotten, remaining);
+    let mut report = HostCleanup::default();
+    for (host, items) in plan {
+        let leave = |report: &mut HostCleanup, reason: &str| {
+            report
+                .left
+                .extend(items.iter().cloned().map(|landmark| LeftLandmark {
+                    landmark,
+                    reason: reason.to_string(),
+                }))
+        };
+        if no_host {
+            leave(&mut report, "--no-host");
+            continue;
+        }
+        let session = match host_url(&host).and_then(|url| xen_session(ui, &url, xen)) {
+            Ok(s) => s,
+            Err(e) => {
+                let names: Vec<&str> = items.iter().map(|l| l.landmark.as_str()).collect();
+                ui.warn(format!(
+                    "cannot reach XenServer host '{host}' ({e:#}): its landmark VDIs {} stay there; run forget's host cleanup again later or remove them by hand",
+                    names.join(", ")
+                ));
+                leave(&mut report, &format!("host not reached: {e:#}"));
+                continue;
+            }
+        };
+        let released = landmarks::release(&session, repository, &items);
+        session.logout();
+        for r in &released {
+            let l = &r.landmark;
+            match &r.outcome {
+                Outcome::Destroyed => ui.info(format!(
+                    "destroyed landmark {} of VDI {} on {host}",
+                    l.landmark, l.vdi
+                )),
+                Outcome::AlreadyGone => ui.info(format!(
+                    "landmark {} of VDI {} was already gone from {host}",
+                    l.landmark, l.vdi
+                )),
+                Outcome::Refused { reason } => ui.warn(format!(
+                    "left landmark {} of VDI {} on {host}: {reason}",
+                    l.landmark, l.vdi
+                )),
+                Outcome::Failed { error } => ui.warn(format!(
+                    "could not destroy landmark {} of VDI {} on {host}: {error}",
+                    l.landmark, l.vdi
+                )),
+            }
+        }
+        report.released.extend(released);
+    }
+    if !report.left.is_empty() && no_host {
+        ui.info(format!(
+            "--no-host: {} landmark VDI(s) left to clean on the host(s):",
+            report.left.len()
+        ));
+        for l in &report.left {
+            ui.info(format!(
+                "  {} (VDI {} on {})",
+                l.landmark.landmark, l.landmark.vdi, l.landmark.host
+            ));
+        }
+    }
+    Ok(report)
+}
