@@ -8,6 +8,7 @@ pub mod forget_policy;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod inspect;
+pub mod prune;
 pub mod repair;
 pub(crate) mod restore;
 mod restore_xen;

@@ -8,6 +8,7 @@ pub mod backup;
 pub mod check;
 pub mod lock;
 pub mod policy;
+pub mod prune;
 pub mod read;
 pub mod repair;
 pub mod restore;
@@ -52,6 +53,8 @@ pub enum RepoError {
     Lock(#[from] LockError),
     #[error(transparent)]
     Read(#[from] read::ReadError),
+    #[error(transparent)]
+    Prune(#[from] prune::PruneError),
     #[error("{kind} '{name}' is corrupt: {reason}; run 'cbtvault check'")]
     CorruptObject {
         kind: Kind,
