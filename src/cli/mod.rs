@@ -4,6 +4,7 @@
 
 pub mod exit;
 mod options;
+pub mod policy;
 mod run;
 
 pub use run::run;

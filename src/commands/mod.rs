@@ -4,9 +4,9 @@
 
 pub mod backup;
 pub mod check;
-pub mod forget_policy;
 #[cfg(feature = "sim")]
 pub mod demo;
+pub mod forget_policy;
 pub mod inspect;
 pub mod prune;
 pub mod repair;

@@ -506,6 +506,7 @@ mod tests {
         want.insert(t("2024-12-31T23:00:00Z"));
         want.insert(t("2024-01-01T00:00:00Z"));
         assert_eq!(got, want);
+        assert_eq!((got.len(), times.len()), (23, 17_544));
     }
 
     #[test]
