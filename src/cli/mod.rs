@@ -56,6 +56,9 @@ pub enum Command {
     Stats,
     /// Remove stale locks.
     Unlock(UnlockArgs),
+    /// Remove packs no snapshot references and repack packs whose unused
+    /// share exceeds --max-unused.
+    Prune(PruneArgs),
     /// Repair derived data.
     #[command(subcommand)]
     Repair(RepairCommand),
@@ -306,6 +309,18 @@ pub struct CheckArgs {
     /// Read only a subset of the packs: `N%` or `n/t`.
     #[arg(long, value_name = "SUBSET", conflicts_with = "read_data")]
     pub read_data_subset: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Unused data to tolerate: a share of the repository (`10%`, `0%`),
+    /// a size (`0`, `500M`) or `unlimited` (delete only packs with no used
+    /// block).
+    #[arg(long, value_name = "LIMIT", default_value = "10%")]
+    pub max_unused: String,
+    /// Print what would be deleted and repacked; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
-    BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, RestoreArgs,
-    ServeArgs, UnlockArgs, XenArgs,
+    BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, PruneArgs,
+    RestoreArgs, ServeArgs, UnlockArgs, XenArgs,
 };
 #[cfg(feature = "sim")]
 use super::{DemoArgs, SimArgs};
@@ -26,6 +26,7 @@ use crate::commands::sim::SimHostOptions;
 use crate::commands::SnapshotFilter;
 use crate::repo::backup::plan::ParentRequest;
 use crate::repo::check::DataSubset;
+use crate::repo::prune::{MaxUnused, PruneOptions};
 use crate::repo::InitOptions;
 use crate::source::nbd::NbdLimits;
 use crate::source::xenapi::XenUrl;
@@ -276,6 +277,19 @@ fn parse_subset(s: &str) -> Result<DataSubset> {
         return Ok(DataSubset::Part { n, t });
     }
     bail!("--read-data-subset '{s}': use N% or n/t")
+}
+
+pub fn prune(a: &PruneArgs) -> Result<PruneOptions> {
+    let v = a.max_unused.trim();
+    let max_unused = if v.ends_with('%') || v.eq_ignore_ascii_case("unlimited") {
+        MaxUnused::parse(v)?
+    } else {
+        MaxUnused::Bytes(parse_size(v).with_context(|| format!("--max-unused '{v}'"))?)
+    };
+    Ok(PruneOptions {
+        max_unused,
+        dry_run: a.dry_run,
+    })
 }
 
 pub fn check(a: &CheckArgs) -> Result<CheckOptions> {

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod forget_host;
 pub mod forget_policy;
 pub mod inspect;
+pub mod prune;
 pub mod repair;
 pub(crate) mod restore;
 mod restore_xen;

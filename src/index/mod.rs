@@ -641,6 +641,101 @@ impl Catalog {
         Ok(())
     }
 
+    /// Starts prune's mark: an empty TEMP table `used` of every block some
+    /// snapshot object names (on disk in SQLite's temp store, not in RAM;
+    /// spec: format-spec/06-ordering.md#prune).
+    pub fn begin_mark(&self) -> Result<(), IndexError> {
+        self.conn
+            .execute_batch(
+                "DROP TABLE IF EXISTS temp.used;
+                 CREATE TEMP TABLE used(block_id BLOB PRIMARY KEY) WITHOUT ROWID;",
+            )
+            .map_err(|e| self.err(e))
+    }
+
+    /// Adds blocks to the mark (one transaction for the batch).
+    pub fn mark_used<'a>(
+        &self,
+        ids: impl IntoIterator<Item = &'a BlockId>,
+    ) -> Result<(), IndexError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        {
+            let mut stmt = tx
+                .prepare_cached("INSERT OR IGNORE INTO temp.used(block_id) VALUES (?1)")
+                .map_err(|e| self.err(e))?;
+            for id in ids {
+                stmt.execute([&id.0[..]]).map_err(|e| self.err(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// For each blob of `pack`, whether prune must keep this copy: its
+    /// block is marked and no intact copy in another pack is what the
+    /// catalog locates (a duplicate whose catalog row names an intact copy
+    /// elsewhere is garbage).
+    pub fn needed_in_pack(
+        &self,
+        pack: &ObjectName,
+        ids: &[BlockId],
+    ) -> Result<Vec<bool>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM temp.used u WHERE u.block_id = ?1)
+                    AND NOT EXISTS (SELECT 1 FROM blocks b JOIN packs p ON p.pack_id = b.pack_id
+                        WHERE b.block_id = ?1 AND p.name != ?2
+                        AND NOT EXISTS (SELECT 1 FROM damaged d
+                                        WHERE d.block_id = b.block_id AND d.pack_name = p.name))",
+            )
+            .map_err(|e| self.err(e))?;
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(
+                stmt.query_row(params![&id.0[..], &pack.0[..]], |r| r.get::<_, bool>(0))
+                    .map_err(|e| self.err(e))?,
+            );
+        }
+        drop(stmt);
+        tx.finish().map_err(|e| self.err(e))?;
+        Ok(out)
+    }
+
+    /// Ends prune's mark (drops the TEMP table).
+    pub fn end_mark(&self) -> Result<(), IndexError> {
+        self.conn
+            .execute_batch("DROP TABLE IF EXISTS temp.used")
+            .map_err(|e| self.err(e))
+    }
+
+    /// Whether the catalog has rows for pack `name`.
+    pub fn has_pack(&self, name: &ObjectName) -> Result<bool, IndexError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM packs WHERE name = ?1")
+            .and_then(|mut s| s.exists([&name.0[..]]))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Runs `f` in one transaction (a savepoint): all of its changes are
+    /// committed together, or none when it fails.
+    pub fn batch<T, E: From<IndexError>>(
+        &mut self,
+        f: impl FnOnce(&mut Catalog) -> Result<T, E>,
+    ) -> Result<T, E> {
+        self.conn
+            .execute_batch("SAVEPOINT batch")
+            .map_err(|e| self.err(e))?;
+        let result = f(self);
+        let end = if result.is_ok() {
+            "RELEASE batch"
+        } else {
+            "ROLLBACK TO batch; RELEASE batch"
+        };
+        self.conn.execute_batch(end).map_err(|e| self.err(e))?;
+        result
+    }
+
     /// Whether each block is known (cheaper than a full lookup).
     pub fn contains_many(&self, ids: &[BlockId]) -> Result<Vec<bool>, IndexError> {
         self.exists_many("SELECT 1 FROM blocks WHERE block_id = ?1", ids)

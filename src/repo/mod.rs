@@ -9,6 +9,7 @@ pub mod check;
 pub mod forget;
 pub mod lock;
 pub mod policy;
+pub mod prune;
 pub mod read;
 pub mod repair;
 pub mod restore;
@@ -55,6 +56,8 @@ pub enum RepoError {
     Read(#[from] read::ReadError),
     #[error(transparent)]
     Fold(#[from] forget::FoldError),
+    #[error(transparent)]
+    Prune(#[from] prune::PruneError),
     #[error("{kind} '{name}' is corrupt: {reason}; run 'cbtvault check'")]
     CorruptObject {
         kind: Kind,

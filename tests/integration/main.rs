@@ -15,6 +15,7 @@ mod healing;
 mod layering;
 mod manifest_props;
 mod nbd;
+mod prune;
 mod restore_failure;
 mod roundtrip;
 mod serve;
