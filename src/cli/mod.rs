@@ -56,6 +56,10 @@ pub enum Command {
     Stats,
     /// Remove stale locks.
     Unlock(UnlockArgs),
+    /// Remove snapshots (by id or by a --keep-* policy), folding their
+    /// changes into the snapshots layered on them, and destroy the
+    /// XenServer landmarks only they recorded.
+    Forget(ForgetArgs),
     /// Remove packs no snapshot references and repack packs whose unused
     /// share exceeds --max-unused.
     Prune(PruneArgs),
@@ -190,6 +194,21 @@ pub struct BackupArgs {
 /// How to reach a XenServer host (xen:// sources).
 #[derive(Debug, Args, Clone, Default)]
 pub struct XenArgs {
+    #[command(flatten)]
+    pub connect: XenConnectArgs,
+    /// Do not enable changed block tracking on disks that have it off
+    /// (they are then read in full every time).
+    #[arg(long)]
+    pub no_enable_cbt: bool,
+    /// Keep the host-side snapshot's data (skip VDI.data_destroy).
+    #[arg(long)]
+    pub keep_snapshot_data: bool,
+}
+
+/// How to log in to a XenServer host: the user, the password's source and
+/// the certificate check.
+#[derive(Debug, Args, Clone, Default)]
+pub struct XenConnectArgs {
     /// XenServer user (default: the one in the URL, else root).
     #[arg(long)]
     pub user: Option<String>,
@@ -208,13 +227,6 @@ pub struct XenArgs {
     /// Do not verify the XenAPI certificate (NOT RECOMMENDED: warns every run).
     #[arg(long, conflicts_with_all = ["ca_file", "fingerprint"])]
     pub insecure: bool,
-    /// Do not enable changed block tracking on disks that have it off
-    /// (they are then read in full every time).
-    #[arg(long)]
-    pub no_enable_cbt: bool,
-    /// Keep the host-side snapshot's data (skip VDI.data_destroy).
-    #[arg(long)]
-    pub keep_snapshot_data: bool,
 }
 
 /// How to reach an NBD server.
@@ -309,6 +321,36 @@ pub struct CheckArgs {
     /// Read only a subset of the packs: `N%` or `n/t`.
     #[arg(long, value_name = "SUBSET", conflicts_with = "read_data")]
     pub read_data_subset: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ForgetArgs {
+    /// Snapshot ids (or unique prefixes) to remove; or give a --keep-*
+    /// policy instead.
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshots: Vec<String>,
+    #[command(flatten)]
+    pub policy: policy::PolicyArgs,
+    /// With a policy: apply it only to the snapshots these select.
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// List what would be kept and removed, with the reasons; change
+    /// nothing, on the repository or on the hosts.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run prune afterwards.
+    #[arg(long)]
+    pub prune: bool,
+    /// With --prune: unused data to tolerate (as prune's --max-unused).
+    #[arg(long, value_name = "LIMIT", default_value = "10%", requires = "prune")]
+    pub max_unused: String,
+    /// Touch only the repository: list the XenServer landmark VDIs left
+    /// to clean instead of destroying them.
+    #[arg(long)]
+    pub no_host: bool,
+    /// How to reach the XenServer hosts named by the forgotten snapshots.
+    #[command(flatten)]
+    pub xen: XenConnectArgs,
 }
 
 #[derive(Debug, Args)]

@@ -7,8 +7,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
-    BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, InitArgs, NbdArgs, PruneArgs,
-    RestoreArgs, ServeArgs, UnlockArgs, XenArgs,
+    BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, ForgetArgs, InitArgs, NbdArgs, PruneArgs,
+    RestoreArgs, ServeArgs, UnlockArgs, XenArgs, XenConnectArgs,
 };
 #[cfg(feature = "sim")]
 use super::{DemoArgs, SimArgs};
@@ -18,6 +18,7 @@ use crate::commands::backup::{
 use crate::commands::check::CheckOptions;
 #[cfg(feature = "sim")]
 use crate::commands::demo::DemoOptions;
+use crate::commands::forget::{ForgetOptions, Selection};
 use crate::commands::inspect::{CatOptions, DiffOptions, UnlockOptions};
 use crate::commands::restore::{LocalOptions, RestoreOptions, RestoreTarget, XenRestoreOptions};
 use crate::commands::serve::ServeOptions;
@@ -45,13 +46,25 @@ impl From<&FilterArgs> for SnapshotFilter {
 impl From<&XenArgs> for XenOptions {
     fn from(a: &XenArgs) -> Self {
         XenOptions {
+            enable_cbt: !a.no_enable_cbt,
+            keep_snapshot_data: a.keep_snapshot_data,
+            ..XenOptions::from(&a.connect)
+        }
+    }
+}
+
+/// Connection options alone (forget's host side): nothing is enabled or
+/// kept, as nothing is backed up.
+impl From<&XenConnectArgs> for XenOptions {
+    fn from(a: &XenConnectArgs) -> Self {
+        XenOptions {
             user: a.user.clone(),
             password_file: a.password_file.clone(),
             ca_file: a.ca_file.clone(),
             fingerprint: a.fingerprint.clone(),
             insecure: a.insecure,
-            enable_cbt: !a.no_enable_cbt,
-            keep_snapshot_data: a.keep_snapshot_data,
+            enable_cbt: false,
+            keep_snapshot_data: false,
         }
     }
 }
@@ -279,16 +292,54 @@ fn parse_subset(s: &str) -> Result<DataSubset> {
     bail!("--read-data-subset '{s}': use N% or n/t")
 }
 
-pub fn prune(a: &PruneArgs) -> Result<PruneOptions> {
-    let v = a.max_unused.trim();
-    let max_unused = if v.ends_with('%') || v.eq_ignore_ascii_case("unlimited") {
+/// `--max-unused`: `N%`, `unlimited` or a size.
+fn max_unused(v: &str) -> Result<MaxUnused> {
+    let v = v.trim();
+    Ok(if v.ends_with('%') || v.eq_ignore_ascii_case("unlimited") {
         MaxUnused::parse(v)?
     } else {
         MaxUnused::Bytes(parse_size(v).with_context(|| format!("--max-unused '{v}'"))?)
-    };
+    })
+}
+
+pub fn prune(a: &PruneArgs) -> Result<PruneOptions> {
     Ok(PruneOptions {
-        max_unused,
+        max_unused: max_unused(&a.max_unused)?,
         dry_run: a.dry_run,
+    })
+}
+
+pub fn forget(a: &ForgetArgs) -> Result<ForgetOptions> {
+    let (policy, group_by) = a.policy.to_policy()?;
+    let selection = match (a.snapshots.is_empty(), policy.is_empty()) {
+        (false, true) => {
+            if a.filter.source.is_some() || !a.filter.tags.is_empty() {
+                bail!("--source and --tag select snapshots for a policy; with snapshot ids, name exactly the snapshots to remove");
+            }
+            Selection::Ids(a.snapshots.clone())
+        }
+        (true, false) => Selection::Policy { policy, group_by },
+        (false, false) => bail!(
+            "give either snapshot ids or a --keep-* policy, not both (forget removes exactly the named snapshots, or what the policy does not keep)"
+        ),
+        (true, true) => bail!(
+            "nothing to forget: name snapshot ids, or give a policy (--keep-last, --keep-daily, --keep-within, --keep-tag, ...)"
+        ),
+    };
+    Ok(ForgetOptions {
+        selection,
+        filter: SnapshotFilter::from(&a.filter),
+        dry_run: a.dry_run,
+        prune: if a.prune {
+            Some(PruneOptions {
+                max_unused: max_unused(&a.max_unused)?,
+                dry_run: a.dry_run,
+            })
+        } else {
+            None
+        },
+        no_host: a.no_host,
+        xen: XenOptions::from(&a.xen),
     })
 }
 

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use super::{options, Cli, Command, RepairCommand};
 use crate::commands::repair::RepairAction;
 use crate::commands::{
-    self, backup, check, inspect, open_with, prune, repair, restore, serve, Outcome,
+    self, backup, check, forget, inspect, open_with, prune, repair, restore, serve, Outcome,
 };
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
@@ -55,6 +55,10 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         Command::Diff(a) => inspect::diff(ui, &open(ui, &repo_path()?)?, &options::diff(a)),
         Command::Stats => inspect::stats(ui, &open(ui, &repo_path()?)?),
         Command::Unlock(a) => inspect::unlock(ui, &open(ui, &repo_path()?)?, &options::unlock(a)),
+        Command::Forget(a) => {
+            let o = options::forget(a)?;
+            forget::run(ui, &open(ui, &repo_path()?)?, &o)
+        }
         Command::Prune(a) => {
             let o = options::prune(a)?;
             prune::run(ui, &open(ui, &repo_path()?)?, &o)

@@ -6,6 +6,7 @@ pub mod backup;
 pub mod check;
 #[cfg(feature = "sim")]
 pub mod demo;
+pub mod forget;
 pub mod forget_host;
 pub mod forget_policy;
 pub mod inspect;

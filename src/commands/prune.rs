@@ -22,7 +22,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &PruneOptions) -> Result<Outcome
     })
 }
 
-fn say(ui: &Ui, r: &PruneReport) {
+pub(crate) fn say(ui: &Ui, r: &PruneReport) {
     let would = if r.dry_run { "would " } else { "" };
     ui.info(format!(
         "{} snapshot objects marked; {would}delete {} packs and repack {} packs{}",

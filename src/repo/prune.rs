@@ -206,6 +206,9 @@ pub fn prune(
     options: &PruneOptions,
     progress: &dyn Progress,
 ) -> Result<PruneReport, RepoError> {
+    if !options.dry_run {
+        repo.ensure_exclusive_lock("prune")?;
+    }
     let started = Instant::now();
     let mut report = PruneReport {
         dry_run: options.dry_run,
@@ -415,10 +418,11 @@ fn mark(repo: &Repository) -> Result<u64, RepoError> {
                 reason: e.to_string(),
             })
         })?;
-        repo.catalog().mark_used(obj.entries.iter().filter_map(|(_, r)| match r {
-            BlockRef::Data(id) => Some(id),
-            BlockRef::Zero => None,
-        }))?;
+        repo.catalog()
+            .mark_used(obj.entries.iter().filter_map(|(_, r)| match r {
+                BlockRef::Data(id) => Some(id),
+                BlockRef::Zero => None,
+            }))?;
         objects += 1;
     }
     Ok(objects)
@@ -454,10 +458,7 @@ mod tests {
         assert_eq!(MaxUnused::parse("10%").unwrap(), MaxUnused::Percent(10.0));
         assert_eq!(MaxUnused::parse("0").unwrap(), MaxUnused::Bytes(0));
         assert_eq!(MaxUnused::parse("0%").unwrap(), MaxUnused::Percent(0.0));
-        assert_eq!(
-            MaxUnused::parse("unlimited").unwrap(),
-            MaxUnused::Unlimited
-        );
+        assert_eq!(MaxUnused::parse("unlimited").unwrap(), MaxUnused::Unlimited);
         assert_eq!(MaxUnused::parse("2048").unwrap(), MaxUnused::Bytes(2048));
         for bad in ["100%", "-1%", "x", "", "12Q", "99999999999999999999"] {
             assert!(
@@ -470,7 +471,11 @@ mod tests {
     #[test]
     fn packs_without_used_blobs_are_deleted_whatever_the_limit() {
         let packs = [pack(1, 0, 500), pack(2, 500, 0), pack(3, 0, 10)];
-        for m in [MaxUnused::Unlimited, MaxUnused::Percent(50.0), MaxUnused::Bytes(0)] {
+        for m in [
+            MaxUnused::Unlimited,
+            MaxUnused::Percent(50.0),
+            MaxUnused::Bytes(0),
+        ] {
             let p = plan(&packs, m);
             assert_eq!(p.delete, vec![0, 2], "{m:?}");
             assert!(p.repack.is_empty(), "{m:?}");

@@ -201,10 +201,7 @@ mod tests {
     }
 
     fn uuids(p: &BTreeMap<String, Vec<Landmark>>) -> Vec<&str> {
-        p.values()
-            .flatten()
-            .map(|l| l.landmark.as_str())
-            .collect()
+        p.values().flatten().map(|l| l.landmark.as_str()).collect()
     }
 
     #[test]
@@ -239,7 +236,10 @@ mod tests {
             meta(3, "b", Some("l3"), "disk"),
             meta(4, "b", Some("l3"), "disk"),
         ];
-        let p = plan(&[all[0].clone(), all[2].clone(), all[3].clone()], &all[1..2]);
+        let p = plan(
+            &[all[0].clone(), all[2].clone(), all[3].clone()],
+            &all[1..2],
+        );
         assert_eq!(uuids(&p), ["l3"], "each landmark once");
         assert!(plan(&all, &all).is_empty());
     }

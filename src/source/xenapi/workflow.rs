@@ -838,7 +838,11 @@ fn release_lost_landmark<C: Committer>(
     d: &Disk,
     committer: &mut C,
 ) {
-    let Some(old) = d.recorded_landmark.as_ref().filter(|l| **l != d.snapshot_uuid) else {
+    let Some(old) = d
+        .recorded_landmark
+        .as_ref()
+        .filter(|l| **l != d.snapshot_uuid)
+    else {
         return;
     };
     let Some(m) = &options.marker else {
