@@ -27,5 +27,6 @@ mod trust;
 #[cfg(debug_assertions)]
 mod torture_powerloss;
 mod xen_backup;
+mod xen_landmarks;
 mod xen_restore;
 mod xen_util;

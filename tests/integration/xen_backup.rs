@@ -15,7 +15,7 @@ use xapi_sim::{SimVm, Simulator, Value};
 use crate::util::{Run, TestRepo};
 
 const MIB: u64 = 1 << 20;
-const PASSWORD: &str = "s3cret-xen-pw";
+pub(crate) const PASSWORD: &str = "s3cret-xen-pw";
 
 fn start() -> Simulator {
     crate::xen_util::start(PASSWORD)
@@ -24,7 +24,7 @@ fn start() -> Simulator {
 use crate::xen_util::{fill, guest_writes, xen_url as source, Host};
 
 impl<'a> Host<'a> {
-    fn vdi_ref(&self, uuid: &str) -> String {
+    pub(crate) fn vdi_ref(&self, uuid: &str) -> String {
         self.try_call("VDI.get_by_uuid", &[uuid])
             .unwrap()
             .as_str()
@@ -75,7 +75,7 @@ impl<'a> Host<'a> {
 
 /// `cbtvault -r REPO --json backup SOURCE --fingerprint FP ARGS`, with the
 /// password in the environment only.
-fn backup(repo: &TestRepo, sim: &Simulator, src: &str, extra: &[&str]) -> Run {
+pub(crate) fn backup(repo: &TestRepo, sim: &Simulator, src: &str, extra: &[&str]) -> Run {
     let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"backup", &src];
     let fp = sim.fingerprint().to_string();
     args.push(&"--fingerprint");
@@ -86,7 +86,7 @@ fn backup(repo: &TestRepo, sim: &Simulator, src: &str, extra: &[&str]) -> Run {
     run_with_password(repo, &args, PASSWORD)
 }
 
-fn run_with_password(repo: &TestRepo, args: &[&dyn AsRef<OsStr>], password: &str) -> Run {
+pub(crate) fn run_with_password(repo: &TestRepo, args: &[&dyn AsRef<OsStr>], password: &str) -> Run {
     run_with_password_env(repo, args, password, &[])
 }
 
@@ -129,11 +129,11 @@ fn run_with_password_env(
     run
 }
 
-fn disks(summary: &Json) -> Vec<Json> {
+pub(crate) fn disks(summary: &Json) -> Vec<Json> {
     summary["disks"].as_array().expect("disks").clone()
 }
 
-fn restore_bytes(repo: &TestRepo, id: &str) -> Vec<u8> {
+pub(crate) fn restore_bytes(repo: &TestRepo, id: &str) -> Vec<u8> {
     let target = repo.path(&format!("r-{id}-{}.img", rand::random::<u32>()));
     repo.restore(id, &target, &[]).ok();
     let bytes = std::fs::read(&target).unwrap();

@@ -1,0 +1,260 @@
+//! forget's host side against the simulator (issue 13): which
+//! `cbt_metadata` landmark VDIs forget destroys on the host, which it
+//! leaves (not recorded by this repository, another repository's, one that
+//! kept its data, `--no-host`, `--dry-run`, an unreachable host), that a
+//! backup starting a new set after lost tracking destroys the landmark it
+//! superseded, and that incrementals continue after every cleanup, each
+//! kept snapshot restoring bit for bit.
+
+use std::ffi::OsStr;
+
+use serde_json::Value as Json;
+use xapi_sim::{SimOptions, Simulator};
+
+use crate::util::{Run, TestRepo};
+use crate::xen_backup::{backup, disks, restore_bytes, run_with_password, PASSWORD};
+use crate::xen_util::{fill, guest_writes, xen_url, Host};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 8 * MIB;
+
+/// One committed disk backup, as its `--json` summary tells it.
+#[derive(Debug)]
+struct Backup {
+    id: String,
+    /// The landmark VDI it recorded.
+    landmark: String,
+    full: bool,
+    /// The disk summary.
+    disk: Json,
+    stderr: String,
+    /// The guest disk when it was taken.
+    bytes: Vec<u8>,
+}
+
+/// A one-disk VM filled with data, and its VDI's `xen://` URL.
+struct Disk {
+    sim: Simulator,
+    vdi: String,
+    src: String,
+}
+
+impl Disk {
+    fn new() -> Disk {
+        Disk::on(crate::xen_util::start(PASSWORD))
+    }
+
+    fn on(sim: Simulator) -> Disk {
+        let vm = sim.create_vm_with_disks("vm", &[SIZE]).unwrap();
+        let vdi = vm.disks[0].vdi_uuid.clone();
+        fill(&sim, &vdi, SIZE, 5);
+        let src = xen_url(&sim, "vdi", &vdi);
+        Disk { sim, vdi, src }
+    }
+
+    fn host(&self) -> Host<'_> {
+        Host::login(&self.sim, PASSWORD)
+    }
+
+    /// Guest writes from `seed` (none for 0), then a backup into `repo`.
+    #[track_caller]
+    fn backup(&self, repo: &TestRepo, seed: u64, extra: &[&str]) -> Backup {
+        if seed > 0 {
+            guest_writes(&self.sim, &self.vdi, SIZE, seed);
+        }
+        let r = backup(repo, &self.sim, &self.src, extra).ok();
+        let j = r.json();
+        let d = disks(&j).remove(0);
+        Backup {
+            id: d["snapshot_id"].as_str().unwrap().to_string(),
+            landmark: d["host_snapshot_vdi"]
+                .as_str()
+                .unwrap_or_else(|| panic!("no landmark: {j}"))
+                .to_string(),
+            full: d["full"].as_bool().unwrap(),
+            disk: d,
+            stderr: r.stderr,
+            bytes: self.host().disk(&self.vdi, SIZE),
+        }
+    }
+
+    /// (uuid, type) of every snapshot VDI of this disk on the host, sorted.
+    fn snapshots(&self) -> Vec<(String, String)> {
+        snapshots_of(&self.host(), &self.vdi)
+    }
+
+    /// `cbtvault --json forget ARGS --fingerprint FP` on `repo`.
+    fn forget(&self, repo: &TestRepo, args: &[&str]) -> Run {
+        forget(repo, self.sim.fingerprint(), args)
+    }
+}
+
+/// (uuid, type) of every snapshot VDI of live VDI `vdi`, sorted.
+fn snapshots_of(host: &Host, vdi: &str) -> Vec<(String, String)> {
+    let live = host.vdi_ref(vdi);
+    let all = host.try_call("VDI.get_all_records", &[]).unwrap();
+    let mut out: Vec<(String, String)> = all
+        .as_struct()
+        .unwrap()
+        .values()
+        .filter_map(|r| {
+            let r = r.as_struct()?;
+            (r.get("is_a_snapshot")?.as_bool()? && r.get("snapshot_of")?.as_str()? == live).then(
+                || {
+                    (
+                        r["uuid"].as_str().unwrap().to_string(),
+                        r["type"].as_str().unwrap().to_string(),
+                    )
+                },
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn cbt(uuids: &[&str]) -> Vec<(String, String)> {
+    typed(uuids, "cbt_metadata")
+}
+
+fn typed(uuids: &[&str], t: &str) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = uuids
+        .iter()
+        .map(|u| (u.to_string(), t.to_string()))
+        .collect();
+    v.sort();
+    v
+}
+
+fn forget(repo: &TestRepo, fingerprint: &str, args: &[&str]) -> Run {
+    let mut a: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"forget"];
+    for x in args {
+        a.push(x);
+    }
+    a.push(&"--fingerprint");
+    a.push(&fingerprint);
+    run_with_password(repo, &a, PASSWORD)
+}
+
+/// `host.released` of a forget's JSON as (landmark, outcome kind), sorted;
+/// each entry names `vdi`.
+#[track_caller]
+fn released(j: &Json, vdi: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = j["host"]["released"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no host.released: {j}"))
+        .iter()
+        .map(|r| {
+            assert_eq!(r["vdi"].as_str(), Some(vdi), "{j}");
+            assert!(r["host"].as_str().is_some_and(|h| h.contains(':')), "{j}");
+            (
+                r["landmark"].as_str().unwrap().to_string(),
+                r["outcome"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The landmark uuids of a JSON array of landmarks (`host.left`,
+/// `host_plan.planned`), sorted.
+#[track_caller]
+fn landmark_list(v: &Json) -> Vec<String> {
+    let mut out: Vec<String> = v
+        .as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|l| l["landmark"].as_str().unwrap().to_string())
+        .collect();
+    out.sort();
+    out
+}
+
+/// Ids of the snapshots a forget removed.
+fn removed(j: &Json) -> Vec<String> {
+    j["removed"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no removed: {j}"))
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Asserts that `b` continued from the landmark `from` (an incremental
+/// reading only what CBT marked), with no warning.
+#[track_caller]
+fn assert_incremental(b: &Backup) {
+    assert!(!b.full, "{}\n{}", b.disk, b.stderr);
+    assert!(b.disk["lost_reason"].is_null(), "{}", b.disk);
+    assert!(b.disk["new_set_reason"].is_null(), "{}", b.disk);
+    // At most 5 whole blocks + 2 for the unaligned piece (guest_writes).
+    assert!(b.disk["blocks_read"].as_u64().unwrap() <= 7, "{}", b.disk);
+    assert!(b.stderr.is_empty(), "{}", b.stderr);
+}
+
+#[track_caller]
+fn assert_restores(repo: &TestRepo, b: &Backup) {
+    assert!(
+        restore_bytes(repo, &b.id) == b.bytes,
+        "snapshot {} does not restore what the disk held",
+        b.id
+    );
+}
+
+/// Three backups; a failed superseding destroy leaves the first landmark
+/// behind. Forgetting the first snapshot destroys that landmark, the second
+/// (already superseded) is reported gone, the newest stays; the next backup
+/// continues from it and every kept snapshot restores bit for bit.
+#[test]
+fn xen_forget_older_snapshots_destroys_their_landmarks_incrementals_continue() {
+    let d = Disk::new();
+    let repo = TestRepo::new();
+    let b1 = d.backup(&repo, 0, &[]);
+    assert!(b1.full);
+    assert_eq!(d.snapshots(), cbt(&[&b1.landmark]));
+    // The backup's own superseding destroy fails: b1's landmark stays.
+    d.sim.set_faults(|f| {
+        f.fail_calls.insert(
+            "VDI.destroy".into(),
+            vec!["SR_BACKEND_FAILURE_1".into(), "injected".into()],
+        );
+    });
+    let b2 = d.backup(&repo, 11, &[]);
+    d.sim.set_faults(|f| f.fail_calls.clear());
+    assert!(!b2.full, "{}", b2.disk);
+    assert_eq!(d.snapshots(), cbt(&[&b1.landmark, &b2.landmark]));
+    let b3 = d.backup(&repo, 12, &[]);
+    assert_incremental(&b3);
+    // b2's landmark was superseded by b3 as usual.
+    assert_eq!(d.snapshots(), cbt(&[&b1.landmark, &b3.landmark]));
+
+    let r = d.forget(&repo, &[&b1.id]).ok();
+    let j = r.json();
+    assert_eq!(removed(&j), [b1.id.clone()], "{j}");
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(b1.landmark.clone(), "destroyed".to_string())],
+        "{j}"
+    );
+    assert_eq!(j["host"]["left"], serde_json::json!([]), "{j}");
+    assert_eq!(d.snapshots(), cbt(&[&b3.landmark]));
+
+    let j = d.forget(&repo, &[&b2.id]).ok().json();
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(b2.landmark.clone(), "already-gone".to_string())],
+        "{j}"
+    );
+    assert_eq!(d.snapshots(), cbt(&[&b3.landmark]));
+
+    let b4 = d.backup(&repo, 13, &[]);
+    assert_incremental(&b4);
+    assert_eq!(d.snapshots(), cbt(&[&b4.landmark]));
+    assert_eq!(repo.snapshot_ids().len(), 2);
+    assert_restores(&repo, &b3);
+    assert_restores(&repo, &b4);
+    let b5 = d.backup(&repo, 14, &[]);
+    assert_incremental(&b5);
+    assert_restores(&repo, &b5);
+}
