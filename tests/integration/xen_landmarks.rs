@@ -258,3 +258,234 @@ fn xen_forget_older_snapshots_destroys_their_landmarks_incrementals_continue() {
     assert_incremental(&b5);
     assert_restores(&repo, &b5);
 }
+
+/// Forgetting the newest snapshot of a disk destroys its landmark (the
+/// remaining newest one's landmark was superseded long ago): the next
+/// backup cannot continue, reads the disk in full as a new backup set with
+/// a warning and a recorded reason, and the one after is incremental again.
+#[test]
+fn xen_forget_newest_snapshot_destroys_its_landmark_next_backup_starts_a_new_set() {
+    let d = Disk::new();
+    let repo = TestRepo::new();
+    let b1 = d.backup(&repo, 0, &[]);
+    let b2 = d.backup(&repo, 21, &[]);
+    let b3 = d.backup(&repo, 22, &[]);
+    assert_incremental(&b3);
+    assert_eq!(d.snapshots(), cbt(&[&b3.landmark]));
+
+    let j = d.forget(&repo, &[&b3.id]).ok().json();
+    assert_eq!(removed(&j), [b3.id.clone()], "{j}");
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(b3.landmark.clone(), "destroyed".to_string())],
+        "{j}"
+    );
+    assert_eq!(d.snapshots(), vec![]);
+
+    let b4 = d.backup(&repo, 23, &[]);
+    assert!(b4.full, "{}", b4.disk);
+    assert!(b4.disk["new_set_reason"].as_str().is_some(), "{}", b4.disk);
+    let lost = b4.disk["lost_reason"].as_str().expect("a lost reason");
+    assert!(lost.contains(&b2.landmark), "{lost}");
+    crate::util::Run {
+        command: "backup".into(),
+        code: 0,
+        stdout: Vec::new(),
+        stderr: b4.stderr.clone(),
+    }
+    .stderr_mentions(&["warning", "no longer exists", "new backup set"]);
+    assert!(repo.cat_snapshot(&b4.id).to_string().contains("new_set_reason"));
+    assert_eq!(d.snapshots(), cbt(&[&b4.landmark]));
+    for b in [&b1, &b2, &b4] {
+        assert_restores(&repo, b);
+    }
+    let b5 = d.backup(&repo, 24, &[]);
+    assert_incremental(&b5);
+    assert_restores(&repo, &b5);
+    assert_eq!(d.snapshots(), cbt(&[&b5.landmark]));
+}
+
+/// `VDI.disable_cbt` then `VDI.enable_cbt` on the live disk.
+fn cbt_cycle(d: &Disk) {
+    let host = d.host();
+    let r = host.vdi_ref(&d.vdi);
+    host.try_call("VDI.disable_cbt", &[&r]).unwrap();
+    host.try_call("VDI.enable_cbt", &[&r]).unwrap();
+}
+
+/// Two disable/enable CBT cycles with a backup after each: each backup
+/// starts a new set and destroys the landmark it superseded, so exactly one
+/// `cbt_metadata` VDI of the disk is left; the next backup is incremental.
+#[test]
+fn xen_lost_tracking_twice_leaves_exactly_one_landmark() {
+    let d = Disk::new();
+    let repo = TestRepo::new();
+    let mut all = vec![d.backup(&repo, 0, &[])];
+    for cycle in 0..2u64 {
+        let old = all.last().unwrap().landmark.clone();
+        cbt_cycle(&d);
+        let b = d.backup(&repo, 31 + cycle, &[]);
+        assert!(b.full, "{}", b.disk);
+        assert!(b.disk["new_set_reason"].as_str().is_some(), "{}", b.disk);
+        assert!(
+            b.disk["lost_reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("SR_BACKEND_FAILURE_460")),
+            "{}",
+            b.disk
+        );
+        // The superseded landmark was destroyed by the backup itself.
+        assert_ne!(old, b.landmark);
+        assert_eq!(d.snapshots(), cbt(&[&b.landmark]), "cycle {cycle}");
+        all.push(b);
+    }
+    let last = d.backup(&repo, 39, &[]);
+    assert_incremental(&last);
+    assert_eq!(d.snapshots(), cbt(&[&last.landmark]));
+    all.push(last);
+    for b in &all {
+        assert_restores(&repo, b);
+    }
+}
+
+/// The `cbtvault.repository` marker of VDI `uuid`.
+fn repository_marker(host: &Host, uuid: &str) -> Option<String> {
+    host.snapshot_records("VDI")
+        .into_iter()
+        .find(|r| r.uuid == uuid)
+        .expect("on the host")
+        .other_config
+        .get("cbtvault.repository")
+        .cloned()
+}
+
+/// A `cbt_metadata` VDI of the disk made by hand (snapshot, data_destroy),
+/// which no repository recorded, survives superseding backups, a lost
+/// chain and forgetting every snapshot.
+#[test]
+fn xen_unrecorded_cbt_metadata_vdi_is_never_touched() {
+    let d = Disk::new();
+    let repo = TestRepo::new();
+    let b1 = d.backup(&repo, 0, &[]);
+    let host = d.host();
+    let snap = host
+        .try_call("VDI.snapshot", &[&host.vdi_ref(&d.vdi)])
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    host.try_call("VDI.data_destroy", &[&snap]).unwrap();
+    let foreign = host
+        .try_call("VDI.get_uuid", &[&snap])
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(d.snapshots(), cbt(&[&b1.landmark, &foreign]));
+    assert_eq!(repository_marker(&host, &foreign), None);
+
+    let b2 = d.backup(&repo, 41, &[]);
+    assert_incremental(&b2);
+    assert_eq!(d.snapshots(), cbt(&[&b2.landmark, &foreign]));
+    cbt_cycle(&d);
+    let b3 = d.backup(&repo, 42, &[]);
+    assert!(b3.full, "{}", b3.disk);
+    assert_eq!(d.snapshots(), cbt(&[&b3.landmark, &foreign]));
+
+    let j = d.forget(&repo, &[&b3.id]).ok().json();
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(b3.landmark.clone(), "destroyed".to_string())],
+        "{j}"
+    );
+    let j = d.forget(&repo, &[&b1.id, &b2.id]).ok().json();
+    let mut gone = vec![
+        (b1.landmark.clone(), "already-gone".to_string()),
+        (b2.landmark.clone(), "already-gone".to_string()),
+    ];
+    gone.sort();
+    assert_eq!(released(&j, &d.vdi), gone, "{j}");
+    assert!(repo.snapshot_ids().is_empty());
+    assert_eq!(d.snapshots(), cbt(&[&foreign]));
+    // A new first backup: a full read, the foreign VDI still untouched.
+    let b4 = d.backup(&repo, 43, &[]);
+    assert!(b4.full);
+    assert_restores(&repo, &b4);
+    assert_eq!(d.snapshots(), cbt(&[&b4.landmark, &foreign]));
+}
+
+/// Two repositories back up the same disk, each keeping its own landmark.
+/// Forgetting in A destroys only A's landmarks and B stays incremental; a
+/// landmark A recorded that carries B's marker is refused and left.
+#[test]
+fn xen_forget_never_destroys_another_repositorys_landmark() {
+    let d = Disk::new();
+    let a = TestRepo::new();
+    let b = TestRepo::new();
+    let a1 = d.backup(&a, 0, &[]);
+    let b1 = d.backup(&b, 0, &[]);
+    let a2 = d.backup(&a, 51, &[]);
+    let b2 = d.backup(&b, 52, &[]);
+    assert_incremental(&a2);
+    assert_incremental(&b2);
+    assert_eq!(d.snapshots(), cbt(&[&a2.landmark, &b2.landmark]));
+    let host = d.host();
+    let mark_a = repository_marker(&host, &a2.landmark).expect("A's marker");
+    let mark_b = repository_marker(&host, &b2.landmark).expect("B's marker");
+    assert_ne!(mark_a, mark_b);
+
+    // A forgets its newest snapshot, then the other one.
+    let j = d.forget(&a, &[&a2.id]).ok().json();
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(a2.landmark.clone(), "destroyed".to_string())],
+        "{j}"
+    );
+    assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
+    let j = d.forget(&a, &[&a1.id]).ok().json();
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(a1.landmark.clone(), "already-gone".to_string())],
+        "{j}"
+    );
+    assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
+    // B continues from its landmark after A's was destroyed.
+    let b3 = d.backup(&b, 53, &[]);
+    assert_incremental(&b3);
+    assert_eq!(d.snapshots(), cbt(&[&b3.landmark]));
+
+    // A starts over; its new landmark is then marked as B's.
+    let a3 = d.backup(&a, 54, &[]);
+    assert!(a3.full);
+    let r = host.vdi_ref(&a3.landmark);
+    host.try_call(
+        "VDI.remove_from_other_config",
+        &[&r, "cbtvault.repository"],
+    )
+    .unwrap();
+    host.try_call(
+        "VDI.add_to_other_config",
+        &[&r, "cbtvault.repository", &mark_b],
+    )
+    .unwrap();
+    let r = d.forget(&a, &[&a3.id]).ok();
+    let j = r.json();
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(a3.landmark.clone(), "refused".to_string())],
+        "{j}"
+    );
+    let reason = j["host"]["released"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("another repository"), "{reason}");
+    assert!(reason.contains(&mark_b), "{reason}");
+    r.stderr_mentions(&["warning", &a3.landmark]);
+    assert_eq!(d.snapshots(), cbt(&[&a3.landmark, &b3.landmark]));
+    assert!(a.snapshot_ids().is_empty());
+
+    let b4 = d.backup(&b, 55, &[]);
+    assert_incremental(&b4);
+    for x in [&b1, &b2, &b3, &b4] {
+        assert_restores(&b, x);
+    }
+    assert_eq!(d.snapshots(), cbt(&[&a3.landmark, &b4.landmark]));
+}
