@@ -489,3 +489,115 @@ fn xen_forget_never_destroys_another_repositorys_landmark() {
     }
     assert_eq!(d.snapshots(), cbt(&[&a3.landmark, &b4.landmark]));
 }
+
+/// `--dry-run` lists the landmark in `host_plan.planned` and changes
+/// nothing; `--no-host` forgets in the repository only, lists it in
+/// `host.left`, and destroys nothing. Neither needs the host's password.
+#[test]
+fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
+    let d = Disk::new();
+    let repo = TestRepo::new();
+    let b1 = d.backup(&repo, 0, &[]);
+    let b2 = d.backup(&repo, 61, &[]);
+    assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
+    let no_password = |args: &[&str]| {
+        let mut a: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"forget"];
+        for x in args {
+            a.push(x);
+        }
+        run_with_password(&repo, &a, "")
+    };
+
+    let j = no_password(&[&b2.id, "--dry-run"]).ok().json();
+    assert_eq!(j["dry_run"].as_bool(), Some(true), "{j}");
+    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(landmark_list(&j["host_plan"]["planned"]), [b2.landmark.clone()], "{j}");
+    assert_eq!(j["host_plan"]["planned"][0]["vdi"].as_str(), Some(d.vdi.as_str()));
+    assert!(j.get("host").is_none(), "{j}");
+    assert_eq!(repo.snapshot_ids().len(), 2);
+    assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
+
+    let j = no_password(&[&b2.id, "--no-host"]).ok().json();
+    assert_eq!(j["dry_run"].as_bool(), Some(false), "{j}");
+    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(j["host"]["released"], serde_json::json!([]), "{j}");
+    assert_eq!(landmark_list(&j["host"]["left"]), [b2.landmark.clone()], "{j}");
+    let left = &j["host"]["left"][0];
+    assert_eq!(left["vdi"].as_str(), Some(d.vdi.as_str()), "{j}");
+    assert_eq!(left["reason"].as_str(), Some("--no-host"), "{j}");
+    assert!(j.get("host_plan").is_none(), "{j}");
+    assert_eq!(repo.snapshot_ids(), [b1.id.clone()]);
+    assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
+    assert_restores(&repo, &b1);
+}
+
+/// The host is down when forget runs: the repository part still succeeds
+/// (exit 0), a warning names the landmark, `host.left` lists it, and it is
+/// still on the host once that is back.
+#[test]
+fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
+    let state = tempfile::tempdir().unwrap();
+    let options = || SimOptions {
+        dir: Some(state.path().to_path_buf()),
+        password: PASSWORD.into(),
+        data_destroy_wait: std::time::Duration::from_millis(500),
+        ..SimOptions::default()
+    };
+    let d = Disk::on(Simulator::start(options()).unwrap());
+    let repo = TestRepo::new();
+    let b1 = d.backup(&repo, 0, &[]);
+    let b2 = d.backup(&repo, 71, &[]);
+    let fingerprint = d.sim.fingerprint().to_string();
+    let Disk { sim, vdi, .. } = d;
+    sim.shutdown();
+
+    let r = forget(&repo, &fingerprint, &[&b2.id]).ok();
+    r.stderr_mentions(&["warning", &b2.landmark]);
+    let j = r.json();
+    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(j["host"]["released"], serde_json::json!([]), "{j}");
+    assert_eq!(landmark_list(&j["host"]["left"]), [b2.landmark.clone()], "{j}");
+    let left = &j["host"]["left"][0];
+    assert_eq!(left["vdi"].as_str(), Some(vdi.as_str()), "{j}");
+    assert!(
+        left["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("not reached")),
+        "{j}"
+    );
+    assert_eq!(repo.snapshot_ids(), [b1.id.clone()]);
+    assert_restores(&repo, &b1);
+
+    let sim = Simulator::start(options()).unwrap();
+    assert_eq!(
+        snapshots_of(&Host::login(&sim, PASSWORD), &vdi),
+        cbt(&[&b2.landmark])
+    );
+}
+
+/// A landmark that kept its data (`--keep-snapshot-data`: type `user`, not
+/// `cbt_metadata`) is refused and stays on the host.
+#[test]
+fn xen_forget_refuses_a_landmark_that_kept_its_data() {
+    let d = Disk::new();
+    let repo = TestRepo::new();
+    let keep = ["--keep-snapshot-data"];
+    let b1 = d.backup(&repo, 0, &keep);
+    let b2 = d.backup(&repo, 81, &keep);
+    assert_incremental(&b2);
+    assert_eq!(d.snapshots(), typed(&[&b1.landmark, &b2.landmark], "user"));
+
+    let r = d.forget(&repo, &[&b2.id]).ok();
+    let j = r.json();
+    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(b2.landmark.clone(), "refused".to_string())],
+        "{j}"
+    );
+    let reason = j["host"]["released"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("not cbt_metadata"), "{reason}");
+    r.stderr_mentions(&["warning", &b2.landmark]);
+    assert_eq!(d.snapshots(), typed(&[&b1.landmark, &b2.landmark], "user"));
+    assert_restores(&repo, &b1);
+}
