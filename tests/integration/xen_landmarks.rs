@@ -240,7 +240,9 @@ fn xen_forget_older_snapshots_destroys_their_landmarks_incrementals_continue() {
     assert_eq!(j["host"]["left"], serde_json::json!([]), "{j}");
     assert_eq!(d.snapshots(), cbt(&[&b3.landmark]));
 
-    let j = d.forget(&repo, &[&b2.id]).ok().json();
+    // By policy this time: b2 goes, b3 is kept.
+    let j = d.forget(&repo, &["--keep-last", "1"]).ok().json();
+    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
     assert_eq!(
         released(&j, &d.vdi),
         [(b2.landmark.clone(), "already-gone".to_string())],
@@ -600,4 +602,172 @@ fn xen_forget_refuses_a_landmark_that_kept_its_data() {
     r.stderr_mentions(&["warning", &b2.landmark]);
     assert_eq!(d.snapshots(), typed(&[&b1.landmark, &b2.landmark], "user"));
     assert_restores(&repo, &b1);
+    // b1's landmark is still there: the next backup continues from it.
+    let b3 = d.backup(&repo, 82, &[]);
+    assert_incremental(&b3);
+    assert_restores(&repo, &b3);
+    // Without --keep-snapshot-data the superseded b1 landmark (it kept its
+    // data) goes; the refused b2 one, recorded by no snapshot, stays.
+    let mut expected = [typed(&[&b2.landmark], "user"), cbt(&[&b3.landmark])].concat();
+    expected.sort();
+    assert_eq!(d.snapshots(), expected);
+}
+
+/// The live VDI itself was destroyed (disk deleted): its landmark is
+/// destroyed only if it carries this repository's marker.
+#[test]
+fn xen_forget_after_the_live_vdi_is_gone_needs_our_marker() {
+    for marked in [true, false] {
+        let d = Disk::new();
+        let repo = TestRepo::new();
+        let b1 = d.backup(&repo, 0, &[]);
+        let host = d.host();
+        if !marked {
+            host.try_call(
+                "VDI.remove_from_other_config",
+                &[&host.vdi_ref(&b1.landmark), "cbtvault.repository"],
+            )
+            .unwrap();
+        }
+        host.try_call("VDI.destroy", &[&host.vdi_ref(&d.vdi)])
+            .unwrap();
+        let r = d.forget(&repo, &[&b1.id]).ok();
+        let j = r.json();
+        assert_eq!(removed(&j), [b1.id.clone()], "{j}");
+        let left: Vec<String> = host
+            .snapshot_records("VDI")
+            .into_iter()
+            .map(|v| v.uuid)
+            .collect();
+        if marked {
+            assert_eq!(
+                released(&j, &d.vdi),
+                [(b1.landmark.clone(), "destroyed".to_string())],
+                "{j}"
+            );
+            assert_eq!(left, Vec::<String>::new());
+        } else {
+            assert_eq!(
+                released(&j, &d.vdi),
+                [(b1.landmark.clone(), "refused".to_string())],
+                "{j}"
+            );
+            let reason = j["host"]["released"][0]["reason"].as_str().unwrap();
+            assert!(reason.contains("no marker"), "{reason}");
+            r.stderr_mentions(&["warning", &b1.landmark]);
+            assert_eq!(left, [b1.landmark.clone()]);
+        }
+    }
+}
+
+/// (vdi, landmark, outcome) of every entry of `host.released`, sorted.
+fn released_all(j: &Json) -> Vec<(String, String, String)> {
+    let mut out: Vec<(String, String, String)> = j["host"]["released"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no host.released: {j}"))
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().unwrap().to_string();
+            (s("vdi"), s("landmark"), s("outcome"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// VM backups of a two-disk VM: a policy forget releases the (already
+/// superseded) landmarks of both disks of the older backups; forgetting the
+/// newest VM backup (its disks and metadata) destroys both of its
+/// landmarks; the next VM backup is a loud new set for both disks, the
+/// one after incremental, all restoring bit for bit.
+#[test]
+fn xen_forget_vm_backups_releases_every_disks_landmark() {
+    let sim = crate::xen_util::start(PASSWORD);
+    let sizes = [8 * MIB, 4 * MIB];
+    let vm = sim.create_vm_with_disks("vm", &sizes).unwrap();
+    for (k, disk) in vm.disks.iter().enumerate() {
+        fill(&sim, &disk.vdi_uuid, disk.size_bytes, 90 + k as u64);
+    }
+    let host = Host::login(&sim, PASSWORD);
+    let repo = TestRepo::new();
+    let src = xen_url(&sim, "vm", &vm.vm_uuid);
+    // Per run: the summary; the (vdi, snapshot id, landmark, bytes) of each disk.
+    let run = |seed: u64| {
+        if seed > 0 {
+            for disk in &vm.disks {
+                guest_writes(&sim, &disk.vdi_uuid, disk.size_bytes, seed);
+            }
+        }
+        let j = backup(&repo, &sim, &src, &[]).ok().json();
+        let ds: Vec<(String, String, String, Vec<u8>)> = disks(&j)
+            .iter()
+            .zip(&vm.disks)
+            .map(|(d, disk)| {
+                assert_eq!(d["vdi"].as_str(), Some(disk.vdi_uuid.as_str()));
+                (
+                    disk.vdi_uuid.clone(),
+                    d["snapshot_id"].as_str().unwrap().to_string(),
+                    d["host_snapshot_vdi"].as_str().unwrap().to_string(),
+                    host.disk(&disk.vdi_uuid, disk.size_bytes),
+                )
+            })
+            .collect();
+        (j, ds)
+    };
+    let landmarks_now = || {
+        let mut v: Vec<(String, String)> = vm
+            .disks
+            .iter()
+            .flat_map(|disk| snapshots_of(&host, &disk.vdi_uuid))
+            .collect();
+        v.sort();
+        v
+    };
+    let (_, v1) = run(0);
+    let (_, v2) = run(91);
+    let (j3, v3) = run(92);
+    let newest: Vec<&str> = v3.iter().map(|d| d.2.as_str()).collect();
+    assert_eq!(landmarks_now(), cbt(&newest));
+
+    let j = forget(&repo, sim.fingerprint(), &["--keep-last", "1"])
+        .ok()
+        .json();
+    let mut expected: Vec<(String, String, String)> = v1
+        .iter()
+        .chain(&v2)
+        .map(|d| (d.0.clone(), d.2.clone(), "already-gone".to_string()))
+        .collect();
+    expected.sort();
+    assert_eq!(released_all(&j), expected, "{j}");
+    // Two disks and the metadata of each older VM backup.
+    assert_eq!(removed(&j).len(), 6, "{j}");
+    assert_eq!(landmarks_now(), cbt(&newest));
+
+    let meta = j3["metadata"]["snapshot_id"].as_str().unwrap();
+    let mut ids: Vec<&str> = v3.iter().map(|d| d.1.as_str()).collect();
+    ids.push(meta);
+    let j = forget(&repo, sim.fingerprint(), &ids).ok().json();
+    let mut expected: Vec<(String, String, String)> = v3
+        .iter()
+        .map(|d| (d.0.clone(), d.2.clone(), "destroyed".to_string()))
+        .collect();
+    expected.sort();
+    assert_eq!(released_all(&j), expected, "{j}");
+    assert_eq!(landmarks_now(), vec![]);
+    assert!(repo.snapshot_ids().is_empty());
+
+    // Nothing left in the repository: a plain first backup, then incremental.
+    let (j4, v4) = run(93);
+    for d in disks(&j4) {
+        assert_eq!(d["full"].as_bool(), Some(true), "{j4}");
+    }
+    let (j5, v5) = run(94);
+    for d in disks(&j5) {
+        assert_eq!(d["full"].as_bool(), Some(false), "{j5}");
+    }
+    let newest: Vec<&str> = v5.iter().map(|d| d.2.as_str()).collect();
+    assert_eq!(landmarks_now(), cbt(&newest));
+    for (_, id, _, bytes) in v4.iter().chain(&v5) {
+        assert!(restore_bytes(&repo, id) == *bytes, "snapshot {id} differs");
+    }
 }
