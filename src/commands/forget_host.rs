@@ -79,7 +79,7 @@ pub fn clean_host(
             Err(e) => {
                 let names: Vec<&str> = items.iter().map(|l| l.landmark.as_str()).collect();
                 ui.warn(format!(
-                    "cannot reach XenServer host '{host}' ({e:#}): its landmark VDIs {} stay there; run forget's host cleanup again later or remove them by hand",
+                    "cannot reach XenServer host '{host}' ({e:#}): its landmark VDIs {} stay there, and no later forget or backup removes them (the snapshots that recorded them are gone); destroy them by hand once the host is back (xe vdi-destroy uuid=UUID)",
                     names.join(", ")
                 ));
                 leave(&mut report, &format!("host not reached: {e:#}"));
@@ -113,7 +113,7 @@ pub fn clean_host(
     }
     if !report.left.is_empty() && no_host {
         ui.info(format!(
-            "--no-host: {} landmark VDI(s) left to clean on the host(s):",
+            "--no-host: {} landmark VDI(s) left on the host(s); no later forget or backup removes them, destroy them by hand (xe vdi-destroy uuid=UUID):",
             report.left.len()
         ));
         for l in &report.left {

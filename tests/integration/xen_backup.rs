@@ -86,7 +86,11 @@ pub(crate) fn backup(repo: &TestRepo, sim: &Simulator, src: &str, extra: &[&str]
     run_with_password(repo, &args, PASSWORD)
 }
 
-pub(crate) fn run_with_password(repo: &TestRepo, args: &[&dyn AsRef<OsStr>], password: &str) -> Run {
+pub(crate) fn run_with_password(
+    repo: &TestRepo,
+    args: &[&dyn AsRef<OsStr>],
+    password: &str,
+) -> Run {
     run_with_password_env(repo, args, password, &[])
 }
 

@@ -93,22 +93,21 @@ impl Disk {
 fn snapshots_of(host: &Host, vdi: &str) -> Vec<(String, String)> {
     let live = host.vdi_ref(vdi);
     let all = host.try_call("VDI.get_all_records", &[]).unwrap();
-    let mut out: Vec<(String, String)> = all
-        .as_struct()
-        .unwrap()
-        .values()
-        .filter_map(|r| {
-            let r = r.as_struct()?;
-            (r.get("is_a_snapshot")?.as_bool()? && r.get("snapshot_of")?.as_str()? == live).then(
-                || {
-                    (
-                        r["uuid"].as_str().unwrap().to_string(),
-                        r["type"].as_str().unwrap().to_string(),
-                    )
-                },
-            )
-        })
-        .collect();
+    let mut out: Vec<(String, String)> =
+        all.as_struct()
+            .unwrap()
+            .values()
+            .filter_map(|r| {
+                let r = r.as_struct()?;
+                (r.get("is_a_snapshot")?.as_bool()? && r.get("snapshot_of")?.as_str()? == live)
+                    .then(|| {
+                        (
+                            r["uuid"].as_str().unwrap().to_string(),
+                            r["type"].as_str().unwrap().to_string(),
+                        )
+                    })
+            })
+            .collect();
     out.sort();
     out
 }
@@ -296,7 +295,10 @@ fn xen_forget_newest_snapshot_destroys_its_landmark_next_backup_starts_a_new_set
         stderr: b4.stderr.clone(),
     }
     .stderr_mentions(&["warning", "no longer exists", "new backup set"]);
-    assert!(repo.cat_snapshot(&b4.id).to_string().contains("new_set_reason"));
+    assert!(repo
+        .cat_snapshot(&b4.id)
+        .to_string()
+        .contains("new_set_reason"));
     assert_eq!(d.snapshots(), cbt(&[&b4.landmark]));
     for b in [&b1, &b2, &b4] {
         assert_restores(&repo, b);
@@ -460,11 +462,8 @@ fn xen_forget_never_destroys_another_repositorys_landmark() {
     let a3 = d.backup(&a, 54, &[]);
     assert!(a3.full);
     let r = host.vdi_ref(&a3.landmark);
-    host.try_call(
-        "VDI.remove_from_other_config",
-        &[&r, "cbtvault.repository"],
-    )
-    .unwrap();
+    host.try_call("VDI.remove_from_other_config", &[&r, "cbtvault.repository"])
+        .unwrap();
     host.try_call(
         "VDI.add_to_other_config",
         &[&r, "cbtvault.repository", &mark_b],
@@ -513,8 +512,15 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
     let j = no_password(&[&b2.id, "--dry-run"]).ok().json();
     assert_eq!(j["dry_run"].as_bool(), Some(true), "{j}");
     assert_eq!(removed(&j), [b2.id.clone()], "{j}");
-    assert_eq!(landmark_list(&j["host_plan"]["planned"]), [b2.landmark.clone()], "{j}");
-    assert_eq!(j["host_plan"]["planned"][0]["vdi"].as_str(), Some(d.vdi.as_str()));
+    assert_eq!(
+        landmark_list(&j["host_plan"]["planned"]),
+        [b2.landmark.clone()],
+        "{j}"
+    );
+    assert_eq!(
+        j["host_plan"]["planned"][0]["vdi"].as_str(),
+        Some(d.vdi.as_str())
+    );
     assert!(j.get("host").is_none(), "{j}");
     assert_eq!(repo.snapshot_ids().len(), 2);
     assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
@@ -523,7 +529,11 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
     assert_eq!(j["dry_run"].as_bool(), Some(false), "{j}");
     assert_eq!(removed(&j), [b2.id.clone()], "{j}");
     assert_eq!(j["host"]["released"], serde_json::json!([]), "{j}");
-    assert_eq!(landmark_list(&j["host"]["left"]), [b2.landmark.clone()], "{j}");
+    assert_eq!(
+        landmark_list(&j["host"]["left"]),
+        [b2.landmark.clone()],
+        "{j}"
+    );
     let left = &j["host"]["left"][0];
     assert_eq!(left["vdi"].as_str(), Some(d.vdi.as_str()), "{j}");
     assert_eq!(left["reason"].as_str(), Some("--no-host"), "{j}");
@@ -558,7 +568,11 @@ fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
     let j = r.json();
     assert_eq!(removed(&j), [b2.id.clone()], "{j}");
     assert_eq!(j["host"]["released"], serde_json::json!([]), "{j}");
-    assert_eq!(landmark_list(&j["host"]["left"]), [b2.landmark.clone()], "{j}");
+    assert_eq!(
+        landmark_list(&j["host"]["left"]),
+        [b2.landmark.clone()],
+        "{j}"
+    );
     let left = &j["host"]["left"][0];
     assert_eq!(left["vdi"].as_str(), Some(vdi.as_str()), "{j}");
     assert!(
