@@ -382,7 +382,7 @@ fn a_kill_at_each_step_of_forget_leaves_a_sound_repository() {
         // has an older generation to remove.
         c.forget(&[&c.id(1)]);
         c.drop_ids(&[c.id(1)]);
-        let gone = vec![c.id(1), c.id(3)];
+        let gone = [c.id(1), c.id(3)];
         let r = c.try_forget(
             &[&gone[0], &gone[1]],
             &[("CBTVAULT_TEST_KILL", &format!("{point}:1"))],
