@@ -291,10 +291,13 @@ pub fn forget_with_progress(
     let mut old_generations: Vec<(ObjectName, u32)> = all
         .iter()
         .filter(|(object, m)| {
+            // A rewritten id: every object it has now (the new generation
+            // replaces them all). Another kept id: a generation left by an
+            // interrupted earlier run that still names a forgotten parent.
             !forgotten.contains(&m.id)
-                && live.get(&m.id).is_some_and(|l| l.object != *object)
                 && (rewritten_ids.contains(&m.id)
-                    || m.parent.is_some_and(|p| forgotten.contains(&p)))
+                    || (live.get(&m.id).is_some_and(|l| l.object != *object)
+                        && m.parent.is_some_and(|p| forgotten.contains(&p))))
         })
         .map(|(o, m)| (*o, m.generation))
         .collect();

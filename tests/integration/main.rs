@@ -11,6 +11,7 @@ mod cli;
 mod corruption;
 mod crash;
 mod file_source;
+mod forget;
 mod healing;
 mod layering;
 mod manifest_props;

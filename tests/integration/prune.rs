@@ -11,8 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use cbtvault::format::pack::{decode_pack_index, TrailerEntry};
 use cbtvault::format::snapshot::{self, BlockRef};
@@ -180,7 +179,10 @@ fn prune_removes_exactly_the_unreferenced_blobs() {
         assert!(r[key].is_u64(), "{key} in {r}");
     }
     assert!(r["damaged"].as_array().unwrap().is_empty(), "{r}");
-    assert!(u64_of(&r, "packs_deleted") + u64_of(&r, "packs_repacked") > 0, "{r}");
+    assert!(
+        u64_of(&r, "packs_deleted") + u64_of(&r, "packs_repacked") > 0,
+        "{r}"
+    );
     assert_eq!(u64_of(&r, "blobs_unused_remaining"), 0, "{r}");
     assert_eq!(
         u64_of(&r, "bytes_reclaimed"),
@@ -231,7 +233,10 @@ fn max_unused_bounds_what_stays() {
         h.try_prune(&["--max-unused", "100%"], &[]).code,
         1 | 2
     ));
-    assert!(matches!(h.try_prune(&["--max-unused", "lots"], &[]).code, 1 | 2));
+    assert!(matches!(
+        h.try_prune(&["--max-unused", "lots"], &[]).code,
+        1 | 2
+    ));
 }
 
 #[test]
@@ -276,7 +281,10 @@ fn a_damaged_used_blob_keeps_its_pack_and_fails_the_run() {
             .any(|d| d["block"].as_str() == Some(&victim.block_id.to_hex())),
         "{report}"
     );
-    assert!(Path::new(&pack).exists(), "the damaged block's pack was removed");
+    assert!(
+        Path::new(&pack).exists(),
+        "the damaged block's pack was removed"
+    );
     // Everything else is stored exactly once more: only the kept pack
     // holds garbage, and every block but the victim is still stored.
     let stored: HashSet<BlockId> = trailers(&h.t)
@@ -289,7 +297,7 @@ fn a_damaged_used_blob_keeps_its_pack_and_fails_the_run() {
 
 #[test]
 fn packs_without_rows_are_adopted_or_removed_and_old_tmp_files_go() {
-    let mut h = history(3);
+    let h = history(3);
     // A failed backup: its packs are durable, its snapshot never written.
     let img = Image::create(&h.t.path("other.img"), 8 * BS);
     for i in 0..8 {
@@ -365,35 +373,6 @@ fn a_kill_at_each_step_leaves_a_repository_that_checks_and_restores() {
 }
 
 /// Starts `cbtvault -r REPO ARGS` in the background.
-fn spawn(t: &TestRepo, args: &[&dyn AsRef<std::ffi::OsStr>], env: &[(&str, &str)]) -> Child {
-    let mut cmd = Command::new(bin());
-    cmd.arg("-r").arg(&t.repo);
-    for a in args {
-        cmd.arg(a);
-    }
-    cmd.envs(env.iter().copied())
-        .current_dir(t.root())
-        .env_remove("CBTVAULT_REPOSITORY")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start cbtvault")
-}
-
-/// Waits until `locks/` holds a lock object (the child holds its lock).
-fn wait_for_lock(t: &TestRepo, child: &mut Child) {
-    let started = Instant::now();
-    while t.files_under("locks").is_empty() {
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the child ended before taking its lock"
-        );
-        assert!(started.elapsed() < Duration::from_secs(30), "no lock");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 #[test]
 fn prune_and_backup_exclude_each_other() {
     let mut h = history(3);
@@ -423,11 +402,19 @@ fn prune_and_backup_exclude_each_other() {
     let b = h.t.try_backup(&img.path, &[]).expect_code(1);
     b.stderr_mentions(&["locked by", "prune"]);
     let out = prune.wait_with_output().unwrap();
-    assert!(out.status.success(), "prune failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "prune failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     h.check_passes();
     h.assert_all_restore();
     let ids = h.t.snapshot_ids();
-    assert_eq!(ids.len(), h.snaps.len() + 1, "the first backup's snapshot is missing");
+    assert_eq!(
+        ids.len(),
+        h.snaps.len() + 1,
+        "the first backup's snapshot is missing"
+    );
     assert_exactly_referenced(&h.t);
 }

@@ -137,6 +137,12 @@ const ACTIONS: &[Action] = &[
     Action { name: "repair-snapshots", weight: 1, run: World::repair_snapshots },
     Action { name: "repair-tmp", weight: 1, run: World::repair_tmp },
     Action { name: "no-lock-beside-backup", weight: 2, run: World::no_lock_beside_backup },
+    Action { name: "forget-ids", weight: 2, run: World::forget_ids },
+    Action { name: "forget-policy", weight: 1, run: World::forget_policy },
+    Action { name: "prune", weight: 2, run: World::prune },
+    Action { name: "fault-kill-forget", weight: 1, run: World::kill_forget },
+    Action { name: "fault-kill-prune", weight: 1, run: World::kill_prune },
+    Action { name: "fault-prune-beside-backup", weight: 1, run: World::prune_beside_backup },
 ];
 
 // ------------------------------------------------------------------- oracle
@@ -1428,11 +1434,194 @@ impl World {
         self.verify("after removing the empty folders", false)
     }
 
+    // ------------------------------------------------------- retention
+
+    /// 1 to 3 known snapshots, at random.
+    fn pick_some_known(&mut self) -> Vec<String> {
+        let mut ids: Vec<String> = self.known.keys().cloned().collect();
+        rand::seq::SliceRandom::shuffle(&mut ids[..], &mut self.rng);
+        ids.truncate(self.rng.gen_range(1..=3));
+        ids
+    }
+
+    /// Forgets known snapshots that are no longer listed after a forget
+    /// (only those it was asked to remove may go).
+    fn learn_forgotten(&mut self, asked: &[String], context: &str) -> Result<usize, String> {
+        let listed: BTreeSet<String> = self.listed_all()?.into_iter().map(|l| l.0).collect();
+        let gone: Vec<String> = self
+            .known
+            .keys()
+            .filter(|id| !listed.contains(*id))
+            .cloned()
+            .collect();
+        for id in &gone {
+            if !asked.contains(id) {
+                return Err(format!(
+                    "{context}: snapshot {id} vanished though it was not forgotten"
+                ));
+            }
+            self.known.remove(id);
+        }
+        Ok(gone.len())
+    }
+
+    /// `forget ID...`: exactly those go, every other snapshot restores.
+    fn forget_ids(&mut self) -> Result<(), String> {
+        let ids = self.pick_some_known();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec!["--json", "forget", "--no-host"];
+        args.extend(ids.iter().map(String::as_str));
+        let r = self.run(&args);
+        self.sane(&r)?;
+        if r.code != 0 {
+            return Err(format!("forget {ids:?} failed: {}", r.stderr));
+        }
+        let gone = self.learn_forgotten(&ids, "forget")?;
+        if gone != ids.len() {
+            return Err(format!(
+                "forget {ids:?} exited 0 but {gone} of them are gone"
+            ));
+        }
+        self.note(format!("forgot {ids:?}"));
+        self.verify("after forget", false)
+    }
+
+    /// `forget --keep-last K`: each source keeps exactly its K newest.
+    fn forget_policy(&mut self) -> Result<(), String> {
+        let k = self.rng.gen_range(1..=4usize);
+        let before = self.listed_all()?;
+        let mut per_source: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (id, source) in &before {
+            per_source
+                .entry(source.clone())
+                .or_default()
+                .push(id.clone());
+        }
+        let ks = k.to_string();
+        let r = self.run(&["--json", "forget", "--no-host", "--keep-last", &ks]);
+        self.sane(&r)?;
+        if r.code != 0 {
+            return Err(format!("forget --keep-last {k} failed: {}", r.stderr));
+        }
+        let asked: Vec<String> = before.iter().map(|l| l.0.clone()).collect();
+        self.learn_forgotten(&asked, "forget --keep-last")?;
+        let after: BTreeSet<String> = self.listed_all()?.into_iter().map(|l| l.0).collect();
+        // The listing is oldest first: the K last of each source stay.
+        for (source, ids) in &per_source {
+            let want: BTreeSet<String> = ids.iter().rev().take(k).cloned().collect();
+            let have: BTreeSet<String> =
+                ids.iter().filter(|i| after.contains(*i)).cloned().collect();
+            if want != have {
+                return Err(format!(
+                    "forget --keep-last {k}: source {source} keeps {have:?}, expected {want:?}"
+                ));
+            }
+        }
+        self.note(format!("forget --keep-last {k}"));
+        self.verify("after forget --keep-last", false)
+    }
+
+    /// `prune`: every kept snapshot restores; with --max-unused 0 nothing
+    /// unused is left (a dry run finds nothing more to do).
+    fn prune(&mut self) -> Result<(), String> {
+        let max = ["0", "10%", "50%"][self.rng.gen_range(0..3)];
+        let r = self.run(&["--json", "prune", "--max-unused", max]);
+        self.sane(&r)?;
+        if r.code != 0 {
+            return Err(format!("prune --max-unused {max} failed: {}", r.stderr));
+        }
+        if max == "0" {
+            let d = self.run(&["--json", "prune", "--dry-run", "--max-unused", "0"]);
+            self.sane(&d)?;
+            let v = d.json();
+            let reclaim = v["bytes_reclaimed"].as_u64();
+            if d.code != 0 || reclaim != Some(0) {
+                return Err(format!(
+                    "after prune --max-unused 0 a dry run still reclaims {reclaim:?} (exit {}): {}",
+                    d.code,
+                    d.out()
+                ));
+            }
+        }
+        self.note(format!("prune --max-unused {max}"));
+        self.verify("after prune", false)
+    }
+
+    /// forget killed at a random moment: what it removed is only what it
+    /// was asked to; everything else restores.
+    fn kill_forget(&mut self) -> Result<(), String> {
+        let ids = self.pick_some_known();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut args = vec!["forget".to_string(), "--no-host".to_string()];
+        args.extend(ids.iter().cloned());
+        let delay = Duration::from_millis(self.rng.gen_range(0..150));
+        let child = self.spawn(&args, &[]);
+        let (r, killed) = World::kill_after(child, delay, format!("forget {ids:?}"));
+        if !killed {
+            self.sane(&r)?;
+        }
+        let gone = self.learn_forgotten(&ids, "killed forget")?;
+        self.note(format!(
+            "forget {ids:?} killed after {delay:?} (killed: {killed}, {gone} gone)"
+        ));
+        self.verify("after a killed forget", false)
+    }
+
+    fn kill_prune(&mut self) -> Result<(), String> {
+        let delay = Duration::from_millis(self.rng.gen_range(0..200));
+        let args = vec![
+            "prune".to_string(),
+            "--max-unused".to_string(),
+            "0".to_string(),
+        ];
+        let child = self.spawn(&args, &[]);
+        let (r, killed) = World::kill_after(child, delay, "prune".into());
+        if !killed {
+            self.sane(&r)?;
+        }
+        self.note(format!("prune killed after {delay:?} (killed: {killed})"));
+        self.verify("after a killed prune", false)
+    }
+
+    /// prune and a backup at once: the exclusive lock lets one through
+    /// (or both, one after the other); a refused one says why.
+    fn prune_beside_backup(&mut self) -> Result<(), String> {
+        let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
+        let (args, parent) = self.backup_args(d, "bitmap")?;
+        let state = self.state(d);
+        let prune = vec![
+            "prune".to_string(),
+            "--max-unused".to_string(),
+            "0".to_string(),
+        ];
+        let (ra, rb) = self.two_at_once(&args, &prune);
+        self.sane(&rb)?;
+        if rb.code != 0 && !rb.stderr.contains("lock") {
+            return Err(format!(
+                "prune beside a backup failed, not on the lock: {}",
+                rb.stderr
+            ));
+        }
+        if ra.code != 0 && !ra.stderr.contains("lock") {
+            return Err(format!(
+                "backup beside prune failed, not on the lock: {}",
+                ra.stderr
+            ));
+        }
+        self.note(format!(
+            "prune beside backup disk{d}: backup exit {}, prune exit {}",
+            ra.code, rb.code
+        ));
+        self.backup_outcome(d, state, &ra, parent.as_deref(), false)?;
+        self.verify("after prune beside a backup", false)
+    }
+
     // ----------------------------------------------------- concurrency
 
-    /// Two cbtvault processes at once: two backups (of two disks or of one),
-    /// or a backup beside a restore, a check or a repair index. Lock
-    /// conflicts may fail one.
     /// Runs two cbtvault command lines as processes at the same time and
     /// waits for both.
     fn two_at_once(&self, a: &[String], b: &[String]) -> (Run, Run) {
@@ -1449,6 +1638,9 @@ impl World {
         (run(a, pa), run(b, pb))
     }
 
+    /// Two cbtvault processes at once: two backups (of two disks or of one),
+    /// or a backup beside a restore, a check or a repair index. Lock
+    /// conflicts may fail one.
     fn concurrent(&mut self) -> Result<(), String> {
         let d = self.rng.gen_range(0..IMAGE_BLOCKS.len());
         let how = ["full", "bitmap"][self.rng.gen_range(0..2)];

@@ -11,7 +11,8 @@ use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde_json::Value;
@@ -500,4 +501,35 @@ pub fn object_path(t: &TestRepo, id: &str) -> PathBuf {
         .map(|s| str_of(&s, "object").to_string())
         .unwrap_or_else(|| panic!("{id} listed"));
     t.repo.join("snapshots").join(object)
+}
+
+/// Starts cbtvault on `t`'s repository with `args` and extra environment,
+/// stderr piped, without waiting.
+pub fn spawn(t: &TestRepo, args: &[&dyn AsRef<std::ffi::OsStr>], env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(bin());
+    cmd.arg("-r").arg(&t.repo);
+    for a in args {
+        cmd.arg(a);
+    }
+    cmd.envs(env.iter().copied())
+        .current_dir(t.root())
+        .env_remove("CBTVAULT_REPOSITORY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cbtvault")
+}
+
+/// Waits until `locks/` holds a lock object (the child holds its lock).
+pub fn wait_for_lock(t: &TestRepo, child: &mut Child) {
+    let started = Instant::now();
+    while t.files_under("locks").is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the child ended before taking its lock"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "no lock");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
