@@ -403,15 +403,7 @@ pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result
         .clone()
         .or_else(|| url.user.clone())
         .unwrap_or_else(|| "root".to_string());
-    let password = match &options.password_file {
-        Some(p) => Password::from_file(p)?,
-        None => match std::env::var(XEN_PASSWORD_ENV) {
-            Ok(p) if !p.is_empty() => Password::new(p),
-            _ => {
-                bail!("no XenServer password: give --password-file FILE or set {XEN_PASSWORD_ENV}")
-            }
-        },
-    };
+    let password = xen_password(options)?;
     let client = Client::new(ClientOptions::new(&url.host, url.port, trust))?;
     let session = client
         .login(Credentials {
@@ -420,6 +412,20 @@ pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result
         })
         .with_context(|| format!("log in to '{}' as '{user}'", url.authority()))?;
     Ok(session)
+}
+
+/// The XenServer password: the first line of `--password-file`, else
+/// the environment ([`XEN_PASSWORD_ENV`]); never argv.
+pub(crate) fn xen_password(options: &XenOptions) -> Result<Password> {
+    Ok(match &options.password_file {
+        Some(p) => Password::from_file(p)?,
+        None => match std::env::var(XEN_PASSWORD_ENV) {
+            Ok(p) if !p.is_empty() => Password::new(p),
+            _ => {
+                bail!("no XenServer password: give --password-file FILE or set {XEN_PASSWORD_ENV}")
+            }
+        },
+    })
 }
 
 /// What a XenServer backup stored.

@@ -104,6 +104,15 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
         say_verdicts(ui, groups);
     }
 
+    let gone: HashSet<SnapshotId> = ids.iter().copied().collect();
+    let (forgotten, remaining): (Vec<&SnapshotEntry>, Vec<&SnapshotEntry>) =
+        live.iter().partition(|s| gone.contains(&s.meta.id));
+    let forgotten: Vec<SnapshotMeta> = forgotten.into_iter().map(|s| s.meta.clone()).collect();
+    let remaining: Vec<SnapshotMeta> = remaining.into_iter().map(|s| s.meta.clone()).collect();
+    if !options.dry_run && !options.no_host {
+        forget_host::preflight(&options.xen, &forgotten, &remaining)?;
+    }
+
     // The repository part.
     let report = if ids.is_empty() {
         ForgetReport {
@@ -120,11 +129,6 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
     say_forget(ui, &report);
 
     // The host part.
-    let gone: HashSet<SnapshotId> = ids.iter().copied().collect();
-    let (forgotten, remaining): (Vec<&SnapshotEntry>, Vec<&SnapshotEntry>) =
-        live.iter().partition(|s| gone.contains(&s.meta.id));
-    let forgotten: Vec<SnapshotMeta> = forgotten.into_iter().map(|s| s.meta.clone()).collect();
-    let remaining: Vec<SnapshotMeta> = remaining.into_iter().map(|s| s.meta.clone()).collect();
     let (host, host_plan) = if options.dry_run {
         let planned: Vec<Landmark> = landmarks::plan(&forgotten, &remaining)
             .into_values()

@@ -4,9 +4,9 @@
 //! [`crate::source::xenapi::landmarks`]). An unreachable host is a
 //! warning naming what stays there, never a failure of the repository part.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
-use super::backup::{xen_session, XenOptions};
+use super::backup::{xen_password, xen_session, XenOptions};
 use crate::format::snapshot::SnapshotMeta;
 use crate::output::Ui;
 use crate::source::xenapi::landmarks::{self, Landmark, Outcome, Released};
@@ -46,6 +46,30 @@ fn host_url(authority: &str) -> Result<XenUrl> {
     Ok(XenUrl::parse(&format!(
         "xen://{authority}/vdi/00000000-0000-0000-0000-000000000000"
     ))?)
+}
+
+/// Refuses, before anything changes, a forget whose host part could not
+/// log in for want of a password: once the snapshots are gone nothing
+/// records their landmarks, which would stay on the hosts for good.
+/// (An unreachable host is only known later, and only warned about.)
+pub fn preflight(
+    xen: &XenOptions,
+    forgotten: &[SnapshotMeta],
+    remaining: &[SnapshotMeta],
+) -> Result<()> {
+    let plan = landmarks::plan(forgotten, remaining);
+    if plan.is_empty() {
+        return Ok(());
+    }
+    if let Err(e) = xen_password(xen) {
+        let count: usize = plan.values().map(Vec::len).sum();
+        let hosts: Vec<&str> = plan.keys().map(String::as_str).collect();
+        bail!(
+            "{e:#}: forget would destroy {count} landmark VDI(s) on XenServer host(s) {}; nothing was changed (give the password, or --no-host to touch only the repository and list them)",
+            hosts.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// Plans which landmarks `forgotten` leaves useless (given `remaining`),
