@@ -785,3 +785,29 @@ fn xen_forget_vm_backups_releases_every_disks_landmark() {
         assert!(restore_bytes(&repo, id) == *bytes, "snapshot {id} differs");
     }
 }
+
+/// Without a password the host part could not run, and once the snapshots
+/// are gone nothing records their landmarks: forget refuses before
+/// changing anything, and says how to go on.
+#[test]
+fn xen_forget_without_a_password_changes_nothing() {
+    let d = Disk::new();
+    let repo = TestRepo::new();
+    let b1 = d.backup(&repo, 0, &[]);
+    let b2 = d.backup(&repo, 65, &[]);
+    let fp = d.sim.fingerprint().to_string();
+    let a: Vec<&dyn AsRef<OsStr>> = vec![&"forget", &b2.id, &"--fingerprint", &fp];
+    let r = run_with_password(&repo, &a, "");
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    r.stderr_mentions(&["no XenServer password", "nothing was changed", "--no-host"]);
+    assert_eq!(repo.snapshot_ids().len(), 2);
+    assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
+    // With the password it goes through.
+    let j = d.forget(&repo, &[&b2.id]).ok().json();
+    assert_eq!(
+        released(&j, &d.vdi),
+        [(b2.landmark.clone(), "destroyed".to_string())],
+        "{j}"
+    );
+    assert_eq!(repo.snapshot_ids(), [b1.id.clone()]);
+}
