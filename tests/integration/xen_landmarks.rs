@@ -230,7 +230,7 @@ fn xen_forget_older_snapshots_destroys_their_landmarks_incrementals_continue() {
 
     let r = d.forget(&repo, &[&b1.id]).ok();
     let j = r.json();
-    assert_eq!(removed(&j), [b1.id.clone()], "{j}");
+    assert_eq!(removed(&j), vec![b1.id.clone()], "{j}");
     assert_eq!(
         released(&j, &d.vdi),
         [(b1.landmark.clone(), "destroyed".to_string())],
@@ -241,7 +241,7 @@ fn xen_forget_older_snapshots_destroys_their_landmarks_incrementals_continue() {
 
     // By policy this time: b2 goes, b3 is kept.
     let j = d.forget(&repo, &["--keep-last", "1"]).ok().json();
-    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(removed(&j), vec![b2.id.clone()], "{j}");
     assert_eq!(
         released(&j, &d.vdi),
         [(b2.landmark.clone(), "already-gone".to_string())],
@@ -275,7 +275,7 @@ fn xen_forget_newest_snapshot_destroys_its_landmark_next_backup_starts_a_new_set
     assert_eq!(d.snapshots(), cbt(&[&b3.landmark]));
 
     let j = d.forget(&repo, &[&b3.id]).ok().json();
-    assert_eq!(removed(&j), [b3.id.clone()], "{j}");
+    assert_eq!(removed(&j), vec![b3.id.clone()], "{j}");
     assert_eq!(
         released(&j, &d.vdi),
         [(b3.landmark.clone(), "destroyed".to_string())],
@@ -511,10 +511,10 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
 
     let j = no_password(&[&b2.id, "--dry-run"]).ok().json();
     assert_eq!(j["dry_run"].as_bool(), Some(true), "{j}");
-    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(removed(&j), vec![b2.id.clone()], "{j}");
     assert_eq!(
         landmark_list(&j["host_plan"]["planned"]),
-        [b2.landmark.clone()],
+        vec![b2.landmark.clone()],
         "{j}"
     );
     assert_eq!(
@@ -527,18 +527,18 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
 
     let j = no_password(&[&b2.id, "--no-host"]).ok().json();
     assert_eq!(j["dry_run"].as_bool(), Some(false), "{j}");
-    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(removed(&j), vec![b2.id.clone()], "{j}");
     assert_eq!(j["host"]["released"], serde_json::json!([]), "{j}");
     assert_eq!(
         landmark_list(&j["host"]["left"]),
-        [b2.landmark.clone()],
+        vec![b2.landmark.clone()],
         "{j}"
     );
     let left = &j["host"]["left"][0];
     assert_eq!(left["vdi"].as_str(), Some(d.vdi.as_str()), "{j}");
     assert_eq!(left["reason"].as_str(), Some("--no-host"), "{j}");
     assert!(j.get("host_plan").is_none(), "{j}");
-    assert_eq!(repo.snapshot_ids(), [b1.id.clone()]);
+    assert_eq!(repo.snapshot_ids(), vec![b1.id.clone()]);
     assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
     assert_restores(&repo, &b1);
 }
@@ -566,11 +566,11 @@ fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
     let r = forget(&repo, &fingerprint, &[&b2.id]).ok();
     r.stderr_mentions(&["warning", &b2.landmark]);
     let j = r.json();
-    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(removed(&j), vec![b2.id.clone()], "{j}");
     assert_eq!(j["host"]["released"], serde_json::json!([]), "{j}");
     assert_eq!(
         landmark_list(&j["host"]["left"]),
-        [b2.landmark.clone()],
+        vec![b2.landmark.clone()],
         "{j}"
     );
     let left = &j["host"]["left"][0];
@@ -581,7 +581,7 @@ fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
             .is_some_and(|s| s.contains("not reached")),
         "{j}"
     );
-    assert_eq!(repo.snapshot_ids(), [b1.id.clone()]);
+    assert_eq!(repo.snapshot_ids(), vec![b1.id.clone()]);
     assert_restores(&repo, &b1);
 
     let sim = Simulator::start(options()).unwrap();
@@ -605,7 +605,7 @@ fn xen_forget_refuses_a_landmark_that_kept_its_data() {
 
     let r = d.forget(&repo, &[&b2.id]).ok();
     let j = r.json();
-    assert_eq!(removed(&j), [b2.id.clone()], "{j}");
+    assert_eq!(removed(&j), vec![b2.id.clone()], "{j}");
     assert_eq!(
         released(&j, &d.vdi),
         [(b2.landmark.clone(), "refused".to_string())],
@@ -647,7 +647,7 @@ fn xen_forget_after_the_live_vdi_is_gone_needs_our_marker() {
             .unwrap();
         let r = d.forget(&repo, &[&b1.id]).ok();
         let j = r.json();
-        assert_eq!(removed(&j), [b1.id.clone()], "{j}");
+        assert_eq!(removed(&j), vec![b1.id.clone()], "{j}");
         let left: Vec<String> = host
             .snapshot_records("VDI")
             .into_iter()
@@ -669,7 +669,7 @@ fn xen_forget_after_the_live_vdi_is_gone_needs_our_marker() {
             let reason = j["host"]["released"][0]["reason"].as_str().unwrap();
             assert!(reason.contains("no marker"), "{reason}");
             r.stderr_mentions(&["warning", &b1.landmark]);
-            assert_eq!(left, [b1.landmark.clone()]);
+            assert_eq!(left, vec![b1.landmark.clone()]);
         }
     }
 }
@@ -809,5 +809,5 @@ fn xen_forget_without_a_password_changes_nothing() {
         [(b2.landmark.clone(), "destroyed".to_string())],
         "{j}"
     );
-    assert_eq!(repo.snapshot_ids(), [b1.id.clone()]);
+    assert_eq!(repo.snapshot_ids(), vec![b1.id.clone()]);
 }
