@@ -112,6 +112,39 @@ fn trailers(t: &TestRepo) -> HashMap<String, Vec<TrailerEntry>> {
         .collect()
 }
 
+/// Blobs (pack path, block) whose block no snapshot object names, with an
+/// oracle independent of prune's own: every snapshot object decoded, every
+/// pack trailer read. `Err` when a snapshot object does not decode (what it
+/// references is unknown); packs whose trailer does not decode are skipped.
+pub(crate) fn unreferenced_blobs(t: &TestRepo) -> Result<Vec<(String, BlockId)>, String> {
+    let mut used = HashSet::new();
+    for name in t.files_under("snapshots") {
+        let bytes =
+            std::fs::read(t.repo.join("snapshots").join(&name)).map_err(|e| e.to_string())?;
+        let obj = snapshot::decode(&bytes).map_err(|e| format!("snapshot {name}: {e}"))?;
+        for (_, r) in obj.entries {
+            if let BlockRef::Data(id) = r {
+                used.insert(id);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for p in t.packs() {
+        let Ok(bytes) = std::fs::read(&p) else {
+            continue;
+        };
+        let Ok(entries) = decode_pack_index(&bytes, BS as u32) else {
+            continue;
+        };
+        for e in entries {
+            if !used.contains(&e.block_id) {
+                out.push((p.display().to_string(), e.block_id));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// (used blob bytes, unused blob bytes) over every pack.
 fn blob_bytes(t: &TestRepo) -> (u64, u64) {
     let used = referenced(t);
