@@ -702,6 +702,23 @@ impl Catalog {
         Ok(out)
     }
 
+    /// For each of `ids`, whether prune's mark holds it (a snapshot object
+    /// references the block).
+    pub fn marked(&self, ids: &[BlockId]) -> Result<Vec<bool>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM temp.used WHERE block_id = ?1)")
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.push(
+                stmt.query_row([&id.0[..]], |r| r.get::<_, bool>(0))
+                    .map_err(|e| self.err(e))?,
+            );
+        }
+        Ok(out)
+    }
+
     /// Ends prune's mark (drops the TEMP table).
     pub fn end_mark(&self) -> Result<(), IndexError> {
         self.conn

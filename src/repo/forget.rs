@@ -302,13 +302,36 @@ pub fn forget_with_progress(
         .map(|(o, m)| (*o, m.generation))
         .collect();
     old_generations.sort_by_key(|(o, g)| (*g, *o));
-    // Forgotten ids: every generation, the live one last.
+    // Forgotten ids: every generation, the live one last; children before
+    // their parents (the deepest in its chain first), so that a crash never
+    // leaves a listed snapshot whose parent is gone.
+    let depth = |id: &SnapshotId| -> usize {
+        let mut n = 0;
+        let mut at = live.get(id).and_then(|s| s.meta.parent);
+        while let Some(p) = at {
+            n += 1;
+            if n > live.len() {
+                break; // a loop: load_chain refused it above; be safe anyway
+            }
+            at = live.get(&p).and_then(|s| s.meta.parent);
+        }
+        n
+    };
+    let depths: HashMap<SnapshotId, usize> = forgotten.iter().map(|id| (*id, depth(id))).collect();
     let mut forgotten_objects: Vec<(SnapshotId, u32, ObjectName)> = all
         .iter()
         .filter(|(_, m)| forgotten.contains(&m.id))
         .map(|(o, m)| (m.id, m.generation, *o))
         .collect();
-    forgotten_objects.sort_by_key(|(id, g, o)| (*id, *g, *o == live[id].object, *o));
+    forgotten_objects.sort_by_key(|(id, g, o)| {
+        (
+            std::cmp::Reverse(depths[id]),
+            *id,
+            *g,
+            *o == live[id].object,
+            *o,
+        )
+    });
 
     let mut report = ForgetReport {
         dry_run,

@@ -18,7 +18,7 @@ use super::repair::{clean_tmp, TMP_MIN_AGE};
 use super::{RepoError, Repository};
 use crate::backend::Kind;
 use crate::format::snapshot::BlockRef;
-use crate::format::ObjectName;
+use crate::format::{BlockId, ObjectName};
 use crate::pack::{CompressedBlock, PackWriter, Stored};
 use crate::progress::Progress;
 
@@ -239,6 +239,9 @@ fn prune_marked(
     progress.set_message("measuring packs");
     progress.set_total(listed.len() as u64);
     let mut usage = Vec::new();
+    // Per pack: the used blocks it holds a spare copy of (the catalog
+    // locates another copy). Rare: killed backups, repacks cut short.
+    let mut spares: Vec<Vec<BlockId>> = Vec::new();
     for (hex, size) in listed {
         progress.advance(1);
         let Ok(name) = hex.parse::<ObjectName>() else {
@@ -271,10 +274,25 @@ fn prune_marked(
             repo.catalog().add_pack(&name, size, &entries)?;
             report.packs_adopted += 1;
         }
+        let unneeded: Vec<BlockId> = ids
+            .iter()
+            .zip(&needed)
+            .filter(|(_, n)| !**n)
+            .map(|(id, _)| *id)
+            .collect();
+        let marked = repo.catalog().marked(&unneeded)?;
+        spares.push(
+            unneeded
+                .into_iter()
+                .zip(marked)
+                .filter(|(_, m)| *m)
+                .map(|(id, _)| id)
+                .collect(),
+        );
         usage.push(u);
     }
 
-    let plan = plan(&usage, options.max_unused);
+    let mut plan = plan(&usage, options.max_unused);
     let kept_unused = |skip: &HashSet<usize>| {
         usage
             .iter()
@@ -293,6 +311,58 @@ fn prune_marked(
         report.bytes_reclaimed = report.bytes_deleted.saturating_sub(report.bytes_rewritten);
         (report.bytes_unused_remaining, report.blobs_unused_remaining) = kept_unused(&gone);
         return Ok(());
+    }
+
+    // 0. A spare copy of a used block goes only once the copy the catalog
+    // locates has been read and verified: a silently corrupt located copy
+    // would otherwise take the only good one with it. The reader records a
+    // damaged located copy and points the catalog at an intact spare; a
+    // spare that became the located copy makes its pack one to repack, not
+    // delete. A located copy that cannot be verified at all leaves the
+    // pack of its spare alone this time.
+    progress.set_message("verifying spare copies");
+    let doomed: Vec<usize> = plan.delete.iter().chain(&plan.repack).copied().collect();
+    let (mut leave, mut now_needed) = (Vec::new(), Vec::new());
+    for &k in &doomed {
+        if spares[k].is_empty() {
+            continue;
+        }
+        let mut failed = false;
+        for chunk in spares[k].chunks(256) {
+            let wanted: Vec<(u64, BlockId)> = chunk.iter().map(|id| (0, *id)).collect();
+            let reader = BlockReader::new(repo);
+            let located = reader.locate(&wanted)?;
+            for (l, r) in located.iter().zip(reader.read(&located)) {
+                if let Err(e) = r {
+                    report.damaged.push(DamagedBlob {
+                        block: l.block.to_hex(),
+                        pack: l.location.map(|x| x.pack.to_hex()).unwrap_or_default(),
+                        reason: format!(
+                            "{e}; pack {} (a spare copy) is left as it is",
+                            usage[k].name.to_hex()
+                        ),
+                    });
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            leave.push(k);
+        } else if repo
+            .catalog()
+            .needed_in_pack(&usage[k].name, &spares[k])?
+            .contains(&true)
+        {
+            now_needed.push(k);
+        }
+    }
+    plan.delete
+        .retain(|k| !leave.contains(k) && !now_needed.contains(k));
+    plan.repack.retain(|k| !leave.contains(k));
+    for k in now_needed {
+        if !plan.repack.contains(&k) {
+            plan.repack.push(k);
+        }
     }
 
     // 1. Repack: used blobs, verified, copied verbatim into new durable packs.

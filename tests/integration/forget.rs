@@ -416,3 +416,28 @@ fn a_kill_at_each_step_of_forget_leaves_a_sound_repository() {
         );
     }
 }
+
+#[test]
+fn forgetting_a_parent_and_its_child_removes_the_child_first() {
+    // A kill after the first removal must not leave the child listed with
+    // its parent gone. Pick a pair whose parent sorts before its child, so
+    // that an order by id alone would remove the parent first.
+    let mut c = chain_of(8, None);
+    let k = (1..6)
+        .find(|&k| c.id(k) < c.id(k + 1))
+        .expect("a parent whose id sorts first");
+    let (parent, child) = (c.id(k), c.id(k + 1));
+    let r = c.try_forget(
+        &[&parent, &child],
+        &[("CBTVAULT_TEST_KILL", "forget_remove:1")],
+    );
+    assert_ne!(r.code, 0, "the kill did not happen");
+    let listed = c.t.snapshot_ids();
+    assert!(listed.contains(&parent), "the parent went first");
+    assert!(!listed.contains(&child), "the child is still listed");
+    c.drop_ids(std::slice::from_ref(&child));
+    c.assert_sound();
+    c.forget(&[&parent]);
+    c.drop_ids(&[parent]);
+    c.assert_sound_and_tidy();
+}

@@ -112,6 +112,39 @@ fn trailers(t: &TestRepo) -> HashMap<String, Vec<TrailerEntry>> {
         .collect()
 }
 
+/// Blobs (pack path, block) whose block no snapshot object names, with an
+/// oracle independent of prune's own: every snapshot object decoded, every
+/// pack trailer read. `Err` when a snapshot object does not decode (what it
+/// references is unknown); packs whose trailer does not decode are skipped.
+pub(crate) fn unreferenced_blobs(t: &TestRepo) -> Result<Vec<(String, BlockId)>, String> {
+    let mut used = HashSet::new();
+    for name in t.files_under("snapshots") {
+        let bytes =
+            std::fs::read(t.repo.join("snapshots").join(&name)).map_err(|e| e.to_string())?;
+        let obj = snapshot::decode(&bytes).map_err(|e| format!("snapshot {name}: {e}"))?;
+        for (_, r) in obj.entries {
+            if let BlockRef::Data(id) = r {
+                used.insert(id);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for p in t.packs() {
+        let Ok(bytes) = std::fs::read(&p) else {
+            continue;
+        };
+        let Ok(entries) = decode_pack_index(&bytes, BS as u32) else {
+            continue;
+        };
+        for e in entries {
+            if !used.contains(&e.block_id) {
+                out.push((p.display().to_string(), e.block_id));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// (used blob bytes, unused blob bytes) over every pack.
 fn blob_bytes(t: &TestRepo) -> (u64, u64) {
     let used = referenced(t);
@@ -417,4 +450,79 @@ fn prune_and_backup_exclude_each_other() {
         "the first backup's snapshot is missing"
     );
     assert_exactly_referenced(&h.t);
+}
+
+#[test]
+fn a_spare_copy_outlives_a_silently_corrupt_located_copy() {
+    let mut h = history(2);
+    let img = Image::create(&h.t.path("other.img"), 8 * BS);
+    for i in 0..8 {
+        img.write_block(i, &random_block(55, i));
+    }
+    // A copy of it with another first block (so its pack differs).
+    let twin = Image::create(&h.t.path("twin.img"), 8 * BS);
+    for i in 1..8 {
+        twin.write_block(i, &random_block(55, i));
+    }
+    twin.write_block(0, &random_block(56, 0));
+    // Both backed up at once (both hold shared locks, neither sees the
+    // other's blocks before it commits): blocks 1..8 are stored twice; the
+    // catalog locates one copy, the other is a spare.
+    let env = [("CBTVAULT_TEST_DELAY", "commit_snapshot:1500")];
+    let a = spawn(&h.t, &[&"backup", &img.path], &env);
+    let b = spawn(&h.t, &[&"backup", &twin.path], &env);
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for s in h.t.snapshots(&[]) {
+        let id = str_of(&s, "id").to_string();
+        if !h.snaps.iter().any(|k| k.0 == id) {
+            let i = if str_of(&s, "source").ends_with("twin.img") {
+                &twin
+            } else {
+                &img
+            };
+            h.snaps.push((id, i.hash(), i.size()));
+        }
+    }
+    assert_eq!(h.snaps.len(), 4);
+    // The located copy of one new block rots silently.
+    let block = BlockId::of(&random_block(55, 3));
+    let config: Value =
+        serde_json::from_slice(&std::fs::read(h.t.repo.join("config")).unwrap()).unwrap();
+    let located =
+        cbtvault::index::Catalog::reopen(&h.t.repo.join("catalog.sqlite"), str_of(&config, "id"))
+            .unwrap()
+            .lookup(&block)
+            .unwrap()
+            .expect("the block is catalogued");
+    let copies: Vec<(String, TrailerEntry)> = trailers(&h.t)
+        .into_iter()
+        .flat_map(|(p, es)| {
+            es.into_iter()
+                .filter(|e| e.block_id == block)
+                .map(move |e| (p.clone(), e))
+        })
+        .collect();
+    assert_eq!(copies.len(), 2, "the block is stored twice: {copies:?}");
+    let (path, e) = copies
+        .iter()
+        .find(|(p, _)| p.ends_with(&located.pack.to_hex()))
+        .expect("the located copy");
+    flip_byte(Path::new(path), e.offset + e.stored_length as u64 / 2);
+
+    // The spare's pack holds nothing the catalog locates, or little: with
+    // no look at the located copies it would go, and the block with it.
+    let r = h.try_prune(&["--max-unused", "0"], &[]);
+    assert!(r.code == 0 || r.code == 3, "prune: {}", r.stderr);
+    h.assert_all_restore();
+    // The rot is garbage now; another prune reclaims it and all checks.
+    h.prune(&["--max-unused", "0"]);
+    h.check_passes();
+    h.assert_all_restore();
 }

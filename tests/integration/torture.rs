@@ -1544,6 +1544,16 @@ impl World {
                     d.out()
                 ));
             }
+            // And by an oracle of our own: no stored blob is one no
+            // snapshot object names.
+            let stray = crate::prune::unreferenced_blobs(&self.t)?;
+            if !stray.is_empty() {
+                return Err(format!(
+                    "after prune --max-unused 0, {} stored blobs are referenced by no snapshot, e.g. {:?}",
+                    stray.len(),
+                    &stray[..stray.len().min(3)]
+                ));
+            }
         }
         self.note(format!("prune --max-unused {max}"));
         self.verify("after prune", false)
