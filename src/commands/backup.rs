@@ -567,6 +567,15 @@ impl Committer for RepoCommitter<'_> {
     }
 
     fn committed_landmarks(&mut self) -> Result<BTreeSet<String>, RepoError> {
+        // An unreadable snapshot object may record a landmark still in use:
+        // then nothing is known to be unrecorded.
+        if let Some((name, reason)) = self.repo.unreadable_snapshots.first() {
+            return Err(RepoError::CorruptObject {
+                kind: crate::backend::Kind::Snapshot,
+                name: name.clone(),
+                reason: reason.clone(),
+            });
+        }
         Ok(self
             .repo
             .snapshots()?

@@ -103,7 +103,7 @@ pub fn clean_host(
             Err(e) => {
                 let names: Vec<&str> = items.iter().map(|l| l.landmark.as_str()).collect();
                 ui.warn(format!(
-                    "cannot reach XenServer host '{host}' ({e:#}): its landmark VDIs {} stay there, and no later forget or backup removes them (the snapshots that recorded them are gone); destroy them by hand once the host is back (xe vdi-destroy uuid=UUID)",
+                    "cannot reach XenServer host '{host}' ({e:#}): its landmark VDIs {} stay there until the next backup from this repository on that host removes them (they carry its marker), or destroy them by hand once the host is back (xe vdi-destroy uuid=UUID)",
                     names.join(", ")
                 ));
                 leave(&mut report, &format!("host not reached: {e:#}"));
@@ -137,7 +137,7 @@ pub fn clean_host(
     }
     if !report.left.is_empty() && no_host {
         ui.info(format!(
-            "--no-host: {} landmark VDI(s) left on the host(s); no later forget or backup removes them, destroy them by hand (xe vdi-destroy uuid=UUID):",
+            "--no-host: {} landmark VDI(s) left on the host(s); the next backup from this repository on each host removes them, or destroy them by hand (xe vdi-destroy uuid=UUID):",
             report.left.len()
         ));
         for l in &report.left {

@@ -488,7 +488,9 @@ fn xen_forget_never_destroys_another_repositorys_landmark() {
     for x in [&b1, &b2, &b3, &b4] {
         assert_restores(&b, x);
     }
-    assert_eq!(d.snapshots(), cbt(&[&a3.landmark, &b4.landmark]));
+    // The re-marked landmark now claims to be B's, and no snapshot of B
+    // records it: B's backup removes it as an orphan of its own.
+    assert_eq!(d.snapshots(), cbt(&[&b4.landmark]));
 }
 
 /// `--dry-run` lists the landmark in `host_plan.planned` and changes
@@ -541,6 +543,17 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
     assert_eq!(repo.snapshot_ids(), vec![b1.id.clone()]);
     assert_eq!(d.snapshots(), cbt(&[&b2.landmark]));
     assert_restores(&repo, &b1);
+
+    // The next backup finds the landmark no snapshot records any more
+    // (marked by this repository, committed, its run over) and destroys
+    // it: b1's own landmark is long gone, so it is a full read.
+    let b3 = d.backup(&repo, 62, &[]);
+    assert!(b3.full, "{}", b3.disk);
+    assert_eq!(d.snapshots(), cbt(&[&b3.landmark]), "{}", b3.stderr);
+    assert_restores(&repo, &b3);
+    let b4 = d.backup(&repo, 63, &[]);
+    assert_incremental(&b4);
+    assert_restores(&repo, &b4);
 }
 
 /// The host is down when forget runs: the repository part still succeeds

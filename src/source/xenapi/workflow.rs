@@ -629,10 +629,12 @@ fn verdict<C: Committer>(
 }
 
 /// Destroys what earlier, finished runs of this repository left on the
-/// host (a killed run's snapshot VM and snapshot VDIs), found by their
-/// [`marker`] only. Never: an object without this repository's marker, one
-/// of this run, a committed landmark, a VDI that is not a snapshot, an
-/// object of a run that may still be live. Best effort: a failure is a
+/// host (a killed run's snapshot VM and snapshot VDIs, and committed
+/// `cbt_metadata` landmarks that no live snapshot records any more),
+/// found by their [`marker`] only. Never: an object without this
+/// repository's marker, one of this run, a landmark a snapshot records or
+/// one that kept its data, a VDI that is not a snapshot, an object of a
+/// run that may still be live. Best effort: a failure is a
 /// warning and the backup goes on.
 fn clean_leftovers<C: Committer>(
     host: &HostSide<'_>,
@@ -750,12 +752,22 @@ fn clean_leftovers<C: Committer>(
         let Some(run) = earlier(vdi) else {
             continue;
         };
-        if landmarks.contains(&vdi.uuid)
-            || vdi.other_config.get(marker::STATE).map(String::as_str) == Some(marker::LANDMARK)
-        {
+        if landmarks.contains(&vdi.uuid) {
+            continue;
+        }
+        // A committed landmark no live snapshot records any more (its
+        // snapshots forgotten while the host was out of reach, or its
+        // destroy failed when a newer one replaced it) is of no use: it
+        // goes too, unless it kept its data (left as the run was asked).
+        let orphan =
+            vdi.other_config.get(marker::STATE).map(String::as_str) == Some(marker::LANDMARK);
+        if orphan && vdi.vdi_type != "cbt_metadata" {
             continue;
         }
         let reason = match verdict(&mut cache, &run, committer) {
+            Verdict::Gone(_) if orphan => {
+                "a landmark no snapshot of this repository records any more".to_string()
+            }
             Verdict::Gone(why) => why,
             Verdict::MaybeLive(why) => {
                 committer.warn(format!(
