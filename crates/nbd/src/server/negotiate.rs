@@ -216,6 +216,11 @@ impl<'a> ServerHandshake<'a> {
         self.queue.push_back(ServerStep::Send(bytes));
     }
 
+    /// Refuses option `code` as invalid, saying why.
+    fn invalid(&mut self, code: u32, why: &[u8]) {
+        self.send(reply(code, proto::REP_ERR_INVALID, why));
+    }
+
     fn transmit(&mut self, t: Transmission) {
         self.phase = Phase::Finished;
         self.queue.push_back(ServerStep::Transmit(t));
@@ -349,11 +354,7 @@ impl<'a> ServerHandshake<'a> {
             }
             proto::OPT_STRUCTURED_REPLY => {
                 if !option.data.is_empty() {
-                    self.send(reply(
-                        code,
-                        proto::REP_ERR_INVALID,
-                        b"STRUCTURED_REPLY takes no data",
-                    ));
+                    self.invalid(code, b"STRUCTURED_REPLY takes no data");
                     return;
                 }
                 self.agreed.structured = true;
@@ -370,11 +371,7 @@ impl<'a> ServerHandshake<'a> {
         let (name, infos) = match proto::decode_go_data(data) {
             Ok(v) => v,
             Err(e) => {
-                self.send(reply(
-                    code,
-                    proto::REP_ERR_INVALID,
-                    e.to_string().as_bytes(),
-                ));
+                self.invalid(code, e.to_string().as_bytes());
                 return;
             }
         };
@@ -408,21 +405,13 @@ impl<'a> ServerHandshake<'a> {
     fn meta_context(&mut self, code: u32, data: &[u8]) {
         let list = code == proto::OPT_LIST_META_CONTEXT;
         if !list && !self.agreed.structured {
-            self.send(reply(
-                code,
-                proto::REP_ERR_INVALID,
-                b"structured replies were not negotiated",
-            ));
+            self.invalid(code, b"structured replies were not negotiated");
             return;
         }
         let (name, queries) = match proto::decode_meta_context_data(data) {
             Ok(v) => v,
             Err(e) => {
-                self.send(reply(
-                    code,
-                    proto::REP_ERR_INVALID,
-                    e.to_string().as_bytes(),
-                ));
+                self.invalid(code, e.to_string().as_bytes());
                 return;
             }
         };
