@@ -9,7 +9,7 @@
 //! leaves landmarks behind (a warning naming them), never a snapshot that
 //! restores differently.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -26,6 +26,7 @@ use crate::repo::policy::Policy;
 use crate::repo::prune::{self, PruneOptions, PruneReport};
 use crate::repo::{Repository, SnapshotEntry};
 use crate::source::xenapi::landmarks::{self, Landmark};
+use crate::source::xenapi::workflow::keys;
 
 /// Which snapshots to forget.
 #[derive(Debug, Clone)]
@@ -103,6 +104,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
     if let Some(groups) = &groups {
         say_verdicts(ui, groups);
     }
+    warn_partial_vm_backups(ui, &live, &ids);
 
     let gone: HashSet<SnapshotId> = ids.iter().copied().collect();
     let (forgotten, remaining): (Vec<&SnapshotEntry>, Vec<&SnapshotEntry>) =
@@ -258,4 +260,26 @@ fn say_forget(ui: &Ui, r: &ForgetReport) {
             String::new()
         }
     ));
+}
+
+/// A VM backup (its disks and its metadata) forgotten in part can no
+/// longer be restored as a VM (`restore --new-vm`): said for each one.
+fn warn_partial_vm_backups(ui: &Ui, live: &[SnapshotEntry], ids: &[SnapshotId]) {
+    let mut units: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for s in live {
+        if let Some(vb) = s.meta.landmark.get(keys::VM_BACKUP) {
+            let e = units.entry(vb.as_str()).or_default();
+            e.0 += 1;
+            if ids.contains(&s.meta.id) {
+                e.1 += 1;
+            }
+        }
+    }
+    for (vb, (all, gone)) in units {
+        if gone > 0 && gone < all {
+            ui.warn(format!(
+                "{gone} of the {all} snapshots of VM backup {vb} are forgotten: the rest restore disk by disk, but no longer as a VM (restore --new-vm)"
+            ));
+        }
+    }
 }

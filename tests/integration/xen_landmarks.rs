@@ -770,6 +770,10 @@ fn xen_forget_vm_backups_releases_every_disks_landmark() {
     assert_eq!(removed(&j).len(), 6, "{j}");
     assert_eq!(landmarks_now(), cbt(&newest));
 
+    // One disk of a VM backup alone: said loudly (a dry run changes nothing).
+    let r = forget(&repo, sim.fingerprint(), &["--dry-run", &v3[0].1]).ok();
+    r.stderr_mentions(&["1 of the 3 snapshots of VM backup", "--new-vm"]);
+
     let meta = j3["metadata"]["snapshot_id"].as_str().unwrap();
     let mut ids: Vec<&str> = v3.iter().map(|d| d.1.as_str()).collect();
     ids.push(meta);
