@@ -113,10 +113,15 @@ pub struct XenOptions {
 
 /// TLS options from the command line for a server at `host`.
 fn nbd_tls(options: &NbdOptions, uri: &NbdUri) -> Result<Option<tls::TlsOptions>> {
-    let read = |p: &Path| std::fs::read(p).with_context(|| format!("read '{}'", p.display()));
+    // Checked here, where the file's name is known.
+    let read = |p: &Path, what: &str| -> Result<Vec<u8>> {
+        let (pem, origin) = tls::read_pem_file(p, what)?;
+        tls::parse_certs(&pem, &origin)?;
+        Ok(pem)
+    };
     let trust = match (&options.tls_ca, &options.tls_cert_pin) {
-        (Some(ca), _) => Some(tls::Trust::CaPem(read(ca)?)),
-        (None, Some(pin)) => Some(tls::Trust::PinnedPem(read(pin)?)),
+        (Some(ca), _) => Some(tls::Trust::CaPem(read(ca, "--tls-ca file")?)),
+        (None, Some(pin)) => Some(tls::Trust::PinnedPem(read(pin, "--tls-cert-pin file")?)),
         (None, None) => None,
     };
     let Some(trust) = trust else {
@@ -392,9 +397,10 @@ pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result
     } else if let Some(fp) = &options.fingerprint {
         HttpsTrust::Fingerprint(crate::source::xenapi::tls::parse_fingerprint(fp)?)
     } else if let Some(ca) = &options.ca_file {
-        HttpsTrust::CaPem(
-            std::fs::read(ca).with_context(|| format!("read CA file '{}'", ca.display()))?,
-        )
+        // Checked here, where the file's name is known.
+        let (pem, origin) = nbd::tls::read_pem_file(ca, "--ca-file")?;
+        nbd::tls::parse_certs(&pem, &origin)?;
+        HttpsTrust::CaPem(pem)
     } else {
         HttpsTrust::System
     };

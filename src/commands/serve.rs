@@ -151,17 +151,7 @@ pub fn run(ui: &Ui, repo: Repository, options: &ServeOptions) -> Result<Outcome>
 }
 
 fn load_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
-    let cert_pem = std::fs::read(cert)
-        .with_context(|| format!("read TLS certificate '{}'", cert.display()))?;
-    let key_pem =
-        std::fs::read(key).with_context(|| format!("read TLS key '{}'", key.display()))?;
-    nbdserver::server_config_from_pem(&cert_pem, &key_pem).with_context(|| {
-        format!(
-            "TLS certificate '{}' with key '{}'",
-            cert.display(),
-            key.display()
-        )
-    })
+    Ok(nbdserver::server_config_from_pem_files(cert, key)?)
 }
 
 /// Binds a unix socket, replacing a stale socket file nobody listens on.

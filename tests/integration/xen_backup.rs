@@ -748,21 +748,49 @@ fn xen_tls_pin_mismatch_is_refused() {
     let vm = sim.create_vm_with_disks("vm", &[MIB]).unwrap();
     let repo = TestRepo::new();
     let src = source(&sim, "vdi", &vm.disks[0].vdi_uuid);
+    let presented = sim.fingerprint().to_string();
     let wrong = "00:".repeat(31) + "00";
     let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src, &"--fingerprint", &wrong];
     let r = run_with_password(&repo, &args, PASSWORD);
     assert_eq!(r.code, 1);
-    r.stderr_mentions(&["certificate"]);
+    // Both fingerprints: the one expected and the one presented.
+    r.stderr_mentions(&["certificate", &wrong, &presented, "--fingerprint"]);
+    assert_said_once(&r.stderr);
     assert!(repo.snapshot_ids().is_empty());
-    // Neither does the system trust store know the simulator.
+    // Neither does the system trust store know the simulator: the
+    // message says so in words, with the fingerprint and the option that
+    // would trust it, and not --insecure.
     let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src];
     let r = run_with_password(&repo, &args, PASSWORD);
     assert_eq!(r.code, 1);
+    r.stderr_mentions(&["self-signed", &format!("--fingerprint {presented}")]);
+    assert!(!r.stderr.contains("insecure"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("UnsupportedSignatureAlgorithm"),
+        "{}",
+        r.stderr
+    );
+    assert_said_once(&r.stderr);
     assert!(Host::login(&sim, PASSWORD).snapshot_vdis().is_empty());
     // --insecure works but says so.
     let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src, &"--insecure"];
     let r = run_with_password(&repo, &args, PASSWORD).ok();
     r.stderr_mentions(&["warning", "insecure"]);
+}
+
+/// One error line, and no clause of it twice (a cause printed again by
+/// a wrapping error).
+fn assert_said_once(stderr: &str) {
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    let clauses: Vec<&str> = errors[0].split([':', ';']).map(str::trim).collect();
+    for (i, c) in clauses.iter().enumerate() {
+        assert!(
+            c.len() < 12 || !clauses[i + 1..].contains(c),
+            "'{c}' twice in {stderr}"
+        );
+    }
+    assert!(!stderr.contains("docs.rs"), "{stderr}");
 }
 
 #[test]

@@ -140,10 +140,7 @@ async fn negotiate(
                 let stream = connector
                     .connect(name, io)
                     .await
-                    .map_err(|e| NbdError::Tls {
-                        address: opts.address.to_string(),
-                        reason: e.to_string(),
-                    })?;
+                    .map_err(|e| NbdError::tls_handshake(opts.address.to_string(), e))?;
                 io = Box::new(stream);
                 step = hs.tls_established()?;
                 continue;

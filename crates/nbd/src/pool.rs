@@ -22,6 +22,13 @@ pub enum NbdError {
     Connect { address: String, reason: String },
     #[error("nbd: TLS with {address} failed: {reason}")]
     Tls { address: String, reason: String },
+    /// The server's certificate was refused: why, what it presented, and
+    /// which options would trust it.
+    #[error("nbd: the TLS certificate of {address} is refused: {refused}; {}", .refused.nbd_advice())]
+    CertificateRefused {
+        address: String,
+        refused: tls::CertificateRefused,
+    },
     #[error(transparent)]
     TlsSetup(#[from] tls::TlsError),
     #[error("nbd: {op}: {source}")]
@@ -68,8 +75,29 @@ pub enum NbdError {
 
 impl NbdError {
     /// Maps an I/O error of `op` into [`NbdError::Io`].
+    /// A TLS failure underneath becomes plain words (rustls' own text for
+    /// a connection closed without close_notify carries a link).
     pub fn io(op: &'static str) -> impl Fn(std::io::Error) -> NbdError {
-        move |source| NbdError::Io { op, source }
+        move |source| {
+            let source = match tls::failure_text(&source) {
+                Some(text) => std::io::Error::new(source.kind(), text),
+                None => source,
+            };
+            NbdError::Io { op, source }
+        }
+    }
+
+    /// A failed TLS handshake with `address`: the refused certificate when
+    /// that is the cause, else the failure in plain words.
+    pub fn tls_handshake(address: String, error: std::io::Error) -> NbdError {
+        if let Some(refused) = tls::refusal_in(&error) {
+            return NbdError::CertificateRefused {
+                address,
+                refused: refused.clone(),
+            };
+        }
+        let reason = tls::failure_text(&error).unwrap_or_else(|| error.to_string());
+        NbdError::Tls { address, reason }
     }
 
     /// Worth reconnecting and retrying (the connection broke, not the

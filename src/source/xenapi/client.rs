@@ -154,6 +154,16 @@ impl Client {
     fn transport(&self, e: reqwest::Error) -> XenApiError {
         // Without the URL: it may carry a session id.
         let e = e.without_url();
+        let host = authority(&lock(&self.host), self.options.port);
+        if let Some(refused) = ::nbd::tls::refusal_in(&e) {
+            return XenApiError::CertificateRefused {
+                host,
+                refused: refused.clone(),
+            };
+        }
+        if let Some(reason) = ::nbd::tls::failure_text(&e) {
+            return XenApiError::Transport { host, reason };
+        }
         let mut reason = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
@@ -161,10 +171,7 @@ impl Client {
             reason.push_str(&s.to_string());
             source = s.source();
         }
-        XenApiError::Transport {
-            host: authority(&lock(&self.host), self.options.port),
-            reason,
-        }
+        XenApiError::Transport { host, reason }
     }
 
     fn read_body(

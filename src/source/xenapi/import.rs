@@ -95,7 +95,13 @@ fn open_put(
     );
     tls.write_all(head.as_bytes())
         .and_then(|_| tls.flush())
-        .map_err(|e| transport(format!("send PUT {path}: {e}")))?;
+        .map_err(|e| match ::nbd::tls::refusal_in(&e) {
+            Some(refused) => XenApiError::CertificateRefused {
+                host: authority.clone(),
+                refused: refused.clone(),
+            },
+            None => transport(format!("send PUT {path}: {e}")),
+        })?;
     Ok(tls)
 }
 

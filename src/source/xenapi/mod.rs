@@ -35,6 +35,13 @@ pub enum XenApiError {
     /// An answer that is not what the protocol says.
     #[error("XenAPI: {what}: malformed answer: {reason}")]
     Protocol { what: String, reason: String },
+    /// The host's certificate was refused: why, what it presented, and
+    /// which options would trust it.
+    #[error("XenAPI: the certificate of '{host}' is refused: {refused}; {}", tls::advice(.refused))]
+    CertificateRefused {
+        host: String,
+        refused: ::nbd::tls::CertificateRefused,
+    },
     /// TLS or certificate setup.
     #[error("XenAPI TLS: {0}")]
     Tls(String),

@@ -76,6 +76,12 @@ impl NbdSet {
             match runtime.block_on(NbdPool::connect(options, pool)) {
                 Ok(p) => pools.push(p),
                 Err(err) if err.is_connection_failure() => last_error = Some(err),
+                // The pin is the host's own answer: no option of ours helps.
+                Err(NbdError::CertificateRefused { address, refused }) => {
+                    return Err(NbdError::Invalid(format!(
+                        "the host's NBD server {address} does not present the certificate VDI.get_nbd_info describes: {refused}"
+                    )))
+                }
                 Err(err) => return Err(err),
             }
         }

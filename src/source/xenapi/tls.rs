@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use nbd::tls::{Pin, PinVerifier};
+use nbd::tls::{CertificateRefused, Pin, Refusal, Verifier};
 use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
@@ -65,10 +65,29 @@ pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], XenApiError> {
 }
 
 pub fn format_fingerprint(d: &[u8]) -> String {
-    d.iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    nbd::tls::format_fingerprint(d)
+}
+
+/// What to do about a refused host certificate, in this client's options
+/// (`--fingerprint`, `--ca-file`); never turning verification off.
+pub fn advice(refused: &CertificateRefused) -> String {
+    let fp = &refused.fingerprint;
+    let check =
+        "on the host: openssl x509 -noout -fingerprint -sha256 -in /etc/xensource/xapi-ssl.pem";
+    match &refused.refusal {
+        Refusal::FingerprintMismatch { .. } => format!(
+            "if the host's certificate was replaced on purpose ({check}), trust the new one with --fingerprint {fp}; otherwise something between here and the host presents its own certificate"
+        ),
+        Refusal::WrongName { .. } => format!(
+            "connect to a name the certificate carries, or, if that is the host's certificate ({check}), trust exactly it with --fingerprint {fp}"
+        ),
+        Refusal::Expired { .. } | Refusal::NotYetValid { .. } => format!(
+            "renew the host's certificate (or check this machine's clock); until then, if that is the host's certificate ({check}), trust exactly it with --fingerprint {fp}"
+        ),
+        _ => format!(
+            "if that is the host's certificate ({check}), trust exactly it with --fingerprint {fp}, or give --ca-file FILE with the certificate authority that issued it"
+        ),
+    }
 }
 
 /// A rustls client configuration (ring provider) for the given trust.
@@ -78,42 +97,34 @@ pub fn client_config(trust: &HttpsTrust) -> Result<ClientConfig, XenApiError> {
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(tls)?;
-    let roots = |certs: Vec<CertificateDer<'static>>, what: &str| {
+    let authorities = |certs: Vec<CertificateDer<'static>>| {
         let mut store = RootCertStore::empty();
-        let (added, _ignored) = store.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(XenApiError::Tls(format!("{what}: no usable certificate")));
-        }
-        Ok(store)
+        let _ignored = store.add_parsable_certificates(certs);
+        // An empty store refuses every certificate, naming it.
+        Verifier::authorities(store, provider.clone()).map_err(|e| XenApiError::Tls(e.to_string()))
     };
-    Ok(match trust {
-        HttpsTrust::System => {
-            let found = rustls_native_certs::load_native_certs();
-            let store = roots(found.certs, "system certificate store")?;
-            builder.with_root_certificates(store).with_no_client_auth()
-        }
+    let verifier = match trust {
+        HttpsTrust::System => authorities(rustls_native_certs::load_native_certs().certs)?,
         HttpsTrust::CaPem(pem) => {
-            let certs = nbd::tls::certs_from_pem(pem, "CA file")
+            let certs = nbd::tls::parse_certs(pem, "CA file")
                 .map_err(|e| XenApiError::Tls(e.to_string()))?;
-            builder
-                .with_root_certificates(roots(certs, "CA file")?)
-                .with_no_client_auth()
+            let mut store = RootCertStore::empty();
+            let (added, _ignored) = store.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(XenApiError::Tls(
+                    "CA file: no certificate in it can be used as an authority".into(),
+                ));
+            }
+            Verifier::authorities(store, provider.clone())
+                .map_err(|e| XenApiError::Tls(e.to_string()))?
         }
-        HttpsTrust::Fingerprint(d) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: Pin::Sha256(*d),
-                provider,
-            }))
-            .with_no_client_auth(),
-        HttpsTrust::Insecure => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier {
-                pin: Pin::Any,
-                provider,
-            }))
-            .with_no_client_auth(),
-    })
+        HttpsTrust::Fingerprint(d) => Verifier::pinned(Pin::Sha256(*d), provider.clone()),
+        HttpsTrust::Insecure => Verifier::pinned(Pin::Any, provider.clone()),
+    };
+    Ok(builder
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ use crate::client::Io;
 pub use export::{Export, ExportError, ExportResolver, Mode, ServerOptions};
 pub use memory::MemoryExport;
 pub use negotiate::{ServerHandshake, ServerStep, Transmission};
-pub use tls::server_config_from_pem;
+pub use tls::{server_config_from_pem, server_config_from_pem_files};
 
 /// A bound listening socket.
 pub enum Listener {

@@ -1,23 +1,41 @@
 //! The server's TLS configuration, from a PEM certificate chain and key.
 //! Clients are not asked for certificates (xapi-nbd does not either).
 
+use std::path::Path;
 use std::sync::Arc;
 
-use crate::tls::{certs_from_pem, TlsError};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::tls::{parse_certs, parse_private_key, read_pem_file, TlsError};
 
 /// A rustls server configuration (ring provider, TLS 1.2 and 1.3).
 pub fn server_config_from_pem(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    let certs = certs_from_pem(cert_pem, "server certificate")?;
-    let bad_key = |reason: String| TlsError::BadCertificate {
-        what: "server private key".into(),
-        reason,
-    };
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| bad_key(e.to_string()))?
-        .ok_or_else(|| bad_key("no PEM private key found".into()))?;
+    server_config(
+        parse_certs(cert_pem, "server certificate")?,
+        parse_private_key(key_pem, "server private key")?,
+    )
+}
+
+/// [`server_config_from_pem`] of two files; errors name the file.
+pub fn server_config_from_pem_files(
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let (cert_pem, cert_origin) = read_pem_file(cert, "TLS certificate")?;
+    let (key_pem, key_origin) = read_pem_file(key, "TLS key")?;
+    server_config(
+        parse_certs(&cert_pem, &cert_origin)?,
+        parse_private_key(&key_pem, &key_origin)?,
+    )
+}
+
+fn server_config(
+    certs: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
