@@ -206,26 +206,65 @@ fn tls_refusals_read_no_data() {
     let other = make_creds(&t.path("other"));
     let server = qemu_nbd_tls(&img.path, &creds);
     let uri = Path::new(&server.uri);
-    // A pinned certificate that is not the server's.
+    let presented = openssl_fingerprint(&creds.server_cert);
+    // A pinned certificate that is not the server's: both fingerprints.
     let r = t.try_backup(
         uri,
         &["--tls-cert-pin", other.server_cert.to_str().unwrap()],
     );
-    r.expect_code(1).stderr_mentions(&["tls"]);
-    // The right certificate, the wrong name.
-    let r = t.try_backup(
-        uri,
-        &[
-            "--tls-cert-pin",
-            creds.server_cert.to_str().unwrap(),
+    let r = r.expect_code(1);
+    r.stderr_mentions(&[
+        "tls",
+        "not the pinned certificate",
+        &presented,
+        &openssl_fingerprint(&other.server_cert),
+        "--tls-cert-pin",
+    ]);
+    assert_said_once(&r.stderr);
+    // The right certificate, the wrong name: both names, and --tls-name.
+    for trust in [
+        ["--tls-cert-pin", creds.server_cert.to_str().unwrap()],
+        ["--tls-ca", creds.ca.to_str().unwrap()],
+    ] {
+        let mut args = trust.to_vec();
+        args.extend(["--tls-name", "backup.example"]);
+        let r = t.try_backup(uri, &args);
+        let r = r.expect_code(1);
+        r.stderr_mentions(&[
+            "tls",
+            "not for 'backup.example'",
+            "'localhost', '127.0.0.1'",
             "--tls-name",
-            "backup.example",
-        ],
-    );
-    r.expect_code(1).stderr_mentions(&["tls"]);
-    // A CA that did not issue the server certificate.
+            &presented,
+        ]);
+        assert_said_once(&r.stderr);
+    }
+    // A CA that did not issue the server certificate: its fingerprint and
+    // the options that would trust it.
     let r = t.try_backup(uri, &["--tls-ca", other.ca.to_str().unwrap()]);
-    r.expect_code(1).stderr_mentions(&["tls"]);
+    let r = r.expect_code(1);
+    r.stderr_mentions(&[
+        "tls",
+        "not issued by a certificate authority",
+        &presented,
+        "--tls-cert-pin",
+        "--tls-ca",
+    ]);
+    assert!(!r.stderr.contains("self-signed"), "{}", r.stderr);
+    assert_said_once(&r.stderr);
+    // Trust files that hold no certificate: refused before connecting,
+    // naming the file.
+    let garbage = t.path("garbage.pem");
+    std::fs::write(&garbage, b"not a certificate\n").unwrap();
+    let key = creds.dir.join("server-key.pem");
+    for (file, why) in [
+        (&garbage, "is not PEM"),
+        (&key, "holds no PEM certificate (it holds a private key)"),
+    ] {
+        let r = t.try_backup(uri, &["--tls-ca", file.to_str().unwrap()]);
+        r.expect_code(1)
+            .stderr_mentions(&[&format!("--tls-ca file '{}' {why}", file.display())]);
+    }
     // Plaintext against a TLS-only server: refused, not downgraded.
     let plain = server.uri.replacen("nbds://", "nbd://", 1);
     let r = t.try_backup(Path::new(&plain), &[]);
@@ -239,6 +278,34 @@ fn tls_refusals_read_no_data() {
     );
     r.expect_code(1).stderr_mentions(&["tls"]);
     assert!(t.snapshot_ids().is_empty(), "nothing may be committed");
+}
+
+/// `AB:CD:...` as `openssl x509 -fingerprint -sha256` prints it.
+fn openssl_fingerprint(cert: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(cert)
+        .output()
+        .expect("run openssl");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (_, fp) = text.trim().split_once('=').expect("openssl's Fingerprint=");
+    assert_eq!(fp.len(), 95, "{text}");
+    fp.to_string()
+}
+
+/// One error line, no clause of it twice, no documentation link.
+fn assert_said_once(stderr: &str) {
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    let clauses: Vec<&str> = errors[0].split([':', ';']).map(str::trim).collect();
+    for (i, c) in clauses.iter().enumerate() {
+        assert!(
+            c.len() < 12 || !clauses[i + 1..].contains(c),
+            "'{c}' twice in {stderr}"
+        );
+    }
+    assert!(!stderr.contains("docs.rs"), "{stderr}");
 }
 
 fn qemu_io(image: &Path, cmd: &str) {

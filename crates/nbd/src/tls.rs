@@ -671,3 +671,156 @@ mod suite_tests {
         assert_eq!(a, b);
     }
 }
+
+#[cfg(test)]
+mod pem_tests {
+    use super::*;
+
+    // PEM framing only: the parser does not look inside the DER.
+    const CERT: &str = "-----BEGIN CERTIFICATE-----\nAQID\n-----END CERTIFICATE-----\n";
+    const KEY: &str = "-----BEGIN PRIVATE KEY-----\nBAUG\n-----END PRIVATE KEY-----\n";
+    const ORIGIN: &str = "CA file '/etc/x/ca.pem'";
+
+    #[test]
+    fn certificates_and_keys_are_found_in_order() {
+        let both = format!("comment line\n{CERT}{KEY}{CERT}");
+        let certs = parse_certs(both.as_bytes(), ORIGIN).unwrap();
+        assert_eq!(certs.len(), 2);
+        assert_eq!(certs[0].as_ref(), &[1, 2, 3]);
+        let key = parse_private_key(both.as_bytes(), ORIGIN).unwrap();
+        assert_eq!(key.secret_der(), &[4, 5, 6]);
+    }
+
+    #[test]
+    fn file_without_certificate_names_the_file_and_what_it_holds() {
+        let e = parse_certs(KEY.as_bytes(), ORIGIN).unwrap_err();
+        assert!(matches!(&e, PemError::NoCertificate { found, .. } if found == &["a private key"]));
+        assert_eq!(
+            e.to_string(),
+            "CA file '/etc/x/ca.pem' holds no PEM certificate (it holds a private key)"
+        );
+    }
+
+    #[test]
+    fn garbage_is_not_pem_and_names_the_file() {
+        for garbage in [&b"hello\nworld\n"[..], b"", &[0x30, 0x82, 0x01, 0x00]] {
+            let e = parse_certs(garbage, ORIGIN).unwrap_err();
+            assert!(matches!(e, PemError::NotPem { .. }), "{e}");
+            assert!(
+                e.to_string()
+                    .starts_with("CA file '/etc/x/ca.pem' is not PEM: "),
+                "{e}"
+            );
+        }
+        // A section whose body is not base64, and one never closed.
+        let broken = "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n";
+        let open = "-----BEGIN CERTIFICATE-----\nAQID\n";
+        for text in [broken, open] {
+            let e = parse_certs(text.as_bytes(), ORIGIN).unwrap_err();
+            assert!(matches!(e, PemError::NotPem { .. }), "{e}");
+            assert!(e.to_string().contains(ORIGIN), "{e}");
+        }
+    }
+
+    #[test]
+    fn key_file_without_key_names_the_file() {
+        let e = parse_private_key(CERT.as_bytes(), "TLS key '/k.pem'").unwrap_err();
+        assert!(matches!(e, PemError::NoKey { .. }));
+        assert_eq!(
+            e.to_string(),
+            "TLS key '/k.pem' holds no PEM private key (it holds a certificate)"
+        );
+        let e = parse_private_key(b"junk", "TLS key '/k.pem'").unwrap_err();
+        assert!(matches!(e, PemError::NotPem { .. }), "{e}");
+    }
+
+    #[test]
+    fn unreadable_file_names_the_file() {
+        let path = std::path::Path::new("/nonexistent/cbtvault/ca.pem");
+        let e = read_pem_file(path, "--tls-ca file").unwrap_err();
+        assert!(matches!(e, PemError::Read { .. }));
+        assert!(
+            e.to_string()
+                .starts_with("cannot read --tls-ca file '/nonexistent/cbtvault/ca.pem': "),
+            "{e}"
+        );
+        let e = crate::server::server_config_from_pem_files(path, path).unwrap_err();
+        assert!(
+            e.to_string().contains("TLS certificate '/nonexistent"),
+            "{e}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_print_as_openssl_does() {
+        assert_eq!(format_fingerprint(&[0x0a, 0xff, 0x00]), "0A:FF:00");
+        // SHA-256 of nothing.
+        assert!(fingerprint(b"").starts_with("E3:B0:C4:42:98:FC:1C:14:"));
+        assert_eq!(fingerprint(b"").len(), 95);
+    }
+
+    #[test]
+    fn dates_are_utc_calendar_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 UTC");
+        assert_eq!(utc(4_102_444_799), "2099-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn refusals_say_what_happened_and_what_to_do() {
+        let r = |refusal, self_signed| CertificateRefused {
+            refusal,
+            fingerprint: "AB:CD".into(),
+            names: vec!["localhost".into(), "127.0.0.1".into()],
+            self_signed,
+        };
+        let s = r(Refusal::UntrustedIssuer, true);
+        assert_eq!(
+            s.to_string(),
+            "it is self-signed, not issued by a certificate authority this client trusts; its SHA-256 fingerprint is AB:CD"
+        );
+        assert!(s.nbd_advice().contains("--tls-cert-pin FILE"));
+        let n = r(
+            Refusal::WrongName {
+                expected: "nas".into(),
+            },
+            false,
+        );
+        assert!(n
+            .to_string()
+            .starts_with("it is for 'localhost', '127.0.0.1', not for 'nas'"));
+        assert!(n.nbd_advice().contains("--tls-name"));
+        let e = r(Refusal::Expired { not_after: Some(0) }, false);
+        assert!(e.to_string().contains("expired on 1970-01-01"));
+        for refused in [s, n, e] {
+            assert!(!refused.nbd_advice().contains("insecure"));
+        }
+    }
+
+    #[test]
+    fn refusal_is_found_through_io_and_rustls_errors() {
+        let refused = CertificateRefused {
+            refusal: Refusal::UntrustedIssuer,
+            fingerprint: "AB".into(),
+            names: vec![],
+            self_signed: false,
+        };
+        let rustls_error = rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(
+            Arc::new(refused.clone()),
+        )));
+        let io = std::io::Error::new(std::io::ErrorKind::InvalidData, rustls_error);
+        assert_eq!(refusal_in(&io), Some(&refused));
+        let other = std::io::Error::new(std::io::ErrorKind::InvalidData, "x");
+        assert_eq!(refusal_in(&other), None);
+        let alert = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::AlertReceived(rustls::AlertDescription::CertificateRequired),
+        );
+        assert!(failure_text(&alert).unwrap().contains("client certificate"));
+    }
+}
