@@ -27,7 +27,7 @@ pub enum NbdError {
     #[error("nbd: the TLS certificate of {address} is refused: {refused}; {}", .refused.nbd_advice())]
     CertificateRefused {
         address: String,
-        refused: tls::CertificateRefused,
+        refused: Box<tls::CertificateRefused>,
     },
     #[error(transparent)]
     TlsSetup(#[from] tls::TlsError),
@@ -93,7 +93,7 @@ impl NbdError {
         if let Some(refused) = tls::refusal_in(&error) {
             return NbdError::CertificateRefused {
                 address,
-                refused: refused.clone(),
+                refused: Box::new(refused.clone()),
             };
         }
         let reason = tls::failure_text(&error).unwrap_or_else(|| error.to_string());

@@ -158,7 +158,7 @@ impl Client {
         if let Some(refused) = ::nbd::tls::refusal_in(&e) {
             return XenApiError::CertificateRefused {
                 host,
-                refused: refused.clone(),
+                refused: Box::new(refused.clone()),
             };
         }
         if let Some(reason) = ::nbd::tls::failure_text(&e) {

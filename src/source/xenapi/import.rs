@@ -98,7 +98,7 @@ fn open_put(
         .map_err(|e| match ::nbd::tls::refusal_in(&e) {
             Some(refused) => XenApiError::CertificateRefused {
                 host: authority.clone(),
-                refused: refused.clone(),
+                refused: Box::new(refused.clone()),
             },
             None => transport(format!("send PUT {path}: {e}")),
         })?;

@@ -40,7 +40,7 @@ pub enum XenApiError {
     #[error("XenAPI: the certificate of '{host}' is refused: {refused}; {}", tls::advice(.refused))]
     CertificateRefused {
         host: String,
-        refused: ::nbd::tls::CertificateRefused,
+        refused: Box<::nbd::tls::CertificateRefused>,
     },
     /// TLS or certificate setup.
     #[error("XenAPI TLS: {0}")]
