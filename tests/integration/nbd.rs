@@ -280,6 +280,40 @@ fn tls_refusals_read_no_data() {
     assert!(t.snapshot_ids().is_empty(), "nothing may be committed");
 }
 
+#[test]
+fn tls_server_requiring_a_client_certificate_is_named_once() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 4);
+    let creds = make_creds(t.root());
+    let object = format!(
+        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=yes",
+        creds.dir.display()
+    );
+    let mut server = qemu_nbd(
+        &img.path,
+        "raw",
+        None,
+        &["--object", &object, "--tls-creds", "tls0"],
+    );
+    server.uri = server
+        .uri
+        .replacen("nbds://", "nbd://", 1)
+        .replacen("nbd://", "nbds://", 1);
+    let r = t.try_backup(
+        Path::new(&server.uri),
+        &[
+            "--tls-ca",
+            creds.ca.to_str().unwrap(),
+            "--nbd-connections",
+            "1",
+        ],
+    );
+    let r = r.expect_code(1);
+    r.stderr_mentions(&["client certificate"]);
+    assert_said_once(&r.stderr);
+    assert!(t.snapshot_ids().is_empty());
+}
+
 /// `AB:CD:...` as `openssl x509 -fingerprint -sha256` prints it.
 fn openssl_fingerprint(cert: &Path) -> String {
     let out = Command::new("openssl")

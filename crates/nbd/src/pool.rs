@@ -31,10 +31,12 @@ pub enum NbdError {
     },
     #[error(transparent)]
     TlsSetup(#[from] tls::TlsError),
-    #[error("nbd: {op}: {source}")]
+    /// The cause is part of the message and not a `source`, so that a
+    /// chain printed whole (`{:#}`) says it once.
+    #[error("nbd: {op}: {error}")]
     Io {
         op: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("nbd: connection lost: {0}")]
     Closed(String),
@@ -80,10 +82,18 @@ impl NbdError {
     pub fn io(op: &'static str) -> impl Fn(std::io::Error) -> NbdError {
         move |source| {
             let source = match tls::failure_text(&source) {
+                // Right after the handshake, the usual reason: the server
+                // wanted a client certificate and got none.
+                Some(text) if op == "negotiate" && !text.contains("client certificate") => {
+                    std::io::Error::new(
+                        source.kind(),
+                        format!("{text}; the server may require a client certificate"),
+                    )
+                }
                 Some(text) => std::io::Error::new(source.kind(), text),
                 None => source,
             };
-            NbdError::Io { op, source }
+            NbdError::Io { op, error: source }
         }
     }
 
