@@ -42,8 +42,8 @@ pub enum Command {
     Init(InitArgs),
     /// Back up a disk image or block device.
     Backup(BackupArgs),
-    /// List snapshots.
-    Snapshots(FilterArgs),
+    /// List snapshots (a VM backup's disks and metadata together).
+    Snapshots(SnapshotsArgs),
     /// Restore a snapshot to a file, block device or stdout.
     Restore(RestoreArgs),
     /// Verify the repository's structure and, optionally, its data.
@@ -257,12 +257,18 @@ pub struct NbdArgs {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct FilterArgs {
-    /// Only snapshots of this source identity (e.g. file:/path) or path.
+    /// Only snapshots of this source: a path, an identity (file:/path), an
+    /// NBD URI or a XenServer URL however typed (user and default port may
+    /// be left out; a VM URL selects its disks and metadata).
     #[arg(long)]
     pub source: Option<String>,
     /// Only snapshots with this tag (repeatable: all must match).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
+    /// Only snapshots of this VM's backups (its uuid, or its name when it
+    /// was backed up).
+    #[arg(long, value_name = "NAME|UUID")]
+    pub vm: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +330,16 @@ pub struct CheckArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// One table per group of snapshots sharing these fields: source (a VM
+    /// backup: its VM), host, tags (comma-separated).
+    #[arg(long, value_name = "FIELDS")]
+    pub group_by: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct ForgetArgs {
     /// Snapshot ids (or unique prefixes) to remove; or give a --keep-*
     /// policy instead.
@@ -377,6 +393,9 @@ pub struct CatArgs {
 pub struct DiffArgs {
     pub a: String,
     pub b: String,
+    /// Compare snapshots of two different sources anyway.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
