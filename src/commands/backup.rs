@@ -213,6 +213,9 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
                 nbd.limits,
             )
             .with_context(|| format!("connect to '{text}'"))?;
+            if let Some(why) = source.pool().fewer_connections() {
+                ui.warn(format!("nbd: {why}"));
+            }
             let size = source.size_bytes();
             let allocated = if source.has_context("base:allocation") {
                 let ex = source.extents("base:allocation")?;
