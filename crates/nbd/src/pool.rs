@@ -22,6 +22,10 @@ pub enum NbdError {
     Connect { address: String, reason: String },
     #[error("nbd: TLS with {address} failed: {reason}")]
     Tls { address: String, reason: String },
+    /// The server asked for a client certificate, none was configured,
+    /// and the connection then failed.
+    #[error("nbd: {address} requires a TLS client certificate and none was given (it asked for one, then: {reason})")]
+    ClientCertificateRequired { address: String, reason: String },
     #[error(transparent)]
     TlsSetup(#[from] tls::TlsError),
     #[error("nbd: {op}: {source}")]
@@ -547,7 +551,8 @@ fn extra_failure(e: &NbdError, deadline: Duration) -> String {
             deadline.as_secs_f64()
         ),
         NbdError::Closed(_) => "closed by the server during the handshake".into(),
-        other => format!("failed: {other}"),
+        NbdError::Connect { reason, .. } => format!("could not connect ({reason})"),
+        other => format!("failed ({other})"),
     }
 }
 
