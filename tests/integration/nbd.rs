@@ -359,7 +359,8 @@ fn tls_client_certificate_when_the_server_verifies_peers() {
             junk,
         ],
     );
-    r.expect_code(1).stderr_mentions(&[junk, "no PEM private key"]);
+    r.expect_code(1)
+        .stderr_mentions(&[junk, "no PEM private key"]);
     // A key readable by others works, with a warning.
     set_mode(&creds.client_key, 0o644);
     let r = t

@@ -115,7 +115,12 @@ fn no_client_cert(
     opts: &ConnectOptions,
 ) -> NbdError {
     let asked = asked.as_ref().is_some_and(|a| a.load(Ordering::Relaxed));
-    if asked && matches!(e, NbdError::Tls { .. } | NbdError::Io { .. } | NbdError::Closed(_)) {
+    if asked
+        && matches!(
+            e,
+            NbdError::Tls { .. } | NbdError::Io { .. } | NbdError::Closed(_)
+        )
+    {
         let reason = e.to_string();
         // rustls appends a manual's address to an unexpected EOF.
         let reason = match reason.split_once(": https://") {

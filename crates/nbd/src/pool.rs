@@ -264,11 +264,8 @@ impl NbdPool {
             for (k, result) in opened.into_iter().enumerate() {
                 match result {
                     Ok(c) => {
-                        let name = format!(
-                            "connection {} of {asked} to {}",
-                            k + 2,
-                            options.address
-                        );
+                        let name =
+                            format!("connection {} of {asked} to {}", k + 2, options.address);
                         same_export(&negotiated, &c.negotiated, name)?;
                         slots.push(AsyncMutex::new(Arc::new(c)));
                     }
@@ -687,7 +684,10 @@ mod tests {
         assert_eq!(pool.connection_count(), 1);
         let why = pool.fewer_connections().expect("a reason");
         assert!(why.contains("continuing with 1 of 4 connections"), "{why}");
-        assert!(why.contains("3 did not finish the handshake within 3 s"), "{why}");
+        assert!(
+            why.contains("3 did not finish the handshake within 3 s"),
+            "{why}"
+        );
         // The pool works on the connection that opened.
         let mut a = vec![0u8; 100_000];
         let mut b = vec![0u8; 50_000];

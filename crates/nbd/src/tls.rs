@@ -9,8 +9,8 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::sign::CertifiedKey;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -96,9 +96,7 @@ pub fn client_identity(
     let mut reader = key_pem;
     let key = rustls_pemfile::private_key(&mut reader)
         .map_err(|e| bad_key(e.to_string()))?
-        .ok_or_else(|| {
-            bad_key("no PEM private key found (PKCS#8, PKCS#1 or SEC1)".into())
-        })?;
+        .ok_or_else(|| bad_key("no PEM private key found (PKCS#8, PKCS#1 or SEC1)".into()))?;
     match CertifiedKey::from_der(certs, key, &provider()) {
         Ok(k) => Ok(Arc::new(k)),
         Err(rustls::Error::InconsistentKeys(_)) => Err(bad_key(format!(
