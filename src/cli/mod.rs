@@ -241,7 +241,17 @@ pub struct NbdArgs {
     /// Name the server certificate must carry (default: the URI's host).
     #[arg(long, value_name = "NAME")]
     pub tls_name: Option<String>,
-    /// Connections to open to the export.
+    /// Client certificate (PEM, the chain from the client's own certificate
+    /// up) for an NBD server that verifies its clients (qemu-nbd
+    /// verify-peer=on); requires --tls-client-key.
+    #[arg(long, value_name = "FILE", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert; should be readable by its
+    /// owner only.
+    #[arg(long, value_name = "FILE", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Connections to open to the export (fewer when the server does not
+    /// allow several, or does not accept them within a few seconds).
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub nbd_connections: usize,
     /// Refuse an NBD export larger than this (bytes, or with a K, M, G, T

@@ -80,6 +80,8 @@ impl TryFrom<&NbdArgs> for NbdOptions {
             tls_ca: a.tls_ca.clone(),
             tls_cert_pin: a.tls_cert_pin.clone(),
             tls_name: a.tls_name.clone(),
+            tls_client_cert: a.tls_client_cert.clone(),
+            tls_client_key: a.tls_client_key.clone(),
             connections: a.nbd_connections.max(1),
             limits: nbd_limits(a)?,
         })
@@ -166,6 +168,9 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         }
         if a.source_id.is_some() {
             bail!("--source-id does not apply to xen:// sources: disks are identified by host and VDI uuid");
+        }
+        if a.nbd.tls_client_cert.is_some() {
+            bail!("--tls-client-cert and --tls-client-key apply to NBD sources; xen:// sources use the TLS settings the host returns");
         }
         BackupSource::Xen {
             url: XenUrl::parse(&a.source)?,

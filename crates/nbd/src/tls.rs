@@ -3,11 +3,14 @@
 //! always verify the server name. There is no way to turn verification off
 //! here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
@@ -36,6 +39,9 @@ pub struct TlsOptions {
     pub trust: Trust,
     /// Name the certificate must be valid for (DNS name or IP address).
     pub server_name: String,
+    /// The certificate and key presented when the server asks for one
+    /// (qemu-nbd with `verify-peer=on`); see [`client_identity`].
+    pub client: Option<Arc<CertifiedKey>>,
 }
 
 /// ring's suites with AES-128-GCM offered first: bulk data (a disk over
@@ -71,6 +77,58 @@ pub fn certs_from_pem(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'stat
         });
     }
     Ok(certs)
+}
+
+/// A client certificate chain and its private key, from PEM: the chain's
+/// first certificate must belong to the key. `cert_what` and `key_what`
+/// name the two (e.g. their files) in errors.
+pub fn client_identity(
+    cert_pem: &[u8],
+    cert_what: &str,
+    key_pem: &[u8],
+    key_what: &str,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let certs = certs_from_pem(cert_pem, cert_what)?;
+    let bad_key = |reason: String| TlsError::BadCertificate {
+        what: key_what.to_string(),
+        reason,
+    };
+    let mut reader = key_pem;
+    let key = rustls_pemfile::private_key(&mut reader)
+        .map_err(|e| bad_key(e.to_string()))?
+        .ok_or_else(|| bad_key("no PEM private key found (PKCS#8, PKCS#1 or SEC1)".into()))?;
+    match CertifiedKey::from_der(certs, key, &provider()) {
+        Ok(k) => Ok(Arc::new(k)),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(bad_key(format!(
+            "it is not the key of the first certificate in {cert_what}"
+        ))),
+        Err(e) => Err(bad_key(e.to_string())),
+    }
+}
+
+/// Presents the configured client certificate, if any, and records that
+/// the server asked for one: a server that requires a certificate the
+/// client does not have closes the connection with an alert that says
+/// little, which the caller can then explain.
+#[derive(Debug)]
+struct ClientCert {
+    key: Option<Arc<CertifiedKey>>,
+    asked: Arc<AtomicBool>,
+}
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        self.key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.key.is_some()
+    }
 }
 
 /// What a [`PinVerifier`] accepts as the server's certificate.
@@ -168,11 +226,24 @@ impl ServerCertVerifier for PinVerifier {
 pub fn client_config(
     opts: &TlsOptions,
 ) -> Result<(Arc<ClientConfig>, ServerName<'static>), TlsError> {
+    client_config_watched(opts).map(|(config, name, _)| (config, name))
+}
+
+/// [`client_config`], and a flag that becomes true when the server asks for
+/// a client certificate during a handshake with this configuration.
+pub fn client_config_watched(
+    opts: &TlsOptions,
+) -> Result<(Arc<ClientConfig>, ServerName<'static>, Arc<AtomicBool>), TlsError> {
     let name = ServerName::try_from(opts.server_name.clone())
         .map_err(|_| TlsError::BadName(opts.server_name.clone()))?;
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
+    let asked = Arc::new(AtomicBool::new(false));
+    let client = Arc::new(ClientCert {
+        key: opts.client.clone(),
+        asked: asked.clone(),
+    });
     let config = match &opts.trust {
         Trust::CaPem(pem) => {
             let mut roots = RootCertStore::empty();
@@ -182,7 +253,9 @@ pub fn client_config(
                     reason: e.to_string(),
                 })?;
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            builder
+                .with_root_certificates(roots)
+                .with_client_cert_resolver(client)
         }
         Trust::PinnedPem(pem) => {
             let mut certs = certs_from_pem(pem, "pinned certificate")?;
@@ -198,10 +271,10 @@ pub fn client_config(
                     pin: Pin::Certificate(certs.remove(0)),
                     provider,
                 }))
-                .with_no_client_auth()
+                .with_client_cert_resolver(client)
         }
     };
-    Ok((Arc::new(config), name))
+    Ok((Arc::new(config), name, asked))
 }
 
 #[cfg(test)]
