@@ -42,8 +42,8 @@ pub enum Command {
     Init(InitArgs),
     /// Back up a disk image or block device.
     Backup(BackupArgs),
-    /// List snapshots.
-    Snapshots(FilterArgs),
+    /// List snapshots (a VM backup's disks and metadata together).
+    Snapshots(SnapshotsArgs),
     /// Restore a snapshot to a file, block device or stdout.
     Restore(RestoreArgs),
     /// Verify the repository's structure and, optionally, its data.
@@ -241,7 +241,17 @@ pub struct NbdArgs {
     /// Name the server certificate must carry (default: the URI's host).
     #[arg(long, value_name = "NAME")]
     pub tls_name: Option<String>,
-    /// Connections to open to the export.
+    /// Client certificate (PEM, the chain from the client's own certificate
+    /// up) for an NBD server that verifies its clients (qemu-nbd
+    /// verify-peer=on); requires --tls-client-key.
+    #[arg(long, value_name = "FILE", requires = "tls_client_key")]
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-client-cert; should be readable by its
+    /// owner only.
+    #[arg(long, value_name = "FILE", requires = "tls_client_cert")]
+    pub tls_client_key: Option<PathBuf>,
+    /// Connections to open to the export (fewer when the server does not
+    /// allow several, or does not accept them within a few seconds).
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub nbd_connections: usize,
     /// Refuse an NBD export larger than this (bytes, or with a K, M, G, T
@@ -257,12 +267,18 @@ pub struct NbdArgs {
 
 #[derive(Debug, Args, Clone, Default)]
 pub struct FilterArgs {
-    /// Only snapshots of this source identity (e.g. file:/path) or path.
+    /// Only snapshots of this source: a path, an identity (file:/path), an
+    /// NBD URI or a XenServer URL however typed (user and default port may
+    /// be left out; a VM URL selects its disks and metadata).
     #[arg(long)]
     pub source: Option<String>,
     /// Only snapshots with this tag (repeatable: all must match).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,
+    /// Only snapshots of this VM's backups (its uuid, or its name when it
+    /// was backed up).
+    #[arg(long, value_name = "NAME|UUID")]
+    pub vm: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -324,6 +340,16 @@ pub struct CheckArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SnapshotsArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// One table per group of snapshots sharing these fields: source (a VM
+    /// backup: its VM), host, tags (comma-separated).
+    #[arg(long, value_name = "FIELDS")]
+    pub group_by: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct ForgetArgs {
     /// Snapshot ids (or unique prefixes) to remove; or give a --keep-*
     /// policy instead.
@@ -377,6 +403,9 @@ pub struct CatArgs {
 pub struct DiffArgs {
     pub a: String,
     pub b: String,
+    /// Compare snapshots of two different sources anyway.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

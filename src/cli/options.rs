@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, ForgetArgs, InitArgs, NbdArgs, PruneArgs,
-    RestoreArgs, ServeArgs, UnlockArgs, XenArgs, XenConnectArgs,
+    RestoreArgs, ServeArgs, SnapshotsArgs, UnlockArgs, XenArgs, XenConnectArgs,
 };
 #[cfg(feature = "sim")]
 use super::{DemoArgs, SimArgs};
@@ -19,11 +19,13 @@ use crate::commands::check::CheckOptions;
 #[cfg(feature = "sim")]
 use crate::commands::demo::DemoOptions;
 use crate::commands::forget::{ForgetOptions, Selection};
+use crate::commands::forget_policy::GroupBy;
 use crate::commands::inspect::{CatOptions, DiffOptions, UnlockOptions};
 use crate::commands::restore::{LocalOptions, RestoreOptions, RestoreTarget, XenRestoreOptions};
 use crate::commands::serve::ServeOptions;
 #[cfg(feature = "sim")]
 use crate::commands::sim::SimHostOptions;
+use crate::commands::snapshots::SnapshotsOptions;
 use crate::commands::SnapshotFilter;
 use crate::repo::backup::plan::ParentRequest;
 use crate::repo::check::DataSubset;
@@ -39,6 +41,7 @@ impl From<&FilterArgs> for SnapshotFilter {
         SnapshotFilter {
             source: a.source.clone(),
             tags: a.tags.clone(),
+            vm: a.vm.clone(),
         }
     }
 }
@@ -77,6 +80,8 @@ impl TryFrom<&NbdArgs> for NbdOptions {
             tls_ca: a.tls_ca.clone(),
             tls_cert_pin: a.tls_cert_pin.clone(),
             tls_name: a.tls_name.clone(),
+            tls_client_cert: a.tls_client_cert.clone(),
+            tls_client_key: a.tls_client_key.clone(),
             connections: a.nbd_connections.max(1),
             limits: nbd_limits(a)?,
         })
@@ -163,6 +168,9 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         }
         if a.source_id.is_some() {
             bail!("--source-id does not apply to xen:// sources: disks are identified by host and VDI uuid");
+        }
+        if a.nbd.tls_client_cert.is_some() {
+            bail!("--tls-client-cert and --tls-client-key apply to NBD sources; xen:// sources use the TLS settings the host returns");
         }
         BackupSource::Xen {
             url: XenUrl::parse(&a.source)?,
@@ -309,12 +317,24 @@ pub fn prune(a: &PruneArgs) -> Result<PruneOptions> {
     })
 }
 
+pub fn snapshots(a: &SnapshotsArgs) -> Result<SnapshotsOptions> {
+    Ok(SnapshotsOptions {
+        filter: SnapshotFilter::from(&a.filter),
+        group_by: a
+            .group_by
+            .as_deref()
+            .map(GroupBy::parse)
+            .transpose()
+            .map_err(|e| anyhow!(e))?,
+    })
+}
+
 pub fn forget(a: &ForgetArgs) -> Result<ForgetOptions> {
     let (policy, group_by) = a.policy.to_policy()?;
     let selection = match (a.snapshots.is_empty(), policy.is_empty()) {
         (false, true) => {
-            if a.filter.source.is_some() || !a.filter.tags.is_empty() {
-                bail!("--source and --tag select snapshots for a policy; with snapshot ids, name exactly the snapshots to remove");
+            if a.filter.source.is_some() || !a.filter.tags.is_empty() || a.filter.vm.is_some() {
+                bail!("--source, --tag and --vm select snapshots for a policy; with snapshot ids, name exactly the snapshots to remove");
             }
             Selection::Ids(a.snapshots.clone())
         }
@@ -365,6 +385,7 @@ pub fn diff(a: &DiffArgs) -> DiffOptions {
     DiffOptions {
         a: a.a.clone(),
         b: a.b.clone(),
+        force: a.force,
     }
 }
 

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use super::{options, Cli, Command, RepairCommand};
 use crate::commands::repair::RepairAction;
 use crate::commands::{
-    self, backup, check, forget, inspect, open_with, prune, repair, restore, serve, Outcome,
+    backup, check, forget, inspect, open_with, prune, repair, restore, serve, snapshots, Outcome,
 };
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
@@ -35,11 +35,10 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
             let o = options::backup(a)?;
             backup::run(ui, &open(ui, &repo_path()?)?, &o)
         }
-        Command::Snapshots(f) => inspect::snapshots(
-            ui,
-            &open(ui, &repo_path()?)?,
-            &commands::SnapshotFilter::from(f),
-        ),
+        Command::Snapshots(a) => {
+            let o = options::snapshots(a)?;
+            snapshots::run(ui, &open(ui, &repo_path()?)?, &o)
+        }
         Command::Restore(a) => {
             let o = options::restore(a)?;
             restore::run(ui, &open(ui, &repo_path()?)?, &o)

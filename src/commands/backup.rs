@@ -86,6 +86,11 @@ pub struct NbdOptions {
     pub tls_cert_pin: Option<PathBuf>,
     /// Name the server certificate must carry (default: the URI's host).
     pub tls_name: Option<String>,
+    /// Certificate chain (PEM) presented when the server asks for one;
+    /// given together with `tls_client_key`.
+    pub tls_client_cert: Option<PathBuf>,
+    /// Private key (PEM) of `tls_client_cert`.
+    pub tls_client_key: Option<PathBuf>,
     /// Connections to open (at least 1).
     pub connections: usize,
     /// Export size limit and I/O timeout.
@@ -111,22 +116,31 @@ pub struct XenOptions {
     pub keep_snapshot_data: bool,
 }
 
-/// TLS options from the command line for a server at `host`.
-fn nbd_tls(options: &NbdOptions, uri: &NbdUri) -> Result<Option<tls::TlsOptions>> {
-    // Checked here, where the file's name is known.
-    let read = |p: &Path, what: &str| -> Result<Vec<u8>> {
+/// TLS options from the command line for a server at `host`. Trust files
+/// are parsed, and the client certificate and key read and matched, here,
+/// so that a bad file is named before anything connects; a key readable by
+/// others is a warning.
+fn nbd_tls(ui: &Ui, options: &NbdOptions, uri: &NbdUri) -> Result<Option<tls::TlsOptions>> {
+    let read_certs = |p: &Path, what: &str| -> Result<Vec<u8>> {
         let (pem, origin) = tls::read_pem_file(p, what)?;
         tls::parse_certs(&pem, &origin)?;
         Ok(pem)
     };
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("read '{}'", p.display()));
     let trust = match (&options.tls_ca, &options.tls_cert_pin) {
-        (Some(ca), _) => Some(tls::Trust::CaPem(read(ca, "--tls-ca file")?)),
-        (None, Some(pin)) => Some(tls::Trust::PinnedPem(read(pin, "--tls-cert-pin file")?)),
+        (Some(ca), _) => Some(tls::Trust::CaPem(read_certs(ca, "--tls-ca file")?)),
+        (None, Some(pin)) => Some(tls::Trust::PinnedPem(read_certs(
+            pin,
+            "--tls-cert-pin file",
+        )?)),
         (None, None) => None,
     };
     let Some(trust) = trust else {
         if uri.tls {
             bail!("'nbds' asks for TLS: give --tls-ca FILE or --tls-cert-pin FILE");
+        }
+        if options.tls_client_cert.is_some() {
+            bail!("--tls-client-cert needs TLS: use an nbds:// URI with --tls-ca FILE or --tls-cert-pin FILE");
         }
         return Ok(None);
     };
@@ -135,7 +149,37 @@ fn nbd_tls(options: &NbdOptions, uri: &NbdUri) -> Result<Option<tls::TlsOptions>
         (None, nbd::client::Address::Tcp { host, .. }) => host.clone(),
         (None, _) => bail!("TLS over a unix socket needs --tls-name NAME"),
     };
-    Ok(Some(tls::TlsOptions { trust, server_name }))
+    let client = match (&options.tls_client_cert, &options.tls_client_key) {
+        (Some(cert), Some(key)) => {
+            warn_if_key_readable_by_others(ui, key);
+            let cert_what = format!("client certificate '{}'", cert.display());
+            let key_what = format!("client key '{}'", key.display());
+            let identity = tls::client_identity(&read(cert)?, &cert_what, &read(key)?, &key_what)?;
+            Some(identity)
+        }
+        (None, None) => None,
+        _ => bail!("--tls-client-cert and --tls-client-key go together"),
+    };
+    Ok(Some(tls::TlsOptions {
+        trust,
+        server_name,
+        client,
+    }))
+}
+
+/// A private key file that group or others can read is worth a warning
+/// (not a refusal: the user may have reasons, e.g. a group-shared secret).
+fn warn_if_key_readable_by_others(ui: &Ui, key: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(key) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            ui.warn(format!(
+                "client key '{}' is readable by others (mode {mode:03o}); chmod 600 it",
+                key.display()
+            ));
+        }
+    }
 }
 
 /// Runs one backup of `source` under another identity, when given.
@@ -200,7 +244,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
             nbd,
             source_id,
         } => {
-            let tls = nbd_tls(nbd, uri)?;
+            let tls = nbd_tls(ui, nbd, uri)?;
             let mut contexts = vec!["base:allocation".to_string()];
             let dirty_context = dirty_bitmap
                 .as_ref()
@@ -217,7 +261,16 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
                 },
                 nbd.limits,
             )
+            .map_err(|e| match e {
+                nbd::NbdError::ClientCertificateRequired { .. } => anyhow::anyhow!(
+                    "{e}; give --tls-client-cert FILE --tls-client-key FILE (a certificate the server trusts)"
+                ),
+                e => anyhow::Error::new(e),
+            })
             .with_context(|| format!("connect to '{text}'"))?;
+            if let Some(why) = source.pool().fewer_connections() {
+                ui.warn(format!("nbd: {why}"));
+            }
             let size = source.size_bytes();
             let allocated = if source.has_context("base:allocation") {
                 let ex = source.extents("base:allocation")?;

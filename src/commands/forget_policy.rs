@@ -54,7 +54,7 @@ impl GroupBy {
 
 /// The identity a unit is grouped under for `source`: a VM backup's VM,
 /// else the snapshot's source.
-fn unit_source(meta: &SnapshotMeta) -> String {
+pub(crate) fn unit_source(meta: &SnapshotMeta) -> String {
     match (
         meta.landmark.get(keys::VM_BACKUP),
         meta.landmark.get(keys::HOST),

@@ -6,7 +6,7 @@ use anyhow::Result;
 use chrono::Utc;
 use serde_json::json;
 
-use super::{filtered, Outcome, SnapshotFilter};
+use super::Outcome;
 use crate::format::bitmap;
 use crate::format::snapshot::BlockRef;
 use crate::manifest;
@@ -21,50 +21,6 @@ pub fn init(ui: &Ui, path: &Path, options: &InitOptions) -> Result<Outcome> {
         &config.id[..8],
         path.display()
     ));
-    Ok(Outcome::Ok)
-}
-
-pub fn snapshots(ui: &Ui, repo: &Repository, filter: &SnapshotFilter) -> Result<Outcome> {
-    let list = filtered(repo, filter)?;
-    if ui.json {
-        let v: Vec<_> = list
-            .iter()
-            .map(|s| {
-                let m = &s.meta;
-                json!({
-                    "id": m.id, "time": m.time.to_rfc3339(), "parent": m.parent,
-                    "source": m.source, "size": m.disk_size_bytes, "tags": m.tags,
-                    "hostname": m.hostname, "backup_set": m.backup_set,
-                    "full": m.parent.is_none(), "read_mode": m.read_mode,
-                    "new_set_reason": m.new_set_reason, "landmark": m.landmark,
-                    "object": s.object.to_hex(),
-                })
-            })
-            .collect();
-        ui.json(&v);
-        return Ok(Outcome::Ok);
-    }
-    let rows: Vec<Vec<String>> = list
-        .iter()
-        .map(|s| {
-            let m = &s.meta;
-            vec![
-                m.id.short(),
-                m.time.format("%Y-%m-%d %H:%M:%S").to_string(),
-                m.parent
-                    .map(|p| p.short())
-                    .unwrap_or_else(|| "(full)".into()),
-                m.source.clone(),
-                human_bytes(m.disk_size_bytes),
-                m.tags.join(","),
-            ]
-        })
-        .collect();
-    ui.table(
-        &["ID", "Time (UTC)", "Parent", "Source", "Size", "Tags"],
-        &rows,
-    );
-    ui.print(format!("{} snapshots", rows.len()));
     Ok(Outcome::Ok)
 }
 
@@ -120,11 +76,22 @@ fn ranges(indices: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
 pub struct DiffOptions {
     pub a: String,
     pub b: String,
+    /// Compare snapshots of different sources.
+    pub force: bool,
 }
 
 pub fn diff(ui: &Ui, repo: &Repository, a: &DiffOptions) -> Result<Outcome> {
     let sa = repo.find_snapshot(&a.a)?;
     let sb = repo.find_snapshot(&a.b)?;
+    if sa.meta.source != sb.meta.source && !a.force {
+        anyhow::bail!(
+            "snapshots {} and {} are of different sources ('{}' and '{}'): their difference says nothing about either; --force compares them anyway",
+            sa.meta.id.short(),
+            sb.meta.id.short(),
+            sa.meta.source,
+            sb.meta.source
+        );
+    }
     let ma = repo.resolve(sa.meta.id)?;
     let mb = repo.resolve(sb.meta.id)?;
     let changes = manifest::diff(&ma, &mb);

@@ -14,9 +14,11 @@ pub mod prune;
 pub mod repair;
 pub(crate) mod restore;
 mod restore_xen;
+pub mod select;
 pub mod serve;
 #[cfg(feature = "sim")]
 pub mod sim;
+pub mod snapshots;
 
 use std::path::Path;
 
@@ -42,6 +44,15 @@ pub struct SnapshotFilter {
     pub source: Option<String>,
     /// Only snapshots carrying every one of these tags.
     pub tags: Vec<String>,
+    /// Only snapshots of this VM (uuid or name), from VM backups.
+    pub vm: Option<String>,
+}
+
+impl SnapshotFilter {
+    /// Whether anything narrows the selection.
+    pub fn is_empty(&self) -> bool {
+        self.source.is_none() && self.tags.is_empty() && self.vm.is_none()
+    }
 }
 
 /// BLAKE3 of a whole file, streamed.
@@ -103,26 +114,26 @@ pub(crate) fn open_with(
     Ok(repo)
 }
 
-/// Snapshots matching a filter, oldest first. A `--source` that names an
-/// existing path matches that path's identity.
+/// Snapshots matching a filter, oldest first. A `--source` matches
+/// however it was typed ([`select::SourceMatch`]).
 pub(crate) fn filtered(repo: &Repository, filter: &SnapshotFilter) -> Result<Vec<SnapshotEntry>> {
-    let source = filter.source.as_ref().map(|s| {
-        if s.contains(':') {
-            s.clone()
-        } else {
-            // The image may be gone (that is when one restores): fall back
-            // to the absolute path it had.
-            match std::fs::canonicalize(s).or_else(|_| std::path::absolute(s)) {
-                Ok(p) => format!("file:{}", p.display()),
-                Err(_) => s.clone(),
-            }
-        }
-    });
+    let source = filter
+        .source
+        .as_deref()
+        .map(select::SourceMatch::parse)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--source: {e}"))?;
     Ok(repo
         .snapshots()?
         .into_iter()
-        .filter(|s| source.as_ref().is_none_or(|src| &s.meta.source == src))
+        .filter(|s| source.as_ref().is_none_or(|m| m.matches(&s.meta)))
         .filter(|s| filter.tags.iter().all(|t| s.meta.tags.contains(t)))
+        .filter(|s| {
+            filter
+                .vm
+                .as_deref()
+                .is_none_or(|v| select::of_vm(&s.meta, v))
+        })
         .collect())
 }
 
@@ -133,11 +144,37 @@ pub(crate) fn pick_snapshot(
     filter: &SnapshotFilter,
 ) -> Result<SnapshotEntry> {
     if query == "latest" {
-        match filtered(repo, filter)?.pop() {
+        let list = filtered(repo, filter)?;
+        one_source(&list, filter, |m| m.source.clone())?;
+        match list.into_iter().next_back() {
             Some(s) => Ok(s),
             None => bail!("no snapshot matches 'latest' with the given filters"),
         }
     } else {
         Ok(repo.find_snapshot(query)?)
     }
+}
+
+/// Refuses to pick 'latest' among snapshots of several sources (as `key`
+/// tells them apart): the newest of which disk? The error names them.
+pub(crate) fn one_source(
+    list: &[SnapshotEntry],
+    filter: &SnapshotFilter,
+    key: impl Fn(&crate::format::snapshot::SnapshotMeta) -> String,
+) -> Result<()> {
+    let sources: std::collections::BTreeSet<String> = list.iter().map(|s| key(&s.meta)).collect();
+    if sources.len() > 1 {
+        let names: Vec<String> = sources.into_iter().collect();
+        bail!(
+            "'latest' is ambiguous: {} sources have snapshots{}; pick one with --source (one of: {})",
+            names.len(),
+            if filter.is_empty() {
+                ""
+            } else {
+                " matching the filters"
+            },
+            names.join(", ")
+        );
+    }
+    Ok(())
 }

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use super::forget_policy::unit_source;
 use super::restore_xen;
 pub use super::restore_xen::XenRestoreOptions;
-use super::{filtered, pick_snapshot, Outcome, SnapshotFilter};
+use super::{filtered, one_source, pick_snapshot, Outcome, SnapshotFilter};
 use crate::format::SnapshotId;
 use crate::manifest::BlockMap;
 use crate::output::{human_bytes, Ui};
@@ -69,7 +70,9 @@ fn select(repo: &Repository, options: &RestoreOptions) -> Result<SnapshotEntry> 
         return pick_snapshot(repo, &options.snapshot, &options.filter);
     };
     if options.snapshot == "latest" {
-        return newest_at(filtered(repo, &options.filter)?, at, "the given filters");
+        let list = filtered(repo, &options.filter)?;
+        one_source(&list, &options.filter, |m| m.source.clone())?;
+        return newest_at(list, at, "the given filters");
     }
     let anchor = repo.find_snapshot(&options.snapshot)?;
     let source = anchor.meta.source.clone();
@@ -91,6 +94,18 @@ fn select_vm_backup(repo: &Repository, options: &RestoreOptions) -> Result<Strin
         .find(|s| group_of(s).as_deref() == Some(options.snapshot.as_str()))
     {
         Some(s) => s.clone(),
+        // The newest VM backup of the one VM the filters select.
+        None if options.snapshot == "latest" => {
+            let list: Vec<SnapshotEntry> = filtered(repo, &options.filter)?
+                .into_iter()
+                .filter(|s| group_of(s).is_some())
+                .collect();
+            one_source(&list, &options.filter, unit_source)?;
+            match list.into_iter().next_back() {
+                Some(s) => s,
+                None => bail!("no VM backup matches 'latest' with the given filters"),
+            }
+        }
         None => {
             let s = select(repo, options)?;
             if group_of(&s).is_none() {

@@ -94,11 +94,20 @@ fn latest_honours_source_and_tag_filters() {
         }
         t.run(&args).ok().stdout
     };
-    assert_eq!(
-        blake3::hash(&restore_latest(&[])),
-        b.hash(),
-        "latest overall is b"
-    );
+    // Two sources: 'latest' of which? Refused, naming them.
+    t.run(&[&"restore", &"latest", &"--target", &"-"])
+        .expect_code(1)
+        .stderr_mentions(&["ambiguous", "--source", a_path]);
+    t.run(&[
+        &"restore",
+        &"latest",
+        &"--tag",
+        &"weekly",
+        &"--target",
+        &"-",
+    ])
+    .expect_code(1)
+    .stderr_mentions(&["ambiguous", "matching the filters"]);
     assert_eq!(
         blake3::hash(&restore_latest(&["--source", a_path])),
         a.hash()

@@ -14,6 +14,7 @@ mod file_source;
 mod forget;
 mod healing;
 mod layering;
+mod listings;
 mod manifest_props;
 mod nbd;
 mod prune;

@@ -42,11 +42,20 @@ fn wait_for(cond: impl Fn() -> bool, what: &str) {
     }
 }
 
-/// Starts qemu-nbd read-only on TCP or a unix socket.
+/// Starts qemu-nbd read-only on TCP or a unix socket, serving 8 clients
+/// and staying up after they leave.
 fn qemu_nbd(image: &Path, format: &str, unix: Option<&Path>, extra: &[&str]) -> QemuNbd {
+    let mut flags = vec!["-r", "-t", "--shared=8"];
+    flags.extend_from_slice(extra);
+    qemu_nbd_with(image, format, unix, &flags)
+}
+
+/// Starts qemu-nbd on TCP or a unix socket with only `flags` besides the
+/// format and export name (its defaults otherwise: one client).
+fn qemu_nbd_with(image: &Path, format: &str, unix: Option<&Path>, flags: &[&str]) -> QemuNbd {
     let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["-r", "-t", "--shared=8", "-f", format, "-x", "disk"]);
-    cmd.args(extra);
+    cmd.args(["-f", format, "-x", "disk"]);
+    cmd.args(flags);
     let uri = match unix {
         Some(sock) => {
             cmd.arg("-k").arg(sock);
@@ -135,6 +144,9 @@ struct Creds {
     dir: PathBuf,
     ca: PathBuf,
     server_cert: PathBuf,
+    /// A client certificate the CA issued, and its key (mode 600).
+    client_cert: PathBuf,
+    client_key: PathBuf,
 }
 
 fn make_creds(root: &Path) -> Creds {
@@ -158,17 +170,42 @@ fn make_creds(root: &Path) -> Creds {
     std::fs::write(dir.join("ca-cert.pem"), ca.pem()).unwrap();
     std::fs::write(dir.join("server-cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.join("server-key.pem"), key.serialize_pem()).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "cbtvault backup client");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let client = params.signed_by(&client_key, &ca, &ca_key).unwrap();
+    std::fs::write(dir.join("client-cert.pem"), client.pem()).unwrap();
+    let key_path = dir.join("client-key.pem");
+    std::fs::write(&key_path, client_key.serialize_pem()).unwrap();
+    set_mode(&key_path, 0o600);
     Creds {
         ca: dir.join("ca-cert.pem"),
         server_cert: dir.join("server-cert.pem"),
+        client_cert: dir.join("client-cert.pem"),
+        client_key: key_path,
         dir,
     }
 }
 
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
 fn qemu_nbd_tls(image: &Path, creds: &Creds) -> QemuNbd {
+    qemu_nbd_tls_verifying(image, creds, false)
+}
+
+/// qemu-nbd with TLS; with `verify_peer`, clients must present a
+/// certificate the CA issued.
+fn qemu_nbd_tls_verifying(image: &Path, creds: &Creds, verify_peer: bool) -> QemuNbd {
     let object = format!(
-        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=no",
-        creds.dir.display()
+        "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer={}",
+        creds.dir.display(),
+        if verify_peer { "on" } else { "no" }
     );
     let mut s = qemu_nbd(
         image,
@@ -340,6 +377,228 @@ fn assert_said_once(stderr: &str) {
         );
     }
     assert!(!stderr.contains("docs.rs"), "{stderr}");
+}
+
+#[test]
+fn tls_client_certificate_when_the_server_verifies_peers() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 16);
+    let creds = make_creds(t.root());
+    let other = make_creds(&t.path("other"));
+    let server = qemu_nbd_tls_verifying(&img.path, &creds, true);
+    let uri = Path::new(&server.uri);
+    let ca = creds.ca.to_str().unwrap();
+    let (cert, key) = (
+        creds.client_cert.to_str().unwrap(),
+        creds.client_key.to_str().unwrap(),
+    );
+    // Without a client certificate: refused, and the message says what to give.
+    let r = t.try_backup(uri, &["--tls-ca", ca]).expect_code(1);
+    r.stderr_mentions(&[
+        "requires a TLS client certificate",
+        "--tls-client-cert FILE --tls-client-key FILE",
+    ]);
+    // With one the CA issued: backed up and restored exactly, no warning.
+    let r = t
+        .try_backup(
+            uri,
+            &[
+                "--tls-ca",
+                ca,
+                "--tls-client-cert",
+                cert,
+                "--tls-client-key",
+                key,
+            ],
+        )
+        .ok();
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    let s = r.json();
+    assert_eq!(s["blocks_read"], data_blocks(16), "{s}");
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+    // A certificate another CA issued: the server refuses it.
+    let r = t.try_backup(
+        uri,
+        &[
+            "--tls-ca",
+            ca,
+            "--tls-client-cert",
+            other.client_cert.to_str().unwrap(),
+            "--tls-client-key",
+            other.client_key.to_str().unwrap(),
+        ],
+    );
+    r.expect_code(1).stderr_mentions(&["tls"]);
+    // A key that is not the certificate's: named, before connecting.
+    let other_key = other.client_key.to_str().unwrap();
+    let r = t.try_backup(
+        uri,
+        &[
+            "--tls-ca",
+            ca,
+            "--tls-client-cert",
+            cert,
+            "--tls-client-key",
+            other_key,
+        ],
+    );
+    r.expect_code(1)
+        .stderr_mentions(&[other_key, "not the key of the first certificate"]);
+    // Not PEM at all: the file is named.
+    let junk = t.path("junk.pem");
+    std::fs::write(&junk, "not a key").unwrap();
+    set_mode(&junk, 0o600);
+    let junk = junk.to_str().unwrap();
+    let r = t.try_backup(
+        uri,
+        &[
+            "--tls-ca",
+            ca,
+            "--tls-client-cert",
+            cert,
+            "--tls-client-key",
+            junk,
+        ],
+    );
+    r.expect_code(1)
+        .stderr_mentions(&[junk, "client key", "is not PEM"]);
+    // A key readable by others works, with a warning.
+    set_mode(&creds.client_key, 0o644);
+    let r = t
+        .try_backup(
+            uri,
+            &[
+                "--tls-ca",
+                ca,
+                "--tls-client-cert",
+                cert,
+                "--tls-client-key",
+                key,
+            ],
+        )
+        .ok();
+    r.stderr_mentions(&["warning", key, "readable by others", "644"]);
+    // The two flags go together (a usage error).
+    t.try_backup(uri, &["--tls-ca", ca, "--tls-client-cert", cert])
+        .expect_code(2);
+    t.try_backup(uri, &["--tls-ca", ca, "--tls-client-key", key])
+        .expect_code(2);
+}
+
+/// README's example, qemu-nbd serving one client (its default): the extra
+/// connections never get a handshake, so the backup goes on with one after
+/// a short wait, says so, and reads everything right.
+#[test]
+fn qemu_nbd_serving_one_client_backs_up_in_seconds_on_one_connection() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 32);
+    let sock = t.path("nbd.sock");
+    let server = qemu_nbd_with(&img.path, "raw", Some(&sock), &["-r"]);
+    let started = Instant::now();
+    let r = t.try_backup(Path::new(&server.uri), &[]).ok();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    r.stderr_mentions(&["continuing with 1 of 4 connections", "-e/--shared"]);
+    // One line, nothing else (stdout has the JSON summary).
+    assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+    let s = r.json();
+    assert_eq!(s["blocks_read"], data_blocks(32), "{s}");
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+}
+
+/// A writable export without NBD_FLAG_CAN_MULTI_CONN (qemu-nbd's default
+/// without -r) gets one connection at once, with one line saying so.
+#[test]
+fn writable_export_without_multi_conn_gets_one_connection_without_waiting() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 16);
+    let sock = t.path("nbd.sock");
+    let proxy = CountingProxy::start(&sock, &t.path("proxy.sock"));
+    let _server = qemu_nbd_with(&img.path, "raw", Some(&sock), &[]);
+    let r = t.try_backup(Path::new(&proxy.uri()), &[]).ok();
+    r.stderr_mentions(&["using 1 of 4 connections", "NBD_FLAG_CAN_MULTI_CONN"]);
+    assert_eq!(proxy.connections(), 1);
+    t.assert_restores(&TestRepo::id_of(&r.json()), img.hash(), img.size());
+}
+
+/// qemu-nbd -e 4 (README's advice): four connections, all used, no line.
+#[test]
+fn qemu_nbd_shared_4_gets_4_connections() {
+    let t = TestRepo::new();
+    let img = mixed_image(&t, "disk.raw", 64);
+    let sock = t.path("nbd.sock");
+    let proxy = CountingProxy::start(&sock, &t.path("proxy.sock"));
+    let _server = qemu_nbd_with(&img.path, "raw", Some(&sock), &["-e", "4"]);
+    let started = Instant::now();
+    let r = t.try_backup(Path::new(&proxy.uri()), &[]).ok();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(!r.stderr.contains("connections"), "{}", r.stderr);
+    assert_eq!(proxy.connections(), 4);
+    assert!(proxy.served() >= 4, "every connection carried requests");
+    t.assert_restores(&TestRepo::id_of(&r.json()), img.hash(), img.size());
+}
+
+/// A unix socket proxy in front of an NBD server's socket: counts the
+/// connections clients open, and those that carried data past the
+/// handshake.
+struct CountingProxy {
+    path: PathBuf,
+    opened: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    busy: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CountingProxy {
+    fn start(upstream: &Path, path: &Path) -> CountingProxy {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = UnixListener::bind(path).unwrap();
+        let opened = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let (o, b, up) = (opened.clone(), busy.clone(), upstream.to_path_buf());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                o.fetch_add(1, Ordering::SeqCst);
+                let Ok(server) = UnixStream::connect(&up) else {
+                    continue;
+                };
+                let (mut c1, mut s1) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c1, &mut s1);
+                    let _ = s1.shutdown(std::net::Shutdown::Write);
+                });
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let (mut s2, mut c2) = (server, client);
+                    // Handshake replies are small; a read reply is not.
+                    if let Ok(n) = std::io::copy(&mut s2, &mut c2) {
+                        if n > 64 * 1024 {
+                            b.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _ = c2.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CountingProxy {
+            path: path.to_path_buf(),
+            opened,
+            busy,
+        }
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///disk?socket={}", self.path.display())
+    }
+
+    fn connections(&self) -> usize {
+        self.opened.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn served(&self) -> usize {
+        self.busy.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 fn qemu_io(image: &Path, cmd: &str) {

@@ -316,6 +316,7 @@ fn pinned(pem: &[u8]) -> TlsOptions {
     TlsOptions {
         trust: Trust::PinnedPem(pem.to_vec()),
         server_name: "localhost".into(),
+        client: None,
     }
 }
 

@@ -64,6 +64,7 @@ fn sim_command_prints_how_to_connect_and_stops_on_sigterm() {
     let (config, name) = client_config(&TlsOptions {
         trust: Trust::PinnedPem(pem),
         server_name: "localhost".into(),
+        client: None,
     })
     .unwrap();
     let mut tcp = TcpStream::connect(address).unwrap();

@@ -106,9 +106,50 @@ async fn open_stream(address: &Address) -> Result<Box<dyn Io>, NbdError> {
     })
 }
 
+/// `e`, or [`NbdError::ClientCertificateRequired`] when the server asked
+/// for a client certificate that was not configured (`asked`) and then the
+/// connection broke.
+fn no_client_cert(
+    e: NbdError,
+    asked: &Option<Arc<std::sync::atomic::AtomicBool>>,
+    opts: &ConnectOptions,
+) -> NbdError {
+    let asked = asked.as_ref().is_some_and(|a| a.load(Ordering::Relaxed));
+    if asked
+        && matches!(
+            e,
+            NbdError::Tls { .. } | NbdError::Io { .. } | NbdError::Closed(_)
+        )
+    {
+        let reason = e.to_string();
+        // rustls appends a manual's address to an unexpected EOF.
+        let reason = match reason.split_once(": https://") {
+            Some((head, _)) => head.to_string(),
+            None => reason,
+        };
+        NbdError::ClientCertificateRequired {
+            address: opts.address.to_string(),
+            reason,
+        }
+    } else {
+        e
+    }
+}
+
 async fn negotiate(
+    io: Box<dyn Io>,
+    opts: &ConnectOptions,
+) -> Result<(Box<dyn Io>, Negotiated, Vec<u8>), NbdError> {
+    let mut cert_asked = None;
+    negotiate_watched(io, opts, &mut cert_asked)
+        .await
+        .map_err(|e| no_client_cert(e, &cert_asked, opts))
+}
+
+async fn negotiate_watched(
     mut io: Box<dyn Io>,
     opts: &ConnectOptions,
+    cert_asked: &mut Option<Arc<std::sync::atomic::AtomicBool>>,
 ) -> Result<(Box<dyn Io>, Negotiated, Vec<u8>), NbdError> {
     let mut hs = ClientHandshake::new(HandshakeOptions {
         export: opts.export.clone(),
@@ -135,13 +176,17 @@ async fn negotiate(
                     .tls
                     .as_ref()
                     .expect("STARTTLS only when TLS was asked for");
-                let (config, name) = tls::client_config(tls)?;
+                let (config, name, asked) = tls::client_config_watched(tls)?;
                 let connector = tokio_rustls::TlsConnector::from(config);
                 let stream = connector
                     .connect(name, io)
                     .await
-                    .map_err(|e| NbdError::tls_handshake(opts.address.to_string(), e))?;
-                io = Box::new(stream);
+                    .map_err(|e| NbdError::tls_handshake(opts.address.to_string(), e));
+                // TLS 1.3 servers reject a missing client certificate only
+                // after the client's side of the handshake is done: the
+                // next read or write breaks.
+                *cert_asked = tls.client.is_none().then_some(asked);
+                io = Box::new(stream?);
                 step = hs.tls_established()?;
                 continue;
             }

@@ -29,6 +29,10 @@ pub enum NbdError {
         address: String,
         refused: Box<tls::CertificateRefused>,
     },
+    /// The server asked for a client certificate, none was configured,
+    /// and the connection then failed.
+    #[error("nbd: {address} requires a TLS client certificate and none was given (it asked for one, then: {reason})")]
+    ClientCertificateRequired { address: String, reason: String },
     #[error(transparent)]
     TlsSetup(#[from] tls::TlsError),
     /// The cause is part of the message and not a `source`, so that a
@@ -82,14 +86,6 @@ impl NbdError {
     pub fn io(op: &'static str) -> impl Fn(std::io::Error) -> NbdError {
         move |source| {
             let source = match tls::failure_text(&source) {
-                // Right after the handshake, the usual reason: the server
-                // wanted a client certificate and got none.
-                Some(text) if op == "negotiate" && !text.contains("client certificate") => {
-                    std::io::Error::new(
-                        source.kind(),
-                        format!("{text}; the server may require a client certificate"),
-                    )
-                }
                 Some(text) => std::io::Error::new(source.kind(), text),
                 None => source,
             };
@@ -223,6 +219,17 @@ const SPARE_BUFFERS: usize = 64;
 /// ... and at most this many bytes of them.
 const SPARE_BYTES: usize = 16 << 20;
 
+/// The least time each extra connection of a pool (after the first) gets to
+/// connect and finish its handshake: it gets this, or 4 times what the
+/// first connection took if that is longer, never more than the I/O
+/// timeout. A server that serves one client at a time (qemu-nbd's default
+/// `-e 1`) lets the TCP or unix connect succeed but never starts the
+/// handshake: a short deadline of its own lets the pool continue on the
+/// connections that opened instead of waiting out the whole I/O timeout,
+/// while a server that answered the first handshake answers the others
+/// about as quickly.
+pub const EXTRA_CONNECTION_DEADLINE: Duration = Duration::from_secs(3);
+
 /// Several connections to one export, requests spread across them.
 pub struct NbdPool {
     options: ConnectOptions,
@@ -231,6 +238,8 @@ pub struct NbdPool {
     next: std::sync::atomic::AtomicUsize,
     /// Buffers of finished reads, reused by the next ones.
     spare: std::sync::Mutex<Vec<BytesMut>>,
+    /// Why the pool has fewer connections than asked, if it has.
+    fewer: Option<String>,
     /// Required read alignment (from block size constraints, or 512 when
     /// the server answered through EXPORT_NAME like xapi-nbd).
     pub alignment: u32,
@@ -239,11 +248,17 @@ pub struct NbdPool {
 }
 
 impl NbdPool {
-    /// Opens the first connection, then the others one after another. An
-    /// export larger than [`PoolOptions::max_size_bytes`] is refused, and
-    /// every later connection must describe the export as the first did.
+    /// Opens the first connection (within the I/O timeout), then, when the
+    /// server says several connections are safe, the others concurrently,
+    /// each within [`EXTRA_CONNECTION_DEADLINE`]. Extra connections that
+    /// fail or stall are dropped and the pool continues on those that
+    /// opened ([`NbdPool::fewer_connections`] says why). An export larger
+    /// than [`PoolOptions::max_size_bytes`] is refused, and every later
+    /// connection must describe the export as the first did.
     pub async fn connect(options: ConnectOptions, pool: PoolOptions) -> Result<NbdPool, NbdError> {
+        let started = Instant::now();
         let first = Connection::open(&options).await?;
+        let first_took = started.elapsed();
         let negotiated = first.negotiated.clone();
         if negotiated.export.size_bytes > pool.max_size_bytes {
             return Err(NbdError::ExportTooLarge {
@@ -254,23 +269,60 @@ impl NbdPool {
             });
         }
         let mut slots = vec![AsyncMutex::new(Arc::new(first))];
-        // A server that cannot serve several connections consistently gets one.
+        let asked = pool.connections.max(1);
+        let flags = negotiated.export.transmission_flags;
+        // Only a server that says so serves several connections
+        // consistently: CAN_MULTI_CONN, a read-only export, or xapi-nbd
+        // (EXPORT_NAME), which allows 16 per host.
         let multi = negotiated.used_export_name
-            || negotiated.export.transmission_flags & proto::TFLAG_CAN_MULTI_CONN != 0
-            || negotiated.export.transmission_flags & proto::TFLAG_READ_ONLY != 0;
-        let wanted = if multi { pool.connections.max(1) } else { 1 };
-        for k in 1..wanted {
-            match Connection::open(&options).await {
-                Ok(c) => {
-                    let name = format!("connection {} of {wanted} to {}", k + 1, options.address);
-                    same_export(&negotiated, &c.negotiated, name)?;
-                    slots.push(AsyncMutex::new(Arc::new(c)));
+            || flags & proto::TFLAG_CAN_MULTI_CONN != 0
+            || flags & proto::TFLAG_READ_ONLY != 0;
+        let mut fewer = None;
+        if asked > 1 && !multi {
+            fewer = Some(format!(
+                "using 1 of {asked} connections to {}: the export is writable and the server does not offer several connections (no NBD_FLAG_CAN_MULTI_CONN)",
+                options.address
+            ));
+        } else if asked > 1 {
+            let mut extra = options.clone();
+            extra.timeout = options
+                .timeout
+                .min(EXTRA_CONNECTION_DEADLINE.max(first_took * 4));
+            let opened = join_all((1..asked).map(|_| Connection::open(&extra))).await;
+            // Why they failed, with how many failed so.
+            let mut failures: Vec<(String, usize)> = Vec::new();
+            for (k, result) in opened.into_iter().enumerate() {
+                match result {
+                    Ok(c) => {
+                        let name =
+                            format!("connection {} of {asked} to {}", k + 2, options.address);
+                        same_export(&negotiated, &c.negotiated, name)?;
+                        slots.push(AsyncMutex::new(Arc::new(c)));
+                    }
+                    // Servers limit connections (qemu-nbd: one client by
+                    // default; xapi-nbd: 16 per host): the first one is
+                    // enough to go on.
+                    Err(e) => {
+                        let why = extra_failure(&e, extra.timeout);
+                        match failures.iter_mut().find(|(w, _)| *w == why) {
+                            Some((_, n)) => *n += 1,
+                            None => failures.push((why, 1)),
+                        }
+                    }
                 }
-                // Servers limit connections (xapi-nbd: 16 per host).
-                Err(e) if e.is_connection_failure() || matches!(e, NbdError::Stalled { .. }) => {
-                    break
-                }
-                Err(e) => return Err(e),
+            }
+            if !failures.is_empty() {
+                let why: Vec<String> = failures
+                    .iter()
+                    .map(|(why, n)| format!("{n} {why}"))
+                    .collect();
+                fewer = Some(format!(
+                    "continuing with {} of {asked} connections to {}: {} (the server serves fewer clients at once, e.g. qemu-nbd without -e/--shared; --nbd-connections {} avoids the wait)",
+                    slots.len(),
+                    options.address,
+                    why.join("; "),
+                    slots.len()
+                ));
             }
         }
         let alignment = match negotiated.export.block_size {
@@ -297,9 +349,16 @@ impl NbdPool {
             slots,
             next: std::sync::atomic::AtomicUsize::new(0),
             spare: std::sync::Mutex::new(Vec::new()),
+            fewer,
             alignment,
             negotiated,
         })
+    }
+
+    /// Why the pool opened fewer connections than [`PoolOptions::connections`]
+    /// asked for (one line, for the user), or `None` when it has them all.
+    pub fn fewer_connections(&self) -> Option<&str> {
+        self.fewer.as_deref()
     }
 
     pub fn connection_count(&self) -> usize {
@@ -511,6 +570,19 @@ impl NbdPool {
     }
 }
 
+/// What happened to an extra connection that did not open, briefly.
+fn extra_failure(e: &NbdError, deadline: Duration) -> String {
+    match e {
+        NbdError::Stalled { .. } => format!(
+            "did not finish the handshake within {:.0} s",
+            deadline.as_secs_f64()
+        ),
+        NbdError::Closed(_) => "closed by the server during the handshake".into(),
+        NbdError::Connect { reason, .. } => format!("could not connect ({reason})"),
+        other => format!("failed ({other})"),
+    }
+}
+
 /// Whether `got` (a later connection, named `connection`) describes the
 /// export as `first` did: the same size and transmission flags. Reading
 /// through connections that disagree would mix two exports' bytes.
@@ -563,4 +635,140 @@ pub async fn join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) 
     })
     .await;
     results.into_iter().map(|r| r.expect("all ready")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{self, Export, ExportError, ExportResolver, MemoryExport, ServerOptions};
+
+    struct One(Arc<MemoryExport>);
+
+    impl ExportResolver for One {
+        fn open(&self, _name: &str) -> Result<Arc<dyn Export>, ExportError> {
+            Ok(self.0.clone())
+        }
+    }
+
+    fn disk() -> Vec<u8> {
+        (0..256 * 1024u32).map(|i| (i * 7 % 251) as u8).collect()
+    }
+
+    /// A TCP server that serves the first `serving` connections and
+    /// accepts every later one without ever answering (qemu-nbd -e 1 does
+    /// the same through the listen backlog). Returns the address.
+    async fn server(serving: usize) -> Address {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let resolver: Arc<dyn ExportResolver> = Arc::new(One(Arc::new(MemoryExport::new(disk()))));
+        let options = Arc::new(ServerOptions::default());
+        tokio::spawn(async move {
+            let mut silent = Vec::new();
+            let mut accepted = 0;
+            while let Ok((s, _)) = listener.accept().await {
+                accepted += 1;
+                if accepted <= serving {
+                    tokio::spawn(server::serve_connection(
+                        Box::new(s),
+                        resolver.clone(),
+                        options.clone(),
+                    ));
+                } else {
+                    silent.push(s);
+                }
+            }
+        });
+        Address::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        }
+    }
+
+    fn options(address: Address) -> ConnectOptions {
+        ConnectOptions {
+            address,
+            export: "disk".into(),
+            tls: None,
+            meta_contexts: vec!["base:allocation".into()],
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    fn four() -> PoolOptions {
+        PoolOptions {
+            connections: 4,
+            ..PoolOptions::default()
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn extra_connections_that_never_handshake_are_dropped_quickly() {
+        let address = server(1).await;
+        let started = std::time::Instant::now();
+        let pool = NbdPool::connect(options(address), four()).await.unwrap();
+        let took = started.elapsed();
+        // One short deadline for all extra connections together, not the
+        // 60 s I/O timeout, nor 3 s each one after another.
+        assert!(took >= EXTRA_CONNECTION_DEADLINE, "{took:?}");
+        assert!(took < EXTRA_CONNECTION_DEADLINE * 2, "{took:?}");
+        assert_eq!(pool.connection_count(), 1);
+        let why = pool.fewer_connections().expect("a reason");
+        assert!(why.contains("continuing with 1 of 4 connections"), "{why}");
+        assert!(
+            why.contains("3 did not finish the handshake within 3 s"),
+            "{why}"
+        );
+        // The pool works on the connection that opened.
+        let mut a = vec![0u8; 100_000];
+        let mut b = vec![0u8; 50_000];
+        pool.read_many(&mut [(0, &mut a[..]), (200_000, &mut b[..])])
+            .await
+            .unwrap();
+        assert_eq!(a, disk()[..100_000]);
+        assert_eq!(b, disk()[200_000..250_000]);
+        pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn some_extra_connections_open_and_are_used() {
+        let address = server(3).await;
+        let pool = NbdPool::connect(options(address), four()).await.unwrap();
+        assert_eq!(pool.connection_count(), 3);
+        let why = pool.fewer_connections().expect("a reason");
+        assert!(why.contains("continuing with 3 of 4 connections"), "{why}");
+        assert!(why.contains("1 did not finish the handshake"), "{why}");
+        let mut all = vec![0u8; 256 * 1024];
+        let mut reads: Vec<(u64, &mut [u8])> = all
+            .chunks_mut(16 * 1024)
+            .enumerate()
+            .map(|(k, c)| ((k * 16 * 1024) as u64, c))
+            .collect();
+        pool.read_many(&mut reads).await.unwrap();
+        assert_eq!(all, disk());
+        pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_server_that_serves_all_gets_every_connection_at_once() {
+        let address = server(usize::MAX).await;
+        let started = std::time::Instant::now();
+        let pool = NbdPool::connect(options(address), four()).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(pool.connection_count(), 4);
+        assert_eq!(pool.fewer_connections(), None);
+        pool.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_extra_deadline_never_exceeds_the_io_timeout() {
+        let address = server(1).await;
+        let mut o = options(address);
+        o.timeout = Duration::from_secs(1);
+        let started = std::time::Instant::now();
+        let pool = NbdPool::connect(o, four()).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(pool.connection_count(), 1);
+        let why = pool.fewer_connections().expect("a reason");
+        assert!(why.contains("within 1 s"), "{why}");
+    }
 }

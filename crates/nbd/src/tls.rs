@@ -3,13 +3,15 @@
 //! always verify the server name. There is no way to turn verification off
 //! here.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::pem::{PemObject, SectionKind};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore,
     SignatureScheme,
@@ -151,6 +153,9 @@ pub struct TlsOptions {
     pub trust: Trust,
     /// Name the certificate must be valid for (DNS name or IP address).
     pub server_name: String,
+    /// The certificate and key presented when the server asks for one
+    /// (qemu-nbd with `verify-peer=on`); see [`client_identity`].
+    pub client: Option<Arc<CertifiedKey>>,
 }
 
 /// ring's suites with AES-128-GCM offered first: bulk data (a disk over
@@ -450,6 +455,55 @@ pub fn failure_text(error: &(dyn std::error::Error + 'static)) -> Option<String>
     None
 }
 
+/// A client certificate chain and its private key, from PEM: the chain's
+/// first certificate must belong to the key. `cert_what` and `key_what`
+/// name the two (e.g. their files) in errors.
+pub fn client_identity(
+    cert_pem: &[u8],
+    cert_what: &str,
+    key_pem: &[u8],
+    key_what: &str,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let certs = parse_certs(cert_pem, cert_what)?;
+    let key = parse_private_key(key_pem, key_what)?;
+    let bad_key = |reason: String| TlsError::BadCertificate {
+        what: key_what.to_string(),
+        reason,
+    };
+    match CertifiedKey::from_der(certs, key, &provider()) {
+        Ok(k) => Ok(Arc::new(k)),
+        Err(rustls::Error::InconsistentKeys(_)) => Err(bad_key(format!(
+            "it is not the key of the first certificate in {cert_what}"
+        ))),
+        Err(e) => Err(bad_key(e.to_string())),
+    }
+}
+
+/// Presents the configured client certificate, if any, and records that
+/// the server asked for one: a server that requires a certificate the
+/// client does not have closes the connection with an alert that says
+/// little, which the caller can then explain.
+#[derive(Debug)]
+struct ClientCert {
+    key: Option<Arc<CertifiedKey>>,
+    asked: Arc<AtomicBool>,
+}
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.asked.store(true, Ordering::Relaxed);
+        self.key.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.key.is_some()
+    }
+}
+
 /// What a [`Verifier`] pins instead of checking a chain.
 #[derive(Debug)]
 pub enum Pin {
@@ -612,11 +666,24 @@ fn check_pin(
 pub fn client_config(
     opts: &TlsOptions,
 ) -> Result<(Arc<ClientConfig>, ServerName<'static>), TlsError> {
+    client_config_watched(opts).map(|(config, name, _)| (config, name))
+}
+
+/// [`client_config`], and a flag that becomes true when the server asks for
+/// a client certificate during a handshake with this configuration.
+pub fn client_config_watched(
+    opts: &TlsOptions,
+) -> Result<(Arc<ClientConfig>, ServerName<'static>, Arc<AtomicBool>), TlsError> {
     let name = ServerName::try_from(opts.server_name.clone())
         .map_err(|_| TlsError::BadName(opts.server_name.clone()))?;
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
+    let asked = Arc::new(AtomicBool::new(false));
+    let client = Arc::new(ClientCert {
+        key: opts.client.clone(),
+        asked: asked.clone(),
+    });
     let config = match &opts.trust {
         Trust::CaPem(pem) => {
             let mut roots = RootCertStore::empty();
@@ -629,7 +696,7 @@ pub fn client_config(
             builder
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(Verifier::authorities(roots, provider)?))
-                .with_no_client_auth()
+                .with_client_cert_resolver(client)
         }
         Trust::PinnedPem(pem) => {
             let mut certs = parse_certs(pem, "pinned certificate")?;
@@ -645,10 +712,10 @@ pub fn client_config(
                     Pin::Certificate(certs.remove(0)),
                     provider,
                 )))
-                .with_no_client_auth()
+                .with_client_cert_resolver(client)
         }
     };
-    Ok((Arc::new(config), name))
+    Ok((Arc::new(config), name, asked))
 }
 
 #[cfg(test)]

@@ -851,6 +851,7 @@ fn connect(sim: &Simulator) -> Tls {
     let (config, name) = client_config(&TlsOptions {
         trust: Trust::PinnedPem(sim.certificate_pem().as_bytes().to_vec()),
         server_name: "localhost".into(),
+        client: None,
     })
     .expect("tls config");
     let conn = rustls::ClientConnection::new(config, name).expect("tls client");
@@ -1391,6 +1392,7 @@ fn nbd_options(sim: &Simulator, info: &Value) -> ConnectOptions {
         tls: Some(TlsOptions {
             trust: Trust::PinnedPem(text("cert").into_bytes()),
             server_name: text("subject"),
+            client: None,
         }),
         meta_contexts: Vec::new(),
         timeout: Duration::from_secs(10),
@@ -1476,6 +1478,7 @@ fn sim_nbd_serves_snapshots_like_xapi_nbd() {
     wrong.tls = Some(TlsOptions {
         trust: Trust::PinnedPem(other.cert.pem().into_bytes()),
         server_name: "localhost".into(),
+        client: None,
     });
     rt.block_on(async {
         assert!(Connection::open(&wrong).await.is_err());

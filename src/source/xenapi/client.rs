@@ -580,6 +580,14 @@ impl Session {
         )
     }
 
+    /// `VM.get_name_label`.
+    pub fn vm_name_label(&self, vm: &str) -> Result<String, XenApiError> {
+        string_value(
+            "VM.get_name_label",
+            self.call("VM.get_name_label", &[vm.into()])?,
+        )
+    }
+
     pub fn vdi_record(&self, vdi: &str) -> Result<VdiRecord, XenApiError> {
         let what = "VDI.get_record";
         let v = self.call(what, &[vdi.into()])?;

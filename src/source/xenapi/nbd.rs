@@ -64,6 +64,7 @@ impl NbdSet {
                 tls: Some(TlsOptions {
                     trust: Trust::PinnedPem(e.cert.as_bytes().to_vec()),
                     server_name: e.subject.clone(),
+                    client: None,
                 }),
                 // xapi-nbd has no structured replies nor block status.
                 meta_contexts: Vec::new(),

@@ -63,6 +63,11 @@ pub mod keys {
     pub const READ_VIA: &str = "xen.read_via";
     /// `disk` or `vm-metadata`.
     pub const KIND: &str = "xen.kind";
+    /// The VM's `name_label` when it was backed up (VM backups; for
+    /// listings only, never used to find anything).
+    pub const VM_NAME: &str = "xen.vm_name";
+    /// The disk's `name_label` when it was backed up (listings only).
+    pub const VDI_NAME: &str = "xen.vdi_name";
 }
 
 /// `other_config` keys marking the host objects a run creates.
@@ -514,6 +519,10 @@ pub fn run<C: Committer>(
     let vm_backup = vm_ref
         .as_ref()
         .map(|_| format!("{:032x}", rand::random::<u128>()));
+    // The VM's name, for listings: best effort (a name is never needed).
+    let vm_name = vm_ref
+        .as_deref()
+        .and_then(|r| session.vm_name_label(r).ok());
     let metadata = match &vm_ref {
         Some(_) => Some(
             session
@@ -534,7 +543,14 @@ pub fn run<C: Committer>(
             changes_of(session, d)?;
         }
         for d in disks.iter_mut() {
-            read_and_commit(session, url, options, vm_backup.as_deref(), d, committer)?;
+            read_and_commit(
+                session,
+                url,
+                options,
+                vm_backup.as_deref().map(|id| (id, vm_name.as_deref())),
+                d,
+                committer,
+            )?;
         }
         if let (Some(tar), Some(id)) = (&metadata, &vm_backup) {
             let mut landmark = BTreeMap::new();
@@ -542,6 +558,9 @@ pub fn run<C: Committer>(
             landmark.insert(keys::VM.into(), url.uuid.clone());
             landmark.insert(keys::VM_BACKUP.into(), id.clone());
             landmark.insert(keys::KIND.into(), "vm-metadata".into());
+            if let Some(name) = &vm_name {
+                landmark.insert(keys::VM_NAME.into(), name.clone());
+            }
             committer
                 .commit_metadata(&url.vm_metadata_identity(&url.uuid), tar, landmark)
                 .map_err(commit("commit the VM metadata"))?;
@@ -1167,7 +1186,8 @@ fn read_and_commit<C: Committer>(
     session: &Session,
     url: &XenUrl,
     options: &WorkflowOptions,
-    vm_backup: Option<&str>,
+    // The VM backup's id and the VM's name, for a VM backup.
+    vm_backup: Option<(&str, Option<&str>)>,
     d: &mut Disk,
     committer: &mut C,
 ) -> Result<(), WorkflowError<C::Error>> {
@@ -1184,12 +1204,16 @@ fn read_and_commit<C: Committer>(
     landmark.insert(keys::HOST.to_string(), url.authority());
     landmark.insert(keys::VDI.to_string(), uuid.clone());
     landmark.insert(keys::KIND.to_string(), "disk".to_string());
+    landmark.insert(keys::VDI_NAME.to_string(), d.record.name_label.clone());
     if d.snapshot_cbt {
         landmark.insert(keys::SNAPSHOT_VDI.to_string(), d.snapshot_uuid.clone());
     }
-    if let Some(id) = vm_backup {
+    if let Some((id, vm_name)) = vm_backup {
         landmark.insert(keys::VM.to_string(), url.uuid.clone());
         landmark.insert(keys::VM_BACKUP.to_string(), id.to_string());
+        if let Some(name) = vm_name {
+            landmark.insert(keys::VM_NAME.to_string(), name.to_string());
+        }
     }
     let mut changes = d.changes.clone().unwrap_or(Changes::Unknown);
     let size = d.record.virtual_size;

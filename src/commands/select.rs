@@ -1,0 +1,157 @@
+//! Which snapshots a `--source` or `--vm` names, however the source was
+//! typed: a XenServer URL with or without the user and the default port, a
+//! VM URL (every disk and the metadata of its VM backups), an NBD URI in any
+//! of its spellings, a path (its `file:` identity). Pure but for the path's
+//! canonical form.
+
+use crate::format::snapshot::SnapshotMeta;
+use crate::source::xenapi::workflow::keys;
+use crate::source::xenapi::{XenObject, XenUrl};
+
+/// What a `--source` value selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceMatch {
+    /// Snapshots whose stored identity is exactly this.
+    Identity(String),
+    /// Every snapshot of a VM's backups on a host (`HOST:PORT`): its disks
+    /// and its metadata.
+    Vm { host: String, vm: String },
+}
+
+impl SourceMatch {
+    /// The selection `text` means. A XenServer URL or NBD URI that does not
+    /// parse is an error naming it (it could match nothing).
+    pub fn parse(text: &str) -> Result<SourceMatch, String> {
+        if XenUrl::is_xen(text) {
+            let url = XenUrl::parse(text).map_err(|e| e.to_string())?;
+            return Ok(match url.object {
+                XenObject::Vdi => SourceMatch::Identity(url.disk_identity(&url.uuid)),
+                XenObject::Vm => SourceMatch::Vm {
+                    host: url.authority(),
+                    vm: url.uuid.to_ascii_lowercase(),
+                },
+            });
+        }
+        if text.starts_with("nbd://")
+            || text.starts_with("nbds://")
+            || text.starts_with("nbd+unix://")
+        {
+            let uri = nbd::NbdUri::parse(text).map_err(|e| format!("'{text}': {e}"))?;
+            return Ok(SourceMatch::Identity(uri.identity()));
+        }
+        if text.contains(':') {
+            return Ok(SourceMatch::Identity(text.to_string()));
+        }
+        // A path: the image may be gone (that is when one restores), so
+        // fall back to the absolute path it had.
+        Ok(SourceMatch::Identity(
+            match std::fs::canonicalize(text).or_else(|_| std::path::absolute(text)) {
+                Ok(p) => format!("file:{}", p.display()),
+                Err(_) => text.to_string(),
+            },
+        ))
+    }
+
+    pub fn matches(&self, meta: &SnapshotMeta) -> bool {
+        match self {
+            SourceMatch::Identity(id) => meta.source == *id,
+            SourceMatch::Vm { host, vm } => {
+                meta.landmark.get(keys::HOST) == Some(host)
+                    && meta
+                        .landmark
+                        .get(keys::VM)
+                        .is_some_and(|v| v.eq_ignore_ascii_case(vm))
+            }
+        }
+    }
+}
+
+/// Whether `meta` belongs to the VM `name_or_uuid` (its uuid, or its name
+/// when backed up).
+pub fn of_vm(meta: &SnapshotMeta, name_or_uuid: &str) -> bool {
+    meta.landmark
+        .get(keys::VM)
+        .is_some_and(|v| v.eq_ignore_ascii_case(name_or_uuid))
+        || meta.landmark.get(keys::VM_NAME).map(String::as_str) == Some(name_or_uuid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const VDI: &str = "2a6e5b4f-3d2c-4b1a-9e8f-7a6b5c4d3e2f";
+    const VM: &str = "9f8e7d6c-5b4a-4321-8fed-cba987654321";
+
+    fn meta(source: &str, landmark: &[(&str, &str)]) -> SnapshotMeta {
+        let mut m: SnapshotMeta = serde_json::from_value(serde_json::json!({
+            "id": "00000000000000000000000000000001", "generation": 0,
+            "time": "2026-01-01T00:00:00Z", "hostname": "h", "source": source,
+            "disk_size_bytes": 0, "block_size": 65536, "parent": null,
+            "backup_set": "00000000000000000000000000000001",
+            "read_mode": "all",
+        }))
+        .expect("meta");
+        m.landmark = landmark
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>();
+        m
+    }
+
+    #[test]
+    fn xen_urls_match_however_typed() {
+        let stored = format!("xen://host.example:443/vdi/{VDI}");
+        let m = meta(&stored, &[]);
+        for typed in [
+            format!("xen://host.example/vdi/{VDI}"),
+            format!("xen://root@host.example/vdi/{VDI}"),
+            format!("xen://root@host.example:443/vdi/{VDI}"),
+            stored.clone(),
+        ] {
+            let s = SourceMatch::parse(&typed).unwrap();
+            assert!(s.matches(&m), "{typed} -> {s:?}");
+        }
+        let other_port = SourceMatch::parse(&format!("xen://host.example:8443/vdi/{VDI}")).unwrap();
+        assert!(!other_port.matches(&m));
+    }
+
+    #[test]
+    fn a_vm_url_matches_its_disks_and_metadata() {
+        let s = SourceMatch::parse(&format!("xen://root@host.example/vm/{VM}")).unwrap();
+        let disk = meta(
+            &format!("xen://host.example:443/vdi/{VDI}"),
+            &[(keys::HOST, "host.example:443"), (keys::VM, VM)],
+        );
+        let metadata = meta(
+            &format!("xen://host.example:443/vm/{VM}/metadata"),
+            &[(keys::HOST, "host.example:443"), (keys::VM, VM)],
+        );
+        let alone = meta(
+            &format!("xen://host.example:443/vdi/{VDI}"),
+            &[(keys::HOST, "host.example:443")],
+        );
+        let elsewhere = meta(
+            &format!("xen://other:443/vdi/{VDI}"),
+            &[(keys::HOST, "other:443"), (keys::VM, VM)],
+        );
+        assert!(s.matches(&disk) && s.matches(&metadata));
+        assert!(!s.matches(&alone) && !s.matches(&elsewhere));
+    }
+
+    #[test]
+    fn nbd_uris_match_their_identity() {
+        let m = meta("nbd://10.0.0.5:10809/disk", &[]);
+        for typed in ["nbd://10.0.0.5/disk", "nbds://10.0.0.5:10809/disk"] {
+            assert!(SourceMatch::parse(typed).unwrap().matches(&m), "{typed}");
+        }
+        assert!(SourceMatch::parse("xen://bad").is_err());
+    }
+
+    #[test]
+    fn vm_by_name_or_uuid() {
+        let m = meta("x", &[(keys::VM, VM), (keys::VM_NAME, "web01")]);
+        assert!(of_vm(&m, "web01") && of_vm(&m, &VM.to_uppercase()));
+        assert!(!of_vm(&m, "web02"));
+    }
+}

@@ -1,0 +1,184 @@
+//! `snapshots`: the list, a VM backup's disks and metadata shown together
+//! under their VM (names as they were when backed up), optionally grouped
+//! like `forget` groups (`--group-by`).
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::forget_policy::{unit_source, GroupBy};
+use super::{filtered, Outcome, SnapshotFilter};
+use crate::output::{human_bytes, Ui};
+use crate::repo::{Repository, SnapshotEntry};
+use crate::source::xenapi::workflow::keys;
+
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotsOptions {
+    pub filter: SnapshotFilter,
+    /// Print one table per group (`None`: one table).
+    pub group_by: Option<GroupBy>,
+}
+
+pub fn run(ui: &Ui, repo: &Repository, options: &SnapshotsOptions) -> Result<Outcome> {
+    let list = filtered(repo, &options.filter)?;
+    if ui.json {
+        let v: Vec<_> = list.iter().map(entry_json).collect();
+        ui.json(&v);
+        return Ok(Outcome::Ok);
+    }
+    let groups: BTreeMap<String, Vec<&SnapshotEntry>> = match options.group_by {
+        None => BTreeMap::from([(String::new(), list.iter().collect())]),
+        Some(g) => {
+            let mut out: BTreeMap<String, Vec<&SnapshotEntry>> = BTreeMap::new();
+            for s in &list {
+                out.entry(group_key(s, g)).or_default().push(s);
+            }
+            out
+        }
+    };
+    for (key, members) in &groups {
+        if !key.is_empty() {
+            ui.print(format!("{key}:"));
+        }
+        ui.table(
+            &["ID", "Time (UTC)", "Parent", "Source", "Size", "Tags"],
+            &rows(members),
+        );
+        ui.print(count(members.len()));
+        if groups.len() > 1 {
+            ui.print("");
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+fn count(n: usize) -> String {
+    match n {
+        1 => "1 snapshot".to_string(),
+        n => format!("{n} snapshots"),
+    }
+}
+
+fn group_key(s: &SnapshotEntry, g: GroupBy) -> String {
+    let mut key = Vec::new();
+    if g.source {
+        key.push(format!("source {}", unit_source(&s.meta)));
+    }
+    if g.host {
+        key.push(format!("host {}", s.meta.hostname));
+    }
+    if g.tags {
+        let mut t = s.meta.tags.clone();
+        t.sort();
+        key.push(format!("tags [{}]", t.join(",")));
+    }
+    key.join(", ")
+}
+
+/// One snapshot's fields for `--json`.
+fn entry_json(s: &SnapshotEntry) -> serde_json::Value {
+    let m = &s.meta;
+    let l = |k: &str| m.landmark.get(k);
+    json!({
+        "id": m.id, "time": m.time.to_rfc3339(), "parent": m.parent,
+        "source": m.source, "size": m.disk_size_bytes, "tags": m.tags,
+        "hostname": m.hostname, "backup_set": m.backup_set,
+        "full": m.parent.is_none(), "read_mode": m.read_mode,
+        "new_set_reason": m.new_set_reason, "landmark": m.landmark,
+        "object": s.object.to_hex(),
+        "kind": l(keys::KIND), "vm": l(keys::VM), "vm_name": l(keys::VM_NAME),
+        "disk_name": l(keys::VDI_NAME), "vm_backup": l(keys::VM_BACKUP),
+    })
+}
+
+/// Table rows, oldest first: a snapshot on its own is one row; the
+/// snapshots of one VM backup follow a row naming the VM, indented.
+fn rows(list: &[&SnapshotEntry]) -> Vec<Vec<String>> {
+    // Units in the order of their first snapshot.
+    let mut order: Vec<Vec<&SnapshotEntry>> = Vec::new();
+    let mut by_backup: BTreeMap<&str, usize> = BTreeMap::new();
+    for s in list {
+        match s.meta.landmark.get(keys::VM_BACKUP) {
+            Some(vb) => match by_backup.get(vb.as_str()) {
+                Some(&k) => order[k].push(s),
+                None => {
+                    by_backup.insert(vb, order.len());
+                    order.push(vec![s]);
+                }
+            },
+            None => order.push(vec![s]),
+        }
+    }
+    let mut out = Vec::new();
+    for unit in order {
+        let first = &unit[0].meta;
+        match first.landmark.get(keys::VM_BACKUP) {
+            None => out.push(row(unit[0], "", first.source.clone())),
+            Some(vb) => {
+                let vm = first
+                    .landmark
+                    .get(keys::VM)
+                    .map(String::as_str)
+                    .unwrap_or("?");
+                let name = unit
+                    .iter()
+                    .find_map(|s| s.meta.landmark.get(keys::VM_NAME))
+                    .map(|n| format!("VM '{n}' ({})", short(vm)))
+                    .unwrap_or_else(|| format!("VM {vm}"));
+                let disks = unit
+                    .iter()
+                    .filter(|s| s.meta.landmark.get(keys::KIND).map(String::as_str) == Some("disk"))
+                    .count();
+                let full = unit.iter().all(|s| s.meta.parent.is_none());
+                let host = first.landmark.get(keys::HOST).cloned().unwrap_or_default();
+                out.push(vec![
+                    format!("vm:{}", short(vb)),
+                    first.time.format("%Y-%m-%d %H:%M:%S").to_string(),
+                    if full { "(full)" } else { "" }.to_string(),
+                    format!(
+                        "{name} on {host}: {disks} disk{}{}",
+                        if disks == 1 { "" } else { "s" },
+                        if unit.len() > disks {
+                            " + metadata"
+                        } else {
+                            ""
+                        }
+                    ),
+                    human_bytes(unit.iter().map(|s| s.meta.disk_size_bytes).sum()),
+                    first.tags.join(","),
+                ]);
+                for s in &unit {
+                    let l = &s.meta.landmark;
+                    let what = match l.get(keys::KIND).map(String::as_str) {
+                        Some("vm-metadata") => "metadata".to_string(),
+                        _ => match l.get(keys::VDI_NAME) {
+                            Some(n) => format!("disk '{n}' ({})", s.meta.source),
+                            None => format!("disk {}", s.meta.source),
+                        },
+                    };
+                    out.push(row(s, "  ", what));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn row(s: &SnapshotEntry, indent: &str, source: String) -> Vec<String> {
+    let m = &s.meta;
+    vec![
+        format!("{indent}{}", m.id.short()),
+        m.time.format("%Y-%m-%d %H:%M:%S").to_string(),
+        m.parent
+            .map(|p| p.short())
+            .unwrap_or_else(|| "(full)".into()),
+        format!("{indent}{source}"),
+        human_bytes(m.disk_size_bytes),
+        m.tags.join(","),
+    ]
+}
+
+fn short(uuid: &str) -> &str {
+    uuid.get(..8).unwrap_or(uuid)
+}
