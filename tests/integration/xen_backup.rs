@@ -778,6 +778,40 @@ fn xen_tls_pin_mismatch_is_refused() {
     r.stderr_mentions(&["warning", "insecure"]);
 }
 
+#[test]
+fn xen_tls_name_mismatch_names_both_sides() {
+    // A host whose certificate is for xs1.example (and its IPs), trusted
+    // as a CA, reached as 'localhost'.
+    let sim = Simulator::start(xapi_sim::SimOptions {
+        password: PASSWORD.into(),
+        hostname: "xs1.example".into(),
+        ..xapi_sim::SimOptions::default()
+    })
+    .unwrap();
+    let vm = sim.create_vm_with_disks("vm", &[MIB]).unwrap();
+    let repo = TestRepo::new();
+    let ca = repo.path("host-cert.pem");
+    std::fs::write(&ca, sim.certificate_pem()).unwrap();
+    let ca = ca.display().to_string();
+    let port = sim.https_address().port();
+    let src = format!("xen://root@localhost:{port}/vdi/{}", vm.disks[0].vdi_uuid);
+    let args: Vec<&dyn AsRef<OsStr>> = vec![&"backup", &src, &"--ca-file", &ca];
+    let r = run_with_password(&repo, &args, PASSWORD);
+    assert_eq!(r.code, 1);
+    r.stderr_mentions(&[
+        "it is for 'xs1.example', '127.0.0.1'",
+        "not for 'localhost'",
+        "connect to a name the certificate carries",
+        &format!("--fingerprint {}", sim.fingerprint()),
+    ]);
+    assert!(!r.stderr.contains("self-signed"), "{}", r.stderr);
+    assert_said_once(&r.stderr);
+    // The same certificate reached by a name it carries is trusted.
+    let src = source(&sim, "vdi", &vm.disks[0].vdi_uuid);
+    let args: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"backup", &src, &"--ca-file", &ca];
+    run_with_password(&repo, &args, PASSWORD).ok();
+}
+
 /// One error line, and no clause of it twice (a cause printed again by
 /// a wrapping error).
 fn assert_said_once(stderr: &str) {
