@@ -352,7 +352,7 @@ fn tls_server_requiring_a_client_certificate_is_named_once() {
 }
 
 /// `AB:CD:...` as `openssl x509 -fingerprint -sha256` prints it.
-fn openssl_fingerprint(cert: &Path) -> String {
+pub(crate) fn openssl_fingerprint(cert: &Path) -> String {
     let out = Command::new("openssl")
         .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
         .arg(cert)
@@ -366,7 +366,7 @@ fn openssl_fingerprint(cert: &Path) -> String {
 }
 
 /// One error line, no clause of it twice, no documentation link.
-fn assert_said_once(stderr: &str) {
+pub(crate) fn assert_said_once(stderr: &str) {
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     let clauses: Vec<&str> = errors[0].split([':', ';']).map(str::trim).collect();

@@ -963,3 +963,79 @@ fn snapshot_export_small_reads_and_extents_match_the_image() {
     // Blocks 20..=23 zero, 24 data, 25 zero.
     assert_eq!(ext, vec![(4 * BSU as u32 - 7, 3), (BSU as u32, 0), (7, 3)]);
 }
+
+#[test]
+fn tls_expired_or_self_signed_certificate_is_explained() {
+    use crate::nbd::{assert_said_once, openssl_fingerprint};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let (t, _img, id) = fixture();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2002, 3, 4);
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let (ca_path, cert_path, key_path) =
+        (t.path("ca.pem"), t.path("old.pem"), t.path("old-key.pem"));
+    std::fs::write(&ca_path, ca.pem()).unwrap();
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let s = serve(
+        &t,
+        &[
+            &id,
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    let other = TestRepo::new();
+    let r = other.try_backup(Path::new(&s.uri), &["--tls-ca", ca_path.to_str().unwrap()]);
+    let r = r.expect_code(1);
+    r.stderr_mentions(&[
+        "it expired on 2002-03-04 00:00:00 UTC",
+        &openssl_fingerprint(&cert_path),
+        "renew",
+    ]);
+    assert_said_once(&r.stderr);
+    drop(s);
+    // A self-signed certificate checked against an unrelated CA: said so,
+    // with its fingerprint and the options that would trust it.
+    let (cert, key, _) = self_signed(&t);
+    let s = serve(
+        &t,
+        &[
+            &id,
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let r = other.try_backup(
+        Path::new(&s.uri),
+        &[
+            "--tls-ca",
+            ca_path.to_str().unwrap(),
+            "--tls-name",
+            "localhost",
+        ],
+    );
+    let r = r.expect_code(1);
+    r.stderr_mentions(&[
+        "it is self-signed",
+        &openssl_fingerprint(&cert),
+        "--tls-cert-pin FILE",
+    ]);
+    assert!(!r.stderr.contains("insecure"), "{}", r.stderr);
+    assert_said_once(&r.stderr);
+    assert!(other.snapshot_ids().is_empty());
+}
