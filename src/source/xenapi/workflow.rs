@@ -324,6 +324,9 @@ pub struct RunReport {
     pub disks: Vec<DiskReport>,
     /// Leftovers of earlier runs destroyed at the start of this one.
     pub removed: Vec<RemovedLeftover>,
+    /// This run's own host-side objects (snapshot VM, snapshot VDIs) it
+    /// could not destroy (each also warned about): left to remove by hand.
+    pub left_on_host: Vec<String>,
     pub seconds_host: f64,
 }
 
@@ -550,7 +553,9 @@ pub fn run<C: Committer>(
     })();
 
     // Host-side clean-up: the snapshot VM first (its VBDs block data_destroy).
+    let mut left_on_host = Vec::new();
     if let Err(e) = host.destroy_snapshot_vm() {
+        left_on_host.push("the snapshot VM".to_string());
         committer.warn(format!(
             "could not destroy the snapshot VM: {}; remove it by hand",
             describe(&e)
@@ -580,6 +585,7 @@ pub fn run<C: Committer>(
             }
         } else if let Err(e) = host.destroy_vdi(snap) {
             // Not committed (failure) or useless as a landmark (no CBT).
+            left_on_host.push(format!("snapshot VDI {}", d.snapshot_uuid));
             committer.warn(format!(
                 "could not destroy snapshot VDI {}: {}; remove it by hand",
                 d.snapshot_uuid,
@@ -608,6 +614,7 @@ pub fn run<C: Committer>(
         vm_backup,
         disks: reports,
         removed,
+        left_on_host,
         seconds_host: started.elapsed().as_secs_f64(),
     })
 }
