@@ -576,7 +576,7 @@ fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
     let Disk { sim, vdi, .. } = d;
     sim.shutdown();
 
-    let r = forget(&repo, &fingerprint, &[&b2.id]).ok();
+    let r = forget(&repo, &fingerprint, &[&b2.id]).expect_code(4);
     r.stderr_mentions(&["warning", &b2.landmark]);
     let j = r.json();
     assert_eq!(removed(&j), vec![b2.id.clone()], "{j}");
