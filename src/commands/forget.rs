@@ -156,10 +156,10 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
     };
 
     // Landmarks the host part should have destroyed but could not (host
-    // not reached, refused, failed) need attention; `--no-host` leaves
+    // not reached, destroy failed) need attention; `--no-host` leaves
     // them on purpose.
     let mut outcome = match &host {
-        Some(c) if !options.no_host && c.remaining() > 0 => Outcome::Warnings,
+        Some(c) if !options.no_host && c.undone() > 0 => Outcome::Warnings,
         _ => Outcome::Ok,
     };
     // Prune.

@@ -496,7 +496,7 @@ fn unreadable_lock_and_missing_catalog_unlock_still_runs() {
         let _ = std::fs::remove_file(t.repo.join(format!("catalog.sqlite{suffix}")));
     }
     t.restore(&id, &t.path("x.img"), &[])
-        .expect_code(1)
+        .expect_code(11)
         .stderr_mentions(&["unreadable lock"]);
     t.run(&[&"unlock"]).ok();
     t.assert_restores(&id, img.hash(), img.size());

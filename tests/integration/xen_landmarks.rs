@@ -557,7 +557,7 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
 }
 
 /// The host is down when forget runs: the repository part still succeeds
-/// (exit 0), a warning names the landmark, `host.left` lists it, and it is
+/// (exit 4: completed with warnings), a warning names the landmark, `host.left` lists it, and it is
 /// still on the host once that is back.
 #[test]
 fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
