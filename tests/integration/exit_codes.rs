@@ -292,3 +292,66 @@ fn xen_backup_stopped_by_sigterm_leaves_nothing_of_the_run_on_the_host() {
         assert_eq!(d["full"].as_bool(), Some(false), "{j}");
     }
 }
+
+/// Three snapshots of a disk whose blocks change between them.
+fn three_snapshots(t: &TestRepo) -> (Image, Vec<String>) {
+    let img = Image::create(&t.path("disk.img"), 16 * BS);
+    let mut ids = Vec::new();
+    for v in 0..3u64 {
+        for i in 0..16 {
+            if v == 0 || i % 4 == v {
+                img.write_block(i, &random_block(20 + v, i));
+            }
+        }
+        ids.push(TestRepo::id_of(&t.backup(&img.path, &[])));
+    }
+    (img, ids)
+}
+
+/// SIGINT while `forget` is about to rewrite a child, and SIGTERM while
+/// `prune` has marked: 130/143, no snapshot object and no pack changed, no
+/// lock, `check` clean; both then run to the end.
+#[test]
+fn forget_and_prune_stopped_by_a_signal_change_nothing() {
+    let t = TestRepo::new();
+    let (img, ids) = three_snapshots(&t);
+    let snapshots_before = t.files_under("snapshots");
+    // Forgetting the middle one rewrites the newest (folds its changes).
+    let mut child = spawn(
+        &t,
+        &[&"forget", &ids[1]],
+        &[("CBTVAULT_TEST_DELAY", "commit_snapshot:2000")],
+    );
+    wait_for_lock(&t, &mut child);
+    std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 300));
+    signal(&child, "INT");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, 130, "{stderr}");
+    assert_eq!(t.files_under("snapshots"), snapshots_before, "{stderr}");
+    assert_eq!(t.files_under("locks"), Vec::<String>::new());
+    let (r, v) = t.check(true);
+    assert_eq!(r.code, 0, "{v}");
+    t.run(&[&"forget", &ids[0], &ids[1]]).ok();
+
+    let data_before = t.files_under("data");
+    let mut child = spawn(
+        &t,
+        &[&"prune", &"--max-unused", &"0"],
+        &[("CBTVAULT_TEST_DELAY", "prune_marked:2000")],
+    );
+    wait_for_lock(&t, &mut child);
+    std::thread::sleep(Duration::from_millis(rand::random::<u64>() % 300));
+    signal(&child, "TERM");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, 143, "{stderr}");
+    assert_eq!(t.files_under("data"), data_before, "{stderr}");
+    assert_eq!(t.files_under("locks"), Vec::<String>::new());
+    assert_eq!(t.files_under("tmp"), Vec::<String>::new());
+    let (r, v) = t.check(true);
+    assert_eq!(r.code, 0, "{v}");
+    t.run(&[&"prune", &"--max-unused", &"0"]).ok();
+    assert_ne!(t.files_under("data"), data_before, "prune removed nothing");
+    t.assert_restores(&ids[2], img.hash(), img.size());
+    let (r, v) = t.check(true);
+    assert_eq!(r.code, 0, "{v}");
+}
