@@ -289,6 +289,10 @@ pub enum WorkflowError<E: std::error::Error + 'static> {
         #[source]
         source: E,
     },
+    /// A stop signal: the run stopped at a check point between steps
+    /// (host-side snapshots of the run destroyed as on any failure).
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
 }
 
 /// Maps a XenAPI failure of `step`.
@@ -526,19 +530,25 @@ pub fn run<C: Committer>(
         None => None,
     };
 
-    // From the snapshot on, every exit path cleans up.
+    // A stop signal before the snapshots: nothing to clean up on the host.
+    crate::interrupt::check()?;
+    // From the snapshot on, every exit path cleans up; the check points
+    // between steps make a stop signal one of them.
     let result = (|| -> Result<(), WorkflowError<C::Error>> {
         take_snapshots(&mut host, vm_ref.as_deref(), &mut disks)?;
         // Test hook: lets a test kill the process with marked snapshots.
         #[cfg(debug_assertions)]
         crate::repo::test_delay("xen_snapshot_taken");
+        crate::interrupt::check()?;
         // Every bitmap before any NBD connection to a snapshot.
         for d in disks.iter_mut() {
             changes_of(session, d)?;
         }
         for d in disks.iter_mut() {
+            crate::interrupt::check()?;
             read_and_commit(session, url, options, vm_backup.as_deref(), d, committer)?;
         }
+        crate::interrupt::check()?;
         if let (Some(tar), Some(id)) = (&metadata, &vm_backup) {
             let mut landmark = BTreeMap::new();
             landmark.insert(keys::HOST.into(), url.authority());
