@@ -6,7 +6,7 @@
 //! signal ends the process at once. Nothing here prints or knows exit
 //! codes (`cli::exit` maps [`Signal`] to 130 or 143).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 /// A stop signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +82,12 @@ fn record(signal: Signal) -> bool {
 /// status 128 + its number, cleaning up nothing.
 pub fn install() -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
+    // Once per process: a second waiting thread would take the first
+    // signal for a second one.
+    static INSTALLED: AtomicBool = AtomicBool::new(false);
+    if INSTALLED.swap(true, Ordering::SeqCst) {
+        return Ok(());
+    }
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
     std::thread::Builder::new()
         .name("signals".into())

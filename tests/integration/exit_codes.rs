@@ -355,3 +355,36 @@ fn forget_and_prune_stopped_by_a_signal_change_nothing() {
     let (r, v) = t.check(true);
     assert_eq!(r.code, 0, "{v}");
 }
+
+/// A second signal ends the process at once (here in the middle of a
+/// 5-second wait before the commit), still with 143 and nothing committed.
+#[test]
+fn a_second_signal_ends_the_process_at_once() {
+    let t = TestRepo::new();
+    let img = Image::create(&t.path("disk.img"), 4 * BS);
+    for i in 0..4 {
+        img.write_block(i, &random_block(30, i));
+    }
+    let mut child = spawn(
+        &t,
+        &[&"backup", &img.path],
+        &[("CBTVAULT_TEST_DELAY", "commit_snapshot:5000")],
+    );
+    wait_for_lock(&t, &mut child);
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    signal(&child, "TERM");
+    std::thread::sleep(Duration::from_millis(100));
+    signal(&child, "TERM");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, 143, "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "waited for the check point: {:?}",
+        started.elapsed()
+    );
+    assert!(t.snapshot_ids().is_empty());
+    // Its lock may remain; its process is gone, so it is stale.
+    t.run(&[&"unlock"]).ok();
+    t.backup(&img.path, &[]);
+}
