@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod format;
 pub mod index;
+pub mod interrupt;
 pub mod manifest;
 pub mod nbdserver;
 pub mod output;

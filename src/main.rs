@@ -1,6 +1,5 @@
 //! The `cbtvault` command: parses arguments, runs one command, maps the
-//! outcome to an exit code (`cli::exit`: 0 ok, 1 error, 2 usage, 3
-//! integrity problem).
+//! outcome to an exit code (the table is `cli::exit`).
 
 use std::process::ExitCode;
 

@@ -17,7 +17,8 @@ use clap::{Args, Parser, Subcommand};
 #[command(
     name = "cbtvault",
     version,
-    about = "Incremental, deduplicating backup of virtual disks driven by changed block tracking"
+    about = "Incremental, deduplicating backup of virtual disks driven by changed block tracking",
+    after_help = exit::TABLE
 )]
 pub struct Cli {
     /// Repository folder.

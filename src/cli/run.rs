@@ -17,6 +17,9 @@ use crate::repo::OpenOptions;
 /// Runs the command `cli` names. Options are validated before the
 /// repository is opened or anything else is done.
 pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
+    if stops_on_signal(&cli.command) {
+        crate::interrupt::install().context("install the SIGINT/SIGTERM handlers")?;
+    }
     let repo_path = || -> Result<PathBuf> {
         cli.repo
             .clone()
@@ -81,5 +84,17 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         Command::Demo(a) => demo::run(ui, &options::demo(a)),
         #[cfg(feature = "sim")]
         Command::Sim(a) => sim::run(ui, &options::sim(a)),
+    }
+}
+
+/// Whether a signal is a request to stop the command cleanly (exit 130 or
+/// 143, `crate::interrupt`). The servers (`serve`, `sim`) handle their
+/// own: a signal is how they are stopped, and they exit 0.
+fn stops_on_signal(command: &Command) -> bool {
+    match command {
+        Command::Serve(_) => false,
+        #[cfg(feature = "sim")]
+        Command::Sim(_) => false,
+        _ => true,
     }
 }

@@ -773,7 +773,7 @@ fn run_xen(
     };
     let result = xen_backup(ui, repo, url, &session, &workflow_options, options);
     session.logout();
-    let (summary, _) = result?;
+    let (summary, run) = result?;
     ui.json(&summary);
     ui.info(format!(
         "backed up {} disk(s){} in {:.2}s",
@@ -785,5 +785,10 @@ fn run_xen(
             .unwrap_or_default(),
         summary.seconds
     ));
-    Ok(Outcome::Ok)
+    // Committed, but the host keeps what this run could not remove.
+    Ok(if run.left_on_host.is_empty() {
+        Outcome::Ok
+    } else {
+        Outcome::Warnings
+    })
 }

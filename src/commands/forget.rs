@@ -155,8 +155,14 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
         (Some(cleanup), None)
     };
 
+    // Landmarks the host part should have destroyed but could not (host
+    // not reached, destroy failed) need attention; `--no-host` leaves
+    // them on purpose.
+    let mut outcome = match &host {
+        Some(c) if !options.no_host && c.undone() > 0 => Outcome::Warnings,
+        _ => Outcome::Ok,
+    };
     // Prune.
-    let mut outcome = Outcome::Ok;
     let pruned = match &options.prune {
         Some(_) if options.dry_run => {
             ui.info("--prune with --dry-run: prune is not estimated (it would see the snapshots before this forget); run 'cbtvault prune --dry-run' after the forget");
@@ -168,7 +174,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
             bar.finish();
             super::prune::say(ui, &r);
             if !r.damaged.is_empty() {
-                outcome = Outcome::IntegrityProblem;
+                outcome = outcome.and(Outcome::IntegrityProblem);
             }
             Some(r)
         }

@@ -30,6 +30,18 @@ pub struct LeftLandmark {
 }
 
 impl HostCleanup {
+    /// Landmarks the host part could not release: its host not reached
+    /// (or `--no-host`), or the destroy failed. A refusal (the host says it
+    /// is not ours to destroy) is not counted: leaving it is the answer.
+    pub fn undone(&self) -> usize {
+        self.left.len()
+            + self
+                .released
+                .iter()
+                .filter(|r| matches!(r.outcome, Outcome::Failed { .. }))
+                .count()
+    }
+
     /// Landmarks still on a host after this (left, refused or failed).
     pub fn remaining(&self) -> usize {
         self.left.len()

@@ -32,8 +32,25 @@ use crate::repo::{Repository, SnapshotEntry};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
-    /// `check` found an integrity problem.
+    /// Ran to the end, but some data could not be read or some snapshot
+    /// is damaged (`check`, `restore --allow-damaged`, `prune`).
     IntegrityProblem,
+    /// Ran to the end, but something asked for was left undone and needs
+    /// attention (the warnings say what): e.g. landmarks left on an
+    /// unreachable host, a host-side snapshot not destroyed.
+    Warnings,
+}
+
+impl Outcome {
+    /// The worse of two outcomes (an integrity problem outranks warnings).
+    pub fn and(self, other: Outcome) -> Outcome {
+        use Outcome::*;
+        match (self, other) {
+            (IntegrityProblem, _) | (_, IntegrityProblem) => IntegrityProblem,
+            (Warnings, _) | (_, Warnings) => Warnings,
+            (Ok, Ok) => Ok,
+        }
+    }
 }
 
 /// Which snapshots a command looks at.

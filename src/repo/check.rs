@@ -182,6 +182,7 @@ pub fn run(
     }
     progress.set_total(listed.len() as u64);
     for (name, size) in &listed {
+        crate::interrupt::check()?;
         progress.advance(1);
         report.packs_checked += 1;
         let Ok(pack) = name.parse::<ObjectName>() else {
@@ -274,6 +275,7 @@ pub fn run(
         let selected = select_packs(listed.clone(), subset);
         progress.set_total(selected.iter().map(|p| p.1).sum());
         for (name, size) in selected {
+            crate::interrupt::check()?;
             let Ok(pack) = name.parse::<ObjectName>() else {
                 continue;
             };
@@ -369,6 +371,7 @@ pub fn run(
 
     // Snapshots: every chain loads, every referenced block is indexed and good.
     for snap in repo.snapshots()? {
+        crate::interrupt::check()?;
         report.snapshots_checked += 1;
         let id = snap.meta.id;
         let affected = |reason: String| AffectedSnapshot {

@@ -373,6 +373,10 @@ pub fn forget_with_progress(
         return Ok(report);
     }
 
+    // A stop signal stops the forget before its first write (and at each
+    // rewrite's commit); once the rewrites are durable the removals, quick
+    // and each safe alone, are finished.
+    crate::interrupt::check()?;
     progress.set_total((folds.len() + old_generations.len() + forgotten_objects.len()) as u64);
     // 1. Every replacement durable.
     for (new, line) in folds.iter().zip(report.rewritten.iter_mut()) {

@@ -58,6 +58,9 @@ pub enum RepoError {
     Fold(#[from] forget::FoldError),
     #[error(transparent)]
     Prune(#[from] prune::PruneError),
+    /// A stop signal was received: the work stopped at a check point.
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
     #[error("{kind} '{name}' is corrupt: {reason}; run 'cbtvault check'")]
     CorruptObject {
         kind: Kind,
@@ -997,6 +1000,8 @@ impl Repository {
         test_failpoint("commit_snapshot")?;
         #[cfg(debug_assertions)]
         test_delay("commit_snapshot");
+        // The last check point: nothing is committed after a stop signal.
+        crate::interrupt::check()?;
         self.ensure_lock_held()?;
         let bytes = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
         let name = ObjectName::of(&bytes);
@@ -1008,17 +1013,21 @@ impl Repository {
     }
 }
 
-/// Test hook, debug builds only: `CBTVAULT_TEST_DELAY=NAME:MS` sleeps MS
-/// milliseconds at point NAME (e.g. to let a lock go stale before a commit).
+/// Test hook, debug builds only: `CBTVAULT_TEST_DELAY=NAME:MS[,NAME:MS...]`
+/// sleeps MS milliseconds at each pass through point NAME (e.g. to let a
+/// lock go stale before a commit, or to make a backup last long enough to
+/// be signalled).
 #[cfg(debug_assertions)]
 pub(crate) fn test_delay(name: &str) {
     let Ok(spec) = std::env::var("CBTVAULT_TEST_DELAY") else {
         return;
     };
-    if let Some((point, ms)) = spec.split_once(':') {
-        if point == name {
-            if let Ok(ms) = ms.parse() {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
+    for item in spec.split(',') {
+        if let Some((point, ms)) = item.split_once(':') {
+            if point == name {
+                if let Ok(ms) = ms.parse() {
+                    std::thread::sleep(std::time::Duration::from_millis(ms));
+                }
             }
         }
     }

@@ -232,6 +232,9 @@ fn prune_marked(
     report.snapshot_objects = mark(repo)?;
     #[cfg(debug_assertions)]
     super::test_delay("prune_marked");
+    // Check points (a stop signal) up to the catalog transaction of step 2;
+    // the removals after it are finished.
+    crate::interrupt::check()?;
 
     // Usage of every pack in data/, adopting packs without rows that hold
     // used blobs (rows for a durable pack are always safe to add).
@@ -243,6 +246,7 @@ fn prune_marked(
     // locates another copy). Rare: killed backups, repacks cut short.
     let mut spares: Vec<Vec<BlockId>> = Vec::new();
     for (hex, size) in listed {
+        crate::interrupt::check()?;
         progress.advance(1);
         let Ok(name) = hex.parse::<ObjectName>() else {
             continue;
@@ -373,6 +377,7 @@ fn prune_marked(
     let mut writer = PackWriter::new(target);
     let mut repacked = Vec::new();
     for &k in &plan.repack {
+        crate::interrupt::check()?;
         progress.advance(1);
         let pack = usage[k].name;
         let hex = pack.to_hex();
@@ -425,6 +430,7 @@ fn prune_marked(
 
     // 2. One transaction: old packs' rows out, new packs' rows in.
     let gone: Vec<usize> = plan.delete.iter().chain(&repacked).copied().collect();
+    crate::interrupt::check()?;
     repo.ensure_lock_held()?;
     repo.catalog().batch(|cat| -> Result<(), RepoError> {
         for &k in &gone {

@@ -52,6 +52,7 @@ pub fn repair_packs(
     progress.set_total(packs.len() as u64);
     let mut out = Vec::new();
     for pack in packs {
+        crate::interrupt::check()?;
         progress.advance(1);
         let hex = pack.to_hex();
         let Some(&size) = listed.get(&hex) else {

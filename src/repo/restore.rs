@@ -139,6 +139,15 @@ pub fn run(
     let mut damaged: Vec<DamagedBlock> = Vec::new();
     let mut failed: Option<RepoError> = None;
     let read_result = BlockReader::new(repo).stream(&map.data, |chunk| {
+        #[cfg(debug_assertions)]
+        super::test_delay("restore_chunk");
+        // Check point: a stop signal ends the restore before this chunk;
+        // the target is not finished (a file target removes its
+        // temporary file).
+        if let Err(e) = crate::interrupt::check() {
+            failed = Some(e.into());
+            return false;
+        }
         for (block, raw) in chunk {
             let offset = block.index * bs;
             let span = bs.min(disk - offset);
@@ -199,6 +208,9 @@ pub fn run(
     }
     if let Some(e) = failed {
         return Err(stopped(next, e));
+    }
+    if let Err(e) = crate::interrupt::check() {
+        return Err(stopped(next, e.into()));
     }
     if disk > next {
         sink.write_zeros(next, disk - next)

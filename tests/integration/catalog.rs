@@ -242,7 +242,7 @@ fn exclusive_lock_of_a_live_process_blocks_backup() {
     );
     img.write_block(1, &random_block(37, 1));
     let data_before = t.files_under("data");
-    let r = t.try_backup(&img.path, &[]).expect_code(1);
+    let r = t.try_backup(&img.path, &[]).expect_code(11);
     r.stderr_mentions(&["locked"]);
     assert_eq!(t.snapshot_ids(), vec![TestRepo::id_of(&first)]);
     assert_eq!(
@@ -258,7 +258,7 @@ fn exclusive_lock_of_a_live_process_blocks_backup() {
     // Restore takes a shared lock and is blocked too.
     let target = t.path("blocked.img");
     t.restore(&TestRepo::id_of(&first), &target, &[])
-        .expect_code(1)
+        .expect_code(11)
         .stderr_mentions(&["locked"]);
     // unlock keeps a live holder's lock; --remove-all removes it.
     let v = t.run(&[&"--json", &"unlock"]).ok().json();
@@ -296,7 +296,7 @@ fn exclusive_lock_on_another_host_blocks_backup() {
         ChronoDuration::minutes(1),
     );
     t.try_backup(&img.path, &[])
-        .expect_code(1)
+        .expect_code(11)
         .stderr_mentions(&["locked"]);
     assert!(t.snapshot_ids().is_empty());
 }
@@ -345,7 +345,7 @@ fn unreadable_lock_blocks_until_unlock_removes_it() {
     let img = small_image(&t);
     let name = hex::encode(rand::random::<[u8; 32]>());
     std::fs::write(t.repo.join("locks").join(&name), b"{not json").unwrap();
-    let r = t.try_backup(&img.path, &[]).expect_code(1);
+    let r = t.try_backup(&img.path, &[]).expect_code(11);
     r.stderr_mentions(&["locked", "unreadable lock", &name]);
     assert!(t.snapshot_ids().is_empty(), "nothing may be committed");
     assert_eq!(t.files_under("locks"), vec![name.clone()]);

@@ -240,13 +240,13 @@ fn missing_repository_says_how_to_create_one() {
         for a in &args {
             all.push(a);
         }
-        let r = run_in(dir.path(), &all).expect_code(1);
+        let r = run_in(dir.path(), &all).expect_code(10);
         r.stderr_mentions(&["not a cbtvault repository", "init"]);
     }
     let img = dir.path().join("x.img");
     std::fs::write(&img, b"data").unwrap();
     run_in(dir.path(), &[&"-r", &nowhere, &"backup", &img])
-        .expect_code(1)
+        .expect_code(10)
         .stderr_mentions(&["init"]);
     assert!(
         !nowhere.exists(),
@@ -541,6 +541,6 @@ fn exit_codes_for_usage_help_and_failure() {
     assert!(help.out().contains("backup"), "{}", help.out());
     run_in(dir.path(), &[&"--version"]).ok();
     run_in(dir.path(), &[&"-r", &"missing-repo", &"snapshots"])
-        .expect_code(1)
+        .expect_code(10)
         .stderr_mentions(&["error", "init"]);
 }

@@ -361,7 +361,7 @@ fn forget_and_backup_exclude_each_other() {
     );
     wait_for_lock(&c.t, &mut backup);
     c.try_forget(&[&c.id(0)], &[])
-        .expect_code(1)
+        .expect_code(11)
         .stderr_mentions(&["locked by", "backup"]);
     let out = backup.wait_with_output().unwrap();
     assert!(

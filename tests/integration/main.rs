@@ -10,6 +10,7 @@ mod changed_blocks;
 mod cli;
 mod corruption;
 mod crash;
+mod exit_codes;
 mod file_source;
 mod forget;
 mod healing;

@@ -421,7 +421,7 @@ fn prune_and_backup_exclude_each_other() {
         &[("CBTVAULT_TEST_DELAY", "commit_snapshot:3000")],
     );
     wait_for_lock(&h.t, &mut backup);
-    let r = h.try_prune(&[], &[]).expect_code(1);
+    let r = h.try_prune(&[], &[]).expect_code(11);
     r.stderr_mentions(&["locked by", "backup"]);
     assert!(backup.wait().unwrap().success(), "the backup failed");
 
@@ -432,7 +432,7 @@ fn prune_and_backup_exclude_each_other() {
         &[("CBTVAULT_TEST_DELAY", "prune_marked:3000")],
     );
     wait_for_lock(&h.t, &mut prune);
-    let b = h.t.try_backup(&img.path, &[]).expect_code(1);
+    let b = h.t.try_backup(&img.path, &[]).expect_code(11);
     b.stderr_mentions(&["locked by", "prune"]);
     let out = prune.wait_with_output().unwrap();
     assert!(

@@ -220,7 +220,7 @@ fn no_lock_reads_beside_a_live_exclusive_lock() {
     );
     std::fs::write(t.repo.join("locks").join("ab".repeat(32)), lock).unwrap();
     t.restore(&id, &t.path("x.img"), &[])
-        .expect_code(1)
+        .expect_code(11)
         .stderr_mentions(&["locked"]);
     let target = t.path("y.img");
     t.run(&[&"--no-lock", &"restore", &id, &"--target", &target])
@@ -459,7 +459,7 @@ fn garbage_of_failed_backups_is_reclaimed_and_never_a_live_backups() {
         for a in args {
             all.push(a);
         }
-        t.run(&all).expect_code(1).stderr_mentions(&["locked"]);
+        t.run(&all).expect_code(11).stderr_mentions(&["locked"]);
     }
     assert!(old.exists() && orphans.iter().all(|p| p.exists()));
     std::fs::remove_file(lock).unwrap();
@@ -496,7 +496,7 @@ fn unreadable_lock_and_missing_catalog_unlock_still_runs() {
         let _ = std::fs::remove_file(t.repo.join(format!("catalog.sqlite{suffix}")));
     }
     t.restore(&id, &t.path("x.img"), &[])
-        .expect_code(1)
+        .expect_code(11)
         .stderr_mentions(&["unreadable lock"]);
     t.run(&[&"unlock"]).ok();
     t.assert_restores(&id, img.hash(), img.size());

@@ -33,7 +33,7 @@ impl<'a> Host<'a> {
     }
 
     /// (uuid, type) of every snapshot VDI on the host.
-    fn snapshot_vdis(&self) -> Vec<(String, String)> {
+    pub(crate) fn snapshot_vdis(&self) -> Vec<(String, String)> {
         let all = self.try_call("VDI.get_all_records", &[]).unwrap();
         all.as_struct()
             .unwrap()
@@ -58,7 +58,7 @@ impl<'a> Host<'a> {
             .count()
     }
 
-    fn snapshot_vms(&self) -> usize {
+    pub(crate) fn snapshot_vms(&self) -> usize {
         let all = self.try_call("VM.get_all_records", &[]).unwrap();
         all.as_struct()
             .unwrap()
@@ -250,7 +250,7 @@ fn one_disk_with_backup(size: u64) -> (Simulator, TestRepo, String, String) {
 }
 
 /// A VM with two disks (8 and 4 MiB) filled from `seed`, backed up once.
-fn two_disk_vm_with_backup(seed: u64) -> (Simulator, SimVm, TestRepo, String) {
+pub(crate) fn two_disk_vm_with_backup(seed: u64) -> (Simulator, SimVm, TestRepo, String) {
     let sim = start();
     let vm = sim.create_vm_with_disks("vm", &[8 * MIB, 4 * MIB]).unwrap();
     for d in &vm.disks {

@@ -557,7 +557,7 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
 }
 
 /// The host is down when forget runs: the repository part still succeeds
-/// (exit 0), a warning names the landmark, `host.left` lists it, and it is
+/// (exit 4: completed with warnings), a warning names the landmark, `host.left` lists it, and it is
 /// still on the host once that is back.
 #[test]
 fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
@@ -576,7 +576,7 @@ fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
     let Disk { sim, vdi, .. } = d;
     sim.shutdown();
 
-    let r = forget(&repo, &fingerprint, &[&b2.id]).ok();
+    let r = forget(&repo, &fingerprint, &[&b2.id]).expect_code(4);
     r.stderr_mentions(&["warning", &b2.landmark]);
     let j = r.json();
     assert_eq!(removed(&j), vec![b2.id.clone()], "{j}");

@@ -303,6 +303,9 @@ fn writer(
         let mut pack = next_pack();
         let fill = (|| -> Result<bool, RepoError> {
             for blocks in rx {
+                // A stop signal: the pack being filled is dropped unfinished
+                // (its temporary file removed), nothing more is saved.
+                crate::interrupt::check()?;
                 for b in &blocks {
                     pack.add(b)?;
                     let msg = if pack.is_full() {
@@ -452,6 +455,11 @@ pub fn run(
             // Blocks handed to the writer but not yet in the catalog.
             let mut pending: HashSet<BlockId> = HashSet::new();
             for batch in read_rx {
+                #[cfg(debug_assertions)]
+                crate::repo::test_delay("backup_batch");
+                // Check point: a stop signal ends the run here, before the
+                // commit (the writer stops on its own check).
+                crate::interrupt::check()?;
                 let batch = batch?;
                 let blocks = batch.blocks;
                 let hashed = batch.hashed;

@@ -294,6 +294,10 @@ pub enum WorkflowError<E: std::error::Error + 'static> {
         #[source]
         source: E,
     },
+    /// A stop signal: the run stopped at a check point between steps
+    /// (host-side snapshots of the run destroyed as on any failure).
+    #[error(transparent)]
+    Interrupted(#[from] crate::interrupt::Interrupted),
 }
 
 /// Maps a XenAPI failure of `step`.
@@ -329,6 +333,9 @@ pub struct RunReport {
     pub disks: Vec<DiskReport>,
     /// Leftovers of earlier runs destroyed at the start of this one.
     pub removed: Vec<RemovedLeftover>,
+    /// This run's own host-side objects (snapshot VM, snapshot VDIs) it
+    /// could not destroy (each also warned about): left to remove by hand.
+    pub left_on_host: Vec<String>,
     pub seconds_host: f64,
 }
 
@@ -532,17 +539,22 @@ pub fn run<C: Committer>(
         None => None,
     };
 
-    // From the snapshot on, every exit path cleans up.
+    // A stop signal before the snapshots: nothing to clean up on the host.
+    crate::interrupt::check()?;
+    // From the snapshot on, every exit path cleans up; the check points
+    // between steps make a stop signal one of them.
     let result = (|| -> Result<(), WorkflowError<C::Error>> {
         take_snapshots(&mut host, vm_ref.as_deref(), &mut disks)?;
         // Test hook: lets a test kill the process with marked snapshots.
         #[cfg(debug_assertions)]
         crate::repo::test_delay("xen_snapshot_taken");
+        crate::interrupt::check()?;
         // Every bitmap before any NBD connection to a snapshot.
         for d in disks.iter_mut() {
             changes_of(session, d)?;
         }
         for d in disks.iter_mut() {
+            crate::interrupt::check()?;
             read_and_commit(
                 session,
                 url,
@@ -552,6 +564,7 @@ pub fn run<C: Committer>(
                 committer,
             )?;
         }
+        crate::interrupt::check()?;
         if let (Some(tar), Some(id)) = (&metadata, &vm_backup) {
             let mut landmark = BTreeMap::new();
             landmark.insert(keys::HOST.into(), url.authority());
@@ -569,7 +582,9 @@ pub fn run<C: Committer>(
     })();
 
     // Host-side clean-up: the snapshot VM first (its VBDs block data_destroy).
+    let mut left_on_host = Vec::new();
     if let Err(e) = host.destroy_snapshot_vm() {
+        left_on_host.push("the snapshot VM".to_string());
         committer.warn(format!(
             "could not destroy the snapshot VM: {}; remove it by hand",
             describe(&e)
@@ -599,6 +614,7 @@ pub fn run<C: Committer>(
             }
         } else if let Err(e) = host.destroy_vdi(snap) {
             // Not committed (failure) or useless as a landmark (no CBT).
+            left_on_host.push(format!("snapshot VDI {}", d.snapshot_uuid));
             committer.warn(format!(
                 "could not destroy snapshot VDI {}: {}; remove it by hand",
                 d.snapshot_uuid,
@@ -627,6 +643,7 @@ pub fn run<C: Committer>(
         vm_backup,
         disks: reports,
         removed,
+        left_on_host,
         seconds_host: started.elapsed().as_secs_f64(),
     })
 }
