@@ -7,6 +7,8 @@
 pub mod fault;
 pub mod local;
 pub mod powerloss;
+pub mod retry;
+pub mod s3;
 
 use std::fmt;
 
@@ -121,6 +123,13 @@ pub trait Backend: Send + Sync {
         true
     }
 
+    /// Whether [`Backend::create`] keeps the bytes in memory and saves
+    /// them whole at the commit (object stores): then a wrapper may retry
+    /// that save. Local files stream to `tmp/` instead.
+    fn buffers_new_objects(&self) -> bool {
+        false
+    }
+
     /// Whole object.
     fn load(&self, kind: Kind, name: &str) -> Result<Vec<u8>, BackendError> {
         let len = self.stat(kind, name)?;
@@ -139,10 +148,10 @@ pub trait NewObject: Send {
 }
 
 /// [`Backend::create`] for backends that can only save whole objects.
-struct InMemoryObject<'a, B: Backend + ?Sized> {
-    backend: &'a B,
-    kind: Kind,
-    data: Vec<u8>,
+pub(crate) struct InMemoryObject<'a, B: Backend + ?Sized> {
+    pub(crate) backend: &'a B,
+    pub(crate) kind: Kind,
+    pub(crate) data: Vec<u8>,
 }
 
 impl<B: Backend + ?Sized> NewObject for InMemoryObject<'_, B> {

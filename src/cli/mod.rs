@@ -21,9 +21,26 @@ use clap::{Args, Parser, Subcommand};
     after_help = exit::TABLE
 )]
 pub struct Cli {
-    /// Repository folder.
+    /// Repository: a local folder, or s3://[ENDPOINT/]BUCKET[/PREFIX]
+    /// (credentials from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the
+    /// shared credentials file, never the command line).
     #[arg(short = 'r', long = "repo", env = "CBTVAULT_REPOSITORY", global = true)]
-    pub repo: Option<PathBuf>,
+    pub repo: Option<String>,
+    /// S3 endpoint: HOST[:PORT] or https://HOST[:PORT] (http:// only when
+    /// written so); then the s3:// URL's first component is the bucket.
+    #[arg(long, env = "CBTVAULT_S3_ENDPOINT", global = true, value_name = "URL")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, AWS_DEFAULT_REGION, us-east-1).
+    #[arg(long, global = true, value_name = "REGION")]
+    pub s3_region: Option<String>,
+    /// S3 addressing: path (ENDPOINT/BUCKET/KEY) or virtual-host
+    /// (BUCKET.ENDPOINT/KEY); default: virtual-host on AWS, else path.
+    #[arg(long, global = true, value_name = "STYLE", value_parser = ["path", "virtual-host"])]
+    pub s3_url_style: Option<String>,
+    /// PEM certificate authorities to trust for the S3 endpoint instead of
+    /// the system's.
+    #[arg(long, env = "CBTVAULT_S3_CA_FILE", global = true, value_name = "FILE")]
+    pub s3_ca_file: Option<PathBuf>,
     /// Print machine-readable JSON results on stdout.
     #[arg(long, global = true)]
     pub json: bool,

@@ -1,7 +1,5 @@
 //! The dispatch: one parsed command line -> its options -> its command.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 
 use super::{options, Cli, Command, RepairCommand};
@@ -12,7 +10,7 @@ use crate::commands::{
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
 use crate::output::Ui;
-use crate::repo::OpenOptions;
+use crate::repo::{Location, OpenOptions, S3Settings, S3Style};
 
 /// Runs the command `cli` names. Options are validated before the
 /// repository is opened or anything else is done.
@@ -20,15 +18,26 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
     if stops_on_signal(&cli.command) {
         crate::interrupt::install().context("install the SIGINT/SIGTERM handlers")?;
     }
-    let repo_path = || -> Result<PathBuf> {
-        cli.repo
-            .clone()
-            .context("no repository given: use -r/--repo or set CBTVAULT_REPOSITORY")
+    let settings = S3Settings {
+        endpoint: cli.s3_endpoint.clone(),
+        region: cli.s3_region.clone(),
+        style: cli.s3_url_style.as_deref().map(|s| match s {
+            "virtual-host" => S3Style::VirtualHost,
+            _ => S3Style::Path,
+        }),
+        ca_file: cli.s3_ca_file.clone(),
+    };
+    let repo_path = || -> Result<Location> {
+        let text = cli
+            .repo
+            .as_deref()
+            .context("no repository given: use -r/--repo or set CBTVAULT_REPOSITORY")?;
+        Ok(Location::parse(text, &settings)?)
     };
     let open_options = OpenOptions {
         no_lock: cli.no_lock,
     };
-    let open = |ui: &Ui, path: &std::path::Path| open_with(ui, path, &open_options);
+    let open = |ui: &Ui, location: &Location| open_with(ui, location, &open_options);
     match &cli.command {
         Command::Init(a) => {
             let o = options::init(a)?;

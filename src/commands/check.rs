@@ -1,13 +1,11 @@
 //! `check` and `repair index`.
 
-use std::path::Path;
-
 use anyhow::{Context, Result};
 
 use super::Outcome;
 use crate::output::Ui;
 use crate::repo::check::{self, DataSubset, Severity};
-use crate::repo::Repository;
+use crate::repo::{Location, Repository};
 
 /// Validated options of `check`.
 #[derive(Debug, Clone, Default)]
@@ -79,11 +77,11 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
     }
 }
 
-pub fn repair_index(ui: &Ui, path: &Path) -> Result<Outcome> {
+pub fn repair_index(ui: &Ui, location: &Location) -> Result<Outcome> {
     // Opening rebuilds a missing catalog; rebuild again under an exclusive
     // lock so the result reflects every pack present now.
-    let mut repo =
-        Repository::open(path).with_context(|| format!("open repository '{}'", path.display()))?;
+    let mut repo = Repository::open_at(location, &Default::default())
+        .with_context(|| format!("open repository '{location}'"))?;
     let _lock = repo.lock(true, "repair index")?;
     let bar = ui.progress("index", false);
     let skipped = repo.rebuild_catalog(&bar)?;

@@ -1,7 +1,5 @@
 //! `init`, `snapshots`, `cat`, `diff`, `stats`, `unlock`.
 
-use std::path::Path;
-
 use anyhow::Result;
 use chrono::Utc;
 use serde::Serialize;
@@ -12,15 +10,14 @@ use crate::format::bitmap;
 use crate::format::snapshot::BlockRef;
 use crate::manifest;
 use crate::output::{human_bytes, Ui};
-use crate::repo::{lock, InitOptions, Repository};
+use crate::repo::{lock, InitOptions, Location, Repository};
 
-pub fn init(ui: &Ui, path: &Path, options: &InitOptions) -> Result<Outcome> {
-    let config = Repository::init(path, options)?;
-    ui.summary(&json!({"repository_id": config.id, "location": path.display().to_string()}));
+pub fn init(ui: &Ui, location: &Location, options: &InitOptions) -> Result<Outcome> {
+    let config = Repository::init_at(location, options)?;
+    ui.summary(&json!({"repository_id": config.id, "location": location.to_string()}));
     ui.info(format!(
-        "created repository {} at '{}'",
+        "created repository {} at '{location}'",
         &config.id[..8],
-        path.display()
     ));
     Ok(Outcome::Ok)
 }

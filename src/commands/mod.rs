@@ -20,7 +20,6 @@ pub mod serve;
 pub mod sim;
 pub mod snapshots;
 
-use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
@@ -74,7 +73,7 @@ impl SnapshotFilter {
 
 /// BLAKE3 of a whole file, streamed.
 #[cfg(feature = "sim")]
-pub(crate) fn hash_file(path: &Path) -> Result<blake3::Hash> {
+pub(crate) fn hash_file(path: &std::path::Path) -> Result<blake3::Hash> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("open '{}'", path.display()))?;
     let mut h = blake3::Hasher::new();
@@ -93,15 +92,14 @@ pub(crate) fn hash_file(path: &Path) -> Result<blake3::Hash> {
 /// no lock will be taken.
 pub(crate) fn open_with(
     ui: &Ui,
-    path: &Path,
+    location: &crate::repo::Location,
     options: &crate::repo::OpenOptions,
 ) -> Result<Repository> {
-    let repo = Repository::open_with(path, options)
-        .with_context(|| format!("open repository '{}'", path.display()))?;
+    let repo = Repository::open_at(location, options)
+        .with_context(|| format!("open repository '{location}'"))?;
     if repo.is_read_only() {
         ui.warn(format!(
-            "repository '{}' is on read-only storage: no lock is taken (a concurrent prune could remove what this command reads), catalog kept in '{}'",
-            path.display(),
+            "repository '{location}' is on read-only storage: no lock is taken (a concurrent prune could remove what this command reads), catalog kept in '{}'",
             repo.catalog_path().display()
         ));
     } else if options.no_lock {

@@ -429,7 +429,8 @@ pub fn run(
     }
 
     // Harmless leftovers.
-    if let Ok(rd) = std::fs::read_dir(repo.root().join("tmp")) {
+    // (Object storage has no tmp/: uploads are atomic.)
+    if let Some(Ok(rd)) = repo.root().map(|r| std::fs::read_dir(r.join("tmp"))) {
         let n = rd.count();
         if n > 0 {
             report.warn(

@@ -7,6 +7,7 @@
 pub mod backup;
 pub mod check;
 pub mod forget;
+pub mod location;
 pub mod lock;
 pub mod policy;
 pub mod prune;
@@ -30,6 +31,7 @@ use crate::manifest::{self, BlockMap};
 use crate::pack::PackError;
 use crate::source::SourceError;
 
+pub use location::{Location, S3Settings, S3Style};
 pub use lock::{LockError, LockGuard};
 
 pub const CATALOG_FILE: &str = "catalog.sqlite";
@@ -44,6 +46,8 @@ pub enum RepoError {
     AlreadyExists { location: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    S3(#[from] crate::backend::s3::S3Error),
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error(transparent)]
@@ -161,7 +165,8 @@ pub struct OpenOptions {
 /// An open repository.
 pub struct Repository {
     backend: Arc<dyn Backend>,
-    root: PathBuf,
+    /// The local folder; None for object storage.
+    root: Option<PathBuf>,
     config: RepoConfig,
     catalog: Mutex<Catalog>,
     /// Set when opening found no usable catalog and rebuilt it.
@@ -182,6 +187,9 @@ pub struct Repository {
     catalog_path: PathBuf,
     /// The private cache folder holding the catalog, removed on drop.
     cache_dir: Option<PathBuf>,
+    /// On object storage: the catalog is this machine's cache, brought
+    /// up to date with the listed packs whenever a lock is taken.
+    remote: bool,
     /// What readers want the user told (a healed block, damage the
     /// catalog could not record); commands print them (`take_notices`).
     notices: Mutex<Vec<String>>,
@@ -203,16 +211,37 @@ impl Drop for Repository {
 /// `~/.cache/cbtvault`, else the temporary folder; one private folder per
 /// process (spec: format-spec/04-catalog.md#read-only).
 fn private_cache_dir(repo_id: &str) -> PathBuf {
-    let base = std::env::var_os("CBTVAULT_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("cbtvault")))
-        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/cbtvault")))
-        .unwrap_or_else(|| std::env::temp_dir().join("cbtvault-cache"));
-    base.join(repo_id).join(format!(
+    cache_base().join(repo_id).join(format!(
         "{}-{:08x}",
         std::process::id(),
         rand::random::<u32>()
     ))
+}
+
+/// `$CBTVAULT_CACHE_DIR`, else `$XDG_CACHE_HOME/cbtvault`, else
+/// `~/.cache/cbtvault`, else the temporary folder.
+fn cache_base() -> PathBuf {
+    std::env::var_os("CBTVAULT_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("cbtvault")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/cbtvault")))
+        .unwrap_or_else(|| std::env::temp_dir().join("cbtvault-cache"))
+}
+
+/// Where this machine keeps the catalog of a repository on object
+/// storage: `<cache>/<repository id>/catalog.sqlite`, kept between runs
+/// (spec: format-spec/04-catalog.md#remote).
+fn remote_catalog_path(repo_id: &str) -> Result<PathBuf, RepoError> {
+    let dir = cache_base().join(repo_id);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| RepoError::Io {
+            what: format!("create the cache folder '{}'", dir.display()),
+            source,
+        })?;
+    Ok(dir.join(CATALOG_FILE))
 }
 
 /// Copies the repository's catalog (and its write-ahead log) into `dir`,
@@ -317,30 +346,19 @@ pub struct SnapshotEntry {
 impl Repository {
     /// Creates a repository in an empty or missing folder.
     pub fn init(path: &Path, options: &InitOptions) -> Result<RepoConfig, RepoError> {
-        let location = path.display().to_string();
-        if path.exists() {
-            let non_empty = std::fs::read_dir(path)
-                .map_err(|source| RepoError::Io {
-                    what: format!("read '{location}'"),
-                    source,
-                })?
-                .next()
-                .is_some();
-            if non_empty {
-                return Err(RepoError::AlreadyExists { location });
-            }
-        }
+        Self::init_at(&Location::Local(path.to_path_buf()), options)
+    }
+
+    /// Creates a repository at `location`: an empty or missing folder, or
+    /// an S3 prefix without a `config` (the bucket is created if missing).
+    pub fn init_at(location: &Location, options: &InitOptions) -> Result<RepoConfig, RepoError> {
+        let shown = location.to_string();
         if !snapshot::valid_block_size(options.block_size) {
             return Err(RepoError::Invalid(format!(
                 "block size {} must be a power of two between 512 and 16 MiB",
                 options.block_size
             )));
         }
-        let backend = LocalBackend::new(path);
-        backend.create_layout().map_err(|source| RepoError::Io {
-            what: format!("create repository folders in '{location}'"),
-            source,
-        })?;
         let config = RepoConfig {
             version: config::FORMAT_VERSION,
             id: hex::encode(rand::random::<[u8; 32]>()),
@@ -354,12 +372,53 @@ impl Repository {
         // Validate what we are about to write exactly as a reader would.
         let bytes = config::encode(&config);
         config::decode(&bytes).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        backend.save(Kind::Config, "config", &bytes)?;
+        let catalog_path = match location {
+            Location::Local(path) => {
+                Self::init_local(path, &bytes)?;
+                path.join(CATALOG_FILE)
+            }
+            Location::S3 { .. } => {
+                let s3 = location.s3_backend()?.expect("an S3 location");
+                s3.ensure_bucket()?;
+                for kind in [Kind::Snapshot, Kind::Pack] {
+                    if !s3.list(kind)?.is_empty() {
+                        return Err(RepoError::AlreadyExists { location: shown });
+                    }
+                }
+                if !s3.save_if_absent(Kind::Config, "config", &bytes)? {
+                    return Err(RepoError::AlreadyExists { location: shown });
+                }
+                remote_catalog_path(&config.id)?
+            }
+        };
         // An empty, complete catalog: the first open has nothing to rebuild.
-        Catalog::open(&path.join(CATALOG_FILE), &config.id)?
+        Catalog::open(&catalog_path, &config.id)?
             .0
             .mark_complete()?;
         Ok(config)
+    }
+
+    fn init_local(path: &Path, config_bytes: &[u8]) -> Result<(), RepoError> {
+        let location = path.display().to_string();
+        if path.exists() {
+            let non_empty = std::fs::read_dir(path)
+                .map_err(|source| RepoError::Io {
+                    what: format!("read '{location}'"),
+                    source,
+                })?
+                .next()
+                .is_some();
+            if non_empty {
+                return Err(RepoError::AlreadyExists { location });
+            }
+        }
+        let backend = LocalBackend::new(path);
+        backend.create_layout().map_err(|source| RepoError::Io {
+            what: format!("create repository folders in '{location}'"),
+            source,
+        })?;
+        backend.save(Kind::Config, "config", config_bytes)?;
+        Ok(())
     }
 
     /// Opens a repository; rebuilds the catalog when it is missing or stale
@@ -372,13 +431,25 @@ impl Repository {
     /// the catalog is copied into (or rebuilt in) a private cache folder
     /// and no lock is taken (spec: format-spec/04-catalog.md#read-only).
     pub fn open_with(path: &Path, options: &OpenOptions) -> Result<Repository, RepoError> {
-        // The local folder; in debug builds a test may wrap or replace it.
-        let backend = crate::backend::fault::open_backend(path);
+        Self::open_at(&Location::Local(path.to_path_buf()), options)
+    }
+
+    /// [`Repository::open_with`] for any location. On object storage the
+    /// catalog is this machine's cache (spec: format-spec/04-catalog.md#remote).
+    pub fn open_at(location: &Location, options: &OpenOptions) -> Result<Repository, RepoError> {
+        let remote = location.remote_backend()?;
+        let is_remote = remote.is_some();
+        let backend = match (remote, location) {
+            (Some(b), _) => b,
+            // The local folder; in debug builds a test may wrap or replace it.
+            (None, Location::Local(path)) => crate::backend::fault::open_backend(path),
+            (None, Location::S3 { .. }) => unreachable!("an S3 location has a remote backend"),
+        };
         let bytes = match backend.load(Kind::Config, "config") {
             Ok(b) => b,
             Err(e) if e.is_not_found() => {
                 return Err(RepoError::NotARepository {
-                    location: path.display().to_string(),
+                    location: location.to_string(),
                 })
             }
             Err(e) => return Err(e.into()),
@@ -386,11 +457,13 @@ impl Repository {
         let config =
             config::decode(&bytes).map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
         let read_only = !backend.probe_writable();
-        let (catalog_path, cache_dir) = if read_only {
-            let dir = private_cache_dir(&config.id);
-            (copy_catalog(path, &dir)?, Some(dir))
-        } else {
-            (path.join(CATALOG_FILE), None)
+        let (catalog_path, cache_dir) = match location {
+            Location::S3 { .. } => (remote_catalog_path(&config.id)?, None),
+            Location::Local(path) if read_only => {
+                let dir = private_cache_dir(&config.id);
+                (copy_catalog(path, &dir)?, Some(dir))
+            }
+            Location::Local(path) => (path.join(CATALOG_FILE), None),
         };
         let mut held: Option<LockGuard> = None;
         let mut replaced = None;
@@ -412,7 +485,7 @@ impl Repository {
         };
         let mut repo = Repository {
             backend,
-            root: path.to_path_buf(),
+            root: location.local_path().map(Path::to_path_buf),
             config,
             catalog: Mutex::new(catalog),
             catalog_rebuilt: false,
@@ -424,6 +497,7 @@ impl Repository {
             no_lock: options.no_lock,
             catalog_path,
             cache_dir,
+            remote: is_remote,
             notices: Mutex::new(Vec::new()),
         };
         if state == OpenState::Current {
@@ -495,8 +569,9 @@ impl Repository {
         self.backend.location()
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// The local folder; None on object storage.
+    pub fn root(&self) -> Option<&Path> {
+        self.root.as_deref()
     }
 
     /// The shared catalog connection.
@@ -543,7 +618,45 @@ impl Repository {
         }
         let guard = lock::acquire(self.backend.clone(), exclusive, command)?;
         *self.lock_health.lock().expect("lock health") = Some(guard.health());
+        if self.remote {
+            // Under the lock no prune can remove a pack: from here on the
+            // catalog names no pack that is gone.
+            self.sync_packs()?;
+        }
         Ok(guard)
+    }
+
+    /// Brings this machine's catalog of a repository on object storage up
+    /// to date with the packs listed there: rows of packs another machine
+    /// removed are dropped (a backup must never deduplicate against them),
+    /// packs another machine wrote are added from their trailers
+    /// (spec: format-spec/04-catalog.md#remote).
+    fn sync_packs(&self) -> Result<(), RepoError> {
+        let listed: HashMap<ObjectName, u64> = self
+            .backend
+            .list(Kind::Pack)?
+            .into_iter()
+            .filter_map(|(name, size)| name.parse::<ObjectName>().ok().map(|n| (n, size)))
+            .collect();
+        let known: std::collections::HashSet<ObjectName> = self
+            .catalog()
+            .packs()?
+            .into_iter()
+            .map(|(name, _, _)| name)
+            .collect();
+        for gone in known.iter().filter(|n| !listed.contains_key(n)) {
+            self.catalog().remove_pack(gone)?;
+        }
+        for (name, size) in listed.iter().filter(|(n, _)| !known.contains(n)) {
+            match self.read_pack_index(&name.to_hex(), *size) {
+                Ok(entries) => self.catalog().add_pack(name, *size, &entries)?,
+                Err(RepoError::Backend(e)) if e.is_not_found() => {}
+                Err(e @ RepoError::Backend(_)) => return Err(e),
+                // A damaged pack adds nothing; check reports it.
+                Err(_) => {}
+            }
+        }
+        Ok(())
     }
 
     /// Fails once the lock taken last could not be refreshed for the

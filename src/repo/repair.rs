@@ -221,7 +221,11 @@ pub fn repair_snapshots(repo: &Repository) -> Result<Vec<SnapshotRepair>, RepoEr
 /// Removes the files in `tmp/` not modified for `min_age`; returns how
 /// many and their bytes (spec: 06-ordering.md#cleanup).
 pub fn clean_tmp(repo: &Repository, min_age: Duration) -> Result<(u64, u64), RepoError> {
-    let dir = repo.root().join("tmp");
+    // Object storage has no tmp/: its uploads are atomic.
+    let Some(root) = repo.root() else {
+        return Ok((0, 0));
+    };
+    let dir = root.join("tmp");
     let io = |what: String| move |source| RepoError::Io { what, source };
     let entries = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,

@@ -22,6 +22,7 @@ mod nbd;
 mod prune;
 mod restore_failure;
 mod roundtrip;
+mod s3;
 mod serve;
 #[cfg(feature = "sim")]
 mod sim_command;

@@ -166,8 +166,10 @@ pub fn run_in_env(cwd: &Path, args: &[&dyn AsRef<OsStr>], envs: &[(&str, &str)])
 /// A temporary folder holding a repository (`repo/`) and scratch files.
 pub struct TestRepo {
     dir: tempfile::TempDir,
-    /// The repository folder.
+    /// The repository folder (or, on S3, the `s3://` URL).
     pub repo: PathBuf,
+    /// Environment every command of this repository runs with.
+    pub env: Vec<(String, String)>,
 }
 
 impl TestRepo {
@@ -183,13 +185,68 @@ impl TestRepo {
             .tempdir()
             .expect("create a temporary folder");
         let repo = dir.path().join("repo");
-        let t = TestRepo { dir, repo };
+        let t = TestRepo {
+            dir,
+            repo,
+            env: Vec::new(),
+        };
+        t.init_with(extra);
+        t
+    }
+
+    /// A repository at `url` (an `s3://` URL) whose commands run with
+    /// `env` (endpoint, credentials), initialised with `extra` options.
+    pub fn at(url: &str, env: Vec<(String, String)>, extra: &[&str]) -> TestRepo {
+        let dir = tempfile::Builder::new()
+            .prefix("cbtvault-it-")
+            .tempdir()
+            .expect("create a temporary folder");
+        let mut env = env;
+        // This "machine's" catalog cache lives with the test.
+        env.push((
+            "CBTVAULT_CACHE_DIR".into(),
+            dir.path().join("cache").display().to_string(),
+        ));
+        let t = TestRepo {
+            dir,
+            repo: PathBuf::from(url),
+            env,
+        };
+        t.init_with(extra);
+        t
+    }
+
+    /// The same repository seen from another "machine": a fresh catalog
+    /// cache, the same endpoint and credentials.
+    pub fn other_machine(&self) -> TestRepo {
+        let dir = tempfile::Builder::new()
+            .prefix("cbtvault-it-")
+            .tempdir()
+            .expect("create a temporary folder");
+        let mut env: Vec<(String, String)> = self
+            .env
+            .iter()
+            .filter(|(k, _)| k != "CBTVAULT_CACHE_DIR")
+            .cloned()
+            .collect();
+        env.push((
+            "CBTVAULT_CACHE_DIR".into(),
+            dir.path().join("cache").display().to_string(),
+        ));
+        TestRepo {
+            dir,
+            repo: self.repo.clone(),
+            env,
+        }
+    }
+
+    fn init_with(&self, extra: &[&str]) {
+        let t = self;
         let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"init"];
         for e in extra {
             args.push(e);
         }
         t.run(&args).ok();
-        t
     }
 
     /// The temporary folder (images and restored files go here).
@@ -211,7 +268,13 @@ impl TestRepo {
     pub fn run_env(&self, args: &[&dyn AsRef<OsStr>], envs: &[(&str, &str)]) -> Run {
         let mut all: Vec<&dyn AsRef<OsStr>> = vec![&"-r", &self.repo];
         all.extend_from_slice(args);
-        run_in_env(self.dir.path(), &all, envs)
+        let mut env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        env.extend_from_slice(envs);
+        run_in_env(self.dir.path(), &all, &env)
     }
 
     /// `backup --json IMAGE EXTRA...`, which must succeed; its JSON summary.
@@ -581,7 +644,8 @@ pub fn spawn(t: &TestRepo, args: &[&dyn AsRef<std::ffi::OsStr>], env: &[(&str, &
     for a in args {
         cmd.arg(a);
     }
-    cmd.envs(env.iter().copied())
+    cmd.envs(t.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(env.iter().copied())
         .current_dir(t.root())
         .env_remove("CBTVAULT_REPOSITORY")
         .stdin(Stdio::null())
