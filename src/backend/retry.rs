@@ -85,23 +85,29 @@ impl RetryBackend {
         self.retries.load(Ordering::Relaxed)
     }
 
-    fn run<T>(
-        &self,
-        mut op: impl FnMut(u32) -> Result<T, BackendError>,
-    ) -> Result<T, BackendError> {
-        let mut attempt = 1;
-        loop {
-            match op(attempt) {
-                Err(BackendError::Transient { .. }) if attempt < self.policy.attempts => {
-                    self.retries.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(self.policy.delay(attempt, rand::random::<f64>()));
-                    attempt += 1;
-                }
-                Err(e @ BackendError::Transient { .. }) => {
-                    return Err(gave_up(e, self.policy.attempts))
-                }
-                other => return other,
+    fn run<T>(&self, op: impl FnMut(u32) -> Result<T, BackendError>) -> Result<T, BackendError> {
+        with_retries(&self.policy, &self.retries, op)
+    }
+}
+
+/// Runs `op` (given the try number, from 1) until it succeeds, fails for
+/// good, or has failed transiently `policy.attempts` times; counts the
+/// retries in `retries`.
+pub fn with_retries<T>(
+    policy: &RetryPolicy,
+    retries: &AtomicU64,
+    mut op: impl FnMut(u32) -> Result<T, BackendError>,
+) -> Result<T, BackendError> {
+    let mut attempt = 1;
+    loop {
+        match op(attempt) {
+            Err(BackendError::Transient { .. }) if attempt < policy.attempts => {
+                retries.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(policy.delay(attempt, rand::random::<f64>()));
+                attempt += 1;
             }
+            Err(e @ BackendError::Transient { .. }) => return Err(gave_up(e, policy.attempts)),
+            other => return other,
         }
     }
 }

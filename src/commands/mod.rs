@@ -20,7 +20,6 @@ pub mod serve;
 pub mod sim;
 pub mod snapshots;
 
-
 use anyhow::{bail, Context, Result};
 
 use crate::output::Ui;

@@ -379,13 +379,18 @@ impl Repository {
             }
             Location::S3 { .. } => {
                 let s3 = location.s3_backend()?.expect("an S3 location");
-                s3.ensure_bucket()?;
+                let policy = crate::backend::retry::RetryPolicy::from_env();
+                let counter = Default::default();
+                let retried = |op: &dyn Fn() -> Result<bool, BackendError>| {
+                    crate::backend::retry::with_retries(&policy, &counter, |_| op())
+                };
+                retried(&|| s3.ensure_bucket())?;
                 for kind in [Kind::Snapshot, Kind::Pack] {
-                    if !s3.list(kind)?.is_empty() {
+                    if retried(&|| Ok(!s3.list(kind)?.is_empty()))? {
                         return Err(RepoError::AlreadyExists { location: shown });
                     }
                 }
-                if !s3.save_if_absent(Kind::Config, "config", &bytes)? {
+                if !retried(&|| s3.save_if_absent(Kind::Config, "config", &bytes))? {
                     return Err(RepoError::AlreadyExists { location: shown });
                 }
                 remote_catalog_path(&config.id)?

@@ -5,11 +5,13 @@
 //! bit for bit, a second machine with an empty cache, concurrent writers,
 //! forget and prune, multipart uploads, refused locations.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::io::Read;
-use std::net::TcpStream;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cbtvault::backend::s3::{self, S3Backend, S3Options};
@@ -499,4 +501,191 @@ fn credentials_come_from_the_environment_or_the_shared_file_never_argv() {
     // There is no option that takes a key.
     let r = run(&env(&[]), &[&"--s3-secret-access-key", &"x", &"snapshots"]);
     assert_eq!(r.code, 2, "{}", r.stderr);
+}
+
+/// What the fault proxy does to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    Pass,
+    /// `503 SlowDown`, as throttling S3 answers.
+    SlowDown,
+    /// The connection closed without an answer.
+    Drop,
+    /// Held longer than the client's request timeout, then passed.
+    Stall,
+}
+
+/// A proxy in front of the real server that injects faults: request `n`
+/// (counting from 0) gets `plan(n)`. Each request is forwarded on a
+/// connection of its own (`Connection: close`).
+struct FaultProxy {
+    endpoint: String,
+    counts: Arc<Mutex<HashMap<&'static str, u64>>>,
+}
+
+impl FaultProxy {
+    fn start(upstream: &str, plan: fn(u64) -> Fault) -> FaultProxy {
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let counts: Arc<Mutex<HashMap<&'static str, u64>>> = Default::default();
+        let seen = counts.clone();
+        let next = Arc::new(AtomicU64::new(0));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let upstream = upstream.clone();
+                let seen = seen.clone();
+                let next = next.clone();
+                std::thread::spawn(move || {
+                    let _ = serve_one(conn, &upstream, plan, &next, &seen);
+                });
+            }
+        });
+        FaultProxy { endpoint, counts }
+    }
+
+    fn count(&self, what: &str) -> u64 {
+        self.counts.lock().unwrap().get(what).copied().unwrap_or(0)
+    }
+}
+
+/// Reads one request (head and Content-Length body), applies the plan.
+fn serve_one(
+    mut conn: TcpStream,
+    upstream: &str,
+    plan: fn(u64) -> Fault,
+    next: &AtomicU64,
+    seen: &Mutex<HashMap<&'static str, u64>>,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte)? == 0 {
+            return Ok(());
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let length: usize = text
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    conn.read_exact(&mut body)?;
+    let fault = plan(next.fetch_add(1, Ordering::SeqCst));
+    let name = match fault {
+        Fault::Pass => "pass",
+        Fault::SlowDown => "slowdown",
+        Fault::Drop => "drop",
+        Fault::Stall => "stall",
+    };
+    *seen.lock().unwrap().entry(name).or_default() += 1;
+    match fault {
+        Fault::Drop => return Ok(()),
+        Fault::SlowDown => {
+            let doc = "<?xml version=\"1.0\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+            write!(
+                conn,
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{doc}",
+                doc.len()
+            )?;
+            return Ok(());
+        }
+        Fault::Stall => std::thread::sleep(Duration::from_millis(2500)),
+        Fault::Pass => {}
+    }
+    // Forward with Connection: close, relay the answer until it ends.
+    let mut request: Vec<u8> = Vec::new();
+    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+        if line.to_ascii_lowercase().starts_with("connection:") {
+            continue;
+        }
+        request.extend_from_slice(line.as_bytes());
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"Connection: close\r\n\r\n");
+    request.extend_from_slice(&body);
+    let mut up = TcpStream::connect(upstream)?;
+    up.write_all(&request)?;
+    std::io::copy(&mut up, &mut conn)?;
+    Ok(())
+}
+
+#[test]
+fn transient_faults_are_retried_and_the_backup_is_whole() {
+    let server = S3Server::shared();
+    // Every 3rd request throttled, every 5th dropped, every 11th stalled
+    // past the 1 s request timeout; the rest pass.
+    let proxy = FaultProxy::start(&server.endpoint, |n| match n {
+        n if n % 11 == 10 => Fault::Stall,
+        n if n % 5 == 4 => Fault::Drop,
+        n if n % 3 == 2 => Fault::SlowDown,
+        _ => Fault::Pass,
+    });
+    let mut env: Vec<(String, String)> = server
+        .env()
+        .into_iter()
+        .filter(|(k, _)| k != "CBTVAULT_S3_ENDPOINT" && k != "CBTVAULT_RETRY")
+        .collect();
+    env.push(("CBTVAULT_S3_ENDPOINT".into(), proxy.endpoint.clone()));
+    env.push(("CBTVAULT_RETRY".into(), "8,10,100".into()));
+    env.push(("CBTVAULT_S3_TIMEOUT_SECS".into(), "1".into()));
+    let t = TestRepo::at(&server.fresh_url("faults"), env, &["--pack-size-mib", "1"]);
+    let img = Image::create(&t.path("disk.img"), 40 * BS);
+    for i in 0..40 {
+        img.write_block(i, &random_block(41, i));
+    }
+    let s = t.backup(&img.path, &[]);
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+    assert_clean(&t);
+    for what in ["slowdown", "drop", "stall", "pass"] {
+        assert!(proxy.count(what) > 0, "no '{what}' fault was injected");
+    }
+}
+
+#[test]
+fn a_backup_that_cannot_upload_commits_nothing() {
+    let server = S3Server::shared();
+    // Everything passes until the first pack upload; then S3 throttles
+    // for good.
+    let proxy = FaultProxy::start(&server.endpoint, |n| {
+        if n < 6 {
+            Fault::Pass
+        } else {
+            Fault::SlowDown
+        }
+    });
+    let url = server.fresh_url("down");
+    let direct = TestRepo::at(&url, server.env(), &["--pack-size-mib", "1"]);
+    let img = Image::create(&direct.path("disk.img"), 40 * BS);
+    for i in 0..40 {
+        img.write_block(i, &random_block(42, i));
+    }
+    let mut env: Vec<(String, String)> = direct
+        .env
+        .iter()
+        .filter(|(k, _)| k != "CBTVAULT_S3_ENDPOINT" && k != "CBTVAULT_RETRY")
+        .cloned()
+        .collect();
+    env.push(("CBTVAULT_S3_ENDPOINT".into(), proxy.endpoint.clone()));
+    env.push(("CBTVAULT_RETRY".into(), "3,5,20".into()));
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"-r", &direct.repo, &"backup", &img.path];
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = run_in_env(direct.root(), &args, &pairs);
+    assert_ne!(r.code, 0, "the backup went through: {}", r.stderr);
+    r.stderr_mentions(&["SlowDown", "gave up after 3 tries"]);
+    args.clear();
+    assert!(direct.snapshots(&[]).is_empty(), "a snapshot was committed");
+    assert!(proxy.count("slowdown") >= 3);
+    // The repository is sound, and the next backup (server back) works.
+    let (run, report) = direct.check(false);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    let s = direct.backup(&img.path, &[]);
+    direct.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
 }
