@@ -74,6 +74,10 @@ pub enum Command {
     Stats,
     /// Remove stale locks.
     Unlock(UnlockArgs),
+    /// Copy snapshots (with the snapshots they are layered on) from one
+    /// repository to another, sending only the blocks the destination
+    /// lacks; interrupted, run it again.
+    Copy(CopyArgs),
     /// Remove snapshots (by id or by a --keep-* policy), folding their
     /// changes into the snapshots layered on them, and destroy the
     /// XenServer landmarks only they recorded.
@@ -109,6 +113,7 @@ impl Command {
             Command::Diff(_) => "diff",
             Command::Stats => "stats",
             Command::Unlock(_) => "unlock",
+            Command::Copy(_) => "copy",
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
             Command::Repair(RepairCommand::Index) => "repair index",
@@ -452,6 +457,27 @@ pub struct DiffArgs {
     /// Compare snapshots of two different sources anyway.
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    /// The repository to copy from (a folder or s3://...).
+    #[arg(long, value_name = "REPO")]
+    pub from: String,
+    /// The repository to copy to (a folder or s3://...; create it first
+    /// with 'cbtvault init' and the same --block-size).
+    #[arg(long, value_name = "REPO")]
+    pub to: String,
+    /// Snapshots to copy (ids or unique prefixes).
+    #[arg(
+        value_name = "SNAPSHOT",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pub snapshots: Vec<String>,
+    /// Copy every snapshot.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Args)]

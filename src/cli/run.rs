@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use super::{options, Cli, Command, RepairCommand};
 use crate::commands::repair::RepairAction;
 use crate::commands::{
-    backup, check, forget, inspect, open_with, prune, repair, restore, serve, snapshots, Outcome,
+    backup, check, copy, forget, inspect, open_with, prune, repair, restore, serve, snapshots,
+    Outcome,
 };
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
@@ -65,6 +66,13 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         }
         Command::Diff(a) => inspect::diff(ui, &open(ui, &repo_path()?)?, &options::diff(a)),
         Command::Stats => inspect::stats(ui, &open(ui, &repo_path()?)?),
+        Command::Copy(a) => copy::run(
+            ui,
+            &open(ui, &Location::parse(&a.from, &settings)?)?,
+            &open(ui, &Location::parse(&a.to, &settings)?)?,
+            &a.snapshots,
+            a.all,
+        ),
         Command::Unlock(a) => inspect::unlock(ui, &open(ui, &repo_path()?)?, &options::unlock(a)),
         Command::Forget(a) => {
             let o = options::forget(a)?;

@@ -4,6 +4,7 @@
 
 pub mod backup;
 pub mod check;
+pub mod copy;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod forget;

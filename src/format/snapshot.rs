@@ -38,6 +38,12 @@ pub enum ReadMode {
     All,
 }
 
+/// Landmark key of a snapshot written by `copy`: the id of the repository
+/// it was copied from. Its other landmark keys describe the source
+/// repository's host-side state, which this repository's retention never
+/// releases (spec: format-spec/03-snapshot.md#copied).
+pub const COPIED_FROM: &str = "copied_from";
+
 /// The JSON section of a snapshot object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

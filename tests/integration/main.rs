@@ -8,6 +8,7 @@ mod catalog;
 mod catalog_damage;
 mod changed_blocks;
 mod cli;
+mod copy;
 mod corruption;
 mod crash;
 mod exit_codes;

@@ -33,6 +33,10 @@ impl Landmark {
     /// The landmark a disk snapshot records, if it records a whole one.
     pub fn of(meta: &SnapshotMeta) -> Option<Landmark> {
         let l = &meta.landmark;
+        // A copy's landmark belongs to the repository it was copied from.
+        if l.contains_key(crate::format::snapshot::COPIED_FROM) {
+            return None;
+        }
         if l.get(keys::KIND).is_some_and(|k| k != "disk") {
             return None;
         }
@@ -217,6 +221,16 @@ mod tests {
         assert_eq!(uuids(&p), ["l1", "l2"]);
         let l = &p["h1:443"][0];
         assert_eq!((l.host.as_str(), l.vdi.as_str()), ("h1:443", "a"));
+    }
+
+    #[test]
+    fn copies_never_release_the_source_repositorys_landmarks() {
+        let mut copied = meta(1, "a", Some("l1"), "disk");
+        copied
+            .landmark
+            .insert(crate::format::snapshot::COPIED_FROM.into(), "repo-a".into());
+        assert_eq!(Landmark::of(&copied), None);
+        assert!(plan(&[copied], &[]).is_empty());
     }
 
     #[test]

@@ -1,0 +1,264 @@
+//! `copy`: snapshots of one repository into another (either local or on
+//! object storage), with their parent chains, sending only the blocks the
+//! destination lacks. Every block is read through the source's verifying
+//! reader, packed anew for the destination (its own compression level),
+//! and the destination's write order holds: packs durable, catalog rows,
+//! then the snapshot object (spec: format-spec/06-ordering.md#copy).
+//!
+//! Idempotent and resumable: a snapshot whose id the destination already
+//! holds is skipped, and the packs of an interrupted run are in the
+//! destination's catalog (or found there by the next lock's
+//! reconciliation), so a rerun sends only what did not arrive.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use super::read::BlockReader;
+use super::{RepoError, Repository};
+use crate::format::snapshot::{BlockRef, SnapshotObject, COPIED_FROM};
+use crate::format::{BlockId, SnapshotId};
+use crate::pack::{self, CompressedBlock, PackWriter, SharedBytes, Stored};
+use crate::progress::Progress;
+
+/// What `copy` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CopyReport {
+    /// Snapshots written to the destination, oldest first (chains included).
+    pub copied_snapshot_ids: Vec<String>,
+    /// Snapshots the destination already held (skipped).
+    pub present_snapshot_ids: Vec<String>,
+    /// Blocks read from the source and written to the destination.
+    pub blocks_sent: u64,
+    /// Their raw (uncompressed) bytes.
+    pub sent_raw_bytes: u64,
+    /// Bytes written into the destination's packs.
+    pub sent_stored_bytes: u64,
+    /// Blocks the destination already held (not sent).
+    pub blocks_skipped: u64,
+    /// Their raw bytes.
+    pub skipped_raw_bytes: u64,
+    pub packs_written: u64,
+    #[serde(
+        rename = "duration_seconds",
+        serialize_with = "crate::json::duration_seconds"
+    )]
+    pub duration: std::time::Duration,
+}
+
+/// Copies the snapshots `ids` of `from` (and the ancestors each is layered
+/// on) into `to`. The caller holds a shared lock on both.
+pub fn copy(
+    from: &Repository,
+    to: &Repository,
+    ids: &[SnapshotId],
+    progress: &dyn Progress,
+) -> Result<CopyReport, RepoError> {
+    let started = Instant::now();
+    let (a, b) = (from.config(), to.config());
+    if a.block_size != b.block_size {
+        return Err(RepoError::Invalid(format!(
+            "the repositories have different block sizes ({} and {} bytes): copy needs the same; create the destination with 'cbtvault init --block-size {}'",
+            a.block_size, b.block_size, a.block_size
+        )));
+    }
+    if a.id == b.id {
+        return Err(RepoError::Invalid(
+            "source and destination are the same repository".into(),
+        ));
+    }
+    let present: HashSet<SnapshotId> = to.snapshots()?.iter().map(|s| s.meta.id).collect();
+    // The chains, oldest first, each snapshot once.
+    let mut order: Vec<SnapshotObject> = Vec::new();
+    let mut queued: HashSet<SnapshotId> = HashSet::new();
+    let mut report = CopyReport::default();
+    for id in ids {
+        for obj in from.load_chain(*id)? {
+            if !queued.insert(obj.meta.id) {
+                continue;
+            }
+            if present.contains(&obj.meta.id) {
+                report.present_snapshot_ids.push(obj.meta.id.to_hex());
+            } else {
+                order.push(obj);
+            }
+        }
+    }
+    let total: u64 = order
+        .iter()
+        .map(|o| {
+            o.entries
+                .iter()
+                .filter(|(_, r)| matches!(r, BlockRef::Data(_)))
+                .count() as u64
+        })
+        .sum();
+    progress.set_message("copying blocks");
+    progress.set_total(total);
+    for obj in order {
+        copy_one(from, to, obj, &mut report, progress)?;
+    }
+    report.duration = started.elapsed();
+    Ok(report)
+}
+
+/// One snapshot: its missing blocks into new packs, then its object.
+fn copy_one(
+    from: &Repository,
+    to: &Repository,
+    mut obj: SnapshotObject,
+    report: &mut CopyReport,
+    progress: &dyn Progress,
+) -> Result<(), RepoError> {
+    let mut unique: Vec<BlockId> = Vec::new();
+    let mut seen = HashSet::new();
+    for (_, r) in &obj.entries {
+        if let BlockRef::Data(id) = r {
+            if seen.insert(*id) {
+                unique.push(*id);
+            }
+        }
+    }
+    let references = obj
+        .entries
+        .iter()
+        .filter(|(_, r)| matches!(r, BlockRef::Data(_)))
+        .count() as u64;
+    let mut missing: Vec<BlockId> = Vec::new();
+    for batch in unique.chunks(4096) {
+        let have = to.catalog().contains_intact_many(batch)?;
+        for (id, has) in batch.iter().zip(have) {
+            if has {
+                report.blocks_skipped += 1;
+            } else {
+                missing.push(*id);
+            }
+        }
+    }
+    // Raw sizes of what is skipped, from the source's catalog.
+    let skipped: Vec<BlockId> = {
+        let m: HashSet<&BlockId> = missing.iter().collect();
+        unique
+            .iter()
+            .filter(|id| !m.contains(id))
+            .copied()
+            .collect()
+    };
+    for batch in skipped.chunks(4096) {
+        for l in from.catalog().lookup_many(batch)?.into_iter().flatten() {
+            report.skipped_raw_bytes += l.raw_length as u64;
+        }
+    }
+    // Blocks referenced more than once, or already present, still count
+    // as progress.
+    progress.advance(references - missing.len() as u64);
+
+    let level = to.config().compression_level;
+    let target = to.config().pack_size_target_bytes;
+    let mut writer: Option<PackWriter> = None;
+    let mut failure: Option<RepoError> = None;
+    let wanted: Vec<(u64, BlockId)> = missing
+        .iter()
+        .enumerate()
+        .map(|(k, id)| (k as u64, *id))
+        .collect();
+    let stream = BlockReader::new(from).stream(&wanted, |chunk| {
+        for (located, result) in chunk {
+            let step = (|| -> Result<(), RepoError> {
+                crate::interrupt::check()?;
+                let raw = result?;
+                let block = prepare(raw, located.block, level)?;
+                let w = writer.get_or_insert_with(|| PackWriter::new(target));
+                w.add(&block)?;
+                report.blocks_sent += 1;
+                report.sent_raw_bytes += block.raw_length as u64;
+                if w.is_full() {
+                    let full = writer.take().expect("a writer");
+                    report.sent_stored_bytes += flush(to, full)?;
+                    report.packs_written += 1;
+                }
+                progress.advance(1);
+                #[cfg(debug_assertions)]
+                super::test_kill("copy_block");
+                Ok(())
+            })();
+            if let Err(e) = step {
+                failure = Some(e);
+                return false;
+            }
+        }
+        true
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    stream?;
+    if let Some(w) = writer.take() {
+        if !w.is_empty() {
+            report.sent_stored_bytes += flush(to, w)?;
+            report.packs_written += 1;
+        }
+    }
+    // The object as the destination keeps it: the same snapshot (id,
+    // generation, content), marked as a copy so that the destination's
+    // retention never touches the source's host-side landmarks.
+    obj.meta
+        .landmark
+        .insert(COPIED_FROM.to_string(), from.config().id.clone());
+    let id = obj.meta.id;
+    to.commit_snapshot(&obj)?;
+    report.copied_snapshot_ids.push(id.to_hex());
+    Ok(())
+}
+
+/// A verified block ready for a pack: stored raw when it looks
+/// incompressible, else compressed (and checked to decompress back).
+fn prepare(raw: Vec<u8>, id: BlockId, level: i32) -> Result<CompressedBlock, RepoError> {
+    if pack::looks_incompressible(&raw) {
+        let len = raw.len();
+        let shared: SharedBytes = Arc::new(raw);
+        return Ok(CompressedBlock {
+            id,
+            raw_length: len as u32,
+            stored: Stored::Raw(shared, 0..len),
+        });
+    }
+    Ok(pack::compress_block(&raw, id, level)?)
+}
+
+/// Makes a pack durable in `to`, then adds its catalog rows; its size.
+fn flush(to: &Repository, writer: PackWriter) -> Result<u64, RepoError> {
+    let done = writer.finish();
+    to.ensure_lock_held()?;
+    let mut object = to.backend().create(crate::backend::Kind::Pack)?;
+    object.append(done.tail.bytes())?;
+    object.commit(&done.name.to_hex())?;
+    #[cfg(debug_assertions)]
+    super::test_kill("copy_pack_durable");
+    to.catalog()
+        .add_pack(&done.name, done.size_bytes, &done.entries)?;
+    Ok(done.size_bytes)
+}
+
+/// Snapshot ids chosen by the user: each query (an id or unique prefix)
+/// resolved in `from`, or every live snapshot with `all`.
+pub fn select(
+    from: &Repository,
+    queries: &[String],
+    all: bool,
+) -> Result<Vec<SnapshotId>, RepoError> {
+    if all {
+        return Ok(from.snapshots()?.iter().map(|s| s.meta.id).collect());
+    }
+    let mut out = Vec::new();
+    let mut seen = HashMap::new();
+    for q in queries {
+        let e = from.find_snapshot(q)?;
+        if seen.insert(e.meta.id, ()).is_none() {
+            out.push(e.meta.id);
+        }
+    }
+    Ok(out)
+}
