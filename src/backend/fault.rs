@@ -215,7 +215,7 @@ fn injected(kind: Kind, name: &str, op: &'static str, fault: Fault) -> BackendEr
         kind,
         name: name.to_string(),
         op,
-        source: std::io::Error::other(format!("{what} (injected by {FAULTS_VAR})")),
+        error: std::io::Error::other(format!("{what} (injected by {FAULTS_VAR})")),
     }
 }
 

@@ -340,7 +340,7 @@ impl Backend for LocalBackend {
                     kind,
                     name: name.to_string(),
                     op: "read",
-                    source: std::io::Error::new(
+                    error: std::io::Error::new(
                         e.kind(),
                         format!("object ends before byte {}", offset + buf.len() as u64),
                     ),

@@ -39,19 +39,19 @@ pub enum BackendError {
     #[error("{kind} '{name}' not found")]
     NotFound { kind: Kind, name: String },
     /// Worth retrying (interrupted, timed out, throttled).
-    #[error("{kind} '{name}': {op} failed (transient): {source}")]
+    #[error("{kind} '{name}': {op} failed (transient): {error}")]
     Transient {
         kind: Kind,
         name: String,
         op: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{kind} '{name}': {op} failed: {source}")]
+    #[error("{kind} '{name}': {op} failed: {error}")]
     Permanent {
         kind: Kind,
         name: String,
         op: &'static str,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -69,13 +69,13 @@ impl BackendError {
                 kind,
                 name,
                 op,
-                source: e,
+                error: e,
             },
             _ => BackendError::Permanent {
                 kind,
                 name,
                 op,
-                source: e,
+                error: e,
             },
         }
     }

@@ -70,7 +70,7 @@ fn lost(kind: Kind, name: &str, op: &'static str) -> BackendError {
         kind,
         name: name.to_string(),
         op,
-        source: std::io::Error::other("power lost (simulated by the power-loss test backend)"),
+        error: std::io::Error::other("power lost (simulated by the power-loss test backend)"),
     }
 }
 
@@ -227,7 +227,7 @@ impl Backend for PowerLoss {
                 kind,
                 name: name.to_string(),
                 op: "read",
-                source: std::io::Error::new(
+                error: std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
                     format!("object ends before byte {}", offset + buf.len() as u64),
                 ),

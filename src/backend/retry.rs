@@ -119,12 +119,12 @@ fn gave_up(e: BackendError, attempts: u32) -> BackendError {
             kind,
             name,
             op,
-            source,
+            error: source,
         } if attempts > 1 => BackendError::Transient {
             kind,
             name,
             op,
-            source: std::io::Error::new(
+            error: std::io::Error::new(
                 source.kind(),
                 format!("{source} (gave up after {attempts} tries)"),
             ),
@@ -222,14 +222,14 @@ mod tests {
                         kind,
                         name: name.into(),
                         op: "upload",
-                        source,
+                        error: source,
                     }
                 } else {
                     BackendError::Permanent {
                         kind,
                         name: name.into(),
                         op: "upload",
-                        source,
+                        error: source,
                     }
                 });
             }

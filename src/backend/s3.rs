@@ -420,13 +420,13 @@ impl S3Backend {
                 kind,
                 name,
                 op,
-                source,
+                error: source,
             },
             Class::Permanent => BackendError::Permanent {
                 kind,
                 name,
                 op,
-                source,
+                error: source,
             },
         }
     }
@@ -477,7 +477,7 @@ impl S3Backend {
                 kind,
                 name: name.to_string(),
                 op: "start a multipart upload",
-                source: std::io::Error::other(format!("unreadable answer: {e}")),
+                error: std::io::Error::other(format!("unreadable answer: {e}")),
             })?;
         let upload_id = started.upload_id().to_string();
         let result = (|| {
@@ -487,7 +487,7 @@ impl S3Backend {
                     kind,
                     name: name.to_string(),
                     op: "upload a part",
-                    source: std::io::Error::other("more than 65535 parts"),
+                    error: std::io::Error::other("more than 65535 parts"),
                 })?;
                 let action = UploadPart::new(&self.bucket, self.creds(), key, number, &upload_id);
                 let resp = self.send(
@@ -506,7 +506,7 @@ impl S3Backend {
                         kind,
                         name: name.to_string(),
                         op: "upload a part",
-                        source: std::io::Error::other("the answer has no ETag"),
+                        error: std::io::Error::other("the answer has no ETag"),
                     })?
                     .to_string();
                 etags.push(etag);
@@ -538,14 +538,14 @@ impl S3Backend {
                         kind,
                         name: name.to_string(),
                         op: "complete a multipart upload",
-                        source,
+                        error: source,
                     }
                 } else {
                     BackendError::Permanent {
                         kind,
                         name: name.to_string(),
                         op: "complete a multipart upload",
-                        source,
+                        error: source,
                     }
                 });
             }
@@ -609,7 +609,7 @@ impl S3Backend {
         }
         match self.put(kind, name, data, true) {
             Ok(()) => Ok(true),
-            Err(BackendError::Permanent { source, .. })
+            Err(BackendError::Permanent { error: source, .. })
                 if source.to_string().starts_with("HTTP 412") =>
             {
                 Ok(false)
@@ -645,14 +645,14 @@ fn transport(kind: Kind, name: &str, op: &'static str, e: reqwest::Error) -> Bac
             kind,
             name: name.to_string(),
             op,
-            source: std::io::Error::other(text),
+            error: std::io::Error::other(text),
         };
     }
     BackendError::Transient {
         kind,
         name: name.to_string(),
         op,
-        source: std::io::Error::other(text),
+        error: std::io::Error::other(text),
     }
 }
 
@@ -722,7 +722,7 @@ impl Backend for S3Backend {
         let resp = match self.send(kind, name, "read", req) {
             // Asked past its end: the object is shorter than the caller
             // expects (a truncated object), not a transient failure.
-            Err(BackendError::Permanent { source, .. })
+            Err(BackendError::Permanent { error: source, .. })
                 if source.to_string().starts_with("HTTP 416") =>
             {
                 return Err(short(kind, name, offset, buf.len()));
@@ -793,7 +793,7 @@ impl Backend for S3Backend {
                 kind,
                 name: name.to_string(),
                 op: "look up",
-                source: std::io::Error::other("the answer has no Content-Length"),
+                error: std::io::Error::other("the answer has no Content-Length"),
             })
     }
 
@@ -822,7 +822,7 @@ impl Backend for S3Backend {
                     kind,
                     name: folder.clone(),
                     op: "list",
-                    source: std::io::Error::other(format!("unreadable listing: {e}")),
+                    error: std::io::Error::other(format!("unreadable listing: {e}")),
                 })?;
             for c in page.contents {
                 let key = percent_decode(&c.key);
@@ -866,7 +866,7 @@ fn short(kind: Kind, name: &str, offset: u64, len: usize) -> BackendError {
         kind,
         name: name.to_string(),
         op: "read",
-        source: std::io::Error::new(
+        error: std::io::Error::new(
             std::io::ErrorKind::UnexpectedEof,
             format!("the object ends before byte {}", offset + len as u64),
         ),
@@ -878,7 +878,7 @@ fn read_failed(kind: Kind, name: &str, e: std::io::Error) -> BackendError {
         kind,
         name: name.to_string(),
         op: "read",
-        source: e,
+        error: e,
     }
 }
 

@@ -304,7 +304,7 @@ fn refresh_fault() -> Result<(), BackendError> {
             kind: Kind::Lock,
             name: "(refresh)".into(),
             op: "save",
-            source: std::io::Error::other("No space left on device (injected)"),
+            error: std::io::Error::other("No space left on device (injected)"),
         });
     }
     Ok(())

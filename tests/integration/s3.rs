@@ -689,3 +689,100 @@ fn a_backup_that_cannot_upload_commits_nothing() {
     let s = direct.backup(&img.path, &[]);
     direct.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
 }
+
+/// An s3s-fs server (a second, independent S3 implementation, which
+/// enforces SigV4) over a folder of its own, stopped with the test
+/// process; it accepts exactly one key pair.
+struct S3sFs {
+    endpoint: String,
+    _dir: tempfile::TempDir,
+    _child: Child,
+}
+
+const S3S_KEY: &str = "cbtvault-key";
+const S3S_SECRET: &str = "cbtvault-secret-0123456789";
+
+impl S3sFs {
+    fn start() -> S3sFs {
+        let dir = tempfile::tempdir().unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            l.local_addr().unwrap().port()
+        };
+        let script = format!(
+            "s3s-fs --host 127.0.0.1 --port {port} --access-key {S3S_KEY} --secret-key {S3S_SECRET} '{}' >/dev/null 2>&1 & m=$!; \
+             while kill -0 {parent} 2>/dev/null && kill -0 $m 2>/dev/null; do sleep 0.5; done; kill $m 2>/dev/null",
+            dir.path().display(),
+            parent = std::process::id()
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start sh");
+        let started = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "s3s-fs did not start on port {port}: install it with cargo install s3s-fs@0.14.1 --features binary --locked (.ci/run does)"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        S3sFs {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            _dir: dir,
+            _child: child,
+        }
+    }
+
+    fn env(&self, key: &str, secret: &str) -> Vec<(String, String)> {
+        [
+            ("CBTVAULT_S3_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", key),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("CBTVAULT_RETRY", "4,20,200"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+#[test]
+fn a_server_that_checks_signatures_accepts_ours_and_refuses_wrong_keys_at_once() {
+    let server = S3sFs::start();
+    let t = TestRepo::at(
+        "s3://signed/vault",
+        server.env(S3S_KEY, S3S_SECRET),
+        &["--pack-size-mib", "1"],
+    );
+    let img = Image::create(&t.path("disk.img"), 40 * BS);
+    for i in 0..40 {
+        img.write_block(i, &random_block(60, i));
+    }
+    let s = t.backup(&img.path, &[]);
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+    assert_clean(&t);
+    // Refused credentials are permanent: no retries, a clear word.
+    for (key, secret, says) in [
+        (S3S_KEY, "not-the-secret", "secret key does not match"),
+        ("someone-else", S3S_SECRET, "AWS_ACCESS_KEY_ID"),
+    ] {
+        let mut env = server.env(key, secret);
+        env.push((
+            "CBTVAULT_CACHE_DIR".into(),
+            t.path("cache-wrong").display().to_string(),
+        ));
+        let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let started = Instant::now();
+        let r = run_in_env(t.root(), &[&"-r", &t.repo, &"snapshots"], &pairs);
+        assert_eq!(r.code, 1, "{key}: {}", r.stderr);
+        r.stderr_mentions(&[says]);
+        assert!(!r.stderr.contains("gave up after"), "retried: {}", r.stderr);
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert!(!r.stderr.contains(secret), "the secret was printed");
+    }
+}
