@@ -35,7 +35,7 @@ impl LocalBackend {
     /// Creates the folder tree of a new repository.
     pub fn create_layout(&self) -> std::io::Result<()> {
         create_dirs(&self.root)?;
-        for d in ["data", "snapshots", "locks", "tmp"] {
+        for d in ["data", "snapshots", "locks", "index", "tmp"] {
             create_dirs(&self.root.join(d))?;
         }
         for i in 0..=255u8 {
@@ -93,6 +93,7 @@ impl LocalBackend {
                 .join(name),
             Kind::Snapshot => self.root.join("snapshots").join(name),
             Kind::Lock => self.root.join("locks").join(name),
+            Kind::Index => self.root.join("index").join(name),
         }
     }
 
@@ -384,6 +385,7 @@ impl Backend for LocalBackend {
             }
             Kind::Snapshot => vec![self.root.join("snapshots")],
             Kind::Lock => vec![self.root.join("locks")],
+            Kind::Index => vec![self.root.join("index")],
         };
         let mut out = Vec::new();
         for dir in dirs {

@@ -21,6 +21,8 @@ pub enum Kind {
     Pack,
     Snapshot,
     Lock,
+    /// Index objects (format-spec/08-index.md).
+    Index,
 }
 
 impl fmt::Display for Kind {
@@ -30,6 +32,7 @@ impl fmt::Display for Kind {
             Kind::Pack => "pack",
             Kind::Snapshot => "snapshot",
             Kind::Lock => "lock",
+            Kind::Index => "index object",
         })
     }
 }

@@ -129,6 +129,7 @@ pub fn key_of(prefix: &str, kind: Kind, name: &str) -> String {
         Kind::Pack => format!("data/{}/{name}", name.get(..2).unwrap_or("00")),
         Kind::Snapshot => format!("snapshots/{name}"),
         Kind::Lock => format!("locks/{name}"),
+        Kind::Index => format!("index/{name}"),
     };
     if prefix.is_empty() {
         rel
@@ -144,6 +145,7 @@ fn folder_of(prefix: &str, kind: Kind) -> String {
         Kind::Pack => "data/",
         Kind::Snapshot => "snapshots/",
         Kind::Lock => "locks/",
+        Kind::Index => "index/",
     };
     if prefix.is_empty() {
         rel.to_string()
@@ -251,6 +253,92 @@ pub fn ini_section(text: &str, name: &str) -> Option<Vec<(String, String)>> {
     found.then_some(out)
 }
 
+/// One page of a ListObjectsV2 answer.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Key (as sent: URL-encoded when asked so) and size of each object.
+    pub objects: Vec<(String, u64)>,
+    pub truncated: bool,
+    pub next: Option<String>,
+}
+
+/// Reads a ListObjectsV2 answer: `Key` and `Size` of every `Contents`,
+/// `IsTruncated` and `NextContinuationToken`; every other element (ETag,
+/// LastModified, Owner, which some servers omit) is ignored.
+pub fn parse_listing(body: &str) -> Result<Listing, String> {
+    if !body.contains("<ListBucketResult") {
+        return Err("not a ListBucketResult document".into());
+    }
+    let mut out = Listing::default();
+    let mut rest = body;
+    while let Some(start) = rest.find("<Contents>") {
+        let after = &rest[start + "<Contents>".len()..];
+        let end = after
+            .find("</Contents>")
+            .ok_or("a Contents element is not closed")?;
+        let item = &after[..end];
+        let key = element(item, "Key").ok_or("an object without a Key")?;
+        let size = element(item, "Size")
+            .ok_or("an object without a Size")?
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| "an object whose Size is not a number".to_string())?;
+        out.objects.push((xml_unescape(&key)?, size));
+        rest = &after[end + "</Contents>".len()..];
+    }
+    let head = body.split("<Contents>").next().unwrap_or("");
+    let tail = body.rsplit("</Contents>").next().unwrap_or("");
+    let top = |tag: &str| element(head, tag).or_else(|| element(tail, tag));
+    out.truncated = top("IsTruncated").is_some_and(|t| t.trim() == "true");
+    out.next = top("NextContinuationToken")
+        .map(|t| xml_unescape(&t))
+        .transpose()?;
+    Ok(out)
+}
+
+/// The text of the first `<tag>...</tag>` in `s`.
+fn element(s: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = s.find(&open)? + open.len();
+    let len = s[start..].find(&close)?;
+    Some(s[start..start + len].to_string())
+}
+
+/// Undoes XML's five predefined entities and numeric references.
+fn xml_unescape(s: &str) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let end = after.find(';').ok_or("an unterminated entity")?;
+        let ent = &after[..end];
+        let c = match ent {
+            "amp" => '&',
+            "lt" => '<',
+            "gt" => '>',
+            "quot" => '"',
+            "apos" => '\'',
+            _ => {
+                let code = if let Some(h) = ent.strip_prefix("#x") {
+                    u32::from_str_radix(h, 16).ok()
+                } else if let Some(d) = ent.strip_prefix('#') {
+                    d.parse().ok()
+                } else {
+                    None
+                };
+                code.and_then(char::from_u32)
+                    .ok_or_else(|| format!("an unknown entity '&{ent};'"))?
+            }
+        };
+        out.push(c);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
 /// The `Code` and `Message` of an S3 error document, when it is one.
 pub fn error_document(body: &str) -> (Option<String>, Option<String>) {
     let field = |tag: &str| {
@@ -287,7 +375,7 @@ pub fn classify(status: u16, code: Option<&str>) -> Class {
 /// What the user may do about a permanent refusal.
 fn advice(code: Option<&str>, bucket: &str) -> &'static str {
     match code {
-        Some("InvalidAccessKeyId") => {
+        Some("InvalidAccessKeyId" | "NotSignedUp") => {
             " (the server does not know this AWS_ACCESS_KEY_ID; check the credentials)"
         }
         Some("SignatureDoesNotMatch") => {
@@ -817,24 +905,33 @@ impl Backend for S3Backend {
             let body = resp
                 .text()
                 .map_err(|e| transport(kind, &folder, "list", e))?;
-            let page =
-                ListObjectsV2::parse_response(&body).map_err(|e| BackendError::Permanent {
-                    kind,
-                    name: folder.clone(),
-                    op: "list",
-                    error: std::io::Error::other(format!("unreadable listing: {e}")),
-                })?;
-            for c in page.contents {
-                let key = percent_decode(&c.key);
+            let page = parse_listing(&body).map_err(|e| BackendError::Permanent {
+                kind,
+                name: folder.clone(),
+                op: "list",
+                error: std::io::Error::other(format!("unreadable listing: {e}")),
+            })?;
+            for (key, size) in page.objects {
+                let key = percent_decode(&key);
                 if kind == Kind::Config && key != self.key(Kind::Config, "config") {
                     continue;
                 }
                 if let Some(name) = name_of_key(&self.options.prefix, kind, &key) {
-                    out.push((name, c.size));
+                    out.push((name, size));
                 }
             }
-            match page.next_continuation_token {
-                Some(t) if !t.is_empty() => token = Some(t),
+            match page.next {
+                Some(t) if page.truncated && !t.is_empty() => token = Some(t),
+                _ if page.truncated => {
+                    return Err(BackendError::Permanent {
+                        kind,
+                        name: folder.clone(),
+                        op: "list",
+                        error: std::io::Error::other(
+                            "the listing is truncated but gives no continuation token",
+                        ),
+                    })
+                }
                 _ => break,
             }
         }
@@ -1042,6 +1139,38 @@ mod tests {
         assert_eq!(classify(429, None), Class::Transient);
         assert_eq!(classify(400, None), Class::Permanent);
         assert_eq!(error_document("not xml"), (None, None));
+    }
+
+    #[test]
+    fn listings_with_and_without_optional_elements() {
+        let body = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>b</Name><Prefix>p/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys><IsTruncated>true</IsTruncated>
+<Contents><Key>p/locks/a&amp;b</Key><LastModified>2026-12-05T00:00:00.000Z</LastModified><ETag>"x"</ETag><Size>12</Size></Contents>
+<Contents><Key>p/locks/c</Key><Size>0</Size></Contents>
+<NextContinuationToken>tok&lt;1&gt;</NextContinuationToken></ListBucketResult>"#;
+        let l = parse_listing(body).unwrap();
+        assert_eq!(
+            l.objects,
+            vec![
+                ("p/locks/a&b".to_string(), 12),
+                ("p/locks/c".to_string(), 0)
+            ]
+        );
+        assert!(l.truncated);
+        assert_eq!(l.next.as_deref(), Some("tok<1>"));
+        let empty =
+            parse_listing("<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>")
+                .unwrap();
+        assert_eq!(empty, Listing::default());
+        for bad in [
+            "<Error><Code>x</Code></Error>",
+            "<ListBucketResult><Contents><Key>k</Key></Contents></ListBucketResult>",
+            "<ListBucketResult><Contents><Key>k</Key><Size>-1</Size></Contents></ListBucketResult>",
+            "<ListBucketResult><Contents><Key>k</Key><Size>1</Size>",
+            "<ListBucketResult><Contents><Key>a&bogus;</Key><Size>1</Size></Contents></ListBucketResult>",
+        ] {
+            assert!(parse_listing(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod bitmap;
 pub mod config;
 pub mod ids;
+pub mod index;
 pub mod lock;
 pub mod pack;
 pub mod raw_frame;

@@ -133,6 +133,7 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS packs(pack_id INTEGER PRIMARY KEY, name BLOB NOT NULL UNIQUE, size_bytes INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks(block_id BLOB PRIMARY KEY, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, stored_length INTEGER NOT NULL, raw_length INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(object BLOB PRIMARY KEY, id TEXT NOT NULL, generation INTEGER NOT NULL, time TEXT NOT NULL, source TEXT NOT NULL, parent TEXT, meta TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS index_seen(name BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS damaged(block_id BLOB NOT NULL, pack_name BLOB NOT NULL, reason TEXT NOT NULL, time TEXT NOT NULL, PRIMARY KEY(block_id, pack_name)) WITHOUT ROWID;
 ";
 
@@ -365,7 +366,7 @@ impl Catalog {
             }
             conn.execute_batch(
                 "DELETE FROM meta WHERE key='complete'; DELETE FROM blocks;
-                 DELETE FROM packs; DELETE FROM snapshots;",
+                 DELETE FROM packs; DELETE FROM snapshots; DELETE FROM index_seen;",
             )?;
             Ok(true)
         };
@@ -407,6 +408,37 @@ impl Catalog {
         if !self.conn.is_autocommit() {
             let _ = self.conn.execute_batch("ROLLBACK");
         }
+    }
+
+    /// Index objects already read into this catalog
+    /// (spec: format-spec/04-catalog.md#remote).
+    pub fn index_seen(&self) -> Result<std::collections::HashSet<ObjectName>, IndexError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM index_seen")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(|e| self.err(e))?;
+        let mut out = std::collections::HashSet::new();
+        for r in rows {
+            let bytes = r.map_err(|e| self.err(e))?;
+            if let Ok(a) = <[u8; 32]>::try_from(bytes.as_slice()) {
+                out.insert(ObjectName(a));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records that index object `name` has been read into the catalog.
+    pub fn mark_index_seen(&self, name: &ObjectName) -> Result<(), IndexError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO index_seen(name) VALUES (?1)",
+                [&name.0[..]],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
     }
 
     /// Records that the catalog describes every durable pack.

@@ -181,6 +181,8 @@ pub fn run(
             Some(_) => {}
         }
     }
+    // Each readable pack's trailer, to compare index objects with.
+    let mut trailer_digests: HashMap<ObjectName, blake3::Hash> = HashMap::new();
     progress.set_total(listed.len() as u64);
     for (name, size) in &listed {
         crate::interrupt::check()?;
@@ -197,6 +199,10 @@ pub fn run(
                 mark_pack_bad(&mut bad_blocks, &pack, "is unreadable")?;
             }
             Ok(entries) => {
+                trailer_digests.insert(
+                    pack,
+                    blake3::hash(&crate::format::pack::encode_trailer(&entries)),
+                );
                 if !catalog_names.contains(name) {
                     report.warn(
                         format!("pack {name}"),
@@ -425,6 +431,53 @@ pub fn run(
                 missing + corrupt,
                 first.unwrap_or_default()
             )));
+        }
+    }
+
+    // Index objects (spec: 08-index.md): a damaged or wrong one costs
+    // readers time (they read the trailers instead), never correctness.
+    for (hex, _) in backend.list(Kind::Index)? {
+        crate::interrupt::check()?;
+        let what = format!("index/{hex}");
+        let Ok(name) = hex.parse::<ObjectName>() else {
+            report.warn(what, "not an index object name; ignored".into());
+            continue;
+        };
+        let bytes = match backend.load(Kind::Index, &hex) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if ObjectName::of(&bytes) != name {
+            report.warn(
+                what,
+                "content does not match its name; readers ignore it and read the packs' trailers (it may be deleted)"
+                    .into(),
+            );
+            continue;
+        }
+        let packs = match crate::format::index::decode(&bytes, repo.config().block_size) {
+            Ok(p) => p,
+            Err(e) => {
+                report.warn(what, format!("undecodable ({e}); readers ignore it and read the packs' trailers (it may be deleted)"));
+                continue;
+            }
+        };
+        for p in packs {
+            let Some(actual) = trailer_digests.get(&p.name) else {
+                continue; // removed by prune, or unreadable (reported above)
+            };
+            let listed_size = listed_map.get(&p.name.to_hex()).copied();
+            let own = blake3::hash(&crate::format::pack::encode_trailer(&p.entries));
+            if listed_size != Some(p.size_bytes) || own != *actual {
+                report.warn(
+                    what.clone(),
+                    format!(
+                        "its record of pack {} differs from the pack's trailer; readers that use it may look in the wrong place (reads verify every block); it may be deleted",
+                        p.name.short()
+                    ),
+                );
+            }
         }
     }
 

@@ -18,10 +18,14 @@ use serde::Serialize;
 
 use super::read::BlockReader;
 use super::{RepoError, Repository};
+use crate::format::index::IndexedPack;
 use crate::format::snapshot::{BlockRef, SnapshotObject, COPIED_FROM};
 use crate::format::{BlockId, SnapshotId};
 use crate::pack::{self, CompressedBlock, PackWriter, SharedBytes, Stored};
 use crate::progress::Progress;
+
+/// Entries collected before they are written as an index object.
+const INDEX_FLUSH_ENTRIES: usize = 1 << 16;
 
 /// What `copy` did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -158,6 +162,7 @@ fn copy_one(
     let level = to.config().compression_level;
     let target = to.config().pack_size_target_bytes;
     let mut writer: Option<PackWriter> = None;
+    let mut indexed: Vec<IndexedPack> = Vec::new();
     let mut failure: Option<RepoError> = None;
     let wanted: Vec<(u64, BlockId)> = missing
         .iter()
@@ -176,7 +181,7 @@ fn copy_one(
                 report.sent_raw_bytes += block.raw_length as u64;
                 if w.is_full() {
                     let full = writer.take().expect("a writer");
-                    report.sent_stored_bytes += flush(to, full)?;
+                    report.sent_stored_bytes += flush(to, full, &mut indexed)?;
                     report.packs_written += 1;
                 }
                 progress.advance(1);
@@ -197,7 +202,7 @@ fn copy_one(
     stream?;
     if let Some(w) = writer.take() {
         if !w.is_empty() {
-            report.sent_stored_bytes += flush(to, w)?;
+            report.sent_stored_bytes += flush(to, w, &mut indexed)?;
             report.packs_written += 1;
         }
     }
@@ -208,6 +213,7 @@ fn copy_one(
         .landmark
         .insert(COPIED_FROM.to_string(), from.config().id.clone());
     let id = obj.meta.id;
+    to.write_index(indexed)?;
     to.commit_snapshot(&obj)?;
     report.copied_snapshot_ids.push(id.to_hex());
     Ok(())
@@ -229,7 +235,13 @@ fn prepare(raw: Vec<u8>, id: BlockId, level: i32) -> Result<CompressedBlock, Rep
 }
 
 /// Makes a pack durable in `to`, then adds its catalog rows; its size.
-fn flush(to: &Repository, writer: PackWriter) -> Result<u64, RepoError> {
+/// The pack joins `indexed`, written as an index object when it is large
+/// and in any case before the snapshot.
+fn flush(
+    to: &Repository,
+    writer: PackWriter,
+    indexed: &mut Vec<IndexedPack>,
+) -> Result<u64, RepoError> {
     let done = writer.finish();
     to.ensure_lock_held()?;
     let mut object = to.backend().create(crate::backend::Kind::Pack)?;
@@ -239,7 +251,16 @@ fn flush(to: &Repository, writer: PackWriter) -> Result<u64, RepoError> {
     super::test_kill("copy_pack_durable");
     to.catalog()
         .add_pack(&done.name, done.size_bytes, &done.entries)?;
-    Ok(done.size_bytes)
+    let size = done.size_bytes;
+    indexed.push(IndexedPack {
+        name: done.name,
+        size_bytes: done.size_bytes,
+        entries: done.entries,
+    });
+    if indexed.iter().map(|p| p.entries.len()).sum::<usize>() >= INDEX_FLUSH_ENTRIES {
+        to.write_index(std::mem::take(indexed))?;
+    }
+    Ok(size)
 }
 
 /// Snapshot ids chosen by the user: each query (an id or unique prefix)

@@ -653,15 +653,11 @@ impl Repository {
         for gone in known.iter().filter(|n| !listed.contains_key(n)) {
             self.catalog().remove_pack(gone)?;
         }
-        for (name, size) in listed.iter().filter(|(n, _)| !known.contains(n)) {
-            match self.read_pack_index(&name.to_hex(), *size) {
-                Ok(entries) => self.catalog().add_pack(name, *size, &entries)?,
-                Err(RepoError::Backend(e)) if e.is_not_found() => {}
-                Err(e @ RepoError::Backend(_)) => return Err(e),
-                // A damaged pack adds nothing; check reports it.
-                Err(_) => {}
-            }
-        }
+        let unknown: HashMap<ObjectName, u64> = listed
+            .into_iter()
+            .filter(|(n, _)| !known.contains(n))
+            .collect();
+        self.adopt_packs(unknown, true, &crate::progress::NoProgress)?;
         Ok(())
     }
 
@@ -778,17 +774,75 @@ impl Repository {
         &mut self,
         progress: &dyn crate::progress::Progress,
     ) -> Result<Vec<(String, String)>, RepoError> {
-        let packs = self.backend.list(Kind::Pack)?;
-        progress.set_total(packs.len() as u64);
         let mut skipped = Vec::new();
-        for (name, size) in packs {
+        let mut unknown = HashMap::new();
+        for (name, size) in self.backend.list(Kind::Pack)? {
+            match name.parse::<ObjectName>() {
+                Ok(pack) => {
+                    unknown.insert(pack, size);
+                }
+                Err(_) => skipped.push((name, "not a pack name".to_string())),
+            }
+        }
+        // On object storage index objects save a read per pack; a local
+        // rebuild reads every trailer (they are the packs' own word).
+        skipped.extend(self.adopt_packs(unknown, self.remote, progress)?);
+        self.sync_snapshots()?;
+        Ok(skipped)
+    }
+
+    /// Adds `unknown` packs (listed, not in the catalog; name -> size):
+    /// with `use_index`, first from the index objects this catalog has
+    /// not read yet, then every other one from its trailer. Returns the
+    /// packs skipped (vanished, damaged) and why; a read that fails stops.
+    fn adopt_packs(
+        &self,
+        mut unknown: HashMap<ObjectName, u64>,
+        use_index: bool,
+        progress: &dyn crate::progress::Progress,
+    ) -> Result<Vec<(String, String)>, RepoError> {
+        progress.set_total(unknown.len() as u64);
+        if use_index && !unknown.is_empty() {
+            let seen = self.catalog().index_seen()?;
+            for (hex, _) in self.backend.list(Kind::Index)? {
+                if unknown.is_empty() {
+                    break;
+                }
+                let Ok(name) = hex.parse::<ObjectName>() else {
+                    continue;
+                };
+                if seen.contains(&name) {
+                    continue;
+                }
+                let bytes = match self.backend.load(Kind::Index, &hex) {
+                    Ok(b) => b,
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                // A damaged index object is passed over: its packs' own
+                // trailers are read instead (check reports it).
+                if ObjectName::of(&bytes) != name {
+                    continue;
+                }
+                let Ok(packs) = crate::format::index::decode(&bytes, self.config.block_size) else {
+                    continue;
+                };
+                for p in packs {
+                    if unknown.get(&p.name) == Some(&p.size_bytes) {
+                        self.catalog().add_pack(&p.name, p.size_bytes, &p.entries)?;
+                        unknown.remove(&p.name);
+                        progress.advance(1);
+                    }
+                }
+                self.catalog().mark_index_seen(&name)?;
+            }
+        }
+        let mut skipped = Vec::new();
+        for (pack, size) in unknown {
             progress.advance(1);
-            let Ok(pack_name) = name.parse::<ObjectName>() else {
-                skipped.push((name, "not a pack name".to_string()));
-                continue;
-            };
+            let name = pack.to_hex();
             match self.read_pack_index(&name, size) {
-                Ok(entries) => self.catalog().add_pack(&pack_name, size, &entries)?,
+                Ok(entries) => self.catalog().add_pack(&pack, size, &entries)?,
                 // A pack that vanished since the listing has nothing to add.
                 Err(RepoError::Backend(e)) if e.is_not_found() => {
                     skipped.push((name, e.to_string()))
@@ -802,7 +856,6 @@ impl Repository {
                 Err(e) => skipped.push((name, e.to_string())),
             }
         }
-        self.sync_snapshots()?;
         Ok(skipped)
     }
 
@@ -1114,6 +1167,26 @@ impl Repository {
     }
 
     /// Writes a snapshot object (after its blocks are durable) and records it.
+    /// Writes index objects listing `packs`, which are durable
+    /// (spec: format-spec/08-index.md, 06-ordering.md#backup): each
+    /// encoded, checked as a reader would decode it, named by its hash.
+    pub fn write_index(
+        &self,
+        packs: Vec<crate::format::index::IndexedPack>,
+    ) -> Result<(), RepoError> {
+        use crate::format::index;
+        for part in index::split(packs) {
+            let bytes = index::encode(&part);
+            index::decode(&bytes, self.config.block_size).map_err(|e| {
+                RepoError::Invalid(format!("index object about to be written: {e}"))
+            })?;
+            let name = ObjectName::of(&bytes);
+            self.ensure_lock_held()?;
+            self.backend.save(Kind::Index, &name.to_hex(), &bytes)?;
+        }
+        Ok(())
+    }
+
     pub fn commit_snapshot(&self, obj: &SnapshotObject) -> Result<ObjectName, RepoError> {
         #[cfg(debug_assertions)]
         test_failpoint("commit_snapshot")?;

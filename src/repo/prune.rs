@@ -197,6 +197,8 @@ pub struct PruneReport {
     #[serde(rename = "unused_remaining_bytes")]
     pub bytes_unused_remaining: u64,
     pub tmp_files_removed: u64,
+    /// Index objects replaced because they named removed packs.
+    pub index_objects_rewritten: u64,
     pub damaged: Vec<DamagedBlob>,
     /// Packs left as they are because their trailer cannot be read.
     pub unreadable_packs: Vec<String>,
@@ -441,6 +443,7 @@ fn prune_marked(
     let gone: Vec<usize> = plan.delete.iter().chain(&repacked).copied().collect();
     crate::interrupt::check()?;
     repo.ensure_lock_held()?;
+    let mut indexed = Vec::new();
     repo.catalog().batch(|cat| -> Result<(), RepoError> {
         for &k in &gone {
             cat.remove_pack(&usage[k].name)?;
@@ -448,9 +451,16 @@ fn prune_marked(
         for (name, size) in &written {
             let entries = repo.read_pack_index(&name.to_hex(), *size)?;
             cat.add_pack(name, *size, &entries)?;
+            indexed.push(crate::format::index::IndexedPack {
+                name: *name,
+                size_bytes: *size,
+                entries,
+            });
         }
         Ok(())
     })?;
+    // The new packs' index object, before any old pack goes.
+    repo.write_index(indexed)?;
     #[cfg(debug_assertions)]
     super::test_kill("prune_committed");
 
@@ -477,6 +487,8 @@ fn prune_marked(
     for &k in &gone {
         repo.catalog().forget_damage_of_pack(&usage[k].name)?;
     }
+    // 5. Index objects naming removed packs (spec: 08-index.md#prune).
+    report.index_objects_rewritten = prune_index_objects(repo)?;
     report.packs_deleted = plan.delete.len() as u64;
     report.packs_repacked = repacked.len() as u64;
     report.packs_written = written.len() as u64;
@@ -511,6 +523,52 @@ fn mark(repo: &Repository) -> Result<u64, RepoError> {
         objects += 1;
     }
     Ok(objects)
+}
+
+/// Rewrites every index object that names a pack no longer in `data/`:
+/// the packs still present go into a new index object first, then the old
+/// one is removed (nothing is written when none is left). A damaged index
+/// object is left for `check` to report. Returns how many were replaced.
+fn prune_index_objects(repo: &Repository) -> Result<u64, RepoError> {
+    let present: HashSet<ObjectName> = repo
+        .backend()
+        .list(Kind::Pack)?
+        .into_iter()
+        .filter_map(|(n, _)| n.parse().ok())
+        .collect();
+    let mut replaced = 0;
+    for (hex, _) in repo.backend().list(Kind::Index)? {
+        crate::interrupt::check()?;
+        let Ok(name) = hex.parse::<ObjectName>() else {
+            continue;
+        };
+        let bytes = match repo.backend().load(Kind::Index, &hex) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if ObjectName::of(&bytes) != name {
+            continue;
+        }
+        let Ok(packs) = crate::format::index::decode(&bytes, repo.config().block_size) else {
+            continue;
+        };
+        if packs.iter().all(|p| present.contains(&p.name)) {
+            continue;
+        }
+        let kept: Vec<_> = packs
+            .into_iter()
+            .filter(|p| present.contains(&p.name))
+            .collect();
+        repo.write_index(kept)?;
+        repo.ensure_lock_held()?;
+        match repo.backend().remove(Kind::Index, &hex) {
+            Err(e) if !e.is_not_found() => return Err(e.into()),
+            _ => {}
+        }
+        replaced += 1;
+    }
+    Ok(replaced)
 }
 
 /// Makes one new pack durable; returns its name and size.

@@ -15,6 +15,7 @@ mod exit_codes;
 mod file_source;
 mod forget;
 mod healing;
+mod index_objects;
 mod json_contract;
 mod layering;
 mod listings;

@@ -88,14 +88,21 @@ impl S3Server {
 
     /// A backend on a fresh bucket (created), with small multipart parts.
     fn backend(&self) -> S3Backend {
-        let url = self.fresh_url("conf/repo");
-        let parsed = s3::parse_url(&url, true).unwrap();
+        let b = self.backend_at(&self.fresh_url("conf/repo"));
+        assert!(b.ensure_bucket().unwrap(), "a fresh bucket is created");
+        assert!(!b.ensure_bucket().unwrap(), "an existing bucket is kept");
+        b
+    }
+
+    /// A backend on the repository at `url` (an `s3://` URL on this server).
+    pub fn backend_at(&self, url: &str) -> S3Backend {
+        let parsed = s3::parse_url(url, true).unwrap();
         let env = |k: &str| match k {
             "AWS_ACCESS_KEY_ID" => Some("k".to_string()),
             "AWS_SECRET_ACCESS_KEY" => Some("s".to_string()),
             _ => None,
         };
-        let b = S3Backend::new(S3Options {
+        S3Backend::new(S3Options {
             endpoint: url::Url::parse(&self.endpoint).unwrap(),
             bucket: parsed.bucket,
             prefix: parsed.prefix,
@@ -111,10 +118,7 @@ impl S3Server {
             multipart_threshold: 6 << 20,
             part_size: 5 << 20,
         })
-        .unwrap();
-        assert!(b.ensure_bucket().unwrap(), "a fresh bucket is created");
-        assert!(!b.ensure_bucket().unwrap(), "an existing bucket is kept");
-        b
+        .unwrap()
     }
 }
 

@@ -911,3 +911,50 @@ fn raw_frame_vector_decodes_with_zstd_and_matches_the_encoder() {
     bad[7] = 0x69;
     assert!(zstd::bulk::decompress(&bad, 301).is_err());
 }
+
+pub(crate) const INDEX_HEX: &str =
+    include_str!("../../format-spec/test-vectors/index-one-pack.hex");
+const INDEX_NAME: &str = "d53fa21e28526ddb9cf5b881c017ea5011ea63272330dd1ba30046234159aa66";
+
+#[test]
+fn index_vector_lists_the_pack_vector_exactly() {
+    use cbtvault::format::index::{self, IndexedPack};
+    use cbtvault::format::ObjectName;
+    let bytes = parse_hex(INDEX_HEX);
+    assert_eq!(bytes.len(), 164);
+    assert_eq!(ObjectName::of(&bytes).to_hex(), INDEX_NAME);
+    let packs = index::decode(&bytes, BLOCK_SIZE).unwrap();
+    let pack = pack_bytes();
+    let expected = vec![IndexedPack {
+        name: ObjectName::of(&pack),
+        size_bytes: pack.len() as u64,
+        entries: expected_entries(),
+    }];
+    assert_eq!(packs, expected);
+    assert_eq!(packs[0].name.to_hex(), PACK_NAME);
+    // The entries are the pack's own trailer, byte for byte.
+    assert_eq!(
+        pack::decode_pack_index(&pack, BLOCK_SIZE).unwrap(),
+        packs[0].entries
+    );
+    // Re-encoding gives the same bytes (the encoding is canonical).
+    assert_eq!(index::encode(&packs), bytes);
+    // Damage is refused with the reason, never a panic.
+    assert!(matches!(
+        index::decode(&with_byte(&bytes, 0, |b| *b ^= 1), BLOCK_SIZE),
+        Err(FormatError::BadMagic { .. })
+    ));
+    let mut v2 = bytes.clone();
+    put_u32(&mut v2, 8, 2);
+    assert!(matches!(
+        index::decode(&v2, BLOCK_SIZE),
+        Err(FormatError::UnsupportedVersion { version: 2, .. })
+    ));
+    let mut size = bytes.clone();
+    put_u64(&mut size, 52, 453);
+    assert!(invalid_reason(index::decode(&size, BLOCK_SIZE), "index object").contains("453"));
+    let mut gap = bytes.clone();
+    put_u64(&mut gap, 68 + 48 + 32, 34);
+    assert!(invalid_reason(index::decode(&gap, BLOCK_SIZE), "index object").contains("offset 34"));
+    assert!(index::decode(&bytes[..bytes.len() - 1], BLOCK_SIZE).is_err());
+}
