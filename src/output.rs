@@ -17,6 +17,8 @@ pub struct Ui {
     pub json: bool,
     pub quiet: bool,
     pub progress_bars: bool,
+    /// `-v` count: 0 default, 1 per-step detail, 2 debug detail.
+    pub verbose: u8,
 }
 
 impl Ui {
@@ -25,7 +27,44 @@ impl Ui {
             json,
             quiet,
             progress_bars: !json && !quiet && std::io::stderr().is_terminal(),
+            verbose: 0,
         }
+    }
+
+    /// The same Ui showing [`Ui::detail`] lines up to `level`.
+    pub fn with_verbose(self, level: u8) -> Self {
+        Ui {
+            verbose: level,
+            ..self
+        }
+    }
+
+    /// A detail line on stderr, shown from `-v` (level 1: which
+    /// connections, which parent, how many blocks) or `-vv` (level 2:
+    /// debug detail); suppressed by --quiet. With --json it is a
+    /// `{"message_type":"verbose",...}` object, so that stdout carries
+    /// only the results and stderr stays machine-readable.
+    pub fn detail(&self, level: u8, line: impl AsRef<str>) {
+        if self.quiet || self.verbose < level {
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        if self.json {
+            let v = serde_json::json!({
+                "message_type": "verbose",
+                "level": level,
+                "message": line.as_ref(),
+            });
+            let _ = serde_json::to_writer(&mut err, &v);
+            let _ = writeln!(err);
+        } else {
+            let _ = writeln!(err, "{}", line.as_ref());
+        }
+    }
+
+    /// Whether [`Ui::detail`] at `level` prints (to skip costly detail).
+    pub fn shows_detail(&self, level: u8) -> bool {
+        !self.quiet && self.verbose >= level
     }
 
     /// A line of human output on stdout (suppressed by --json and --quiet).
@@ -155,6 +194,33 @@ impl Progress for Bar {
         self.0.set_message(message.to_string());
     }
 }
+
+/// `n` and the noun, plural unless `n` is 1: (1, "snapshot") -> "1
+/// snapshot", (3, "pack") -> "3 packs". Regular English plurals only.
+pub fn plural(n: impl Count, noun: &str) -> String {
+    let n = n.count();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// A count for [`plural`] (usize, u32 and u64 alike).
+pub trait Count {
+    fn count(self) -> u64;
+}
+
+macro_rules! count {
+    ($($t:ty),*) => {$(
+        impl Count for $t {
+            fn count(self) -> u64 {
+                self as u64
+            }
+        }
+    )*};
+}
+count!(usize, u32, u64);
 
 /// 1536 -> "1.5 KiB".
 pub fn human_bytes(n: u64) -> String {

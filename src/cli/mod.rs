@@ -30,6 +30,10 @@ pub struct Cli {
     /// Print only warnings and errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// More detail on stderr: -v each step (connections, parent, blocks
+    /// changed), -vv debug detail. Not with --quiet.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
     /// Take no repository lock (reading commands only; as restic's --no-lock).
     #[arg(long, global = true)]
     pub no_lock: bool,

@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::Outcome;
-use crate::output::Ui;
+use crate::output::{plural, Ui};
 use crate::repo::check::{self, DataSubset, Severity};
 use crate::repo::Repository;
 
@@ -44,13 +44,14 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
         ));
     }
     ui.info(format!(
-        "checked {} snapshots, {} packs{}",
-        report.snapshots_checked,
-        report.packs_checked,
+        "checked {}, {}{}",
+        plural(report.snapshots_checked, "snapshot"),
+        plural(report.packs_checked, "pack"),
         if subset.is_some() {
             format!(
-                ", read {} packs and {} blocks",
-                report.packs_read, report.blocks_read
+                ", read {} and {}",
+                plural(report.packs_read, "pack"),
+                plural(report.blocks_read, "block")
             )
         } else {
             String::new()

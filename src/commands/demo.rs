@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use super::backup::{xen_backup, SnapshotOptions, XenBackupSummary};
 use super::restore::restore_to_path;
 use super::Outcome;
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::backup::plan::ParentRequest;
 use crate::repo::{InitOptions, Repository};
 use crate::source::xenapi::workflow::WorkflowOptions;
@@ -98,9 +98,10 @@ fn print_backup(ui: &Ui, s: &XenBackupSummary) {
         zero += d.summary.blocks_zero;
     }
     ui.info(format!(
-        "   => {} disks + VM metadata in {:.2}s: {read} blocks read, {new} new, {dedup} deduplicated, {zero} zero",
-        s.disks.len(),
-        s.seconds
+        "   => {} + VM metadata in {:.2}s: {} read, {new} new, {dedup} deduplicated, {zero} zero",
+        plural(s.disks.len(), "disk"),
+        s.seconds,
+        plural(read, "block")
     ));
 }
 

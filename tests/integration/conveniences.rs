@@ -1,0 +1,162 @@
+//! Everyday conveniences (issue 21): `-v` detail levels, shell
+//! completions and man pages, `tag`, `restore --target -` refusing a
+//! terminal, one size format, progress that starts sensibly, and messages
+//! with correct plurals said once.
+
+use std::ffi::OsStr;
+
+use serde_json::Value;
+
+use crate::util::*;
+
+/// Lines of `text` that contain `word`.
+fn count_lines(text: &str, word: &str) -> usize {
+    text.lines().filter(|l| l.contains(word)).count()
+}
+
+#[test]
+fn verbose_and_quiet_together_is_a_usage_error() {
+    let t = TestRepo::new();
+    let r = t.run(&[&"-v", &"-q", &"snapshots"]).expect_code(2);
+    r.stderr_mentions(&["--verbose", "--quiet"]);
+    assert!(r.stdout.is_empty());
+}
+
+/// `-v` names the parent chosen and how much is read, restore the
+/// snapshot chosen, prune its lock; without `-v` none of it; with
+/// `--json` stdout stays the one result and the detail is JSON on stderr.
+#[test]
+fn verbose_prints_step_detail_on_stderr_only() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("v.img"), &random_bytes(71, 0, 8 * BSU));
+    let plain = t.run(&[&"backup", &img.path]).ok();
+    assert!(!plain.stderr.contains("parent"), "{}", plain.stderr);
+    let first = TestRepo::id_of(&t.snapshots(&[])[0]);
+    let _ = first;
+
+    img.write_block(2, &random_block(72, 2));
+    let r = t.run(&[&"-v", &"backup", &img.path]).ok();
+    let first_id = str_of(&t.snapshots(&[])[0], "id").to_string();
+    assert!(
+        r.stderr.contains(&format!("parent snapshot {}", &first_id[..8])),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("reading 8 of 8 blocks"), "{}", r.stderr);
+    assert!(r.stderr.contains("1 changed"), "{}", r.stderr);
+    assert!(!r.out().contains("parent snapshot"), "detail is not on stdout");
+
+    // --json: stdout is exactly one result object; detail lines are JSON.
+    let r = t.run(&[&"-v", &"--json", &"backup", &img.path]).ok();
+    let summary = r.json();
+    assert!(summary.get("snapshot_id").is_some(), "{summary}");
+    let details: Vec<Value> = r
+        .stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(details.len() >= 3, "{}", r.stderr);
+    for d in &details {
+        assert_eq!(d["message_type"], "verbose", "{d}");
+        assert_eq!(d["level"], 1, "-v shows level 1 only: {d}");
+    }
+    let vv = t.run(&[&"-vv", &"backup", &img.path]).ok();
+    assert!(vv.stderr.contains("synthetic full"), "{}", vv.stderr);
+
+    let id = TestRepo::id_of(&summary);
+    let target = t.path("v.out");
+    let r = t
+        .run(&[&"-v", &"restore", &id.as_str(), &"--target", &target])
+        .ok();
+    assert!(
+        r.stderr.contains(&format!("restoring snapshot {}", &id[..8])),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(hash_file(&target), img.hash());
+
+    let r = t.run(&[&"-v", &"prune"]).ok();
+    assert!(r.stderr.contains("prune: exclusive lock"), "{}", r.stderr);
+    let r = t.run(&[&"prune"]).ok();
+    assert!(!r.stderr.contains("prune:"), "{}", r.stderr);
+}
+
+/// One snapshot is "1 snapshot", and `check` and `prune` count right.
+#[test]
+fn counts_have_correct_plurals() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("p.img"), &random_bytes(73, 0, 4 * BSU));
+    t.backup(&img.path, &[]);
+    let r = t.run(&[&"check"]).ok();
+    assert!(
+        r.out().contains("checked 1 snapshot, 1 pack"),
+        "{}",
+        r.out()
+    );
+    let r = t.run(&[&"snapshots", &"--group-by", &"source"]).ok();
+    assert!(r.out().contains("1 snapshot\n"), "{}", r.out());
+    assert!(!r.out().contains("1 snapshots"), "{}", r.out());
+    let r = t.run(&[&"prune"]).ok();
+    assert!(r.out().contains("1 snapshot object marked"), "{}", r.out());
+    assert!(r.out().contains("delete 0 packs and repack 0 packs"), "{}", r.out());
+}
+
+/// `unlock` says what it did, also when there was nothing to do.
+#[test]
+fn unlock_says_what_it_did() {
+    let t = TestRepo::new();
+    let r = t.run(&[&"unlock"]).ok();
+    assert_eq!(r.out(), "no stale locks\n");
+    for seed in [1u8, 2] {
+        let name = hex::encode([seed; 32]);
+        std::fs::write(t.repo.join("locks").join(name), b"not a lock").unwrap();
+    }
+    let r = t.run(&[&"unlock"]).ok();
+    assert_eq!(count_lines(&r.out(), "removed stale lock "), 2, "{}", r.out());
+    assert!(r.out().ends_with("removed 2 stale locks\n"), "{}", r.out());
+    assert!(t.files_under("locks").is_empty());
+    let r = t.run(&[&"-q", &"unlock"]).ok();
+    assert!(r.stdout.is_empty());
+}
+
+/// A backup whose parent's chain is broken says "new backup set" once
+/// (a warning), not again in the summary.
+#[test]
+fn new_backup_set_reason_is_said_once() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("n.img"), &random_bytes(74, 0, 8 * BSU));
+    let first = t.backup(&img.path, &[]);
+    let bitmap = t.path("bm.b64");
+    img.write_block(3, &random_block(75, 3));
+    write_bitmap(&bitmap, &bitmap_base64(img.size(), &[3]));
+    t.backup(&img.path, &["--changed-blocks", bitmap.to_str().unwrap()]);
+    let object = t
+        .snapshots(&[])
+        .iter()
+        .find(|s| s["id"] == first["snapshot_id"])
+        .map(|s| str_of(s, "object").to_string())
+        .expect("first snapshot listed");
+    std::fs::remove_file(t.repo.join("snapshots").join(&object)).unwrap();
+    img.write_block(5, &random_block(76, 5));
+    write_bitmap(&bitmap, &bitmap_base64(img.size(), &[5]));
+    let r = t
+        .run(&[
+            &"backup",
+            &img.path,
+            &"--changed-blocks",
+            &bitmap.to_str().unwrap(),
+        ])
+        .ok();
+    let all = format!("{}{}", r.out(), r.stderr);
+    assert_eq!(count_lines(&all, "new backup set"), 1, "{all}");
+    assert!(r.stderr.contains("new backup set"), "{all}");
+    // A --full backup says it once too.
+    let r = t.run(&[&"backup", &img.path, &"--full"]).ok();
+    let all = format!("{}{}", r.out(), r.stderr);
+    assert_eq!(count_lines(&all, "new backup set"), 1, "{all}");
+}
+
+#[allow(dead_code)]
+fn args<'a>(a: &'a [&'a str]) -> Vec<&'a dyn AsRef<OsStr>> {
+    a.iter().map(|s| s as &dyn AsRef<OsStr>).collect()
+}
