@@ -14,7 +14,11 @@ pub fn run(ui: &Ui, repo: &Repository, options: &PruneOptions) -> Result<Outcome
         1,
         format!(
             "prune: {} lock, unused data tolerated: {}",
-            if options.dry_run { "shared" } else { "exclusive" },
+            if options.dry_run {
+                "shared"
+            } else {
+                "exclusive"
+            },
             match options.max_unused {
                 prune::MaxUnused::Percent(p) => format!("{p}%"),
                 prune::MaxUnused::Bytes(b) => human_bytes(b),
@@ -36,7 +40,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &PruneOptions) -> Result<Outcome
             report.duration_ms as f64 / 1000.0
         ),
     );
-    ui.json(&report);
+    ui.summary(&report);
     say(ui, &report);
     Ok(if report.damaged.is_empty() {
         Outcome::Ok

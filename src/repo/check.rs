@@ -60,9 +60,10 @@ pub mod fix {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AffectedSnapshot {
+    #[serde(rename = "snapshot_id")]
     pub id: SnapshotId,
     pub source: String,
-    pub time: String,
+    pub time: chrono::DateTime<chrono::Utc>,
     pub reason: String,
 }
 
@@ -381,7 +382,7 @@ pub fn run(
         let affected = |reason: String| AffectedSnapshot {
             id,
             source: snap.meta.source.clone(),
-            time: snap.meta.time.to_rfc3339(),
+            time: snap.meta.time,
             reason,
         };
         let map = match repo.resolve(id) {
@@ -418,10 +419,7 @@ pub fn run(
         if missing > 0 {
             report.error(
                 format!("snapshot {id}"),
-                format!(
-                    "{} not in any pack",
-                    plural(missing, "referenced block")
-                ),
+                format!("{} not in any pack", plural(missing, "referenced block")),
             );
             report.fixed_by(fix::BACKUP_FULL);
         }
