@@ -108,6 +108,14 @@ impl Ui {
         let _ = writeln!(out, "{}", text.as_ref());
     }
 
+    /// Bytes the command exists to print as they are (a completion
+    /// script), on stdout whatever the flags.
+    pub fn document_bytes(&self, bytes: &[u8]) {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(bytes);
+        let _ = out.flush();
+    }
+
     /// Lines of a document the command exists to print (`cat`), one JSON
     /// object each, on stdout whatever the flags.
     pub fn document_lines<T: Serialize>(

@@ -3,6 +3,7 @@
 //! (`run`) and exit codes (`exit`). Nothing below `cli` sees clap.
 
 pub mod exit;
+mod generate;
 mod options;
 pub mod policy;
 mod run;
@@ -81,6 +82,22 @@ pub enum Command {
     /// try cbtvault without one.
     #[cfg(feature = "sim")]
     Sim(SimArgs),
+    /// Write shell completions (--completions SHELL, on stdout) or man
+    /// pages (--man DIR, one per command and subcommand).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["completions", "man"])))]
+pub struct GenerateArgs {
+    /// Print a completion script for SHELL on stdout (bash, zsh, fish,
+    /// elvish, powershell).
+    #[arg(long, value_name = "SHELL")]
+    pub completions: Option<clap_complete::Shell>,
+    /// Write one man page per command and subcommand into DIR (created
+    /// if missing): cbtvault.1, cbtvault-backup.1, ...
+    #[arg(long, value_name = "DIR")]
+    pub man: Option<PathBuf>,
 }
 
 impl Command {
@@ -107,6 +124,7 @@ impl Command {
             Command::Demo(_) => "demo",
             #[cfg(feature = "sim")]
             Command::Sim(_) => "sim",
+            Command::Generate(_) => "generate",
         }
     }
 }

@@ -84,6 +84,7 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         Command::Demo(a) => demo::run(ui, &options::demo(a)),
         #[cfg(feature = "sim")]
         Command::Sim(a) => sim::run(ui, &options::sim(a)),
+        Command::Generate(a) => super::generate::run(ui, a),
     }
 }
 

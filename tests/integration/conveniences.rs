@@ -173,3 +173,137 @@ fn new_backup_set_reason_is_said_once() {
 fn args<'a>(a: &'a [&'a str]) -> Vec<&'a dyn AsRef<OsStr>> {
     a.iter().map(|s| s as &dyn AsRef<OsStr>).collect()
 }
+
+/// `generate --completions bash` prints a script bash parses; with --json
+/// the script stays alone on stdout and the summary goes to stderr. Every
+/// shell clap_complete knows gets a script.
+#[test]
+fn generate_completions_bash_parses() {
+    let t = TestRepo::new();
+    let r = t.run(&[&"generate", &"--completions", &"bash"]).ok();
+    let script = t.path("cbtvault.bash");
+    std::fs::write(&script, &r.stdout).unwrap();
+    let out = std::process::Command::new("bash")
+        .arg("-n")
+        .arg(&script)
+        .output()
+        .expect("run bash -n");
+    assert!(
+        out.status.success(),
+        "bash -n refuses the script: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // It completes the subcommands and a subcommand's flags.
+    let text = r.out();
+    for word in [
+        "backup",
+        "snapshots",
+        "restore",
+        "--completions",
+        "--target",
+    ] {
+        assert!(text.contains(word), "the script does not know '{word}'");
+    }
+    for shell in ["zsh", "fish", "elvish", "powershell"] {
+        let r = t.run(&[&"generate", &"--completions", &shell]).ok();
+        assert!(r.out().contains("backup"), "{shell}: {}", r.out());
+    }
+    let j = t
+        .run(&[&"--json", &"generate", &"--completions", &"bash"])
+        .ok();
+    assert_eq!(
+        j.stdout,
+        r_stdout_bash(&t),
+        "--json leaves the script alone"
+    );
+    let summary: Value = serde_json::from_str(j.stderr.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["message_type"], "summary");
+    assert_eq!(summary["shell"], "bash");
+    assert_eq!(summary["script_bytes"], j.stdout.len());
+    messages_of("generate --completions (stderr)", j.stderr.as_bytes());
+    // An unknown shell is a usage error naming the choices.
+    t.run(&[&"generate", &"--completions", &"tcsh"])
+        .expect_code(2)
+        .stderr_mentions(&["tcsh", "bash", "powershell"]);
+    t.run(&[&"generate"]).expect_code(2);
+}
+
+fn r_stdout_bash(t: &TestRepo) -> Vec<u8> {
+    t.run(&[&"generate", &"--completions", &"bash"]).ok().stdout
+}
+
+/// `generate --man DIR` writes one page per command and subcommand, each
+/// a roff page with a .TH header and a NAME section; groff, where
+/// installed, formats each without errors.
+#[test]
+fn generate_man_writes_a_page_per_subcommand() {
+    let t = TestRepo::new();
+    let dir = t.path("man");
+    let r = t.run(&[&"generate", &"--man", &dir]).ok();
+    let mut expected = vec!["cbtvault".to_string()];
+    let help = t.run(&[&"--help"]).ok().out();
+    let commands: Vec<String> = help
+        .split("Commands:")
+        .nth(1)
+        .expect("--help lists commands")
+        .lines()
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    assert!(commands.len() >= 15, "{commands:?}");
+    for c in &commands {
+        expected.push(format!("cbtvault-{c}"));
+    }
+    for sub in ["index", "packs", "snapshots", "tmp"] {
+        expected.push(format!("cbtvault-repair-{sub}"));
+    }
+    let mut found: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    let mut want: Vec<String> = expected.iter().map(|e| format!("{e}.1")).collect();
+    want.sort();
+    assert_eq!(found, want);
+    assert!(
+        r.out().contains(&format!("wrote {} man pages", want.len())),
+        "{}",
+        r.out()
+    );
+    let groff = std::process::Command::new("groff")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    for name in &expected {
+        let page = dir.join(format!("{name}.1"));
+        let text = std::fs::read_to_string(&page).unwrap();
+        assert!(text.contains(&format!(".TH {name} 1")), "{name}: {text}");
+        let after_name = text
+            .split(".SH NAME\n")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name}: no NAME section"));
+        let first = after_name.lines().next().unwrap();
+        assert!(
+            first.starts_with(&name.replace('-', "\\-")) && first.contains(" \\- "),
+            "{name}: NAME line '{first}'"
+        );
+        if groff {
+            let out = std::process::Command::new("groff")
+                .args(["-man", "-Tutf8", "-ww", "-z"])
+                .arg(&page)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "groff fails on {name}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            for line in err.lines() {
+                // Line-filling notes on long option lists are layout only.
+                assert!(
+                    line.contains("cannot adjust line") || line.contains("cannot break line"),
+                    "groff on {name}: {line}"
+                );
+            }
+        }
+    }
+}

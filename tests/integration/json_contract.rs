@@ -480,6 +480,14 @@ fn every_command_prints_documented_json_lines_ending_in_one_summary() {
             vec!["repair".into(), "snapshots".into()],
         ),
         ("repair tmp", vec!["repair".into(), "tmp".into()]),
+        (
+            "generate",
+            vec![
+                "generate".into(),
+                "--man".into(),
+                t.path("man").display().to_string(),
+            ],
+        ),
     ];
     for (command, args) in runs {
         let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--json"];
