@@ -62,6 +62,9 @@ pub enum Command {
     Stats,
     /// Remove stale locks.
     Unlock(UnlockArgs),
+    /// Add, remove or set the tags of snapshots (each changed snapshot is
+    /// rewritten as a new generation; its data is not touched).
+    Tag(TagArgs),
     /// Remove snapshots (by id or by a --keep-* policy), folding their
     /// changes into the snapshots layered on them, and destroy the
     /// XenServer landmarks only they recorded.
@@ -113,6 +116,7 @@ impl Command {
             Command::Diff(_) => "diff",
             Command::Stats => "stats",
             Command::Unlock(_) => "unlock",
+            Command::Tag(_) => "tag",
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
             Command::Repair(RepairCommand::Index) => "repair index",
@@ -428,6 +432,27 @@ pub struct ForgetArgs {
     /// How to reach the XenServer hosts named by the forgotten snapshots.
     #[command(flatten)]
     pub xen: XenConnectArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["add", "remove", "set"])))]
+pub struct TagArgs {
+    /// Snapshot ids (or unique prefixes); or select with --source, --tag,
+    /// --vm instead.
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshots: Vec<String>,
+    /// Add this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub add: Vec<String>,
+    /// Remove this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub remove: Vec<String>,
+    /// Replace all tags with these (repeatable; `--set` alone clears them).
+    #[arg(long, value_name = "TAG", num_args = 0..=1, conflicts_with_all = ["add", "remove"])]
+    pub set: Option<Vec<String>>,
+    /// Without ids: the snapshots to re-tag.
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(Debug, Args)]

@@ -7,7 +7,8 @@ use anyhow::{Context, Result};
 use super::{options, Cli, Command, RepairCommand};
 use crate::commands::repair::RepairAction;
 use crate::commands::{
-    backup, check, forget, inspect, open_with, prune, repair, restore, serve, snapshots, Outcome,
+    backup, check, forget, inspect, open_with, prune, repair, restore, serve, snapshots, tag,
+    Outcome,
 };
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
@@ -57,6 +58,10 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         Command::Diff(a) => inspect::diff(ui, &open(ui, &repo_path()?)?, &options::diff(a)),
         Command::Stats => inspect::stats(ui, &open(ui, &repo_path()?)?),
         Command::Unlock(a) => inspect::unlock(ui, &open(ui, &repo_path()?)?, &options::unlock(a)),
+        Command::Tag(a) => {
+            let o = options::tag(a)?;
+            tag::run(ui, &open(ui, &repo_path()?)?, &o)
+        }
         Command::Forget(a) => {
             let o = options::forget(a)?;
             forget::run(ui, &open(ui, &repo_path()?)?, &o)

@@ -19,6 +19,7 @@ pub mod serve;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod snapshots;
+pub mod tag;
 
 use std::path::Path;
 

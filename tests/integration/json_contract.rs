@@ -451,6 +451,10 @@ fn every_command_prints_documented_json_lines_ending_in_one_summary() {
         ("stats", vec!["stats".into()]),
         ("unlock", vec!["unlock".into()]),
         (
+            "tag",
+            vec!["tag".into(), b.clone(), "--add".into(), "y".into()],
+        ),
+        (
             "forget",
             vec![
                 "forget".into(),
