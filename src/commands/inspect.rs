@@ -143,8 +143,11 @@ pub fn diff(ui: &Ui, repo: &Repository, a: &DiffOptions) -> Result<Outcome> {
     ));
     if ma.disk_size_bytes != mb.disk_size_bytes {
         ui.print(format!(
-            "disk size changed: {} -> {} bytes",
-            ma.disk_size_bytes, mb.disk_size_bytes
+            "disk size changed: {} -> {} ({} -> {} bytes)",
+            human_bytes(ma.disk_size_bytes),
+            human_bytes(mb.disk_size_bytes),
+            ma.disk_size_bytes,
+            mb.disk_size_bytes
         ));
     }
     for (first, last) in rs {

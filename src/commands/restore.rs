@@ -238,6 +238,11 @@ pub(crate) fn restore_local(
 ) -> Result<RestoreSummary> {
     let disk = map.disk_size_bytes;
     let stdout = target.as_os_str() == "-";
+    // A disk image is binary: written to a terminal it is garbage on the
+    // screen (and may send it control sequences), never what was meant.
+    if stdout && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!("--target -: stdout is a terminal; pipe it (cbtvault restore ... --target - | ...) or give a file (--target FILE)");
+    }
     // With stdout the target, JSON messages go to stderr.
     let ui = &if stdout {
         ui.with_json_on_stderr()

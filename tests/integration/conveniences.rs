@@ -465,3 +465,88 @@ fn a_kill_during_tag_leaves_the_snapshot_listed_once() {
         assert_eq!(snapshot_objects(&t).len(), 1, "{point}: garbage left");
     }
 }
+
+/// Runs `cbtvault -r REPO ARGS...` under `script`, which gives it a
+/// pseudo-terminal for stdin, stdout and stderr: its exit code and what
+/// the terminal showed (both streams, escape sequences and all).
+fn on_a_terminal(t: &TestRepo, args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
+    let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+    let mut line = format!(
+        "{} -r {}",
+        quote(bin()),
+        quote(&t.repo.display().to_string())
+    );
+    for a in args {
+        line.push(' ');
+        line.push_str(&quote(a));
+    }
+    let out = std::process::Command::new("script")
+        .args(["-qec", &line, "/dev/null"])
+        .envs(env.iter().copied())
+        .env_remove("CBTVAULT_REPOSITORY")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run util-linux 'script'");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// `restore --target -` refuses a terminal for stdout, saying to pipe it
+/// or give a file; through a pipe it writes the disk.
+#[test]
+fn restore_to_stdout_refuses_a_terminal() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("s.img"), &random_bytes(83, 0, 4 * BSU));
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let (code, shown) = on_a_terminal(&t, &["restore", &id, "--target", "-"], &[]);
+    assert_eq!(code, 1, "{shown}");
+    assert!(shown.contains("stdout is a terminal"), "{shown}");
+    assert!(
+        shown.contains("pipe it") && shown.contains("give a file"),
+        "{shown}"
+    );
+    assert!(shown.len() < 1000, "no disk bytes on the terminal: {shown}");
+    let r = t.run(&[&"restore", &id.as_str(), &"--target", &"-"]).ok();
+    assert_eq!(r.stdout, img.bytes());
+}
+
+/// On a terminal a long backup shows a progress bar, which starts without
+/// a "0 B/0 B" and shows no estimate in its first seconds; through a pipe
+/// there is none.
+#[test]
+fn a_terminal_shows_progress_and_a_pipe_does_not() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("big.img"), &random_bytes(84, 0, 128 * BSU));
+    // Each 4 MiB batch waits 400 ms: the backup lasts about a second.
+    let slow = [("CBTVAULT_TEST_DELAY", "backup_batch:400")];
+    let (code, shown) = on_a_terminal(&t, &["backup", &img.path.display().to_string()], &slow);
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains("backup ["),
+        "no bar on a terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains("% "),
+        "no percentage on a terminal: {shown:?}"
+    );
+    assert!(
+        shown.contains("/8.0 MiB"),
+        "the total as sizes are written: {shown:?}"
+    );
+    assert!(!shown.contains("0 B/0 B"), "{shown:?}");
+    assert!(
+        !shown.contains("eta"),
+        "an estimate in the first second: {shown:?}"
+    );
+    assert!(shown.contains("saved (full)"), "{shown:?}");
+
+    img.write_block(1, &random_block(85, 1));
+    let r = t.run_env(&[&"backup", &img.path, &"--full"], &slow).ok();
+    let all = format!("{}{}", r.out(), r.stderr);
+    assert!(!all.contains('['), "a bar through a pipe: {all}");
+    assert!(!all.contains('%'), "{all}");
+    assert!(!all.contains('\r') && !all.contains('\u{1b}'), "{all:?}");
+    assert!(r.out().contains("saved (full)"), "{all}");
+}
