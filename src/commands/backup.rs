@@ -495,8 +495,8 @@ pub(crate) fn report_human(ui: &Ui, s: &BackupSummary) {
     ));
     let rate = s.bytes_read as f64 / s.seconds.max(1e-9);
     ui.info(format!(
-        "  read {} blocks ({}) in {:.2}s, {}/s: {} new, {} deduplicated, {} zero; stored {}",
-        s.blocks_read,
+        "  read {} ({}) in {:.2}s, {}/s: {} new, {} deduplicated, {} zero; stored {}",
+        plural(s.blocks_read, "block"),
         human_bytes(s.bytes_read),
         s.seconds,
         human_bytes(rate as u64),

@@ -106,7 +106,10 @@ pub fn repair_index(ui: &Ui, path: &Path) -> Result<Outcome> {
         "packs_skipped": skipped.iter().map(|(name, why)| serde_json::json!({"pack": name, "reason": why})).collect::<Vec<_>>(),
     }));
     ui.info(format!(
-        "catalog rebuilt: {packs} packs, {blocks} blocks, {snapshots} snapshots"
+        "catalog rebuilt: {}, {}, {}",
+        plural(packs, "pack"),
+        plural(blocks, "block"),
+        plural(snapshots, "snapshot")
     ));
     Ok(Outcome::Ok)
 }

@@ -252,7 +252,10 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         bail!("the restored disk differs from the host's disk");
     }
     if leftovers != 0 {
-        bail!("{leftovers} VDI(s) still attached to dom0 on the simulated host");
+        bail!(
+            "{} still attached to dom0 on the simulated host",
+            crate::output::plural(leftovers, "VDI")
+        );
     }
     let full_read: u64 = full.disks.iter().map(|d| d.summary.bytes_read).sum();
     let inc_read: u64 = incremental.disks.iter().map(|d| d.summary.bytes_read).sum();

@@ -29,6 +29,14 @@ pub struct LeftLandmark {
     pub reason: String,
 }
 
+/// How many hosts `left` names.
+fn hosts_of(left: &[LeftLandmark]) -> usize {
+    left.iter()
+        .map(|l| l.landmark.host.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
+
 impl HostCleanup {
     /// Landmarks the host part could not release: its host not reached
     /// (or `--no-host`), or the destroy failed. A refusal (the host says it
@@ -151,8 +159,9 @@ pub fn clean_host(
     }
     if !report.left.is_empty() && no_host {
         ui.info(format!(
-            "--no-host: {} left on the host(s); the next backup from this repository on each host removes them, or destroy them by hand (xe vdi-destroy uuid=UUID):",
-            plural(report.left.len(), "landmark VDI")
+            "--no-host: {} left on {}; the next backup from this repository on each host removes them, or destroy them by hand (xe vdi-destroy uuid=UUID):",
+            plural(report.left.len(), "landmark VDI"),
+            if hosts_of(&report.left) == 1 { "the host" } else { "the hosts" }
         ));
         for l in &report.left {
             ui.info(format!(

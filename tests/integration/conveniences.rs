@@ -107,6 +107,17 @@ fn counts_have_correct_plurals() {
         "{}",
         r.out()
     );
+    // One block changed and read: "read 1 block".
+    let one = Image::from_bytes(&t.path("one.img"), &random_bytes(79, 0, BSU));
+    let r = t.run(&[&"backup", &one.path]).ok();
+    assert!(r.out().contains("read 1 block ("), "{}", r.out());
+    let r = t.run(&[&"repair", &"index"]).ok();
+    assert!(
+        r.out()
+            .contains("catalog rebuilt: 2 packs, 5 blocks, 2 snapshots"),
+        "{}",
+        r.out()
+    );
 }
 
 /// `unlock` says what it did, also when there was nothing to do.
