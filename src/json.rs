@@ -25,6 +25,7 @@ pub mod kind {
     pub const SUMMARY: &str = "summary";
     pub const ERROR: &str = "error";
     pub const WARNING: &str = "warning";
+    pub const VERBOSE: &str = "verbose";
     pub const LISTENING: &str = "listening";
 }
 
@@ -118,6 +119,14 @@ impl ErrorBody {
 /// The body of a `warning` message.
 #[derive(Debug, Serialize)]
 pub struct WarningBody<'a> {
+    pub message: &'a str,
+}
+
+/// The body of a `verbose` message (`-v` detail).
+#[derive(Debug, Serialize)]
+pub struct VerboseBody<'a> {
+    /// 1 for `-v`, 2 for `-vv`.
+    pub level: u8,
     pub message: &'a str,
 }
 

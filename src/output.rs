@@ -7,7 +7,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde::Serialize;
 
 use crate::json::{self, StatusLines};
@@ -22,6 +22,8 @@ pub struct Ui {
     pub command: &'static str,
     /// JSON messages go to stderr: stdout carries data (`restore --target -`).
     pub json_on_stderr: bool,
+    /// `-v` count: 0 default, 1 per-step detail, 2 debug detail.
+    pub verbose: u8,
 }
 
 impl Ui {
@@ -32,6 +34,7 @@ impl Ui {
             progress_bars: !json && !quiet && std::io::stderr().is_terminal(),
             command,
             json_on_stderr: false,
+            verbose: 0,
         }
     }
 
@@ -41,6 +44,44 @@ impl Ui {
             json_on_stderr: true,
             ..*self
         }
+    }
+
+    /// The same Ui showing [`Ui::detail`] lines up to `level`.
+    pub fn with_verbose(self, level: u8) -> Self {
+        Ui {
+            verbose: level,
+            ..self
+        }
+    }
+
+    /// A detail line on stderr, shown from `-v` (level 1: which
+    /// connections, which parent, how many blocks) or `-vv` (level 2:
+    /// debug detail); suppressed by --quiet.
+    ///
+    /// With --json it is a `verbose` message on stderr (documented in
+    /// docs/json.md beside `warning`), not dropped: whoever asks for both
+    /// `--json` and `-v` wants the detail, and a log collector reading
+    /// stderr can keep it. It goes to stderr like `warning` so that stdout
+    /// keeps only status, items and the one summary.
+    pub fn detail(&self, level: u8, line: impl AsRef<str>) {
+        if !self.shows_detail(level) {
+            return;
+        }
+        let mut err = std::io::stderr().lock();
+        if self.json {
+            let body = json::VerboseBody {
+                level,
+                message: line.as_ref(),
+            };
+            json::write_line(&mut err, json::kind::VERBOSE, None, &body);
+        } else {
+            let _ = writeln!(err, "{}", line.as_ref());
+        }
+    }
+
+    /// Whether [`Ui::detail`] at `level` prints (to skip costly detail).
+    pub fn shows_detail(&self, level: u8) -> bool {
+        !self.quiet && self.verbose >= level
     }
 
     /// A line of human output on stdout (suppressed by --json and --quiet).
@@ -65,6 +106,14 @@ impl Ui {
     pub fn document(&self, text: impl AsRef<str>) {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", text.as_ref());
+    }
+
+    /// Bytes the command exists to print as they are (a completion
+    /// script), on stdout whatever the flags.
+    pub fn document_bytes(&self, bytes: &[u8]) {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(bytes);
+        let _ = out.flush();
     }
 
     /// Lines of a document the command exists to print (`cat`), one JSON
@@ -156,24 +205,17 @@ impl Ui {
             ));
         }
         let bar = if self.progress_bars {
-            let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-            let template = if bytes {
-                "{msg:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
-            } else {
-                "{msg:>10} [{bar:30}] {pos}/{len} eta {eta}"
-            };
-            pb.set_style(
-                ProgressStyle::with_template(template)
-                    .expect("valid template")
-                    .progress_chars("=> "),
-            );
+            // No length yet: a spinner and the time, until `set_total`
+            // switches to the bar (no "0 B/0 B" before the total is known).
+            let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            pb.set_style(waiting_style());
             pb.set_message(label.to_string());
             pb.enable_steady_tick(Duration::from_millis(200));
             pb
         } else {
             ProgressBar::hidden()
         };
-        Bar::Bar(bar)
+        Bar::Bar { bar, bytes }
     }
 
     /// Prints rows as an aligned table.
@@ -205,7 +247,11 @@ impl Ui {
 /// Progress handed to library code as a [`Progress`]: a bar (hidden when
 /// not on a terminal) or JSON `status` lines.
 pub enum Bar {
-    Bar(ProgressBar),
+    /// `bytes`: the unit is bytes (else items).
+    Bar {
+        bar: ProgressBar,
+        bytes: bool,
+    },
     Status(StatusLines),
 }
 
@@ -214,7 +260,7 @@ impl Bar {
     /// printed (once).
     pub fn finish(&self) {
         match self {
-            Bar::Bar(b) => b.finish_and_clear(),
+            Bar::Bar { bar, .. } => bar.finish_and_clear(),
             Bar::Status(s) => s.finish(),
         }
     }
@@ -222,8 +268,8 @@ impl Bar {
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        if let Bar::Bar(b) = self {
-            b.finish_and_clear();
+        if let Bar::Bar { bar, .. } = self {
+            bar.finish_and_clear();
         }
     }
 }
@@ -231,24 +277,122 @@ impl Drop for Bar {
 impl Progress for Bar {
     fn set_total(&self, total: u64) {
         match self {
-            Bar::Bar(b) => b.set_length(total),
+            Bar::Bar { bar, bytes } => {
+                if bar.length().is_none() {
+                    bar.set_style(bar_style(*bytes));
+                }
+                bar.set_length(total);
+            }
             Bar::Status(s) => s.set_total(total),
         }
     }
     fn advance(&self, n: u64) {
         match self {
-            Bar::Bar(b) => b.inc(n),
+            Bar::Bar { bar, .. } => bar.inc(n),
             Bar::Status(s) => s.advance(n),
         }
     }
     fn set_message(&self, message: &str) {
         match self {
-            Bar::Bar(b) => {
-                b.set_message(message.to_string());
-                b.set_position(0);
+            Bar::Bar { bar, .. } => {
+                bar.set_message(message.to_string());
+                bar.set_position(0);
             }
             Bar::Status(s) => s.set_message(message),
         }
+    }
+}
+
+/// `n` and the noun, plural unless `n` is 1: (1, "snapshot") -> "1
+/// snapshot", (3, "pack") -> "3 packs". Regular English plurals only.
+pub fn plural(n: impl Count, noun: &str) -> String {
+    let n = n.count();
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// A count for [`plural`] (usize, u32 and u64 alike).
+pub trait Count {
+    fn count(self) -> u64;
+}
+
+macro_rules! count {
+    ($($t:ty),*) => {$(
+        impl Count for $t {
+            fn count(self) -> u64 {
+                self as u64
+            }
+        }
+    )*};
+}
+count!(usize, u32, u64);
+
+/// Before the amount of work is known: the label, a spinner, the time.
+fn waiting_style() -> ProgressStyle {
+    ProgressStyle::with_template("{msg:>10} {spinner} {elapsed}")
+        .expect("valid template")
+        .tick_chars("-\\|/ ")
+}
+
+/// How long a bar runs before it shows an estimate: the first second's
+/// rate (caches, connection set-up) says little ("eta 7w").
+const ETA_AFTER: Duration = Duration::from_secs(3);
+
+/// The bar, once the total is known. Sizes as [`human_bytes`] writes them
+/// everywhere else; the rate and the estimate appear only once they mean
+/// something (see [`ETA_AFTER`]).
+fn bar_style(bytes: bool) -> ProgressStyle {
+    let template = if bytes {
+        "{msg:>10} [{bar:30}] {percent:>3}% {done}/{total}{rate}{eta}"
+    } else {
+        "{msg:>10} [{bar:30}] {percent:>3}% {pos}/{len}{eta}"
+    };
+    ProgressStyle::with_template(template)
+        .expect("valid template")
+        .progress_chars("=> ")
+        .with_key("done", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&human_bytes(s.pos()));
+        })
+        .with_key("total", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = w.write_str(&human_bytes(s.len().unwrap_or(0)));
+        })
+        .with_key("rate", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let secs = s.elapsed().as_secs_f64();
+            if secs >= 1.0 {
+                let _ = write!(w, " {}/s", human_bytes((s.pos() as f64 / secs) as u64));
+            }
+        })
+        .with_key("eta", |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+            if let Some(eta) = eta_of(s.elapsed(), s.pos(), s.len()) {
+                let _ = write!(w, " eta {}", human_duration(eta));
+            }
+        })
+}
+
+/// The time left at the average rate so far, once [`ETA_AFTER`] has passed
+/// and some work is done; `None` before (and when nothing is left to
+/// estimate).
+fn eta_of(elapsed: Duration, done: u64, total: Option<u64>) -> Option<Duration> {
+    let total = total?;
+    if elapsed < ETA_AFTER || done == 0 || done >= total {
+        return None;
+    }
+    let left = (total - done) as f64 * elapsed.as_secs_f64() / done as f64;
+    Some(Duration::from_secs_f64(left.min(1e9)))
+}
+
+/// 75 s -> "1m15s"; 3 h 5 min -> "3h05m"; 42 s -> "42s".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s < 60 {
+        format!("{s}s")
+    } else if s < 3600 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
     }
 }
 
@@ -265,5 +409,38 @@ pub fn human_bytes(n: u64) -> String {
         format!("{n} B")
     } else {
         format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_estimate_in_the_first_seconds_or_without_progress() {
+        let s = Duration::from_secs;
+        assert_eq!(eta_of(Duration::from_millis(200), 1, Some(1 << 40)), None);
+        assert_eq!(eta_of(s(2), 1 << 20, Some(1 << 30)), None);
+        assert_eq!(eta_of(s(10), 0, Some(100)), None);
+        assert_eq!(eta_of(s(10), 100, Some(100)), None);
+        assert_eq!(eta_of(s(10), 10, None), None);
+        assert_eq!(eta_of(s(10), 25, Some(100)), Some(s(30)));
+    }
+
+    #[test]
+    fn durations_and_sizes_read_one_way() {
+        assert_eq!(human_duration(Duration::from_secs(42)), "42s");
+        assert_eq!(human_duration(Duration::from_secs(75)), "1m15s");
+        assert_eq!(human_duration(Duration::from_secs(3 * 3600 + 300)), "3h05m");
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(8 << 20), "8.0 MiB");
+    }
+
+    #[test]
+    fn plurals() {
+        assert_eq!(plural(1usize, "snapshot"), "1 snapshot");
+        assert_eq!(plural(0u64, "snapshot"), "0 snapshots");
+        assert_eq!(plural(3u32, "pack"), "3 packs");
     }
 }

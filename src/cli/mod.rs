@@ -3,6 +3,7 @@
 //! (`run`) and exit codes (`exit`). Nothing below `cli` sees clap.
 
 pub mod exit;
+mod generate;
 mod options;
 pub mod policy;
 mod run;
@@ -47,6 +48,10 @@ pub struct Cli {
     /// Print only warnings and errors.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// More detail on stderr: -v each step (connections, parent, blocks
+    /// changed), -vv debug detail. Not with --quiet.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    pub verbose: u8,
     /// Take no repository lock (reading commands only; as restic's --no-lock).
     #[arg(long, global = true)]
     pub no_lock: bool,
@@ -78,6 +83,9 @@ pub enum Command {
     /// repository to another, sending only the blocks the destination
     /// lacks; interrupted, run it again.
     Copy(CopyArgs),
+    /// Add, remove or set the tags of snapshots (each changed snapshot is
+    /// rewritten as a new generation; its data is not touched).
+    Tag(TagArgs),
     /// Remove snapshots (by id or by a --keep-* policy), folding their
     /// changes into the snapshots layered on them, and destroy the
     /// XenServer landmarks only they recorded.
@@ -98,6 +106,22 @@ pub enum Command {
     /// try cbtvault without one.
     #[cfg(feature = "sim")]
     Sim(SimArgs),
+    /// Write shell completions (--completions SHELL, on stdout) or man
+    /// pages (--man DIR, one per command and subcommand).
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["completions", "man"])))]
+pub struct GenerateArgs {
+    /// Print a completion script for SHELL on stdout (bash, zsh, fish,
+    /// elvish, powershell).
+    #[arg(long, value_name = "SHELL")]
+    pub completions: Option<clap_complete::Shell>,
+    /// Write one man page per command and subcommand into DIR (created
+    /// if missing): cbtvault.1, cbtvault-backup.1, ...
+    #[arg(long, value_name = "DIR")]
+    pub man: Option<PathBuf>,
 }
 
 impl Command {
@@ -114,6 +138,7 @@ impl Command {
             Command::Stats => "stats",
             Command::Unlock(_) => "unlock",
             Command::Copy(_) => "copy",
+            Command::Tag(_) => "tag",
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
             Command::Repair(RepairCommand::Index) => "repair index",
@@ -125,6 +150,7 @@ impl Command {
             Command::Demo(_) => "demo",
             #[cfg(feature = "sim")]
             Command::Sim(_) => "sim",
+            Command::Generate(_) => "generate",
         }
     }
 }
@@ -428,6 +454,27 @@ pub struct ForgetArgs {
     /// How to reach the XenServer hosts named by the forgotten snapshots.
     #[command(flatten)]
     pub xen: XenConnectArgs,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["add", "remove", "set"])))]
+pub struct TagArgs {
+    /// Snapshot ids (or unique prefixes); or select with --source, --tag,
+    /// --vm instead.
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshots: Vec<String>,
+    /// Add this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub add: Vec<String>,
+    /// Remove this tag (repeatable).
+    #[arg(long, value_name = "TAG")]
+    pub remove: Vec<String>,
+    /// Replace all tags with these (repeatable; `--set` alone clears them).
+    #[arg(long, value_name = "TAG", num_args = 0..=1, conflicts_with_all = ["add", "remove"])]
+    pub set: Option<Vec<String>>,
+    /// Without ids: the snapshots to re-tag.
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 #[derive(Debug, Args)]

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, ForgetArgs, InitArgs, NbdArgs, PruneArgs,
-    RestoreArgs, ServeArgs, SnapshotsArgs, UnlockArgs, XenArgs, XenConnectArgs,
+    RestoreArgs, ServeArgs, SnapshotsArgs, TagArgs, UnlockArgs, XenArgs, XenConnectArgs,
 };
 #[cfg(feature = "sim")]
 use super::{DemoArgs, SimArgs};
@@ -26,10 +26,12 @@ use crate::commands::serve::ServeOptions;
 #[cfg(feature = "sim")]
 use crate::commands::sim::SimHostOptions;
 use crate::commands::snapshots::SnapshotsOptions;
+use crate::commands::tag::{TagOptions, TagSelection};
 use crate::commands::SnapshotFilter;
 use crate::repo::backup::plan::ParentRequest;
 use crate::repo::check::DataSubset;
 use crate::repo::prune::{MaxUnused, PruneOptions};
+use crate::repo::tag::TagChange;
 use crate::repo::InitOptions;
 use crate::source::nbd::NbdLimits;
 use crate::source::xenapi::XenUrl;
@@ -360,6 +362,33 @@ pub fn forget(a: &ForgetArgs) -> Result<ForgetOptions> {
         },
         no_host: a.no_host,
         xen: XenOptions::from(&a.xen),
+    })
+}
+
+pub fn tag(a: &TagArgs) -> Result<TagOptions> {
+    let filter = SnapshotFilter::from(&a.filter);
+    let selection = match (a.snapshots.is_empty(), filter.is_empty()) {
+        (false, true) => TagSelection::Ids(a.snapshots.clone()),
+        (true, false) => TagSelection::Filter(filter),
+        (false, false) => bail!(
+            "give either snapshot ids or --source/--tag/--vm, not both (tag changes exactly the named snapshots, or every one the filters select)"
+        ),
+        (true, true) => bail!(
+            "no snapshots named: give snapshot ids, or select with --source, --tag or --vm"
+        ),
+    };
+    for t in a.add.iter().chain(&a.remove).chain(a.set.iter().flatten()) {
+        if t.is_empty() {
+            bail!("a tag cannot be empty");
+        }
+    }
+    Ok(TagOptions {
+        selection,
+        change: TagChange {
+            add: a.add.clone(),
+            remove: a.remove.clone(),
+            set: a.set.clone(),
+        },
     })
 }
 

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use super::{options, Cli, Command, RepairCommand};
 use crate::commands::repair::RepairAction;
 use crate::commands::{
-    backup, check, copy, forget, inspect, open_with, prune, repair, restore, serve, snapshots,
+    backup, check, copy, forget, inspect, open_with, prune, repair, restore, serve, snapshots, tag,
     Outcome,
 };
 #[cfg(feature = "sim")]
@@ -74,6 +74,10 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
             a.all,
         ),
         Command::Unlock(a) => inspect::unlock(ui, &open(ui, &repo_path()?)?, &options::unlock(a)),
+        Command::Tag(a) => {
+            let o = options::tag(a)?;
+            tag::run(ui, &open(ui, &repo_path()?)?, &o)
+        }
         Command::Forget(a) => {
             let o = options::forget(a)?;
             forget::run(ui, &open(ui, &repo_path()?)?, &o)
@@ -101,6 +105,7 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         Command::Demo(a) => demo::run(ui, &options::demo(a)),
         #[cfg(feature = "sim")]
         Command::Sim(a) => sim::run(ui, &options::sim(a)),
+        Command::Generate(a) => super::generate::run(ui, a),
     }
 }
 

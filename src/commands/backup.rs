@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use nbd::{proto, tls, NbdUri, PoolOptions};
 
 use super::Outcome;
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::backup::plan::{self, ParentRequest, PlanOptions, SourceDisk};
 use crate::repo::backup::{self, BackupSummary, BlockBitmap, PipelineOptions};
 use crate::repo::lock::hostname;
@@ -271,6 +271,15 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
             if let Some(why) = source.pool().fewer_connections() {
                 ui.warn(format!("nbd: {why}"));
             }
+            ui.detail(
+                1,
+                format!(
+                    "nbd: {} open to '{text}' ({} requested), export {}",
+                    plural(source.pool().connection_count(), "connection"),
+                    nbd.connections,
+                    human_bytes(source.size_bytes())
+                ),
+            );
             let size = source.size_bytes();
             let allocated = if source.has_context("base:allocation") {
                 let ex = source.extents("base:allocation")?;
@@ -379,12 +388,27 @@ pub(crate) fn backup_disk(
     for w in &plan.warnings {
         ui.warn(w);
     }
+    // Said once: a warning above already names a lost set's reason.
     if let Some(reason) = &plan.new_set_reason {
-        ui.info(format!("new backup set: {reason}"));
+        if !plan.warnings.iter().any(|w| w.contains(reason.as_str())) {
+            ui.info(format!("new backup set: {reason}"));
+        }
     }
+    detail_plan(ui, source, &plan, repo.config().block_size);
     let bar = ui.progress("backup", true);
     let summary = backup::run(repo, source, plan, &PipelineOptions::from_repo(repo), &bar)?;
     bar.finish();
+    ui.detail(
+        1,
+        format!(
+            "{}: {} changed, {} new, {} written in {}",
+            source.identity(),
+            plural(summary.blocks_changed, "block"),
+            plural(summary.blocks_new, "block"),
+            human_bytes(summary.bytes_stored),
+            plural(summary.packs_written, "pack")
+        ),
+    );
     if !summary.source_changed.is_empty() {
         ui.warn(format!(
             "'{}' changed while it was read ({}): snapshot {} may hold a torn disk; back up a frozen copy (an LVM, qemu or file-system snapshot), or pass --strict to refuse such a backup",
@@ -396,17 +420,65 @@ pub(crate) fn backup_disk(
     Ok(summary)
 }
 
+/// `-v`: the parent chosen and how much will be read; `-vv`: the set's
+/// depth and the planned counts in detail.
+fn detail_plan(ui: &Ui, source: &dyn BlockSource, plan: &plan::BackupPlan, block_size: u32) {
+    if !ui.shows_detail(1) {
+        return;
+    }
+    let id = source.identity();
+    match &plan.parent {
+        Some(p) => ui.detail(
+            1,
+            format!(
+                "{id}: parent snapshot {} of {} (backup set {}, {} since its full)",
+                p.meta.id.short(),
+                p.meta
+                    .time
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                p.meta.backup_set.short(),
+                plural(p.depth, "manifest")
+            ),
+        ),
+        None => ui.detail(
+            1,
+            format!(
+                "{id}: no parent ({})",
+                plan.new_set_reason.as_deref().unwrap_or("new backup set")
+            ),
+        ),
+    }
+    let blocks = source.size_bytes().div_ceil(block_size as u64);
+    let read = plan.read.as_ref().map_or(blocks, |r| r.count());
+    ui.detail(
+        1,
+        format!(
+            "{id}: reading {read} of {} ({})",
+            plural(blocks, "block"),
+            human_bytes(source.size_bytes())
+        ),
+    );
+    ui.detail(
+        2,
+        format!(
+            "{id}: known zero {}, change bitmap {}, synthetic full {}, tags [{}], host {}",
+            plan.known_zero.as_ref().map_or(0, |z| z.count()),
+            plan.change_bitmap
+                .as_ref()
+                .map_or("none".to_string(), |c| plural(c.count(), "block")),
+            plan.synthetic_full,
+            plan.tags.join(", "),
+            plan.hostname
+        ),
+    );
+}
+
 pub(crate) fn report(ui: &Ui, s: &BackupSummary) {
     ui.summary(s);
     report_human(ui, s);
 }
 
 pub(crate) fn report_human(ui: &Ui, s: &BackupSummary) {
-    if let Some(reason) = &s.new_set_reason {
-        if s.full && !reason.starts_with("first backup") {
-            ui.info(format!("  (new backup set: {reason})"));
-        }
-    }
     let kind = if s.full {
         "full"
     } else if s.synthetic_full {
@@ -423,8 +495,8 @@ pub(crate) fn report_human(ui: &Ui, s: &BackupSummary) {
     ));
     let rate = s.bytes_read as f64 / s.seconds.max(1e-9);
     ui.info(format!(
-        "  read {} blocks ({}) in {:.2}s, {}/s: {} new, {} deduplicated, {} zero; stored {}",
-        s.blocks_read,
+        "  read {} ({}) in {:.2}s, {}/s: {} new, {} deduplicated, {} zero; stored {}",
+        plural(s.blocks_read, "block"),
         human_bytes(s.bytes_read),
         s.seconds,
         human_bytes(rate as u64),
@@ -780,8 +852,8 @@ fn run_xen(
     let (summary, run) = result?;
     ui.summary(&summary);
     ui.info(format!(
-        "backed up {} disk(s){} in {:.2}s",
-        summary.disks.len(),
+        "backed up {}{} in {:.2}s",
+        plural(summary.disks.len(), "disk"),
         summary
             .vm_backup
             .as_ref()

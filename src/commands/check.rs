@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 
 use super::Outcome;
-use crate::output::Ui;
+use crate::output::{plural, Ui};
 use crate::repo::check::{self, DataSubset, Severity};
 use crate::repo::{Location, Repository};
 
@@ -56,13 +56,14 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
         ));
     }
     ui.info(format!(
-        "checked {} snapshots, {} packs{}",
-        report.snapshots_checked,
-        report.packs_checked,
+        "checked {}, {}{}",
+        plural(report.snapshots_checked, "snapshot"),
+        plural(report.packs_checked, "pack"),
         if subset.is_some() {
             format!(
-                ", read {} packs and {} blocks",
-                report.packs_read, report.blocks_read
+                ", read {} and {}",
+                plural(report.packs_read, "pack"),
+                plural(report.blocks_read, "block")
             )
         } else {
             String::new()
@@ -103,7 +104,10 @@ pub fn repair_index(ui: &Ui, location: &Location) -> Result<Outcome> {
         "packs_skipped": skipped.iter().map(|(name, why)| serde_json::json!({"pack": name, "reason": why})).collect::<Vec<_>>(),
     }));
     ui.info(format!(
-        "catalog rebuilt: {packs} packs, {blocks} blocks, {snapshots} snapshots"
+        "catalog rebuilt: {}, {}, {}",
+        plural(packs, "pack"),
+        plural(blocks, "block"),
+        plural(snapshots, "snapshot")
     ));
     Ok(Outcome::Ok)
 }

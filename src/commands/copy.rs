@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 
 use super::Outcome;
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::{copy, Repository};
 
 pub fn run(
@@ -27,15 +27,18 @@ pub fn run(
     bar.finish();
     ui.summary(&report);
     ui.info(format!(
-        "copied {} of {} snapshot(s) ({} already there): {} block(s) sent ({} raw, {} stored in {} pack(s)), {} block(s) already there ({}), in {:.2}s",
+        "copied {} of {} ({} already there): {} sent ({} raw, {} stored in {}), {} already there ({}), in {:.2}s",
         report.copied_snapshot_ids.len(),
-        report.copied_snapshot_ids.len() + report.present_snapshot_ids.len(),
+        plural(
+            report.copied_snapshot_ids.len() + report.present_snapshot_ids.len(),
+            "snapshot"
+        ),
         report.present_snapshot_ids.len(),
-        report.blocks_sent,
+        plural(report.blocks_sent, "block"),
         human_bytes(report.sent_raw_bytes),
         human_bytes(report.sent_stored_bytes),
-        report.packs_written,
-        report.blocks_skipped,
+        plural(report.packs_written, "pack"),
+        plural(report.blocks_skipped, "block"),
         human_bytes(report.skipped_raw_bytes),
         report.duration.as_secs_f64()
     ));

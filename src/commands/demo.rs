@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use super::backup::{xen_backup, SnapshotOptions, XenBackupSummary};
 use super::restore::restore_to_path;
 use super::Outcome;
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::backup::plan::ParentRequest;
 use crate::repo::{InitOptions, Repository};
 use crate::source::xenapi::workflow::WorkflowOptions;
@@ -98,9 +98,10 @@ fn print_backup(ui: &Ui, s: &XenBackupSummary) {
         zero += d.summary.blocks_zero;
     }
     ui.info(format!(
-        "   => {} disks + VM metadata in {:.2}s: {read} blocks read, {new} new, {dedup} deduplicated, {zero} zero",
-        s.disks.len(),
-        s.seconds
+        "   => {} + VM metadata in {:.2}s: {} read, {new} new, {dedup} deduplicated, {zero} zero",
+        plural(s.disks.len(), "disk"),
+        s.seconds,
+        plural(read, "block")
     ));
 }
 
@@ -251,7 +252,10 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         bail!("the restored disk differs from the host's disk");
     }
     if leftovers != 0 {
-        bail!("{leftovers} VDI(s) still attached to dom0 on the simulated host");
+        bail!(
+            "{} still attached to dom0 on the simulated host",
+            crate::output::plural(leftovers, "VDI")
+        );
     }
     let full_read: u64 = full.disks.iter().map(|d| d.summary.bytes_read).sum();
     let inc_read: u64 = incremental.disks.iter().map(|d| d.summary.bytes_read).sum();

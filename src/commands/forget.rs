@@ -20,7 +20,7 @@ use super::forget_policy::{self, GroupBy, GroupVerdicts};
 use super::{filtered, Outcome, SnapshotFilter};
 use crate::format::snapshot::SnapshotMeta;
 use crate::format::SnapshotId;
-use crate::output::Ui;
+use crate::output::{plural, Ui};
 use crate::repo::forget::{self, ForgetReport};
 use crate::repo::policy::Policy;
 use crate::repo::prune::{self, PruneOptions, PruneReport};
@@ -253,14 +253,14 @@ fn say_forget(ui: &Ui, r: &ForgetReport) {
         ));
     }
     ui.info(format!(
-        "{}{} snapshot(s) removed, {} rewritten{}; the data stays until 'cbtvault prune'",
+        "{}{} removed, {} rewritten{}; the data stays until 'cbtvault prune'",
         if r.dry_run { "dry run: " } else { "" },
-        r.removed.len(),
+        plural(r.removed.len(), "snapshot"),
         r.rewritten.len(),
         if r.old_generations_removed > 0 {
             format!(
-                ", {} older generation object(s) removed",
-                r.old_generations_removed
+                ", {} removed",
+                plural(r.old_generations_removed, "older generation object")
             )
         } else {
             String::new()

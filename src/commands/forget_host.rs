@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 use super::backup::{xen_password, xen_session, XenOptions};
 use crate::format::snapshot::SnapshotMeta;
-use crate::output::Ui;
+use crate::output::{plural, Ui};
 use crate::source::xenapi::landmarks::{self, Landmark, Outcome, Released};
 use crate::source::xenapi::XenUrl;
 
@@ -27,6 +27,14 @@ pub struct LeftLandmark {
     #[serde(flatten)]
     pub landmark: Landmark,
     pub reason: String,
+}
+
+/// How many hosts `left` names.
+fn hosts_of(left: &[LeftLandmark]) -> usize {
+    left.iter()
+        .map(|l| l.landmark.host.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }
 
 impl HostCleanup {
@@ -77,7 +85,9 @@ pub fn preflight(
         let count: usize = plan.values().map(Vec::len).sum();
         let hosts: Vec<&str> = plan.keys().map(String::as_str).collect();
         bail!(
-            "{e:#}: forget would destroy {count} landmark VDI(s) on XenServer host(s) {}; nothing was changed (give the password, or --no-host to touch only the repository and list them)",
+            "{e:#}: forget would destroy {} on XenServer {} {}; nothing was changed (give the password, or --no-host to touch only the repository and list them)",
+            plural(count, "landmark VDI"),
+            if hosts.len() == 1 { "host" } else { "hosts" },
             hosts.join(", ")
         );
     }
@@ -149,8 +159,9 @@ pub fn clean_host(
     }
     if !report.left.is_empty() && no_host {
         ui.info(format!(
-            "--no-host: {} landmark VDI(s) left on the host(s); the next backup from this repository on each host removes them, or destroy them by hand (xe vdi-destroy uuid=UUID):",
-            report.left.len()
+            "--no-host: {} left on {}; the next backup from this repository on each host removes them, or destroy them by hand (xe vdi-destroy uuid=UUID):",
+            plural(report.left.len(), "landmark VDI"),
+            if hosts_of(&report.left) == 1 { "the host" } else { "the hosts" }
         ));
         for l in &report.left {
             ui.info(format!(

@@ -9,7 +9,7 @@ use super::Outcome;
 use crate::format::bitmap;
 use crate::format::snapshot::BlockRef;
 use crate::manifest;
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::{lock, InitOptions, Location, Repository};
 
 pub fn init(ui: &Ui, location: &Location, options: &InitOptions) -> Result<Outcome> {
@@ -130,8 +130,8 @@ pub fn diff(ui: &Ui, repo: &Repository, a: &DiffOptions) -> Result<Outcome> {
         "range_count": rs.len(),
     }));
     ui.print(format!(
-        "{} blocks differ between {} and {} ({} modified, {} became data, {} became zero)",
-        changes.len(),
+        "{} differ between {} and {} ({} modified, {} became data, {} became zero)",
+        plural(changes.len(), "block"),
         sa.meta.id.short(),
         sb.meta.id.short(),
         changes.len() - added - removed,
@@ -140,8 +140,11 @@ pub fn diff(ui: &Ui, repo: &Repository, a: &DiffOptions) -> Result<Outcome> {
     ));
     if ma.disk_size_bytes != mb.disk_size_bytes {
         ui.print(format!(
-            "disk size changed: {} -> {} bytes",
-            ma.disk_size_bytes, mb.disk_size_bytes
+            "disk size changed: {} -> {} ({} -> {} bytes)",
+            human_bytes(ma.disk_size_bytes),
+            human_bytes(mb.disk_size_bytes),
+            ma.disk_size_bytes,
+            mb.disk_size_bytes
         ));
     }
     for (first, last) in rs {
@@ -195,9 +198,9 @@ pub fn stats(ui: &Ui, repo: &Repository) -> Result<Outcome> {
         human_bytes(raw)
     ));
     ui.print(format!(
-        "stored:              {} in {} packs",
+        "stored:              {} in {}",
         human_bytes(stored),
-        packs.len()
+        plural(packs.len(), "pack")
     ));
     ui.print(format!(
         "dedup ratio:         {:.2}x",
@@ -249,5 +252,16 @@ pub fn unlock(ui: &Ui, repo: &Repository, a: &UnlockOptions) -> Result<Outcome> 
         }
     }
     ui.summary(&json!({"locks_removed": removed, "locks_kept": kept}));
+    let held = if kept.is_empty() {
+        String::new()
+    } else {
+        format!(" ({} kept: holder alive)", plural(kept.len(), "lock"))
+    };
+    let what = if a.remove_all { "lock" } else { "stale lock" };
+    ui.info(if removed.is_empty() {
+        format!("no {what}s{held}")
+    } else {
+        format!("removed {}{held}", plural(removed.len(), what))
+    });
     Ok(Outcome::Ok)
 }

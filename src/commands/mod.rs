@@ -20,6 +20,7 @@ pub mod serve;
 #[cfg(feature = "sim")]
 pub mod sim;
 pub mod snapshots;
+pub mod tag;
 
 use anyhow::{bail, Context, Result};
 

@@ -5,7 +5,7 @@
 use anyhow::Result;
 
 use super::Outcome;
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::{repair, Repository};
 
 /// Which repair to run (`repair index` is run by `check::repair_index`).
@@ -57,20 +57,22 @@ fn packs(ui: &Ui, repo: &Repository, unreferenced: bool) -> Result<Outcome> {
         }
         dropped += r.blocks_dropped.len();
         ui.info(format!(
-            "pack {}: {} blocks salvaged{}, {} stored elsewhere, {} damaged blocks dropped",
+            "pack {}: {} salvaged{}, {} stored elsewhere, {} dropped",
             r.pack,
-            r.blocks_salvaged,
+            plural(r.blocks_salvaged, "block"),
             r.new_pack
                 .as_ref()
                 .map(|n| format!(" into pack {n}"))
                 .unwrap_or_default(),
             r.blocks_elsewhere,
-            r.blocks_dropped.len()
+            plural(r.blocks_dropped.len(), "damaged block")
         ));
     }
     if dropped > 0 {
         ui.warn(format!(
-            "{dropped} damaged blocks are in no pack now: snapshots naming them stay damaged until 'cbtvault backup --full' of their source stores them again ('cbtvault check' names them)"
+            "{} {} in no pack now: snapshots naming them stay damaged until 'cbtvault backup --full' of their source stores them again ('cbtvault check' names them)",
+            plural(dropped, "damaged block"),
+            if dropped == 1 { "is" } else { "are" }
         ));
     }
     if repaired.is_empty() {
@@ -93,8 +95,9 @@ fn snapshots(ui: &Ui, repo: &Repository) -> Result<Outcome> {
             None => {
                 unrepaired += 1;
                 ui.error(format!(
-                    "snapshot {} ({}): parent {} is missing and {} blocks were known only to it; it cannot be repaired: back up the source with 'cbtvault backup --full'",
-                    r.id, r.source, r.missing_parent, r.blocks_unknown
+                    "snapshot {} ({}): parent {} is missing and {} {} known only to it; it cannot be repaired: back up the source with 'cbtvault backup --full'",
+                    r.id, r.source, r.missing_parent, plural(r.blocks_unknown, "block"),
+                    if r.blocks_unknown == 1 { "was" } else { "were" }
                 ));
             }
         }

@@ -15,7 +15,7 @@ pub use super::restore_xen::XenRestoreOptions;
 use super::{filtered, one_source, pick_snapshot, Outcome, SnapshotFilter};
 use crate::format::SnapshotId;
 use crate::manifest::BlockMap;
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::restore::{self, BlockSink, RestoreSummary};
 use crate::repo::{Repository, SnapshotEntry};
 use crate::source::xenapi::workflow::keys;
@@ -150,7 +150,28 @@ pub fn run(ui: &Ui, repo: &Repository, options: &RestoreOptions) -> Result<Outco
     let entry = select(repo, options)?;
     let _lock = repo.lock(false, "restore")?;
     let id = entry.meta.id;
+    ui.detail(
+        1,
+        format!(
+            "restoring snapshot {} of '{}' taken {}",
+            id.short(),
+            entry.meta.source,
+            entry
+                .meta
+                .time
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+    );
     let map = repo.resolve(id)?;
+    ui.detail(
+        1,
+        format!(
+            "{} of {} hold data ({} disk), the rest are zero",
+            map.data.len(),
+            plural(map.block_count(), "block"),
+            human_bytes(map.disk_size_bytes)
+        ),
+    );
     let summary = restore_local(ui, repo, id, &map, path, local)?;
     Ok(if summary.damaged_blocks.is_empty() {
         Outcome::Ok
@@ -217,6 +238,11 @@ pub(crate) fn restore_local(
 ) -> Result<RestoreSummary> {
     let disk = map.disk_size_bytes;
     let stdout = target.as_os_str() == "-";
+    // A disk image is binary: written to a terminal it is garbage on the
+    // screen (and may send it control sequences), never what was meant.
+    if stdout && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!("--target -: stdout is a terminal; pipe it (cbtvault restore ... --target - | ...) or give a file (--target FILE)");
+    }
     // With stdout the target, JSON messages go to stderr.
     let ui = &if stdout {
         ui.with_json_on_stderr()
@@ -251,6 +277,19 @@ pub(crate) fn restore_local(
         device = opened.is_device();
         file.insert(opened)
     };
+    ui.detail(
+        2,
+        format!(
+            "target '{shown}': {}",
+            if stdout {
+                "a stream"
+            } else if device {
+                "a block device, written in place"
+            } else {
+                "a new file, renamed into place when complete"
+            }
+        ),
+    );
     let bar = ui.progress("restore", true);
     let result = restore::run(repo, id, map, sink, options.restore, &bar);
     bar.finish();
@@ -322,10 +361,10 @@ pub(crate) fn restore_to_path(
 fn report(ui: &Ui, s: &RestoreSummary, target: &str) {
     if target != "stdout" {
         ui.info(format!(
-            "restored snapshot {} to '{target}': {} ({} data blocks, {} zero) in {:.2}s, {}/s",
+            "restored snapshot {} to '{target}': {} ({}, {} zero) in {:.2}s, {}/s",
             s.snapshot_id.short(),
             human_bytes(s.disk_size_bytes),
-            s.blocks_data,
+            plural(s.blocks_data, "data block"),
             s.blocks_zero,
             s.seconds,
             human_bytes((s.disk_size_bytes as f64 / s.seconds.max(1e-9)) as u64)
@@ -333,9 +372,9 @@ fn report(ui: &Ui, s: &RestoreSummary, target: &str) {
     }
     if !s.damaged_blocks.is_empty() {
         ui.warn(format!(
-            "restore of snapshot {} to '{target}' completed with damage: {} block(s) written as zeros (--allow-damaged); run 'cbtvault check --read-data'",
+            "restore of snapshot {} to '{target}' completed with damage: {} written as zeros (--allow-damaged); run 'cbtvault check --read-data'",
             s.snapshot_id.short(),
-            s.damaged_blocks.len()
+            plural(s.damaged_blocks.len(), "block")
         ));
         for d in &s.damaged_blocks {
             ui.warn(format!(

@@ -14,7 +14,7 @@ use xapi_wire::Value;
 
 use super::backup::{xen_session, XenOptions};
 use crate::format::SnapshotId;
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::restore::{self, RestoreOptions, RestoreSummary};
 use crate::repo::{Repository, SnapshotEntry};
 use crate::source::xenapi::import::ImportFormat;
@@ -364,8 +364,8 @@ pub(crate) fn run_new_vm(
     };
     ui.summary(&report);
     ui.info(format!(
-        "created VM {vm_uuid} from VM backup {group} with {} disk(s)",
-        report.disks.len()
+        "created VM {vm_uuid} from VM backup {group} with {}",
+        plural(report.disks.len(), "disk")
     ));
     Ok(())
 }

@@ -93,8 +93,16 @@ pub fn run(ui: &Ui, repo: Repository, options: &ServeOptions) -> Result<Outcome>
         .with_context(|| format!("open snapshot {id} for serving"))?;
     if export.missing_blocks() > 0 {
         ui.warn(format!(
-            "snapshot {id}: {} blocks are not in any pack; reads of them will fail with EIO; run 'cbtvault check'",
-            export.missing_blocks()
+            "snapshot {id}: {} not in any pack; reads of {} fail with EIO; run 'cbtvault check'",
+            match export.missing_blocks() {
+                1 => "1 block is".to_string(),
+                n => format!("{n} blocks are"),
+            },
+            if export.missing_blocks() == 1 {
+                "it"
+            } else {
+                "them"
+            }
         ));
     }
     let size_bytes = export.size_bytes();

@@ -135,9 +135,9 @@ pub fn run(ui: &Ui, options: &SimHostOptions) -> Result<Outcome> {
     ui.print(format!("  VM 'demo-vm' {}", vm.vm_uuid));
     for d in &vm.disks {
         ui.print(format!(
-            "    VDI {} ({} MiB)",
+            "    VDI {} ({})",
             d.vdi_uuid,
-            d.size_bytes >> 20
+            crate::output::human_bytes(d.size_bytes)
         ));
     }
     if let Some(first) = vm.disks.first() {

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::forget_policy::{unit_source, GroupBy};
 use super::{filtered, Outcome, SnapshotFilter};
-use crate::output::{human_bytes, Ui};
+use crate::output::{human_bytes, plural, Ui};
 use crate::repo::{Repository, SnapshotEntry};
 use crate::source::xenapi::workflow::keys;
 
@@ -51,19 +51,12 @@ pub fn run(ui: &Ui, repo: &Repository, options: &SnapshotsOptions) -> Result<Out
             &["ID", "Time (UTC)", "Parent", "Source", "Size", "Tags"],
             &rows(members),
         );
-        ui.print(count(members.len()));
+        ui.print(plural(members.len(), "snapshot"));
         if groups.len() > 1 {
             ui.print("");
         }
     }
     Ok(Outcome::Ok)
-}
-
-fn count(n: usize) -> String {
-    match n {
-        1 => "1 snapshot".to_string(),
-        n => format!("{n} snapshots"),
-    }
 }
 
 fn group_key(s: &SnapshotEntry, g: GroupBy) -> String {
@@ -143,8 +136,8 @@ fn rows(list: &[&SnapshotEntry]) -> Vec<Vec<String>> {
                     first.time.format("%Y-%m-%d %H:%M:%S").to_string(),
                     if full { "(full)" } else { "" }.to_string(),
                     format!(
-                        "{name} on {host}: {disks} disk{}{}",
-                        if disks == 1 { "" } else { "s" },
+                        "{name} on {host}: {}{}",
+                        plural(disks, "disk"),
                         if unit.len() > disks {
                             " + metadata"
                         } else {

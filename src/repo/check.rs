@@ -13,6 +13,7 @@ use super::read::{BlockReader, ReadError};
 use super::{RepoError, Repository};
 use crate::backend::Kind;
 use crate::format::{BlockId, ObjectName, SnapshotId};
+use crate::output::plural;
 use crate::pack::PackError;
 use crate::progress::Progress;
 
@@ -207,8 +208,8 @@ pub fn run(
                     report.warn(
                         format!("pack {name}"),
                         format!(
-                            "{} blocks not in the catalog (left by an interrupted backup); 'cbtvault repair index' adopts it",
-                            entries.len()
+                            "{} not in the catalog (left by an interrupted backup); 'cbtvault repair index' adopts it",
+                            plural(entries.len(), "block")
                         ),
                     );
                     report.fixed_by(fix::INDEX);
@@ -364,7 +365,10 @@ pub fn run(
         }
         report.error(
             object,
-            format!("{n} damaged blocks recorded in the catalog, first: {first}"),
+            format!(
+                "{} recorded in the catalog, first: {first}",
+                plural(n, "damaged block")
+            ),
         );
         report.fixed_by(fix::PACKS);
     }
@@ -421,14 +425,14 @@ pub fn run(
         if missing > 0 {
             report.error(
                 format!("snapshot {id}"),
-                format!("{missing} referenced blocks are not in any pack"),
+                format!("{} not in any pack", plural(missing, "referenced block")),
             );
             report.fixed_by(fix::BACKUP_FULL);
         }
         if missing + corrupt > 0 {
             report.affected_snapshots.push(affected(format!(
-                "{} damaged blocks, first: {}",
-                missing + corrupt,
+                "{}, first: {}",
+                plural(missing + corrupt, "damaged block"),
                 first.unwrap_or_default()
             )));
         }
@@ -488,7 +492,10 @@ pub fn run(
         if n > 0 {
             report.warn(
                 "tmp/".into(),
-                format!("{n} temporary files left by interrupted writers (harmless)"),
+                format!(
+                    "{} left by interrupted writers (harmless)",
+                    plural(n, "temporary file")
+                ),
             );
             report.fixed_by(fix::TMP);
         }

@@ -15,6 +15,7 @@ pub mod prune;
 pub mod read;
 pub mod repair;
 pub mod restore;
+pub mod tag;
 
 use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;

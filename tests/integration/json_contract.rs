@@ -451,6 +451,10 @@ fn every_command_prints_documented_json_lines_ending_in_one_summary() {
         ("stats", vec!["stats".into()]),
         ("unlock", vec!["unlock".into()]),
         (
+            "tag",
+            vec!["tag".into(), b.clone(), "--add".into(), "y".into()],
+        ),
+        (
             "forget",
             vec![
                 "forget".into(),
@@ -480,6 +484,14 @@ fn every_command_prints_documented_json_lines_ending_in_one_summary() {
             vec!["repair".into(), "snapshots".into()],
         ),
         ("repair tmp", vec!["repair".into(), "tmp".into()]),
+        (
+            "generate",
+            vec![
+                "generate".into(),
+                "--man".into(),
+                t.path("man").display().to_string(),
+            ],
+        ),
     ];
     for (command, args) in runs {
         let mut all: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![&"--json"];

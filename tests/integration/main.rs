@@ -1,6 +1,7 @@
 //! The one integration-test binary (STYLE.md): one module per area.
 
 mod codec_props;
+mod conveniences;
 mod util;
 mod vectors;
 
