@@ -129,7 +129,7 @@ PY
   for _ in $(seq 100); do [[ -S $SQ ]] && break; sleep 0.1; done
   drop; read -r t q_inc_rss < <(timed "$CBT" -r "$R3" --json backup "$QURI" --dirty-bitmap "$bm" --source-id bench-disk)
   incs+=("$t")
-  q_read=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["blocks_read"])' "$WORK/.out")
+  q_read=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["blocks_read"])' "$WORK/.out")
   [[ $q_read == "$CHANGED" ]] || die "round $round read $q_read blocks, $CHANGED were rewritten"
   kill "$QP"; wait "$QP" 2>/dev/null || true; rm -f "$SQ"
 done

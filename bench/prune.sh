@@ -221,7 +221,7 @@ prune_args=(prune)
 timed cbt_prune "$CBT" -r "$CREPO" --json "${prune_args[@]}"
 put cbt_prune.json "$(lastjson cbt_prune)"
 put cbt_repo_after_bytes "$(dusize "$CREPO")"
-put cbt_snapshots_after "$("$CBT" -r "$CREPO" --json snapshots | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))')"
+put cbt_snapshots_after "$("$CBT" -r "$CREPO" --json snapshots | python3 -c 'import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])["snapshot_count"])')"
 
 log "cbtvault check + restore latest"
 timed cbt_check "$CBT" -r "$CREPO" --json check
@@ -258,8 +258,8 @@ r = {
     "restic_backups_s": f("restic_backups_s") if have_restic else None,
     "cbt_forget_s": f("cbt_forget.wall_s"), "cbt_forget_rss_mib": f("cbt_forget.rss_kib") / 1024,
     "cbt_prune_s": f("cbt_prune.wall_s"), "cbt_prune_rss_mib": f("cbt_prune.rss_kib") / 1024,
-    "cbt_bytes_deleted": p["bytes_deleted"], "cbt_bytes_rewritten": p["bytes_rewritten"],
-    "cbt_bytes_reclaimed": p["bytes_reclaimed"],
+    "cbt_bytes_deleted": p["deleted_bytes"], "cbt_bytes_rewritten": p["rewritten_bytes"],
+    "cbt_bytes_reclaimed": p["reclaimed_bytes"],
     "cbt_packs_deleted": p["packs_deleted"], "cbt_packs_repacked": p["packs_repacked"],
     "cbt_repo_before_mib": f("cbt_repo_before_bytes") / MiB,
     "cbt_repo_after_mib": f("cbt_repo_after_bytes") / MiB,

@@ -117,7 +117,7 @@ PY
 log "init + backup"
 "$CBT" -r "$REPO" init >/dev/null
 t0=$(date +%s%N)
-ID=$("$CBT" -r "$REPO" --json backup "$IMG" | python3 -c 'import json,sys; print(json.load(sys.stdin)["snapshot_id"])')
+ID=$("$CBT" -r "$REPO" --json backup "$IMG" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read().splitlines()[-1])["snapshot_id"])')
 t1=$(date +%s%N)
 BACKUP_S=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", (b-a)/1e9}')
 

@@ -40,7 +40,7 @@ for i in $(seq 2 "$CHAIN"); do
   HELP change "$SIZE_MIB" "$i" >/dev/null
   "$CBT" -r "$R" -q backup "$SRC" --fingerprint "$FP"
 done
-IDS=$("$CBT" -r "$R" --json snapshots | python3 -c 'import json,sys; v=json.load(sys.stdin); print(v[0]["id"], v[-1]["id"], len(v))')
+IDS=$("$CBT" -r "$R" --json snapshots | python3 -c 'import json,sys; v=[m for m in map(json.loads, sys.stdin.read().splitlines()) if m["message_type"]=="snapshot"]; print(v[0]["snapshot_id"], v[-1]["snapshot_id"], len(v))')
 read -r FIRST NEWEST COUNT <<<"$IDS"
 log "chain of $COUNT snapshots; restoring"
 timed() { /usr/bin/time -f '%e %M' -o "$WORK/.t" "$@" >"$WORK/.out" 2>"$WORK/.err" || { cat "$WORK/.err" >&2; die "failed: $*"; }; awk '{printf "%s %.1f\n", $1, $2/1024}' "$WORK/.t"; }

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod format;
 pub mod index;
 pub mod interrupt;
+pub mod json;
 pub mod manifest;
 pub mod nbdserver;
 pub mod output;

@@ -13,6 +13,6 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return exit::of_parse_error(&e).into(),
     };
-    let ui = Ui::new(cli.json, cli.quiet);
+    let ui = Ui::new(cli.json, cli.quiet, cli.command.name());
     exit::of_result(&ui, cli::run(cli, &ui)).into()
 }

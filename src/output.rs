@@ -10,6 +10,7 @@ use std::time::Duration;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::json::{self, StatusLines};
 use crate::progress::Progress;
 
 #[derive(Debug, Clone, Copy)]
@@ -17,14 +18,28 @@ pub struct Ui {
     pub json: bool,
     pub quiet: bool,
     pub progress_bars: bool,
+    /// The command's name in JSON messages.
+    pub command: &'static str,
+    /// JSON messages go to stderr: stdout carries data (`restore --target -`).
+    pub json_on_stderr: bool,
 }
 
 impl Ui {
-    pub fn new(json: bool, quiet: bool) -> Self {
+    pub fn new(json: bool, quiet: bool, command: &'static str) -> Self {
         Ui {
             json,
             quiet,
             progress_bars: !json && !quiet && std::io::stderr().is_terminal(),
+            command,
+            json_on_stderr: false,
+        }
+    }
+
+    /// The same, with JSON messages on stderr.
+    pub fn with_json_on_stderr(&self) -> Ui {
+        Ui {
+            json_on_stderr: true,
+            ..*self
         }
     }
 
@@ -52,36 +67,94 @@ impl Ui {
         let _ = writeln!(out, "{}", text.as_ref());
     }
 
-    /// A warning on stderr, always shown.
+    /// Lines of a document the command exists to print (`cat`), one JSON
+    /// object each, on stdout whatever the flags.
+    pub fn document_lines<T: Serialize>(
+        &self,
+        message_type: &str,
+        items: impl IntoIterator<Item = T>,
+    ) {
+        let mut out = std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+        for item in items {
+            json::write_line_unflushed(&mut out, message_type, None, &item);
+        }
+        let _ = out.flush();
+    }
+
+    /// A warning on stderr, always shown (a `warning` message with --json).
     pub fn warn(&self, line: impl AsRef<str>) {
-        let _ = writeln!(std::io::stderr().lock(), "warning: {}", line.as_ref());
+        let mut err = std::io::stderr().lock();
+        if self.json {
+            let body = json::WarningBody {
+                message: line.as_ref(),
+            };
+            json::write_line(&mut err, json::kind::WARNING, None, &body);
+        } else {
+            let _ = writeln!(err, "warning: {}", line.as_ref());
+        }
     }
 
+    /// An error line on stderr (with --json, errors that end the command
+    /// are printed by [`Ui::fatal`]; these are the ones it goes on after,
+    /// as `warning` messages of their own kind).
     pub fn error(&self, line: impl AsRef<str>) {
-        let _ = writeln!(std::io::stderr().lock(), "error: {}", line.as_ref());
-    }
-
-    /// The machine-readable result of a command (only with --json).
-    pub fn json<T: Serialize>(&self, value: &T) {
         if self.json {
-            let mut out = std::io::stdout().lock();
-            let _ = serde_json::to_writer(&mut out, value);
-            let _ = writeln!(out);
+            self.warn(line);
+        } else {
+            let _ = writeln!(std::io::stderr().lock(), "error: {}", line.as_ref());
         }
     }
 
-    /// The machine-readable result on stderr (only with --json), for a
-    /// command whose stdout carries data (restore to `-`).
-    pub fn json_stderr<T: Serialize>(&self, value: &T) {
+    /// The error that ends the command, with the exit code it gives.
+    pub fn fatal(&self, e: &anyhow::Error, exit_code: u8) {
+        let mut err = std::io::stderr().lock();
         if self.json {
-            let mut out = std::io::stderr().lock();
-            let _ = serde_json::to_writer(&mut out, value);
-            let _ = writeln!(out);
+            let body = json::ErrorBody::of(e, exit_code);
+            json::write_line(&mut err, json::kind::ERROR, Some(self.command), &body);
+        } else {
+            let _ = writeln!(err, "error: {e:#}");
         }
     }
 
-    /// A progress bar over `unit` ("bytes" or "items"), hidden when not a TTY.
+    /// Writes one JSON message (only with --json).
+    fn message<T: Serialize + ?Sized>(&self, message_type: &str, command: bool, body: &T) {
+        if !self.json {
+            return;
+        }
+        let command = command.then_some(self.command);
+        if self.json_on_stderr {
+            json::write_line(&mut std::io::stderr().lock(), message_type, command, body);
+        } else {
+            json::write_line(&mut std::io::stdout().lock(), message_type, command, body);
+        }
+    }
+
+    /// The command's result, its last line (only with --json).
+    pub fn summary<T: Serialize + ?Sized>(&self, body: &T) {
+        self.message(json::kind::SUMMARY, true, body);
+    }
+
+    /// One item of a listing, before the summary (only with --json).
+    pub fn item<T: Serialize + ?Sized>(&self, message_type: &str, body: &T) {
+        self.message(message_type, false, body);
+    }
+
+    /// A server's address, once it accepts connections (only with --json).
+    pub fn listening<T: Serialize + ?Sized>(&self, body: &T) {
+        self.message(json::kind::LISTENING, true, body);
+    }
+
+    /// Progress of long work: a bar on a terminal, `status` lines with
+    /// --json, else nothing. `bytes`: the unit is bytes (else items).
     pub fn progress(&self, label: &str, bytes: bool) -> Bar {
+        if self.json {
+            return Bar::Status(StatusLines::new(
+                self.command,
+                label,
+                bytes,
+                self.json_on_stderr,
+            ));
+        }
         let bar = if self.progress_bars {
             let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             let template = if bytes {
@@ -100,7 +173,7 @@ impl Ui {
         } else {
             ProgressBar::hidden()
         };
-        Bar(bar)
+        Bar::Bar(bar)
     }
 
     /// Prints rows as an aligned table.
@@ -129,30 +202,53 @@ impl Ui {
     }
 }
 
-/// A progress bar handed to library code as a [`Progress`].
-pub struct Bar(ProgressBar);
+/// Progress handed to library code as a [`Progress`]: a bar (hidden when
+/// not on a terminal) or JSON `status` lines.
+pub enum Bar {
+    Bar(ProgressBar),
+    Status(StatusLines),
+}
 
 impl Bar {
+    /// The work is done: the bar disappears; the last status line is
+    /// printed (once).
     pub fn finish(&self) {
-        self.0.finish_and_clear();
+        match self {
+            Bar::Bar(b) => b.finish_and_clear(),
+            Bar::Status(s) => s.finish(),
+        }
     }
 }
 
 impl Drop for Bar {
     fn drop(&mut self) {
-        self.0.finish_and_clear();
+        if let Bar::Bar(b) = self {
+            b.finish_and_clear();
+        }
     }
 }
 
 impl Progress for Bar {
     fn set_total(&self, total: u64) {
-        self.0.set_length(total);
+        match self {
+            Bar::Bar(b) => b.set_length(total),
+            Bar::Status(s) => s.set_total(total),
+        }
     }
     fn advance(&self, n: u64) {
-        self.0.inc(n);
+        match self {
+            Bar::Bar(b) => b.inc(n),
+            Bar::Status(s) => s.advance(n),
+        }
     }
     fn set_message(&self, message: &str) {
-        self.0.set_message(message.to_string());
+        match self {
+            Bar::Bar(b) => {
+                b.set_message(message.to_string());
+                b.set_position(0);
+            }
+            Bar::Status(s) => s.set_message(message),
+        }
     }
 }
 

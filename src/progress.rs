@@ -5,6 +5,8 @@
 pub trait Progress: Sync {
     fn set_total(&self, _bytes: u64) {}
     fn advance(&self, _bytes: u64) {}
+    /// Starts a new phase of the work, named `message`: what is done so
+    /// far counts from zero again (a `set_total` follows).
     fn set_message(&self, _message: &str) {}
 }
 

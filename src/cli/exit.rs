@@ -90,8 +90,9 @@ pub fn of_result(ui: &Ui, result: anyhow::Result<Outcome>) -> Exit {
     match result {
         Ok(outcome) => outcome.into(),
         Err(e) => {
-            ui.error(format!("{e:#}"));
-            of_error(&e)
+            let code = of_error(&e);
+            ui.fatal(&e, code as u8);
+            code
         }
     }
 }

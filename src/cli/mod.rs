@@ -79,6 +79,34 @@ pub enum Command {
     Sim(SimArgs),
 }
 
+impl Command {
+    /// The command's name as typed (`repair index`), for JSON messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Init(_) => "init",
+            Command::Backup(_) => "backup",
+            Command::Snapshots(_) => "snapshots",
+            Command::Restore(_) => "restore",
+            Command::Check(_) => "check",
+            Command::Cat(_) => "cat",
+            Command::Diff(_) => "diff",
+            Command::Stats => "stats",
+            Command::Unlock(_) => "unlock",
+            Command::Forget(_) => "forget",
+            Command::Prune(_) => "prune",
+            Command::Repair(RepairCommand::Index) => "repair index",
+            Command::Repair(RepairCommand::Packs(_)) => "repair packs",
+            Command::Repair(RepairCommand::Snapshots) => "repair snapshots",
+            Command::Repair(RepairCommand::Tmp) => "repair tmp",
+            Command::Serve(_) => "serve",
+            #[cfg(feature = "sim")]
+            Command::Demo(_) => "demo",
+            #[cfg(feature = "sim")]
+            Command::Sim(_) => "sim",
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct SimArgs {
     /// State folder: disk images, the host certificate and the objects,

@@ -397,7 +397,7 @@ pub(crate) fn backup_disk(
 }
 
 pub(crate) fn report(ui: &Ui, s: &BackupSummary) {
-    ui.json(s);
+    ui.summary(s);
     report_human(ui, s);
 }
 
@@ -491,18 +491,22 @@ pub(crate) fn xen_password(options: &XenOptions) -> Result<Password> {
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct XenBackupSummary {
     pub source: String,
+    #[serde(rename = "vm_backup_id")]
     pub vm_backup: Option<String>,
     pub disks: Vec<XenDiskSummary>,
     pub metadata: Option<BackupSummary>,
     /// Leftovers of earlier (killed) runs destroyed on the host.
     pub host_leftovers_removed: Vec<RemovedLeftover>,
+    #[serde(rename = "duration_seconds")]
     pub seconds: f64,
 }
 
 #[derive(Debug, serde::Serialize)]
 pub(crate) struct XenDiskSummary {
+    #[serde(rename = "vdi_uuid")]
     pub vdi: String,
     pub name_label: String,
+    #[serde(rename = "host_snapshot_vdi_uuid")]
     pub host_snapshot_vdi: Option<String>,
     pub lost_reason: Option<String>,
     #[serde(flatten)]
@@ -774,7 +778,7 @@ fn run_xen(
     let result = xen_backup(ui, repo, url, &session, &workflow_options, options);
     session.logout();
     let (summary, run) = result?;
-    ui.json(&summary);
+    ui.summary(&summary);
     ui.info(format!(
         "backed up {} disk(s){} in {:.2}s",
         summary.disks.len(),

@@ -25,8 +25,19 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
     for line in repo.take_notices() {
         ui.warn(line);
     }
-    ui.json(&report);
-    for p in &report.problems {
+    ui.summary(&report);
+    // With --json the summary lists them.
+    let problems = if ui.json {
+        &[][..]
+    } else {
+        &report.problems[..]
+    };
+    let affected = if ui.json {
+        &[][..]
+    } else {
+        &report.affected_snapshots[..]
+    };
+    for p in problems {
         let fix = p
             .fix
             .as_ref()
@@ -37,10 +48,13 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
             Severity::Warning => ui.warn(format!("{}: {}{fix}", p.object, p.message)),
         }
     }
-    for a in &report.affected_snapshots {
+    for a in affected {
         ui.error(format!(
             "snapshot {} ({} at {}) is damaged: {}",
-            a.id, a.source, a.time, a.reason
+            a.id,
+            a.source,
+            crate::json::time(&a.time),
+            a.reason
         ));
     }
     ui.info(format!(
@@ -86,9 +100,9 @@ pub fn repair_index(ui: &Ui, path: &Path) -> Result<Outcome> {
     let (blocks, _, _) = repo.catalog().block_totals()?;
     let packs = repo.catalog().packs()?.len();
     let snapshots = repo.snapshots()?.len();
-    ui.json(&serde_json::json!({
-        "packs": packs, "blocks": blocks, "snapshots": snapshots,
-        "packs_skipped": skipped.iter().map(|s| &s.0).collect::<Vec<_>>(),
+    ui.summary(&serde_json::json!({
+        "packs_indexed": packs, "blocks_indexed": blocks, "snapshots_found": snapshots,
+        "packs_skipped": skipped.iter().map(|(name, why)| serde_json::json!({"pack": name, "reason": why})).collect::<Vec<_>>(),
     }));
     ui.info(format!(
         "catalog rebuilt: {packs} packs, {blocks} blocks, {snapshots} snapshots"

@@ -243,8 +243,8 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         if a == b { "identical" } else { "DIFFERENT" }
     ));
     let leftovers = sim.dom0_attachments();
-    ui.json(&serde_json::json!({
-        "full": full, "incremental": incremental, "restore": summary,
+    ui.summary(&serde_json::json!({
+        "full_backup": full, "incremental_backup": incremental, "restore": summary,
         "verified": a == b,
     }));
     if a != b {

@@ -181,7 +181,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
         None => None,
     };
 
-    ui.json(&Report {
+    ui.summary(&Report {
         groups: groups.as_deref(),
         forget: &report,
         host: host.as_ref(),

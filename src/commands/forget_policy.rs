@@ -71,13 +71,14 @@ pub struct Verdict {
     /// Index into the snapshots given.
     #[serde(skip)]
     pub index: usize,
+    #[serde(rename = "snapshot_id")]
     pub id: String,
     pub time: DateTime<Utc>,
     pub source: String,
     pub keep: bool,
     pub reasons: Vec<String>,
     /// The VM backup this snapshot belongs to, if any.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", rename = "vm_backup_id")]
     pub vm_backup: Option<String>,
 }
 

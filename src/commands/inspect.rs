@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use chrono::Utc;
+use serde::Serialize;
 use serde_json::json;
 
 use super::Outcome;
@@ -15,7 +16,7 @@ use crate::repo::{lock, InitOptions, Repository};
 
 pub fn init(ui: &Ui, path: &Path, options: &InitOptions) -> Result<Outcome> {
     let config = Repository::init(path, options)?;
-    ui.json(&json!({"id": config.id, "location": path.display().to_string()}));
+    ui.summary(&json!({"repository_id": config.id, "location": path.display().to_string()}));
     ui.info(format!(
         "created repository {} at '{}'",
         &config.id[..8],
@@ -32,30 +33,48 @@ pub enum CatOptions {
     Snapshot(String),
 }
 
+/// One manifest entry as `cat` prints it.
+#[derive(Serialize)]
+struct CatEntry {
+    index: u64,
+    /// `None`: an all-zero block.
+    block_id: Option<String>,
+}
+
+/// `cat` always prints JSON lines: the object, then (a snapshot) one line
+/// per manifest entry, streamed; with --json, a summary.
 pub fn cat(ui: &Ui, repo: &Repository, what: &CatOptions) -> Result<Outcome> {
-    let value = match what {
-        CatOptions::Config => serde_json::to_value(repo.config())?,
+    match what {
+        CatOptions::Config => {
+            ui.document_lines("config", [json!({ "config": repo.config() })]);
+            ui.summary(&json!({ "entries_printed": 0 }));
+        }
         CatOptions::Snapshot(id) => {
             let entry = repo.find_snapshot(id)?;
             let obj = repo.load_snapshot(&entry.object)?;
-            let entries: Vec<_> = obj
-                .entries
-                .iter()
-                .map(|(i, r)| match r {
-                    BlockRef::Zero => json!({"index": i, "block": "zero"}),
-                    BlockRef::Data(id) => json!({"index": i, "block": id.to_hex()}),
-                })
-                .collect();
-            json!({
-                "object": entry.object.to_hex(),
-                "meta": obj.meta,
-                "entries": entries,
-                "bitmap": obj.bitmap.as_deref().map(bitmap::encode_base64),
-            })
+            ui.document_lines(
+                "snapshot_object",
+                [json!({
+                    "object": entry.object.to_hex(),
+                    "snapshot_id": obj.meta.id,
+                    "meta": obj.meta,
+                    "entry_count": obj.entries.len(),
+                    "bitmap": obj.bitmap.as_deref().map(bitmap::encode_base64),
+                })],
+            );
+            ui.document_lines(
+                "entry",
+                obj.entries.iter().map(|(i, r)| CatEntry {
+                    index: *i,
+                    block_id: match r {
+                        BlockRef::Zero => None,
+                        BlockRef::Data(id) => Some(id.to_hex()),
+                    },
+                }),
+            );
+            ui.summary(&json!({ "entries_printed": obj.entries.len() }));
         }
-    };
-    // cat always prints JSON.
-    ui.document(serde_json::to_string_pretty(&value)?);
+    }
     Ok(Outcome::Ok)
 }
 
@@ -98,14 +117,20 @@ pub fn diff(ui: &Ui, repo: &Repository, a: &DiffOptions) -> Result<Outcome> {
     let rs = ranges(changes.iter().map(|c| c.index));
     let added = changes.iter().filter(|c| c.before.is_none()).count();
     let removed = changes.iter().filter(|c| c.after.is_none()).count();
-    ui.json(&json!({
-        "a": sa.meta.id, "b": sb.meta.id,
-        "block_size": mb.block_size,
-        "changed_blocks": changes.len(),
-        "now_data": added, "now_zero": removed,
-        "modified": changes.len() - added - removed,
-        "size_a": ma.disk_size_bytes, "size_b": mb.disk_size_bytes,
-        "ranges": rs,
+    for (first, last) in &rs {
+        ui.item(
+            "changed_range",
+            &json!({ "first_block": first, "last_block": last }),
+        );
+    }
+    ui.summary(&json!({
+        "from_snapshot_id": sa.meta.id, "to_snapshot_id": sb.meta.id,
+        "block_size_bytes": mb.block_size,
+        "blocks_changed": changes.len(),
+        "blocks_now_data": added, "blocks_now_zero": removed,
+        "blocks_modified": changes.len() - added - removed,
+        "from_disk_size_bytes": ma.disk_size_bytes, "to_disk_size_bytes": mb.disk_size_bytes,
+        "range_count": rs.len(),
     }));
     ui.print(format!(
         "{} blocks differ between {} and {} ({} modified, {} became data, {} became zero)",
@@ -149,19 +174,19 @@ pub fn stats(ui: &Ui, repo: &Repository) -> Result<Outcome> {
     let stored: u64 = packs.iter().map(|p| p.1).sum();
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let v = json!({
-        "snapshots": snaps.len(),
+        "snapshot_count": snaps.len(),
         "logical_bytes": logical,
         "logical_data_bytes": logical_data,
         "unique_blocks": blocks,
         "unique_raw_bytes": raw,
         "stored_blob_bytes": stored_blobs,
         "stored_bytes": stored,
-        "packs": packs.len(),
+        "pack_count": packs.len(),
         "dedup_ratio": ratio(logical_data, raw),
         "compression_ratio": ratio(raw, stored_blobs),
         "total_ratio": ratio(logical, stored),
     });
-    ui.json(&v);
+    ui.summary(&v);
     ui.print(format!("snapshots:           {}", snaps.len()));
     ui.print(format!(
         "logical size:        {} (non-zero {})",
@@ -226,6 +251,6 @@ pub fn unlock(ui: &Ui, repo: &Repository, a: &UnlockOptions) -> Result<Outcome> 
             }
         }
     }
-    ui.json(&json!({"removed": removed, "kept": kept}));
+    ui.summary(&json!({"locks_removed": removed, "locks_kept": kept}));
     Ok(Outcome::Ok)
 }

@@ -13,7 +13,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &PruneOptions) -> Result<Outcome
     let bar = ui.progress("prune", false);
     let report = prune::prune(repo, options, &bar).context("prune")?;
     bar.finish();
-    ui.json(&report);
+    ui.summary(&report);
     say(ui, &report);
     Ok(if report.damaged.is_empty() {
         Outcome::Ok

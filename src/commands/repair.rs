@@ -35,9 +35,9 @@ fn packs(ui: &Ui, repo: &Repository, unreferenced: bool) -> Result<Outcome> {
         let removed = repair::remove_unreferenced_packs(repo, &bar)?;
         bar.finish();
         let bytes: u64 = removed.iter().map(|r| r.1).sum();
-        ui.json(&serde_json::json!({
+        ui.summary(&serde_json::json!({
             "packs_removed": removed.iter().map(|r| &r.0).collect::<Vec<_>>(),
-            "bytes_removed": bytes,
+            "removed_bytes": bytes,
         }));
         ui.info(format!(
             "removed {} unreferenced packs ({})",
@@ -48,7 +48,7 @@ fn packs(ui: &Ui, repo: &Repository, unreferenced: bool) -> Result<Outcome> {
     }
     let repaired = repair::repair_packs(repo, &bar)?;
     bar.finish();
-    ui.json(&repaired);
+    ui.summary(&serde_json::json!({ "packs": repaired }));
     let mut dropped = 0;
     for r in &repaired {
         if let Some(why) = &r.skipped {
@@ -82,7 +82,7 @@ fn packs(ui: &Ui, repo: &Repository, unreferenced: bool) -> Result<Outcome> {
 fn snapshots(ui: &Ui, repo: &Repository) -> Result<Outcome> {
     let _lock = repo.lock(true, "repair snapshots")?;
     let repaired = repair::repair_snapshots(repo)?;
-    ui.json(&repaired);
+    ui.summary(&serde_json::json!({ "snapshots": repaired }));
     let mut unrepaired = 0;
     for r in &repaired {
         match &r.rewritten_as {
@@ -112,7 +112,7 @@ fn snapshots(ui: &Ui, repo: &Repository) -> Result<Outcome> {
 fn tmp(ui: &Ui, repo: &Repository) -> Result<Outcome> {
     let _lock = repo.lock(true, "repair tmp")?;
     let (files, bytes) = repair::clean_tmp(repo, repair::TMP_MIN_AGE)?;
-    ui.json(&serde_json::json!({ "files_removed": files, "bytes_removed": bytes }));
+    ui.summary(&serde_json::json!({ "files_removed": files, "removed_bytes": bytes }));
     ui.info(format!(
         "removed {files} temporary files ({}) older than {} minutes",
         human_bytes(bytes),

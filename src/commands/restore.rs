@@ -180,18 +180,28 @@ impl Default for LocalOptions {
     }
 }
 
-/// What `--json` says about a restore that stopped.
+/// The `--json` summary of a restore that completed.
+#[derive(Serialize)]
+struct RestoreDone<'a> {
+    target: &'a str,
+    complete: bool,
+    #[serde(flatten)]
+    summary: &'a RestoreSummary,
+}
+
+/// The `--json` summary of a restore that stopped (the `error` message
+/// follows on stderr).
 #[derive(Serialize)]
 struct RestoreStopped<'a> {
     snapshot_id: SnapshotId,
     target: &'a str,
     complete: bool,
-    error: String,
     disk_size_bytes: u64,
-    /// Bytes `start..end` of the disk were written to the target, nothing
-    /// after them (a file target: nothing at all, the partial file removed).
-    written_bytes: std::ops::Range<u64>,
-    /// The failing write may have changed bytes from `written_bytes.end` on.
+    /// Bytes `0..written_bytes` of the disk were written to the target,
+    /// nothing after them (a file target: nothing at all, the partial file
+    /// removed).
+    written_bytes: u64,
+    /// The failing write may have changed bytes from `written_bytes` on.
     failed_write_may_have_changed_more: bool,
 }
 
@@ -207,6 +217,12 @@ pub(crate) fn restore_local(
 ) -> Result<RestoreSummary> {
     let disk = map.disk_size_bytes;
     let stdout = target.as_os_str() == "-";
+    // With stdout the target, JSON messages go to stderr.
+    let ui = &if stdout {
+        ui.with_json_on_stderr()
+    } else {
+        *ui
+    };
     let shown = if stdout {
         "stdout".to_string()
     } else {
@@ -241,20 +257,16 @@ pub(crate) fn restore_local(
     for line in repo.take_notices() {
         ui.warn(line);
     }
-    // With stdout the target, the JSON result goes to stderr.
-    fn emit<T: Serialize>(ui: &Ui, stdout: bool, value: &T) {
-        if stdout {
-            ui.json_stderr(value);
-        } else {
-            ui.json(value);
-        }
-    }
     match result {
         Ok(summary) => {
             if let Some(file) = file {
                 file.commit()?;
             }
-            emit(ui, stdout, &summary);
+            ui.summary(&RestoreDone {
+                target: &shown,
+                complete: true,
+                summary: &summary,
+            });
             report(ui, &summary, &shown);
             Ok(summary)
         }
@@ -277,19 +289,14 @@ pub(crate) fn restore_local(
                     "restore of snapshot {id} to '{shown}' failed; nothing was written to '{shown}' (the partial file was removed)"
                 )
             };
-            emit(
-                ui,
-                stdout,
-                &RestoreStopped {
-                    snapshot_id: id,
-                    target: &shown,
-                    complete: false,
-                    error: format!("{what}: {e}"),
-                    disk_size_bytes: disk,
-                    written_bytes: 0..if stdout || device { written } else { 0 },
-                    failed_write_may_have_changed_more: e.target_failed,
-                },
-            );
+            ui.summary(&RestoreStopped {
+                snapshot_id: id,
+                target: &shown,
+                complete: false,
+                disk_size_bytes: disk,
+                written_bytes: if stdout || device { written } else { 0 },
+                failed_write_may_have_changed_more: e.target_failed,
+            });
             Err(anyhow::Error::new(e).context(what))
         }
     }

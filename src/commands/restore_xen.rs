@@ -232,7 +232,7 @@ pub(crate) fn run_disk(
     let result = restore_disk(ui, repo, &session, target, entry, options);
     session.logout();
     let d = result?;
-    ui.json(&d);
+    ui.summary(&d);
     report_disk(ui, &d);
     Ok(())
 }
@@ -240,6 +240,7 @@ pub(crate) fn run_disk(
 /// What a new-VM restore created.
 #[derive(Debug, Serialize)]
 pub(crate) struct XenVmRestore {
+    #[serde(rename = "vm_backup_id")]
     pub vm_backup: String,
     pub vm_uuid: String,
     pub disks: Vec<XenVmDisk>,
@@ -247,6 +248,7 @@ pub(crate) struct XenVmRestore {
 
 #[derive(Debug, Serialize)]
 pub(crate) struct XenVmDisk {
+    #[serde(rename = "original_vdi_uuid")]
     pub original_vdi: String,
     #[serde(flatten)]
     pub restore: XenDiskRestore,
@@ -360,7 +362,7 @@ pub(crate) fn run_new_vm(
         vm_uuid: vm_uuid.clone(),
         disks: restored,
     };
-    ui.json(&report);
+    ui.summary(&report);
     ui.info(format!(
         "created VM {vm_uuid} from VM backup {group} with {} disk(s)",
         report.disks.len()

@@ -53,7 +53,7 @@ struct Serving {
     uri: String,
     snapshot_id: String,
     export_name: String,
-    size_bytes: u64,
+    disk_size_bytes: u64,
     tls: bool,
 }
 
@@ -127,11 +127,11 @@ pub fn run(ui: &Ui, repo: Repository, options: &ServeOptions) -> Result<Outcome>
             (Endpoint::Unix(path), _) => unix_uri(path, &name, tls.is_some()),
             (Endpoint::Tcp(address), None) => bail!("no local address for '{address}'"),
         };
-        ui.json(&Serving {
+        ui.listening(&Serving {
             uri: uri.clone(),
             snapshot_id: id.to_hex(),
             export_name: name.clone(),
-            size_bytes,
+            disk_size_bytes: size_bytes,
             tls: tls.is_some(),
         });
         ui.print(format!(

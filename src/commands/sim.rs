@@ -110,7 +110,7 @@ pub fn run(ui: &Ui, options: &SimHostOptions) -> Result<Outcome> {
         vdi_uuids: vm.disks.iter().map(|d| d.vdi_uuid.clone()).collect(),
         state_dir: sim.dir().display().to_string(),
     };
-    ui.json(&started);
+    ui.listening(&started);
     ui.print(format!("XenServer simulator at {}", started.url));
     ui.print(format!(
         "  certificate SHA-256 {}",

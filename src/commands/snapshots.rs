@@ -23,8 +23,14 @@ pub struct SnapshotsOptions {
 pub fn run(ui: &Ui, repo: &Repository, options: &SnapshotsOptions) -> Result<Outcome> {
     let list = filtered(repo, &options.filter)?;
     if ui.json {
-        let v: Vec<_> = list.iter().map(entry_json).collect();
-        ui.json(&v);
+        for s in &list {
+            let mut v = entry_json(s);
+            if let (Some(g), Some(map)) = (options.group_by, v.as_object_mut()) {
+                map.insert("group".into(), json!(group_key(s, g)));
+            }
+            ui.item("snapshot", &v);
+        }
+        ui.summary(&json!({ "snapshot_count": list.len() }));
         return Ok(Outcome::Ok);
     }
     let groups: BTreeMap<String, Vec<&SnapshotEntry>> = match options.group_by {
@@ -81,14 +87,14 @@ fn entry_json(s: &SnapshotEntry) -> serde_json::Value {
     let m = &s.meta;
     let l = |k: &str| m.landmark.get(k);
     json!({
-        "id": m.id, "time": m.time.to_rfc3339(), "parent": m.parent,
-        "source": m.source, "size": m.disk_size_bytes, "tags": m.tags,
-        "hostname": m.hostname, "backup_set": m.backup_set,
+        "snapshot_id": m.id, "time": m.time, "parent_id": m.parent,
+        "source": m.source, "disk_size_bytes": m.disk_size_bytes, "tags": m.tags,
+        "hostname": m.hostname, "backup_set_id": m.backup_set,
         "full": m.parent.is_none(), "read_mode": m.read_mode,
         "new_set_reason": m.new_set_reason, "landmark": m.landmark,
         "object": s.object.to_hex(),
-        "kind": l(keys::KIND), "vm": l(keys::VM), "vm_name": l(keys::VM_NAME),
-        "disk_name": l(keys::VDI_NAME), "vm_backup": l(keys::VM_BACKUP),
+        "kind": l(keys::KIND), "vm_uuid": l(keys::VM), "vm_name": l(keys::VM_NAME),
+        "disk_name": l(keys::VDI_NAME), "vm_backup_id": l(keys::VM_BACKUP),
     })
 }
 

@@ -59,9 +59,10 @@ pub mod fix {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AffectedSnapshot {
+    #[serde(rename = "snapshot_id")]
     pub id: SnapshotId,
     pub source: String,
-    pub time: String,
+    pub time: chrono::DateTime<chrono::Utc>,
     pub reason: String,
 }
 
@@ -377,7 +378,7 @@ pub fn run(
         let affected = |reason: String| AffectedSnapshot {
             id,
             source: snap.meta.source.clone(),
-            time: snap.meta.time.to_rfc3339(),
+            time: snap.meta.time,
             reason,
         };
         let map = match repo.resolve(id) {

@@ -56,23 +56,28 @@ pub enum FoldError {
 /// One snapshot forgotten (or to be, with `--dry-run`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Removed {
+    #[serde(rename = "snapshot_id")]
     pub id: SnapshotId,
     pub source: String,
     pub time: DateTime<Utc>,
     pub generation: u32,
     /// Objects of this id removed (every generation).
+    #[serde(rename = "objects_removed")]
     pub objects: u64,
 }
 
 /// One kept snapshot rewritten because its parent was forgotten.
 #[derive(Debug, Clone, Serialize)]
 pub struct Rewritten {
+    #[serde(rename = "snapshot_id")]
     pub id: SnapshotId,
     pub source: String,
     pub time: DateTime<Utc>,
     pub old_generation: u32,
     pub new_generation: u32,
+    #[serde(rename = "old_parent_id")]
     pub old_parent: Option<SnapshotId>,
+    #[serde(rename = "new_parent_id")]
     pub new_parent: Option<SnapshotId>,
     /// The snapshot is a full manifest now (every ancestor was forgotten).
     pub became_full: bool,

@@ -168,6 +168,7 @@ pub fn plan(packs: &[PackUsage], max_unused: MaxUnused) -> Plan {
 /// kept and the copy recorded damaged.
 #[derive(Debug, Clone, Serialize)]
 pub struct DamagedBlob {
+    #[serde(rename = "block_id")]
     pub block: String,
     pub pack: String,
     pub reason: String,
@@ -184,17 +185,25 @@ pub struct PruneReport {
     /// Packs found in `data/` without catalog rows that hold used blobs.
     pub packs_adopted: u64,
     /// Old pack files removed (deleted and repacked).
+    #[serde(rename = "deleted_bytes")]
     pub bytes_deleted: u64,
     /// New pack bytes written (an estimate in a dry run: the used blobs).
+    #[serde(rename = "rewritten_bytes")]
     pub bytes_rewritten: u64,
     /// `bytes_deleted - bytes_rewritten`.
+    #[serde(rename = "reclaimed_bytes")]
     pub bytes_reclaimed: u64,
     pub blobs_unused_remaining: u64,
+    #[serde(rename = "unused_remaining_bytes")]
     pub bytes_unused_remaining: u64,
     pub tmp_files_removed: u64,
     pub damaged: Vec<DamagedBlob>,
     /// Packs left as they are because their trailer cannot be read.
     pub unreadable_packs: Vec<String>,
+    #[serde(
+        rename = "duration_seconds",
+        serialize_with = "crate::json::ms_as_seconds"
+    )]
     pub duration_ms: u64,
 }
 

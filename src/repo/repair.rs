@@ -32,8 +32,10 @@ pub struct PackRepair {
     pub blocks_elsewhere: u64,
     /// Damaged blocks dropped from the catalog (hex ids): a backup must
     /// store them again.
+    #[serde(rename = "dropped_block_ids")]
     pub blocks_dropped: Vec<String>,
     /// Why the pack was left as it is, when it was.
+    #[serde(rename = "skipped_reason")]
     pub skipped: Option<String>,
 }
 
@@ -145,10 +147,13 @@ pub fn repair_packs(
 /// What `repair snapshots` did to one snapshot whose parent is gone.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotRepair {
+    #[serde(rename = "snapshot_id")]
     pub id: SnapshotId,
     pub source: String,
+    #[serde(rename = "missing_parent_id")]
     pub missing_parent: SnapshotId,
     /// The new object (a full manifest), when the snapshot was rewritten.
+    #[serde(rename = "rewritten_object")]
     pub rewritten_as: Option<String>,
     /// Blocks only the missing parent described, when it could not be.
     pub blocks_unknown: u64,

@@ -42,7 +42,7 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct DamagedBlock {
     pub index: u64,
-    #[serde(serialize_with = "as_text")]
+    #[serde(serialize_with = "as_text", rename = "block_id")]
     pub block: BlockId,
     /// The pack the catalog placed it in (`None`: in no pack).
     #[serde(serialize_with = "as_text_or_null")]
@@ -70,7 +70,9 @@ pub struct RestoreSummary {
     pub disk_size_bytes: u64,
     pub blocks_data: u64,
     pub blocks_zero: u64,
+    #[serde(rename = "written_bytes")]
     pub bytes_written: u64,
+    #[serde(rename = "duration_seconds")]
     pub seconds: f64,
     /// Blocks zero-filled under `allow_damaged`; empty for a clean restore.
     pub damaged_blocks: Vec<DamagedBlock>,

@@ -45,7 +45,7 @@ fn bitmap_reads_only_marked_blocks() {
         marked.len() as u64,
         "only marked blocks are read"
     );
-    assert_eq!(u64_of(&s, "bytes_read"), 5 * BS + (BS - 1000));
+    assert_eq!(u64_of(&s, "read_bytes"), 5 * BS + (BS - 1000));
     assert_eq!(u64_of(&s, "blocks_new"), 4);
     assert_eq!(u64_of(&s, "blocks_zero"), 1);
     let id = TestRepo::id_of(&s);
@@ -226,8 +226,8 @@ fn incremental_without_bitmap_stores_only_the_delta() {
     );
     assert_eq!(u64_of(&s, "blocks_new"), 3);
     assert_eq!(u64_of(&s, "blocks_zero"), 1);
-    assert!(u64_of(&s, "bytes_stored") > 0);
-    assert!(u64_of(&s, "bytes_stored") < 4 * BS + 4096);
+    assert!(u64_of(&s, "stored_bytes") > 0);
+    assert!(u64_of(&s, "stored_bytes") < 4 * BS + 4096);
     let cat = t.cat_snapshot(&TestRepo::id_of(&s));
     let entries = cat["entries"].as_array().unwrap();
     let got: Vec<(u64, bool)> = entries

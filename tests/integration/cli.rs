@@ -20,7 +20,7 @@ fn snapshots_json_has_every_field() {
     assert_eq!(snaps.len(), 2);
     let canonical = std::fs::canonicalize(&img.path).unwrap();
     for (s, summary) in snaps.iter().zip([&first, &second]) {
-        let id = str_of(s, "id");
+        let id = str_of(s, "snapshot_id");
         assert_eq!(id, str_of(summary, "snapshot_id"));
         assert_eq!(id.len(), 32);
         assert!(id
@@ -28,7 +28,7 @@ fn snapshots_json_has_every_field() {
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         chrono::DateTime::parse_from_rfc3339(str_of(s, "time")).expect("time is RFC 3339");
         assert_eq!(str_of(s, "source"), format!("file:{}", canonical.display()));
-        assert_eq!(u64_of(s, "size"), 3 * BS + 7);
+        assert_eq!(u64_of(s, "disk_size_bytes"), 3 * BS + 7);
         assert_eq!(str_of(s, "object").len(), 64);
         assert!(t.repo.join("snapshots").join(str_of(s, "object")).is_file());
         assert_eq!(
@@ -37,14 +37,14 @@ fn snapshots_json_has_every_field() {
                 .unwrap()
                 .trim()
         );
-        assert_eq!(str_of(s, "backup_set"), str_of(&first, "snapshot_id"));
+        assert_eq!(str_of(s, "backup_set_id"), str_of(&first, "snapshot_id"));
         assert_eq!(s["read_mode"], "all");
     }
-    assert!(snaps[0]["parent"].is_null());
+    assert!(snaps[0]["parent_id"].is_null());
     assert_eq!(snaps[0]["full"], true);
     assert_eq!(snaps[0]["tags"], json!(["daily", "vm1"]));
     assert!(snaps[0]["new_set_reason"].is_string());
-    assert_eq!(snaps[1]["parent"], first["snapshot_id"]);
+    assert_eq!(snaps[1]["parent_id"], first["snapshot_id"]);
     assert_eq!(snaps[1]["full"], false);
     assert_eq!(snaps[1]["tags"], json!([]));
     assert!(snaps[1]["new_set_reason"].is_null());
@@ -70,7 +70,7 @@ fn latest_honours_source_and_tag_filters() {
     let ids = |filters: &[&str]| -> Vec<String> {
         t.snapshots(filters)
             .iter()
-            .map(|s| str_of(s, "id").to_string())
+            .map(|s| str_of(s, "snapshot_id").to_string())
             .collect()
     };
     let a_path = a.path.to_str().unwrap();
@@ -141,25 +141,34 @@ fn diff_lists_exactly_the_changed_blocks() {
     img.write_block(36, &random_block(47, 36));
     let b = TestRepo::id_of(&t.backup(&img.path, &[]));
 
-    let v = t.run(&[&"--json", &"diff", &a, &mid]).ok().json();
-    assert_eq!(u64_of(&v, "changed_blocks"), 6);
-    assert_eq!(v["ranges"], json!([[3, 5], [10, 10], [20, 20], [35, 35]]));
-    assert_eq!(u64_of(&v, "modified"), 4);
-    assert_eq!(u64_of(&v, "now_zero"), 1);
-    assert_eq!(u64_of(&v, "now_data"), 1);
-    assert_eq!(str_of(&v, "a"), a);
-    assert_eq!(str_of(&v, "b"), mid);
+    // The ranges as `changed_range` lines, then the summary.
+    let ranges = |r: &Run| -> serde_json::Value {
+        r.items("changed_range")
+            .iter()
+            .map(|x| json!([x["first_block"], x["last_block"]]))
+            .collect()
+    };
+    let r = t.run(&[&"--json", &"diff", &a, &mid]).ok();
+    let v = r.json();
+    assert_eq!(u64_of(&v, "blocks_changed"), 6);
+    assert_eq!(ranges(&r), json!([[3, 5], [10, 10], [20, 20], [35, 35]]));
+    assert_eq!(u64_of(&v, "range_count"), 4);
+    assert_eq!(u64_of(&v, "blocks_modified"), 4);
+    assert_eq!(u64_of(&v, "blocks_now_zero"), 1);
+    assert_eq!(u64_of(&v, "blocks_now_data"), 1);
+    assert_eq!(str_of(&v, "from_snapshot_id"), a);
+    assert_eq!(str_of(&v, "to_snapshot_id"), mid);
 
     // Across two layers, and in reverse.
-    let v = t.run(&[&"--json", &"diff", &a, &b]).ok().json();
-    assert_eq!(v["ranges"], json!([[3, 5], [10, 10], [20, 20], [35, 36]]));
+    let r = t.run(&[&"--json", &"diff", &a, &b]).ok();
+    assert_eq!(ranges(&r), json!([[3, 5], [10, 10], [20, 20], [35, 36]]));
     let v = t.run(&[&"--json", &"diff", &b, &a]).ok().json();
-    assert_eq!(u64_of(&v, "changed_blocks"), 7);
-    assert_eq!(u64_of(&v, "now_zero"), 2);
-    assert_eq!(u64_of(&v, "now_data"), 1);
+    assert_eq!(u64_of(&v, "blocks_changed"), 7);
+    assert_eq!(u64_of(&v, "blocks_now_zero"), 2);
+    assert_eq!(u64_of(&v, "blocks_now_data"), 1);
     // A snapshot against itself.
     let v = t.run(&[&"--json", &"diff", &b, &b]).ok().json();
-    assert_eq!(u64_of(&v, "changed_blocks"), 0);
+    assert_eq!(u64_of(&v, "blocks_changed"), 0);
     // Human output names the ranges.
     let human = t.run(&[&"diff", &a, &mid]).ok().out();
     assert!(human.contains("blocks 3-5"), "{human}");
@@ -181,7 +190,7 @@ fn stats_reports_dedup_and_compression() {
     assert_eq!(u64_of(&s, "blocks_deduplicated"), 16);
 
     let v = t.run(&[&"--json", &"stats"]).ok().json();
-    assert_eq!(u64_of(&v, "snapshots"), 2);
+    assert_eq!(u64_of(&v, "snapshot_count"), 2);
     assert_eq!(u64_of(&v, "logical_bytes"), 40 * BS);
     assert_eq!(u64_of(&v, "logical_data_bytes"), 32 * BS);
     assert_eq!(u64_of(&v, "unique_blocks"), 16);
@@ -191,13 +200,13 @@ fn stats_reports_dedup_and_compression() {
     let compression = v["compression_ratio"].as_f64().unwrap();
     assert!(compression > 2.0, "text compresses well: {compression}");
     assert!(v["total_ratio"].as_f64().unwrap() > compression);
-    assert!(u64_of(&v, "packs") >= 1);
+    assert!(u64_of(&v, "pack_count") >= 1);
 }
 
 #[test]
 fn cat_config_shows_the_block_size() {
     let t = TestRepo::new();
-    let v = t.run(&[&"cat", &"config"]).ok().json();
+    let v = t.run(&[&"cat", &"config"]).ok().item("config")["config"].clone();
     assert_eq!(u64_of(&v, "block_size"), 65536);
     assert_eq!(str_of(&v, "hash"), "blake3");
     assert_eq!(str_of(&v, "compression"), "zstd");
@@ -277,10 +286,10 @@ fn full_flag_starts_a_new_backup_set() {
     );
     let id = TestRepo::id_of(&full);
     let snap = t.snapshots(&[]).pop().unwrap();
-    assert_eq!(str_of(&snap, "id"), id);
-    assert!(snap["parent"].is_null());
+    assert_eq!(str_of(&snap, "snapshot_id"), id);
+    assert!(snap["parent_id"].is_null());
     assert_eq!(
-        str_of(&snap, "backup_set"),
+        str_of(&snap, "backup_set_id"),
         id,
         "a new backup set starts at it"
     );
@@ -315,15 +324,15 @@ fn full_every_writes_synthetic_fulls() {
         history.push((s, img.hash()));
     }
     let snaps = t.snapshots(&[]);
-    let parents: Vec<bool> = snaps.iter().map(|s| s["parent"].is_null()).collect();
+    let parents: Vec<bool> = snaps.iter().map(|s| s["parent_id"].is_null()).collect();
     // full, inc, inc, synthetic full (3rd after the full), inc, inc, synthetic full
     assert_eq!(parents, vec![true, false, false, true, false, false, true]);
-    let set = str_of(&snaps[0], "backup_set").to_string();
+    let set = str_of(&snaps[0], "backup_set_id").to_string();
     for (k, (s, hash)) in history.iter().enumerate() {
         let id = TestRepo::id_of(s);
-        assert_eq!(str_of(&snaps[k], "id"), id);
+        assert_eq!(str_of(&snaps[k], "snapshot_id"), id);
         assert_eq!(
-            str_of(&snaps[k], "backup_set"),
+            str_of(&snaps[k], "backup_set_id"),
             set,
             "a synthetic full continues the set"
         );
@@ -440,7 +449,7 @@ fn deleted_parent_starts_a_new_backup_set() {
     let listed = t.snapshots(&[]);
     let object = listed
         .iter()
-        .find(|s| s["id"] == first["snapshot_id"])
+        .find(|s| s["snapshot_id"] == first["snapshot_id"])
         .map(|s| str_of(s, "object").to_string())
         .expect("first snapshot listed");
     std::fs::remove_file(t.repo.join("snapshots").join(&object)).expect("delete snapshot");
@@ -461,9 +470,13 @@ fn deleted_parent_starts_a_new_backup_set() {
     let snap = t
         .snapshots(&[])
         .into_iter()
-        .find(|s| str_of(s, "id") == id)
+        .find(|s| str_of(s, "snapshot_id") == id)
         .expect("new snapshot listed");
-    assert_eq!(str_of(&snap, "backup_set"), id, "a new backup set starts");
+    assert_eq!(
+        str_of(&snap, "backup_set_id"),
+        id,
+        "a new backup set starts"
+    );
     assert_eq!(str_of(&snap, "new_set_reason"), reason);
     assert_eq!(str_of(&snap, "read_mode"), "all");
     t.assert_restores(&id, img.hash(), img.size());

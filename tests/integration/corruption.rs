@@ -74,7 +74,7 @@ impl Fixture {
             .as_array()
             .expect("affected_snapshots")
             .iter()
-            .map(|a| str_of(a, "id").to_string())
+            .map(|a| str_of(a, "snapshot_id").to_string())
             .collect();
         let want: BTreeSet<String> = affected.iter().map(|a| a.0.clone()).collect();
         assert_eq!(named, want, "affected snapshots in check --json: {report}");
@@ -161,7 +161,7 @@ fn damaged_pack_trailer_is_found_without_reading_data() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| str_of(a, "id").to_string())
+        .map(|a| str_of(a, "snapshot_id").to_string())
         .collect();
     assert_eq!(
         named,
@@ -182,7 +182,7 @@ fn corrupt_snapshot_object_is_reported_after_a_catalog_rebuild() {
     let object =
         f.t.snapshots(&[])
             .into_iter()
-            .find(|s| s["id"].as_str() == Some(f.a1.0.as_str()))
+            .find(|s| s["snapshot_id"].as_str() == Some(f.a1.0.as_str()))
             .map(|s| str_of(&s, "object").to_string())
             .expect("a1 listed");
     let path = f.t.repo.join("snapshots").join(&object);
@@ -196,7 +196,7 @@ fn corrupt_snapshot_object_is_reported_after_a_catalog_rebuild() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|a| str_of(a, "id").to_string())
+        .map(|a| str_of(a, "snapshot_id").to_string())
         .collect();
     assert!(
         named.contains(&f.a2.0),

@@ -231,7 +231,7 @@ fn concurrent_backups_share_the_repository() {
             img.path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = summary_of("backup", &out.stdout);
         ids.push(TestRepo::id_of(&v));
     }
     let (check, report) = t.check(true);

@@ -117,7 +117,7 @@ impl Chain {
         self.t
             .snapshots(&[])
             .into_iter()
-            .find(|s| s["id"] == id)
+            .find(|s| s["snapshot_id"] == id)
             .unwrap_or_else(|| panic!("snapshot {id} is not listed"))
     }
 }
@@ -126,7 +126,7 @@ fn ids_of(list: &Value) -> Vec<String> {
     list.as_array()
         .unwrap_or_else(|| panic!("not a list: {list}"))
         .iter()
-        .map(|e| str_of(e, "id").to_string())
+        .map(|e| str_of(e, "snapshot_id").to_string())
         .collect()
 }
 
@@ -138,18 +138,18 @@ fn forgetting_a_middle_snapshot_folds_it_into_its_child() {
     assert_eq!(ids_of(&report["removed"]), vec![gone.clone()]);
     assert_eq!(ids_of(&report["rewritten"]), vec![child.clone()]);
     let rw = &report["rewritten"][0];
-    assert_eq!(rw["old_parent"], gone.as_str());
-    assert_eq!(rw["new_parent"], c.id(1).as_str());
+    assert_eq!(rw["old_parent_id"], gone.as_str());
+    assert_eq!(rw["new_parent_id"], c.id(1).as_str());
     assert_eq!(u64_of(rw, "new_generation"), 1);
     assert_eq!(rw["became_full"], false);
     c.drop_ids(&[gone]);
     c.assert_sound_and_tidy();
-    assert_eq!(c.listed(&child)["parent"], c.id(1).as_str());
+    assert_eq!(c.listed(&child)["parent_id"], c.id(1).as_str());
 
     // The next backup still layers on the newest snapshot.
     let newest = c.id(3);
     let next = c.next(5);
-    assert_eq!(c.listed(&next)["parent"], newest.as_str());
+    assert_eq!(c.listed(&next)["parent_id"], newest.as_str());
     c.assert_sound_and_tidy();
 }
 
@@ -163,7 +163,7 @@ fn forgetting_the_base_makes_the_next_snapshot_full() {
     c.assert_sound_and_tidy();
     let first = c.listed(&c.id(0));
     assert_eq!(first["full"], true, "{first}");
-    assert!(first["parent"].is_null(), "{first}");
+    assert!(first["parent_id"].is_null(), "{first}");
 }
 
 #[test]
@@ -175,7 +175,7 @@ fn forgetting_the_newest_lets_the_next_backup_layer_on_the_one_before() {
     c.drop_ids(&[newest]);
     c.assert_sound_and_tidy();
     let next = c.next(4);
-    assert_eq!(c.listed(&next)["parent"], c.id(2).as_str());
+    assert_eq!(c.listed(&next)["parent_id"], c.id(2).as_str());
     c.assert_sound_and_tidy();
 }
 
@@ -293,7 +293,7 @@ fn a_policy_keeps_each_sources_newest_and_the_tagged() {
             .unwrap()
             .iter()
             .filter(|v| v["keep"] == true)
-            .map(|v| v["id"].as_str().unwrap())
+            .map(|v| v["snapshot_id"].as_str().unwrap())
             .collect();
         let src = str_of(g, "group");
         let disk = if src.contains("a.img") { "a" } else { "b" };
@@ -337,7 +337,7 @@ fn forget_with_prune_leaves_no_unreferenced_data() {
     let report = c.forget(&["--keep-last", "1", "--prune", "--max-unused", "0"]);
     assert_eq!(ids_of(&report["removed"]).len(), 5);
     let prune = &report["prune"];
-    assert!(u64_of(prune, "bytes_reclaimed") > 0, "{prune}");
+    assert!(u64_of(prune, "reclaimed_bytes") > 0, "{prune}");
     let mut c = c;
     let keep = c.id(5);
     c.snaps.retain(|s| s.0 == keep);
@@ -347,7 +347,7 @@ fn forget_with_prune_leaves_no_unreferenced_data() {
         c.t.run(&[&"--json", &"prune", &"--dry-run", &"--max-unused", &"0"])
             .ok()
             .json();
-    assert_eq!(u64_of(&again, "bytes_reclaimed"), 0, "{again}");
+    assert_eq!(u64_of(&again, "reclaimed_bytes"), 0, "{again}");
     assert!(c.t.packs().len() <= packs_before);
 }
 
@@ -411,7 +411,7 @@ fn a_kill_at_each_step_of_forget_leaves_a_sound_repository() {
         c.assert_sound_and_tidy();
         let next = c.next(9);
         assert_eq!(
-            c.listed(&next)["parent"],
+            c.listed(&next)["parent_id"],
             c.snaps[c.snaps.len() - 2].0.as_str()
         );
     }

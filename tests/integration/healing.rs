@@ -38,7 +38,7 @@ pub fn affected(report: &Value) -> BTreeSet<String> {
         .as_array()
         .expect("affected_snapshots")
         .iter()
-        .map(|a| str_of(a, "id").to_string())
+        .map(|a| str_of(a, "snapshot_id").to_string())
         .collect()
 }
 
@@ -124,10 +124,10 @@ fn repair_packs_salvages_the_good_blocks_of_a_damaged_pack() {
 
     let r = t.run(&[&"--json", &"repair", &"packs"]).ok();
     let report = r.json();
-    let one = &report.as_array().expect("one entry per pack")[0];
+    let one = &report["packs"].as_array().expect("one entry per pack")[0];
     assert_eq!(u64_of(one, "blocks_salvaged"), in_pack - 1, "{report}");
     assert_eq!(
-        one["blocks_dropped"].as_array().unwrap().len(),
+        one["dropped_block_ids"].as_array().unwrap().len(),
         1,
         "{report}"
     );

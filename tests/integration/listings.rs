@@ -15,7 +15,10 @@ use crate::xen_util::{fill, start, xen_url, Host};
 const MIB: u64 = 1024 * 1024;
 
 fn ids(list: &[Json]) -> Vec<String> {
-    let mut v: Vec<String> = list.iter().map(|s| str_of(s, "id").to_string()).collect();
+    let mut v: Vec<String> = list
+        .iter()
+        .map(|s| str_of(s, "snapshot_id").to_string())
+        .collect();
     v.sort();
     v
 }
@@ -60,16 +63,16 @@ fn a_vm_backup_is_listed_under_its_vm_and_selected_however_typed() {
     let all = repo.snapshots(&[]);
     assert_eq!(all.len(), 4);
     for s in &all {
-        if str_of(s, "id") == other {
-            assert!(s["vm"].is_null() && s["kind"].is_null(), "{s}");
+        if str_of(s, "snapshot_id") == other {
+            assert!(s["vm_uuid"].is_null() && s["kind"].is_null(), "{s}");
             continue;
         }
-        assert_eq!(s["vm"], vm.vm_uuid.as_str(), "{s}");
+        assert_eq!(s["vm_uuid"], vm.vm_uuid.as_str(), "{s}");
         assert_eq!(s["vm_name"], "web01", "{s}");
-        assert_eq!(s["vm_backup"], j["vm_backup"], "{s}");
+        assert_eq!(s["vm_backup_id"], j["vm_backup_id"], "{s}");
     }
     for (id, name) in disk_ids.iter().zip(&names) {
-        let s = all.iter().find(|s| str_of(s, "id") == id).unwrap();
+        let s = all.iter().find(|s| str_of(s, "snapshot_id") == id).unwrap();
         assert_eq!(s["disk_name"], name.as_str(), "{s}");
         assert_eq!(s["kind"], "disk");
     }
@@ -161,10 +164,10 @@ fn diff_refuses_snapshots_of_two_sources_unless_forced() {
         .run(&[&"--json", &"diff", &sa, &sb, &"--force"])
         .ok()
         .json();
-    assert_eq!(u64_of(&j, "changed_blocks"), 2, "{j}");
+    assert_eq!(u64_of(&j, "blocks_changed"), 2, "{j}");
     // Same source: no --force needed.
     a.write_block(3, &random_block(4, 3));
     let sa2 = TestRepo::id_of(&t.backup(&a.path, &[]));
     let j = t.run(&[&"--json", &"diff", &sa, &sa2]).ok().json();
-    assert_eq!(u64_of(&j, "changed_blocks"), 1, "{j}");
+    assert_eq!(u64_of(&j, "blocks_changed"), 1, "{j}");
 }

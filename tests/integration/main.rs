@@ -14,6 +14,7 @@ mod exit_codes;
 mod file_source;
 mod forget;
 mod healing;
+mod json_contract;
 mod layering;
 mod listings;
 mod manifest_props;

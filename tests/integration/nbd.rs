@@ -367,7 +367,17 @@ pub(crate) fn openssl_fingerprint(cert: &Path) -> String {
 
 /// One error line, no clause of it twice, no documentation link.
 pub(crate) fn assert_said_once(stderr: &str) {
-    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    // Text, or with --json the error message's text.
+    let errors: Vec<String> = stderr
+        .lines()
+        .filter_map(|l| match l.strip_prefix("error:") {
+            Some(_) => Some(l.to_string()),
+            None => serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .filter(|v| v["message_type"] == "error")
+                .map(|v| format!("error: {}", v["message"].as_str().unwrap_or_default())),
+        })
+        .collect();
     assert_eq!(errors.len(), 1, "{stderr}");
     let clauses: Vec<&str> = errors[0].split([':', ';']).map(str::trim).collect();
     for (i, c) in clauses.iter().enumerate() {

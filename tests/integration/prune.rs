@@ -203,14 +203,14 @@ fn prune_removes_exactly_the_unreferenced_blobs() {
         "packs_deleted",
         "packs_repacked",
         "packs_written",
-        "bytes_deleted",
-        "bytes_rewritten",
-        "bytes_reclaimed",
+        "deleted_bytes",
+        "rewritten_bytes",
+        "reclaimed_bytes",
         "blobs_unused_remaining",
-        "duration_ms",
     ] {
         assert!(r[key].is_u64(), "{key} in {r}");
     }
+    assert!(r["duration_seconds"].is_f64(), "{r}");
     assert!(r["damaged"].as_array().unwrap().is_empty(), "{r}");
     assert!(
         u64_of(&r, "packs_deleted") + u64_of(&r, "packs_repacked") > 0,
@@ -218,8 +218,8 @@ fn prune_removes_exactly_the_unreferenced_blobs() {
     );
     assert_eq!(u64_of(&r, "blobs_unused_remaining"), 0, "{r}");
     assert_eq!(
-        u64_of(&r, "bytes_reclaimed"),
-        u64_of(&r, "bytes_deleted") - u64_of(&r, "bytes_rewritten")
+        u64_of(&r, "reclaimed_bytes"),
+        u64_of(&r, "deleted_bytes") - u64_of(&r, "rewritten_bytes")
     );
     assert!(h.t.packs().len() <= packs_before);
     assert_exactly_referenced(&h.t);
@@ -249,7 +249,7 @@ fn max_unused_bounds_what_stays() {
     let r = h.prune(&["--max-unused", "unlimited"]);
     assert_eq!(u64_of(&r, "packs_repacked"), 0, "{r}");
     assert_eq!(u64_of(&r, "packs_written"), 0, "{r}");
-    assert_eq!(u64_of(&r, "bytes_rewritten"), 0, "{r}");
+    assert_eq!(u64_of(&r, "rewritten_bytes"), 0, "{r}");
 
     // default 10%: the unused share ends at or below 10%.
     let r = h.prune(&[]);
@@ -259,7 +259,7 @@ fn max_unused_bounds_what_stays() {
         "unused {unused} of {} after the default prune: {r}",
         used + unused
     );
-    assert_eq!(u64_of(&r, "bytes_unused_remaining"), unused, "{r}");
+    assert_eq!(u64_of(&r, "unused_remaining_bytes"), unused, "{r}");
     h.assert_all_restore();
     h.check_passes();
     assert!(matches!(
@@ -281,7 +281,7 @@ fn dry_run_writes_nothing_and_predicts_the_run() {
     assert_eq!(dry["dry_run"], Value::Bool(true));
     assert!(listing(&h.t) == before, "--dry-run changed the repository");
     let real = h.prune(&["--max-unused", "0"]);
-    for key in ["packs_deleted", "packs_repacked", "bytes_deleted"] {
+    for key in ["packs_deleted", "packs_repacked", "deleted_bytes"] {
         assert_eq!(dry[key], real[key], "{key}: dry {dry} real {real}");
     }
     assert_exactly_referenced(&h.t);
@@ -311,7 +311,7 @@ fn a_damaged_used_blob_keeps_its_pack_and_fails_the_run() {
     assert!(
         damaged
             .iter()
-            .any(|d| d["block"].as_str() == Some(&victim.block_id.to_hex())),
+            .any(|d| d["block_id"].as_str() == Some(&victim.block_id.to_hex())),
         "{report}"
     );
     assert!(
@@ -480,7 +480,7 @@ fn a_spare_copy_outlives_a_silently_corrupt_located_copy() {
         );
     }
     for s in h.t.snapshots(&[]) {
-        let id = str_of(&s, "id").to_string();
+        let id = str_of(&s, "snapshot_id").to_string();
         if !h.snaps.iter().any(|k| k.0 == id) {
             let i = if str_of(&s, "source").ends_with("twin.img") {
                 &twin

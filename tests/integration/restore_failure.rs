@@ -176,8 +176,7 @@ fn damaged_block_stops_a_block_device_restore_and_says_which_bytes_were_written(
     r.stderr_mentions(&[&range, &dev.0, "damaged", "check --read-data"]);
     let v = r.json();
     assert_eq!(v["complete"], false);
-    assert_eq!(u64_of(&v["written_bytes"], "start"), 0);
-    assert_eq!(u64_of(&v["written_bytes"], "end"), DAMAGED * BS);
+    assert_eq!(u64_of(&v, "written_bytes"), DAMAGED * BS);
     let mut got = vec![0u8; (BLOCKS * BS) as usize];
     std::fs::File::open(&dev.0)
         .unwrap()
@@ -197,13 +196,16 @@ fn damaged_block_stops_stdout_at_that_block() {
     assert!(r.stdout[..] == d.image[..GOOD_PREFIX]);
     r.stderr_mentions(&[&format!("bytes 0..{}", DAMAGED * BS), "stdout"]);
     // --json goes to stderr when stdout carries the disk.
-    let line = r
-        .stderr
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .expect("a JSON line on stderr");
-    let v: serde_json::Value = serde_json::from_str(line).unwrap();
-    assert_eq!(u64_of(&v["written_bytes"], "end"), DAMAGED * BS);
+    let lines = crate::json_contract::validate_stream("stderr", &r.stderr);
+    let v = lines
+        .iter()
+        .find(|l| l["message_type"] == "summary")
+        .expect("a summary on stderr");
+    assert_eq!(v["complete"], false);
+    assert_eq!(u64_of(v, "written_bytes"), DAMAGED * BS);
+    let error = lines.last().expect("lines");
+    assert_eq!(error["message_type"], "error");
+    assert_eq!(error["exit_code"], 1);
 }
 
 /// Names in `dir`.
@@ -245,7 +247,7 @@ fn allow_damaged_zero_fills_lists_the_block_and_exits_3() {
     assert_eq!(damaged.len(), 1, "{v}");
     assert_eq!(u64_of(&damaged[0], "index"), DAMAGED);
     let want = blake3::hash(&d.image[GOOD_PREFIX..GOOD_PREFIX + BSU]).to_hex();
-    assert_eq!(str_of(&damaged[0], "block"), want.as_str());
+    assert_eq!(str_of(&damaged[0], "block_id"), want.as_str());
     assert_eq!(
         str_of(&damaged[0], "pack"),
         d.pack.file_name().unwrap().to_string_lossy()

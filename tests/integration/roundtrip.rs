@@ -40,7 +40,7 @@ fn random_image_round_trips() {
     assert_eq!(u64_of(&s, "blocks_new"), 35);
     assert_eq!(u64_of(&s, "blocks_zero"), 0);
     assert_eq!(u64_of(&s, "blocks_deduplicated"), 0);
-    assert_eq!(u64_of(&s, "bytes_read"), 35 * BS);
+    assert_eq!(u64_of(&s, "read_bytes"), 35 * BS);
     assert!(s["parent_id"].is_null());
 }
 
@@ -53,7 +53,7 @@ fn all_zero_image_stores_nothing_and_restores_sparse() {
     assert_eq!(u64_of(&s, "blocks_read"), 64);
     assert_eq!(u64_of(&s, "blocks_zero"), 64);
     assert_eq!(u64_of(&s, "blocks_new"), 0);
-    assert_eq!(u64_of(&s, "bytes_stored"), 0);
+    assert_eq!(u64_of(&s, "stored_bytes"), 0);
     assert!(
         t.packs().is_empty(),
         "zero blocks must never be stored: {:?}",
@@ -125,7 +125,7 @@ fn mixed_image_counts_every_kind_of_block() {
         non_zero - distinct.len() as u64
     );
     // Text blocks compress: less is stored than the distinct raw bytes.
-    assert!(u64_of(&s, "bytes_stored") < distinct.len() as u64 * BS);
+    assert!(u64_of(&s, "stored_bytes") < distinct.len() as u64 * BS);
 }
 
 #[test]
@@ -135,7 +135,7 @@ fn unaligned_sizes_round_trip() {
     let a = Image::from_bytes(&t.path("a.img"), &random_bytes(4, 0, 3 * BSU + 1234));
     let s = round_trip(&t, &a);
     assert_eq!(u64_of(&s, "blocks_read"), 4);
-    assert_eq!(u64_of(&s, "bytes_read"), 3 * BS + 1234);
+    assert_eq!(u64_of(&s, "read_bytes"), 3 * BS + 1234);
 
     // Smaller than one block.
     let b = Image::from_bytes(&t.path("b.img"), &random_bytes(4, 1, 1234));
@@ -170,7 +170,7 @@ fn empty_image_round_trips() {
     let id = TestRepo::id_of(&s);
     let snaps = t.snapshots(&[]);
     assert_eq!(snaps.len(), 1);
-    assert_eq!(u64_of(&snaps[0], "size"), 0);
+    assert_eq!(u64_of(&snaps[0], "disk_size_bytes"), 0);
 
     let target = t.path("empty.out");
     t.restore(&id, &target, &[]).ok();
@@ -198,7 +198,7 @@ fn unchanged_image_adds_an_empty_manifest() {
     assert_eq!(second["parent_id"], first["snapshot_id"]);
     assert_eq!(u64_of(&second, "blocks_new"), 0);
     assert_eq!(u64_of(&second, "blocks_deduplicated"), 10);
-    assert_eq!(u64_of(&second, "bytes_stored"), 0);
+    assert_eq!(u64_of(&second, "stored_bytes"), 0);
     let entries = t.cat_snapshot(&TestRepo::id_of(&second))["entries"]
         .as_array()
         .expect("entries")
@@ -268,7 +268,7 @@ fn chain_of_50_incrementals() {
     assert_eq!(snaps.len(), 51);
     for (k, snap) in snaps.iter().enumerate() {
         assert_eq!(
-            snap["id"].as_str(),
+            snap["snapshot_id"].as_str(),
             Some(history[k].0.as_str()),
             "listing order"
         );

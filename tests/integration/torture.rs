@@ -388,11 +388,9 @@ impl World {
                 r.stderr
             ));
         }
-        Ok(r.json()
-            .as_array()
-            .unwrap()
+        Ok(r.items("snapshot")
             .iter()
-            .map(|s| s["id"].as_str().unwrap().to_string())
+            .map(|s| s["snapshot_id"].as_str().unwrap().to_string())
             .collect())
     }
 
@@ -640,9 +638,14 @@ impl World {
         let r = self.run_env(args, envs);
         self.sane(&r)?;
         let mut affected = BTreeSet::new();
-        if let Ok(v) = serde_json::from_slice::<Value>(&r.stdout) {
+        let last = String::from_utf8_lossy(&r.stdout)
+            .lines()
+            .last()
+            .map(str::to_string)
+            .unwrap_or_default();
+        if let Ok(v) = serde_json::from_str::<Value>(&last) {
             for a in v["affected_snapshots"].as_array().into_iter().flatten() {
-                if let Some(id) = a["id"].as_str() {
+                if let Some(id) = a["snapshot_id"].as_str() {
                     affected.insert(id.to_string());
                 }
             }
@@ -714,13 +717,11 @@ impl World {
             return Err(format!("{context}: snapshots failed: {}", r.stderr));
         }
         let listed: Vec<(String, String)> = r
-            .json()
-            .as_array()
-            .unwrap()
+            .items("snapshot")
             .iter()
             .map(|s| {
                 (
-                    s["id"].as_str().unwrap().to_string(),
+                    s["snapshot_id"].as_str().unwrap().to_string(),
                     s["source"].as_str().unwrap().to_string(),
                 )
             })
@@ -1168,13 +1169,11 @@ impl World {
         if r.code != 0 {
             return Err(format!("snapshots failed: {}", r.stderr));
         }
-        Ok(r.json()
-            .as_array()
-            .unwrap()
+        Ok(r.items("snapshot")
             .iter()
             .map(|s| {
                 (
-                    s["id"].as_str().unwrap().to_string(),
+                    s["snapshot_id"].as_str().unwrap().to_string(),
                     s["source"].as_str().unwrap().to_string(),
                 )
             })
@@ -1536,7 +1535,7 @@ impl World {
             let d = self.run(&["--json", "prune", "--dry-run", "--max-unused", "0"]);
             self.sane(&d)?;
             let v = d.json();
-            let reclaim = v["bytes_reclaimed"].as_u64();
+            let reclaim = v["reclaimed_bytes"].as_u64();
             if d.code != 0 || reclaim != Some(0) {
                 return Err(format!(
                     "after prune --max-unused 0 a dry run still reclaims {reclaim:?} (exit {}): {}",

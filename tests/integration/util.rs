@@ -42,17 +42,56 @@ impl Run {
         String::from_utf8_lossy(&self.stdout).into_owned()
     }
 
-    /// stdout parsed as one JSON value.
+    /// Every JSON line of stdout, each checked against docs/json.md (as
+    /// are the JSON lines of stderr).
+    #[track_caller]
+    pub fn messages(&self) -> Vec<Value> {
+        let err: String = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::json_contract::validate_stream(&format!("{} (stderr)", self.command), &err);
+        crate::json_contract::validate_stream(&self.command, &self.out())
+    }
+
+    /// The `summary` line, which must be the last line of stdout; every
+    /// line checked against docs/json.md.
     #[track_caller]
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.stdout).unwrap_or_else(|e| {
-            panic!(
-                "{}: stdout is not one JSON value ({e}):\n{}\nstderr:\n{}",
+        let mut messages = self.messages();
+        match messages.pop() {
+            Some(v) if v["message_type"] == "summary" => v,
+            other => panic!(
+                "{}: the last line of stdout is not a summary ({other:?}):\n{}\nstderr:\n{}",
                 self.command,
                 self.out(),
                 self.stderr
-            )
-        })
+            ),
+        }
+    }
+
+    /// The lines of `message_type` (checked against docs/json.md).
+    #[track_caller]
+    pub fn items(&self, message_type: &str) -> Vec<Value> {
+        self.messages()
+            .into_iter()
+            .filter(|m| m["message_type"] == message_type)
+            .collect()
+    }
+
+    /// The one line of `message_type`.
+    #[track_caller]
+    pub fn item(&self, message_type: &str) -> Value {
+        let mut items = self.items(message_type);
+        assert_eq!(
+            items.len(),
+            1,
+            "{}: one '{message_type}' line",
+            self.command
+        );
+        items.remove(0)
     }
 
     #[track_caller]
@@ -205,16 +244,13 @@ impl TestRepo {
         for f in filters {
             args.push(f);
         }
-        match self.run(&args).ok().json() {
-            Value::Array(v) => v,
-            other => panic!("snapshots --json is not a list: {other}"),
-        }
+        self.run(&args).ok().items("snapshot")
     }
 
     pub fn snapshot_ids(&self) -> Vec<String> {
         self.snapshots(&[])
             .iter()
-            .map(|s| s["id"].as_str().expect("id").to_string())
+            .map(|s| s["snapshot_id"].as_str().expect("snapshot_id").to_string())
             .collect()
     }
 
@@ -262,10 +298,28 @@ impl TestRepo {
         (r, v)
     }
 
-    /// `cat snapshot ID` as JSON.
+    /// `cat snapshot ID`, its lines gathered into one value:
+    /// `{object, meta, bitmap, entries: [{index, block}]}` where `block`
+    /// is a hex id or `"zero"`.
     #[track_caller]
     pub fn cat_snapshot(&self, id: &str) -> Value {
-        self.run(&[&"cat", &"snapshot", &id]).ok().json()
+        let r = self.run(&[&"cat", &"snapshot", &id]).ok();
+        let head = r.item("snapshot_object");
+        let entries: Vec<Value> = r
+            .items("entry")
+            .into_iter()
+            .map(|e| {
+                serde_json::json!({
+                    "index": e["index"],
+                    "block": if e["block_id"].is_null() { Value::from("zero") } else { e["block_id"].clone() },
+                })
+            })
+            .collect();
+        assert_eq!(head["entry_count"], entries.len(), "entry_count");
+        serde_json::json!({
+            "object": head["object"], "meta": head["meta"], "bitmap": head["bitmap"],
+            "entries": entries,
+        })
     }
 
     /// Names of the files under a repository sub-folder, recursively, sorted.
@@ -492,12 +546,28 @@ pub fn flip_byte(path: &Path, offset: u64) {
     f.write_all_at(&b, offset).unwrap();
 }
 
+/// The messages of a `--json` stdout (each checked against docs/json.md).
+#[track_caller]
+pub fn messages_of(what: &str, stdout: &[u8]) -> Vec<Value> {
+    crate::json_contract::validate_stream(what, &String::from_utf8_lossy(stdout))
+}
+
+/// The `summary` (last line) of a `--json` stdout.
+#[track_caller]
+pub fn summary_of(what: &str, stdout: &[u8]) -> Value {
+    let last = messages_of(what, stdout).pop();
+    match last {
+        Some(v) if v["message_type"] == "summary" => v,
+        other => panic!("{what}: no summary last: {other:?}"),
+    }
+}
+
 /// The file of snapshot `id`'s live object, found through `snapshots --json`.
 pub fn object_path(t: &TestRepo, id: &str) -> PathBuf {
     let object = t
         .snapshots(&[])
         .into_iter()
-        .find(|s| s["id"].as_str() == Some(id))
+        .find(|s| s["snapshot_id"].as_str() == Some(id))
         .map(|s| str_of(&s, "object").to_string())
         .unwrap_or_else(|| panic!("{id} listed"));
     t.repo.join("snapshots").join(object)

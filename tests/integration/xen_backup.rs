@@ -206,9 +206,12 @@ fn xen_vm_twenty_incrementals_restore_bit_exact() {
         let j = backup(&repo, &sim, &src, &[]).ok().json();
         let ds = disks(&j);
         assert_eq!(ds.len(), 2);
-        let group = j["vm_backup"].as_str().expect("a VM backup id").to_string();
+        let group = j["vm_backup_id"]
+            .as_str()
+            .expect("a VM backup id")
+            .to_string();
         for (d, disk) in ds.iter().zip(&vm.disks) {
-            assert_eq!(d["vdi"].as_str(), Some(disk.vdi_uuid.as_str()));
+            assert_eq!(d["vdi_uuid"].as_str(), Some(disk.vdi_uuid.as_str()));
             assert_eq!(d["full"].as_bool(), Some(run == 0), "run {run}: {d}");
             let id = d["snapshot_id"].as_str().unwrap().to_string();
             let cat = repo.cat_snapshot(&id);
@@ -578,7 +581,7 @@ fn removed_leftovers(j: &Json, run: &str) -> Vec<(String, String)> {
         .expect("host_leftovers_removed")
         .iter()
         .map(|r| {
-            assert_eq!(r["run"].as_str(), Some(run), "{j}");
+            assert_eq!(r["run_id"].as_str(), Some(run), "{j}");
             assert!(r["reason"].as_str().is_some_and(|s| !s.is_empty()), "{j}");
             (
                 r["class"].as_str().unwrap().to_string(),
@@ -687,7 +690,7 @@ fn xen_killed_vm_backup_leftovers_removed_by_next_run_others_untouched() {
         assert_eq!(d["full"].as_bool(), Some(false), "{j}");
         let id = d["snapshot_id"].as_str().unwrap();
         assert!(restore_bytes(&repo, id) == host.disk(&disk.vdi_uuid, disk.size_bytes));
-        let l = d["host_snapshot_vdi"].as_str().unwrap();
+        let l = d["host_snapshot_vdi_uuid"].as_str().unwrap();
         let v = now.iter().find(|v| v.uuid == l).expect("new landmark");
         assert_eq!(v.vdi_type, "cbt_metadata");
         assert_eq!(

@@ -67,7 +67,7 @@ impl Disk {
         let d = disks(&j).remove(0);
         Backup {
             id: d["snapshot_id"].as_str().unwrap().to_string(),
-            landmark: d["host_snapshot_vdi"]
+            landmark: d["host_snapshot_vdi_uuid"]
                 .as_str()
                 .unwrap_or_else(|| panic!("no landmark: {j}"))
                 .to_string(),
@@ -144,10 +144,10 @@ fn released(j: &Json, vdi: &str) -> Vec<(String, String)> {
         .unwrap_or_else(|| panic!("no host.released: {j}"))
         .iter()
         .map(|r| {
-            assert_eq!(r["vdi"].as_str(), Some(vdi), "{j}");
+            assert_eq!(r["vdi_uuid"].as_str(), Some(vdi), "{j}");
             assert!(r["host"].as_str().is_some_and(|h| h.contains(':')), "{j}");
             (
-                r["landmark"].as_str().unwrap().to_string(),
+                r["landmark_vdi_uuid"].as_str().unwrap().to_string(),
                 r["outcome"].as_str().unwrap().to_string(),
             )
         })
@@ -164,7 +164,7 @@ fn landmark_list(v: &Json) -> Vec<String> {
         .as_array()
         .unwrap_or_else(|| panic!("not a list: {v}"))
         .iter()
-        .map(|l| l["landmark"].as_str().unwrap().to_string())
+        .map(|l| l["landmark_vdi_uuid"].as_str().unwrap().to_string())
         .collect();
     out.sort();
     out
@@ -176,7 +176,7 @@ fn removed(j: &Json) -> Vec<String> {
         .as_array()
         .unwrap_or_else(|| panic!("no removed: {j}"))
         .iter()
-        .map(|s| s["id"].as_str().unwrap().to_string())
+        .map(|s| s["snapshot_id"].as_str().unwrap().to_string())
         .collect()
 }
 
@@ -520,7 +520,7 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
         "{j}"
     );
     assert_eq!(
-        j["host_plan"]["planned"][0]["vdi"].as_str(),
+        j["host_plan"]["planned"][0]["vdi_uuid"].as_str(),
         Some(d.vdi.as_str())
     );
     assert!(j.get("host").is_none(), "{j}");
@@ -537,7 +537,7 @@ fn xen_forget_dry_run_and_no_host_leave_the_host_alone() {
         "{j}"
     );
     let left = &j["host"]["left"][0];
-    assert_eq!(left["vdi"].as_str(), Some(d.vdi.as_str()), "{j}");
+    assert_eq!(left["vdi_uuid"].as_str(), Some(d.vdi.as_str()), "{j}");
     assert_eq!(left["reason"].as_str(), Some("--no-host"), "{j}");
     assert!(j.get("host_plan").is_none(), "{j}");
     assert_eq!(repo.snapshot_ids(), vec![b1.id.clone()]);
@@ -587,7 +587,7 @@ fn xen_forget_with_the_host_unreachable_succeeds_and_lists_the_landmark() {
         "{j}"
     );
     let left = &j["host"]["left"][0];
-    assert_eq!(left["vdi"].as_str(), Some(vdi.as_str()), "{j}");
+    assert_eq!(left["vdi_uuid"].as_str(), Some(vdi.as_str()), "{j}");
     assert!(
         left["reason"]
             .as_str()
@@ -695,7 +695,7 @@ fn released_all(j: &Json) -> Vec<(String, String, String)> {
         .iter()
         .map(|r| {
             let s = |k: &str| r[k].as_str().unwrap().to_string();
-            (s("vdi"), s("landmark"), s("outcome"))
+            (s("vdi_uuid"), s("landmark_vdi_uuid"), s("outcome"))
         })
         .collect();
     out.sort();
@@ -730,11 +730,11 @@ fn xen_forget_vm_backups_releases_every_disks_landmark() {
             .iter()
             .zip(&vm.disks)
             .map(|(d, disk)| {
-                assert_eq!(d["vdi"].as_str(), Some(disk.vdi_uuid.as_str()));
+                assert_eq!(d["vdi_uuid"].as_str(), Some(disk.vdi_uuid.as_str()));
                 (
                     disk.vdi_uuid.clone(),
                     d["snapshot_id"].as_str().unwrap().to_string(),
-                    d["host_snapshot_vdi"].as_str().unwrap().to_string(),
+                    d["host_snapshot_vdi_uuid"].as_str().unwrap().to_string(),
                     host.disk(&disk.vdi_uuid, disk.size_bytes),
                 )
             })

@@ -353,7 +353,7 @@ fn xen_restore_new_vm_from_a_vm_backup() {
     }
     let repo = TestRepo::new();
     let j = backup(&repo, &sim, &url(&sim, "vm", &vm.vm_uuid));
-    let group = j["vm_backup"].as_str().unwrap().to_string();
+    let group = j["vm_backup_id"].as_str().unwrap().to_string();
     let expected: Vec<Vec<u8>> = vm
         .disks
         .iter()
@@ -377,7 +377,7 @@ fn xen_restore_new_vm_from_a_vm_backup() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|x| x["original_vdi"].as_str() == Some(d.vdi_uuid.as_str()))
+            .find(|x| x["original_vdi_uuid"].as_str() == Some(d.vdi_uuid.as_str()))
             .expect("each disk restored");
         let new = restored["vdi_uuid"].as_str().unwrap();
         assert!(seen.iter().any(|s| s == new), "VM lacks VDI {new}");
@@ -411,7 +411,7 @@ fn xen_restore_at_time_picks_the_newest_at_or_before() {
     let time_of = |id: &str| {
         snaps
             .iter()
-            .find(|s| s["id"].as_str() == Some(id))
+            .find(|s| s["snapshot_id"].as_str() == Some(id))
             .and_then(|s| s["time"].as_str())
             .expect("time")
             .to_string()
@@ -498,11 +498,11 @@ fn xen_restore_new_vm_at_time_and_cleanup_on_failure() {
     let t = repo
         .snapshots(&[])
         .into_iter()
-        .find(|s| s["id"].as_str() == Some(meta_first))
+        .find(|s| s["snapshot_id"].as_str() == Some(meta_first))
         .and_then(|s| s["time"].as_str().map(str::to_string))
         .expect("time of the first VM backup");
     let sr = url(&sim, "sr", &host.sr_of(&vm.disks[0].vdi_uuid));
-    let group2 = second["vm_backup"].as_str().unwrap();
+    let group2 = second["vm_backup_id"].as_str().unwrap();
 
     // The second disk's import fails (the first, 2 MiB, gets through):
     // the disk restored so far is destroyed again.
@@ -531,13 +531,17 @@ fn xen_restore_new_vm_at_time_and_cleanup_on_failure() {
     let j = restore(&repo, &sim, group2, &sr, &["--new-vm", "--at", &t])
         .ok()
         .json();
-    assert_eq!(j["vm_backup"].as_str(), first["vm_backup"].as_str(), "{j}");
+    assert_eq!(
+        j["vm_backup_id"].as_str(),
+        first["vm_backup_id"].as_str(),
+        "{j}"
+    );
     for (k, d) in vm.disks.iter().enumerate() {
         let restored = j["disks"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|x| x["original_vdi"].as_str() == Some(d.vdi_uuid.as_str()))
+            .find(|x| x["original_vdi_uuid"].as_str() == Some(d.vdi_uuid.as_str()))
             .expect("each disk restored");
         let new = restored["vdi_uuid"].as_str().unwrap();
         assert!(

@@ -57,6 +57,7 @@ impl PipelineOptions {
 pub struct BackupSummary {
     pub snapshot_id: SnapshotId,
     pub parent_id: Option<SnapshotId>,
+    #[serde(rename = "backup_set_id")]
     pub backup_set: SnapshotId,
     pub full: bool,
     pub synthetic_full: bool,
@@ -70,9 +71,12 @@ pub struct BackupSummary {
     pub blocks_deduplicated: u64,
     pub blocks_zero: u64,
     pub blocks_changed: u64,
+    #[serde(rename = "read_bytes")]
     pub bytes_read: u64,
+    #[serde(rename = "stored_bytes")]
     pub bytes_stored: u64,
     pub packs_written: u64,
+    #[serde(rename = "duration_seconds")]
     pub seconds: f64,
 }
 

@@ -22,8 +22,10 @@ pub struct Landmark {
     /// `HOST:PORT` (`xen.host`).
     pub host: String,
     /// The live VDI it is a snapshot of (`xen.vdi`).
+    #[serde(rename = "vdi_uuid")]
     pub vdi: String,
     /// The landmark's own uuid (`xen.snapshot_vdi`).
+    #[serde(rename = "landmark_vdi_uuid")]
     pub landmark: String,
 }
 
@@ -282,6 +284,6 @@ mod tests {
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["outcome"], "refused");
         assert_eq!(j["reason"], "not a snapshot");
-        assert_eq!(j["landmark"], "l");
+        assert_eq!(j["landmark_vdi_uuid"], "l");
     }
 }

@@ -172,6 +172,7 @@ pub struct RemovedLeftover {
     pub class: String,
     pub uuid: String,
     /// The run that created it.
+    #[serde(rename = "run_id")]
     pub run: String,
     /// Why that run is known to be over.
     pub reason: String,
