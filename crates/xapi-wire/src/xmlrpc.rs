@@ -133,9 +133,7 @@ fn parse(body: &[u8]) -> Result<Element, WireError> {
             Event::Text(t) => match open.last_mut() {
                 Some((_, text)) => text.push_str(&t),
                 None if t.trim().is_empty() => {}
-                None if root.is_some() => {
-                    return Err(err("content after the root element".into()))
-                }
+                None if root.is_some() => return Err(err("content after the root element".into())),
                 None => return Err(err("text before the root element".into())),
             },
             Event::CData(t) => match open.last_mut() {
@@ -522,6 +520,94 @@ mod tests {
         );
         let v = decode_response(ok.as_bytes()).unwrap();
         assert_eq!(status_result(v).unwrap(), Ok(Value::str("10737418240")));
+    }
+
+    fn call_with(value: &str) -> String {
+        format!("<methodCall><methodName>x</methodName><params><param>{value}</param></params></methodCall>")
+    }
+
+    /// Hostile documents: each is refused with the right kind of error,
+    /// syntax errors carry a byte position inside the input, nothing panics.
+    #[test]
+    fn hostile_inputs_by_kind() {
+        // Nesting past the limit, both as a value tree and as bare elements.
+        let deep = "<value><array><data>".repeat(MAX_DEPTH);
+        assert!(matches!(
+            decode_call(call_with(&deep).as_bytes()),
+            Err(WireError::TooDeep(MAX_DEPTH))
+        ));
+        let bare = format!("{}{}", "<a>".repeat(100_000), "</a>".repeat(100_000));
+        assert!(matches!(
+            decode_call(bare.as_bytes()),
+            Err(WireError::TooDeep(MAX_DEPTH))
+        ));
+        // Exactly at the limit is still read (then refused as not XML-RPC).
+        let ok_depth = format!("{}{}", "<a>".repeat(MAX_DEPTH), "</a>".repeat(MAX_DEPTH));
+        assert!(matches!(
+            decode_call(ok_depth.as_bytes()),
+            Err(WireError::XmlRpc(_))
+        ));
+
+        let syntax: &[(&str, &str)] = &[
+            ("unterminated root", "<methodCall><methodName>x"),
+            ("unterminated tag", "<methodCall><methodName"),
+            ("unterminated comment", "<methodCall><!-- x"),
+            ("unterminated CDATA", "<methodCall><![CDATA[x"),
+            ("mismatched end", "<methodCall></methodName>"),
+            ("unknown entity", "<methodCall>&bogus;</methodCall>"),
+            ("external entity", "<methodCall>&xxe;</methodCall>"),
+            ("unterminated entity", "<methodCall>&amp</methodCall>"),
+            ("bad char ref", "<methodCall>&#xD800;</methodCall>"),
+            ("huge char ref", "<methodCall>&#99999999999;</methodCall>"),
+            (
+                "DOCTYPE with an entity",
+                "<?xml version=\"1.0\"?><!DOCTYPE m [<!ENTITY xxe SYSTEM \"file:///etc/passwd\">]><methodCall>&xxe;</methodCall>",
+            ),
+            (
+                "billion laughs",
+                "<!DOCTYPE l [<!ENTITY a \"aaaa\"><!ENTITY b \"&a;&a;&a;&a;\">]><methodCall>&b;</methodCall>",
+            ),
+            ("DOCTYPE inside", "<methodCall><!DOCTYPE x></methodCall>"),
+            ("second root", "<methodCall/><methodCall/>"),
+            ("text after root", "<methodCall/>junk"),
+            ("text before root", "junk<methodCall/>"),
+            ("no root", "<?xml version=\"1.0\"?>"),
+            ("empty", ""),
+        ];
+        for (what, body) in syntax {
+            match decode_call(body.as_bytes()) {
+                Err(WireError::Xml { at, reason }) => {
+                    assert!(at <= body.len(), "{what}: position {at} past the end");
+                    assert!(!reason.is_empty(), "{what}");
+                }
+                other => panic!("{what}: expected an XML error, got {other:?}"),
+            }
+        }
+        match decode_call(b"<!DOCTYPE m [<!ENTITY a 'b'>]><methodCall/>") {
+            Err(WireError::Xml { reason, .. }) => assert!(reason.contains("DTD"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // Not UTF-8: the position is the first bad byte.
+        assert!(matches!(
+            decode_call(b"<methodCall>\xff</methodCall>"),
+            Err(WireError::Xml { at: 12, .. })
+        ));
+
+        // A huge attribute is skipped, not choked on.
+        let attr = format!(
+            "<methodCall a=\"{}\"><methodName>m</methodName><params/></methodCall>",
+            "x".repeat(4 << 20)
+        );
+        assert_eq!(
+            decode_call(attr.as_bytes()).unwrap(),
+            ("m".to_string(), vec![])
+        );
+        // Predefined entities and character references still decode.
+        let (_, p) = decode_call(
+            call_with("<value>&lt;&gt;&amp;&quot;&apos;&#65;&#x1F600;</value>").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(p, vec![Value::str("<>&\"'A\u{1F600}")]);
     }
 
     fn value() -> impl proptest::strategy::Strategy<Value = Value> {
