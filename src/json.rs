@@ -110,10 +110,42 @@ impl ErrorBody {
     pub fn of(e: &anyhow::Error, exit_code: u8) -> ErrorBody {
         ErrorBody {
             exit_code,
-            message: format!("{e:#}"),
-            causes: e.chain().map(|c| c.to_string()).collect(),
+            message: one_line(e),
+            causes: causes(e),
         }
     }
+}
+
+/// The chain of `e`, outermost first, each level saying only its own part.
+/// Many error types below print their cause in their own message
+/// (`"{step}: {source}"`) and also return it from `source()`, so anyhow's
+/// `{:#}` would print that cause twice; a level ending in `": "` plus the
+/// whole next level has that tail cut, and a level that only repeats the
+/// next one is left out.
+pub fn causes(e: &anyhow::Error) -> Vec<String> {
+    let full: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+    let mut out = Vec::with_capacity(full.len());
+    for (i, text) in full.iter().enumerate() {
+        let Some(next) = full.get(i + 1) else {
+            out.push(text.clone());
+            break;
+        };
+        if text == next {
+            continue;
+        }
+        let own = text
+            .strip_suffix(next.as_str())
+            .and_then(|head| head.strip_suffix(": "))
+            .filter(|head| !head.is_empty())
+            .unwrap_or(text);
+        out.push(own.to_string());
+    }
+    out
+}
+
+/// The whole error on one line, each cause once (what `error:` prints).
+pub fn one_line(e: &anyhow::Error) -> String {
+    causes(e).join(": ")
 }
 
 /// The body of a `warning` message.
@@ -270,6 +302,43 @@ impl Progress for StatusLines {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{step}: {source}")]
+    struct Step {
+        step: &'static str,
+        source: std::io::Error,
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error(transparent)]
+    struct Same(Step);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = || std::io::Error::other("disk on fire");
+        let e = anyhow::Error::new(Step {
+            step: "write pack",
+            source: io(),
+        })
+        .context("back up vm");
+        assert_eq!(causes(&e), ["back up vm", "write pack", "disk on fire"]);
+        assert_eq!(one_line(&e), "back up vm: write pack: disk on fire");
+        // anyhow's own `{:#}` repeats it; ours does not.
+        assert_eq!(format!("{e:#}").matches("disk on fire").count(), 2);
+
+        // Transparent wrapping, and a context that only names the cause.
+        let e = anyhow::Error::new(Same(Step {
+            step: "write pack",
+            source: io(),
+        }));
+        assert_eq!(one_line(&e), "write pack: disk on fire");
+        let e = anyhow::Error::new(io()).context("open: disk on fire");
+        assert_eq!(causes(&e), ["open", "disk on fire"]);
+        // A message that merely ends like its cause without the separator is kept.
+        let e = anyhow::Error::new(io()).context("not disk on fire");
+        assert_eq!(causes(&e), ["not disk on fire", "disk on fire"]);
+    }
 
     #[test]
     fn a_message_is_one_line_with_its_type_first() {

@@ -161,7 +161,7 @@ impl Ui {
             let body = json::ErrorBody::of(e, exit_code);
             json::write_line(&mut err, json::kind::ERROR, Some(self.command), &body);
         } else {
-            let _ = writeln!(err, "error: {e:#}");
+            let _ = writeln!(err, "error: {}", json::one_line(e));
         }
     }
 

@@ -84,8 +84,9 @@ pub fn preflight(
     if let Err(e) = xen_password(xen) {
         let count: usize = plan.values().map(Vec::len).sum();
         let hosts: Vec<&str> = plan.keys().map(String::as_str).collect();
+        let e = crate::json::one_line(&e);
         bail!(
-            "{e:#}: forget would destroy {} on XenServer {} {}; nothing was changed (give the password, or --no-host to touch only the repository and list them)",
+            "{e}: forget would destroy {} on XenServer {} {}; nothing was changed (give the password, or --no-host to touch only the repository and list them)",
             plural(count, "landmark VDI"),
             if hosts.len() == 1 { "host" } else { "hosts" },
             hosts.join(", ")
@@ -123,12 +124,13 @@ pub fn clean_host(
         let session = match host_url(&host).and_then(|url| xen_session(ui, &url, xen)) {
             Ok(s) => s,
             Err(e) => {
+                let e = crate::json::one_line(&e);
                 let names: Vec<&str> = items.iter().map(|l| l.landmark.as_str()).collect();
                 ui.warn(format!(
-                    "cannot reach XenServer host '{host}' ({e:#}): its landmark VDIs {} stay there until the next backup from this repository on that host removes them (they carry its marker), or destroy them by hand once the host is back (xe vdi-destroy uuid=UUID)",
+                    "cannot reach XenServer host '{host}' ({e}): its landmark VDIs {} stay there until the next backup from this repository on that host removes them (they carry its marker), or destroy them by hand once the host is back (xe vdi-destroy uuid=UUID)",
                     names.join(", ")
                 ));
-                leave(&mut report, &format!("host not reached: {e:#}"));
+                leave(&mut report, &format!("host not reached: {e}"));
                 continue;
             }
         };

@@ -468,7 +468,9 @@ fn a_spare_copy_outlives_a_silently_corrupt_located_copy() {
     // Both backed up at once (both hold shared locks, neither sees the
     // other's blocks before it commits): blocks 1..8 are stored twice; the
     // catalog locates one copy, the other is a spare.
-    let env = [("CBTVAULT_TEST_DELAY", "commit_snapshot:1500")];
+    // Each waits between its catalog lookups and its pack writes, so
+    // neither sees the other's copies however the two start.
+    let env = [("CBTVAULT_TEST_DELAY", "backup_deduped:3000")];
     let a = spawn(&h.t, &[&"backup", &img.path], &env);
     let b = spawn(&h.t, &[&"backup", &twin.path], &env);
     for child in [a, b] {

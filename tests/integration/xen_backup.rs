@@ -997,3 +997,54 @@ fn xen_workflow_errors_are_matchable() {
     }
     session.logout();
 }
+
+/// Regression (issue 21): a host refusing a call was printed twice, once
+/// in the wrapping step's message and again as its cause. Each cause
+/// appears once on the text error line and once in the JSON `causes`.
+#[test]
+fn xen_refused_call_cause_is_said_once() {
+    let (sim, vm, repo, src) = two_disk_vm_with_backup(11);
+    let cause = "refused-by-test-5d1c";
+    sim.set_faults(|f| {
+        f.fail_calls.insert(
+            "VM.snapshot".into(),
+            vec!["INTERNAL_ERROR".into(), cause.into()],
+        );
+    });
+    let _ = vm;
+    let fp = sim.fingerprint().to_string();
+    let text = run_with_password(&repo, &[&"backup", &src, &"--fingerprint", &fp], PASSWORD);
+    assert_eq!(text.code, 1, "{}", text.stderr);
+    assert_eq!(text.stderr.matches(cause).count(), 1, "{}", text.stderr);
+    assert_said_once(&text.stderr);
+
+    let json = backup(&repo, &sim, &src, &[]);
+    assert_eq!(json.code, 1, "{}", json.stderr);
+    json.messages();
+    let errors: Vec<serde_json::Value> = json
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["message_type"] == "error")
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", json.stderr);
+    let message = errors[0]["message"].as_str().unwrap();
+    assert_eq!(message.matches(cause).count(), 1, "{message}");
+    let causes: Vec<&str> = errors[0]["causes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert!(causes.len() >= 2, "{causes:?}");
+    assert_eq!(
+        causes
+            .iter()
+            .map(|c| c.matches(cause).count())
+            .sum::<usize>(),
+        1,
+        "{causes:?}"
+    );
+    // Joined, the causes are the message.
+    assert_eq!(causes.join(": "), message);
+}

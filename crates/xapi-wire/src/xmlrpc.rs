@@ -1,8 +1,8 @@
 //! XML-RPC as xapi speaks it, sans I/O: decode a `methodCall` (or a
 //! `methodResponse`, for tests and clients), encode responses and values.
-//! Input is untrusted: the parser is a small recursive-descent reader for
-//! the subset of XML that XML-RPC uses (elements, text, entities, CDATA,
-//! comments, the XML declaration), with a depth limit and no DTDs.
+//! Input is untrusted: quick-xml reads it into a small tree (elements,
+//! text, entities, CDATA, comments, the XML declaration), with a depth limit
+//! and no DTDs; the tree is then checked against XML-RPC's shapes.
 //!
 //! Encoding follows xapi (xenapi-reference.md §1.2): strings, refs, enums
 //! and 64-bit ints are untagged `<value>text</value>`; bools are
@@ -11,6 +11,9 @@
 //! `Status` first, then `Value` or `ErrorDescription`.
 
 use std::collections::BTreeMap;
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
 
 use super::error::{ApiError, WireError};
 use super::value::Value;
@@ -68,214 +71,111 @@ impl Element {
     }
 }
 
-struct Parser<'a> {
-    s: &'a str,
-    at: usize,
-}
-
-impl<'a> Parser<'a> {
-    fn err(&self, reason: impl Into<String>) -> WireError {
-        WireError::Xml {
-            at: self.at,
-            reason: reason.into(),
-        }
-    }
-
-    fn rest(&self) -> &'a str {
-        &self.s[self.at..]
-    }
-
-    fn skip_ws(&mut self) {
-        let rest = self.rest();
-        self.at += rest.len() - rest.trim_start().len();
-    }
-
-    /// Skips `<?...?>`, `<!--...-->`; refuses DTDs. True if it skipped.
-    fn skip_misc(&mut self) -> Result<bool, WireError> {
-        let rest = self.rest();
-        let (open, close) = if rest.starts_with("<?") {
-            ("<?", "?>")
-        } else if rest.starts_with("<!--") {
-            ("<!--", "-->")
-        } else if rest.starts_with("<!") && !rest.starts_with("<![CDATA[") {
-            return Err(self.err("DTDs are not accepted"));
-        } else {
-            return Ok(false);
-        };
-        match rest[open.len()..].find(close) {
-            Some(i) => {
-                self.at += open.len() + i + close.len();
-                Ok(true)
-            }
-            None => Err(self.err(format!("unterminated '{open}'"))),
-        }
-    }
-
-    fn name(&mut self) -> Result<String, WireError> {
-        let rest = self.rest();
-        let end = rest
-            .find(|c: char| c.is_whitespace() || c == '/' || c == '>')
-            .unwrap_or(rest.len());
-        if end == 0 {
-            return Err(self.err("expected an element name"));
-        }
-        self.at += end;
-        Ok(rest[..end].to_string())
-    }
-
-    /// After the name of a start tag: skips attributes; true for `/>`.
-    fn tag_end(&mut self) -> Result<bool, WireError> {
-        let bytes = self.s.as_bytes();
-        let mut quote: Option<u8> = None;
-        while self.at < bytes.len() {
-            let c = bytes[self.at];
-            match quote {
-                Some(q) if c == q => quote = None,
-                Some(_) => {}
-                None if c == b'"' || c == b'\'' => quote = Some(c),
-                None if c == b'>' => {
-                    self.at += 1;
-                    return Ok(false);
-                }
-                None if c == b'/' && bytes.get(self.at + 1) == Some(&b'>') => {
-                    self.at += 2;
-                    return Ok(true);
-                }
-                None if c == b'<' => return Err(self.err("'<' inside a tag")),
-                None => {}
-            }
-            self.at += 1;
-        }
-        Err(self.err("unterminated tag"))
-    }
-
-    fn element(&mut self, depth: usize) -> Result<Element, WireError> {
-        if depth > MAX_DEPTH {
-            return Err(WireError::TooDeep(MAX_DEPTH));
-        }
-        if !self.rest().starts_with('<') {
-            return Err(self.err("expected '<'"));
-        }
-        self.at += 1;
-        let name = self.name()?;
-        let mut el = Element {
-            name,
-            children: Vec::new(),
-        };
-        if self.tag_end()? {
-            return Ok(el);
-        }
-        let mut text = String::new();
-        loop {
-            let rest = self.rest();
-            if rest.is_empty() {
-                return Err(self.err(format!("unterminated <{}>", el.name)));
-            }
-            if let Some(after) = rest.strip_prefix("</") {
-                let end = after
-                    .find('>')
-                    .ok_or_else(|| self.err("unterminated end tag"))?;
-                if after[..end].trim_end() != el.name {
-                    return Err(self.err(format!(
-                        "</{}> closes <{}>",
-                        after[..end].chars().take(64).collect::<String>(),
-                        el.name
-                    )));
-                }
-                self.at += 2 + end + 1;
-                if !text.is_empty() {
-                    el.children.push(Node::Text(text));
-                }
-                return Ok(el);
-            }
-            if let Some(after) = rest.strip_prefix("<![CDATA[") {
-                let end = after
-                    .find("]]>")
-                    .ok_or_else(|| self.err("unterminated CDATA"))?;
-                text.push_str(&after[..end]);
-                self.at += 9 + end + 3;
-                continue;
-            }
-            if self.skip_misc()? {
-                continue;
-            }
-            if rest.starts_with('<') {
-                if !text.is_empty() {
-                    el.children.push(Node::Text(std::mem::take(&mut text)));
-                }
-                let child = self.element(depth + 1)?;
-                el.children.push(Node::Element(child));
-                continue;
-            }
-            // Character data up to the next markup, entities decoded.
-            let end = rest.find('<').unwrap_or(rest.len());
-            decode_entities(&rest[..end], &mut text).map_err(|r| self.err(r))?;
-            self.at += end;
-        }
-    }
-
-    fn document(mut self) -> Result<Element, WireError> {
-        loop {
-            self.skip_ws();
-            if !self.skip_misc()? {
-                break;
-            }
-        }
-        let root = self.element(1)?;
-        loop {
-            self.skip_ws();
-            if !self.skip_misc()? {
-                break;
-            }
-        }
-        if !self.rest().is_empty() {
-            return Err(self.err("content after the root element"));
-        }
-        Ok(root)
-    }
-}
-
-fn decode_entities(raw: &str, out: &mut String) -> Result<(), String> {
-    let mut rest = raw;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        let end = after
-            .find(';')
-            .filter(|&e| e <= 10)
-            .ok_or_else(|| "unterminated entity".to_string())?;
-        let name = &after[..end];
-        let c = match name {
-            "lt" => '<',
-            "gt" => '>',
-            "amp" => '&',
-            "quot" => '"',
-            "apos" => '\'',
-            _ => {
-                let code = if let Some(hex) = name.strip_prefix("#x") {
-                    u32::from_str_radix(hex, 16).ok()
-                } else if let Some(dec) = name.strip_prefix('#') {
-                    dec.parse().ok()
-                } else {
-                    None
-                };
-                code.and_then(char::from_u32)
-                    .ok_or_else(|| format!("unknown entity '&{name};'"))?
-            }
-        };
-        out.push(c);
-        rest = &after[end + 1..];
-    }
-    out.push_str(rest);
-    Ok(())
-}
-
+/// Reads a whole document into a tree with quick-xml. The input must be
+/// UTF-8; elements, text, the five predefined entities, character
+/// references, CDATA, comments and processing instructions are accepted;
+/// a DTD, text or a second element outside the root, and nesting deeper
+/// than [`MAX_DEPTH`] are refused. Text is kept exactly as sent (no
+/// whitespace trimming, no end-of-line normalisation).
 fn parse(body: &[u8]) -> Result<Element, WireError> {
     let s = std::str::from_utf8(body).map_err(|e| WireError::Xml {
         at: e.valid_up_to(),
         reason: "not UTF-8".into(),
     })?;
-    Parser { s, at: 0 }.document()
+    let mut reader = Reader::from_str(s);
+    // Open elements, each with the text read since its last child.
+    let mut open: Vec<(Element, String)> = Vec::new();
+    let mut root: Option<Element> = None;
+    loop {
+        let at = reader.buffer_position() as usize;
+        let err = |reason: String| WireError::Xml { at, reason };
+        let event = reader.read_event().map_err(|e| WireError::Xml {
+            at: reader.error_position() as usize,
+            reason: e.to_string(),
+        })?;
+        match event {
+            Event::Start(ref tag) | Event::Empty(ref tag) => {
+                if root.is_some() {
+                    return Err(err("content after the root element".into()));
+                }
+                if open.len() >= MAX_DEPTH {
+                    return Err(WireError::TooDeep(MAX_DEPTH));
+                }
+                let name = tag.name().0;
+                if name.is_empty() {
+                    return Err(err("expected an element name".into()));
+                }
+                let el = Element {
+                    name: name.to_string(),
+                    children: Vec::new(),
+                };
+                if let Some((parent, text)) = open.last_mut() {
+                    if !text.is_empty() {
+                        parent.children.push(Node::Text(std::mem::take(text)));
+                    }
+                }
+                if matches!(event, Event::Start(_)) {
+                    open.push((el, String::new()));
+                } else {
+                    close(el, &mut open, &mut root);
+                }
+            }
+            // quick-xml has checked that the name matches the open element.
+            Event::End(_) => {
+                let Some((mut el, text)) = open.pop() else {
+                    return Err(err("end tag without a start tag".into()));
+                };
+                if !text.is_empty() {
+                    el.children.push(Node::Text(text));
+                }
+                close(el, &mut open, &mut root);
+            }
+            Event::Text(t) => match open.last_mut() {
+                Some((_, text)) => text.push_str(&t),
+                None if t.trim().is_empty() => {}
+                None if root.is_some() => return Err(err("content after the root element".into())),
+                None => return Err(err("text before the root element".into())),
+            },
+            Event::CData(t) => match open.last_mut() {
+                Some((_, text)) => text.push_str(&t),
+                None => return Err(err("CDATA outside the root element".into())),
+            },
+            Event::GeneralRef(r) => {
+                let Some((_, text)) = open.last_mut() else {
+                    return Err(err("reference outside the root element".into()));
+                };
+                let c = match &*r {
+                    "lt" => '<',
+                    "gt" => '>',
+                    "amp" => '&',
+                    "quot" => '"',
+                    "apos" => '\'',
+                    name => r
+                        .resolve_char_ref()
+                        .ok()
+                        .flatten()
+                        .ok_or_else(|| err(format!("unknown entity '&{name};'")))?,
+                };
+                text.push(c);
+            }
+            Event::DocType(_) => return Err(err("DTDs are not accepted".into())),
+            Event::Comment(_) | Event::Decl(_) | Event::PI(_) => {}
+            Event::Eof => {
+                if let Some((el, _)) = open.last() {
+                    return Err(err(format!("unterminated <{}>", el.name)));
+                }
+                return root.ok_or_else(|| err("no root element".into()));
+            }
+        }
+    }
+}
+
+/// A finished element goes to its parent, or is the root.
+fn close(el: Element, open: &mut [(Element, String)], root: &mut Option<Element>) {
+    match open.last_mut() {
+        Some((parent, _)) => parent.children.push(Node::Element(el)),
+        None => *root = Some(el),
+    }
 }
 
 fn decode_value(el: &Element) -> Result<Value, WireError> {
@@ -620,6 +520,94 @@ mod tests {
         );
         let v = decode_response(ok.as_bytes()).unwrap();
         assert_eq!(status_result(v).unwrap(), Ok(Value::str("10737418240")));
+    }
+
+    fn call_with(value: &str) -> String {
+        format!("<methodCall><methodName>x</methodName><params><param>{value}</param></params></methodCall>")
+    }
+
+    /// Hostile documents: each is refused with the right kind of error,
+    /// syntax errors carry a byte position inside the input, nothing panics.
+    #[test]
+    fn hostile_inputs_by_kind() {
+        // Nesting past the limit, both as a value tree and as bare elements.
+        let deep = "<value><array><data>".repeat(MAX_DEPTH);
+        assert!(matches!(
+            decode_call(call_with(&deep).as_bytes()),
+            Err(WireError::TooDeep(MAX_DEPTH))
+        ));
+        let bare = format!("{}{}", "<a>".repeat(100_000), "</a>".repeat(100_000));
+        assert!(matches!(
+            decode_call(bare.as_bytes()),
+            Err(WireError::TooDeep(MAX_DEPTH))
+        ));
+        // Exactly at the limit is still read (then refused as not XML-RPC).
+        let ok_depth = format!("{}{}", "<a>".repeat(MAX_DEPTH), "</a>".repeat(MAX_DEPTH));
+        assert!(matches!(
+            decode_call(ok_depth.as_bytes()),
+            Err(WireError::XmlRpc(_))
+        ));
+
+        let syntax: &[(&str, &str)] = &[
+            ("unterminated root", "<methodCall><methodName>x"),
+            ("unterminated tag", "<methodCall><methodName"),
+            ("unterminated comment", "<methodCall><!-- x"),
+            ("unterminated CDATA", "<methodCall><![CDATA[x"),
+            ("mismatched end", "<methodCall></methodName>"),
+            ("unknown entity", "<methodCall>&bogus;</methodCall>"),
+            ("external entity", "<methodCall>&xxe;</methodCall>"),
+            ("unterminated entity", "<methodCall>&amp</methodCall>"),
+            ("bad char ref", "<methodCall>&#xD800;</methodCall>"),
+            ("huge char ref", "<methodCall>&#99999999999;</methodCall>"),
+            (
+                "DOCTYPE with an entity",
+                "<?xml version=\"1.0\"?><!DOCTYPE m [<!ENTITY xxe SYSTEM \"file:///etc/passwd\">]><methodCall>&xxe;</methodCall>",
+            ),
+            (
+                "billion laughs",
+                "<!DOCTYPE l [<!ENTITY a \"aaaa\"><!ENTITY b \"&a;&a;&a;&a;\">]><methodCall>&b;</methodCall>",
+            ),
+            ("DOCTYPE inside", "<methodCall><!DOCTYPE x></methodCall>"),
+            ("second root", "<methodCall/><methodCall/>"),
+            ("text after root", "<methodCall/>junk"),
+            ("text before root", "junk<methodCall/>"),
+            ("no root", "<?xml version=\"1.0\"?>"),
+            ("empty", ""),
+        ];
+        for (what, body) in syntax {
+            match decode_call(body.as_bytes()) {
+                Err(WireError::Xml { at, reason }) => {
+                    assert!(at <= body.len(), "{what}: position {at} past the end");
+                    assert!(!reason.is_empty(), "{what}");
+                }
+                other => panic!("{what}: expected an XML error, got {other:?}"),
+            }
+        }
+        match decode_call(b"<!DOCTYPE m [<!ENTITY a 'b'>]><methodCall/>") {
+            Err(WireError::Xml { reason, .. }) => assert!(reason.contains("DTD"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // Not UTF-8: the position is the first bad byte.
+        assert!(matches!(
+            decode_call(b"<methodCall>\xff</methodCall>"),
+            Err(WireError::Xml { at: 12, .. })
+        ));
+
+        // A huge attribute is skipped, not choked on.
+        let attr = format!(
+            "<methodCall a=\"{}\"><methodName>m</methodName><params/></methodCall>",
+            "x".repeat(4 << 20)
+        );
+        assert_eq!(
+            decode_call(attr.as_bytes()).unwrap(),
+            ("m".to_string(), vec![])
+        );
+        // Predefined entities and character references still decode.
+        let (_, p) = decode_call(
+            call_with("<value>&lt;&gt;&amp;&quot;&apos;&#65;&#x1F600;</value>").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(p, vec![Value::str("<>&\"'A\u{1F600}")]);
     }
 
     fn value() -> impl proptest::strategy::Strategy<Value = Value> {

@@ -552,6 +552,11 @@ pub fn run(
                         .iter()
                         .map(|c| c.stored_length() as u64)
                         .sum::<u64>();
+                    // Test hook: between the catalog lookups and the pack
+                    // writes (two backups that overlap here both store a
+                    // block).
+                    #[cfg(debug_assertions)]
+                    crate::repo::test_delay("backup_deduped");
                     if write_tx.send(compressed).is_err() {
                         // The writer stopped; its error is reported below.
                         return Ok(());
