@@ -1048,3 +1048,41 @@ fn xen_refused_call_cause_is_said_once() {
     // Joined, the causes are the message.
     assert_eq!(causes.join(": "), message);
 }
+
+/// A host that serves one NBD connection at a time: the backup goes on
+/// with the one that opened and says so once, in one line.
+#[test]
+fn xen_fewer_nbd_connections_than_asked_continue_and_say_so() {
+    let sim = Simulator::start(xapi_sim::SimOptions {
+        password: PASSWORD.into(),
+        data_destroy_wait: std::time::Duration::from_millis(500),
+        nbd_max_connections: 1,
+        ..xapi_sim::SimOptions::default()
+    })
+    .expect("start the simulator");
+    let size = 4 * MIB;
+    let vm = sim.create_vm_with_disks("vm", &[size]).unwrap();
+    let vdi = vm.disks[0].vdi_uuid.clone();
+    fill(&sim, &vdi, size, 3);
+    let repo = TestRepo::new();
+    let src = source(&sim, "vdi", &vdi);
+    let started = std::time::Instant::now();
+    let r = backup(&repo, &sim, &src, &["--nbd-connections", "4"]).ok();
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "stalled"
+    );
+    let said: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("of 4 NBD connections open"))
+        .collect();
+    assert_eq!(said.len(), 1, "{}", r.stderr);
+    assert!(said[0].contains("1 of 4"), "{}", said[0]);
+    let id = disks(&r.json())[0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let host = Host::login(&sim, PASSWORD);
+    assert!(restore_bytes(&repo, &id) == host.disk(&vdi, size));
+}

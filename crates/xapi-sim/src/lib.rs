@@ -131,6 +131,9 @@ pub struct SimOptions {
     pub legacy_host: bool,
     /// How long `VDI.data_destroy` waits for VBDs to go (xapi: 4 s).
     pub data_destroy_wait: Duration,
+    /// NBD connections served at once; more are closed at once, as
+    /// xapi-nbd does when busy (default 16).
+    pub nbd_max_connections: usize,
 }
 
 impl Default for SimOptions {
@@ -145,6 +148,7 @@ impl Default for SimOptions {
             advertise_address: None,
             legacy_host: false,
             data_destroy_wait: Duration::from_secs(4),
+            nbd_max_connections: 16,
         }
     }
 }
@@ -384,7 +388,7 @@ impl Simulator {
         let nbd_options = ServerOptions {
             tls: Some(tls),
             mode: Mode::XapiLike,
-            max_connections: 16,
+            max_connections: options.nbd_max_connections,
             ..ServerOptions::default()
         };
         let mut nbd_stop = stop_rx;

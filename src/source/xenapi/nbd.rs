@@ -110,6 +110,29 @@ impl NbdSet {
         self.pools.iter().map(|p| p.connection_count()).sum()
     }
 
+    /// Why fewer connections than `asked` are open, when that is so: one
+    /// line, for the user (the backup goes on with those that opened).
+    pub fn fewer_connections(&self, asked: usize) -> Option<String> {
+        let open = self.connection_count();
+        let asked = asked.clamp(1, HOST_CONNECTION_LIMIT);
+        if open >= asked {
+            return None;
+        }
+        let why: Vec<&str> = self
+            .pools
+            .iter()
+            .filter_map(|p| p.fewer_connections())
+            .collect();
+        Some(format!(
+            "{open} of {asked} NBD connections open{}; continuing with {open}",
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", why.join("; "))
+            }
+        ))
+    }
+
     /// Disconnects every connection (NBD_CMD_DISC), so that the host
     /// detaches the VDI from dom0 before VM.destroy / data_destroy.
     pub fn close(mut self) {

@@ -1270,6 +1270,9 @@ fn read_and_commit<C: Committer>(
             vdi: uuid.clone(),
             source,
         })?;
+        if let Some(why) = set.fewer_connections(options.nbd_connections) {
+            committer.warn(format!("VDI {uuid}: {why}"));
+        }
         Box::new(set)
     };
     d.changes = Some(changes.clone());
