@@ -48,18 +48,12 @@ pub fn write_line<T: Serialize + ?Sized>(
     command: Option<&str>,
     body: &T,
 ) {
-    let envelope = Envelope {
-        message_type,
-        command,
-        body,
-    };
     // Serialize to a buffer first so a line is written whole (status lines
     // come from several threads).
-    if let Ok(mut line) = serde_json::to_vec(&envelope) {
-        line.push(b'\n');
-        let _ = out.write_all(&line);
-        let _ = out.flush();
-    }
+    let mut line = Vec::new();
+    write_line_unflushed(&mut line, message_type, command, body);
+    let _ = out.write_all(&line);
+    let _ = out.flush();
 }
 
 /// [`write_line`] without the flush, for many lines into a buffer.

@@ -19,6 +19,38 @@ use cbtvault::backend::{Backend, Kind, LocalBackend};
 
 use crate::util::*;
 
+/// Starts `command(port)` on a free loopback port under a watchdog shell
+/// that stops it once this test process is gone; waits until it listens.
+fn launch(command: impl Fn(u16) -> String, what: &str) -> (u16, Child) {
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").expect("a free port");
+        l.local_addr().unwrap().port()
+    };
+    let script = format!(
+        "{} >/dev/null 2>&1 & m=$!; \
+         while kill -0 {parent} 2>/dev/null && kill -0 $m 2>/dev/null; do sleep 0.5; done; kill $m 2>/dev/null",
+        command(port),
+        parent = std::process::id()
+    );
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start sh");
+    let started = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{what} did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (port, child)
+}
+
 /// A moto S3 server on a free loopback port, stopped when the test
 /// process ends (a watchdog shell kills it once its parent is gone).
 pub struct S3Server {
@@ -35,31 +67,10 @@ impl S3Server {
 
     /// A server of its own (for tests that stop it).
     pub fn start() -> S3Server {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            l.local_addr().unwrap().port()
-        };
-        let script = format!(
-            "moto_server -H 127.0.0.1 -p {port} >/dev/null 2>&1 & m=$!; \
-             while kill -0 {parent} 2>/dev/null && kill -0 $m 2>/dev/null; do sleep 0.5; done; kill $m 2>/dev/null",
-            parent = std::process::id()
+        let (port, child) = launch(
+            |port| format!("moto_server -H 127.0.0.1 -p {port}"),
+            "moto_server: install it with pip install 'moto[server]' (.ci/run does)",
         );
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sh");
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "moto_server did not start on port {port}: install it with pip install 'moto[server]' (.ci/run does)"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
         S3Server {
             endpoint: format!("http://127.0.0.1:{port}"),
             _child: child,
@@ -709,32 +720,15 @@ const S3S_SECRET: &str = "cbtvault-secret-0123456789";
 impl S3sFs {
     fn start() -> S3sFs {
         let dir = tempfile::tempdir().unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
-            l.local_addr().unwrap().port()
-        };
-        let script = format!(
-            "s3s-fs --host 127.0.0.1 --port {port} --access-key {S3S_KEY} --secret-key {S3S_SECRET} '{}' >/dev/null 2>&1 & m=$!; \
-             while kill -0 {parent} 2>/dev/null && kill -0 $m 2>/dev/null; do sleep 0.5; done; kill $m 2>/dev/null",
-            dir.path().display(),
-            parent = std::process::id()
+        let root = dir.path().display().to_string();
+        let (port, child) = launch(
+            |port| {
+                format!(
+                    "s3s-fs --host 127.0.0.1 --port {port} --access-key {S3S_KEY} --secret-key {S3S_SECRET} '{root}'"
+                )
+            },
+            "s3s-fs: install it with cargo install s3s-fs@0.14.1 --features binary --locked (.ci/run does)",
         );
-        let child = Command::new("sh")
-            .arg("-c")
-            .arg(&script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start sh");
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "s3s-fs did not start on port {port}: install it with cargo install s3s-fs@0.14.1 --features binary --locked (.ci/run does)"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
         S3sFs {
             endpoint: format!("http://127.0.0.1:{port}"),
             _dir: dir,
