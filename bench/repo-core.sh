@@ -38,6 +38,7 @@ MARKER=.repo-core-bench
 
 die() { echo "repo-core: error: $*" >&2; exit 1; }
 log() { echo "== $*" >&2; }
+BENCH_NAME=repo-core
 
 [[ $SIZE_MIB =~ ^[0-9]+$ && $SIZE_MIB -ge 1 ]] || die "BENCH_SIZE_MIB must be a positive integer"
 [[ $ZEROS == hole || $ZEROS == data ]] || die "BENCH_ZEROS must be hole or data"
@@ -75,6 +76,8 @@ RREPO=$WORK/restic-repo
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"
 put() { printf '%s\t%s\n' "$1" "$2" >>"$RESULTS"; }
+# shellcheck source=bench/common.sh
+. "$ROOT/bench/common.sh"
 
 # ---------------------------------------------------------------- build / tools
 if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
@@ -86,54 +89,7 @@ fi
 cp "$CBT" "$WORK/cbtvault"
 CBT=$WORK/cbtvault
 
-RESTIC_VER=null
-if [[ $SKIP_RESTIC != 1 ]]; then
-  if ! command -v restic >/dev/null; then
-    log "restic missing: apt-get install -y restic"
-    apt-get install -y -qq restic >/dev/null 2>&1 ||
-      { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq restic >/dev/null 2>&1; } || true
-  fi
-  if command -v restic >/dev/null; then
-    RESTIC_VER=$(restic version | awk '{print $2; exit}')
-  else
-    echo "repo-core: warning: restic could not be installed; its columns will be empty" >&2
-    SKIP_RESTIC=1
-  fi
-fi
-
-# Page cache: dropped before every timed step (all tools alike) if we may.
-CACHES=warm
-if [[ $DROP == 1 ]] && sync && (echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then
-  CACHES=dropped
-fi
-drop_caches() {
-  sync
-  if [[ $CACHES == dropped ]]; then echo 3 >/proc/sys/vm/drop_caches; fi
-}
-
-# timed NAME CMD...: drop caches, run CMD under /usr/bin/time -v (stdout -> out-NAME,
-# stderr -> err-NAME), then `sync`. Wall time includes the sync (data on disk).
-# Records NAME.wall_s, NAME.rss_kib, NAME.user_s, NAME.sys_s.
-timed() {
-  local name=$1; shift
-  drop_caches
-  local t0 t1
-  t0=$(date +%s%N)
-  if ! /usr/bin/time -v -o "$WORK/time-$name.txt" "$@" >"$WORK/out-$name.txt" 2>"$WORK/err-$name.txt"; then
-    echo "repo-core: step '$name' failed: $*" >&2
-    tail -n 30 "$WORK/err-$name.txt" >&2 || true
-    exit 1
-  fi
-  sync
-  t1=$(date +%s%N)
-  put "$name.wall_s" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.3f", (b-a)/1e9}')"
-  put "$name.rss_kib" "$(awk -F': ' '/Maximum resident set size/{print $2}' "$WORK/time-$name.txt")"
-  put "$name.user_s" "$(awk -F': ' '/User time/{print $2}' "$WORK/time-$name.txt")"
-  put "$name.sys_s" "$(awk -F': ' '/System time/{print $2}' "$WORK/time-$name.txt")"
-}
-dusize() { du -sb "$1" | awk '{print $1}'; }
-# last JSON object printed on a step's stdout
-lastjson() { grep '^{' "$WORK/out-$1.txt" | tail -n 1; }
+if [[ $SKIP_RESTIC != 1 ]]; then ensure_restic; else RESTIC_VER=null; fi
 
 put size_mib "$SIZE_MIB"
 put zeros "$ZEROS"
@@ -142,42 +98,12 @@ put hash "$HASH"
 put restic_version "$RESTIC_VER"
 put cbtvault_version "$("$CBT" --version | awk '{print $2}')"
 put change_pct "$CHANGE_PCT"
-put git_rev "$(cd "$ROOT" && { git rev-parse --short HEAD 2>/dev/null || echo unknown; })$(cd "$ROOT" && git diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || echo -dirty)"
+put git_rev "$(git_rev)"
 put loadavg_start "$(cut -d' ' -f1 /proc/loadavg)"
 
 # ---------------------------------------------------------------- 1. image
 log "generating ${SIZE_MIB} MiB image (64 KiB blocks, i%5<3 random, else zero as $ZEROS)"
-python3 - "$IMG" "$SIZE_MIB" "$ZEROS" "$SEED" <<'PY'
-import os, subprocess, sys
-path, size_mib, zeros, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-BS = 65536
-n = size_mib * 1024 * 1024 // BS
-# Deterministic, incompressible stream: AES-128-CTR keystream over /dev/zero.
-p = subprocess.Popen(["openssl", "enc", "-aes-128-ctr", "-nosalt", "-pbkdf2",
-                      "-pass", "pass:repo-core-" + seed, "-in", "/dev/zero"],
-                     stdout=subprocess.PIPE, bufsize=1 << 20)
-fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-zero = bytes(BS)
-i = 0
-while i < n:
-    if i % 5 < 3:
-        k = min(3 - i % 5, n - i)            # run of random blocks
-        buf = p.stdout.read(k * BS)
-        assert len(buf) == k * BS
-        os.write(fd, buf)
-        i += k
-    else:
-        k = min(5 - i % 5, n - i)            # run of zero blocks
-        if zeros == "data":
-            os.write(fd, zero * k)
-        else:
-            os.lseek(fd, k * BS, os.SEEK_CUR)
-        i += k
-os.ftruncate(fd, n * BS)
-os.close(fd)
-p.kill(); p.wait()
-PY
-sync
+gen_image "$IMG" "$SIZE_MIB" "$ZEROS" "$SEED"
 IMG_BYTES=$(stat -c %s "$IMG")
 put image_bytes "$IMG_BYTES"
 put image_alloc_bytes "$(( $(stat -c %b "$IMG") * $(stat -c %B "$IMG") ))"
@@ -211,26 +137,7 @@ fi
 
 # ---------------------------------------------------------------- 3. modify + CBT bitmap
 log "rewriting ${CHANGE_PCT}% of the blocks with random data, writing the CBT bitmap"
-CHANGED=$(python3 - "$IMG" "$WORK/changed.b64" "$CHANGE_PCT" "$SEED" <<'PY'
-import base64, os, random, sys
-path, bmp, pct, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-BS = 65536
-n = os.stat(path).st_size // BS
-k = max(1, round(n * pct / 100))
-idx = sorted(random.Random("changes-" + seed).sample(range(n), k))
-fd = os.open(path, os.O_WRONLY)
-bitmap = bytearray((n + 7) // 8)
-for i in idx:
-    data = os.urandom(BS)
-    os.pwrite(fd, data, i * BS)
-    bitmap[i // 8] |= 0x80 >> (i % 8)
-os.close(fd)
-with open(bmp, "w") as f:
-    f.write(base64.b64encode(bytes(bitmap)).decode())
-print(k)
-PY
-)
-sync
+CHANGED=$(change_blocks "$IMG" "$WORK/changed.b64" "$CHANGE_PCT" "$SEED")
 put changed_blocks "$CHANGED"
 put changed_bytes "$(( CHANGED * BS ))"
 
