@@ -447,23 +447,16 @@ pub fn run(
             report.warn(what, "not an index object name; ignored".into());
             continue;
         };
-        let bytes = match backend.load(Kind::Index, &hex) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if ObjectName::of(&bytes) != name {
-            report.warn(
-                what,
-                "content does not match its name; readers ignore it and read the packs' trailers (it may be deleted)"
-                    .into(),
-            );
-            continue;
-        }
-        let packs = match crate::format::index::decode(&bytes, repo.config().block_size) {
-            Ok(p) => p,
-            Err(e) => {
-                report.warn(what, format!("undecodable ({e}); readers ignore it and read the packs' trailers (it may be deleted)"));
+        let packs = match repo.load_index(&name)? {
+            None => continue,
+            Some(Ok(p)) => p,
+            Some(Err(why)) => {
+                report.warn(
+                    what,
+                    format!(
+                        "{why}; readers ignore it and read the packs' trailers (it may be deleted)"
+                    ),
+                );
                 continue;
             }
         };

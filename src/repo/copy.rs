@@ -10,7 +10,7 @@
 //! destination's catalog (or found there by the next lock's
 //! reconciliation), so a rerun sends only what did not arrive.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,11 +21,8 @@ use super::{RepoError, Repository};
 use crate::format::index::IndexedPack;
 use crate::format::snapshot::{BlockRef, SnapshotObject, COPIED_FROM};
 use crate::format::{BlockId, SnapshotId};
-use crate::pack::{self, CompressedBlock, PackWriter, SharedBytes, Stored};
+use crate::pack::{self, CompressedBlock, PackWriter, SharedBytes};
 use crate::progress::Progress;
-
-/// Entries collected before they are written as an index object.
-const INDEX_FLUSH_ENTRIES: usize = 1 << 16;
 
 /// What `copy` did.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -219,19 +216,19 @@ fn copy_one(
     Ok(())
 }
 
-/// A verified block ready for a pack: stored raw when it looks
-/// incompressible, else compressed (and checked to decompress back).
+/// A verified block ready for a pack (stored raw when it looks
+/// incompressible, else compressed and checked), as a backup prepares it.
 fn prepare(raw: Vec<u8>, id: BlockId, level: i32) -> Result<CompressedBlock, RepoError> {
-    if pack::looks_incompressible(&raw) {
-        let len = raw.len();
-        let shared: SharedBytes = Arc::new(raw);
-        return Ok(CompressedBlock {
-            id,
-            raw_length: len as u32,
-            stored: Stored::Raw(shared, 0..len),
-        });
-    }
-    Ok(pack::compress_block(&raw, id, level)?)
+    let incompressible = pack::looks_incompressible(&raw);
+    let len = raw.len();
+    let shared: SharedBytes = Arc::new(raw);
+    Ok(pack::prepare_block(
+        &shared,
+        0..len,
+        id,
+        level,
+        incompressible,
+    )?)
 }
 
 /// Makes a pack durable in `to`, then adds its catalog rows; its size.
@@ -257,7 +254,7 @@ fn flush(
         size_bytes: done.size_bytes,
         entries: done.entries,
     });
-    if indexed.iter().map(|p| p.entries.len()).sum::<usize>() >= INDEX_FLUSH_ENTRIES {
+    if indexed.iter().map(|p| p.entries.len()).sum::<usize>() >= super::INDEX_FLUSH_ENTRIES {
         to.write_index(std::mem::take(indexed))?;
     }
     Ok(size)
@@ -274,10 +271,10 @@ pub fn select(
         return Ok(from.snapshots()?.iter().map(|s| s.meta.id).collect());
     }
     let mut out = Vec::new();
-    let mut seen = HashMap::new();
+    let mut seen = HashSet::new();
     for q in queries {
         let e = from.find_snapshot(q)?;
-        if seen.insert(e.meta.id, ()).is_none() {
+        if seen.insert(e.meta.id) {
             out.push(e.meta.id);
         }
     }

@@ -38,6 +38,11 @@ pub use lock::{LockError, LockGuard};
 
 pub const CATALOG_FILE: &str = "catalog.sqlite";
 
+/// Entries a writer (backup, copy) collects before it writes them as an
+/// index object: about 3 MiB, so memory stays bounded whatever the disk's
+/// size (spec: format-spec/08-index.md#writing).
+pub(crate) const INDEX_FLUSH_ENTRIES: usize = 1 << 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
     #[error(
@@ -1168,6 +1173,26 @@ impl Repository {
     }
 
     /// Writes a snapshot object (after its blocks are durable) and records it.
+    /// Loads index object `name`: None when it is gone, else its packs or
+    /// why it cannot be used (content not matching its name, undecodable).
+    pub fn load_index(
+        &self,
+        name: &ObjectName,
+    ) -> Result<Option<Result<Vec<crate::format::index::IndexedPack>, String>>, RepoError> {
+        let bytes = match self.backend.load(Kind::Index, &name.to_hex()) {
+            Ok(b) => b,
+            Err(e) if e.is_not_found() => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if ObjectName::of(&bytes) != *name {
+            return Ok(Some(Err("content does not match its name".into())));
+        }
+        Ok(Some(
+            crate::format::index::decode(&bytes, self.config.block_size)
+                .map_err(|e| format!("undecodable ({e})")),
+        ))
+    }
+
     /// Writes index objects listing `packs`, which are durable
     /// (spec: format-spec/08-index.md, 06-ordering.md#backup): each
     /// encoded, checked as a reader would decode it, named by its hash.

@@ -542,15 +542,7 @@ fn prune_index_objects(repo: &Repository) -> Result<u64, RepoError> {
         let Ok(name) = hex.parse::<ObjectName>() else {
             continue;
         };
-        let bytes = match repo.backend().load(Kind::Index, &hex) {
-            Ok(b) => b,
-            Err(e) if e.is_not_found() => continue,
-            Err(e) => return Err(e.into()),
-        };
-        if ObjectName::of(&bytes) != name {
-            continue;
-        }
-        let Ok(packs) = crate::format::index::decode(&bytes, repo.config().block_size) else {
+        let Some(Ok(packs)) = repo.load_index(&name)? else {
             continue;
         };
         if packs.iter().all(|p| present.contains(&p.name)) {

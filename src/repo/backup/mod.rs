@@ -219,10 +219,6 @@ const SPARE_CHUNKS: usize = PACK_SAVERS * (SAVER_QUEUE + 1) + 1;
 /// Chunks queued for each saver.
 const SAVER_QUEUE: usize = 2;
 
-/// Entries a saver collects before it writes them as an index object
-/// (about 3 MiB; a 1 TiB full backup writes some 250).
-const INDEX_FLUSH_ENTRIES: usize = 1 << 16;
-
 struct WriterStats {
     packs: u64,
     /// The packs written, for the backup's index object.
@@ -280,7 +276,9 @@ fn saver(
                 });
                 // Memory stays bounded whatever the disk's size: the packs
                 // listed so far go out as an index object of their own.
-                if packs.iter().map(|p| p.entries.len()).sum::<usize>() >= INDEX_FLUSH_ENTRIES {
+                if packs.iter().map(|p| p.entries.len()).sum::<usize>()
+                    >= crate::repo::INDEX_FLUSH_ENTRIES
+                {
                     repo.write_index(std::mem::take(&mut packs))?;
                 }
                 let _ = spare.try_send(done.tail.into_buffer());
