@@ -70,11 +70,19 @@ pub fn encode(packs: &[IndexedPack]) -> Vec<u8> {
 
 /// Splits `packs` into lists each small enough for one index object.
 pub fn split(packs: Vec<IndexedPack>) -> Vec<Vec<IndexedPack>> {
+    split_at(packs, MAX_INDEX_ENTRIES)
+}
+
+/// Splits `packs` into lists of at most `max_entries` entries each (a pack
+/// with more is a list of its own; `max_entries` at most
+/// [`MAX_INDEX_ENTRIES`]).
+pub fn split_at(packs: Vec<IndexedPack>, max_entries: usize) -> Vec<Vec<IndexedPack>> {
+    let max_entries = max_entries.min(MAX_INDEX_ENTRIES);
     let mut out: Vec<Vec<IndexedPack>> = Vec::new();
     let mut current = Vec::new();
     let mut entries = 0;
     for p in packs {
-        if entries + p.entries.len() > MAX_INDEX_ENTRIES && !current.is_empty() {
+        if entries + p.entries.len() > max_entries && !current.is_empty() {
             out.push(std::mem::take(&mut current));
             entries = 0;
         }
@@ -280,5 +288,14 @@ mod tests {
         let packs: Vec<IndexedPack> = (0..5).map(|i| pack(i, &[10])).collect();
         assert_eq!(split(packs.clone()).len(), 1);
         assert_eq!(split(Vec::new()).len(), 0);
+        // Two entries per object at most; a pack with more stands alone.
+        let mut packs: Vec<IndexedPack> = (0..5).map(|i| pack(i, &[10])).collect();
+        packs.insert(2, pack(9, &[10, 10, 10]));
+        let parts = split_at(packs, 2);
+        let sizes: Vec<Vec<usize>> = parts
+            .iter()
+            .map(|p| p.iter().map(|x| x.entries.len()).collect())
+            .collect();
+        assert_eq!(sizes, vec![vec![1, 1], vec![3], vec![1, 1], vec![1]]);
     }
 }

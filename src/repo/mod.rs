@@ -1200,8 +1200,20 @@ impl Repository {
         &self,
         packs: Vec<crate::format::index::IndexedPack>,
     ) -> Result<(), RepoError> {
+        self.write_index_split(packs, crate::format::index::MAX_INDEX_ENTRIES)
+            .map(|_| ())
+    }
+
+    /// [`Self::write_index`] with objects of at most `max_entries`
+    /// entries; returns the names of the objects it wrote.
+    pub(crate) fn write_index_split(
+        &self,
+        packs: Vec<crate::format::index::IndexedPack>,
+        max_entries: usize,
+    ) -> Result<Vec<ObjectName>, RepoError> {
         use crate::format::index;
-        for part in index::split(packs) {
+        let mut written = Vec::new();
+        for part in index::split_at(packs, max_entries) {
             let bytes = index::encode(&part);
             index::decode(&bytes, self.config.block_size).map_err(|e| {
                 RepoError::Invalid(format!("index object about to be written: {e}"))
@@ -1209,8 +1221,9 @@ impl Repository {
             let name = ObjectName::of(&bytes);
             self.ensure_lock_held()?;
             self.backend.save(Kind::Index, &name.to_hex(), &bytes)?;
+            written.push(name);
         }
-        Ok(())
+        Ok(written)
     }
 
     pub fn commit_snapshot(&self, obj: &SnapshotObject) -> Result<ObjectName, RepoError> {

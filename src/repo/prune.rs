@@ -8,14 +8,14 @@
 //!
 //! spec: format-spec/06-ordering.md#prune, format-spec/05-locks.md
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use serde::Serialize;
 
 use super::read::BlockReader;
 use super::repair::{clean_tmp, TMP_MIN_AGE};
-use super::{RepoError, Repository};
+use super::{RepoError, Repository, INDEX_FLUSH_ENTRIES};
 use crate::backend::Kind;
 use crate::format::snapshot::BlockRef;
 use crate::format::{BlockId, ObjectName};
@@ -197,8 +197,11 @@ pub struct PruneReport {
     #[serde(rename = "unused_remaining_bytes")]
     pub bytes_unused_remaining: u64,
     pub tmp_files_removed: u64,
-    /// Index objects replaced because they named removed packs.
+    /// Index objects replaced: they named removed packs, or were small
+    /// and merged with others (spec: 08-index.md#writing).
     pub index_objects_rewritten: u64,
+    /// Consolidated index objects written in their place.
+    pub index_objects_written: u64,
     pub damaged: Vec<DamagedBlob>,
     /// Packs left as they are because their trailer cannot be read.
     pub unreadable_packs: Vec<String>,
@@ -487,8 +490,9 @@ fn prune_marked(
     for &k in &gone {
         repo.catalog().forget_damage_of_pack(&usage[k].name)?;
     }
-    // 5. Index objects naming removed packs (spec: 08-index.md#prune).
-    report.index_objects_rewritten = prune_index_objects(repo)?;
+    // 5. Index objects naming removed packs, and small ones, consolidated
+    // (spec: 08-index.md#writing).
+    (report.index_objects_rewritten, report.index_objects_written) = prune_index_objects(repo)?;
     report.packs_deleted = plan.delete.len() as u64;
     report.packs_repacked = repacked.len() as u64;
     report.packs_written = written.len() as u64;
@@ -529,38 +533,81 @@ fn mark(repo: &Repository) -> Result<u64, RepoError> {
 /// the packs still present go into a new index object first, then the old
 /// one is removed (nothing is written when none is left). A damaged index
 /// object is left for `check` to report. Returns how many were replaced.
-fn prune_index_objects(repo: &Repository) -> Result<u64, RepoError> {
-    let present: HashSet<ObjectName> = repo
+/// Index objects with fewer entries than this are merged by prune.
+const INDEX_SMALL_ENTRIES: usize = INDEX_FLUSH_ENTRIES / 2;
+
+fn prune_index_objects(repo: &Repository) -> Result<(u64, u64), RepoError> {
+    use crate::format::index::IndexedPack;
+    let present: HashMap<ObjectName, u64> = repo
         .backend()
         .list(Kind::Pack)?
         .into_iter()
-        .filter_map(|(n, _)| n.parse().ok())
+        .filter_map(|(n, size)| n.parse().ok().map(|n| (n, size)))
         .collect();
-    let mut replaced = 0;
+    // The objects to merge, and the packs they name that remain (each
+    // once), written out whenever a full object's worth has gathered so
+    // memory stays bounded by one object.
+    let mut old: Vec<String> = Vec::new();
+    let mut stale = false;
+    let mut merged: Vec<IndexedPack> = Vec::new();
+    let mut merged_entries = 0;
+    let mut taken: HashSet<ObjectName> = HashSet::new();
+    let mut written: Vec<ObjectName> = Vec::new();
     for (hex, _) in repo.backend().list(Kind::Index)? {
         crate::interrupt::check()?;
         let Ok(name) = hex.parse::<ObjectName>() else {
             continue;
         };
+        // Missing since the listing, or damaged: left alone.
         let Some(Ok(packs)) = repo.load_index(&name)? else {
             continue;
         };
-        if packs.iter().all(|p| present.contains(&p.name)) {
+        let names_removed = packs
+            .iter()
+            .any(|p| present.get(&p.name) != Some(&p.size_bytes));
+        let entries: usize = packs.iter().map(|p| p.entries.len()).sum();
+        if !names_removed && entries >= INDEX_SMALL_ENTRIES {
             continue;
         }
-        let kept: Vec<_> = packs
-            .into_iter()
-            .filter(|p| present.contains(&p.name))
-            .collect();
-        repo.write_index(kept)?;
+        stale |= names_removed;
+        old.push(hex);
+        for p in packs {
+            if present.get(&p.name) == Some(&p.size_bytes) && taken.insert(p.name) {
+                merged_entries += p.entries.len();
+                merged.push(p);
+            }
+        }
+        // Only merges write this early: a lone small object never reaches
+        // a full object's worth of entries.
+        if merged_entries >= INDEX_FLUSH_ENTRIES {
+            let part = std::mem::take(&mut merged);
+            merged_entries = 0;
+            written.extend(repo.write_index_split(part, INDEX_FLUSH_ENTRIES)?);
+        }
+    }
+    // One small object naming no removed pack gains nothing by a rewrite.
+    if old.is_empty() || (old.len() == 1 && !stale) {
+        return Ok((0, 0));
+    }
+    if !merged.is_empty() {
+        written.extend(repo.write_index_split(merged, INDEX_FLUSH_ENTRIES)?);
+    }
+    #[cfg(debug_assertions)]
+    super::test_kill("prune_index_written");
+    let written_set: HashSet<String> = written.iter().map(|n| n.to_hex()).collect();
+    for hex in &old {
+        // Merging may reproduce an old object's exact bytes (and name).
+        if written_set.contains(hex) {
+            continue;
+        }
         repo.ensure_lock_held()?;
-        match repo.backend().remove(Kind::Index, &hex) {
+        match repo.backend().remove(Kind::Index, hex) {
             Err(e) if !e.is_not_found() => return Err(e.into()),
             _ => {}
         }
-        replaced += 1;
     }
-    Ok(replaced)
+    let replaced = old.iter().filter(|h| !written_set.contains(*h)).count();
+    Ok((replaced as u64, written.len() as u64))
 }
 
 /// Makes one new pack durable; returns its name and size.

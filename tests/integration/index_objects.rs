@@ -121,3 +121,59 @@ fn check_reports_a_damaged_index_object_as_a_warning() {
     assert!(text.contains("does not match its name"), "{report}");
     t.assert_restores(&id, img.hash(), img.size());
 }
+
+#[test]
+fn prune_merges_many_small_index_objects_into_one_even_across_a_crash() {
+    let server = S3Server::shared();
+    let url = server.fresh_url("idxmerge");
+    let t = TestRepo::at(&url, server.env(), &["--pack-size-mib", "1"]);
+    let b = server.backend_at(&url);
+    let img = Image::create(&t.path("disk.img"), 16 * BS);
+    let mut ids = Vec::new();
+    for round in 0..8u64 {
+        for i in 0..16 {
+            if round == 0 || i % 4 == round % 4 {
+                img.write_block(i, &random_block(200 + round, i));
+            }
+        }
+        ids.push(TestRepo::id_of(&t.backup(&img.path, &[])));
+    }
+    let before = b.list(Kind::Index).unwrap().len();
+    assert_eq!(before, 8, "one index object per backup");
+    // Killed after the merged object is written, before the old ones go:
+    // both are there, and everything still reads.
+    let r = t.run_env(
+        &[&"prune"],
+        &[("CBTVAULT_TEST_KILL", "prune_index_written:1")],
+    );
+    assert_eq!(r.code, -1, "prune was not killed: {}", r.stderr);
+    assert_eq!(b.list(Kind::Index).unwrap().len(), before + 1);
+    assert_eq!(indexed_packs(&b), packs(&b));
+    t.other_machine()
+        .assert_restores(&ids[7], img.hash(), img.size());
+    // The next prune finishes the merge: one object, covering every pack
+    // (the one the killed prune wrote comes out byte for byte the same, so
+    // it stays).
+    let p = t.run(&[&"--json", &"prune"]).ok().json();
+    assert_eq!(u64_of(&p, "packs_deleted"), 0, "{p}");
+    assert_eq!(u64_of(&p, "index_objects_rewritten"), before as u64, "{p}");
+    assert_eq!(u64_of(&p, "index_objects_written"), 1, "{p}");
+    assert_eq!(b.list(Kind::Index).unwrap().len(), 1);
+    assert_eq!(indexed_packs(&b), packs(&b));
+    let (c, report) = t.check(false);
+    assert_eq!(c.code, 0, "{report}");
+    // A lone small object is left as it is.
+    let p = t.run(&[&"--json", &"prune"]).ok().json();
+    assert_eq!(u64_of(&p, "index_objects_rewritten"), 0, "{p}");
+    assert_eq!(u64_of(&p, "index_objects_written"), 0, "{p}");
+    // A machine with an empty cache restores every snapshot through it.
+    let other = t.other_machine();
+    for id in [&ids[0], &ids[4], &ids[7]] {
+        let run = other.run(&[&"--json", &"snapshots"]).ok();
+        assert!(
+            String::from_utf8_lossy(&run.stdout).contains(id.as_str()),
+            "{id}"
+        );
+    }
+    other.assert_restores(&ids[7], img.hash(), img.size());
+}
