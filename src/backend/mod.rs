@@ -133,6 +133,20 @@ pub trait Backend: Send + Sync {
         false
     }
 
+    /// How many requests to keep in flight when many objects or ranges
+    /// are read or written: an object store answers each request after a
+    /// round trip, so throughput needs several at once. `None` for local
+    /// storage, which needs no more threads than the CPU has.
+    fn parallel_requests(&self) -> Option<usize> {
+        None
+    }
+
+    /// [`Backend::save`] of bytes the caller gives up: an object store
+    /// sends them without a copy (a pack is tens of MiB).
+    fn save_owned(&self, kind: Kind, name: &str, data: bytes::Bytes) -> Result<(), BackendError> {
+        self.save(kind, name, &data)
+    }
+
     /// Whole object.
     fn load(&self, kind: Kind, name: &str) -> Result<Vec<u8>, BackendError> {
         let len = self.stat(kind, name)?;
@@ -164,6 +178,11 @@ impl<B: Backend + ?Sized> NewObject for InMemoryObject<'_, B> {
     }
 
     fn commit(self: Box<Self>, name: &str) -> Result<(), BackendError> {
-        self.backend.save(self.kind, name, &self.data)
+        let InMemoryObject {
+            backend,
+            kind,
+            data,
+        } = *self;
+        backend.save_owned(kind, name, bytes::Bytes::from(data))
     }
 }

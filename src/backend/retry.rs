@@ -143,6 +143,10 @@ impl Backend for RetryBackend {
         self.run(|_| self.inner.save(kind, name, data))
     }
 
+    fn save_owned(&self, kind: Kind, name: &str, data: bytes::Bytes) -> Result<(), BackendError> {
+        self.run(|_| self.inner.save_owned(kind, name, data.clone()))
+    }
+
     fn load_into(
         &self,
         kind: Kind,
@@ -192,6 +196,10 @@ impl Backend for RetryBackend {
 
     fn buffers_new_objects(&self) -> bool {
         self.inner.buffers_new_objects()
+    }
+
+    fn parallel_requests(&self) -> Option<usize> {
+        self.inner.parallel_requests()
     }
 }
 

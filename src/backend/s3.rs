@@ -12,7 +12,6 @@
 //! permanent.
 
 use std::io::Read;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::blocking::{Client, RequestBuilder, Response};
@@ -31,6 +30,8 @@ use super::{Backend, BackendError, Kind};
 pub const MULTIPART_THRESHOLD: usize = 64 << 20;
 /// Size of each part but the last (S3's minimum is 5 MiB).
 pub const PART_SIZE: usize = 16 << 20;
+/// Requests kept in flight by default (CBTVAULT_S3_CONNECTIONS, at most 64).
+pub const CONNECTIONS: usize = 8;
 /// How long a signed request stays valid.
 const SIGNATURE_LIFETIME: Duration = Duration::from_secs(3600);
 /// Keys per LIST page (S3's maximum).
@@ -407,6 +408,8 @@ pub struct S3Options {
     /// Objects above this size are uploaded in parts of `part_size`.
     pub multipart_threshold: usize,
     pub part_size: usize,
+    /// Requests kept in flight by readers and writers of many objects.
+    pub connections: usize,
 }
 
 impl std::fmt::Debug for S3Options {
@@ -445,7 +448,7 @@ impl S3Backend {
             .https_only(options.endpoint.scheme() == "https")
             .connect_timeout(Duration::from_secs(30))
             .timeout(options.request_timeout)
-            .pool_max_idle_per_host(16)
+            .pool_max_idle_per_host(options.connections.max(16))
             .build()
             .map_err(|e| S3Error::Tls(e.to_string()))?;
         Ok(S3Backend {
@@ -523,7 +526,7 @@ impl S3Backend {
         &self,
         kind: Kind,
         name: &str,
-        data: &[u8],
+        data: bytes::Bytes,
         if_absent: bool,
     ) -> Result<(), BackendError> {
         let key = self.key(kind, name);
@@ -535,7 +538,7 @@ impl S3Backend {
             action.headers_mut().insert("if-none-match", "*");
         }
         let url = action.sign(SIGNATURE_LIFETIME);
-        let mut req = self.http.put(url).body(data.to_vec());
+        let mut req = self.http.put(url).body(data);
         if if_absent {
             req = req.header("if-none-match", "*");
         }
@@ -548,7 +551,7 @@ impl S3Backend {
         kind: Kind,
         name: &str,
         key: &str,
-        data: &[u8],
+        data: bytes::Bytes,
     ) -> Result<(), BackendError> {
         let create = CreateMultipartUpload::new(&self.bucket, self.creds(), key);
         let resp = self.send(
@@ -570,7 +573,9 @@ impl S3Backend {
         let upload_id = started.upload_id().to_string();
         let result = (|| {
             let mut etags = Vec::new();
-            for (i, part) in data.chunks(self.options.part_size).enumerate() {
+            let size = self.options.part_size.max(1);
+            for (i, start) in (0..data.len()).step_by(size).enumerate() {
+                let part = data.slice(start..(start + size).min(data.len()));
                 let number = u16::try_from(i + 1).map_err(|_| BackendError::Permanent {
                     kind,
                     name: name.to_string(),
@@ -582,9 +587,7 @@ impl S3Backend {
                     kind,
                     name,
                     "upload a part",
-                    self.http
-                        .put(action.sign(SIGNATURE_LIFETIME))
-                        .body(part.to_vec()),
+                    self.http.put(action.sign(SIGNATURE_LIFETIME)).body(part),
                 )?;
                 let etag = resp
                     .headers()
@@ -695,7 +698,7 @@ impl S3Backend {
             Err(e) if e.is_not_found() => {}
             Err(e) => return Err(e),
         }
-        match self.put(kind, name, data, true) {
+        match self.put(kind, name, bytes::Bytes::copy_from_slice(data), true) {
             Ok(()) => Ok(true),
             Err(BackendError::Permanent { error: source, .. })
                 if source.to_string().starts_with("HTTP 412") =>
@@ -745,33 +748,20 @@ fn transport(kind: Kind, name: &str, op: &'static str, e: reqwest::Error) -> Bac
 }
 
 fn tls_config(ca_pem: Option<&[u8]>) -> Result<rustls::ClientConfig, S3Error> {
-    use nbd::tls::Verifier;
     let provider = nbd::tls::provider();
-    let mut store = rustls::RootCertStore::empty();
-    match ca_pem {
+    let tls = |e: nbd::tls::TlsError| S3Error::Tls(e.to_string());
+    let verifier = match ca_pem {
         Some(pem) => {
-            let certs = nbd::tls::parse_certs(pem, "S3 CA file")
-                .map_err(|e| S3Error::Tls(e.to_string()))?;
-            let (added, _) = store.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(S3Error::Tls(
-                    "the CA file holds no certificate usable as an authority".into(),
-                ));
-            }
+            nbd::tls::authorities_from_pem(pem, "S3 CA file", provider.clone()).map_err(tls)?
         }
         None => {
+            let mut store = rustls::RootCertStore::empty();
             let _ignored =
                 store.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            nbd::tls::Verifier::authorities(store, provider.clone()).map_err(tls)?
         }
-    }
-    let verifier =
-        Verifier::authorities(store, provider.clone()).map_err(|e| S3Error::Tls(e.to_string()))?;
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| S3Error::Tls(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
+    };
+    nbd::tls::verified_client(verifier, provider).map_err(tls)
 }
 
 impl Backend for S3Backend {
@@ -787,6 +777,10 @@ impl Backend for S3Backend {
     }
 
     fn save(&self, kind: Kind, name: &str, data: &[u8]) -> Result<(), BackendError> {
+        self.put(kind, name, bytes::Bytes::copy_from_slice(data), false)
+    }
+
+    fn save_owned(&self, kind: Kind, name: &str, data: bytes::Bytes) -> Result<(), BackendError> {
         self.put(kind, name, data, false)
     }
 
@@ -955,6 +949,10 @@ impl Backend for S3Backend {
 
     fn buffers_new_objects(&self) -> bool {
         true
+    }
+
+    fn parallel_requests(&self) -> Option<usize> {
+        Some(self.options.connections)
     }
 }
 

@@ -174,6 +174,11 @@ impl Location {
             // lowers both, for tests of multipart uploads.
             multipart_threshold: part_size_override().unwrap_or(s3::MULTIPART_THRESHOLD),
             part_size: part_size_override().unwrap_or(s3::PART_SIZE),
+            connections: env("CBTVAULT_S3_CONNECTIONS")
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|&n| n > 0)
+                .unwrap_or(s3::CONNECTIONS)
+                .min(64),
         })?))
     }
 

@@ -5,8 +5,11 @@
 //! It returns a result per block, so a caller decides whether one bad block
 //! stops it; it never hands out bytes whose BLAKE3 differs from their id.
 //! It writes nothing but the catalog's damage records and healed rows,
-//! keeps no cache (the NBD export keeps its own); memory is bounded by the ranges of one call, and `stream` holds at
-//! most `CHUNKS_IN_FLIGHT` chunks of `CHUNK_BLOCKS` blocks.
+//! keeps no cache (the NBD export keeps its own); memory is bounded by the
+//! ranges of one call, and `stream` holds one step being read (one chunk
+//! of `CHUNK_BLOCKS` blocks locally, eight from object storage, whose
+//! range requests go to their own thread pool) and at most
+//! `CHUNKS_IN_FLIGHT` chunks handed on.
 //!
 //! Healing (spec: format-spec/04-catalog.md#damaged): a blob that fails
 //! verification is recorded in the catalog (`Repository::mark_damaged`),
@@ -32,10 +35,54 @@ use crate::pack::{decompress_verified, PackError};
 /// Blocks per chunk `stream` hands on, and chunks read ahead.
 pub const CHUNK_BLOCKS: usize = 64;
 const CHUNKS_IN_FLIGHT: usize = 4;
-/// Blobs closer than this in a pack are read with one request.
-const COALESCE_GAP_BYTES: u64 = 4096;
-/// Largest single range read from a pack.
-const MAX_RANGE_BYTES: u64 = 8 << 20;
+
+/// How ranges are cut and read: local storage and object storage differ.
+#[derive(Debug, Clone, Copy)]
+struct Profile {
+    /// Blobs closer than this in a pack are read with one request.
+    coalesce_gap: u64,
+    /// Largest single range read from a pack.
+    max_range: u64,
+    /// Chunks `stream` locates and reads at once (their ranges in
+    /// parallel).
+    chunks_per_step: usize,
+    /// Requests in flight (`None`: the CPU pool's threads).
+    requests: Option<usize>,
+}
+
+const LOCAL: Profile = Profile {
+    coalesce_gap: 4096,
+    max_range: 8 << 20,
+    chunks_per_step: 1,
+    requests: None,
+};
+
+/// Object storage: a request costs a round trip, so neighbours up to
+/// 256 KiB apart share one, ranges are cut at 4 MiB so a full snapshot's
+/// contiguous run still spreads over several requests, and eight chunks
+/// (32 MiB of disk) are read per step.
+fn remote(requests: usize) -> Profile {
+    Profile {
+        coalesce_gap: 256 << 10,
+        max_range: 4 << 20,
+        chunks_per_step: 8,
+        requests: Some(requests),
+    }
+}
+
+/// Threads for range requests to object storage, apart from the CPU pool
+/// that decompresses and verifies (sized by the first remote reader).
+fn io_pool(threads: usize) -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("cbtvault-io-{i}"))
+            .build()
+            .ok()
+    })
+    .as_ref()
+}
 /// Ids looked up in the catalog per query.
 const LOOKUP_BATCH: usize = 4096;
 
@@ -102,11 +149,16 @@ pub type BlockResult = Result<Vec<u8>, ReadError>;
 /// Reads blocks of one repository. Cheap to create; holds no state.
 pub struct BlockReader<'r> {
     repo: &'r Repository,
+    profile: Profile,
 }
 
 impl<'r> BlockReader<'r> {
     pub fn new(repo: &'r Repository) -> Self {
-        BlockReader { repo }
+        let profile = match repo.backend().parallel_requests() {
+            Some(n) => remote(n),
+            None => LOCAL,
+        };
+        BlockReader { repo, profile }
     }
 
     /// Where each of `blocks` (index, id) is stored, in the order given.
@@ -172,8 +224,8 @@ impl<'r> BlockReader<'r> {
             if let Some((pack, start, end, members)) = ranges.last_mut() {
                 if *pack == l.pack
                     && l.offset >= *end
-                    && l.offset - *end < COALESCE_GAP_BYTES
-                    && blob_end - *start <= MAX_RANGE_BYTES
+                    && l.offset - *end < self.profile.coalesce_gap
+                    && blob_end - *start <= self.profile.max_range
                 {
                     *end = blob_end;
                     members.push(k);
@@ -185,17 +237,23 @@ impl<'r> BlockReader<'r> {
         // Ranges are read in parallel, then every blob is decompressed and
         // verified in parallel, whatever range it came from (a chunk of a
         // full snapshot is often one range).
-        let bufs: Vec<Result<Vec<u8>, String>> = ranges
-            .par_iter()
-            .map(|(pack, start, end, _)| {
-                let mut buf = vec![0u8; (end - start) as usize];
-                self.repo
-                    .backend()
-                    .load_into(Kind::Pack, &pack.to_hex(), *start, &mut buf)
-                    .map(|()| buf)
-                    .map_err(|e| e.to_string())
-            })
-            .collect();
+        let load = || -> Vec<Result<Vec<u8>, String>> {
+            ranges
+                .par_iter()
+                .map(|(pack, start, end, _)| {
+                    let mut buf = vec![0u8; (end - start) as usize];
+                    self.repo
+                        .backend()
+                        .load_into(Kind::Pack, &pack.to_hex(), *start, &mut buf)
+                        .map(|()| buf)
+                        .map_err(|e| e.to_string())
+                })
+                .collect()
+        };
+        let bufs = match self.profile.requests.and_then(io_pool) {
+            Some(pool) => pool.install(load),
+            None => load(),
+        };
         let members: Vec<(usize, usize)> = ranges
             .iter()
             .enumerate()
@@ -434,11 +492,19 @@ impl<'r> BlockReader<'r> {
                 }
             });
             let read = (|| -> Result<(), ReadError> {
-                for chunk in blocks.chunks(CHUNK_BLOCKS) {
-                    let located = self.locate(chunk)?;
+                let step = CHUNK_BLOCKS * self.profile.chunks_per_step;
+                for part in blocks.chunks(step) {
+                    let located = self.locate(part)?;
                     let results = self.read(&located);
-                    if tx.send(located.into_iter().zip(results).collect()).is_err() {
-                        return Ok(()); // the consumer stopped
+                    let mut pairs = located.into_iter().zip(results);
+                    loop {
+                        let chunk: Vec<_> = pairs.by_ref().take(CHUNK_BLOCKS).collect();
+                        if chunk.is_empty() {
+                            break;
+                        }
+                        if tx.send(chunk).is_err() {
+                            return Ok(()); // the consumer stopped
+                        }
                     }
                 }
                 Ok(())

@@ -128,6 +128,7 @@ impl S3Server {
             request_timeout: Duration::from_secs(60),
             multipart_threshold: 6 << 20,
             part_size: 5 << 20,
+            connections: s3::CONNECTIONS,
         })
         .unwrap()
     }

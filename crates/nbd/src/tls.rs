@@ -662,6 +662,38 @@ fn check_pin(
     }
 }
 
+/// Trusts chains to the authorities in a PEM blob (`what` names it); a
+/// blob without one certificate usable as an authority is an error, never
+/// an empty (refuse-all) or system store.
+pub fn authorities_from_pem(
+    pem: &[u8],
+    what: &str,
+    provider: Arc<CryptoProvider>,
+) -> Result<Verifier, TlsError> {
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(parse_certs(pem, what)?);
+    if added == 0 {
+        return Err(TlsError::BadCertificate {
+            what: what.into(),
+            reason: "no certificate in it can be used as an authority".into(),
+        });
+    }
+    Verifier::authorities(roots, provider)
+}
+
+/// A client configuration that verifies servers with `verifier` and
+/// presents no certificate (HTTPS clients: XenAPI, S3).
+pub fn verified_client(
+    verifier: Verifier,
+    provider: Arc<CryptoProvider>,
+) -> Result<ClientConfig, TlsError> {
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
+}
+
 /// A verified client configuration and the name to present.
 pub fn client_config(
     opts: &TlsOptions,

@@ -210,12 +210,17 @@ impl Iterator for InOrder {
 /// Packs being written at once: one can be made durable (fsync, rename,
 /// catalog rows) while the next one fills.
 const PACK_SAVERS: usize = 2;
+/// On object storage, where a pack is held in memory and uploaded whole
+/// at its commit, up to this many (bounded parallel uploads).
+const PACK_SAVERS_REMOTE: usize = 4;
 /// A pack goes to its file in chunks of this size while it fills, so the
 /// disk works alongside the network and only a chunk per pack is in memory.
 const PACK_CHUNK: usize = 4 << 20;
 /// Chunk buffers kept for reuse: in the savers' queues, in their hands,
 /// and the one being filled.
-const SPARE_CHUNKS: usize = PACK_SAVERS * (SAVER_QUEUE + 1) + 1;
+fn spare_chunks(savers: usize) -> usize {
+    savers * (SAVER_QUEUE + 1) + 1
+}
 /// Chunks queued for each saver.
 const SAVER_QUEUE: usize = 2;
 
@@ -297,7 +302,11 @@ fn writer(
     let catalog = std::sync::Mutex::new(repo.open_catalog()?);
     let catalog = &catalog;
     // Chunk buffers come back from the savers once written.
-    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(SPARE_CHUNKS);
+    let saver_count = repo
+        .backend()
+        .parallel_requests()
+        .map_or(PACK_SAVERS, |n| n.clamp(PACK_SAVERS, PACK_SAVERS_REMOTE));
+    let (spare_tx, spare_rx) = bounded::<Vec<u8>>(spare_chunks(saver_count));
     let fresh = || spare_rx.try_recv().unwrap_or_default();
     // Room for a chunk and one more frame of the largest block, so the
     // staging buffer never moves (and loses its alignment) mid-chunk.
@@ -305,9 +314,9 @@ fn writer(
         PACK_CHUNK + crate::format::pack::max_stored_length(repo.config().block_size) as usize;
     let next_pack = || PackWriter::with_room(target, fresh(), room);
     std::thread::scope(|s| {
-        let mut to_savers = Vec::with_capacity(PACK_SAVERS);
-        let mut savers = Vec::with_capacity(PACK_SAVERS);
-        for _ in 0..PACK_SAVERS {
+        let mut to_savers = Vec::with_capacity(saver_count);
+        let mut savers = Vec::with_capacity(saver_count);
+        for _ in 0..saver_count {
             let (tx, rx) = bounded::<ToSaver>(SAVER_QUEUE);
             let committed = committed.clone();
             let spare = spare_tx.clone();
@@ -315,7 +324,7 @@ fn writer(
             savers.push(s.spawn(move || saver(repo, catalog, rx, committed, spare)));
         }
         drop(spare_tx);
-        // Pack k goes to saver k % PACK_SAVERS, all its bytes in order.
+        // Pack k goes to saver k % saver_count, all its bytes in order.
         let mut k = 0usize;
         let mut pack = next_pack();
         let fill = (|| -> Result<bool, RepoError> {
@@ -334,7 +343,7 @@ fn writer(
                         continue;
                     };
                     let last = matches!(msg, ToSaver::Finish(_));
-                    if to_savers[k % PACK_SAVERS].send(msg).is_err() {
+                    if to_savers[k % saver_count].send(msg).is_err() {
                         // That saver failed; its error is reported below.
                         return Ok(false);
                     }
@@ -345,7 +354,7 @@ fn writer(
         })();
         if let Ok(true) = fill {
             if !pack.is_empty() {
-                let _ = to_savers[k % PACK_SAVERS].send(ToSaver::Finish(pack.finish()));
+                let _ = to_savers[k % saver_count].send(ToSaver::Finish(pack.finish()));
             }
         }
         drop(to_savers);

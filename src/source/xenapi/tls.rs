@@ -4,10 +4,7 @@
 //! the user asked for `--insecure` (the command warns on every run).
 //! NBD TLS is separate (`nbd::tls`, pinned to get_nbd_info's cert).
 
-use std::sync::Arc;
-
 use nbd::tls::{CertificateRefused, Pin, Refusal, Verifier};
-use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
 use super::XenApiError;
@@ -93,38 +90,22 @@ pub fn advice(refused: &CertificateRefused) -> String {
 /// A rustls client configuration (ring provider) for the given trust.
 pub fn client_config(trust: &HttpsTrust) -> Result<ClientConfig, XenApiError> {
     let provider = nbd::tls::provider();
-    let tls = |e: rustls::Error| XenApiError::Tls(e.to_string());
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(tls)?;
-    let authorities = |certs: Vec<CertificateDer<'static>>| {
-        let mut store = RootCertStore::empty();
-        let _ignored = store.add_parsable_certificates(certs);
-        // An empty store refuses every certificate, naming it.
-        Verifier::authorities(store, provider.clone()).map_err(|e| XenApiError::Tls(e.to_string()))
-    };
+    let tls = |e: nbd::tls::TlsError| XenApiError::Tls(e.to_string());
     let verifier = match trust {
-        HttpsTrust::System => authorities(rustls_native_certs::load_native_certs().certs)?,
-        HttpsTrust::CaPem(pem) => {
-            let certs = nbd::tls::parse_certs(pem, "CA file")
-                .map_err(|e| XenApiError::Tls(e.to_string()))?;
+        HttpsTrust::System => {
             let mut store = RootCertStore::empty();
-            let (added, _ignored) = store.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(XenApiError::Tls(
-                    "CA file: no certificate in it can be used as an authority".into(),
-                ));
-            }
-            Verifier::authorities(store, provider.clone())
-                .map_err(|e| XenApiError::Tls(e.to_string()))?
+            let _ignored =
+                store.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            // An empty store refuses every certificate, naming it.
+            Verifier::authorities(store, provider.clone()).map_err(tls)?
+        }
+        HttpsTrust::CaPem(pem) => {
+            nbd::tls::authorities_from_pem(pem, "CA file", provider.clone()).map_err(tls)?
         }
         HttpsTrust::Fingerprint(d) => Verifier::pinned(Pin::Sha256(*d), provider.clone()),
         HttpsTrust::Insecure => Verifier::pinned(Pin::Any, provider.clone()),
     };
-    Ok(builder
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
+    nbd::tls::verified_client(verifier, provider).map_err(tls)
 }
 
 #[cfg(test)]
