@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod cli;
 pub mod commands;
+pub mod crypto;
 pub mod format;
 pub mod index;
 pub mod interrupt;

@@ -94,6 +94,7 @@ impl LocalBackend {
             Kind::Snapshot => self.root.join("snapshots").join(name),
             Kind::Lock => self.root.join("locks").join(name),
             Kind::Index => self.root.join("index").join(name),
+            Kind::Key => self.root.join("keys").join(name),
         }
     }
 
@@ -386,6 +387,7 @@ impl Backend for LocalBackend {
             Kind::Snapshot => vec![self.root.join("snapshots")],
             Kind::Lock => vec![self.root.join("locks")],
             Kind::Index => vec![self.root.join("index")],
+            Kind::Key => vec![self.root.join("keys")],
         };
         let mut out = Vec::new();
         for dir in dirs {

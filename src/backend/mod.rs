@@ -23,6 +23,8 @@ pub enum Kind {
     Lock,
     /// Index objects (format-spec/08-index.md).
     Index,
+    /// Key objects of encrypted repositories (format-spec/09-encryption.md).
+    Key,
 }
 
 impl fmt::Display for Kind {
@@ -33,6 +35,7 @@ impl fmt::Display for Kind {
             Kind::Snapshot => "snapshot",
             Kind::Lock => "lock",
             Kind::Index => "index object",
+            Kind::Key => "key object",
         })
     }
 }

@@ -131,6 +131,7 @@ pub fn key_of(prefix: &str, kind: Kind, name: &str) -> String {
         Kind::Snapshot => format!("snapshots/{name}"),
         Kind::Lock => format!("locks/{name}"),
         Kind::Index => format!("index/{name}"),
+        Kind::Key => format!("keys/{name}"),
     };
     if prefix.is_empty() {
         rel
@@ -147,6 +148,7 @@ fn folder_of(prefix: &str, kind: Kind) -> String {
         Kind::Snapshot => "snapshots/",
         Kind::Lock => "locks/",
         Kind::Index => "index/",
+        Kind::Key => "keys/",
     };
     if prefix.is_empty() {
         rel.to_string()

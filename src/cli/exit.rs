@@ -55,7 +55,7 @@ Exit codes:
   4    finished with warnings: something asked for was left undone
   10   the repository does not exist
   11   the repository lock could not be taken (another process holds it)
-  12   wrong password (reserved for repository encryption)
+  12   wrong or missing password of an encrypted repository
   130  stopped by SIGINT (nothing committed after it, lock released)
   143  stopped by SIGTERM (nothing committed after it, lock released)";
 
@@ -124,6 +124,9 @@ fn code_of(e: &(dyn StdError + 'static)) -> Option<Exit> {
 fn repo_code(e: &RepoError) -> Option<Exit> {
     match e {
         RepoError::NotARepository { .. } => Some(Exit::NoRepository),
+        RepoError::WrongPassword { .. }
+        | RepoError::PasswordRequired { .. }
+        | RepoError::PasswordUnavailable(_) => Some(Exit::WrongPassword),
         RepoError::Lock(l) => lock_code(l),
         RepoError::InSnapshot { cause, .. } => repo_code(cause),
         RepoError::Interrupted(i) => Some(i.signal.into()),

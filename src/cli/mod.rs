@@ -5,6 +5,7 @@
 pub mod exit;
 mod generate;
 mod options;
+mod password;
 pub mod policy;
 mod run;
 
@@ -55,6 +56,16 @@ pub struct Cli {
     /// Take no repository lock (reading commands only; as restic's --no-lock).
     #[arg(long, global = true)]
     pub no_lock: bool,
+    /// File whose first line is the repository password (encrypted
+    /// repositories; or CBTVAULT_PASSWORD, or a prompt on a terminal;
+    /// never on the command line).
+    #[arg(
+        long,
+        env = "CBTVAULT_PASSWORD_FILE",
+        global = true,
+        value_name = "FILE"
+    )]
+    pub password_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -96,6 +107,9 @@ pub enum Command {
     /// Repair derived data.
     #[command(subcommand)]
     Repair(RepairCommand),
+    /// Manage the passwords (keys) of an encrypted repository.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Export a snapshot read-only over NBD (for qemu-img, qemu-nbd --connect, guestmount).
     Serve(ServeArgs),
     /// Start a simulated XenServer host, back a VM up (full, then
@@ -138,6 +152,10 @@ impl Command {
             Command::Stats => "stats",
             Command::Unlock(_) => "unlock",
             Command::Copy(_) => "copy",
+            Command::Key(KeyCommand::List) => "key list",
+            Command::Key(KeyCommand::Add(_)) => "key add",
+            Command::Key(KeyCommand::Remove(_)) => "key remove",
+            Command::Key(KeyCommand::Passwd(_)) => "key passwd",
             Command::Tag(_) => "tag",
             Command::Forget(_) => "forget",
             Command::Prune(_) => "prune",
@@ -214,6 +232,16 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct InitArgs {
+    /// Encrypt the repository (the default on object storage): a password
+    /// from --password-file, CBTVAULT_PASSWORD_FILE, CBTVAULT_PASSWORD or
+    /// a prompt wraps a random master key.
+    #[arg(long, conflicts_with = "no_encrypt")]
+    pub encrypt: bool,
+    /// Create a plain repository even on object storage.
+    #[arg(long)]
+    pub no_encrypt: bool,
+    #[command(flatten)]
+    pub kdf: KdfArgs,
     /// Block size in bytes (65536 matches XenServer CBT).
     #[arg(long, default_value_t = 65536)]
     pub block_size: u32,
@@ -223,6 +251,46 @@ pub struct InitArgs {
     /// Target pack size in MiB.
     #[arg(long, default_value_t = 32)]
     pub pack_size_mib: u64,
+}
+
+/// Argon2id cost of a new key.
+#[derive(Debug, Args, Clone)]
+pub struct KdfArgs {
+    /// Memory per password check, MiB (8 to 4096).
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    pub kdf_memory: u32,
+    /// Passes over that memory (1 to 64).
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub kdf_iterations: u32,
+}
+
+/// The key subcommands.
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// List the repository's keys.
+    List,
+    /// Add a key for another password (from --new-password-file,
+    /// CBTVAULT_NEW_PASSWORD_FILE, CBTVAULT_NEW_PASSWORD or a prompt).
+    Add(KeyNewArgs),
+    /// Remove a key (not the one given now, not the last).
+    Remove(KeyRemoveArgs),
+    /// Change the password of the key given now.
+    Passwd(KeyNewArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyNewArgs {
+    /// File whose first line is the new password.
+    #[arg(long, env = "CBTVAULT_NEW_PASSWORD_FILE", value_name = "FILE")]
+    pub new_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub kdf: KdfArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyRemoveArgs {
+    /// The key's id (or a unique prefix), as 'key list' shows it.
+    pub key_id: String,
 }
 
 #[derive(Debug, Args)]
@@ -291,7 +359,7 @@ pub struct XenConnectArgs {
     pub user: Option<String>,
     /// File whose first line is the XenServer password (or set
     /// CBTVAULT_XEN_PASSWORD; never on the command line).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long = "xen-password-file", value_name = "FILE")]
     pub password_file: Option<PathBuf>,
     /// Trust XenAPI certificates issued by these CAs (PEM) instead of the
     /// system's.
@@ -525,6 +593,14 @@ pub struct CopyArgs {
     /// Copy every snapshot.
     #[arg(long)]
     pub all: bool,
+    /// File holding the source repository's password (default: the
+    /// common --password-file / CBTVAULT_PASSWORD).
+    #[arg(long, env = "CBTVAULT_FROM_PASSWORD_FILE", value_name = "FILE")]
+    pub from_password_file: Option<PathBuf>,
+    /// File holding the destination repository's password (default: the
+    /// common --password-file / CBTVAULT_PASSWORD).
+    #[arg(long, env = "CBTVAULT_TO_PASSWORD_FILE", value_name = "FILE")]
+    pub to_password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

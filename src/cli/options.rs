@@ -137,7 +137,27 @@ pub fn init(a: &InitArgs) -> Result<InitOptions> {
         block_size: a.block_size,
         compression_level: a.compression_level,
         pack_size_target_bytes: a.pack_size_mib.max(1) << 20,
+        // Set by the dispatch, which knows the location and the password.
+        encryption: None,
     })
+}
+
+/// Argon2id parameters from `--kdf-memory` / `--kdf-iterations`, checked
+/// against the format's limits.
+pub fn kdf(a: &super::KdfArgs) -> Result<crate::format::key::KdfParams> {
+    let p = crate::format::key::KdfParams {
+        memory_kib: a.kdf_memory.saturating_mul(1024),
+        iterations: a.kdf_iterations,
+        parallelism: 1,
+    };
+    if p.check().is_err() {
+        bail!(
+            "--kdf-memory {} MiB must be 8..=4096 and --kdf-iterations {} must be 1..=64",
+            a.kdf_memory,
+            a.kdf_iterations
+        );
+    }
+    Ok(p)
 }
 
 fn is_nbd_uri(s: &str) -> bool {

@@ -2,16 +2,16 @@
 
 use anyhow::{Context, Result};
 
-use super::{options, Cli, Command, RepairCommand};
+use super::{options, password, Cli, Command, KeyCommand, RepairCommand};
 use crate::commands::repair::RepairAction;
 use crate::commands::{
-    backup, check, copy, forget, inspect, open_with, prune, repair, restore, serve, snapshots, tag,
-    Outcome,
+    backup, check, copy, forget, inspect, key, open_with, prune, repair, restore, serve, snapshots,
+    tag, Outcome,
 };
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
 use crate::output::Ui;
-use crate::repo::{Location, OpenOptions, S3Settings, S3Style};
+use crate::repo::{Location, NewKey, OpenOptions, S3Settings, S3Style};
 
 /// Runs the command `cli` names. Options are validated before the
 /// repository is opened or anything else is done.
@@ -35,14 +35,70 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
             .context("no repository given: use -r/--repo or set CBTVAULT_REPOSITORY")?;
         Ok(Location::parse(text, &settings)?)
     };
-    let open_options = OpenOptions {
+    // Each repository's password, asked only if it turns out encrypted.
+    let options_for = |location: &Location, file: Option<&std::path::PathBuf>| OpenOptions {
         no_lock: cli.no_lock,
+        password: Some(password::existing(
+            file.or(cli.password_file.as_ref()).cloned(),
+            format!("repository '{location}'"),
+        )),
     };
-    let open = |ui: &Ui, location: &Location| open_with(ui, location, &open_options);
+    let open = |ui: &Ui, location: &Location| open_with(ui, location, &options_for(location, None));
+    let new_key = |file: Option<&std::path::PathBuf>,
+                   env: &'static str,
+                   kdf: &super::KdfArgs,
+                   location: &Location|
+     -> Result<NewKey> {
+        Ok(NewKey {
+            password: password::new(file.cloned(), env, format!("repository '{location}'")),
+            kdf: options::kdf(kdf)?,
+        })
+    };
     match &cli.command {
         Command::Init(a) => {
-            let o = options::init(a)?;
-            inspect::init(ui, &repo_path()?, &o)
+            let mut o = options::init(a)?;
+            let location = repo_path()?;
+            // Encrypted when asked, and by default off this machine.
+            let remote = matches!(location, Location::S3 { .. });
+            if a.encrypt || (remote && !a.no_encrypt) {
+                // The first key's password: the repository password
+                // (--password-file, CBTVAULT_PASSWORD_FILE,
+                // CBTVAULT_PASSWORD), else typed twice.
+                o.encryption = Some(new_key(
+                    cli.password_file.as_ref(),
+                    "CBTVAULT_PASSWORD",
+                    &a.kdf,
+                    &location,
+                )?);
+            }
+            inspect::init(ui, &location, &o)
+        }
+        Command::Key(k) => {
+            let location = repo_path()?;
+            let repo = open(ui, &location)?;
+            match k {
+                KeyCommand::List => key::list(ui, &repo),
+                KeyCommand::Add(a) => key::add(
+                    ui,
+                    &repo,
+                    &new_key(
+                        a.new_password_file.as_ref(),
+                        "CBTVAULT_NEW_PASSWORD",
+                        &a.kdf,
+                        &location,
+                    )?,
+                ),
+                KeyCommand::Remove(a) => key::remove(ui, &repo, &a.key_id),
+                KeyCommand::Passwd(a) => {
+                    let new = new_key(
+                        a.new_password_file.as_ref(),
+                        "CBTVAULT_NEW_PASSWORD",
+                        &a.kdf,
+                        &location,
+                    )?;
+                    key::passwd(ui, repo, &new)
+                }
+            }
         }
         Command::Backup(a) => {
             let o = options::backup(a)?;
@@ -66,13 +122,21 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         }
         Command::Diff(a) => inspect::diff(ui, &open(ui, &repo_path()?)?, &options::diff(a)),
         Command::Stats => inspect::stats(ui, &open(ui, &repo_path()?)?),
-        Command::Copy(a) => copy::run(
-            ui,
-            &open(ui, &Location::parse(&a.from, &settings)?)?,
-            &open(ui, &Location::parse(&a.to, &settings)?)?,
-            &a.snapshots,
-            a.all,
-        ),
+        Command::Copy(a) => {
+            let from = Location::parse(&a.from, &settings)?;
+            let to = Location::parse(&a.to, &settings)?;
+            copy::run(
+                ui,
+                &open_with(
+                    ui,
+                    &from,
+                    &options_for(&from, a.from_password_file.as_ref()),
+                )?,
+                &open_with(ui, &to, &options_for(&to, a.to_password_file.as_ref()))?,
+                &a.snapshots,
+                a.all,
+            )
+        }
         Command::Unlock(a) => inspect::unlock(ui, &open(ui, &repo_path()?)?, &options::unlock(a)),
         Command::Tag(a) => {
             let o = options::tag(a)?;
@@ -86,7 +150,10 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
             let o = options::prune(a)?;
             prune::run(ui, &open(ui, &repo_path()?)?, &o)
         }
-        Command::Repair(RepairCommand::Index) => check::repair_index(ui, &repo_path()?),
+        Command::Repair(RepairCommand::Index) => {
+            let location = repo_path()?;
+            check::repair_index(ui, &location, &options_for(&location, None))
+        }
         Command::Repair(RepairCommand::Packs(a)) => repair::run(
             ui,
             &open(ui, &repo_path()?)?,

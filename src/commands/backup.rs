@@ -511,7 +511,7 @@ pub(crate) fn report_human(ui: &Ui, s: &BackupSummary) {
 pub const XEN_PASSWORD_ENV: &str = "CBTVAULT_XEN_PASSWORD";
 
 /// Logs in to the host of `url` as the command line says. The password
-/// comes from `--password-file` or the environment, never from argv.
+/// comes from `--xen-password-file` or the environment, never from argv.
 pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result<Session> {
     let trust = if options.insecure {
         ui.warn(format!(
@@ -545,7 +545,7 @@ pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result
     Ok(session)
 }
 
-/// The XenServer password: the first line of `--password-file`, else
+/// The XenServer password: the first line of `--xen-password-file`, else
 /// the environment ([`XEN_PASSWORD_ENV`]); never argv.
 pub(crate) fn xen_password(options: &XenOptions) -> Result<Password> {
     Ok(match &options.password_file {
@@ -553,7 +553,7 @@ pub(crate) fn xen_password(options: &XenOptions) -> Result<Password> {
         None => match std::env::var(XEN_PASSWORD_ENV) {
             Ok(p) if !p.is_empty() => Password::new(p),
             _ => {
-                bail!("no XenServer password: give --password-file FILE or set {XEN_PASSWORD_ENV}")
+                bail!("no XenServer password: give --xen-password-file FILE or set {XEN_PASSWORD_ENV}")
             }
         },
     })
@@ -734,7 +734,7 @@ impl Committer for RepoCommitter<'_> {
         if run.hostname == here && pid == std::process::id() {
             return Verdict::MaybeLive("it is this process".into());
         }
-        let locks = match lock::list(self.repo.backend().as_ref()) {
+        let locks = match lock::list(self.repo.backend().as_ref(), self.repo.codec()) {
             Ok(l) => l,
             Err(e) => {
                 return Verdict::MaybeLive(format!("the repository's locks cannot be listed: {e}"))

@@ -78,10 +78,14 @@ pub fn run(ui: &Ui, repo: &Repository, options: &CheckOptions) -> Result<Outcome
     }
 }
 
-pub fn repair_index(ui: &Ui, location: &Location) -> Result<Outcome> {
+pub fn repair_index(
+    ui: &Ui,
+    location: &Location,
+    options: &crate::repo::OpenOptions,
+) -> Result<Outcome> {
     // Opening rebuilds a missing catalog; rebuild again under an exclusive
     // lock so the result reflects every pack present now.
-    let mut repo = Repository::open_at(location, &Default::default())
+    let mut repo = Repository::open_at(location, options)
         .with_context(|| format!("open repository '{location}'"))?;
     let _lock = repo.lock(true, "repair index")?;
     let bar = ui.progress("index", false);

@@ -227,7 +227,7 @@ pub fn unlock(ui: &Ui, repo: &Repository, a: &UnlockOptions) -> Result<Outcome> 
     let now = Utc::now();
     let mut removed = Vec::new();
     let mut kept = Vec::new();
-    for (name, info) in lock::list(repo.backend().as_ref())? {
+    for (name, info) in lock::list(repo.backend().as_ref(), repo.codec())? {
         let why = match &info {
             Err(e) => Some(format!("unreadable ({e})")),
             Ok(i) => lock::stale_reason(i, now),

@@ -11,6 +11,7 @@ pub mod forget;
 pub mod forget_host;
 pub mod forget_policy;
 pub mod inspect;
+pub mod key;
 pub mod prune;
 pub mod repair;
 pub(crate) mod restore;

@@ -147,7 +147,7 @@ fn restore_disk(
                     )
                 })?;
             if options.verify {
-                verify(session, &vdi, uuid, &map)?;
+                verify(session, &vdi, uuid, &map, repo.codec().hasher())?;
             }
             Ok(XenDiskRestore {
                 vdi_uuid: uuid.clone(),
@@ -169,7 +169,7 @@ fn restore_disk(
                 let (summary, body) = import_into(repo, session, id, &map, &vdi, format, &bar)?;
                 bar.finish();
                 if options.verify {
-                    verify(session, &vdi, &vdi_uuid, &map)?;
+                    verify(session, &vdi, &vdi_uuid, &map, repo.codec().hasher())?;
                 }
                 Ok(XenDiskRestore {
                     vdi_uuid,

@@ -99,6 +99,16 @@ pub fn split_at(packs: Vec<IndexedPack>, max_entries: usize) -> Vec<Vec<IndexedP
 /// the pack exactly as its trailer would (`02-pack.md`), packs strictly
 /// ascending by name. `max_block_size` is the repository's block size.
 pub fn decode(bytes: &[u8], max_block_size: u32) -> Result<Vec<IndexedPack>, FormatError> {
+    decode_framed(bytes, max_block_size, super::pack::Framing::PLAIN)
+}
+
+/// [`decode`] for a repository whose packs are framed `framing` (sealed
+/// blobs and trailer are 40 bytes longer).
+pub fn decode_framed(
+    bytes: &[u8],
+    max_block_size: u32,
+    framing: super::pack::Framing,
+) -> Result<Vec<IndexedPack>, FormatError> {
     let mut c = Cursor::new(WHAT, bytes);
     if c.array::<8>()? != MAGIC {
         return Err(FormatError::BadMagic { what: WHAT });
@@ -174,7 +184,9 @@ pub fn decode(bytes: &[u8], max_block_size: u32) -> Result<Vec<IndexedPack>, For
             if e.raw_length == 0 || e.raw_length > max_block_size.min(MAX_BLOCK_SIZE) {
                 return Err(bad(format!("raw length {} out of range", e.raw_length)));
             }
-            if e.stored_length == 0 || e.stored_length > max_stored_length(e.raw_length) {
+            if e.stored_length <= framing.overhead
+                || e.stored_length > max_stored_length(e.raw_length) + framing.overhead
+            {
                 return Err(bad(format!(
                     "stored length {} out of range",
                     e.stored_length
@@ -183,7 +195,9 @@ pub fn decode(bytes: &[u8], max_block_size: u32) -> Result<Vec<IndexedPack>, For
             expected = e.offset + e.stored_length as u64;
             entries.push(e);
         }
-        let trailer = (TRAILER_FIXED_LEN + n as usize * ENTRY_LEN + FOOTER_LEN) as u64;
+        let trailer =
+            (TRAILER_FIXED_LEN + n as usize * ENTRY_LEN + FOOTER_LEN + framing.overhead as usize)
+                as u64;
         if expected.checked_add(trailer) != Some(size_bytes) {
             return Err(FormatError::invalid(
                 WHAT,

@@ -9,6 +9,7 @@ pub mod bitmap;
 pub mod config;
 pub mod ids;
 pub mod index;
+pub mod key;
 pub mod lock;
 pub mod pack;
 pub mod raw_frame;

@@ -21,6 +21,32 @@ pub const MAX_ENTRIES: u32 = 1 << 20;
 /// Largest raw block any version-1 repository may use.
 pub const MAX_BLOCK_SIZE: u32 = 1 << 24;
 
+/// How a pack's blobs and trailer are stored: version 1 as they are,
+/// version 2 sealed, 40 bytes longer each (spec: format-spec/09-encryption.md#pack).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framing {
+    /// The header's version field.
+    pub version: u32,
+    /// Bytes sealing adds to each blob and to the trailer.
+    pub overhead: u32,
+}
+
+impl Framing {
+    pub const PLAIN: Framing = Framing {
+        version: 1,
+        overhead: 0,
+    };
+    pub const SEALED: Framing = Framing {
+        version: 2,
+        overhead: 40,
+    };
+
+    /// Largest stored length of a blob of `raw_length` bytes.
+    pub fn max_stored_length(&self, raw_length: u32) -> u32 {
+        max_stored_length(raw_length).saturating_add(self.overhead)
+    }
+}
+
 /// One blob in a pack, as listed in the trailer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrailerEntry {
@@ -40,13 +66,22 @@ pub fn max_stored_length(raw_length: u32) -> u32 {
 }
 
 pub fn encode_header() -> [u8; HEADER_LEN] {
+    encode_header_framed(Framing::PLAIN)
+}
+
+pub fn encode_header_framed(framing: Framing) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(&HEADER_MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[8..12].copy_from_slice(&framing.version.to_le_bytes());
     h
 }
 
 pub fn decode_header(bytes: &[u8]) -> Result<(), FormatError> {
+    decode_header_framed(bytes, Framing::PLAIN)
+}
+
+/// The header of a pack of a repository whose packs are framed `framing`.
+pub fn decode_header_framed(bytes: &[u8], framing: Framing) -> Result<(), FormatError> {
     let mut c = Cursor::new("pack header", bytes);
     if c.array::<8>()? != HEADER_MAGIC {
         return Err(FormatError::BadMagic {
@@ -54,7 +89,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<(), FormatError> {
         });
     }
     let version = c.u32()?;
-    if version != VERSION {
+    if version != framing.version {
         return Err(FormatError::UnsupportedVersion {
             what: "pack header",
             version,
@@ -72,8 +107,24 @@ pub fn decode_header(bytes: &[u8]) -> Result<(), FormatError> {
 /// Encodes trailer and footer for blobs written back to back after the
 /// header. The caller appends the result to the blobs.
 pub fn encode_trailer(entries: &[TrailerEntry]) -> Vec<u8> {
+    let mut out = encode_trailer_body(entries);
+    let trailer_len = out.len() as u32;
+    out.extend_from_slice(&encode_footer(trailer_len));
+    out
+}
+
+/// The footer after a trailer of `stored_len` bytes.
+pub fn encode_footer(stored_len: u32) -> [u8; FOOTER_LEN] {
+    let mut f = [0u8; FOOTER_LEN];
+    f[..8].copy_from_slice(&FOOTER_MAGIC);
+    f[8..].copy_from_slice(&stored_len.to_le_bytes());
+    f
+}
+
+/// The trailer's plaintext (count, entries, hash), without the footer.
+pub fn encode_trailer_body(entries: &[TrailerEntry]) -> Vec<u8> {
     let trailer_len = TRAILER_FIXED_LEN + entries.len() * ENTRY_LEN;
-    let mut out = Vec::with_capacity(trailer_len + FOOTER_LEN);
+    let mut out = Vec::with_capacity(trailer_len + FOOTER_LEN + 40);
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     for e in entries {
@@ -84,14 +135,22 @@ pub fn encode_trailer(entries: &[TrailerEntry]) -> Vec<u8> {
     }
     let hash = blake3::hash(&out);
     out.extend_from_slice(hash.as_bytes());
-    out.extend_from_slice(&FOOTER_MAGIC);
-    out.extend_from_slice(&(trailer_len as u32).to_le_bytes());
     out
 }
 
 /// Decodes the 12-byte footer (the last bytes of a pack) into the trailer
 /// length, checked against what a pack of `pack_len` bytes can hold.
 pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<u32, FormatError> {
+    decode_footer_framed(footer, pack_len, Framing::PLAIN)
+}
+
+/// [`decode_footer`] for packs framed `framing`: the stored trailer
+/// length, bounds widened by the seal overhead.
+pub fn decode_footer_framed(
+    footer: &[u8],
+    pack_len: u64,
+    framing: Framing,
+) -> Result<u32, FormatError> {
     let mut c = Cursor::new("pack footer", footer);
     if c.array::<8>()? != FOOTER_MAGIC {
         return Err(FormatError::BadMagic {
@@ -100,9 +159,10 @@ pub fn decode_footer(footer: &[u8], pack_len: u64) -> Result<u32, FormatError> {
     }
     let trailer_len = c.u32()?;
     c.finish()?;
-    let max = TRAILER_FIXED_LEN as u64 + MAX_ENTRIES as u64 * ENTRY_LEN as u64;
+    let over = framing.overhead as u64;
+    let max = TRAILER_FIXED_LEN as u64 + MAX_ENTRIES as u64 * ENTRY_LEN as u64 + over;
     let room = pack_len.saturating_sub((HEADER_LEN + FOOTER_LEN) as u64);
-    if (trailer_len as u64) < TRAILER_FIXED_LEN as u64 + ENTRY_LEN as u64
+    if (trailer_len as u64) < TRAILER_FIXED_LEN as u64 + ENTRY_LEN as u64 + over
         || trailer_len as u64 > max
         || trailer_len as u64 > room
     {
@@ -121,6 +181,24 @@ pub fn decode_trailer(
     trailer: &[u8],
     pack_len: u64,
     max_block_size: u32,
+) -> Result<Vec<TrailerEntry>, FormatError> {
+    decode_trailer_framed(
+        trailer,
+        trailer.len() as u64,
+        pack_len,
+        max_block_size,
+        Framing::PLAIN,
+    )
+}
+
+/// [`decode_trailer`] of an opened trailer (`trailer`, plaintext) that
+/// took `stored_len` bytes in a pack framed `framing`.
+pub fn decode_trailer_framed(
+    trailer: &[u8],
+    stored_len: u64,
+    pack_len: u64,
+    max_block_size: u32,
+    framing: Framing,
 ) -> Result<Vec<TrailerEntry>, FormatError> {
     const WHAT: &str = "pack trailer";
     if trailer.len() < TRAILER_FIXED_LEN {
@@ -156,7 +234,7 @@ pub fn decode_trailer(
         ));
     }
     let blobs_end = pack_len
-        .checked_sub((trailer.len() + FOOTER_LEN) as u64)
+        .checked_sub(stored_len + FOOTER_LEN as u64)
         .ok_or_else(|| FormatError::invalid(WHAT, "longer than the pack"))?;
     let mut expected_offset = HEADER_LEN as u64;
     let mut entries = Vec::with_capacity(count as usize);
@@ -182,7 +260,9 @@ pub fn decode_trailer(
                 format!("entry {i}: raw length {} out of range", e.raw_length),
             ));
         }
-        if e.stored_length == 0 || e.stored_length > max_stored_length(e.raw_length) {
+        if e.stored_length <= framing.overhead
+            || e.stored_length > framing.max_stored_length(e.raw_length)
+        {
             return Err(FormatError::invalid(
                 WHAT,
                 format!("entry {i}: stored length {} out of range", e.stored_length),
@@ -206,6 +286,19 @@ pub fn decode_pack_index(
     pack: &[u8],
     max_block_size: u32,
 ) -> Result<Vec<TrailerEntry>, FormatError> {
+    decode_pack_index_framed(pack, max_block_size, Framing::PLAIN, |t| {
+        Ok(std::borrow::Cow::Borrowed(t))
+    })
+}
+
+/// [`decode_pack_index`] of a pack framed `framing`; `open` turns the
+/// stored trailer into its plaintext (an error names why it cannot).
+pub fn decode_pack_index_framed<'a>(
+    pack: &'a [u8],
+    max_block_size: u32,
+    framing: Framing,
+    open: impl FnOnce(&'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String>,
+) -> Result<Vec<TrailerEntry>, FormatError> {
     if pack.len() < HEADER_LEN + FOOTER_LEN {
         return Err(FormatError::Truncated {
             what: "pack",
@@ -213,9 +306,12 @@ pub fn decode_pack_index(
             available: pack.len() as u64,
         });
     }
-    decode_header(&pack[..HEADER_LEN])?;
+    decode_header_framed(&pack[..HEADER_LEN], framing)?;
     let len = pack.len() as u64;
-    let trailer_len = decode_footer(&pack[pack.len() - FOOTER_LEN..], len)? as usize;
+    let trailer_len =
+        decode_footer_framed(&pack[pack.len() - FOOTER_LEN..], len, framing)? as usize;
     let start = pack.len() - FOOTER_LEN - trailer_len;
-    decode_trailer(&pack[start..pack.len() - FOOTER_LEN], len, max_block_size)
+    let plain = open(&pack[start..pack.len() - FOOTER_LEN])
+        .map_err(|e| FormatError::invalid("pack trailer", e))?;
+    decode_trailer_framed(&plain, trailer_len as u64, len, max_block_size, framing)
 }

@@ -5,6 +5,7 @@
 //!
 //! spec: format-spec/02-pack.md
 
+use crate::crypto::Codec;
 use crate::format::pack::{self as layout, TrailerEntry};
 use crate::format::{raw_frame, BlockId, ObjectName};
 
@@ -16,6 +17,14 @@ pub enum PackError {
         "block {block}: written bytes do not read back to the same hash (verify before write)"
     )]
     VerifyBeforeWrite { block: BlockId },
+    #[error("block {block}: {source}")]
+    Seal {
+        block: BlockId,
+        #[source]
+        source: crate::crypto::codec::SealError,
+    },
+    #[error("pack trailer: {0}")]
+    SealTrailer(crate::crypto::codec::SealError),
     #[error("block {block} in pack {pack}: {reason}; run 'cbtvault check --read-data'")]
     Corrupt {
         block: BlockId,
@@ -35,6 +44,9 @@ pub enum Stored {
     /// Incompressible content, stored as a frame of raw zstd blocks that the
     /// pack writer builds in place from these bytes.
     Raw(SharedBytes, std::ops::Range<usize>),
+    /// A blob exactly as another pack of the same repository stores it
+    /// (opened and verified by the caller): copied verbatim.
+    Verbatim(Vec<u8>),
 }
 
 /// A block ready to go into a pack.
@@ -45,10 +57,10 @@ pub struct CompressedBlock {
 }
 
 impl CompressedBlock {
-    /// Bytes the block takes in its pack.
+    /// Bytes the block's frame takes (before any sealing).
     pub fn stored_length(&self) -> u32 {
         match &self.stored {
-            Stored::Frame(f) => f.len() as u32,
+            Stored::Frame(f) | Stored::Verbatim(f) => f.len() as u32,
             Stored::Raw(_, r) => raw_frame::encoded_len(r.len()) as u32,
         }
     }
@@ -150,7 +162,8 @@ pub fn compress_block(raw: &[u8], id: BlockId, level: i32) -> Result<CompressedB
 /// Decompresses one stored blob and checks its hash. Never returns bytes
 /// whose BLAKE3 differs from `id`.
 pub fn decompress_verified(
-    frame: &[u8],
+    codec: &Codec,
+    stored: &[u8],
     raw_length: u32,
     id: BlockId,
     pack: ObjectName,
@@ -160,7 +173,10 @@ pub fn decompress_verified(
         pack,
         reason,
     };
-    let raw = with_decompressor(|d| d.decompress(frame, raw_length as usize))
+    let frame = codec
+        .open_blob(id, stored)
+        .map_err(|e| corrupt(format!("cannot be opened: {e}")))?;
+    let raw = with_decompressor(|d| d.decompress(&frame, raw_length as usize))
         .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
     if raw.len() != raw_length as usize {
         return Err(corrupt(format!(
@@ -168,7 +184,7 @@ pub fn decompress_verified(
             raw.len()
         )));
     }
-    if BlockId::of(&raw) != id {
+    if codec.block_id(&raw) != id {
         return Err(corrupt("content does not match its hash".into()));
     }
     Ok(raw)
@@ -222,6 +238,8 @@ pub struct PackWriter {
     /// BLAKE3 of the pack so far, fed as bytes are appended (while they
     /// are still in cache) rather than over the whole pack at the end.
     hasher: blake3::Hasher,
+    /// Plain or sealed blobs and trailer.
+    codec: Codec,
 }
 
 /// Consecutive bytes of a pack: they start at a [`PACK_ALIGN`] boundary in
@@ -273,9 +291,9 @@ fn prepare_staging(buffer: &mut Vec<u8>, bytes: usize) -> usize {
 
 impl PackWriter {
     /// A writer with room for a whole pack (it need not take chunks).
-    pub fn new(target_bytes: u64) -> Self {
+    pub fn new(target_bytes: u64, codec: &Codec) -> Self {
         let room = (target_bytes as usize).min(64 << 20) + (1 << 20);
-        Self::with_room(target_bytes, Vec::new(), room)
+        Self::with_room(target_bytes, Vec::new(), room, codec)
     }
 
     /// A writer that stages into `buffer` (its contents are discarded, its
@@ -284,9 +302,9 @@ impl PackWriter {
     /// takes the pack out in chunks ([`Self::take_chunk`]) asks for a chunk
     /// plus the largest frame it may append after reaching the chunk size,
     /// so the buffer never moves (and loses its alignment).
-    pub fn with_room(target_bytes: u64, mut buffer: Vec<u8>, room: usize) -> Self {
+    pub fn with_room(target_bytes: u64, mut buffer: Vec<u8>, room: usize, codec: &Codec) -> Self {
         let start = prepare_staging(&mut buffer, room);
-        let header = layout::encode_header();
+        let header = layout::encode_header_framed(codec.framing());
         buffer.extend_from_slice(&header);
         let mut hasher = blake3::Hasher::new();
         hasher.update(&header);
@@ -297,6 +315,7 @@ impl PackWriter {
             entries: Vec::new(),
             target_bytes,
             hasher,
+            codec: codec.clone(),
         }
     }
 
@@ -333,18 +352,35 @@ impl PackWriter {
     pub fn add(&mut self, block: &CompressedBlock) -> Result<(), PackError> {
         let at = self.buffer.len();
         let offset = self.len();
+        let sealed = self.codec.is_sealed() && !matches!(block.stored, Stored::Verbatim(_));
+        // Room for the nonce before the frame.
+        let frame_at = if sealed {
+            self.buffer.resize(at + crate::crypto::NONCE_LEN, 0);
+            at + crate::crypto::NONCE_LEN
+        } else {
+            at
+        };
         match &block.stored {
-            Stored::Frame(f) => self.buffer.extend_from_slice(f),
+            Stored::Frame(f) | Stored::Verbatim(f) => self.buffer.extend_from_slice(f),
             Stored::Raw(shared, range) => {
                 let raw = &(**shared).as_ref()[range.clone()];
                 raw_frame::encode_into(raw, &mut self.buffer);
-                let frame = &self.buffer[at..];
+                let frame = &self.buffer[frame_at..];
                 let agrees = matches!(zstd::zstd_safe::get_frame_content_size(frame), Ok(Some(n)) if n == raw.len() as u64)
                     && zstd::zstd_safe::find_frame_compressed_size(frame) == Ok(frame.len());
                 if !agrees || raw.len() as u32 != block.raw_length {
                     self.buffer.truncate(at);
                     return Err(PackError::VerifyBeforeWrite { block: block.id });
                 }
+            }
+        }
+        if sealed {
+            if let Err(source) = self.codec.seal_blob(block.id, &mut self.buffer, at) {
+                self.buffer.truncate(at);
+                return Err(PackError::Seal {
+                    block: block.id,
+                    source,
+                });
             }
         }
         self.hasher.update(&self.buffer[at..]);
@@ -366,12 +402,17 @@ impl PackWriter {
         self.len() >= self.target_bytes || self.entries.len() >= layout::MAX_ENTRIES as usize
     }
 
-    pub fn finish(mut self) -> FinishedPack {
-        let trailer = layout::encode_trailer(&self.entries);
+    pub fn finish(mut self) -> Result<FinishedPack, PackError> {
+        let body = layout::encode_trailer_body(&self.entries);
+        let mut trailer = self
+            .codec
+            .seal_trailer(body)
+            .map_err(PackError::SealTrailer)?;
+        trailer.extend_from_slice(&layout::encode_footer((trailer.len()) as u32));
         self.buffer.extend_from_slice(&trailer);
         self.hasher.update(&trailer);
         let size_bytes = self.len();
-        FinishedPack {
+        Ok(FinishedPack {
             name: ObjectName(*self.hasher.finalize().as_bytes()),
             entries: self.entries,
             tail: PackChunk {
@@ -379,7 +420,7 @@ impl PackWriter {
                 start: self.start,
             },
             size_bytes,
-        }
+        })
     }
 }
 
@@ -431,10 +472,10 @@ mod tests {
         assert!(matches!(a.stored, Stored::Raw(..)));
         assert!(matches!(b.stored, Stored::Frame(..)));
         assert_eq!(a.stored_length(), 65546);
-        let mut w = PackWriter::new(1 << 20);
+        let mut w = PackWriter::new(1 << 20, &Codec::Plain);
         w.add(&a).unwrap();
         w.add(&b).unwrap();
-        let done = w.finish();
+        let done = w.finish().unwrap();
         // The name hashed on the way equals the hash of the finished bytes,
         // and the pack starts at an aligned address.
         let bytes = done.tail.bytes();
@@ -444,15 +485,18 @@ mod tests {
         let index = layout::decode_pack_index(bytes, 65536).unwrap();
         for (e, want) in index.iter().zip([&rnd, &txt]) {
             let blob = &bytes[e.offset as usize..][..e.stored_length as usize];
-            let back = decompress_verified(blob, e.raw_length, e.block_id, done.name).unwrap();
+            let back =
+                decompress_verified(&Codec::Plain, blob, e.raw_length, e.block_id, done.name)
+                    .unwrap();
             assert_eq!(&back, want);
         }
         // Reusing the buffer gives the same pack again.
         let again = {
-            let mut w = PackWriter::with_room(1 << 20, done.tail.into_buffer(), 2 << 20);
+            let mut w =
+                PackWriter::with_room(1 << 20, done.tail.into_buffer(), 2 << 20, &Codec::Plain);
             w.add(&a).unwrap();
             w.add(&b).unwrap();
-            w.finish()
+            w.finish().unwrap()
         };
         assert_eq!(again.name, ObjectName::of(again.tail.bytes()));
     }
@@ -469,7 +513,7 @@ mod tests {
             raw_length: 65535,
             ..prepare_block(&shared, 0..65536, BlockId::of(&rnd), 3, true).unwrap()
         };
-        let mut w = PackWriter::new(1 << 20);
+        let mut w = PackWriter::new(1 << 20, &Codec::Plain);
         let staged = w.staged();
         assert!(matches!(
             w.add(&bad),
@@ -478,10 +522,10 @@ mod tests {
         assert_eq!(w.staged(), staged);
         assert!(w.is_empty());
         w.add(&good).unwrap();
-        let done = w.finish();
-        let mut alone = PackWriter::new(1 << 20);
+        let done = w.finish().unwrap();
+        let mut alone = PackWriter::new(1 << 20, &Codec::Plain);
         alone.add(&good).unwrap();
-        let alone = alone.finish();
+        let alone = alone.finish().unwrap();
         assert_eq!(done.tail.bytes(), alone.tail.bytes());
         assert_eq!(done.name, ObjectName::of(done.tail.bytes()));
         assert_eq!(done.entries.len(), 1);
@@ -505,8 +549,8 @@ mod tests {
                 prepare_block(&shared, 0..b.len(), BlockId::of(b), 3, *raw).unwrap()
             })
             .collect();
-        let mut whole = PackWriter::new(64 << 20);
-        let mut chunked = PackWriter::with_room(64 << 20, Vec::new(), 512 << 10);
+        let mut whole = PackWriter::new(64 << 20, &Codec::Plain);
+        let mut chunked = PackWriter::with_room(64 << 20, Vec::new(), 512 << 10, &Codec::Plain);
         let mut streamed: Vec<u8> = Vec::new();
         for (k, b) in prepared.iter().enumerate() {
             whole.add(b).unwrap();
@@ -518,7 +562,7 @@ mod tests {
                 streamed.extend_from_slice(c.bytes());
             }
         }
-        let (whole, chunked) = (whole.finish(), chunked.finish());
+        let (whole, chunked) = (whole.finish().unwrap(), chunked.finish().unwrap());
         streamed.extend_from_slice(chunked.tail.bytes());
         assert_eq!(streamed, whole.tail.bytes());
         assert_eq!(chunked.name, whole.name);
@@ -528,7 +572,9 @@ mod tests {
         let index = layout::decode_pack_index(&streamed, 65536).unwrap();
         for (e, (want, _)) in index.iter().zip(&blocks) {
             let blob = &streamed[e.offset as usize..][..e.stored_length as usize];
-            let back = decompress_verified(blob, e.raw_length, e.block_id, chunked.name).unwrap();
+            let back =
+                decompress_verified(&Codec::Plain, blob, e.raw_length, e.block_id, chunked.name)
+                    .unwrap();
             assert_eq!(&back, want);
         }
     }

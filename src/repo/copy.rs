@@ -109,7 +109,7 @@ pub fn copy(
 fn copy_one(
     from: &Repository,
     to: &Repository,
-    mut obj: SnapshotObject,
+    obj: SnapshotObject,
     report: &mut CopyReport,
     progress: &dyn Progress,
 ) -> Result<(), RepoError> {
@@ -127,6 +127,12 @@ fn copy_one(
         .iter()
         .filter(|(_, r)| matches!(r, BlockRef::Data(_)))
         .count() as u64;
+    // Repositories that compute ids differently (plain and encrypted, or
+    // two master secrets): every block is read, and its id recomputed for
+    // the destination (spec: format-spec/09-encryption.md#copy).
+    if from.codec().hasher() != to.codec().hasher() {
+        return copy_translated(from, to, obj, unique, references, report, progress);
+    }
     let mut missing: Vec<BlockId> = Vec::new();
     for batch in unique.chunks(4096) {
         let have = to.catalog().contains_intact_many(batch)?;
@@ -172,7 +178,7 @@ fn copy_one(
                 crate::interrupt::check()?;
                 let raw = result?;
                 let block = prepare(raw, located.block, level)?;
-                let w = writer.get_or_insert_with(|| PackWriter::new(target));
+                let w = writer.get_or_insert_with(|| PackWriter::new(target, to.codec()));
                 w.add(&block)?;
                 report.blocks_sent += 1;
                 report.sent_raw_bytes += block.raw_length as u64;
@@ -203,9 +209,20 @@ fn copy_one(
             report.packs_written += 1;
         }
     }
-    // The object as the destination keeps it: the same snapshot (id,
-    // generation, content), marked as a copy so that the destination's
-    // retention never touches the source's host-side landmarks.
+    commit_copy(from, to, obj, indexed, report)
+}
+
+/// Writes the destination's index objects and then the snapshot object:
+/// the same snapshot (id, generation, content), marked as a copy so that
+/// the destination's retention never touches the source's host-side
+/// landmarks.
+fn commit_copy(
+    from: &Repository,
+    to: &Repository,
+    mut obj: SnapshotObject,
+    indexed: Vec<IndexedPack>,
+    report: &mut CopyReport,
+) -> Result<(), RepoError> {
     obj.meta
         .landmark
         .insert(COPIED_FROM.to_string(), from.config().id.clone());
@@ -214,6 +231,97 @@ fn copy_one(
     to.commit_snapshot(&obj)?;
     report.copied_snapshot_ids.push(id.to_hex());
     Ok(())
+}
+
+/// [`copy_one`] between repositories whose block ids differ: each unique
+/// block is read and verified in the source, its destination id computed
+/// from its bytes, stored unless the destination holds it, and the
+/// manifest rewritten with the destination's ids.
+#[allow(clippy::too_many_arguments)]
+fn copy_translated(
+    from: &Repository,
+    to: &Repository,
+    mut obj: SnapshotObject,
+    unique: Vec<BlockId>,
+    references: u64,
+    report: &mut CopyReport,
+    progress: &dyn Progress,
+) -> Result<(), RepoError> {
+    progress.advance(references - unique.len() as u64);
+    let level = to.config().compression_level;
+    let target = to.config().pack_size_target_bytes;
+    let mut writer: Option<PackWriter> = None;
+    let mut indexed: Vec<IndexedPack> = Vec::new();
+    let mut failure: Option<RepoError> = None;
+    let mut ids: std::collections::HashMap<BlockId, BlockId> =
+        std::collections::HashMap::with_capacity(unique.len());
+    // Destination ids stored by this run (not yet durable for the
+    // catalog's "intact" question, but already in a pack being written).
+    let mut stored_now: HashSet<BlockId> = HashSet::new();
+    let wanted: Vec<(u64, BlockId)> = unique
+        .iter()
+        .enumerate()
+        .map(|(k, id)| (k as u64, *id))
+        .collect();
+    let stream = BlockReader::new(from).stream(&wanted, |chunk| {
+        let step = (|| -> Result<(), RepoError> {
+            crate::interrupt::check()?;
+            let mut blocks = Vec::with_capacity(chunk.len());
+            for (located, result) in chunk {
+                let raw = result?;
+                blocks.push((located.block, to.codec().block_id(&raw), raw));
+            }
+            let dst: Vec<BlockId> = blocks.iter().map(|b| b.1).collect();
+            let present = to.catalog().contains_intact_many(&dst)?;
+            for ((src, dst, raw), has) in blocks.into_iter().zip(present) {
+                ids.insert(src, dst);
+                progress.advance(1);
+                if has || !stored_now.insert(dst) {
+                    report.blocks_skipped += 1;
+                    report.skipped_raw_bytes += raw.len() as u64;
+                    continue;
+                }
+                let block = prepare(raw, dst, level)?;
+                let w = writer.get_or_insert_with(|| PackWriter::new(target, to.codec()));
+                w.add(&block)?;
+                report.blocks_sent += 1;
+                report.sent_raw_bytes += block.raw_length as u64;
+                if w.is_full() {
+                    let full = writer.take().expect("a writer");
+                    report.sent_stored_bytes += flush(to, full, &mut indexed)?;
+                    report.packs_written += 1;
+                }
+                #[cfg(debug_assertions)]
+                super::test_kill("copy_block");
+            }
+            Ok(())
+        })();
+        match step {
+            Ok(()) => true,
+            Err(e) => {
+                failure = Some(e);
+                false
+            }
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    stream?;
+    if let Some(w) = writer.take() {
+        if !w.is_empty() {
+            report.sent_stored_bytes += flush(to, w, &mut indexed)?;
+            report.packs_written += 1;
+        }
+    }
+    for (_, r) in obj.entries.iter_mut() {
+        if let BlockRef::Data(id) = r {
+            *id = *ids.get(id).ok_or_else(|| {
+                RepoError::Invalid(format!("copy: block {id} was not read from the source"))
+            })?;
+        }
+    }
+    commit_copy(from, to, obj, indexed, report)
 }
 
 /// A verified block ready for a pack (stored raw when it looks
@@ -239,7 +347,7 @@ fn flush(
     writer: PackWriter,
     indexed: &mut Vec<IndexedPack>,
 ) -> Result<u64, RepoError> {
-    let done = writer.finish();
+    let done = writer.finish()?;
     to.ensure_lock_held()?;
     let mut object = to.backend().create(crate::backend::Kind::Pack)?;
     object.append(done.tail.bytes())?;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use crate::backend::{Backend, BackendError, Kind};
+use crate::crypto::{Bound, Codec};
 use crate::format::lock::{self, LockInfo};
 
 /// A lock is stale when not refreshed for this long.
@@ -162,11 +163,17 @@ pub fn describe(info: &LockInfo) -> String {
 pub type ListedLock = (String, Result<LockInfo, String>);
 
 /// Every lock object with its decoded content (unreadable ones as Err text).
-pub fn list(backend: &dyn Backend) -> Result<Vec<ListedLock>, BackendError> {
+pub fn list(backend: &dyn Backend, codec: &Codec) -> Result<Vec<ListedLock>, BackendError> {
     let mut out = Vec::new();
     for (name, _) in backend.list(Kind::Lock)? {
         match backend.load(Kind::Lock, &name) {
-            Ok(bytes) => out.push((name, lock::decode(&bytes).map_err(|e| e.to_string()))),
+            Ok(bytes) => {
+                let info = codec
+                    .open_object(Bound::Lock(lock_binding(&name)), &bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|plain| lock::decode(&plain).map_err(|e| e.to_string()));
+                out.push((name, info))
+            }
             Err(e) if e.is_not_found() => continue,
             Err(e) => return Err(e),
         }
@@ -196,8 +203,17 @@ fn new_lock_name() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
+/// What a sealed lock object binds: its name's 32 bytes (all zeros for a
+/// name that is not 64 hex digits, which then fails to open).
+fn lock_binding(name: &str) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    let _ = hex::decode_to_slice(name, &mut b);
+    b
+}
+
 fn write_lock(
     backend: &dyn Backend,
+    codec: &Codec,
     exclusive: bool,
     command: &str,
 ) -> Result<String, BackendError> {
@@ -209,29 +225,39 @@ fn write_lock(
         command: command.to_string(),
     };
     let name = new_lock_name();
-    backend.save(Kind::Lock, &name, &lock::encode(&info))?;
+    let bytes = codec
+        .seal_object(Bound::Lock(lock_binding(&name)), lock::encode(&info))
+        .map_err(|e| BackendError::Permanent {
+            kind: Kind::Lock,
+            name: name.clone(),
+            op: "seal",
+            error: std::io::Error::other(e.to_string()),
+        })?;
+    backend.save(Kind::Lock, &name, &bytes)?;
     Ok(name)
 }
 
 /// Takes a lock: writes ours, then looks for conflicting live ones.
 pub fn acquire(
     backend: Arc<dyn Backend>,
+    codec: &Codec,
     exclusive: bool,
     command: &str,
 ) -> Result<LockGuard, LockError> {
-    acquire_with(backend, exclusive, command, LockTiming::current())
+    acquire_with(backend, codec, exclusive, command, LockTiming::current())
 }
 
 /// [`acquire`] with an explicit refresh timing.
 pub fn acquire_with(
     backend: Arc<dyn Backend>,
+    codec: &Codec,
     exclusive: bool,
     command: &str,
     timing: LockTiming,
 ) -> Result<LockGuard, LockError> {
-    let name = write_lock(backend.as_ref(), exclusive, command)?;
+    let name = write_lock(backend.as_ref(), codec, exclusive, command)?;
     let now = Utc::now();
-    for (other, info) in list(backend.as_ref())? {
+    for (other, info) in list(backend.as_ref(), codec)? {
         if other == name {
             continue;
         }
@@ -261,6 +287,7 @@ pub fn acquire_with(
     let (stop_tx, stop_rx) = channel::<()>();
     let refresher = {
         let backend = backend.clone();
+        let codec = codec.clone();
         let current = current.clone();
         let command = command.to_string();
         let health = health.clone();
@@ -268,7 +295,7 @@ pub fn acquire_with(
             match stop_rx.recv_timeout(timing.refresh_every) {
                 Err(RecvTimeoutError::Timeout) => {
                     match refresh_fault()
-                        .and_then(|()| write_lock(backend.as_ref(), exclusive, &command))
+                        .and_then(|()| write_lock(backend.as_ref(), &codec, exclusive, &command))
                     {
                         Ok(new) => {
                             let old =

@@ -8,6 +8,7 @@ pub mod backup;
 pub mod check;
 pub mod copy;
 pub mod forget;
+pub mod keys;
 pub mod location;
 pub mod lock;
 pub mod policy;
@@ -25,6 +26,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use chrono::Utc;
 
 use crate::backend::{Backend, BackendError, Kind, LocalBackend};
+use crate::crypto::{Bound, Codec, Keys, MasterSecret};
 use crate::format::config::{self, RepoConfig};
 use crate::format::snapshot::{self, SnapshotMeta, SnapshotObject};
 use crate::format::{pack as pack_layout, FormatError, ObjectName, SnapshotId};
@@ -33,6 +35,7 @@ use crate::manifest::{self, BlockMap};
 use crate::pack::PackError;
 use crate::source::SourceError;
 
+pub use keys::{KeyInfo, NewKey, PasswordSource};
 pub use location::{Location, S3Settings, S3Style};
 pub use lock::{LockError, LockGuard};
 
@@ -51,6 +54,13 @@ pub enum RepoError {
     NotARepository { location: String },
     #[error("'{location}' already holds a repository or other files")]
     AlreadyExists { location: String },
+    /// No key object of an encrypted repository opens with the password.
+    #[error("wrong password: no key of '{location}' opens with it")]
+    WrongPassword { location: String },
+    #[error("'{location}' is encrypted: give its password with --password-file, CBTVAULT_PASSWORD_FILE or CBTVAULT_PASSWORD (or type it at a terminal)")]
+    PasswordRequired { location: String },
+    #[error("cannot read the password: {0}")]
+    PasswordUnavailable(String),
     #[error(transparent)]
     Backend(#[from] BackendError),
     #[error(transparent)]
@@ -150,6 +160,8 @@ pub struct InitOptions {
     pub block_size: u32,
     pub compression_level: i32,
     pub pack_size_target_bytes: u64,
+    /// Encrypted (format version 2) with a first key for this password.
+    pub encryption: Option<NewKey>,
 }
 
 impl Default for InitOptions {
@@ -158,6 +170,7 @@ impl Default for InitOptions {
             block_size: 65536,
             compression_level: 3,
             pack_size_target_bytes: 32 << 20,
+            encryption: None,
         }
     }
 }
@@ -167,6 +180,8 @@ impl Default for InitOptions {
 pub struct OpenOptions {
     /// Take no lock (restic's `--no-lock`): reading commands only.
     pub no_lock: bool,
+    /// The password, asked for only if the repository is encrypted.
+    pub password: Option<PasswordSource>,
 }
 
 /// An open repository.
@@ -175,6 +190,9 @@ pub struct Repository {
     /// The local folder; None for object storage.
     root: Option<PathBuf>,
     config: RepoConfig,
+    /// Plain, or sealed with the keys of the master secret in `unlocked`.
+    codec: Codec,
+    unlocked: Option<keys::Unlocked>,
     catalog: Mutex<Catalog>,
     /// Set when opening found no usable catalog and rebuilt it.
     pub catalog_rebuilt: bool,
@@ -194,8 +212,9 @@ pub struct Repository {
     catalog_path: PathBuf,
     /// The private cache folder holding the catalog, removed on drop.
     cache_dir: Option<PathBuf>,
-    /// On object storage: the catalog is this machine's cache, brought
-    /// up to date with the listed packs whenever a lock is taken.
+    /// On object storage, and for encrypted repositories: the catalog is
+    /// this machine's cache, brought up to date with the listed packs
+    /// whenever a lock is taken.
     remote: bool,
     /// What readers want the user told (a healed block, damage the
     /// catalog could not record); commands print them (`take_notices`).
@@ -283,6 +302,7 @@ fn copy_catalog(root: &Path, dir: &Path) -> Result<PathBuf, RepoError> {
 /// file and `repair index`. The returned catalog is empty (`Reset`).
 fn replace_corrupt_catalog(
     backend: &Arc<dyn Backend>,
+    codec: &Codec,
     path: &Path,
     repo_id: &str,
     read_only: bool,
@@ -307,7 +327,7 @@ fn replace_corrupt_catalog(
             "--no-lock was given and replacing it needs the exclusive lock".into(),
         ));
     }
-    let guard = match lock::acquire(backend.clone(), true, "catalog rebuild") {
+    let guard = match lock::acquire(backend.clone(), codec, true, "catalog rebuild") {
         Ok(g) => g,
         Err(e) => return Err(cannot(format!("the exclusive lock is not free ({e})"))),
     };
@@ -366,23 +386,81 @@ impl Repository {
                 options.block_size
             )));
         }
+        let encrypted = options.encryption.is_some();
         let config = RepoConfig {
-            version: config::FORMAT_VERSION,
+            version: if encrypted {
+                config::ENCRYPTED_VERSION
+            } else {
+                config::FORMAT_VERSION
+            },
             id: hex::encode(rand::random::<[u8; 32]>()),
             created: Utc::now(),
             block_size: options.block_size,
-            hash: "blake3".into(),
+            hash: if encrypted {
+                config::KEYED_HASH.into()
+            } else {
+                "blake3".into()
+            },
             compression: "zstd".into(),
             compression_level: options.compression_level,
             pack_size_target_bytes: options.pack_size_target_bytes,
         };
+        let master = encrypted.then(MasterSecret::random);
         // Validate what we are about to write exactly as a reader would.
-        let bytes = config::encode(&config);
-        config::decode(&bytes).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let bytes = match &master {
+            None => {
+                let bytes = config::encode(&config);
+                config::decode(&bytes).map_err(|e| RepoError::Invalid(e.to_string()))?;
+                bytes
+            }
+            Some(m) => {
+                let keys = Keys::derive(m);
+                let id = config_id_bytes(&config.id);
+                let sealed = crate::crypto::seal(
+                    keys.object_key(),
+                    &Bound::Config(id),
+                    &config::encode_body(&config),
+                );
+                let bytes = config::encode_encrypted(&config.id, &sealed);
+                let back = match config::decode_outer(&bytes) {
+                    Ok(config::Outer::Encrypted { sealed, .. }) => {
+                        crate::crypto::open(keys.object_key(), &Bound::Config(id), &sealed)
+                            .map_err(|e| RepoError::Invalid(e.to_string()))
+                            .and_then(|body| {
+                                config::decode_body(&config.id, &body)
+                                    .map_err(|e| RepoError::Invalid(e.to_string()))
+                            })?
+                    }
+                    other => {
+                        return Err(RepoError::Invalid(format!(
+                            "encrypted config does not decode: {other:?}"
+                        )))
+                    }
+                };
+                if back != config {
+                    return Err(RepoError::Invalid(
+                        "encrypted config does not read back (verify before write)".into(),
+                    ));
+                }
+                bytes
+            }
+        };
+        // The first key object, written before the config (a folder or
+        // prefix without a config is not a repository yet).
+        let write_first_key = |backend: &dyn Backend| -> Result<Option<ObjectName>, RepoError> {
+            match (&master, &options.encryption) {
+                (Some(m), Some(new)) => Ok(Some(keys::write_key(backend, &config.id, m, new)?)),
+                _ => Ok(None),
+            }
+        };
         let catalog_path = match location {
             Location::Local(path) => {
-                Self::init_local(path, &bytes)?;
-                path.join(CATALOG_FILE)
+                Self::init_local(path, &bytes, &write_first_key)?;
+                if encrypted {
+                    remote_catalog_path(&config.id)?
+                } else {
+                    path.join(CATALOG_FILE)
+                }
             }
             Location::S3 { .. } => {
                 let s3 = location.s3_backend()?.expect("an S3 location");
@@ -392,12 +470,17 @@ impl Repository {
                     crate::backend::retry::with_retries(&policy, &counter, |_| op())
                 };
                 retried(&|| s3.ensure_bucket())?;
-                for kind in [Kind::Snapshot, Kind::Pack] {
+                for kind in [Kind::Snapshot, Kind::Pack, Kind::Key] {
                     if retried(&|| Ok(!s3.list(kind)?.is_empty()))? {
                         return Err(RepoError::AlreadyExists { location: shown });
                     }
                 }
+                let key = write_first_key(&s3)?;
                 if !retried(&|| s3.save_if_absent(Kind::Config, "config", &bytes))? {
+                    // Another init won: our key wraps a secret nobody uses.
+                    if let Some(k) = key {
+                        let _ = s3.remove(Kind::Key, &k.to_hex());
+                    }
                     return Err(RepoError::AlreadyExists { location: shown });
                 }
                 remote_catalog_path(&config.id)?
@@ -410,7 +493,11 @@ impl Repository {
         Ok(config)
     }
 
-    fn init_local(path: &Path, config_bytes: &[u8]) -> Result<(), RepoError> {
+    fn init_local(
+        path: &Path,
+        config_bytes: &[u8],
+        before_config: &BeforeConfig<'_>,
+    ) -> Result<(), RepoError> {
         let location = path.display().to_string();
         if path.exists() {
             let non_empty = std::fs::read_dir(path)
@@ -429,6 +516,7 @@ impl Repository {
             what: format!("create repository folders in '{location}'"),
             source,
         })?;
+        before_config(&backend)?;
         backend.save(Kind::Config, "config", config_bytes)?;
         Ok(())
     }
@@ -466,11 +554,43 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
-        let config =
-            config::decode(&bytes).map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
+        let outer = config::decode_outer(&bytes)
+            .map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
+        let (config, unlocked) = match outer {
+            config::Outer::Plain(c) => (c, None),
+            config::Outer::Encrypted { id, sealed } => {
+                let password =
+                    options
+                        .password
+                        .as_ref()
+                        .ok_or_else(|| RepoError::PasswordRequired {
+                            location: location.to_string(),
+                        })?;
+                let unlocked =
+                    keys::find_key(backend.as_ref(), &id, &location.to_string(), password)?;
+                let k = Keys::derive(&unlocked.master);
+                let body = crate::crypto::open(
+                    k.object_key(),
+                    &Bound::Config(config_id_bytes(&id)),
+                    &sealed,
+                )
+                .map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
+                let c = config::decode_body(&id, &body)
+                    .map_err(|e| RepoError::corrupt(Kind::Config, "config", e))?;
+                (c, Some(unlocked))
+            }
+        };
+        let codec = match &unlocked {
+            None => Codec::Plain,
+            Some(u) => Codec::Sealed(Arc::new(Keys::derive(&u.master))),
+        };
+        let encrypted = unlocked.is_some();
         let read_only = !backend.probe_writable();
         let (catalog_path, cache_dir) = match location {
             Location::S3 { .. } => (remote_catalog_path(&config.id)?, None),
+            // The catalog holds snapshot metadata in the clear: never in
+            // an encrypted repository's folder (spec: 09-encryption.md#catalog).
+            Location::Local(_) if encrypted => (remote_catalog_path(&config.id)?, None),
             Location::Local(path) if read_only => {
                 let dir = private_cache_dir(&config.id);
                 (copy_catalog(path, &dir)?, Some(dir))
@@ -483,6 +603,7 @@ impl Repository {
             Err(e) if e.is_corrupt() => {
                 let (catalog, guard, aside) = replace_corrupt_catalog(
                     &backend,
+                    &codec,
                     &catalog_path,
                     &config.id,
                     read_only,
@@ -499,6 +620,8 @@ impl Repository {
             backend,
             root: location.local_path().map(Path::to_path_buf),
             config,
+            codec,
+            unlocked,
             catalog: Mutex::new(catalog),
             catalog_rebuilt: false,
             unreadable_snapshots: Vec::new(),
@@ -509,7 +632,7 @@ impl Repository {
             no_lock: options.no_lock,
             catalog_path,
             cache_dir,
-            remote: is_remote,
+            remote: is_remote || encrypted,
             notices: Mutex::new(Vec::new()),
         };
         if state == OpenState::Current {
@@ -521,6 +644,7 @@ impl Repository {
                     *repo.catalog.get_mut().expect("catalog mutex") = Catalog::detached()?;
                     let (catalog, guard, aside) = replace_corrupt_catalog(
                         &repo.backend,
+                        &repo.codec,
                         &repo.catalog_path,
                         &repo.config.id,
                         read_only,
@@ -571,6 +695,15 @@ impl Repository {
 
     pub fn config(&self) -> &RepoConfig {
         &self.config
+    }
+
+    /// How this repository's block ids are computed and objects stored.
+    pub fn codec(&self) -> &Codec {
+        &self.codec
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.codec.is_sealed()
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -628,7 +761,7 @@ impl Repository {
             }
             return Ok(LockGuard::skipped(self.backend.clone()));
         }
-        let guard = lock::acquire(self.backend.clone(), exclusive, command)?;
+        let guard = lock::acquire(self.backend.clone(), &self.codec, exclusive, command)?;
         *self.lock_health.lock().expect("lock health") = Some(guard.health());
         if self.remote {
             // Under the lock no prune can remove a pack: from here on the
@@ -708,13 +841,14 @@ impl Repository {
                 available: size,
             }));
         }
+        let framing = self.codec.framing();
         let mut header = [0u8; pack_layout::HEADER_LEN];
         self.backend.load_into(Kind::Pack, name, 0, &mut header)?;
-        pack_layout::decode_header(&header).map_err(bad)?;
+        pack_layout::decode_header_framed(&header, framing).map_err(bad)?;
         let mut footer = [0u8; pack_layout::FOOTER_LEN];
         self.backend
             .load_into(Kind::Pack, name, size - footer.len() as u64, &mut footer)?;
-        let trailer_len = pack_layout::decode_footer(&footer, size).map_err(bad)?;
+        let trailer_len = pack_layout::decode_footer_framed(&footer, size, framing).map_err(bad)?;
         let mut trailer = vec![0u8; trailer_len as usize];
         self.backend.load_into(
             Kind::Pack,
@@ -722,7 +856,32 @@ impl Repository {
             size - (pack_layout::FOOTER_LEN as u64) - trailer_len as u64,
             &mut trailer,
         )?;
-        pack_layout::decode_trailer(&trailer, size, self.config.block_size).map_err(bad)
+        let plain = self
+            .codec
+            .open_trailer(&trailer)
+            .map_err(|e| RepoError::corrupt(Kind::Pack, name, format!("trailer: {e}")))?;
+        pack_layout::decode_trailer_framed(
+            &plain,
+            trailer_len as u64,
+            size,
+            self.config.block_size,
+            framing,
+        )
+        .map_err(bad)
+    }
+
+    /// The packs an index object lists, from its stored bytes (opened when
+    /// sealed), or why it cannot be used.
+    pub fn decode_index_object(
+        &self,
+        bytes: &[u8],
+    ) -> Result<Vec<crate::format::index::IndexedPack>, String> {
+        let plain = self
+            .codec
+            .open_object(Bound::Index, bytes)
+            .map_err(|e| e.to_string())?;
+        crate::format::index::decode_framed(&plain, self.config.block_size, self.codec.framing())
+            .map_err(|e| e.to_string())
     }
 
     /// Rebuilds the catalog from the packs and snapshot objects alone, in
@@ -830,7 +989,7 @@ impl Repository {
                 if ObjectName::of(&bytes) != name {
                     continue;
                 }
-                let Ok(packs) = crate::format::index::decode(&bytes, self.config.block_size) else {
+                let Ok(packs) = self.decode_index_object(&bytes) else {
                     continue;
                 };
                 for p in packs {
@@ -990,7 +1149,11 @@ impl Repository {
                 "content does not match its name (hash)",
             ));
         }
-        snapshot::decode(&bytes).map_err(|e| RepoError::corrupt(Kind::Snapshot, name, e))
+        let plain = self
+            .codec
+            .open_object(Bound::Snapshot, &bytes)
+            .map_err(|e| RepoError::corrupt(Kind::Snapshot, name.clone(), e))?;
+        snapshot::decode(&plain).map_err(|e| RepoError::corrupt(Kind::Snapshot, name, e))
     }
 
     /// Makes the catalog's snapshot table mirror `snapshots/`.
@@ -1188,7 +1351,7 @@ impl Repository {
             return Ok(Some(Err("content does not match its name".into())));
         }
         Ok(Some(
-            crate::format::index::decode(&bytes, self.config.block_size)
+            self.decode_index_object(&bytes)
                 .map_err(|e| format!("undecodable ({e})")),
         ))
     }
@@ -1214,8 +1377,11 @@ impl Repository {
         use crate::format::index;
         let mut written = Vec::new();
         for part in index::split_at(packs, max_entries) {
-            let bytes = index::encode(&part);
-            index::decode(&bytes, self.config.block_size).map_err(|e| {
+            let plain = index::encode(&part);
+            index::decode_framed(&plain, self.config.block_size, self.codec.framing()).map_err(
+                |e| RepoError::Invalid(format!("index object about to be written: {e}")),
+            )?;
+            let bytes = self.codec.seal_object(Bound::Index, plain).map_err(|e| {
                 RepoError::Invalid(format!("index object about to be written: {e}"))
             })?;
             let name = ObjectName::of(&bytes);
@@ -1234,7 +1400,11 @@ impl Repository {
         // The last check point: nothing is committed after a stop signal.
         crate::interrupt::check()?;
         self.ensure_lock_held()?;
-        let bytes = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let plain = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let bytes = self
+            .codec
+            .seal_object(Bound::Snapshot, plain)
+            .map_err(|e| RepoError::Invalid(format!("snapshot about to be written: {e}")))?;
         let name = ObjectName::of(&bytes);
         self.backend.save(Kind::Snapshot, &name.to_hex(), &bytes)?;
         #[cfg(debug_assertions)]
@@ -1313,4 +1483,14 @@ pub(crate) fn test_failpoint(name: &str) -> Result<(), RepoError> {
         });
     }
     Ok(())
+}
+
+/// What `init` writes before the config (the first key object).
+type BeforeConfig<'a> = dyn Fn(&dyn Backend) -> Result<Option<ObjectName>, RepoError> + 'a;
+
+/// The 32 bytes of a (validated) repository id.
+fn config_id_bytes(id: &str) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    hex::decode_to_slice(id, &mut b).expect("a validated 64-hex-digit repository id");
+    b
 }

@@ -388,7 +388,7 @@ fn prune_marked(
     progress.set_total(plan.repack.len() as u64);
     let target = repo.config().pack_size_target_bytes.max(1 << 20);
     let mut written: Vec<(ObjectName, u64)> = Vec::new();
-    let mut writer = PackWriter::new(target);
+    let mut writer = PackWriter::new(target, repo.codec());
     let mut repacked = Vec::new();
     for &k in &plan.repack {
         crate::interrupt::check()?;
@@ -427,10 +427,10 @@ fn prune_marked(
             writer.add(&CompressedBlock {
                 id: e.block_id,
                 raw_length: e.raw_length,
-                stored: Stored::Frame(frame.to_vec()),
+                stored: Stored::Verbatim(frame.to_vec()),
             })?;
             if writer.is_full() {
-                let full = std::mem::replace(&mut writer, PackWriter::new(target));
+                let full = std::mem::replace(&mut writer, PackWriter::new(target, repo.codec()));
                 written.push(write_pack(repo, full)?);
             }
         }
@@ -612,7 +612,7 @@ fn prune_index_objects(repo: &Repository) -> Result<(u64, u64), RepoError> {
 
 /// Makes one new pack durable; returns its name and size.
 fn write_pack(repo: &Repository, writer: PackWriter) -> Result<(ObjectName, u64), RepoError> {
-    let done = writer.finish();
+    let done = writer.finish()?;
     repo.ensure_lock_held()?;
     let mut object = repo.backend().create(Kind::Pack)?;
     object.append(done.tail.bytes())?;

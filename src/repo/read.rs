@@ -28,6 +28,7 @@ use thiserror::Error;
 
 use super::Repository;
 use crate::backend::Kind;
+use crate::crypto::Codec;
 use crate::format::{pack as layout, BlockId, ObjectName};
 use crate::index::{BlockLocation, IndexError};
 use crate::pack::{decompress_verified, PackError};
@@ -265,7 +266,7 @@ impl<'r> BlockReader<'r> {
                 let b = &blocks[k];
                 let l = b.location.expect("only located blocks are in ranges");
                 let got = match &bufs[r] {
-                    Ok(buf) => verify_blob(b, buf, ranges[r].1),
+                    Ok(buf) => verify_blob(self.repo.codec(), b, buf, ranges[r].1),
                     Err(reason) => Err(ReadError::Unreadable {
                         index: b.index,
                         block: b.block,
@@ -429,7 +430,7 @@ impl<'r> BlockReader<'r> {
                 offset: l.offset,
                 reason: e.to_string(),
             })?;
-        verify_blob(&b, &buf, l.offset)
+        verify_blob(self.repo.codec(), &b, &buf, l.offset)
     }
 
     /// Verifies blobs out of bytes already read from their pack: `buf`
@@ -438,7 +439,7 @@ impl<'r> BlockReader<'r> {
     pub fn verify_loaded(&self, blocks: &[Located], start: u64, buf: &[u8]) -> Vec<BlockResult> {
         blocks
             .par_iter()
-            .map(|b| verify_blob(b, buf, start))
+            .map(|b| verify_blob(self.repo.codec(), b, buf, start))
             .collect()
     }
 
@@ -451,7 +452,13 @@ impl<'r> BlockReader<'r> {
         pack: ObjectName,
         bytes: &[u8],
     ) -> Result<Vec<(layout::TrailerEntry, BlockResult)>, crate::format::FormatError> {
-        let entries = layout::decode_pack_index(bytes, self.repo.config().block_size)?;
+        let codec = self.repo.codec();
+        let entries = layout::decode_pack_index_framed(
+            bytes,
+            self.repo.config().block_size,
+            codec.framing(),
+            |t| codec.open_trailer(t).map_err(|e| e.to_string()),
+        )?;
         let blobs: Vec<Located> = entries
             .iter()
             .enumerate()
@@ -521,7 +528,7 @@ impl<'r> BlockReader<'r> {
 /// Decompresses and verifies the blob of `b` out of `buf` (pack bytes from
 /// offset `start`).
 // spec: format-spec/02-pack.md#blobs (a blob read alone), #duplicates (later)
-fn verify_blob(b: &Located, buf: &[u8], start: u64) -> BlockResult {
+fn verify_blob(codec: &Codec, b: &Located, buf: &[u8], start: u64) -> BlockResult {
     let l = b.location.expect("a located block");
     let damaged = |reason: String| ReadError::Damaged {
         index: b.index,
@@ -537,7 +544,7 @@ fn verify_blob(b: &Located, buf: &[u8], start: u64) -> BlockResult {
         .filter(|&r| r + l.stored_length as usize <= buf.len())
         .ok_or_else(|| damaged("the blob lies outside the pack".into()))?;
     let frame = &buf[rel..rel + l.stored_length as usize];
-    decompress_verified(frame, l.raw_length, b.block, l.pack).map_err(|e| match e {
+    decompress_verified(codec, frame, l.raw_length, b.block, l.pack).map_err(|e| match e {
         PackError::Corrupt { reason, .. } => damaged(reason),
         other => damaged(other.to_string()),
     })
@@ -567,7 +574,7 @@ mod tests {
         let mut buf = vec![0xEEu8; 10];
         buf.extend_from_slice(&frame);
         let b = located(&raw, 1000 + 10, frame.len() as u32);
-        assert_eq!(verify_blob(&b, &buf, 1000).unwrap(), raw);
+        assert_eq!(verify_blob(&Codec::Plain, &b, &buf, 1000).unwrap(), raw);
     }
 
     #[test]
@@ -576,7 +583,7 @@ mod tests {
         let frame = zstd::bulk::compress(&raw, 3).unwrap();
         for (offset, len) in [(0u64, frame.len() as u32), (1001, frame.len() as u32 + 1)] {
             let b = located(&raw, offset, len);
-            match verify_blob(&b, &frame, 1000) {
+            match verify_blob(&Codec::Plain, &b, &frame, 1000) {
                 Err(ReadError::Damaged { index: 7, .. }) => {}
                 other => panic!("expected damage, got {other:?}"),
             }
@@ -590,7 +597,7 @@ mod tests {
         let mid = frame.len() / 2;
         frame[mid] ^= 0x40;
         let b = located(&raw, 0, frame.len() as u32);
-        match verify_blob(&b, &frame, 0) {
+        match verify_blob(&Codec::Plain, &b, &frame, 0) {
             Err(ReadError::Damaged {
                 block,
                 pack,

@@ -82,7 +82,7 @@ pub fn repair_packs(
                 continue;
             }
         };
-        let mut writer = PackWriter::new(size.max(1 << 20));
+        let mut writer = PackWriter::new(size.max(1 << 20), repo.codec());
         for (e, verdict) in &verified {
             if let Err(err) = verdict {
                 repo.mark_damaged(&e.block_id, &pack, &err.to_string())?;
@@ -109,7 +109,7 @@ pub fn repair_packs(
             writer.add(&CompressedBlock {
                 id: e.block_id,
                 raw_length: e.raw_length,
-                stored: Stored::Frame(frame.to_vec()),
+                stored: Stored::Verbatim(frame.to_vec()),
             })?;
             result.blocks_salvaged += 1;
         }
@@ -117,7 +117,7 @@ pub fn repair_packs(
         let new = if writer.is_empty() {
             None
         } else {
-            let done = writer.finish();
+            let done = writer.finish()?;
             let mut object = backend.create(Kind::Pack)?;
             object.append(done.tail.bytes())?;
             object.commit(&done.name.to_hex())?;

@@ -7,6 +7,7 @@
 //! workflow (which disks, creating and destroying VDIs, the new VM) stays
 //! in `commands/restore_xen.rs`. Never prints.
 
+use crate::crypto::BlockHasher;
 use ::bytes::BytesMut;
 
 use crate::format::{BlockId, SnapshotId};
@@ -138,6 +139,7 @@ pub fn verify(
     vdi_ref: &str,
     vdi_uuid: &str,
     map: &BlockMap,
+    hasher: BlockHasher,
 ) -> Result<(), XenTargetError> {
     let entries = session
         .vdi_nbd_info(vdi_ref)
@@ -173,7 +175,7 @@ pub fn verify(
                 ))
             })?;
             buf = std::mem::take(&mut reads[0].1);
-            if let Some((index, expected)) = first_mismatch(map, first, &buf) {
+            if let Some((index, expected)) = first_mismatch(map, hasher, first, &buf) {
                 return Err(XenTargetError::VerifyMismatch {
                     index,
                     vdi_uuid: vdi_uuid.to_string(),
@@ -341,7 +343,12 @@ pub fn body_bytes(map: &BlockMap, format: ImportFormat) -> u64 {
 
 /// The first block of `data` (blocks from `first` on) that differs from
 /// `map`: its index and what the map expects there (None: zeros).
-pub fn first_mismatch(map: &BlockMap, first: u64, data: &[u8]) -> Option<(u64, Option<BlockId>)> {
+pub fn first_mismatch(
+    map: &BlockMap,
+    hasher: BlockHasher,
+    first: u64,
+    data: &[u8],
+) -> Option<(u64, Option<BlockId>)> {
     use rayon::prelude::*;
     let bs = map.block_size as usize;
     data.par_chunks(bs)
@@ -350,7 +357,7 @@ pub fn first_mismatch(map: &BlockMap, first: u64, data: &[u8]) -> Option<(u64, O
         .filter_map(|(index, block)| {
             let expected = map.get(index);
             let ok = match expected {
-                Some(id) => BlockId::of(block) == id,
+                Some(id) => hasher.id(block) == id,
                 None => nbd::bytes::is_zero(block),
             };
             (!ok).then_some((index, expected))
@@ -378,16 +385,19 @@ mod tests {
         let mut m = map(20, [10u64, 12].into_iter());
         m.data = vec![(10, BlockId::of(&a)), (12, BlockId::of(&b))];
         let good = [a.clone(), vec![0; 65536], b.clone(), vec![0; 65536]].concat();
-        assert_eq!(first_mismatch(&m, 10, &good), None);
+        assert_eq!(first_mismatch(&m, BlockHasher::Plain, 10, &good), None);
         let mut bad = good.clone();
         bad[3 * 65536 + 5] = 1; // data where zeros are expected
         bad[2 * 65536] ^= 1; // a changed byte in block 12 (reported first)
         assert_eq!(
-            first_mismatch(&m, 10, &bad),
+            first_mismatch(&m, BlockHasher::Plain, 10, &bad),
             Some((12, Some(BlockId::of(&b))))
         );
         bad[2 * 65536] ^= 1;
-        assert_eq!(first_mismatch(&m, 10, &bad), Some((13, None)));
+        assert_eq!(
+            first_mismatch(&m, BlockHasher::Plain, 10, &bad),
+            Some((13, None))
+        );
     }
 
     #[test]

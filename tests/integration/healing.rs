@@ -221,9 +221,9 @@ fn an_intact_duplicate_in_another_pack_heals_the_catalog() {
 
     // A second pack holding X, as a concurrent backup could have written.
     let xid = BlockId(*blake3::hash(&x).as_bytes());
-    let mut w = PackWriter::new(1 << 20);
+    let mut w = PackWriter::new(1 << 20, &cbtvault::crypto::Codec::Plain);
     w.add(&compress_block(&x, xid, 3).unwrap()).unwrap();
-    let done = w.finish();
+    let done = w.finish().unwrap();
     let name = done.name.to_hex();
     let dir = t.repo.join("data").join(&name[..2]);
     std::fs::create_dir_all(&dir).unwrap();
@@ -237,7 +237,14 @@ fn an_intact_duplicate_in_another_pack_heals_the_catalog() {
     assert_ne!(dir.join(&name), damaged_pack);
     let bytes = std::fs::read(dir.join(&name)).unwrap();
     let frame = &bytes[loc.offset as usize..(loc.offset + loc.stored_length as u64) as usize];
-    decompress_verified(frame, loc.raw_length, xid, loc.pack).unwrap();
+    decompress_verified(
+        &cbtvault::crypto::Codec::Plain,
+        frame,
+        loc.raw_length,
+        xid,
+        loc.pack,
+    )
+    .unwrap();
     repo.use_copy(&xid, &loc, size).unwrap();
     drop(repo);
 
@@ -281,9 +288,9 @@ pub fn write_duplicate_pack(t: &TestRepo, block: &[u8]) -> (PathBuf, cbtvault::f
     use cbtvault::format::BlockId;
     use cbtvault::pack::{compress_block, PackWriter};
     let id = BlockId(*blake3::hash(block).as_bytes());
-    let mut w = PackWriter::new(1 << 20);
+    let mut w = PackWriter::new(1 << 20, &cbtvault::crypto::Codec::Plain);
     w.add(&compress_block(block, id, 3).unwrap()).unwrap();
-    let done = w.finish();
+    let done = w.finish().unwrap();
     let name = done.name.to_hex();
     let dir = t.repo.join("data").join(&name[..2]);
     std::fs::create_dir_all(&dir).unwrap();

@@ -831,20 +831,20 @@ fn config_damage_is_rejected() {
         config::decode(CONFIG_JSON.replacen(from, to, 1).as_bytes())
     };
     assert_eq!(
-        edit("\"version\": 1", "\"version\": 2"),
+        edit("\"version\": 1", "\"version\": 3"),
         Err(FormatError::UnsupportedVersion {
             what: "config",
-            version: 2
+            version: 3
         })
     );
     // A newer version is reported as such even if the rest would not parse.
     invalid_reason(edit("\"hash\": \"blake3\"", "\"hash\": 7"), "config");
     let newer = CONFIG_JSON
-        .replacen("\"version\": 1", "\"version\": 2", 1)
+        .replacen("\"version\": 1", "\"version\": 3", 1)
         .replacen("\"hash\": \"blake3\"", "\"hash\": 7", 1);
     assert!(matches!(
         config::decode(newer.as_bytes()),
-        Err(FormatError::UnsupportedVersion { version: 2, .. })
+        Err(FormatError::UnsupportedVersion { version: 3, .. })
     ));
     let cases = [
         ("\"blake3\"", "\"blake2\"", "unsupported hash 'blake2'"),

@@ -856,7 +856,7 @@ fn xen_password_only_from_file_or_env_and_never_shown() {
         &src,
         &"--fingerprint",
         &fp,
-        &"--password-file",
+        &"--xen-password-file",
         &pws,
     ];
     run_with_password(&repo, &args, "").ok();

@@ -131,6 +131,7 @@ impl Drop for PooledBuf {
 /// in one range each, all ranges handed to the source at once.
 fn read_batch(
     source: &dyn BlockSource,
+    hasher: crate::crypto::BlockHasher,
     block_size: u32,
     indices: &[u64],
     pool: &BufPool,
@@ -179,7 +180,7 @@ fn read_batch(
         .iter()
         .map(|&(_, off, len)| {
             let raw = &data[off..off + len];
-            (!is_zero(raw)).then(|| (BlockId::of(raw), looks_incompressible(raw)))
+            (!is_zero(raw)).then(|| (hasher.id(raw), looks_incompressible(raw)))
         })
         .collect();
     Ok(batch)
@@ -310,9 +311,12 @@ fn writer(
     let fresh = || spare_rx.try_recv().unwrap_or_default();
     // Room for a chunk and one more frame of the largest block, so the
     // staging buffer never moves (and loses its alignment) mid-chunk.
-    let room =
-        PACK_CHUNK + crate::format::pack::max_stored_length(repo.config().block_size) as usize;
-    let next_pack = || PackWriter::with_room(target, fresh(), room);
+    let room = PACK_CHUNK
+        + repo
+            .codec()
+            .framing()
+            .max_stored_length(repo.config().block_size) as usize;
+    let next_pack = || PackWriter::with_room(target, fresh(), room, repo.codec());
     std::thread::scope(|s| {
         let mut to_savers = Vec::with_capacity(saver_count);
         let mut savers = Vec::with_capacity(saver_count);
@@ -327,7 +331,7 @@ fn writer(
         // Pack k goes to saver k % saver_count, all its bytes in order.
         let mut k = 0usize;
         let mut pack = next_pack();
-        let fill = (|| -> Result<bool, RepoError> {
+        let mut fill = (|| -> Result<bool, RepoError> {
             for blocks in rx {
                 // A stop signal: the pack being filled is dropped unfinished
                 // (its temporary file removed), nothing more is saved.
@@ -336,7 +340,7 @@ fn writer(
                     pack.add(b)?;
                     let msg = if pack.is_full() {
                         let full = std::mem::replace(&mut pack, next_pack());
-                        ToSaver::Finish(full.finish())
+                        ToSaver::Finish(full.finish()?)
                     } else if pack.staged() >= PACK_CHUNK {
                         ToSaver::Chunk(pack.take_chunk(fresh(), room))
                     } else {
@@ -354,7 +358,12 @@ fn writer(
         })();
         if let Ok(true) = fill {
             if !pack.is_empty() {
-                let _ = to_savers[k % saver_count].send(ToSaver::Finish(pack.finish()));
+                match pack.finish() {
+                    Ok(done) => {
+                        let _ = to_savers[k % saver_count].send(ToSaver::Finish(done));
+                    }
+                    Err(e) => fill = Err(e.into()),
+                }
             }
         }
         drop(to_savers);
@@ -449,9 +458,10 @@ pub fn run(
             plan_txs.push(plan_tx);
             read_rxs.push(read_rx);
             let pool = pool.clone();
+            let hasher = repo.codec().hasher();
             s.spawn(move || {
                 for indices in plan_rx {
-                    let batch = read_batch(source, block_size, &indices, &pool);
+                    let batch = read_batch(source, hasher, block_size, &indices, &pool);
                     let failed = batch.is_err();
                     if read_tx.send(batch).is_err() || failed {
                         return;

@@ -122,7 +122,7 @@ impl XenUrl {
         }
         if url.password().is_some() {
             return Err(bad(
-                "a password in the URL is refused: use --password-file or CBTVAULT_XEN_PASSWORD",
+                "a password in the URL is refused: use --xen-password-file or CBTVAULT_XEN_PASSWORD",
             ));
         }
         let host = url
