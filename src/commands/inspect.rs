@@ -13,12 +13,23 @@ use crate::output::{human_bytes, plural, Ui};
 use crate::repo::{lock, InitOptions, Location, Repository};
 
 pub fn init(ui: &Ui, location: &Location, options: &InitOptions) -> Result<Outcome> {
-    let config = Repository::init_at(location, options)?;
-    ui.summary(&json!({"repository_id": config.id, "location": location.to_string()}));
+    let (config, key) = Repository::init_at(location, options)?;
+    ui.summary(&json!({
+        "repository_id": config.id,
+        "location": location.to_string(),
+        "encrypted": key.is_some(),
+        "key_id": key.map(|k| k.to_hex()),
+    }));
     ui.info(format!(
-        "created repository {} at '{location}'",
+        "created {}repository {} at '{location}'",
+        if key.is_some() { "encrypted " } else { "" },
         &config.id[..8],
     ));
+    if key.is_some() {
+        ui.info(
+            "keep the password safe: without it (or another key's) nothing in the repository can be read",
+        );
+    }
     Ok(Outcome::Ok)
 }
 

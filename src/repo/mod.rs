@@ -373,12 +373,15 @@ pub struct SnapshotEntry {
 impl Repository {
     /// Creates a repository in an empty or missing folder.
     pub fn init(path: &Path, options: &InitOptions) -> Result<RepoConfig, RepoError> {
-        Self::init_at(&Location::Local(path.to_path_buf()), options)
+        Ok(Self::init_at(&Location::Local(path.to_path_buf()), options)?.0)
     }
 
     /// Creates a repository at `location`: an empty or missing folder, or
     /// an S3 prefix without a `config` (the bucket is created if missing).
-    pub fn init_at(location: &Location, options: &InitOptions) -> Result<RepoConfig, RepoError> {
+    pub fn init_at(
+        location: &Location,
+        options: &InitOptions,
+    ) -> Result<(RepoConfig, Option<ObjectName>), RepoError> {
         let shown = location.to_string();
         if !snapshot::valid_block_size(options.block_size) {
             return Err(RepoError::Invalid(format!(
@@ -453,14 +456,15 @@ impl Repository {
                 _ => Ok(None),
             }
         };
-        let catalog_path = match location {
+        let (catalog_path, key) = match location {
             Location::Local(path) => {
-                Self::init_local(path, &bytes, &write_first_key)?;
-                if encrypted {
+                let key = Self::init_local(path, &bytes, &write_first_key)?;
+                let catalog = if encrypted {
                     remote_catalog_path(&config.id)?
                 } else {
                     path.join(CATALOG_FILE)
-                }
+                };
+                (catalog, key)
             }
             Location::S3 { .. } => {
                 let s3 = location.s3_backend()?.expect("an S3 location");
@@ -475,7 +479,9 @@ impl Repository {
                         return Err(RepoError::AlreadyExists { location: shown });
                     }
                 }
-                let key = write_first_key(&s3)?;
+                // Through the retrying wrapper, as every later write.
+                let retrying = location.remote_backend()?.expect("an S3 location");
+                let key = write_first_key(retrying.as_ref())?;
                 if !retried(&|| s3.save_if_absent(Kind::Config, "config", &bytes))? {
                     // Another init won: our key wraps a secret nobody uses.
                     if let Some(k) = key {
@@ -483,21 +489,21 @@ impl Repository {
                     }
                     return Err(RepoError::AlreadyExists { location: shown });
                 }
-                remote_catalog_path(&config.id)?
+                (remote_catalog_path(&config.id)?, key)
             }
         };
         // An empty, complete catalog: the first open has nothing to rebuild.
         Catalog::open(&catalog_path, &config.id)?
             .0
             .mark_complete()?;
-        Ok(config)
+        Ok((config, key))
     }
 
     fn init_local(
         path: &Path,
         config_bytes: &[u8],
         before_config: &BeforeConfig<'_>,
-    ) -> Result<(), RepoError> {
+    ) -> Result<Option<ObjectName>, RepoError> {
         let location = path.display().to_string();
         if path.exists() {
             let non_empty = std::fs::read_dir(path)
@@ -516,9 +522,9 @@ impl Repository {
             what: format!("create repository folders in '{location}'"),
             source,
         })?;
-        before_config(&backend)?;
+        let key = before_config(&backend)?;
         backend.save(Kind::Config, "config", config_bytes)?;
-        Ok(())
+        Ok(key)
     }
 
     /// Opens a repository; rebuilds the catalog when it is missing or stale

@@ -270,6 +270,9 @@ fn generate_man_writes_a_page_per_subcommand() {
     for sub in ["index", "packs", "snapshots", "tmp"] {
         expected.push(format!("cbtvault-repair-{sub}"));
     }
+    for sub in ["list", "add", "remove", "passwd"] {
+        expected.push(format!("cbtvault-key-{sub}"));
+    }
     let mut found: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

@@ -71,7 +71,12 @@ fn backup_and_prune_keep_the_index_objects_exactly_covering_the_packs() {
 fn a_second_machine_uses_index_objects_and_survives_a_damaged_one() {
     let server = S3Server::shared();
     let url = server.fresh_url("idx");
-    let t = TestRepo::at(&url, server.env(), &["--pack-size-mib", "1"]);
+    let t = TestRepo::at(
+        &url,
+        server.env(),
+        // Plain: the test reads the index objects' bytes itself.
+        &["--pack-size-mib", "1", "--no-encrypt"],
+    );
     let img = Image::create(&t.path("disk.img"), 48 * BS);
     for i in 0..48 {
         img.write_block(i, &random_block(80, i));
@@ -126,7 +131,12 @@ fn check_reports_a_damaged_index_object_as_a_warning() {
 fn prune_merges_many_small_index_objects_into_one_even_across_a_crash() {
     let server = S3Server::shared();
     let url = server.fresh_url("idxmerge");
-    let t = TestRepo::at(&url, server.env(), &["--pack-size-mib", "1"]);
+    let t = TestRepo::at(
+        &url,
+        server.env(),
+        // Plain: the test reads the index objects' bytes itself.
+        &["--pack-size-mib", "1", "--no-encrypt"],
+    );
     let b = server.backend_at(&url);
     let img = Image::create(&t.path("disk.img"), 16 * BS);
     let mut ids = Vec::new();

@@ -4,6 +4,7 @@ mod codec_props;
 mod conveniences;
 mod util;
 mod vectors;
+mod vectors_encrypted;
 
 mod catalog;
 mod catalog_damage;
@@ -12,6 +13,7 @@ mod cli;
 mod copy;
 mod corruption;
 mod crash;
+mod encryption;
 mod exit_codes;
 mod file_source;
 mod forget;

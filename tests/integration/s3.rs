@@ -509,7 +509,7 @@ fn credentials_come_from_the_environment_or_the_shared_file_never_argv() {
         "[default]\naws_access_key_id = a\naws_secret_access_key = b\n[ops]\naws_access_key_id=c\naws_secret_access_key=d\n",
     )
     .unwrap();
-    run(&env(&[]), &[&"init"]).ok();
+    run(&env(&[]), &[&"init", &"--no-encrypt"]).ok();
     let r = run(&env(&[("AWS_PROFILE", "nope")]), &[&"snapshots"]);
     assert_eq!(r.code, 1);
     r.stderr_mentions(&["[nope]"]);

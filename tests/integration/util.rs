@@ -163,6 +163,21 @@ pub fn run_in_env(cwd: &Path, args: &[&dyn AsRef<OsStr>], envs: &[(&str, &str)])
     }
 }
 
+/// Argon2id at its cheapest (8 MiB, one pass): tests open repositories
+/// hundreds of times.
+pub const FAST_KDF: &[&str] = &["--kdf-memory", "8", "--kdf-iterations", "1"];
+
+/// The password of the test's encrypted repositories, written to
+/// `dir/password`; the variable that names the file.
+pub fn password_env(dir: &Path) -> (String, String) {
+    let file = dir.join("password");
+    std::fs::write(&file, "test password\n").expect("write the password file");
+    (
+        "CBTVAULT_PASSWORD_FILE".to_string(),
+        file.display().to_string(),
+    )
+}
+
 /// A temporary folder holding a repository (`repo/`) and scratch files.
 pub struct TestRepo {
     dir: tempfile::TempDir,
@@ -195,7 +210,9 @@ impl TestRepo {
     }
 
     /// A repository at `url` (an `s3://` URL) whose commands run with
-    /// `env` (endpoint, credentials), initialised with `extra` options.
+    /// `env` (endpoint, credentials), initialised with `extra` options:
+    /// encrypted, as `init` makes repositories on object storage by
+    /// default, unless `extra` holds `--no-encrypt`.
     pub fn at(url: &str, env: Vec<(String, String)>, extra: &[&str]) -> TestRepo {
         let dir = tempfile::Builder::new()
             .prefix("cbtvault-it-")
@@ -207,13 +224,44 @@ impl TestRepo {
             "CBTVAULT_CACHE_DIR".into(),
             dir.path().join("cache").display().to_string(),
         ));
+        env.push(password_env(dir.path()));
         let t = TestRepo {
             dir,
             repo: PathBuf::from(url),
             env,
         };
-        t.init_with(extra);
+        let mut args = FAST_KDF.to_vec();
+        args.extend_from_slice(extra);
+        t.init_with(&args);
         t
+    }
+
+    /// A local encrypted repository (`init --encrypt`, the password in a
+    /// file named by CBTVAULT_PASSWORD_FILE, a cheap Argon2id cost).
+    pub fn encrypted(extra: &[&str]) -> TestRepo {
+        let dir = tempfile::Builder::new()
+            .prefix("cbtvault-it-")
+            .tempdir()
+            .expect("create a temporary folder");
+        let repo = dir.path().join("repo");
+        let env = vec![
+            (
+                "CBTVAULT_CACHE_DIR".to_string(),
+                dir.path().join("cache").display().to_string(),
+            ),
+            password_env(dir.path()),
+        ];
+        let t = TestRepo { dir, repo, env };
+        let mut args = vec!["--encrypt"];
+        args.extend_from_slice(FAST_KDF);
+        args.extend_from_slice(extra);
+        t.init_with(&args);
+        t
+    }
+
+    /// The file holding this repository's password (encrypted ones).
+    pub fn password_file(&self) -> PathBuf {
+        self.dir.path().join("password")
     }
 
     /// The same repository seen from another "machine": a fresh catalog
