@@ -90,26 +90,35 @@ impl Codec {
 
     /// Seals the zstd frame of block `id` in `buf[at + 24..]` in place
     /// (`buf[at..at + 24]` is room for the nonce, see
-    /// [`Framing::overhead`]), checking that it opens back to the same frame.
-    pub fn seal_blob(&self, id: BlockId, buf: &mut Vec<u8>, at: usize) -> Result<(), SealError> {
+    /// [`Framing::overhead`]), then opens a copy and compares it with
+    /// `expected` (verify before write).
+    pub fn seal_blob(
+        &self,
+        id: BlockId,
+        buf: &mut Vec<u8>,
+        at: usize,
+        expected: Expected<'_>,
+    ) -> Result<(), SealError> {
         let Codec::Sealed(keys) = self else {
             return Ok(());
         };
+        seal_in_place(
+            keys.object_key(),
+            super::fresh_nonce(),
+            &Bound::Blob(id),
+            buf,
+            at,
+        );
         SCRATCH.with(|cell| {
-            let (plain, check) = &mut *cell.borrow_mut();
-            plain.clear();
-            plain.extend_from_slice(&buf[at + super::NONCE_LEN..]);
-            seal_in_place(
-                keys.object_key(),
-                super::fresh_nonce(),
-                &Bound::Blob(id),
-                buf,
-                at,
-            );
+            let check = &mut *cell.borrow_mut();
             check.clear();
             check.extend_from_slice(&buf[at..]);
             let opened = open_in_place(keys.object_key(), &Bound::Blob(id), check)?;
-            if opened != &plain[..] {
+            let same = match expected {
+                Expected::Frame(f) => opened == f,
+                Expected::RawFrameOf(raw) => crate::format::raw_frame::matches(opened, raw),
+            };
+            if !same {
                 return Err(SealError::VerifyBeforeWrite);
             }
             Ok(())
@@ -123,10 +132,30 @@ impl Codec {
         id: BlockId,
         stored: &'a [u8],
     ) -> Result<std::borrow::Cow<'a, [u8]>, CryptoError> {
+        self.with_blob(id, stored, |frame| frame.to_vec())
+            .map(std::borrow::Cow::Owned)
+    }
+
+    /// Calls `f` with the zstd frame of a stored blob of block `id`: the
+    /// stored bytes themselves, or their plaintext opened in a per-thread
+    /// buffer (no allocation per block); `f` is not called when they do
+    /// not authenticate.
+    pub fn with_blob<R>(
+        &self,
+        id: BlockId,
+        stored: &[u8],
+        f: impl FnOnce(&[u8]) -> R,
+    ) -> Result<R, CryptoError> {
         let Codec::Sealed(keys) = self else {
-            return Ok(std::borrow::Cow::Borrowed(stored));
+            return Ok(f(stored));
         };
-        super::open(keys.object_key(), &Bound::Blob(id), stored).map(std::borrow::Cow::Owned)
+        OPENED.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            buf.clear();
+            buf.extend_from_slice(stored);
+            let plain = open_in_place(keys.object_key(), &Bound::Blob(id), &mut buf)?;
+            Ok(f(plain))
+        })
     }
 
     /// A pack trailer as stored after the blobs, opened again and compared
@@ -176,8 +205,18 @@ pub fn open_sealed_object(
     Ok(super::open(key, &bound, body)?)
 }
 
+/// What a sealed blob must open back to.
+#[derive(Clone, Copy)]
+pub enum Expected<'a> {
+    /// These frame bytes.
+    Frame(&'a [u8]),
+    /// The raw frame (`format::raw_frame`) of these block bytes.
+    RawFrameOf(&'a [u8]),
+}
+
 thread_local! {
-    // Per-thread buffers for the verify-before-write of sealed blobs.
-    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    // Per-thread buffer for the verify-before-write of sealed blobs.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    // Per-thread buffer blobs are opened in on read.
+    static OPENED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }

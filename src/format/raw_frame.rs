@@ -57,6 +57,36 @@ pub fn encode_into(content: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// True when `frame` is exactly what [`encode_into`] makes of `content`
+/// (compared in place, nothing allocated): how a writer checks a raw frame
+/// it sealed, once opened again.
+pub fn matches(frame: &[u8], content: &[u8]) -> bool {
+    if frame.len() != encoded_len(content.len()) {
+        return false;
+    }
+    let (header, n) = frame_header(content.len() as u64);
+    if frame[..n] != header[..n] {
+        return false;
+    }
+    let mut at = n;
+    if content.is_empty() {
+        return frame[at..] == block_header(0, true);
+    }
+    let mut chunks = content.chunks(MAX_BLOCK).peekable();
+    while let Some(chunk) = chunks.next() {
+        let last = chunks.peek().is_none();
+        if frame[at..at + BLOCK_HEADER_LEN] != block_header(chunk.len(), last) {
+            return false;
+        }
+        at += BLOCK_HEADER_LEN;
+        if &frame[at..at + chunk.len()] != chunk {
+            return false;
+        }
+        at += chunk.len();
+    }
+    true
+}
+
 fn block_header(size: usize, last: bool) -> [u8; BLOCK_HEADER_LEN] {
     let v = ((size as u32) << 3) | u32::from(last); // Block_Type 0 = raw
     let b = v.to_le_bytes();
@@ -71,6 +101,13 @@ mod tests {
         let mut out = Vec::new();
         encode_into(content, &mut out);
         assert_eq!(out.len(), encoded_len(content.len()));
+        assert!(matches(&out, content));
+        if !out.is_empty() {
+            let mut bad = out.clone();
+            let last = bad.len() - 1;
+            bad[last] ^= 1;
+            assert!(!matches(&bad, content));
+        }
         let back = zstd::bulk::decompress(&out, content.len()).expect("zstd decodes a raw frame");
         assert_eq!(back, content);
         assert!(matches!(

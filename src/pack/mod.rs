@@ -5,6 +5,7 @@
 //!
 //! spec: format-spec/02-pack.md
 
+use crate::crypto::codec::Expected;
 use crate::crypto::Codec;
 use crate::format::pack::{self as layout, TrailerEntry};
 use crate::format::{raw_frame, BlockId, ObjectName};
@@ -86,6 +87,14 @@ pub fn prepare_block(
         });
     }
     compress_block(raw, id, level)
+}
+
+/// Whether zstd's own frame parser agrees that `frame` is one frame of
+/// content size `len` and exactly its length (the check of a raw frame,
+/// which has nothing to decompress).
+fn raw_frame_agrees(frame: &[u8], len: usize) -> bool {
+    matches!(zstd::zstd_safe::get_frame_content_size(frame), Ok(Some(n)) if n == len as u64)
+        && zstd::zstd_safe::find_frame_compressed_size(frame) == Ok(frame.len())
 }
 
 /// Bytes sampled by [`looks_incompressible`], in runs of `SAMPLE_RUN`.
@@ -173,10 +182,11 @@ pub fn decompress_verified(
         pack,
         reason,
     };
-    let frame = codec
-        .open_blob(id, stored)
-        .map_err(|e| corrupt(format!("cannot be opened: {e}")))?;
-    let raw = with_decompressor(|d| d.decompress(&frame, raw_length as usize))
+    let raw = codec
+        .with_blob(id, stored, |frame| {
+            with_decompressor(|d| d.decompress(frame, raw_length as usize))
+        })
+        .map_err(|e| corrupt(format!("cannot be opened: {e}")))?
         .map_err(|e| corrupt(format!("cannot decompress: {e}")))?;
     if raw.len() != raw_length as usize {
         return Err(corrupt(format!(
@@ -365,9 +375,7 @@ impl PackWriter {
             Stored::Raw(shared, range) => {
                 let raw = &(**shared).as_ref()[range.clone()];
                 raw_frame::encode_into(raw, &mut self.buffer);
-                let frame = &self.buffer[frame_at..];
-                let agrees = matches!(zstd::zstd_safe::get_frame_content_size(frame), Ok(Some(n)) if n == raw.len() as u64)
-                    && zstd::zstd_safe::find_frame_compressed_size(frame) == Ok(frame.len());
+                let agrees = raw_frame_agrees(&self.buffer[frame_at..], raw.len());
                 if !agrees || raw.len() as u32 != block.raw_length {
                     self.buffer.truncate(at);
                     return Err(PackError::VerifyBeforeWrite { block: block.id });
@@ -375,7 +383,18 @@ impl PackWriter {
             }
         }
         if sealed {
-            if let Err(source) = self.codec.seal_blob(block.id, &mut self.buffer, at) {
+            // What the opened blob must equal: the frame, or for a raw one
+            // the frame of these bytes.
+            let expected = match &block.stored {
+                Stored::Frame(f) | Stored::Verbatim(f) => Expected::Frame(f),
+                Stored::Raw(shared, range) => {
+                    Expected::RawFrameOf(&(**shared).as_ref()[range.clone()])
+                }
+            };
+            if let Err(source) = self
+                .codec
+                .seal_blob(block.id, &mut self.buffer, at, expected)
+            {
                 self.buffer.truncate(at);
                 return Err(PackError::Seal {
                     block: block.id,
@@ -577,5 +596,45 @@ mod tests {
                     .unwrap();
             assert_eq!(&back, want);
         }
+    }
+
+    #[test]
+    fn sealed_blocks_round_trip_and_refuse_a_swap_or_the_plain_codec() {
+        use crate::crypto::{Keys, MasterSecret};
+        let codec = Codec::Sealed(Arc::new(Keys::derive(&MasterSecret([5; 32]))));
+        let rnd = random(65536, 3);
+        let txt: Vec<u8> = b"abc ".iter().cycle().take(65536).copied().collect();
+        let mut both = rnd.clone();
+        both.extend_from_slice(&txt);
+        let shared: SharedBytes = Arc::new(both);
+        let (ia, ib) = (codec.block_id(&rnd), codec.block_id(&txt));
+        let a = prepare_block(&shared, 0..65536, ia, 3, true).unwrap();
+        let b = prepare_block(&shared, 65536..131072, ib, 3, false).unwrap();
+        let mut w = PackWriter::new(1 << 20, &codec);
+        w.add(&a).unwrap();
+        w.add(&b).unwrap();
+        let done = w.finish().unwrap();
+        let bytes = done.tail.bytes().to_vec();
+        assert_eq!(&bytes[8..12], &2u32.to_le_bytes(), "header version 2");
+        let entries = layout::decode_pack_index_framed(&bytes, 65536, codec.framing(), |t| {
+            codec.open_trailer(t).map_err(|e| e.to_string())
+        })
+        .unwrap();
+        assert_eq!(entries, done.entries);
+        let blob = |e: &TrailerEntry| {
+            &bytes[e.offset as usize..(e.offset + e.stored_length as u64) as usize]
+        };
+        for (e, raw) in entries.iter().zip([&rnd, &txt]) {
+            let back =
+                decompress_verified(&codec, blob(e), e.raw_length, e.block_id, done.name).unwrap();
+            assert_eq!(&back, raw);
+        }
+        // Blob a presented as block b, or read without the key: refused.
+        assert!(decompress_verified(&codec, blob(&entries[0]), 65536, ib, done.name).is_err());
+        assert!(
+            decompress_verified(&Codec::Plain, blob(&entries[0]), 65536, ia, done.name).is_err()
+        );
+        // The plain reader refuses the pack (version 2).
+        assert!(layout::decode_pack_index(&bytes, 65536).is_err());
     }
 }

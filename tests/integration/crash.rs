@@ -103,14 +103,28 @@ fn killed_backup(t: &TestRepo, image: &std::path::Path, at: KillAt) -> String {
 
 #[test]
 fn backup_killed_at_random_moments_leaves_a_consistent_repository() {
+    killed_at_random_moments(false);
+}
+
+/// The same on an encrypted repository.
+#[test]
+fn encrypted_backup_killed_at_random_moments_leaves_a_consistent_repository() {
+    killed_at_random_moments(true);
+}
+
+fn killed_at_random_moments(encrypted: bool) {
     let seed: u64 = std::env::var("CBTVAULT_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(0xc4a5_4001);
-    eprintln!("crash test: seed {seed} (set CBTVAULT_CRASH_SEED to replay)");
+        .unwrap_or(0xc4a5_4001 ^ u64::from(encrypted));
+    eprintln!("crash test: seed {seed}, encrypted {encrypted} (set CBTVAULT_CRASH_SEED to replay)");
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    let t = if encrypted {
+        TestRepo::encrypted(&["--pack-size-mib", "1"])
+    } else {
+        TestRepo::init(&["--pack-size-mib", "1"])
+    };
     let image = t.path("crash.img");
     File::create(&image).unwrap().set_len(IMAGE_BYTES).unwrap();
     let all: Vec<u64> = (0..IMAGE_BYTES / REGION as u64).collect();

@@ -377,3 +377,48 @@ fn prune_and_forget_work_on_encrypted_repositories() {
         t.assert_restores(id, *h, img.size());
     }
 }
+
+/// `key passwd` killed after the new key object is durable and before the
+/// old one is removed: both keys exist, each opens with its own password,
+/// and the data is intact (format-spec/09-encryption.md#key-object).
+#[test]
+#[cfg(debug_assertions)]
+fn key_passwd_killed_between_writing_and_removing_leaves_both_keys() {
+    let t = TestRepo::encrypted(&[]);
+    let img = marked_image(&t);
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    std::fs::write(t.path("new"), "new password\n").unwrap();
+    let new = t.path("new").display().to_string();
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"key", &"passwd", &"--new-password-file", &new];
+    for a in FAST_KDF {
+        args.push(a);
+    }
+    let r = t.run_env(&args, &[("CBTVAULT_TEST_KILL", "key_passwd_new_written:1")]);
+    assert_ne!(r.code, 0, "the kill point was not reached");
+    assert_eq!(all_files(&t.repo.join("keys")).len(), 2);
+    t.run(&[&"snapshots"]).ok();
+    t.run(&[&"--password-file", &new, &"snapshots"]).ok();
+    t.run(&[&"unlock"]).ok();
+    t.assert_restores(&id, img.hash(), img.size());
+}
+
+/// On object storage `init` encrypts unless told `--no-encrypt`.
+#[test]
+fn s3_repositories_are_encrypted_by_default() {
+    let server = crate::s3::S3Server::shared();
+    let enc = TestRepo::at(&server.fresh_url("enc"), server.env(), &[]);
+    let plain = TestRepo::at(&server.fresh_url("plain"), server.env(), &["--no-encrypt"]);
+    for (t, want) in [(&enc, 2), (&plain, 1)] {
+        let c = t.run(&[&"cat", &"config"]).ok().item("config");
+        assert_eq!(c["config"]["version"], want, "{c}");
+    }
+    let img = marked_image(&enc);
+    let id = TestRepo::id_of(&enc.backup(&img.path, &[]));
+    enc.assert_restores(&id, img.hash(), img.size());
+    // Without the password: exit 12; a second machine with it restores.
+    let mut no_pw = enc.other_machine();
+    no_pw.env.retain(|(k, _)| k != "CBTVAULT_PASSWORD_FILE");
+    no_pw.run(&[&"snapshots"]).expect_code(12);
+    let other = enc.other_machine();
+    other.assert_restores(&id, img.hash(), img.size());
+}

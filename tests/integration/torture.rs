@@ -207,6 +207,8 @@ enum Damage {
 
 struct World {
     t: TestRepo,
+    /// An encrypted repository (its catalog lives in the test's cache).
+    encrypted: bool,
     seed: u64,
     rng: StdRng,
     step: usize,
@@ -230,8 +232,12 @@ fn args_of<'a>(v: &'a [&'a str]) -> Vec<&'a dyn AsRef<OsStr>> {
 }
 
 impl World {
-    fn new(seed: u64) -> World {
-        let t = TestRepo::init(&["--pack-size-mib", "1"]);
+    fn new(seed: u64, encrypted: bool) -> World {
+        let t = if encrypted {
+            TestRepo::encrypted(&["--pack-size-mib", "1"])
+        } else {
+            TestRepo::init(&["--pack-size-mib", "1"])
+        };
         let mut disks = Vec::new();
         for (k, &blocks) in IMAGE_BLOCKS.iter().enumerate() {
             let size = blocks * BS - if k == 1 { PARTIAL_TAIL_BYTES } else { 0 };
@@ -257,6 +263,7 @@ impl World {
         });
         World {
             t,
+            encrypted,
             seed,
             rng: StdRng::seed_from_u64(seed),
             step: 0,
@@ -687,6 +694,9 @@ impl World {
     }
 
     fn delete_catalog(&mut self) -> Result<(), String> {
+        if self.encrypted {
+            let _ = std::fs::remove_dir_all(self.t.path("cache"));
+        }
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(self.t.repo.join(format!("catalog.sqlite{suffix}")));
         }
@@ -1706,12 +1716,18 @@ fn env_u64(name: &str) -> Option<u64> {
 /// Runs `steps` random actions from `seed`; panics with a replayable
 /// message on the first violation.
 pub fn torture(seed: u64, steps: usize) {
+    torture_with(seed, steps, false)
+}
+
+/// [`torture`] on a plain or an encrypted repository.
+pub fn torture_with(seed: u64, steps: usize, encrypted: bool) {
     eprintln!(
-        "torture: seed {seed}, {steps} steps (replay: CBTVAULT_TORTURE_SEED={seed} \
-         CBTVAULT_TORTURE_STEPS={steps})"
+        "torture: seed {seed}, {steps} steps, {} repository (replay: CBTVAULT_TORTURE_SEED={seed} \
+         CBTVAULT_TORTURE_STEPS={steps})",
+        if encrypted { "encrypted" } else { "plain" }
     );
     let started = Instant::now();
-    let mut w = World::new(seed);
+    let mut w = World::new(seed, encrypted);
     for d in 0..w.disks.len() {
         w.remember(d);
     }
@@ -1784,6 +1800,14 @@ fn torture_short_run_keeps_every_committed_snapshot_exact_or_reported() {
     let seed = torture_seed();
     let steps = env_u64("CBTVAULT_TORTURE_STEPS").unwrap_or(200) as usize;
     torture(seed, steps);
+}
+
+/// The same on an encrypted repository (sealed objects, keyed ids).
+#[test]
+fn torture_short_run_on_an_encrypted_repository() {
+    let seed = torture_seed() ^ 0x0e0c;
+    let steps = env_u64("CBTVAULT_TORTURE_STEPS").unwrap_or(120) as usize;
+    torture_with(seed, steps, true);
 }
 
 /// The hook is alive (debug builds only, by design): a backup with every backend operation failing fails
