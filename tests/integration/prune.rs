@@ -117,10 +117,14 @@ fn trailers(t: &TestRepo) -> HashMap<String, Vec<TrailerEntry>> {
 /// pack trailer read. `Err` when a snapshot object does not decode (what it
 /// references is unknown); packs whose trailer does not decode are skipped.
 pub(crate) fn unreferenced_blobs(t: &TestRepo) -> Result<Vec<(String, BlockId)>, String> {
+    let codec = repo_codec(t);
     let mut used = HashSet::new();
     for name in t.files_under("snapshots") {
         let bytes =
             std::fs::read(t.repo.join("snapshots").join(&name)).map_err(|e| e.to_string())?;
+        let bytes = codec
+            .open_object(cbtvault::crypto::Bound::Snapshot, &bytes)
+            .map_err(|e| format!("snapshot {name}: {e}"))?;
         let obj = snapshot::decode(&bytes).map_err(|e| format!("snapshot {name}: {e}"))?;
         for (_, r) in obj.entries {
             if let BlockRef::Data(id) = r {
@@ -133,7 +137,12 @@ pub(crate) fn unreferenced_blobs(t: &TestRepo) -> Result<Vec<(String, BlockId)>,
         let Ok(bytes) = std::fs::read(&p) else {
             continue;
         };
-        let Ok(entries) = decode_pack_index(&bytes, BS as u32) else {
+        let Ok(entries) = cbtvault::format::pack::decode_pack_index_framed(
+            &bytes,
+            BS as u32,
+            codec.framing(),
+            |t| codec.open_trailer(t).map_err(|e| e.to_string()),
+        ) else {
             continue;
         };
         for e in entries {

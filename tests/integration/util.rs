@@ -715,3 +715,29 @@ pub fn wait_for_lock(t: &TestRepo, child: &mut Child) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// The codec of `t`'s repository, built from its files as a reader with the
+/// password would (the test password for encrypted ones): lets a test's
+/// oracle read sealed objects without going through the code under test's
+/// opening path.
+pub fn repo_codec(t: &TestRepo) -> cbtvault::crypto::Codec {
+    use cbtvault::crypto::{password, Codec, Keys};
+    use cbtvault::format::{config, key};
+    let bytes = std::fs::read(t.repo.join("config")).expect("read config");
+    let id = match config::decode_outer(&bytes).expect("a config") {
+        config::Outer::Plain(_) => return Codec::Plain,
+        config::Outer::Encrypted { id, .. } => id,
+    };
+    let mut repo_id = [0u8; 32];
+    hex::decode_to_slice(&id, &mut repo_id).unwrap();
+    for entry in std::fs::read_dir(t.repo.join("keys")).expect("keys/") {
+        let k = key::decode(&std::fs::read(entry.unwrap().path()).unwrap()).unwrap();
+        if let Some(m) = password::unwrap(&k, b"test password", &repo_id).unwrap() {
+            return Codec::Sealed(std::sync::Arc::new(Keys::derive(&m)));
+        }
+    }
+    panic!(
+        "no key of {} opens with the test password",
+        t.repo.display()
+    )
+}
