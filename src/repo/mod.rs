@@ -389,7 +389,21 @@ impl Repository {
                 options.block_size
             )));
         }
-        let encrypted = options.encryption.is_some();
+        // The password first: nothing is created if it cannot be had.
+        let encryption = match &options.encryption {
+            Some(new) => {
+                let pw = new.password.get().map_err(RepoError::PasswordUnavailable)?;
+                if pw.is_empty() {
+                    return Err(RepoError::Invalid("an empty password is refused".into()));
+                }
+                Some(NewKey {
+                    password: PasswordSource::fixed(&pw),
+                    kdf: new.kdf,
+                })
+            }
+            None => None,
+        };
+        let encrypted = encryption.is_some();
         let config = RepoConfig {
             version: if encrypted {
                 config::ENCRYPTED_VERSION
@@ -451,7 +465,7 @@ impl Repository {
         // The first key object, written before the config (a folder or
         // prefix without a config is not a repository yet).
         let write_first_key = |backend: &dyn Backend| -> Result<Option<ObjectName>, RepoError> {
-            match (&master, &options.encryption) {
+            match (&master, &encryption) {
                 (Some(m), Some(new)) => Ok(Some(keys::write_key(backend, &config.id, m, new)?)),
                 _ => Ok(None),
             }

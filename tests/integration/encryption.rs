@@ -422,3 +422,61 @@ fn s3_repositories_are_encrypted_by_default() {
     let other = enc.other_machine();
     other.assert_restores(&id, img.hash(), img.size());
 }
+
+/// On a terminal the password is asked for (twice for a new one, echo
+/// off), never read from argv; a mismatch creates nothing.
+#[test]
+fn a_terminal_is_asked_for_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let cache = dir.path().join("cache");
+    // `script` gives the command a pseudo-terminal fed from our stdin.
+    let on_tty = |input: &str, args: &str| -> (i32, String) {
+        let mut child = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!("{} -r {} {args}", bin(), repo.display()),
+                "/dev/null",
+            ])
+            .env("CBTVAULT_CACHE_DIR", &cache)
+            .env_remove("CBTVAULT_PASSWORD")
+            .env_remove("CBTVAULT_PASSWORD_FILE")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run script (util-linux)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = on_tty(
+        "one\ntwo\n",
+        "init --encrypt --kdf-memory 8 --kdf-iterations 1",
+    );
+    assert_eq!(code, 12, "{out}");
+    assert!(out.contains("differ"), "{out}");
+    assert!(
+        !repo.exists(),
+        "a refused init created the repository folder"
+    );
+    let (code, out) = on_tty(
+        "hunter2\nhunter2\n",
+        "init --encrypt --kdf-memory 8 --kdf-iterations 1",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("new password for repository"), "{out}");
+    let (code, out) = on_tty("hunter2\n", "snapshots");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = on_tty("hunter3\n", "snapshots");
+    assert_eq!(code, 12, "{out}");
+}
