@@ -134,7 +134,29 @@ pub fn causes(e: &anyhow::Error) -> Vec<String> {
             .unwrap_or(text);
         out.push(own.to_string());
     }
+    // A step named only by what its cause already says ("VM.snapshot"
+    // before "XenAPI VM.snapshot: SR_FULL") is said once.
+    let mut k = 0;
+    while k + 1 < out.len() {
+        if contains_words(&out[k + 1], &out[k]) {
+            out.remove(k);
+        } else {
+            k += 1;
+        }
+    }
     out
+}
+
+/// True when `needle` occurs in `hay` as whole words: bounded by the
+/// start or end, a space, or a `:`.
+fn contains_words(hay: &str, needle: &str) -> bool {
+    if needle.is_empty() {
+        return false;
+    }
+    let bound = |c: Option<char>| c.is_none_or(|c| c == ' ' || c == ':');
+    hay.match_indices(needle).any(|(at, _)| {
+        bound(hay[..at].chars().next_back()) && bound(hay[at + needle.len()..].chars().next())
+    })
 }
 
 /// The whole error on one line, each cause once (what `error:` prints).
@@ -332,6 +354,23 @@ mod tests {
         // A message that merely ends like its cause without the separator is kept.
         let e = anyhow::Error::new(io()).context("not disk on fire");
         assert_eq!(causes(&e), ["not disk on fire", "disk on fire"]);
+        // A step its cause already names, as whole words, is said once;
+        // part of a word is not a mention.
+        let call = |m: &str| std::io::Error::other(m.to_string());
+        let e = anyhow::Error::new(Step {
+            step: "VM.snapshot",
+            source: call("XenAPI VM.snapshot: SR_FULL"),
+        })
+        .context("back up xen://h:443/vm/u");
+        assert_eq!(
+            causes(&e),
+            ["back up xen://h:443/vm/u", "XenAPI VM.snapshot: SR_FULL"]
+        );
+        let e = anyhow::Error::new(Step {
+            step: "snapshot",
+            source: call("snapshots are full"),
+        });
+        assert_eq!(causes(&e), ["snapshot", "snapshots are full"]);
     }
 
     #[test]

@@ -581,6 +581,8 @@ pub(crate) struct XenDiskSummary {
     #[serde(rename = "host_snapshot_vdi_uuid")]
     pub host_snapshot_vdi: Option<String>,
     pub lost_reason: Option<String>,
+    /// `VDI.enable_cbt` was refused: this disk is read in full every run.
+    pub cbt_unavailable: Option<String>,
     #[serde(flatten)]
     pub summary: BackupSummary,
 }
@@ -613,6 +615,36 @@ impl Committer for RepoCommitter<'_> {
                 )),
             },
         })
+    }
+
+    fn previous_vm_disks(&mut self, vm: &str) -> Result<Vec<workflow::PreviousDisk>, RepoError> {
+        use workflow::keys;
+        let snaps = self.repo.snapshots()?;
+        let of_vm = |s: &&crate::repo::SnapshotEntry| {
+            s.meta.landmark.get(keys::VM).map(String::as_str) == Some(vm)
+                && s.meta.landmark.get(keys::KIND).map(String::as_str) != Some("vm-metadata")
+        };
+        // The newest VM backup of this VM (snapshots are oldest first).
+        let Some(last) = snaps
+            .iter()
+            .rev()
+            .filter(of_vm)
+            .find_map(|s| s.meta.landmark.get(keys::VM_BACKUP).cloned())
+        else {
+            return Ok(Vec::new());
+        };
+        Ok(snaps
+            .iter()
+            .filter(of_vm)
+            .filter(|s| s.meta.landmark.get(keys::VM_BACKUP) == Some(&last))
+            .filter_map(|s| {
+                Some(workflow::PreviousDisk {
+                    vdi_uuid: s.meta.landmark.get(keys::VDI)?.clone(),
+                    name_label: s.meta.landmark.get(keys::VDI_NAME).cloned(),
+                    snapshot_id: s.meta.id.to_hex(),
+                })
+            })
+            .collect())
     }
 
     fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), RepoError> {
@@ -655,6 +687,7 @@ impl Committer for RepoCommitter<'_> {
             name_label: disk.name_label.clone(),
             host_snapshot_vdi: disk.landmark.get(workflow::keys::SNAPSHOT_VDI).cloned(),
             lost_reason,
+            cbt_unavailable: None,
             summary,
         });
         Ok(())
@@ -809,18 +842,17 @@ pub(crate) fn xen_backup(
         metadata: None,
     };
     let report = workflow::run(session, url, workflow_options, &mut committer)
-        .with_context(|| format!("back up xen://{}/{}", url.authority(), url.uuid))?;
+        .with_context(|| format!("back up {}", url.shown()))?;
+    for d in committer.disks.iter_mut() {
+        d.cbt_unavailable = report
+            .disks
+            .iter()
+            .find(|r| r.vdi_uuid == d.vdi)
+            .and_then(|r| r.cbt_unavailable.clone());
+    }
     Ok((
         XenBackupSummary {
-            source: format!(
-                "xen://{}/{}/{}",
-                url.authority(),
-                match url.object {
-                    crate::source::xenapi::XenObject::Vdi => "vdi",
-                    crate::source::xenapi::XenObject::Vm => "vm",
-                },
-                url.uuid
-            ),
+            source: url.shown(),
             vm_backup: report.vm_backup.clone(),
             disks: committer.disks,
             metadata: committer.metadata,
@@ -861,10 +893,16 @@ fn run_xen(
             .unwrap_or_default(),
         summary.seconds
     ));
-    // Committed, but the host keeps what this run could not remove.
-    Ok(if run.left_on_host.is_empty() {
-        Outcome::Ok
-    } else {
-        Outcome::Warnings
-    })
+    // Committed, but the host keeps what this run could not remove, or a
+    // disk could not have change tracking: completed with warnings.
+    Ok(
+        if run.left_on_host.is_empty()
+            && run.chains_ended.is_empty()
+            && run.disks.iter().all(|d| d.cbt_unavailable.is_none())
+        {
+            Outcome::Ok
+        } else {
+            Outcome::Warnings
+        },
+    )
 }

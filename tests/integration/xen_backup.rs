@@ -1086,3 +1086,217 @@ fn xen_fewer_nbd_connections_than_asked_continue_and_say_so() {
     let host = Host::login(&sim, PASSWORD);
     assert!(restore_bytes(&repo, &id) == host.disk(&vdi, size));
 }
+
+/// Issue 17, item 1: a disk whose `VDI.enable_cbt` is refused (an SR
+/// without CBT support, a RAW VDI, an unlicensed pool) is read in full
+/// every run with a warning naming the cause; the VM's other disks stay
+/// incremental; the exit code says "completed with warnings" (4); every
+/// snapshot restores bit-exact and nothing but the landmarks stays on the
+/// host.
+#[test]
+fn xen_enable_cbt_refused_for_one_disk_keeps_the_others_incremental() {
+    use xapi_sim::DiskKind;
+    let sim = start();
+    let host = Host::login(&sim, PASSWORD);
+    let vm: SimVm = sim.create_vm_with_disks("vm", &[4 * MIB]).unwrap();
+    let lun = sim
+        .add_disk(&vm.vm_uuid, "lun", 2 * MIB, DiskKind::SrWithoutCbt)
+        .unwrap();
+    let raw = sim
+        .add_disk(&vm.vm_uuid, "raw", 2 * MIB, DiskKind::Raw)
+        .unwrap();
+    let all = [vm.disks[0].clone(), lun.clone(), raw.clone()];
+    for (k, d) in all.iter().enumerate() {
+        fill(&sim, &d.vdi_uuid, d.size_bytes, 40 + k as u64);
+    }
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    let mut expected = Vec::new();
+    for run in 0..3u64 {
+        if run > 0 {
+            for (k, d) in all.iter().enumerate() {
+                guest_writes(&sim, &d.vdi_uuid, d.size_bytes, run * 7 + k as u64);
+            }
+        }
+        let r = backup(&repo, &sim, &src, &[]).expect_code(4);
+        r.stderr_mentions(&[
+            "SR_OPERATION_NOT_SUPPORTED",
+            "SR_BACKEND_FAILURE_66",
+            "read in full",
+        ]);
+        let j = r.json();
+        let ds = disks(&j);
+        assert_eq!(ds.len(), 3, "{j}");
+        for (d, disk) in ds.iter().zip(&all) {
+            assert_eq!(d["vdi_uuid"].as_str(), Some(disk.vdi_uuid.as_str()));
+            let refused = disk.vdi_uuid != vm.disks[0].vdi_uuid;
+            assert_eq!(d["cbt_unavailable"].is_string(), refused, "{d}");
+            // The CBT disk is incremental after the first run; the others
+            // are read whole every time.
+            assert_eq!(
+                d["full"].as_bool(),
+                Some(run == 0 || refused),
+                "run {run}: {d}"
+            );
+            if refused {
+                assert_eq!(
+                    crate::util::u64_of(d, "blocks_read"),
+                    disk.size_bytes / crate::util::BS,
+                    "{d}"
+                );
+            }
+            expected.push((
+                d["snapshot_id"].as_str().unwrap().to_string(),
+                host.disk(&disk.vdi_uuid, disk.size_bytes),
+            ));
+        }
+        assert_eq!(host.snapshot_vms(), 0, "run {run}: snapshot VM leaked");
+        assert_eq!(host.data_snapshots(), 0, "run {run}: a snapshot VDI leaked");
+        // One landmark: the CBT disk's.
+        assert_eq!(host.snapshot_vdis().len(), 1, "run {run}");
+    }
+    for (id, bytes) in &expected {
+        assert!(restore_bytes(&repo, id) == *bytes, "snapshot {id} differs");
+    }
+    // An unlicensed pool refuses CBT for every disk: still a backup, with
+    // warnings, never a failure. (A disk whose CBT is on stays tracked.)
+    let other: SimVm = sim.create_vm_with_disks("unlicensed", &[MIB]).unwrap();
+    sim.set_faults(|f| f.cbt_unlicensed = true);
+    let r = backup(&repo, &sim, &source(&sim, "vm", &other.vm_uuid), &[]).expect_code(4);
+    r.stderr_mentions(&["LICENCE_RESTRICTION"]);
+    sim.set_faults(|f| f.cbt_unlicensed = false);
+}
+
+/// Issue 17, item 2: a VM disk that is not backed up (type `ephemeral`) is
+/// left out of `VM.snapshot` (`ignore_vdis`), so nothing of a run stays on
+/// the host but the landmarks.
+#[test]
+fn xen_disks_not_backed_up_leave_no_snapshot_on_the_host() {
+    use xapi_sim::DiskKind;
+    let sim = start();
+    let host = Host::login(&sim, PASSWORD);
+    let vm: SimVm = sim.create_vm_with_disks("vm", &[2 * MIB]).unwrap();
+    let scratch = sim
+        .add_disk(&vm.vm_uuid, "scratch", MIB, DiskKind::Ephemeral)
+        .unwrap();
+    fill(&sim, &vm.disks[0].vdi_uuid, 2 * MIB, 3);
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    for run in 0..3u64 {
+        guest_writes(&sim, &vm.disks[0].vdi_uuid, 2 * MIB, run);
+        let j = backup(&repo, &sim, &src, &[]).ok().json();
+        let ds = disks(&j);
+        assert_eq!(ds.len(), 1, "{j}");
+        assert_ne!(ds[0]["vdi_uuid"].as_str(), Some(scratch.vdi_uuid.as_str()));
+        assert_eq!(host.snapshot_vms(), 0, "run {run}");
+        let snaps = host.snapshot_vdis();
+        assert_eq!(snaps.len(), 1, "run {run}: {snaps:?}");
+        assert_eq!(snaps[0].1, "cbt_metadata", "run {run}: {snaps:?}");
+    }
+}
+
+/// Issue 17, item 4: a VM disk replaced by one with a new uuid (moved to
+/// another SR, replaced) is not quietly a first backup: the run warns that
+/// the previous disk's chain ended, naming it and its last snapshot, and
+/// exits 4; the new disk is read in full and restores bit-exact.
+#[test]
+fn xen_replaced_disk_warns_that_the_old_chain_ended() {
+    use xapi_sim::DiskKind;
+    let sim = start();
+    let host = Host::login(&sim, PASSWORD);
+    let vm: SimVm = sim.create_vm_with_disks("vm", &[2 * MIB, MIB]).unwrap();
+    for (k, d) in vm.disks.iter().enumerate() {
+        fill(&sim, &d.vdi_uuid, d.size_bytes, 60 + k as u64);
+    }
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    let first = backup(&repo, &sim, &src, &[]).ok().json();
+    let old = &vm.disks[1];
+    let old_snapshot = disks(&first)[1]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Replace the second disk: unplug it, plug a new VDI in its place.
+    let vbds = host.try_call("VDI.get_VBDs", &[&old.vdi_ref]).unwrap();
+    let vbd = vbds.as_array().unwrap()[0].as_str().unwrap().to_string();
+    host.try_call("VBD.destroy", &[&vbd]).unwrap();
+    let new = sim
+        .add_disk(&vm.vm_uuid, "replacement", MIB, DiskKind::Cbt)
+        .unwrap();
+    fill(&sim, &new.vdi_uuid, MIB, 70);
+    let r = backup(&repo, &sim, &src, &[]).expect_code(4);
+    r.stderr_mentions(&[&old.vdi_uuid, &old_snapshot, "chain ends", &new.vdi_uuid]);
+    let j = r.json();
+    let ds = disks(&j);
+    assert_eq!(ds.len(), 2, "{j}");
+    assert_eq!(
+        ds[0]["full"].as_bool(),
+        Some(false),
+        "the kept disk stays incremental"
+    );
+    assert_eq!(ds[1]["vdi_uuid"].as_str(), Some(new.vdi_uuid.as_str()));
+    assert_eq!(ds[1]["full"].as_bool(), Some(true));
+    let id = ds[1]["snapshot_id"].as_str().unwrap().to_string();
+    assert!(restore_bytes(&repo, &id) == host.disk(&new.vdi_uuid, MIB));
+    // The next run has nothing to say.
+    let again = backup(&repo, &sim, &src, &[]).ok();
+    assert!(!again.stderr.contains("chain ends"), "{}", again.stderr);
+}
+
+/// Issue 17, item 5: an error names the source as typed (`/vm/` or `/vdi/`
+/// kept) and says each cause once.
+#[test]
+fn xen_error_messages_keep_the_url_and_say_each_cause_once() {
+    let sim = start();
+    let vm: SimVm = sim.create_vm_with_disks("vm", &[MIB]).unwrap();
+    let repo = TestRepo::new();
+    let check = |r: Run, url: &str| {
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        let err = r
+            .stderr
+            .lines()
+            .find(|l| l.starts_with('{') && l.contains("\"error\""))
+            .unwrap_or_else(|| panic!("no error message: {}", r.stderr));
+        let err: Json = serde_json::from_str(err).unwrap();
+        let line = err["message"].as_str().unwrap().to_string();
+        let causes: Vec<&str> = err["causes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        for (i, c) in causes.iter().enumerate() {
+            for later in &causes[i + 1..] {
+                assert!(
+                    !later.contains(c),
+                    "cause '{c}' is said again in '{later}': {line}"
+                );
+            }
+        }
+        assert!(line.contains(url), "{line}");
+        let parts: Vec<&str> = line.split(": ").collect();
+        for (i, p) in parts.iter().enumerate() {
+            assert!(
+                !parts[i + 1..].contains(p),
+                "'{p}' appears twice in: {line}"
+            );
+        }
+    };
+    // A call that fails, and NBD reads that keep dropping.
+    let vm_src = source(&sim, "vm", &vm.vm_uuid);
+    sim.set_faults(|f| {
+        f.fail_calls.insert(
+            "VM.snapshot".into(),
+            vec!["SR_FULL".into(), "1".into(), "2".into()],
+        );
+    });
+    let r = backup(&repo, &sim, &vm_src, &[]);
+    check(r, &format!("/vm/{}", vm.vm_uuid));
+    sim.set_faults(|f| {
+        f.fail_calls.clear();
+        f.nbd_drop_after_bytes = Some(1);
+    });
+    let vdi_src = source(&sim, "vdi", &vm.disks[0].vdi_uuid);
+    let r = backup(&repo, &sim, &vdi_src, &[]);
+    check(r, &format!("/vdi/{}", vm.disks[0].vdi_uuid));
+}

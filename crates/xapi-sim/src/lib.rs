@@ -27,8 +27,13 @@
 //!   "Failure", "ErrorDescription": [...]}`).
 //! - `sim.create_vm(session, name, [size_bytes...])` -> VM ref: a halted VM
 //!   with one user VDI per size ([`Simulator::create_vm_with_disks`]).
+//!   [`Simulator::add_disk`] plugs more: on an SR without CBT support
+//!   (`SR_OPERATION_NOT_SUPPORTED` from `enable_cbt`), a RAW VDI
+//!   (`SR_BACKEND_FAILURE_66`), or an `ephemeral` one.
 //! - Faults, via [`Simulator::set_faults`] or `sim.set_fault(session, name,
 //!   value)`:
+//!   - `cbt_unlicensed` (bool): `VDI.enable_cbt` answers
+//!     `LICENCE_RESTRICTION [CBT]`.
 //!   - `legacy_host` (bool): an old host (7.1): the CBT calls
 //!     (`VDI.enable_cbt`, `disable_cbt`, `list_changed_blocks`,
 //!     `data_destroy`, `get_nbd_info`, `get_cbt_enabled`) answer
@@ -78,6 +83,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+pub use dispatch::DiskKind;
 pub use error::SimError;
 pub use model::Faults;
 pub use nbd::parse_export_name;
@@ -466,6 +472,32 @@ impl Simulator {
         let vm_ref = dispatch::create_vm_with_disks(&mut st, name, disk_sizes)?;
         self.core.changed(&st);
         Ok(describe_vm(&st, &vm_ref)?)
+    }
+
+    /// Plugs a new disk of `kind` into `vm` (uuid or ref) at its next free
+    /// userdevice: a CBT-capable one, one on an SR without CBT, a RAW VDI,
+    /// or an ephemeral one.
+    pub fn add_disk(
+        &self,
+        vm: &str,
+        name: &str,
+        size_bytes: u64,
+        kind: DiskKind,
+    ) -> Result<SimDisk, SimError> {
+        let mut st = self.core.lock();
+        let vm_ref = if st.vms.contains_key(vm) {
+            vm.to_string()
+        } else {
+            st.by_uuid(Class::Vm, vm)?
+        };
+        let vdi = dispatch::add_disk(&mut st, &vm_ref, name, size_bytes, kind)?;
+        self.core.changed(&st);
+        let v = st.vdi(&vdi)?;
+        Ok(SimDisk {
+            vdi_ref: vdi.clone(),
+            vdi_uuid: v.uuid.clone(),
+            size_bytes: v.virtual_size,
+        })
     }
 
     /// The first non-snapshot VM named `name` (e.g. one kept from an

@@ -645,11 +645,22 @@ impl Session {
         string_value("VDI.snapshot", self.call("VDI.snapshot", &[vdi.into()])?)
     }
 
-    pub fn vm_snapshot(&self, vm: &str, new_name: &str) -> Result<String, XenApiError> {
-        string_value(
-            "VM.snapshot",
-            self.call("VM.snapshot", &[vm.into(), new_name.into()])?,
-        )
+    /// `VM.snapshot(vm, new_name, ignore_vdis)`: the VDIs in `ignore` are
+    /// not snapshotted (the three-argument form when there are none, which
+    /// every host version accepts).
+    pub fn vm_snapshot(
+        &self,
+        vm: &str,
+        new_name: &str,
+        ignore: &[String],
+    ) -> Result<String, XenApiError> {
+        let mut args: Vec<Value> = vec![vm.into(), new_name.into()];
+        if !ignore.is_empty() {
+            args.push(Value::Array(
+                ignore.iter().map(|r| Value::String(r.clone())).collect(),
+            ));
+        }
+        string_value("VM.snapshot", self.call("VM.snapshot", &args)?)
     }
 
     pub fn vm_vbds(&self, vm: &str) -> Result<Vec<String>, XenApiError> {

@@ -171,6 +171,20 @@ impl XenUrl {
         }
     }
 
+    /// The URL as the user would type it again: `xen://HOST:PORT/vm/UUID`
+    /// or `.../vdi/UUID` (no user, no password).
+    pub fn shown(&self) -> String {
+        format!(
+            "xen://{}/{}/{}",
+            self.authority(),
+            match self.object {
+                XenObject::Vdi => "vdi",
+                XenObject::Vm => "vm",
+            },
+            self.uuid
+        )
+    }
+
     /// The identity of one disk of this host, shared by VDI and VM backups
     /// so that either finds the other's parent.
     pub fn disk_identity(&self, vdi_uuid: &str) -> String {

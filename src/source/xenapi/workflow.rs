@@ -238,6 +238,15 @@ pub struct FrozenDisk<'a> {
     pub landmark: BTreeMap<String, String>,
 }
 
+/// A disk of the last backup of a VM, as the repository recorded it.
+#[derive(Debug, Clone)]
+pub struct PreviousDisk {
+    pub vdi_uuid: String,
+    pub name_label: Option<String>,
+    /// The snapshot that ends its chain if the disk is gone.
+    pub snapshot_id: String,
+}
+
 /// The repository side of the workflow.
 pub trait Committer {
     /// Why the repository side failed (its own typed error).
@@ -256,6 +265,11 @@ pub trait Committer {
     ) -> Result<(), Self::Error>;
     fn warn(&mut self, message: String);
     fn info(&mut self, message: String);
+    /// The disks of the last backup of VM `vm` on this host (none when
+    /// there is none), to tell when one of them is gone.
+    fn previous_vm_disks(&mut self, _vm: &str) -> Result<Vec<PreviousDisk>, Self::Error> {
+        Ok(Vec::new())
+    }
     /// Uuids of every landmark a committed snapshot of the repository
     /// records (`xen.snapshot_vdi`): never destroyed as leftovers.
     fn committed_landmarks(&mut self) -> Result<BTreeSet<String>, Self::Error> {
@@ -337,6 +351,9 @@ pub struct RunReport {
     /// This run's own host-side objects (snapshot VM, snapshot VDIs) it
     /// could not destroy (each also warned about): left to remove by hand.
     pub left_on_host: Vec<String>,
+    /// Disks of the VM's last backup that are no longer its disks (moved
+    /// to another SR, replaced): their chains end (each warned about).
+    pub chains_ended: Vec<String>,
     pub seconds_host: f64,
 }
 
@@ -346,6 +363,9 @@ pub struct DiskReport {
     pub snapshot_vdi: String,
     pub incremental: bool,
     pub lost_reason: Option<String>,
+    /// Why this disk has no change tracking the host would enable (it is
+    /// read in full every run), when `VDI.enable_cbt` was refused.
+    pub cbt_unavailable: Option<String>,
 }
 
 const NULL_REF: &str = "OpaqueRef:NULL";
@@ -399,6 +419,24 @@ struct Disk {
     snapshot_cbt: bool,
     changes: Option<Changes>,
     committed: bool,
+    /// `VDI.enable_cbt` was refused (the SR, the licence, a RAW VDI):
+    /// why, as the host said it.
+    cbt_unavailable: Option<String>,
+}
+
+/// Error codes with which `VDI.enable_cbt` says this disk cannot have
+/// change tracking (xenapi-reference.md §2.3): the disk is then read in
+/// full every run, and the VM's other disks go on incrementally.
+fn cbt_refused(e: &XenApiError) -> bool {
+    [
+        "SR_OPERATION_NOT_SUPPORTED",
+        "LICENCE_RESTRICTION",
+        "SR_BACKEND_FAILURE_66",
+        "VDI_INCOMPATIBLE_TYPE",
+        "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION",
+    ]
+    .iter()
+    .any(|c| e.is_code(c))
 }
 
 /// Host-side objects of this run, cleaned up on every path.
@@ -406,6 +444,10 @@ struct HostSide<'s> {
     session: &'s Session,
     snapshot_vm: Option<String>,
     marker: Option<&'s RunMarker>,
+    /// Snapshot VDIs of the snapshot VM that belong to no backed-up disk
+    /// (a host that snapshotted a disk it was told to ignore): destroyed
+    /// with the snapshot VM.
+    stray_snapshot_vdis: Vec<(String, String)>,
 }
 
 impl HostSide<'_> {
@@ -507,8 +549,13 @@ pub fn run<C: Committer>(
         session,
         snapshot_vm: None,
         marker: options.marker.as_ref(),
+        stray_snapshot_vdis: Vec::new(),
     };
-    let mut disks = discover(session, url, committer)?;
+    let (mut disks, ignored) = discover(session, url, committer)?;
+    let chains_ended = match url.object {
+        XenObject::Vm => ended_chains(url, &disks, committer)?,
+        XenObject::Vdi => Vec::new(),
+    };
     let removed = match &options.marker {
         Some(m) => clean_leftovers(&host, m, committer),
         None => Vec::new(),
@@ -545,7 +592,7 @@ pub fn run<C: Committer>(
     // From the snapshot on, every exit path cleans up; the check points
     // between steps make a stop signal one of them.
     let result = (|| -> Result<(), WorkflowError<C::Error>> {
-        take_snapshots(&mut host, vm_ref.as_deref(), &mut disks)?;
+        take_snapshots(&mut host, vm_ref.as_deref(), &mut disks, &ignored)?;
         // Test hook: lets a test kill the process with marked snapshots.
         #[cfg(debug_assertions)]
         crate::repo::test_delay("xen_snapshot_taken");
@@ -590,6 +637,15 @@ pub fn run<C: Committer>(
             "could not destroy the snapshot VM: {}; remove it by hand",
             describe(&e)
         ));
+    }
+    for (vdi, uuid) in std::mem::take(&mut host.stray_snapshot_vdis) {
+        if let Err(e) = host.destroy_vdi(&vdi) {
+            left_on_host.push(format!("snapshot VDI {uuid}"));
+            committer.warn(format!(
+                "could not destroy snapshot VDI {uuid} (of a disk not backed up): {}; remove it by hand",
+                describe(&e)
+            ));
+        }
     }
     let mut reports = Vec::new();
     for d in disks.iter() {
@@ -636,6 +692,7 @@ pub fn run<C: Committer>(
                 snapshot_vdi: d.snapshot_uuid.clone(),
                 incremental,
                 lost_reason,
+                cbt_unavailable: d.cbt_unavailable.clone(),
             });
         }
     }
@@ -645,8 +702,53 @@ pub fn run<C: Committer>(
         disks: reports,
         removed,
         left_on_host,
+        chains_ended,
         seconds_host: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The disks of the VM's last backup that are not among `disks` now: a
+/// disk moved to another SR or replaced gets a new uuid, and its chain
+/// ends. Warns once per disk, naming it and the snapshot that ends it.
+fn ended_chains<C: Committer>(
+    url: &XenUrl,
+    disks: &[Disk],
+    committer: &mut C,
+) -> Result<Vec<String>, WorkflowError<C::Error>> {
+    let previous = committer
+        .previous_vm_disks(&url.uuid)
+        .map_err(commit("read the VM's last backup"))?;
+    let new: Vec<&str> = disks
+        .iter()
+        .filter(|d| !previous.iter().any(|p| p.vdi_uuid == d.record.uuid))
+        .map(|d| d.record.uuid.as_str())
+        .collect();
+    let mut ended = Vec::new();
+    for p in previous
+        .iter()
+        .filter(|p| !disks.iter().any(|d| d.record.uuid == p.vdi_uuid))
+    {
+        committer.warn(format!(
+            "VDI {}{} was backed up with VM {} last time but is no longer one of its disks (moved to another SR, replaced or detached): its chain ends at snapshot {}{}",
+            p.vdi_uuid,
+            p.name_label
+                .as_deref()
+                .map(|n| format!(" ('{n}')"))
+                .unwrap_or_default(),
+            url.uuid,
+            p.snapshot_id,
+            if new.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; new to this repository, read in full: VDI {}",
+                    new.join(", VDI ")
+                )
+            }
+        ));
+        ended.push(p.vdi_uuid.clone());
+    }
+    Ok(ended)
 }
 
 /// How long a leftover of a run that holds no lock on the repository and
@@ -920,11 +1022,13 @@ fn release_lost_landmark<C: Committer>(
     }
 }
 
+/// The disks to back up, and the VM's disks that are not backed up (other
+/// VDI types), which `VM.snapshot` is told to ignore.
 fn discover<C: Committer>(
     session: &Session,
     url: &XenUrl,
     committer: &mut C,
-) -> Result<Vec<Disk>, WorkflowError<C::Error>> {
+) -> Result<(Vec<Disk>, Vec<String>), WorkflowError<C::Error>> {
     let new_disk = |vdi_ref: String, record: VdiRecord| Disk {
         identity: url.disk_identity(&record.uuid),
         vdi_ref,
@@ -938,8 +1042,10 @@ fn discover<C: Committer>(
         snapshot_cbt: false,
         changes: None,
         committed: false,
+        cbt_unavailable: None,
     };
     let mut disks = Vec::new();
+    let mut ignored = Vec::new();
     match url.object {
         XenObject::Vdi => {
             let r = session
@@ -986,6 +1092,7 @@ fn discover<C: Committer>(
                         "skipping VDI {} of type '{}'",
                         rec.uuid, rec.vdi_type
                     ));
+                    ignored.push(b.vdi.clone());
                     continue;
                 }
                 found.push((b.userdevice, b.vdi, rec));
@@ -1005,7 +1112,7 @@ fn discover<C: Committer>(
             }
         }
     }
-    Ok(disks)
+    Ok((disks, ignored))
 }
 
 /// Checks CBT and the repository's landmark; enables CBT when asked.
@@ -1043,9 +1150,22 @@ fn prepare_cbt<C: Committer>(
         }
         Some(false) => {
             if options.enable_cbt {
-                session
-                    .vdi_enable_cbt(&d.vdi_ref)
-                    .map_err(on_host(format!("VDI.enable_cbt on {uuid}")))?;
+                match session.vdi_enable_cbt(&d.vdi_ref) {
+                    Ok(()) => {}
+                    Err(e) if cbt_refused(&e) => {
+                        let why = describe(&e);
+                        committer.warn(format!(
+                            "VDI {uuid} ('{}') cannot have changed block tracking: VDI.enable_cbt was refused ({why}); it is read in full every run, the other disks stay incremental",
+                            d.record.name_label
+                        ));
+                        d.full_reason = Some(lost(format!(
+                            "VDI.enable_cbt on {uuid} was refused ({why}): read in full"
+                        )));
+                        d.cbt_unavailable = Some(why);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(on_host(format!("VDI.enable_cbt on {uuid}"))(e)),
+                }
                 committer.info(format!("enabled changed block tracking on VDI {uuid}"));
                 d.full_reason = Some(lost(format!(
                     "changed block tracking was disabled on VDI {uuid} (by a user, or by the host after a crash); enabled it again"
@@ -1071,6 +1191,7 @@ fn take_snapshots<E: std::error::Error + 'static>(
     side: &mut HostSide<'_>,
     vm_ref: Option<&str>,
     disks: &mut [Disk],
+    ignored: &[String],
 ) -> Result<(), WorkflowError<E>> {
     let s = side.session;
     match vm_ref {
@@ -1088,7 +1209,9 @@ fn take_snapshots<E: std::error::Error + 'static>(
                 "cbtvault {}",
                 chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
             );
-            let snap_vm = s.vm_snapshot(vm, &name).map_err(on_host("VM.snapshot"))?;
+            let snap_vm = s
+                .vm_snapshot(vm, &name, ignored)
+                .map_err(on_host("VM.snapshot"))?;
             side.snapshot_vm = Some(snap_vm.clone());
             side.mark("VM", &snap_vm)
                 .map_err(on_host("mark the snapshot VM (VM.add_to_other_config)"))?;
@@ -1105,8 +1228,13 @@ fn take_snapshots<E: std::error::Error + 'static>(
                 if rec.is_a_snapshot {
                     snapshot_vdis.push(b.vdi.clone());
                 }
-                if let Some(d) = disks.iter_mut().find(|d| d.vdi_ref == rec.snapshot_of) {
-                    d.snapshot_ref = Some(b.vdi.clone());
+                match disks.iter_mut().find(|d| d.vdi_ref == rec.snapshot_of) {
+                    Some(d) => d.snapshot_ref = Some(b.vdi.clone()),
+                    // A disk not backed up that the host snapshotted anyway.
+                    None if rec.is_a_snapshot => side
+                        .stray_snapshot_vdis
+                        .push((b.vdi.clone(), rec.uuid.clone())),
+                    None => {}
                 }
             }
             // Every snapshot VDI of the VM, backed up or not.

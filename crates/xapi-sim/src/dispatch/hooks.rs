@@ -36,6 +36,7 @@ pub(super) fn set_fault(st: &mut State, c: &Call) -> Reply {
     let value = c.args.get(2);
     match fault.as_str() {
         "legacy_host" => st.faults.legacy_host = c.args.bool(2, "value")?,
+        "cbt_unlicensed" => st.faults.cbt_unlicensed = c.args.bool(2, "value")?,
         "task_delay_ms" => {
             st.faults.task_delay_ms = value
                 .as_int()
@@ -123,4 +124,90 @@ pub(crate) fn create_vm_with_disks(
         })?;
     }
     Ok(vm)
+}
+
+/// What kind of disk [`add_disk`] plugs into a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    /// A user VDI on the default SR (CBT capable).
+    Cbt,
+    /// A user VDI on an SR whose driver lacks `VDI_CONFIG_CBT` (a raw HBA
+    /// LUN SR, created on first use): `enable_cbt` answers
+    /// `SR_OPERATION_NOT_SUPPORTED [sr]`.
+    SrWithoutCbt,
+    /// A RAW user VDI on the default SR: `enable_cbt` answers
+    /// `SR_BACKEND_FAILURE_66`.
+    Raw,
+    /// A VDI of type `ephemeral` (not backed up).
+    Ephemeral,
+}
+
+/// The SR without CBT support, created with its PBD on first use.
+fn sr_without_cbt(st: &mut State) -> Ref {
+    use crate::model::{new_ref, new_uuid, Pbd, Sr};
+    if let Some((r, _)) = st.srs.iter().find(|(_, s)| s.sr_type == "rawhba") {
+        return r.clone();
+    }
+    let sr = new_ref();
+    st.srs.insert(
+        sr.clone(),
+        Sr {
+            uuid: new_uuid(),
+            name_label: "Raw HBA LUNs".into(),
+            name_description: "simulated raw HBA SR (no CBT)".into(),
+            sr_type: "rawhba".into(),
+            cbt_capable: false,
+        },
+    );
+    let host = st.hosts.keys().next().cloned().unwrap_or_default();
+    st.pbds.insert(
+        new_ref(),
+        Pbd {
+            uuid: new_uuid(),
+            host,
+            sr: sr.clone(),
+            currently_attached: true,
+        },
+    );
+    sr
+}
+
+/// Plugs a new disk of `kind` into `vm` at the next free userdevice;
+/// returns the VDI ref.
+pub(crate) fn add_disk(
+    st: &mut State,
+    vm: &str,
+    name: &str,
+    size: u64,
+    kind: DiskKind,
+) -> Result<Ref, ApiError> {
+    st.vm(vm)?;
+    let sr = match kind {
+        DiskKind::SrWithoutCbt => sr_without_cbt(st),
+        _ => st.default_sr.clone(),
+    };
+    let mut new = NewVdi::user(name, sr, size);
+    match kind {
+        DiskKind::Raw => {
+            new.sm_config.insert("type".into(), "raw".into());
+        }
+        DiskKind::Ephemeral => new.vdi_type = "ephemeral".into(),
+        DiskKind::Cbt | DiskKind::SrWithoutCbt => {}
+    }
+    let vdi = st.vdi_create(new)?;
+    let used: Vec<u64> = st
+        .vbds_of_vm(vm)
+        .into_iter()
+        .filter_map(|b| st.vbds.get(&b).and_then(|v| v.userdevice.parse().ok()))
+        .collect();
+    let userdevice = (0..).find(|n| !used.contains(n)).unwrap_or(0);
+    st.vbd_create(NewVbd {
+        vm: vm.to_string(),
+        vdi: vdi.clone(),
+        userdevice: userdevice.to_string(),
+        mode: "RW".into(),
+        bootable: false,
+        other_config: BTreeMap::new(),
+    })?;
+    Ok(vdi)
 }

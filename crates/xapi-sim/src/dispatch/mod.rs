@@ -18,7 +18,8 @@ mod table;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(crate) use hooks::{create_vm_with_disks, guest_write_checked};
+pub use hooks::DiskKind;
+pub(crate) use hooks::{add_disk, create_vm_with_disks, guest_write_checked};
 
 use self::args::Args;
 use self::table::{Call, Handler, Kind, Method, Table};

@@ -43,6 +43,10 @@ pub struct Faults {
     pub nbd_drop_after_bytes: Option<u64>,
     /// Async tasks and HTTP handler tasks stay `pending` this long first.
     pub task_delay_ms: u64,
+    /// The pool is not licensed for CBT: `VDI.enable_cbt` answers
+    /// `LICENCE_RESTRICTION [CBT]` (`Pool_features.assert_enabled
+    /// Features.CBT`, xenapi-reference.md §2.3).
+    pub cbt_unlicensed: bool,
     /// Calls (by method name, e.g. `VDI.snapshot`) that fail with this
     /// `[code, params...]` after the session check, changing nothing.
     pub fail_calls: BTreeMap<String, Vec<String>>,

@@ -97,6 +97,22 @@ impl State {
     /// `VDI.enable_cbt`: starts a new, empty log (a new backup set).
     pub fn enable_cbt(&mut self, r: &str) -> Result<(), ApiError> {
         self.check_cbt_toggle(r)?;
+        if self.faults.cbt_unlicensed {
+            return Err(ApiError::new("LICENCE_RESTRICTION", ["CBT"]));
+        }
+        // SM refuses CBT on RAW (non-VHD) VDIs (xenapi-reference.md §2.3,
+        // `configure_blocktracking`). Assumption: the simulator marks a RAW
+        // VDI with sm_config `type` = `raw`, as LVHD SRs record `vdi_type`.
+        if self.vdi(r)?.sm_config.get("type").map(String::as_str) == Some("raw") {
+            return Err(ApiError::new(
+                "SR_BACKEND_FAILURE_66",
+                [
+                    "",
+                    "Invalid VDI type [opterr=Raw VDI or snapshot not permitted]",
+                    "",
+                ],
+            ));
+        }
         let v = self.vdi_mut(r)?;
         if !v.cbt_enabled {
             v.cbt_enabled = true;
