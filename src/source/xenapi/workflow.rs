@@ -1022,13 +1022,15 @@ fn release_lost_landmark<C: Committer>(
     }
 }
 
-/// The disks to back up, and the VM's disks that are not backed up (other
-/// VDI types), which `VM.snapshot` is told to ignore.
+/// The disks to back up, and the refs of the VM's disks that are not
+/// backed up (other VDI types), which `VM.snapshot` is told to ignore.
+type Discovered = (Vec<Disk>, Vec<String>);
+
 fn discover<C: Committer>(
     session: &Session,
     url: &XenUrl,
     committer: &mut C,
-) -> Result<(Vec<Disk>, Vec<String>), WorkflowError<C::Error>> {
+) -> Result<Discovered, WorkflowError<C::Error>> {
     let new_disk = |vdi_ref: String, record: VdiRecord| Disk {
         identity: url.disk_identity(&record.uuid),
         vdi_ref,
