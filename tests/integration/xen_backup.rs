@@ -1300,3 +1300,60 @@ fn xen_error_messages_keep_the_url_and_say_each_cause_once() {
     let r = backup(&repo, &sim, &vdi_src, &[]);
     check(r, &format!("/vdi/{}", vm.disks[0].vdi_uuid));
 }
+
+/// Issue 17, item 3: xapi restarts mid-read (every session ends) and an
+/// NBD connection drops: the backup logs in again, fetches
+/// `VDI.get_nbd_info` again, reconnects and finishes; every block is
+/// restored bit-exact and nothing of the run stays on the host.
+#[test]
+fn xen_backup_survives_the_session_dying_mid_read() {
+    let sim = start();
+    let vm: SimVm = sim.create_vm_with_disks("vm", &[8 * MIB, 4 * MIB]).unwrap();
+    for (k, d) in vm.disks.iter().enumerate() {
+        fill(&sim, &d.vdi_uuid, d.size_bytes, 80 + k as u64);
+    }
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    let mut expected = Vec::new();
+    for run in 0..2u64 {
+        if run > 0 {
+            for (k, d) in vm.disks.iter().enumerate() {
+                guest_writes(&sim, &d.vdi_uuid, d.size_bytes, 90 + k as u64);
+            }
+        }
+        // Mid-read in the full and in the incremental (which reads less).
+        let after = if run == 0 { MIB / 2 } else { 16 << 10 };
+        sim.set_faults(move |f| f.expire_sessions_after_nbd_bytes = Some(after));
+        let r = backup(&repo, &sim, &src, &["--nbd-connections", "2"]).ok();
+        let all = format!("{}{}", r.out(), r.stderr);
+        assert!(
+            all.contains("opened again") && all.contains("session expired or xapi restarted"),
+            "run {run}: {all}"
+        );
+        let j = r.json();
+        // The restart happened during this run (the switch is one shot).
+        let armed = std::sync::Arc::new(std::sync::Mutex::new(true));
+        let seen = armed.clone();
+        sim.set_faults(move |f| {
+            *seen.lock().unwrap() = f.expire_sessions_after_nbd_bytes.is_some()
+        });
+        assert!(
+            !*armed.lock().unwrap(),
+            "run {run}: the sessions never expired"
+        );
+        let host = Host::login(&sim, PASSWORD);
+        for (d, disk) in disks(&j).iter().zip(&vm.disks) {
+            assert_eq!(d["full"].as_bool(), Some(run == 0), "run {run}: {d}");
+            expected.push((
+                d["snapshot_id"].as_str().unwrap().to_string(),
+                host.disk(&disk.vdi_uuid, disk.size_bytes),
+            ));
+        }
+        assert_eq!(host.snapshot_vms(), 0, "run {run}");
+        assert_eq!(host.data_snapshots(), 0, "run {run}");
+        assert_eq!(sim.dom0_attachments(), 0, "run {run}");
+    }
+    for (id, bytes) in &expected {
+        assert!(restore_bytes(&repo, id) == *bytes, "snapshot {id} differs");
+    }
+}

@@ -54,12 +54,14 @@ impl ExportResolver for SimResolver {
             .attach_to_dom0(&vdi, "RO")
             .map_err(|e| refused(&e.to_string()))?;
         let drop_after = st.faults.nbd_drop_after_bytes;
+        let expire_after = st.faults.expire_sessions_after_nbd_bytes;
         drop(st);
         Ok(Arc::new(SimExport {
             core: self.core.clone(),
             vbd,
             disk,
             drop_after,
+            expire_after,
             served: AtomicU64::new(0),
         }))
     }
@@ -73,6 +75,9 @@ struct SimExport {
     disk: Arc<Disk>,
     /// Fault injection: fail reads once this many bytes were served.
     drop_after: Option<u64>,
+    /// Fault injection: end every session (a xapi restart) and drop this
+    /// connection once this many bytes were served.
+    expire_after: Option<u64>,
     served: AtomicU64,
 }
 
@@ -88,8 +93,20 @@ impl Export for SimExport {
     }
 
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, ExportError> {
+        let before = self.served.fetch_add(len as u64, Ordering::AcqRel);
+        if let Some(limit) = self.expire_after {
+            if before + len as u64 > limit {
+                let mut st = self.core.lock();
+                // One shot, whichever connection crosses it first.
+                if st.faults.expire_sessions_after_nbd_bytes.take().is_some() {
+                    st.sessions.clear();
+                    return Err(ExportError::Io(
+                        "injected fault: xapi restarted, every session ended".into(),
+                    ));
+                }
+            }
+        }
         if let Some(limit) = self.drop_after {
-            let before = self.served.fetch_add(len as u64, Ordering::AcqRel);
             if before + len as u64 > limit {
                 // xapi-nbd drops the connection on an I/O error mid-read.
                 return Err(ExportError::Io("injected fault: connection dropped".into()));

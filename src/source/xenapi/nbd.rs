@@ -9,6 +9,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use ::bytes::BytesMut;
 use ::nbd::client::{Address, ConnectOptions};
@@ -23,16 +24,97 @@ use crate::source::{BlockSource, SourceError};
 /// xapi-nbd's limit per host (reference §4).
 pub const HOST_CONNECTION_LIMIT: usize = 16;
 
+/// Fetches `VDI.get_nbd_info` again (logging in again when the session
+/// died): what an [`NbdSet`] reconnects with once its export names hold a
+/// dead session.
+pub type Renew<'s> = Box<dyn Fn() -> Result<Vec<NbdInfo>, String> + Send + Sync + 's>;
+
+/// Renewals of the connections per read before the read fails.
+const RENEWALS_PER_READ: u32 = 3;
+/// Tries of one renewal (a host whose xapi restarts answers again within
+/// seconds): waits of 0.5, 1, 2, 4, 8 s between them.
+const RENEW_TRIES: u32 = 6;
+
 /// One VDI read over NBD through several entries of `get_nbd_info`.
-pub struct NbdSet {
+pub struct NbdSet<'s> {
     runtime: tokio::runtime::Runtime,
-    pools: Vec<NbdPool>,
+    /// The pools, replaced whole when the connections are renewed.
+    pools: std::sync::RwLock<Arc<Vec<NbdPool>>>,
+    /// Counts renewals, so that threads that failed on the same pools
+    /// renew once.
+    generation: std::sync::atomic::AtomicU64,
+    renewing: std::sync::Mutex<()>,
     next: AtomicUsize,
     identity: String,
     size_bytes: u64,
+    connections: usize,
+    limits: NbdLimits,
+    renew: Option<Renew<'s>>,
+    renewed: AtomicUsize,
 }
 
-impl NbdSet {
+/// Opens `connections` (at most 16) spread over `entries` in turn, one
+/// after another. An entry that cannot be reached is skipped; no entry at
+/// all is an error.
+fn open_pools(
+    runtime: &tokio::runtime::Runtime,
+    entries: &[NbdInfo],
+    expected_size: u64,
+    connections: usize,
+    limits: NbdLimits,
+) -> Result<Vec<NbdPool>, NbdError> {
+    let total = connections.clamp(1, HOST_CONNECTION_LIMIT);
+    let used = entries.len().min(total).max(1);
+    let mut pools = Vec::new();
+    let mut last_error = None;
+    for (k, e) in entries.iter().enumerate().take(used) {
+        // Spread the connections: the first entries take the remainder.
+        let share = total / used + usize::from(k < total % used);
+        let options = ConnectOptions {
+            address: Address::Tcp {
+                host: e.address.clone(),
+                port: e.port,
+            },
+            export: e.exportname.clone(),
+            tls: Some(TlsOptions {
+                trust: Trust::PinnedPem(e.cert.as_bytes().to_vec()),
+                server_name: e.subject.clone(),
+                client: None,
+            }),
+            // xapi-nbd has no structured replies nor block status.
+            meta_contexts: Vec::new(),
+            timeout: limits.io_timeout,
+        };
+        let pool = limits.pool(PoolOptions {
+            connections: share.max(1),
+            ..PoolOptions::default()
+        });
+        match runtime.block_on(NbdPool::connect(options, pool)) {
+            Ok(p) => pools.push(p),
+            Err(err) if err.is_connection_failure() => last_error = Some(err),
+            // The pin is the host's own answer: no option of ours helps.
+            Err(NbdError::CertificateRefused { address, refused }) => {
+                return Err(NbdError::Invalid(format!(
+                    "the host's NBD server {address} does not present the certificate VDI.get_nbd_info describes: {refused}"
+                )))
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    let Some(first) = pools.first() else {
+        return Err(last_error
+            .unwrap_or_else(|| NbdError::Invalid("VDI.get_nbd_info returned no entry".into())));
+    };
+    let size_bytes = first.size_bytes;
+    if size_bytes != expected_size || pools.iter().any(|p| p.size_bytes != size_bytes) {
+        return Err(NbdError::Invalid(format!(
+            "the NBD export has {size_bytes} bytes where the VDI's virtual_size is {expected_size}"
+        )));
+    }
+    Ok(pools)
+}
+
+impl<'s> NbdSet<'s> {
     /// Opens `connections` (at most 16) spread over `entries` in turn,
     /// one after another. An entry that cannot be reached is skipped; no
     /// entry at all is an error.
@@ -42,72 +124,52 @@ impl NbdSet {
         expected_size: u64,
         connections: usize,
         limits: NbdLimits,
-    ) -> Result<NbdSet, NbdError> {
+    ) -> Result<NbdSet<'s>, NbdError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(NbdError::io("start runtime"))?;
-        let total = connections.clamp(1, HOST_CONNECTION_LIMIT);
-        let used = entries.len().min(total).max(1);
-        let mut pools = Vec::new();
-        let mut last_error = None;
-        for (k, e) in entries.iter().enumerate().take(used) {
-            // Spread the connections: the first entries take the remainder.
-            let share = total / used + usize::from(k < total % used);
-            let options = ConnectOptions {
-                address: Address::Tcp {
-                    host: e.address.clone(),
-                    port: e.port,
-                },
-                export: e.exportname.clone(),
-                tls: Some(TlsOptions {
-                    trust: Trust::PinnedPem(e.cert.as_bytes().to_vec()),
-                    server_name: e.subject.clone(),
-                    client: None,
-                }),
-                // xapi-nbd has no structured replies nor block status.
-                meta_contexts: Vec::new(),
-                timeout: limits.io_timeout,
-            };
-            let pool = limits.pool(PoolOptions {
-                connections: share.max(1),
-                ..PoolOptions::default()
-            });
-            match runtime.block_on(NbdPool::connect(options, pool)) {
-                Ok(p) => pools.push(p),
-                Err(err) if err.is_connection_failure() => last_error = Some(err),
-                // The pin is the host's own answer: no option of ours helps.
-                Err(NbdError::CertificateRefused { address, refused }) => {
-                    return Err(NbdError::Invalid(format!(
-                        "the host's NBD server {address} does not present the certificate VDI.get_nbd_info describes: {refused}"
-                    )))
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        let Some(first) = pools.first() else {
-            return Err(last_error.unwrap_or_else(|| {
-                NbdError::Invalid("VDI.get_nbd_info returned no entry".into())
-            }));
-        };
-        let size_bytes = first.size_bytes;
-        if size_bytes != expected_size || pools.iter().any(|p| p.size_bytes != size_bytes) {
-            return Err(NbdError::Invalid(format!(
-                "the NBD export has {size_bytes} bytes where the VDI's virtual_size is {expected_size}"
-            )));
-        }
+        let pools = open_pools(&runtime, entries, expected_size, connections, limits)?;
         Ok(NbdSet {
             runtime,
-            pools,
+            pools: std::sync::RwLock::new(Arc::new(pools)),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            renewing: std::sync::Mutex::new(()),
             next: AtomicUsize::new(0),
             identity,
-            size_bytes,
+            size_bytes: expected_size,
+            connections,
+            limits,
+            renew: None,
+            renewed: AtomicUsize::new(0),
         })
     }
 
+    /// When a read fails (a connection dropped and could not reconnect,
+    /// e.g. because its export name holds a session that died), `renew`
+    /// fetches fresh entries and the connections are opened again, a
+    /// bounded number of times, before the read is retried.
+    pub fn renewing_with(mut self, renew: Renew<'s>) -> Self {
+        self.renew = Some(renew);
+        self
+    }
+
+    /// How many times the connections were renewed.
+    pub fn renewals(&self) -> usize {
+        self.renewed.load(Ordering::Relaxed)
+    }
+
+    fn current(&self) -> (u64, Arc<Vec<NbdPool>>) {
+        let pools = self.pools.read().unwrap_or_else(|e| e.into_inner()).clone();
+        (
+            self.generation.load(std::sync::atomic::Ordering::Acquire),
+            pools,
+        )
+    }
+
     pub fn connection_count(&self) -> usize {
-        self.pools.iter().map(|p| p.connection_count()).sum()
+        self.current().1.iter().map(|p| p.connection_count()).sum()
     }
 
     /// Why fewer connections than `asked` are open, when that is so: one
@@ -118,11 +180,8 @@ impl NbdSet {
         if open >= asked {
             return None;
         }
-        let why: Vec<&str> = self
-            .pools
-            .iter()
-            .filter_map(|p| p.fewer_connections())
-            .collect();
+        let pools = self.current().1;
+        let why: Vec<&str> = pools.iter().filter_map(|p| p.fewer_connections()).collect();
         Some(format!(
             "{open} of {asked} NBD connections open{}; continuing with {open}",
             if why.is_empty() {
@@ -133,32 +192,121 @@ impl NbdSet {
         ))
     }
 
+    /// Opens the connections again from fresh `get_nbd_info` entries,
+    /// unless another thread already did since `seen`.
+    fn renew_after(&self, seen: u64, cause: &str) -> Result<(), String> {
+        let Some(renew) = &self.renew else {
+            return Err(cause.to_string());
+        };
+        let _one = self.renewing.lock().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(std::sync::atomic::Ordering::Acquire) != seen {
+            return Ok(());
+        }
+        let mut wait = std::time::Duration::from_millis(500);
+        let mut last = cause.to_string();
+        for attempt in 1..=RENEW_TRIES {
+            if attempt > 1 {
+                std::thread::sleep(wait);
+                wait *= 2;
+            }
+            let entries = match renew() {
+                Ok(e) if !e.is_empty() => e,
+                Ok(_) => {
+                    last = "VDI.get_nbd_info returned no NBD server".into();
+                    continue;
+                }
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            match open_pools(
+                &self.runtime,
+                &entries,
+                self.size_bytes,
+                self.connections,
+                self.limits,
+            ) {
+                Ok(pools) => {
+                    let old = std::mem::replace(
+                        &mut *self.pools.write().unwrap_or_else(|e| e.into_inner()),
+                        Arc::new(pools),
+                    );
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    self.renewed.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(old) = Arc::try_unwrap(old) {
+                        self.runtime.block_on(async move {
+                            for p in old {
+                                p.close().await;
+                            }
+                        });
+                    }
+                    return Ok(());
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(format!(
+            "{cause}; reconnecting with a fresh session failed {RENEW_TRIES} times, last: {last}"
+        ))
+    }
+
     /// Disconnects every connection (NBD_CMD_DISC), so that the host
     /// detaches the VDI from dom0 before VM.destroy / data_destroy.
-    pub fn close(mut self) {
-        let pools = std::mem::take(&mut self.pools);
-        self.runtime.block_on(async move {
-            for p in pools {
-                p.close().await;
+    pub fn close(self) {
+        drop(self);
+    }
+
+    /// One attempt at `reads` with the current pools: dealt round-robin
+    /// over the hosts' pools, each filling the caller's buffer in place.
+    fn read_once(&self, pools: &[NbdPool], reads: &mut [(u64, BytesMut)]) -> Result<(), NbdError> {
+        let n = pools.len();
+        if n == 0 {
+            return Err(NbdError::Invalid("no NBD connection".into()));
+        }
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut shares: Vec<Vec<(u64, BytesMut)>> = (0..n).map(|_| Vec::new()).collect();
+        for (i, (at, buf)) in reads.iter_mut().enumerate() {
+            shares[(start + i) % n].push((*at, std::mem::take(buf)));
+        }
+        let result = self.runtime.block_on(async {
+            let futures = pools
+                .iter()
+                .zip(shares.iter_mut())
+                .map(|(p, s)| p.read_owned(s));
+            for r in ::nbd::join_all(futures).await {
+                r?;
             }
+            Ok::<(), NbdError>(())
         });
+        // Hand the buffers back in their original order.
+        let mut taken: Vec<_> = shares.into_iter().map(|s| s.into_iter()).collect();
+        for (i, slot) in reads.iter_mut().enumerate() {
+            if let Some((_, buf)) = taken[(start + i) % n].next() {
+                slot.1 = buf;
+            }
+        }
+        result
     }
 }
 
-impl Drop for NbdSet {
+impl Drop for NbdSet<'_> {
     fn drop(&mut self) {
-        let pools = std::mem::take(&mut self.pools);
-        if !pools.is_empty() {
-            self.runtime.block_on(async move {
-                for p in pools {
-                    p.close().await;
-                }
-            });
+        let pools = std::mem::take(&mut *self.pools.write().unwrap_or_else(|e| e.into_inner()));
+        if let Ok(pools) = Arc::try_unwrap(pools) {
+            if !pools.is_empty() {
+                self.runtime.block_on(async move {
+                    for p in pools {
+                        p.close().await;
+                    }
+                });
+            }
         }
     }
 }
 
-impl BlockSource for NbdSet {
+impl BlockSource for NbdSet<'_> {
     fn identity(&self) -> &str {
         &self.identity
     }
@@ -184,42 +332,46 @@ impl BlockSource for NbdSet {
         Ok(())
     }
 
-    /// Every read in flight at once, the reads dealt round-robin over the
-    /// hosts' pools, each filling the caller's buffer in place.
+    /// Every read in flight at once; when they fail and the set can renew
+    /// its connections (a dead session in the export names, a host whose
+    /// xapi restarted), renews them and reads again, a bounded number of
+    /// times. Reads are idempotent, so a retried batch reads the same bytes.
     fn read_owned(&self, reads: &mut [(u64, BytesMut)]) -> Result<(), SourceError> {
         let first = reads.first().map(|r| r.0).unwrap_or(0);
         let failed = |reason: String| SourceError::Invalid {
             source_name: self.identity.clone(),
             reason,
         };
-        let n = self.pools.len();
-        if n == 0 {
-            return Err(failed("no NBD connection".into()));
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut shares: Vec<Vec<(u64, BytesMut)>> = (0..n).map(|_| Vec::new()).collect();
-        for (i, (at, buf)) in reads.iter_mut().enumerate() {
-            shares[(start + i) % n].push((*at, std::mem::take(buf)));
-        }
-        let result = self.runtime.block_on(async {
-            let futures = self
-                .pools
-                .iter()
-                .zip(shares.iter_mut())
-                .map(|(p, s)| p.read_owned(s));
-            for r in ::nbd::join_all(futures).await {
-                r?;
+        // A failed attempt may keep some buffers: each retry starts from
+        // buffers of the asked lengths, and a read that hands back another
+        // length is an error, never short data.
+        let lens: Vec<usize> = reads.iter().map(|r| r.1.len()).collect();
+        let mut renewals = 0;
+        loop {
+            for ((_, buf), &len) in reads.iter_mut().zip(&lens) {
+                if buf.len() != len {
+                    *buf = BytesMut::zeroed(len);
+                }
             }
-            Ok::<(), NbdError>(())
-        });
-        // Hand the buffers back in their original order.
-        let mut taken: Vec<_> = shares.into_iter().map(|s| s.into_iter()).collect();
-        for (i, slot) in reads.iter_mut().enumerate() {
-            if let Some((_, buf)) = taken[(start + i) % n].next() {
-                slot.1 = buf;
+            let (generation, pools) = self.current();
+            match self.read_once(&pools, reads) {
+                Ok(()) if reads.iter().zip(&lens).all(|(r, &len)| r.1.len() == len) => {
+                    return Ok(())
+                }
+                Ok(()) => {
+                    return Err(failed(format!(
+                        "read from byte {first}: a read came back with a length other than asked"
+                    )))
+                }
+                Err(e) if self.renew.is_some() && renewals < RENEWALS_PER_READ => {
+                    renewals += 1;
+                    drop(pools);
+                    self.renew_after(generation, &e.to_string())
+                        .map_err(|why| failed(format!("read from byte {first}: {why}")))?;
+                }
+                Err(e) => return Err(failed(format!("read from byte {first}: {e}"))),
             }
         }
-        result.map_err(|e| failed(format!("read from byte {first}: {e}")))
     }
 }
 

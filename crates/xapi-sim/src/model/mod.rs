@@ -41,6 +41,11 @@ pub struct Faults {
     pub legacy_host: bool,
     /// NBD connections drop after serving this many bytes of reads.
     pub nbd_drop_after_bytes: Option<u64>,
+    /// Once an NBD connection has served this many bytes, xapi "restarts":
+    /// every session ends (calls answer `SESSION_INVALID`, new NBD
+    /// connections with their export names are refused) and that
+    /// connection drops. One shot: the switch clears itself.
+    pub expire_sessions_after_nbd_bytes: Option<u64>,
     /// Async tasks and HTTP handler tasks stay `pending` this long first.
     pub task_delay_ms: u64,
     /// The pool is not licensed for CBT: `VDI.enable_cbt` answers
