@@ -27,7 +27,9 @@
 //!   "Failure", "ErrorDescription": [...]}`).
 //! - `sim.create_vm(session, name, [size_bytes...])` -> VM ref: a halted VM
 //!   with one user VDI per size ([`Simulator::create_vm_with_disks`]).
-//!   [`Simulator::add_disk`] plugs more: on an SR without CBT support
+//!   [`Simulator::add_disk`] (or `sim.add_disk(session, vm, name, size,
+//!   kind)`, kind `cbt`, `sr_without_cbt`, `raw` or `ephemeral`) plugs
+//!   more: on an SR without CBT support
 //!   (`SR_OPERATION_NOT_SUPPORTED` from `enable_cbt`), a RAW VDI
 //!   (`SR_BACKEND_FAILURE_66`), or an `ephemeral` one.
 //! - Faults, via [`Simulator::set_faults`] or `sim.set_fault(session, name,
@@ -39,6 +41,9 @@
 //!     `data_destroy`, `get_nbd_info`, `get_cbt_enabled`) answer
 //!     `MESSAGE_METHOD_UNKNOWN`, VDI records lack `cbt_enabled`, and
 //!     `/jsonrpc` answers 404. Also [`SimOptions::legacy_host`].
+//!   - `expire_sessions_after_nbd_bytes` (only through
+//!     [`Simulator::set_faults`]): once an NBD connection has served that
+//!     many bytes, every session ends (a xapi restart) and it drops.
 //!   - `nbd_drop_after_bytes` (int, or "" to clear): NBD connections opened
 //!     afterwards drop (no reply) once they have served that many bytes.
 //!   - `task_delay_ms` (int): async tasks and HTTP handler tasks stay

@@ -84,6 +84,28 @@ pub(super) fn create_vm(st: &mut State, c: &Call) -> Reply {
     create_vm_with_disks(st, &label, &sizes).map(Value::String)
 }
 
+/// `sim.add_disk(session, vm, name, size, kind)` -> VDI ref, `kind` one of
+/// `cbt`, `sr_without_cbt`, `raw`, `ephemeral` ([`DiskKind`]).
+pub(super) fn add_disk_hook(st: &mut State, c: &Call) -> Reply {
+    let vm = c.args.obj(st, 1, Class::Vm)?;
+    let name = c.args.string(2, "name")?;
+    let size = c
+        .args
+        .get(3)
+        .as_int()
+        .and_then(|i| u64::try_from(i).ok())
+        .or_else(|| c.args.get(3).as_str().and_then(|s| s.parse().ok()))
+        .ok_or_else(|| ApiError::field_type("size"))?;
+    let kind = match c.args.string(4, "kind")?.as_str() {
+        "cbt" => DiskKind::Cbt,
+        "sr_without_cbt" => DiskKind::SrWithoutCbt,
+        "raw" => DiskKind::Raw,
+        "ephemeral" => DiskKind::Ephemeral,
+        other => return Err(ApiError::new("INVALID_VALUE", ["kind", other])),
+    };
+    add_disk(st, &vm, &name, size, kind).map(Value::String)
+}
+
 /// Guest writes go to live disks only: a snapshot is read-only and a
 /// cbt_metadata VDI has no data.
 pub(crate) fn guest_write_checked(

@@ -284,13 +284,14 @@ fn build() -> Table {
             },
         );
     }
-    let hooks: [(&str, usize, StateFn); 6] = [
+    let hooks: [(&str, usize, StateFn); 7] = [
         ("guest_write", 4, hooks::guest_write),
         ("system_disable_cbt", 2, hooks::system_disable_cbt),
         ("set_fault", 3, hooks::set_fault),
         ("attach_to_dom0", 2, hooks::attach_to_dom0),
         ("detach", 2, hooks::detach),
         ("create_vm", 3, hooks::create_vm),
+        ("add_disk", 5, hooks::add_disk_hook),
     ];
     for (name, arity, handler) in hooks {
         table.add(

@@ -432,6 +432,27 @@ def run(h):
     v1 = h.jsonrpc({"method": "VDI.get_by_uuid", "params": [h.ref, "nope"], "id": 2})
     check("JSON-RPC v1 error shape", v1, {"result": None, "error": ["UUID_INVALID", "VDI", "nope"], "id": 2})
 
+    # enable_cbt refusals (reference §2.3) and VM.snapshot's ignore_vdis
+    # (§2.4), on disks the sim.add_disk hook plugs.
+    cvm = x.sim.create_vm("cbt-refusals", [str(BLOCK)])
+    lun = x.sim.add_disk(cvm, "lun", str(BLOCK), "sr_without_cbt")
+    failure("enable_cbt on an SR without VDI_CONFIG_CBT -> SR_OPERATION_NOT_SUPPORTED [sr]",
+            lambda: x.VDI.enable_cbt(lun), "SR_OPERATION_NOT_SUPPORTED", [x.VDI.get_SR(lun)])
+    raw = x.sim.add_disk(cvm, "raw", str(BLOCK), "raw")
+    failure("enable_cbt on a RAW VDI -> SR_BACKEND_FAILURE_66", lambda: x.VDI.enable_cbt(raw),
+            "SR_BACKEND_FAILURE_66", ["", "Invalid VDI type [opterr=Raw VDI or snapshot not permitted]", ""])
+    plain = [v for v in (x.VBD.get_VDI(b) for b in x.VM.get_VBDs(cvm)) if v not in (lun, raw)][0]
+    x.sim.set_fault("cbt_unlicensed", True)
+    failure("enable_cbt without the CBT licence -> LICENCE_RESTRICTION [CBT]",
+            lambda: x.VDI.enable_cbt(plain), "LICENCE_RESTRICTION", ["CBT"])
+    x.sim.set_fault("cbt_unlicensed", False)
+    check("enable_cbt once licensed", x.VDI.enable_cbt(plain), "")
+    eph = x.sim.add_disk(cvm, "scratch", str(BLOCK), "ephemeral")
+    check("an ephemeral disk has type ephemeral", x.VDI.get_type(eph), "ephemeral")
+    snap_vm = x.VM.snapshot(cvm, "with ignore_vdis", [eph])
+    snapped = sorted(x.VDI.get_snapshot_of(x.VBD.get_VDI(b)) for b in x.VM.get_VBDs(snap_vm))
+    check("VM.snapshot(ignore_vdis) snapshots every other disk only", snapped, sorted([plain, lun, raw]))
+
     # SESSION_INVALID after logout (through the raw proxy: the binding
     # itself re-logs-in on SESSION_INVALID).
     old = h.ref
