@@ -38,28 +38,9 @@ for t in python3 /usr/bin/time du openssl cmp; do
   command -v "$t" >/dev/null || die "missing tool: $t"
 done
 
-if [[ -e $WORK ]]; then
-  [[ -d $WORK ]] || die "$WORK exists and is not a directory"
-  if [[ -n $(ls -A "$WORK") && ! -e $WORK/$MARKER ]]; then
-    die "$WORK is not empty and is not a previous bench work dir; refusing to wipe it"
-  fi
-  rm -rf -- "$WORK"
-fi
-mkdir -p "$WORK"
-touch "$WORK/$MARKER"
-WORK=$(cd "$WORK" && pwd)
-cleanup() {
-  local rc=$?
-  if [[ $KEEP == 1 ]]; then
-    echo "encryption-bench: work dir kept: $WORK" >&2
-  elif [[ -e $WORK/$MARKER ]]; then
-    rm -rf -- "$WORK"
-    rmdir -- "$(dirname "$WORK")" 2>/dev/null || true
-  fi
-  exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=bench/workdir.sh
+. "$ROOT/bench/workdir.sh"
+claim_workdir
 
 RESULTS=$WORK/results.tsv
 : >"$RESULTS"

@@ -49,26 +49,9 @@ done
 if command -v b3sum >/dev/null; then HASH=b3sum; else HASH=sha256sum; fi
 
 # ---------------------------------------------------------------- work dir
-if [[ -e $WORK ]]; then
-  [[ -d $WORK ]] || die "$WORK exists and is not a directory"
-  if [[ -n $(ls -A "$WORK") && ! -e $WORK/$MARKER ]]; then
-    die "$WORK is not empty and is not a previous bench work dir; refusing to wipe it"
-  fi
-  rm -rf -- "$WORK"
-fi
-mkdir -p "$WORK"
-touch "$WORK/$MARKER"
-WORK=$(cd "$WORK" && pwd)
-cleanup() {
-  local rc=$?
-  if [[ $KEEP == 1 ]]; then
-    echo "repo-core: work dir kept: $WORK" >&2
-  elif [[ -e $WORK/$MARKER ]]; then
-    rm -rf -- "$WORK"
-  fi
-  exit $rc
-}
-trap cleanup EXIT
+# shellcheck source=bench/workdir.sh
+. "$ROOT/bench/workdir.sh"
+claim_workdir
 
 IMG=$WORK/image.raw
 CREPO=$WORK/cbtvault-repo

@@ -63,33 +63,16 @@ done
 if command -v b3sum >/dev/null; then HASH=b3sum; else HASH=sha256sum; fi
 
 # ---------------------------------------------------------------- work dir
-if [[ -e $WORK ]]; then
-  [[ -d $WORK ]] || die "$WORK exists and is not a directory"
-  if [[ -n $(ls -A "$WORK") && ! -e $WORK/$MARKER ]]; then
-    die "$WORK is not empty and is not a previous bench work dir; refusing to wipe it"
-  fi
-  rm -rf -- "$WORK"
-fi
-mkdir -p "$WORK"
-touch "$WORK/$MARKER"
-WORK=$(cd "$WORK" && pwd)
+# shellcheck source=bench/workdir.sh
+. "$ROOT/bench/workdir.sh"
 SERVER_PID=
-cleanup() {
-  local rc=$?
+bench_cleanup_extra() {
   if [[ -n $SERVER_PID ]]; then
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
   fi
-  if [[ $KEEP == 1 ]]; then
-    echo "s3-bench: work dir kept: $WORK" >&2
-  elif [[ -e $WORK/$MARKER ]]; then
-    rm -rf -- "$WORK"
-    rmdir -- "$(dirname "$WORK")" 2>/dev/null || true
-  fi
-  exit $rc
 }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+claim_workdir
 
 IMG=$WORK/image.raw
 LREPO=$WORK/cbtvault-local        # full backup only (the local reference of step 1)

@@ -47,28 +47,13 @@ for t in python3 qemu-img qemu-nbd cmp; do
   command -v "$t" >/dev/null || die "missing tool: $t (qemu-img and qemu-nbd are in qemu-utils)"
 done
 
-if [[ -e $WORK ]]; then
-  [[ -d $WORK ]] || die "$WORK exists and is not a directory"
-  if [[ -n $(ls -A "$WORK") && ! -e $WORK/$MARKER ]]; then
-    die "$WORK is not empty and is not a previous bench work dir; refusing to wipe it"
-  fi
-  rm -rf -- "$WORK"
-fi
-mkdir -p "$WORK"
-touch "$WORK/$MARKER"
-WORK=$(cd "$WORK" && pwd)
+# shellcheck source=bench/workdir.sh
+. "$ROOT/bench/workdir.sh"
 PIDS=()
-cleanup() {
-  local rc=$?
+bench_cleanup_extra() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
-  if [[ $KEEP == 1 ]]; then
-    echo "serve-bench: work dir kept: $WORK" >&2
-  elif [[ -e $WORK/$MARKER ]]; then
-    rm -rf -- "$WORK"
-  fi
-  exit $rc
 }
-trap cleanup EXIT
+claim_workdir
 
 if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
   log "cargo build --release"

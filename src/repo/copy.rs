@@ -163,9 +163,7 @@ fn copy_one(
     progress.advance(references - missing.len() as u64);
 
     let level = to.config().compression_level;
-    let target = to.config().pack_size_target_bytes;
-    let mut writer: Option<PackWriter> = None;
-    let mut indexed: Vec<IndexedPack> = Vec::new();
+    let mut packs = Packs::default();
     let mut failure: Option<RepoError> = None;
     let wanted: Vec<(u64, BlockId)> = missing
         .iter()
@@ -177,16 +175,7 @@ fn copy_one(
             let step = (|| -> Result<(), RepoError> {
                 crate::interrupt::check()?;
                 let raw = result?;
-                let block = prepare(raw, located.block, level)?;
-                let w = writer.get_or_insert_with(|| PackWriter::new(target, to.codec()));
-                w.add(&block)?;
-                report.blocks_sent += 1;
-                report.sent_raw_bytes += block.raw_length as u64;
-                if w.is_full() {
-                    let full = writer.take().expect("a writer");
-                    report.sent_stored_bytes += flush(to, full, &mut indexed)?;
-                    report.packs_written += 1;
-                }
+                packs.add(to, prepare(raw, located.block, level)?, report)?;
                 progress.advance(1);
                 #[cfg(debug_assertions)]
                 super::test_kill("copy_block");
@@ -203,12 +192,7 @@ fn copy_one(
         return Err(e);
     }
     stream?;
-    if let Some(w) = writer.take() {
-        if !w.is_empty() {
-            report.sent_stored_bytes += flush(to, w, &mut indexed)?;
-            report.packs_written += 1;
-        }
-    }
+    let indexed = packs.finish(to, report)?;
     commit_copy(from, to, obj, indexed, report)
 }
 
@@ -249,9 +233,7 @@ fn copy_translated(
 ) -> Result<(), RepoError> {
     progress.advance(references - unique.len() as u64);
     let level = to.config().compression_level;
-    let target = to.config().pack_size_target_bytes;
-    let mut writer: Option<PackWriter> = None;
-    let mut indexed: Vec<IndexedPack> = Vec::new();
+    let mut packs = Packs::default();
     let mut failure: Option<RepoError> = None;
     let mut ids: std::collections::HashMap<BlockId, BlockId> =
         std::collections::HashMap::with_capacity(unique.len());
@@ -281,16 +263,7 @@ fn copy_translated(
                     report.skipped_raw_bytes += raw.len() as u64;
                     continue;
                 }
-                let block = prepare(raw, dst, level)?;
-                let w = writer.get_or_insert_with(|| PackWriter::new(target, to.codec()));
-                w.add(&block)?;
-                report.blocks_sent += 1;
-                report.sent_raw_bytes += block.raw_length as u64;
-                if w.is_full() {
-                    let full = writer.take().expect("a writer");
-                    report.sent_stored_bytes += flush(to, full, &mut indexed)?;
-                    report.packs_written += 1;
-                }
+                packs.add(to, prepare(raw, dst, level)?, report)?;
                 #[cfg(debug_assertions)]
                 super::test_kill("copy_block");
             }
@@ -308,12 +281,7 @@ fn copy_translated(
         return Err(e);
     }
     stream?;
-    if let Some(w) = writer.take() {
-        if !w.is_empty() {
-            report.sent_stored_bytes += flush(to, w, &mut indexed)?;
-            report.packs_written += 1;
-        }
-    }
+    let indexed = packs.finish(to, report)?;
     for (_, r) in obj.entries.iter_mut() {
         if let BlockRef::Data(id) = r {
             *id = *ids.get(id).ok_or_else(|| {
@@ -337,6 +305,53 @@ fn prepare(raw: Vec<u8>, id: BlockId, level: i32) -> Result<CompressedBlock, Rep
         level,
         incompressible,
     )?)
+}
+
+/// The destination's pack being filled and the packs written so far.
+#[derive(Default)]
+struct Packs {
+    writer: Option<PackWriter>,
+    indexed: Vec<IndexedPack>,
+}
+
+impl Packs {
+    /// Adds a prepared block, writing the pack out once it is full.
+    fn add(
+        &mut self,
+        to: &Repository,
+        block: CompressedBlock,
+        report: &mut CopyReport,
+    ) -> Result<(), RepoError> {
+        let target = to.config().pack_size_target_bytes;
+        let w = self
+            .writer
+            .get_or_insert_with(|| PackWriter::new(target, to.codec()));
+        w.add(&block)?;
+        report.blocks_sent += 1;
+        report.sent_raw_bytes += block.raw_length as u64;
+        if w.is_full() {
+            let full = self.writer.take().expect("a writer");
+            report.sent_stored_bytes += flush(to, full, &mut self.indexed)?;
+            report.packs_written += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes out the last pack; the packs still to be named by an index
+    /// object.
+    fn finish(
+        mut self,
+        to: &Repository,
+        report: &mut CopyReport,
+    ) -> Result<Vec<IndexedPack>, RepoError> {
+        if let Some(w) = self.writer.take() {
+            if !w.is_empty() {
+                report.sent_stored_bytes += flush(to, w, &mut self.indexed)?;
+                report.packs_written += 1;
+            }
+        }
+        Ok(self.indexed)
+    }
 }
 
 /// Makes a pack durable in `to`, then adds its catalog rows; its size.
