@@ -389,7 +389,13 @@ impl Repository {
                 options.block_size
             )));
         }
-        // The password first: nothing is created if it cannot be had.
+        // The object store's settings and credentials first (no request
+        // yet), then the password: nothing is created if either is missing.
+        let s3 = match location {
+            Location::S3 { .. } => Some(location.s3_backend()?.expect("an S3 location")),
+            Location::Local(_) => None,
+        };
+        // The password: nothing is created if it cannot be had.
         let encryption = match &options.encryption {
             Some(new) => {
                 let pw = new.password.get().map_err(RepoError::PasswordUnavailable)?;
@@ -481,7 +487,7 @@ impl Repository {
                 (catalog, key)
             }
             Location::S3 { .. } => {
-                let s3 = location.s3_backend()?.expect("an S3 location");
+                let s3 = s3.expect("built above for an S3 location");
                 let policy = crate::backend::retry::RetryPolicy::from_env();
                 let counter = Default::default();
                 let retried = |op: &dyn Fn() -> Result<bool, BackendError>| {
