@@ -205,6 +205,10 @@ pub struct SimArgs {
     /// Behave as an old host without CBT (the CBT calls are unknown).
     #[arg(long)]
     pub legacy_host: bool,
+    /// Append every XenAPI call (method and outcome) and NBD connection to
+    /// FILE, one per line, to see (or test) the order of a workflow.
+    #[arg(long, value_name = "FILE")]
+    pub log_calls: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -475,6 +475,7 @@ pub fn sim(a: &SimArgs) -> SimHostOptions {
         hostname: a.hostname.clone(),
         disk_mib: a.disk_mib.clone(),
         legacy_host: a.legacy_host,
+        log_calls: a.log_calls.clone(),
     }
 }
 

@@ -44,6 +44,7 @@ pub struct SimHostOptions {
     pub disk_mib: Vec<u64>,
     /// Behave as an old host without CBT.
     pub legacy_host: bool,
+    pub log_calls: Option<std::path::PathBuf>,
 }
 
 pub fn run(ui: &Ui, options: &SimHostOptions) -> Result<Outcome> {
@@ -88,6 +89,7 @@ pub fn run(ui: &Ui, options: &SimHostOptions) -> Result<Outcome> {
         password: password.clone(),
         hostname: options.hostname.clone(),
         legacy_host: options.legacy_host,
+        log_calls: options.log_calls.clone(),
         ..SimOptions::default()
     })
     .context("start the XenServer simulator")?;

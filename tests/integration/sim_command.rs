@@ -16,6 +16,8 @@ fn s(v: &str) -> Value {
 #[test]
 fn sim_command_prints_how_to_connect_and_stops_on_sigterm() {
     use std::io::BufRead;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("calls.log");
     let mut child = std::process::Command::new(crate::util::bin())
         .args([
             "--json",
@@ -26,6 +28,8 @@ fn sim_command_prints_how_to_connect_and_stops_on_sigterm() {
             "127.0.0.1:0",
         ])
         .args(["--disk-mib", "2", "--disk-mib", "3"])
+        .arg("--log-calls")
+        .arg(&log)
         .env("CBTVAULT_SIM_PASSWORD", "secret-for-test")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
@@ -80,6 +84,12 @@ fn sim_command_prints_how_to_connect_and_stops_on_sigterm() {
     let _ = tls.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw);
     assert!(text.contains("<value>Success</value>"), "{text}");
+    // --log-calls: the login is in the call log.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("XenAPI session.login_with_password ok"),
+        "{logged}"
+    );
     let pid = child.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-s", "TERM", &pid])

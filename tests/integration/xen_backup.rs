@@ -1357,3 +1357,73 @@ fn xen_backup_survives_the_session_dying_mid_read() {
         assert!(restore_bytes(&repo, id) == *bytes, "snapshot {id} differs");
     }
 }
+
+/// The simulator's call log shows the workflow's order (seeds' procedure,
+/// reference §2): CBT on before the snapshot, every bitmap before any NBD
+/// connection, the snapshot VM gone before `data_destroy`, logout last.
+#[test]
+fn xen_call_log_shows_the_workflow_order() {
+    let sim = start();
+    let vm: SimVm = sim.create_vm_with_disks("vm", &[2 * MIB, MIB]).unwrap();
+    for (k, d) in vm.disks.iter().enumerate() {
+        fill(&sim, &d.vdi_uuid, d.size_bytes, 5 + k as u64);
+    }
+    let repo = TestRepo::new();
+    let src = source(&sim, "vm", &vm.vm_uuid);
+    let pos = |calls: &[String], what: &str, from: usize| -> Option<usize> {
+        calls[from..]
+            .iter()
+            .position(|c| c.contains(what))
+            .map(|p| p + from)
+    };
+    for run in 0..2 {
+        if run == 1 {
+            for d in &vm.disks {
+                guest_writes(&sim, &d.vdi_uuid, d.size_bytes, 11);
+            }
+        }
+        let start = sim.calls().len();
+        backup(&repo, &sim, &src, &[]).ok();
+        let calls = sim.calls();
+        let at = |what: &str| {
+            pos(&calls, what, start)
+                .unwrap_or_else(|| panic!("run {run}: no {what} in {:?}", &calls[start..]))
+        };
+        let last = |what: &str| {
+            (start..calls.len())
+                .rev()
+                .find(|&i| calls[i].contains(what))
+                .unwrap_or_else(|| panic!("run {run}: no {what}"))
+        };
+        let snapshot = at("VM.snapshot ok");
+        if run == 0 {
+            assert!(
+                last("VDI.enable_cbt ok") < snapshot,
+                "run 0: CBT enabled after the snapshot"
+            );
+        } else {
+            assert!(
+                pos(&calls, "VDI.enable_cbt", start).is_none(),
+                "run 1 enabled CBT again"
+            );
+            assert!(
+                last("VDI.list_changed_blocks ok") < at("NBD connect"),
+                "run 1: an NBD connection before every bitmap was read: {:?}",
+                &calls[start..]
+            );
+        }
+        assert!(snapshot < at("NBD connect"), "run {run}");
+        let destroy_vm = at("VM.destroy ok");
+        assert!(
+            last("NBD connect") < destroy_vm,
+            "run {run}: read after the VM went"
+        );
+        assert!(destroy_vm < at("VDI.data_destroy ok"), "run {run}");
+        assert_eq!(
+            pos(&calls, "session.logout", start),
+            Some(calls.len() - 1),
+            "run {run}: logout is not the last call: {:?}",
+            &calls[start..]
+        );
+    }
+}

@@ -104,12 +104,28 @@ pub(crate) struct Core {
     persist: Option<PathBuf>,
     /// Body bytes received by `/import_raw_vdi` so far (a test hook).
     pub(crate) import_bytes: std::sync::atomic::AtomicU64,
+    /// Every call and NBD connection, in order (`--log-calls`).
+    calls: Mutex<Vec<String>>,
+    log_file: Option<Mutex<std::fs::File>>,
 }
 
 impl Core {
     /// The state; a panic in another holder does not make it unusable.
     pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records one call (`XenAPI VDI.snapshot ok`, `NBD connect UUID
+    /// refused`, ...) in the call log, and in the log file when asked.
+    pub(crate) fn log_call(&self, line: String) {
+        if let Some(f) = &self.log_file {
+            use std::io::Write;
+            let _ = writeln!(f.lock().unwrap_or_else(|e| e.into_inner()), "{line}");
+        }
+        self.calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line);
     }
 
     /// Saves the objects after a change (when persistent). A failed save
@@ -145,6 +161,9 @@ pub struct SimOptions {
     /// NBD connections served at once; more are closed at once, as
     /// xapi-nbd does when busy (default 16).
     pub nbd_max_connections: usize,
+    /// Appends every XenAPI call (method and outcome) and NBD connection,
+    /// one per line, to this file ([`Simulator::calls`] holds the same).
+    pub log_calls: Option<PathBuf>,
 }
 
 impl Default for SimOptions {
@@ -160,6 +179,7 @@ impl Default for SimOptions {
             legacy_host: false,
             data_destroy_wait: Duration::from_secs(4),
             nbd_max_connections: 16,
+            log_calls: None,
         }
     }
 }
@@ -381,10 +401,25 @@ impl Simulator {
                 source,
             })?;
         }
+        let log_file = match &options.log_calls {
+            Some(path) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| SimError::Storage {
+                        path: path.display().to_string(),
+                        source,
+                    })?,
+            )),
+            None => None,
+        };
         let core = Arc::new(Core {
             state: Mutex::new(state),
             persist,
             import_bytes: std::sync::atomic::AtomicU64::new(0),
+            calls: Mutex::new(Vec::new()),
+            log_file,
         });
 
         let (stop, stop_rx) = watch::channel(false);
@@ -464,6 +499,17 @@ impl Simulator {
     /// The state folder.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Every XenAPI call and NBD connection so far, in order: `XenAPI
+    /// METHOD ok` or `XenAPI METHOD CODE`, `NBD connect VDI-UUID` or `NBD
+    /// refused VDI-UUID: WHY` (the `sim.*` hooks are not logged).
+    pub fn calls(&self) -> Vec<String> {
+        self.core
+            .calls
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Runs a XenAPI call in process (no wire), e.g. for a demo's setup.

@@ -40,8 +40,13 @@ impl ExportResolver for SimResolver {
         let (uuid, session) =
             parse_export_name(name).ok_or_else(|| refused("malformed export name"))?;
         let mut st = self.core.lock();
-        st.check_session(&session)
-            .map_err(|_| refused("invalid session"))?;
+        if st.check_session(&session).is_err() {
+            drop(st);
+            self.core
+                .log_call(format!("NBD refused {uuid}: invalid session"));
+            return Err(refused("invalid session"));
+        }
+        self.core.log_call(format!("NBD connect {uuid}"));
         let vdi = st
             .by_uuid(Class::Vdi, &uuid)
             .map_err(|_| ExportError::NotFound(uuid.clone()))?;

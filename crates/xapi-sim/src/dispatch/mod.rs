@@ -38,6 +38,15 @@ fn split(method: &str) -> Option<(&str, &str)> {
 /// call that may have changed objects is followed by a save.
 pub(crate) fn call(core: &Arc<Core>, method: &str, params: &[Value]) -> Result<Value, ApiError> {
     let result = call_inner(core, method, params);
+    if !method.starts_with("sim.") {
+        core.log_call(format!(
+            "XenAPI {method} {}",
+            match &result {
+                Ok(_) => "ok".to_string(),
+                Err(e) => e.code.to_string(),
+            }
+        ));
+    }
     // Getters change nothing; sessions are not kept.
     let read_only = method.starts_with("session.")
         || method
