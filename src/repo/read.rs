@@ -195,7 +195,8 @@ impl<'r> BlockReader<'r> {
                 // catalog must not make a reader allocate gigabytes.
                 Some(l)
                     if l.raw_length > layout::MAX_BLOCK_SIZE
-                        || l.stored_length > layout::max_stored_length(l.raw_length) =>
+                        || l.stored_length
+                            > self.repo.codec().framing().max_stored_length(l.raw_length) =>
                 {
                     out[k] = Some(Err(ReadError::Damaged {
                         index: b.index,
@@ -409,7 +410,7 @@ impl<'r> BlockReader<'r> {
             location: Some(l),
         };
         if l.raw_length > layout::MAX_BLOCK_SIZE
-            || l.stored_length > layout::max_stored_length(l.raw_length)
+            || l.stored_length > self.repo.codec().framing().max_stored_length(l.raw_length)
         {
             return Err(ReadError::Damaged {
                 index: 0,
