@@ -48,13 +48,7 @@ put() { printf '%s\t%s\n' "$1" "$2" >>"$RESULTS"; }
 # shellcheck source=bench/common.sh
 . "$ROOT/bench/common.sh"
 
-if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
-  log "cargo build --release"
-  (cd "$ROOT" && cargo build --release --quiet)
-fi
-[[ -x $CBT ]] || die "cbtvault binary not found: $CBT"
-cp "$CBT" "$WORK/cbtvault"
-CBT=$WORK/cbtvault
+private_binary
 export CBTVAULT_CACHE_DIR=$WORK/cache
 printf 'bench password\n' >"$WORK/password"
 export CBTVAULT_PASSWORD_FILE=$WORK/password

@@ -67,14 +67,7 @@ RESULTS=$WORK/results.tsv
 put() { printf '%s\t%s\n' "$1" "$2" >>"$RESULTS"; }
 
 # ---------------------------------------------------------------- build / tools
-if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
-  log "cargo build --release"
-  (cd "$ROOT" && cargo build --release --quiet)
-fi
-[[ -x $CBT ]] || die "cbtvault binary not found: $CBT"
-# Benchmark a private copy: the work tree may be rebuilt by someone else mid-run.
-cp "$CBT" "$WORK/cbtvault"
-CBT=$WORK/cbtvault
+private_binary
 
 RESTIC_VER=null
 if [[ $SKIP_RESTIC != 1 ]]; then

@@ -63,14 +63,7 @@ put() { printf '%s\t%s\n' "$1" "$2" >>"$RESULTS"; }
 . "$ROOT/bench/common.sh"
 
 # ---------------------------------------------------------------- build / tools
-if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
-  log "cargo build --release"
-  (cd "$ROOT" && cargo build --release --quiet)
-fi
-[[ -x $CBT ]] || die "cbtvault binary not found: $CBT"
-# Benchmark a private copy: the work tree may be rebuilt by someone else mid-run.
-cp "$CBT" "$WORK/cbtvault"
-CBT=$WORK/cbtvault
+private_binary
 
 if [[ $SKIP_RESTIC != 1 ]]; then ensure_restic; else RESTIC_VER=null; fi
 

@@ -55,14 +55,7 @@ bench_cleanup_extra() {
 }
 claim_workdir
 
-if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
-  log "cargo build --release"
-  (cd "$ROOT" && cargo build --release --quiet)
-fi
-[[ -x $CBT ]] || die "cbtvault binary not found: $CBT"
-# A private copy: the work tree may be rebuilt by someone else mid-run.
-cp "$CBT" "$WORK/cbtvault"
-CBT=$WORK/cbtvault
+private_binary
 
 CACHES=warm
 if [[ $DROP == 1 ]] && sync && (echo 3 >/proc/sys/vm/drop_caches) 2>/dev/null; then

@@ -31,3 +31,16 @@ bench_workdir_cleanup() {
   fi
   exit $rc
 }
+
+# private_binary: builds the release binary unless BUILD=0 or CBTVAULT names
+# one, checks $CBT, and benchmarks a private copy in $WORK (the work tree may
+# be rebuilt by someone else mid-run): CBT points at the copy.
+private_binary() {
+  if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
+    log "cargo build --release"
+    (cd "$ROOT" && cargo build --release --quiet)
+  fi
+  [[ -x $CBT ]] || die "cbtvault binary not found: $CBT"
+  cp "$CBT" "$WORK/cbtvault"
+  CBT=$WORK/cbtvault
+}

@@ -144,6 +144,12 @@ fn wrong_or_missing_password_exits_12_and_writes_nothing() {
     )
     .expect_code(12);
     r.stderr_mentions(&["CBTVAULT_PASSWORD", "--password-file"]);
+    // An empty password file: the same, naming the file.
+    std::fs::write(t.path("empty"), "\n").unwrap();
+    let empty = t.path("empty").display().to_string();
+    t.run(&[&"--password-file", &empty, &"snapshots"])
+        .expect_code(12)
+        .stderr_mentions(&["is empty", &empty]);
     // CBTVAULT_PASSWORD works, --password-file beats it.
     run_in_env(
         t.root(),

@@ -50,7 +50,9 @@ pub struct NbdSet<'s> {
     connections: usize,
     limits: NbdLimits,
     renew: Option<Renew<'s>>,
-    renewed: AtomicUsize,
+    /// Successful renewals, shared with whoever reports them (the set
+    /// itself is usually boxed as a `BlockSource` by then).
+    renewed: Arc<AtomicUsize>,
 }
 
 /// Opens `connections` (at most 16) spread over `entries` in turn, one
@@ -142,7 +144,7 @@ impl<'s> NbdSet<'s> {
             connections,
             limits,
             renew: None,
-            renewed: AtomicUsize::new(0),
+            renewed: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -155,9 +157,10 @@ impl<'s> NbdSet<'s> {
         self
     }
 
-    /// How many times the connections were renewed.
-    pub fn renewals(&self) -> usize {
-        self.renewed.load(Ordering::Relaxed)
+    /// Counts the times the connections were renewed, readable after the
+    /// set is handed on.
+    pub fn renewal_counter(&self) -> Arc<AtomicUsize> {
+        self.renewed.clone()
     }
 
     fn current(&self) -> (u64, Arc<Vec<NbdPool>>) {

@@ -1365,8 +1365,8 @@ fn read_and_commit<C: Committer>(
     }
     let mut changes = d.changes.clone().unwrap_or(Changes::Unknown);
     let size = d.record.virtual_size;
-    // How often the NBD connections had to be opened again mid-read.
-    let renewed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // How often the NBD connections were opened again mid-read.
+    let mut renewed = None;
     let source: Box<dyn BlockSource + '_> = if entries.is_empty() {
         committer.warn(format!(
             "VDI.get_nbd_info returned no NBD server for VDI {uuid} (no network with purpose nbd): reading it with /export_raw_vdi, in full"
@@ -1408,12 +1408,9 @@ fn read_and_commit<C: Committer>(
         // reconnect (xenapi-reference.md §2.6, §4).
         .renewing_with(Box::new({
             let snap = snap.clone();
-            let renewed = renewed.clone();
-            move || {
-                renewed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                session.vdi_nbd_info(&snap).map_err(|e| describe(&e))
-            }
+            move || session.vdi_nbd_info(&snap).map_err(|e| describe(&e))
         }));
+        renewed = Some(set.renewal_counter());
         if let Some(why) = set.fewer_connections(options.nbd_connections) {
             committer.warn(format!("VDI {uuid}: {why}"));
         }
@@ -1431,7 +1428,7 @@ fn read_and_commit<C: Committer>(
     });
     // Disconnect NBD (or drop the spool file) before anything else.
     drop(source);
-    let renewals = renewed.load(std::sync::atomic::Ordering::Relaxed);
+    let renewals = renewed.map_or(0, |r| r.load(std::sync::atomic::Ordering::Relaxed));
     if renewals > 0 && result.is_ok() {
         committer.warn(format!(
             "VDI {uuid}: NBD connections were lost mid-read and opened again with a fresh VDI.get_nbd_info {renewals} time(s) (the session expired or xapi restarted); every block was read and verified"
