@@ -20,6 +20,8 @@ pub enum SimError {
     Certificate(String),
     #[error("simulator runtime: {0}")]
     Runtime(String),
+    #[error("{0}")]
+    Unsupported(String),
     #[error(transparent)]
     Api(#[from] ApiError),
 }

@@ -213,6 +213,72 @@ pub struct Simulator {
     password: String,
     dir: PathBuf,
     temporary_dir: bool,
+    nbd_max_connections: usize,
+    /// Pool members joined so far.
+    members: Mutex<Vec<PoolMember>>,
+}
+
+/// A host that joined the simulator's pool ([`Simulator::add_pool_member`]).
+#[derive(Debug, Clone)]
+pub struct PoolMember {
+    pub name: String,
+    pub host_ref: String,
+    pub host_uuid: String,
+    /// Its XenAPI port: its own address, the master's port number.
+    pub https: SocketAddr,
+    pub nbd: SocketAddr,
+    pub certificate_pem: String,
+    /// SHA-256 of its certificate, `AB:CD:...`.
+    pub fingerprint: String,
+    /// The SR only this host sees.
+    pub local_sr_uuid: String,
+}
+
+/// The two listeners of one host and what they serve with.
+struct HostPorts {
+    https: tokio::net::TcpListener,
+    nbd: Listener,
+    tls: Arc<rustls::ServerConfig>,
+    nbd_max_connections: usize,
+}
+
+impl HostPorts {
+    /// Serves XenAPI and NBD as `host` until `stop` turns true.
+    fn serve(
+        self,
+        runtime: &tokio::runtime::Runtime,
+        core: &Arc<Core>,
+        host: model::Ref,
+        stop: watch::Receiver<bool>,
+    ) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls.clone());
+        runtime.spawn(server::serve(
+            self.https,
+            acceptor,
+            core.clone(),
+            host.clone(),
+            stop.clone(),
+        ));
+        let resolver = Arc::new(nbd::SimResolver {
+            core: core.clone(),
+            host,
+        });
+        let nbd_options = ServerOptions {
+            tls: Some(self.tls),
+            mode: Mode::XapiLike,
+            max_connections: self.nbd_max_connections,
+            ..ServerOptions::default()
+        };
+        let mut nbd_stop = stop;
+        runtime.spawn(nbdserver::serve(
+            self.nbd,
+            resolver,
+            nbd_options,
+            async move {
+                let _ = nbd_stop.changed().await;
+            },
+        ));
+    }
 }
 
 /// The host certificate and key (PEM), kept in the state folder so that a
@@ -384,7 +450,6 @@ impl Simulator {
             nbd_address: advertised,
             nbd_port: nbd.port(),
             certificate_pem: certificate_pem.clone(),
-            subject: options.hostname.clone(),
             data_dir: dir.join("vdis"),
             data_destroy_wait_ms: options.data_destroy_wait.as_millis() as u64,
         };
@@ -423,29 +488,14 @@ impl Simulator {
         });
 
         let (stop, stop_rx) = watch::channel(false);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls.clone());
-        runtime.spawn(server::serve(
-            https_listener,
-            acceptor,
-            core.clone(),
-            stop_rx.clone(),
-        ));
-        let resolver = Arc::new(nbd::SimResolver { core: core.clone() });
-        let nbd_options = ServerOptions {
-            tls: Some(tls),
-            mode: Mode::XapiLike,
-            max_connections: options.nbd_max_connections,
-            ..ServerOptions::default()
+        let master = core.lock().host.clone();
+        let ports = HostPorts {
+            https: https_listener,
+            nbd: nbd_listener,
+            tls,
+            nbd_max_connections: options.nbd_max_connections,
         };
-        let mut nbd_stop = stop_rx;
-        runtime.spawn(nbdserver::serve(
-            nbd_listener,
-            resolver,
-            nbd_options,
-            async move {
-                let _ = nbd_stop.changed().await;
-            },
-        ));
+        ports.serve(&runtime, &core, master, stop_rx);
         Ok(Simulator {
             runtime: Some(runtime),
             core,
@@ -458,6 +508,8 @@ impl Simulator {
             password: options.password,
             dir,
             temporary_dir,
+            nbd_max_connections: options.nbd_max_connections,
+            members: Mutex::new(Vec::new()),
         })
     }
 
@@ -512,6 +564,96 @@ impl Simulator {
             .clone()
     }
 
+    /// Joins a host to the pool: it listens on its own loopback address
+    /// (127.0.0.2, 127.0.0.3, ...) with the master's XenAPI port number
+    /// and a NBD port of its own, with a certificate of its own, answers
+    /// logins with `HOST_IS_SLAVE [master address]`, redirects HTTP
+    /// handlers for SRs it does not see, and has a local SR only it sees.
+    /// Members last while the simulator runs: one with a state folder of
+    /// its own (kept across restarts) cannot have them.
+    pub fn add_pool_member(&self, name: &str) -> Result<PoolMember, SimError> {
+        if self.core.persist.is_some() {
+            return Err(SimError::Unsupported(
+                "pool members are not kept across restarts: start the simulator without a state folder".into(),
+            ));
+        }
+        let runtime = self
+            .runtime
+            .as_ref()
+            .ok_or_else(|| SimError::Runtime("stopped".into()))?;
+        let mut members = self.members.lock().unwrap_or_else(|e| e.into_inner());
+        let ip = IpAddr::from([127, 0, 0, 2 + members.len() as u8]);
+        let https_address = SocketAddr::new(ip, self.https.port());
+        let https_listener = runtime
+            .block_on(tokio::net::TcpListener::bind(https_address))
+            .map_err(|source| SimError::Listen {
+                address: https_address.to_string(),
+                source,
+            })?;
+        let nbd_address = SocketAddr::new(ip, 0).to_string();
+        let nbd_listener =
+            runtime
+                .block_on(Listener::bind_tcp(&nbd_address))
+                .map_err(|source| SimError::Listen {
+                    address: nbd_address.clone(),
+                    source,
+                })?;
+        let nbd = nbd_listener.tcp_address().ok_or_else(|| SimError::Listen {
+            address: nbd_address.clone(),
+            source: std::io::ErrorKind::AddrNotAvailable.into(),
+        })?;
+        let cert_dir = self.dir.join("members").join(name);
+        std::fs::create_dir_all(&cert_dir).map_err(|source| SimError::Storage {
+            path: cert_dir.display().to_string(),
+            source,
+        })?;
+        let (certificate_pem, key_pem) =
+            host_certificate(&cert_dir, vec![name.to_string(), ip.to_string()])?;
+        let fingerprint = certificate_fingerprint(&certificate_pem)?;
+        let tls = nbdserver::server_config_from_pem(certificate_pem.as_bytes(), key_pem.as_bytes())
+            .map_err(|e| SimError::Certificate(e.to_string()))?;
+        let (host_ref, host_uuid, local_sr_uuid) = {
+            let mut st = self.core.lock();
+            let (host, sr) = st.add_pool_member(model::NewMember {
+                name: name.to_string(),
+                address: ip.to_string(),
+                certificate_pem: certificate_pem.clone(),
+                nbd_port: nbd.port(),
+            });
+            let host_uuid = st.hosts[&host].uuid.clone();
+            let sr_uuid = st.srs[&sr].uuid.clone();
+            (host, host_uuid, sr_uuid)
+        };
+        HostPorts {
+            https: https_listener,
+            nbd: nbd_listener,
+            tls,
+            nbd_max_connections: self.nbd_max_connections,
+        }
+        .serve(runtime, &self.core, host_ref.clone(), self.stop.subscribe());
+        let member = PoolMember {
+            name: name.to_string(),
+            host_ref,
+            host_uuid,
+            https: https_address,
+            nbd,
+            certificate_pem,
+            fingerprint,
+            local_sr_uuid,
+        };
+        members.push(member.clone());
+        Ok(member)
+    }
+
+    /// A shared SR (type `nfs`, CBT-capable) plugged on every host, now
+    /// and joining later; returns its uuid.
+    pub fn add_shared_sr(&self, name: &str) -> String {
+        let mut st = self.core.lock();
+        let sr = st.add_shared_sr(name);
+        self.core.changed(&st);
+        st.srs[&sr].uuid.clone()
+    }
+
     /// Runs a XenAPI call in process (no wire), e.g. for a demo's setup.
     pub fn call(&self, method: &str, params: &[Value]) -> Result<Value, ApiError> {
         dispatch::call(&self.core, method, params)
@@ -542,6 +684,31 @@ impl Simulator {
             st.by_uuid(Class::Vm, vm)?
         };
         let vdi = dispatch::add_disk(&mut st, &vm_ref, name, size_bytes, kind)?;
+        self.core.changed(&st);
+        let v = st.vdi(&vdi)?;
+        Ok(SimDisk {
+            vdi_ref: vdi.clone(),
+            vdi_uuid: v.uuid.clone(),
+            size_bytes: v.virtual_size,
+        })
+    }
+
+    /// Plugs a new CBT-capable user disk on the SR with uuid `sr_uuid`
+    /// (e.g. a shared SR or a pool member's local SR) into `vm`.
+    pub fn add_disk_on_sr(
+        &self,
+        vm: &str,
+        name: &str,
+        size_bytes: u64,
+        sr_uuid: &str,
+    ) -> Result<SimDisk, SimError> {
+        let mut st = self.core.lock();
+        let vm_ref = if st.vms.contains_key(vm) {
+            vm.to_string()
+        } else {
+            st.by_uuid(Class::Vm, vm)?
+        };
+        let vdi = dispatch::add_disk_on_sr(&mut st, &vm_ref, name, size_bytes, sr_uuid)?;
         self.core.changed(&st);
         let v = st.vdi(&vdi)?;
         Ok(SimDisk {
@@ -637,12 +804,14 @@ impl Simulator {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// VBDs currently attached to dom0 (open NBD connections, exports).
+    /// VBDs currently attached to any host's dom0 (open NBD connections,
+    /// exports).
     pub fn dom0_attachments(&self) -> usize {
         let st = self.core.lock();
+        let dom0s = st.control_domains();
         st.vbds
             .values()
-            .filter(|b| b.vm == st.dom0 && b.currently_attached)
+            .filter(|b| dom0s.contains(&b.vm) && b.currently_attached)
             .count()
     }
 

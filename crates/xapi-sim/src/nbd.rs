@@ -18,6 +18,8 @@ use ::nbd::server::{Export, ExportError, ExportResolver};
 /// Resolves xapi-style export names against the simulator's state.
 pub(crate) struct SimResolver {
     pub core: Arc<Core>,
+    /// The host whose xapi-nbd this is.
+    pub host: Ref,
 }
 
 /// `(vdi uuid, session ref)` from `/<uuid>?session_id=<ref>`.
@@ -46,7 +48,6 @@ impl ExportResolver for SimResolver {
                 .log_call(format!("NBD refused {uuid}: invalid session"));
             return Err(refused("invalid session"));
         }
-        self.core.log_call(format!("NBD connect {uuid}"));
         let vdi = st
             .by_uuid(Class::Vdi, &uuid)
             .map_err(|_| ExportError::NotFound(uuid.clone()))?;
@@ -55,8 +56,22 @@ impl ExportResolver for SimResolver {
             .ok()
             .and_then(|v| v.data.clone())
             .ok_or_else(|| refused("VDI_INCOMPATIBLE_TYPE cbt_metadata"))?;
+        // Assumption: xapi-nbd on a host that does not see the VDI's SR
+        // fails to plug its dom0 VBD and closes the connection; clients use
+        // the get_nbd_info entries, which list only hosts that see it.
+        let seen = st
+            .vdis
+            .get(&vdi)
+            .is_some_and(|v| st.host_sees_sr(&self.host, &v.sr));
+        if !seen {
+            drop(st);
+            self.core
+                .log_call(format!("NBD refused {uuid}: SR not attached on this host"));
+            return Err(refused("the VDI's SR is not attached on this host"));
+        }
+        self.core.log_call(format!("NBD connect {uuid}"));
         let vbd = st
-            .attach_to_dom0(&vdi, "RO")
+            .attach_to_dom0_of(&self.host, &vdi, "RO")
             .map_err(|e| refused(&e.to_string()))?;
         let drop_after = st.faults.nbd_drop_after_bytes;
         let expire_after = st.faults.expire_sessions_after_nbd_bytes;

@@ -324,7 +324,6 @@ mod tests {
             nbd_address: "127.0.0.1".into(),
             nbd_port: 10809,
             certificate_pem: String::new(),
-            subject: "localhost".into(),
             data_dir: dir.join("vdis"),
             data_destroy_wait_ms: 0,
         }

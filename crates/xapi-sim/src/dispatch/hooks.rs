@@ -179,6 +179,7 @@ fn sr_without_cbt(st: &mut State) -> Ref {
             name_description: "simulated raw HBA SR (no CBT)".into(),
             sr_type: "rawhba".into(),
             cbt_capable: false,
+            shared: false,
         },
     );
     let host = st.hosts.keys().next().cloned().unwrap_or_default();
@@ -216,6 +217,25 @@ pub(crate) fn add_disk(
         DiskKind::Ephemeral => new.vdi_type = "ephemeral".into(),
         DiskKind::Cbt | DiskKind::SrWithoutCbt => {}
     }
+    plug_new_disk(st, vm, new)
+}
+
+/// A user VDI on the SR with this uuid, plugged into `vm` at its next free
+/// userdevice.
+pub(crate) fn add_disk_on_sr(
+    st: &mut State,
+    vm: &str,
+    name: &str,
+    size: u64,
+    sr_uuid: &str,
+) -> Result<Ref, ApiError> {
+    st.vm(vm)?;
+    let sr = st.by_uuid(Class::Sr, sr_uuid)?;
+    plug_new_disk(st, vm, NewVdi::user(name, sr, size))
+}
+
+/// Creates the VDI and plugs it into `vm` at its next free userdevice.
+fn plug_new_disk(st: &mut State, vm: &str, new: NewVdi) -> Result<Ref, ApiError> {
     let vdi = st.vdi_create(new)?;
     let used: Vec<u64> = st
         .vbds_of_vm(vm)

@@ -43,6 +43,8 @@ impl State {
                 hostname: st.config.hostname.clone(),
                 address: st.config.nbd_address.clone(),
                 certificate_pem: st.config.certificate_pem.clone(),
+                nbd_port: None,
+                control_domain: None,
             },
         );
         st.pools.insert(
@@ -62,6 +64,7 @@ impl State {
                 name_description: "simulated EXT SR".into(),
                 sr_type: "ext".into(),
                 cbt_capable: true,
+                shared: false,
             },
         );
         st.pbds.insert(

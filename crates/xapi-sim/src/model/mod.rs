@@ -18,6 +18,7 @@
 mod bootstrap;
 mod network;
 mod objects;
+mod pool;
 mod records;
 mod session;
 mod task;
@@ -26,6 +27,7 @@ mod vdi;
 mod vm;
 
 pub use objects::*;
+pub use pool::NewMember;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -74,8 +76,6 @@ pub struct HostConfig {
     pub nbd_address: String,
     pub nbd_port: u16,
     pub certificate_pem: String,
-    /// The name get_nbd_info gives as `subject`.
-    pub subject: String,
     pub data_dir: PathBuf,
     /// How long `data_destroy` waits for VBDs to go (xapi: 4 s).
     pub data_destroy_wait_ms: u64,

@@ -132,6 +132,13 @@ pub struct Host {
     pub hostname: String,
     pub address: String,
     pub certificate_pem: String,
+    /// A pool member's own NBD port (members exist only while the
+    /// simulator runs; `None`: the first host's, `HostConfig::nbd_port`).
+    #[serde(skip)]
+    pub nbd_port: Option<u16>,
+    /// A pool member's control domain (`None`: `State::dom0`).
+    #[serde(skip)]
+    pub control_domain: Option<Ref>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -142,6 +149,9 @@ pub struct Sr {
     pub sr_type: String,
     /// The SM driver has `VDI_CONFIG_CBT`.
     pub cbt_capable: bool,
+    /// Visible from every host of the pool (a PBD on each), like NFS.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

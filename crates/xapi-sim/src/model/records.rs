@@ -136,7 +136,7 @@ impl State {
                                 .map(|(k, _)| k),
                         ),
                     ),
-                    ("control_domain", Value::str(&self.dom0)),
+                    ("control_domain", Value::str(&self.dom0_of(r))),
                     ("tags", Value::Array(vec![])),
                 ])
             }
@@ -159,7 +159,7 @@ impl State {
                     ("name_description", Value::str(&s.name_description)),
                     ("type", Value::str(&s.sr_type)),
                     ("content_type", Value::str("user")),
-                    ("shared", Value::Bool(false)),
+                    ("shared", Value::Bool(s.shared)),
                     ("physical_size", Value::from(MAX_VDI_BYTES * 4)),
                     ("physical_utilisation", Value::Int(0)),
                     ("virtual_allocation", Value::from(virtual_allocation)),

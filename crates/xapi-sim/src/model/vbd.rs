@@ -79,9 +79,21 @@ impl State {
         Ok(())
     }
 
-    /// A dom0 VBD, attached, as xapi-nbd and the HTTP handlers create.
+    /// A VBD of the first host's dom0, attached (a test hook's leftover).
     pub fn attach_to_dom0(&mut self, vdi: &str, mode: &str) -> Result<Ref, ApiError> {
-        let dom0 = self.dom0.clone();
+        let host = self.host.clone();
+        self.attach_to_dom0_of(&host, vdi, mode)
+    }
+
+    /// A VBD of `host`'s dom0, attached, as xapi-nbd and the HTTP handlers
+    /// on that host create.
+    pub fn attach_to_dom0_of(
+        &mut self,
+        host: &str,
+        vdi: &str,
+        mode: &str,
+    ) -> Result<Ref, ApiError> {
+        let dom0 = self.dom0_of(host);
         let r = self.vbd_create(NewVbd {
             vm: dom0,
             vdi: vdi.to_string(),

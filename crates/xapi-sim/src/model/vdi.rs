@@ -409,9 +409,11 @@ impl State {
                             Value::String(format!("/{}?session_id={session}", v.uuid)),
                         ),
                         ("address", Value::String(address)),
-                        ("port", Value::Int(self.config.nbd_port as i64)),
+                        ("port", Value::Int(self.nbd_port_of(&pbd.host) as i64)),
                         ("cert", Value::str(&host.certificate_pem)),
-                        ("subject", Value::str(&self.config.subject)),
+                        // The first strict DNS name of the host's certificate:
+                        // its hostname, in the simulator's certificates.
+                        ("subject", Value::str(&host.hostname)),
                     ])));
                 }
             }

@@ -56,11 +56,13 @@ enum ConnError {
     Timeout,
 }
 
-/// Serves HTTPS until `shutdown` turns true.
+/// Serves HTTPS as `host` (a pool member or the master) until `shutdown`
+/// turns true.
 pub(crate) async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     core: Arc<Core>,
+    host: crate::model::Ref,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let open = Arc::new(AtomicUsize::new(0));
@@ -82,6 +84,7 @@ pub(crate) async fn serve(
         let open = open.clone();
         let acceptor = acceptor.clone();
         let core = core.clone();
+        let host = host.clone();
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let work = async {
@@ -91,6 +94,7 @@ pub(crate) async fn serve(
                         io,
                         buf: Vec::new(),
                         core,
+                        host,
                         import_seen: 0,
                         import_faults: (None, None),
                     };
@@ -112,6 +116,8 @@ struct Conn {
     /// Bytes read past the current request head.
     buf: Vec<u8>,
     core: Arc<Core>,
+    /// The host this port belongs to.
+    host: crate::model::Ref,
     /// Import body bytes received on this connection.
     import_seen: u64,
     /// (`import_fail_after_bytes`, `import_drop_after_bytes`) as they were
@@ -140,6 +146,7 @@ fn reason(status: u16) -> &'static str {
     match status {
         100 => "Continue",
         200 => "OK",
+        302 => "Found",
         400 => "Bad Request",
         401 => "Unauthorised",
         403 => "Forbidden",
@@ -282,6 +289,54 @@ impl Conn {
         )
         .await?;
         Ok(After::Close)
+    }
+
+    /// A handler on a host that does not see `sr` answers 302 to one that
+    /// does, same path and query (reference §3.1, `importexport.ml`
+    /// `return_302_redirect`). `None`: this host sees it (or no host
+    /// does, and the handler fails as it would). The caller's `task_id`
+    /// stays pending for the other host.
+    // Assumption: xapi's Location is `https://ADDRESS/PATH?QUERY` on port
+    // 443; every simulated host listens on the master's port, which the
+    // Location carries when it is not 443.
+    async fn redirect_unless_seen(
+        &mut self,
+        head: &RequestHead,
+        task: &(crate::model::Ref, bool),
+        sr: &str,
+    ) -> Result<Option<After>, ConnError> {
+        let target = {
+            let mut st = self.core.lock();
+            if st.host_sees_sr(&self.host, sr) {
+                return Ok(None);
+            }
+            let Some(other) = st.hosts_seeing_sr(sr).into_iter().next() else {
+                return Ok(None);
+            };
+            // The caller's task goes on at the other host; one made here
+            // for this request is gone with it.
+            if task.1 {
+                st.tasks.remove(&task.0);
+            }
+            st.hosts.get(&other).map(|h| h.address.clone())
+        };
+        let Some(address) = target else {
+            return Ok(None);
+        };
+        let port = self.io.get_ref().0.local_addr()?.port();
+        let authority = match (address.contains(':'), port) {
+            (true, 443) => format!("[{address}]"),
+            (true, p) => format!("[{address}]:{p}"),
+            (false, 443) => address,
+            (false, p) => format!("{address}:{p}"),
+        };
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(head.query.iter())
+            .finish();
+        let location = format!("https://{authority}{}?{query}", head.path);
+        self.respond(302, &[("location", location)], b"", false)
+            .await?;
+        Ok(Some(After::Close))
     }
 
     async fn route(&mut self, head: RequestHead) -> Result<After, ConnError> {

@@ -153,13 +153,20 @@ impl Conn {
                     .await
             }
         }
+        let sr = self.core.lock().sr_of_vdi(&key);
+        if let Some(sr) = sr {
+            if let Some(after) = self.redirect_unless_seen(head, task, &sr).await? {
+                return Ok(after);
+            }
+        }
+        let host = self.host.clone();
         let attached = {
             let mut st = self.core.lock();
             st.vdi_by_ref_or_uuid(&key).and_then(|vdi| {
                 let v = st.vdi(&vdi)?;
                 let (uuid, disk) = (v.uuid.clone(), v.data.clone());
                 let disk = disk.ok_or_else(|| ApiError::incompatible_type(&vdi, "cbt_metadata"))?;
-                let vbd = st.attach_to_dom0(&vdi, "RO")?;
+                let vbd = st.attach_to_dom0_of(&host, &vdi, "RO")?;
                 Ok((uuid, disk, vbd))
             })
         };
@@ -243,7 +250,15 @@ impl Conn {
                 }
                 let found = self.core.lock().vdi_by_ref_or_uuid(&key);
                 match found {
-                    Ok(v) => v,
+                    Ok(v) => {
+                        let sr = self.core.lock().sr_of_vdi(&v);
+                        if let Some(sr) = sr {
+                            if let Some(after) = self.redirect_unless_seen(head, task, &sr).await? {
+                                return Ok(after);
+                            }
+                        }
+                        v
+                    }
                     Err(e) => return self.fail_task(task, 404, e).await,
                 }
             }
@@ -270,6 +285,9 @@ impl Conn {
                     Some(Err(e)) => return self.fail_task(task, 400, e).await,
                     Some(Ok(sr)) => sr,
                 };
+                if let Some(after) = self.redirect_unless_seen(head, task, &sr).await? {
+                    return Ok(after);
+                }
                 let Some(size) = content_length.filter(|_| format == "raw" && !chunked) else {
                     let e = ApiError::internal("a new VDI needs format=raw with a Content-Length");
                     return self.fail_task(task, 400, e).await;
@@ -288,7 +306,7 @@ impl Conn {
             let mut st = self.core.lock();
             let has_data = st.vdi(&vdi).map(|v| v.data.is_some()).unwrap_or(false);
             if has_data {
-                st.attach_to_dom0(&vdi, "RW")
+                st.attach_to_dom0_of(&self.host, &vdi, "RW")
             } else {
                 Err(ApiError::incompatible_type(&vdi, "cbt_metadata"))
             }

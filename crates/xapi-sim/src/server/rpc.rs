@@ -62,6 +62,23 @@ impl Conn {
         params: Vec<Value>,
     ) -> Result<Value, ApiError> {
         let core = self.core.clone();
+        if method == "session.login_with_password" {
+            // A pool member refuses logins, naming the master (reference
+            // §1.4); it checks that before the credentials.
+            let master = {
+                let st = core.lock();
+                let master = st.master();
+                (master != self.host)
+                    .then(|| st.hosts.get(&master).map(|h| h.address.clone()))
+                    .flatten()
+            };
+            if let Some(address) = master {
+                core.log_call(format!("XenAPI {method} HOST_IS_SLAVE"));
+                return Err(ApiError::new("HOST_IS_SLAVE", [address]));
+            }
+        }
+        // Assumption: other calls on a member act on the pool's objects, as
+        // xapi forwards them to the master.
         tokio::task::spawn_blocking(move || dispatch::call(&core, &method, &params))
             .await
             .unwrap_or_else(|e| Err(ApiError::internal(format!("call panicked: {e}"))))
