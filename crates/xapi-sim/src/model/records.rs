@@ -136,7 +136,7 @@ impl State {
                                 .map(|(k, _)| k),
                         ),
                     ),
-                    ("control_domain", Value::str(&self.dom0_of(r))),
+                    ("control_domain", Value::str(self.dom0_of(r))),
                     ("tags", Value::Array(vec![])),
                 ])
             }
