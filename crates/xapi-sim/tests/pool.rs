@@ -176,7 +176,7 @@ fn sim_pool_member_refuses_logins_naming_the_master() {
         m.https,
         &m.certificate_pem,
         "host.get_all",
-        &[session.clone()],
+        std::slice::from_ref(&session),
     )
     .unwrap();
     assert_eq!(hosts.as_array().unwrap().len(), 2);

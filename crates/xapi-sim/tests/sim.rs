@@ -776,7 +776,6 @@ proptest! {
             nbd_address: "127.0.0.1".into(),
             nbd_port: 10809,
             certificate_pem: String::new(),
-            subject: "localhost".into(),
             data_dir: dir.path().to_path_buf(),
             data_destroy_wait_ms: 0,
         });
