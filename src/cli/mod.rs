@@ -370,9 +370,11 @@ pub struct XenConnectArgs {
     #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
     /// Trust exactly the XenAPI certificate with this SHA-256 fingerprint
-    /// (AB:CD:... as `openssl x509 -fingerprint -sha256` prints it).
+    /// (AB:CD:... as `openssl x509 -fingerprint -sha256` prints it). Give
+    /// it once per pool member the command may be sent to (the host in the
+    /// URL and, when that is a member, the master).
     #[arg(long, value_name = "SHA256", conflicts_with = "ca_file")]
-    pub fingerprint: Option<String>,
+    pub fingerprint: Vec<String>,
     /// Do not verify the XenAPI certificate (NOT RECOMMENDED: warns every run).
     #[arg(long, conflicts_with_all = ["ca_file", "fingerprint"])]
     pub insecure: bool,

@@ -106,8 +106,8 @@ pub struct XenOptions {
     pub password_file: Option<PathBuf>,
     /// Trust XenAPI certificates issued by these CAs (PEM).
     pub ca_file: Option<PathBuf>,
-    /// Trust exactly the certificate with this SHA-256 fingerprint.
-    pub fingerprint: Option<String>,
+    /// Trust exactly the certificates with these SHA-256 fingerprints.
+    pub fingerprint: Vec<String>,
     /// Do not verify the certificate (warns every run).
     pub insecure: bool,
     /// Enable changed block tracking on disks that have it off.
@@ -519,8 +519,14 @@ pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result
             url.authority()
         ));
         HttpsTrust::Insecure
-    } else if let Some(fp) = &options.fingerprint {
-        HttpsTrust::Fingerprint(crate::source::xenapi::tls::parse_fingerprint(fp)?)
+    } else if !options.fingerprint.is_empty() {
+        HttpsTrust::Fingerprint(
+            options
+                .fingerprint
+                .iter()
+                .map(|fp| crate::source::xenapi::tls::parse_fingerprint(fp))
+                .collect::<Result<_, _>>()?,
+        )
     } else if let Some(ca) = &options.ca_file {
         // Checked here, where the file's name is known.
         let (pem, origin) = nbd::tls::read_pem_file(ca, "--ca-file")?;
@@ -594,26 +600,39 @@ struct RepoCommitter<'a> {
     options: &'a SnapshotOptions,
     disks: Vec<XenDiskSummary>,
     metadata: Option<BackupSummary>,
+    /// The last backup of each VDI (by uuid) that `previous` found: the
+    /// parent of its next snapshot, through whichever host it was taken.
+    found: BTreeMap<String, crate::format::SnapshotId>,
 }
 
 impl Committer for RepoCommitter<'_> {
     type Error = RepoError;
 
-    fn previous(&mut self, identity: &str) -> Result<Previous, RepoError> {
-        let last = self
-            .repo
-            .snapshots()?
-            .into_iter()
-            .rfind(|s| s.meta.source == identity);
-        Ok(match last {
-            None => Previous::None,
-            Some(s) => match s.meta.landmark.get(workflow::keys::SNAPSHOT_VDI) {
-                Some(uuid) => Previous::Landmark(uuid.clone()),
-                None => Previous::NoLandmark(format!(
-                    "the last backup of '{identity}' (snapshot {}) recorded no CBT landmark",
-                    s.meta.id.short()
-                )),
-            },
+    fn previous(&mut self, disk: workflow::DiskKey<'_>) -> Result<Previous, RepoError> {
+        use workflow::keys;
+        let last = self.repo.snapshots()?.into_iter().rfind(|s| {
+            s.meta.source == disk.identity
+                || crate::commands::select::is_xen_disk(&s.meta, disk.vdi_uuid)
+        });
+        let Some(s) = last else {
+            return Ok(Previous::None);
+        };
+        self.found.insert(disk.vdi_uuid.to_string(), s.meta.id);
+        let short = s.meta.id.short();
+        if let (Some(then), Some(now)) = (s.meta.landmark.get(keys::POOL), disk.pool) {
+            if then != now {
+                return Ok(Previous::NoLandmark(format!(
+                    "the last backup of VDI {} (snapshot {short}) was taken in pool {then}, and the VDI is now in pool {now}: changed blocks are not trusted across pools",
+                    disk.vdi_uuid
+                )));
+            }
+        }
+        Ok(match s.meta.landmark.get(keys::SNAPSHOT_VDI) {
+            Some(uuid) => Previous::Landmark(uuid.clone()),
+            None => Previous::NoLandmark(format!(
+                "the last backup of '{}' (snapshot {short}) recorded no CBT landmark",
+                disk.identity
+            )),
         })
     }
 
@@ -672,11 +691,16 @@ impl Committer for RepoCommitter<'_> {
                 Changes::Unknown => "full read".to_string(),
             }
         ));
+        let mut options = self.options.clone();
+        if let (ParentRequest::Newest, Some(id)) = (&options.parent, self.found.get(&disk.vdi_uuid))
+        {
+            options.parent = ParentRequest::NewestFound(*id);
+        }
         let summary = backup_disk(
             self.ui,
             self.repo,
             disk.source,
-            self.options,
+            &options,
             disk.changes,
             None,
             disk.landmark.clone(),
@@ -840,6 +864,7 @@ pub(crate) fn xen_backup(
         options,
         disks: Vec::new(),
         metadata: None,
+        found: BTreeMap::new(),
     };
     let report = workflow::run(session, url, workflow_options, &mut committer)
         .with_context(|| format!("back up {}", url.shown()))?;

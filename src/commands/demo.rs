@@ -155,7 +155,7 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
     let client = Client::new(ClientOptions::new(
         &url.host,
         url.port,
-        HttpsTrust::Fingerprint(parse_fingerprint(sim.fingerprint())?),
+        HttpsTrust::Fingerprint(vec![parse_fingerprint(sim.fingerprint())?]),
     ))?;
     let session = client
         .login(Credentials {

@@ -13,9 +13,21 @@ use crate::source::xenapi::{XenObject, XenUrl};
 pub enum SourceMatch {
     /// Snapshots whose stored identity is exactly this.
     Identity(String),
-    /// Every snapshot of a VM's backups on a host (`HOST:PORT`): its disks
-    /// and its metadata.
-    Vm { host: String, vm: String },
+    /// Every snapshot of a XenServer disk, through whichever host of its
+    /// pool it was taken: the identity typed, or the VDI's uuid.
+    XenDisk { identity: String, vdi: String },
+    /// Every snapshot of a VM's backups, through any host of its pool:
+    /// its disks and its metadata.
+    Vm { vm: String },
+}
+
+/// `meta` is a disk snapshot of the XenServer VDI `vdi_uuid` (uuids are
+/// unique: the host it was taken through does not matter).
+pub fn is_xen_disk(meta: &SnapshotMeta, vdi_uuid: &str) -> bool {
+    meta.landmark
+        .get(keys::VDI)
+        .is_some_and(|v| v.eq_ignore_ascii_case(vdi_uuid))
+        && meta.landmark.get(keys::KIND).is_none_or(|k| k == "disk")
 }
 
 impl SourceMatch {
@@ -25,9 +37,11 @@ impl SourceMatch {
         if XenUrl::is_xen(text) {
             let url = XenUrl::parse(text).map_err(|e| e.to_string())?;
             return Ok(match url.object {
-                XenObject::Vdi => SourceMatch::Identity(url.disk_identity(&url.uuid)),
+                XenObject::Vdi => SourceMatch::XenDisk {
+                    identity: url.disk_identity(&url.uuid),
+                    vdi: url.uuid.to_ascii_lowercase(),
+                },
                 XenObject::Vm => SourceMatch::Vm {
-                    host: url.authority(),
                     vm: url.uuid.to_ascii_lowercase(),
                 },
             });
@@ -55,13 +69,13 @@ impl SourceMatch {
     pub fn matches(&self, meta: &SnapshotMeta) -> bool {
         match self {
             SourceMatch::Identity(id) => meta.source == *id,
-            SourceMatch::Vm { host, vm } => {
-                meta.landmark.get(keys::HOST) == Some(host)
-                    && meta
-                        .landmark
-                        .get(keys::VM)
-                        .is_some_and(|v| v.eq_ignore_ascii_case(vm))
+            SourceMatch::XenDisk { identity, vdi } => {
+                meta.source == *identity || is_xen_disk(meta, vdi)
             }
+            SourceMatch::Vm { vm } => meta
+                .landmark
+                .get(keys::VM)
+                .is_some_and(|v| v.eq_ignore_ascii_case(vm)),
         }
     }
 }
@@ -114,6 +128,15 @@ mod tests {
         }
         let other_port = SourceMatch::parse(&format!("xen://host.example:8443/vdi/{VDI}")).unwrap();
         assert!(!other_port.matches(&m));
+        // A snapshot that records the VDI matches through any host; the
+        // VM's metadata, which records no VDI, does not.
+        let through_member = meta(
+            &format!("xen://member.example:443/vdi/{VDI}"),
+            &[(keys::VDI, VDI), (keys::KIND, "disk")],
+        );
+        assert!(other_port.matches(&through_member));
+        let metadata = meta("xen://h:443/vm/x/metadata", &[(keys::KIND, "vm-metadata")]);
+        assert!(!other_port.matches(&metadata));
     }
 
     #[test]
@@ -131,12 +154,17 @@ mod tests {
             &format!("xen://host.example:443/vdi/{VDI}"),
             &[(keys::HOST, "host.example:443")],
         );
-        let elsewhere = meta(
+        // Through another host of the pool: the same VM.
+        let member = meta(
             &format!("xen://other:443/vdi/{VDI}"),
             &[(keys::HOST, "other:443"), (keys::VM, VM)],
         );
-        assert!(s.matches(&disk) && s.matches(&metadata));
-        assert!(!s.matches(&alone) && !s.matches(&elsewhere));
+        let other_vm = meta(
+            &format!("xen://host.example:443/vm/{VDI}/metadata"),
+            &[(keys::HOST, "host.example:443"), (keys::VM, VDI)],
+        );
+        assert!(s.matches(&disk) && s.matches(&metadata) && s.matches(&member));
+        assert!(!s.matches(&alone) && !s.matches(&other_vm));
     }
 
     #[test]

@@ -38,5 +38,6 @@ mod trust;
 mod torture_powerloss;
 mod xen_backup;
 mod xen_landmarks;
+mod xen_pool;
 mod xen_restore;
 mod xen_util;

@@ -879,7 +879,7 @@ fn xen_client_json_and_xml_rpc_agree_on_values_and_errors() {
     let uuid = &vm.disks[0].vdi_uuid;
     for wire in [Wire::JsonRpc, Wire::XmlRpc] {
         let a = sim.https_address();
-        let trust = HttpsTrust::Fingerprint(parse_fingerprint(sim.fingerprint()).unwrap());
+        let trust = HttpsTrust::Fingerprint(vec![parse_fingerprint(sim.fingerprint()).unwrap()]);
         let client = Client::new(ClientOptions::new(&a.ip().to_string(), a.port(), trust)).unwrap();
         client.set_wire(wire);
         let s = client
@@ -937,7 +937,7 @@ fn xen_workflow_errors_are_matchable() {
     struct Refusing;
     impl Committer for Refusing {
         type Error = RepositoryFull;
-        fn previous(&mut self, _: &str) -> Result<Previous, RepositoryFull> {
+        fn previous(&mut self, _: workflow::DiskKey<'_>) -> Result<Previous, RepositoryFull> {
             Ok(Previous::None)
         }
         fn commit_disk(&mut self, _: FrozenDisk<'_>) -> Result<(), RepositoryFull> {
@@ -962,7 +962,7 @@ fn xen_workflow_errors_are_matchable() {
     let client = Client::new(ClientOptions::new(
         &url.host,
         url.port,
-        HttpsTrust::Fingerprint(parse_fingerprint(sim.fingerprint()).unwrap()),
+        HttpsTrust::Fingerprint(vec![parse_fingerprint(sim.fingerprint()).unwrap()]),
     ))
     .unwrap();
     let session = client

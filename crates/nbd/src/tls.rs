@@ -510,9 +510,9 @@ pub enum Pin {
     /// Exactly this certificate, valid for the server name (NBD: the `cert`
     /// and `subject` of `VDI.get_nbd_info`).
     Certificate(CertificateDer<'static>),
-    /// The certificate whose DER has this SHA-256 digest, any name (a host
-    /// fingerprint the user gave).
-    Sha256([u8; 32]),
+    /// A certificate whose DER has one of these SHA-256 digests, any name
+    /// (host fingerprints the user gave: one per pool member).
+    Sha256(Vec<[u8; 32]>),
     /// Anything (`--insecure`, which warns on every run).
     Any,
 }
@@ -649,11 +649,15 @@ fn check_pin(
                     expected: server_name.to_str().into_owned(),
                 })
         }
-        Pin::Sha256(want) => {
+        Pin::Sha256(wanted) => {
             let got = ring::digest::digest(&ring::digest::SHA256, end_entity.as_ref());
-            if got.as_ref() != want.as_slice() {
+            if !wanted.iter().any(|w| got.as_ref() == w.as_slice()) {
                 return Err(Refusal::FingerprintMismatch {
-                    expected: format_fingerprint(want),
+                    expected: wanted
+                        .iter()
+                        .map(|w| format_fingerprint(w))
+                        .collect::<Vec<_>>()
+                        .join(" or "),
                 });
             }
             Ok(())

@@ -12,6 +12,15 @@
 //!   `XapiLike` mode: TLS mandatory with the same certificate, export name
 //!   `/<vdi-uuid>?session_id=<ref>` as `VDI.get_nbd_info` returns it, a dom0
 //!   VBD attached while a connection is open.
+//! - A pool: [`Simulator::add_pool_member`] joins more hosts, each on its
+//!   own loopback address (127.0.0.2, ...) with the master's XenAPI port
+//!   number, its own NBD port, certificate and dom0, and a local SR only it
+//!   sees; [`Simulator::add_shared_sr`] adds an SR every host sees. A
+//!   member answers logins with `HOST_IS_SLAVE [master address]` (other
+//!   calls act on the pool's objects, as xapi forwards them); its HTTP
+//!   handlers answer 302 for a VDI whose SR it does not see; its xapi-nbd
+//!   serves only VDIs it sees; `get_nbd_info` lists every host that sees
+//!   the SR. [`Simulator::add_disk_on_sr`] places a disk on any SR.
 //! - State: objects in memory behind one lock ([`model::State`]); VDI data in
 //!   sparse files under the state folder (a temporary one unless
 //!   [`SimOptions::dir`] is set). With a folder of one's own the objects are

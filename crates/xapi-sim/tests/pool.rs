@@ -272,7 +272,10 @@ fn nbd_read(
         let conn = Connection::open(&options)
             .await
             .map_err(|e| e.to_string())?;
-        conn.read(0, len).await.map(|b| b.to_vec()).map_err(|e| e.to_string())
+        conn.read(0, len)
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|e| e.to_string())
     })
 }
 

@@ -55,6 +55,9 @@ pub struct BackupPlan {
 pub enum ParentRequest {
     /// The newest snapshot of the same source identity.
     Newest,
+    /// The newest snapshot of the same disk as the caller found it (a
+    /// XenServer VDI through any host of its pool); otherwise as `Newest`.
+    NewestFound(crate::format::SnapshotId),
     /// This snapshot (an id or unique prefix), whatever its source.
     Named(String),
     /// None: a new backup set (`--full`).
@@ -89,6 +92,7 @@ pub fn find_parent(
             return new_set("full backup requested (--full)".to_string(), false)
         }
         ParentRequest::Named(query) => repo.find_snapshot(query)?,
+        ParentRequest::NewestFound(id) => repo.find_snapshot(&id.to_hex())?,
         ParentRequest::Newest => match repo
             .snapshots()?
             .into_iter()
@@ -110,7 +114,12 @@ pub fn find_parent(
     let id = candidate.meta.id;
     let chain = match repo.load_chain(id) {
         Ok(chain) => chain,
-        Err(RepoError::SnapshotNotFound { query }) if *request == ParentRequest::Newest => {
+        Err(RepoError::SnapshotNotFound { query })
+            if matches!(
+                request,
+                ParentRequest::Newest | ParentRequest::NewestFound(_)
+            ) =>
+        {
             return new_set(
                 format!(
                     "the parent chain of snapshot {} (the last backup of '{identity}') is broken: snapshot {query} is gone (deleted or unreadable)",

@@ -93,8 +93,8 @@ pub enum Wire {
 
 /// An HTTPS connection to one host, before login.
 pub struct Client {
-    http: reqwest::blocking::Client,
-    options: ClientOptions,
+    pub(super) http: reqwest::blocking::Client,
+    pub(super) options: ClientOptions,
     /// The host answering (changes after `HOST_IS_SLAVE`).
     host: Mutex<String>,
     wire: Mutex<Wire>,
@@ -108,7 +108,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn authority(host: &str, port: u16) -> String {
+pub(super) fn authority(host: &str, port: u16) -> String {
     if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {
@@ -116,15 +116,48 @@ fn authority(host: &str, port: u16) -> String {
     }
 }
 
+/// A transport error talking to `host`, without the URL (it may carry a
+/// session id): a refused certificate says why, other failures give
+/// their chain of causes.
+pub(super) fn transport_error(host: String, e: reqwest::Error) -> XenApiError {
+    let e = e.without_url();
+    if let Some(refused) = ::nbd::tls::refusal_in(&e) {
+        return XenApiError::CertificateRefused {
+            host,
+            refused: Box::new(refused.clone()),
+        };
+    }
+    if let Some(reason) = ::nbd::tls::failure_text(&e) {
+        return XenApiError::Transport { host, reason };
+    }
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    XenApiError::Transport { host, reason }
+}
+
+/// The HTTPS client for one host's trust. Redirects are not followed here:
+/// the session follows them to pool members only, pinned (see `pool`).
+pub(super) fn http_client(
+    tls: rustls::ClientConfig,
+) -> Result<reqwest::blocking::Client, XenApiError> {
+    reqwest::blocking::Client::builder()
+        .use_preconfigured_tls(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(30))
+        .timeout(None)
+        .build()
+        .map_err(|e| XenApiError::Tls(e.without_url().to_string()))
+}
+
 impl Client {
     pub fn new(options: ClientOptions) -> Result<Client, XenApiError> {
         let tls = client_config(&options.trust)?;
-        let http = reqwest::blocking::Client::builder()
-            .use_preconfigured_tls(tls)
-            .connect_timeout(Duration::from_secs(30))
-            .timeout(None)
-            .build()
-            .map_err(|e| XenApiError::Tls(e.without_url().to_string()))?;
+        let http = http_client(tls)?;
         Ok(Client {
             http,
             host: Mutex::new(options.host.clone()),
@@ -132,6 +165,11 @@ impl Client {
             wire: Mutex::new(Wire::JsonRpc),
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// The host currently answering (an address or name, no port).
+    pub fn host(&self) -> String {
+        lock(&self.host).clone()
     }
 
     /// `https://HOST:PORT`, of the host currently answering.
@@ -152,26 +190,7 @@ impl Client {
     }
 
     fn transport(&self, e: reqwest::Error) -> XenApiError {
-        // Without the URL: it may carry a session id.
-        let e = e.without_url();
-        let host = authority(&lock(&self.host), self.options.port);
-        if let Some(refused) = ::nbd::tls::refusal_in(&e) {
-            return XenApiError::CertificateRefused {
-                host,
-                refused: Box::new(refused.clone()),
-            };
-        }
-        if let Some(reason) = ::nbd::tls::failure_text(&e) {
-            return XenApiError::Transport { host, reason };
-        }
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            reason.push_str(": ");
-            reason.push_str(&s.to_string());
-            source = s.source();
-        }
-        XenApiError::Transport { host, reason }
+        transport_error(authority(&lock(&self.host), self.options.port), e)
     }
 
     fn read_body(
@@ -311,8 +330,18 @@ impl Client {
                 if master.is_empty() {
                     return Err(Self::api_error(method, code, p));
                 }
+                let member = authority(&lock(&self.host), self.options.port);
                 *lock(&self.host) = master;
-                self.rpc(method, &params)
+                self.rpc(method, &params).map_err(|e| match e {
+                    XenApiError::CertificateRefused { host, refused } => {
+                        XenApiError::MasterCertificateRefused {
+                            member,
+                            master: host,
+                            refused,
+                        }
+                    }
+                    other => other,
+                })
             }
             other => other,
         }?;
@@ -412,7 +441,11 @@ fn field<'a>(
     })
 }
 
-fn text(what: &str, rec: &BTreeMap<String, Value>, name: &str) -> Result<String, XenApiError> {
+pub(super) fn text(
+    what: &str,
+    rec: &BTreeMap<String, Value>,
+    name: &str,
+) -> Result<String, XenApiError> {
     match field(what, rec, name)? {
         Value::String(s) => Ok(s.clone()),
         other => Err(XenApiError::Protocol {
@@ -429,14 +462,14 @@ fn int(what: &str, v: &Value) -> Result<i64, XenApiError> {
     })
 }
 
-fn boolean(what: &str, v: &Value) -> Result<bool, XenApiError> {
+pub(super) fn boolean(what: &str, v: &Value) -> Result<bool, XenApiError> {
     v.as_bool().ok_or_else(|| XenApiError::Protocol {
         what: what.to_string(),
         reason: format!("expected a bool, got {v:?}"),
     })
 }
 
-fn string_value(what: &str, v: Value) -> Result<String, XenApiError> {
+pub(super) fn string_value(what: &str, v: Value) -> Result<String, XenApiError> {
     match v {
         Value::String(s) => Ok(s),
         other => Err(XenApiError::Protocol {
@@ -446,7 +479,7 @@ fn string_value(what: &str, v: Value) -> Result<String, XenApiError> {
     }
 }
 
-fn refs(what: &str, v: Value) -> Result<Vec<String>, XenApiError> {
+pub(super) fn refs(what: &str, v: Value) -> Result<Vec<String>, XenApiError> {
     match v {
         Value::Array(items) => items.into_iter().map(|i| string_value(what, i)).collect(),
         other => Err(XenApiError::Protocol {
@@ -506,32 +539,24 @@ impl Session {
     }
 
     /// `BASE/PATH?QUERY&session_id=S`: an HTTP handler's URL.
-    fn handler_url(&self, path: &str, query: &[(&str, &str)]) -> Result<String, XenApiError> {
+    pub(super) fn handler_url(
+        &self,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<String, XenApiError> {
         let qs = self.handler_query(query)?;
         Ok(format!("{}{path}?{qs}", self.client.base_url()))
     }
 
-    /// `GET PATH?QUERY&session_id=S` on the host (redirects followed);
-    /// anything but 200 is an error.
+    /// `GET PATH?QUERY&session_id=S` on the host, following redirects to
+    /// pool members (see `pool`); anything but 200 is an error.
     pub fn http_get(
         &self,
         path: &str,
         query: &[(&str, &str)],
     ) -> Result<reqwest::blocking::Response, XenApiError> {
-        let resp = self
-            .client
-            .http
-            .get(self.handler_url(path, query)?)
-            .send()
-            .map_err(|e| self.client.transport(e))?;
-        let status = resp.status().as_u16();
-        if status != 200 {
-            return Err(XenApiError::Http {
-                what: format!("GET {path}"),
-                status,
-            });
-        }
-        Ok(resp)
+        let url = self.handler_url(path, query)?;
+        self.get_following_redirects(&format!("GET {path}"), url)
     }
 
     /// A `PUT PATH?QUERY&session_id=S` request on the host, not yet sent
@@ -551,20 +576,19 @@ impl Session {
         self.client.transport(e)
     }
 
-    /// Where to open a raw HTTPS stream to the host currently answering
-    /// (`/import_raw_vdi`): host, port, `Host:` header value and the same
-    /// TLS trust as the calls.
-    pub fn https_endpoint(
-        &self,
-    ) -> Result<(String, u16, String, std::sync::Arc<rustls::ClientConfig>), XenApiError> {
-        let config = client_config(&self.client.options.trust)?;
-        let host = lock(&self.client.host).clone();
-        let port = self.client.options.port;
-        let authority = authority(&host, port);
-        Ok((host, port, authority, std::sync::Arc::new(config)))
-    }
-
     // ---- typed calls (reference §2) ----
+
+    /// The uuid of the pool the host belongs to (every host is in one).
+    pub fn pool_uuid(&self) -> Result<Option<String>, XenApiError> {
+        let pools = refs("pool.get_all", self.call("pool.get_all", &[])?)?;
+        match pools.first() {
+            Some(p) => Ok(Some(string_value(
+                "pool.get_uuid",
+                self.call("pool.get_uuid", &[p.clone().into()])?,
+            )?)),
+            None => Ok(None),
+        }
+    }
 
     pub fn vdi_by_uuid(&self, uuid: &str) -> Result<String, XenApiError> {
         string_value(
@@ -818,10 +842,32 @@ impl Session {
     /// `error_info` as an API error. Returns the result (an XML-RPC value
     /// fragment as a string, reference §2.10). The task is destroyed.
     pub fn task_wait(&self, task: &str, method: &str) -> Result<String, XenApiError> {
+        self.task_wait_until(task, method, None)
+    }
+
+    /// [`Session::task_wait`], but a task still pending at `deadline` is
+    /// cancelled and destroyed: for a task whose handler may never have
+    /// run (a request that died in transit).
+    pub fn task_wait_until(
+        &self,
+        task: &str,
+        method: &str,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<String, XenApiError> {
         let mut delay = Duration::from_millis(20);
         let outcome = loop {
             let status = self.task_status(task)?;
             match status.as_str() {
+                "pending" | "cancelling"
+                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) =>
+                {
+                    let _ = self.call("task.cancel", &[task.into()]);
+                    break Err(XenApiError::Api {
+                        method: method.to_string(),
+                        code: "TASK_CANCELLED".into(),
+                        params: vec![format!("still {status} after the request failed")],
+                    });
+                }
                 "pending" | "cancelling" => {
                     std::thread::sleep(delay);
                     delay = (delay * 2).min(Duration::from_millis(500));

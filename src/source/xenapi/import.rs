@@ -14,6 +14,7 @@ use std::time::Duration;
 use xapi_wire::chunked::{chunk_header, END};
 
 use super::client::Session;
+use super::pool::Endpoint;
 use super::XenApiError;
 
 /// How the body is encoded.
@@ -61,6 +62,9 @@ pub struct ImportReport {
     pub task_result: String,
 }
 
+/// How long a failed upload waits for its task to say why.
+const ORPHAN_TASK_WAIT: Duration = Duration::from_secs(60);
+
 fn io_error(what: &str, e: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(format!("{what}: {e}"))
 }
@@ -68,11 +72,17 @@ fn io_error(what: &str, e: impl std::fmt::Display) -> std::io::Error {
 /// Connects and sends the request head of `PUT PATH?QUERY`.
 fn open_put(
     session: &Session,
+    endpoint: Endpoint,
     path: &str,
     query: &[(&str, &str)],
     body_bytes: u64,
 ) -> Result<TlsStream, XenApiError> {
-    let (host, port, authority, config) = session.https_endpoint()?;
+    let Endpoint {
+        host,
+        port,
+        authority,
+        tls: config,
+    } = endpoint;
     let transport = |reason: String| XenApiError::Transport {
         host: authority.clone(),
         reason,
@@ -143,7 +153,12 @@ impl ImportStream {
         if format == ImportFormat::Chunked {
             query.push(("chunked", "true"));
         }
-        let tls = match open_put(session, "/import_raw_vdi", &query, body_bytes) {
+        // Straight to a host that sees the SR: a redirect would come only
+        // after the body (see `pool`).
+        let opened = session.endpoint_for_vdi(vdi_ref).and_then(|endpoint| {
+            open_put(session, endpoint, "/import_raw_vdi", &query, body_bytes)
+        });
+        let tls = match opened {
             Ok(t) => t,
             Err(e) => {
                 let _ = session.task_destroy(&task);
@@ -258,7 +273,19 @@ impl ImportStream {
         })();
         self.out = None;
         let task = std::mem::take(&mut self.task);
-        let task_result = session.task_wait(&task, "import_raw_vdi")?;
+        if let Ok(status @ 300..=399) = sent {
+            // The handler did not run: the task would never end.
+            let _ = session.task_destroy(&task);
+            return Err(XenApiError::Http {
+                what: "PUT /import_raw_vdi (redirected after the body was sent)".into(),
+                status,
+            });
+        }
+        // A request that died in transit may never have reached a handler.
+        let deadline = sent
+            .is_err()
+            .then(|| std::time::Instant::now() + ORPHAN_TASK_WAIT);
+        let task_result = session.task_wait_until(&task, "import_raw_vdi", deadline)?;
         match sent {
             Ok(200) => Ok(ImportReport {
                 format: self.format,
@@ -281,7 +308,10 @@ impl ImportStream {
     pub fn abort(mut self, session: &Session) -> Option<XenApiError> {
         self.cut();
         let task = std::mem::take(&mut self.task);
-        session.task_wait(&task, "import_raw_vdi").err()
+        let deadline = std::time::Instant::now() + ORPHAN_TASK_WAIT;
+        session
+            .task_wait_until(&task, "import_raw_vdi", Some(deadline))
+            .err()
     }
 
     /// Closes the connection without sending what is buffered.

@@ -10,6 +10,7 @@ pub mod client;
 pub mod import;
 pub mod landmarks;
 pub mod nbd;
+pub mod pool;
 pub mod tls;
 pub mod workflow;
 
@@ -40,6 +41,14 @@ pub enum XenApiError {
     #[error("XenAPI: the certificate of '{host}' is refused: {refused}; {}", tls::advice(.refused))]
     CertificateRefused {
         host: String,
+        refused: Box<::nbd::tls::CertificateRefused>,
+    },
+    /// The host in the URL is a pool member and the master it named
+    /// presented a certificate this command does not trust.
+    #[error("XenAPI: '{member}' is a pool member and its master '{master}' presented a certificate that is refused: {refused}; trust the master's certificate as well (--fingerprint {fp} beside the member's, once per host, or a --ca-file that issued both), or connect to the master", fp = .refused.fingerprint)]
+    MasterCertificateRefused {
+        member: String,
+        master: String,
         refused: Box<::nbd::tls::CertificateRefused>,
     },
     /// TLS or certificate setup.

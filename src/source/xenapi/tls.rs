@@ -16,8 +16,9 @@ pub enum HttpsTrust {
     System,
     /// PEM certificates of certificate authorities (`--ca-file`).
     CaPem(Vec<u8>),
-    /// Exactly the certificate with this SHA-256 digest of its DER.
-    Fingerprint([u8; 32]),
+    /// Exactly the certificates with these SHA-256 digests of their DER
+    /// (`--fingerprint`, once per pool member).
+    Fingerprint(Vec<[u8; 32]>),
     /// No verification (`--insecure`).
     Insecure,
 }
@@ -27,7 +28,10 @@ impl std::fmt::Debug for HttpsTrust {
         match self {
             HttpsTrust::System => write!(f, "System"),
             HttpsTrust::CaPem(_) => write!(f, "CaPem"),
-            HttpsTrust::Fingerprint(d) => write!(f, "Fingerprint({})", format_fingerprint(d)),
+            HttpsTrust::Fingerprint(d) => {
+                let shown: Vec<String> = d.iter().map(|d| format_fingerprint(d)).collect();
+                write!(f, "Fingerprint({})", shown.join(", "))
+            }
             HttpsTrust::Insecure => write!(f, "Insecure"),
         }
     }
@@ -102,7 +106,7 @@ pub fn client_config(trust: &HttpsTrust) -> Result<ClientConfig, XenApiError> {
         HttpsTrust::CaPem(pem) => {
             nbd::tls::authorities_from_pem(pem, "CA file", provider.clone()).map_err(tls)?
         }
-        HttpsTrust::Fingerprint(d) => Verifier::pinned(Pin::Sha256(*d), provider.clone()),
+        HttpsTrust::Fingerprint(d) => Verifier::pinned(Pin::Sha256(d.clone()), provider.clone()),
         HttpsTrust::Insecure => Verifier::pinned(Pin::Any, provider.clone()),
     };
     nbd::tls::verified_client(verifier, provider).map_err(tls)

@@ -68,6 +68,9 @@ pub mod keys {
     pub const VM_NAME: &str = "xen.vm_name";
     /// The disk's `name_label` when it was backed up (listings only).
     pub const VDI_NAME: &str = "xen.vdi_name";
+    /// The pool's uuid: a disk is the same disk through any host of its
+    /// pool, and its tracking is not trusted across pools.
+    pub const POOL: &str = "xen.pool";
 }
 
 /// `other_config` keys marking the host objects a run creates.
@@ -247,12 +250,23 @@ pub struct PreviousDisk {
     pub snapshot_id: String,
 }
 
+/// Which disk a backup is of: VDI uuids are unique, so the repository
+/// finds its last backup by the uuid through whichever host of the pool it
+/// was taken (`identity`, the URL's form, is matched too).
+#[derive(Debug, Clone, Copy)]
+pub struct DiskKey<'a> {
+    pub identity: &'a str,
+    pub vdi_uuid: &'a str,
+    /// The pool the disk is in now, when the host said.
+    pub pool: Option<&'a str>,
+}
+
 /// The repository side of the workflow.
 pub trait Committer {
     /// Why the repository side failed (its own typed error).
     type Error: std::error::Error + Send + Sync + 'static;
-    /// What the repository knows of this disk identity.
-    fn previous(&mut self, identity: &str) -> Result<Previous, Self::Error>;
+    /// What the repository knows of the last backup of this disk.
+    fn previous(&mut self, disk: DiskKey<'_>) -> Result<Previous, Self::Error>;
     /// Reads and commits one disk; the snapshot object must carry
     /// `disk.landmark`. Called once per disk.
     fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), Self::Error>;
@@ -407,6 +421,8 @@ struct Disk {
     vdi_ref: String,
     record: VdiRecord,
     identity: String,
+    /// The pool's uuid (see [`keys::POOL`]).
+    pool: Option<String>,
     /// Set when tracking is already known to be lost (or never started).
     full_reason: Option<Option<String>>,
     landmark: Option<String>,
@@ -551,7 +567,9 @@ pub fn run<C: Committer>(
         marker: options.marker.as_ref(),
         stray_snapshot_vdis: Vec::new(),
     };
-    let (mut disks, ignored) = discover(session, url, committer)?;
+    // Best effort: without it, a disk is still found by its uuid.
+    let pool = session.pool_uuid().ok().flatten();
+    let (mut disks, ignored) = discover(session, url, pool.as_deref(), committer)?;
     let chains_ended = match url.object {
         XenObject::Vm => ended_chains(url, &disks, committer)?,
         XenObject::Vdi => Vec::new(),
@@ -616,6 +634,9 @@ pub fn run<C: Committer>(
         if let (Some(tar), Some(id)) = (&metadata, &vm_backup) {
             let mut landmark = BTreeMap::new();
             landmark.insert(keys::HOST.into(), url.authority());
+            if let Some(pool) = &pool {
+                landmark.insert(keys::POOL.into(), pool.clone());
+            }
             landmark.insert(keys::VM.into(), url.uuid.clone());
             landmark.insert(keys::VM_BACKUP.into(), id.clone());
             landmark.insert(keys::KIND.into(), "vm-metadata".into());
@@ -1029,10 +1050,12 @@ type Discovered = (Vec<Disk>, Vec<String>);
 fn discover<C: Committer>(
     session: &Session,
     url: &XenUrl,
+    pool: Option<&str>,
     committer: &mut C,
 ) -> Result<Discovered, WorkflowError<C::Error>> {
     let new_disk = |vdi_ref: String, record: VdiRecord| Disk {
         identity: url.disk_identity(&record.uuid),
+        pool: pool.map(str::to_string),
         vdi_ref,
         record,
         full_reason: None,
@@ -1125,7 +1148,11 @@ fn prepare_cbt<C: Committer>(
     committer: &mut C,
 ) -> Result<(), WorkflowError<C::Error>> {
     let previous = committer
-        .previous(&d.identity)
+        .previous(DiskKey {
+            identity: &d.identity,
+            vdi_uuid: &d.record.uuid,
+            pool: d.pool.as_deref(),
+        })
         .map_err(commit("read the previous backup"))?;
     let uuid = d.record.uuid.clone();
     if let Previous::Landmark(l) = &previous {
@@ -1350,6 +1377,9 @@ fn read_and_commit<C: Committer>(
     };
     let mut landmark = BTreeMap::new();
     landmark.insert(keys::HOST.to_string(), url.authority());
+    if let Some(pool) = &d.pool {
+        landmark.insert(keys::POOL.to_string(), pool.clone());
+    }
     landmark.insert(keys::VDI.to_string(), uuid.clone());
     landmark.insert(keys::KIND.to_string(), "disk".to_string());
     landmark.insert(keys::VDI_NAME.to_string(), d.record.name_label.clone());
