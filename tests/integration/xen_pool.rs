@@ -188,3 +188,73 @@ fn xen_pool_export_redirected_to_the_member_is_followed_pinned() {
     assert!(restore_bytes(&repo, &id) == host.disk(&disk.vdi_uuid, disk.size_bytes));
     assert_eq!(sim.dom0_attachments(), 0);
 }
+
+/// The same VDI uuid in another pool (a disaster-recovery import keeps
+/// uuids): its tracking is not trusted, the disk is read in full with a
+/// warning naming both pools, and the new snapshot restores bit-exact.
+/// The second pool is the same simulator state with its pool uuid
+/// changed, restarted on another port.
+#[test]
+fn xen_same_vdi_in_another_pool_is_read_in_full() {
+    let state = tempfile::tempdir().unwrap();
+    let options = || xapi_sim::SimOptions {
+        dir: Some(state.path().to_path_buf()),
+        password: PASSWORD.into(),
+        data_destroy_wait: std::time::Duration::from_millis(500),
+        ..xapi_sim::SimOptions::default()
+    };
+    let sim = Simulator::start(options()).unwrap();
+    let vm = sim.create_vm_with_disks("vm", &[2 * MIB]).unwrap();
+    let disk = vm.disks[0].clone();
+    fill(&sim, &disk.vdi_uuid, disk.size_bytes, 91);
+    let repo = TestRepo::new();
+    run(
+        &repo,
+        &["backup", &url(sim.https_address(), "vdi", &disk.vdi_uuid)],
+        &[sim.fingerprint()],
+    )
+    .ok();
+    let old_pool = {
+        let host = Host::login(&sim, PASSWORD);
+        let pools = host.try_call("pool.get_all", &[]).unwrap();
+        let pool = pools.as_array().unwrap()[0].as_str().unwrap().to_string();
+        host.try_call("pool.get_uuid", &[&pool])
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    sim.shutdown();
+    let path = state.path().join("state.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let new_pool = "0badc0de-0000-4000-8000-00000000d15a";
+    assert!(text.contains(&old_pool));
+    std::fs::write(&path, text.replace(&old_pool, new_pool)).unwrap();
+
+    let sim = Simulator::start(options()).unwrap();
+    guest_writes(&sim, &disk.vdi_uuid, disk.size_bytes, 92);
+    let source = url(sim.https_address(), "vdi", &disk.vdi_uuid);
+    let r = run(&repo, &["backup", &source], &[sim.fingerprint()]).ok();
+    r.stderr_mentions(&[&old_pool, new_pool]);
+    let j = r.json();
+    let d = &disks(&j)[0];
+    assert_eq!(d["full"].as_bool(), Some(true), "{d}");
+    assert!(
+        d["lost_reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("pool")),
+        "{d}"
+    );
+    // Back in one pool, the next run is incremental again.
+    guest_writes(&sim, &disk.vdi_uuid, disk.size_bytes, 93);
+    let again = run(&repo, &["backup", &source], &[sim.fingerprint()])
+        .ok()
+        .json();
+    assert_eq!(disks(&again)[0]["full"].as_bool(), Some(false), "{again}");
+    let host = Host::login(&sim, PASSWORD);
+    let id = disks(&again)[0]["snapshot_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(restore_bytes(&repo, &id) == host.disk(&disk.vdi_uuid, disk.size_bytes));
+}
