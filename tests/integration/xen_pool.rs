@@ -53,7 +53,7 @@ fn xen_pool_backup_through_either_host_and_restore_where_the_sr_is() {
     let member = sim.add_pool_member("host2").unwrap();
     let pool = Pool { sim, member };
     let (sim, m) = (&pool.sim, &pool.member);
-    let shared = sim.add_shared_sr("NFS");
+    let shared = sim.add_shared_sr("NFS").unwrap();
     let vm = sim.create_vm_with_disks("vm", &[4 * MIB]).unwrap();
     let on_shared = sim
         .add_disk_on_sr(&vm.vm_uuid, "shared", 3 * MIB, &shared)

@@ -18,6 +18,11 @@
 //! that no other disk uses any more (SM's coalesce, done inline): the pair
 //! whose merge copies the least, typically the data written between two
 //! snapshots. Up to that depth a snapshot copies nothing.
+//!
+//! A disk only grows ([`Disk::resize`], `VDI.resize`): its own top layer
+//! grows with it, the shared layers keep the size they were frozen at
+//! (snapshots taken before keep theirs), and a layer read past its end
+//! reads as zeros.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -100,6 +105,34 @@ impl Layer {
         &self.path
     }
 
+    /// The size the layer was made (or last grown) with.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Fills `buf` from `offset`; what lies past the layer's end (a layer
+    /// frozen before its disk grew) reads as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let inside = self.size_bytes.saturating_sub(offset).min(buf.len() as u64) as usize;
+        self.file.read_exact_at(&mut buf[..inside], offset)?;
+        buf[inside..].fill(0);
+        Ok(())
+    }
+
+    /// Grows the layer (file and record) to `size_bytes` with zeros; only
+    /// a layer no other disk uses may grow.
+    fn grow(&mut self, size_bytes: u64) -> std::io::Result<()> {
+        if size_bytes <= self.size_bytes {
+            return Ok(());
+        }
+        self.file.set_len(size_bytes)?;
+        let mut written = ChangeBitmap::new(size_bytes);
+        written.or_assign(&self.written);
+        self.written = written;
+        self.size_bytes = size_bytes;
+        Ok(())
+    }
+
     /// The blocks written in this layer.
     pub fn written(&self) -> &ChangeBitmap {
         &self.written
@@ -117,9 +150,10 @@ impl Layer {
         CBT_BLOCK_BYTES.min(self.size_bytes - block * CBT_BLOCK_BYTES)
     }
 
-    /// Copies `blocks` (ascending) from `self` into `to` and marks them
-    /// written there. Stopping half-way leaves every disk's view unchanged
-    /// as long as the copied blocks read the same from both layers.
+    /// Copies `blocks` (ascending) from `self` into `to` (at least as
+    /// large) and marks them written there. Stopping half-way leaves every
+    /// disk's view unchanged as long as the copied blocks read the same
+    /// from both layers.
     fn copy_blocks(
         &self,
         to: &mut Layer,
@@ -170,6 +204,8 @@ pub struct Layout {
 
 #[derive(Debug)]
 struct Chain {
+    /// The disk's size (its top layer's); shared layers may be smaller.
+    size_bytes: u64,
     /// Read-only layers, bottom to top.
     shared: Vec<Arc<Layer>>,
     /// Takes the writes.
@@ -289,6 +325,8 @@ enum Kept {
 /// copying the smaller side, and says which.
 fn merge_pair(lower: &mut Layer, upper: &mut Layer) -> std::io::Result<Kept> {
     if upper.written.count() <= count_minus(&lower.written, &upper.written) {
+        // A layer frozen before the disk grew takes the upper one's size.
+        lower.grow(upper.size_bytes)?;
         let blocks: Vec<u64> = upper.written.iter_set().collect();
         upper.copy_blocks(lower, blocks.into_iter())?;
         Ok(Kept::Lower)
@@ -306,7 +344,6 @@ fn merge_pair(lower: &mut Layer, upper: &mut Layer) -> std::io::Result<Kept> {
 /// One disk image.
 #[derive(Debug)]
 pub struct Disk {
-    size_bytes: u64,
     chain: RwLock<Chain>,
 }
 
@@ -334,9 +371,9 @@ impl Disk {
         size_bytes: u64,
         top_written: ChangeBitmap,
     ) -> std::io::Result<Disk> {
-        if let Some(l) = shared.iter().find(|l| l.size_bytes != size_bytes) {
+        if let Some(l) = shared.iter().find(|l| l.size_bytes > size_bytes) {
             return Err(invalid(format!(
-                "layer {} is {} bytes, the disk {size_bytes}",
+                "layer {} is {} bytes, more than the disk's {size_bytes}",
                 l.path.display(),
                 l.size_bytes
             )));
@@ -351,8 +388,8 @@ impl Disk {
             l.users.fetch_add(1, Ordering::AcqRel);
         }
         Disk {
-            size_bytes,
             chain: RwLock::new(Chain {
+                size_bytes,
                 shared,
                 top,
                 removed: false,
@@ -394,7 +431,7 @@ impl Disk {
     }
 
     pub fn size_bytes(&self) -> u64 {
-        self.size_bytes
+        self.chain().size_bytes
     }
 
     /// The file of the writable top layer.
@@ -403,14 +440,12 @@ impl Disk {
     }
 
     fn check(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        let size_bytes = self.size_bytes();
         match offset.checked_add(len) {
-            Some(end) if end <= self.size_bytes => Ok(()),
+            Some(end) if end <= size_bytes => Ok(()),
             _ => Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
-                format!(
-                    "range {offset}+{len} beyond the end of a {}-byte disk",
-                    self.size_bytes
-                ),
+                format!("range {offset}+{len} beyond the end of a {size_bytes}-byte disk"),
             )),
         }
     }
@@ -431,7 +466,7 @@ impl Disk {
             if source != run_source && pos > run_start {
                 let piece = &mut buf[(run_start - offset) as usize..(pos - offset) as usize];
                 if let Some(layer) = chain.layer(run_source) {
-                    layer.file.read_exact_at(piece, run_start)?;
+                    layer.read_at(piece, run_start)?;
                 }
                 run_start = pos;
             }
@@ -441,7 +476,7 @@ impl Disk {
         if end > run_start {
             let piece = &mut buf[(run_start - offset) as usize..];
             if let Some(layer) = chain.layer(run_source) {
-                layer.file.read_exact_at(piece, run_start)?;
+                layer.read_at(piece, run_start)?;
             }
         }
         Ok(buf)
@@ -484,7 +519,7 @@ impl Disk {
                 } else {
                     flush(&mut run, &chain.top)?;
                     block_buf.resize(block_len as usize, 0);
-                    lower.file.read_exact_at(&mut block_buf, block_start)?;
+                    lower.read_at(&mut block_buf, block_start)?;
                     block_buf[(pos - block_start) as usize..][..n].copy_from_slice(piece);
                     chain.top.file.write_all_at(&block_buf, block_start)?;
                     chain.top.written.set(block);
@@ -542,9 +577,10 @@ impl Disk {
             ));
         }
         while chain.shared.len() >= MAX_SHARED_LAYERS && chain.merge_cheapest()? {}
-        let own = Layer::create(snapshot_top, self.size_bytes)?;
+        let size_bytes = chain.size_bytes;
+        let own = Layer::create(snapshot_top, size_bytes)?;
         if chain.top.written.count() > 0 {
-            let next = match Layer::create(source_top, self.size_bytes) {
+            let next = match Layer::create(source_top, size_bytes) {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = std::fs::remove_file(snapshot_top);
@@ -555,11 +591,56 @@ impl Disk {
             frozen.users.store(1, Ordering::Release);
             chain.shared.push(Arc::new(frozen));
         }
-        Ok(Disk::from_layers(
-            self.size_bytes,
-            chain.shared.clone(),
-            own,
-        ))
+        Ok(Disk::from_layers(size_bytes, chain.shared.clone(), own))
+    }
+
+    /// Grows the disk to `size_bytes` (the new part reads as zeros): its
+    /// own top layer grows; the shared ones, and so the snapshots taken
+    /// before, keep their size. Shrinking is refused (`InvalidInput`).
+    pub fn resize(&self, size_bytes: u64) -> std::io::Result<()> {
+        let mut guard = self.chain_mut();
+        let chain = &mut *guard;
+        if chain.removed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} was removed", chain.top.path.display()),
+            ));
+        }
+        if size_bytes < chain.size_bytes {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "a {}-byte disk cannot shrink to {size_bytes}",
+                    chain.size_bytes
+                ),
+            ));
+        }
+        chain.top.grow(size_bytes)?;
+        chain.size_bytes = size_bytes;
+        Ok(())
+    }
+
+    /// The blocks a write of `data` at `offset` would newly allocate in
+    /// this disk's own layer (as [`Disk::write`] decides: a copy-up, or
+    /// data that is not all zeros on a block no layer has).
+    pub fn blocks_to_allocate(&self, offset: u64, data: &[u8]) -> u64 {
+        let chain = self.chain();
+        let mut count = 0;
+        let mut at = 0usize;
+        while at < data.len() {
+            let pos = offset + at as u64;
+            let block = pos / CBT_BLOCK_BYTES;
+            let block_end = (block + 1) * CBT_BLOCK_BYTES;
+            let n = ((block_end - pos) as usize).min(data.len() - at);
+            if !chain.top.written.is_set(block)
+                && (chain.shared.iter().any(|l| l.written.is_set(block))
+                    || !nbd::bytes::is_zero(&data[at..at + n]))
+            {
+                count += 1;
+            }
+            at += n;
+        }
+        count
     }
 
     /// Deletes the disk's own file, and the shared ones no other disk
@@ -937,5 +1018,123 @@ mod tests {
             d.remove();
         }
         assert_eq!(files(f.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_grown_disk_reads_zeros_past_the_old_end_and_older_snapshots_keep_their_size() {
+        let mut f = Fixture::new();
+        let d = f.disk();
+        let mut model = vec![0u8; SIZE as usize];
+        // The short last block (1000 bytes) is written before the growth.
+        put(
+            &d,
+            &mut model,
+            18 * BS,
+            &random(1, (2 * BS + 1000) as usize),
+        );
+        let before = f.snap(&d);
+        let frozen = model.clone();
+        let grown = SIZE + 10 * BS + 5;
+        d.resize(grown).unwrap();
+        assert_eq!(d.size_bytes(), grown);
+        model.resize(grown as usize, 0);
+        assert_eq!(all(&d), model, "the new part reads as zeros");
+        assert_eq!(before.size_bytes(), SIZE);
+        assert_eq!(all(&before), frozen);
+        // A partial write into the block that was short in the shared
+        // layer copies it up, zeros past the old end included.
+        put(&d, &mut model, 20 * BS + 2000, b"past the old end");
+        put(&d, &mut model, grown - 3, b"end");
+        assert_eq!(all(&d), model);
+        assert_eq!(all(&before), frozen);
+        assert!(d.resize(SIZE).is_err(), "no shrinking");
+        assert_eq!(d.size_bytes(), grown);
+        // Snapshots after the growth have the new size. Once the one from
+        // before is gone, its (smaller) layer is merged with newer ones
+        // (the cheapest pair, the first): every view stays.
+        before.remove();
+        drop(before);
+        let mut last: Option<Disk> = None;
+        for run in 0..(MAX_SHARED_LAYERS as u64 + 4) {
+            if let Some(old) = last.take() {
+                old.remove();
+            }
+            put(&d, &mut model, (run % 30) * BS + 7, &random(run + 10, 500));
+            let s = f.snap(&d);
+            assert_eq!(s.size_bytes(), grown);
+            assert_eq!(all(&s), model, "run {run}");
+            last = Some(s);
+        }
+        assert!(depth(&d) <= MAX_SHARED_LAYERS);
+        put(&d, &mut model, 19 * BS, &random(99, 100));
+        assert_eq!(all(&d), model);
+        last.unwrap().remove();
+        d.remove();
+        assert_eq!(files(f.path()), Vec::<String>::new());
+    }
+
+    /// A layer of `size` with `blocks` written (block `b` filled with
+    /// byte `b + seed`).
+    fn layer(f: &mut Fixture, size: u64, blocks: &[u64], seed: u8) -> Layer {
+        let mut l = Layer::create(&f.name(), size).unwrap();
+        for &b in blocks {
+            let len = l.block_len(b) as usize;
+            l.file
+                .write_all_at(&vec![b as u8 + seed; len], b * BS)
+                .unwrap();
+            l.written.set(b);
+        }
+        l
+    }
+
+    fn block(l: &Layer, b: u64, len: u64) -> Vec<u8> {
+        let mut buf = vec![9u8; len as usize];
+        l.read_at(&mut buf, b * BS).unwrap();
+        buf
+    }
+
+    #[test]
+    fn merging_a_layer_frozen_before_a_growth_keeps_both_views() {
+        let mut f = Fixture::new();
+        let grown = SIZE + 3 * BS;
+        // Few blocks above: the lower layer keeps the result and grows.
+        let mut lower = layer(&mut f, SIZE, &[0, 1, 2, 20], 1);
+        let mut upper = layer(&mut f, grown, &[1, 22], 50);
+        assert_eq!(merge_pair(&mut lower, &mut upper).unwrap(), Kept::Lower);
+        assert_eq!(lower.size_bytes(), grown);
+        assert_eq!(lower.file.metadata().unwrap().len(), grown);
+        assert_eq!(block(&lower, 1, BS), vec![51u8; BS as usize]);
+        assert_eq!(block(&lower, 22, BS), vec![72u8; BS as usize]);
+        // The block that was short reads its 1000 bytes, then zeros.
+        let mut short = vec![21u8; 1000];
+        short.resize(BS as usize, 0);
+        assert_eq!(block(&lower, 20, BS), short);
+        assert_eq!(
+            lower.written().iter_set().collect::<Vec<_>>(),
+            vec![0, 1, 2, 20, 22]
+        );
+        // Many blocks above: the upper one keeps the result.
+        let mut lower = layer(&mut f, SIZE, &[20], 1);
+        let mut upper = layer(&mut f, grown, &[0, 1, 2, 3, 21], 50);
+        assert_eq!(merge_pair(&mut lower, &mut upper).unwrap(), Kept::Upper);
+        assert_eq!(block(&upper, 20, BS), short);
+        assert_eq!(block(&upper, 3, BS), vec![53u8; BS as usize]);
+        // Read past a smaller layer's end: zeros.
+        assert_eq!(block(&lower, 21, BS), vec![0u8; BS as usize]);
+    }
+
+    #[test]
+    fn blocks_to_allocate_follows_write() {
+        let mut f = Fixture::new();
+        let d = f.disk();
+        d.write(0, &random(1, BS as usize)).unwrap();
+        let _s = f.snap(&d);
+        // Block 0 is in a shared layer: a zero write copies it up; block 1
+        // is nowhere: zeros allocate nothing, data one block.
+        assert_eq!(d.blocks_to_allocate(10, &[0u8; 10]), 1);
+        assert_eq!(d.blocks_to_allocate(BS, &[0u8; 10]), 0);
+        assert_eq!(d.blocks_to_allocate(BS - 5, &[1u8; 10]), 2);
+        d.write(BS - 5, &[1u8; 10]).unwrap();
+        assert_eq!(d.blocks_to_allocate(0, &vec![1u8; 3 * BS as usize]), 1);
     }
 }

@@ -71,6 +71,34 @@
 //!     (SM after an inconsistent log): `cbt_enabled` false, chain broken.
 //!   - `sim.attach_to_dom0(session, vdi)` -> VBD ref and `sim.detach(session,
 //!     vbd)`: a leftover dom0 attachment, so calls see `VDI_IN_USE`.
+//!   - `session_idle_timeout_ms` (int, or "" to clear): a session unused
+//!     that long ends; its next call (or HTTP handler, or NBD connect)
+//!     answers `SESSION_INVALID [ref]`.
+//!   - `restart_downtime_ms` (int): how long a xapi restart (the
+//!     `expire_sessions_after_nbd_bytes` fault, [`Simulator::restart_xapi`],
+//!     `sim.restart_xapi`) keeps the host down: meanwhile every request on
+//!     the HTTPS port (XML-RPC, JSON-RPC, HTTP handlers, `sim.*` over the
+//!     wire) answers HTTP 503 and new NBD connections are closed at once;
+//!     afterwards all works again, every session from before invalid.
+//!     Open NBD connections go on (xapi-nbd is its own service). In-process
+//!     calls ([`Simulator::call`]) are not affected.
+//! - More storage and devices:
+//!   - `sim.create_sr(session, name, type)` -> SR ref
+//!     ([`Simulator::create_sr`]): a plugged SR of type `ext`, `nfs`,
+//!     `lvm`, `lvmoiscsi`, `lvmohba`, `smb` (CBT capable), `iso` or
+//!     `rawhba` (not), e.g. to `VDI.pool_migrate` or `VDI.copy` to.
+//!   - `sim.set_sr_physical_size(session, sr, bytes)` ("" resets;
+//!     [`Simulator::set_sr_physical_size`]): makes an SR small, so that
+//!     what does not fit answers `SR_FULL [requested; maximum]` (the
+//!     capacity model is in `model/sr.rs`).
+//!   - `sim.add_cd(session, vm, iso_name)` -> VBD ref ([`Simulator::add_cd`]):
+//!     a CD drive (`type` CD, `mode` RO), empty (`empty` true, `VDI`
+//!     null) for "", else with a new ISO (a read-only `user` VDI on the
+//!     ISO SR, type and content_type `iso`). `VM.snapshot` copies CD
+//!     drives as they are; it never snapshots an ISO.
+//!   - `sim.suspend_vm(session, vm)` -> VDI ref ([`Simulator::suspend_vm`]):
+//!     the VM becomes `Suspended` with a `suspend_VDI` (type `suspend`, no
+//!     VBD). Starting or halting it again destroys that VDI.
 //!
 //! Layout: `model` (the objects and the rules of the calls on them, one
 //! module per class; `cbt`, `disk`, `metadata` beside it), `dispatch` (the
@@ -97,7 +125,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-pub use dispatch::DiskKind;
+pub use dispatch::{DiskKind, ISO_BYTES};
 pub use error::SimError;
 pub use model::Faults;
 pub use nbd::parse_export_name;
@@ -109,6 +137,8 @@ use model::{Class, HostConfig, State};
 /// The shared state every connection works on.
 pub(crate) struct Core {
     state: Mutex<State>,
+    /// While xapi "restarts" (`Faults::restart_downtime_ms`): until when.
+    down_until: Mutex<Option<std::time::Instant>>,
     /// Where the state is kept across restarts (`SimOptions::dir` only).
     persist: Option<PathBuf>,
     /// Body bytes received by `/import_raw_vdi` so far (a test hook).
@@ -135,6 +165,28 @@ impl Core {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(line);
+    }
+
+    /// xapi restarts: every session ends, and for
+    /// `Faults::restart_downtime_ms` the host answers nothing but 503.
+    pub(crate) fn restart_xapi(&self, st: &mut State) {
+        st.sessions.clear();
+        let downtime = Duration::from_millis(st.faults.restart_downtime_ms);
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::time::Instant::now() + downtime);
+    }
+
+    /// Whether xapi is still down after a restart.
+    pub(crate) fn unavailable(&self) -> bool {
+        let mut down = self.down_until.lock().unwrap_or_else(|e| e.into_inner());
+        match *down {
+            Some(until) if std::time::Instant::now() < until => true,
+            Some(_) => {
+                *down = None;
+                false
+            }
+            None => false,
+        }
     }
 
     /// Saves the objects after a change (when persistent). A failed save
@@ -207,6 +259,14 @@ pub struct SimVm {
     pub vm_ref: String,
     pub vm_uuid: String,
     pub disks: Vec<SimDisk>,
+}
+
+/// A CD drive made by [`Simulator::add_cd`].
+#[derive(Debug, Clone)]
+pub struct SimCd {
+    pub vbd_ref: String,
+    /// The ISO's VDI, `OpaqueRef:NULL` for an empty drive.
+    pub vdi_ref: String,
 }
 
 /// A running simulator; stops when dropped.
@@ -350,6 +410,7 @@ fn describe_vm(st: &State, vm_ref: &str) -> Result<SimVm, ApiError> {
         .vbds_of_vm(vm_ref)
         .into_iter()
         .filter_map(|b| st.vbds.get(&b).cloned())
+        .filter(|b| b.vbd_type == "Disk")
         .collect();
     vbds.sort_by(|a, b| a.userdevice.cmp(&b.userdevice));
     let disks = vbds
@@ -490,6 +551,7 @@ impl Simulator {
         };
         let core = Arc::new(Core {
             state: Mutex::new(state),
+            down_until: Mutex::new(None),
             persist,
             import_bytes: std::sync::atomic::AtomicU64::new(0),
             calls: Mutex::new(Vec::new()),
@@ -656,11 +718,11 @@ impl Simulator {
 
     /// A shared SR (type `nfs`, CBT-capable) plugged on every host, now
     /// and joining later; returns its uuid.
-    pub fn add_shared_sr(&self, name: &str) -> String {
+    pub fn add_shared_sr(&self, name: &str) -> Result<String, SimError> {
         let mut st = self.core.lock();
-        let sr = st.add_shared_sr(name);
+        let sr = st.add_shared_sr(name)?;
         self.core.changed(&st);
-        st.srs[&sr].uuid.clone()
+        Ok(st.srs[&sr].uuid.clone())
     }
 
     /// Runs a XenAPI call in process (no wire), e.g. for a demo's setup.
@@ -725,6 +787,69 @@ impl Simulator {
             vdi_uuid: v.uuid.clone(),
             size_bytes: v.virtual_size,
         })
+    }
+
+    /// A VM's ref from its ref or uuid.
+    fn vm_ref(st: &State, vm: &str) -> Result<String, ApiError> {
+        if st.vms.contains_key(vm) {
+            Ok(vm.to_string())
+        } else {
+            st.by_uuid(Class::Vm, vm)
+        }
+    }
+
+    /// A new plugged SR of `sr_type` (`ext`, `nfs`, `lvm`, `lvmoiscsi`,
+    /// `lvmohba`, `smb`, `iso`, `rawhba`); returns its ref.
+    pub fn create_sr(&self, name: &str, sr_type: &str) -> Result<String, SimError> {
+        let mut st = self.core.lock();
+        let sr = st.sr_create(name, sr_type)?;
+        self.core.changed(&st);
+        Ok(sr)
+    }
+
+    /// Sets an SR's (ref or uuid) `physical_size`; `None`: the default
+    /// again ([`model::DEFAULT_SR_PHYSICAL_SIZE`]). Not kept across
+    /// restarts (a fault switch).
+    pub fn set_sr_physical_size(&self, sr: &str, bytes: Option<u64>) -> Result<(), SimError> {
+        let mut st = self.core.lock();
+        let sr = if st.srs.contains_key(sr) {
+            sr.to_string()
+        } else {
+            st.by_uuid(Class::Sr, sr)?
+        };
+        match bytes {
+            Some(b) => st.faults.sr_physical_size.insert(sr, b),
+            None => st.faults.sr_physical_size.remove(&sr),
+        };
+        Ok(())
+    }
+
+    /// Plugs a CD drive into `vm` (uuid or ref): empty for `None`, else
+    /// with a new ISO of that name ([`ISO_BYTES`], on the ISO SR).
+    pub fn add_cd(&self, vm: &str, iso_name: Option<&str>) -> Result<SimCd, SimError> {
+        let mut st = self.core.lock();
+        let vm = Simulator::vm_ref(&st, vm)?;
+        let (vbd_ref, vdi_ref) = dispatch::add_cd(&mut st, &vm, iso_name)?;
+        self.core.changed(&st);
+        Ok(SimCd { vbd_ref, vdi_ref })
+    }
+
+    /// Suspends `vm` (uuid or ref, Running or Halted): power state
+    /// `Suspended`, a new `suspend_VDI`, whose ref it returns.
+    pub fn suspend_vm(&self, vm: &str) -> Result<String, SimError> {
+        let mut st = self.core.lock();
+        let vm = Simulator::vm_ref(&st, vm)?;
+        let vdi = st.vm_suspend(&vm)?;
+        self.core.changed(&st);
+        Ok(vdi)
+    }
+
+    /// A xapi restart now: every session ends and, for `downtime`, the
+    /// HTTPS port answers 503 and new NBD connections are refused.
+    pub fn restart_xapi(&self, downtime: Duration) {
+        let mut st = self.core.lock();
+        st.faults.restart_downtime_ms = downtime.as_millis() as u64;
+        self.core.restart_xapi(&mut st);
     }
 
     /// The first non-snapshot VM named `name` (e.g. one kept from an

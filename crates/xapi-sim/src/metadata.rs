@@ -211,6 +211,11 @@ pub fn import_ova(
             .filter(|(_, (c, r))| c == "VBD" && text(r, "VM") == id)
         {
             debug_assert_eq!(c, "VBD");
+            if vbd.get("empty") == Some(&Value::Bool(true)) {
+                // An empty CD drive: no VDI to find.
+                disks.push((vbd.clone(), NULL_REF.to_string()));
+                continue;
+            }
             let Some((_, vdi)) = by_id.get(text(vbd, "VDI")) else {
                 continue;
             };
@@ -249,6 +254,11 @@ pub fn import_ova(
                 },
                 bootable: vbd.get("bootable") == Some(&Value::Bool(true)),
                 other_config: BTreeMap::new(),
+                vbd_type: match text(&vbd, "type") {
+                    "" => "Disk".to_string(),
+                    t => t.to_string(),
+                },
+                empty: vbd.get("empty") == Some(&Value::Bool(true)),
             })?;
         }
         created.push(vm);

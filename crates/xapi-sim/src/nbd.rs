@@ -41,6 +41,12 @@ impl ExportResolver for SimResolver {
         };
         let (uuid, session) =
             parse_export_name(name).ok_or_else(|| refused("malformed export name"))?;
+        if self.core.unavailable() {
+            // xapi-nbd cannot check the session while xapi restarts.
+            self.core
+                .log_call(format!("NBD refused {uuid}: xapi is restarting"));
+            return Err(refused("xapi is restarting"));
+        }
         let mut st = self.core.lock();
         if st.check_session(&session).is_err() {
             drop(st);
@@ -119,7 +125,7 @@ impl Export for SimExport {
                 let mut st = self.core.lock();
                 // One shot, whichever connection crosses it first.
                 if st.faults.expire_sessions_after_nbd_bytes.take().is_some() {
-                    st.sessions.clear();
+                    self.core.restart_xapi(&mut st);
                     return Err(ExportError::Io(
                         "injected fault: xapi restarted, every session ended".into(),
                     ));

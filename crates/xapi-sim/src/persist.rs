@@ -15,6 +15,9 @@
 //! in it; `layers` gives the blocks written in each shared layer, once
 //! however many disks use it. Files are named relative to `D/vdis`. Format
 //! 1 (one `<uuid>.img` per VDI, `disks` holding its bitmap) still loads.
+//! A disk that grew (`VDI.resize`) has shared layers smaller than itself:
+//! `layer_sizes` gives each shared layer's size (absent: the disk's size,
+//! as every state written before resizing existed).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -64,6 +67,8 @@ struct SavedRef<'a> {
     disks: BTreeMap<&'a Ref, SavedDisk>,
     /// The blocks written in each shared layer.
     layers: BTreeMap<String, ChangeBitmap>,
+    /// The size of each shared layer.
+    layer_sizes: BTreeMap<String, u64>,
     host: &'a Ref,
     dom0: &'a Ref,
     default_sr: &'a Ref,
@@ -87,6 +92,8 @@ struct Saved {
     disks: BTreeMap<Ref, serde_json::Value>,
     #[serde(default)]
     layers: BTreeMap<String, ChangeBitmap>,
+    #[serde(default)]
+    layer_sizes: BTreeMap<String, u64>,
     host: Ref,
     dom0: Ref,
     default_sr: Ref,
@@ -105,6 +112,7 @@ fn file_name(path: &Path) -> std::io::Result<String> {
 pub fn save(st: &State, dir: &Path, clean: bool) -> std::io::Result<()> {
     let mut disks = BTreeMap::new();
     let mut layers = BTreeMap::new();
+    let mut layer_sizes = BTreeMap::new();
     for (r, v) in &st.vdis {
         let Some(d) = &v.data else { continue };
         let layout = d.layout();
@@ -114,6 +122,7 @@ pub fn save(st: &State, dir: &Path, clean: bool) -> std::io::Result<()> {
             layers
                 .entry(name.clone())
                 .or_insert_with(|| l.written().clone());
+            layer_sizes.insert(name.clone(), l.size_bytes());
             shared.push(name);
         }
         let saved = SavedDisk {
@@ -137,6 +146,7 @@ pub fn save(st: &State, dir: &Path, clean: bool) -> std::io::Result<()> {
         vdis: &st.vdis,
         disks,
         layers,
+        layer_sizes,
         host: &st.host,
         dom0: &st.dom0,
         default_sr: &st.default_sr,
@@ -197,7 +207,8 @@ pub fn load(config: HostConfig, dir: &Path) -> Result<Option<State>, SimError> {
         } else {
             let disk: SavedDisk =
                 serde_json::from_value(disk).map_err(|e| invalid(format!("disk of {r}: {e}")))?;
-            opened.disk(&config.data_dir, &saved.layers, disk, v.virtual_size)?
+            let layers = (&saved.layers, &saved.layer_sizes);
+            opened.disk(&config.data_dir, layers, disk, v.virtual_size)?
         };
         v.data = Some(Arc::new(disk));
     }
@@ -246,7 +257,7 @@ impl Opened {
     fn disk(
         &mut self,
         data_dir: &Path,
-        layers: &BTreeMap<String, ChangeBitmap>,
+        (layers, layer_sizes): (&BTreeMap<String, ChangeBitmap>, &BTreeMap<String, u64>),
         saved: SavedDisk,
         size_bytes: u64,
     ) -> Result<Disk, SimError> {
@@ -275,8 +286,9 @@ impl Opened {
                 .cloned()
                 .ok_or_else(|| failed(name, "a shared layer missing from `layers`".into()))?;
             let path = data_dir.join(name);
+            let layer_size = layer_sizes.get(name).copied().unwrap_or(size_bytes);
             let layer =
-                Layer::open(&path, size_bytes, written).map_err(|source| SimError::Storage {
+                Layer::open(&path, layer_size, written).map_err(|source| SimError::Storage {
                     path: path.display().to_string(),
                     source,
                 })?;

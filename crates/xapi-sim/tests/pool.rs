@@ -198,7 +198,7 @@ fn sim_pool_member_refuses_logins_naming_the_master() {
 fn sim_pool_nbd_info_lists_each_host_that_sees_the_sr() {
     let p = Pool::start();
     let m = &p.member;
-    let shared = p.sim.add_shared_sr("NFS");
+    let shared = p.sim.add_shared_sr("NFS").unwrap();
     let vm = p.sim.create_vm_with_disks("vm", &[MIB]).unwrap();
     let on_master = &vm.disks[0];
     let on_shared = p

@@ -19,6 +19,7 @@ use xapi_sim::model::{HostConfig, NewVdi, State};
 use xapi_sim::{self as sim, ApiError, SimOptions, Simulator, Value};
 use xapi_wire::{chunked, xmlrpc};
 
+mod extras;
 mod util;
 
 use util::{bitmap_base64, random_bytes, BS};

@@ -174,7 +174,15 @@ pub(super) fn new_vdi(st: &State, rec: &BTreeMap<String, Value>) -> Result<NewVd
 }
 
 pub(super) fn new_vbd(rec: &BTreeMap<String, Value>) -> Result<NewVbd, ApiError> {
+    // Assumption: as for `mode`, a record without `type` or `empty` is a
+    // disk with a medium (xapi's constructor requires both fields).
+    let empty = match rec.get("empty") {
+        None => false,
+        Some(v) => v.as_bool().ok_or_else(|| ApiError::field_type("empty"))?,
+    };
     Ok(NewVbd {
+        vbd_type: field_string(rec, "type", Some("Disk"))?,
+        empty,
         vm: field_string(rec, "VM", None)?,
         vdi: field_string(rec, "VDI", None)?,
         userdevice: field_string(rec, "userdevice", Some("autodetect"))?,

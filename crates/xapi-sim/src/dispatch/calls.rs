@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::args::{new_vbd, new_vdi};
 use super::table::Call;
-use crate::model::{Class, State};
+use crate::model::{Class, State, NULL_REF};
 use crate::Core;
 use xapi_wire::ApiError;
 use xapi_wire::Value;
@@ -82,6 +82,55 @@ pub(super) fn vdi_list_changed_blocks(st: &mut State, c: &Call) -> Reply {
     let to = c.args.obj(st, 2, Class::Vdi)?;
     let from = c.args.obj(st, 1, Class::Vdi)?;
     st.list_changed_blocks(&from, &to).map(Value::String)
+}
+
+/// `VDI.resize` and `VDI.resize_online`.
+pub(super) fn vdi_resize(st: &mut State, c: &Call) -> Reply {
+    let v = c.args.obj(st, 1, Class::Vdi)?;
+    let size = c.args.int(2, "size")?;
+    st.vdi_resize(&v, size, c.name == "resize_online")?;
+    void()
+}
+
+pub(super) fn vdi_clone(st: &mut State, c: &Call) -> Reply {
+    let v = c.args.obj(st, 1, Class::Vdi)?;
+    if c.args.params.len() == 3 {
+        c.args.string_map(2, "driver_params")?;
+    }
+    st.vdi_clone(&v).map(Value::String)
+}
+
+/// `VDI.copy(vdi, sr = null, base_vdi = null, into_vdi = null)`: a null
+/// `base_vdi` or `into_vdi` is absent; `sr` is only read without `into_vdi`.
+pub(super) fn vdi_copy(st: &mut State, c: &Call) -> Reply {
+    let v = c.args.obj(st, 1, Class::Vdi)?;
+    let optional = |i: usize, field: &str| -> Result<Option<String>, ApiError> {
+        if c.args.params.len() <= i {
+            return Ok(None);
+        }
+        let r = c.args.string(i, field)?;
+        if r == NULL_REF {
+            return Ok(None);
+        }
+        c.args.obj(st, i, Class::Vdi).map(Some)
+    };
+    let sr = if c.args.params.len() > 2 {
+        c.args.string(2, "sr")?
+    } else {
+        NULL_REF.to_string()
+    };
+    let base = optional(3, "base_vdi")?;
+    let into = optional(4, "into_vdi")?;
+    st.vdi_copy(&v, &sr, base.as_deref(), into.as_deref())
+        .map(Value::String)
+}
+
+pub(super) fn vdi_pool_migrate(st: &mut State, c: &Call) -> Reply {
+    let v = c.args.obj(st, 1, Class::Vdi)?;
+    let sr = c.args.obj(st, 2, Class::Sr)?;
+    // Assumption: the options (`dest-img-format`) change nothing here.
+    c.args.string_map(3, "options")?;
+    st.vdi_pool_migrate(&v, &sr).map(Value::String)
 }
 
 pub(super) fn vdi_get_nbd_info(st: &mut State, c: &Call) -> Reply {

@@ -19,7 +19,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use hooks::DiskKind;
-pub(crate) use hooks::{add_disk, add_disk_on_sr, create_vm_with_disks, guest_write_checked};
+pub use hooks::ISO_BYTES;
+pub(crate) use hooks::{
+    add_cd, add_disk, add_disk_on_sr, create_vm_with_disks, guest_write_checked,
+};
 
 use self::args::Args;
 use self::table::{Call, Handler, Kind, Method, Table};

@@ -185,6 +185,12 @@ fn build() -> Table {
         api(Vdi, "get_nbd_info", (2, 2), S(calls::vdi_get_nbd_info)).cbt(),
         api(Vdi, "get_cbt_enabled", (2, 2), S(calls::get_field)).cbt(),
         api(Vdi, "set_on_boot", (3, 3), S(calls::vdi_set_on_boot)).asynchronous(),
+        api(Vdi, "resize", (3, 3), S(calls::vdi_resize)).asynchronous(),
+        api(Vdi, "resize_online", (3, 3), S(calls::vdi_resize)).asynchronous(),
+        api(Vdi, "clone", (2, 3), S(calls::vdi_clone)).asynchronous(),
+        // Every parameter after `vdi` has a default (datamodel.ml).
+        api(Vdi, "copy", (2, 5), S(calls::vdi_copy)).asynchronous(),
+        api(Vdi, "pool_migrate", (4, 4), S(calls::vdi_pool_migrate)).asynchronous(),
         // VM
         api(Vm, "snapshot", (3, 4), S(calls::vm_snapshot)).asynchronous(),
         api(Vm, "checkpoint", (3, 3), S(calls::vm_snapshot)).asynchronous(),
@@ -284,14 +290,19 @@ fn build() -> Table {
             },
         );
     }
-    let hooks: [(&str, usize, StateFn); 7] = [
-        ("guest_write", 4, hooks::guest_write),
-        ("system_disable_cbt", 2, hooks::system_disable_cbt),
-        ("set_fault", 3, hooks::set_fault),
-        ("attach_to_dom0", 2, hooks::attach_to_dom0),
-        ("detach", 2, hooks::detach),
-        ("create_vm", 3, hooks::create_vm),
-        ("add_disk", 5, hooks::add_disk_hook),
+    let hooks: [(&str, usize, Handler); 12] = [
+        ("guest_write", 4, S(hooks::guest_write)),
+        ("system_disable_cbt", 2, S(hooks::system_disable_cbt)),
+        ("set_fault", 3, S(hooks::set_fault)),
+        ("attach_to_dom0", 2, S(hooks::attach_to_dom0)),
+        ("detach", 2, S(hooks::detach)),
+        ("create_vm", 3, S(hooks::create_vm)),
+        ("add_disk", 5, S(hooks::add_disk_hook)),
+        ("create_sr", 3, S(hooks::create_sr)),
+        ("add_cd", 3, S(hooks::add_cd_hook)),
+        ("suspend_vm", 2, S(hooks::suspend_vm)),
+        ("set_sr_physical_size", 3, S(hooks::set_sr_physical_size)),
+        ("restart_xapi", 2, Handler::Core(hooks::restart_xapi)),
     ];
     for (name, arity, handler) in hooks {
         table.add(
@@ -304,7 +315,7 @@ fn build() -> Table {
                 kind: Kind::Hook,
                 async_ok: false,
                 cbt: false,
-                handler: S(handler),
+                handler,
             },
         );
     }

@@ -6,7 +6,10 @@
 //! This module owns [`State`] (every object, by class), the fault switches,
 //! the host's fixed facts and the lookups; the rules live one class per
 //! submodule (`objects` the types, `bootstrap` the host at start, `records`
-//! the wire view, then `session`, `vdi`, `vbd`, `vm`, `network`, `task`).
+//! the wire view, then `session`, `vdi`, `vbd`, `vm`, `network`, `task`;
+//! `vdi_ops` the VDI calls that make a VDI from another one or grow it:
+//! resize, clone, copy, pool_migrate; `sr` the SRs made later and every
+//! SR's capacity).
 //!
 //! The CBT chain is modelled as SM keeps it: each VDI with CBT metadata has
 //! a log (bitmap + parent/child pointers). A snapshot of a CBT leaf moves
@@ -21,10 +24,14 @@ mod objects;
 mod pool;
 mod records;
 mod session;
+mod sr;
 mod task;
 mod vbd;
 mod vdi;
+mod vdi_ops;
 mod vm;
+
+pub use sr::DEFAULT_SR_PHYSICAL_SIZE;
 
 pub use objects::*;
 pub use pool::NewMember;
@@ -64,6 +71,16 @@ pub struct Faults {
     /// once it has received this many body bytes, and fails its task with
     /// `VDI_IO_ERROR`, as xapi does when the handler's socket dies.
     pub import_drop_after_bytes: Option<u64>,
+    /// `physical_size` of these SRs (others: [`DEFAULT_SR_PHYSICAL_SIZE`]),
+    /// to make an SR full (`SR_FULL`, see `sr`).
+    pub sr_physical_size: BTreeMap<Ref, u64>,
+    /// Sessions unused for this long end: their next call answers
+    /// `SESSION_INVALID [ref]` (xapi destroys idle sessions).
+    pub session_idle_timeout_ms: Option<u64>,
+    /// How long xapi stays down when it restarts (the
+    /// `expire_sessions_after_nbd_bytes` fault, `Simulator::restart_xapi`):
+    /// the HTTPS port answers 503 and new NBD connections are refused.
+    pub restart_downtime_ms: u64,
 }
 
 /// Static facts about the simulated host, fixed at start.

@@ -115,6 +115,8 @@ pub struct Session {
     pub user: String,
     pub originator: String,
     pub created: DateTime<Utc>,
+    /// The last call made with it (`last_active`).
+    pub last_active: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -209,6 +211,17 @@ pub struct Vbd {
     pub bootable: bool,
     pub currently_attached: bool,
     pub other_config: BTreeMap<String, String>,
+    /// `Disk`, `CD` or `Floppy` (the record's `type`).
+    #[serde(default = "disk_type")]
+    pub vbd_type: String,
+    /// A drive with no medium (a CD only): `vdi` is `OpaqueRef:NULL`.
+    #[serde(default)]
+    pub empty: bool,
+}
+
+/// The VBD type of states saved before CD drives existed.
+fn disk_type() -> String {
+    "Disk".into()
 }
 
 /// One CBT log (SM's `<uuid>.cbtlog`).
@@ -239,6 +252,10 @@ pub struct Vdi {
     pub on_boot: String,
     pub cbt_enabled: bool,
     pub log: Option<CbtLog>,
+    /// The VM whose `suspend_VDI` this is (a `suspend` VDI), kept here so
+    /// that the VM record need not change; the VM record shows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspend_of: Option<Ref>,
     /// `None` once `data_destroy` removed the data.
     #[serde(skip)]
     pub data: Option<Arc<Disk>>,
@@ -303,4 +320,24 @@ pub struct NewVbd {
     pub mode: String,
     pub bootable: bool,
     pub other_config: BTreeMap<String, String>,
+    /// `Disk`, `CD` or `Floppy`.
+    pub vbd_type: String,
+    /// A CD drive with no medium.
+    pub empty: bool,
+}
+
+impl NewVbd {
+    /// A plugged-in disk: a `Disk` VBD, not bootable, no configuration.
+    pub fn disk(vm: &str, vdi: &str, userdevice: &str, mode: &str) -> NewVbd {
+        NewVbd {
+            vm: vm.to_string(),
+            vdi: vdi.to_string(),
+            userdevice: userdevice.to_string(),
+            mode: mode.to_string(),
+            bootable: false,
+            other_config: BTreeMap::new(),
+            vbd_type: "Disk".into(),
+            empty: false,
+        }
+    }
 }

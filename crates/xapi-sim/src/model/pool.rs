@@ -172,22 +172,7 @@ impl State {
     }
 
     /// A CBT-capable shared SR (type `nfs`) plugged on every host.
-    pub fn add_shared_sr(&mut self, name: &str) -> Ref {
-        let sr = new_ref();
-        self.srs.insert(
-            sr.clone(),
-            Sr {
-                uuid: new_uuid(),
-                name_label: name.into(),
-                name_description: "simulated NFS SR".into(),
-                sr_type: "nfs".into(),
-                cbt_capable: true,
-                shared: true,
-            },
-        );
-        for host in self.hosts.keys().cloned().collect::<Vec<_>>() {
-            self.plug(&host, &sr);
-        }
-        sr
+    pub fn add_shared_sr(&mut self, name: &str) -> Result<Ref, ApiError> {
+        self.sr_create(name, "nfs")
     }
 }

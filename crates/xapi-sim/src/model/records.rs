@@ -44,7 +44,10 @@ impl State {
                     ("uuid", Value::str(&s.uuid)),
                     ("this_host", Value::str(&self.host)),
                     ("this_user", Value::str(NULL_REF)),
-                    ("last_active", Value::DateTime(format_datetime(&s.created))),
+                    (
+                        "last_active",
+                        Value::DateTime(format_datetime(&s.last_active)),
+                    ),
                     ("pool", Value::Bool(false)),
                     ("other_config", empty_map()),
                     ("is_local_superuser", Value::Bool(true)),
@@ -158,10 +161,16 @@ impl State {
                     ("name_label", Value::str(&s.name_label)),
                     ("name_description", Value::str(&s.name_description)),
                     ("type", Value::str(&s.sr_type)),
-                    ("content_type", Value::str("user")),
+                    (
+                        "content_type",
+                        Value::str(super::sr::content_type(&s.sr_type)),
+                    ),
                     ("shared", Value::Bool(s.shared)),
-                    ("physical_size", Value::from(MAX_VDI_BYTES * 4)),
-                    ("physical_utilisation", Value::Int(0)),
+                    ("physical_size", Value::from(self.sr_physical_size(r))),
+                    (
+                        "physical_utilisation",
+                        Value::from(self.sr_physical_utilisation(r)),
+                    ),
                     ("virtual_allocation", Value::from(virtual_allocation)),
                     ("VDIs", refs(vdis)),
                     (
@@ -297,6 +306,7 @@ impl State {
                     ("blocked_operations", empty_map()),
                     ("HVM_boot_policy", Value::str("BIOS order")),
                     ("platform", empty_map()),
+                    ("suspend_VDI", Value::str(self.suspend_vdi_of(r))),
                 ])
             }
             Class::Vbd => {
@@ -309,9 +319,9 @@ impl State {
                     ("userdevice", Value::str(&b.userdevice)),
                     ("bootable", Value::Bool(b.bootable)),
                     ("mode", Value::str(&b.mode)),
-                    ("type", Value::str("Disk")),
+                    ("type", Value::str(&b.vbd_type)),
                     ("unpluggable", Value::Bool(true)),
-                    ("empty", Value::Bool(false)),
+                    ("empty", Value::Bool(b.empty)),
                     ("currently_attached", Value::Bool(b.currently_attached)),
                     ("storage_lock", Value::Bool(false)),
                     ("status_code", Value::Int(0)),
@@ -431,8 +441,11 @@ impl State {
             "forget",
             "list_changed_blocks",
         ];
+        // xapi_vdi.ml `allowed_when_cbt_enabled`: resize is; mirror and
+        // set_on_boot are not. No SM driver has VDI_RESIZE_ONLINE.
+        ops.push("resize");
         if !v.cbt_enabled {
-            ops.extend(["resize", "mirror", "set_on_boot"]);
+            ops.extend(["mirror", "set_on_boot"]);
         }
         if !v.is_a_snapshot {
             ops.extend(["enable_cbt", "disable_cbt"]);

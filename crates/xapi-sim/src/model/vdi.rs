@@ -35,6 +35,7 @@ impl State {
                 [String::new(), MAX_VDI_BYTES.to_string()],
             ));
         }
+        self.check_sr_space(&new.sr, new.virtual_size)?;
         let uuid = new_uuid();
         let disk = Disk::create(&self.disk_path(&uuid), new.virtual_size)
             .map_err(ApiError::vdi_io_from)?;
@@ -60,6 +61,7 @@ impl State {
                 on_boot: "persist".into(),
                 cbt_enabled: false,
                 log: None,
+                suspend_of: None,
                 data: Some(Arc::new(disk)),
             },
         );
@@ -180,6 +182,7 @@ impl State {
             .data
             .clone()
             .ok_or_else(|| ApiError::incompatible_type(r, "cbt_metadata"))?;
+        self.check_sr_space(&v.sr, v.virtual_size)?;
         let uuid = new_uuid();
         // Copy-on-write: the source goes on in a new file of its own.
         let copy = source
@@ -209,6 +212,7 @@ impl State {
             on_boot: v.on_boot.clone(),
             cbt_enabled: chain,
             log: None,
+            suspend_of: None,
             data: Some(Arc::new(copy)),
         };
         self.vdis.insert(s.clone(), snap);
@@ -463,6 +467,7 @@ impl State {
     /// 64 KiB block touched on the leaf's current log.
     pub fn write_vdi(&mut self, r: &str, offset: u64, data: &[u8]) -> Result<(), ApiError> {
         let disk = self.disk_for_write(r, offset, data.len() as u64)?;
+        self.check_write_space(r, offset, data)?;
         disk.write(offset, data).map_err(ApiError::vdi_io_from)?;
         self.mark_written(r, offset, data.len() as u64);
         Ok(())

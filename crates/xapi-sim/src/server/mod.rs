@@ -153,6 +153,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         411 => "Length Required",
         413 => "Request Entity Too Large",
+        503 => "Service Unavailable",
         _ => "Internal Error",
     }
 }
@@ -340,6 +341,10 @@ impl Conn {
     }
 
     async fn route(&mut self, head: RequestHead) -> Result<After, ConnError> {
+        if self.core.unavailable() {
+            // Restarting (Faults::restart_downtime_ms): nothing answers.
+            return self.fail(503, "xapi is restarting").await;
+        }
         let legacy = self.core.lock().faults.legacy_host;
         match (head.method.as_str(), head.path.as_str()) {
             ("POST", "/" | "/RPC2") => self.rpc(head, false).await,

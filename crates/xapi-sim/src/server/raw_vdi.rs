@@ -1,6 +1,11 @@
 //! `GET /export_raw_vdi` and `PUT /import_raw_vdi` (xenapi-reference.md
 //! §3): raw and `chunked` bodies streamed to and from the VDI's disk, the
 //! import fault switches, and the writer that keeps one disk write in flight.
+//! A `task.cancel` of the handler's task stops the transfer at the next
+//! piece (1 MiB): the connection drops and the task ends `cancelled` with
+//! `TASK_CANCELLED [task]`, as xapi's copy loops check
+//! `TaskHelper.exn_if_cancelling`. An import also stops with `SR_FULL`
+//! when a piece does not fit its SR (see `model/sr.rs`).
 
 use std::sync::Arc;
 
@@ -53,9 +58,12 @@ impl ImportWriter {
             .then(|| self.written.pop_front())
             .flatten();
         self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            let disk = core
-                .lock()
-                .disk_for_write(&vdi, offset, data.len() as u64)?;
+            let disk = {
+                let st = core.lock();
+                let disk = st.disk_for_write(&vdi, offset, data.len() as u64)?;
+                st.check_write_space(&vdi, offset, &data)?;
+                disk
+            };
             disk.write(offset, &data).map_err(ApiError::vdi_io_from)?;
             // Queue this write for writeback; drop an older one, now clean.
             disk.drop_cached(offset, data.len() as u64);
@@ -100,6 +108,14 @@ impl Conn {
         let (fail, _) = self.import_faults;
         if self.import_dropped() || fail.is_some_and(|l| self.import_seen > l) {
             return Err(ApiError::vdi_io());
+        }
+        Ok(())
+    }
+
+    /// `TASK_CANCELLED [task]` once `task.cancel` was called on the task.
+    fn check_cancelled(&self, task: &str) -> Result<(), ApiError> {
+        if self.core.lock().task_status(task) == Some("cancelling") {
+            return Err(ApiError::new("TASK_CANCELLED", [task]));
         }
         Ok(())
     }
@@ -185,28 +201,35 @@ impl Conn {
         let mut result = self
             .respond_streaming(&headers)
             .await
-            .map_err(|e| e.to_string());
+            .map_err(|_| ApiError::vdi_io());
         let size = disk.size_bytes();
         let mut offset = 0u64;
         while result.is_ok() && offset < size {
+            if let Err(e) = self.check_cancelled(&task.0) {
+                result = Err(e);
+                break;
+            }
             let n = (size - offset).min(IO_CHUNK as u64) as usize;
             let d = disk.clone();
             let read = tokio::task::spawn_blocking(move || d.read(offset, n)).await;
             result = match read {
-                Ok(Ok(data)) => self.io.write_all(&data).await.map_err(|e| e.to_string()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(Ok(data)) => self
+                    .io
+                    .write_all(&data)
+                    .await
+                    .map_err(|_| ApiError::vdi_io()),
+                Ok(Err(_)) | Err(_) => Err(ApiError::vdi_io()),
             };
             offset += n as u64;
         }
         let _ = self.io.flush().await;
         self.core.lock().detach_and_destroy(&vbd);
-        self.finish_task(
-            task,
-            result
-                .map(|_| String::new())
-                .map_err(|_| ApiError::vdi_io()),
-        );
+        let cancelled = matches!(&result, Err(e) if e.code == "TASK_CANCELLED");
+        self.finish_task(task, result.map(|_| String::new()));
+        if cancelled {
+            // The body stops short: the client sees the connection drop.
+            return Err(ConnError::Io(std::io::ErrorKind::ConnectionAborted.into()));
+        }
         Ok(After::Close)
     }
 
@@ -335,10 +358,11 @@ impl Conn {
             )
         };
         let written = if chunked {
-            self.write_chunked(&vdi).await
+            self.write_chunked(&vdi, &task.0).await
         } else {
-            self.write_raw(&vdi, content_length).await
+            self.write_raw(&vdi, content_length, &task.0).await
         };
+        let cancelled = matches!(&written, Err(e) if e.code == "TASK_CANCELLED");
         {
             let mut st = self.core.lock();
             st.detach_and_destroy(&vbd);
@@ -348,7 +372,7 @@ impl Conn {
             task,
             written.map(|_| xmlrpc::value_fragment(&Value::str(&vdi))),
         );
-        if self.import_dropped() {
+        if self.import_dropped() || cancelled {
             // Unread body bytes make the kernel reset the connection.
             return Err(ConnError::Io(std::io::ErrorKind::ConnectionReset.into()));
         }
@@ -379,10 +403,16 @@ impl Conn {
         Ok(out)
     }
 
-    pub(super) async fn write_raw(&mut self, vdi: &str, len: Option<u64>) -> Result<(), ApiError> {
+    pub(super) async fn write_raw(
+        &mut self,
+        vdi: &str,
+        len: Option<u64>,
+        task: &str,
+    ) -> Result<(), ApiError> {
         let mut disk = ImportWriter::new(&self.core, vdi);
         let mut offset = 0u64;
         loop {
+            self.check_cancelled(task)?;
             let want = match len {
                 Some(l) if offset >= l => break,
                 Some(l) => (l - offset).min(IO_CHUNK as u64) as usize,
@@ -402,7 +432,7 @@ impl Conn {
         disk.finish().await
     }
 
-    pub(super) async fn write_chunked(&mut self, vdi: &str) -> Result<(), ApiError> {
+    pub(super) async fn write_chunked(&mut self, vdi: &str, task: &str) -> Result<(), ApiError> {
         let io_error = ApiError::vdi_io;
         let mut disk = ImportWriter::new(&self.core, vdi);
         let mut decoder = ChunkedImport::new();
@@ -412,6 +442,7 @@ impl Conn {
         let mut run: Option<(u64, Vec<u8>)> = None;
         while !decoder.is_done() {
             if pos == input.len() {
+                self.check_cancelled(task)?;
                 input = self.read_import(IO_CHUNK).await?;
                 pos = 0;
                 if input.is_empty() {

@@ -10,7 +10,9 @@ VDI.get_nbd_info pinned. One line per check; the first mismatch prints
 what was expected and what came, and exits 1.
 
 The simulator-only hooks (sim.create_vm, sim.guest_write) stand in for the
-VM that a real host would have: a real host answers MESSAGE_METHOD_UNKNOWN.
+VM that a real host would have (as do sim.add_disk, sim.add_cd, sim.suspend_vm,
+sim.create_sr and sim.set_sr_physical_size for its disks, drives, power state,
+SRs and their size): a real host answers MESSAGE_METHOD_UNKNOWN.
 
 usage: xenapi_conformance.py URL [--user root]   (password in
        $XENAPI_CONFORMANCE_PASSWORD or --password)
@@ -452,6 +454,98 @@ def run(h):
     snap_vm = x.VM.snapshot(cvm, "with ignore_vdis", [eph])
     snapped = sorted(x.VDI.get_snapshot_of(x.VBD.get_VDI(b)) for b in x.VM.get_VBDs(snap_vm))
     check("VM.snapshot(ignore_vdis) snapshots every other disk only", snapped, sorted([plain, lun, raw]))
+
+    # VDI.resize (SM FileSR.resize; the CBT log grows, reference §2.5).
+    mib = 1024 * 1024
+    rvm = x.sim.create_vm("resize-vm", [str(mib)])
+    rvdi = x.VBD.get_VDI(x.VM.get_VBDs(rvm)[0])
+    x.VDI.enable_cbt(rvdi)
+    r0 = x.VDI.snapshot(rvdi)
+    check("VDI.resize returns void", x.VDI.resize(rvdi, str(3 * mib)), "")
+    check("VDI.resize: virtual_size grows", x.VDI.get_virtual_size(rvdi), str(3 * mib))
+    check("VDI.resize: a snapshot from before keeps its size", x.VDI.get_virtual_size(r0), str(mib))
+    h.write(rvdi, 40 * BLOCK, b"grown")
+    r1 = x.VDI.snapshot(rvdi)
+    check("list_changed_blocks across a resize: the larger size, zeros but the write",
+          bitmap_blocks(x.VDI.list_changed_blocks(r0, r1), 3 * mib), [40])
+    failure("VDI.resize smaller -> SR_BACKEND_FAILURE_79 (SM VDISize)", lambda: x.VDI.resize(rvdi, str(mib)),
+            "SR_BACKEND_FAILURE_79", ["", "VDI Invalid size [opterr=shrinking not allowed]", ""])
+    failure("VDI.resize_online -> SR_OPERATION_NOT_SUPPORTED (no SM driver has it)",
+            lambda: x.VDI.resize_online(rvdi, str(4 * mib)), "SR_OPERATION_NOT_SUPPORTED", [x.VDI.get_SR(rvdi)])
+
+    # VDI.clone / VDI.copy: cbt_enabled false (reference §2.4).
+    cl = x.VDI.clone(rvdi)
+    check("VDI.clone of a CBT VDI: cbt_enabled false", x.VDI.get_cbt_enabled(cl), False)
+    check("VDI.clone: not a snapshot", x.VDI.get_is_a_snapshot(cl), False)
+    check_true("VDI.clone: a new uuid", x.VDI.get_uuid(cl) != x.VDI.get_uuid(rvdi))
+    sr2 = x.sim.create_sr("second SR", "nfs")
+    cp = x.VDI.copy(rvdi, sr2)
+    check("VDI.copy(vdi, sr): on that SR", x.VDI.get_SR(cp), sr2)
+    check("VDI.copy: cbt_enabled false", x.VDI.get_cbt_enabled(cp), False)
+    check("VDI.copy: the same content", h.export(x.VDI.get_uuid(cp)), h.export(x.VDI.get_uuid(rvdi)))
+
+    # VDI.pool_migrate: refused with CBT on (§5 rule 5), else a new VDI.
+    failure("VDI.pool_migrate with CBT on -> VDI_CBT_ENABLED [vdi]", lambda: x.VDI.pool_migrate(rvdi, sr2, {}),
+            "VDI_CBT_ENABLED", [rvdi])
+    x.VDI.disable_cbt(rvdi)
+    old_uuid = x.VDI.get_uuid(rvdi)
+    moved = x.VDI.pool_migrate(rvdi, sr2, {})
+    check("VDI.pool_migrate: on the new SR", x.VDI.get_SR(moved), sr2)
+    check_true("VDI.pool_migrate: a new uuid", x.VDI.get_uuid(moved) != old_uuid)
+    failure("VDI.pool_migrate: the old VDI is gone", lambda: x.VDI.get_by_uuid(old_uuid), "UUID_INVALID", ["VDI", old_uuid])
+    check("VDI.pool_migrate: the VM's VBD points at the new VDI", x.VBD.get_VDI(x.VM.get_VBDs(rvm)[0]), moved)
+
+    # CD drives (sim.add_cd stands in for a VM's install media).
+    empty_cd = x.sim.add_cd(rvm, "")
+    iso_cd = x.sim.add_cd(rvm, "tools.iso")
+    ecd = x.VBD.get_record(empty_cd)
+    check("empty CD drive: type, empty, mode, VDI", (ecd["type"], ecd["empty"], ecd["mode"], ecd["VDI"]),
+          ("CD", True, "RO", "OpaqueRef:NULL"))
+    icd = x.VBD.get_record(iso_cd)
+    check("CD drive with an ISO: type, empty, mode", (icd["type"], icd["empty"], icd["mode"]), ("CD", False, "RO"))
+    iso_sr = x.VDI.get_SR(icd["VDI"])
+    check("the ISO's SR: type and content_type iso", (x.SR.get_type(iso_sr), x.SR.get_content_type(iso_sr)),
+          ("iso", "iso"))
+    csnap = x.VM.snapshot(rvm, "with CDs")
+    cds = sorted(r["VDI"] for r in (x.VBD.get_record(b) for b in x.VM.get_VBDs(csnap)) if r["type"] == "CD")
+    check("VM.snapshot copies the CD drives as they are", cds, sorted(["OpaqueRef:NULL", icd["VDI"]]))
+    check("VM.snapshot does not snapshot the ISO", x.VDI.get_snapshots(icd["VDI"]), [])
+    failure("VBD.create of a read-write CD -> VBD_CDS_MUST_BE_READONLY", lambda: x.VBD.create({
+        "VM": rvm, "VDI": icd["VDI"], "userdevice": "7", "bootable": False, "mode": "RW", "type": "CD",
+        "unpluggable": True, "empty": False, "other_config": {}, "qos_algorithm_type": "",
+        "qos_algorithm_params": {}}), "VBD_CDS_MUST_BE_READONLY", [])
+
+    # A suspended VM (sim.suspend_vm) and its snapshot.
+    image = x.sim.suspend_vm(rvm)
+    check("suspended VM: power_state", x.VM.get_power_state(rvm), "Suspended")
+    check("suspended VM: suspend_VDI", x.VM.get_suspend_VDI(rvm), image)
+    check("suspend VDI: type suspend, no VBD", (x.VDI.get_type(image), x.VDI.get_VBDs(image)), ("suspend", []))
+    ssnap = x.VM.snapshot(rvm, "of a suspended VM")
+    check("VM.snapshot of a suspended VM: Halted, no suspend_VDI",
+          (x.VM.get_power_state(ssnap), x.VM.get_suspend_VDI(ssnap)), ("Halted", "OpaqueRef:NULL"))
+
+    # SR capacity: the fields, and SR_FULL [requested; maximum].
+    srrec = x.SR.get_record(sr2)
+    for field in ("physical_size", "physical_utilisation", "virtual_allocation"):
+        check_true("SR record: %s is an int (a decimal string)" % field, re.match(r"^\d+$", srrec[field]), srrec[field])
+    used = int(srrec["physical_utilisation"])
+    check_true("SR physical_utilisation follows the data written", used > 0, used)
+    x.sim.set_sr_physical_size(sr2, str(used + BLOCK))
+    failure("VDI.create beyond the SR's size -> SR_FULL [requested; maximum]", lambda: x.VDI.create({
+        "SR": sr2, "virtual_size": str(mib), "type": "user", "sharable": False, "read_only": False,
+        "other_config": {}}), "SR_FULL", [str(used + mib), str(used + BLOCK)])
+    x.sim.set_sr_physical_size(sr2, "")
+
+    # An import into a disk a running VM has attached read-write.
+    bvm = x.sim.create_vm("busy-vm", [str(BLOCK)])
+    bvdi = x.VBD.get_VDI(x.VM.get_VBDs(bvm)[0])
+    x.VM.start(bvm, False, False)
+    task = x.task.create("import", "into a disk in use")
+    status, _, _ = h.http("PUT", "/import_raw_vdi", {"vdi": x.VDI.get_uuid(bvdi), "task_id": task}, body=b"data",
+                          headers={"Content-Length": "4"})
+    check("import_raw_vdi into a running VM's disk: refused", status, 500)
+    check("... its task fails with VDI_IN_USE [vdi]", x.task.get_error_info(task), ["VDI_IN_USE", bvdi])
+    x.VM.hard_shutdown(bvm)
 
     # SESSION_INVALID after logout (through the raw proxy: the binding
     # itself re-logs-in on SESSION_INVALID).
