@@ -37,6 +37,7 @@ mod trust;
 #[cfg(debug_assertions)]
 mod torture_powerloss;
 mod xen_backup;
+mod xen_host_changes;
 mod xen_landmarks;
 mod xen_pool;
 mod xen_restore;

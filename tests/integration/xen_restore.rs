@@ -231,6 +231,13 @@ fn xen_restore_refuses_a_vdi_in_use_or_of_another_size() {
     let r = restore(&repo, &sim, &id, &url(&sim, "vdi", &vdi), &[]).expect_code(1);
     r.stderr_mentions(&["in use", "--force"]);
     assert_eq!(&sim.read_vdi(&vdi, 0, 9).unwrap(), b"live data");
+    // --force: the host itself refuses an import into a disk a running VM
+    // writes, with its code; nothing is written, no task is left.
+    let r = restore(&repo, &sim, &id, &url(&sim, "vdi", &vdi), &["--force"]).expect_code(1);
+    r.stderr_mentions(&["VDI_IN_USE"]);
+    assert_eq!(&sim.read_vdi(&vdi, 0, 9).unwrap(), b"live data");
+    let tasks = Host::login(&sim, PASSWORD).call("task.get_all", &[]);
+    assert_eq!(tasks.as_array().map(|a| a.len()), Some(0), "{tasks:?}");
     sim.set_vm_running(&vm, false).unwrap();
     // Attached to dom0 (say, by another tool): refused here too.
     let vbd = sim.attach_to_dom0(&vdi).unwrap();

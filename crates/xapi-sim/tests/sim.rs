@@ -1550,6 +1550,9 @@ fn sim_conformance_with_the_python_xenapi_binding() {
         return;
     }
     let sim = start();
+    // A pool: a member and a shared SR, for the pool checks.
+    let member = sim.add_pool_member("host2").expect("a pool member");
+    sim.add_shared_sr("NFS").expect("a shared SR");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/conformance/xenapi_conformance.py"
@@ -1557,6 +1560,7 @@ fn sim_conformance_with_the_python_xenapi_binding() {
     let out = std::process::Command::new("python3")
         .arg(script)
         .arg(sim.url())
+        .args(["--member", &format!("https://{}/", member.https)])
         .args(["--user", sim.username()])
         .env("XENAPI_CONFORMANCE_PASSWORD", sim.password())
         .output()
@@ -1571,6 +1575,11 @@ fn sim_conformance_with_the_python_xenapi_binding() {
     assert!(
         stdout.contains("conformance: all checks passed"),
         "{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("ok   pool: login on the member")
+            && stdout.contains("ok   pool: export on the master redirects"),
+        "the pool checks did not run:\n{stdout}"
     );
 }
 

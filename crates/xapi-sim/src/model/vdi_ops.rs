@@ -82,7 +82,9 @@ impl State {
             )));
         }
         // Assumption: no rounding up to 2 MiB (vhdutil rounds), as the
-        // simulator's VDI.create does not round either.
+        // simulator's VDI.create does not round either. A size that is not
+        // whole 512-byte sectors cannot be read to its end over NBD
+        // (xapi-nbd wants sector-aligned reads); a real SR never has one.
         self.check_sr_space(&sr, size - current)?;
         let disk = v
             .data

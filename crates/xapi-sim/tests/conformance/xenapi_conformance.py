@@ -555,16 +555,92 @@ def run(h):
     check("after logout -> SESSION_INVALID [session]", raw, {"Status": "Failure", "ErrorDescription": ["SESSION_INVALID", old]})
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def run_pool(h, member_url):
+    """A pool of two hosts (reference §1.4, §2.6, §3.1): the member refuses
+    logins naming the master, get_nbd_info lists both hosts for a shared
+    SR, and the master redirects an export of a disk only the member sees."""
+    x = h.x
+    pool = x.pool.get_all()[0]
+    master = x.pool.get_master(pool)
+    hosts = x.host.get_all()
+    check("pool: two hosts", len(hosts), 2)
+    member = [r for r in hosts if r != master][0]
+    member_address = x.host.get_address(member)
+    check_true("pool: member address", member_address != x.host.get_address(master))
+    s = XenAPI.Session(member_url, ignore_ssl=True)
+    failure(
+        "pool: login on the member",
+        lambda: s.xenapi.login_with_password(h.user, h.password, "1.0", "conformance"),
+        "HOST_IS_SLAVE",
+        [x.host.get_address(master)],
+    )
+    check_true(
+        "pool: each host its own certificate",
+        x.host.get_server_certificate(member) != x.host.get_server_certificate(master),
+    )
+
+    def new_vdi(sr, name):
+        return x.VDI.create({
+            "name_label": name, "name_description": "", "SR": sr,
+            "virtual_size": str(4 * BLOCK), "type": "user", "sharable": False,
+            "read_only": False, "other_config": {}, "xenstore_data": {},
+            "sm_config": {}, "tags": [],
+        })
+
+    srs = x.SR.get_all_records()
+    shared = [r for r, rec in srs.items() if rec["shared"]][0]
+    local = [
+        r for r, rec in srs.items()
+        if not rec["shared"] and any(x.PBD.get_host(p) == member for p in rec["PBDs"])
+    ][0]
+    vdi = new_vdi(shared, "on the shared SR")
+    entries = x.VDI.get_nbd_info(vdi)
+    check(
+        "pool: get_nbd_info of a shared-SR VDI lists both hosts",
+        sorted(e["address"] for e in entries),
+        sorted([x.host.get_address(master), member_address]),
+    )
+    x.VDI.destroy(vdi)
+    vdi = new_vdi(local, "on the member's local SR")
+    entries = x.VDI.get_nbd_info(vdi)
+    check("pool: a member-local VDI is served by the member", [e["address"] for e in entries], [member_address])
+    opener = urllib.request.build_opener(
+        NoRedirect, urllib.request.HTTPSHandler(context=h.ssl)
+    )
+    url = h.url.rstrip("/") + "/export_raw_vdi?" + urllib.parse.urlencode(
+        {"session_id": h.ref, "vdi": x.VDI.get_uuid(vdi), "format": "raw"}
+    )
+    try:
+        opener.open(url)
+        raise Mismatch("pool: export of a member-local VDI on the master: expected 302, got 200")
+    except urllib.error.HTTPError as e:
+        check("pool: export on the master redirects", e.code, 302)
+        location = urllib.parse.urlparse(e.headers["location"])
+        check("pool: redirected to the member", location.hostname, member_address)
+        check("pool: same path", location.path, "/export_raw_vdi")
+    x.VDI.destroy(vdi)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("url")
+    p.add_argument("--member", help="URL of a pool member (checks the pool behaviours)")
     p.add_argument("--user", default="root")
     p.add_argument("--password", default=os.environ.get("XENAPI_CONFORMANCE_PASSWORD"))
     a = p.parse_args()
     if not a.password:
         sys.exit("give --password or set XENAPI_CONFORMANCE_PASSWORD")
     try:
-        run(Host(a.url, a.user, a.password))
+        h = Host(a.url, a.user, a.password)
+        run(h)
+        if a.member:
+            # A session of its own: the checks above end theirs.
+            run_pool(Host(a.url, a.user, a.password), a.member)
     except Mismatch as e:
         print("FAIL %s" % e)
         sys.exit(1)
