@@ -258,3 +258,57 @@ fn xen_same_vdi_in_another_pool_is_read_in_full() {
         .to_string();
     assert!(restore_bytes(&repo, &id) == host.disk(&disk.vdi_uuid, disk.size_bytes));
 }
+
+/// `VDI.get_nbd_info` lists a shared-SR disk on both hosts, master first;
+/// with the master's xapi-nbd down the read goes to the member, even with
+/// a single connection asked for.
+#[test]
+fn xen_pool_nbd_falls_back_to_the_next_host() {
+    let sim = crate::xen_util::start(PASSWORD);
+    let member = sim.add_pool_member("host2").unwrap();
+    let shared = sim.add_shared_sr("NFS").unwrap();
+    let vm = sim.create_vm_with_disks("vm", &[MIB]).unwrap();
+    let disk = sim
+        .add_disk_on_sr(&vm.vm_uuid, "shared", 2 * MIB, &shared)
+        .unwrap();
+    fill(&sim, &disk.vdi_uuid, disk.size_bytes, 95);
+    let master = {
+        let host = Host::login(&sim, PASSWORD);
+        let pools = host.try_call("pool.get_all", &[]).unwrap();
+        let pool = pools.as_array().unwrap()[0].as_str().unwrap().to_string();
+        host.try_call("pool.get_master", &[&pool])
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(master, member.host_ref);
+    sim.set_faults(|f| {
+        f.nbd_down_hosts.insert(master.clone());
+    });
+    let repo = TestRepo::new();
+    let source = url(sim.https_address(), "vdi", &disk.vdi_uuid);
+    let j = run(
+        &repo,
+        &["backup", &source, "--nbd-connections", "1"],
+        &[sim.fingerprint()],
+    )
+    .ok()
+    .json();
+    let calls = sim.calls();
+    let uuid = &disk.vdi_uuid;
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.starts_with("NBD refused") && c.contains("down")),
+        "{calls:?}"
+    );
+    assert!(
+        calls.iter().any(|c| c.starts_with("NBD connect")),
+        "{calls:?}"
+    );
+    let host = Host::login(&sim, PASSWORD);
+    let id = disks(&j)[0]["snapshot_id"].as_str().unwrap().to_string();
+    assert!(restore_bytes(&repo, &id) == host.disk(uuid, disk.size_bytes));
+    assert_eq!(sim.dom0_attachments(), 0);
+}

@@ -53,6 +53,8 @@
 //!   - `expire_sessions_after_nbd_bytes` (only through
 //!     [`Simulator::set_faults`]): once an NBD connection has served that
 //!     many bytes, every session ends (a xapi restart) and it drops.
+//!   - `nbd_down_hosts` (only through [`Simulator::set_faults`]): host
+//!     refs whose xapi-nbd closes every connection at once.
 //!   - `nbd_drop_after_bytes` (int, or "" to clear): NBD connections opened
 //!     afterwards drop (no reply) once they have served that many bytes.
 //!   - `task_delay_ms` (int): async tasks and HTTP handler tasks stay

@@ -65,6 +65,12 @@ impl ExportResolver for SimResolver {
         // Assumption: xapi-nbd on a host that does not see the VDI's SR
         // fails to plug its dom0 VBD and closes the connection; clients use
         // the get_nbd_info entries, which list only hosts that see it.
+        if st.faults.nbd_down_hosts.contains(&self.host) {
+            drop(st);
+            self.core
+                .log_call(format!("NBD refused {uuid}: xapi-nbd down on this host"));
+            return Err(refused("injected fault: xapi-nbd is down on this host"));
+        }
         let seen = st
             .vdis
             .get(&vdi)

@@ -69,8 +69,14 @@ fn open_pools(
     let used = entries.len().min(total).max(1);
     let mut pools = Vec::new();
     let mut last_error = None;
-    for (k, e) in entries.iter().enumerate().take(used) {
+    // Entries in order until `used` answer: one that cannot be reached
+    // gives its place to the next (another host, another network).
+    for e in entries {
+        if pools.len() == used {
+            break;
+        }
         // Spread the connections: the first entries take the remainder.
+        let k = pools.len();
         let share = total / used + usize::from(k < total % used);
         let options = ConnectOptions {
             address: Address::Tcp {

@@ -81,6 +81,9 @@ pub struct Faults {
     /// `expire_sessions_after_nbd_bytes` fault, `Simulator::restart_xapi`):
     /// the HTTPS port answers 503 and new NBD connections are refused.
     pub restart_downtime_ms: u64,
+    /// Hosts (by ref) whose xapi-nbd is down: it closes every connection
+    /// at once, so a client must use another `get_nbd_info` entry.
+    pub nbd_down_hosts: std::collections::BTreeSet<Ref>,
 }
 
 /// Static facts about the simulated host, fixed at start.
