@@ -557,3 +557,33 @@ fn xen_restore_new_vm_at_time_and_cleanup_on_failure() {
         );
     }
 }
+
+/// Sessions that idle out (xapi destroys unused sessions) while the
+/// client waits on a slow import task: the client logs in again and the
+/// restore completes bit-exact.
+#[test]
+fn xen_restore_outlives_sessions_that_idle_out() {
+    let (sim, repo, _vm, vdi, id, bytes) = one_backup();
+    let host = Host::login(&sim, PASSWORD);
+    let sr = host.sr_of(&vdi);
+    sim.set_faults(|f| {
+        f.session_idle_timeout_ms = Some(300);
+        f.task_delay_ms = 1500;
+    });
+    let j = restore(&repo, &sim, &id, &url(&sim, "sr", &sr), &[])
+        .ok()
+        .json();
+    sim.set_faults(|f| {
+        f.session_idle_timeout_ms = None;
+        f.task_delay_ms = 0;
+    });
+    let host = Host::login(&sim, PASSWORD);
+    let new = j["vdi_uuid"].as_str().unwrap();
+    assert!(host.disk(new, bytes.len() as u64) == bytes);
+    let expired = sim
+        .calls()
+        .iter()
+        .filter(|c| c.ends_with("SESSION_INVALID"))
+        .count();
+    assert!(expired > 0, "no session idled out: {:?}", sim.calls());
+}
