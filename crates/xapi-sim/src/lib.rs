@@ -406,6 +406,34 @@ pub fn certificate_fingerprint(cert_pem: &str) -> Result<String, SimError> {
         .join(":"))
 }
 
+/// An NBD listener on `address` and the address it got.
+fn bind_nbd(
+    runtime: &tokio::runtime::Runtime,
+    address: &str,
+) -> Result<(Listener, SocketAddr), SimError> {
+    let listen_error = |source| SimError::Listen {
+        address: address.to_string(),
+        source,
+    };
+    let listener = runtime
+        .block_on(Listener::bind_tcp(address))
+        .map_err(listen_error)?;
+    let bound = listener
+        .tcp_address()
+        .ok_or_else(|| listen_error(std::io::ErrorKind::AddrNotAvailable.into()))?;
+    Ok((listener, bound))
+}
+
+/// A VDI as [`SimDisk`] describes it.
+fn sim_disk(st: &State, vdi: &str) -> Result<SimDisk, ApiError> {
+    let v = st.vdi(vdi)?;
+    Ok(SimDisk {
+        vdi_ref: vdi.to_string(),
+        vdi_uuid: v.uuid.clone(),
+        size_bytes: v.virtual_size,
+    })
+}
+
 /// A VM and its disks in userdevice order.
 fn describe_vm(st: &State, vm_ref: &str) -> Result<SimVm, ApiError> {
     let mut vbds: Vec<_> = st
@@ -484,17 +512,7 @@ impl Simulator {
             .nbd_listen
             .clone()
             .unwrap_or_else(|| SocketAddr::new(https.ip(), 0).to_string());
-        let nbd_listener =
-            runtime
-                .block_on(Listener::bind_tcp(&nbd_address))
-                .map_err(|source| SimError::Listen {
-                    address: nbd_address.clone(),
-                    source,
-                })?;
-        let nbd = nbd_listener.tcp_address().ok_or_else(|| SimError::Listen {
-            address: nbd_address.clone(),
-            source: std::io::ErrorKind::AddrNotAvailable.into(),
-        })?;
+        let (nbd_listener, nbd) = bind_nbd(&runtime, &nbd_address)?;
         let advertised = options.advertise_address.clone().unwrap_or_else(|| {
             if nbd.ip().is_unspecified() {
                 "127.0.0.1".to_string()
@@ -664,17 +682,7 @@ impl Simulator {
                 source,
             })?;
         let nbd_address = SocketAddr::new(ip, 0).to_string();
-        let nbd_listener =
-            runtime
-                .block_on(Listener::bind_tcp(&nbd_address))
-                .map_err(|source| SimError::Listen {
-                    address: nbd_address.clone(),
-                    source,
-                })?;
-        let nbd = nbd_listener.tcp_address().ok_or_else(|| SimError::Listen {
-            address: nbd_address.clone(),
-            source: std::io::ErrorKind::AddrNotAvailable.into(),
-        })?;
+        let (nbd_listener, nbd) = bind_nbd(runtime, &nbd_address)?;
         let cert_dir = self.dir.join("members").join(name);
         std::fs::create_dir_all(&cert_dir).map_err(|source| SimError::Storage {
             path: cert_dir.display().to_string(),
@@ -751,19 +759,10 @@ impl Simulator {
         kind: DiskKind,
     ) -> Result<SimDisk, SimError> {
         let mut st = self.core.lock();
-        let vm_ref = if st.vms.contains_key(vm) {
-            vm.to_string()
-        } else {
-            st.by_uuid(Class::Vm, vm)?
-        };
+        let vm_ref = Simulator::vm_ref(&st, vm)?;
         let vdi = dispatch::add_disk(&mut st, &vm_ref, name, size_bytes, kind)?;
         self.core.changed(&st);
-        let v = st.vdi(&vdi)?;
-        Ok(SimDisk {
-            vdi_ref: vdi.clone(),
-            vdi_uuid: v.uuid.clone(),
-            size_bytes: v.virtual_size,
-        })
+        Ok(sim_disk(&st, &vdi)?)
     }
 
     /// Plugs a new CBT-capable user disk on the SR with uuid `sr_uuid`
@@ -776,19 +775,10 @@ impl Simulator {
         sr_uuid: &str,
     ) -> Result<SimDisk, SimError> {
         let mut st = self.core.lock();
-        let vm_ref = if st.vms.contains_key(vm) {
-            vm.to_string()
-        } else {
-            st.by_uuid(Class::Vm, vm)?
-        };
+        let vm_ref = Simulator::vm_ref(&st, vm)?;
         let vdi = dispatch::add_disk_on_sr(&mut st, &vm_ref, name, size_bytes, sr_uuid)?;
         self.core.changed(&st);
-        let v = st.vdi(&vdi)?;
-        Ok(SimDisk {
-            vdi_ref: vdi.clone(),
-            vdi_uuid: v.uuid.clone(),
-            size_bytes: v.virtual_size,
-        })
+        Ok(sim_disk(&st, &vdi)?)
     }
 
     /// A VM's ref from its ref or uuid.

@@ -220,35 +220,9 @@ pub enum DiskKind {
     Ephemeral,
 }
 
-/// The SR without CBT support, created with its PBD on first use.
-fn sr_without_cbt(st: &mut State) -> Ref {
-    use crate::model::{new_ref, new_uuid, Pbd, Sr};
-    if let Some((r, _)) = st.srs.iter().find(|(_, s)| s.sr_type == "rawhba") {
-        return r.clone();
-    }
-    let sr = new_ref();
-    st.srs.insert(
-        sr.clone(),
-        Sr {
-            uuid: new_uuid(),
-            name_label: "Raw HBA LUNs".into(),
-            name_description: "simulated raw HBA SR (no CBT)".into(),
-            sr_type: "rawhba".into(),
-            cbt_capable: false,
-            shared: false,
-        },
-    );
-    let host = st.hosts.keys().next().cloned().unwrap_or_default();
-    st.pbds.insert(
-        new_ref(),
-        Pbd {
-            uuid: new_uuid(),
-            host,
-            sr: sr.clone(),
-            currently_attached: true,
-        },
-    );
-    sr
+/// The SR without CBT support (a raw HBA LUN SR), made on first use.
+fn sr_without_cbt(st: &mut State) -> Result<Ref, ApiError> {
+    st.sr_of_type("Raw HBA LUNs", "rawhba")
 }
 
 /// The VM's lowest userdevice number no VBD uses.
@@ -303,7 +277,7 @@ pub(crate) fn add_disk(
 ) -> Result<Ref, ApiError> {
     st.vm(vm)?;
     let sr = match kind {
-        DiskKind::SrWithoutCbt => sr_without_cbt(st),
+        DiskKind::SrWithoutCbt => sr_without_cbt(st)?,
         _ => st.default_sr.clone(),
     };
     let mut new = NewVdi::user(name, sr, size);

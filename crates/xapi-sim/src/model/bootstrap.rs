@@ -120,22 +120,7 @@ impl State {
                 currently_attached: true,
             },
         );
-        st.vms.insert(
-            dom0,
-            Vm {
-                uuid: new_uuid(),
-                name_label: "Control domain on host: cbtvault-sim".into(),
-                name_description:
-                    "The domain which manages physical devices and manages other domains".into(),
-                power_state: "Running".into(),
-                is_control_domain: true,
-                is_a_snapshot: false,
-                snapshot_of: NULL_REF.into(),
-                snapshot_time: None,
-                other_config: BTreeMap::new(),
-                tags: Vec::new(),
-            },
-        );
+        st.vms.insert(dom0, Vm::control_domain("cbtvault-sim"));
         st
     }
 }

@@ -8,6 +8,25 @@ use std::collections::BTreeMap;
 
 use super::*;
 
+impl Vm {
+    /// The control domain (dom0) of the host named `host_name`.
+    pub fn control_domain(host_name: &str) -> Vm {
+        Vm {
+            uuid: new_uuid(),
+            name_label: format!("Control domain on host: {host_name}"),
+            name_description: "The domain which manages physical devices and manages other domains"
+                .into(),
+            power_state: "Running".into(),
+            is_control_domain: true,
+            is_a_snapshot: false,
+            snapshot_of: NULL_REF.into(),
+            snapshot_time: None,
+            other_config: BTreeMap::new(),
+            tags: Vec::new(),
+        }
+    }
+}
+
 /// A host joining the pool.
 #[derive(Debug, Clone)]
 pub struct NewMember {
@@ -93,22 +112,7 @@ impl State {
     pub fn add_pool_member(&mut self, m: NewMember) -> (Ref, Ref) {
         let host = new_ref();
         let dom0 = new_ref();
-        self.vms.insert(
-            dom0.clone(),
-            Vm {
-                uuid: new_uuid(),
-                name_label: format!("Control domain on host: {}", m.name),
-                name_description:
-                    "The domain which manages physical devices and manages other domains".into(),
-                power_state: "Running".into(),
-                is_control_domain: true,
-                is_a_snapshot: false,
-                snapshot_of: NULL_REF.into(),
-                snapshot_time: None,
-                other_config: BTreeMap::new(),
-                tags: Vec::new(),
-            },
-        );
+        self.vms.insert(dom0.clone(), Vm::control_domain(&m.name));
         self.hosts.insert(
             host.clone(),
             Host {
