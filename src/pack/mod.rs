@@ -51,6 +51,14 @@ pub enum Stored {
 }
 
 /// A block ready to go into a pack.
+
+/// Blobs a writer puts in one pack at most, however well they compress: a
+/// trailer stays under 1 MiB (40 + 48 x 16384 bytes), so reading, checking
+/// and repacking a pack stays cheap. Far below the format's limit
+/// (`MAX_ENTRIES`). spec: format-spec/02-pack.md#writing
+pub const WRITER_MAX_BLOBS: usize = 16384;
+const _: () = assert!(WRITER_MAX_BLOBS <= layout::MAX_ENTRIES as usize);
+
 pub struct CompressedBlock {
     pub id: BlockId,
     pub raw_length: u32,
@@ -416,9 +424,10 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
-    /// True once the pack has reached its target size (or the entry limit).
+    /// True once the pack has reached its target size or holds
+    /// [`WRITER_MAX_BLOBS`] blobs.
     pub fn is_full(&self) -> bool {
-        self.len() >= self.target_bytes || self.entries.len() >= layout::MAX_ENTRIES as usize
+        self.len() >= self.target_bytes || self.entries.len() >= WRITER_MAX_BLOBS
     }
 
     pub fn finish(mut self) -> Result<FinishedPack, PackError> {

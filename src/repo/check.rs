@@ -217,13 +217,14 @@ pub fn run(
                 }
                 let rows: HashMap<BlockId, _> =
                     repo.catalog().blocks_in_pack(&pack)?.into_iter().collect();
+                // One pass over the trailer: linear in the pack's blocks.
+                let placed: HashSet<(BlockId, u64, u32, u32)> = entries
+                    .iter()
+                    .map(|e| (e.block_id, e.offset, e.stored_length, e.raw_length))
+                    .collect();
                 for (id, loc) in &rows {
-                    let found = entries.iter().any(|e| {
-                        e.block_id == *id
-                            && e.offset == loc.offset
-                            && e.stored_length == loc.stored_length
-                            && e.raw_length == loc.raw_length
-                    });
+                    let found =
+                        placed.contains(&(*id, loc.offset, loc.stored_length, loc.raw_length));
                     if !found {
                         report.error(
                             format!("pack {name}"),

@@ -326,3 +326,32 @@ fn chain_with_resizes_round_trips() {
         r.ok();
     }
 }
+
+/// However well blocks compress, a pack holds at most 16384 of them
+/// (format-spec/02-pack.md#writing): 20000 distinct, nearly empty 4 KiB
+/// blocks make two packs, and the image restores bit-exact.
+#[test]
+fn packs_are_capped_by_block_count() {
+    const BLOCK: usize = 4096;
+    const BLOCKS: usize = 20_000;
+    let t = TestRepo::init(&["--block-size", "4096"]);
+    let mut bytes = vec![0u8; BLOCK * BLOCKS];
+    for (i, block) in bytes.chunks_mut(BLOCK).enumerate() {
+        block[..8].copy_from_slice(&(i as u64 + 1).to_le_bytes());
+    }
+    let img = Image::from_bytes(&t.path("compressible.img"), &bytes);
+    let j = round_trip(&t, &img);
+    assert_eq!(j["blocks_new"].as_u64(), Some(BLOCKS as u64), "{j}");
+    let mut counts: Vec<usize> = t
+        .packs()
+        .iter()
+        .map(|p| {
+            let raw = std::fs::read(p).unwrap();
+            cbtvault::format::pack::decode_pack_index(&raw, BLOCK as u32)
+                .expect("trailer decodes")
+                .len()
+        })
+        .collect();
+    counts.sort();
+    assert_eq!(counts, vec![BLOCKS - 16384, 16384]);
+}
