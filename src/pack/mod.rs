@@ -50,8 +50,6 @@ pub enum Stored {
     Verbatim(Vec<u8>),
 }
 
-/// A block ready to go into a pack.
-
 /// Blobs a writer puts in one pack at most, however well they compress: a
 /// trailer stays under 1 MiB (40 + 48 x 16384 bytes), so reading, checking
 /// and repacking a pack stays cheap. Far below the format's limit
@@ -59,6 +57,7 @@ pub enum Stored {
 pub const WRITER_MAX_BLOBS: usize = 16384;
 const _: () = assert!(WRITER_MAX_BLOBS <= layout::MAX_ENTRIES as usize);
 
+/// A block ready to go into a pack.
 pub struct CompressedBlock {
     pub id: BlockId,
     pub raw_length: u32,
