@@ -277,7 +277,7 @@ fn xen_pool_nbd_falls_back_to_the_next_host() {
     let first = {
         let host = Host::login(&sim, PASSWORD);
         let info = host.try_call("VDI.get_nbd_info", &[&disk.vdi_ref]).unwrap();
-        let entries = info.as_array().unwrap().clone();
+        let entries = info.as_array().unwrap();
         assert_eq!(entries.len(), 2, "{entries:?}");
         let address = entries[0].as_struct().unwrap()["address"]
             .as_str()
