@@ -208,3 +208,44 @@ fn corrupt_snapshot_object_is_reported_after_a_catalog_rebuild() {
     assert!(!f.t.path("a2.img").exists());
     f.t.assert_restores(&f.b1.0, f.b1.1, f.b1.2);
 }
+
+/// A modified pack whose every blob still verifies (a flip of the zstd
+/// frame header's unused bit, which decoders ignore): check finds it by
+/// its name, nothing restores wrong, and `repair packs` (the fix check
+/// names) rewrites it so that check is clean again.
+#[test]
+fn modified_pack_whose_blobs_still_verify_is_repaired() {
+    let f = fixture();
+    let t = &f.t;
+    // Byte 4 of a frame is its Frame_Header_Descriptor; bit 4 is unused.
+    let at = f.blob.offset + 4;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f.pack)
+        .unwrap();
+    let mut b = [0u8; 1];
+    std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, at).unwrap();
+    b[0] ^= 0x10;
+    std::os::unix::fs::FileExt::write_all_at(&file, &b, at).unwrap();
+    drop(file);
+    let (check, report) = t.check(true);
+    check.expect_code(3);
+    assert!(
+        report.to_string().contains("does not match its name"),
+        "{report}"
+    );
+    for s in [&f.a1, &f.a2, &f.b1] {
+        t.assert_restores(&s.0, s.1, s.2);
+    }
+    t.run(&[&"repair", &"packs"]).ok();
+    let (check, report) = t.check(true);
+    check.ok();
+    assert!(
+        !f.pack.exists(),
+        "the modified pack is still there: {report}"
+    );
+    for s in [&f.a1, &f.a2, &f.b1] {
+        t.assert_restores(&s.0, s.1, s.2);
+    }
+}
