@@ -405,6 +405,18 @@ impl Disk {
         self.chain.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The chain to change, unless the disk was removed (`NotFound`).
+    fn live_chain_mut(&self) -> std::io::Result<RwLockWriteGuard<'_, Chain>> {
+        let guard = self.chain_mut();
+        if guard.removed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{} was removed", guard.top.path.display()),
+            ));
+        }
+        Ok(guard)
+    }
+
     /// The layers and their bitmaps (for saving the state).
     pub fn layout(&self) -> Layout {
         let chain = self.chain();
@@ -568,14 +580,8 @@ impl Disk {
     /// continues on a new top at `source_top` (not created when the top is
     /// empty), the snapshot on its own at `snapshot_top`.
     pub fn snapshot(&self, source_top: &Path, snapshot_top: &Path) -> std::io::Result<Disk> {
-        let mut guard = self.chain_mut();
+        let mut guard = self.live_chain_mut()?;
         let chain = &mut *guard;
-        if chain.removed {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{} was removed", chain.top.path.display()),
-            ));
-        }
         while chain.shared.len() >= MAX_SHARED_LAYERS && chain.merge_cheapest()? {}
         let size_bytes = chain.size_bytes;
         let own = Layer::create(snapshot_top, size_bytes)?;
@@ -598,14 +604,8 @@ impl Disk {
     /// own top layer grows; the shared ones, and so the snapshots taken
     /// before, keep their size. Shrinking is refused (`InvalidInput`).
     pub fn resize(&self, size_bytes: u64) -> std::io::Result<()> {
-        let mut guard = self.chain_mut();
+        let mut guard = self.live_chain_mut()?;
         let chain = &mut *guard;
-        if chain.removed {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{} was removed", chain.top.path.display()),
-            ));
-        }
         if size_bytes < chain.size_bytes {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
