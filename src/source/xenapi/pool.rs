@@ -87,6 +87,17 @@ impl Session {
                 "the pool sent this request to '{name}', which is no host of the pool: refused"
             ))
         })?;
+        self.pinned_endpoint(host, name, port)
+    }
+
+    /// `host`, reached as `name` at `port`, pinned to the certificate the
+    /// master gives for it.
+    fn pinned_endpoint(
+        &self,
+        host: &PoolHost,
+        name: &str,
+        port: u16,
+    ) -> Result<Endpoint, XenApiError> {
         let pem = string_value(
             "host.get_server_certificate",
             self.call(
@@ -138,7 +149,7 @@ impl Session {
             .collect();
         match seeing.first() {
             Some(first) if !seeing.iter().any(|h| h.is(&current)) => {
-                self.member_endpoint(&first.address, self.client().options.port)
+                self.pinned_endpoint(first, &first.address, self.client().options.port)
             }
             _ => self.current_endpoint(),
         }
@@ -154,7 +165,8 @@ impl Session {
     ) -> Result<reqwest::blocking::Response, XenApiError> {
         let mut http = self.client().http.clone();
         let mut host = authority(&self.client().host(), self.client().options.port);
-        for hop in 0..=MAX_REDIRECTS {
+        let mut hops = 0;
+        loop {
             let resp = http
                 .get(&url)
                 .send()
@@ -169,7 +181,8 @@ impl Session {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
             match location {
-                Some(location) if resp.status().is_redirection() && hop < MAX_REDIRECTS => {
+                Some(location) if resp.status().is_redirection() && hops < MAX_REDIRECTS => {
+                    hops += 1;
                     let target = url::Url::parse(&location).map_err(|e| XenApiError::Protocol {
                         what: what.into(),
                         reason: format!("HTTP {status} to an address that is not a URL: {e}"),
@@ -200,6 +213,5 @@ impl Session {
                 }
             }
         }
-        unreachable!("the loop returns by its last hop")
     }
 }
