@@ -35,7 +35,7 @@ impl LocalBackend {
     /// Creates the folder tree of a new repository.
     pub fn create_layout(&self) -> std::io::Result<()> {
         create_dirs(&self.root)?;
-        for d in ["data", "snapshots", "locks", "index", "tmp"] {
+        for d in ["data", "snapshots", "manifests", "locks", "index", "tmp"] {
             create_dirs(&self.root.join(d))?;
         }
         for i in 0..=255u8 {
@@ -94,6 +94,7 @@ impl LocalBackend {
             Kind::Snapshot => self.root.join("snapshots").join(name),
             Kind::Lock => self.root.join("locks").join(name),
             Kind::Index => self.root.join("index").join(name),
+            Kind::Page => self.root.join("manifests").join(name),
             Kind::Key => self.root.join("keys").join(name),
         }
     }
@@ -387,6 +388,7 @@ impl Backend for LocalBackend {
             Kind::Snapshot => vec![self.root.join("snapshots")],
             Kind::Lock => vec![self.root.join("locks")],
             Kind::Index => vec![self.root.join("index")],
+            Kind::Page => vec![self.root.join("manifests")],
             Kind::Key => vec![self.root.join("keys")],
         };
         let mut out = Vec::new();

@@ -25,6 +25,8 @@ pub enum Kind {
     Index,
     /// Key objects of encrypted repositories (format-spec/09-encryption.md).
     Key,
+    /// Manifest pages of version 2 snapshots (format-spec/03-snapshot.md#pages).
+    Page,
 }
 
 impl fmt::Display for Kind {
@@ -36,6 +38,7 @@ impl fmt::Display for Kind {
             Kind::Lock => "lock",
             Kind::Index => "index object",
             Kind::Key => "key object",
+            Kind::Page => "manifest page",
         })
     }
 }

@@ -131,6 +131,7 @@ pub fn key_of(prefix: &str, kind: Kind, name: &str) -> String {
         Kind::Snapshot => format!("snapshots/{name}"),
         Kind::Lock => format!("locks/{name}"),
         Kind::Index => format!("index/{name}"),
+        Kind::Page => format!("manifests/{name}"),
         Kind::Key => format!("keys/{name}"),
     };
     if prefix.is_empty() {
@@ -148,6 +149,7 @@ fn folder_of(prefix: &str, kind: Kind) -> String {
         Kind::Snapshot => "snapshots/",
         Kind::Lock => "locks/",
         Kind::Index => "index/",
+        Kind::Page => "manifests/",
         Kind::Key => "keys/",
     };
     if prefix.is_empty() {

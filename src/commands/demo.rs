@@ -217,10 +217,9 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         restored.display()
     ));
     let id = snap.summary.snapshot_id;
-    let map = repo.resolve(id)?;
     let summary = {
         let _lock = repo.lock(false, "demo restore")?;
-        restore_to_path(ui, &repo, id, &map, &restored, true)?
+        restore_to_path(ui, &repo, id, &restored, true)?
     };
     ui.info(format!(
         "   restored {} in {:.2}s",

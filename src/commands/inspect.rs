@@ -7,10 +7,11 @@ use serde_json::json;
 
 use super::Outcome;
 use crate::format::bitmap;
-use crate::format::snapshot::BlockRef;
+use crate::format::snapshot::{BlockRef, PAGE_BLOCKS};
 use crate::manifest;
 use crate::output::{human_bytes, plural, Ui};
-use crate::repo::{lock, InitOptions, Location, Repository};
+use crate::repo::manifests::LevelReader;
+use crate::repo::{lock, Body, InitOptions, Location, Repository};
 
 pub fn init(ui: &Ui, location: &Location, options: &InitOptions) -> Result<Outcome> {
     let (config, key) = Repository::init_at(location, options)?;
@@ -60,42 +61,67 @@ pub fn cat(ui: &Ui, repo: &Repository, what: &CatOptions) -> Result<Outcome> {
         CatOptions::Snapshot(id) => {
             let entry = repo.find_snapshot(id)?;
             let obj = repo.load_snapshot(&entry.object)?;
+            let pages: Vec<serde_json::Value> = match &obj.body {
+                Body::Paged(t) => t
+                    .rows
+                    .iter()
+                    .map(|r| json!({ "page_no": r.page_no, "entry_count": r.entry_count, "page_id": r.id.to_hex() }))
+                    .collect(),
+                Body::Inline { .. } => Vec::new(),
+            };
+            // The bitmap, assembled from the pages of a version 2 object (one
+            // bit per block); the entries stream range by range below.
+            let bitmap = match &obj.body {
+                Body::Inline { bitmap, .. } => bitmap.clone(),
+                Body::Paged(t) if t.has_bitmap => {
+                    let blocks = obj.meta.block_count();
+                    let mut bits = vec![0u8; bitmap::len_for(blocks) as usize];
+                    let mut level = LevelReader::new(obj.clone());
+                    let step = obj.range_blocks();
+                    for r in 0..blocks.div_ceil(step) {
+                        let part = level.range(repo, r * step, (r + 1) * step, true)?;
+                        for k in part.bitmap.iter().flat_map(|b| bitmap::iter_set(b)) {
+                            bitmap::set(&mut bits, r * step + k);
+                        }
+                    }
+                    Some(bits)
+                }
+                Body::Paged(_) => None,
+            };
             ui.document_lines(
                 "snapshot_object",
                 [json!({
                     "object": entry.object.to_hex(),
                     "snapshot_id": obj.meta.id,
+                    "version": obj.version(),
                     "meta": obj.meta,
-                    "entry_count": obj.entries.len(),
-                    "bitmap": obj.bitmap.as_deref().map(bitmap::encode_base64),
+                    "entry_count": obj.entry_count(),
+                    "bitmap": bitmap.as_deref().map(bitmap::encode_base64),
+                    "pages": pages,
                 })],
             );
-            ui.document_lines(
-                "entry",
-                obj.entries.iter().map(|(i, r)| CatEntry {
-                    index: *i,
-                    block_id: match r {
-                        BlockRef::Zero => None,
-                        BlockRef::Data(id) => Some(id.to_hex()),
-                    },
-                }),
-            );
-            ui.summary(&json!({ "entries_printed": obj.entries.len() }));
+            let step = obj.range_blocks();
+            let blocks = obj.meta.block_count();
+            let mut level = LevelReader::new(obj);
+            let mut printed = 0u64;
+            for r in 0..blocks.div_ceil(step) {
+                let part = level.range(repo, r * step, (r + 1) * step, false)?;
+                printed += part.entries.len() as u64;
+                ui.document_lines(
+                    "entry",
+                    part.entries.iter().map(|(i, r)| CatEntry {
+                        index: *i,
+                        block_id: match r {
+                            BlockRef::Zero => None,
+                            BlockRef::Data(id) => Some(id.to_hex()),
+                        },
+                    }),
+                );
+            }
+            ui.summary(&json!({ "entries_printed": printed }));
         }
     }
     Ok(Outcome::Ok)
-}
-
-/// Runs of consecutive indices as (first, last).
-fn ranges(indices: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for i in indices {
-        match out.last_mut() {
-            Some((_, last)) if *last + 1 == i => *last = i,
-            _ => out.push((i, i)),
-        }
-    }
-    out
 }
 
 /// The two snapshots `diff` compares (ids or unique prefixes).
@@ -119,51 +145,83 @@ pub fn diff(ui: &Ui, repo: &Repository, a: &DiffOptions) -> Result<Outcome> {
             sb.meta.source
         );
     }
-    let ma = repo.resolve(sa.meta.id)?;
-    let mb = repo.resolve(sb.meta.id)?;
-    let changes = manifest::diff(&ma, &mb);
-    let rs = ranges(changes.iter().map(|c| c.index));
-    let added = changes.iter().filter(|c| c.before.is_none()).count();
-    let removed = changes.iter().filter(|c| c.after.is_none()).count();
-    for (first, last) in &rs {
+    // Both chains range by range: memory holds one range of each.
+    let mut ra = repo.chain_reader(sa.meta.id)?;
+    let mut rb = repo.chain_reader(sb.meta.id)?;
+    ra.survey(|_| {})?;
+    rb.survey(|_| {})?;
+    let step = PAGE_BLOCKS as u64;
+    let mut touched: Vec<u64> = Vec::new();
+    for r in [&ra, &rb] {
+        let rbk = r.range_blocks();
+        for &x in r.nonempty_ranges() {
+            touched.extend(x * rbk / step..=(x * rbk + rbk - 1) / step);
+        }
+    }
+    touched.sort_unstable();
+    touched.dedup();
+    let (mut changed, mut added, mut removed, mut range_count) = (0u64, 0u64, 0u64, 0u64);
+    let mut run: Option<(u64, u64)> = None;
+    let emit = |(first, last): (u64, u64)| {
         ui.item(
             "changed_range",
             &json!({ "first_block": first, "last_block": last }),
         );
-    }
-    ui.summary(&json!({
-        "from_snapshot_id": sa.meta.id, "to_snapshot_id": sb.meta.id,
-        "block_size_bytes": mb.block_size,
-        "blocks_changed": changes.len(),
-        "blocks_now_data": added, "blocks_now_zero": removed,
-        "blocks_modified": changes.len() - added - removed,
-        "from_disk_size_bytes": ma.disk_size_bytes, "to_disk_size_bytes": mb.disk_size_bytes,
-        "range_count": rs.len(),
-    }));
-    ui.print(format!(
-        "{} differ between {} and {} ({} modified, {} became data, {} became zero)",
-        plural(changes.len(), "block"),
-        sa.meta.id.short(),
-        sb.meta.id.short(),
-        changes.len() - added - removed,
-        added,
-        removed
-    ));
-    if ma.disk_size_bytes != mb.disk_size_bytes {
-        ui.print(format!(
-            "disk size changed: {} -> {} ({} -> {} bytes)",
-            human_bytes(ma.disk_size_bytes),
-            human_bytes(mb.disk_size_bytes),
-            ma.disk_size_bytes,
-            mb.disk_size_bytes
-        ));
-    }
-    for (first, last) in rs {
         if first == last {
             ui.print(format!("  block {first}"));
         } else {
             ui.print(format!("  blocks {first}-{last}"));
         }
+    };
+    for q in touched {
+        let (lo, hi) = (q * step, (q + 1) * step);
+        let changes = manifest::diff_data(&ra.data_in(lo, hi)?, &rb.data_in(lo, hi)?);
+        for c in changes {
+            changed += 1;
+            added += u64::from(c.before.is_none());
+            removed += u64::from(c.after.is_none());
+            run = match run {
+                Some((first, last)) if last + 1 == c.index => Some((first, c.index)),
+                Some(done) => {
+                    emit(done);
+                    range_count += 1;
+                    Some((c.index, c.index))
+                }
+                None => Some((c.index, c.index)),
+            };
+        }
+    }
+    if let Some(done) = run {
+        emit(done);
+        range_count += 1;
+    }
+    let (size_a, size_b) = (ra.disk_size_bytes(), rb.disk_size_bytes());
+    ui.summary(&json!({
+        "from_snapshot_id": sa.meta.id, "to_snapshot_id": sb.meta.id,
+        "block_size_bytes": rb.block_size(),
+        "blocks_changed": changed,
+        "blocks_now_data": added, "blocks_now_zero": removed,
+        "blocks_modified": changed - added - removed,
+        "from_disk_size_bytes": size_a, "to_disk_size_bytes": size_b,
+        "range_count": range_count,
+    }));
+    ui.print(format!(
+        "{} differ between {} and {} ({} modified, {} became data, {} became zero)",
+        plural(changed, "block"),
+        sa.meta.id.short(),
+        sb.meta.id.short(),
+        changed - added - removed,
+        added,
+        removed
+    ));
+    if size_a != size_b {
+        ui.print(format!(
+            "disk size changed: {} -> {} ({} -> {} bytes)",
+            human_bytes(size_a),
+            human_bytes(size_b),
+            size_a,
+            size_b
+        ));
     }
     Ok(Outcome::Ok)
 }
@@ -173,12 +231,15 @@ pub fn stats(ui: &Ui, repo: &Repository) -> Result<Outcome> {
     let logical: u64 = snaps.iter().map(|s| s.meta.disk_size_bytes).sum();
     let mut logical_data = 0u64;
     for s in &snaps {
-        let map = repo.resolve(s.meta.id)?;
-        logical_data += map
-            .data
-            .iter()
-            .map(|(i, _)| map.span_of(*i) as u64)
-            .sum::<u64>();
+        let mut reader = repo.chain_reader(s.meta.id)?;
+        let (disk, bs) = (reader.disk_size_bytes(), reader.block_size() as u64);
+        reader.survey(|m| {
+            logical_data += m
+                .data
+                .iter()
+                .map(|(i, _)| bs.min(disk.saturating_sub(i * bs)))
+                .sum::<u64>();
+        })?;
     }
     let (blocks, raw, stored_blobs) = repo.catalog().block_totals()?;
     let packs = repo.catalog().packs()?;

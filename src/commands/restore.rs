@@ -14,9 +14,9 @@ use super::restore_xen;
 pub use super::restore_xen::XenRestoreOptions;
 use super::{filtered, one_source, pick_snapshot, Outcome, SnapshotFilter};
 use crate::format::SnapshotId;
-use crate::manifest::BlockMap;
 use crate::output::{human_bytes, plural, Ui};
 use crate::repo::restore::{self, BlockSink, RestoreSummary};
+use crate::repo::ChainReader;
 use crate::repo::{Repository, SnapshotEntry};
 use crate::source::xenapi::workflow::keys;
 use crate::target::{self, FileOptions, FileTarget, StreamSink};
@@ -162,17 +162,17 @@ pub fn run(ui: &Ui, repo: &Repository, options: &RestoreOptions) -> Result<Outco
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         ),
     );
-    let map = repo.resolve(id)?;
+    let reader = repo.chain_reader(id)?;
     ui.detail(
         1,
         format!(
-            "{} of {} hold data ({} disk), the rest are zero",
-            map.data.len(),
-            plural(map.block_count(), "block"),
-            human_bytes(map.disk_size_bytes)
+            "{} ({} disk), resolved from a chain of {}",
+            plural(reader.block_count(), "block"),
+            human_bytes(reader.disk_size_bytes()),
+            plural(reader.depth() as u64, "manifest")
         ),
     );
-    let summary = restore_local(ui, repo, id, &map, path, local)?;
+    let summary = restore_local(ui, repo, reader, path, local)?;
     Ok(if summary.damaged_blocks.is_empty() {
         Outcome::Ok
     } else {
@@ -231,12 +231,12 @@ struct RestoreStopped<'a> {
 pub(crate) fn restore_local(
     ui: &Ui,
     repo: &Repository,
-    id: SnapshotId,
-    map: &BlockMap,
+    reader: ChainReader<'_>,
     target: &Path,
     options: &LocalOptions,
 ) -> Result<RestoreSummary> {
-    let disk = map.disk_size_bytes;
+    let id = reader.id();
+    let disk = reader.disk_size_bytes();
     let stdout = target.as_os_str() == "-";
     // A disk image is binary: written to a terminal it is garbage on the
     // screen (and may send it control sequences), never what was meant.
@@ -291,7 +291,7 @@ pub(crate) fn restore_local(
         ),
     );
     let bar = ui.progress("restore", true);
-    let result = restore::run(repo, id, map, sink, options.restore, &bar);
+    let result = restore::run(repo, reader, sink, options.restore, &bar);
     bar.finish();
     for line in repo.take_notices() {
         ui.warn(line);
@@ -347,7 +347,6 @@ pub(crate) fn restore_to_path(
     ui: &Ui,
     repo: &Repository,
     id: SnapshotId,
-    map: &BlockMap,
     target: &Path,
     overwrite: bool,
 ) -> Result<RestoreSummary> {
@@ -355,7 +354,7 @@ pub(crate) fn restore_to_path(
         overwrite,
         ..LocalOptions::default()
     };
-    restore_local(ui, repo, id, map, target, &options)
+    restore_local(ui, repo, repo.chain_reader(id)?, target, &options)
 }
 
 fn report(ui: &Ui, s: &RestoreSummary, target: &str) {

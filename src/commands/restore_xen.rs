@@ -21,7 +21,8 @@ use crate::source::xenapi::import::ImportFormat;
 use crate::source::xenapi::workflow::keys;
 use crate::source::xenapi::Session;
 use crate::target::xen::{
-    choose_format, describe, import_into, running_users, sr_by_uuid, verify, TargetKind, XenTarget,
+    choose_format, describe, import_into, running_users, sr_by_uuid, verify, DiskShape, TargetKind,
+    XenTarget,
 };
 use crate::target::StreamSink;
 
@@ -115,8 +116,14 @@ fn restore_disk(
     options: &XenRestoreOptions,
 ) -> Result<XenDiskRestore> {
     let id = entry.meta.id;
-    let map = repo.resolve(id)?;
-    let format = choose_format(&map, &options.import_format, target.kind == TargetKind::Sr)?;
+    // Every page read and the data counted before the host sees a byte.
+    let mut reader = repo.chain_reader(id)?;
+    let shape = DiskShape::of(&mut reader)?;
+    let format = choose_format(
+        &shape,
+        &options.import_format,
+        target.kind == TargetKind::Sr,
+    )?;
     let uuid = &target.url.uuid;
     match target.kind {
         TargetKind::Vdi => {
@@ -124,12 +131,12 @@ fn restore_disk(
                 .vdi_by_uuid(uuid)
                 .with_context(|| format!("VDI {uuid} does not exist on the host"))?;
             let rec = session.vdi_record(&vdi)?;
-            if rec.virtual_size != map.disk_size_bytes && !options.force {
+            if rec.virtual_size != shape.disk_size_bytes && !options.force {
                 bail!(
                     "VDI {uuid} has {} bytes, snapshot {} has {}: pass --force to import anyway",
                     rec.virtual_size,
                     id.short(),
-                    map.disk_size_bytes
+                    shape.disk_size_bytes
                 );
             }
             let users = running_users(session, &vdi)?;
@@ -140,14 +147,20 @@ fn restore_disk(
                 );
             }
             let bar = ui.progress("restore", true);
-            let (summary, body) = import_into(repo, session, id, &map, &vdi, format, &bar)
+            let (summary, body) = import_into(repo, session, reader, &shape, &vdi, format, &bar)
                 .with_context(|| {
                     format!(
                         "restore of snapshot {id} into VDI {uuid} failed; the VDI may be partly overwritten"
                     )
                 })?;
             if options.verify {
-                verify(session, &vdi, uuid, &map, repo.codec().hasher())?;
+                verify(
+                    session,
+                    &vdi,
+                    uuid,
+                    repo.chain_reader(id)?,
+                    repo.codec().hasher(),
+                )?;
             }
             Ok(XenDiskRestore {
                 vdi_uuid: uuid.clone(),
@@ -161,15 +174,22 @@ fn restore_disk(
         TargetKind::Sr => {
             let sr = sr_by_uuid(session, uuid)?;
             let name = format!("{} (restored)", original_name(session, entry));
-            let vdi = create_vdi(session, &sr, map.disk_size_bytes, &name, id)
+            let vdi = create_vdi(session, &sr, shape.disk_size_bytes, &name, id)
                 .with_context(|| format!("create a VDI in SR {uuid}"))?;
             let done = (|| -> Result<XenDiskRestore> {
                 let vdi_uuid = session.vdi_uuid(&vdi)?;
                 let bar = ui.progress("restore", true);
-                let (summary, body) = import_into(repo, session, id, &map, &vdi, format, &bar)?;
+                let (summary, body) =
+                    import_into(repo, session, reader, &shape, &vdi, format, &bar)?;
                 bar.finish();
                 if options.verify {
-                    verify(session, &vdi, &vdi_uuid, &map, repo.codec().hasher())?;
+                    verify(
+                        session,
+                        &vdi,
+                        &vdi_uuid,
+                        repo.chain_reader(id)?,
+                        repo.codec().hasher(),
+                    )?;
                 }
                 Ok(XenDiskRestore {
                     vdi_uuid,
@@ -292,13 +312,11 @@ pub(crate) fn run_new_vm(
     let (disks, metadata) = vm_backup_members(repo, group)?;
     // The stored XVA tar (small): restored into memory through the engine.
     let tar = {
-        let map = repo.resolve(metadata.meta.id)?;
         let mut bytes = Vec::new();
         let mut sink = StreamSink::new(&mut bytes);
         restore::run(
             repo,
-            metadata.meta.id,
-            &map,
+            repo.chain_reader(metadata.meta.id)?,
             &mut sink,
             RestoreOptions::default(),
             &crate::progress::NoProgress,

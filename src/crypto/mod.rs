@@ -51,6 +51,8 @@ pub enum Bound {
     Config([u8; 32]),
     /// The master secret in a key object, by the repository id.
     Key([u8; 32]),
+    /// A manifest page, by its page id.
+    Page([u8; 32]),
 }
 
 impl Bound {
@@ -66,6 +68,7 @@ impl Bound {
             Bound::Lock(n) => (5, Some(n)),
             Bound::Config(id) => (6, Some(id)),
             Bound::Key(id) => (7, Some(id)),
+            Bound::Page(id) => (8, Some(id)),
         };
         ad.push(kind);
         if let Some(b) = bound {

@@ -64,6 +64,11 @@ digest_id!(
     "BLAKE3 of a block's raw (uncompressed) bytes."
 );
 digest_id!(
+    PageId,
+    "page id",
+    "Name of a manifest page: BLAKE3 of its bytes (keyed, like a block id, in an encrypted repository)."
+);
+digest_id!(
     ObjectName,
     "object name",
     "BLAKE3 of an immutable repository file's bytes; the file's name."

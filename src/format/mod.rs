@@ -12,10 +12,11 @@ pub mod index;
 pub mod key;
 pub mod lock;
 pub mod pack;
+pub mod page;
 pub mod raw_frame;
 pub mod snapshot;
 
-pub use ids::{BlockId, ObjectName, SnapshotId};
+pub use ids::{BlockId, ObjectName, PageId, SnapshotId};
 
 /// A decode failure: names the object kind and what is wrong with it.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]

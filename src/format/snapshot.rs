@@ -10,11 +10,20 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{bitmap, BlockId, Cursor, FormatError, SnapshotId};
+use super::{bitmap, BlockId, Cursor, FormatError, PageId, SnapshotId};
 
 /// "CBTVSNAP"
 pub const MAGIC: [u8; 8] = *b"CBTVSNAP";
+/// Version 1: manifest and bitmap inline.
 pub const VERSION: u32 = 1;
+/// Version 2: a page table naming manifest pages (format-spec/03-snapshot.md#paged).
+pub const VERSION_PAGED: u32 = 2;
+/// Blocks per manifest page that writers use (1 GiB at 64 KiB blocks).
+pub const PAGE_BLOCKS: u32 = 16384;
+/// Flag bit of a version 2 object: the snapshot has a change bitmap.
+pub const FLAG_BITMAP: u8 = 0x01;
+/// Bytes of one page table row.
+const ROW_LEN: usize = 44;
 pub const MAX_META_LEN: u32 = 1 << 20;
 const KIND_ZERO: u8 = 0;
 const KIND_DATA: u8 = 1;
@@ -151,33 +160,27 @@ pub fn encode(obj: &SnapshotObject) -> Result<Vec<u8>, FormatError> {
     out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     out.extend_from_slice(&meta);
     out.extend_from_slice(&(obj.entries.len() as u64).to_le_bytes());
-    for (index, r) in &obj.entries {
-        out.extend_from_slice(&index.to_le_bytes());
-        match r {
-            BlockRef::Zero => out.push(KIND_ZERO),
-            BlockRef::Data(id) => {
-                out.push(KIND_DATA);
-                out.extend_from_slice(&id.0);
-            }
-        }
+    for e in &obj.entries {
+        write_entry(&mut out, e);
     }
     out.extend_from_slice(&(bitmap.len() as u64).to_le_bytes());
     out.extend_from_slice(bitmap);
     Ok(out)
 }
 
-/// Decodes only the metadata section (cheap listing).
+/// Decodes only the metadata section (cheap listing), of either version.
 pub fn decode_meta(bytes: &[u8]) -> Result<SnapshotMeta, FormatError> {
     let mut c = Cursor::new("snapshot", bytes);
-    read_meta(&mut c)
+    read_meta(&mut c).map(|(_, meta)| meta)
 }
 
-fn read_meta(c: &mut Cursor<'_>) -> Result<SnapshotMeta, FormatError> {
+/// Magic, version (1 or 2) and metadata.
+fn read_meta(c: &mut Cursor<'_>) -> Result<(u32, SnapshotMeta), FormatError> {
     if c.array::<8>()? != MAGIC {
         return Err(FormatError::BadMagic { what: "snapshot" });
     }
     let version = c.u32()?;
-    if version != VERSION {
+    if version != VERSION && version != VERSION_PAGED {
         return Err(FormatError::UnsupportedVersion {
             what: "snapshot",
             version,
@@ -199,12 +202,24 @@ fn read_meta(c: &mut Cursor<'_>) -> Result<SnapshotMeta, FormatError> {
             format!("block size {} invalid", meta.block_size),
         ));
     }
-    Ok(meta)
+    Ok((version, meta))
 }
 
+/// Decodes a version 1 object; a version 2 object is refused (use
+/// [`decode_any`]).
 pub fn decode(bytes: &[u8]) -> Result<SnapshotObject, FormatError> {
     let mut c = Cursor::new("snapshot", bytes);
-    let meta = read_meta(&mut c)?;
+    let (version, meta) = read_meta(&mut c)?;
+    if version != VERSION {
+        return Err(FormatError::UnsupportedVersion {
+            what: "snapshot (version 1 expected)",
+            version,
+        });
+    }
+    decode_inline(c, meta)
+}
+
+fn decode_inline(mut c: Cursor<'_>, meta: SnapshotMeta) -> Result<SnapshotObject, FormatError> {
     let count = c.u64()?;
     // Each entry takes at least 9 bytes and there are at most block_count.
     if count > meta.block_count() || count > (c.remaining() / 9) as u64 {
@@ -215,18 +230,7 @@ pub fn decode(bytes: &[u8]) -> Result<SnapshotObject, FormatError> {
     }
     let mut entries = Vec::with_capacity(count as usize);
     for _ in 0..count {
-        let index = c.u64()?;
-        let r = match c.u8()? {
-            KIND_ZERO => BlockRef::Zero,
-            KIND_DATA => BlockRef::Data(BlockId(c.array()?)),
-            k => {
-                return Err(FormatError::invalid(
-                    "snapshot",
-                    format!("block {index}: unknown entry kind {k}"),
-                ))
-            }
-        };
-        entries.push((index, r));
+        entries.push(read_entry(&mut c, "snapshot")?);
     }
     let bitmap_len = c.u64()?;
     if bitmap_len > c.remaining() as u64 {
@@ -248,4 +252,239 @@ pub fn decode(bytes: &[u8]) -> Result<SnapshotObject, FormatError> {
     };
     validate(&obj)?;
     Ok(obj)
+}
+
+/// Writes one manifest entry (9 or 41 bytes; the same in version 1 objects
+/// and in pages).
+pub(crate) fn write_entry(out: &mut Vec<u8>, (index, r): &(u64, BlockRef)) {
+    out.extend_from_slice(&index.to_le_bytes());
+    match r {
+        BlockRef::Zero => out.push(KIND_ZERO),
+        BlockRef::Data(id) => {
+            out.push(KIND_DATA);
+            out.extend_from_slice(&id.0);
+        }
+    }
+}
+
+pub(crate) fn read_entry(
+    c: &mut Cursor<'_>,
+    what: &'static str,
+) -> Result<(u64, BlockRef), FormatError> {
+    let index = c.u64()?;
+    let r = match c.u8()? {
+        KIND_ZERO => BlockRef::Zero,
+        KIND_DATA => BlockRef::Data(BlockId(c.array()?)),
+        k => {
+            return Err(FormatError::invalid(
+                what,
+                format!("block {index}: unknown entry kind {k}"),
+            ))
+        }
+    };
+    Ok((index, r))
+}
+
+/// Valid `page_blocks`: a power of two in 64 ..= 65536.
+pub fn valid_page_blocks(page_blocks: u32) -> bool {
+    page_blocks.is_power_of_two() && (64..=65536).contains(&page_blocks)
+}
+
+/// One row of a version 2 page table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageRow {
+    /// Page *p* covers blocks `p * page_blocks .. (p + 1) * page_blocks`.
+    pub page_no: u64,
+    /// Entries in the page.
+    pub entry_count: u32,
+    pub id: PageId,
+}
+
+/// The manifest of a version 2 object: which page holds which range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageTable {
+    pub page_blocks: u32,
+    /// The snapshot has a change bitmap (slices in its pages).
+    pub has_bitmap: bool,
+    /// Strictly ascending by `page_no`.
+    pub rows: Vec<PageRow>,
+}
+
+impl PageTable {
+    /// Total entries over all pages.
+    pub fn entry_count(&self) -> u64 {
+        self.rows.iter().map(|r| r.entry_count as u64).sum()
+    }
+
+    /// The row of page `page_no`, if the table has one.
+    pub fn row(&self, page_no: u64) -> Option<&PageRow> {
+        self.rows
+            .binary_search_by_key(&page_no, |r| r.page_no)
+            .ok()
+            .map(|p| &self.rows[p])
+    }
+}
+
+/// A decoded version 2 snapshot object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PagedSnapshot {
+    pub meta: SnapshotMeta,
+    pub table: PageTable,
+}
+
+/// A decoded snapshot object of either version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredSnapshot {
+    Inline(SnapshotObject),
+    Paged(PagedSnapshot),
+}
+
+impl StoredSnapshot {
+    pub fn meta(&self) -> &SnapshotMeta {
+        match self {
+            StoredSnapshot::Inline(o) => &o.meta,
+            StoredSnapshot::Paged(p) => &p.meta,
+        }
+    }
+}
+
+/// Number of pages of `page_blocks` blocks covering `block_count` blocks.
+pub fn page_count(block_count: u64, page_blocks: u32) -> u64 {
+    block_count.div_ceil(page_blocks as u64)
+}
+
+fn validate_paged(obj: &PagedSnapshot) -> Result<(), FormatError> {
+    const WHAT: &str = "snapshot";
+    if !valid_block_size(obj.meta.block_size) {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!(
+                "block size {} is not a power of two in 512..=16 MiB",
+                obj.meta.block_size
+            ),
+        ));
+    }
+    let t = &obj.table;
+    if !valid_page_blocks(t.page_blocks) {
+        return Err(FormatError::invalid(
+            WHAT,
+            format!(
+                "page_blocks {} is not a power of two in 64..=65536",
+                t.page_blocks
+            ),
+        ));
+    }
+    let pages = page_count(obj.meta.block_count(), t.page_blocks);
+    let mut prev: Option<u64> = None;
+    for row in &t.rows {
+        if row.page_no >= pages {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!("page {} beyond the disk's {pages} pages", row.page_no),
+            ));
+        }
+        if prev.is_some_and(|p| p >= row.page_no) {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!("page {} not in strictly ascending order", row.page_no),
+            ));
+        }
+        if row.entry_count > t.page_blocks {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!(
+                    "page {}: {} entries in a page of {} blocks",
+                    row.page_no, row.entry_count, t.page_blocks
+                ),
+            ));
+        }
+        prev = Some(row.page_no);
+    }
+    Ok(())
+}
+
+/// Encodes a version 2 object. Fails only if it breaks a rule a decoder
+/// would reject.
+pub fn encode_paged(obj: &PagedSnapshot) -> Result<Vec<u8>, FormatError> {
+    validate_paged(obj)?;
+    let meta = serde_json::to_vec(&obj.meta)
+        .map_err(|e| FormatError::invalid("snapshot", format!("metadata: {e}")))?;
+    if meta.len() > MAX_META_LEN as usize {
+        return Err(FormatError::invalid(
+            "snapshot",
+            "metadata larger than 1 MiB",
+        ));
+    }
+    let t = &obj.table;
+    let mut out = Vec::with_capacity(32 + meta.len() + t.rows.len() * ROW_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION_PAGED.to_le_bytes());
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+    out.extend_from_slice(&meta);
+    out.extend_from_slice(&t.page_blocks.to_le_bytes());
+    out.push(if t.has_bitmap { FLAG_BITMAP } else { 0 });
+    out.extend_from_slice(&(t.rows.len() as u64).to_le_bytes());
+    for row in &t.rows {
+        out.extend_from_slice(&row.page_no.to_le_bytes());
+        out.extend_from_slice(&row.entry_count.to_le_bytes());
+        out.extend_from_slice(&row.id.0);
+    }
+    Ok(out)
+}
+
+/// Decodes an object of either version.
+pub fn decode_any(bytes: &[u8]) -> Result<StoredSnapshot, FormatError> {
+    let mut c = Cursor::new("snapshot", bytes);
+    let (version, meta) = read_meta(&mut c)?;
+    if version == VERSION {
+        return decode_inline(c, meta).map(StoredSnapshot::Inline);
+    }
+    if !valid_block_size(meta.block_size) {
+        return Err(FormatError::invalid(
+            "snapshot",
+            format!("block size {} invalid", meta.block_size),
+        ));
+    }
+    let page_blocks = c.u32()?;
+    let flags = c.u8()?;
+    if !valid_page_blocks(page_blocks) {
+        return Err(FormatError::invalid(
+            "snapshot",
+            format!("page_blocks {page_blocks} is not a power of two in 64..=65536"),
+        ));
+    }
+    if flags & !FLAG_BITMAP != 0 {
+        return Err(FormatError::invalid(
+            "snapshot",
+            format!("unknown flags {flags:#04x}"),
+        ));
+    }
+    let count = c.u64()?;
+    if count > page_count(meta.block_count(), page_blocks)
+        || count > (c.remaining() / ROW_LEN) as u64
+    {
+        return Err(FormatError::invalid(
+            "snapshot",
+            format!("page count {count} impossible"),
+        ));
+    }
+    let mut rows = Vec::with_capacity(count as usize);
+    for _ in 0..count {
+        rows.push(PageRow {
+            page_no: c.u64()?,
+            entry_count: c.u32()?,
+            id: PageId(c.array()?),
+        });
+    }
+    c.finish()?;
+    let obj = PagedSnapshot {
+        meta,
+        table: PageTable {
+            page_blocks,
+            has_bitmap: flags & FLAG_BITMAP != 0,
+            rows,
+        },
+    };
+    validate_paged(&obj)?;
+    Ok(StoredSnapshot::Paged(obj))
 }

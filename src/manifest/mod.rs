@@ -54,28 +54,52 @@ pub fn resolve(chain: &[&SnapshotObject]) -> BlockMap {
     let Some(newest) = chain.last() else {
         return BlockMap::default();
     };
-    let levels = chain.len();
-    // cutoff[l] = min block count over levels l..newest
-    let mut cutoff = vec![0u64; levels];
+    let counts: Vec<u64> = chain.iter().map(|o| o.meta.block_count()).collect();
+    let cut = cutoffs(&counts);
+    let levels: Vec<(&[(u64, BlockRef)], u64)> = chain
+        .iter()
+        .zip(cut)
+        .map(|(o, c)| (&o.entries[..], c))
+        .collect();
+    BlockMap {
+        disk_size_bytes: newest.meta.disk_size_bytes,
+        block_size: newest.meta.block_size,
+        data: resolve_levels(&levels),
+    }
+}
+
+/// For block counts of a chain (oldest first), the cutoff of each level:
+/// the least block count from that level to the newest.
+pub fn cutoffs(block_counts: &[u64]) -> Vec<u64> {
+    let mut cutoff = vec![0u64; block_counts.len()];
     let mut m = u64::MAX;
-    for l in (0..levels).rev() {
-        m = m.min(chain[l].meta.block_count());
+    for l in (0..block_counts.len()).rev() {
+        m = m.min(block_counts[l]);
         cutoff[l] = m;
     }
-    // Heap of (index, newest-first priority, level, position).
-    let mut heap = BinaryHeap::with_capacity(levels);
-    let mut pos = vec![0usize; levels];
-    for (l, obj) in chain.iter().enumerate() {
-        if let Some((i, _)) = obj.entries.first() {
+    cutoff
+}
+
+/// The k-way merge behind [`resolve`], over entry slices (oldest level
+/// first), each with its cutoff (see [`cutoffs`]): the resolved non-zero
+/// blocks, ascending. Works on whole manifests or on the entries of one
+/// range of every level (format-spec/03-snapshot.md#streaming).
+pub fn resolve_levels(levels: &[(&[(u64, BlockRef)], u64)]) -> Vec<(u64, BlockId)> {
+    // Heap of (index, newest-first priority, level).
+    let mut heap = BinaryHeap::with_capacity(levels.len());
+    let mut pos = vec![0usize; levels.len()];
+    for (l, (entries, _)) in levels.iter().enumerate() {
+        if let Some((i, _)) = entries.first() {
             heap.push(Reverse((*i, Reverse(l), l)));
         }
     }
-    let mut out = Vec::with_capacity(newest.entries.len());
+    let mut out = Vec::with_capacity(levels.last().map(|l| l.0.len()).unwrap_or(0));
     let mut last_index: Option<u64> = None;
     while let Some(Reverse((index, _, l))) = heap.pop() {
-        let entry = chain[l].entries[pos[l]].1;
+        let (entries, cutoff) = levels[l];
+        let entry = entries[pos[l]].1;
         pos[l] += 1;
-        if let Some((next, _)) = chain[l].entries.get(pos[l]) {
+        if let Some((next, _)) = entries.get(pos[l]) {
             heap.push(Reverse((*next, Reverse(l), l)));
         }
         // The first pop of an index comes from the newest level holding it.
@@ -83,18 +107,43 @@ pub fn resolve(chain: &[&SnapshotObject]) -> BlockMap {
             continue;
         }
         last_index = Some(index);
-        if index >= cutoff[l] {
+        if index >= cutoff {
             continue;
         }
         if let BlockRef::Data(id) = entry {
             out.push((index, id));
         }
     }
-    BlockMap {
-        disk_size_bytes: newest.meta.disk_size_bytes,
-        block_size: newest.meta.block_size,
-        data: out,
+    out
+}
+
+/// Merges delta entries (ascending) over resolved base data (ascending),
+/// keeping indices below `blocks`: the resolved data of the child.
+pub fn apply_entries(
+    base: &[(u64, BlockId)],
+    delta: &[(u64, BlockRef)],
+    blocks: u64,
+) -> Vec<(u64, BlockId)> {
+    let mut out = Vec::with_capacity(base.len() + delta.len());
+    let (mut i, mut j) = (0, 0);
+    while i < base.len() || j < delta.len() {
+        let bi = base.get(i).map(|x| x.0).unwrap_or(u64::MAX);
+        let dj = delta.get(j).map(|x| x.0).unwrap_or(u64::MAX);
+        if dj <= bi {
+            if let BlockRef::Data(id) = delta[j].1 {
+                out.push((dj, id));
+            }
+            j += 1;
+            if dj == bi {
+                i += 1;
+            }
+        } else {
+            out.push(base[i]);
+            i += 1;
+        }
     }
+    out.retain(|(i, _)| *i < blocks);
+    out
 }
 
 /// One block that differs between two maps.
@@ -108,17 +157,22 @@ pub struct BlockChange {
 /// Blocks whose content differs between `a` and `b`, ascending. Blocks
 /// beyond one map's size count as zero there.
 pub fn diff(a: &BlockMap, b: &BlockMap) -> Vec<BlockChange> {
+    diff_data(&a.data, &b.data)
+}
+
+/// [`diff`] over resolved data (e.g. of one range of each map).
+pub fn diff_data(a: &[(u64, BlockId)], b: &[(u64, BlockId)]) -> Vec<BlockChange> {
     let mut out = Vec::new();
     let (mut i, mut j) = (0, 0);
-    while i < a.data.len() || j < b.data.len() {
-        let ai = a.data.get(i).map(|x| x.0).unwrap_or(u64::MAX);
-        let bj = b.data.get(j).map(|x| x.0).unwrap_or(u64::MAX);
+    while i < a.len() || j < b.len() {
+        let ai = a.get(i).map(|x| x.0).unwrap_or(u64::MAX);
+        let bj = b.get(j).map(|x| x.0).unwrap_or(u64::MAX);
         if ai == bj {
-            if a.data[i].1 != b.data[j].1 {
+            if a[i].1 != b[j].1 {
                 out.push(BlockChange {
                     index: ai,
-                    before: Some(a.data[i].1),
-                    after: Some(b.data[j].1),
+                    before: Some(a[i].1),
+                    after: Some(b[j].1),
                 });
             }
             i += 1;
@@ -126,7 +180,7 @@ pub fn diff(a: &BlockMap, b: &BlockMap) -> Vec<BlockChange> {
         } else if ai < bj {
             out.push(BlockChange {
                 index: ai,
-                before: Some(a.data[i].1),
+                before: Some(a[i].1),
                 after: None,
             });
             i += 1;
@@ -134,7 +188,7 @@ pub fn diff(a: &BlockMap, b: &BlockMap) -> Vec<BlockChange> {
             out.push(BlockChange {
                 index: bj,
                 before: None,
-                after: Some(b.data[j].1),
+                after: Some(b[j].1),
             });
             j += 1;
         }
@@ -153,28 +207,9 @@ pub fn flatten(map: &BlockMap) -> Vec<(u64, BlockRef)> {
 /// Merges a delta (ascending) over a base map: the map of the child.
 pub fn apply(base: &BlockMap, delta: &[(u64, BlockRef)], disk_size_bytes: u64) -> BlockMap {
     let blocks = block_count(disk_size_bytes, base.block_size);
-    let mut out = Vec::with_capacity(base.data.len() + delta.len());
-    let (mut i, mut j) = (0, 0);
-    while i < base.data.len() || j < delta.len() {
-        let bi = base.data.get(i).map(|x| x.0).unwrap_or(u64::MAX);
-        let dj = delta.get(j).map(|x| x.0).unwrap_or(u64::MAX);
-        if dj <= bi {
-            if let BlockRef::Data(id) = delta[j].1 {
-                out.push((dj, id));
-            }
-            j += 1;
-            if dj == bi {
-                i += 1;
-            }
-        } else {
-            out.push(base.data[i]);
-            i += 1;
-        }
-    }
-    out.retain(|(i, _)| *i < blocks);
     BlockMap {
         disk_size_bytes,
         block_size: base.block_size,
-        data: out,
+        data: apply_entries(&base.data, delta, blocks),
     }
 }

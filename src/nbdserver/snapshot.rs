@@ -10,9 +10,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::format::{BlockId, SnapshotId};
-use crate::manifest::BlockMap;
 use crate::repo::read::{BlockReader, Located};
-use crate::repo::{RepoError, Repository};
+use crate::repo::{ChainReader, RepoError, Repository, Snapshot};
 use nbd::proto;
 use nbd::server::{Export, ExportError};
 
@@ -20,6 +19,8 @@ use nbd::server::{Export, ExportError};
 const CACHE_BLOCKS: usize = 64;
 /// Descriptors one `zero_extents` call returns at most.
 const MAX_DESCRIPTORS_PER_CALL: usize = 128;
+/// Ranges holding data one `zero_extents` call looks at, at most.
+const MAX_RANGES_PER_CALL: usize = 4;
 
 /// Least-recently-used verified blocks by id.
 struct BlockCache {
@@ -54,58 +55,128 @@ impl BlockCache {
     }
 }
 
-/// A snapshot served read-only from a repository.
+/// Resolved ranges (with their blocks located) kept in memory: 16 of up to
+/// 16384 blocks each.
+const CACHE_RANGES: usize = 16;
+
+/// Least-recently-used resolved and located ranges by range number.
+#[derive(Default)]
+struct RangeCache {
+    entries: HashMap<u64, (Arc<Vec<Located>>, u64)>,
+    clock: u64,
+}
+
+/// A snapshot served read-only from a repository. Its chain is resolved
+/// range by range as clients read (format-spec/03-snapshot.md#streaming),
+/// keeping a few resolved ranges: memory does not grow with the disk.
 pub struct SnapshotExport {
     repo: Arc<Repository>,
     snapshot: SnapshotId,
     size_bytes: u64,
     block_size: u64,
-    /// Non-zero blocks, ascending by index (location `None`: the catalog
-    /// does not know the block, reads of it fail).
-    blocks: Vec<Located>,
+    range_blocks: u64,
+    chain: Vec<Arc<Snapshot>>,
+    /// Ranges that may hold data, ascending; the others are all zero.
+    ranges: Vec<u64>,
     missing: u64,
+    located: Mutex<RangeCache>,
     cache: Mutex<BlockCache>,
 }
 
 impl SnapshotExport {
-    /// Resolves snapshot `id` and looks up where each of its blocks is.
+    /// Opens snapshot `id`: every manifest page of its chain is read and
+    /// every range resolved once, and every data block looked up in the
+    /// catalog (to count those it cannot locate), one range at a time.
     pub fn open(repo: Arc<Repository>, snapshot: SnapshotId) -> Result<SnapshotExport, RepoError> {
-        let map = repo.resolve(snapshot)?;
-        SnapshotExport::from_map(repo, snapshot, &map)
-    }
-
-    /// Serves an already resolved block map of `snapshot`.
-    pub fn from_map(
-        repo: Arc<Repository>,
-        snapshot: SnapshotId,
-        map: &BlockMap,
-    ) -> Result<SnapshotExport, RepoError> {
-        if map.block_size == 0 {
-            return Err(RepoError::Invalid(format!(
-                "snapshot {snapshot}: block size 0"
-            )));
-        }
-        let count = map.block_count();
-        let sorted = map.data.windows(2).all(|w| w[0].0 < w[1].0);
-        if !sorted || map.data.last().is_some_and(|(i, _)| *i >= count) {
-            return Err(RepoError::Invalid(format!(
-                "snapshot {snapshot}: block map out of order or beyond the disk; run 'cbtvault check'"
-            )));
-        }
-        let blocks = BlockReader::new(&repo).locate(&map.data)?;
-        let missing = blocks.iter().filter(|b| b.location.is_none()).count() as u64;
+        let (chain, ranges, size_bytes, block_size, range_blocks, missing) = {
+            let mut reader = repo.chain_reader(snapshot)?;
+            if reader.block_size() == 0 {
+                return Err(RepoError::Invalid(format!(
+                    "snapshot {snapshot}: block size 0"
+                )));
+            }
+            reader.survey(|_| {})?;
+            let mut missing = 0u64;
+            let locate = BlockReader::new(&repo);
+            let chain = reader.shared_chain();
+            let ranges = reader.nonempty_ranges().to_vec();
+            let (size, bs, rb) = (
+                reader.disk_size_bytes(),
+                reader.block_size() as u64,
+                reader.range_blocks(),
+            );
+            for m in &mut reader {
+                let m = m?;
+                missing += locate
+                    .locate(&m.data)?
+                    .iter()
+                    .filter(|b| b.location.is_none())
+                    .count() as u64;
+            }
+            (chain, ranges, size, bs, rb, missing)
+        };
         Ok(SnapshotExport {
             repo,
             snapshot,
-            size_bytes: map.disk_size_bytes,
-            block_size: map.block_size as u64,
-            blocks,
+            size_bytes,
+            block_size,
+            range_blocks,
+            chain,
+            ranges,
             missing,
+            located: Mutex::new(RangeCache::default()),
             cache: Mutex::new(BlockCache {
                 entries: HashMap::new(),
                 clock: 0,
             }),
         })
+    }
+
+    /// The data blocks of range `r`, located (location `None`: the catalog
+    /// does not know the block, reads of it fail).
+    fn range(&self, r: u64) -> Result<Arc<Vec<Located>>, RepoError> {
+        if self.ranges.binary_search(&r).is_err() {
+            return Ok(Arc::new(Vec::new()));
+        }
+        {
+            let mut c = self.located.lock().unwrap_or_else(|e| e.into_inner());
+            c.clock += 1;
+            let clock = c.clock;
+            if let Some((list, used)) = c.entries.get_mut(&r) {
+                *used = clock;
+                return Ok(list.clone());
+            }
+        }
+        let mut reader = ChainReader::shared(&self.repo, self.chain.clone())?;
+        let m = reader.range(r)?;
+        let list = Arc::new(BlockReader::new(&self.repo).locate(&m.data)?);
+        let mut c = self.located.lock().unwrap_or_else(|e| e.into_inner());
+        c.clock += 1;
+        let clock = c.clock;
+        if c.entries.len() >= CACHE_RANGES && !c.entries.contains_key(&r) {
+            if let Some(oldest) = c
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| *k)
+            {
+                c.entries.remove(&oldest);
+            }
+        }
+        c.entries.insert(r, (list.clone(), clock));
+        Ok(list)
+    }
+
+    /// The located data blocks `first..=last`, ascending.
+    fn blocks_between(&self, first: u64, last: u64) -> Result<Vec<Located>, RepoError> {
+        let mut out = Vec::new();
+        for r in first / self.range_blocks..=last / self.range_blocks {
+            let list = self.range(r)?;
+            let lo = list.partition_point(|b| b.index < first);
+            let hi = list.partition_point(|b| b.index <= last);
+            out.extend_from_slice(&list[lo..hi]);
+        }
+        Ok(out)
     }
 
     pub fn snapshot_id(&self) -> SnapshotId {
@@ -208,10 +279,16 @@ impl Export for SnapshotExport {
         }
         let bs = self.block_size;
         let (first, last) = (offset / bs, (end - 1) / bs);
-        let lo = self.blocks.partition_point(|b| b.index < first);
-        let hi = self.blocks.partition_point(|b| b.index <= last);
-        let wanted = &self.blocks[lo..hi];
-        for (b, raw) in wanted.iter().zip(self.contents(wanted, offset, end)?) {
+        let wanted = self.blocks_between(first, last).map_err(|e| {
+            ExportError::Io(
+                RepoError::InSnapshot {
+                    snapshot: self.snapshot,
+                    cause: Box::new(e),
+                }
+                .to_string(),
+            )
+        })?;
+        for (b, raw) in wanted.iter().zip(self.contents(&wanted, offset, end)?) {
             let start = b.index * bs;
             // A block inherited across a shrink may be longer than its span,
             // a short last block shorter: the rest reads as zeros.
@@ -229,33 +306,66 @@ impl Export for SnapshotExport {
     fn zero_extents(&self, offset: u64, len: u32) -> Vec<(u32, u32)> {
         let end = offset.saturating_add(len as u64).min(self.size_bytes);
         let bs = self.block_size;
-        let mut out = Vec::new();
+        let span = self.range_blocks * bs;
+        let hole = proto::STATE_HOLE | proto::STATE_ZERO;
+        let mut out: Vec<(u64, u32)> = Vec::new();
+        let push = |out: &mut Vec<(u64, u32)>, len: u64, flags: u32| match out.last_mut() {
+            Some((l, f)) if *f == flags => *l += len,
+            _ => out.push((len, flags)),
+        };
         let mut at = offset;
-        let mut p = self.blocks.partition_point(|b| b.index < offset / bs);
+        let mut resolved = 0;
         // Callers loop; a bounded answer keeps one-descriptor requests
-        // (REQ_ONE over the rest of a large disk) cheap.
-        while at < end && out.len() < MAX_DESCRIPTORS_PER_CALL {
-            let index = at / bs;
-            let run_end = if p < self.blocks.len() && self.blocks[p].index == index {
-                // A run of consecutive data blocks, up to the end asked for.
-                let mut last = index;
-                while p + 1 < self.blocks.len()
-                    && self.blocks[p + 1].index == last + 1
-                    && (last + 1) * bs < end
-                {
-                    p += 1;
-                    last += 1;
+        // (REQ_ONE over the rest of a large disk) cheap: at most a few
+        // ranges are resolved per call.
+        while at < end && out.len() < MAX_DESCRIPTORS_PER_CALL && resolved < MAX_RANGES_PER_CALL {
+            let r = at / span;
+            let range_end = ((r + 1) * span).min(end);
+            if self.ranges.binary_search(&r).is_err() {
+                // An all-zero range: a hole up to the next range with data.
+                let p = self.ranges.partition_point(|x| *x <= r);
+                let next = self.ranges.get(p).map_or(u64::MAX, |n| n * span);
+                let stop = next.min(end);
+                push(&mut out, stop - at, hole);
+                at = stop;
+                continue;
+            }
+            resolved += 1;
+            let list = match self.range(r) {
+                Ok(list) => list,
+                Err(_) => {
+                    // Unknown content is reported as data: the read of it
+                    // then fails with its error.
+                    push(&mut out, range_end - at, 0);
+                    at = range_end;
+                    continue;
                 }
-                p += 1;
-                out.push((((last + 1) * bs).min(end) - at, 0));
-                ((last + 1) * bs).min(end)
-            } else {
-                // Zeros up to the next data block.
-                let next = self.blocks.get(p).map_or(u64::MAX, |b| b.index * bs);
-                out.push((next.min(end) - at, proto::STATE_HOLE | proto::STATE_ZERO));
-                next.min(end)
             };
-            at = run_end;
+            let mut p = list.partition_point(|b| b.index < at / bs);
+            while at < range_end && out.len() < MAX_DESCRIPTORS_PER_CALL {
+                let index = at / bs;
+                if p < list.len() && list[p].index == index {
+                    // A run of consecutive data blocks.
+                    let mut last = index;
+                    while p + 1 < list.len()
+                        && list[p + 1].index == last + 1
+                        && (last + 1) * bs < range_end
+                    {
+                        p += 1;
+                        last += 1;
+                    }
+                    p += 1;
+                    let stop = ((last + 1) * bs).min(range_end);
+                    push(&mut out, stop - at, 0);
+                    at = stop;
+                } else {
+                    // Zeros up to the next data block of the range.
+                    let next = list.get(p).map_or(u64::MAX, |b| b.index * bs);
+                    let stop = next.min(range_end);
+                    push(&mut out, stop - at, hole);
+                    at = stop;
+                }
+            }
         }
         out.into_iter().map(|(l, f)| (l as u32, f)).collect()
     }

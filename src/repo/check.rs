@@ -402,36 +402,45 @@ pub fn run(
             time: snap.meta.time,
             reason,
         };
-        let map = match repo.resolve(id) {
-            Ok(m) => m,
-            Err(e) => {
-                report.error(format!("snapshot {id}"), format!("cannot be resolved: {e}"));
-                let parent_missing = matches!(&e, RepoError::InSnapshot { cause, .. }
-                    if matches!(**cause, RepoError::SnapshotNotFound { .. }));
-                if parent_missing {
-                    report.fixed_by(fix::SNAPSHOTS);
-                }
-                report.affected_snapshots.push(affected(e.to_string()));
-                continue;
-            }
-        };
+        // Range by range: one resolved range in memory at a time.
         let mut missing = 0u64;
         let mut corrupt = 0u64;
         let mut first: Option<String> = None;
-        for chunk in map.data.chunks(4096) {
-            let ids: Vec<BlockId> = chunk.iter().map(|c| c.1).collect();
-            let known = repo.catalog().contains_many(&ids)?;
-            for ((index, block), known) in chunk.iter().zip(known) {
-                if !known {
-                    missing += 1;
-                    first.get_or_insert_with(|| {
-                        format!("block {index} ({}) is in no pack", block.short())
-                    });
-                } else if let Some(why) = bad_blocks.get(block) {
-                    corrupt += 1;
-                    first.get_or_insert_with(|| format!("block {index}: {why}"));
+        let resolved = (|| -> Result<(), RepoError> {
+            let mut reader = repo.chain_reader(id)?;
+            reader.survey(|_| {})?;
+            for m in reader {
+                let m = m?;
+                for chunk in m.data.chunks(4096) {
+                    let ids: Vec<BlockId> = chunk.iter().map(|c| c.1).collect();
+                    let known = repo.catalog().contains_many(&ids)?;
+                    for ((index, block), known) in chunk.iter().zip(known) {
+                        if !known {
+                            missing += 1;
+                            first.get_or_insert_with(|| {
+                                format!("block {index} ({}) is in no pack", block.short())
+                            });
+                        } else if let Some(why) = bad_blocks.get(block) {
+                            corrupt += 1;
+                            first.get_or_insert_with(|| format!("block {index}: {why}"));
+                        }
+                    }
                 }
             }
+            Ok(())
+        })();
+        if let Err(e) = resolved {
+            if matches!(e, RepoError::Index(_)) {
+                return Err(e);
+            }
+            report.error(format!("snapshot {id}"), format!("cannot be resolved: {e}"));
+            let parent_missing = matches!(&e, RepoError::InSnapshot { cause, .. }
+                if matches!(**cause, RepoError::SnapshotNotFound { .. }));
+            if parent_missing {
+                report.fixed_by(fix::SNAPSHOTS);
+            }
+            report.affected_snapshots.push(affected(e.to_string()));
+            continue;
         }
         if missing > 0 {
             report.error(
@@ -446,6 +455,18 @@ pub fn run(
                 plural(missing + corrupt, "damaged block"),
                 first.unwrap_or_default()
             )));
+        }
+    }
+
+    // Manifest pages (spec: 03-snapshot.md#pages): those of live chains
+    // were read above. One no snapshot object names is normal garbage (a
+    // failed backup's, a forgotten snapshot's) that prune removes.
+    for (hex, _) in backend.list(Kind::Page)? {
+        if hex.parse::<crate::format::PageId>().is_err() {
+            report.warn(
+                format!("manifests/{hex}"),
+                "not a manifest page name; ignored".into(),
+            );
         }
     }
 

@@ -10,16 +10,16 @@
 //! destination's catalog (or found there by the next lock's
 //! reconciliation), so a rerun sends only what did not arrive.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use super::read::BlockReader;
-use super::{RepoError, Repository};
+use super::{Body, PageWriter, RepoError, Repository, Snapshot};
 use crate::format::index::IndexedPack;
-use crate::format::snapshot::{BlockRef, SnapshotObject, COPIED_FROM};
+use crate::format::snapshot::{BlockRef, COPIED_FROM};
 use crate::format::{BlockId, SnapshotId};
 use crate::pack::{self, CompressedBlock, PackWriter, SharedBytes};
 use crate::progress::Progress;
@@ -71,8 +71,9 @@ pub fn copy(
         ));
     }
     let present: HashSet<SnapshotId> = to.snapshots()?.iter().map(|s| s.meta.id).collect();
-    // The chains, oldest first, each snapshot once.
-    let mut order: Vec<SnapshotObject> = Vec::new();
+    // The chains, oldest first, each snapshot once (version 2 objects
+    // without their pages: those are read range by range).
+    let mut order: Vec<Snapshot> = Vec::new();
     let mut queued: HashSet<SnapshotId> = HashSet::new();
     let mut report = CopyReport::default();
     for id in ids {
@@ -87,15 +88,7 @@ pub fn copy(
             }
         }
     }
-    let total: u64 = order
-        .iter()
-        .map(|o| {
-            o.entries
-                .iter()
-                .filter(|(_, r)| matches!(r, BlockRef::Data(_)))
-                .count() as u64
-        })
-        .sum();
+    let total: u64 = order.iter().map(Snapshot::entry_count).sum();
     progress.set_message("copying blocks");
     progress.set_total(total);
     for obj in order {
@@ -105,65 +98,84 @@ pub fn copy(
     Ok(report)
 }
 
-/// One snapshot: its missing blocks into new packs, then its object.
+/// One snapshot, range by range: the blocks of each range the
+/// destination lacks into new packs and the range's manifest page (block
+/// ids translated when the repositories compute them differently,
+/// format-spec/09-encryption.md#copy); then, every pack durable, the
+/// index objects and the snapshot object. Memory holds one range.
 fn copy_one(
     from: &Repository,
     to: &Repository,
-    obj: SnapshotObject,
+    obj: Snapshot,
     report: &mut CopyReport,
     progress: &dyn Progress,
 ) -> Result<(), RepoError> {
-    let mut unique: Vec<BlockId> = Vec::new();
-    let mut seen = HashSet::new();
-    for (_, r) in &obj.entries {
-        if let BlockRef::Data(id) = r {
-            if seen.insert(*id) {
-                unique.push(*id);
+    let translate = from.codec().hasher() != to.codec().hasher();
+    let mut packs = Packs::default();
+    let mut pages = PageWriter::new(to, obj.has_bitmap());
+    let step = pages.page_blocks();
+    from.each_range(&obj, step, true, |lo, mut part| {
+        progress.advance(part.entries.len() as u64);
+        let mut unique: Vec<BlockId> = Vec::new();
+        let mut seen = HashSet::new();
+        for (_, r) in &part.entries {
+            if let BlockRef::Data(id) = r {
+                if seen.insert(*id) {
+                    unique.push(*id);
+                }
             }
         }
-    }
-    let references = obj
-        .entries
-        .iter()
-        .filter(|(_, r)| matches!(r, BlockRef::Data(_)))
-        .count() as u64;
-    // Repositories that compute ids differently (plain and encrypted, or
-    // two master secrets): every block is read, and its id recomputed for
-    // the destination (spec: format-spec/09-encryption.md#copy).
-    if from.codec().hasher() != to.codec().hasher() {
-        return copy_translated(from, to, obj, unique, references, report, progress);
-    }
+        if translate {
+            let ids = copy_translated(from, to, &unique, &mut packs, report)?;
+            for (_, r) in part.entries.iter_mut() {
+                if let BlockRef::Data(id) = r {
+                    *id = *ids.get(id).ok_or_else(|| {
+                        RepoError::Invalid(format!("copy: block {id} was not read from the source"))
+                    })?;
+                }
+            }
+        } else {
+            copy_missing(from, to, &unique, &mut packs, report)?;
+        }
+        pages.add(lo / step, part.entries, part.bitmap)
+    })?;
+    let indexed = packs.finish(to, report)?;
+    let copied = Snapshot {
+        meta: obj.meta,
+        body: Body::Paged(pages.finish()),
+    };
+    commit_copy(from, to, copied, indexed, report)
+}
+
+/// Sends the blocks of `unique` that the destination lacks (ids the same
+/// in both repositories).
+fn copy_missing(
+    from: &Repository,
+    to: &Repository,
+    unique: &[BlockId],
+    packs: &mut Packs,
+    report: &mut CopyReport,
+) -> Result<(), RepoError> {
     let mut missing: Vec<BlockId> = Vec::new();
+    let mut skipped: Vec<BlockId> = Vec::new();
     for batch in unique.chunks(4096) {
         let have = to.catalog().contains_intact_many(batch)?;
         for (id, has) in batch.iter().zip(have) {
-            if has {
+            if has || packs.pending.contains(id) {
                 report.blocks_skipped += 1;
+                skipped.push(*id);
             } else {
                 missing.push(*id);
             }
         }
     }
     // Raw sizes of what is skipped, from the source's catalog.
-    let skipped: Vec<BlockId> = {
-        let m: HashSet<&BlockId> = missing.iter().collect();
-        unique
-            .iter()
-            .filter(|id| !m.contains(id))
-            .copied()
-            .collect()
-    };
     for batch in skipped.chunks(4096) {
         for l in from.catalog().lookup_many(batch)?.into_iter().flatten() {
             report.skipped_raw_bytes += l.raw_length as u64;
         }
     }
-    // Blocks referenced more than once, or already present, still count
-    // as progress.
-    progress.advance(references - missing.len() as u64);
-
     let level = to.config().compression_level;
-    let mut packs = Packs::default();
     let mut failure: Option<RepoError> = None;
     let wanted: Vec<(u64, BlockId)> = missing
         .iter()
@@ -176,7 +188,6 @@ fn copy_one(
                 crate::interrupt::check()?;
                 let raw = result?;
                 packs.add(to, prepare(raw, located.block, level)?, report)?;
-                progress.advance(1);
                 #[cfg(debug_assertions)]
                 super::test_kill("copy_block");
                 Ok(())
@@ -192,8 +203,7 @@ fn copy_one(
         return Err(e);
     }
     stream?;
-    let indexed = packs.finish(to, report)?;
-    commit_copy(from, to, obj, indexed, report)
+    Ok(())
 }
 
 /// Writes the destination's index objects and then the snapshot object:
@@ -203,7 +213,7 @@ fn copy_one(
 fn commit_copy(
     from: &Repository,
     to: &Repository,
-    mut obj: SnapshotObject,
+    mut obj: Snapshot,
     indexed: Vec<IndexedPack>,
     report: &mut CopyReport,
 ) -> Result<(), RepoError> {
@@ -217,29 +227,20 @@ fn commit_copy(
     Ok(())
 }
 
-/// [`copy_one`] between repositories whose block ids differ: each unique
-/// block is read and verified in the source, its destination id computed
-/// from its bytes, stored unless the destination holds it, and the
-/// manifest rewritten with the destination's ids.
-#[allow(clippy::too_many_arguments)]
+/// Between repositories whose block ids differ: each block of `unique` is
+/// read and verified in the source, its destination id computed from its
+/// bytes, and stored unless the destination holds it. Returns the source
+/// id -> destination id map of the range.
 fn copy_translated(
     from: &Repository,
     to: &Repository,
-    mut obj: SnapshotObject,
-    unique: Vec<BlockId>,
-    references: u64,
+    unique: &[BlockId],
+    packs: &mut Packs,
     report: &mut CopyReport,
-    progress: &dyn Progress,
-) -> Result<(), RepoError> {
-    progress.advance(references - unique.len() as u64);
+) -> Result<HashMap<BlockId, BlockId>, RepoError> {
     let level = to.config().compression_level;
-    let mut packs = Packs::default();
     let mut failure: Option<RepoError> = None;
-    let mut ids: std::collections::HashMap<BlockId, BlockId> =
-        std::collections::HashMap::with_capacity(unique.len());
-    // Destination ids stored by this run (not yet durable for the
-    // catalog's "intact" question, but already in a pack being written).
-    let mut stored_now: HashSet<BlockId> = HashSet::new();
+    let mut ids: HashMap<BlockId, BlockId> = HashMap::with_capacity(unique.len());
     let wanted: Vec<(u64, BlockId)> = unique
         .iter()
         .enumerate()
@@ -257,8 +258,7 @@ fn copy_translated(
             let present = to.catalog().contains_intact_many(&dst)?;
             for ((src, dst, raw), has) in blocks.into_iter().zip(present) {
                 ids.insert(src, dst);
-                progress.advance(1);
-                if has || !stored_now.insert(dst) {
+                if has || packs.pending.contains(&dst) {
                     report.blocks_skipped += 1;
                     report.skipped_raw_bytes += raw.len() as u64;
                     continue;
@@ -281,15 +281,7 @@ fn copy_translated(
         return Err(e);
     }
     stream?;
-    let indexed = packs.finish(to, report)?;
-    for (_, r) in obj.entries.iter_mut() {
-        if let BlockRef::Data(id) = r {
-            *id = *ids.get(id).ok_or_else(|| {
-                RepoError::Invalid(format!("copy: block {id} was not read from the source"))
-            })?;
-        }
-    }
-    commit_copy(from, to, obj, indexed, report)
+    Ok(ids)
 }
 
 /// A verified block ready for a pack (stored raw when it looks
@@ -311,6 +303,8 @@ fn prepare(raw: Vec<u8>, id: BlockId, level: i32) -> Result<CompressedBlock, Rep
 #[derive(Default)]
 struct Packs {
     writer: Option<PackWriter>,
+    /// Blocks in the pack being filled (not yet in the catalog).
+    pending: HashSet<BlockId>,
     indexed: Vec<IndexedPack>,
 }
 
@@ -327,11 +321,13 @@ impl Packs {
             .writer
             .get_or_insert_with(|| PackWriter::new(target, to.codec()));
         w.add(&block)?;
+        self.pending.insert(block.id);
         report.blocks_sent += 1;
         report.sent_raw_bytes += block.raw_length as u64;
         if w.is_full() {
             let full = self.writer.take().expect("a writer");
             report.sent_stored_bytes += flush(to, full, &mut self.indexed)?;
+            self.pending.clear();
             report.packs_written += 1;
         }
         Ok(())

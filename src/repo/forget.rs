@@ -5,9 +5,11 @@
 //! Which snapshots to forget is the policy's business (`repo::policy`);
 //! blocks are left for prune.
 //!
-//! The fold itself ([`plan_folds`]) is pure and verifies every replacement
-//! in memory (the new chain's resolved map must equal the old one) before
-//! anything is written. [`forget`] then writes in the crash-safe order:
+//! The fold itself ([`plan_folds`]) goes range by range and verifies every
+//! range of every replacement (the new chain must resolve it to the old
+//! content) before any snapshot object is written or removed; only the
+//! replacements' manifest pages are written while planning, and nothing
+//! names them until the replacement is committed. [`forget`] then writes in the crash-safe order:
 //! every replacement durable, then the older generations of the rewritten
 //! ids, then every object of the forgotten ids (oldest generation first, so
 //! an interrupted run never lets an old generation become live again).
@@ -21,11 +23,12 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{RepoError, Repository};
+use super::manifests::LevelReader;
+use super::{Body, ChainReader, PageWriter, RepoError, Repository, Snapshot};
 use crate::backend::Kind;
-use crate::format::snapshot::{BlockRef, SnapshotObject};
+use crate::format::snapshot::BlockRef;
 use crate::format::{ObjectName, SnapshotId};
-use crate::manifest::{self, BlockMap};
+use crate::manifest;
 use crate::progress::{NoProgress, Progress};
 
 /// Why a fold could not be planned; nothing was written.
@@ -100,9 +103,9 @@ pub struct ForgetReport {
 
 /// The chain of `id` in `objects`, oldest (a full manifest) first.
 pub fn chain_of(
-    objects: &HashMap<SnapshotId, SnapshotObject>,
+    objects: &HashMap<SnapshotId, Snapshot>,
     id: SnapshotId,
-) -> Result<Vec<&SnapshotObject>, FoldError> {
+) -> Result<Vec<&Snapshot>, FoldError> {
     let mut chain = Vec::new();
     let mut next = Some(id);
     let mut child = id;
@@ -124,12 +127,17 @@ pub fn chain_of(
 /// The replacement of `chain.last()` (a kept snapshot) when its parent is
 /// in `forgotten`, else `None`: same id, generation + 1, parent = the
 /// nearest kept ancestor (or none: a full manifest), and exactly the
-/// entries that make the new chain resolve to the old map. Verified in
-/// memory before it is returned.
+/// entries that make the new chain resolve to the old map, with the
+/// child's own bitmap. Built range by range: each range's entries are
+/// checked (the new chain resolves it to the old content) before its page
+/// is written; nothing is written with `dry_run`. The pages are durable
+/// before the object that names them is committed by the caller.
 pub fn fold(
-    chain: &[&SnapshotObject],
+    repo: &Repository,
+    chain: &[&Snapshot],
     forgotten: &HashSet<SnapshotId>,
-) -> Result<Option<SnapshotObject>, FoldError> {
+    dry_run: bool,
+) -> Result<Option<Snapshot>, RepoError> {
     let Some((child, ancestors)) = chain.split_last() else {
         return Ok(None);
     };
@@ -141,41 +149,84 @@ pub fn fold(
     let kept = ancestors
         .iter()
         .rposition(|o| !forgotten.contains(&o.meta.id));
-    let target = manifest::resolve(chain);
-    let new_parent = kept.map(|k| ancestors[k].meta.id);
-    let entries: Vec<(u64, BlockRef)> = match kept {
-        None => manifest::flatten(&target),
-        Some(k) => {
-            let base_chain = &ancestors[..=k];
-            let base_size = base_chain[k].meta.block_size;
-            if base_size != child.meta.block_size {
-                return Err(FoldError::BlockSize {
-                    child: child.meta.id,
-                    child_size: child.meta.block_size,
-                    ancestor: base_chain[k].meta.id,
-                    ancestor_size: base_size,
-                });
+    if let Some(k) = kept {
+        let base_size = ancestors[k].meta.block_size;
+        if base_size != child.meta.block_size {
+            return Err(FoldError::BlockSize {
+                child: child.meta.id,
+                child_size: child.meta.block_size,
+                ancestor: ancestors[k].meta.id,
+                ancestor_size: base_size,
             }
-            let base = manifest::resolve(base_chain);
-            // What the child inherits: the base cut to the child's size
-            // (a block beyond it is dropped, a regrown one reads as zero).
-            let blocks = child.meta.block_count();
-            let inherited = BlockMap {
-                disk_size_bytes: child.meta.disk_size_bytes,
-                block_size: child.meta.block_size,
-                data: base.data.into_iter().filter(|(i, _)| *i < blocks).collect(),
-            };
-            manifest::diff(&inherited, &target)
-                .into_iter()
-                .map(|c| {
-                    (
-                        c.index,
-                        c.after.map(BlockRef::Data).unwrap_or(BlockRef::Zero),
-                    )
-                })
-                .collect()
+            .into());
         }
+    }
+    let owned = |c: &[&Snapshot]| c.iter().map(|s| (*s).clone()).collect::<Vec<Snapshot>>();
+    let mut target = ChainReader::new(repo, owned(chain))?;
+    let mut base = match kept {
+        Some(k) => Some(ChainReader::new(repo, owned(&ancestors[..=k]))?),
+        None => None,
     };
+    let mut own = LevelReader::new((*child).clone());
+    let mut pages = PageWriter::new(repo, child.has_bitmap())
+        .dry_run(dry_run)
+        .knowing(child.page_ids());
+    let step = pages.page_blocks();
+    let blocks = child.meta.block_count();
+    let mut differing = 0u64;
+    // The ranges where anything may be: entries of the old chain or of the
+    // new base, or the child's bitmap; the others resolve to zero in both.
+    let mut touched: Vec<u64> = Vec::new();
+    for reader in std::iter::once(&target).chain(base.as_ref()) {
+        let rb = reader.range_blocks();
+        for &r in reader.nonempty_ranges() {
+            let lo = r * rb;
+            touched.extend(lo / step..=(lo + rb - 1) / step);
+        }
+    }
+    touched.extend(child.ranges_touched(step, true));
+    touched.sort_unstable();
+    touched.dedup();
+    touched.retain(|q| q * step < blocks);
+    for q in touched {
+        let lo = q * step;
+        let hi = (lo + step).min(blocks);
+        let wanted = target.data_in(lo, hi)?;
+        // What the child inherits: the base cut to the child's size (a
+        // block beyond it is dropped, a regrown one reads as zero).
+        let inherited = match base.as_mut() {
+            Some(b) => b.data_in(lo, hi)?,
+            None => Vec::new(),
+        };
+        let entries: Vec<(u64, BlockRef)> = manifest::diff_data(&inherited, &wanted)
+            .into_iter()
+            .map(|c| {
+                (
+                    c.index,
+                    c.after.map(BlockRef::Data).unwrap_or(BlockRef::Zero),
+                )
+            })
+            .collect();
+        // The new chain resolves this range to the old content.
+        let after = manifest::apply_entries(&inherited, &entries, blocks);
+        if after != wanted {
+            differing += manifest::diff_data(&after, &wanted).len() as u64;
+            continue;
+        }
+        let bits = if child.has_bitmap() {
+            own.range(repo, lo, lo + step, true)?.bitmap
+        } else {
+            None
+        };
+        pages.add(q, entries, bits)?;
+    }
+    if differing > 0 {
+        return Err(FoldError::WouldChange {
+            id: child.meta.id,
+            differing,
+        }
+        .into());
+    }
     let mut meta = child.meta.clone();
     meta.generation = meta
         .generation
@@ -184,34 +235,22 @@ pub fn fold(
             id: meta.id,
             generation: meta.generation,
         })?;
-    meta.parent = new_parent;
-    let new = SnapshotObject {
+    meta.parent = kept.map(|k| ancestors[k].meta.id);
+    Ok(Some(Snapshot {
         meta,
-        entries,
-        bitmap: child.bitmap.clone(),
-    };
-    let mut new_chain: Vec<&SnapshotObject> = match kept {
-        Some(k) => ancestors[..=k].to_vec(),
-        None => Vec::new(),
-    };
-    new_chain.push(&new);
-    let after = manifest::resolve(&new_chain);
-    if after != target {
-        return Err(FoldError::WouldChange {
-            id: child.meta.id,
-            differing: manifest::diff(&after, &target).len() as u64,
-        });
-    }
-    Ok(Some(new))
+        body: Body::Paged(pages.finish()),
+    }))
 }
 
 /// The replacements of every kept snapshot in `objects` whose parent is
 /// forgotten. `objects` holds the live object of every forgotten id, of
 /// every kept child of one, and of all their ancestors.
 pub fn plan_folds(
-    objects: &HashMap<SnapshotId, SnapshotObject>,
+    repo: &Repository,
+    objects: &HashMap<SnapshotId, Snapshot>,
     forgotten: &HashSet<SnapshotId>,
-) -> Result<Vec<SnapshotObject>, FoldError> {
+    dry_run: bool,
+) -> Result<Vec<Snapshot>, RepoError> {
     let mut ids: Vec<SnapshotId> = objects
         .values()
         .filter(|o| !forgotten.contains(&o.meta.id))
@@ -222,7 +261,7 @@ pub fn plan_folds(
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
         let chain = chain_of(objects, id)?;
-        if let Some(new) = fold(&chain, forgotten)? {
+        if let Some(new) = fold(repo, &chain, forgotten, dry_run)? {
             out.push(new);
         }
     }
@@ -272,7 +311,7 @@ pub fn forget_with_progress(
         .filter(|s| s.meta.parent.is_some_and(|p| forgotten.contains(&p)))
         .map(|s| s.meta.id)
         .collect();
-    let mut objects: HashMap<SnapshotId, SnapshotObject> = HashMap::new();
+    let mut objects: HashMap<SnapshotId, Snapshot> = HashMap::new();
     let mut involved: Vec<SnapshotId> = forgotten.iter().copied().collect();
     involved.sort();
     involved.extend(children.iter().copied());
@@ -288,7 +327,9 @@ pub fn forget_with_progress(
             objects.entry(obj.meta.id).or_insert(obj);
         }
     }
-    let folds = plan_folds(&objects, &forgotten)?;
+    // Every fold computed and verified (its pages written unless dry run)
+    // before any object is written or removed.
+    let folds = plan_folds(repo, &objects, &forgotten, dry_run)?;
 
     // Every object of the repository, for the generations to remove.
     let all = repo.catalog().snapshots()?;
@@ -368,8 +409,8 @@ pub fn forget_with_progress(
             old_parent: old.meta.parent,
             new_parent: new.meta.parent,
             became_full: new.meta.parent.is_none(),
-            entries_before: old.entries.len() as u64,
-            entries_after: new.entries.len() as u64,
+            entries_before: old.entry_count(),
+            entries_after: new.entry_count(),
             object: None,
         });
     }

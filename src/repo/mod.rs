@@ -11,6 +11,7 @@ pub mod forget;
 pub mod keys;
 pub mod location;
 pub mod lock;
+pub mod manifests;
 pub mod policy;
 pub mod prune;
 pub mod read;
@@ -28,12 +29,13 @@ use chrono::Utc;
 use crate::backend::{Backend, BackendError, Kind, LocalBackend};
 use crate::crypto::{Bound, Codec, Keys, MasterSecret};
 use crate::format::config::{self, RepoConfig};
-use crate::format::snapshot::{self, SnapshotMeta, SnapshotObject};
+use crate::format::snapshot::{self, SnapshotMeta};
 use crate::format::{pack as pack_layout, FormatError, ObjectName, SnapshotId};
 use crate::index::{Catalog, IndexError, OpenState};
-use crate::manifest::{self, BlockMap};
+use crate::manifest::BlockMap;
 use crate::pack::PackError;
 use crate::source::SourceError;
+pub use manifests::{Body, ChainReader, PageWriter, RangeMap, Snapshot};
 
 pub use keys::{KeyInfo, NewKey, PasswordSource};
 pub use location::{Location, S3Settings, S3Style};
@@ -1164,24 +1166,6 @@ impl Repository {
         Ok(self.catalog().mark_damaged(block, pack, reason)?)
     }
 
-    /// Loads a snapshot object, checking its name against its content.
-    pub fn load_snapshot(&self, object: &ObjectName) -> Result<SnapshotObject, RepoError> {
-        let name = object.to_hex();
-        let bytes = self.backend.load(Kind::Snapshot, &name)?;
-        if ObjectName::of(&bytes) != *object {
-            return Err(RepoError::corrupt(
-                Kind::Snapshot,
-                name,
-                "content does not match its name (hash)",
-            ));
-        }
-        let plain = self
-            .codec
-            .open_object(Bound::Snapshot, &bytes)
-            .map_err(|e| RepoError::corrupt(Kind::Snapshot, name.clone(), e))?;
-        snapshot::decode(&plain).map_err(|e| RepoError::corrupt(Kind::Snapshot, name, e))
-    }
-
     /// Makes the catalog's snapshot table mirror `snapshots/`.
     pub fn sync_snapshots(&mut self) -> Result<(), RepoError> {
         let listed = self.backend.list(Kind::Snapshot)?;
@@ -1324,8 +1308,9 @@ impl Repository {
         }
     }
 
-    /// The chain of snapshot objects from the full manifest to `id`, oldest first.
-    pub fn load_chain(&self, id: SnapshotId) -> Result<Vec<SnapshotObject>, RepoError> {
+    /// The chain of snapshot objects from the full manifest to `id`, oldest
+    /// first (version 2 objects without their pages).
+    pub fn load_chain(&self, id: SnapshotId) -> Result<Vec<Snapshot>, RepoError> {
         let live: HashMap<SnapshotId, SnapshotEntry> = self
             .snapshots()?
             .into_iter()
@@ -1351,14 +1336,11 @@ impl Repository {
         Ok(chain)
     }
 
-    /// The resolved block map of snapshot `id`.
+    /// The resolved block map of snapshot `id`, whole in memory (40 bytes
+    /// per data block): for small disks and tests. Readers of whole disks
+    /// go range by range ([`Repository::chain_reader`]).
     pub fn resolve(&self, id: SnapshotId) -> Result<BlockMap, RepoError> {
-        let chain = self.load_chain(id).map_err(|e| RepoError::InSnapshot {
-            snapshot: id,
-            cause: Box::new(e),
-        })?;
-        let refs: Vec<&SnapshotObject> = chain.iter().collect();
-        Ok(manifest::resolve(&refs))
+        self.chain_reader(id)?.collect_map()
     }
 
     /// Writes a snapshot object (after its blocks are durable) and records it.
@@ -1418,7 +1400,9 @@ impl Repository {
         Ok(written)
     }
 
-    pub fn commit_snapshot(&self, obj: &SnapshotObject) -> Result<ObjectName, RepoError> {
+    /// Writes a snapshot object whose pages (version 2) are durable, and
+    /// records it.
+    pub fn commit_snapshot(&self, obj: &Snapshot) -> Result<ObjectName, RepoError> {
         #[cfg(debug_assertions)]
         test_failpoint("commit_snapshot")?;
         #[cfg(debug_assertions)]
@@ -1426,7 +1410,9 @@ impl Repository {
         // The last check point: nothing is committed after a stop signal.
         crate::interrupt::check()?;
         self.ensure_lock_held()?;
-        let plain = snapshot::encode(obj).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let plain = obj
+            .encode()
+            .map_err(|e| RepoError::Invalid(e.to_string()))?;
         let bytes = self
             .codec
             .seal_object(Bound::Snapshot, plain)

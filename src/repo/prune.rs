@@ -18,9 +18,10 @@ use super::repair::{clean_tmp, TMP_MIN_AGE};
 use super::{RepoError, Repository, INDEX_FLUSH_ENTRIES};
 use crate::backend::Kind;
 use crate::format::snapshot::BlockRef;
-use crate::format::{BlockId, ObjectName};
+use crate::format::{BlockId, ObjectName, PageId};
 use crate::pack::{CompressedBlock, PackWriter, Stored};
 use crate::progress::Progress;
+use crate::repo::Body;
 
 /// Prune's own failures.
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +198,9 @@ pub struct PruneReport {
     #[serde(rename = "unused_remaining_bytes")]
     pub bytes_unused_remaining: u64,
     pub tmp_files_removed: u64,
+    /// Manifest pages no snapshot object names, removed (or, dry run, to
+    /// remove).
+    pub manifest_pages_removed: u64,
     /// Index objects replaced: they named removed packs, or were small
     /// and merged with others (spec: 08-index.md#writing).
     pub index_objects_rewritten: u64,
@@ -243,7 +247,15 @@ fn prune_marked(
     report: &mut PruneReport,
 ) -> Result<(), RepoError> {
     let backend = repo.backend();
-    report.snapshot_objects = mark(repo)?;
+    let (objects, pages) = mark(repo)?;
+    report.snapshot_objects = objects;
+    let unreferenced_pages: Vec<String> = backend
+        .list(Kind::Page)?
+        .into_iter()
+        .map(|(name, _)| name)
+        .filter(|name| name.parse::<PageId>().is_ok_and(|id| !pages.contains(&id)))
+        .collect();
+    report.manifest_pages_removed = unreferenced_pages.len() as u64;
     #[cfg(debug_assertions)]
     super::test_delay("prune_marked");
     // Check points (a stop signal) up to the catalog transaction of step 2;
@@ -501,14 +513,24 @@ fn prune_marked(
     let gone: HashSet<usize> = gone.into_iter().collect();
     (report.bytes_unused_remaining, report.blobs_unused_remaining) = kept_unused(&gone);
     report.tmp_files_removed = clean_tmp(repo, TMP_MIN_AGE)?.0;
+    // 8. Manifest pages no snapshot object names (spec: 06-ordering.md#prune).
+    for name in &unreferenced_pages {
+        match backend.remove(Kind::Page, name) {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(())
 }
 
 /// Marks every block any snapshot object in `snapshots/` names, one object
-/// at a time; returns how many objects were read.
-fn mark(repo: &Repository) -> Result<u64, RepoError> {
+/// (and one manifest page) at a time; returns how many objects were read
+/// and the manifest pages they name.
+fn mark(repo: &Repository) -> Result<(u64, HashSet<PageId>), RepoError> {
     repo.catalog().begin_mark()?;
     let mut objects = 0;
+    let mut pages = HashSet::new();
     for (name, _) in repo.backend().list(Kind::Snapshot)? {
         let Ok(object) = name.parse::<ObjectName>() else {
             continue;
@@ -519,14 +541,34 @@ fn mark(repo: &Repository) -> Result<u64, RepoError> {
                 reason: e.to_string(),
             })
         })?;
-        repo.catalog()
-            .mark_used(obj.entries.iter().filter_map(|(_, r)| match r {
-                BlockRef::Data(id) => Some(id),
-                BlockRef::Zero => None,
-            }))?;
+        let unreadable = |e: RepoError| {
+            RepoError::from(PruneError::UnreadableSnapshot {
+                name: name.clone(),
+                reason: e.to_string(),
+            })
+        };
+        let data = |entries: &[(u64, BlockRef)]| -> Vec<BlockId> {
+            entries
+                .iter()
+                .filter_map(|(_, r)| match r {
+                    BlockRef::Data(id) => Some(*id),
+                    BlockRef::Zero => None,
+                })
+                .collect()
+        };
+        match &obj.body {
+            Body::Inline { entries, .. } => repo.catalog().mark_used(data(entries).iter())?,
+            Body::Paged(table) => {
+                for row in &table.rows {
+                    let page = repo.load_page(row, table, &obj.meta).map_err(unreadable)?;
+                    repo.catalog().mark_used(data(&page.entries).iter())?;
+                    pages.insert(row.id);
+                }
+            }
+        }
         objects += 1;
     }
-    Ok(objects)
+    Ok((objects, pages))
 }
 
 /// Rewrites every index object that names a pack no longer in `data/`:

@@ -488,6 +488,20 @@ impl<'r> BlockReader<'r> {
     where
         F: FnMut(Vec<(Located, BlockResult)>) -> bool + Send,
     {
+        self.stream_parts(std::iter::once(Ok::<_, ReadError>(blocks)), consume)
+    }
+
+    /// [`BlockReader::stream`] over blocks that come in parts (e.g. the
+    /// ranges of a chain, resolved one at a time): a part is asked for only
+    /// when the reader gets to it, so memory holds one part and the
+    /// read-ahead. A part that fails ends the stream with its error.
+    pub fn stream_parts<P, B, E, F>(&self, parts: P, consume: F) -> Result<(), E>
+    where
+        P: Iterator<Item = Result<B, E>>,
+        B: AsRef<[(u64, BlockId)]>,
+        E: From<ReadError>,
+        F: FnMut(Vec<(Located, BlockResult)>) -> bool + Send,
+    {
         let mut consume = consume;
         let (tx, rx) = bounded::<Vec<(Located, BlockResult)>>(CHUNKS_IN_FLIGHT);
         std::thread::scope(|s| {
@@ -499,19 +513,22 @@ impl<'r> BlockReader<'r> {
                     }
                 }
             });
-            let read = (|| -> Result<(), ReadError> {
+            let read = (|| -> Result<(), E> {
                 let step = CHUNK_BLOCKS * self.profile.chunks_per_step;
-                for part in blocks.chunks(step) {
-                    let located = self.locate(part)?;
-                    let results = self.read(&located);
-                    let mut pairs = located.into_iter().zip(results);
-                    loop {
-                        let chunk: Vec<_> = pairs.by_ref().take(CHUNK_BLOCKS).collect();
-                        if chunk.is_empty() {
-                            break;
-                        }
-                        if tx.send(chunk).is_err() {
-                            return Ok(()); // the consumer stopped
+                for blocks in parts {
+                    let blocks = blocks?;
+                    for part in blocks.as_ref().chunks(step) {
+                        let located = self.locate(part)?;
+                        let results = self.read(&located);
+                        let mut pairs = located.into_iter().zip(results);
+                        loop {
+                            let chunk: Vec<_> = pairs.by_ref().take(CHUNK_BLOCKS).collect();
+                            if chunk.is_empty() {
+                                break;
+                            }
+                            if tx.send(chunk).is_err() {
+                                return Ok(()); // the consumer stopped
+                            }
                         }
                     }
                 }

@@ -11,9 +11,9 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use super::read::BlockReader;
-use super::{RepoError, Repository};
+use super::{Body, RepoError, Repository, Snapshot};
 use crate::backend::Kind;
-use crate::format::snapshot::{BlockRef, SnapshotObject};
+use crate::format::snapshot::BlockRef;
 use crate::format::{BlockId, ObjectName, SnapshotId};
 use crate::pack::{CompressedBlock, PackWriter, Stored};
 use crate::progress::Progress;
@@ -175,7 +175,7 @@ pub fn repair_snapshots(repo: &Repository) -> Result<Vec<SnapshotRepair>, RepoEr
         }
         let obj = repo.load_snapshot(&s.object)?;
         let blocks = obj.meta.block_count();
-        let covered = obj.entries.len() as u64;
+        let covered = obj.entry_count();
         let mut result = SnapshotRepair {
             id: s.meta.id,
             source: s.meta.source.clone(),
@@ -193,17 +193,13 @@ pub fn repair_snapshots(repo: &Repository) -> Result<Vec<SnapshotRepair>, RepoEr
             if !meta.tags.iter().any(|t| t == "repaired") {
                 meta.tags.push("repaired".into());
             }
-            let new = SnapshotObject {
-                meta,
-                entries: obj
-                    .entries
-                    .iter()
-                    .filter(|e| e.1 != BlockRef::Zero)
-                    .copied()
-                    .collect(),
-                bitmap: obj.bitmap.clone(),
-            };
             repo.ensure_lock_held()?;
+            // Its pages first (format-spec/06-ordering.md#rewrite).
+            let table = repo.repage(&obj, true, |e| e.1 != BlockRef::Zero)?;
+            let new = Snapshot {
+                meta,
+                body: Body::Paged(table),
+            };
             let name = repo.commit_snapshot(&new)?;
             repo.ensure_lock_held()?;
             match repo.backend().remove(Kind::Snapshot, &s.object.to_hex()) {
@@ -281,11 +277,15 @@ pub fn remove_unreferenced_packs(
                 "snapshot object {name} cannot be read ({e}), so what it references is unknown; nothing removed"
             ))
         })?;
-        for (_, r) in obj.entries {
-            if let BlockRef::Data(id) = r {
-                referenced.insert(id);
+        let step = obj.range_blocks();
+        repo.each_range(&obj, step, false, |_, part| {
+            for (_, r) in part.entries {
+                if let BlockRef::Data(id) = r {
+                    referenced.insert(id);
+                }
             }
-        }
+            Ok(())
+        })?;
     }
     let packs = backend.list(Kind::Pack)?;
     progress.set_total(packs.len() as u64);

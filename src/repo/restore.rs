@@ -1,4 +1,5 @@
-//! The one restore engine: a resolved block map is streamed in block order
+//! The one restore engine: a snapshot's chain, resolved range by range, is
+//! streamed in block order
 //! into a sink (file, block device, stdout, XenServer import). Blocks come
 //! from `read::BlockReader` (coalesced, verified, read ahead in parallel)
 //! and are written in order on one thread; memory is bounded by the
@@ -15,9 +16,8 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::read::BlockReader;
-use super::{RepoError, Repository};
+use super::{ChainReader, RepoError, Repository};
 use crate::format::{BlockId, ObjectName, SnapshotId};
-use crate::manifest::BlockMap;
 use crate::progress::Progress;
 
 /// Where restored bytes go. Calls come in ascending offset order and cover
@@ -91,18 +91,22 @@ pub struct RestoreError {
     pub cause: Box<RepoError>,
 }
 
-/// Streams the disk described by `map` into `sink`, verifying every block.
+/// Streams the disk `reader` resolves into `sink`, verifying every block.
+/// Every page of the chain is read and every range resolved once before
+/// the first byte is written ([`ChainReader::survey`]); then the ranges
+/// are resolved again one at a time as the blocks stream, so memory holds
+/// one range and the read-ahead whatever the disk size.
 pub fn run(
     repo: &Repository,
-    snapshot: SnapshotId,
-    map: &BlockMap,
+    mut reader: ChainReader<'_>,
     sink: &mut dyn BlockSink,
     options: RestoreOptions,
     progress: &dyn Progress,
 ) -> Result<RestoreSummary, RestoreError> {
     let started = Instant::now();
-    let disk = map.disk_size_bytes;
-    let bs = map.block_size as u64;
+    let snapshot = reader.id();
+    let disk = reader.disk_size_bytes();
+    let bs = reader.block_size() as u64;
     let stopped = |written_bytes: u64, cause: RepoError| RestoreError {
         snapshot,
         written_bytes,
@@ -124,23 +128,16 @@ pub fn run(
             in_snapshot(RepoError::Invalid("block size 0".into())),
         ));
     }
-    let count = map.block_count();
-    let sorted = map.data.windows(2).all(|w| w[0].0 < w[1].0);
-    if !sorted || map.data.last().is_some_and(|(i, _)| *i >= count) {
-        return Err(stopped(
-            0,
-            in_snapshot(RepoError::Invalid(
-                "block map out of order or beyond the disk; run 'cbtvault check'".into(),
-            )),
-        ));
-    }
+    let count = reader.block_count();
+    let data_blocks = reader.survey(|_| {}).map_err(|e| stopped(0, e))?;
     progress.set_total(disk);
     // Everything before `next` has been written.
     let mut next = 0u64;
     let mut written = 0u64;
     let mut damaged: Vec<DamagedBlock> = Vec::new();
     let mut failed: Option<RepoError> = None;
-    let read_result = BlockReader::new(repo).stream(&map.data, |chunk| {
+    let parts = (&mut reader).map(|r| r.map(|m| m.data));
+    let read_result = BlockReader::new(repo).stream_parts(parts, |chunk| {
         #[cfg(debug_assertions)]
         super::test_delay("restore_chunk");
         // Check point: a stop signal ends the restore before this chunk;
@@ -206,7 +203,11 @@ pub fn run(
         true
     });
     if let Err(e) = read_result {
-        return Err(stopped(next, in_snapshot(e.into())));
+        let e = match e {
+            e @ RepoError::InSnapshot { .. } => e,
+            e => in_snapshot(e),
+        };
+        return Err(stopped(next, e));
     }
     if let Some(e) = failed {
         return Err(stopped(next, e));
@@ -223,8 +224,8 @@ pub fn run(
     Ok(RestoreSummary {
         snapshot_id: snapshot,
         disk_size_bytes: disk,
-        blocks_data: map.data.len() as u64,
-        blocks_zero: count - map.data.len() as u64,
+        blocks_data: data_blocks,
+        blocks_zero: count - data_blocks,
         bytes_written: written,
         seconds: started.elapsed().as_secs_f64(),
         damaged_blocks: damaged,

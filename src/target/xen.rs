@@ -10,11 +10,10 @@
 use crate::crypto::BlockHasher;
 use ::bytes::BytesMut;
 
-use crate::format::{BlockId, SnapshotId};
-use crate::manifest::BlockMap;
+use crate::format::BlockId;
 use crate::progress::Progress;
 use crate::repo::restore::{self, BlockSink, RestoreOptions, RestoreSummary};
-use crate::repo::{RepoError, Repository};
+use crate::repo::{ChainReader, RepoError, Repository};
 use crate::source::nbd::NbdLimits;
 use crate::source::xenapi::import::{ImportFormat, ImportStream};
 use crate::source::xenapi::nbd::NbdSet;
@@ -71,33 +70,59 @@ pub fn describe(e: XenApiError) -> XenTargetError {
     }
 }
 
-/// Streams `map` into the existing VDI `vdi_ref` and follows the task;
-/// returns the summary and the body's length.
+/// What the import body of a disk depends on: its size and its data
+/// blocks, counted once over the whole chain ([`ChainReader::survey`],
+/// which also reads every manifest page before anything is sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskShape {
+    pub disk_size_bytes: u64,
+    pub block_size: u32,
+    pub data_blocks: u64,
+    /// Bytes of the data blocks (the last block may be partial).
+    pub data_bytes: u64,
+}
+
+impl DiskShape {
+    pub fn of(reader: &mut ChainReader<'_>) -> Result<DiskShape, RepoError> {
+        let disk = reader.disk_size_bytes();
+        let bs = reader.block_size() as u64;
+        let mut data_bytes = 0u64;
+        let data_blocks = reader.survey(|m| {
+            data_bytes += m
+                .data
+                .iter()
+                .map(|(i, _)| bs.min(disk.saturating_sub(i * bs)))
+                .sum::<u64>();
+        })?;
+        Ok(DiskShape {
+            disk_size_bytes: disk,
+            block_size: reader.block_size(),
+            data_blocks,
+            data_bytes,
+        })
+    }
+}
+
+/// Streams the disk `reader` resolves into the existing VDI `vdi_ref` and
+/// follows the task; returns the summary and the body's length.
 pub fn import_into(
     repo: &Repository,
     session: &Session,
-    id: SnapshotId,
-    map: &BlockMap,
+    reader: ChainReader<'_>,
+    shape: &DiskShape,
     vdi_ref: &str,
     format: ImportFormat,
     progress: &dyn Progress,
 ) -> Result<(RestoreSummary, u64), XenTargetError> {
-    let body = body_bytes(map, format);
+    let body = body_bytes(shape, format);
     let stream = ImportStream::start(session, vdi_ref, format, body)
         .map_err(call("start PUT /import_raw_vdi"))?;
     let mut sink = XenSink {
         stream,
-        disk_size_bytes: map.disk_size_bytes,
-        block_size: map.block_size as u64,
+        disk_size_bytes: shape.disk_size_bytes,
+        block_size: shape.block_size as u64,
     };
-    match restore::run(
-        repo,
-        id,
-        map,
-        &mut sink,
-        RestoreOptions::default(),
-        progress,
-    ) {
+    match restore::run(repo, reader, &mut sink, RestoreOptions::default(), progress) {
         Ok(summary) => {
             sink.stream.finish(session).map_err(|e| match describe(e) {
                 XenTargetError::Call { error, .. } => XenTargetError::Call {
@@ -133,14 +158,16 @@ pub fn import_into(
 /// Blocks read back at once by `--verify`.
 const VERIFY_BATCH_BLOCKS: usize = 64;
 
-/// Reads the VDI back over NBD and compares every block's hash with the map.
+/// Reads the VDI back over NBD and compares every block's hash with the
+/// disk `reader` resolves (range by range).
 pub fn verify(
     session: &Session,
     vdi_ref: &str,
     vdi_uuid: &str,
-    map: &BlockMap,
+    mut reader: ChainReader<'_>,
     hasher: BlockHasher,
 ) -> Result<(), XenTargetError> {
+    let disk_size_bytes = reader.disk_size_bytes();
     let entries = session
         .vdi_nbd_info(vdi_ref)
         .map_err(call("verify: VDI.get_nbd_info"))?;
@@ -152,21 +179,21 @@ pub fn verify(
     let nbd = NbdSet::connect(
         &entries,
         format!("xen-verify:{vdi_uuid}"),
-        map.disk_size_bytes,
+        disk_size_bytes,
         4,
         NbdLimits::default(),
     )
     .map_err(|e| {
         XenTargetError::Invalid(format!("verify: connect to VDI {vdi_uuid} over NBD: {e}"))
     })?;
-    let bs = map.block_size as u64;
+    let bs = reader.block_size() as u64;
     let mut buf = BytesMut::new();
     let result = (|| -> Result<(), XenTargetError> {
         // Batches of blocks, each one read with all its requests in flight
         // (not a round trip per block), hashed in parallel.
-        for first in (0..map.block_count()).step_by(VERIFY_BATCH_BLOCKS) {
+        for first in (0..reader.block_count()).step_by(VERIFY_BATCH_BLOCKS) {
             let at = first * bs;
-            let len = (VERIFY_BATCH_BLOCKS as u64 * bs).min(map.disk_size_bytes - at);
+            let len = (VERIFY_BATCH_BLOCKS as u64 * bs).min(disk_size_bytes - at);
             buf.resize(len as usize, 0);
             let mut reads = [(at, std::mem::take(&mut buf))];
             nbd.read_owned(&mut reads).map_err(|e| {
@@ -175,7 +202,10 @@ pub fn verify(
                 ))
             })?;
             buf = std::mem::take(&mut reads[0].1);
-            if let Some((index, expected)) = first_mismatch(map, hasher, first, &buf) {
+            let expected = reader
+                .data_in(first, first + VERIFY_BATCH_BLOCKS as u64)
+                .map_err(|e| XenTargetError::Invalid(format!("verify: {e}")))?;
+            if let Some((index, expected)) = first_mismatch(&expected, bs, hasher, first, &buf) {
                 return Err(XenTargetError::VerifyMismatch {
                     index,
                     vdi_uuid: vdi_uuid.to_string(),
@@ -298,7 +328,7 @@ impl BlockSink for XenSink {
 /// only, so an existing disk would keep its old bytes where the snapshot
 /// has zeros.
 pub fn choose_format(
-    map: &BlockMap,
+    shape: &DiskShape,
     wanted: &str,
     new_vdi: bool,
 ) -> Result<ImportFormat, XenApiError> {
@@ -313,7 +343,7 @@ pub fn choose_format(
         // `chunked`) whenever that is the smaller body, i.e. when the zero
         // blocks left out outweigh the chunk headers.
         "auto"
-            if body_bytes(map, ImportFormat::Chunked) < body_bytes(map, ImportFormat::Raw) =>
+            if body_bytes(shape, ImportFormat::Chunked) < body_bytes(shape, ImportFormat::Raw) =>
         {
             ImportFormat::Chunked
         }
@@ -326,41 +356,45 @@ pub fn choose_format(
     })
 }
 
-/// Bytes of the import body for `map` in `format`.
-pub fn body_bytes(map: &BlockMap, format: ImportFormat) -> u64 {
-    let bs = map.block_size as u64;
-    let disk = map.disk_size_bytes;
+/// Bytes of the import body of a disk of `shape` in `format`: the disk
+/// for raw; for chunked, one header and the bytes of each data block, and
+/// the terminating header.
+pub fn body_bytes(shape: &DiskShape, format: ImportFormat) -> u64 {
     match format {
-        ImportFormat::Raw => disk,
-        ImportFormat::Chunked => chunked_body_bytes(
-            map.data
-                .iter()
-                .filter(|(i, _)| *i < map.block_count())
-                .map(|(i, _)| bs.min(disk - i * bs)),
-        ),
+        ImportFormat::Raw => shape.disk_size_bytes,
+        ImportFormat::Chunked => {
+            chunked_body_bytes(std::iter::empty())
+                + shape.data_blocks * xapi_wire::chunked::CHUNK_HEADER_BYTES
+                + shape.data_bytes
+        }
     }
 }
 
-/// The first block of `data` (blocks from `first` on) that differs from
-/// `map`: its index and what the map expects there (None: zeros).
+/// The first block of `data` (blocks from `first` on, `bs` bytes each)
+/// that differs from what `expected` (the resolved data blocks of that
+/// span, ascending) says: its index and the id expected there (None:
+/// zeros).
 pub fn first_mismatch(
-    map: &BlockMap,
+    expected: &[(u64, BlockId)],
+    bs: u64,
     hasher: BlockHasher,
     first: u64,
     data: &[u8],
 ) -> Option<(u64, Option<BlockId>)> {
     use rayon::prelude::*;
-    let bs = map.block_size as usize;
-    data.par_chunks(bs)
+    data.par_chunks(bs as usize)
         .enumerate()
         .map(|(k, block)| (first + k as u64, block))
         .filter_map(|(index, block)| {
-            let expected = map.get(index);
-            let ok = match expected {
+            let want = expected
+                .binary_search_by_key(&index, |(i, _)| *i)
+                .ok()
+                .map(|p| expected[p].1);
+            let ok = match want {
                 Some(id) => hasher.id(block) == id,
                 None => nbd::bytes::is_zero(block),
             };
-            (!ok).then_some((index, expected))
+            (!ok).then_some((index, want))
         })
         .min_by_key(|m| m.0)
 }
@@ -369,11 +403,13 @@ pub fn first_mismatch(
 mod tests {
     use super::*;
 
-    fn map(blocks: u64, data: impl Iterator<Item = u64>) -> BlockMap {
-        BlockMap {
+    fn map(blocks: u64, data: impl Iterator<Item = u64>) -> DiskShape {
+        let n = data.count() as u64;
+        DiskShape {
             disk_size_bytes: blocks * 65536,
             block_size: 65536,
-            data: data.map(|i| (i, BlockId([i as u8; 32]))).collect(),
+            data_blocks: n,
+            data_bytes: n * 65536,
         }
     }
 
@@ -382,20 +418,22 @@ mod tests {
         let a = vec![1u8; 65536];
         let b = vec![2u8; 65536];
         // Blocks 10.. of a disk: 10 = a, 11 = zeros, 12 = b, 13 = zeros.
-        let mut m = map(20, [10u64, 12].into_iter());
-        m.data = vec![(10, BlockId::of(&a)), (12, BlockId::of(&b))];
+        let m = vec![(10, BlockId::of(&a)), (12, BlockId::of(&b))];
         let good = [a.clone(), vec![0; 65536], b.clone(), vec![0; 65536]].concat();
-        assert_eq!(first_mismatch(&m, BlockHasher::Plain, 10, &good), None);
+        assert_eq!(
+            first_mismatch(&m, 65536, BlockHasher::Plain, 10, &good),
+            None
+        );
         let mut bad = good.clone();
         bad[3 * 65536 + 5] = 1; // data where zeros are expected
         bad[2 * 65536] ^= 1; // a changed byte in block 12 (reported first)
         assert_eq!(
-            first_mismatch(&m, BlockHasher::Plain, 10, &bad),
+            first_mismatch(&m, 65536, BlockHasher::Plain, 10, &bad),
             Some((12, Some(BlockId::of(&b))))
         );
         bad[2 * 65536] ^= 1;
         assert_eq!(
-            first_mismatch(&m, BlockHasher::Plain, 10, &bad),
+            first_mismatch(&m, 65536, BlockHasher::Plain, 10, &bad),
             Some((13, None))
         );
     }
@@ -406,7 +444,7 @@ mod tests {
         let dense = map(1000, 0..1000);
         let one_hole = map(10_000, 1..10_000);
         let chunked =
-            |m: &BlockMap, new| choose_format(m, "auto", new).unwrap() == ImportFormat::Chunked;
+            |m: &DiskShape, new| choose_format(m, "auto", new).unwrap() == ImportFormat::Chunked;
         assert!(chunked(&half, true));
         assert!(!chunked(&half, false));
         assert!(!chunked(&dense, true));

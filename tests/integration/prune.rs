@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 
 use cbtvault::format::pack::{decode_pack_index, TrailerEntry};
-use cbtvault::format::snapshot::{self, BlockRef};
+use cbtvault::format::snapshot::BlockRef;
 use cbtvault::format::BlockId;
 use serde_json::Value;
 
@@ -89,9 +89,9 @@ impl History {
 /// Every block id some snapshot object in `snapshots/` names.
 fn referenced(t: &TestRepo) -> HashSet<BlockId> {
     let mut out = HashSet::new();
+    let codec = repo_codec(t);
     for name in t.files_under("snapshots") {
-        let bytes = std::fs::read(t.repo.join("snapshots").join(name)).unwrap();
-        for (_, r) in snapshot::decode(&bytes).expect("snapshot decodes").entries {
+        for (_, r) in object_entries(t, &codec, &name).expect("snapshot decodes") {
             if let BlockRef::Data(id) = r {
                 out.insert(id);
             }
@@ -120,13 +120,7 @@ pub(crate) fn unreferenced_blobs(t: &TestRepo) -> Result<Vec<(String, BlockId)>,
     let codec = repo_codec(t);
     let mut used = HashSet::new();
     for name in t.files_under("snapshots") {
-        let bytes =
-            std::fs::read(t.repo.join("snapshots").join(&name)).map_err(|e| e.to_string())?;
-        let bytes = codec
-            .open_object(cbtvault::crypto::Bound::Snapshot, &bytes)
-            .map_err(|e| format!("snapshot {name}: {e}"))?;
-        let obj = snapshot::decode(&bytes).map_err(|e| format!("snapshot {name}: {e}"))?;
-        for (_, r) in obj.entries {
+        for (_, r) in object_entries(t, &codec, &name)? {
             if let BlockRef::Data(id) = r {
                 used.insert(id);
             }

@@ -107,15 +107,14 @@ fn damaged_block_stops_the_engine_before_it_and_never_finishes_the_sink() {
     let d = damaged();
     let repo = Repository::open(&d.t.repo).unwrap();
     let id = repo.find_snapshot(&d.id).unwrap().meta.id;
-    let map = repo.resolve(id).unwrap();
+    let reader = repo.chain_reader(id).unwrap();
     let mut sink = Prefilled {
         bytes: vec![0xAA; (BLOCKS * BS) as usize],
         finished: false,
     };
     let e = restore::run(
         &repo,
-        id,
-        &map,
+        reader,
         &mut sink,
         RestoreOptions::default(),
         &cbtvault::progress::NoProgress,
@@ -372,10 +371,18 @@ fn hostile_snapshot_claiming_a_2_pow_62_byte_disk_is_refused_before_writing() {
     // Forge: the same snapshot object claiming 2^62 bytes, under its hash.
     let snapshots = t.repo.join("snapshots");
     let name = names_in(&snapshots).pop().expect("one snapshot object");
-    let mut obj = snapshot::decode(&std::fs::read(snapshots.join(&name)).unwrap()).unwrap();
-    obj.meta.disk_size_bytes = 1 << 62;
-    obj.bitmap = None;
-    let bytes = snapshot::encode(&obj).unwrap();
+    let bytes = match snapshot::decode_any(&std::fs::read(snapshots.join(&name)).unwrap()).unwrap()
+    {
+        snapshot::StoredSnapshot::Inline(mut obj) => {
+            obj.meta.disk_size_bytes = 1 << 62;
+            obj.bitmap = None;
+            snapshot::encode(&obj).unwrap()
+        }
+        snapshot::StoredSnapshot::Paged(mut obj) => {
+            obj.meta.disk_size_bytes = 1 << 62;
+            snapshot::encode_paged(&obj).unwrap()
+        }
+    };
     std::fs::remove_file(snapshots.join(&name)).unwrap();
     std::fs::write(snapshots.join(ObjectName::of(&bytes).to_hex()), &bytes).unwrap();
 

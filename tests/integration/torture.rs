@@ -1412,22 +1412,39 @@ impl World {
         let plain = codec
             .open_object(bound, &std::fs::read(&path).unwrap())
             .map_err(|e| e.to_string())?;
-        let mut obj = snapshot::decode(&plain).map_err(|e| e.to_string())?;
-        if obj.entries.is_empty() {
-            return Ok(());
-        }
-        for e in &mut obj.entries {
-            e.1 = BlockRef::Zero;
-        }
-        let bytes = snapshot::encode(&obj).map_err(|e| e.to_string())?;
+        // Version 1: every entry made zero; version 2: the page table
+        // emptied (a full then reads all zero, a delta as its parent).
+        let (id, bytes) = match snapshot::decode_any(&plain).map_err(|e| e.to_string())? {
+            snapshot::StoredSnapshot::Inline(mut obj) => {
+                if obj.entries.is_empty() {
+                    return Ok(());
+                }
+                for e in &mut obj.entries {
+                    e.1 = BlockRef::Zero;
+                }
+                (
+                    obj.meta.id,
+                    snapshot::encode(&obj).map_err(|e| e.to_string())?,
+                )
+            }
+            snapshot::StoredSnapshot::Paged(mut obj) => {
+                if obj.table.rows.is_empty() {
+                    return Ok(());
+                }
+                obj.table.rows.clear();
+                (
+                    obj.meta.id,
+                    snapshot::encode_paged(&obj).map_err(|e| e.to_string())?,
+                )
+            }
+        };
         let bytes = codec.seal_object(bound, bytes).map_err(|e| e.to_string())?;
         let name = cbtvault::format::ObjectName::of(&bytes).to_hex();
         let forged = self.t.repo.join("snapshots").join(&name);
         std::fs::write(&forged, &bytes).unwrap();
         self.damage.push(Damage::Created { path: forged });
         self.after_damage(format!(
-            "forged a second object of snapshot {} (same generation, all blocks zero)",
-            obj.meta.id
+            "forged a second object of snapshot {id} (same generation, other blocks)"
         ))
     }
 

@@ -78,8 +78,8 @@ fn backup_once(
             let chain = repo.load_chain(id).map_err(|e| e.to_string())?;
             let meta = chain.last().unwrap().meta.clone();
             Some(ParentInfo {
-                map: repo.resolve(id).map_err(|e| e.to_string())?,
                 depth: chain.len() as u32 - 1,
+                chain,
                 meta,
             })
         }
@@ -118,12 +118,11 @@ fn backup_once(
 }
 
 fn restore_bytes(repo: &Repository, id: SnapshotId) -> Result<Vec<u8>, String> {
-    let map = repo.resolve(id).map_err(|e| e.to_string())?;
+    let reader = repo.chain_reader(id).map_err(|e| e.to_string())?;
     let mut sink = VecSink(Vec::new());
     restore::run(
         repo,
-        id,
-        &map,
+        reader,
         &mut sink,
         RestoreOptions::default(),
         &NoProgress,

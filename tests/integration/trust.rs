@@ -13,9 +13,16 @@ use crate::util::*;
 /// an all-zero disk; returns its object name.
 fn forge_duplicate(t: &TestRepo, id: &str) -> String {
     let bytes = std::fs::read(object_path(t, id)).unwrap();
-    let mut obj = snapshot::decode(&bytes).unwrap();
-    obj.entries.clear();
-    let forged = snapshot::encode(&obj).unwrap();
+    let forged = match snapshot::decode_any(&bytes).unwrap() {
+        snapshot::StoredSnapshot::Inline(mut obj) => {
+            obj.entries.clear();
+            snapshot::encode(&obj).unwrap()
+        }
+        snapshot::StoredSnapshot::Paged(mut obj) => {
+            obj.table.rows.clear();
+            snapshot::encode_paged(&obj).unwrap()
+        }
+    };
     let name = ObjectName::of(&forged).to_hex();
     std::fs::write(t.repo.join("snapshots").join(&name), forged).unwrap();
     name

@@ -741,3 +741,41 @@ pub fn repo_codec(t: &TestRepo) -> cbtvault::crypto::Codec {
         t.repo.display()
     )
 }
+
+/// Every manifest entry of the snapshot object `name` in `snapshots/`,
+/// decoded with the format codecs alone (an oracle independent of the
+/// repository code): a version 1 object's inline entries, or the entries
+/// of every page a version 2 object names, each page opened with the
+/// repository's codec and checked against its name.
+pub fn object_entries(
+    t: &TestRepo,
+    codec: &cbtvault::crypto::Codec,
+    name: &str,
+) -> Result<Vec<(u64, cbtvault::format::snapshot::BlockRef)>, String> {
+    use cbtvault::crypto::Bound;
+    use cbtvault::format::{page, snapshot};
+    let bytes = std::fs::read(t.repo.join("snapshots").join(name)).map_err(|e| e.to_string())?;
+    let plain = codec
+        .open_object(Bound::Snapshot, &bytes)
+        .map_err(|e| format!("snapshot {name}: {e}"))?;
+    match snapshot::decode_any(&plain).map_err(|e| format!("snapshot {name}: {e}"))? {
+        snapshot::StoredSnapshot::Inline(o) => Ok(o.entries),
+        snapshot::StoredSnapshot::Paged(p) => {
+            let mut out = Vec::new();
+            for row in &p.table.rows {
+                let hex = row.id.to_hex();
+                let stored = std::fs::read(t.repo.join("manifests").join(&hex))
+                    .map_err(|e| format!("page {hex}: {e}"))?;
+                let plain = codec
+                    .open_object(Bound::Page(row.id.0), &stored)
+                    .map_err(|e| format!("page {hex}: {e}"))?;
+                if codec.hasher().id(&plain).0 != row.id.0 {
+                    return Err(format!("page {hex}: content does not match its name"));
+                }
+                let pg = page::decode(&plain).map_err(|e| format!("page {hex}: {e}"))?;
+                out.extend(pg.entries);
+            }
+            Ok(out)
+        }
+    }
+}

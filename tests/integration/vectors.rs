@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 
 use cbtvault::format::pack::{self, TrailerEntry};
-use cbtvault::format::snapshot::{self, BlockRef, ReadMode, SnapshotObject};
+use cbtvault::format::page::{self, Page};
+use cbtvault::format::snapshot::{
+    self, BlockRef, PageRow, ReadMode, SnapshotObject, StoredSnapshot,
+};
 use cbtvault::format::{bitmap, config, BlockId, FormatError, SnapshotId};
 
 pub(crate) const PACK_HEX: &str =
@@ -16,6 +19,10 @@ pub(crate) const SNAPSHOT_FULL_HEX: &str =
     include_str!("../../format-spec/test-vectors/snapshot-full.hex");
 pub(crate) const SNAPSHOT_DELTA_HEX: &str =
     include_str!("../../format-spec/test-vectors/snapshot-delta.hex");
+pub(crate) const SNAPSHOT_PAGED_HEX: &str =
+    include_str!("../../format-spec/test-vectors/snapshot-paged.hex");
+pub(crate) const PAGE_DELTA_HEX: &str =
+    include_str!("../../format-spec/test-vectors/page-delta.hex");
 pub(crate) const BITMAP_XEN_TXT: &str =
     include_str!("../../format-spec/test-vectors/bitmap-xen.txt");
 pub(crate) const RAW_FRAME_HEX: &str = include_str!("../../format-spec/test-vectors/raw-frame.hex");
@@ -25,6 +32,8 @@ const BLOCK_SIZE: u32 = 65536;
 const PACK_NAME: &str = "e51a00737837b775064cff4cb7bb4ddf414e8b5bbf12da575fa86e7c0f795a43";
 const FULL_NAME: &str = "5c4b58fcc931419ac79edf5faa86dd45b185437551ffabd16ef949a1a17b390d";
 const DELTA_NAME: &str = "54966580097761144e290da410ba412244e25a20b4b8eba0ad02894f2e5fd450";
+const PAGED_NAME: &str = "06dee157ed4eada79756bbd2c3984118362bc277aaab2ce437543650c2a41ef3";
+const PAGE_NAME: &str = "aed2d2704327ae35b601cb7b8a2569fe2ae488cc6ee3c7de78622f49a0f10c56";
 const BLOCK_A_ID: &str = "9e7e2312ee1bbd641438c1a39226faa78a69507009b6cee3fdca413eecc1cfe0";
 const BLOCK_B_ID: &str = "139b2cb243b54e040137449cfa605a6a20d3e51e8e3d0433ab0506fe6647d5c0";
 const FULL_ID: &str = "5f1e9a3c7b2d4e6f8091a2b3c4d5e6f7";
@@ -573,11 +582,20 @@ fn snapshot_header_damage_is_rejected() {
     for bytes in [full_bytes(), delta_bytes()] {
         let e = snapshot::decode(&with_byte(&bytes, 2, |b| *b = b'X'));
         assert_eq!(e, Err(FormatError::BadMagic { what: "snapshot" }));
-        let e = snapshot::decode(&with_byte(&bytes, 8, |b| *b = 2));
+        let e = snapshot::decode(&with_byte(&bytes, 8, |b| *b = 3));
         assert_eq!(
             e,
             Err(FormatError::UnsupportedVersion {
                 what: "snapshot",
+                version: 3
+            })
+        );
+        // Version 2 is valid, but not for the version 1 decoder.
+        let e = snapshot::decode(&with_byte(&bytes, 8, |b| *b = 2));
+        assert_eq!(
+            e,
+            Err(FormatError::UnsupportedVersion {
+                what: "snapshot (version 1 expected)",
                 version: 2
             })
         );
@@ -957,4 +975,252 @@ fn index_vector_lists_the_pack_vector_exactly() {
     put_u64(&mut gap, 68 + 48 + 32, 34);
     assert!(invalid_reason(index::decode(&gap, BLOCK_SIZE), "index object").contains("offset 34"));
     assert!(index::decode(&bytes[..bytes.len() - 1], BLOCK_SIZE).is_err());
+}
+
+// ------------------------------------------------- version 2: page table
+
+fn paged_bytes() -> Vec<u8> {
+    parse_hex(SNAPSHOT_PAGED_HEX)
+}
+
+fn page_bytes() -> Vec<u8> {
+    parse_hex(PAGE_DELTA_HEX)
+}
+
+fn paged() -> snapshot::PagedSnapshot {
+    match snapshot::decode_any(&paged_bytes()).unwrap() {
+        StoredSnapshot::Paged(p) => p,
+        other => panic!("expected a version 2 object, got {other:?}"),
+    }
+}
+
+#[test]
+fn paged_snapshot_vector_decodes_to_the_documented_fields() {
+    let bytes = paged_bytes();
+    assert_eq!(bytes.len(), 523);
+    assert_eq!(blake3::hash(&bytes).to_hex().as_str(), PAGED_NAME);
+    let p = paged();
+    // The metadata is byte for byte the delta vector's.
+    let delta = snapshot::decode(&delta_bytes()).unwrap();
+    assert_eq!(p.meta, delta.meta);
+    assert_eq!(snapshot::decode_meta(&bytes).unwrap(), p.meta);
+    assert_eq!(p.table.page_blocks, 64);
+    assert!(p.table.has_bitmap);
+    assert_eq!(
+        p.table.rows,
+        vec![PageRow {
+            page_no: 0,
+            entry_count: 2,
+            id: PAGE_NAME.parse().unwrap(),
+        }]
+    );
+    assert_eq!(p.table.entry_count(), 2);
+    assert_eq!(snapshot::encode_paged(&p).unwrap(), bytes);
+    // The version 1 decoder refuses it by kind, not as damage.
+    assert_eq!(
+        snapshot::decode(&bytes),
+        Err(FormatError::UnsupportedVersion {
+            what: "snapshot (version 1 expected)",
+            version: 2
+        })
+    );
+    // decode_any reads version 1 objects too.
+    assert!(matches!(
+        snapshot::decode_any(&delta_bytes()).unwrap(),
+        StoredSnapshot::Inline(o) if o == delta
+    ));
+}
+
+#[test]
+fn page_vector_decodes_and_resolves_like_the_delta_manifest() {
+    let bytes = page_bytes();
+    assert_eq!(bytes.len(), 90);
+    // The page's name is the hash of its bytes.
+    assert_eq!(blake3::hash(&bytes).to_hex().as_str(), PAGE_NAME);
+    let pg = page::decode(&bytes).unwrap();
+    assert_eq!(
+        pg,
+        Page {
+            page_blocks: 64,
+            first_index: 0,
+            entries: vec![
+                (0, BlockRef::Zero),
+                (2, BlockRef::Data(block_id(BLOCK_A_ID)))
+            ],
+            bitmap: Some(vec![0xe0, 0, 0, 0, 0, 0, 0, 0]),
+        }
+    );
+    assert_eq!(page::encode(&pg).unwrap(), bytes);
+    let p = paged();
+    page::check_use(&pg, &p.table.rows[0], 64, p.meta.block_count(), true).unwrap();
+    // Entries and bitmap as the version 1 delta's: the same snapshot.
+    let delta = snapshot::decode(&delta_bytes()).unwrap();
+    assert_eq!(pg.entries, delta.entries);
+    let bits: Vec<u64> = bitmap::iter_set(pg.bitmap.as_ref().unwrap()).collect();
+    assert_eq!(bits, vec![0, 1, 2]);
+    // Resolved over the full snapshot: exactly the delta's disk.
+    let full = snapshot::decode(&full_bytes()).unwrap();
+    let as_v1 = SnapshotObject {
+        meta: p.meta.clone(),
+        entries: pg.entries.clone(),
+        bitmap: Some(vec![0xe0]),
+    };
+    let pk = pack_bytes();
+    assert_eq!(
+        resolve(&[full.clone(), as_v1], &pk),
+        resolve(&[full, delta], &pk)
+    );
+}
+
+#[test]
+fn paged_snapshot_damage_is_rejected() {
+    let bytes = paged_bytes();
+    let table = 16 + 450; // page_blocks
+    let e = snapshot::decode_any(&with_byte(&bytes, 2, |b| *b = b'X'));
+    assert_eq!(e, Err(FormatError::BadMagic { what: "snapshot" }));
+    let e = snapshot::decode_any(&with_byte(&bytes, 8, |b| *b = 3));
+    assert_eq!(
+        e,
+        Err(FormatError::UnsupportedVersion {
+            what: "snapshot",
+            version: 3
+        })
+    );
+    // page_blocks not a power of two, too small, too large.
+    for pb in [96u32, 32, 131072] {
+        let mut b = bytes.clone();
+        put_u32(&mut b, table, pb);
+        let r = invalid_reason(snapshot::decode_any(&b), "snapshot");
+        assert!(r.contains("page_blocks"), "{r}");
+    }
+    // An unknown flag.
+    let r = invalid_reason(
+        snapshot::decode_any(&with_byte(&bytes, table + 4, |b| *b = 0x03)),
+        "snapshot",
+    );
+    assert!(r.contains("flags"), "{r}");
+    // More pages than the disk has ranges (before any row is read), and
+    // more than the bytes hold.
+    for count in [2u64, u64::MAX] {
+        let mut b = bytes.clone();
+        put_u64(&mut b, table + 5, count);
+        let r = invalid_reason(snapshot::decode_any(&b), "snapshot");
+        assert!(r.contains("page count"), "{r}");
+    }
+    // A page number beyond the disk.
+    let mut b = bytes.clone();
+    put_u64(&mut b, table + 13, 1);
+    let r = invalid_reason(snapshot::decode_any(&b), "snapshot");
+    assert!(r.contains("beyond the disk"), "{r}");
+    // More entries than the page has blocks.
+    let mut b = bytes.clone();
+    put_u32(&mut b, table + 21, 65);
+    let r = invalid_reason(snapshot::decode_any(&b), "snapshot");
+    assert!(r.contains("65 entries"), "{r}");
+    // A trailing byte, and a truncated row.
+    let mut b = bytes.clone();
+    b.push(0);
+    assert!(snapshot::decode_any(&b).is_err());
+    assert!(snapshot::decode_any(&bytes[..bytes.len() - 1]).is_err());
+}
+
+#[test]
+fn page_damage_is_rejected() {
+    let bytes = page_bytes();
+    let what = "manifest page";
+    assert_eq!(
+        page::decode(&with_byte(&bytes, 0, |b| *b = b'X')),
+        Err(FormatError::BadMagic { what })
+    );
+    assert_eq!(
+        page::decode(&with_byte(&bytes, 8, |b| *b = 2)),
+        Err(FormatError::UnsupportedVersion { what, version: 2 })
+    );
+    // first_index not a multiple of page_blocks.
+    let mut b = bytes.clone();
+    put_u64(&mut b, 16, 1);
+    let r = invalid_reason(page::decode(&b), what);
+    assert!(r.contains("not a multiple"), "{r}");
+    // An entry count the bytes cannot hold.
+    let mut b = bytes.clone();
+    put_u32(&mut b, 24, 64);
+    let r = invalid_reason(page::decode(&b), what);
+    assert!(r.contains("entry count"), "{r}");
+    // Entries out of order (second index 0).
+    let mut b = bytes.clone();
+    put_u64(&mut b, 37, 0);
+    let r = invalid_reason(page::decode(&b), what);
+    assert!(r.contains("ascending"), "{r}");
+    // An index outside the page's range.
+    let mut b = bytes.clone();
+    put_u64(&mut b, 37, 64);
+    let r = invalid_reason(page::decode(&b), what);
+    assert!(r.contains("outside the page"), "{r}");
+    // A kind that is neither 0 nor 1.
+    assert!(page::decode(&with_byte(&bytes, 36, |b| *b = 2)).is_err());
+    // A bitmap length other than 0 or page_blocks / 8.
+    let mut b = bytes.clone();
+    put_u32(&mut b, 78, 1);
+    let r = invalid_reason(page::decode(&b), what);
+    assert!(r.contains("bitmap length"), "{r}");
+    // A trailing byte.
+    let mut b = bytes.clone();
+    b.push(0);
+    assert!(page::decode(&b).is_err());
+    // A page with neither entries nor bitmap.
+    let empty = Page {
+        page_blocks: 64,
+        first_index: 0,
+        entries: vec![],
+        bitmap: None,
+    };
+    assert!(page::encode(&empty).is_err());
+
+    // Checks against the naming snapshot.
+    let pg = page::decode(&bytes).unwrap();
+    let row = paged().table.rows[0];
+    let r = invalid_reason(page::check_use(&pg, &row, 128, 4, true), what);
+    assert!(r.contains("128-block"), "{r}");
+    let r = invalid_reason(
+        page::check_use(&pg, &PageRow { page_no: 1, ..row }, 64, 200, true),
+        what,
+    );
+    assert!(r.contains("named as page 1"), "{r}");
+    let r = invalid_reason(
+        page::check_use(
+            &pg,
+            &PageRow {
+                entry_count: 3,
+                ..row
+            },
+            64,
+            4,
+            true,
+        ),
+        what,
+    );
+    assert!(r.contains("table says 3"), "{r}");
+    // Block 2 beyond a 2-block disk; bitmap bit 2 too.
+    let r = invalid_reason(page::check_use(&pg, &row, 64, 2, true), what);
+    assert!(r.contains("beyond the disk"), "{r}");
+    let r = invalid_reason(page::check_use(&pg, &row, 64, 4, false), what);
+    assert!(r.contains("without one"), "{r}");
+    let only_bits = Page {
+        entries: vec![],
+        ..pg.clone()
+    };
+    let r = invalid_reason(
+        page::check_use(
+            &only_bits,
+            &PageRow {
+                entry_count: 0,
+                ..row
+            },
+            64,
+            2,
+            true,
+        ),
+        what,
+    );
+    assert!(r.contains("bitmap bit for block 2"), "{r}");
 }

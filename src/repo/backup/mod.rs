@@ -16,20 +16,21 @@ use serde::Serialize;
 
 pub mod bitmap;
 pub mod plan;
+mod sink;
 
 pub use bitmap::BlockBitmap;
 pub use plan::{BackupPlan, ParentInfo};
 
-use super::{RepoError, Repository};
+use super::{Body, ChainReader, RepoError, Repository, Snapshot};
 use crate::backend::Kind;
-use crate::format::snapshot::{block_count, BlockRef, ReadMode, SnapshotMeta, SnapshotObject};
+use crate::format::snapshot::{block_count, BlockRef, ReadMode, SnapshotMeta};
 use crate::format::{BlockId, SnapshotId};
-use crate::manifest::{self, BlockMap};
 use crate::pack::{looks_incompressible, prepare_block, CompressedBlock, PackWriter, SharedBytes};
 use crate::progress::Progress;
 use crate::source::{BlockSource, SourceError};
 use ::bytes::BytesMut;
 use nbd::bytes::is_zero;
+use sink::DeltaSink;
 
 /// Pipeline sizing.
 #[derive(Debug, Clone)]
@@ -431,18 +432,27 @@ pub fn run(
     };
     progress.set_total(read_total);
 
-    let empty = BlockMap {
-        disk_size_bytes: 0,
-        block_size,
-        data: Vec::new(),
+    let mut plan = plan;
+    let parent_chain = plan.parent.as_mut().map(|p| std::mem::take(&mut p.chain));
+    let parent_reader = match parent_chain {
+        Some(chain) => Some(ChainReader::new(repo, chain)?),
+        None => None,
     };
-    let parent_map = plan.parent.as_ref().map(|p| &p.map).unwrap_or(&empty);
-    let has_parent = plan.parent.is_some();
+    let has_parent = parent_reader.is_some();
+    // The manifest, written page by page as the blocks go by.
+    let mut sink = DeltaSink::new(
+        repo,
+        blocks,
+        parent_reader,
+        plan.synthetic_full,
+        plan.change_bitmap.as_ref(),
+        plan.known_zero.as_ref(),
+        plan.read.as_ref(),
+    );
 
     let (write_tx, write_rx) = bounded::<Vec<CompressedBlock>>(options.queue_depth);
     let (done_tx, done_rx) = unbounded::<Vec<BlockId>>();
 
-    let mut delta: Vec<(u64, BlockRef)> = Vec::new();
     let mut counters = Counters::default();
 
     let (process_result, writer_result) = std::thread::scope(|s| {
@@ -517,7 +527,7 @@ pub fn run(
                     counters.blocks_read += 1;
                     counters.bytes_read += len as u64;
                     let before = if has_parent {
-                        parent_map.get(index)
+                        sink.parent_get(index)?
                     } else {
                         None
                     };
@@ -525,12 +535,12 @@ pub fn run(
                         None => {
                             counters.blocks_zero += 1;
                             if before.is_some() {
-                                delta.push((index, BlockRef::Zero));
+                                sink.push(index, BlockRef::Zero)?;
                             }
                         }
                         Some((id, _)) => {
                             if before != Some(*id) {
-                                delta.push((index, BlockRef::Data(*id)));
+                                sink.push(index, BlockRef::Data(*id))?;
                                 if !pending.contains(id) {
                                     candidates.push((k, *id));
                                 }
@@ -596,32 +606,16 @@ pub fn run(
             counters.blocks_read
         )));
     }
-    // Blocks known to be zero without reading: a zero entry where the
-    // parent had data (nothing to record without a parent).
-    if let (Some(zero), Some(p)) = (&plan.known_zero, &plan.parent) {
-        let mut extra: Vec<(u64, BlockRef)> = zero
-            .iter()
-            .filter(|i| !plan.read.as_ref().is_some_and(|r| r.is_set(*i)))
-            .filter(|i| p.map.get(*i).is_some())
-            .map(|i| (i, BlockRef::Zero))
-            .collect();
-        counters.blocks_known_zero += extra.len() as u64;
-        if !extra.is_empty() {
-            delta.append(&mut extra);
-            delta.sort_by_key(|e| e.0);
-        }
-    }
-
-    // Blocks beyond the new end are dropped by resolution; the delta is
-    // complete for every block read.
+    // The last pages (blocks known to be zero without reading get a zero
+    // entry where the parent had data). Blocks beyond the new end are
+    // dropped by resolution; the delta is complete for every block read.
+    let (table, blocks_changed, known_zero) = sink.finish()?;
+    counters.blocks_known_zero += known_zero;
     let id = SnapshotId(rand::random());
-    let (parent, backup_set, entries) = match &plan.parent {
-        None => (None, id, delta.clone()),
-        Some(p) if plan.synthetic_full => {
-            let map = manifest::apply(&p.map, &delta, disk_size);
-            (None, p.meta.backup_set, manifest::flatten(&map))
-        }
-        Some(p) => (Some(p.meta.id), p.meta.backup_set, delta.clone()),
+    let (parent, backup_set) = match &plan.parent {
+        None => (None, id),
+        Some(p) if plan.synthetic_full => (None, p.meta.backup_set),
+        Some(p) => (Some(p.meta.id), p.meta.backup_set),
     };
     let meta = SnapshotMeta {
         id,
@@ -642,10 +636,9 @@ pub fn run(
         },
         new_set_reason: plan.new_set_reason.clone(),
     };
-    let obj = SnapshotObject {
+    let obj = Snapshot {
         meta,
-        entries,
-        bitmap: plan.change_bitmap.clone().map(BlockBitmap::into_bytes),
+        body: Body::Paged(table),
     };
     // After the last read, before the commit: a source that changed while
     // it was read may have given a torn disk.
@@ -674,7 +667,7 @@ pub fn run(
         blocks_new: counters.blocks_new,
         blocks_deduplicated,
         blocks_zero: counters.blocks_zero + counters.blocks_known_zero,
-        blocks_changed: delta.len() as u64,
+        blocks_changed,
         bytes_read: counters.bytes_read,
         bytes_stored: counters.bytes_stored,
         packs_written: stats.packs,

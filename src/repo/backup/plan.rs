@@ -12,15 +12,16 @@
 use std::collections::BTreeMap;
 
 use super::bitmap::BlockBitmap;
-use crate::format::snapshot::{block_count, SnapshotMeta, SnapshotObject};
-use crate::manifest::{self, BlockMap};
-use crate::repo::{RepoError, Repository};
+use crate::format::snapshot::{block_count, SnapshotMeta};
+use crate::repo::{RepoError, Repository, Snapshot};
 use crate::source::{Changes, Extents};
 
 /// The parent a new snapshot is layered on.
 pub struct ParentInfo {
     pub meta: SnapshotMeta,
-    pub map: BlockMap,
+    /// Its chain, full manifest first, the parent last (version 2 objects
+    /// without their pages: the backup reads them range by range).
+    pub chain: Vec<Snapshot>,
     /// Manifests between the parent and the last full one.
     pub depth: u32,
 }
@@ -134,10 +135,9 @@ pub fn find_parent(
             )))
         }
     };
-    let refs: Vec<&SnapshotObject> = chain.iter().collect();
     Ok(ParentLookup::Found(Box::new(ParentInfo {
-        map: manifest::resolve(&refs),
         depth: chain.len() as u32 - 1,
+        chain,
         meta: candidate.meta,
     })))
 }
@@ -276,11 +276,7 @@ mod tests {
                 read_mode: crate::format::snapshot::ReadMode::All,
                 new_set_reason: None,
             },
-            map: BlockMap {
-                disk_size_bytes: size,
-                block_size: BS,
-                data: Vec::new(),
-            },
+            chain: Vec::new(),
             depth,
         }))
     }
