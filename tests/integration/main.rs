@@ -24,6 +24,7 @@ mod layering;
 mod listings;
 mod manifest_props;
 mod nbd;
+mod paged;
 mod prune;
 mod restore_failure;
 mod roundtrip;

@@ -27,10 +27,10 @@ use serde_json::Value;
 use crate::util::*;
 
 /// `cbtvault serve` as a child process, killed on drop.
-struct Served {
-    child: Child,
-    uri: String,
-    stderr: PathBuf,
+pub(crate) struct Served {
+    pub(crate) child: Child,
+    pub(crate) uri: String,
+    pub(crate) stderr: PathBuf,
 }
 
 impl Drop for Served {
@@ -42,7 +42,7 @@ impl Drop for Served {
 
 impl Served {
     /// Stops the server with `signal` and returns its exit code.
-    fn stop(mut self, signal: &str) -> i32 {
+    pub(crate) fn stop(mut self, signal: &str) -> i32 {
         let pid = self.child.id().to_string();
         let st = Command::new("kill")
             .args(["-s", signal, &pid])
@@ -61,7 +61,7 @@ impl Served {
 
 /// Starts `cbtvault -r REPO --json serve ARGS...` and waits for the line
 /// naming its URI.
-fn serve(t: &TestRepo, args: &[&str]) -> Served {
+pub(crate) fn serve(t: &TestRepo, args: &[&str]) -> Served {
     let stderr = t.path(&format!("serve-{}.stderr", rand::random::<u32>()));
     let mut child = Command::new(bin())
         .arg("-r")
@@ -96,7 +96,7 @@ fn serve(t: &TestRepo, args: &[&str]) -> Served {
 
 /// Runs a tool that must succeed; its stdout.
 #[track_caller]
-fn tool(program: &str, args: &[&str]) -> String {
+pub(crate) fn tool(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
