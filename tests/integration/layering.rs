@@ -1,5 +1,5 @@
 //! The workspace's layering, checked from the manifests and the sources:
-//! `nbd` and `xapi-wire` depend on no crate of the workspace, `xapi-sim`
+//! `nbd`, `xapi-wire` and `diskfs` depend on no crate of the workspace, `xapi-sim`
 //! never on the product, the product's dependency on the simulator is the
 //! optional one behind the `sim` feature, and only the `sim` and `demo`
 //! commands name the simulator.
@@ -36,7 +36,7 @@ fn workspace_edges() -> Vec<(String, String, String, bool)> {
         .iter()
         .map(|p| p["name"].as_str().expect("package name").to_string())
         .collect();
-    for expected in ["cbtvault", "nbd", "xapi-wire", "xapi-sim"] {
+    for expected in ["cbtvault", "nbd", "xapi-wire", "xapi-sim", "diskfs"] {
         assert!(
             members.contains(expected),
             "{expected} is not a workspace member: {members:?}"
@@ -64,14 +64,14 @@ fn layering_no_forbidden_edge_between_workspace_crates() {
     let edges = workspace_edges();
     for (from, to, kind, _) in &edges {
         let forbidden = match from.as_str() {
-            "nbd" | "xapi-wire" => true,
+            "nbd" | "xapi-wire" | "diskfs" => true,
             "xapi-sim" => to == "cbtvault",
             _ => false,
         };
         assert!(
             !forbidden,
-            "forbidden dependency {from} -> {to} ({kind}): nbd and xapi-wire depend on no \
-             workspace crate, xapi-sim never on the product"
+            "forbidden dependency {from} -> {to} ({kind}): nbd, xapi-wire and diskfs depend \
+             on no workspace crate, xapi-sim never on the product"
         );
     }
     // The product's normal dependency on the simulator is the optional one

@@ -1,0 +1,1 @@
+//! fat tests (to come)

@@ -1,0 +1,1 @@
+//! ntfs tests (to come)
