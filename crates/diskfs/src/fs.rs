@@ -181,7 +181,6 @@ pub fn open_volume(
 }
 
 /// Unix seconds of a proleptic Gregorian civil date (UTC).
-#[allow(dead_code)] // used by the FAT reader
 pub(crate) fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);

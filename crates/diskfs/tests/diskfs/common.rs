@@ -43,6 +43,7 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd)
         .args(args)
         .env("PATH", path)
+        .env("TZ", "UTC")
         .output()
         .unwrap_or_else(|e| panic!("run {cmd}: {e}"));
     assert!(

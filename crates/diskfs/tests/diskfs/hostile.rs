@@ -156,14 +156,54 @@ fn corrupted_ext4_superblock_is_a_typed_error() {
     }
 }
 
+fn small_fat() -> Option<Vec<u8>> {
+    if !have("mkfs.fat", "dosfstools") || !have("mcopy", "mtools") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    build_tree(
+        &tree,
+        &TreeOptions {
+            unix: false,
+            random_bytes: 20_000,
+        },
+    );
+    let image = dir.path().join("small.img");
+    let img = image.to_str().unwrap();
+    run("mkfs.fat", &["-F", "12", "-C", img, "1024"]);
+    let entries: Vec<String> = std::fs::read_dir(&tree)
+        .unwrap()
+        .map(|e| e.unwrap().path().display().to_string())
+        .collect();
+    let mut args = vec!["-s", "-i", img];
+    args.extend(entries.iter().map(String::as_str));
+    args.push("::/");
+    run("mcopy", &args);
+    Some(std::fs::read(&image).unwrap())
+}
+
 #[test]
 fn randomly_damaged_ext4_metadata_never_panics_or_hangs() {
     let Some(image) = small_ext4() else { return };
+    // Metadata lives in the first ~100 KiB of this 2 MiB image.
+    damage(image, 128 * 1024, 0x00D1_5CF5);
+}
+
+#[test]
+fn randomly_damaged_fat_metadata_never_panics_or_hangs() {
+    let Some(image) = small_fat() else { return };
+    // Boot sector, FATs, root directory and the first data clusters.
+    damage(image, 64 * 1024, 0xFA7);
+}
+
+/// 300 copies of `image`, each with a few random bytes changed in its
+/// first `hot` bytes, probed under a time bound.
+fn damage(image: Vec<u8>, hot: usize, seed: u64) {
     let start = Instant::now();
     within(Duration::from_secs(240), "damaged images", move || {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x00D1_5CF5);
-        // Metadata lives in the first ~100 KiB of this 2 MiB image.
-        let hot = 128 * 1024;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut visited = 0;
         for i in 0..300 {
             let mut img = image.clone();
