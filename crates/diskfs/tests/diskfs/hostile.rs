@@ -188,19 +188,48 @@ fn small_fat() -> Option<Vec<u8>> {
 fn randomly_damaged_ext4_metadata_never_panics_or_hangs() {
     let Some(image) = small_ext4() else { return };
     // Metadata lives in the first ~100 KiB of this 2 MiB image.
-    damage(image, 128 * 1024, 0x00D1_5CF5);
+    damage(image, 0..128 * 1024, 0x00D1_5CF5);
 }
 
 #[test]
 fn randomly_damaged_fat_metadata_never_panics_or_hangs() {
     let Some(image) = small_fat() else { return };
     // Boot sector, FATs, root directory and the first data clusters.
-    damage(image, 64 * 1024, 0xFA7);
+    damage(image, 0..64 * 1024, 0xFA7);
 }
 
-/// 300 copies of `image`, each with a few random bytes changed in its
-/// first `hot` bytes, probed under a time bound.
-fn damage(image: Vec<u8>, hot: usize, seed: u64) {
+fn small_ntfs() -> Option<Vec<u8>> {
+    if !have("mkntfs", "ntfs-3g") || !have("ntfscp", "ntfs-3g") {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("small.img");
+    let img = image.to_str().unwrap();
+    run("truncate", &["-s", "8M", img]);
+    run("mkntfs", &["-F", "-Q", "-q", img]);
+    for (i, len) in [10usize, 700, 5000, 70_000].into_iter().enumerate() {
+        let src = dir.path().join("src");
+        std::fs::write(&src, vec![b'n'; len]).unwrap();
+        run(
+            "ntfscp",
+            &["-f", img, src.to_str().unwrap(), &format!("file{i}")],
+        );
+    }
+    Some(std::fs::read(&image).unwrap())
+}
+
+#[test]
+fn randomly_damaged_ntfs_metadata_never_panics_or_hangs() {
+    let Some(image) = small_ntfs() else { return };
+    // The MFT's first records: boot sector fields give its cluster.
+    let cluster = u64::from(u16::from_le_bytes([image[11], image[12]])) * u64::from(image[13]);
+    let mft = (u64::from_le_bytes(image[0x30..0x38].try_into().unwrap()) * cluster) as usize;
+    damage(image, mft..mft + 32 * 1024, 0x0E7F5);
+}
+
+/// 300 copies of `image`, each with a few random bytes changed (mostly in
+/// `hot`, sometimes in the first sector), probed under a time bound.
+fn damage(image: Vec<u8>, hot: std::ops::Range<usize>, seed: u64) {
     let start = Instant::now();
     within(Duration::from_secs(240), "damaged images", move || {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -210,9 +239,9 @@ fn damage(image: Vec<u8>, hot: usize, seed: u64) {
             let flips = rng.gen_range(1..16);
             for _ in 0..flips {
                 let at = if rng.gen_bool(0.2) {
-                    rng.gen_range(1024..2048)
+                    rng.gen_range(0..2048)
                 } else {
-                    rng.gen_range(0..hot)
+                    rng.gen_range(hot.clone())
                 };
                 img[at] ^= 1 << rng.gen_range(0..8);
                 if rng.gen_bool(0.3) {
