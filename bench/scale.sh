@@ -15,13 +15,22 @@
 #   cbtvault restore latest FILE       restore to a sparse file
 # and the repository's packs, their blob counts, and the catalog's size.
 #
+# With BENCH_SOURCE=qcow2 the sparse-random disk is first converted into a
+# qcow2 image (qemu-img convert skips the holes) that carries a persistent
+# dirty bitmap, and every step reads it through qemu-nbd. The step
+# `bitmap` then rewrites BENCH_BITMAP_PERCENT % of the disk's blocks
+# (default 0.1, chosen at random with the seed; a 64 KiB pattern each,
+# written with qemu-io) and backs up with --dirty-bitmap: an incremental
+# that reads only those blocks.
+#
 # Environment:
 #   BENCH_SIZE=1T  BENCH_PERCENT=3.125  BENCH_SEED=1
 #   BENCH_CONNECTIONS=4                 --nbd-connections
 #   BENCH_DIR=<repo>/bench-work-scale   work dir (needs room for the repository:
 #                                       about the data size, compressed)
 #   BENCH_KEEP=0  BENCH_BUILD=1  CBTVAULT=<repo>/target/release/cbtvault
-#   BENCH_STEPS="ceiling full incremental check serve restore"
+#   BENCH_STEPS="ceiling full incremental check serve restore"   (+ bitmap)
+#   BENCH_SOURCE=nbdkit|qcow2  BENCH_BITMAP_PERCENT=0.1
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,6 +43,8 @@ KEEP=${BENCH_KEEP:-0}
 BUILD=${BENCH_BUILD:-1}
 CBT=${CBTVAULT:-$ROOT/target/release/cbtvault}
 STEPS=${BENCH_STEPS:-ceiling full incremental check serve restore}
+SOURCE=${BENCH_SOURCE:-nbdkit}
+BITMAP_PERCENT=${BENCH_BITMAP_PERCENT:-0.1}
 MARKER=.scale-bench
 BENCH_NAME=scale-bench
 
@@ -58,13 +69,49 @@ timed() {
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 
 SOCK=$WORK/source.sock
-nbdkit --exit-with-parent -r -U "$SOCK" -f sparse-random size="$SIZE" percent="$PERCENT" seed="$SEED" &
-PIDS+=($!)
-for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.1; done
-SRC="nbd+unix:///?socket=$SOCK"
+start_nbdkit() {
+  nbdkit --exit-with-parent -r -U "$SOCK" -f sparse-random size="$SIZE" percent="$PERCENT" seed="$SEED" &
+  NPID=$!; PIDS+=($NPID)
+  # sparse-random lays out its extents before it listens: ~50 s at 16 TiB.
+  for _ in $(seq 3000); do [[ -S $SOCK ]] && break; sleep 0.1; done
+  SRC="nbd+unix:///?socket=$SOCK"
+}
+QSOCK=$WORK/qcow2.sock
+# qemu-nbd serving the qcow2 overlay (read-only, persistent, 4
+# connections), the bitmap exported when asked.
+serve_qcow2() {
+  if [[ -n ${QPID:-} ]]; then kill "$QPID" 2>/dev/null || true; wait "$QPID" 2>/dev/null || true; fi
+  rm -f "$QSOCK"
+  qemu-nbd -r -t -e 4 -f qcow2 -k "$QSOCK" "$@" "$WORK/disk.qcow2" &
+  QPID=$!; PIDS+=($QPID)
+  for _ in $(seq 100); do [[ -S $QSOCK ]] && break; sleep 0.1; done
+}
+if [[ $SOURCE == qcow2 ]]; then
+  command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || die "missing qemu-img/qemu-io (qemu-utils)"
+  # The converted disk is kept as a base (BENCH_QCOW2_BASE) that later
+  # runs reuse; each run writes to its own overlay.
+  BASE=${BENCH_QCOW2_BASE:-$WORK/base.qcow2}
+  if [[ ! -e $BASE ]]; then
+    start_nbdkit
+    BYTES=$(nbdinfo --size "$SRC")
+    log "converting the source into $BASE"
+    qemu-img create -q -f qcow2 -o cluster_size=65536 "$BASE.part" "$BYTES"
+    t0=$(date +%s.%N)
+    nbdcopy --destination-is-zero --request-size=65536 "$SRC" -- [ qemu-nbd -f qcow2 "$BASE.part" ]
+    mv "$BASE.part" "$BASE"
+    log "converted in $(python3 -c "import time;print('%.1f s'%(time.time()-$t0))")"
+    kill "$NPID" 2>/dev/null || true
+  fi
+  qemu-img create -q -f qcow2 -b "$BASE" -F qcow2 "$WORK/disk.qcow2"
+  qemu-img bitmap --add "$WORK/disk.qcow2" since-full
+  serve_qcow2
+  SRC="nbd+unix:///?socket=$QSOCK"
+else
+  start_nbdkit
+fi
 BYTES=$(nbdinfo --size "$SRC")
 BLOCKS=$(( (BYTES + 65535) / 65536 ))
-log "source: $SIZE ($BYTES bytes, $BLOCKS blocks), ${PERCENT}% data"
+log "source: $SIZE ($BYTES bytes, $BLOCKS blocks), ${PERCENT}% data, through $SOURCE"
 export CBTVAULT_REPOSITORY=$WORK/repo
 "$CBT" init >/dev/null
 
@@ -74,7 +121,7 @@ if has ceiling; then
   read -r s m < <(timed nbdcopy --request-size=65536 "$SRC" null:)
   row "nbdcopy -> null: (ceiling)" "$s" "$m"
 fi
-if has full || has incremental || has check || has serve || has restore; then
+if has full || has incremental || has bitmap || has check || has serve || has restore; then
   read -r s m < <(timed "$CBT" --json backup "$SRC" --source-id scale --nbd-connections "$CONN")
   FULL_S=$s
   read_bytes=$(python3 -c 'import json,sys
@@ -90,6 +137,30 @@ if has incremental; then
   read -r s m < <(timed "$CBT" --json backup "$SRC" --source-id scale --nbd-connections "$CONN")
   row "backup (incremental, nothing new)" "$s" "$m" \
     "$(python3 -c "print('%.1f%% of the full' % (100*$s/$FULL_S))")"
+fi
+if has bitmap; then
+  [[ $SOURCE == qcow2 ]] || die "the bitmap step needs BENCH_SOURCE=qcow2"
+  kill "$QPID"; wait "$QPID" 2>/dev/null || true; QPID=
+  CHANGED=$(python3 -c "print(max(1, int($BLOCKS * $BITMAP_PERCENT / 100)))")
+  log "rewriting $CHANGED blocks ($BITMAP_PERCENT%) with qemu-io"
+  python3 - "$BLOCKS" "$CHANGED" "$SEED" > "$WORK/writes.qio" <<'PY'
+import random, sys
+blocks, n, seed = map(int, sys.argv[1:4])
+r = random.Random(seed)
+for b in sorted(r.sample(range(blocks), n)):
+    print("write -q -P %d %d 64k" % (b % 251, b * 65536))
+PY
+  t0=$(date +%s.%N)
+  qemu-io -f qcow2 "$WORK/disk.qcow2" < "$WORK/writes.qio" > /dev/null
+  log "written in $(python3 -c "import time;print('%.1f s'%(time.time()-$t0))")"
+  serve_qcow2 -B since-full
+  read -r s m < <(timed "$CBT" --json backup "$SRC" --source-id scale --nbd-connections "$CONN" --dirty-bitmap since-full)
+  summary=$(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    j=json.loads(l)
+    if j.get("message_type")=="summary": print("read %d blocks, %d new" % (j["blocks_read"], j["blocks_new"]))' "$WORK/.out")
+  row "backup (bitmap $BITMAP_PERCENT%)" "$s" "$m" \
+    "$summary; $(python3 -c "print('%.1f%% of the full' % (100*$s/$FULL_S))")"
 fi
 if has check; then
   read -r s m < <(timed "$CBT" check)
