@@ -462,7 +462,7 @@ fn detail_plan(ui: &Ui, source: &dyn BlockSource, plan: &plan::BackupPlan, block
         2,
         format!(
             "{id}: known zero {}, change bitmap {}, synthetic full {}, tags [{}], host {}",
-            plan.known_zero.as_ref().map_or(0, |z| z.count()),
+            plan.known_zero_count(),
             plan.change_bitmap
                 .as_ref()
                 .map_or("none".to_string(), |c| plural(c.count(), "block")),

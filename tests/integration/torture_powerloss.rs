@@ -97,7 +97,7 @@ fn backup_once(
             .then(|| "power-loss torture: full".to_string()),
         parent,
         read: bitmap.clone(),
-        known_zero: None,
+        known_zero: cbtvault::repo::backup::KnownZero::None,
         change_bitmap: bitmap,
         synthetic_full: false,
         tags: vec![],

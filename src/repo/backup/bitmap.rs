@@ -86,6 +86,15 @@ impl BlockBitmap {
         }
     }
 
+    /// Keeps only the blocks also marked in `other` (in place: no second
+    /// bitmap of the disk's size).
+    pub fn and_assign(&mut self, other: &BlockBitmap) {
+        debug_assert_eq!(self.blocks, other.blocks);
+        for (a, b) in self.bits.iter_mut().zip(&other.bits) {
+            *a &= b;
+        }
+    }
+
     /// Blocks not marked (padding bits stay clear).
     pub fn not(&self) -> BlockBitmap {
         let mut bits: Vec<u8> = self.bits.iter().map(|b| !b).collect();

@@ -19,7 +19,7 @@ pub mod plan;
 mod sink;
 
 pub use bitmap::BlockBitmap;
-pub use plan::{BackupPlan, ParentInfo};
+pub use plan::{BackupPlan, KnownZero, ParentInfo};
 
 use super::{Body, ChainReader, RepoError, Repository, Snapshot};
 use crate::backend::Kind;
@@ -414,10 +414,7 @@ pub fn run(
     let block_size = repo.config().block_size;
     let disk_size = source.size_bytes();
     let blocks = block_count(disk_size, block_size);
-    for b in [&plan.read, &plan.known_zero, &plan.change_bitmap]
-        .into_iter()
-        .flatten()
-    {
+    for b in [&plan.read, &plan.change_bitmap].into_iter().flatten() {
         if b.blocks() != blocks {
             return Err(RepoError::Invalid(format!(
                 "block bitmap of {} blocks does not fit '{}' ({disk_size} bytes, {blocks} blocks)",
@@ -446,7 +443,7 @@ pub fn run(
         parent_reader,
         plan.synthetic_full,
         plan.change_bitmap.as_ref(),
-        plan.known_zero.as_ref(),
+        plan.known_zero,
         plan.read.as_ref(),
     );
 

@@ -26,14 +26,67 @@ pub struct ParentInfo {
     pub depth: u32,
 }
 
+/// Which blocks a backup does not read are known to be zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KnownZero {
+    /// None: an unread block is the parent's.
+    None,
+    /// Every unread block: the source said it holds no data.
+    Unread,
+    /// Every unread block of the change bitmap: changed, and the source
+    /// says it holds no data now.
+    UnreadChanged,
+}
+
+impl BackupPlan {
+    /// Whether block `index`, which the backup does not read, is known to
+    /// be zero.
+    pub fn known_zero_at(&self, index: u64) -> bool {
+        known_zero_at(
+            self.known_zero,
+            self.read.as_ref(),
+            self.change_bitmap.as_ref(),
+            index,
+        )
+    }
+
+    /// Blocks known zero without reading them.
+    pub fn known_zero_count(&self) -> u64 {
+        let read = self.read.as_ref().map_or(0, BlockBitmap::count);
+        match (self.known_zero, &self.read, &self.change_bitmap) {
+            (KnownZero::Unread, Some(r), _) => r.blocks() - read,
+            (KnownZero::UnreadChanged, Some(_), Some(c)) => c.count().saturating_sub(read),
+            _ => 0,
+        }
+    }
+}
+
+/// [`BackupPlan::known_zero_at`] over borrowed parts (the manifest sink
+/// holds them while the plan is split up).
+pub fn known_zero_at(
+    rule: KnownZero,
+    read: Option<&BlockBitmap>,
+    changed: Option<&BlockBitmap>,
+    index: u64,
+) -> bool {
+    let unread = read.is_some_and(|r| !r.is_set(index));
+    match rule {
+        KnownZero::None => false,
+        KnownZero::Unread => unread,
+        KnownZero::UnreadChanged => unread && changed.is_some_and(|c| c.is_set(index)),
+    }
+}
+
 /// Everything decided before the pipeline runs.
 pub struct BackupPlan {
     pub parent: Option<ParentInfo>,
     /// Blocks to read; `None` reads every block. A block neither read nor
-    /// in `known_zero` is taken from the parent (zero without one).
+    /// known zero (`known_zero`) is taken from the parent (zero without one).
     pub read: Option<BlockBitmap>,
-    /// Blocks known to be zero without reading them (e.g. NBD block status).
-    pub known_zero: Option<BlockBitmap>,
+    /// Which unread blocks are known to be zero (e.g. NBD block status):
+    /// a rule over `read` and `change_bitmap` rather than a third bitmap,
+    /// so a plan holds at most two bits per block of the disk.
+    pub known_zero: KnownZero,
     /// The change bitmap that produced this backup, kept with the snapshot.
     pub change_bitmap: Option<BlockBitmap>,
     /// Write a full manifest while continuing the parent's backup set.
@@ -197,13 +250,14 @@ pub fn plan(
     let (mut read, known_zero, change_bitmap) = match (&parent, disk.changes) {
         (Some(_), Changes::Since(extents)) => {
             let changed = BlockBitmap::covering(&extents, block_size, blocks);
-            match &nonzero {
-                Some(nz) => (
-                    Some(changed.and(nz)),
-                    Some(changed.and(&nz.not())),
-                    Some(changed),
-                ),
-                None => (Some(changed.clone()), None, Some(changed)),
+            match nonzero {
+                // Read what changed and holds data; the rest of the change
+                // is known zero (a rule, not a third bitmap).
+                Some(mut nz) => {
+                    nz.and_assign(&changed);
+                    (Some(nz), KnownZero::UnreadChanged, Some(changed))
+                }
+                None => (Some(changed.clone()), KnownZero::None, Some(changed)),
             }
         }
         (None, Changes::Since(_)) => {
@@ -213,11 +267,20 @@ pub fn plan(
                     disk.identity
                 ));
             }
-            (nonzero, None, None)
+            let rule = if nonzero.is_some() {
+                KnownZero::Unread
+            } else {
+                KnownZero::None
+            };
+            (nonzero, rule, None)
         }
         (_, _) => {
-            let zero = nonzero.as_ref().map(BlockBitmap::not);
-            (nonzero, zero, None)
+            let rule = if nonzero.is_some() {
+                KnownZero::Unread
+            } else {
+                KnownZero::None
+            };
+            (nonzero, rule, None)
         }
     };
     // A size change leaves a partial block at the old or the new end whose
@@ -315,11 +378,11 @@ mod tests {
         let mut d = disk(size, since(&[(0, 4 * BS as u64)], size));
         d.allocated = Some(Extents::from_ranges([(BS as u64, BS as u64)], size));
         let p = plan(parent(size, 0), d, BS, &PlanOptions::default());
+        assert_eq!(p.known_zero, KnownZero::UnreadChanged);
+        let zero: Vec<u64> = (0..8).filter(|i| p.known_zero_at(*i)).collect();
+        assert_eq!(zero, vec![0, 2, 3]);
+        assert_eq!(p.known_zero_count(), 3);
         assert_eq!(p.read.unwrap().iter().collect::<Vec<_>>(), vec![1]);
-        assert_eq!(
-            p.known_zero.unwrap().iter().collect::<Vec<_>>(),
-            vec![0, 2, 3]
-        );
     }
 
     #[test]

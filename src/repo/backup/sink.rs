@@ -9,6 +9,7 @@
 //! spec: format-spec/03-snapshot.md#sets, format-spec/06-ordering.md#backup
 
 use super::bitmap::BlockBitmap;
+use super::plan::{known_zero_at, KnownZero};
 use crate::format::snapshot::{BlockRef, PageTable};
 use crate::format::BlockId;
 use crate::manifest;
@@ -30,7 +31,7 @@ pub struct DeltaSink<'r> {
     parent: Option<ChainReader<'r>>,
     synthetic: bool,
     change_bits: Option<&'r BlockBitmap>,
-    known_zero: Option<&'r BlockBitmap>,
+    known_zero: KnownZero,
     read: Option<&'r BlockBitmap>,
     /// Entries of the delta (before a synthetic full merges it).
     pub changed: u64,
@@ -45,7 +46,7 @@ impl<'r> DeltaSink<'r> {
         parent: Option<ChainReader<'r>>,
         synthetic: bool,
         change_bits: Option<&'r BlockBitmap>,
-        known_zero: Option<&'r BlockBitmap>,
+        known_zero: KnownZero,
         read: Option<&'r BlockBitmap>,
     ) -> DeltaSink<'r> {
         let known: Vec<_> = parent
@@ -124,21 +125,34 @@ impl<'r> DeltaSink<'r> {
         let hi = (lo + self.page_blocks).min(self.block_count);
         // Blocks known zero without reading: a zero entry where the parent
         // has data.
-        if let (Some(zero), true) = (self.known_zero, self.parent.is_some()) {
-            let any = slice_bits(zero.as_bytes(), lo, lo + self.page_blocks).is_some();
-            if any {
-                let read = self.read;
-                let extra: Vec<(u64, BlockRef)> = self
-                    .parent_data(lo, hi)?
-                    .into_iter()
-                    .filter(|(i, _)| zero.is_set(*i) && !read.is_some_and(|r| r.is_set(*i)))
-                    .map(|(i, _)| (i, BlockRef::Zero))
-                    .collect();
-                if !extra.is_empty() {
-                    self.known_zero_entries += extra.len() as u64;
-                    entries.extend(extra);
-                    entries.sort_by_key(|e| e.0);
-                }
+        let rule = self.known_zero;
+        let candidates = match rule {
+            KnownZero::None => false,
+            // Some block of the range is not read.
+            KnownZero::Unread => self.read.is_some_and(|r| {
+                // `lo` is a multiple of 8: whole bytes, then the tail.
+                let whole = (hi / 8 * 8).max(lo);
+                r.as_bytes()[(lo / 8) as usize..(whole / 8) as usize]
+                    .iter()
+                    .any(|b| *b != 0xff)
+                    || (whole..hi).any(|i| !r.is_set(i))
+            }),
+            KnownZero::UnreadChanged => self
+                .change_bits
+                .is_some_and(|c| slice_bits(c.as_bytes(), lo, lo + self.page_blocks).is_some()),
+        };
+        if candidates && self.parent.is_some() {
+            let (read, changed) = (self.read, self.change_bits);
+            let extra: Vec<(u64, BlockRef)> = self
+                .parent_data(lo, hi)?
+                .into_iter()
+                .filter(|(i, _)| known_zero_at(rule, read, changed, *i))
+                .map(|(i, _)| (i, BlockRef::Zero))
+                .collect();
+            if !extra.is_empty() {
+                self.known_zero_entries += extra.len() as u64;
+                entries.extend(extra);
+                entries.sort_by_key(|e| e.0);
             }
         }
         self.changed += entries.len() as u64;
