@@ -9,7 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::format::pack::TrailerEntry;
 use crate::format::snapshot::SnapshotMeta;
-use crate::format::{BlockId, ObjectName};
+use crate::format::{BlockId, ObjectName, SnapshotId};
 
 pub const SCHEMA_VERSION: &str = "2";
 
@@ -134,6 +134,7 @@ CREATE TABLE IF NOT EXISTS packs(pack_id INTEGER PRIMARY KEY, name BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS blocks(block_id BLOB PRIMARY KEY, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, stored_length INTEGER NOT NULL, raw_length INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS snapshots(object BLOB PRIMARY KEY, id TEXT NOT NULL, generation INTEGER NOT NULL, time TEXT NOT NULL, source TEXT NOT NULL, parent TEXT, meta TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS index_seen(name BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS snapshots_by_id ON snapshots(id);
 CREATE TABLE IF NOT EXISTS damaged(block_id BLOB NOT NULL, pack_name BLOB NOT NULL, reason TEXT NOT NULL, time TEXT NOT NULL, PRIMARY KEY(block_id, pack_name)) WITHOUT ROWID;
 ";
 
@@ -899,12 +900,29 @@ impl Catalog {
 
     /// Every snapshot object recorded, with its metadata.
     pub fn snapshots(&self) -> Result<Vec<(ObjectName, SnapshotMeta)>, IndexError> {
-        let mut stmt = self
-            .conn
-            .prepare("SELECT object, meta FROM snapshots")
-            .map_err(|e| self.err(e))?;
+        self.snapshot_rows("SELECT object, meta FROM snapshots", [])
+    }
+
+    /// The objects of snapshot `id` (every generation), with their
+    /// metadata: one index lookup, whatever the number of snapshots.
+    pub fn snapshots_with_id(
+        &self,
+        id: SnapshotId,
+    ) -> Result<Vec<(ObjectName, SnapshotMeta)>, IndexError> {
+        self.snapshot_rows(
+            "SELECT object, meta FROM snapshots WHERE id = ?1",
+            [id.to_hex()],
+        )
+    }
+
+    fn snapshot_rows<P: rusqlite::Params>(
+        &self,
+        sql: &str,
+        params: P,
+    ) -> Result<Vec<(ObjectName, SnapshotMeta)>, IndexError> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(params, |r| {
                 Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, String>(1)?))
             })
             .map_err(|e| self.err(e))?;

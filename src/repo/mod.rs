@@ -1235,9 +1235,16 @@ impl Repository {
 
     /// Fails when the live generation of `id` is claimed by several objects.
     fn ensure_unique(&self, id: SnapshotId) -> Result<(), RepoError> {
+        self.live_object(id).map(|_| ())
+    }
+
+    /// The live object of snapshot `id` (its highest generation), found
+    /// through the catalog's index on ids; a live generation claimed by two
+    /// objects is an error.
+    fn live_object(&self, id: SnapshotId) -> Result<ObjectName, RepoError> {
         let objects: Vec<(ObjectName, u32)> = self
             .catalog()
-            .snapshots()?
+            .snapshots_with_id(id)?
             .into_iter()
             .filter(|(_, m)| m.id == id)
             .map(|(o, m)| (o, m.generation))
@@ -1253,7 +1260,10 @@ impl Repository {
                 objects: names.join(" and "),
             });
         }
-        Ok(())
+        match at_top.first() {
+            Some(o) => Ok(o.0),
+            None => Err(RepoError::SnapshotNotFound { query: id.to_hex() }),
+        }
     }
 
     /// Live snapshots (highest generation of each id), oldest first. An id
@@ -1311,24 +1321,19 @@ impl Repository {
     /// The chain of snapshot objects from the full manifest to `id`, oldest
     /// first (version 2 objects without their pages).
     pub fn load_chain(&self, id: SnapshotId) -> Result<Vec<Snapshot>, RepoError> {
-        let live: HashMap<SnapshotId, SnapshotEntry> = self
-            .snapshots()?
-            .into_iter()
-            .map(|s| (s.meta.id, s))
-            .collect();
-        let mut chain = Vec::new();
+        // Parent by parent through the catalog's index on ids: the work
+        // grows with the chain, not with the number of snapshots.
+        let mut chain: Vec<Snapshot> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut next = Some(id);
         while let Some(id) = next {
-            if chain.len() > live.len() {
+            if !seen.insert(id) {
                 return Err(RepoError::Invalid(format!(
                     "snapshot {id}: parent chain loops"
                 )));
             }
-            let entry = live
-                .get(&id)
-                .ok_or_else(|| RepoError::SnapshotNotFound { query: id.to_hex() })?;
-            self.ensure_unique(id)?;
-            let obj = self.load_snapshot(&entry.object)?;
+            let object = self.live_object(id)?;
+            let obj = self.load_snapshot(&object)?;
             next = obj.meta.parent;
             chain.push(obj);
         }
