@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod check;
 pub mod copy;
+pub mod files;
 #[cfg(feature = "sim")]
 pub mod demo;
 pub mod forget;
