@@ -8,8 +8,8 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
     BackupArgs, CatArgs, CheckArgs, DiffArgs, DumpArgs, FilterArgs, FindArgs, ForgetArgs, InitArgs,
-    LsArgs, NbdArgs, PruneArgs, RestoreArgs, ServeArgs, SnapshotsArgs, TagArgs, UnlockArgs, XenArgs,
-    XenConnectArgs,
+    LsArgs, NbdArgs, PruneArgs, RestoreArgs, ServeArgs, SnapshotsArgs, TagArgs, UnlockArgs,
+    XenArgs, XenConnectArgs,
 };
 #[cfg(feature = "sim")]
 use super::{DemoArgs, SimArgs};

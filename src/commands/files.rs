@@ -214,10 +214,9 @@ fn long_line(shown: &str, e: &DirEntry) -> String {
         (Some(u), Some(g)) => format!("{u}/{g}"),
         _ => "-".to_string(),
     };
-    let time = e
-        .mtime
-        .and_then(time_text)
-        .map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+    let time = e.mtime.and_then(time_text).map_or("-".to_string(), |t| {
+        t.format("%Y-%m-%d %H:%M:%S").to_string()
+    });
     let link = e
         .symlink_target
         .as_ref()
@@ -306,7 +305,10 @@ pub fn ls(ui: &Ui, repo: Repository, options: &LsOptions) -> Result<Outcome> {
             entry.meta.source,
             disk.scheme_name()
         ));
-        ui.table(&["partition", "type", "start", "size", "file system"], &rows);
+        ui.table(
+            &["partition", "type", "start", "size", "file system"],
+            &rows,
+        );
         ui.summary(&LsPartitionsDone {
             snapshot_id: id,
             partition_scheme: disk.scheme_name(),
@@ -324,33 +326,39 @@ pub fn ls(ui: &Ui, repo: Repository, options: &LsOptions) -> Result<Outcome> {
         .stat(&root)
         .map(|e| e.kind == FileKind::Dir)
         .map_err(|e| anyhow::anyhow!("{shown_root}: {}", describe(&e)))?;
-    let result = walk(&*fs, &root, options.recursive, &|_: &[u8]| true, &mut |visit: Visit<'_>| {
-        match visit {
-            Visit::Entry { path, entry } => {
-                entries += 1;
-                ui.item("file", &file_item(number, path, entry));
-                let shown = if options.recursive || !top_is_dir {
-                    show_path(number, path)
-                } else {
-                    let mut name = entry.display_name();
-                    if entry.kind == FileKind::Dir {
-                        name.push('/');
+    let result = walk(
+        &*fs,
+        &root,
+        options.recursive,
+        &|_: &[u8]| true,
+        &mut |visit: Visit<'_>| {
+            match visit {
+                Visit::Entry { path, entry } => {
+                    entries += 1;
+                    ui.item("file", &file_item(number, path, entry));
+                    let shown = if options.recursive || !top_is_dir {
+                        show_path(number, path)
+                    } else {
+                        let mut name = entry.display_name();
+                        if entry.kind == FileKind::Dir {
+                            name.push('/');
+                        }
+                        name
+                    };
+                    if options.long {
+                        ui.print(long_line(&shown, entry));
+                    } else {
+                        ui.print(shown);
                     }
-                    name
-                };
-                if options.long {
-                    ui.print(long_line(&shown, entry));
-                } else {
-                    ui.print(shown);
+                }
+                Visit::Failed { path, error } => {
+                    errors += 1;
+                    ui.error(format!("{}: {}", show_path(number, path), describe(&error)));
                 }
             }
-            Visit::Failed { path, error } => {
-                errors += 1;
-                ui.error(format!("{}: {}", show_path(number, path), describe(&error)));
-            }
-        }
-        true
-    });
+            true
+        },
+    );
     result.map_err(|e| anyhow::anyhow!("{shown_root}: {}", describe(&e)))?;
     ui.summary(&LsDone {
         snapshot_id: id,
@@ -481,7 +489,11 @@ fn dump_tar(
             FileKind::Other => return Ok(()),
         };
         let link = e.symlink_target.clone().unwrap_or_default();
-        let default_mode = if e.kind == FileKind::Dir { 0o755 } else { 0o644 };
+        let default_mode = if e.kind == FileKind::Dir {
+            0o755
+        } else {
+            0o644
+        };
         tar.header(&Header {
             name,
             kind,
@@ -502,23 +514,29 @@ fn dump_tar(
         Ok(())
     };
     emit(root, &top)?;
-    let walked = walk(fs, root, true, &|_: &[u8]| true, &mut |visit: Visit<'_>| match visit {
-        Visit::Entry { path, entry } => match emit(path, entry) {
-            Ok(()) => true,
-            Err(e) => {
-                failure = Some(e);
+    let walked = walk(
+        fs,
+        root,
+        true,
+        &|_: &[u8]| true,
+        &mut |visit: Visit<'_>| match visit {
+            Visit::Entry { path, entry } => match emit(path, entry) {
+                Ok(()) => true,
+                Err(e) => {
+                    failure = Some(e);
+                    false
+                }
+            },
+            Visit::Failed { path, error } => {
+                failure = Some(anyhow::anyhow!(
+                    "{}: {}",
+                    show_path(number, path),
+                    describe(&error)
+                ));
                 false
             }
         },
-        Visit::Failed { path, error } => {
-            failure = Some(anyhow::anyhow!(
-                "{}: {}",
-                show_path(number, path),
-                describe(&error)
-            ));
-            false
-        }
-    });
+    );
     if let Some(e) = failure {
         return Err(e.context("dump stopped; the tar stream on stdout is incomplete"));
     }

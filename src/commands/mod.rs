@@ -5,9 +5,9 @@
 pub mod backup;
 pub mod check;
 pub mod copy;
-pub mod files;
 #[cfg(feature = "sim")]
 pub mod demo;
+pub mod files;
 pub mod forget;
 pub mod forget_host;
 pub mod forget_policy;

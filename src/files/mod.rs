@@ -81,10 +81,7 @@ pub enum FilesError {
         fs: diskfs::FsType,
     },
     #[error("partition {number} (type {partition_type}): no known file system at its start")]
-    UnknownFs {
-        number: u32,
-        partition_type: String,
-    },
+    UnknownFs { number: u32, partition_type: String },
     #[error("{what}: {}", describe(.source))]
     Fs {
         what: String,
@@ -126,7 +123,9 @@ impl PathSpec {
             _ => (None, text),
         };
         if partition.is_none() && !rest.starts_with('/') {
-            return Err(bad("expected pN:/path, or /path on a disk without partitions"));
+            return Err(bad(
+                "expected pN:/path, or /path on a disk without partitions",
+            ));
         }
         let path = if rest.is_empty() {
             b"/".to_vec()
@@ -243,7 +242,10 @@ pub enum Visit<'a> {
     /// An object, with its absolute in-image path.
     Entry { path: &'a [u8], entry: &'a DirEntry },
     /// A directory that could not be listed (the walk goes on elsewhere).
-    Failed { path: &'a [u8], error: diskfs::Error },
+    Failed {
+        path: &'a [u8],
+        error: diskfs::Error,
+    },
 }
 
 /// Walks `root` (a directory, or any object: then only it is visited),
@@ -289,10 +291,7 @@ pub fn walk(
                     path: String::from_utf8_lossy(&path).into_owned(),
                     detail: format!("deeper than {MAX_DEPTH} levels; not descended"),
                 };
-                if !visit(Visit::Failed {
-                    path: &path,
-                    error,
-                }) {
+                if !visit(Visit::Failed { path: &path, error }) {
                     return Ok(());
                 }
                 continue;
@@ -300,10 +299,7 @@ pub fn walk(
             match fs.list(&path) {
                 Ok(list) => stack.push((path, list, 0)),
                 Err(error) => {
-                    if !visit(Visit::Failed {
-                        path: &path,
-                        error,
-                    }) {
+                    if !visit(Visit::Failed { path: &path, error }) {
                         return Ok(());
                     }
                 }

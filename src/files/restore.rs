@@ -230,12 +230,8 @@ impl Run<'_> {
                 })?;
                 copy_sparse(&mut *content, f, e.size, progress, &mut read_failed)
             };
-            self.extractor.write_file_atomic(
-                rel,
-                e.mode.unwrap_or(0o644),
-                e.mtime,
-                &mut fill,
-            )
+            self.extractor
+                .write_file_atomic(rel, e.mode.unwrap_or(0o644), e.mtime, &mut fill)
         };
         match (result, read_failed) {
             (_, Some(why)) => Err(FileFailure::Read(why)),
@@ -373,30 +369,36 @@ pub fn restore_files(
             .collect();
         let descend = |dir: &[u8]| mine.iter().any(|(_, inc)| inc.glob.may_match_under(dir));
         let mut fatal: Option<FileRestoreError> = None;
-        let walked = walk(&*fs, b"/", true, &descend, &mut |visit: Visit<'_>| match visit {
-            Visit::Entry { path, entry } => {
-                let mut hit = false;
-                for (k, inc) in &mine {
-                    if inc.glob.matches_or_under(path) {
-                        matched[*k] = true;
-                        hit = true;
+        let walked = walk(
+            &*fs,
+            b"/",
+            true,
+            &descend,
+            &mut |visit: Visit<'_>| match visit {
+                Visit::Entry { path, entry } => {
+                    let mut hit = false;
+                    for (k, inc) in &mine {
+                        if inc.glob.matches_or_under(path) {
+                            matched[*k] = true;
+                            hit = true;
+                        }
                     }
-                }
-                if hit {
-                    if let Err(e) = run.entry(&*fs, number, path, entry) {
-                        fatal = Some(e);
-                        return false;
+                    if hit {
+                        if let Err(e) = run.entry(&*fs, number, path, entry) {
+                            fatal = Some(e);
+                            return false;
+                        }
                     }
+                    true
                 }
-                true
-            }
-            Visit::Failed { path, error } => {
-                if mine.iter().any(|(_, inc)| inc.glob.may_match_under(path)) {
-                    run.fail(number, path, describe(&error));
+                Visit::Failed { path, error } => {
+                    if mine.iter().any(|(_, inc)| inc.glob.may_match_under(path)) {
+                        run.fail(number, path, describe(&error));
+                    }
+                    true
                 }
-                true
-            }
-        });
+            },
+        );
         if let Some(e) = fatal {
             return Err(e);
         }

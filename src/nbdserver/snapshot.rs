@@ -67,7 +67,9 @@ impl Export for SnapshotExport {
     }
 
     fn zero_extents(&self, offset: u64, len: u32) -> Vec<(u32, u32)> {
-        let end = offset.saturating_add(len as u64).min(self.reader.size_bytes());
+        let end = offset
+            .saturating_add(len as u64)
+            .min(self.reader.size_bytes());
         let bs = self.reader.block_size();
         let span = self.reader.range_blocks() * bs;
         let hole = proto::STATE_HOLE | proto::STATE_ZERO;

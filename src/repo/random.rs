@@ -307,9 +307,7 @@ impl SnapshotReader {
         }
         got.into_iter()
             .map(|g| {
-                g.ok_or_else(|| {
-                    RepoError::Invalid("block vanished between lookup and read".into())
-                })
+                g.ok_or_else(|| RepoError::Invalid("block vanished between lookup and read".into()))
             })
             .collect()
     }

@@ -93,11 +93,7 @@ fn build_tree(root: &Path, version: u32) {
     sparse.write_all_at(b"head", 0).unwrap();
     sparse.write_all_at(b"tail bytes", SPARSE_TAIL_AT).unwrap();
     sparse.set_len(SPARSE_LEN).unwrap();
-    fs::set_permissions(
-        root.join("etc/hostname"),
-        fs::Permissions::from_mode(0o640),
-    )
-    .unwrap();
+    fs::set_permissions(root.join("etc/hostname"), fs::Permissions::from_mode(0o640)).unwrap();
     fs::set_permissions(root.join("random.bin"), fs::Permissions::from_mode(0o751)).unwrap();
     fs::set_permissions(root.join("etc/conf.d"), fs::Permissions::from_mode(0o750)).unwrap();
     set_mtime(&root.join("etc/hostname"), 1_500_000_000 + version as u64);
@@ -145,7 +141,10 @@ fn describe_tree(root: &Path, cmp: Compare) -> BTreeMap<String, String> {
                 d.push_str("dir");
                 stack.push(path.clone());
             } else if ft.is_symlink() {
-                d.push_str(&format!("link -> {}", fs::read_link(&path).unwrap().display()));
+                d.push_str(&format!(
+                    "link -> {}",
+                    fs::read_link(&path).unwrap().display()
+                ));
             } else if md.len() > 64 << 20 {
                 let f = fs::File::open(&path).unwrap();
                 let (mut head, mut tail, mut mid) = ([0u8; 4], [0u8; 10], [1u8; 4096]);
@@ -383,7 +382,9 @@ fn files_ext4_two_snapshots_ls_dump_find_restore_match_their_trees() {
     let s = r.json();
     assert_eq!(s["match_count"], 1);
     assert_eq!(s["snapshot_count"], 2);
-    let r = t.run(&[&"--json", &"find", &id1, &id2, &"/etc/*.conf"]).ok();
+    let r = t
+        .run(&[&"--json", &"find", &id1, &id2, &"/etc/*.conf"])
+        .ok();
     let mut paths: Vec<String> = r
         .items("found")
         .iter()
@@ -436,7 +437,8 @@ fn partitioned_disk(t: &TestRepo, tree: &Path) -> PathBuf {
     label[24..32].copy_from_slice(b"LVM2 001");
     out.write_all_at(&label, 34816 * 512 + 512).unwrap();
     // A LUKS header at the start of partition 3.
-    out.write_all_at(b"LUKS\xba\xbe\x00\x02", 43008 * 512).unwrap();
+    out.write_all_at(b"LUKS\xba\xbe\x00\x02", 43008 * 512)
+        .unwrap();
     disk
 }
 
@@ -762,10 +764,7 @@ fn files_ntfs_image() {
     }
     let t = TestRepo::new();
     let image = t.path("ntfs.img");
-    fs::File::create(&image)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
+    fs::File::create(&image).unwrap().set_len(16 << 20).unwrap();
     tool("mkntfs", &[&"-F", &"-q", &"-Q", &image.as_os_str()]);
     let data = random_bytes(6, 6, 700_000);
     fs::write(t.path("data.bin"), &data).unwrap();
