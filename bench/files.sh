@@ -71,8 +71,10 @@ put loadavg_start "$(cut -d' ' -f1 /proc/loadavg)"
 TREE=$WORK/tree
 log "building the tree: ${FILE_MIB} MiB file and $SMALL small files"
 mkdir -p "$TREE/small"
-openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:files-$SEED" -in /dev/zero 2>/dev/null |
+# Incompressible, deterministic: AES-128-CTR keystream (openssl ends on SIGPIPE).
+{ openssl enc -aes-128-ctr -nosalt -pbkdf2 -pass "pass:files-$SEED" -in /dev/zero 2>/dev/null || true; } |
   head -c "$((FILE_MIB * 1024 * 1024))" >"$TREE/big.bin"
+[[ $(stat -c %s "$TREE/big.bin") == $((FILE_MIB * 1024 * 1024)) ]] || die "could not generate $TREE/big.bin"
 python3 - "$TREE/small" "$SMALL" "$SEED" <<'PY'
 import os, random, sys
 root, n, seed = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -639,14 +639,7 @@ pub fn find(ui: &Ui, repo: Repository, options: &FindOptions) -> Result<Outcome>
                 ));
             }
         }
-        ui.detail(
-            1,
-            format!(
-                "snapshot {}: {}",
-                id.short(),
-                format!("{found_here} matches")
-            ),
-        );
+        ui.detail(1, format!("snapshot {}: {found_here} matches", id.short()));
     }
     ui.summary(&FindDone {
         pattern: options.pattern.text().to_string(),

@@ -299,7 +299,7 @@ fn files_ext4_two_snapshots_ls_dump_find_restore_match_their_trees() {
             .lines()
             .filter(|l| l.starts_with('{'))
             .map(|l| crate::json_contract::validate_line(l).unwrap())
-            .last()
+            .next_back()
             .unwrap();
         assert_eq!(summary["kind"], "dir");
 
