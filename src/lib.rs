@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod crypto;
+pub mod files;
 pub mod format;
 pub mod index;
 pub mod interrupt;

@@ -78,8 +78,17 @@ pub enum Command {
     Backup(BackupArgs),
     /// List snapshots (a VM backup's disks and metadata together).
     Snapshots(SnapshotsArgs),
-    /// Restore a snapshot to a file, block device or stdout.
+    /// Restore a snapshot to a file, block device or stdout; with
+    /// --include, restore files from its file systems into a directory.
     Restore(RestoreArgs),
+    /// List a snapshot's partitions, or a directory of one of its file
+    /// systems (pN:/path).
+    Ls(LsArgs),
+    /// Write a file of a snapshot's file system to stdout (a directory as
+    /// a tar stream).
+    Dump(DumpArgs),
+    /// Find files by name or path in the file systems of snapshots.
+    Find(FindArgs),
     /// Verify the repository's structure and, optionally, its data.
     Check(CheckArgs),
     /// Print a repository object as JSON.
@@ -146,6 +155,9 @@ impl Command {
             Command::Backup(_) => "backup",
             Command::Snapshots(_) => "snapshots",
             Command::Restore(_) => "restore",
+            Command::Ls(_) => "ls",
+            Command::Dump(_) => "dump",
+            Command::Find(_) => "find",
             Command::Check(_) => "check",
             Command::Cat(_) => "cat",
             Command::Diff(_) => "diff",
@@ -433,6 +445,44 @@ pub struct FilterArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Snapshot id (or unique prefix), or `latest`.
+    pub snapshot: String,
+    /// pN:/DIR (partition N's file system), or /DIR on a disk without a
+    /// partition table; without it, the disk's partitions.
+    pub path: Option<String>,
+    /// Long listing: type, mode, owner, size, modification time, link target.
+    #[arg(short = 'l', long = "long")]
+    pub long: bool,
+    /// List the directories beneath too (full paths).
+    #[arg(short = 'R', long)]
+    pub recursive: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// Snapshot id (or unique prefix), or `latest`.
+    pub snapshot: String,
+    /// pN:/PATH, or /PATH on a disk without a partition table.
+    pub path: String,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FindArgs {
+    /// Snapshots to search (ids, unique prefixes or `latest`), then the
+    /// PATTERN: a glob over file names (`*.conf`), or with a `/` over whole
+    /// paths (`/etc/**/*.conf`, `p1:/home/*/.ssh`).
+    #[arg(value_name = "SNAPSHOT... PATTERN", required = true, num_args = 2..)]
+    pub args: Vec<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct RestoreArgs {
     /// Snapshot id (or unique prefix), or `latest`; with --new-vm, a VM
     /// backup id or any snapshot of that VM backup.
@@ -442,9 +492,17 @@ pub struct RestoreArgs {
     /// new disk in (xen://[USER@]HOST[:PORT]/sr/UUID).
     #[arg(long)]
     pub target: PathBuf,
-    /// Replace an existing non-empty regular file.
+    /// Replace an existing non-empty regular file; with --include, restore
+    /// into a non-empty directory (replacing files and links of the same
+    /// names, never following a link).
     #[arg(long)]
     pub overwrite: bool,
+    /// Restore files instead of the disk: those of the snapshot's file
+    /// systems matching PATTERN (pN:/GLOB, e.g. 'p1:/etc/**'; or /GLOB on
+    /// a disk without a partition table; repeatable) into the directory
+    /// --target, as TARGET/pN/PATH.
+    #[arg(long = "include", value_name = "PATTERN")]
+    pub include: Vec<String>,
     /// The newest snapshot of the same source taken at or before TIME
     /// (RFC 3339, e.g. 2026-11-21T12:00:00Z) instead of SNAPSHOT itself.
     #[arg(long, value_name = "TIME")]

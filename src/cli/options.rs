@@ -7,8 +7,9 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 
 use super::{
-    BackupArgs, CatArgs, CheckArgs, DiffArgs, FilterArgs, ForgetArgs, InitArgs, NbdArgs, PruneArgs,
-    RestoreArgs, ServeArgs, SnapshotsArgs, TagArgs, UnlockArgs, XenArgs, XenConnectArgs,
+    BackupArgs, CatArgs, CheckArgs, DiffArgs, DumpArgs, FilterArgs, FindArgs, ForgetArgs, InitArgs,
+    LsArgs, NbdArgs, PruneArgs, RestoreArgs, ServeArgs, SnapshotsArgs, TagArgs, UnlockArgs,
+    XenArgs, XenConnectArgs,
 };
 #[cfg(feature = "sim")]
 use super::{DemoArgs, SimArgs};
@@ -18,6 +19,7 @@ use crate::commands::backup::{
 use crate::commands::check::CheckOptions;
 #[cfg(feature = "sim")]
 use crate::commands::demo::DemoOptions;
+use crate::commands::files::{DumpOptions, FileRestoreTarget, FindOptions, LsOptions};
 use crate::commands::forget::{ForgetOptions, Selection};
 use crate::commands::forget_policy::GroupBy;
 use crate::commands::inspect::{CatOptions, DiffOptions, UnlockOptions};
@@ -247,7 +249,25 @@ pub fn restore(a: &RestoreArgs) -> Result<RestoreOptions> {
         None => None,
     };
     let text = a.target.to_string_lossy();
-    let target = if XenUrl::is_xen(&text) {
+    let target = if !a.include.is_empty() {
+        if XenUrl::is_xen(&text) || text == "-" {
+            bail!("--include restores files into a directory: --target must be a directory, not '{text}'");
+        }
+        if a.allow_damaged || a.mode.is_some() || a.force || a.verify || a.new_vm {
+            bail!("--allow-damaged, --mode, --force, --verify and --new-vm apply to whole-disk restores, not to --include");
+        }
+        let includes = a
+            .include
+            .iter()
+            .map(|i| crate::files::restore::Include::parse(i))
+            .collect::<Result<Vec<_>, _>>()
+            .context("--include")?;
+        RestoreTarget::Files(FileRestoreTarget {
+            dir: a.target.clone(),
+            includes,
+            overwrite: a.overwrite,
+        })
+    } else if XenUrl::is_xen(&text) {
         if a.allow_damaged || a.mode.is_some() {
             bail!("--allow-damaged and --mode apply to file, block device and stdout targets only");
         }
@@ -290,6 +310,40 @@ pub fn restore(a: &RestoreArgs) -> Result<RestoreOptions> {
         filter: (&a.filter).into(),
         at,
         target,
+    })
+}
+
+pub fn ls(a: &LsArgs) -> Result<LsOptions> {
+    Ok(LsOptions {
+        snapshot: a.snapshot.clone(),
+        filter: (&a.filter).into(),
+        path: a
+            .path
+            .as_deref()
+            .map(crate::files::PathSpec::parse)
+            .transpose()?,
+        long: a.long,
+        recursive: a.recursive,
+    })
+}
+
+pub fn dump(a: &DumpArgs) -> Result<DumpOptions> {
+    Ok(DumpOptions {
+        snapshot: a.snapshot.clone(),
+        filter: (&a.filter).into(),
+        path: crate::files::PathSpec::parse(&a.path)?,
+    })
+}
+
+pub fn find(a: &FindArgs) -> Result<FindOptions> {
+    let (pattern, snapshots) = a
+        .args
+        .split_last()
+        .context("find needs SNAPSHOT... PATTERN")?;
+    Ok(FindOptions {
+        snapshots: snapshots.to_vec(),
+        filter: (&a.filter).into(),
+        pattern: crate::commands::files::FindPattern::parse(pattern)?,
     })
 }
 
@@ -618,7 +672,9 @@ mod tests {
                 assert!(options.overwrite && options.restore.allow_damaged);
                 assert!(!options.force_size);
             }
-            RestoreTarget::Xen(_) => panic!("a file target became xen"),
+            RestoreTarget::Xen(_) | RestoreTarget::Files(_) => {
+                panic!("a file target became something else")
+            }
         }
         let sr = "xen://h/sr/0b0c7d3e-32f4-4a51-9f4e-7d0c5a8e1b2c";
         let o = restore_of(&["abc", "--target", sr, "--new-vm", "--verify"]).unwrap();
@@ -628,7 +684,30 @@ mod tests {
                 assert!(x.new_vm && x.verify && !x.force);
                 assert_eq!(x.import_format, "auto");
             }
-            RestoreTarget::Local { .. } => panic!("a xen target became local"),
+            RestoreTarget::Local { .. } | RestoreTarget::Files(_) => {
+                panic!("a xen target became something else")
+            }
+        }
+        let o = restore_of(&["abc", "--target", "dir", "--include", "p1:/etc/**"]).unwrap();
+        match o.target {
+            RestoreTarget::Files(f) => {
+                assert_eq!(f.dir, std::path::PathBuf::from("dir"));
+                assert_eq!(f.includes[0].partition, Some(1));
+            }
+            _ => panic!("--include became a disk restore"),
+        }
+        for (args, says) in [
+            (&["x", "--target", "-", "--include", "/a"][..], "directory"),
+            (&["x", "--target", "d", "--include", "etc"], "--include"),
+            (
+                &["x", "--target", "d", "--include", "/a", "--mode", "600"],
+                "--mode",
+            ),
+        ] {
+            match restore_of(args) {
+                Ok(_) => panic!("{args:?} was accepted"),
+                Err(e) => assert!(format!("{e:#}").contains(says), "{args:?}: {e:#}"),
+            }
         }
     }
 

@@ -5,8 +5,8 @@ use anyhow::{Context, Result};
 use super::{options, password, Cli, Command, KeyCommand, RepairCommand};
 use crate::commands::repair::RepairAction;
 use crate::commands::{
-    backup, check, copy, forget, inspect, key, open_with, prune, repair, restore, serve, snapshots,
-    tag, Outcome,
+    backup, check, copy, files, forget, inspect, key, open_with, prune, repair, restore, serve,
+    snapshots, tag, Outcome,
 };
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
@@ -110,7 +110,23 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
         }
         Command::Restore(a) => {
             let o = options::restore(a)?;
-            restore::run(ui, &open(ui, &repo_path()?)?, &o)
+            let repo = open(ui, &repo_path()?)?;
+            match &o.target {
+                restore::RestoreTarget::Files(target) => files::restore(ui, repo, &o, target),
+                _ => restore::run(ui, &repo, &o),
+            }
+        }
+        Command::Ls(a) => {
+            let o = options::ls(a)?;
+            files::ls(ui, open(ui, &repo_path()?)?, &o)
+        }
+        Command::Dump(a) => {
+            let o = options::dump(a)?;
+            files::dump(ui, open(ui, &repo_path()?)?, &o)
+        }
+        Command::Find(a) => {
+            let o = options::find(a)?;
+            files::find(ui, open(ui, &repo_path()?)?, &o)
         }
         Command::Check(a) => {
             let o = options::check(a)?;

@@ -7,6 +7,7 @@ pub mod check;
 pub mod copy;
 #[cfg(feature = "sim")]
 pub mod demo;
+pub mod files;
 pub mod forget;
 pub mod forget_host;
 pub mod forget_policy;

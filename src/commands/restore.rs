@@ -43,6 +43,9 @@ pub enum RestoreTarget {
     },
     /// A XenServer disk to overwrite or an SR to create disks (or a VM) in.
     Xen(XenRestoreOptions),
+    /// Files of the snapshot's file systems into a directory (`--include`,
+    /// run by `commands::files::restore`).
+    Files(super::files::FileRestoreTarget),
 }
 
 /// The newest of `candidates` taken at or before `at`.
@@ -65,7 +68,7 @@ fn newest_at(
 
 /// SNAPSHOT, or with `--at` the newest snapshot of SNAPSHOT's source (of
 /// the filtered ones for `latest`) at or before that time.
-fn select(repo: &Repository, options: &RestoreOptions) -> Result<SnapshotEntry> {
+pub(crate) fn select(repo: &Repository, options: &RestoreOptions) -> Result<SnapshotEntry> {
     let Some(at) = options.at else {
         return pick_snapshot(repo, &options.snapshot, &options.filter);
     };
@@ -146,6 +149,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &RestoreOptions) -> Result<Outco
             return Ok(Outcome::Ok);
         }
         RestoreTarget::Local { path, options } => (path, options),
+        RestoreTarget::Files(_) => bail!("file-level restore is run by commands::files::restore"),
     };
     let entry = select(repo, options)?;
     let _lock = repo.lock(false, "restore")?;

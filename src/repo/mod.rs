@@ -14,6 +14,7 @@ pub mod lock;
 pub mod manifests;
 pub mod policy;
 pub mod prune;
+pub mod random;
 pub mod read;
 pub mod repair;
 pub mod restore;

@@ -16,6 +16,7 @@ mod crash;
 mod encryption;
 mod exit_codes;
 mod file_source;
+mod files;
 mod forget;
 mod healing;
 mod index_objects;

@@ -97,6 +97,17 @@ const DIR_FLAGS: OFlags = OFlags::DIRECTORY
     .union(OFlags::RDONLY)
     .union(OFlags::CLOEXEC);
 
+fn timestamps(t: Timestamp) -> Timestamps {
+    let ts = Timespec {
+        tv_sec: t.seconds,
+        tv_nsec: t.nanos.min(999_999_999).into(),
+    };
+    Timestamps {
+        last_access: ts,
+        last_modification: ts,
+    }
+}
+
 fn perm(mode: u32) -> Mode {
     Mode::from_bits_truncate(mode & 0o777)
 }
@@ -216,6 +227,73 @@ impl Extractor {
         Ok(copied)
     }
 
+    /// Creates regular file `path` under a temporary name in its directory,
+    /// lets `fill` write its content, and only when `fill` succeeds renames
+    /// it into place (replacing a previous non-directory, never writing
+    /// through it): a file that fails half-way never appears under its
+    /// name. On failure the temporary file is removed. `mode` is applied
+    /// (as `mode & 0o777`) and `mtime`, if given, set before the rename.
+    pub fn write_file_atomic(
+        &self,
+        path: &[u8],
+        mode: u32,
+        mtime: Option<Timestamp>,
+        fill: &mut dyn FnMut(&mut std::fs::File) -> io::Result<u64>,
+    ) -> Result<u64, ExtractError> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let (dir, name) = self.parent(path)?;
+        // Short and fixed: a name at NAME_MAX must still get a temporary.
+        let temp = format!(
+            ".cbtvault-partial-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let flags =
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rustix::fs::openat(&dir, temp.as_str(), flags, Mode::from_bits_truncate(0o600))
+            .map_err(|e| io_err(path, e))?;
+        let mut file = std::fs::File::from(fd);
+        let written = (|| -> Result<u64, ExtractError> {
+            let n = fill(&mut file).map_err(|e| io_err(path, e))?;
+            rustix::fs::fchmod(&file, perm(mode)).map_err(|e| io_err(path, e))?;
+            if let Some(t) = mtime {
+                rustix::fs::futimens(&file, &timestamps(t)).map_err(|e| io_err(path, e))?;
+            }
+            drop(file);
+            self.clear(&dir, name, path)?;
+            rustix::fs::renameat(&dir, temp.as_str(), &dir, name).map_err(|e| io_err(path, e))?;
+            Ok(n)
+        })();
+        if written.is_err() {
+            let _ = rustix::fs::unlinkat(&dir, temp.as_str(), AtFlags::empty());
+        }
+        written
+    }
+
+    /// Sets the owner of `path` itself (a symlink is not followed).
+    pub fn set_owner(&self, path: &[u8], uid: u32, gid: u32) -> Result<(), ExtractError> {
+        let comps = check_entry_path(path)?;
+        let (last, parents) = comps.split_last().expect("at least one component");
+        let dir = self.open_dir(parents, false)?;
+        rustix::fs::chownat(
+            &dir,
+            OsStr::from_bytes(last),
+            Some(rustix::fs::Uid::from_raw(uid)),
+            Some(rustix::fs::Gid::from_raw(gid)),
+            AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| io_err(path, e))
+    }
+
+    /// Sets the permission bits (`mode & 0o777`) of directory `path`, which
+    /// must exist (reached without following links): for modes applied
+    /// after a directory's contents are written.
+    pub fn set_dir_mode(&self, path: &[u8], mode: u32) -> Result<(), ExtractError> {
+        let comps = check_entry_path(path)?;
+        let dir = self.open_dir(&comps, false)?;
+        rustix::fs::fchmod(&dir, perm(mode)).map_err(|e| io_err(path, e))
+    }
+
     /// Creates symlink `path` pointing at `target`, verbatim (a previous
     /// non-directory at `path` is replaced).
     pub fn symlink(&self, path: &[u8], target: &[u8]) -> Result<(), ExtractError> {
@@ -236,18 +314,10 @@ impl Extractor {
         let comps = check_entry_path(path)?;
         let (last, parents) = comps.split_last().expect("at least one component");
         let dir = self.open_dir(parents, false)?;
-        let ts = Timespec {
-            tv_sec: mtime.seconds,
-            tv_nsec: mtime.nanos.min(999_999_999).into(),
-        };
-        let times = Timestamps {
-            last_access: ts,
-            last_modification: ts,
-        };
         rustix::fs::utimensat(
             &dir,
             OsStr::from_bytes(last),
-            &times,
+            &timestamps(mtime),
             AtFlags::SYMLINK_NOFOLLOW,
         )
         .map_err(|e| io_err(path, e))
