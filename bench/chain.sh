@@ -84,7 +84,7 @@ FULL_HASH=$(hash_of "$IMG")
 # One python process makes the changes: it reads a step number per line
 # and answers when the image and the bitmap are written.
 mkfifo "$WORK/steps" "$WORK/done"
-python3 - "$IMG" "$BLOCKS" "$CHANGED" "$SEED" "$WORK/bitmap.b64" <"$WORK/steps" >"$WORK/done" <<'PY' &
+cat > "$WORK/changer.py" <<'PY'
 import base64, random, sys
 path, blocks, n, seed, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 r = random.Random(seed)
@@ -101,6 +101,7 @@ with open(path, "r+b") as f:
             o.write(base64.b64encode(bytes(bits)).decode())
         print(step, flush=True)
 PY
+python3 "$WORK/changer.py" "$IMG" "$BLOCKS" "$CHANGED" "$SEED" "$WORK/bitmap.b64" <"$WORK/steps" >"$WORK/done" &
 CHANGER=$!
 exec 3>"$WORK/steps" 4<"$WORK/done"
 log "$CHAIN incrementals of $CHANGED blocks each"

@@ -30,8 +30,8 @@ fn main() -> Result<()> {
     if args.len() < 4 {
         bail!("usage: synth_repo REPO chains SOURCES DEPTH | synth_repo REPO big BLOCKS");
     }
-    let repo = Repository::open(&PathBuf::from(&args[1]))
-        .with_context(|| format!("open {}", args[1]))?;
+    let repo =
+        Repository::open(&PathBuf::from(&args[1])).with_context(|| format!("open {}", args[1]))?;
     let _lock = repo.lock(false, "backup")?;
     let blocks = real_blocks(&repo)?;
     match args[2].as_str() {
