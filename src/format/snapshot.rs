@@ -141,18 +141,24 @@ fn validate(obj: &SnapshotObject) -> Result<(), FormatError> {
     Ok(())
 }
 
-/// Encodes a snapshot object. Fails only if the object breaks a rule a
-/// decoder would reject, so nothing undecodable is ever written.
-pub fn encode(obj: &SnapshotObject) -> Result<Vec<u8>, FormatError> {
-    validate(obj)?;
-    let meta = serde_json::to_vec(&obj.meta)
+/// The metadata JSON of an object of either version, within its limit.
+fn meta_bytes(meta: &SnapshotMeta) -> Result<Vec<u8>, FormatError> {
+    let bytes = serde_json::to_vec(meta)
         .map_err(|e| FormatError::invalid("snapshot", format!("metadata: {e}")))?;
-    if meta.len() > MAX_META_LEN as usize {
+    if bytes.len() > MAX_META_LEN as usize {
         return Err(FormatError::invalid(
             "snapshot",
             "metadata larger than 1 MiB",
         ));
     }
+    Ok(bytes)
+}
+
+/// Encodes a snapshot object. Fails only if the object breaks a rule a
+/// decoder would reject, so nothing undecodable is ever written.
+pub fn encode(obj: &SnapshotObject) -> Result<Vec<u8>, FormatError> {
+    validate(obj)?;
+    let meta = meta_bytes(&obj.meta)?;
     let bitmap = obj.bitmap.as_deref().unwrap_or(&[]);
     let mut out = Vec::with_capacity(32 + meta.len() + obj.entries.len() * 41 + bitmap.len());
     out.extend_from_slice(&MAGIC);
@@ -407,14 +413,7 @@ fn validate_paged(obj: &PagedSnapshot) -> Result<(), FormatError> {
 /// would reject.
 pub fn encode_paged(obj: &PagedSnapshot) -> Result<Vec<u8>, FormatError> {
     validate_paged(obj)?;
-    let meta = serde_json::to_vec(&obj.meta)
-        .map_err(|e| FormatError::invalid("snapshot", format!("metadata: {e}")))?;
-    if meta.len() > MAX_META_LEN as usize {
-        return Err(FormatError::invalid(
-            "snapshot",
-            "metadata larger than 1 MiB",
-        ));
-    }
+    let meta = meta_bytes(&obj.meta)?;
     let t = &obj.table;
     let mut out = Vec::with_capacity(32 + meta.len() + t.rows.len() * ROW_LEN);
     out.extend_from_slice(&MAGIC);
