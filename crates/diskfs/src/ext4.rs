@@ -216,12 +216,7 @@ impl Read for Ext4File {
 
 impl Seek for Ext4File {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        let target = match pos {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.len.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        }
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        let target = crate::read_at::seek_target(pos, self.len, self.pos)?;
         // ext4-view refuses positions past the end; reading there yields 0.
         self.file
             .seek_to(target.min(self.len))

@@ -592,12 +592,7 @@ impl Read for FatFile<'_> {
 
 impl Seek for FatFile<'_> {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
-        let target = match pos {
-            SeekFrom::Start(p) => Some(p),
-            SeekFrom::End(d) => self.size.checked_add_signed(d),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-        }
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))?;
+        let target = crate::read_at::seek_target(pos, self.size, self.pos)?;
         self.pos = target;
         Ok(target)
     }

@@ -126,6 +126,19 @@ pub(crate) fn read_head(src: &dyn ReadAt, max: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// Where a `Seek` to `pos` lands for a stream of `len` bytes now at `pos_now`
+/// (every `Seek` impl of this crate): before the start is an error, past
+/// the end is allowed (reads there return nothing).
+pub(crate) fn seek_target(pos: std::io::SeekFrom, len: u64, pos_now: u64) -> std::io::Result<u64> {
+    use std::io::SeekFrom;
+    match pos {
+        SeekFrom::Start(p) => Some(p),
+        SeekFrom::End(d) => len.checked_add_signed(d),
+        SeekFrom::Current(d) => pos_now.checked_add_signed(d),
+    }
+    .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -72,40 +72,12 @@ impl BlockBitmap {
         bitmap::iter_set(&self.bits)
     }
 
-    /// Blocks marked in both.
-    pub fn and(&self, other: &BlockBitmap) -> BlockBitmap {
-        debug_assert_eq!(self.blocks, other.blocks);
-        BlockBitmap {
-            bits: self
-                .bits
-                .iter()
-                .zip(&other.bits)
-                .map(|(a, b)| a & b)
-                .collect(),
-            blocks: self.blocks,
-        }
-    }
-
     /// Keeps only the blocks also marked in `other` (in place: no second
     /// bitmap of the disk's size).
     pub fn and_assign(&mut self, other: &BlockBitmap) {
         debug_assert_eq!(self.blocks, other.blocks);
         for (a, b) in self.bits.iter_mut().zip(&other.bits) {
             *a &= b;
-        }
-    }
-
-    /// Blocks not marked (padding bits stay clear).
-    pub fn not(&self) -> BlockBitmap {
-        let mut bits: Vec<u8> = self.bits.iter().map(|b| !b).collect();
-        if !self.blocks.is_multiple_of(8) {
-            if let Some(last) = bits.last_mut() {
-                *last &= 0xffu8 << (8 - self.blocks % 8);
-            }
-        }
-        BlockBitmap {
-            bits,
-            blocks: self.blocks,
         }
     }
 
@@ -135,15 +107,16 @@ mod tests {
     }
 
     #[test]
-    fn not_keeps_padding_clear_and_and_intersects() {
+    fn and_assign_intersects_in_place() {
         let mut a = BlockBitmap::empty(10);
         a.set(1);
         a.set(9);
         a.set(12); // beyond the disk: ignored
-        let n = a.not();
-        assert_eq!(n.count(), 8);
-        assert!(BlockBitmap::from_bytes(n.clone().into_bytes(), 10).is_ok());
-        assert_eq!(a.and(&n).count(), 0);
-        assert_eq!(a.and(&a).iter().collect::<Vec<_>>(), vec![1, 9]);
+        let mut b = BlockBitmap::empty(10);
+        b.set(9);
+        b.set(3);
+        a.and_assign(&b);
+        assert_eq!(a.iter().collect::<Vec<_>>(), vec![9]);
+        assert!(BlockBitmap::from_bytes(a.into_bytes(), 10).is_ok());
     }
 }
