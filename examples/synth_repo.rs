@@ -7,6 +7,7 @@
 //! ```text
 //! synth_repo REPO chains SOURCES DEPTH      # SOURCES x (1 full + DEPTH-1 deltas)
 //! synth_repo REPO big BLOCKS                # one full snapshot of BLOCKS entries
+//! synth_repo REPO catalog ROWS              # ROWS more catalog rows
 //! ```
 //!
 //! `chains`: each synthetic source gets a full of 64 entries, then deltas of
@@ -14,6 +15,12 @@
 //! `big`: one snapshot whose disk has BLOCKS blocks, every one of them data
 //! (pages name their first index, so each is its own object: about 41
 //! bytes per entry, 672 KiB per page of 16,384).
+//! `catalog`: ROWS rows added to the local catalog (the SQLite cache, not
+//! the repository), distinct random block ids spread over the whole id
+//! space, all naming the first pack: for the size of a catalog and the
+//! speed of lookups and of a backup at 100 million blocks. `check` calls
+//! such a repository damaged (the rows name blobs the pack does not
+//! hold); it is for timing only.
 //!
 //! Build: `cargo build --release --example synth_repo`.
 
@@ -32,6 +39,12 @@ fn main() -> Result<()> {
     }
     let repo =
         Repository::open(&PathBuf::from(&args[1])).with_context(|| format!("open {}", args[1]))?;
+    if args[2] == "catalog" {
+        let rows: u64 = args[3].parse()?;
+        let path = repo.catalog_path().to_path_buf();
+        drop(repo);
+        return catalog_rows(&path, rows);
+    }
     let _lock = repo.lock(false, "backup")?;
     let blocks = real_blocks(&repo)?;
     match args[2].as_str() {
@@ -174,5 +187,32 @@ fn big(repo: &Repository, blocks: &[BlockId], n: u64) -> Result<()> {
         meta: m,
         body: Body::Paged(w.finish()),
     })?;
+    Ok(())
+}
+
+/// Appends `rows` catalog rows in key order (one transaction; ids ascend,
+/// so SQLite appends to its B-tree instead of splitting pages at random).
+fn catalog_rows(path: &std::path::Path, rows: u64) -> Result<()> {
+    let mut conn =
+        rusqlite::Connection::open(path).with_context(|| format!("{}", path.display()))?;
+    conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -262144;")?;
+    let pack: i64 = conn.query_row("SELECT min(pack_id) FROM packs", [], |r| r.get(0))?;
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare(
+            "INSERT OR IGNORE INTO blocks(block_id, pack_id, offset, stored_length, raw_length) VALUES (?1, ?2, ?3, 65536, 65536)",
+        )?;
+        let slot = u64::MAX / rows.max(1);
+        for i in 0..rows {
+            let mut id: [u8; 32] = rand::random();
+            let prefix = i * slot + rand::random::<u64>() % slot.max(1);
+            id[..8].copy_from_slice(&prefix.to_be_bytes());
+            stmt.execute(rusqlite::params![&id[..], pack, (i % (1 << 20)) * 65536])?;
+            if i % 10_000_000 == 0 && i > 0 {
+                eprintln!("{i} rows");
+            }
+        }
+    }
+    tx.commit()?;
     Ok(())
 }

@@ -339,9 +339,11 @@ pub struct BackupArgs {
     #[arg(long)]
     pub full: bool,
     /// Write a synthetic full manifest (no data rewritten) once the chain
-    /// since the last full reaches N snapshots.
-    #[arg(long, value_name = "N")]
-    pub full_every: Option<u32>,
+    /// since the last full reaches N snapshots, so restores and
+    /// incrementals never resolve more than N manifests; 0: never (chains
+    /// grow without bound).
+    #[arg(long, value_name = "N", default_value_t = crate::commands::backup::DEFAULT_FULL_EVERY)]
+    pub full_every: u32,
     /// Tag the snapshot (repeatable).
     #[arg(long = "tag", value_name = "TAG")]
     pub tags: Vec<String>,

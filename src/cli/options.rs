@@ -172,9 +172,6 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
     if a.full && a.changed_blocks.is_some() {
         bail!("--full reads every block; it cannot be combined with --changed-blocks");
     }
-    if a.full_every == Some(0) {
-        bail!("--full-every must be at least 1");
-    }
     let parent = match (&a.parent, a.full) {
         (_, true) => ParentRequest::NoParent,
         (Some(query), false) => ParentRequest::Named(query.clone()),
@@ -182,7 +179,7 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
     };
     let snapshot = SnapshotOptions {
         parent,
-        full_every: a.full_every,
+        full_every: (a.full_every > 0).then_some(a.full_every),
         tags: a.tags.clone(),
         strict: a.strict,
     };
@@ -556,10 +553,13 @@ mod tests {
             &["xen://h/vdi/u", "--parent", "abc"],
             &["xen://h/vdi/u", "--source-id", "x"],
             &["disk.img", "--full", "--changed-blocks", "f"],
-            &["disk.img", "--full-every", "0"],
         ] {
             assert!(backup_of(args).is_err(), "{args:?} was accepted");
         }
+        let every = |args: &[&str]| backup_of(args).unwrap().snapshot.full_every;
+        assert_eq!(every(&["disk.img"]), Some(64));
+        assert_eq!(every(&["disk.img", "--full-every", "8"]), Some(8));
+        assert_eq!(every(&["disk.img", "--full-every", "0"]), None);
         let o = backup_of(&["disk.img", "--full"]).unwrap();
         assert_eq!(o.snapshot.parent, ParentRequest::NoParent);
         assert!(matches!(o.source, BackupSource::File { .. }));

@@ -66,6 +66,12 @@ pub enum BackupSource {
     },
 }
 
+/// Chain length (snapshots since the last full) at which a backup writes a
+/// synthetic full unless told otherwise: restores, exports and
+/// incrementals then resolve at most this many manifests, whatever the
+/// number of backups.
+pub const DEFAULT_FULL_EVERY: u32 = 64;
+
 /// How each snapshot of a run chooses its parent and what it records.
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
@@ -334,6 +340,18 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
                 Some(p) => Changes::Since(read_cbt_bitmap(p, &source)?),
                 None => Changes::Unknown,
             };
+            // Holes of a sparse image read as zeros: a full read skips them.
+            let holes = || {
+                source.data_extents()?.ok_or(SourceError::Invalid {
+                    source_name: path.display().to_string(),
+                    reason: "not a regular file with a known layout".into(),
+                })
+            };
+            let allocated = if source.is_regular() {
+                Allocation::Ask(&holes)
+            } else {
+                Allocation::Unknown
+            };
             let _lock = repo.lock(false, "backup")?;
             backup_as(
                 ui,
@@ -342,7 +360,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
                 source_id,
                 &options.snapshot,
                 changes,
-                Allocation::Unknown,
+                allocated,
             )?
         }
     };

@@ -426,7 +426,12 @@ pub fn dump(ui: &Ui, repo: Repository, options: &DumpOptions) -> Result<Outcome>
         .map_err(|e| anyhow::anyhow!("{shown_root}: {}", describe(&e)))?;
     let bar = ui.progress("dump", true);
     let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, stdout.lock());
+    // Redirected to a file, the data is synced as it goes (write-behind).
+    let flusher = crate::files::flush::Flusher::new(&stdout);
+    let mut out = crate::files::flush::WriteBehind::new(
+        std::io::BufWriter::with_capacity(1 << 20, stdout.lock()),
+        flusher,
+    );
     let (kind, entries, written) = match top.kind {
         FileKind::File => {
             bar.set_total(top.size);

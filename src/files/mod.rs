@@ -7,6 +7,7 @@
 //! output (`tar`). Prints nothing; errors are typed and name the partition,
 //! the path and, when a block of the snapshot could not be read, the block.
 
+pub mod flush;
 pub mod restore;
 pub mod tar;
 

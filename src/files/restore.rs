@@ -132,9 +132,13 @@ fn copy_sparse<R: Read + ?Sized>(
     expected: u64,
     progress: &dyn Progress,
     read_failed: &mut Option<String>,
+    buf: &mut [u8],
 ) -> io::Result<u64> {
-    let mut buf = vec![0u8; COPY_BYTES];
     let mut done = 0u64;
+    // Large files are synced as they are written (small ones are not
+    // worth a helper thread).
+    let mut flusher =
+        (expected >= super::flush::FLUSH_EVERY).then(|| super::flush::Flusher::new(&*dst));
     loop {
         let mut n = 0;
         while n < buf.len() {
@@ -157,6 +161,9 @@ fn copy_sparse<R: Read + ?Sized>(
         }
         done += n as u64;
         progress.advance(n as u64);
+        if let Some(f) = flusher.as_mut() {
+            f.wrote(n as u64);
+        }
         if n < buf.len() {
             break;
         }
@@ -178,6 +185,8 @@ struct Run<'a> {
     summary: FileRestoreSummary,
     /// Directories restored, for their metadata after their contents.
     dirs: Vec<(Vec<u8>, DirEntry)>,
+    /// The copy buffer, allocated once for all files.
+    buf: Vec<u8>,
 }
 
 impl Run<'_> {
@@ -222,13 +231,14 @@ impl Run<'_> {
     ) -> Result<u64, FileFailure> {
         let mut read_failed: Option<String> = None;
         let progress = self.progress;
+        let buf = &mut self.buf;
         let result = {
             let mut fill = |f: &mut std::fs::File| -> io::Result<u64> {
                 let mut content = fs.open_file(path).map_err(|err| {
                     read_failed = Some(describe(&err));
                     io::Error::other("open failed")
                 })?;
-                copy_sparse(&mut *content, f, e.size, progress, &mut read_failed)
+                copy_sparse(&mut *content, f, e.size, progress, &mut read_failed, buf)
             };
             self.extractor
                 .write_file_atomic(rel, e.mode.unwrap_or(0o644), e.mtime, &mut fill)
@@ -339,6 +349,7 @@ pub fn restore_files(
         progress,
         summary: FileRestoreSummary::default(),
         dirs: Vec::new(),
+        buf: vec![0u8; COPY_BYTES],
     };
     // Partitions in the order the includes first name them.
     let mut numbers: Vec<u32> = Vec::new();

@@ -10,9 +10,10 @@
 //! does not grow with the disk. Every block is verified by the reader; a
 //! block that does not verify fails the read that needs it (with the
 //! block, its id and its pack) and nothing else. Zero blocks read as zeros.
-//! Reads that continue where the previous one stopped read ahead a few
-//! blocks with one call, so the reader's parallel decompression is used
-//! by sequential readers (a file being extracted) too.
+//! Reads that continue where the previous one stopped have the next
+//! window of blocks fetched on another thread (with one call, so the
+//! reader's parallel decompression is used) while they consume this one:
+//! a file being extracted reads at the speed of a whole restore.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,13 +22,15 @@ use super::read::{BlockReader, Located, ReadError};
 use super::{ChainReader, RepoError, Repository, Snapshot};
 use crate::format::{BlockId, SnapshotId};
 
-/// Verified blocks kept in memory (64 blocks of 64 KiB = 4 MiB).
-pub const CACHE_BLOCKS: usize = 64;
+/// Verified blocks kept in memory (128 blocks of 64 KiB = 8 MiB).
+pub const CACHE_BLOCKS: usize = 128;
 /// Resolved ranges (with their blocks located) kept in memory: 16 of up to
 /// 16384 blocks each.
 pub const CACHE_RANGES: usize = 16;
 /// Blocks fetched ahead, with one `BlockReader::read`, when reads are
-/// sequential (fewer than `CACHE_BLOCKS`, so a window fits the cache).
+/// sequential; a sequential reader also has the window after that one
+/// fetched in the background while it consumes this one (two windows and
+/// the blocks in use fit `CACHE_BLOCKS`).
 const READ_AHEAD_BLOCKS: u64 = 32;
 
 /// Least-recently-used entries by key, evicted by a linear scan (cheaper
@@ -78,6 +81,31 @@ struct BlockCache {
     blocks: Lru<BlockId, Arc<Vec<u8>>>,
     /// The block index just after the last read's end.
     next_index: u64,
+    /// The last block index fetched or being fetched ahead of a
+    /// sequential reader.
+    frontier: u64,
+    /// The window being fetched in the background, if any.
+    pending: Option<Prefetch>,
+}
+
+/// A window of blocks read ahead on another thread: indices
+/// `first..=last`, and the blocks that verified (a block that did not is
+/// left out; the read that needs it fetches it again and fails with why).
+struct Prefetch {
+    first: u64,
+    last: u64,
+    fetch: std::thread::JoinHandle<Vec<(BlockId, Arc<Vec<u8>>)>>,
+}
+
+impl Prefetch {
+    /// Waits for the window and keeps its blocks in `blocks`.
+    fn land(self, blocks: &mut Lru<BlockId, Arc<Vec<u8>>>) {
+        if let Ok(got) = self.fetch.join() {
+            for (id, raw) in got {
+                blocks.insert(id, raw);
+            }
+        }
+    }
 }
 
 /// A snapshot read at any byte offset.
@@ -133,6 +161,8 @@ impl SnapshotReader {
             cache: Mutex::new(BlockCache {
                 blocks: Lru::new(CACHE_BLOCKS),
                 next_index: u64::MAX,
+                frontier: 0,
+                pending: None,
             }),
         })
     }
@@ -228,16 +258,35 @@ impl SnapshotReader {
         end: u64,
     ) -> Result<Vec<Arc<Vec<u8>>>, RepoError> {
         let bs = self.block_size;
+        let (first, last) = (offset / bs, (end - 1) / bs);
         let (mut got, sequential): (Vec<Option<Arc<Vec<u8>>>>, bool) = {
             let mut cache = lock(&self.cache);
-            let sequential = cache.next_index == offset / bs || cache.next_index == offset / bs + 1;
+            let sequential = cache.next_index == first || cache.next_index == first + 1;
             cache.next_index = end.div_ceil(bs);
-            (
-                wanted.iter().map(|b| cache.blocks.get(&b.block)).collect(),
-                sequential,
-            )
+            if !sequential {
+                cache.frontier = last;
+            }
+            let mut got: Vec<_> = wanted.iter().map(|b| cache.blocks.get(&b.block)).collect();
+            // Blocks being fetched ahead: wait for them rather than fetch
+            // them twice.
+            let covered = |p: &Prefetch| {
+                wanted
+                    .iter()
+                    .zip(&got)
+                    .any(|(b, g)| g.is_none() && b.index >= p.first && b.index <= p.last)
+            };
+            if cache.pending.as_ref().is_some_and(covered) {
+                if let Some(p) = cache.pending.take() {
+                    p.land(&mut cache.blocks);
+                }
+                got = wanted.iter().map(|b| cache.blocks.get(&b.block)).collect();
+            }
+            (got, sequential)
         };
-        let mut todo: Vec<Located> = wanted
+        if sequential {
+            self.read_ahead(last);
+        }
+        let todo: Vec<Located> = wanted
             .iter()
             .zip(&got)
             .filter(|(_, g)| g.is_none())
@@ -246,40 +295,17 @@ impl SnapshotReader {
         if todo.is_empty() {
             return Ok(got.into_iter().map(|g| g.expect("all cached")).collect());
         }
-        // A sequential reader missing a block: fetch the data blocks that
-        // follow too, with the same call.
-        let mut ahead = Vec::new();
-        if sequential {
-            let from = todo.last().map_or(0, |b| b.index) + 1;
-            let to = (from + READ_AHEAD_BLOCKS).min(self.size_bytes.div_ceil(bs));
-            if from < to {
-                if let Ok(list) = self.blocks_between(from, to - 1) {
-                    let cache = lock(&self.cache);
-                    ahead.extend(
-                        list.into_iter()
-                            .filter(|b| !cache.blocks.entries.contains_key(&b.block)),
-                    );
-                }
-            }
-        }
-        let wanted_count = todo.len();
-        todo.extend_from_slice(&ahead);
         let mut order: Vec<usize> = (0..todo.len()).collect();
         order.sort_by_key(|&k| todo[k].block);
         order.dedup_by_key(|k| todo[*k].block);
         let unique: Vec<Located> = order.iter().map(|&k| todo[k]).collect();
         let mut fetched: HashMap<BlockId, Arc<Vec<u8>>> = HashMap::new();
         let reader = BlockReader::new(&self.repo);
-        let wanted_ids: std::collections::HashSet<BlockId> =
-            todo[..wanted_count].iter().map(|b| b.block).collect();
         for (b, raw) in unique.iter().zip(reader.read(&unique)) {
             match raw {
                 Ok(raw) => {
                     fetched.insert(b.block, Arc::new(raw));
                 }
-                // A block read ahead that fails fails only a read that
-                // needs it, later.
-                Err(_) if !wanted_ids.contains(&b.block) => {}
                 Err(e) => return Err(self.in_snapshot(e.into())),
             }
         }
@@ -294,11 +320,6 @@ impl SnapshotReader {
                     }
                 }
             }
-            for b in &ahead {
-                if let Some(raw) = fetched.get(&b.block) {
-                    cache.blocks.insert(b.block, raw.clone());
-                }
-            }
         }
         for (b, g) in wanted.iter().zip(got.iter_mut()) {
             if g.is_none() {
@@ -310,6 +331,53 @@ impl SnapshotReader {
                 g.ok_or_else(|| RepoError::Invalid("block vanished between lookup and read".into()))
             })
             .collect()
+    }
+
+    /// Starts fetching, on another thread, the window after the furthest
+    /// block fetched for a sequential reader now at block `last`, unless a
+    /// window is in flight or a whole window is fetched ahead already.
+    fn read_ahead(&self, last: u64) {
+        let blocks_total = self.size_bytes.div_ceil(self.block_size);
+        let (from, to) = {
+            let cache = lock(&self.cache);
+            if cache.pending.is_some() || cache.frontier >= last + READ_AHEAD_BLOCKS {
+                return;
+            }
+            let from = cache.frontier.max(last) + 1;
+            (from, (from + READ_AHEAD_BLOCKS).min(blocks_total))
+        };
+        if from >= to {
+            return;
+        }
+        let Ok(list) = self.blocks_between(from, to - 1) else {
+            return;
+        };
+        let mut cache = lock(&self.cache);
+        let list: Vec<Located> = list
+            .into_iter()
+            .filter(|b| !cache.blocks.entries.contains_key(&b.block))
+            .collect();
+        cache.frontier = to - 1;
+        if list.is_empty() {
+            return;
+        }
+        let repo = self.repo.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cbtvault-ahead".into())
+            .spawn(move || {
+                let reader = BlockReader::new(&repo);
+                list.iter()
+                    .zip(reader.read(&list))
+                    .filter_map(|(b, r)| r.ok().map(|raw| (b.block, Arc::new(raw))))
+                    .collect()
+            });
+        if let Ok(fetch) = spawned {
+            cache.pending = Some(Prefetch {
+                first: from,
+                last: to - 1,
+                fetch,
+            });
+        }
     }
 
     /// Fills `buf` with the snapshot's bytes from `offset`. A read past the

@@ -10,7 +10,11 @@ use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use super::{BlockSource, SourceError};
+use super::{BlockSource, Extents, SourceError};
+
+/// Extents of data [`FileSource::data_extents`] lists at most (16 bytes
+/// each: 64 MiB); a file more fragmented than that is read whole.
+pub const MAX_DATA_EXTENTS: usize = 1 << 22;
 
 pub struct FileSource {
     file: File,
@@ -141,6 +145,61 @@ impl FileSource {
             #[cfg(debug_assertions)]
             reads: std::sync::atomic::AtomicU64::new(0),
         })
+    }
+
+    /// Where a regular file's data lies, from the file system
+    /// (`SEEK_DATA` / `SEEK_HOLE`): the bytes outside these extents are
+    /// holes and read as zeros, so a backup need not read them. `None` for
+    /// block devices ([`FileSource::is_regular`] tells first); the whole
+    /// file when it has more than [`MAX_DATA_EXTENTS`] extents. A file
+    /// system without hole support reports the whole file as data.
+    pub fn data_extents(&self) -> Result<Option<Extents>, SourceError> {
+        if !self.is_regular() {
+            return Ok(None);
+        }
+        let mut ranges = Vec::new();
+        let mut pos = 0u64;
+        while pos < self.size_bytes {
+            let start = match rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Data(pos)) {
+                Ok(o) => o,
+                // No data at or after `pos`.
+                Err(rustix::io::Errno::NXIO) => break,
+                Err(e) => {
+                    return Err(SourceError::Io {
+                        source_name: self.shown.clone(),
+                        op: "seek to data",
+                        offset: pos,
+                        error: e.into(),
+                    })
+                }
+            };
+            let end =
+                rustix::fs::seek(&self.file, rustix::fs::SeekFrom::Hole(start)).map_err(|e| {
+                    SourceError::Io {
+                        source_name: self.shown.clone(),
+                        op: "seek to a hole",
+                        offset: start,
+                        error: e.into(),
+                    }
+                })?;
+            if end <= start {
+                break;
+            }
+            if ranges.len() == MAX_DATA_EXTENTS {
+                return Ok(Some(Extents::from_ranges(
+                    [(0, self.size_bytes)],
+                    self.size_bytes,
+                )));
+            }
+            ranges.push((start, end - start));
+            pos = end;
+        }
+        Ok(Some(Extents::from_ranges(ranges, self.size_bytes)))
+    }
+
+    /// Whether the source is a regular file (not a block device).
+    pub fn is_regular(&self) -> bool {
+        self.file.metadata().is_ok_and(|m| m.is_file())
     }
 
     /// The stamp of the open file now, and of what `path` names now (`None`

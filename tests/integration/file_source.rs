@@ -127,3 +127,35 @@ fn fifo_source_is_refused_without_waiting_for_a_writer() {
     r.stderr_mentions(&[&fifo.display().to_string(), "fifo"]);
     assert!(t.snapshot_ids().is_empty());
 }
+
+/// A sparse image file: a full backup reads only what the file system
+/// reports as data (`SEEK_DATA` / `SEEK_HOLE`); a block that became a hole
+/// since the parent (no bitmap) is recorded as zero without being read;
+/// both snapshots restore bit for bit.
+#[test]
+fn holes_of_a_sparse_image_are_not_read() {
+    let t = TestRepo::new();
+    let path = t.path("sparse.img");
+    let img = Image::create(&path, 64 * BS);
+    for i in [0u64, 2, 3, 40, 63] {
+        img.write_block(i, &random_block(81, i));
+    }
+    let (h1, len) = (img.hash(), img.size());
+    let first = t.backup(&img.path, &[]);
+    assert_eq!(u64_of(&first, "blocks_read"), 5, "{first}");
+    t.assert_restores(&TestRepo::id_of(&first), h1, len);
+
+    // The same image rewritten with block 3 a hole and block 50 new: no
+    // bitmap, so the layout decides what is read.
+    std::fs::remove_file(&path).unwrap();
+    let img = Image::create(&path, 64 * BS);
+    for i in [0u64, 2, 40, 50, 63] {
+        img.write_block(i, &random_block(81, i));
+    }
+    let second = t.backup(&img.path, &[]);
+    assert_eq!(second["parent_id"], first["snapshot_id"]);
+    assert_eq!(u64_of(&second, "blocks_read"), 5, "{second}");
+    assert_eq!(u64_of(&second, "blocks_new"), 1, "{second}");
+    t.assert_restores(&TestRepo::id_of(&second), img.hash(), img.size());
+    t.assert_restores(&TestRepo::id_of(&first), h1, len);
+}

@@ -4,7 +4,9 @@
 //! `ext4-view` 1.0 does not expose inode numbers or link counts, so
 //! [`DirEntry::id`] and [`DirEntry::nlink`] are `None` here.
 
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Seek, SeekFrom};
+use std::sync::Mutex;
 
 use ext4_view::{Ext4, Ext4Error, FileType, Metadata};
 
@@ -32,6 +34,22 @@ impl ext4_view::Ext4Read for Ext4Source {
 pub struct Ext4Fs {
     fs: Ext4,
     kind: FsType,
+    /// Absolute paths already found to be directories (not links): the
+    /// image is read-only, so a prefix checked once stays checked.
+    dirs: Mutex<HashSet<Vec<u8>>>,
+    /// Metadata of entries listed lately, by absolute path: a walk that
+    /// lists a directory and then opens its files resolves each path
+    /// once instead of once per component (ext4-view checksums every
+    /// directory block it reads on every lookup).
+    listed: Mutex<HashMap<Vec<u8>, Metadata>>,
+}
+
+/// Entries kept in each of the lookup caches (cleared when full).
+const LOOKUP_CACHE: usize = 1 << 16;
+
+/// The cache behind a mutex whose data is only ever a cache.
+fn cache<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn map_err(path: &[u8], e: Ext4Error) -> Error {
@@ -61,7 +79,12 @@ fn kind_of(t: FileType) -> (FileKind, u32) {
 impl Ext4Fs {
     pub(crate) fn open(volume: Source, kind: FsType) -> Result<Ext4Fs, Error> {
         let fs = Ext4::load(Box::new(Ext4Source(volume))).map_err(|e| map_err(b"/", e))?;
-        Ok(Ext4Fs { fs, kind })
+        Ok(Ext4Fs {
+            fs,
+            kind,
+            dirs: Mutex::new(HashSet::new()),
+            listed: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Resolves `path` to its absolute form and metadata, refusing a symlink
@@ -70,6 +93,9 @@ impl Ext4Fs {
         let comps = components(path)?;
         for i in 1..comps.len() {
             let prefix = join(&comps[..i]);
+            if cache(&self.dirs).contains(&prefix) {
+                continue;
+            }
             let md = self.symlink_metadata(&prefix)?;
             if md.is_symlink() {
                 return Err(Error::SymlinkInPath {
@@ -82,8 +108,16 @@ impl Ext4Fs {
                     path: show(&prefix),
                 });
             }
+            let mut dirs = cache(&self.dirs);
+            if dirs.len() >= LOOKUP_CACHE {
+                dirs.clear();
+            }
+            dirs.insert(prefix);
         }
         let full = join(&comps);
+        if let Some(md) = cache(&self.listed).get(&full) {
+            return Ok((full, md.clone()));
+        }
         let md = self.symlink_metadata(&full)?;
         Ok((full, md))
     }
@@ -141,6 +175,7 @@ impl FileSystem for Ext4Fs {
             return Err(Error::NotADirectory { path: show(&abs) });
         }
         let mut out = Vec::new();
+        let mut found = Vec::new();
         for entry in self
             .fs
             .read_dir(abs.as_slice())
@@ -161,7 +196,13 @@ impl FileSystem for Ext4Fs {
             let child = entry.path();
             let md = entry.metadata().map_err(|e| map_err(child.as_ref(), e))?;
             out.push(self.entry(child.as_ref(), name, &md)?);
+            found.push((child.as_ref().to_vec(), md));
         }
+        let mut listed = cache(&self.listed);
+        if listed.len() + found.len() > LOOKUP_CACHE {
+            listed.clear();
+        }
+        listed.extend(found);
         Ok(out)
     }
 

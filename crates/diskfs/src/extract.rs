@@ -20,6 +20,7 @@ use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
@@ -83,6 +84,11 @@ pub fn destination(target: &Path, path: &[u8]) -> Result<PathBuf, ExtractError> 
 /// Writes entries under one target directory.
 pub struct Extractor {
     root: OwnedFd,
+    /// The directory opened last (its components and handle): entries
+    /// come directory by directory, so most need no walk from the root.
+    /// A handle reached by a safe walk stays valid for this run; the
+    /// extractor never removes or replaces a directory.
+    last_dir: std::sync::Mutex<Option<(Vec<Vec<u8>>, Arc<OwnedFd>)>>,
 }
 
 fn io_err(path: &[u8], e: impl Into<io::Error>) -> ExtractError {
@@ -123,12 +129,29 @@ impl Extractor {
             Mode::empty(),
         )
         .map_err(|e| io_err(bytes, e))?;
-        Ok(Extractor { root })
+        Ok(Extractor {
+            root,
+            last_dir: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// [`Extractor::walk_dir`] through the one-entry cache of the last
+    /// directory opened.
+    fn open_dir(&self, comps: &[&[u8]], create: bool) -> Result<Arc<OwnedFd>, ExtractError> {
+        let mut last = self.last_dir.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((names, fd)) = last.as_ref() {
+            if names.len() == comps.len() && names.iter().zip(comps).all(|(a, b)| a == b) {
+                return Ok(fd.clone());
+            }
+        }
+        let fd = Arc::new(self.walk_dir(comps, create)?);
+        *last = Some((comps.iter().map(|c| c.to_vec()).collect(), fd.clone()));
+        Ok(fd)
     }
 
     /// Opens the directory `comps` (relative to the target), creating
     /// missing components; `full` names the entry in errors.
-    fn open_dir(&self, comps: &[&[u8]], create: bool) -> Result<OwnedFd, ExtractError> {
+    fn walk_dir(&self, comps: &[&[u8]], create: bool) -> Result<OwnedFd, ExtractError> {
         let mut dir = rustix::fs::openat(&self.root, ".", DIR_FLAGS, Mode::empty())
             .map_err(|e| io_err(b".", e))?;
         for (i, c) in comps.iter().enumerate() {
@@ -173,7 +196,7 @@ impl Extractor {
     }
 
     /// The parent directory's handle (created as needed) and the last name.
-    fn parent<'p>(&self, path: &'p [u8]) -> Result<(OwnedFd, &'p OsStr), ExtractError> {
+    fn parent<'p>(&self, path: &'p [u8]) -> Result<(Arc<OwnedFd>, &'p OsStr), ExtractError> {
         let comps = check_entry_path(path)?;
         let (last, parents) = comps
             .split_last()

@@ -626,7 +626,9 @@ pub fn run(
         backup_set,
         tags: plan.tags.clone(),
         landmark: plan.landmark.clone(),
-        read_mode: if plan.read.is_some() {
+        // Blocks left unread because the source's layout says they are
+        // zero (holes, NBD base:allocation) still count as read in full.
+        read_mode: if plan.change_bitmap.is_some() {
             ReadMode::ChangedBlocks
         } else {
             ReadMode::All
