@@ -56,7 +56,6 @@ timed() {
 }
 row() { printf '%-44s %10s s %9s MiB  %s\n' "$1" "$2" "$3" "${4:-}"; }
 
-export CBTVAULT_CACHE_DIR=$WORK/cache
 SEEDIMG=$WORK/seed.img
 head -c $((4 << 20)) /dev/urandom >"$SEEDIMG"
 IMG=$WORK/disk.img
@@ -70,8 +69,9 @@ done
 log "synth: $ROWS catalog rows into B"
 read -r s m < <(timed "$SYNTH" "$WORK/b" catalog "$ROWS")
 row "synth: $ROWS rows" "$s" "$m"
-CAT=$(find "$WORK/cache" -path "*" -name catalog.sqlite -newer "$SEEDIMG" | xargs ls -S | head -n 1)
-[[ -n $CAT ]] || die "no catalog found under $WORK/cache"
+# A local repository keeps its catalog in its own folder.
+CAT=$WORK/b/catalog.sqlite
+[[ -f $CAT ]] || die "no catalog at $CAT"
 # The rows may still be in the write-ahead log: fold it in first.
 "$CBT" -r "$WORK/b" snapshots >/dev/null
 BYTES=$(( $(stat -c %s "$CAT") + $(stat -c %s "$CAT-wal" 2>/dev/null || echo 0) ))

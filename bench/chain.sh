@@ -19,7 +19,7 @@
 #
 # Environment: BENCH_DISK=64G BENCH_STRIDE=16 BENCH_CHAIN=1000
 #   BENCH_CHANGED=16 BENCH_SEED=7 BENCH_DIR=<repo>/bench-work-chain
-#   BENCH_FULL_EVERY= BENCH_KEEP=0 BENCH_BUILD=1
+#   BENCH_FULL_EVERY= BENCH_DROP_CACHES=1 BENCH_KEEP=0 BENCH_BUILD=1
 #   CBTVAULT=<repo>/target/release/cbtvault
 set -euo pipefail
 
@@ -49,7 +49,11 @@ source "$ROOT/bench/workdir.sh"
 claim_workdir
 private_binary
 
+# Each timed step starts with the page cache written back and, when
+# allowed, dropped (BENCH_DROP_CACHES=1, the default).
 timed() {
+  sync
+  if [[ ${BENCH_DROP_CACHES:-1} == 1 ]]; then echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; fi
   /usr/bin/time -f '%e %M' -o "$WORK/.t" "$@" >"$WORK/.out" 2>"$WORK/.err" || {
     cat "$WORK/.err" >&2; die "failed: $*"; }
   awk '{printf "%s %.1f\n", $1, $2/1024}' "$WORK/.t"
@@ -143,9 +147,9 @@ read -r ns nm < <(timed "$CBT" restore latest --target "$WORK/newest.img")
 rm -f "$WORK/newest.img"
 row "restore (newest, $CHAIN incrementals)" "$ns" "$nm" \
   "verified; $(python3 -c "print('%.2fx the first full' % ($ns/$fs))")"
-read -r s m < <(timed "$CBT" --json backup "$IMG" --source-id chain-same --full)
+read -r s m < <(timed "$CBT" --json backup "$IMG" --source-id bench:chain-same --full)
 row "backup (full of the final image)" "$s" "$m"
-read -r ss sm < <(timed "$CBT" restore latest --source chain-same --target "$WORK/same.img")
+read -r ss sm < <(timed "$CBT" restore latest --source bench:chain-same --target "$WORK/same.img")
 [[ $(hash_of "$WORK/same.img") == "$NEW_HASH" ]] || die "restore of the new full differs from the image"
 rm -f "$WORK/same.img"
 row "restore (full of the same content)" "$ss" "$sm" "verified"
