@@ -105,6 +105,9 @@ pub fn move_aside(path: &Path) -> Result<std::path::PathBuf, IndexError> {
     Ok(aside)
 }
 
+/// SQLite page cache of a catalog connection, in KiB (64 MiB).
+pub const CACHE_KIB: i64 = 64 << 10;
+
 /// Where a block is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockLocation {
@@ -185,6 +188,15 @@ impl Catalog {
         Ok(Self::open_once(path, repo_id)?.0)
     }
 
+    /// Sets this connection's SQLite page cache to `kib` KiB (extra
+    /// connections of one process keep theirs small; the OS page cache is
+    /// shared anyway).
+    pub fn set_cache_kib(&self, kib: i64) -> Result<(), IndexError> {
+        self.conn
+            .pragma_update(None, "cache_size", -kib)
+            .map_err(|e| self.err(e))
+    }
+
     /// A catalog of nothing, in memory: stands in while a damaged file's
     /// connection is closed and the file replaced.
     pub fn detached() -> Result<Catalog, IndexError> {
@@ -251,6 +263,11 @@ impl Catalog {
             }
         }
         conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        // Room for the interior pages of a catalog of ~100 million blocks
+        // (about 1% of its 60 bytes per block), so a lookup reads one leaf
+        // rather than a path from the root; bounded whatever the size.
+        conn.pragma_update(None, "cache_size", -CACHE_KIB)
             .map_err(sql)?;
         let mut cat = Catalog { conn, path: shown };
         let state = cat.ensure_schema(repo_id)?;
