@@ -88,8 +88,11 @@ pub struct Extractor {
     /// come directory by directory, so most need no walk from the root.
     /// A handle reached by a safe walk stays valid for this run; the
     /// extractor never removes or replaces a directory.
-    last_dir: std::sync::Mutex<Option<(Vec<Vec<u8>>, Arc<OwnedFd>)>>,
+    last_dir: std::sync::Mutex<Option<OpenDir>>,
 }
+
+/// A directory under the target (its components) and its open handle.
+type OpenDir = (Vec<Vec<u8>>, Arc<OwnedFd>);
 
 fn io_err(path: &[u8], e: impl Into<io::Error>) -> ExtractError {
     ExtractError::Io {
