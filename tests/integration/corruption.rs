@@ -249,3 +249,34 @@ fn modified_pack_whose_blobs_still_verify_is_repaired() {
         t.assert_restores(&s.0, s.1, s.2);
     }
 }
+
+/// `check` reads each level once and resolves only chains with an unsound
+/// level: a pack lost under a full whose every block a later incremental
+/// replaced makes the full affected, never the incremental (its resolved
+/// disk names none of the lost blocks), and both answers match restore.
+#[test]
+fn lost_blocks_a_newer_level_replaced_spare_the_newer_snapshot() {
+    let t = TestRepo::new();
+    let img = Image::from_bytes(&t.path("d.img"), &random_bytes(31, 0, 4 * BSU));
+    let full = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let first_packs = t.packs();
+    for i in 0..4 {
+        img.write_block(i, &random_block(32, i));
+    }
+    let inc = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let (inc_hash, inc_len) = (img.hash(), img.size());
+    for p in &first_packs {
+        std::fs::remove_file(p).unwrap();
+    }
+    let (check, report) = t.check(false);
+    check.expect_code(3);
+    let named: BTreeSet<String> = report["affected_snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| str_of(a, "snapshot_id").to_string())
+        .collect();
+    assert_eq!(named, BTreeSet::from([full.clone()]), "{report}");
+    t.assert_restores(&inc, inc_hash, inc_len);
+    t.restore(&full, &t.path("full.img"), &[]).expect_code(1);
+}
