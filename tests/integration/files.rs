@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use crate::util::{random_bytes, TestRepo, BS};
+use crate::util::{random_bytes, Run, TestRepo, BS};
 
 /// True if `tool` is installed; else a skip note, or a failure under CI.
 fn have(tool: &str, package: &str) -> bool {
@@ -214,6 +214,27 @@ fn names_under(dir: &Path) -> Vec<String> {
     out
 }
 
+/// `--json restore ID --include PATTERN... --target DIR [EXTRA...]`.
+fn restore_include(
+    t: &TestRepo,
+    id: &str,
+    includes: &[&str],
+    target: &Path,
+    extra: &[&str],
+) -> Run {
+    let mut args: Vec<&dyn AsRef<OsStr>> = vec![&"--json", &"restore", &id];
+    for inc in includes {
+        args.push(&"--include");
+        args.push(inc);
+    }
+    args.push(&"--target");
+    args.push(&target);
+    for e in extra {
+        args.push(e);
+    }
+    t.run(&args)
+}
+
 #[test]
 fn files_ext4_two_snapshots_ls_dump_find_restore_match_their_trees() {
     if !have("mkfs.ext4", "e2fsprogs") {
@@ -305,17 +326,7 @@ fn files_ext4_two_snapshots_ls_dump_find_restore_match_their_trees() {
 
         // restore --include of everything: the whole tree, metadata too.
         let target = t.path(&format!("restored{v}"));
-        let r = t
-            .run(&[
-                &"--json",
-                &"restore",
-                id,
-                &"--include",
-                &"p0:/**",
-                &"--target",
-                &target,
-            ])
-            .ok();
+        let r = restore_include(&t, id, &["p0:/**"], &target, &[]).ok();
         let s = r.json();
         assert_eq!(s["complete"], true, "{s}");
         assert!(s["failed"].as_array().unwrap().is_empty());
@@ -329,17 +340,7 @@ fn files_ext4_two_snapshots_ls_dump_find_restore_match_their_trees() {
         );
         // restore --include of a subtree: only it.
         let part = t.path(&format!("part{v}"));
-        t.run(&[
-            &"restore",
-            id,
-            &"--include",
-            &"/etc/conf.d/**",
-            &"--include",
-            &"/etc/hostname",
-            &"--target",
-            &part,
-        ])
-        .ok();
+        restore_include(&t, id, &["/etc/conf.d/**", "/etc/hostname"], &part, &[]).ok();
         assert_eq!(
             names_under(&part),
             vec![
@@ -351,26 +352,10 @@ fn files_ext4_two_snapshots_ls_dump_find_restore_match_their_trees() {
             ]
         );
         // A non-empty target is refused without --overwrite.
-        t.run(&[
-            &"restore",
-            id,
-            &"--include",
-            &"/etc/hostname",
-            &"--target",
-            &part,
-        ])
-        .expect_code(1)
-        .stderr_mentions(&["not empty", "--overwrite"]);
-        t.run(&[
-            &"restore",
-            id,
-            &"--include",
-            &"/etc/hostname",
-            &"--target",
-            &part,
-            &"--overwrite",
-        ])
-        .ok();
+        restore_include(&t, id, &["/etc/hostname"], &part, &[])
+            .expect_code(1)
+            .stderr_mentions(&["not empty", "--overwrite"]);
+        restore_include(&t, id, &["/etc/hostname"], &part, &["--overwrite"]).ok();
     }
 
     // find across both snapshots: which one still has the file?
@@ -487,15 +472,7 @@ fn files_partitioned_disk_and_unsupported_partitions_say_what_they_are() {
     let r = t.run(&[&"dump", &id, &"p1:/kernel"]).ok();
     assert!(r.stdout == fs::read(tree.join("kernel")).unwrap());
     let target = t.path("out");
-    t.run(&[
-        &"restore",
-        &id,
-        &"--include",
-        &"p1:/etc/**",
-        &"--target",
-        &target,
-    ])
-    .ok();
+    restore_include(&t, &id, &["p1:/etc/**"], &target, &[]).ok();
     assert_eq!(names_under(&target), vec!["p1", "p1/etc", "p1/etc/fstab"]);
     assert_eq!(
         fs::read(target.join("p1/etc/fstab")).unwrap(),
@@ -556,15 +533,7 @@ fn files_damaged_block_fails_its_file_by_name_and_block_and_the_rest_restores() 
     corrupt_block(&t, content);
 
     let target = t.path("out");
-    let r = t.run(&[
-        &"--json",
-        &"restore",
-        &id,
-        &"--include",
-        &"/**",
-        &"--target",
-        &target,
-    ]);
+    let r = restore_include(&t, &id, &["/**"], &target, &[]);
     let r = r.expect_code(3);
     let s = r.json();
     assert_eq!(s["complete"], false);
@@ -649,15 +618,7 @@ fn files_hostile_names_never_write_outside_the_target() {
 
     let parent = t.path("restore-parent");
     let target = parent.join("target");
-    let r = t.run(&[
-        &"--json",
-        &"restore",
-        &id,
-        &"--include",
-        &"/**",
-        &"--target",
-        &target,
-    ]);
+    let r = restore_include(&t, &id, &["/**"], &target, &[]);
     assert!(r.code == 0 || r.code == 3, "{}", r.stderr);
     assert!(
         fs::read_dir(&outside).unwrap().next().is_none(),
@@ -706,7 +667,7 @@ fn files_corrupt_file_system_gives_clear_errors() {
     drop(f);
     let id = TestRepo::id_of(&t.backup(&image, &[]));
     let target = t.path("out");
-    let r = t.run(&[&"restore", &id, &"--include", &"/**", &"--target", &target]);
+    let r = restore_include(&t, &id, &["/**"], &target, &[]);
     assert!(r.code == 0 || r.code == 1 || r.code == 3, "{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
     let r = t.run(&[&"ls", &"-R", &id, &"/"]);
