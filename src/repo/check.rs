@@ -385,9 +385,11 @@ pub fn run(
     }
 
     // Two objects claiming one id's live generation: reported, never picked.
+    let mut duplicated: HashSet<SnapshotId> = HashSet::new();
     for dup in repo.duplicate_snapshots()? {
         if let RepoError::DuplicateSnapshot { id, .. } = &dup {
             report.error(format!("snapshot {id}"), dup.to_string());
+            duplicated.insert(*id);
         }
     }
 
@@ -398,7 +400,7 @@ pub fn run(
     // resolved, range by range, to say exactly what it loses (a missing
     // block a newer level replaced costs it nothing).
     let snapshots = repo.snapshots()?;
-    let sound = sound_levels(repo, &snapshots, &bad_blocks)?;
+    let sound = sound_levels(repo, &snapshots, &bad_blocks, &duplicated)?;
     for snap in snapshots {
         crate::interrupt::check()?;
         report.snapshots_checked += 1;
@@ -538,7 +540,8 @@ pub fn run(
     Ok(report)
 }
 
-/// For every snapshot whose object loads and whose own entries (inline,
+/// For every snapshot (but those in `duplicated`) whose object loads and
+/// whose own entries (inline,
 /// or in its manifest pages) name only blocks the catalog holds and no
 /// known damage touches: its parent (`None` for a full). Each page is read
 /// once however many snapshots name it (synthetic fulls share pages).
@@ -548,6 +551,7 @@ fn sound_levels(
     repo: &Repository,
     snapshots: &[super::SnapshotEntry],
     bad_blocks: &HashMap<BlockId, String>,
+    duplicated: &HashSet<SnapshotId>,
 ) -> Result<HashMap<SnapshotId, Option<SnapshotId>>, RepoError> {
     use crate::format::snapshot::BlockRef;
     use crate::format::PageId;
@@ -572,6 +576,11 @@ fn sound_levels(
     let mut sound = HashMap::new();
     for e in snapshots {
         crate::interrupt::check()?;
+        // An id two objects claim is never picked: its chains resolve
+        // through the precise pass, which says so.
+        if duplicated.contains(&e.meta.id) {
+            continue;
+        }
         let level = (|| -> Result<bool, RepoError> {
             let snap = repo.load_snapshot(&e.object)?;
             if snap.meta.id != e.meta.id || snap.meta.parent != e.meta.parent {

@@ -663,6 +663,9 @@ pub fn run(
     repo.write_index(std::mem::take(&mut stats.indexed))?;
     repo.commit_snapshot(&obj)?;
     let blocks_deduplicated = counters.blocks_read - counters.blocks_zero - counters.blocks_new;
+    // Zero blocks: those read as zeros and those the plan knew were zero
+    // (holes, NBD zero extents) without reading.
+    let blocks_zero = counters.blocks_zero + plan.known_zero_count();
     Ok(BackupSummary {
         snapshot_id: id,
         parent_id: parent,
@@ -675,7 +678,7 @@ pub fn run(
         blocks_read: counters.blocks_read,
         blocks_new: counters.blocks_new,
         blocks_deduplicated,
-        blocks_zero: counters.blocks_zero + counters.blocks_known_zero,
+        blocks_zero,
         blocks_changed,
         bytes_read: counters.bytes_read,
         bytes_stored: counters.bytes_stored,
