@@ -26,16 +26,6 @@ struct Fixture {
     blob: TrailerEntry,
 }
 
-/// The ids `check --json` names in `affected_snapshots`.
-fn affected_ids(report: &serde_json::Value) -> BTreeSet<String> {
-    report["affected_snapshots"]
-        .as_array()
-        .expect("affected_snapshots")
-        .iter()
-        .map(|a| str_of(a, "snapshot_id").to_string())
-        .collect()
-}
-
 fn fixture() -> Fixture {
     let t = TestRepo::init(&["--pack-size-mib", "1"]);
     let a = Image::from_bytes(&t.path("a.img"), &random_bytes(20, 0, 48 * BSU));
@@ -80,7 +70,7 @@ impl Fixture {
             !report["problems"].as_array().expect("problems").is_empty(),
             "no problem listed: {report}"
         );
-        let named = affected_ids(&report);
+        let named = crate::healing::affected(&report);
         let want: BTreeSet<String> = affected.iter().map(|a| a.0.clone()).collect();
         assert_eq!(named, want, "affected snapshots in check --json: {report}");
         // Human output on stderr names them too.
@@ -162,7 +152,7 @@ fn damaged_pack_trailer_is_found_without_reading_data() {
     flip_byte(&f.pack, len - 12 - 5);
     let (check, report) = f.t.check(false);
     check.expect_code(3);
-    let named = affected_ids(&report);
+    let named = crate::healing::affected(&report);
     assert_eq!(
         named,
         BTreeSet::from([f.a1.0.clone(), f.a2.0.clone()]),
@@ -192,7 +182,7 @@ fn corrupt_snapshot_object_is_reported_after_a_catalog_rebuild() {
     }
     let (check, report) = f.t.check(true);
     check.expect_code(3).stderr_mentions(&[&object]);
-    let named = affected_ids(&report);
+    let named = crate::healing::affected(&report);
     assert!(
         named.contains(&f.a2.0),
         "the child of the damaged object is affected: {report}"
@@ -265,7 +255,7 @@ fn lost_blocks_a_newer_level_replaced_spare_the_newer_snapshot() {
     }
     let (check, report) = t.check(false);
     check.expect_code(3);
-    let named = affected_ids(&report);
+    let named = crate::healing::affected(&report);
     assert_eq!(named, BTreeSet::from([full.clone()]), "{report}");
     t.assert_restores(&inc, inc_hash, inc_len);
     t.restore(&full, &t.path("full.img"), &[]).expect_code(1);
