@@ -396,8 +396,6 @@ struct Counters {
     blocks_read: u64,
     blocks_new: u64,
     blocks_zero: u64,
-    /// Zero without being read (source extents).
-    blocks_known_zero: u64,
     bytes_read: u64,
     bytes_stored: u64,
 }
@@ -616,8 +614,7 @@ pub fn run(
     // The last pages (blocks known to be zero without reading get a zero
     // entry where the parent had data). Blocks beyond the new end are
     // dropped by resolution; the delta is complete for every block read.
-    let (table, blocks_changed, known_zero) = sink.finish()?;
-    counters.blocks_known_zero += known_zero;
+    let (table, blocks_changed) = sink.finish()?;
     let id = SnapshotId(rand::random());
     let (parent, backup_set) = match &plan.parent {
         None => (None, id),

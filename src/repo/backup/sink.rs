@@ -35,8 +35,6 @@ pub struct DeltaSink<'r> {
     read: Option<&'r BlockBitmap>,
     /// Entries of the delta (before a synthetic full merges it).
     pub changed: u64,
-    /// Zero entries for blocks known zero without reading.
-    pub known_zero_entries: u64,
 }
 
 impl<'r> DeltaSink<'r> {
@@ -68,7 +66,6 @@ impl<'r> DeltaSink<'r> {
             known_zero,
             read,
             changed: 0,
-            known_zero_entries: 0,
         }
     }
 
@@ -150,7 +147,6 @@ impl<'r> DeltaSink<'r> {
                 .map(|(i, _)| (i, BlockRef::Zero))
                 .collect();
             if !extra.is_empty() {
-                self.known_zero_entries += extra.len() as u64;
                 entries.extend(extra);
                 entries.sort_by_key(|e| e.0);
             }
@@ -169,11 +165,12 @@ impl<'r> DeltaSink<'r> {
         self.writer.add(q, entries, bits)
     }
 
-    /// Writes the remaining pages; returns the page table.
-    pub fn finish(mut self) -> Result<(PageTable, u64, u64), RepoError> {
+    /// Writes the remaining pages; returns the page table and the number
+    /// of entries written (before a synthetic full merged them).
+    pub fn finish(mut self) -> Result<(PageTable, u64), RepoError> {
         let pages = self.block_count.div_ceil(self.page_blocks);
         self.flush_until(pages)?;
-        Ok((self.writer.finish(), self.changed, self.known_zero_entries))
+        Ok((self.writer.finish(), self.changed))
     }
 }
 
