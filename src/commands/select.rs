@@ -19,6 +19,9 @@ pub enum SourceMatch {
     /// Every snapshot of a VM's backups, through any host of its pool:
     /// its disks and its metadata.
     Vm { vm: String },
+    /// Text that is a source id given with `--source-id` as typed, or a
+    /// path: the image's identity (`file:` and its absolute path).
+    IdOrPath { id: String, file: String },
 }
 
 /// `meta` is a disk snapshot of the XenServer VDI `vdi_uuid` (uuids are
@@ -56,19 +59,21 @@ impl SourceMatch {
         if text.contains(':') {
             return Ok(SourceMatch::Identity(text.to_string()));
         }
-        // A path: the image may be gone (that is when one restores), so
-        // fall back to the absolute path it had.
-        Ok(SourceMatch::Identity(
-            match std::fs::canonicalize(text).or_else(|_| std::path::absolute(text)) {
+        // A `--source-id` as typed, or a path: the image may be gone (that
+        // is when one restores), so fall back to the absolute path it had.
+        Ok(SourceMatch::IdOrPath {
+            id: text.to_string(),
+            file: match std::fs::canonicalize(text).or_else(|_| std::path::absolute(text)) {
                 Ok(p) => format!("file:{}", p.display()),
                 Err(_) => text.to_string(),
             },
-        ))
+        })
     }
 
     pub fn matches(&self, meta: &SnapshotMeta) -> bool {
         match self {
             SourceMatch::Identity(id) => meta.source == *id,
+            SourceMatch::IdOrPath { id, file } => meta.source == *id || meta.source == *file,
             SourceMatch::XenDisk { identity, vdi } => {
                 meta.source == *identity || is_xen_disk(meta, vdi)
             }
@@ -174,6 +179,17 @@ mod tests {
             assert!(SourceMatch::parse(typed).unwrap().matches(&m), "{typed}");
         }
         assert!(SourceMatch::parse("xen://bad").is_err());
+    }
+
+    #[test]
+    fn a_source_id_matches_as_typed_and_a_path_by_its_identity() {
+        // `backup IMAGE --source-id real`, then `snapshots --source real`.
+        let named = meta("real", &[]);
+        let s = SourceMatch::parse("real").unwrap();
+        assert!(s.matches(&named));
+        let abs = std::path::absolute("real").unwrap();
+        assert!(s.matches(&meta(&format!("file:{}", abs.display()), &[])));
+        assert!(!s.matches(&meta("realer", &[])));
     }
 
     #[test]
