@@ -13,6 +13,7 @@ pub mod files;
 pub mod format;
 pub mod index;
 pub mod interrupt;
+pub mod jobs;
 pub mod json;
 pub mod manifest;
 pub mod nbdserver;
