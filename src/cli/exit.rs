@@ -32,6 +32,9 @@ pub enum Exit {
     /// The command ran to the end with warnings: something asked for was
     /// left undone and needs attention (not a restic code).
     Warnings = 4,
+    /// The command ran to the end, but some of its items failed while
+    /// the others completed (`run`: some VMs' backups failed).
+    SomeFailed = 5,
     /// The repository does not exist (no config at the location).
     NoRepository = 10,
     /// The repository lock could not be taken (another process holds it).
@@ -53,6 +56,7 @@ Exit codes:
   2    command line not understood
   3    finished, but some data could not be read or some snapshot is damaged
   4    finished with warnings: something asked for was left undone
+  5    finished, but some items failed (run: some VMs were not backed up)
   10   the repository does not exist
   11   the repository lock could not be taken (another process holds it)
   12   wrong or missing password of an encrypted repository
@@ -71,6 +75,8 @@ impl From<Outcome> for Exit {
             Outcome::Ok => Exit::Ok,
             Outcome::IntegrityProblem => Exit::Damage,
             Outcome::Warnings => Exit::Warnings,
+            Outcome::SomeFailed => Exit::SomeFailed,
+            Outcome::Failed => Exit::Error,
         }
     }
 }

@@ -121,6 +121,15 @@ pub enum Command {
     Key(KeyCommand),
     /// Export a snapshot read-only over NBD (for qemu-img, qemu-nbd --connect, guestmount).
     Serve(ServeArgs),
+    /// Run jobs of the configuration file: back up the VMs they select,
+    /// several at a time, then retention, offsite copies and read-backs;
+    /// a report per run.
+    Run(RunArgs),
+    /// Check the configuration file.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// List past job runs and their results.
+    Runs(RunsArgs),
     /// Start a simulated XenServer host, back a VM up (full, then
     /// incremental with CBT), restore a disk and verify it bit for bit.
     #[cfg(feature = "sim")]
@@ -176,6 +185,9 @@ impl Command {
             Command::Repair(RepairCommand::Snapshots) => "repair snapshots",
             Command::Repair(RepairCommand::Tmp) => "repair tmp",
             Command::Serve(_) => "serve",
+            Command::Run(_) => "run",
+            Command::Config(ConfigCommand::Check(_)) => "config check",
+            Command::Runs(_) => "runs",
             #[cfg(feature = "sim")]
             Command::Demo(_) => "demo",
             #[cfg(feature = "sim")]
@@ -638,6 +650,73 @@ pub struct DiffArgs {
     /// Compare snapshots of two different sources anyway.
     #[arg(long)]
     pub force: bool,
+}
+
+/// Where the job configuration is read from.
+#[derive(Debug, Args, Clone)]
+pub struct ConfigFileArgs {
+    /// The configuration file.
+    #[arg(
+        long = "config",
+        env = "CBTVAULT_CONFIG",
+        value_name = "FILE",
+        default_value = crate::jobs::config::DEFAULT_PATH
+    )]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Jobs to run, in this order.
+    #[arg(
+        value_name = "JOB",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    pub jobs: Vec<String>,
+    /// Run every job of the file.
+    #[arg(long)]
+    pub all: bool,
+    /// VMs backed up at once (overrides the jobs' concurrency).
+    #[arg(long, value_name = "N")]
+    pub concurrency: Option<usize>,
+    /// Read back this many VMs' new backups after the run, every block
+    /// checked (overrides the jobs' verify_after).
+    #[arg(long, value_name = "N")]
+    pub verify_after: Option<usize>,
+    #[command(flatten)]
+    pub file: ConfigFileArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the file and print what each job would back up now (its
+    /// hosts are asked; --offline only validates).
+    Check(ConfigCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigCheckArgs {
+    /// Jobs to show (default: all).
+    #[arg(value_name = "JOB")]
+    pub jobs: Vec<String>,
+    /// Validate the file only; contact no host.
+    #[arg(long)]
+    pub offline: bool,
+    #[command(flatten)]
+    pub file: ConfigFileArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunsArgs {
+    /// Only the runs of this job.
+    #[arg(long, value_name = "JOB")]
+    pub job: Option<String>,
+    /// Only the N newest runs.
+    #[arg(long, value_name = "N")]
+    pub last: Option<usize>,
+    #[command(flatten)]
+    pub file: ConfigFileArgs,
 }
 
 #[derive(Debug, Args)]

@@ -530,6 +530,23 @@ pub fn sim(a: &SimArgs) -> SimHostOptions {
     }
 }
 
+/// The job configuration file `a` names, read and validated.
+pub fn job_config(a: &super::ConfigFileArgs) -> Result<crate::jobs::config::Config> {
+    use std::io::Read;
+    let path = &a.config;
+    let file = std::fs::File::open(path).with_context(|| {
+        format!(
+            "open the configuration '{}' (--config FILE or CBTVAULT_CONFIG)",
+            path.display()
+        )
+    })?;
+    let mut text = String::new();
+    file.take(crate::jobs::config::MAX_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .with_context(|| format!("read '{}'", path.display()))?;
+    Ok(crate::jobs::config::parse(&text, path)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

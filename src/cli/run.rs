@@ -2,11 +2,11 @@
 
 use anyhow::{Context, Result};
 
-use super::{options, password, Cli, Command, KeyCommand, RepairCommand};
+use super::{options, password, Cli, Command, ConfigCommand, KeyCommand, RepairCommand};
 use crate::commands::repair::RepairAction;
 use crate::commands::{
-    backup, check, copy, files, forget, inspect, key, open_with, prune, repair, restore, serve,
-    snapshots, tag, Outcome,
+    backup, check, copy, files, forget, inspect, key, open_with, prune, repair, restore, run_job,
+    serve, snapshots, tag, Outcome,
 };
 #[cfg(feature = "sim")]
 use crate::commands::{demo, sim};
@@ -184,12 +184,72 @@ pub fn run(cli: Cli, ui: &Ui) -> Result<Outcome> {
             repair::run(ui, &open(ui, &repo_path()?)?, RepairAction::Tmp)
         }
         Command::Serve(a) => serve::run(ui, open(ui, &repo_path()?)?, &options::serve(a)),
+        Command::Run(a) => {
+            let config = options::job_config(&a.file)?;
+            if let Some(n) = a.concurrency {
+                if !(1..=crate::jobs::config::MAX_CONCURRENCY).contains(&n) {
+                    anyhow::bail!(
+                        "--concurrency {n}: give 1 to {}",
+                        crate::jobs::config::MAX_CONCURRENCY
+                    );
+                }
+            }
+            let jobs = run_job::jobs_named(&config, &a.jobs, a.all)?;
+            let o = run_job::RunOptions {
+                config,
+                jobs,
+                concurrency: a.concurrency,
+                verify_after: a.verify_after,
+            };
+            run_job::run(ui, &o, &open_configured)
+        }
+        Command::Config(ConfigCommand::Check(a)) => {
+            let config = options::job_config(&a.file)?;
+            let jobs = run_job::jobs_named(&config, &a.jobs, a.jobs.is_empty()).or_else(|e| {
+                if config.jobs.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    Err(e)
+                }
+            })?;
+            run_job::check(ui, &config, &jobs, !a.offline)
+        }
+        Command::Runs(a) => {
+            let config = options::job_config(&a.file)?;
+            run_job::list_runs(ui, &config, a.job.as_deref(), a.last)
+        }
         #[cfg(feature = "sim")]
         Command::Demo(a) => demo::run(ui, &options::demo(a)),
         #[cfg(feature = "sim")]
         Command::Sim(a) => sim::run(ui, &options::sim(a)),
         Command::Generate(a) => super::generate::run(ui, a),
     }
+}
+
+/// Opens a repository of the job configuration, with its own password
+/// file and S3 settings.
+fn open_configured(
+    ui: &Ui,
+    r: &crate::jobs::config::RepositoryConfig,
+) -> Result<crate::repo::Repository> {
+    let settings = S3Settings {
+        endpoint: r.s3_endpoint.clone(),
+        region: r.s3_region.clone(),
+        style: r.s3_url_style.as_deref().map(|s| match s {
+            "virtual-host" => S3Style::VirtualHost,
+            _ => S3Style::Path,
+        }),
+        ca_file: r.s3_ca_file.clone(),
+    };
+    let location = Location::parse(&r.location, &settings)?;
+    let options = OpenOptions {
+        no_lock: false,
+        password: Some(password::existing(
+            r.password_file.clone(),
+            format!("repository '{location}'"),
+        )),
+    };
+    open_with(ui, &location, &options)
 }
 
 /// Whether a signal is a request to stop the command cleanly (exit 130 or

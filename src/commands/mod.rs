@@ -17,6 +17,7 @@ pub mod prune;
 pub mod repair;
 pub(crate) mod restore;
 mod restore_xen;
+pub mod run_job;
 pub mod select;
 pub mod serve;
 #[cfg(feature = "sim")]
@@ -41,13 +42,22 @@ pub enum Outcome {
     /// attention (the warnings say what): e.g. landmarks left on an
     /// unreachable host, a host-side snapshot not destroyed.
     Warnings,
+    /// Ran to the end, but some of its items failed while the others
+    /// completed (`run`: some VMs' backups failed).
+    SomeFailed,
+    /// Ran to the end, and every item failed (`run`: no VM was backed up).
+    Failed,
 }
 
 impl Outcome {
-    /// The worse of two outcomes (an integrity problem outranks warnings).
+    /// The worse of two outcomes (failures outrank an integrity problem,
+    /// which outranks warnings; one item failed beside others done is
+    /// `SomeFailed`).
     pub fn and(self, other: Outcome) -> Outcome {
         use Outcome::*;
         match (self, other) {
+            (Failed, Failed) => Failed,
+            (Failed, _) | (_, Failed) | (SomeFailed, _) | (_, SomeFailed) => SomeFailed,
             (IntegrityProblem, _) | (_, IntegrityProblem) => IntegrityProblem,
             (Warnings, _) | (_, Warnings) => Warnings,
             (Ok, Ok) => Ok,

@@ -502,16 +502,14 @@ fn host(source: &Source, name: &str, h: RawHost) -> Result<HostConfig, ConfigErr
             format!("'{url}': name the pool's host only (xen://[USER@]HOST[:PORT]); the jobs select the VMs"),
         ));
     }
-    let positive = |v: &Option<Spanned<usize>>, k: &str, default: usize, max: usize| {
-        match v {
-            None => Ok(default),
-            Some(s) if (1..=max).contains(s.get_ref()) => Ok(*s.get_ref()),
-            Some(s) => Err(source.error(
-                s.span(),
-                key(k),
-                format!("{} is out of range: give 1 to {max}", s.get_ref()),
-            )),
-        }
+    let positive = |v: &Option<Spanned<usize>>, k: &str, default: usize, max: usize| match v {
+        None => Ok(default),
+        Some(s) if (1..=max).contains(s.get_ref()) => Ok(*s.get_ref()),
+        Some(s) => Err(source.error(
+            s.span(),
+            key(k),
+            format!("{} is out of range: give 1 to {max}", s.get_ref()),
+        )),
     };
     Ok(HostConfig {
         kind: h.kind,
@@ -558,11 +556,7 @@ fn uuid(source: &Source, s: &Spanned<String>, key: &str) -> Result<String, Confi
             }
         });
     if !shape {
-        return Err(source.error(
-            s.span(),
-            key,
-            format!("'{}' is not a VM uuid", s.get_ref()),
-        ));
+        return Err(source.error(s.span(), key, format!("'{}' is not a VM uuid", s.get_ref())));
     }
     Ok(u)
 }
@@ -702,7 +696,10 @@ fn job(
             return Err(source.error(
                 c.span(),
                 key("concurrency"),
-                format!("{} is out of range: give 1 to {MAX_CONCURRENCY}", c.get_ref()),
+                format!(
+                    "{} is out of range: give 1 to {MAX_CONCURRENCY}",
+                    c.get_ref()
+                ),
             ))
         }
     };
@@ -947,17 +944,83 @@ metrics_file = "/var/lib/node_exporter/textfile/cbtvault.prom"
     #[test]
     fn references_and_values_are_checked_where_they_are_written() {
         let cases = [
-            ("repository = \"main\"", "repository = \"mian\"", "mian", "jobs.daily.repository", "no repository 'mian'"),
-            ("hosts = [\"pool1\"]", "hosts = [\"pool2\"]", "\"pool2\"", "jobs.daily.hosts", "no host 'pool2'"),
-            ("offsite = [\"offsite\"]", "offsite = [\"main\"]", "[\"main\"]", "jobs.daily.offsite", "own repository"),
-            ("concurrency = 4", "concurrency = 0", "0", "jobs.daily.concurrency", "out of range"),
-            ("keep_daily = 14", "keep_daily = 0", "keep_daily = 0", "jobs.daily.retention.keep_daily", "not a count"),
-            ("keep_within = \"2d\"", "keep_within = \"2 days\"", "\"2 days\"", "jobs.daily.retention.keep_within", "not a duration"),
-            ("names = [\"*-scratch\"]", "names = [\"[a-\"]", "\"[a-\"", "jobs.daily.exclude.names", "'[a-'"),
-            ("url = \"xen://root@pool1.example.net\"", "url = \"https://pool1\"", "\"https://pool1\"", "hosts.pool1.url", "not a xen://"),
-            ("url = \"xen://root@pool1.example.net\"", "url = \"xen://pool1/vm/x\"", "\"xen://pool1/vm/x\"", "hosts.pool1.url", "the jobs select"),
-            ("max_concurrent = 2", "max_concurrent = 100", "100", "hosts.pool1.max_concurrent", "out of range"),
-            ("webhook = \"https://hooks.example.net/cbtvault\"", "webhook = \"ftp://x\"", "\"ftp://x\"", "jobs.daily.notify.webhook", "not an https://"),
+            (
+                "repository = \"main\"",
+                "repository = \"mian\"",
+                "mian",
+                "jobs.daily.repository",
+                "no repository 'mian'",
+            ),
+            (
+                "hosts = [\"pool1\"]",
+                "hosts = [\"pool2\"]",
+                "\"pool2\"",
+                "jobs.daily.hosts",
+                "no host 'pool2'",
+            ),
+            (
+                "offsite = [\"offsite\"]",
+                "offsite = [\"main\"]",
+                "[\"main\"]",
+                "jobs.daily.offsite",
+                "own repository",
+            ),
+            (
+                "concurrency = 4",
+                "concurrency = 0",
+                "0",
+                "jobs.daily.concurrency",
+                "out of range",
+            ),
+            (
+                "keep_daily = 14",
+                "keep_daily = 0",
+                "keep_daily = 0",
+                "jobs.daily.retention.keep_daily",
+                "not a count",
+            ),
+            (
+                "keep_within = \"2d\"",
+                "keep_within = \"2 days\"",
+                "\"2 days\"",
+                "jobs.daily.retention.keep_within",
+                "not a duration",
+            ),
+            (
+                "names = [\"*-scratch\"]",
+                "names = [\"[a-\"]",
+                "\"[a-\"",
+                "jobs.daily.exclude.names",
+                "'[a-'",
+            ),
+            (
+                "url = \"xen://root@pool1.example.net\"",
+                "url = \"https://pool1\"",
+                "\"https://pool1\"",
+                "hosts.pool1.url",
+                "not a xen://",
+            ),
+            (
+                "url = \"xen://root@pool1.example.net\"",
+                "url = \"xen://pool1/vm/x\"",
+                "\"xen://pool1/vm/x\"",
+                "hosts.pool1.url",
+                "the jobs select",
+            ),
+            (
+                "max_concurrent = 2",
+                "max_concurrent = 100",
+                "100",
+                "hosts.pool1.max_concurrent",
+                "out of range",
+            ),
+            (
+                "webhook = \"https://hooks.example.net/cbtvault\"",
+                "webhook = \"ftp://x\"",
+                "\"ftp://x\"",
+                "jobs.daily.notify.webhook",
+                "not an https://",
+            ),
         ];
         for (from, to, at, key, says) in cases {
             let text = EXAMPLE.replace(from, to);
@@ -997,7 +1060,10 @@ metrics_file = "/var/lib/node_exporter/textfile/cbtvault.prom"
         let text = EXAMPLE.replace("[jobs.daily.select]", "[jobs.daily.select");
         let e = parse_str(&text).unwrap_err();
         assert_eq!(e.line, Some(line_of(&text, "[jobs.daily.select")), "{e}");
-        let text = EXAMPLE.replace("power_states = [\"Running\", \"Halted\"]", "power_states = [\"running\"]");
+        let text = EXAMPLE.replace(
+            "power_states = [\"Running\", \"Halted\"]",
+            "power_states = [\"running\"]",
+        );
         let e = parse_str(&text).unwrap_err();
         assert_eq!(e.line, Some(line_of(&text, "power_states")), "{e}");
         assert!(e.message.contains("unknown variant"), "{e}");
@@ -1027,7 +1093,14 @@ select.all = true
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for text in ["\u{0}", "[[[", "a = ", "jobs = 3", "[jobs.x]\nhosts = 1", "\u{feff}x=1"] {
+        for text in [
+            "\u{0}",
+            "[[[",
+            "a = ",
+            "jobs = 3",
+            "[jobs.x]\nhosts = 1",
+            "\u{feff}x=1",
+        ] {
             assert!(parse_str(text).is_err(), "{text:?}");
         }
     }

@@ -31,24 +31,32 @@ impl Status {
 /// One VM's backup in a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmResult {
+    #[serde(rename = "vm_uuid")]
     pub uuid: String,
     pub name: String,
     /// The configured host (pool) it was backed up through.
     pub host: String,
     /// The physical host it ran on, when running.
     pub resident_on: Option<String>,
+    #[serde(rename = "disk_count")]
     pub disks: usize,
+    #[serde(rename = "excluded_disk_count")]
     pub excluded_disks: usize,
     /// `full`, `incremental`, or `mixed` (some disks each); None when it
     /// failed before a disk was committed.
     pub mode: Option<String>,
     /// Why disks were read in full (a new chain, lost tracking).
     pub full_reasons: Vec<String>,
+    #[serde(rename = "read_bytes")]
     pub bytes_read: u64,
+    #[serde(rename = "stored_bytes")]
     pub bytes_stored: u64,
     pub vm_backup_id: Option<String>,
+    #[serde(rename = "start_time")]
     pub started: DateTime<Utc>,
+    #[serde(rename = "end_time")]
     pub finished: DateTime<Utc>,
+    #[serde(rename = "duration_seconds")]
     pub seconds: f64,
     pub status: Status,
     /// Why it failed.
@@ -64,12 +72,14 @@ pub struct StepResult {
     pub status: Status,
     /// One line of what it did, or why it failed.
     pub detail: String,
+    #[serde(rename = "duration_seconds")]
     pub seconds: f64,
 }
 
 /// A VM the selection matched but that was not backed up.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PassedVm {
+    #[serde(rename = "vm_uuid")]
     pub uuid: String,
     pub name: String,
     pub reason: String,
@@ -82,8 +92,11 @@ pub struct RunReport {
     pub run_id: String,
     pub job: String,
     pub repository: String,
+    #[serde(rename = "start_time")]
     pub started: DateTime<Utc>,
+    #[serde(rename = "end_time")]
     pub finished: DateTime<Utc>,
+    #[serde(rename = "duration_seconds")]
     pub seconds: f64,
     pub concurrency: usize,
     pub status: Status,
@@ -270,7 +283,7 @@ impl RunReport {
             "cbtvault_job_vms_failed{{job=\"{job}\"}} {}",
             self.failed_vms()
         );
-        let per_vm: [(&str, &str, &dyn Fn(&VmResult) -> Option<String>); 5] = [
+        let per_vm: [(&str, &str, &VmValue); 5] = [
             (
                 "vm_last_success_timestamp_seconds",
                 "When the VM's last successful backup finished.",
@@ -320,6 +333,9 @@ impl RunReport {
         out
     }
 }
+
+/// One per-VM metric's value of a VM (None: no sample).
+type VmValue<'a> = dyn Fn(&VmResult) -> Option<String> + 'a;
 
 /// A label value escaped as the text format wants (`\\`, `\"`, `\n`).
 fn escape(v: &str) -> String {
@@ -397,7 +413,10 @@ mod tests {
         let r = report(vec![vm("a", Status::Ok), vm("b", Status::Warnings)]);
         assert_eq!(r.status, Status::Warnings);
         let r = report(vec![vm("a", Status::Ok), vm("b", Status::Failed)]);
-        assert_eq!((r.status, r.failed_vms(), r.nothing_done()), (Status::Failed, 1, false));
+        assert_eq!(
+            (r.status, r.failed_vms(), r.nothing_done()),
+            (Status::Failed, 1, false)
+        );
         let r = report(vec![vm("b", Status::Failed)]);
         assert!(r.nothing_done());
         let mut r = report(vec![]);
@@ -412,8 +431,14 @@ mod tests {
     fn table_and_json_carry_the_same_facts() {
         let r = report(vec![vm("web-01", Status::Ok), vm("db-01", Status::Failed)]);
         let table = r.table();
-        assert!(table.contains("web-01") && table.contains("1.0 MiB"), "{table}");
-        assert!(table.contains("FAILED") && table.contains("SR_FULL"), "{table}");
+        assert!(
+            table.contains("web-01") && table.contains("1.0 MiB"),
+            "{table}"
+        );
+        assert!(
+            table.contains("FAILED") && table.contains("SR_FULL"),
+            "{table}"
+        );
         assert!(table.contains("1 of 2 VMs ok, 1 failed"), "{table}");
         let json = serde_json::to_string(&r).unwrap();
         let back: RunReport = serde_json::from_str(&json).unwrap();
@@ -435,14 +460,19 @@ mod tests {
             "cbtvault_vm_last_success_timestamp_seconds{{job=\"daily\",vm=\"d\\\"b\",uuid=\"uuid-d\\\"b\"}} {}",
             earlier.timestamp()
         )), "{m}");
-        assert!(m.contains("cbtvault_vm_last_run_success{job=\"daily\",vm=\"d\\\"b\",uuid=\"uuid-d\\\"b\"} 0"));
+        assert!(m.contains(
+            "cbtvault_vm_last_run_success{job=\"daily\",vm=\"d\\\"b\",uuid=\"uuid-d\\\"b\"} 0"
+        ));
         assert!(m.contains("cbtvault_job_vms_failed{job=\"daily\"} 1"));
         assert!(m.contains("cbtvault_job_last_run_status{job=\"daily\"} 2"));
         // Every sample line is NAME{LABELS} VALUE, and every name has a TYPE.
         for line in m.lines().filter(|l| !l.starts_with('#')) {
             let name = line.split('{').next().unwrap();
             assert!(m.contains(&format!("# TYPE {name} gauge")), "{line}");
-            assert!(line.rsplit(' ').next().unwrap().parse::<f64>().is_ok(), "{line}");
+            assert!(
+                line.rsplit(' ').next().unwrap().parse::<f64>().is_ok(),
+                "{line}"
+            );
         }
     }
 }

@@ -40,6 +40,7 @@ pub struct VmInfo {
     /// The XenAPI reference (not shown to users).
     #[serde(skip)]
     pub reference: String,
+    #[serde(rename = "vm_uuid")]
     pub uuid: String,
     pub name: String,
     pub tags: Vec<String>,
@@ -100,7 +101,9 @@ pub struct SelectionResult {
 fn patterns(list: &[String]) -> Vec<NamePattern> {
     // Validated when the configuration was parsed; one that no longer
     // compiles matches nothing.
-    list.iter().filter_map(|p| NamePattern::new(p).ok()).collect()
+    list.iter()
+        .filter_map(|p| NamePattern::new(p).ok())
+        .collect()
 }
 
 fn power_state_of(vm: &VmInfo) -> Option<PowerState> {
@@ -170,7 +173,11 @@ pub fn select(selection: &Selection, vms: &[VmInfo]) -> SelectionResult {
             for d in &vm.disks {
                 let hit = rule.userdevices.contains(&d.userdevice)
                     || disk_names.iter().any(|p| p.matches(&d.name));
-                if hit && !excluded_disks.iter().any(|x: &DiskInfo| x.vdi_uuid == d.vdi_uuid) {
+                if hit
+                    && !excluded_disks
+                        .iter()
+                        .any(|x: &DiskInfo| x.vdi_uuid == d.vdi_uuid)
+                {
                     excluded_disks.push(d.clone());
                 }
             }
@@ -223,7 +230,13 @@ mod tests {
         template.backupable = false;
         vec![
             vm("web-01", 1, &["daily"], "Running", Some("host-a")),
-            vm("web-02", 2, &["daily", "nobackup"], "Running", Some("host-b")),
+            vm(
+                "web-02",
+                2,
+                &["daily", "nobackup"],
+                "Running",
+                Some("host-b"),
+            ),
             vm("db-01", 3, &["daily"], "Halted", None),
             vm("scratch", 4, &[], "Running", Some("host-a")),
             template,
@@ -241,12 +254,18 @@ mod tests {
             ..Selection::default()
         };
         // Sorted by name; the template is never selected.
-        assert_eq!(names(&select(&by_tag, &pool())), ["db-01", "web-01", "web-02"]);
+        assert_eq!(
+            names(&select(&by_tag, &pool())),
+            ["db-01", "web-01", "web-02"]
+        );
         let tag_and_running = Selection {
             power_states: vec![PowerState::Running],
             ..by_tag.clone()
         };
-        assert_eq!(names(&select(&tag_and_running, &pool())), ["web-01", "web-02"]);
+        assert_eq!(
+            names(&select(&tag_and_running, &pool())),
+            ["web-01", "web-02"]
+        );
         let by_names = Selection {
             names: vec!["web-*".into(), "scr?tch".into()],
             pool_hosts: vec!["host-a".into()],

@@ -20,6 +20,7 @@ mod files;
 mod forget;
 mod healing;
 mod index_objects;
+mod jobs;
 mod json_contract;
 mod layering;
 mod listings;

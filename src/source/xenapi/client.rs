@@ -413,7 +413,7 @@ pub struct HostObject {
 }
 
 /// The string entries of a map field (`other_config`); empty when absent.
-fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
+pub(super) fn string_map(v: Option<&Value>) -> BTreeMap<String, String> {
     match v {
         Some(Value::Struct(m)) => m
             .iter()
@@ -455,7 +455,7 @@ pub(super) fn text(
     }
 }
 
-fn int(what: &str, v: &Value) -> Result<i64, XenApiError> {
+pub(super) fn int(what: &str, v: &Value) -> Result<i64, XenApiError> {
     v.as_int().ok_or_else(|| XenApiError::Protocol {
         what: what.to_string(),
         reason: format!("expected an int, got {v:?}"),

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod import;
+pub mod inventory;
 pub mod landmarks;
 pub mod nbd;
 pub mod pool;

@@ -200,6 +200,9 @@ pub struct WorkflowOptions {
     /// Marks created objects and cleans up earlier runs' leftovers; `None`
     /// does neither.
     pub marker: Option<RunMarker>,
+    /// VDIs (uuids, lower case) of a VM backup left out: not snapshotted,
+    /// not read (a job's `exclude_disks`).
+    pub exclude_vdis: std::collections::BTreeSet<String>,
 }
 
 impl Default for WorkflowOptions {
@@ -213,6 +216,7 @@ impl Default for WorkflowOptions {
             destroy_superseded_landmark: true,
             metadata_limit_bytes: 64 << 20,
             marker: None,
+            exclude_vdis: Default::default(),
         }
     }
 }
@@ -569,7 +573,13 @@ pub fn run<C: Committer>(
     };
     // Best effort: without it, a disk is still found by its uuid.
     let pool = session.pool_uuid().ok().flatten();
-    let (mut disks, ignored) = discover(session, url, pool.as_deref(), committer)?;
+    let (mut disks, ignored) = discover(
+        session,
+        url,
+        pool.as_deref(),
+        &options.exclude_vdis,
+        committer,
+    )?;
     let chains_ended = match url.object {
         XenObject::Vm => ended_chains(url, &disks, committer)?,
         XenObject::Vdi => Vec::new(),
@@ -1051,6 +1061,7 @@ fn discover<C: Committer>(
     session: &Session,
     url: &XenUrl,
     pool: Option<&str>,
+    exclude: &std::collections::BTreeSet<String>,
     committer: &mut C,
 ) -> Result<Discovered, WorkflowError<C::Error>> {
     let new_disk = |vdi_ref: String, record: VdiRecord| Disk {
@@ -1117,6 +1128,11 @@ fn discover<C: Committer>(
                         "skipping VDI {} of type '{}'",
                         rec.uuid, rec.vdi_type
                     ));
+                    ignored.push(b.vdi.clone());
+                    continue;
+                }
+                if exclude.contains(&rec.uuid.to_ascii_lowercase()) {
+                    committer.info(format!("leaving out VDI {} (excluded)", rec.uuid));
                     ignored.push(b.vdi.clone());
                     continue;
                 }

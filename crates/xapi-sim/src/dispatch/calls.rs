@@ -308,6 +308,35 @@ pub(super) fn set_name(st: &mut State, c: &Call) -> Reply {
     void()
 }
 
+/// `VM.set_tags`, `VM.add_tags`, `VM.remove_tags` (xapi: a set of
+/// strings; adding one present or removing one absent changes nothing).
+pub(super) fn vm_tags(st: &mut State, c: &Call) -> Reply {
+    let r = c.args.obj(st, 1, Class::Vm)?;
+    let vm = st
+        .vms
+        .get_mut(&r)
+        .ok_or_else(|| ApiError::handle_invalid("VM", &r))?;
+    match c.name {
+        "set_tags" => {
+            let mut tags = c.args.refs(2, "value")?;
+            tags.sort();
+            tags.dedup();
+            vm.tags = tags;
+        }
+        "add_tags" => {
+            let t = c.args.string(2, "value")?;
+            if !vm.tags.contains(&t) {
+                vm.tags.push(t);
+            }
+        }
+        _ => {
+            let t = c.args.string(2, "value")?;
+            vm.tags.retain(|x| *x != t);
+        }
+    }
+    void()
+}
+
 /// `set_other_config`, `add_to_other_config`, `remove_from_other_config`.
 pub(super) fn other_config(st: &mut State, c: &Call) -> Reply {
     use Class::*;

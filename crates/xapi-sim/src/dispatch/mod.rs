@@ -92,7 +92,16 @@ fn call_inner(core: &Arc<Core>, method: &str, params: &[Value]) -> Result<Value,
                 other => return Err(ApiError::session_invalid(&format!("{other:?}"))),
             };
             core.lock().check_session(&session)?;
-            let injected = core.lock().faults.fail_calls.get(method).cloned();
+            let injected = {
+                let st = core.lock();
+                st.faults.fail_calls.get(method).cloned().or_else(|| {
+                    let target = params.get(1).and_then(Value::as_str)?;
+                    st.faults
+                        .fail_calls_on
+                        .get(&(method.to_string(), target.to_string()))
+                        .cloned()
+                })
+            };
             if let Some(desc) = injected {
                 let mut items = desc.into_iter();
                 let code = items.next().unwrap_or_else(|| "INTERNAL_ERROR".into());

@@ -198,6 +198,9 @@ fn build() -> Table {
         api(Vm, "start", (4, 4), S(calls::vm_start)).asynchronous(),
         api(Vm, "clean_shutdown", (2, 2), S(calls::vm_shutdown)).asynchronous(),
         api(Vm, "hard_shutdown", (2, 2), S(calls::vm_shutdown)).asynchronous(),
+        api(Vm, "set_tags", (3, 3), S(calls::vm_tags)),
+        api(Vm, "add_tags", (3, 3), S(calls::vm_tags)),
+        api(Vm, "remove_tags", (3, 3), S(calls::vm_tags)),
         // VBD
         api(Vbd, "create", (2, 2), S(calls::vbd_create)).asynchronous(),
         api(Vbd, "destroy", (2, 2), S(calls::vbd_destroy)).asynchronous(),

@@ -64,6 +64,10 @@ pub struct Faults {
     /// Calls (by method name, e.g. `VDI.snapshot`) that fail with this
     /// `[code, params...]` after the session check, changing nothing.
     pub fail_calls: BTreeMap<String, Vec<String>>,
+    /// Calls of a method on one object (method, the object's ref: the
+    /// first argument after the session) that fail with `[code,
+    /// params...]`, changing nothing: one VM of a pool made to fail.
+    pub fail_calls_on: BTreeMap<(String, Ref), Vec<String>>,
     /// `/import_raw_vdi` fails its task with `VDI_IO_ERROR` once it has
     /// received this many body bytes (the data before is written).
     pub import_fail_after_bytes: Option<u64>,

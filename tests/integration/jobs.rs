@@ -1,0 +1,375 @@
+//! Jobs against the simulator: a pool of 10 VMs of 2 disks, a job
+//! selecting by tag, 4 at a time, one VM made to fail; the report, the
+//! exit codes, retention, the offsite copy, the read-back, the hooks, the
+//! metrics file, `runs`, and a configuration with a typo.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde_json::Value;
+
+use crate::util::{random_bytes, run_in_env, TestRepo, BS};
+use crate::xen_util::{self, xen_url, Host};
+
+const PASSWORD: &str = "jobs-secret";
+const DISK: u64 = 2 << 20;
+
+/// A one-shot HTTP server on loopback that keeps the body of each POST.
+fn webhook_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let keep = bodies.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { return };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            keep.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&body).into_owned());
+            let _ = s.write_all(
+                b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    (url, bodies)
+}
+
+fn config(
+    dir: &Path,
+    main: &TestRepo,
+    offsite: &TestRepo,
+    sim: &xapi_sim::Simulator,
+    webhook: &str,
+) -> String {
+    let a = sim.https_address();
+    let pw = dir.join("xen.pass");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    format!(
+        r#"# cbtvault jobs (test)
+[state]
+dir = "{state}"
+
+[repositories.main]
+location = "{main}"
+
+[repositories.offsite]
+location = "{offsite}"
+
+[hosts.pool]
+type = "xenserver"
+url = "xen://root@{ip}:{port}"
+password_file = "{pw}"
+fingerprint = ["{fp}"]
+max_concurrent = 4
+
+[jobs.daily]
+repository = "main"
+hosts = ["pool"]
+concurrency = 4
+tags = ["nightly"]
+offsite = ["offsite"]
+verify_after = 2
+
+[jobs.daily.select]
+tags = ["daily"]
+
+[jobs.daily.exclude]
+tags = ["nobackup"]
+
+[[jobs.daily.exclude_disks]]
+vm = "vm06"
+userdevices = ["1"]
+
+[jobs.daily.retention]
+keep_last = 1
+
+[jobs.daily.notify]
+webhook = "{webhook}"
+on_failure = "echo \"$CBTVAULT_STATUS $CBTVAULT_JOB\" > '{hook}'"
+metrics_file = "{metrics}"
+"#,
+        state = dir.join("state").display(),
+        main = main.repo.display(),
+        offsite = offsite.repo.display(),
+        ip = a.ip(),
+        port = a.port(),
+        pw = pw.display(),
+        fp = sim.fingerprint(),
+        hook = dir.join("failed").display(),
+        metrics = dir.join("metrics/cbtvault.prom").display(),
+    )
+}
+
+fn cbtvault(dir: &Path, args: &[&str]) -> crate::util::Run {
+    let args: Vec<&dyn AsRef<std::ffi::OsStr>> = args
+        .iter()
+        .map(|a| a as &dyn AsRef<std::ffi::OsStr>)
+        .collect();
+    run_in_env(
+        dir,
+        &args,
+        &[(
+            "CBTVAULT_CONFIG",
+            dir.join("cbtvault.toml").to_str().unwrap(),
+        )],
+    )
+}
+
+/// The most VM backups that ran at once, from their start and end times.
+fn max_overlap(vms: &[Value]) -> usize {
+    let mut edges: Vec<(String, i32)> = Vec::new();
+    for v in vms {
+        edges.push((v["start_time"].as_str().unwrap().to_string(), 1));
+        edges.push((v["end_time"].as_str().unwrap().to_string(), -1));
+    }
+    // RFC 3339 in UTC with the same precision sorts as text; ends first.
+    edges.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.cmp(&b.1)));
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+#[test]
+fn a_job_backs_up_the_pool_concurrently_and_survives_a_failing_vm() {
+    let sim = xen_util::start(PASSWORD);
+    let host = Host::login(&sim, PASSWORD);
+    let mut vms = Vec::new();
+    for i in 0..10 {
+        let vm = sim
+            .create_vm_with_disks(&format!("vm{i:02}"), &[DISK, DISK])
+            .unwrap();
+        for (d, disk) in vm.disks.iter().enumerate() {
+            for b in 0..4u64 {
+                let data = random_bytes(i * 10 + d as u64, b, BS as usize);
+                sim.guest_write(&disk.vdi_uuid, b * 2 * BS, &data).unwrap();
+            }
+        }
+        if i < 8 {
+            host.try_call("VM.add_tags", &[&vm.vm_ref, "daily"])
+                .unwrap();
+        }
+        if i == 7 {
+            host.try_call("VM.add_tags", &[&vm.vm_ref, "nobackup"])
+                .unwrap();
+        }
+        vms.push(vm);
+    }
+    // Slow tasks, so that backups overlap measurably.
+    sim.set_faults(|f| f.task_delay_ms = 100);
+    let failing = vms[3].vm_ref.clone();
+    sim.set_faults(|f| {
+        f.fail_calls_on.insert(
+            ("VM.snapshot".into(), failing.clone()),
+            vec!["SR_FULL".into(), "1".into(), "0".into()],
+        );
+    });
+
+    let main = TestRepo::new();
+    let offsite = TestRepo::new();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (webhook, bodies) = webhook_server();
+    std::fs::write(
+        dir.join("cbtvault.toml"),
+        config(dir, &main, &offsite, &sim, &webhook),
+    )
+    .unwrap();
+
+    // What the job would select, without backing anything up.
+    let plan = cbtvault(dir, &["--json", "config", "check", "daily"]).ok();
+    let plan = plan.json();
+    let names: Vec<&str> = plan["jobs"][0]["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["vm00", "vm01", "vm02", "vm03", "vm04", "vm05", "vm06"]
+    );
+    assert_eq!(plan["jobs"][0]["passed"][0]["name"], "vm07");
+    assert!(
+        main.snapshot_ids().is_empty(),
+        "config check backed something up"
+    );
+
+    // First run: 7 VMs, vm03 fails; exit 5 (some failed).
+    let run = cbtvault(dir, &["--json", "run", "daily"]).expect_code(5);
+    let report = run.json()["runs"][0].clone();
+    let vms_done = report["vms"].as_array().unwrap().clone();
+    assert_eq!(vms_done.len(), 7, "{report}");
+    for v in &vms_done {
+        let name = v["name"].as_str().unwrap();
+        if name == "vm03" {
+            assert_eq!(v["status"], "failed", "{v}");
+            assert!(v["error"].as_str().unwrap().contains("SR_FULL"), "{v}");
+        } else {
+            assert_eq!(v["status"], "ok", "{v}");
+            assert_eq!(v["mode"], "full", "{v}");
+            let disks = if name == "vm06" { 1 } else { 2 };
+            assert_eq!(v["disk_count"], disks, "{v}");
+            assert!(v["read_bytes"].as_u64().unwrap() >= disks * 4 * BS, "{v}");
+        }
+    }
+    assert_eq!(vms_done[6]["excluded_disk_count"], 1);
+    let overlap = max_overlap(&vms_done);
+    assert!(
+        overlap >= 2,
+        "backups did not overlap ({overlap}): {report}"
+    );
+    assert_eq!(report["status"], "failed");
+    let steps: Vec<(String, String)> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["step"].as_str().unwrap().into(),
+                s["status"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    assert_eq!(steps.len(), 4, "{steps:?}");
+    assert_eq!(steps[0], ("retention".into(), "ok".into()));
+    assert_eq!(steps[1], ("copy to offsite".into(), "ok".into()));
+    assert!(
+        steps[2..]
+            .iter()
+            .all(|(s, r)| s.starts_with("verify vm") && r == "ok"),
+        "{steps:?}"
+    );
+    // The hooks and files.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("failed")).unwrap().trim(),
+        "FAILED daily"
+    );
+    let metrics = std::fs::read_to_string(dir.join("metrics/cbtvault.prom")).unwrap();
+    assert!(
+        metrics.contains("cbtvault_job_vms_failed{job=\"daily\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cbtvault_vm_last_run_success{job=\"daily\",vm=\"vm03\""),
+        "{metrics}"
+    );
+    let posted = bodies.lock().unwrap().clone();
+    assert_eq!(posted.len(), 1);
+    let posted: Value = serde_json::from_str(&posted[0]).unwrap();
+    assert_eq!(posted["job"], "daily");
+    assert_eq!(posted["vms"].as_array().unwrap().len(), 7);
+
+    // Bit for bit: vm00's first disk restores to what the host holds.
+    let vdi = &vms[0].disks[0].vdi_uuid;
+    let snaps = main.snapshots(&["--source", &xen_url(&sim, "vdi", vdi)]);
+    assert_eq!(snaps.len(), 1);
+    let id = snaps[0]["snapshot_id"].as_str().unwrap();
+    main.assert_restores(id, blake3::hash(&host.disk(vdi, DISK)), DISK);
+    // Tags: the job's own and the configured one.
+    let tags = snaps[0]["tags"].as_array().unwrap();
+    assert!(tags.contains(&Value::from("job:daily")) && tags.contains(&Value::from("nightly")));
+    // The offsite copy has it.
+    assert_eq!(
+        offsite
+            .snapshots(&["--source", &xen_url(&sim, "vdi", vdi)])
+            .len(),
+        1
+    );
+    // No snapshot of the failed, excluded or unselected VMs.
+    for i in [3usize, 7, 8, 9] {
+        let s = main.snapshots(&["--source", &xen_url(&sim, "vm", &vms[i].vm_uuid)]);
+        assert!(s.is_empty(), "vm{i:02}: {s:?}");
+    }
+    // vm06's excluded disk was not read.
+    let s = main.snapshots(&["--source", &xen_url(&sim, "vdi", &vms[6].disks[1].vdi_uuid)]);
+    assert!(s.is_empty());
+
+    // Second run, the fault cleared, one at a time: incremental for every
+    // VM backed up before, a first full for vm03; retention keeps one.
+    sim.set_faults(|f| f.fail_calls_on.clear());
+    sim.guest_write(
+        &vms[0].disks[0].vdi_uuid,
+        0,
+        &random_bytes(99, 0, BS as usize),
+    )
+    .unwrap();
+    let run = cbtvault(dir, &["--json", "run", "daily", "--concurrency", "1"]).ok();
+    let report = run.json()["runs"][0].clone();
+    assert_eq!(report["status"], "ok", "{report}");
+    assert_eq!(report["concurrency"], 1);
+    for v in report["vms"].as_array().unwrap() {
+        let want = if v["name"] == "vm03" {
+            "full"
+        } else {
+            "incremental"
+        };
+        assert_eq!(v["mode"], want, "{v}");
+    }
+    assert_eq!(max_overlap(report["vms"].as_array().unwrap()), 1);
+    let snaps = main.snapshots(&["--source", &xen_url(&sim, "vdi", vdi)]);
+    assert_eq!(snaps.len(), 1, "retention keeps the newest only");
+    main.assert_restores(
+        snaps[0]["snapshot_id"].as_str().unwrap(),
+        blake3::hash(&host.disk(vdi, DISK)),
+        DISK,
+    );
+    assert_eq!(bodies.lock().unwrap().len(), 2);
+
+    // Both runs are listed, oldest first.
+    let runs = cbtvault(dir, &["--json", "runs"]).ok();
+    let items = runs.items("run");
+    let status: Vec<&str> = items
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(status, ["failed", "ok"]);
+    assert_eq!(items[0]["failed_vm_count"], 1);
+    let text = cbtvault(dir, &["runs"]).ok().out();
+    assert!(text.contains("FAILED") && text.contains("2 runs"), "{text}");
+}
+
+#[test]
+fn a_configuration_with_a_typo_is_refused_with_its_line() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let text = "[repositories.r]\nlocation = \"/tmp/r\"\n\n[hosts.h]\ntype = \"xenserver\"\nurl = \"xen://h\"\n\n[jobs.j]\nrepository = \"r\"\nhosts = [\"h\"]\nconcurency = 4\nselect.all = true\n";
+    std::fs::write(dir.join("cbtvault.toml"), text).unwrap();
+    let r = cbtvault(dir, &["config", "check", "--offline"]).expect_code(1);
+    assert!(r.stderr.contains("cbtvault.toml:11:"), "{}", r.stderr);
+    assert!(r.stderr.contains("concurency"), "{}", r.stderr);
+    // The run refuses it the same way, before contacting anything.
+    let r = cbtvault(dir, &["run", "j"]).expect_code(1);
+    assert!(r.stderr.contains("cbtvault.toml:11:"), "{}", r.stderr);
+    // An unknown job is named with the known ones.
+    std::fs::write(
+        dir.join("cbtvault.toml"),
+        text.replace("concurency", "concurrency"),
+    )
+    .unwrap();
+    let r = cbtvault(dir, &["run", "nightly"]).expect_code(1);
+    assert!(
+        r.stderr.contains("no job 'nightly' (jobs: j)"),
+        "{}",
+        r.stderr
+    );
+    let r = cbtvault(dir, &["--json", "config", "check", "--offline"]).ok();
+    assert_eq!(r.json()["jobs"][0]["job"], "j");
+}
