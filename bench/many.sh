@@ -91,7 +91,7 @@ print([json.loads(l) for l in sys.stdin if "\"snapshot\"" in l][-1]["snapshot_id
 print([json.loads(l) for l in sys.stdin if "\"snapshot\"" in l][-1]["snapshot_id"])')
   read -r s m < <(timed "$CBT" check)
   row "check (structure)" "$s" "$m"
-  read -r s m < <(timed "$CBT" diff "$REAL" "$BIGID")
+  read -r s m < <(timed "$CBT" diff --force "$REAL" "$BIGID")
   row "diff real -> big" "$s" "$m"
   read -r s m < <(timed "$CBT" stats)
   row "stats (the repository)" "$s" "$m"
