@@ -373,3 +373,44 @@ fn a_configuration_with_a_typo_is_refused_with_its_line() {
     let r = cbtvault(dir, &["--json", "config", "check", "--offline"]).ok();
     assert_eq!(r.json()["jobs"][0]["job"], "j");
 }
+
+/// The shipped systemd units pass `systemd-analyze verify` without a
+/// complaint (a bad value is only a warning there: any output fails).
+#[test]
+fn the_systemd_units_verify() {
+    let Ok(out) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "systemd-analyze is missing"
+        );
+        eprintln!("skipped: no systemd-analyze");
+        return;
+    };
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/systemd");
+    let mut units = Vec::new();
+    for (from, to) in [
+        ("cbtvault-job@.service", "cbtvault-job@daily.service"),
+        ("cbtvault-job@.timer", "cbtvault-job@daily.timer"),
+    ] {
+        let text = std::fs::read_to_string(src.join(from))
+            .unwrap()
+            .replace("/usr/local/bin/cbtvault", crate::util::bin());
+        assert!(text.contains(crate::util::bin()) || from.ends_with(".timer"));
+        let path = dir.path().join(to);
+        std::fs::write(&path, text).unwrap();
+        units.push(path);
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned()
+        + &String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
