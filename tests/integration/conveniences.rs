@@ -273,6 +273,7 @@ fn generate_man_writes_a_page_per_subcommand() {
     for sub in ["list", "add", "remove", "passwd"] {
         expected.push(format!("cbtvault-key-{sub}"));
     }
+    expected.push("cbtvault-config-check".to_string());
     let mut found: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
