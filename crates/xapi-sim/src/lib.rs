@@ -141,8 +141,8 @@ pub(crate) struct Core {
     state: Mutex<State>,
     /// While xapi "restarts" (`Faults::restart_downtime_ms`): until when.
     down_until: Mutex<Option<std::time::Instant>>,
-    /// Where the state is kept across restarts (`SimOptions::dir` only).
-    persist: Option<PathBuf>,
+    /// Keeps the state across restarts (`SimOptions::dir` only).
+    persist: Option<Mutex<persist::Saver>>,
     /// Body bytes received by `/import_raw_vdi` so far (a test hook).
     pub(crate) import_bytes: std::sync::atomic::AtomicU64,
     /// Every call and NBD connection, in order (`--log-calls`).
@@ -194,8 +194,8 @@ impl Core {
     /// Saves the objects after a change (when persistent). A failed save
     /// is not the caller's failure; the next one may succeed.
     pub(crate) fn changed(&self, st: &State) {
-        if let Some(dir) = &self.persist {
-            let _ = persist::save(st, dir, false);
+        if let Some(saver) = &self.persist {
+            saver.lock().unwrap_or_else(|e| e.into_inner()).changed(st);
         }
     }
 }
@@ -572,7 +572,7 @@ impl Simulator {
         let core = Arc::new(Core {
             state: Mutex::new(state),
             down_until: Mutex::new(None),
-            persist,
+            persist: persist.map(|d| Mutex::new(persist::Saver::start(d))),
             import_bytes: std::sync::atomic::AtomicU64::new(0),
             calls: Mutex::new(Vec::new()),
             log_file,
@@ -948,10 +948,12 @@ impl Simulator {
 
     fn stop_now(&mut self) {
         let _ = self.stop.send(true);
-        if let Some(dir) = &self.core.persist {
+        if let Some(saver) = &self.core.persist {
             // NBD connections still open lose their dom0 VBDs with the runtime.
             let st = self.core.lock();
-            let _ = persist::save(&st, dir, true);
+            let mut saver = saver.lock().unwrap_or_else(|e| e.into_inner());
+            saver.finish();
+            let _ = persist::save(&st, saver.dir(), true);
         }
         if let Some(rt) = self.runtime.take() {
             // Blocking on a runtime's shutdown is not allowed inside another one.

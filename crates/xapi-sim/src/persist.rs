@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -110,6 +110,12 @@ fn file_name(path: &Path) -> std::io::Result<String> {
 
 /// Writes the state durably to `dir/state.json`.
 pub fn save(st: &State, dir: &Path, clean: bool) -> std::io::Result<()> {
+    write(dir, &encode(st, clean)?)
+}
+
+/// The bytes of `dir/state.json` for `st` (in memory; cheap next to
+/// [`write`]).
+pub fn encode(st: &State, clean: bool) -> std::io::Result<Vec<u8>> {
     let mut disks = BTreeMap::new();
     let mut layers = BTreeMap::new();
     let mut layer_sizes = BTreeMap::new();
@@ -152,14 +158,103 @@ pub fn save(st: &State, dir: &Path, clean: bool) -> std::io::Result<()> {
         default_sr: &st.default_sr,
         nbd_network: &st.nbd_network,
     };
-    let bytes = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
+    serde_json::to_vec(&saved).map_err(std::io::Error::other)
+}
+
+/// Writes encoded state durably: a temporary file, fsynced, renamed.
+pub fn write(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = dir.join(format!("{STATE_FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&bytes)?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, dir.join(STATE_FILE))?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Saves the state in the background, newest first: a change hands its
+/// encoded state over and returns; a thread writes the newest one handed
+/// over (older ones it has not begun are dropped). Calls no longer wait on
+/// fsync under the state lock (xapi does not flush its database on every
+/// call either), and the file is never older than one write behind.
+pub struct Saver {
+    dir: PathBuf,
+    slot: std::sync::Arc<(std::sync::Mutex<SaverSlot>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct SaverSlot {
+    pending: Option<Vec<u8>>,
+    stop: bool,
+}
+
+impl Saver {
+    pub fn start(dir: PathBuf) -> Saver {
+        let slot = std::sync::Arc::new((
+            std::sync::Mutex::new(SaverSlot::default()),
+            std::sync::Condvar::new(),
+        ));
+        let shared = slot.clone();
+        let to = dir.clone();
+        let thread = std::thread::Builder::new()
+            .name("sim-saver".into())
+            .spawn(move || loop {
+                let bytes = {
+                    let (m, cv) = &*shared;
+                    let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
+                    while s.pending.is_none() && !s.stop {
+                        s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
+                    }
+                    match s.pending.take() {
+                        Some(b) => b,
+                        None => return,
+                    }
+                };
+                // A failed save is not a call's failure; the next may work.
+                let _ = write(&to, &bytes);
+            })
+            .ok();
+        Saver { dir, slot, thread }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Hands over the state after a change.
+    pub fn changed(&self, st: &State) {
+        let Ok(bytes) = encode(st, false) else { return };
+        if self.thread.is_none() {
+            let _ = write(&self.dir, &bytes);
+            return;
+        }
+        let (m, cv) = &*self.slot;
+        m.lock().unwrap_or_else(|e| e.into_inner()).pending = Some(bytes);
+        cv.notify_one();
+    }
+
+    /// Writes what was handed over, then stops the thread.
+    pub fn finish(&mut self) {
+        {
+            let (m, cv) = &*self.slot;
+            m.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+            cv.notify_one();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let pending = self
+            .slot
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pending
+            .take();
+        if let Some(b) = pending {
+            let _ = write(&self.dir, &b);
+        }
+    }
 }
 
 /// Loads `dir/state.json` if there is one.

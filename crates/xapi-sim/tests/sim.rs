@@ -1641,3 +1641,54 @@ fn sim_state_survives_a_restart_and_a_crash_breaks_cbt() {
         &unrelated(),
     );
 }
+
+/// `VM.add_tags` / `remove_tags` / `set_tags` keep a set, as xapi does;
+/// a per-object injected failure fails that object's calls only.
+#[test]
+fn vm_tags_and_per_object_failures() {
+    let sim = start();
+    let api = Api::login(&sim);
+    let a = sim.create_vm_with_disks("a", &[MIB]).unwrap();
+    let b = sim.create_vm_with_disks("b", &[MIB]).unwrap();
+    let tags = |vm: &str| -> Vec<String> {
+        api.ok("VM.get_tags", &[s(vm)])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap().to_string())
+            .collect()
+    };
+    api.ok("VM.add_tags", &[s(&a.vm_ref), s("daily")]);
+    api.ok("VM.add_tags", &[s(&a.vm_ref), s("daily")]);
+    api.ok("VM.add_tags", &[s(&a.vm_ref), s("web")]);
+    assert_eq!(tags(&a.vm_ref), ["daily", "web"]);
+    api.ok("VM.remove_tags", &[s(&a.vm_ref), s("daily")]);
+    api.ok("VM.remove_tags", &[s(&a.vm_ref), s("absent")]);
+    assert_eq!(tags(&a.vm_ref), ["web"]);
+    api.ok(
+        "VM.set_tags",
+        &[
+            s(&b.vm_ref),
+            Value::strings(["z", "y", "z"].map(String::from)),
+        ],
+    );
+    assert_eq!(tags(&b.vm_ref), ["y", "z"]);
+    let e = api.err("VM.add_tags", &[s("OpaqueRef:nope"), s("x")]);
+    assert_eq!(e.code, "HANDLE_INVALID");
+
+    let target = a.vm_ref.clone();
+    sim.set_faults(|f| {
+        f.fail_calls_on.insert(
+            ("VM.get_name_label".into(), target),
+            vec!["SR_FULL".into(), "1".into()],
+        );
+    });
+    assert_error(
+        &api.err("VM.get_name_label", &[s(&a.vm_ref)]),
+        "SR_FULL",
+        &["1"],
+    );
+    assert_eq!(api.text("VM.get_name_label", &[s(&b.vm_ref)]), "b");
+    sim.set_faults(|f| f.fail_calls_on.clear());
+    assert_eq!(api.text("VM.get_name_label", &[s(&a.vm_ref)]), "a");
+}
