@@ -410,7 +410,7 @@ fn the_systemd_units_verify() {
         .args(&units)
         .output()
         .unwrap();
-    let said = String::from_utf8_lossy(&out.stderr).into_owned()
-        + &String::from_utf8_lossy(&out.stdout);
+    let said =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
 }
