@@ -134,7 +134,10 @@ mod tests {
         assert!(t.changes(&s2, &s2).unwrap().is_empty());
         assert_eq!(t.changes(&s3, &s2), Err(CbtRefusal::AfterSnapshot));
         let other = Tracking::start();
-        assert_eq!(t.changes(&other.change_id(), &s2), Err(CbtRefusal::OtherEpoch));
+        assert_eq!(
+            t.changes(&other.change_id(), &s2),
+            Err(CbtRefusal::OtherEpoch)
+        );
         assert_eq!(t.changes("junk", &s2), Err(CbtRefusal::Malformed));
         assert_eq!(new_epoch().len(), 47);
     }

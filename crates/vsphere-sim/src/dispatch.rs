@@ -73,11 +73,7 @@ pub fn handle(core: &Core, cookie: Option<&str>, user_agent: &str, body: &[u8]) 
     out.drop = st.take_drop(&method);
     if matches!(
         req.method(),
-        Some(
-            Method::ReconfigVmTask
-                | Method::CreateSnapshotTask
-                | Method::RemoveSnapshotTask
-        )
+        Some(Method::ReconfigVmTask | Method::CreateSnapshotTask | Method::RemoveSnapshotTask)
     ) {
         core.changed(&st);
     }
@@ -90,10 +86,7 @@ fn expect_kind(this: &Moref, kind: &str) -> Result<(), (VimFault, Option<String>
     if this.kind == kind {
         Ok(())
     } else {
-        Err((
-            VimFault::ManagedObjectNotFound { obj: this.clone() },
-            None,
-        ))
+        Err((VimFault::ManagedObjectNotFound { obj: this.clone() }, None))
     }
 }
 
@@ -109,7 +102,9 @@ fn call(
         req.method(),
         Some(Method::RetrieveServiceContent | Method::Login)
     );
-    let session = cookie.filter(|c| st.sessions.contains_key(*c)).map(str::to_string);
+    let session = cookie
+        .filter(|c| st.sessions.contains_key(*c))
+        .map(str::to_string);
     if !anonymous && session.is_none() {
         return Err((
             VimFault::NotAuthenticated {
@@ -277,7 +272,13 @@ fn call(
                 },
             };
             let name = vm_name(st, &this.value);
-            let task = st.add_task("VirtualMachine.reconfigure", this.clone(), &name, outcome, &user);
+            let task = st.add_task(
+                "VirtualMachine.reconfigure",
+                this.clone(),
+                &name,
+                outcome,
+                &user,
+            );
             ok(Method::ReconfigVmTask, Response::Task(task))
         }
         Request::CreateSnapshotTask {
@@ -354,7 +355,10 @@ fn call(
                     change_id,
                 )
                 .map_err(|f| (f, None))?;
-            ok(Method::QueryChangedDiskAreas, Response::DiskChangeInfo(info))
+            ok(
+                Method::QueryChangedDiskAreas,
+                Response::DiskChangeInfo(info),
+            )
         }
         Request::Unknown {
             method,
@@ -417,11 +421,16 @@ pub fn service_content() -> ServiceContent {
 
 /// `GET /sdk/vimServiceVersions.xml`, what SmartConnect reads first.
 pub fn service_versions() -> String {
-    let prior = ["8.0.2.0", "8.0.1.0", "8.0.0.0", "7.0.3.0", "7.0.2.0", "7.0.1.0", "7.0.0.0", "6.7.3", "6.7", "6.5", "6.0", "5.5", "5.1", "5.0", "4.1", "4.0", "2.5"];
+    let prior = [
+        "8.0.2.0", "8.0.1.0", "8.0.0.0", "7.0.3.0", "7.0.2.0", "7.0.1.0", "7.0.0.0", "6.7.3",
+        "6.7", "6.5", "6.0", "5.5", "5.1", "5.0", "4.1", "4.0", "2.5",
+    ];
     let mut s = String::from(
         "<?xml version=\"1.0\" encoding=\"UTF-8\" ?>\n<namespaces version=\"1.0\">\n <namespace>\n  <name>urn:vim25</name>\n",
     );
-    s.push_str(&format!("  <version>{API_VERSION}</version>\n  <priorVersions>\n"));
+    s.push_str(&format!(
+        "  <version>{API_VERSION}</version>\n  <priorVersions>\n"
+    ));
     for v in prior {
         s.push_str(&format!("   <version>{v}</version>\n"));
     }

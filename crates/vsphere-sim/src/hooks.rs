@@ -52,7 +52,11 @@ fn run(core: &Core, head: &RequestHead, body: &[u8]) -> Result<serde_json::Value
             let sizes = param(head, "disks")?
                 .split(',')
                 .filter(|s| !s.is_empty())
-                .map(|s| s.trim().parse::<u64>().map_err(|_| format!("bad disk size '{s}'")))
+                .map(|s| {
+                    s.trim()
+                        .parse::<u64>()
+                        .map_err(|_| format!("bad disk size '{s}'"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let mut st = core.lock();
             let id = st.add_vm(name, &sizes)?;
@@ -93,7 +97,8 @@ fn fault(core: &Core, head: &RequestHead) -> Result<serde_json::Value, String> {
     let vm = |st: &crate::model::State| -> Result<String, String> {
         vm_id(st, param(head, "vm")?).map_err(|e| e.to_string())
     };
-    let fault_param = || -> Result<VimFault, String> { Ok(VimFault::from_type_name(param(head, "fault")?)) };
+    let fault_param =
+        || -> Result<VimFault, String> { Ok(VimFault::from_type_name(param(head, "fault")?)) };
     match kind {
         "fail_call" => st.faults.fail_calls.push(FailCalls {
             method: param(head, "method")?.to_string(),
@@ -103,7 +108,9 @@ fn fault(core: &Core, head: &RequestHead) -> Result<serde_json::Value, String> {
         }),
         "fail_task" => {
             let f = fault_param()?;
-            st.faults.fail_tasks.push((param(head, "method")?.to_string(), f));
+            st.faults
+                .fail_tasks
+                .push((param(head, "method")?.to_string(), f));
         }
         "drop" => {
             let n: u32 = number(head, "count")?;

@@ -146,7 +146,11 @@ fn percent_decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         let hex = |c: u8| (c as char).to_digit(16);
-        match (b[i], b.get(i + 1).and_then(|&c| hex(c)), b.get(i + 2).and_then(|&c| hex(c))) {
+        match (
+            b[i],
+            b.get(i + 1).and_then(|&c| hex(c)),
+            b.get(i + 2).and_then(|&c| hex(c)),
+        ) {
             (b'%', Some(h), Some(l)) => {
                 out.push((h * 16 + l) as u8);
                 i += 3;
@@ -220,7 +224,10 @@ mod tests {
         assert_eq!(h.query_param("dsName"), Some("datastore1"));
         assert_eq!(h.cookie("vmware_soap_session").as_deref(), Some("52abc"));
         assert_eq!(h.basic_auth(), Some(("root".into(), "pw".into())));
-        assert_eq!(parse_range(h.header("range"), 100), RangeRequest::Part(0, 9));
+        assert_eq!(
+            parse_range(h.header("range"), 100),
+            RangeRequest::Part(0, 9)
+        );
     }
 
     #[test]

@@ -46,7 +46,10 @@ pub fn kind_of(st: &State, obj: &Moref) -> Option<&'static str> {
 fn is_a(kind: &str, wanted: &str) -> bool {
     kind == wanted
         || (wanted == "ManagedEntity"
-            && matches!(kind, "Folder" | "Datacenter" | "Datastore" | "VirtualMachine"))
+            && matches!(
+                kind,
+                "Folder" | "Datacenter" | "Datastore" | "VirtualMachine"
+            ))
 }
 
 /// The devices of a VM (`snapshot` None) or of a snapshot of it.
@@ -105,7 +108,11 @@ fn devices(st: &State, vm: &Vm, snapshot: Option<&model::Snapshot>) -> Vec<Virtu
         .with(Element::leaf("controllerKey", "100"))
         .with(Element::leaf("unitNumber", "3"))
         .with(Element::leaf("busNumber", "0"))
-        .with_all(disks.iter().map(|d| Element::leaf("device", d.key.to_string())))
+        .with_all(
+            disks
+                .iter()
+                .map(|d| Element::leaf("device", d.key.to_string())),
+        )
         .with(Element::leaf("hotAddRemove", "true"))
         .with(Element::leaf("sharedBus", "noSharing"))
         .with(Element::leaf("scsiCtlrUnitNumber", "7"));
@@ -138,7 +145,10 @@ fn config_element(vm: &Vm, cbt: bool, devices: &[VirtualDevice], modified: &str)
     let dir = store::datastore_path(&format!("{}/", vm.name));
     Element::vim("config")
         .typed("VirtualMachineConfigInfo")
-        .with(Element::leaf("changeVersion", vm.change_version.to_string()))
+        .with(Element::leaf(
+            "changeVersion",
+            vm.change_version.to_string(),
+        ))
         .with(Element::leaf("modified", modified))
         .with(Element::leaf("name", vm.name.clone()))
         .with(Element::leaf("guestFullName", "Other Linux (64-bit)"))
@@ -170,7 +180,12 @@ fn config_element(vm: &Vm, cbt: bool, devices: &[VirtualDevice], modified: &str)
 }
 
 fn vm_config(st: &State, vm: &Vm) -> Element {
-    config_element(vm, vm.cbt_enabled, &devices(st, vm, None), &model::now_iso())
+    config_element(
+        vm,
+        vm.cbt_enabled,
+        &devices(st, vm, None),
+        &model::now_iso(),
+    )
 }
 
 fn snapshot_config(st: &State, vm: &Vm, s: &model::Snapshot) -> Element {
@@ -216,7 +231,12 @@ fn snapshot_tree(st: &State, vm: &Vm, from: usize) -> Vec<SnapshotTree> {
         description: s.description.clone(),
         id: s.number,
         create_time: s.create_time.clone(),
-        state: if s.powered_on { "poweredOn" } else { "poweredOff" }.into(),
+        state: if s.powered_on {
+            "poweredOn"
+        } else {
+            "poweredOff"
+        }
+        .into(),
         quiesced: s.quiesced,
         children: snapshot_tree(st, vm, from + 1),
     }]
@@ -263,7 +283,8 @@ pub fn task_info(t: &model::Task) -> TaskInfo {
 
 /// Property `path` of `obj`: `Ok(None)` when it is unset.
 pub fn property(st: &State, obj: &Moref, path: &str) -> Result<Option<PropertyValue>, VimFault> {
-    let kind = kind_of(st, obj).ok_or_else(|| VimFault::ManagedObjectNotFound { obj: obj.clone() })?;
+    let kind =
+        kind_of(st, obj).ok_or_else(|| VimFault::ManagedObjectNotFound { obj: obj.clone() })?;
     let s = |v: &str| Ok(Some(PropertyValue::String(v.to_string())));
     let moref = |k: &str, v: &str| Ok(Some(PropertyValue::Moref(Moref::new(k, v))));
     let vms = || {
@@ -275,10 +296,18 @@ pub fn property(st: &State, obj: &Moref, path: &str) -> Result<Option<PropertyVa
         )
     };
     match (kind, obj.value.as_str(), path) {
+        ("ServiceInstance", _, "content") => Ok(Some(PropertyValue::Other(
+            crate::dispatch::service_content()
+                .encode("val")
+                .typed("ServiceContent"),
+        ))),
         ("Folder", model::ROOT_FOLDER, "name") => s("ha-folder-root"),
-        ("Folder", model::ROOT_FOLDER, "childEntity") => Ok(Some(PropertyValue::Morefs(vec![
-            Moref::new("Datacenter", model::DATACENTER),
-        ]))),
+        ("Folder", model::ROOT_FOLDER, "childEntity") => {
+            Ok(Some(PropertyValue::Morefs(vec![Moref::new(
+                "Datacenter",
+                model::DATACENTER,
+            )])))
+        }
         ("Folder", model::VM_FOLDER, "name") => s("vm"),
         ("Folder", model::VM_FOLDER, "childEntity") => Ok(Some(vms())),
         ("Folder", model::VM_FOLDER, "parent") => moref("Datacenter", model::DATACENTER),
@@ -302,7 +331,12 @@ pub fn property(st: &State, obj: &Moref, path: &str) -> Result<Option<PropertyVa
                 )]))),
                 "runtime.powerState" => Ok(Some(PropertyValue::Enum {
                     type_name: "VirtualMachinePowerState".into(),
-                    value: if vm.powered_on { "poweredOn" } else { "poweredOff" }.into(),
+                    value: if vm.powered_on {
+                        "poweredOn"
+                    } else {
+                        "poweredOff"
+                    }
+                    .into(),
                 })),
                 "capability.changeTrackingSupported" => Ok(Some(PropertyValue::Bool(true))),
                 "snapshot" if vm.snapshots.is_empty() => Ok(None),
@@ -413,7 +447,15 @@ fn select(st: &State, spec: &PropertyFilterSpec) -> Result<Vec<Moref>, VimFault>
             out.push(o.obj.clone());
         }
         let mut visited = BTreeSet::new();
-        traverse(st, &o.obj, &o.select_set, &named, &mut visited, &mut seen, &mut out);
+        traverse(
+            st,
+            &o.obj,
+            &o.select_set,
+            &named,
+            &mut visited,
+            &mut seen,
+            &mut out,
+        );
     }
     Ok(out)
 }

@@ -249,7 +249,11 @@ impl Simulator {
         })
     }
 
-    fn start_in(options: SimOptions, dir: PathBuf, temporary_dir: bool) -> Result<Simulator, SimError> {
+    fn start_in(
+        options: SimOptions,
+        dir: PathBuf,
+        temporary_dir: bool,
+    ) -> Result<Simulator, SimError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("cbtvault-vsphere-sim")
@@ -389,7 +393,13 @@ impl Simulator {
     }
 
     /// Writes into a VM's live disk as its guest would (CBT records it).
-    pub fn guest_write(&self, vm: &str, disk_key: i32, offset: u64, data: &[u8]) -> Result<(), SimError> {
+    pub fn guest_write(
+        &self,
+        vm: &str,
+        disk_key: i32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), SimError> {
         let mut st = self.core.lock();
         let id = vm_id(&st, vm)?;
         st.guest_write(&id, disk_key, offset, data)
@@ -399,16 +409,23 @@ impl Simulator {
     }
 
     /// Reads a VM's live disk.
-    pub fn read_disk(&self, vm: &str, disk_key: i32, offset: u64, len: usize) -> Result<Vec<u8>, SimError> {
+    pub fn read_disk(
+        &self,
+        vm: &str,
+        disk_key: i32,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, SimError> {
         let path = {
             let st = self.core.lock();
             let id = vm_id(&st, vm)?;
-            let v = st.vm(&id).map_err(|f| SimError::Invalid(f.type_name().into()))?;
-            let d = v
-                .disks
-                .iter()
-                .find(|d| d.key == disk_key)
-                .ok_or_else(|| SimError::Invalid(format!("VM '{vm}' has no disk {disk_key}")))?;
+            let v = st
+                .vm(&id)
+                .map_err(|f| SimError::Invalid(f.type_name().into()))?;
+            let d =
+                v.disks.iter().find(|d| d.key == disk_key).ok_or_else(|| {
+                    SimError::Invalid(format!("VM '{vm}' has no disk {disk_key}"))
+                })?;
             st.store.live(&d.descriptor)
         };
         store::read_at(&path, offset, len).map_err(|source| SimError::Storage {
@@ -594,7 +611,11 @@ pub(crate) fn snapshots_of(st: &State, id: &str) -> Vec<SimSnapshot> {
         .map(|s| SimSnapshot {
             id: s.id.clone(),
             name: s.name.clone(),
-            change_ids: s.disks.iter().map(|d| (d.key, d.change_id.clone())).collect(),
+            change_ids: s
+                .disks
+                .iter()
+                .map(|d| (d.key, d.change_id.clone()))
+                .collect(),
         })
         .collect()
 }
@@ -674,10 +695,11 @@ pub fn certificate_fingerprint(cert_pem: &str) -> Result<String, SimError> {
 }
 
 fn server_config(cert_pem: &str, key_pem: &str) -> Result<Arc<rustls::ServerConfig>, SimError> {
-    let certs: Vec<rustls::pki_types::CertificateDer<'static>> = pem_blocks(cert_pem, "CERTIFICATE")
-        .into_iter()
-        .map(rustls::pki_types::CertificateDer::from)
-        .collect();
+    let certs: Vec<rustls::pki_types::CertificateDer<'static>> =
+        pem_blocks(cert_pem, "CERTIFICATE")
+            .into_iter()
+            .map(rustls::pki_types::CertificateDer::from)
+            .collect();
     let key = pem_blocks(key_pem, "PRIVATE KEY")
         .into_iter()
         .next()

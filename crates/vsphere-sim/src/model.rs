@@ -258,7 +258,9 @@ impl State {
     }
 
     pub fn vm(&self, id: &str) -> Result<&Vm, VimFault> {
-        self.vms.get(id).ok_or_else(|| not_found("VirtualMachine", id))
+        self.vms
+            .get(id)
+            .ok_or_else(|| not_found("VirtualMachine", id))
     }
 
     fn vm_mut(&mut self, id: &str) -> Result<&mut Vm, VimFault> {
@@ -350,7 +352,13 @@ impl State {
 
     /// A guest write to the live disk `key` of `vm`: the bytes, the
     /// allocation record and CBT.
-    pub fn guest_write(&mut self, vm: &str, key: i32, offset: u64, data: &[u8]) -> Result<(), String> {
+    pub fn guest_write(
+        &mut self,
+        vm: &str,
+        key: i32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), String> {
         let live = {
             let v = self.vms.get(vm).ok_or_else(|| format!("no VM '{vm}'"))?;
             let d = v
@@ -371,9 +379,13 @@ impl State {
             let _ = end;
             self.store.live(&d.descriptor)
         };
-        store::write_at(&live, offset, data).map_err(|e| format!("write '{}': {e}", live.display()))?;
+        store::write_at(&live, offset, data)
+            .map_err(|e| format!("write '{}': {e}", live.display()))?;
         let end = offset + data.len() as u64;
-        let v = self.vms.get_mut(vm).ok_or_else(|| format!("no VM '{vm}'"))?;
+        let v = self
+            .vms
+            .get_mut(vm)
+            .ok_or_else(|| format!("no VM '{vm}'"))?;
         if let Some(d) = v.disks.iter_mut().find(|d| d.key == key) {
             d.allocated.insert_sectors(offset, end);
             if let Some(t) = &mut d.tracking {
@@ -412,7 +424,11 @@ impl State {
 
     /// Disk `key` is replaced by a new empty one (new key, new file).
     pub fn replace_disk(&mut self, vm: &str, key: i32) -> Result<i32, String> {
-        let v = self.vms.get(vm).cloned().ok_or_else(|| format!("no VM '{vm}'"))?;
+        let v = self
+            .vms
+            .get(vm)
+            .cloned()
+            .ok_or_else(|| format!("no VM '{vm}'"))?;
         let pos = v
             .disks
             .iter()
@@ -422,7 +438,10 @@ impl State {
         let mut disk = self.new_disk(&v, capacity)?;
         disk.unit_number = v.disks[pos].unit_number;
         let new_key = disk.key;
-        let vm_mut = self.vms.get_mut(vm).ok_or_else(|| format!("no VM '{vm}'"))?;
+        let vm_mut = self
+            .vms
+            .get_mut(vm)
+            .ok_or_else(|| format!("no VM '{vm}'"))?;
         vm_mut.disks[pos] = disk;
         vm_mut.change_version += 1;
         Ok(new_key)
@@ -581,13 +600,15 @@ impl State {
                     return Err(VimFault::FileFault { file });
                 }
                 // The live disk: everything up to now counts.
-                let until = d.tracking.as_ref().map(|t| {
-                    format!("{}/{}", t.epoch, t.sequence + 1)
-                });
+                let until = d
+                    .tracking
+                    .as_ref()
+                    .map(|t| format!("{}/{}", t.epoch, t.sequence + 1));
                 (d.capacity_bytes, until, d.allocated.clone(), file)
             }
         };
-        if start_offset < 0 || start_offset as u64 >= capacity || start_offset as u64 % SECTOR != 0 {
+        if start_offset < 0 || start_offset as u64 >= capacity || start_offset as u64 % SECTOR != 0
+        {
             return Err(invalid_argument("startOffset"));
         }
         let file_fault = || VimFault::FileFault { file: file.clone() };
@@ -647,7 +668,11 @@ impl State {
 
     /// Takes the injected failure of the next task of `method`, if any.
     pub fn take_task_fault(&mut self, method: &str) -> Option<VimFault> {
-        let pos = self.faults.fail_tasks.iter().position(|(m, _)| m == method)?;
+        let pos = self
+            .faults
+            .fail_tasks
+            .iter()
+            .position(|(m, _)| m == method)?;
         Some(self.faults.fail_tasks.remove(pos).1)
     }
 
@@ -696,9 +721,7 @@ pub fn fault_message(f: &VimFault) -> String {
             "The object 'vim.{}:{}' has already been deleted or has not been completely created",
             obj.kind, obj.value
         ),
-        VimFault::InvalidState => {
-            "The operation is not allowed in the current state.".into()
-        }
+        VimFault::InvalidState => "The operation is not allowed in the current state.".into(),
         VimFault::MethodNotFound { method, .. } => {
             format!("Method {method} not implemented by the simulator")
         }
@@ -710,7 +733,9 @@ pub fn fault_message(f: &VimFault) -> String {
 /// One page of `areas` from `start`: a window of at most
 /// `paging.window_bytes`, cut after `paging.max_extents` extents.
 pub fn page(areas: &ExtentSet, start: u64, capacity: u64, paging: Paging) -> DiskChangeInfo {
-    let mut end = start.saturating_add(paging.window_bytes.max(SECTOR)).min(capacity);
+    let mut end = start
+        .saturating_add(paging.window_bytes.max(SECTOR))
+        .min(capacity);
     let mut extents = areas.clipped(start, end);
     if extents.len() > paging.max_extents.max(1) {
         extents.truncate(paging.max_extents.max(1));

@@ -65,8 +65,12 @@ pub(crate) async fn serve(
         }
         let _ = tcp.set_nodelay(true);
         open.fetch_add(1, Ordering::AcqRel);
-        let (open, acceptor, core, mut stop) =
-            (open.clone(), acceptor.clone(), core.clone(), shutdown.clone());
+        let (open, acceptor, core, mut stop) = (
+            open.clone(),
+            acceptor.clone(),
+            core.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             let work = async {
                 if let Ok(Ok(io)) =
@@ -203,7 +207,12 @@ impl Conn {
     }
 
     /// The head and half the body, then the connection ends.
-    async fn respond_cut(&mut self, status: u16, headers: &[(&str, String)], body: &[u8]) -> Result<After, ConnError> {
+    async fn respond_cut(
+        &mut self,
+        status: u16,
+        headers: &[(&str, String)],
+        body: &[u8],
+    ) -> Result<After, ConnError> {
         let mut out = Conn::head_text(status, headers, body.len() as u64, true).into_bytes();
         out.extend_from_slice(&body[..body.len() / 2]);
         self.io.write_all(&out).await?;
@@ -223,11 +232,19 @@ impl Conn {
     }
 
     /// A body of at most `max` bytes (Content-Length required).
-    async fn bounded_body(&mut self, head: &RequestHead, max: u64) -> Result<Result<Vec<u8>, After>, ConnError> {
+    async fn bounded_body(
+        &mut self,
+        head: &RequestHead,
+        max: u64,
+    ) -> Result<Result<Vec<u8>, After>, ConnError> {
         let len = match head.content_length()? {
             Some(n) => n,
             None if head.method == "GET" || head.method == "HEAD" => 0,
-            None => return Ok(Err(self.text(411, "Content-Length required", false).await?)),
+            None => {
+                return Ok(Err(self
+                    .text(411, "Content-Length required", false)
+                    .await?))
+            }
         };
         if len > max {
             return Ok(Err(self.text(413, "body too large", false).await?));
@@ -252,7 +269,9 @@ impl Conn {
             (_, p) if p.starts_with("/folder/") => self.folder(head).await,
             (_, p) if p.starts_with("/sim/") => {
                 if !self.authorized(&head) {
-                    return self.text(401, "log in first (session cookie or Basic)", false).await;
+                    return self
+                        .text(401, "log in first (session cookie or Basic)", false)
+                        .await;
                 }
                 let body = match self.bounded_body(&head, MAX_HOOK_BODY).await? {
                     Ok(b) => b,
@@ -270,8 +289,12 @@ impl Conn {
             }
             _ => {
                 let _ = self.bounded_body(&head, MAX_SOAP_BODY).await?;
-                self.text(404, &format!("no handler for {} {}", head.method, head.path), keep)
-                    .await
+                self.text(
+                    404,
+                    &format!("no handler for {} {}", head.method, head.path),
+                    keep,
+                )
+                .await
             }
         }
     }
@@ -285,15 +308,14 @@ impl Conn {
         let agent = head.header("user-agent").unwrap_or("").to_string();
         let core = self.core.clone();
         let out = dispatch::handle(&core, cookie.as_deref(), &agent, &body);
-        let mut headers = vec![(
-            "content-type",
-            vim_wire::soap::CONTENT_TYPE.to_string(),
-        )];
+        let mut headers = vec![("content-type", vim_wire::soap::CONTENT_TYPE.to_string())];
         if let Some(c) = out.set_cookie {
             headers.push(("set-cookie", c));
         }
         if out.drop {
-            return self.respond_cut(out.status, &headers, out.body.as_bytes()).await;
+            return self
+                .respond_cut(out.status, &headers, out.body.as_bytes())
+                .await;
         }
         let keep = head.keep_alive();
         self.respond(out.status, &headers, out.body.as_bytes(), keep)
@@ -346,7 +368,8 @@ impl Conn {
             (file, st.faults.ignore_range, cut)
         };
         let Some(file) = file else {
-            self.core.log_call(format!("HTTP GET /folder/{relative} 404"));
+            self.core
+                .log_call(format!("HTTP GET /folder/{relative} 404"));
             return self.text(404, "no such file", keep).await;
         };
         let mut f = std::fs::File::open(&file)?;
@@ -365,9 +388,15 @@ impl Conn {
                 vec![("content-range", format!("bytes {s}-{e}/{size}"))],
             ),
             RangeRequest::Unsatisfiable => {
-                self.core.log_call(format!("HTTP GET /folder/{relative} 416"));
-                self.respond(416, &[("content-range", format!("bytes */{size}"))], b"", keep)
-                    .await?;
+                self.core
+                    .log_call(format!("HTTP GET /folder/{relative} 416"));
+                self.respond(
+                    416,
+                    &[("content-range", format!("bytes */{size}"))],
+                    b"",
+                    keep,
+                )
+                .await?;
                 return Ok(if keep { After::KeepAlive } else { After::Close });
             }
         };

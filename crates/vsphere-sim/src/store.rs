@@ -175,7 +175,10 @@ mod tests {
 
     #[test]
     fn paths_are_confined() {
-        assert_eq!(safe_relative("vm/vm.vmdk"), Some(PathBuf::from("vm/vm.vmdk")));
+        assert_eq!(
+            safe_relative("vm/vm.vmdk"),
+            Some(PathBuf::from("vm/vm.vmdk"))
+        );
         assert_eq!(safe_relative("/vm/./a"), Some(PathBuf::from("vm/a")));
         assert_eq!(safe_relative("../etc/passwd"), None);
         assert_eq!(safe_relative("vm/../../x"), None);
