@@ -149,19 +149,35 @@ impl DiskBacking {
             BackingKind::Other(_) => opt_text(el, "fileName").unwrap_or_default(),
             _ => req_text(el, "fileName")?.to_string(),
         };
+        // Only the fields the backing's type has (WSDL).
+        let (file_backed, rdm, raw, flat) = (
+            !matches!(kind, BackingKind::RawDiskVer2),
+            matches!(kind, BackingKind::RawDiskMappingVer1),
+            matches!(kind, BackingKind::RawDiskVer2),
+            matches!(kind, BackingKind::FlatVer2),
+        );
+        let when = |yes: bool, v: Option<String>| v.filter(|_| yes);
         Ok(DiskBacking {
             other: matches!(kind, BackingKind::Other(_)).then(|| el.clone()),
-            kind,
             file_name,
-            datastore: opt_moref(el, "datastore")?,
-            lun_uuid: opt_text(el, "lunUuid"),
-            device_name: opt_text(el, "deviceName"),
-            compatibility_mode: opt_text(el, "compatibilityMode"),
-            disk_mode: opt_text(el, "diskMode"),
-            thin_provisioned: opt_bool(el, "thinProvisioned")?,
+            datastore: if file_backed {
+                opt_moref(el, "datastore")?
+            } else {
+                None
+            },
+            lun_uuid: when(rdm, opt_text(el, "lunUuid")),
+            device_name: when(rdm || raw, opt_text(el, "deviceName")),
+            compatibility_mode: when(rdm, opt_text(el, "compatibilityMode")),
+            disk_mode: when(file_backed, opt_text(el, "diskMode")),
+            thin_provisioned: if flat {
+                opt_bool(el, "thinProvisioned")?
+            } else {
+                None
+            },
             uuid: opt_text(el, "uuid"),
-            content_id: opt_text(el, "contentId"),
+            content_id: when(file_backed, opt_text(el, "contentId")),
             change_id: opt_text(el, "changeId"),
+            kind,
         })
     }
 }
@@ -190,6 +206,9 @@ impl VirtualDisk {
 }
 
 /// One entry of `config.hardware.device`.
+// A VM has a handful of devices: boxing the disk would only cost
+// ergonomics at every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VirtualDevice {
     Disk(VirtualDisk),
@@ -213,11 +232,8 @@ impl VirtualDevice {
                 if d.label.is_some() || d.summary.is_some() {
                     e.push(
                         Element::vim("deviceInfo")
-                            .with(Element::leaf("label", d.label.clone().unwrap_or_default()))
-                            .with(Element::leaf(
-                                "summary",
-                                d.summary.clone().unwrap_or_default(),
-                            )),
+                            .with_opt("label", d.label.as_ref())
+                            .with_opt("summary", d.summary.as_ref()),
                     );
                 }
                 e.with(d.backing.encode("backing"))

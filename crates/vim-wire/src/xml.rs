@@ -377,6 +377,7 @@ pub fn parse(body: &[u8]) -> Result<Element, XmlError> {
             }
             Event::Text(t) => {
                 let t = t.xml_content(quick_xml::XmlVersion::Implicit1_0);
+                check_chars(&t, at)?;
                 match open.last_mut() {
                     Some(el) if el.children.is_empty() => el.text.push_str(&t),
                     Some(el) if t.trim().is_empty() => {
@@ -422,6 +423,7 @@ pub fn parse(body: &[u8]) -> Result<Element, XmlError> {
                         .resolve_char_ref()
                         .ok()
                         .flatten()
+                        .filter(|&c| xml_char(c))
                         .ok_or_else(|| err(format!("unknown entity '&{name};'")))?,
                 };
                 el.text.push(c);
@@ -435,6 +437,18 @@ pub fn parse(body: &[u8]) -> Result<Element, XmlError> {
                 return root.ok_or_else(|| err("no root element".into()));
             }
         }
+    }
+}
+
+/// Text must consist of characters XML 1.0 allows (what the encoder
+/// can write back).
+fn check_chars(s: &str, at: usize) -> Result<(), XmlError> {
+    match s.chars().find(|&c| !xml_char(c)) {
+        None => Ok(()),
+        Some(c) => Err(XmlError::Malformed {
+            at,
+            reason: format!("character U+{:04X} is not allowed in XML", c as u32),
+        }),
     }
 }
 
@@ -477,6 +491,7 @@ fn start_element(
                 reason: e.to_string(),
             })?
             .into_owned();
+        check_chars(&value, at)?;
         let (res, attr_local) = reader.resolver().resolve_attribute(key);
         let attr_local: &str = attr_local.as_ref();
         let attr_ns = namespace_of(&res).map_err(|prefix| XmlError::UnboundPrefix {

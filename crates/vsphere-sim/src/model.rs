@@ -307,7 +307,7 @@ impl State {
 
     /// A new disk for `vm` at its next key, unit and file name.
     fn new_disk(&self, vm: &Vm, capacity: u64) -> Result<Disk, String> {
-        if capacity == 0 || capacity % 1024 != 0 {
+        if capacity == 0 || !capacity.is_multiple_of(1024) {
             return Err(format!(
                 "disk capacity {capacity} is not a positive multiple of 1024 bytes"
             ));
@@ -607,7 +607,9 @@ impl State {
                 (d.capacity_bytes, until, d.allocated.clone(), file)
             }
         };
-        if start_offset < 0 || start_offset as u64 >= capacity || start_offset as u64 % SECTOR != 0
+        if start_offset < 0
+            || start_offset as u64 >= capacity
+            || !(start_offset as u64).is_multiple_of(SECTOR)
         {
             return Err(invalid_argument("startOffset"));
         }
@@ -726,7 +728,7 @@ pub fn fault_message(f: &VimFault) -> String {
             format!("Method {method} not implemented by the simulator")
         }
         VimFault::MethodFault => "A general system error occurred.".into(),
-        VimFault::Other { type_name } => format!("{type_name}"),
+        VimFault::Other { type_name } => type_name.clone(),
     }
 }
 
