@@ -177,6 +177,9 @@ impl VimFault {
             VimFault::InvalidState => "InvalidState",
             VimFault::MethodNotFound { .. } => "MethodNotFound",
             VimFault::MethodFault => "MethodFault",
+            // A name XML cannot carry (only from a caller, never
+            // decoded) is sent as the base type.
+            VimFault::Other { type_name } if !xml::valid_name(type_name) => "MethodFault",
             VimFault::Other { type_name } => type_name,
         }
     }

@@ -277,6 +277,14 @@ impl Writer<'_> {
     }
 }
 
+/// Whether `s` can be an element name or a type's local name (an XML
+/// NCName, simplified: a letter or `_`, then letters, digits, `_-.`).
+pub fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_alphabetic() || c == '_')
+        && chars.all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
 /// A character XML 1.0 can carry (even as a reference).
 fn xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
@@ -455,7 +463,11 @@ fn check_chars(s: &str, at: usize) -> Result<(), XmlError> {
 /// `Ok(namespace)` ("" when unbound) or `Err(prefix)` when undeclared.
 fn namespace_of(r: &ResolveResult) -> Result<String, String> {
     match r {
-        ResolveResult::Bound(ns) => Ok(ns.0.to_string()),
+        // The declaration's value as written: references still escaped
+        // (one that does not resolve is kept as it is).
+        ResolveResult::Bound(ns) => Ok(quick_xml::escape::unescape(ns.0)
+            .map(|u| u.into_owned())
+            .unwrap_or_else(|_| ns.0.to_string())),
         ResolveResult::Unbound => Ok(String::new()),
         ResolveResult::Unknown(p) => Err(p.clone()),
     }
@@ -521,6 +533,15 @@ fn resolve_type_value(
     let q = quick_xml::name::QName(value);
     let (res, local) = reader.resolver().resolve_element(q);
     let local: &str = local.as_ref();
+    if !valid_name(local) || value.matches(':').count() > 1 {
+        return Err(XmlError::Malformed {
+            at: 0,
+            reason: format!(
+                "xsi:type '{}' of <{element}> is not a type name",
+                value.chars().take(60).collect::<String>()
+            ),
+        });
+    }
     let ns = namespace_of(&res).map_err(|prefix| XmlError::UnboundPrefix {
         prefix,
         element: element.to_string(),

@@ -459,3 +459,76 @@ proptest! {
         let _ = Request::from_envelope(&raw[..cut]);
     }
 }
+
+/// What the fuzz target asserts, over mutations of host-shaped bodies: a
+/// decoded request, response or fault re-encodes to the same value.
+fn reencodes_stably(raw: &[u8]) {
+    if let Ok(req) = Request::from_envelope(raw) {
+        assert_eq!(
+            Request::from_envelope(req.to_envelope().as_bytes()).unwrap(),
+            req
+        );
+    }
+    for m in Method::ALL {
+        match Response::from_envelope(m, raw) {
+            Ok(Ok(r)) => assert_eq!(
+                Response::from_envelope(m, r.to_envelope(m).as_bytes()).unwrap(),
+                Ok(r)
+            ),
+            Ok(Err(f)) => assert_eq!(
+                Response::from_envelope(m, f.to_envelope().as_bytes()).unwrap(),
+                Err(f)
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+fn samples() -> Vec<String> {
+    let devices = Response::RetrieveResult(Some(vim_wire::RetrieveResult {
+        token: Some("t-1".into()),
+        objects: vec![vim_wire::ObjectContent {
+            obj: Moref::new("VirtualMachine", "vm-1"),
+            prop_set: vec![vim_wire::DynamicProperty {
+                name: "config.hardware.device".into(),
+                val: PropertyValue::Devices(vec![VirtualDevice::Disk(VirtualDisk {
+                    key: 2000,
+                    label: Some("Hard disk 1".into()),
+                    summary: Some("1 KB".into()),
+                    backing: DiskBacking::flat("[d] a/a.vmdk", Some(Moref::new("Datastore", "d"))),
+                    controller_key: Some(1000),
+                    unit_number: Some(0),
+                    capacity_in_kb: 1,
+                    capacity_in_bytes: Some(1024),
+                })]),
+            }],
+            missing_set: vec![],
+        }],
+    }))
+    .to_envelope(Method::RetrievePropertiesEx);
+    vec![
+        PYVMOMI_REQUEST.to_string(),
+        devices,
+        Fault::new(
+            "x",
+            VimFault::ManagedObjectNotFound {
+                obj: Moref::new("Task", "task-1"),
+            },
+        )
+        .to_envelope(),
+        Response::Task(Moref::new("Task", "task-1")).to_envelope(Method::CreateSnapshotTask),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+    #[test]
+    fn mutated_bodies_reencode_stably(which in 0usize..4, at in any::<prop::sample::Index>(),
+                                      byte in prop::sample::select(b"<>/&;\"' =:xX0a\n\r\t".to_vec()),
+                                      delete in any::<bool>()) {
+        let mut raw = samples()[which].clone().into_bytes();
+        let i = at.index(raw.len());
+        if delete { raw.remove(i); } else { raw[i] = byte; }
+        reencodes_stably(&raw);
+    }
+}
