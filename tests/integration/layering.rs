@@ -1,8 +1,8 @@
 //! The workspace's layering, checked from the manifests and the sources:
-//! `nbd`, `xapi-wire` and `diskfs` depend on no crate of the workspace, `xapi-sim`
-//! never on the product, the product's dependency on the simulator is the
-//! optional one behind the `sim` feature, and only the `sim` and `demo`
-//! commands name the simulator.
+//! `nbd`, `xapi-wire`, `vim-wire` and `diskfs` depend on no crate of the
+//! workspace, `xapi-sim` and `vsphere-sim` never on the product, the
+//! product's dependency on the simulator is the optional one behind the
+//! `sim` feature, and only the `sim` and `demo` commands name the simulator.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -36,7 +36,15 @@ fn workspace_edges() -> Vec<(String, String, String, bool)> {
         .iter()
         .map(|p| p["name"].as_str().expect("package name").to_string())
         .collect();
-    for expected in ["cbtvault", "nbd", "xapi-wire", "xapi-sim", "diskfs"] {
+    for expected in [
+        "cbtvault",
+        "nbd",
+        "xapi-wire",
+        "xapi-sim",
+        "diskfs",
+        "vim-wire",
+        "vsphere-sim",
+    ] {
         assert!(
             members.contains(expected),
             "{expected} is not a workspace member: {members:?}"
@@ -64,14 +72,14 @@ fn layering_no_forbidden_edge_between_workspace_crates() {
     let edges = workspace_edges();
     for (from, to, kind, _) in &edges {
         let forbidden = match from.as_str() {
-            "nbd" | "xapi-wire" | "diskfs" => true,
-            "xapi-sim" => to == "cbtvault",
+            "nbd" | "xapi-wire" | "diskfs" | "vim-wire" => true,
+            "xapi-sim" | "vsphere-sim" => to == "cbtvault",
             _ => false,
         };
         assert!(
             !forbidden,
-            "forbidden dependency {from} -> {to} ({kind}): nbd, xapi-wire and diskfs depend \
-             on no workspace crate, xapi-sim never on the product"
+            "forbidden dependency {from} -> {to} ({kind}): nbd, xapi-wire, vim-wire and diskfs \
+             depend on no workspace crate, xapi-sim and vsphere-sim never on the product"
         );
     }
     // The product's normal dependency on the simulator is the optional one
@@ -89,6 +97,12 @@ fn layering_no_forbidden_edge_between_workspace_crates() {
             .iter()
             .any(|(f, t, k, _)| f == "xapi-sim" && t == "nbd" && k == "normal"),
         "the metadata lists no xapi-sim -> nbd edge: the check reads the wrong thing"
+    );
+    assert!(
+        edges
+            .iter()
+            .any(|(f, t, k, _)| f == "vsphere-sim" && t == "vim-wire" && k == "normal"),
+        "the metadata lists no vsphere-sim -> vim-wire edge: the check reads the wrong thing"
     );
 }
 
