@@ -332,6 +332,8 @@ pub struct BackupArgs {
     pub nbd: NbdArgs,
     #[command(flatten)]
     pub xen: XenArgs,
+    #[command(flatten)]
+    pub vmware: VmwareArgs,
     /// Identity of the disk for finding the parent (default: `file:` plus
     /// the absolute path, or the NBD URI). Use it when the path changes
     /// between runs, e.g. a new LVM snapshot device each time.
@@ -407,6 +409,25 @@ pub struct XenConnectArgs {
 }
 
 /// How to reach an NBD server.
+/// vSphere options of `backup vmware://...` (with `--user`, `--ca-file`,
+/// `--fingerprint`, `--insecure` and `--no-enable-cbt`, shared with
+/// XenServer).
+#[derive(Debug, Args, Clone, Default)]
+pub struct VmwareArgs {
+    /// File whose first line is the vSphere password (else
+    /// CBTVAULT_VMWARE_PASSWORD; never on the command line).
+    #[arg(long = "vmware-password-file", value_name = "FILE")]
+    pub vmware_password_file: Option<PathBuf>,
+    /// Ask VMware Tools to quiesce the guest's file systems for the
+    /// snapshot.
+    #[arg(long)]
+    pub quiesce: bool,
+    /// The datacenter of the VM's datastores, as `/folder` wants it
+    /// (default ha-datacenter, an ESXi host's; give it for vCenter).
+    #[arg(long, value_name = "NAME")]
+    pub datacenter: Option<String>,
+}
+
 #[derive(Debug, Args, Clone, Default)]
 pub struct NbdArgs {
     /// Trust server certificates issued by these CAs (PEM); enables TLS.

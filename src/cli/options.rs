@@ -183,7 +183,28 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         tags: a.tags.clone(),
         strict: a.strict,
     };
-    let source = if XenUrl::is_xen(&a.source) {
+    let source = if crate::source::vmware::VmwareUrl::is_vmware(&a.source) {
+        if a.changed_blocks.is_some() || a.dirty_bitmap.is_some() || a.parent.is_some() {
+            bail!("--changed-blocks, --dirty-bitmap and --parent do not apply to vmware:// sources: the host tracks changes");
+        }
+        if a.source_id.is_some() {
+            bail!("--source-id does not apply to vmware:// sources: disks are identified by host, VM and device key");
+        }
+        let c = &a.xen.connect;
+        BackupSource::Vmware {
+            url: crate::source::vmware::VmwareUrl::parse(&a.source)?,
+            vmware: crate::commands::backup_vmware::VmwareOptions {
+                user: c.user.clone(),
+                password_file: a.vmware.vmware_password_file.clone(),
+                ca_file: c.ca_file.clone(),
+                fingerprint: c.fingerprint.clone(),
+                insecure: c.insecure,
+                enable_cbt: !a.xen.no_enable_cbt,
+                quiesce: a.vmware.quiesce,
+                datacenter: a.vmware.datacenter.clone(),
+            },
+        }
+    } else if XenUrl::is_xen(&a.source) {
         if a.changed_blocks.is_some() || a.dirty_bitmap.is_some() || a.parent.is_some() {
             bail!("--changed-blocks, --dirty-bitmap and --parent do not apply to xen:// sources: the host tracks changes");
         }

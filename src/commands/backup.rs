@@ -55,6 +55,11 @@ pub enum BackupSource {
         nbd: NbdOptions,
         source_id: Option<String>,
     },
+    /// A vSphere VM.
+    Vmware {
+        url: crate::source::vmware::VmwareUrl,
+        vmware: super::backup_vmware::VmwareOptions,
+    },
     /// A XenServer VDI or VM.
     Xen {
         url: XenUrl,
@@ -235,6 +240,9 @@ fn backup_as(
 
 pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcome> {
     let summary = match &options.source {
+        BackupSource::Vmware { url, vmware } => {
+            return super::backup_vmware::run(ui, repo, url, vmware, &options.snapshot);
+        }
         BackupSource::Xen {
             url,
             xen,

@@ -3,6 +3,7 @@
 //! lives here and above; library errors are given context on the way out.
 
 pub mod backup;
+pub mod backup_vmware;
 pub mod check;
 pub mod copy;
 #[cfg(feature = "sim")]

@@ -6,6 +6,7 @@
 pub mod changes;
 pub mod file;
 pub mod nbd;
+pub mod vmware;
 pub mod xenapi;
 
 pub use changes::{Changes, Extent, Extents};

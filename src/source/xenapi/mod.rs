@@ -82,7 +82,7 @@ impl XenApiError {
 
 /// `text` with any `user:secret@` userinfo shown as `user:***@`, so that
 /// a password typed into a URL by mistake is never echoed.
-fn redact(text: &str) -> String {
+pub(crate) fn redact(text: &str) -> String {
     let Some(start) = text.find("://").map(|i| i + 3) else {
         return text.to_string();
     };

@@ -1,0 +1,291 @@
+//! `backup vmware://[USER@]HOST[:PORT]/vm/ID`: a vSphere VM backup
+//! (`source::vmware::workflow`) committed into the repository, one
+//! snapshot per disk and one for the VM's configuration, grouped as one VM
+//! backup.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+
+use super::backup::{backup_disk, report_human, Allocation, SnapshotOptions};
+use super::Outcome;
+use crate::output::{human_bytes, plural, Ui};
+use crate::repo::backup::plan::ParentRequest;
+use crate::repo::backup::BackupSummary;
+use crate::repo::{RepoError, Repository};
+use crate::source::vmware::client::Session;
+use crate::source::vmware::workflow::{self, Committer, FrozenDisk};
+use crate::source::vmware::VmwareUrl;
+use crate::source::xenapi::tls::HttpsTrust;
+use crate::source::Changes;
+
+/// The environment variable holding the vSphere password.
+pub const VMWARE_PASSWORD_ENV: &str = "CBTVAULT_VMWARE_PASSWORD";
+
+/// How to reach a vSphere host, and what the backup may do there.
+#[derive(Debug, Clone, Default)]
+pub struct VmwareOptions {
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub fingerprint: Vec<String>,
+    pub insecure: bool,
+    pub enable_cbt: bool,
+    pub quiesce: bool,
+    /// `dcPath` of the datastore reads (default `ha-datacenter`, ESXi's).
+    pub datacenter: Option<String>,
+}
+
+/// Logs in as the command line says; the password from
+/// `--vmware-password-file` or the environment, never argv.
+pub fn vmware_session(ui: &Ui, url: &VmwareUrl, o: &VmwareOptions) -> Result<Session> {
+    let trust = if o.insecure {
+        ui.warn(format!(
+            "--insecure: the certificate of '{}' is NOT verified; anyone on the path can read the password and the disks",
+            url.authority()
+        ));
+        HttpsTrust::Insecure
+    } else if !o.fingerprint.is_empty() {
+        HttpsTrust::Fingerprint(
+            o.fingerprint
+                .iter()
+                .map(|fp| crate::source::xenapi::tls::parse_fingerprint(fp))
+                .collect::<Result<_, _>>()?,
+        )
+    } else if let Some(ca) = &o.ca_file {
+        let (pem, origin) = nbd::tls::read_pem_file(ca, "--ca-file")?;
+        nbd::tls::parse_certs(&pem, &origin)?;
+        HttpsTrust::CaPem(pem)
+    } else {
+        HttpsTrust::System
+    };
+    let user = o
+        .user
+        .clone()
+        .or_else(|| url.user.clone())
+        .unwrap_or_else(|| "root".to_string());
+    let password = match &o.password_file {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("read the vSphere password file '{}'", p.display()))?;
+            zeroize::Zeroizing::new(text.lines().next().unwrap_or("").to_string())
+        }
+        None => match std::env::var(VMWARE_PASSWORD_ENV) {
+            Ok(p) if !p.is_empty() => zeroize::Zeroizing::new(p),
+            _ => bail!(
+                "no vSphere password: give --vmware-password-file FILE or set {VMWARE_PASSWORD_ENV}"
+            ),
+        },
+    };
+    Session::login(&url.host, url.port, &trust, &user, &password)
+        .with_context(|| format!("log in to '{}' as '{user}'", url.authority()))
+}
+
+/// What a vSphere backup stored.
+#[derive(Debug, serde::Serialize)]
+pub struct VmwareBackupSummary {
+    pub source: String,
+    pub vm_name: String,
+    pub vm_backup_id: String,
+    pub disks: Vec<VmwareDiskSummary>,
+    pub config: Option<BackupSummary>,
+    /// Snapshots of interrupted earlier runs removed from the VM.
+    pub host_leftovers_removed: Vec<String>,
+    pub duration_seconds: f64,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct VmwareDiskSummary {
+    pub device_key: i32,
+    pub label: String,
+    pub change_id: Option<String>,
+    /// Why it was read in full, when it was.
+    pub full_reason: Option<String>,
+    #[serde(flatten)]
+    pub summary: BackupSummary,
+}
+
+struct RepoCommitter<'a> {
+    ui: &'a Ui,
+    repo: &'a Repository,
+    options: &'a SnapshotOptions,
+    disks: Vec<VmwareDiskSummary>,
+    config: Option<BackupSummary>,
+    /// The parent each disk's last backup was (by identity).
+    found: BTreeMap<String, crate::format::SnapshotId>,
+}
+
+impl Committer for RepoCommitter<'_> {
+    type Error = RepoError;
+
+    fn previous(&mut self, identity: &str) -> Result<Option<BTreeMap<String, String>>, RepoError> {
+        let last = self
+            .repo
+            .snapshots()?
+            .into_iter()
+            .rfind(|s| s.meta.source == identity);
+        Ok(last.map(|s| {
+            self.found.insert(identity.to_string(), s.meta.id);
+            s.meta.landmark.clone()
+        }))
+    }
+
+    fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), RepoError> {
+        let identity = disk.source.identity().to_string();
+        let mut options = self.options.clone();
+        if let (ParentRequest::Newest, Some(id)) = (&options.parent, self.found.get(&identity)) {
+            options.parent = ParentRequest::NewestFound(*id);
+        }
+        let full_reason = match &disk.changes {
+            Changes::FullNeeded(r) => Some(r.clone()),
+            _ => None,
+        };
+        self.ui.info(format!(
+            "disk {} ('{}', {}): {}",
+            disk.key,
+            disk.label,
+            human_bytes(disk.source.size_bytes()),
+            match &disk.changes {
+                Changes::Since(e) => format!("{} changed", human_bytes(e.total_bytes())),
+                Changes::FullNeeded(r) => format!("full read: {r}"),
+                Changes::Unknown => "full read (first backup)".to_string(),
+            }
+        ));
+        let allocated = disk.allocated.clone();
+        let ask = move || Ok(allocated.clone().unwrap_or_default());
+        let allocation = if disk.allocated.is_some() {
+            Allocation::Ask(&ask)
+        } else {
+            Allocation::Unknown
+        };
+        let change_id = disk.landmark.get(workflow::keys::CHANGE_ID).cloned();
+        let summary = backup_disk(
+            self.ui,
+            self.repo,
+            disk.source,
+            &options,
+            disk.changes,
+            allocation,
+            disk.landmark,
+        )?;
+        report_human(self.ui, &summary);
+        self.disks.push(VmwareDiskSummary {
+            device_key: disk.key,
+            label: disk.label,
+            change_id,
+            full_reason,
+            summary,
+        });
+        Ok(())
+    }
+
+    fn commit_config(
+        &mut self,
+        identity: &str,
+        xml: &[u8],
+        landmark: BTreeMap<String, String>,
+    ) -> Result<(), RepoError> {
+        let source = crate::source::xenapi::nbd::MemorySource {
+            identity: identity.to_string(),
+            bytes: xml.to_vec(),
+        };
+        let options = SnapshotOptions {
+            parent: ParentRequest::Newest,
+            ..self.options.clone()
+        };
+        let summary = backup_disk(
+            self.ui,
+            self.repo,
+            &source,
+            &options,
+            Changes::Unknown,
+            Allocation::Unknown,
+            landmark,
+        )?;
+        self.ui.info(format!(
+            "VM configuration ({}) saved as snapshot {}",
+            human_bytes(xml.len() as u64),
+            summary.snapshot_id.short()
+        ));
+        self.config = Some(summary);
+        Ok(())
+    }
+
+    fn warn(&mut self, message: String) {
+        self.ui.warn(message);
+    }
+
+    fn info(&mut self, message: String) {
+        self.ui.info(message);
+    }
+}
+
+/// Backs the VM up; the summary and the run's report.
+pub fn vmware_backup(
+    ui: &Ui,
+    repo: &Repository,
+    url: &VmwareUrl,
+    vmware: &VmwareOptions,
+    options: &SnapshotOptions,
+) -> Result<(VmwareBackupSummary, workflow::RunReport)> {
+    let started = std::time::Instant::now();
+    let _lock = repo.lock(false, "backup")?;
+    let session = Arc::new(vmware_session(ui, url, vmware)?);
+    let mut committer = RepoCommitter {
+        ui,
+        repo,
+        options,
+        disks: Vec::new(),
+        config: None,
+        found: BTreeMap::new(),
+    };
+    let wf = workflow::Options {
+        enable_cbt: vmware.enable_cbt,
+        quiesce: vmware.quiesce,
+        datacenter: vmware
+            .datacenter
+            .clone()
+            .unwrap_or_else(|| "ha-datacenter".into()),
+        ..workflow::Options::default()
+    };
+    let report = workflow::run(&session, url, &wf, &mut committer);
+    session.logout();
+    let report = report.with_context(|| format!("back up {url}"))?;
+    Ok((
+        VmwareBackupSummary {
+            source: url.to_string(),
+            vm_name: report.vm_name.clone(),
+            vm_backup_id: report.vm_backup.clone(),
+            disks: committer.disks,
+            config: committer.config,
+            host_leftovers_removed: report.removed_leftovers.clone(),
+            duration_seconds: started.elapsed().as_secs_f64(),
+        },
+        report,
+    ))
+}
+
+pub fn run(
+    ui: &Ui,
+    repo: &Repository,
+    url: &VmwareUrl,
+    vmware: &VmwareOptions,
+    options: &SnapshotOptions,
+) -> Result<Outcome> {
+    let (summary, report) = vmware_backup(ui, repo, url, vmware, options)?;
+    ui.summary(&summary);
+    ui.info(format!(
+        "backed up {} of VM '{}' and its configuration (VM backup {}) in {:.2}s",
+        plural(summary.disks.len(), "disk"),
+        summary.vm_name,
+        summary.vm_backup_id,
+        summary.duration_seconds
+    ));
+    Ok(if report.left_on_host.is_some() {
+        Outcome::Warnings
+    } else {
+        Outcome::Ok
+    })
+}

@@ -1,0 +1,436 @@
+//! A vim25 SOAP session over HTTPS: `RetrieveServiceContent`, `Login`
+//! (the `vmware_soap_session` cookie, sent back on every later request,
+//! the `/folder` reads included), calls through the `vim-wire` codec,
+//! property reads, task polling, and datastore Range reads. Logs out when
+//! dropped. The password never appears in errors or logs.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vim_wire::{
+    Moref, ObjectContent, PropertyFilterSpec, PropertyValue, Request, Response, RetrieveOptions,
+    ServiceContent, TaskInfo, TaskState,
+};
+
+use super::VmwareError;
+use crate::source::xenapi::tls::{client_config, HttpsTrust};
+
+/// Largest SOAP answer accepted.
+const MAX_SOAP_BYTES: u64 = 64 << 20;
+/// The API version asked for in `SOAPAction` (vSphere 7.0 and later
+/// answer it; older hosts ignore the version part).
+const API_VERSION: &str = "7.0.3.0";
+/// The session cookie.
+const COOKIE: &str = "vmware_soap_session";
+
+/// A logged-in session on one host (vCenter or ESXi).
+pub struct Session {
+    http: reqwest::blocking::Client,
+    /// `https://HOST:PORT`.
+    base: String,
+    host: String,
+    cookie: Mutex<Option<String>>,
+    content: Option<ServiceContent>,
+    logged_in: Mutex<bool>,
+}
+
+fn transport(host: &str, e: reqwest::Error) -> VmwareError {
+    let e = e.without_url();
+    if let Some(refused) = ::nbd::tls::refusal_in(&e) {
+        return VmwareError::CertificateRefused {
+            host: host.to_string(),
+            refused: Box::new(refused.clone()),
+        };
+    }
+    if let Some(reason) = ::nbd::tls::failure_text(&e) {
+        return VmwareError::Transport {
+            host: host.to_string(),
+            reason,
+        };
+    }
+    let mut reason = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        reason.push_str(": ");
+        reason.push_str(&s.to_string());
+        source = s.source();
+    }
+    VmwareError::Transport {
+        host: host.to_string(),
+        reason,
+    }
+}
+
+/// Reads at most `limit` bytes of a response body.
+fn body(host: &str, resp: reqwest::blocking::Response, limit: u64) -> Result<Vec<u8>, VmwareError> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    resp.take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| VmwareError::Transport {
+            host: host.to_string(),
+            reason: format!("reading the answer: {e}"),
+        })?;
+    if out.len() as u64 > limit {
+        return Err(VmwareError::Protocol {
+            what: host.to_string(),
+            reason: format!("an answer larger than {limit} bytes"),
+        });
+    }
+    Ok(out)
+}
+
+impl Session {
+    /// Connects, reads the service content and logs in.
+    pub fn login(
+        host: &str,
+        port: u16,
+        trust: &HttpsTrust,
+        user: &str,
+        password: &str,
+    ) -> Result<Session, VmwareError> {
+        let tls = client_config(trust).map_err(|e| VmwareError::Tls(e.to_string()))?;
+        let http = reqwest::blocking::Client::builder()
+            .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(30))
+            .timeout(Duration::from_secs(600))
+            .build()
+            .map_err(|e| VmwareError::Tls(e.without_url().to_string()))?;
+        let authority = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        let mut s = Session {
+            http,
+            base: format!("https://{authority}"),
+            host: authority,
+            cookie: Mutex::new(None),
+            content: None,
+            logged_in: Mutex::new(false),
+        };
+        let content = match s.call(Request::RetrieveServiceContent {
+            this: Moref::new("ServiceInstance", "ServiceInstance"),
+        })? {
+            Response::ServiceContent(c) => *c,
+            other => return Err(s.unexpected("RetrieveServiceContent", &other)),
+        };
+        let manager = content.session_manager.clone();
+        s.content = Some(content);
+        let manager = manager.ok_or_else(|| VmwareError::Protocol {
+            what: "RetrieveServiceContent".into(),
+            reason: "no sessionManager: not a host cbtvault can log in to".into(),
+        })?;
+        s.call(Request::Login {
+            this: manager,
+            user_name: user.to_string(),
+            password: password.to_string(),
+            locale: None,
+        })?;
+        *s.logged_in.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        Ok(s)
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The service content read at login.
+    pub fn content(&self) -> &ServiceContent {
+        self.content
+            .as_ref()
+            .expect("a Session exists only once its service content was read")
+    }
+
+    fn unexpected(&self, call: &str, got: &Response) -> VmwareError {
+        VmwareError::Protocol {
+            what: call.to_string(),
+            reason: format!("unexpected answer {got:?}"),
+        }
+    }
+
+    /// One call; a fault is [`VmwareError::Fault`].
+    pub fn call(&self, request: Request) -> Result<Response, VmwareError> {
+        let name = request.method_name().to_string();
+        let method = request
+            .method()
+            .ok_or_else(|| VmwareError::Invalid(format!("{name}: not a call this client makes")))?;
+        let mut req = self
+            .http
+            .post(format!("{}/sdk", self.base))
+            .header("content-type", vim_wire::soap::CONTENT_TYPE)
+            .header("soapaction", vim_wire::soap_action(API_VERSION))
+            .body(request.to_envelope());
+        if let Some(c) = self
+            .cookie
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            req = req.header("cookie", format!("{COOKIE}={c}"));
+        }
+        let resp = req.send().map_err(|e| transport(&self.host, e))?;
+        for v in resp.headers().get_all("set-cookie") {
+            if let Some(value) = v
+                .to_str()
+                .ok()
+                .and_then(|s| s.split(';').next())
+                .and_then(|kv| kv.trim().strip_prefix(&format!("{COOKIE}=")))
+            {
+                *self.cookie.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(value.trim_matches('"').to_string());
+            }
+        }
+        let status = resp.status().as_u16();
+        let bytes = body(&self.host, resp, MAX_SOAP_BYTES)?;
+        // A fault comes with status 500; anything else but 200 is not SOAP.
+        if status != 200 && status != 500 {
+            return Err(VmwareError::Http {
+                what: format!("{name} ({})", self.host),
+                status,
+                body: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+            });
+        }
+        match Response::from_envelope(method, &bytes) {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(fault)) => Err(VmwareError::Fault {
+                call: name,
+                fault: Box::new(fault),
+            }),
+            Err(e) => Err(VmwareError::Protocol {
+                what: name,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// The properties `paths` of `obj` (missing ones are absent).
+    pub fn properties(&self, obj: &Moref, paths: &[&str]) -> Result<ObjectContent, VmwareError> {
+        let r = self.call(Request::RetrievePropertiesEx {
+            this: self.content().property_collector.clone(),
+            spec_set: vec![PropertyFilterSpec::of(obj, paths)],
+            options: RetrieveOptions::default(),
+        })?;
+        match r {
+            Response::RetrieveResult(Some(mut r)) if !r.objects.is_empty() => {
+                Ok(r.objects.swap_remove(0))
+            }
+            Response::RetrieveResult(_) => Err(VmwareError::Protocol {
+                what: format!("RetrievePropertiesEx of {}", obj.value),
+                reason: "no object returned".into(),
+            }),
+            other => Err(self.unexpected("RetrievePropertiesEx", &other)),
+        }
+    }
+
+    /// Waits for `task` to end (polling its `info`), up to `timeout`; its
+    /// info when it succeeded, [`VmwareError::TaskFailed`] when not.
+    pub fn wait_task(
+        &self,
+        call: &str,
+        task: &Moref,
+        timeout: Duration,
+    ) -> Result<TaskInfo, VmwareError> {
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let content = self.properties(task, &["info"])?;
+            let info = match content.property("info") {
+                Some(PropertyValue::TaskInfo(i)) => (**i).clone(),
+                other => {
+                    return Err(VmwareError::Protocol {
+                        what: format!("{call}: task {}", task.value),
+                        reason: format!("info is {other:?}"),
+                    })
+                }
+            };
+            match info.state {
+                TaskState::Success => return Ok(info),
+                TaskState::Error => {
+                    let (fault_type, reason) = match &info.error {
+                        Some(e) => (
+                            Some(e.fault.type_name().to_string()),
+                            e.localized_message
+                                .clone()
+                                .unwrap_or_else(|| e.fault.type_name().to_string()),
+                        ),
+                        None => (None, "no error given".into()),
+                    };
+                    return Err(VmwareError::TaskFailed {
+                        call: call.to_string(),
+                        fault_type,
+                        reason,
+                    });
+                }
+                TaskState::Queued | TaskState::Running => {}
+            }
+            if started.elapsed() > timeout {
+                return Err(VmwareError::Protocol {
+                    what: format!("{call}: task {}", task.value),
+                    reason: format!("still {:?} after {timeout:?}", info.state),
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Calls a `*_Task` method and waits for its task.
+    pub fn run_task(&self, request: Request, timeout: Duration) -> Result<TaskInfo, VmwareError> {
+        let name = request.method_name().to_string();
+        match self.call(request)? {
+            Response::Task(task) => self.wait_task(&name, &task, timeout),
+            other => Err(self.unexpected(&name, &other)),
+        }
+    }
+
+    /// `len` bytes of datastore file `path` from `offset`, with a Range
+    /// request: the answer must be 206 with a matching `Content-Range`
+    /// and exactly that many bytes.
+    pub fn read_range(
+        &self,
+        datacenter: &str,
+        datastore: &str,
+        path: &str,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), VmwareError> {
+        use std::io::Read;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let last = offset + buf.len() as u64 - 1;
+        let url = folder_url(&self.base, datacenter, datastore, path);
+        let mut req = self
+            .http
+            .get(url)
+            .header("range", format!("bytes={offset}-{last}"));
+        if let Some(c) = self
+            .cookie
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            req = req.header("cookie", format!("{COOKIE}={c}"));
+        }
+        let resp = req.send().map_err(|e| transport(&self.host, e))?;
+        let status = resp.status().as_u16();
+        if status == 200 {
+            return Err(VmwareError::RangeIgnored {
+                path: path.to_string(),
+            });
+        }
+        if status != 206 {
+            let b = body(&self.host, resp, 4096).unwrap_or_default();
+            return Err(VmwareError::Http {
+                what: format!("GET {path} bytes {offset}-{last}"),
+                status,
+                body: String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned(),
+            });
+        }
+        let range = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let want = format!("bytes {offset}-{last}/");
+        if !range.as_deref().is_some_and(|r| r.starts_with(&want)) {
+            return Err(VmwareError::Protocol {
+                what: format!("GET {path} bytes {offset}-{last}"),
+                reason: format!("Content-Range {range:?} does not match the request"),
+            });
+        }
+        let mut r = resp.take(buf.len() as u64 + 1);
+        let mut got = 0;
+        loop {
+            if got == buf.len() {
+                let mut extra = [0u8; 1];
+                let n = r.read(&mut extra).map_err(|e| VmwareError::Transport {
+                    host: self.host.clone(),
+                    reason: format!("GET {path}: {e}"),
+                })?;
+                if n != 0 {
+                    return Err(VmwareError::Protocol {
+                        what: format!("GET {path} bytes {offset}-{last}"),
+                        reason: "more bytes than the range".into(),
+                    });
+                }
+                return Ok(());
+            }
+            let n = r
+                .read(&mut buf[got..])
+                .map_err(|e| VmwareError::Transport {
+                    host: self.host.clone(),
+                    reason: format!("GET {path}: {e}"),
+                })?;
+            if n == 0 {
+                return Err(VmwareError::Transport {
+                    host: self.host.clone(),
+                    reason: format!(
+                        "GET {path} bytes {offset}-{last}: the answer ended after {got} of {} bytes",
+                        buf.len()
+                    ),
+                });
+            }
+            got += n;
+        }
+    }
+
+    /// Logs out (once); errors are ignored: the session ends anyway.
+    pub fn logout(&self) {
+        let mut logged_in = self.logged_in.lock().unwrap_or_else(|e| e.into_inner());
+        if !*logged_in {
+            return;
+        }
+        *logged_in = false;
+        if let Some(m) = self
+            .content
+            .as_ref()
+            .and_then(|c| c.session_manager.clone())
+        {
+            let _ = self.call(Request::Logout { this: m });
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.logout();
+    }
+}
+
+/// `https://HOST/folder/PATH?dcPath=DC&dsName=DS`, each part escaped.
+pub fn folder_url(base: &str, datacenter: &str, datastore: &str, path: &str) -> String {
+    let escaped: Vec<String> = path
+        .split('/')
+        .map(|p| {
+            url::form_urlencoded::byte_serialize(p.as_bytes())
+                .collect::<String>()
+                .replace('+', "%20")
+        })
+        .collect();
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("dcPath", datacenter)
+        .append_pair("dsName", datastore)
+        .finish();
+    format!("{base}/folder/{}?{query}", escaped.join("/"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folder_urls_escape_each_part() {
+        assert_eq!(
+            folder_url(
+                "https://h",
+                "ha-datacenter",
+                "datastore1",
+                "web 01/web 01-flat.vmdk"
+            ),
+            "https://h/folder/web%2001/web%2001-flat.vmdk?dcPath=ha-datacenter&dsName=datastore1"
+        );
+    }
+}

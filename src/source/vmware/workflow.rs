@@ -1,0 +1,677 @@
+//! One vSphere VM backup (sources-reference.md §1.1):
+//! 1. find the VM (moref, instance or BIOS uuid, inventory path);
+//! 2. remove snapshots an earlier, killed run left (by their name prefix);
+//! 3. check change tracking; enable it with `ReconfigVM_Task` unless told
+//!    not to;
+//! 4. `CreateSnapshot_Task` (no memory; quiesced when asked);
+//! 5. per disk of the snapshot's `config.hardware.device`: its changeId,
+//!    compared with the last backup's (epoch, disk key, file); the changed
+//!    areas since then (`QueryChangedDiskAreas`, paged), or on a first or
+//!    lost chain the allocated areas (`*`) of a full read, loudly;
+//! 6. the committer reads each disk from the frozen base `-flat.vmdk`
+//!    ([`super::folder`]) and commits it with the snapshot's changeId as
+//!    its landmark, then the VM's configuration;
+//! 7. `RemoveSnapshot_Task(removeChildren=false, consolidate=true)`.
+//!
+//! From step 4 on, every error path removes the snapshot first.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vim_wire::{
+    ChangeId, ConfigSpec, Moref, PropertyValue, Request, Response, SnapshotTree, TaskResult,
+    VirtualDisk,
+};
+
+use super::client::Session;
+use super::folder::FlatFile;
+use super::{is_uuid, VmwareError, VmwareUrl};
+use crate::source::{BlockSource, Changes, Extents};
+
+/// Landmark keys of vSphere snapshots.
+pub mod keys {
+    /// `HOST:PORT` the backup went through.
+    pub const HOST: &str = "vmware.host";
+    /// The VM's instance uuid (or its moref when it has none).
+    pub const VM: &str = "vmware.vm";
+    /// The VM's name when backed up (listings only).
+    pub const VM_NAME: &str = "vmware.vm_name";
+    /// The virtual disk's device key (2000, ...).
+    pub const DISK_KEY: &str = "vmware.disk_key";
+    /// The disk's backing file (`[datastore1] vm/vm.vmdk`).
+    pub const DISK_FILE: &str = "vmware.disk_file";
+    /// The disk's label (`Hard disk 1`, listings only).
+    pub const DISK_LABEL: &str = "vmware.disk_label";
+    /// The snapshot's changeId for this disk: the next run's landmark.
+    pub const CHANGE_ID: &str = "vmware.change_id";
+    /// Groups the disks and configuration of one VM backup.
+    pub const VM_BACKUP: &str = "vmware.vm_backup";
+    /// `disk` or `vm-config`.
+    pub const KIND: &str = "vmware.kind";
+}
+
+/// The name prefix of the snapshots this tool creates; a snapshot so named
+/// that a run finds is a leftover of a killed run and is removed.
+pub const SNAPSHOT_PREFIX: &str = "cbtvault-backup";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Enable change tracking when it is off (else refuse).
+    pub enable_cbt: bool,
+    /// Ask VMware Tools to quiesce the guest.
+    pub quiesce: bool,
+    /// The datacenter the datastores are in (`dcPath` of `/folder`).
+    pub datacenter: String,
+    /// How long a task may take.
+    pub task_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            enable_cbt: true,
+            quiesce: false,
+            datacenter: "ha-datacenter".into(),
+            task_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// One disk, frozen, ready to be read and committed.
+pub struct FrozenDisk<'a> {
+    pub source: &'a dyn BlockSource,
+    pub key: i32,
+    pub label: String,
+    pub changes: Changes,
+    /// The allocated areas (`*`) when the disk is read in full.
+    pub allocated: Option<Extents>,
+    pub landmark: BTreeMap<String, String>,
+}
+
+/// The repository side.
+pub trait Committer {
+    type Error: std::error::Error + Send + Sync + 'static;
+    /// The landmark of the last backup of the disk `identity`, if any.
+    fn previous(&mut self, identity: &str)
+        -> Result<Option<BTreeMap<String, String>>, Self::Error>;
+    fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), Self::Error>;
+    /// The VM's configuration (`config` as the host returned it, XML).
+    fn commit_config(
+        &mut self,
+        identity: &str,
+        xml: &[u8],
+        landmark: BTreeMap<String, String>,
+    ) -> Result<(), Self::Error>;
+    fn warn(&mut self, message: String);
+    fn info(&mut self, message: String);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkflowError<E: std::error::Error + 'static> {
+    #[error("{step}: {source}")]
+    Host {
+        step: String,
+        #[source]
+        source: VmwareError,
+    },
+    #[error("{step}: {reason}")]
+    Unusable { step: String, reason: String },
+    #[error(transparent)]
+    Repository(E),
+}
+
+/// What one run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunReport {
+    pub vm_backup: String,
+    pub vm_name: String,
+    pub disks: Vec<DiskReport>,
+    /// Snapshots of killed runs removed first.
+    pub removed_leftovers: Vec<String>,
+    /// Our snapshot, when it could not be removed (warned about).
+    pub left_on_host: Option<String>,
+    /// CBT was enabled by this run.
+    pub enabled_cbt: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskReport {
+    pub key: i32,
+    pub label: String,
+    pub incremental: bool,
+    /// Why it was read in full (first backup, tracking lost, ...).
+    pub full_reason: Option<String>,
+    pub change_id: Option<String>,
+}
+
+/// The identity of disk `key` of VM `vm` through `url`'s host.
+pub fn disk_identity(url: &VmwareUrl, vm: &str, key: i32) -> String {
+    format!("vmware://{}/vm/{vm}/disk/{key}", url.authority())
+}
+
+/// `[datastore1] dir/name.vmdk` -> (`datastore1`, `dir/name-flat.vmdk`).
+pub fn flat_path(file_name: &str) -> Option<(String, String)> {
+    let rest = file_name.strip_prefix('[')?;
+    let (ds, path) = rest.split_once(']')?;
+    let path = path.trim_start();
+    let stem = path.strip_suffix(".vmdk")?;
+    Some((ds.to_string(), format!("{stem}-flat.vmdk")))
+}
+
+fn host<E: std::error::Error>(
+    step: impl Into<String>,
+) -> impl FnOnce(VmwareError) -> WorkflowError<E> {
+    let step = step.into();
+    move |source| WorkflowError::Host { step, source }
+}
+
+/// Finds the VM `id` names.
+fn find_vm<E: std::error::Error>(s: &Session, id: &str) -> Result<Moref, WorkflowError<E>> {
+    if id.starts_with("vm-") && !id.contains('/') {
+        return Ok(Moref::new("VirtualMachine", id));
+    }
+    let index = s
+        .content()
+        .search_index
+        .clone()
+        .ok_or_else(|| WorkflowError::Unusable {
+            step: "find the VM".into(),
+            reason: "the host has no SearchIndex".into(),
+        })?;
+    let attempts: Vec<Request> = if is_uuid(id) {
+        [Some(true), Some(false)]
+            .into_iter()
+            .map(|instance| Request::FindByUuid {
+                this: index.clone(),
+                datacenter: None,
+                uuid: id.to_string(),
+                vm_search: true,
+                instance_uuid: instance,
+            })
+            .collect()
+    } else {
+        vec![Request::FindByInventoryPath {
+            this: index.clone(),
+            inventory_path: id.to_string(),
+        }]
+    };
+    for r in attempts {
+        match s.call(r).map_err(host(format!("find VM {id}")))? {
+            Response::Found(Some(m)) => return Ok(m),
+            Response::Found(None) => continue,
+            other => {
+                return Err(WorkflowError::Unusable {
+                    step: format!("find VM {id}"),
+                    reason: format!("unexpected answer {other:?}"),
+                })
+            }
+        }
+    }
+    Err(WorkflowError::Unusable {
+        step: format!("find VM {id}"),
+        reason:
+            "no such VM (give its moref vm-N, its instance or BIOS uuid, or its inventory path)"
+                .into(),
+    })
+}
+
+fn string_prop(p: Option<&PropertyValue>) -> Option<String> {
+    match p {
+        Some(PropertyValue::String(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn bool_prop(p: Option<&PropertyValue>) -> Option<bool> {
+    match p {
+        Some(PropertyValue::Bool(b)) => Some(*b),
+        _ => None,
+    }
+}
+
+/// Every snapshot of a tree, flattened.
+fn flatten(trees: &[SnapshotTree], out: &mut Vec<(Moref, String)>) {
+    for t in trees {
+        out.push((t.snapshot.clone(), t.name.clone()));
+        flatten(&t.children, out);
+    }
+}
+
+/// The changed areas of disk `key` between `change_id` and `snapshot`,
+/// every page.
+fn changed_areas(
+    s: &Session,
+    vm: &Moref,
+    snapshot: &Moref,
+    key: i32,
+    capacity: u64,
+    change_id: &str,
+) -> Result<Extents, VmwareError> {
+    let mut ranges = Vec::new();
+    let mut at: u64 = 0;
+    while at < capacity {
+        let r = s.call(Request::QueryChangedDiskAreas {
+            this: vm.clone(),
+            snapshot: Some(snapshot.clone()),
+            device_key: key,
+            start_offset: at as i64,
+            change_id: change_id.to_string(),
+        })?;
+        let info = match r {
+            Response::DiskChangeInfo(i) => i,
+            other => {
+                return Err(VmwareError::Protocol {
+                    what: "QueryChangedDiskAreas".into(),
+                    reason: format!("unexpected answer {other:?}"),
+                })
+            }
+        };
+        let (start, len) = (info.start_offset, info.length);
+        if start < 0 || len <= 0 || start as u64 != at {
+            return Err(VmwareError::Protocol {
+                what: "QueryChangedDiskAreas".into(),
+                reason: format!(
+                    "asked from {at}, answered a window of {len} bytes at {start}: it would not advance"
+                ),
+            });
+        }
+        for e in &info.changed_area {
+            if e.start < 0 || e.length < 0 || (e.start + e.length) as u64 > capacity {
+                return Err(VmwareError::Protocol {
+                    what: "QueryChangedDiskAreas".into(),
+                    reason: format!(
+                        "extent {}+{} outside the disk ({capacity} bytes)",
+                        e.start, e.length
+                    ),
+                });
+            }
+            ranges.push((e.start as u64, e.length as u64));
+        }
+        at = (start + len) as u64;
+    }
+    Ok(Extents::from_ranges(ranges, capacity))
+}
+
+/// Whether a QueryChangedDiskAreas failure means "tracking lost" (a full
+/// read), not a broken host.
+fn lost_tracking(e: &VmwareError) -> bool {
+    matches!(
+        e.fault_type().as_deref(),
+        Some("FileFault" | "NotFound" | "InvalidArgument")
+    )
+}
+
+/// Backs the VM up. `session` stays logged in; the caller logs out.
+pub fn run<C: Committer>(
+    session: &Arc<Session>,
+    url: &VmwareUrl,
+    options: &Options,
+    committer: &mut C,
+) -> Result<RunReport, WorkflowError<C::Error>> {
+    let s = &**session;
+    let vm = find_vm(s, &url.vm)?;
+    let props = s
+        .properties(
+            &vm,
+            &[
+                "name",
+                "config.instanceUuid",
+                "config.changeTrackingEnabled",
+                "capability.changeTrackingSupported",
+                "snapshot",
+            ],
+        )
+        .map_err(host(format!("read VM {}", vm.value)))?;
+    let name = string_prop(props.property("name")).unwrap_or_else(|| vm.value.clone());
+    let vm_id = string_prop(props.property("config.instanceUuid"))
+        .map(|u| u.to_ascii_lowercase())
+        .unwrap_or_else(|| vm.value.clone());
+    let mut report = RunReport {
+        vm_backup: hex::encode(rand::random::<[u8; 16]>()),
+        vm_name: name.clone(),
+        ..RunReport::default()
+    };
+    // Leftovers of a killed run: our snapshots by name.
+    if let Some(PropertyValue::SnapshotInfo(info)) = props.property("snapshot") {
+        let mut all = Vec::new();
+        flatten(&info.root_snapshot_list, &mut all);
+        for (snap, snap_name) in all {
+            if !snap_name.starts_with(SNAPSHOT_PREFIX) {
+                continue;
+            }
+            s.run_task(
+                Request::RemoveSnapshotTask {
+                    this: snap.clone(),
+                    remove_children: false,
+                    consolidate: Some(true),
+                },
+                options.task_timeout,
+            )
+            .map_err(host(format!(
+                "remove the leftover snapshot '{snap_name}' ({}) of an earlier run",
+                snap.value
+            )))?;
+            committer.warn(format!(
+                "removed snapshot '{snap_name}' ({}) that an earlier, interrupted run left on VM '{name}'",
+                snap.value
+            ));
+            report.removed_leftovers.push(snap.value.clone());
+        }
+    }
+    let supported =
+        bool_prop(props.property("capability.changeTrackingSupported")).unwrap_or(false);
+    let enabled = bool_prop(props.property("config.changeTrackingEnabled")).unwrap_or(false);
+    let mut no_tracking: Option<String> = None;
+    if !supported {
+        let why = format!("VM '{name}' does not support changed block tracking (capability.changeTrackingSupported is false): its disks are read in full every run");
+        committer.warn(why.clone());
+        no_tracking = Some(why);
+    } else if !enabled {
+        if !options.enable_cbt {
+            return Err(WorkflowError::Unusable {
+                step: "check change tracking".into(),
+                reason: format!(
+                    "changed block tracking is off on VM '{name}' and --no-enable-cbt was given"
+                ),
+            });
+        }
+        s.run_task(
+            Request::ReconfigVmTask {
+                this: vm.clone(),
+                spec: ConfigSpec {
+                    change_tracking_enabled: Some(true),
+                    ..ConfigSpec::default()
+                },
+            },
+            options.task_timeout,
+        )
+        .map_err(host(format!(
+            "enable change tracking on VM '{name}' (ReconfigVM_Task)"
+        )))?;
+        committer.info(format!("enabled changed block tracking on VM '{name}'"));
+        report.enabled_cbt = true;
+    }
+    let snap_name = format!("{SNAPSHOT_PREFIX}-{}", report.vm_backup);
+    let task = s
+        .run_task(
+            Request::CreateSnapshotTask {
+                this: vm.clone(),
+                name: snap_name.clone(),
+                description: Some("cbtvault backup (removed when the backup ends)".into()),
+                memory: false,
+                quiesce: options.quiesce,
+            },
+            options.task_timeout,
+        )
+        .map_err(host(format!("snapshot VM '{name}' (CreateSnapshot_Task)")))?;
+    let snapshot = match task.result {
+        Some(TaskResult::Moref(m)) => m,
+        other => {
+            return Err(WorkflowError::Unusable {
+                step: "CreateSnapshot_Task".into(),
+                reason: format!("the task returned {other:?}, not a snapshot"),
+            })
+        }
+    };
+    let result = frozen(
+        session,
+        url,
+        options,
+        committer,
+        &vm,
+        &vm_id,
+        &snapshot,
+        no_tracking,
+        &mut report,
+    );
+    // The snapshot goes, whatever happened.
+    let removed = s.run_task(
+        Request::RemoveSnapshotTask {
+            this: snapshot.clone(),
+            remove_children: false,
+            consolidate: Some(true),
+        },
+        options.task_timeout,
+    );
+    if let Err(e) = removed {
+        committer.warn(format!(
+            "could not remove snapshot '{snap_name}' ({}) of VM '{name}': {e}; the next run removes it, or remove it by hand",
+            snapshot.value
+        ));
+        report.left_on_host = Some(snapshot.value.clone());
+    }
+    result.map(|()| report)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn frozen<C: Committer>(
+    session: &Arc<Session>,
+    url: &VmwareUrl,
+    options: &Options,
+    committer: &mut C,
+    vm: &Moref,
+    vm_id: &str,
+    snapshot: &Moref,
+    no_tracking: Option<String>,
+    report: &mut RunReport,
+) -> Result<(), WorkflowError<C::Error>> {
+    let s = &**session;
+    let props = s
+        .properties(snapshot, &["config.hardware.device", "config"])
+        .map_err(host("read the snapshot's devices"))?;
+    let devices = match props.property("config.hardware.device") {
+        Some(PropertyValue::Devices(d)) => d.clone(),
+        other => {
+            return Err(WorkflowError::Unusable {
+                step: "read the snapshot's devices".into(),
+                reason: format!("config.hardware.device is {other:?}"),
+            })
+        }
+    };
+    let disks: Vec<VirtualDisk> = vim_wire::device::disks(&devices)
+        .into_iter()
+        .cloned()
+        .collect();
+    if disks.is_empty() {
+        return Err(WorkflowError::Unusable {
+            step: "find the VM's disks".into(),
+            reason: format!("VM '{}' has no virtual disk", report.vm_name),
+        });
+    }
+    // Plan every disk before reading any: a host that cannot answer
+    // commits nothing.
+    let mut planned = Vec::new();
+    for d in &disks {
+        let capacity = u64::try_from(d.capacity_bytes()).unwrap_or(0);
+        let label = d.label.clone().unwrap_or_else(|| format!("disk {}", d.key));
+        let identity = disk_identity(url, vm_id, d.key);
+        let file = d.backing.file_name.clone();
+        let Some((datastore, path)) = flat_path(&file) else {
+            return Err(WorkflowError::Unusable {
+                step: format!("disk {} ({label})", d.key),
+                reason: format!("backing file '{file}' is not a [datastore] path/name.vmdk"),
+            });
+        };
+        let change_id = d.backing.change_id.clone();
+        let previous = committer
+            .previous(&identity)
+            .map_err(WorkflowError::Repository)?;
+        let mut full_reason: Option<String> = None;
+        let mut changes = None;
+        if let Some(why) = &no_tracking {
+            full_reason = Some(why.clone());
+        } else if !d.backing.kind.carries_change_id() {
+            let why = format!(
+                "disk {} ({label}) has a backing that carries no changeId: read in full every run",
+                d.key
+            );
+            committer.warn(why.clone());
+            full_reason = Some(why);
+        } else if change_id.is_none() {
+            full_reason = Some(format!("the snapshot records no changeId for disk {} ({label}): change tracking is not active", d.key));
+        } else if let Some(prev) = &previous {
+            let now = change_id.as_deref().and_then(|c| ChangeId::parse(c).ok());
+            let then = prev
+                .get(keys::CHANGE_ID)
+                .and_then(|c| ChangeId::parse(c).ok());
+            match (then, now) {
+                (None, _) => full_reason = Some("the last backup recorded no changeId".into()),
+                (_, None) => {
+                    full_reason = Some(format!(
+                        "the host's changeId '{}' does not parse",
+                        change_id.clone().unwrap_or_default()
+                    ))
+                }
+                (Some(then), Some(now)) if !then.same_epoch(&now) => {
+                    full_reason = Some(format!(
+                        "change tracking was reset (changeId epoch {} -> {})",
+                        then.uuid, now.uuid
+                    ));
+                }
+                _ if prev.get(keys::DISK_FILE) != Some(&file) => {
+                    full_reason = Some(format!(
+                        "the disk's file changed ({} -> {file})",
+                        prev.get(keys::DISK_FILE).cloned().unwrap_or_default()
+                    ));
+                }
+                _ => {
+                    let since = prev.get(keys::CHANGE_ID).cloned().unwrap_or_default();
+                    match changed_areas(s, vm, snapshot, d.key, capacity, &since) {
+                        Ok(e) => changes = Some(Changes::Since(e)),
+                        Err(e) if lost_tracking(&e) => {
+                            full_reason = Some(format!(
+                                "QueryChangedDiskAreas refused the last changeId ({e})"
+                            ));
+                        }
+                        Err(e) => {
+                            return Err(host(format!("changed areas of disk {} ({label})", d.key))(
+                                e,
+                            ))
+                        }
+                    }
+                }
+            }
+        } else {
+            full_reason = Some("first backup of this disk".into());
+        }
+        let mut allocated = None;
+        let changes = match changes {
+            Some(c) => c,
+            None => {
+                let why = full_reason.clone().unwrap_or_default();
+                if previous.is_some() {
+                    committer.warn(format!(
+                        "disk {} ({label}) of VM '{}': a new full backup: {why}",
+                        d.key, report.vm_name
+                    ));
+                }
+                if no_tracking.is_none()
+                    && change_id.is_some()
+                    && d.backing.kind.carries_change_id()
+                {
+                    // The allocated areas: holes are not read.
+                    match changed_areas(s, vm, snapshot, d.key, capacity, "*") {
+                        Ok(e) => allocated = Some(e),
+                        Err(e) if lost_tracking(&e) => {}
+                        Err(e) => {
+                            return Err(host(format!(
+                                "allocated areas of disk {} ({label})",
+                                d.key
+                            ))(e))
+                        }
+                    }
+                }
+                if previous.is_some() {
+                    Changes::FullNeeded(why)
+                } else {
+                    Changes::Unknown
+                }
+            }
+        };
+        let mut landmark = BTreeMap::from([
+            (keys::HOST.to_string(), url.authority()),
+            (keys::VM.to_string(), vm_id.to_string()),
+            (keys::VM_NAME.to_string(), report.vm_name.clone()),
+            (keys::DISK_KEY.to_string(), d.key.to_string()),
+            (keys::DISK_FILE.to_string(), file.clone()),
+            (keys::DISK_LABEL.to_string(), label.clone()),
+            (keys::VM_BACKUP.to_string(), report.vm_backup.clone()),
+            (keys::KIND.to_string(), "disk".to_string()),
+        ]);
+        if let Some(c) = &change_id {
+            landmark.insert(keys::CHANGE_ID.to_string(), c.clone());
+        }
+        report.disks.push(DiskReport {
+            key: d.key,
+            label: label.clone(),
+            incremental: matches!(changes, Changes::Since(_)),
+            full_reason: full_reason.clone(),
+            change_id: change_id.clone(),
+        });
+        planned.push((
+            identity, datastore, path, capacity, label, changes, allocated, landmark, d.key,
+        ));
+    }
+    for (identity, datastore, path, capacity, label, changes, allocated, landmark, key) in planned {
+        let source = FlatFile::new(
+            session.clone(),
+            identity,
+            options.datacenter.clone(),
+            datastore,
+            path,
+            capacity,
+        );
+        committer
+            .commit_disk(FrozenDisk {
+                source: &source,
+                key,
+                label,
+                changes,
+                allocated,
+                landmark,
+            })
+            .map_err(WorkflowError::Repository)?;
+    }
+    if let Some(PropertyValue::Other(config)) = props.property("config") {
+        let landmark = BTreeMap::from([
+            (keys::HOST.to_string(), url.authority()),
+            (keys::VM.to_string(), vm_id.to_string()),
+            (keys::VM_NAME.to_string(), report.vm_name.clone()),
+            (keys::VM_BACKUP.to_string(), report.vm_backup.clone()),
+            (keys::KIND.to_string(), "vm-config".to_string()),
+        ]);
+        committer
+            .commit_config(
+                &format!("vmware://{}/vm/{vm_id}/config", url.authority()),
+                config.to_document().as_bytes(),
+                landmark,
+            )
+            .map_err(WorkflowError::Repository)?;
+    } else {
+        committer.warn(format!(
+            "the snapshot's configuration of VM '{}' could not be read: the disks are backed up without it",
+            report.vm_name
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_paths() {
+        assert_eq!(
+            flat_path("[datastore1] web/web.vmdk"),
+            Some(("datastore1".into(), "web/web-flat.vmdk".into()))
+        );
+        assert_eq!(
+            flat_path("[ds 2] a b/c_1.vmdk"),
+            Some(("ds 2".into(), "a b/c_1-flat.vmdk".into()))
+        );
+        assert_eq!(flat_path("web.vmdk"), None);
+        assert_eq!(flat_path("[ds] web.raw"), None);
+    }
+}

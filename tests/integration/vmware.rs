@@ -1,0 +1,304 @@
+//! vSphere backups against the simulator (crates/vsphere-sim): a full and
+//! 20 incrementals of a VM with two disks, each restored bit for bit; every
+//! cause of lost tracking a new full with its reason; failures that leave
+//! no vSphere snapshot behind and commit nothing; a host that ignores
+//! Range refused.
+
+use serde_json::Value;
+use vim_wire::VimFault;
+use vsphere_sim::{SimOptions, SimVm, Simulator};
+
+use crate::util::{random_bytes, Run, TestRepo, BS};
+
+const PASSWORD: &str = "vsphere-secret";
+const DISK: u64 = 4 << 20;
+
+fn start() -> Simulator {
+    Simulator::start(SimOptions {
+        password: PASSWORD.into(),
+        // Small pages: every backup pages QueryChangedDiskAreas.
+        changed_areas_window_bytes: 1 << 20,
+        changed_areas_max_extents: 4,
+        ..SimOptions::default()
+    })
+    .expect("start the vSphere simulator")
+}
+
+fn url(sim: &Simulator, vm: &str) -> String {
+    let a = sim.address();
+    format!("vmware://root@{}:{}/vm/{vm}", a.ip(), a.port())
+}
+
+fn backup(t: &TestRepo, sim: &Simulator, vm: &str, extra: &[&str]) -> Run {
+    let u = url(sim, vm);
+    let fp = sim.fingerprint().to_string();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+        vec![&"--json", &"backup", &u, &"--fingerprint", &fp];
+    for e in extra {
+        args.push(e);
+    }
+    t.run_env(&args, &[("CBTVAULT_VMWARE_PASSWORD", PASSWORD)])
+}
+
+/// Random writes: a few whole blocks and one unaligned piece per disk.
+fn writes(sim: &Simulator, vm: &SimVm, seed: u64) {
+    for d in &vm.disks {
+        for k in 0..1 + seed % 3 {
+            let b = (seed * 7 + k * 13 + d.key as u64) % (DISK / BS);
+            sim.guest_write(&vm.id, d.key, b * BS, &random_bytes(seed, k, BS as usize))
+                .unwrap();
+        }
+        let off = (seed * 104_729 + 511) % (DISK - 3000);
+        sim.guest_write(&vm.id, d.key, off, &random_bytes(seed, 99, 3000))
+            .unwrap();
+    }
+}
+
+/// Each disk's snapshot restores to the sim's live disk (nothing was
+/// written since the backup).
+fn assert_disks_restore(t: &TestRepo, sim: &Simulator, vm: &SimVm, summary: &Value) {
+    for d in summary["disks"].as_array().unwrap() {
+        let key = d["device_key"].as_i64().unwrap() as i32;
+        let live = sim.read_disk(&vm.id, key, 0, DISK as usize).unwrap();
+        t.assert_restores(
+            d["snapshot_id"].as_str().unwrap(),
+            blake3::hash(&live),
+            DISK,
+        );
+    }
+}
+
+#[test]
+fn a_full_and_20_incrementals_of_two_disks_restore_bit_for_bit() {
+    let sim = start();
+    let vm = sim.add_vm("web01", &[DISK, DISK]).unwrap();
+    assert!(!vm.cbt_enabled);
+    writes(&sim, &vm, 1);
+    let t = TestRepo::new();
+    let full = backup(&t, &sim, &vm.id, &[]).ok();
+    let s = full.json();
+    assert_eq!(s["disks"].as_array().unwrap().len(), 2);
+    for d in s["disks"].as_array().unwrap() {
+        assert_eq!(d["full"], true, "{d}");
+        assert!(d["change_id"].as_str().unwrap().ends_with("/1") || d["change_id"].is_string());
+        // The first full reads the allocated areas only.
+        assert!(d["blocks_read"].as_u64().unwrap() < DISK / BS / 2, "{d}");
+    }
+    assert!(s["config"]["snapshot_id"].is_string());
+    assert_disks_restore(&t, &sim, &vm, &s);
+    assert!(
+        sim.snapshots(&vm.id).unwrap().is_empty(),
+        "the backup's snapshot stays"
+    );
+    assert!(sim.vm(&vm.id).unwrap().cbt_enabled, "CBT was enabled");
+    for round in 2..=21u64 {
+        writes(&sim, &vm, round);
+        let s = backup(&t, &sim, &vm.id, &[]).ok().json();
+        for d in s["disks"].as_array().unwrap() {
+            assert_eq!(d["full"], false, "round {round}: {d}");
+            assert_eq!(d["full_reason"], Value::Null);
+            // Only what changed: at most 4 blocks and the unaligned piece's.
+            assert!(
+                d["blocks_read"].as_u64().unwrap() <= 6,
+                "round {round}: {d}"
+            );
+        }
+        if round % 5 == 1 || round == 21 {
+            assert_disks_restore(&t, &sim, &vm, &s);
+        }
+        assert!(sim.snapshots(&vm.id).unwrap().is_empty());
+    }
+    // The VM by its instance uuid and by its inventory path: the same disks.
+    let by_uuid = backup(&t, &sim, &vm.instance_uuid, &[]).ok().json();
+    assert_eq!(by_uuid["disks"][0]["full"], false);
+    let path = format!("ha-datacenter/vm/{}", vm.name);
+    let by_path = backup(&t, &sim, &path, &[]).ok().json();
+    assert_eq!(by_path["disks"][1]["full"], false);
+}
+
+#[test]
+fn lost_tracking_starts_a_new_full_and_says_why() {
+    let sim = start();
+    let vm = sim.add_vm("db01", &[DISK]).unwrap();
+    writes(&sim, &vm, 1);
+    let t = TestRepo::new();
+    backup(&t, &sim, &vm.id, &[]).ok();
+    let full_reason = |r: &Run| {
+        r.json()["disks"][0]["full_reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+
+    // A reset epoch.
+    sim.reset_cbt(&vm.id).unwrap();
+    writes(&sim, &vm, 2);
+    let r = backup(&t, &sim, &vm.id, &[]).ok();
+    assert!(
+        full_reason(&r).contains("change tracking was reset"),
+        "{}",
+        r.out()
+    );
+    assert!(r.stderr.contains("a new full backup"), "{}", r.stderr);
+    assert_eq!(r.json()["disks"][0]["full"], true);
+    assert_disks_restore(&t, &sim, &vm, &r.json());
+
+    // CBT disabled: enabled again (a new epoch), a new full.
+    sim.disable_cbt(&vm.id).unwrap();
+    writes(&sim, &vm, 3);
+    let r = backup(&t, &sim, &vm.id, &[]).ok();
+    assert!(full_reason(&r).contains("reset"), "{}", r.out());
+    assert_disks_restore(&t, &sim, &vm, &r.json());
+    // ... unless told not to enable it.
+    sim.disable_cbt(&vm.id).unwrap();
+    let r = backup(&t, &sim, &vm.id, &["--no-enable-cbt"]).expect_code(1);
+    assert!(r.stderr.contains("--no-enable-cbt"), "{}", r.stderr);
+    assert!(sim.snapshots(&vm.id).unwrap().is_empty());
+
+    // QueryChangedDiskAreas refusing the changeId (FileFault).
+    backup(&t, &sim, &vm.id, &[]).ok();
+    writes(&sim, &vm, 4);
+    sim.fail_calls(
+        "QueryChangedDiskAreas",
+        1,
+        VimFault::FileFault {
+            file: "[datastore1] db01/db01.vmdk".into(),
+        },
+    );
+    let r = backup(&t, &sim, &vm.id, &[]).ok();
+    assert!(
+        full_reason(&r).contains("refused the last changeId"),
+        "{}",
+        r.out()
+    );
+    assert_disks_restore(&t, &sim, &vm, &r.json());
+
+    // A replaced disk: a new key and file, a first backup of it.
+    let new_key = sim.replace_disk(&vm.id, 2000).unwrap();
+    let vm = sim.vm(&vm.id).unwrap();
+    sim.guest_write(&vm.id, new_key, 0, &random_bytes(5, 0, BS as usize))
+        .unwrap();
+    let r = backup(&t, &sim, &vm.id, &[]).ok();
+    let d = &r.json()["disks"][0];
+    assert_eq!(d["device_key"], new_key);
+    assert_eq!(d["full"], true);
+    assert_eq!(d["full_reason"], Value::Null);
+    assert_eq!(d["new_set_reason"], "first backup of this source");
+    // The replaced disk's own chain has no newer snapshot: it ended.
+    assert_disks_restore(&t, &sim, &vm, &r.json());
+}
+
+#[test]
+fn a_failure_at_any_step_leaves_no_vsphere_snapshot_and_commits_nothing() {
+    let sim = start();
+    let vm = sim.add_vm("app01", &[DISK, DISK]).unwrap();
+    writes(&sim, &vm, 1);
+    let t = TestRepo::new();
+    backup(&t, &sim, &vm.id, &[]).ok();
+    let committed = t.snapshot_ids().len();
+    let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
+        (
+            "CreateSnapshot_Task",
+            Box::new(|| sim.fail_next_task("CreateSnapshot_Task", VimFault::InvalidState)),
+        ),
+        (
+            "QueryChangedDiskAreas",
+            Box::new(|| sim.fail_calls("QueryChangedDiskAreas", 1, VimFault::InvalidState)),
+        ),
+        (
+            "RetrievePropertiesEx",
+            Box::new(|| {
+                sim.fail_calls(
+                    "RetrievePropertiesEx",
+                    1,
+                    VimFault::Other {
+                        type_name: "SystemError".into(),
+                    },
+                )
+            }),
+        ),
+        ("folder", Box::new(|| sim.drop_responses("folder", 1))),
+    ];
+    for (step, inject) in cases {
+        writes(&sim, &vm, 7);
+        inject();
+        let r = backup(&t, &sim, &vm.id, &[]).expect_code(1);
+        assert!(!r.stderr.is_empty(), "{step}");
+        sim.clear_faults();
+        assert!(
+            sim.snapshots(&vm.id).unwrap().is_empty(),
+            "{step}: a vSphere snapshot was left behind"
+        );
+        assert_eq!(
+            t.snapshot_ids().len(),
+            committed,
+            "{step}: something was committed"
+        );
+    }
+    // And the next run is an incremental as if nothing had happened.
+    let s = backup(&t, &sim, &vm.id, &[]).ok().json();
+    assert_eq!(s["disks"][0]["full"], false);
+    assert_disks_restore(&t, &sim, &vm, &s);
+}
+
+#[test]
+fn a_host_that_ignores_range_is_refused() {
+    let sim = start();
+    let vm = sim.add_vm("ignored", &[DISK]).unwrap();
+    writes(&sim, &vm, 1);
+    let t = TestRepo::new();
+    sim.set_ignore_range(true);
+    let r = backup(&t, &sim, &vm.id, &[]).expect_code(1);
+    assert!(
+        r.stderr.contains("ignored the Range request"),
+        "{}",
+        r.stderr
+    );
+    assert!(t.snapshot_ids().is_empty());
+    assert!(sim.snapshots(&vm.id).unwrap().is_empty());
+}
+
+#[test]
+fn the_password_never_comes_from_the_command_line_and_tls_is_verified() {
+    let sim = start();
+    let vm = sim.add_vm("tls", &[DISK]).unwrap();
+    let t = TestRepo::new();
+    let u = url(&sim, &vm.id);
+    // No fingerprint: the self-signed certificate is refused.
+    let r = t
+        .run_env(&[&"backup", &u], &[("CBTVAULT_VMWARE_PASSWORD", PASSWORD)])
+        .expect_code(1);
+    assert!(
+        r.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        r.stderr
+    );
+    // A password in the URL is refused outright.
+    let a = sim.address();
+    let with_pw = format!(
+        "vmware://root:{PASSWORD}@{}:{}/vm/{}",
+        a.ip(),
+        a.port(),
+        vm.id
+    );
+    let r = t.run(&[&"backup", &with_pw]).expect_code(1);
+    assert!(
+        r.stderr.contains("a password in the URL is refused"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains(PASSWORD), "{}", r.stderr);
+    // A wrong password: InvalidLogin, named.
+    let fp = sim.fingerprint().to_string();
+    let r = t
+        .run_env(
+            &[&"backup", &u, &"--fingerprint", &fp],
+            &[("CBTVAULT_VMWARE_PASSWORD", "wrong")],
+        )
+        .expect_code(1);
+    assert!(
+        r.stderr.contains("InvalidLogin") || r.stderr.contains("login"),
+        "{}",
+        r.stderr
+    );
+}
