@@ -196,7 +196,8 @@ fn a_failure_at_any_step_leaves_no_vsphere_snapshot_and_commits_nothing() {
     let t = TestRepo::new();
     backup(&t, &sim, &vm.id, &[]).ok();
     let committed = t.snapshot_ids().len();
-    let cases: Vec<(&str, Box<dyn Fn()>)> = vec![
+    type Inject<'a> = Box<dyn Fn() + 'a>;
+    let cases: Vec<(&str, Inject)> = vec![
         (
             "CreateSnapshot_Task",
             Box::new(|| sim.fail_next_task("CreateSnapshot_Task", VimFault::InvalidState)),
