@@ -229,6 +229,11 @@ pub struct SimArgs {
     /// Behave as an old host without CBT (the CBT calls are unknown).
     #[arg(long)]
     pub legacy_host: bool,
+    /// A vSphere (ESXi) host instead: vim25 SOAP on /sdk, CBT,
+    /// snapshots, datastore files on /folder (--nbd-listen and
+    /// --legacy-host do not apply).
+    #[arg(long, conflicts_with_all = ["legacy_host", "nbd_listen"])]
+    pub vmware: bool,
     /// Append every XenAPI call (method and outcome) and NBD connection to
     /// FILE, one per line, to see (or test) the order of a workflow.
     #[arg(long, value_name = "FILE")]

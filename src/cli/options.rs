@@ -548,6 +548,7 @@ pub fn sim(a: &SimArgs) -> SimHostOptions {
         disk_mib: a.disk_mib.clone(),
         legacy_host: a.legacy_host,
         log_calls: a.log_calls.clone(),
+        vmware: a.vmware,
     }
 }
 

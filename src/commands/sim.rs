@@ -45,6 +45,109 @@ pub struct SimHostOptions {
     /// Behave as an old host without CBT.
     pub legacy_host: bool,
     pub log_calls: Option<std::path::PathBuf>,
+    /// A vSphere (ESXi) host instead of a XenServer one.
+    pub vmware: bool,
+}
+
+#[derive(Serialize)]
+struct StartedVmware {
+    url: String,
+    fingerprint_sha256: String,
+    username: String,
+    password: String,
+    vm_id: String,
+    vm_instance_uuid: String,
+    disk_keys: Vec<i32>,
+    state_dir: String,
+}
+
+/// `sim --vmware`: a simulated ESXi host with one VM, until a signal.
+fn run_vmware(
+    ui: &Ui,
+    options: &SimHostOptions,
+    password: String,
+    password_generated: bool,
+    wait: impl FnOnce(),
+) -> Result<Outcome> {
+    if let Some(dir) = &options.dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("create state folder '{}'", dir.display()))?;
+    }
+    let sim = vsphere_sim::Simulator::start(vsphere_sim::SimOptions {
+        dir: options.dir.clone(),
+        listen: options.listen.clone(),
+        username: options.user.clone(),
+        password: password.clone(),
+        hostname: options.hostname.clone(),
+        log_calls: options.log_calls.clone(),
+        ..vsphere_sim::SimOptions::default()
+    })
+    .context("start the vSphere simulator")?;
+    let sizes: Vec<u64> = options.disk_mib.iter().map(|m| m << 20).collect();
+    let vm = match sim.vm("demo-vm") {
+        Some(vm) => vm,
+        None => sim
+            .add_vm("demo-vm", &sizes)
+            .context("create the demo VM")?,
+    };
+    let a = sim.address();
+    let started = StartedVmware {
+        url: sim.url(),
+        fingerprint_sha256: sim.fingerprint().to_string(),
+        username: sim.username().to_string(),
+        password: password.clone(),
+        vm_id: vm.id.clone(),
+        vm_instance_uuid: vm.instance_uuid.clone(),
+        disk_keys: vm.disks.iter().map(|d| d.key).collect(),
+        state_dir: sim.dir().display().to_string(),
+    };
+    ui.listening(&started);
+    ui.print(format!("vSphere (ESXi) simulator at {}", started.url));
+    ui.print(format!(
+        "  certificate SHA-256 {}",
+        started.fingerprint_sha256
+    ));
+    ui.print(format!(
+        "  login: user '{}', password {}",
+        started.username,
+        if password_generated {
+            format!(
+                "'{password}' (generated; set ${} to choose)",
+                options.password_env
+            )
+        } else {
+            format!("from ${}", options.password_env)
+        }
+    ));
+    ui.print(format!("  VM 'demo-vm' {} ({})", vm.id, vm.instance_uuid));
+    for d in &vm.disks {
+        ui.print(format!(
+            "    disk {} {} ({})",
+            d.key,
+            d.file_name,
+            crate::output::human_bytes(d.capacity_bytes)
+        ));
+    }
+    ui.info(format!(
+        "back it up: CBTVAULT_VMWARE_PASSWORD=... cbtvault -r REPO backup vmware://{}@{}:{}/vm/{} --fingerprint {}",
+        started.username,
+        a.ip(),
+        a.port(),
+        vm.id,
+        started.fingerprint_sha256
+    ));
+    ui.info(format!(
+        "write guest data: curl -k -u {}:PASSWORD -X POST --data-binary @FILE 'https://{}/sim/guest_write?vm={}&disk={}&offset=0'",
+        started.username,
+        a,
+        vm.id,
+        vm.disks.first().map(|d| d.key).unwrap_or(2000)
+    ));
+    ui.info("stop with Ctrl-C or SIGTERM");
+    wait();
+    sim.shutdown();
+    ui.info("stopped");
+    Ok(Outcome::Ok)
 }
 
 pub fn run(ui: &Ui, options: &SimHostOptions) -> Result<Outcome> {
@@ -66,6 +169,16 @@ pub fn run(ui: &Ui, options: &SimHostOptions) -> Result<Outcome> {
         .filter(|p| !p.is_empty());
     let password_generated = password.is_none();
     let password = password.unwrap_or_else(random_password);
+    if options.vmware {
+        return run_vmware(ui, options, password, password_generated, || {
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = interrupt.recv() => {}
+                    _ = terminate.recv() => {}
+                }
+            })
+        });
+    }
     let nbd_listen = match &options.nbd_listen {
         Some(a) => a.clone(),
         None => {

@@ -32,6 +32,7 @@ enum Base {
     Object,
     Array,
     StringArray,
+    IntegerArray,
     IdArray,
 }
 
@@ -82,6 +83,7 @@ fn parse_type(cell: &str) -> Result<Row, String> {
         "array" => Base::Array,
         "string[]" => Base::StringArray,
         "id[]" => Base::IdArray,
+        "integer[]" => Base::IntegerArray,
         other => return Err(format!("unknown type '{other}'")),
     };
     Ok(Row {
@@ -239,6 +241,10 @@ fn check_value(
             {
                 Ok(())
             }
+            _ => wrong(),
+        },
+        Base::IntegerArray => match v.as_array() {
+            Some(a) if a.iter().all(|e| e.is_i64() || e.is_u64()) => Ok(()),
             _ => wrong(),
         },
         Base::Object => match v.as_object() {

@@ -85,10 +85,10 @@ fn layering_no_forbidden_edge_between_workspace_crates() {
     // The product's normal dependency on the simulator is the optional one
     // behind the `sim` feature (the tests may use it as a peer).
     for (from, to, kind, optional) in &edges {
-        if from == "cbtvault" && to == "xapi-sim" && kind == "normal" {
+        if from == "cbtvault" && (to == "xapi-sim" || to == "vsphere-sim") && kind == "normal" {
             assert!(
                 optional,
-                "cbtvault -> xapi-sim must be optional (feature 'sim')"
+                "cbtvault -> {to} must be optional (feature 'sim')"
             );
         }
     }
@@ -132,7 +132,10 @@ fn layering_only_the_sim_and_demo_commands_name_the_simulator() {
     for file in files.iter().filter(|f| !allowed.contains(f)) {
         let text = std::fs::read_to_string(file).expect("read a source file");
         for (n, line) in text.lines().enumerate() {
-            if line.contains("crate::sim") || line.contains("xapi_sim") {
+            if line.contains("crate::sim")
+                || line.contains("xapi_sim")
+                || line.contains("vsphere_sim")
+            {
                 offenders.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
             }
         }

@@ -109,3 +109,75 @@ fn sim_command_prints_how_to_connect_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `sim --vmware`: a simulated ESXi host that the product backs up with
+/// exactly what it printed, and that stops on SIGTERM.
+#[test]
+fn sim_vmware_serves_what_it_prints_and_a_backup_of_it_restores() {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(crate::util::bin())
+        .args(["--json", "sim", "--vmware", "--listen", "127.0.0.1:0"])
+        .args(["--disk-mib", "2", "--disk-mib", "3"])
+        .env("CBTVAULT_SIM_PASSWORD", "vsphere-for-test")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cbtvault sim --vmware");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .expect("read the first line");
+    let v = crate::json_contract::validate_stream("sim --vmware", &line)
+        .pop()
+        .expect("the listening line");
+    assert_eq!(v["message_type"], "listening");
+    assert_eq!(v["disk_keys"], serde_json::json!([2000, 2001]));
+    let address = v["url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("https://")
+        .trim_end_matches("/sdk")
+        .to_string();
+    let t = crate::util::TestRepo::new();
+    let source = format!(
+        "vmware://root@{address}/vm/{}",
+        v["vm_id"].as_str().unwrap()
+    );
+    let fp = v["fingerprint_sha256"].as_str().unwrap().to_string();
+    let r = t
+        .run_env(
+            &[&"--json", &"backup", &source, &"--fingerprint", &fp],
+            &[("CBTVAULT_VMWARE_PASSWORD", "vsphere-for-test")],
+        )
+        .ok();
+    let s = r.json();
+    let sizes: Vec<u64> = s["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["disk_size_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [2 << 20, 3 << 20]);
+    // An empty disk restores as zeros.
+    let id = s["disks"][0]["snapshot_id"].as_str().unwrap();
+    t.assert_restores(id, blake3::hash(&vec![0u8; 2 << 20]), 2 << 20);
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-s", "TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "sim exited with {status}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "sim did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
