@@ -85,13 +85,29 @@ impl SourceMatch {
     }
 }
 
+/// A VM backup's landmark field, by its XenServer key, from a XenServer
+/// or a vSphere snapshot (whose keys name the same things).
+pub fn vm_field<'a>(meta: &'a SnapshotMeta, xen_key: &str) -> Option<&'a String> {
+    use crate::source::vmware::workflow::keys as vmware;
+    meta.landmark.get(xen_key).or_else(|| {
+        let k = match xen_key {
+            keys::KIND => vmware::KIND,
+            keys::VM => vmware::VM,
+            keys::VM_NAME => vmware::VM_NAME,
+            keys::VDI_NAME => vmware::DISK_LABEL,
+            keys::VM_BACKUP => vmware::VM_BACKUP,
+            keys::HOST => vmware::HOST,
+            _ => return None,
+        };
+        meta.landmark.get(k)
+    })
+}
+
 /// Whether `meta` belongs to the VM `name_or_uuid` (its uuid, or its name
 /// when backed up).
 pub fn of_vm(meta: &SnapshotMeta, name_or_uuid: &str) -> bool {
-    meta.landmark
-        .get(keys::VM)
-        .is_some_and(|v| v.eq_ignore_ascii_case(name_or_uuid))
-        || meta.landmark.get(keys::VM_NAME).map(String::as_str) == Some(name_or_uuid)
+    vm_field(meta, keys::VM).is_some_and(|v| v.eq_ignore_ascii_case(name_or_uuid))
+        || vm_field(meta, keys::VM_NAME).map(String::as_str) == Some(name_or_uuid)
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ fn group_key(s: &SnapshotEntry, g: GroupBy) -> String {
 /// One snapshot's fields for `--json`.
 fn entry_json(s: &SnapshotEntry) -> serde_json::Value {
     let m = &s.meta;
-    let l = |k: &str| m.landmark.get(k);
+    let l = |k: &str| super::select::vm_field(m, k);
     json!({
         "snapshot_id": m.id, "time": m.time, "parent_id": m.parent,
         "source": m.source, "disk_size_bytes": m.disk_size_bytes, "tags": m.tags,
@@ -98,7 +98,7 @@ fn rows(list: &[&SnapshotEntry]) -> Vec<Vec<String>> {
     let mut order: Vec<Vec<&SnapshotEntry>> = Vec::new();
     let mut by_backup: BTreeMap<&str, usize> = BTreeMap::new();
     for s in list {
-        match s.meta.landmark.get(keys::VM_BACKUP) {
+        match super::select::vm_field(&s.meta, keys::VM_BACKUP) {
             Some(vb) => match by_backup.get(vb.as_str()) {
                 Some(&k) => order[k].push(s),
                 None => {
@@ -112,25 +112,28 @@ fn rows(list: &[&SnapshotEntry]) -> Vec<Vec<String>> {
     let mut out = Vec::new();
     for unit in order {
         let first = &unit[0].meta;
-        match first.landmark.get(keys::VM_BACKUP) {
+        match super::select::vm_field(first, keys::VM_BACKUP) {
             None => out.push(row(unit[0], "", first.source.clone())),
             Some(vb) => {
-                let vm = first
-                    .landmark
-                    .get(keys::VM)
+                let vm = super::select::vm_field(first, keys::VM)
                     .map(String::as_str)
                     .unwrap_or("?");
                 let name = unit
                     .iter()
-                    .find_map(|s| s.meta.landmark.get(keys::VM_NAME))
+                    .find_map(|s| super::select::vm_field(&s.meta, keys::VM_NAME))
                     .map(|n| format!("VM '{n}' ({})", short(vm)))
                     .unwrap_or_else(|| format!("VM {vm}"));
                 let disks = unit
                     .iter()
-                    .filter(|s| s.meta.landmark.get(keys::KIND).map(String::as_str) == Some("disk"))
+                    .filter(|s| {
+                        super::select::vm_field(&s.meta, keys::KIND).map(String::as_str)
+                            == Some("disk")
+                    })
                     .count();
                 let full = unit.iter().all(|s| s.meta.parent.is_none());
-                let host = first.landmark.get(keys::HOST).cloned().unwrap_or_default();
+                let host = super::select::vm_field(first, keys::HOST)
+                    .cloned()
+                    .unwrap_or_default();
                 out.push(vec![
                     format!("vm:{}", short(vb)),
                     first.time.format("%Y-%m-%d %H:%M:%S").to_string(),

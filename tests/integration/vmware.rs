@@ -86,6 +86,16 @@ fn a_full_and_20_incrementals_of_two_disks_restore_bit_for_bit() {
     }
     assert!(s["config"]["snapshot_id"].is_string());
     assert_disks_restore(&t, &sim, &vm, &s);
+    // Listed as one VM backup: its two disks and its configuration.
+    let listed = t.snapshots(&["--vm", &vm.instance_uuid]);
+    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert!(listed
+        .iter()
+        .all(|l| l["vm_backup_id"] == s["vm_backup_id"]));
+    assert_eq!(listed.iter().filter(|l| l["kind"] == "disk").count(), 2);
+    assert_eq!(t.snapshots(&["--vm", "web01"]).len(), 3);
+    let table = t.run(&[&"snapshots"]).ok().out();
+    assert!(table.contains("VM 'web01'"), "{table}");
     assert!(
         sim.snapshots(&vm.id).unwrap().is_empty(),
         "the backup's snapshot stays"
