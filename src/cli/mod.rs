@@ -811,4 +811,7 @@ pub struct DemoArgs {
     /// Work folder (default: a new temporary folder, removed afterwards).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// The vSphere workflow (a simulated ESXi host) instead of XenServer.
+    #[arg(long)]
+    pub vmware: bool,
 }

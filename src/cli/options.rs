@@ -533,6 +533,7 @@ pub fn demo(a: &DemoArgs) -> DemoOptions {
     DemoOptions {
         size_mib: a.size_mib.max(1),
         dir: a.dir.clone(),
+        vmware: a.vmware,
     }
 }
 

@@ -181,3 +181,37 @@ fn sim_vmware_serves_what_it_prints_and_a_backup_of_it_restores() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `demo` and `demo --vmware`, as the README's first command runs them
+/// (small disks): both end verified, with what they say checked against
+/// docs/json.md.
+#[test]
+fn both_demos_pass_and_verify_bit_for_bit() {
+    for extra in [&[][..], &["--vmware"][..]] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> =
+            vec![&"--json", &"demo", &"--size-mib", &"4"];
+        for e in extra {
+            args.push(e);
+        }
+        let r = crate::util::run_in(dir.path(), &args).ok();
+        let s = r.json();
+        assert_eq!(s["verified"], true, "{extra:?}: {s}");
+        let inc: u64 = s["incremental_backup"]["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["blocks_read"].as_u64().unwrap())
+            .sum();
+        let full: u64 = s["full_backup"]["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["blocks_read"].as_u64().unwrap())
+            .sum();
+        assert!(
+            inc > 0 && inc * 10 < full,
+            "{extra:?}: incremental {inc}, full {full}"
+        );
+    }
+}
