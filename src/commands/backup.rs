@@ -407,6 +407,36 @@ pub(crate) enum Allocation<'a> {
     Ask(&'a dyn Fn() -> Result<Extents, SourceError>),
 }
 
+/// Commits a small object (a VM's metadata or configuration) as a
+/// snapshot of its own source `identity`: never a forced full, always
+/// layered on the last one.
+pub(crate) fn commit_bytes(
+    ui: &Ui,
+    repo: &Repository,
+    options: &SnapshotOptions,
+    identity: &str,
+    bytes: &[u8],
+    landmark: BTreeMap<String, String>,
+) -> Result<BackupSummary, RepoError> {
+    let source = crate::source::xenapi::nbd::MemorySource {
+        identity: identity.to_string(),
+        bytes: bytes.to_vec(),
+    };
+    let options = SnapshotOptions {
+        parent: ParentRequest::Newest,
+        ..options.clone()
+    };
+    backup_disk(
+        ui,
+        repo,
+        &source,
+        &options,
+        Changes::Unknown,
+        Allocation::Unknown,
+        landmark,
+    )
+}
+
 pub(crate) fn backup_disk(
     ui: &Ui,
     repo: &Repository,
@@ -570,31 +600,47 @@ pub(crate) fn report_human(ui: &Ui, s: &BackupSummary) {
 /// The environment variable holding the XenServer password.
 pub const XEN_PASSWORD_ENV: &str = "CBTVAULT_XEN_PASSWORD";
 
-/// Logs in to the host of `url` as the command line says. The password
-/// comes from `--xen-password-file` or the environment, never from argv.
-pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result<Session> {
-    let trust = if options.insecure {
+/// How to trust a host's HTTPS certificate, as the command line says
+/// (`--insecure` warns every run; `--fingerprint` pins; `--ca-file`).
+pub(crate) fn https_trust(
+    ui: &Ui,
+    authority: &str,
+    insecure: bool,
+    fingerprint: &[String],
+    ca_file: Option<&std::path::Path>,
+) -> Result<HttpsTrust> {
+    Ok(if insecure {
         ui.warn(format!(
-            "--insecure: the certificate of '{}' is NOT verified; anyone on the path can read the password and the disks",
-            url.authority()
+            "--insecure: the certificate of '{authority}' is NOT verified; anyone on the path can read the password and the disks"
         ));
         HttpsTrust::Insecure
-    } else if !options.fingerprint.is_empty() {
+    } else if !fingerprint.is_empty() {
         HttpsTrust::Fingerprint(
-            options
-                .fingerprint
+            fingerprint
                 .iter()
                 .map(|fp| crate::source::xenapi::tls::parse_fingerprint(fp))
                 .collect::<Result<_, _>>()?,
         )
-    } else if let Some(ca) = &options.ca_file {
+    } else if let Some(ca) = ca_file {
         // Checked here, where the file's name is known.
         let (pem, origin) = nbd::tls::read_pem_file(ca, "--ca-file")?;
         nbd::tls::parse_certs(&pem, &origin)?;
         HttpsTrust::CaPem(pem)
     } else {
         HttpsTrust::System
-    };
+    })
+}
+
+/// Logs in to the host of `url` as the command line says. The password
+/// comes from `--xen-password-file` or the environment, never from argv.
+pub(crate) fn xen_session(ui: &Ui, url: &XenUrl, options: &XenOptions) -> Result<Session> {
+    let trust = https_trust(
+        ui,
+        &url.authority(),
+        options.insecure,
+        &options.fingerprint,
+        options.ca_file.as_deref(),
+    )?;
     let user = options
         .user
         .clone()
@@ -783,24 +829,7 @@ impl Committer for RepoCommitter<'_> {
         tar: &[u8],
         landmark: BTreeMap<String, String>,
     ) -> Result<(), RepoError> {
-        let source = crate::source::xenapi::nbd::MemorySource {
-            identity: identity.to_string(),
-            bytes: tar.to_vec(),
-        };
-        // The metadata is small: never a forced full, always layered.
-        let options = SnapshotOptions {
-            parent: ParentRequest::Newest,
-            ..self.options.clone()
-        };
-        let summary = backup_disk(
-            self.ui,
-            self.repo,
-            &source,
-            &options,
-            Changes::Unknown,
-            Allocation::Unknown,
-            landmark,
-        )?;
+        let summary = commit_bytes(self.ui, self.repo, self.options, identity, tar, landmark)?;
         self.ui.info(format!(
             "VM metadata ({}) saved as snapshot {}",
             human_bytes(tar.len() as u64),

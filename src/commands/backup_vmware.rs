@@ -18,7 +18,6 @@ use crate::repo::{RepoError, Repository};
 use crate::source::vmware::client::Session;
 use crate::source::vmware::workflow::{self, Committer, FrozenDisk};
 use crate::source::vmware::VmwareUrl;
-use crate::source::xenapi::tls::HttpsTrust;
 use crate::source::Changes;
 
 /// The environment variable holding the vSphere password.
@@ -41,26 +40,13 @@ pub struct VmwareOptions {
 /// Logs in as the command line says; the password from
 /// `--vmware-password-file` or the environment, never argv.
 pub fn vmware_session(ui: &Ui, url: &VmwareUrl, o: &VmwareOptions) -> Result<Session> {
-    let trust = if o.insecure {
-        ui.warn(format!(
-            "--insecure: the certificate of '{}' is NOT verified; anyone on the path can read the password and the disks",
-            url.authority()
-        ));
-        HttpsTrust::Insecure
-    } else if !o.fingerprint.is_empty() {
-        HttpsTrust::Fingerprint(
-            o.fingerprint
-                .iter()
-                .map(|fp| crate::source::xenapi::tls::parse_fingerprint(fp))
-                .collect::<Result<_, _>>()?,
-        )
-    } else if let Some(ca) = &o.ca_file {
-        let (pem, origin) = nbd::tls::read_pem_file(ca, "--ca-file")?;
-        nbd::tls::parse_certs(&pem, &origin)?;
-        HttpsTrust::CaPem(pem)
-    } else {
-        HttpsTrust::System
-    };
+    let trust = super::backup::https_trust(
+        ui,
+        &url.authority(),
+        o.insecure,
+        &o.fingerprint,
+        o.ca_file.as_deref(),
+    )?;
     let user = o
         .user
         .clone()
@@ -187,23 +173,8 @@ impl Committer for RepoCommitter<'_> {
         xml: &[u8],
         landmark: BTreeMap<String, String>,
     ) -> Result<(), RepoError> {
-        let source = crate::source::xenapi::nbd::MemorySource {
-            identity: identity.to_string(),
-            bytes: xml.to_vec(),
-        };
-        let options = SnapshotOptions {
-            parent: ParentRequest::Newest,
-            ..self.options.clone()
-        };
-        let summary = backup_disk(
-            self.ui,
-            self.repo,
-            &source,
-            &options,
-            Changes::Unknown,
-            Allocation::Unknown,
-            landmark,
-        )?;
+        let summary =
+            super::backup::commit_bytes(self.ui, self.repo, self.options, identity, xml, landmark)?;
         self.ui.info(format!(
             "VM configuration ({}) saved as snapshot {}",
             human_bytes(xml.len() as u64),

@@ -65,6 +65,39 @@ pub fn run(ui: &Ui, options: &DemoOptions) -> Result<Outcome> {
     result
 }
 
+/// Restores snapshot `id` to `restored` and compares it with `host`'s
+/// bytes (read `len` at a time by `read(offset, len)`): the step 7/8 of
+/// both demos. The summary of the restore and whether they are equal.
+fn restore_and_compare(
+    ui: &Ui,
+    repo: &Repository,
+    id: crate::format::SnapshotId,
+    restored: &Path,
+    size: u64,
+    read: &dyn Fn(u64, usize) -> Result<Vec<u8>>,
+) -> Result<(crate::repo::restore::RestoreSummary, bool)> {
+    let summary = {
+        let _lock = repo.lock(false, "demo restore")?;
+        // Its own summary would be a second one: the demo's comes last.
+        restore_to_path(&Ui::new(false, true, "demo"), repo, id, restored, true)?
+    };
+    let mut host_hash = blake3::Hasher::new();
+    let mut at = 0u64;
+    while at < size {
+        let n = (size - at).min(4 << 20) as usize;
+        host_hash.update(&read(at, n)?);
+        at += n as u64;
+    }
+    let (a, b) = (host_hash.finalize(), super::hash_file(restored)?);
+    ui.info(format!(
+        "8. verify: host disk BLAKE3 {}…, restored BLAKE3 {}…: {}",
+        &a.to_hex()[..16],
+        &b.to_hex()[..16],
+        if a == b { "identical" } else { "DIFFERENT" }
+    ));
+    Ok((summary, a == b))
+}
+
 /// Guest data: 60% of the 64 KiB blocks random, the rest never written.
 fn fill_disk(sim: &Simulator, vdi: &str, size: u64, seed: u64) -> Result<()> {
     let blocks = size / BLOCK;
@@ -222,39 +255,25 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         snap.summary.snapshot_id.short(),
         restored.display()
     ));
-    let id = snap.summary.snapshot_id;
-    let summary = {
-        let _lock = repo.lock(false, "demo restore")?;
-        // Its own summary would be a second one: the demo's comes last.
-        restore_to_path(&Ui::new(false, true, "demo"), &repo, id, &restored, true)?
-    };
+    let (summary, same) = restore_and_compare(
+        ui,
+        &repo,
+        snap.summary.snapshot_id,
+        &restored,
+        disk.size_bytes,
+        &|at, n| Ok(sim.read_vdi(&disk.vdi_uuid, at, n)?),
+    )?;
     ui.info(format!(
         "   restored {} in {:.2}s",
         human_bytes(summary.disk_size_bytes),
         summary.seconds
     ));
-
-    // Compare with the host's disk, which the guest has not touched since.
-    let mut host_hash = blake3::Hasher::new();
-    let mut at = 0u64;
-    while at < disk.size_bytes {
-        let n = (disk.size_bytes - at).min(4 << 20) as usize;
-        host_hash.update(&sim.read_vdi(&disk.vdi_uuid, at, n)?);
-        at += n as u64;
-    }
-    let (a, b) = (host_hash.finalize(), super::hash_file(&restored)?);
-    ui.info(format!(
-        "8. verify: host disk BLAKE3 {}…, restored BLAKE3 {}…: {}",
-        &a.to_hex()[..16],
-        &b.to_hex()[..16],
-        if a == b { "identical" } else { "DIFFERENT" }
-    ));
     let leftovers = sim.dom0_attachments();
     ui.summary(&serde_json::json!({
         "full_backup": full, "incremental_backup": incremental, "restore": summary,
-        "verified": a == b,
+        "verified": same,
     }));
-    if a != b {
+    if !same {
         bail!("the restored disk differs from the host's disk");
     }
     if leftovers != 0 {
@@ -396,36 +415,20 @@ fn demo_vmware(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         snap.summary.snapshot_id.short(),
         restored.display()
     ));
-    let summary = {
-        let _lock = repo.lock(false, "demo restore")?;
-        restore_to_path(
-            &Ui::new(false, true, "demo"),
-            &repo,
-            snap.summary.snapshot_id,
-            &restored,
-            true,
-        )?
-    };
-    let mut host_hash = blake3::Hasher::new();
-    let mut at = 0u64;
-    while at < disk.capacity_bytes {
-        let n = (disk.capacity_bytes - at).min(4 << 20) as usize;
-        host_hash.update(&sim.read_disk(&vm.id, disk.key, at, n)?);
-        at += n as u64;
-    }
-    let (a, b) = (host_hash.finalize(), super::hash_file(&restored)?);
-    ui.info(format!(
-        "8. verify: host disk BLAKE3 {}…, restored BLAKE3 {}…: {}",
-        &a.to_hex()[..16],
-        &b.to_hex()[..16],
-        if a == b { "identical" } else { "DIFFERENT" }
-    ));
+    let (summary, same) = restore_and_compare(
+        ui,
+        &repo,
+        snap.summary.snapshot_id,
+        &restored,
+        disk.capacity_bytes,
+        &|at, n| Ok(sim.read_disk(&vm.id, disk.key, at, n)?),
+    )?;
     let left = sim.snapshots(&vm.id)?.len();
     ui.summary(&serde_json::json!({
         "full_backup": full, "incremental_backup": incremental, "restore": summary,
-        "verified": a == b,
+        "verified": same,
     }));
-    if a != b {
+    if !same {
         bail!("the restored disk differs from the host's disk");
     }
     if left != 0 {

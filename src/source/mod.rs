@@ -4,6 +4,35 @@
 //! repository modules.
 
 pub mod changes;
+
+/// The host and the user (percent-decoded) of a `SCHEME://[USER@]HOST...`
+/// URL; a password in it is refused (`why` says where to put it instead).
+pub(crate) fn url_user_host(
+    url: &url::Url,
+    password_advice: &str,
+) -> Result<(Option<String>, String), String> {
+    if url.password().is_some() {
+        return Err(format!(
+            "a password in the URL is refused: {password_advice}"
+        ));
+    }
+    let host = url
+        .host_str()
+        .ok_or("no host")?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let user = match url.username() {
+        "" => None,
+        u => Some(
+            url::form_urlencoded::parse(format!("u={u}").as_bytes())
+                .next()
+                .map(|(_, v)| v.into_owned())
+                .unwrap_or_default(),
+        ),
+    };
+    Ok((user, host))
+}
 pub mod file;
 pub mod nbd;
 pub mod vmware;

@@ -13,6 +13,28 @@ fn s(v: &str) -> Value {
     Value::str(v)
 }
 
+/// Sends SIGTERM; the process must exit 0 within 10 s.
+fn stops_on_sigterm(child: &mut std::process::Child) {
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-s", "TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "sim exited with {status}");
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "sim did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn sim_command_prints_how_to_connect_and_stops_on_sigterm() {
     use std::io::BufRead;
@@ -90,24 +112,7 @@ fn sim_command_prints_how_to_connect_and_stops_on_sigterm() {
         logged.contains("XenAPI session.login_with_password ok"),
         "{logged}"
     );
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-s", "TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "sim exited with {status}");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "sim did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stops_on_sigterm(&mut child);
 }
 
 /// `sim --vmware`: a simulated ESXi host that the product backs up with
@@ -162,24 +167,7 @@ fn sim_vmware_serves_what_it_prints_and_a_backup_of_it_restores() {
     // An empty disk restores as zeros.
     let id = s["disks"][0]["snapshot_id"].as_str().unwrap();
     t.assert_restores(id, blake3::hash(&vec![0u8; 2 << 20]), 2 << 20);
-    let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-s", "TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "sim exited with {status}");
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "sim did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    stops_on_sigterm(&mut child);
 }
 
 /// `demo` and `demo --vmware`, as the README's first command runs them

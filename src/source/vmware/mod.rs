@@ -106,26 +106,11 @@ impl VmwareUrl {
         if url.scheme() != "vmware" {
             return Err(bad("scheme is not vmware"));
         }
-        if url.password().is_some() {
-            return Err(bad(
-                "a password in the URL is refused: use --password-file or CBTVAULT_VMWARE_PASSWORD",
-            ));
-        }
-        let host = url
-            .host_str()
-            .ok_or_else(|| bad("no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let user = match url.username() {
-            "" => None,
-            u => Some(
-                url::form_urlencoded::parse(format!("u={u}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default(),
-            ),
-        };
+        let (user, host) = crate::source::url_user_host(
+            &url,
+            "use --vmware-password-file or CBTVAULT_VMWARE_PASSWORD",
+        )
+        .map_err(|why| bad(&why))?;
         let path = url.path();
         let vm = path
             .strip_prefix("/vm/")

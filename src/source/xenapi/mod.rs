@@ -130,26 +130,9 @@ impl XenUrl {
         if url.scheme() != "xen" {
             return Err(bad("scheme is not xen"));
         }
-        if url.password().is_some() {
-            return Err(bad(
-                "a password in the URL is refused: use --xen-password-file or CBTVAULT_XEN_PASSWORD",
-            ));
-        }
-        let host = url
-            .host_str()
-            .ok_or_else(|| bad("no host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let user = match url.username() {
-            "" => None,
-            u => Some(
-                url::form_urlencoded::parse(format!("u={u}").as_bytes())
-                    .next()
-                    .map(|(_, v)| v.into_owned())
-                    .unwrap_or_default(),
-            ),
-        };
+        let (user, host) =
+            crate::source::url_user_host(&url, "use --xen-password-file or CBTVAULT_XEN_PASSWORD")
+                .map_err(|why| bad(&why))?;
         let segments: Vec<&str> = url
             .path_segments()
             .map(|s| s.filter(|x| !x.is_empty()).collect())
