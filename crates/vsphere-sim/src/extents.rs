@@ -103,6 +103,22 @@ impl ExtentSet {
         out
     }
 
+    /// The parts of `[start, end)` not in the set, in order.
+    pub fn gaps(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut at = start;
+        for (s, e) in self.clipped(start, end) {
+            if s > at {
+                out.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
+    }
+
     /// Removes everything at or beyond `end` (a disk shrank or was cut).
     pub fn truncate(&mut self, end: u64) {
         let kept = self.clipped(0, end);
@@ -113,6 +129,17 @@ impl ExtentSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gaps_are_the_complement_within_the_window() {
+        let mut x = ExtentSet::default();
+        x.insert(10, 20);
+        x.insert(30, 40);
+        assert_eq!(x.gaps(0, 50), vec![(0, 10), (20, 30), (40, 50)]);
+        assert_eq!(x.gaps(15, 35), vec![(20, 30)]);
+        assert_eq!(x.gaps(12, 18), vec![]);
+        assert_eq!(ExtentSet::default().gaps(5, 9), vec![(5, 9)]);
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -78,6 +78,62 @@ pub struct SnapshotDisk {
     pub change_id: Option<String>,
     /// What was allocated when frozen.
     pub allocated: ExtentSet,
+    /// The byte ranges the guest wrote since: their frozen bytes were
+    /// copied into the snapshot's file first (copy-on-write); every other
+    /// byte is still the live file's.
+    #[serde(default)]
+    pub saved: ExtentSet,
+}
+
+/// What GET /folder serves for a path.
+#[derive(Debug, Clone)]
+pub enum FolderView {
+    /// A file as it is.
+    Plain(PathBuf),
+    /// A disk's base under a snapshot: `saved` ranges from the frozen
+    /// file, the rest from the live one.
+    Frozen {
+        frozen: PathBuf,
+        live: PathBuf,
+        saved: ExtentSet,
+        size: u64,
+    },
+}
+
+impl FolderView {
+    pub fn size(&self) -> std::io::Result<u64> {
+        match self {
+            FolderView::Plain(p) => Ok(std::fs::metadata(p)?.len()),
+            FolderView::Frozen { size, .. } => Ok(*size),
+        }
+    }
+
+    /// Fills `buf` from `offset` (zeros past a file's end).
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut fill = |path: &std::path::Path, s: u64, e: u64| -> std::io::Result<()> {
+            let bytes = store::read_at(path, s, (e - s) as usize)?;
+            buf[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&bytes);
+            Ok(())
+        };
+        match self {
+            FolderView::Plain(p) => fill(p, offset, end),
+            FolderView::Frozen {
+                frozen,
+                live,
+                saved,
+                ..
+            } => {
+                for (s, e) in saved.clipped(offset, end) {
+                    fill(frozen, s, e)?;
+                }
+                for (s, e) in saved.gaps(offset, end) {
+                    fill(live, s, e)?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -377,11 +433,34 @@ impl State {
                     )
                 })?;
             let _ = end;
-            self.store.live(&d.descriptor)
+            (
+                self.store.live(&d.descriptor),
+                d.descriptor.clone(),
+                v.snapshots.clone(),
+            )
         };
+        let (live, descriptor, snapshots) = live;
+        let end = offset + data.len() as u64;
+        for id in snapshots {
+            let frozen = self.store.frozen_file(&id, key);
+            let Some(sd) = self
+                .snapshots
+                .get_mut(&id)
+                .and_then(|s| s.disks.iter_mut().find(|sd| sd.key == key))
+            else {
+                continue;
+            };
+            if sd.descriptor != descriptor {
+                continue;
+            }
+            for (s, e) in sd.saved.gaps(offset, end) {
+                store::copy_range(&live, &frozen, s, e)
+                    .map_err(|e| format!("copy-on-write into '{}': {e}", frozen.display()))?;
+                sd.saved.insert(s, e);
+            }
+        }
         store::write_at(&live, offset, data)
             .map_err(|e| format!("write '{}': {e}", live.display()))?;
-        let end = offset + data.len() as u64;
         let v = self
             .vms
             .get_mut(vm)
@@ -461,9 +540,10 @@ impl State {
         let number = v.snapshots.len() as i32 + 1;
         let mut disks = Vec::new();
         for d in &v.disks {
+            // Nothing is copied now: the guest's next writes copy the
+            // bytes they replace first (as ESXi redirects them to a delta).
             let frozen = self.store.frozen_file(&id, d.key);
-            let live = self.store.live(&d.descriptor);
-            if let Err(e) = store::freeze(&live, &frozen, d.capacity_bytes, &d.allocated) {
+            if let Err(e) = store::create_sparse(&frozen, d.capacity_bytes) {
                 self.store.remove_frozen(&id);
                 return Err(VimFault::FileFault {
                     file: format!("{}: {e}", store::datastore_path(&d.descriptor)),
@@ -478,6 +558,7 @@ impl State {
                 content_id: d.content_id.clone(),
                 change_id: None,
                 allocated: d.allocated.clone(),
+                saved: ExtentSet::default(),
             });
         }
         let vm_mut = self.vm_mut(vm)?;
@@ -534,18 +615,30 @@ impl State {
     /// disk's base `-flat.vmdk` is the oldest snapshot's frozen bytes
     /// while the VM has snapshots (the VM writes to a delta), else the
     /// live file. `None`: no such file.
-    pub fn folder_file(&self, relative: &str) -> Option<PathBuf> {
+    pub fn folder_view(&self, relative: &str) -> Option<FolderView> {
         let path = self.store.file(relative)?;
         for v in self.vms.values() {
             for d in &v.disks {
                 if store::flat_name(&d.descriptor) == relative {
-                    if let Some(first) = v.snapshots.first() {
-                        return Some(self.store.frozen_file(first, d.key));
+                    let first = v.snapshots.first().and_then(|f| self.snapshots.get(f));
+                    if let Some(snap) = first {
+                        let saved = snap
+                            .disks
+                            .iter()
+                            .find(|sd| sd.key == d.key && sd.descriptor == d.descriptor)
+                            .map(|sd| sd.saved.clone())
+                            .unwrap_or_default();
+                        return Some(FolderView::Frozen {
+                            frozen: self.store.frozen_file(&snap.id, d.key),
+                            live: path,
+                            saved,
+                            size: d.capacity_bytes,
+                        });
                     }
                 }
             }
         }
-        path.is_file().then_some(path)
+        path.is_file().then_some(FolderView::Plain(path))
     }
 
     /// The backing fileName of disk `descriptor` at chain position `n`

@@ -6,7 +6,6 @@
 //! small HTTP/1.1 server with keep-alive, bodies bounded before
 //! allocation, file bodies streamed.
 
-use std::io::{Read, Seek, SeekFrom};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -363,7 +362,7 @@ impl Conn {
         let keep = head.keep_alive();
         let (file, ignore_range, cut) = {
             let mut st = self.core.lock();
-            let file = st.folder_file(relative);
+            let file = st.folder_view(relative);
             let cut = head.method == "GET" && file.is_some() && st.take_drop("folder");
             (file, st.faults.ignore_range, cut)
         };
@@ -372,8 +371,7 @@ impl Conn {
                 .log_call(format!("HTTP GET /folder/{relative} 404"));
             return self.text(404, "no such file", keep).await;
         };
-        let mut f = std::fs::File::open(&file)?;
-        let size = f.metadata()?.len();
+        let size = file.size()?;
         let range = if ignore_range {
             RangeRequest::Whole
         } else {
@@ -418,13 +416,20 @@ impl Conn {
             return Ok(if keep { After::KeepAlive } else { After::Close });
         }
         let send = if cut { len / 2 } else { len };
-        f.seek(SeekFrom::Start(start))?;
+        let mut at = start;
         let mut left = send;
         let mut buf = vec![0u8; IO_CHUNK];
         while left > 0 {
             let n = (left as usize).min(IO_CHUNK);
-            f.read_exact(&mut buf[..n])?;
+            {
+                // Under the lock: a guest write copies the bytes it
+                // replaces into the snapshot first, never mid-chunk.
+                let st = self.core.lock();
+                let view = st.folder_view(relative).unwrap_or_else(|| file.clone());
+                view.read(at, &mut buf[..n])?;
+            }
             self.io.write_all(&buf[..n]).await?;
+            at += n as u64;
             left -= n as u64;
         }
         self.io.flush().await?;

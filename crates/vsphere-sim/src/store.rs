@@ -9,8 +9,6 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::extents::ExtentSet;
-
 /// The one datastore's name.
 pub const DATASTORE: &str = "datastore1";
 /// Bytes per copy or scan step.
@@ -148,25 +146,37 @@ pub fn read_at(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-/// Copies the `extents` of `src` into a new sparse file `dst` of `capacity`.
-pub fn freeze(src: &Path, dst: &Path, capacity: u64, extents: &ExtentSet) -> io::Result<()> {
+/// An empty sparse file of `capacity` bytes at `dst` (a snapshot's
+/// frozen copy, filled copy-on-write).
+pub fn create_sparse(dst: &Path, capacity: u64) -> io::Result<()> {
     if let Some(parent) = dst.parent() {
         std::fs::create_dir_all(parent)?;
     }
+    File::create(dst)?.set_len(capacity)
+}
+
+/// Copies `[start, end)` of `src` into `dst` at the same offsets.
+pub fn copy_range(src: &Path, dst: &Path, start: u64, end: u64) -> io::Result<()> {
     let from = File::open(src)?;
-    let to = File::create(dst)?;
-    to.set_len(capacity)?;
+    let to = OpenOptions::new().write(true).open(dst)?;
     let mut buf = vec![0u8; CHUNK];
-    for (start, end) in extents.iter() {
-        let mut at = start;
-        while at < end.min(capacity) {
-            let n = ((end.min(capacity) - at) as usize).min(CHUNK);
-            from.read_exact_at(&mut buf[..n], at)?;
-            to.write_all_at(&buf[..n], at)?;
-            at += n as u64;
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) as usize).min(CHUNK);
+        let mut done = 0;
+        while done < n {
+            let got = from.read_at(&mut buf[done..n], at + done as u64)?;
+            if got == 0 {
+                // Past the end of a sparse file: zeros.
+                buf[done..n].fill(0);
+                break;
+            }
+            done += got;
         }
+        to.write_all_at(&buf[..n], at)?;
+        at += n as u64;
     }
-    to.sync_all()
+    to.sync_data()
 }
 
 #[cfg(test)]
