@@ -14,6 +14,8 @@
 # least 0.8x curl's throughput, incremental at most 5% of the full's time.
 #
 # Environment: BENCH_SIZE_MIB=4096 BENCH_ROUNDS=3
+#   BENCH_REPO_DIR=<work dir> (where the repository goes: /dev/shm takes
+#   the disk's write speed out of the comparison with curl -> /dev/null)
 #   BENCH_DIR=<repo>/bench-work-vmware BENCH_KEEP=0 BENCH_BUILD=1
 #   CBTVAULT=<repo>/target/release/cbtvault
 set -euo pipefail
@@ -34,7 +36,11 @@ for t in curl python3 /usr/bin/time; do command -v "$t" >/dev/null || die "missi
 # shellcheck source=bench/workdir.sh
 source "$ROOT/bench/workdir.sh"
 SIM_PID=
-bench_cleanup_extra() { [[ -n $SIM_PID ]] && kill "$SIM_PID" 2>/dev/null && wait "$SIM_PID" 2>/dev/null || true; }
+bench_cleanup_extra() {
+  [[ -n $SIM_PID ]] && kill "$SIM_PID" 2>/dev/null && wait "$SIM_PID" 2>/dev/null
+  [[ -n ${REPO:-} && $KEEP != 1 ]] && rm -rf -- "$REPO"
+  true
+}
 claim_workdir
 if [[ $BUILD == 1 && -z ${CBTVAULT:-} ]]; then
   log "cargo build --release"; (cd "$ROOT" && cargo build --release --quiet)
@@ -85,19 +91,20 @@ timed() {  # timed NAME CMD...: seconds into T[NAME]
     cat "$WORK/.err" >&2; die "failed: $*"; }
 }
 declare -a CURL FULL INC
+REPO=${BENCH_REPO_DIR:-$WORK}/vmware-bench-repo
 FLAT="https://127.0.0.1:$PORT/folder/demo-vm/demo-vm-flat.vmdk?dcPath=ha-datacenter&dsName=datastore1"
 SRC="vmware://root@127.0.0.1:$PORT/vm/$VM"
 for r in $(seq "$ROUNDS"); do
   timed curl -sS -k -f -u "root:$CBTVAULT_SIM_PASSWORD" -o /dev/null "$FLAT"
   read -r s _ <"$WORK/.t"; CURL+=("$s"); log "round $r: curl $s s"
-  rm -rf "$WORK/repo"; "$CBT" -r "$WORK/repo" init -q
-  timed "$CBT" -r "$WORK/repo" --json backup "$SRC" --fingerprint "$FP"
+  rm -rf "$REPO"; "$CBT" -r "$REPO" init -q
+  timed "$CBT" -r "$REPO" --json backup "$SRC" --fingerprint "$FP"
   read -r s m <"$WORK/.t"; FULL+=("$s"); FULL_RSS=$((m / 1024)); log "round $r: full backup $s s, peak RSS $FULL_RSS MiB"
 done
 for r in $(seq "$ROUNDS"); do
   python3 "$WORK/guest.py" "$PORT" "$VM" "$KEY" "$SIZE_MIB" "$r"
   sync
-  timed "$CBT" -r "$WORK/repo" --json backup "$SRC" --fingerprint "$FP"
+  timed "$CBT" -r "$REPO" --json backup "$SRC" --fingerprint "$FP"
   read -r s m <"$WORK/.t"; INC+=("$s"); INC_RSS=$((m / 1024))
   python3 - "$WORK/.out" "$SIZE_MIB" <<'PY'
 import json, sys
