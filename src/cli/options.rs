@@ -182,6 +182,7 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         full_every: (a.full_every > 0).then_some(a.full_every),
         tags: a.tags.clone(),
         strict: a.strict,
+        concurrent: 1,
     };
     let source = if crate::source::vmware::VmwareUrl::is_vmware(&a.source) {
         if a.changed_blocks.is_some() || a.dirty_bitmap.is_some() || a.parent.is_some() {

@@ -87,6 +87,10 @@ pub struct SnapshotOptions {
     pub tags: Vec<String>,
     /// Commit nothing when the source changed while it was read.
     pub strict: bool,
+    /// Backups running at once in this process (a job's concurrency):
+    /// each takes its share of the read buffers, so memory stays bounded
+    /// however many run together. 1 for a lone backup.
+    pub concurrent: u32,
 }
 
 /// How to reach an NBD server.
@@ -437,6 +441,14 @@ pub(crate) fn commit_bytes(
     )
 }
 
+/// Read batch size of one of `concurrent` backups running together: the
+/// read buffers (READERS x queue x batch) are shared out, down to a
+/// quarter (16 blocks: 1 MiB batches at 64 KiB still fill a request
+/// pipeline).
+fn pipeline_batch(alone: usize, concurrent: u32) -> usize {
+    (alone / concurrent.max(1) as usize).max(alone / 4).max(1)
+}
+
 pub(crate) fn backup_disk(
     ui: &Ui,
     repo: &Repository,
@@ -486,7 +498,9 @@ pub(crate) fn backup_disk(
     }
     detail_plan(ui, source, &plan, repo.config().block_size);
     let bar = ui.progress("backup", true);
-    let summary = backup::run(repo, source, plan, &PipelineOptions::from_repo(repo), &bar)?;
+    let mut pipeline = PipelineOptions::from_repo(repo);
+    pipeline.batch_blocks = pipeline_batch(pipeline.batch_blocks, options.concurrent);
+    let summary = backup::run(repo, source, plan, &pipeline, &bar)?;
     bar.finish();
     ui.detail(
         1,
@@ -1019,4 +1033,18 @@ fn run_xen(
             Outcome::Warnings
         },
     )
+}
+
+#[cfg(test)]
+mod pipeline_share_tests {
+    use super::pipeline_batch;
+
+    #[test]
+    fn concurrent_backups_share_the_read_buffers_down_to_a_quarter() {
+        assert_eq!(pipeline_batch(64, 1), 64);
+        assert_eq!(pipeline_batch(64, 0), 64);
+        assert_eq!(pipeline_batch(64, 2), 32);
+        assert_eq!(pipeline_batch(64, 4), 16);
+        assert_eq!(pipeline_batch(64, 64), 16);
+    }
 }

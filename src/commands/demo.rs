@@ -211,6 +211,7 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         full_every: None,
         tags: vec!["demo".into()],
         strict: false,
+        concurrent: 1,
     };
 
     ui.info(format!(
@@ -366,6 +367,7 @@ fn demo_vmware(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         full_every: None,
         tags: vec!["demo".into()],
         strict: false,
+        concurrent: 1,
     };
     let print = |s: &VmwareBackupSummary| {
         let read: u64 = s.disks.iter().map(|d| d.summary.blocks_read).sum();

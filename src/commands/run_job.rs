@@ -316,6 +316,7 @@ fn backup_vm(
     host: &HostConfig,
     job: &JobConfig,
     work: &Work,
+    concurrency: usize,
 ) -> (VmResult, Vec<crate::format::SnapshotId>) {
     let started = Utc::now();
     let clock = Instant::now();
@@ -367,6 +368,7 @@ fn backup_vm(
             },
             tags,
             strict: false,
+            concurrent: concurrency as u32,
         };
         let r = xen_backup(&quiet, repo, &url, &session, &workflow, &snapshot);
         session.logout();
@@ -588,7 +590,7 @@ pub fn run_one(
                         continue;
                     }
                     let host = &config.hosts[&work.host];
-                    let r = backup_vm(ui, &repo, host, job, &work);
+                    let r = backup_vm(ui, &repo, host, job, &work, concurrency);
                     results.lock().unwrap_or_else(|p| p.into_inner()).push(r);
                     queue.done(&work.slot);
                 }
