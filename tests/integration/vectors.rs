@@ -1224,3 +1224,63 @@ fn page_damage_is_rejected() {
     );
     assert!(r.contains("bitmap bit for block 2"), "{r}");
 }
+
+pub const LANDMARK_VMWARE: &str =
+    include_str!("../../format-spec/test-vectors/landmark-vmware.json");
+
+/// The key set of one of `landmark-vmware.json`'s maps.
+pub fn vmware_landmark_keys(which: &str) -> std::collections::BTreeSet<String> {
+    let v: serde_json::Value = serde_json::from_str(LANDMARK_VMWARE).unwrap();
+    v[which].as_object().unwrap().keys().cloned().collect()
+}
+
+#[test]
+fn vmware_landmark_vector_names_the_keys_the_writer_uses() {
+    use cbtvault::source::vmware::workflow::keys;
+    let disk = vmware_landmark_keys("disk");
+    let want: std::collections::BTreeSet<String> = [
+        keys::HOST,
+        keys::VM,
+        keys::VM_NAME,
+        keys::DISK_KEY,
+        keys::DISK_FILE,
+        keys::DISK_LABEL,
+        keys::CHANGE_ID,
+        keys::VM_BACKUP,
+        keys::KIND,
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(disk, want);
+    let config = vmware_landmark_keys("vm_config");
+    let want_config: std::collections::BTreeSet<String> = [
+        keys::HOST,
+        keys::VM,
+        keys::VM_NAME,
+        keys::VM_BACKUP,
+        keys::KIND,
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect();
+    assert_eq!(config, want_config);
+    let v: serde_json::Value = serde_json::from_str(LANDMARK_VMWARE).unwrap();
+    let c = vim_wire::ChangeId::parse(v["disk"][keys::CHANGE_ID].as_str().unwrap()).unwrap();
+    assert_eq!(c.uuid, "52 2d 7b 8f ac 61 51 cc-77 4c 7b ec 91 50 bb 7b");
+    assert_eq!(c.sequence, 4);
+    assert_eq!(
+        v["disk"][keys::DISK_KEY]
+            .as_str()
+            .unwrap()
+            .parse::<i32>()
+            .unwrap(),
+        2000
+    );
+    assert_eq!(
+        cbtvault::source::vmware::workflow::flat_path(v["disk"][keys::DISK_FILE].as_str().unwrap()),
+        Some(("datastore1".into(), "web01/web01-flat.vmdk".into()))
+    );
+    assert_eq!(v["disk"][keys::KIND], "disk");
+    assert_eq!(v["vm_config"][keys::KIND], "vm-config");
+}
