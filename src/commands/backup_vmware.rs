@@ -54,8 +54,10 @@ pub fn vmware_session(ui: &Ui, url: &VmwareUrl, o: &VmwareOptions) -> Result<Ses
         .unwrap_or_else(|| "root".to_string());
     let password = match &o.password_file {
         Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .with_context(|| format!("read the vSphere password file '{}'", p.display()))?;
+            let text =
+                zeroize::Zeroizing::new(std::fs::read_to_string(p).with_context(|| {
+                    format!("read the vSphere password file '{}'", p.display())
+                })?);
             zeroize::Zeroizing::new(text.lines().next().unwrap_or("").to_string())
         }
         None => match std::env::var(VMWARE_PASSWORD_ENV) {

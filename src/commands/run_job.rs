@@ -474,6 +474,8 @@ fn verify(repo: &Repository, snapshots: &[crate::format::SnapshotId]) -> Result<
             Ok(())
         }
     }
+    // Held while reading: a prune elsewhere cannot take the packs away.
+    let _lock = repo.lock(false, "verify")?;
     let (mut blocks, mut bytes) = (0, 0);
     for id in snapshots {
         let reader = repo.chain_reader(*id)?;
