@@ -419,16 +419,24 @@ pub struct XenConnectArgs {
 /// XenServer).
 #[derive(Debug, Args, Clone, Default)]
 pub struct VmwareArgs {
-    /// File whose first line is the vSphere password (else
-    /// CBTVAULT_VMWARE_PASSWORD; never on the command line).
-    #[arg(long = "vmware-password-file", value_name = "FILE")]
-    pub vmware_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub connect: VmwareConnectArgs,
     /// Ask VMware Tools to quiesce the guest's file systems for the
     /// snapshot.
     #[arg(long)]
     pub quiesce: bool,
-    /// The datacenter of the VM's datastores, as `/folder` wants it
-    /// (default ha-datacenter, an ESXi host's; give it for vCenter).
+}
+
+/// How to log in to vSphere and which datacenter's datastores to use
+/// (with `--user`, `--ca-file`, `--fingerprint` and `--insecure`).
+#[derive(Debug, Args, Clone, Default)]
+pub struct VmwareConnectArgs {
+    /// File whose first line is the vSphere password (else
+    /// CBTVAULT_VMWARE_PASSWORD; never on the command line).
+    #[arg(long = "vmware-password-file", value_name = "FILE")]
+    pub vmware_password_file: Option<PathBuf>,
+    /// The datacenter of the datastores, as `/folder` wants it (default
+    /// ha-datacenter, an ESXi host's; give it for vCenter).
     #[arg(long, value_name = "NAME")]
     pub datacenter: Option<String>,
 }
@@ -527,9 +535,11 @@ pub struct RestoreArgs {
     /// Snapshot id (or unique prefix), or `latest`; with --new-vm, a VM
     /// backup id or any snapshot of that VM backup.
     pub snapshot: String,
-    /// A file path, a block device, `-` for stdout, or a XenServer disk to
+    /// A file path, a block device, `-` for stdout, a XenServer disk to
     /// overwrite (xen://[USER@]HOST[:PORT]/vdi/UUID) or an SR to create a
-    /// new disk in (xen://[USER@]HOST[:PORT]/sr/UUID).
+    /// new disk in (xen://[USER@]HOST[:PORT]/sr/UUID), or a new flat VMDK
+    /// on a vSphere datastore
+    /// (vmware://[USER@]HOST[:PORT]/datastore/DATASTORE/PATH.vmdk).
     #[arg(long)]
     pub target: PathBuf,
     /// Replace an existing non-empty regular file; with --include, restore
@@ -548,7 +558,8 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "TIME")]
     pub at: Option<String>,
     /// xen://.../vdi/UUID: import even when the disk is attached to a
-    /// running VM or its size differs from the snapshot's. File and stdout
+    /// running VM or its size differs from the snapshot's. vmware://
+    /// targets: replace existing files of the same names. File and stdout
     /// targets: accept a snapshot disk above 64 TiB.
     #[arg(long)]
     pub force: bool,
@@ -560,8 +571,9 @@ pub struct RestoreArgs {
     /// umask; default 600.
     #[arg(long, value_name = "OCTAL")]
     pub mode: Option<String>,
-    /// xen:// targets: read the imported disk back over NBD and compare
-    /// every block's hash with the snapshot's.
+    /// xen:// and vmware:// targets: read the written disk back (over NBD,
+    /// or the datastore's /folder) and compare every block's hash with the
+    /// snapshot's.
     #[arg(long)]
     pub verify: bool,
     /// xen://.../sr/UUID: restore every disk of a VM backup and create a
@@ -576,6 +588,8 @@ pub struct RestoreArgs {
     pub filter: FilterArgs,
     #[command(flatten)]
     pub xen: XenArgs,
+    #[command(flatten)]
+    pub vmware: VmwareConnectArgs,
 }
 
 #[derive(Debug, Args)]

@@ -23,7 +23,9 @@ use crate::commands::files::{DumpOptions, FileRestoreTarget, FindOptions, LsOpti
 use crate::commands::forget::{ForgetOptions, Selection};
 use crate::commands::forget_policy::GroupBy;
 use crate::commands::inspect::{CatOptions, DiffOptions, UnlockOptions};
-use crate::commands::restore::{LocalOptions, RestoreOptions, RestoreTarget, XenRestoreOptions};
+use crate::commands::restore::{
+    LocalOptions, RestoreOptions, RestoreTarget, VmwareRestoreOptions, XenRestoreOptions,
+};
 use crate::commands::serve::ServeOptions;
 #[cfg(feature = "sim")]
 use crate::commands::sim::SimHostOptions;
@@ -191,18 +193,12 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         if a.source_id.is_some() {
             bail!("--source-id does not apply to vmware:// sources: disks are identified by host, VM and device key");
         }
-        let c = &a.xen.connect;
         BackupSource::Vmware {
             url: crate::source::vmware::VmwareUrl::parse(&a.source)?,
             vmware: crate::commands::backup_vmware::VmwareOptions {
-                user: c.user.clone(),
-                password_file: a.vmware.vmware_password_file.clone(),
-                ca_file: c.ca_file.clone(),
-                fingerprint: c.fingerprint.clone(),
-                insecure: c.insecure,
                 enable_cbt: !a.xen.no_enable_cbt,
                 quiesce: a.vmware.quiesce,
-                datacenter: a.vmware.datacenter.clone(),
+                ..vmware_options(&a.xen.connect, &a.vmware.connect)
             },
         }
     } else if XenUrl::is_xen(&a.source) {
@@ -286,6 +282,19 @@ pub fn restore(a: &RestoreArgs) -> Result<RestoreOptions> {
             includes,
             overwrite: a.overwrite,
         })
+    } else if crate::source::vmware::VmwareUrl::is_vmware(&text) {
+        if a.allow_damaged || a.mode.is_some() || a.new_vm {
+            bail!("--allow-damaged, --mode and --new-vm do not apply to vmware:// targets");
+        }
+        if a.import_format != "auto" {
+            bail!("--import-format applies to xen:// targets only");
+        }
+        RestoreTarget::Vmware(VmwareRestoreOptions {
+            target: crate::target::vmware::VmwareTarget::parse(&text)?,
+            vmware: vmware_options(&a.xen.connect, &a.vmware),
+            force: a.force,
+            verify: a.verify,
+        })
     } else if XenUrl::is_xen(&text) {
         if a.allow_damaged || a.mode.is_some() {
             bail!("--allow-damaged and --mode apply to file, block device and stdout targets only");
@@ -310,7 +319,9 @@ pub fn restore(a: &RestoreArgs) -> Result<RestoreOptions> {
         })
     } else {
         if a.verify || a.new_vm {
-            bail!("--verify and --new-vm apply to xen:// targets only");
+            bail!(
+                "--verify applies to xen:// and vmware:// targets, --new-vm to xen:// targets only"
+            );
         }
         RestoreTarget::Local {
             path: a.target.clone(),
@@ -571,6 +582,24 @@ pub fn job_config(a: &super::ConfigFileArgs) -> Result<crate::jobs::config::Conf
     Ok(crate::jobs::config::parse(&text, path)?)
 }
 
+/// vSphere login and datastore options from the shared XenServer-style
+/// connection flags and the vSphere ones.
+fn vmware_options(
+    c: &super::XenConnectArgs,
+    v: &super::VmwareConnectArgs,
+) -> crate::commands::backup_vmware::VmwareOptions {
+    crate::commands::backup_vmware::VmwareOptions {
+        user: c.user.clone(),
+        password_file: v.vmware_password_file.clone(),
+        ca_file: c.ca_file.clone(),
+        fingerprint: c.fingerprint.clone(),
+        insecure: c.insecure,
+        enable_cbt: true,
+        quiesce: false,
+        datacenter: v.datacenter.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -713,7 +742,7 @@ mod tests {
                 assert!(options.overwrite && options.restore.allow_damaged);
                 assert!(!options.force_size);
             }
-            RestoreTarget::Xen(_) | RestoreTarget::Files(_) => {
+            RestoreTarget::Xen(_) | RestoreTarget::Vmware(_) | RestoreTarget::Files(_) => {
                 panic!("a file target became something else")
             }
         }
@@ -725,8 +754,37 @@ mod tests {
                 assert!(x.new_vm && x.verify && !x.force);
                 assert_eq!(x.import_format, "auto");
             }
-            RestoreTarget::Local { .. } | RestoreTarget::Files(_) => {
+            RestoreTarget::Local { .. } | RestoreTarget::Vmware(_) | RestoreTarget::Files(_) => {
                 panic!("a xen target became something else")
+            }
+        }
+        let vmdk = "vmware://esx/datastore/ds1/r/a.vmdk";
+        let o = restore_of(&["abc", "--target", vmdk, "--verify", "--datacenter", "dc1"]).unwrap();
+        match o.target {
+            RestoreTarget::Vmware(v) => {
+                assert_eq!(
+                    (v.target.datastore.as_str(), v.target.flat().as_str()),
+                    ("ds1", "r/a-flat.vmdk")
+                );
+                assert!(v.verify && !v.force);
+                assert_eq!(v.vmware.datacenter.as_deref(), Some("dc1"));
+            }
+            _ => panic!("a vmware target became something else"),
+        }
+        for (args, says) in [
+            (&["x", "--target", vmdk, "--new-vm"][..], "--new-vm"),
+            (
+                &["x", "--target", vmdk, "--import-format", "raw"],
+                "--import-format",
+            ),
+            (
+                &["x", "--target", "vmware://esx/datastore/ds1/a-flat.vmdk"],
+                "descriptor",
+            ),
+        ] {
+            match restore_of(args) {
+                Ok(_) => panic!("{args:?} was accepted"),
+                Err(e) => assert!(format!("{e:#}").contains(says), "{args:?}: {e:#}"),
             }
         }
         let o = restore_of(&["abc", "--target", "dir", "--include", "p1:/etc/**"]).unwrap();

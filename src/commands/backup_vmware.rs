@@ -40,9 +40,29 @@ pub struct VmwareOptions {
 /// Logs in as the command line says; the password from
 /// `--vmware-password-file` or the environment, never argv.
 pub fn vmware_session(ui: &Ui, url: &VmwareUrl, o: &VmwareOptions) -> Result<Session> {
+    vmware_login(
+        ui,
+        url.user.as_deref(),
+        &url.host,
+        url.port,
+        &url.authority(),
+        o,
+    )
+}
+
+/// Logs in to `host:port` (`authority`) as `--user`, else the URL's user,
+/// else root.
+pub fn vmware_login(
+    ui: &Ui,
+    url_user: Option<&str>,
+    host: &str,
+    port: u16,
+    authority: &str,
+    o: &VmwareOptions,
+) -> Result<Session> {
     let trust = super::backup::https_trust(
         ui,
-        &url.authority(),
+        authority,
         o.insecure,
         &o.fingerprint,
         o.ca_file.as_deref(),
@@ -50,7 +70,7 @@ pub fn vmware_session(ui: &Ui, url: &VmwareUrl, o: &VmwareOptions) -> Result<Ses
     let user = o
         .user
         .clone()
-        .or_else(|| url.user.clone())
+        .or_else(|| url_user.map(str::to_string))
         .unwrap_or_else(|| "root".to_string());
     let password = match &o.password_file {
         Some(p) => {
@@ -67,8 +87,8 @@ pub fn vmware_session(ui: &Ui, url: &VmwareUrl, o: &VmwareOptions) -> Result<Ses
             ),
         },
     };
-    Session::login(&url.host, url.port, &trust, &user, &password)
-        .with_context(|| format!("log in to '{}' as '{user}'", url.authority()))
+    Session::login(host, port, &trust, &user, &password)
+        .with_context(|| format!("log in to '{authority}' as '{user}'"))
 }
 
 /// What a vSphere backup stored.

@@ -17,6 +17,7 @@ pub mod key;
 pub mod prune;
 pub mod repair;
 pub(crate) mod restore;
+mod restore_vmware;
 mod restore_xen;
 pub mod run_job;
 pub mod select;

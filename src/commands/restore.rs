@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use super::forget_policy::unit_source;
+pub use super::restore_vmware::VmwareRestoreOptions;
 use super::restore_xen;
 pub use super::restore_xen::XenRestoreOptions;
 use super::{filtered, one_source, pick_snapshot, Outcome, SnapshotFilter};
@@ -43,6 +44,8 @@ pub enum RestoreTarget {
     },
     /// A XenServer disk to overwrite or an SR to create disks (or a VM) in.
     Xen(XenRestoreOptions),
+    /// A new flat VMDK on a vSphere datastore.
+    Vmware(VmwareRestoreOptions),
     /// Files of the snapshot's file systems into a directory (`--include`,
     /// run by `commands::files::restore`).
     Files(super::files::FileRestoreTarget),
@@ -146,6 +149,12 @@ pub fn run(ui: &Ui, repo: &Repository, options: &RestoreOptions) -> Result<Outco
                 let entry = select(repo, options)?;
                 restore_xen::run_disk(ui, repo, xen, &entry)?;
             }
+            return Ok(Outcome::Ok);
+        }
+        RestoreTarget::Vmware(vmware) => {
+            let _lock = repo.lock(false, "restore")?;
+            let entry = select(repo, options)?;
+            super::restore_vmware::run_disk(ui, repo, vmware, &entry)?;
             return Ok(Outcome::Ok);
         }
         RestoreTarget::Local { path, options } => (path, options),

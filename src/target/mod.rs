@@ -6,6 +6,8 @@
 
 pub mod file;
 pub mod stdout;
+pub mod vmdk;
+pub mod vmware;
 pub mod xen;
 
 pub use file::{FileOptions, FileTarget, PARTIAL_MARK};
@@ -71,3 +73,32 @@ pub fn check_disk_size(
 
 /// Zeros written out where a target cannot leave holes.
 pub(crate) static ZEROS: [u8; 1 << 16] = [0u8; 1 << 16];
+
+/// The first block of `data` (blocks from `first` on, `bs` bytes each)
+/// that differs from what `expected` (the resolved data blocks of that
+/// span, ascending) says: its index and the id expected there (None:
+/// zeros).
+pub fn first_mismatch(
+    expected: &[(u64, crate::format::BlockId)],
+    bs: u64,
+    hasher: crate::crypto::BlockHasher,
+    first: u64,
+    data: &[u8],
+) -> Option<(u64, Option<crate::format::BlockId>)> {
+    use rayon::prelude::*;
+    data.par_chunks(bs as usize)
+        .enumerate()
+        .map(|(k, block)| (first + k as u64, block))
+        .filter_map(|(index, block)| {
+            let want = expected
+                .binary_search_by_key(&index, |(i, _)| *i)
+                .ok()
+                .map(|p| expected[p].1);
+            let ok = match want {
+                Some(id) => hasher.id(block) == id,
+                None => nbd::bytes::is_zero(block),
+            };
+            (!ok).then_some((index, want))
+        })
+        .min_by_key(|m| m.0)
+}

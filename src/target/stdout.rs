@@ -16,6 +16,11 @@ impl<W: Write + Send> StreamSink<W> {
     pub fn new(out: W) -> Self {
         StreamSink { out, position: 0 }
     }
+
+    /// The stream, to write after the disk's bytes (padding).
+    pub fn into_inner(self) -> W {
+        self.out
+    }
 }
 
 impl<W: Write + Send> BlockSink for StreamSink<W> {

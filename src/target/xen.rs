@@ -7,10 +7,10 @@
 //! workflow (which disks, creating and destroying VDIs, the new VM) stays
 //! in `commands/restore_xen.rs`. Never prints.
 
+use super::first_mismatch;
 use crate::crypto::BlockHasher;
 use ::bytes::BytesMut;
 
-use crate::format::BlockId;
 use crate::progress::Progress;
 use crate::repo::restore::{self, BlockSink, RestoreOptions, RestoreSummary};
 use crate::repo::{ChainReader, RepoError, Repository};
@@ -370,38 +370,10 @@ pub fn body_bytes(shape: &DiskShape, format: ImportFormat) -> u64 {
     }
 }
 
-/// The first block of `data` (blocks from `first` on, `bs` bytes each)
-/// that differs from what `expected` (the resolved data blocks of that
-/// span, ascending) says: its index and the id expected there (None:
-/// zeros).
-pub fn first_mismatch(
-    expected: &[(u64, BlockId)],
-    bs: u64,
-    hasher: BlockHasher,
-    first: u64,
-    data: &[u8],
-) -> Option<(u64, Option<BlockId>)> {
-    use rayon::prelude::*;
-    data.par_chunks(bs as usize)
-        .enumerate()
-        .map(|(k, block)| (first + k as u64, block))
-        .filter_map(|(index, block)| {
-            let want = expected
-                .binary_search_by_key(&index, |(i, _)| *i)
-                .ok()
-                .map(|p| expected[p].1);
-            let ok = match want {
-                Some(id) => hasher.id(block) == id,
-                None => nbd::bytes::is_zero(block),
-            };
-            (!ok).then_some((index, want))
-        })
-        .min_by_key(|m| m.0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::BlockId;
 
     fn map(blocks: u64, data: impl Iterator<Item = u64>) -> DiskShape {
         let n = data.count() as u64;

@@ -327,3 +327,221 @@ fn the_password_never_comes_from_the_command_line_and_tls_is_verified() {
         r.stderr
     );
 }
+
+fn datastore_file(sim: &Simulator, path: &str) -> std::path::PathBuf {
+    sim.dir().join("datastore1").join(path)
+}
+
+fn target(sim: &Simulator, path: &str) -> String {
+    let a = sim.address();
+    format!(
+        "vmware://root@{}:{}/datastore/datastore1/{path}",
+        a.ip(),
+        a.port()
+    )
+}
+
+fn restore_to(t: &TestRepo, sim: &Simulator, id: &str, path: &str, extra: &[&str]) -> Run {
+    let to = target(sim, path);
+    let fp = sim.fingerprint().to_string();
+    let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+        &"--json",
+        &"restore",
+        &id,
+        &"--target",
+        &to,
+        &"--fingerprint",
+        &fp,
+    ];
+    for e in extra {
+        args.push(e);
+    }
+    t.run_env(&args, &[("CBTVAULT_VMWARE_PASSWORD", PASSWORD)])
+}
+
+/// The disk a descriptor describes, as qemu-img (a real VMDK reader)
+/// converts it to raw: its hash and size.
+fn qemu_img_raw(descriptor: &std::path::Path, out: &std::path::Path) -> (blake3::Hash, u64) {
+    let st = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "vmdk", "-O", "raw"])
+        .arg(descriptor)
+        .arg(out)
+        .status()
+        .expect("run qemu-img (qemu-utils)");
+    assert!(st.success(), "qemu-img could not read {descriptor:?}");
+    let bytes = std::fs::read(out).unwrap();
+    (blake3::hash(&bytes), bytes.len() as u64)
+}
+
+#[test]
+fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
+    let sim = start();
+    let vm = sim.add_vm("db01", &[DISK, DISK]).unwrap();
+    writes(&sim, &vm, 3);
+    let t = TestRepo::new();
+    let s = backup(&t, &sim, &vm.id, &[]).ok().json();
+    writes(&sim, &vm, 4);
+    let s = {
+        let _ = s;
+        backup(&t, &sim, &vm.id, &[]).ok().json()
+    };
+    let disk = &s["disks"][1];
+    let id = disk["snapshot_id"].as_str().unwrap();
+    let live = sim
+        .read_disk(
+            &vm.id,
+            disk["device_key"].as_i64().unwrap() as i32,
+            0,
+            DISK as usize,
+        )
+        .unwrap();
+    let r = restore_to(&t, &sim, id, "restored/db01 disk1.vmdk", &["--verify"]).ok();
+    let j = r.json();
+    assert_eq!(j["complete"], true, "{j}");
+    assert_eq!(j["verified"], true, "{j}");
+    assert_eq!(j["replaced"], false, "{j}");
+    assert_eq!(
+        j["descriptor_path"],
+        "[datastore1] restored/db01 disk1.vmdk"
+    );
+    assert_eq!(j["flat_path"], "[datastore1] restored/db01 disk1-flat.vmdk");
+    assert_eq!(j["flat_bytes"], DISK);
+    let flat = datastore_file(&sim, "restored/db01 disk1-flat.vmdk");
+    assert_eq!(crate::util::hash_file(&flat), blake3::hash(&live));
+    let descriptor = datastore_file(&sim, "restored/db01 disk1.vmdk");
+    let text = std::fs::read_to_string(&descriptor).unwrap();
+    assert!(
+        text.contains("RW 8192 VMFS \"db01 disk1-flat.vmdk\""),
+        "{text}"
+    );
+    assert_eq!(
+        qemu_img_raw(&descriptor, &t.path("via-qemu.raw")),
+        (blake3::hash(&live), DISK)
+    );
+    // The calls: the flat file first, the descriptor last.
+    let puts: Vec<String> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("HTTP PUT"))
+        .collect();
+    assert_eq!(puts.len(), 2, "{puts:?}");
+    assert!(
+        puts[0].contains("-flat.vmdk") && !puts[1].contains("-flat.vmdk"),
+        "{puts:?}"
+    );
+
+    // Never over existing files unless --force; then replaced.
+    let before = crate::util::hash_file(&flat);
+    let other = s["disks"][0]["snapshot_id"].as_str().unwrap();
+    let r = restore_to(&t, &sim, other, "restored/db01 disk1.vmdk", &[]).expect_code(1);
+    assert!(r.stderr.contains("already exist"), "{}", r.stderr);
+    assert!(r.stderr.contains("--force"), "{}", r.stderr);
+    assert_eq!(crate::util::hash_file(&flat), before);
+    let j = restore_to(
+        &t,
+        &sim,
+        other,
+        "restored/db01 disk1.vmdk",
+        &["--force", "--verify"],
+    )
+    .ok()
+    .json();
+    assert_eq!(j["replaced"], true);
+    let live0 = sim.read_disk(&vm.id, 2000, 0, DISK as usize).unwrap();
+    assert_eq!(crate::util::hash_file(&flat), blake3::hash(&live0));
+
+    // A VM's own disk is locked: refused even with --force, and untouched.
+    let own = format!("{0}/{0}.vmdk", vm.name);
+    let r = restore_to(&t, &sim, id, &own, &["--force"]).expect_code(1);
+    // (The host answers 403 and closes before reading the body, so the
+    // client may see only the closed connection.)
+    assert!(
+        r.stderr.contains("the host stopped the upload"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("left in place"), "{}", r.stderr);
+    assert!(sim.calls().iter().any(|c| c.contains("403 locked")));
+    assert_eq!(
+        blake3::hash(&sim.read_disk(&vm.id, 2000, 0, DISK as usize).unwrap()),
+        blake3::hash(&live0)
+    );
+
+    // An unknown datacenter is named before anything is written.
+    let r = restore_to(&t, &sim, id, "x/y.vmdk", &["--datacenter", "dc-nowhere"]).expect_code(1);
+    assert!(r.stderr.contains("dc-nowhere"), "{}", r.stderr);
+    assert!(!datastore_file(&sim, "x").exists());
+}
+
+#[test]
+fn a_restore_into_vsphere_that_fails_halfway_leaves_no_file() {
+    let sim = start();
+    let vm = sim.add_vm("cut", &[DISK]).unwrap();
+    writes(&sim, &vm, 5);
+    for b in 0..DISK / BS {
+        sim.guest_write(&vm.id, 2000, b * BS, &random_bytes(b, 1, BS as usize))
+            .unwrap();
+    }
+    let t = TestRepo::new();
+    let s = backup(&t, &sim, &vm.id, &[]).ok().json();
+    let id = s["disks"][0]["snapshot_id"].as_str().unwrap().to_string();
+
+    // The host closes the upload halfway and keeps the partial file: it
+    // is deleted, and no descriptor is written.
+    sim.drop_responses("folder_put", 1);
+    let r = restore_to(&t, &sim, &id, "r/cut.vmdk", &[]).expect_code(1);
+    assert!(
+        r.stderr.contains("no descriptor was written"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        sim.calls()
+            .iter()
+            .any(|c| c.contains("PUT /folder/r/cut-flat.vmdk cut")),
+        "the fault did not fire"
+    );
+    assert!(
+        sim.calls()
+            .iter()
+            .any(|c| c == "SOAP DeleteDatastoreFile_Task ok"),
+        "{:?}",
+        sim.calls()
+    );
+    assert!(!datastore_file(&sim, "r/cut-flat.vmdk").exists());
+    assert!(!datastore_file(&sim, "r/cut.vmdk").exists());
+
+    // A damaged block in the repository: the restore stops there, the
+    // upload is cut (never a short body taken as whole), nothing is left.
+    for p in t.packs() {
+        let len = std::fs::metadata(&p).unwrap().len();
+        crate::util::flip_byte(&p, len / 2);
+    }
+    let r = restore_to(&t, &sim, &id, "r/cut.vmdk", &[]).expect_code(1);
+    assert!(r.stderr.contains("upload was cut"), "{}", r.stderr);
+    assert!(!datastore_file(&sim, "r/cut-flat.vmdk").exists());
+    assert!(!datastore_file(&sim, "r/cut.vmdk").exists());
+}
+
+#[test]
+fn a_disk_of_partial_sectors_is_padded_and_verified() {
+    let sim = start();
+    let t = TestRepo::new();
+    let size = 3 * BS + 700;
+    let bytes = random_bytes(9, 9, size as usize);
+    let img = crate::util::Image::from_bytes(&t.path("odd.img"), &bytes);
+    let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+    let r = restore_to(&t, &sim, &id, "odd/odd.vmdk", &["--verify"]).ok();
+    assert!(
+        r.stderr.contains("not whole 512-byte sectors"),
+        "{}",
+        r.stderr
+    );
+    let j = r.json();
+    assert_eq!(j["flat_bytes"], 3 * BS + 1024);
+    let (_, len) = qemu_img_raw(&datastore_file(&sim, "odd/odd.vmdk"), &t.path("odd.raw"));
+    assert_eq!(len, 3 * BS + 1024);
+    let raw = std::fs::read(t.path("odd.raw")).unwrap();
+    assert_eq!(&raw[..size as usize], &bytes[..]);
+    assert!(raw[size as usize..].iter().all(|b| *b == 0));
+}

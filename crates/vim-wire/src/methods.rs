@@ -28,10 +28,11 @@ pub enum Method {
     CreateSnapshotTask,
     RemoveSnapshotTask,
     QueryChangedDiskAreas,
+    DeleteDatastoreFileTask,
 }
 
 impl Method {
-    pub const ALL: [Method; 11] = [
+    pub const ALL: [Method; 12] = [
         Method::RetrieveServiceContent,
         Method::Login,
         Method::Logout,
@@ -43,6 +44,7 @@ impl Method {
         Method::CreateSnapshotTask,
         Method::RemoveSnapshotTask,
         Method::QueryChangedDiskAreas,
+        Method::DeleteDatastoreFileTask,
     ];
 
     /// The wire name (`ReconfigVM_Task`, ...).
@@ -59,6 +61,7 @@ impl Method {
             Method::CreateSnapshotTask => "CreateSnapshot_Task",
             Method::RemoveSnapshotTask => "RemoveSnapshot_Task",
             Method::QueryChangedDiskAreas => "QueryChangedDiskAreas",
+            Method::DeleteDatastoreFileTask => "DeleteDatastoreFile_Task",
         }
     }
 
@@ -125,6 +128,13 @@ pub enum Request {
         start_offset: i64,
         change_id: String,
     },
+    /// FileManager.DeleteDatastoreFile_Task: `name` is a datastore path
+    /// (`[datastore1] dir/file.vmdk`); `datacenter` is required by vCenter.
+    DeleteDatastoreFileTask {
+        this: Moref,
+        name: String,
+        datacenter: Option<Moref>,
+    },
     /// A call not modelled here: its name, `_this` if readable, the element.
     Unknown {
         method: String,
@@ -148,6 +158,7 @@ impl Request {
             Request::CreateSnapshotTask { .. } => Method::CreateSnapshotTask,
             Request::RemoveSnapshotTask { .. } => Method::RemoveSnapshotTask,
             Request::QueryChangedDiskAreas { .. } => Method::QueryChangedDiskAreas,
+            Request::DeleteDatastoreFileTask { .. } => Method::DeleteDatastoreFileTask,
             Request::Unknown { .. } => return None,
         })
     }
@@ -174,7 +185,8 @@ impl Request {
             | Request::ReconfigVmTask { this, .. }
             | Request::CreateSnapshotTask { this, .. }
             | Request::RemoveSnapshotTask { this, .. }
-            | Request::QueryChangedDiskAreas { this, .. } => Some(this),
+            | Request::QueryChangedDiskAreas { this, .. }
+            | Request::DeleteDatastoreFileTask { this, .. } => Some(this),
             Request::Unknown { this, .. } => this.as_ref(),
         }
     }
@@ -257,6 +269,15 @@ impl Request {
                     .with(Element::leaf("startOffset", start_offset.to_string()))
                     .with(Element::leaf("changeId", change_id.clone()))
             }
+            Request::DeleteDatastoreFileTask {
+                name, datacenter, ..
+            } => {
+                let e = e.with(Element::leaf("name", name.clone()));
+                match datacenter {
+                    Some(dc) => e.with(dc.encode("datacenter")),
+                    None => e,
+                }
+            }
             Request::Unknown { .. } => e,
         }
     }
@@ -330,6 +351,11 @@ impl Request {
                 device_key: req_i32(el, "deviceKey")?,
                 start_offset: req_i64(el, "startOffset")?,
                 change_id: req_text(el, "changeId")?.trim().to_string(),
+            },
+            Method::DeleteDatastoreFileTask => Request::DeleteDatastoreFileTask {
+                this,
+                name: req_text(el, "name")?.to_string(),
+                datacenter: opt_moref(el, "datacenter")?,
             },
         })
     }
@@ -407,9 +433,10 @@ impl Response {
             Method::FindByUuid | Method::FindByInventoryPath => {
                 Response::Found(ret.map(|r| decode_moref(r, &expected)).transpose()?)
             }
-            Method::ReconfigVmTask | Method::CreateSnapshotTask | Method::RemoveSnapshotTask => {
-                Response::Task(decode_moref(need()?, &expected)?)
-            }
+            Method::ReconfigVmTask
+            | Method::CreateSnapshotTask
+            | Method::RemoveSnapshotTask
+            | Method::DeleteDatastoreFileTask => Response::Task(decode_moref(need()?, &expected)?),
             Method::QueryChangedDiskAreas => {
                 Response::DiskChangeInfo(DiskChangeInfo::decode(need()?)?)
             }

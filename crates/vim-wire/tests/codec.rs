@@ -400,6 +400,13 @@ fn request() -> impl Strategy<Value = Request> {
                     change_id,
                 }
             }),
+        (moref(), text(), proptest::option::of(moref())).prop_map(|(this, name, datacenter)| {
+            Request::DeleteDatastoreFileTask {
+                this,
+                name,
+                datacenter,
+            }
+        }),
     ]
 }
 

@@ -360,6 +360,24 @@ fn call(
                 Response::DiskChangeInfo(info),
             )
         }
+        Request::DeleteDatastoreFileTask {
+            this,
+            name,
+            datacenter,
+        } => {
+            expect_kind(this, "FileManager")?;
+            if let Some(dc) = datacenter {
+                if dc.kind != "Datacenter" || dc.value != model::DATACENTER {
+                    return Err((VimFault::ManagedObjectNotFound { obj: dc.clone() }, None));
+                }
+            }
+            let outcome = match st.take_task_fault(&method) {
+                Some(f) => Err(f),
+                None => st.delete_datastore_file(name).map(|_| None),
+            };
+            let task = st.add_task("FileManager.deleteFile", this.clone(), "", outcome, &user);
+            ok(Method::DeleteDatastoreFileTask, Response::Task(task))
+        }
         Request::Unknown {
             method,
             this,

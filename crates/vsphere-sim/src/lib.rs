@@ -62,7 +62,9 @@
 //!   name), `count`, optional `message`): the next calls answer that fault;
 //!   `fail_task` (`method`, `fault`): its next task ends in error, changing
 //!   nothing; `drop` (`target` = a method name or `folder`, `count`): the
-//!   response is cut mid-way and the connection closed; `ignore_range`
+//!   response is cut mid-way and the connection closed; `target` =
+//!   `folder_put`: a PUT's connection closes after half the body and the
+//!   partial file stays; `ignore_range`
 //!   (`on`): GET /folder answers 200 with the whole file; `delay` (`ms`):
 //!   every response waits; `task_duration` (`ms`); `reset_cbt` (`vm`): a
 //!   new epoch on every tracked disk; `disable_cbt` (`vm`); `replace_disk`
@@ -75,8 +77,10 @@
 //! RetrievePropertiesEx), no snapshot delta files over `/folder` (only the
 //! base), no revert, no memory state, CBT active as soon as enabled (no
 //! stun/unstun), `config` holds the fields the workflow needs, not every
-//! field of a real VirtualMachineConfigInfo. `PUT /folder` stores a file;
-//! nothing registers it as a VM.
+//! field of a real VirtualMachineConfigInfo. `PUT /folder` stores a file
+//! (refused with 403 for a VM's disk files, which are locked);
+//! `FileManager.DeleteDatastoreFile_Task` removes one; nothing registers
+//! an uploaded disk with a VM.
 
 mod cbt;
 mod dispatch;

@@ -611,6 +611,39 @@ impl State {
         Ok(())
     }
 
+    /// Whether datastore-relative `relative` is a file of a VM's disk (its
+    /// descriptor or base flat file): such files are locked.
+    pub fn disk_file_in_use(&self, relative: &str) -> bool {
+        self.vms.values().any(|v| {
+            v.disks
+                .iter()
+                .any(|d| d.descriptor == relative || store::flat_name(&d.descriptor) == relative)
+        })
+    }
+
+    /// FileManager.DeleteDatastoreFile_Task: `name` is `[datastore1] PATH`.
+    /// A VM's disk file is locked (`FileLocked`); a missing file is
+    /// `FileNotFound`.
+    pub fn delete_datastore_file(&mut self, name: &str) -> Result<(), VimFault> {
+        let file_fault = |type_name: &str| VimFault::Other {
+            type_name: type_name.to_string(),
+        };
+        let relative = name
+            .strip_prefix(&format!("[{}] ", store::DATASTORE))
+            .ok_or_else(|| file_fault("InvalidDatastore"))?;
+        let path = self
+            .store
+            .file(relative)
+            .ok_or_else(|| file_fault("InvalidDatastorePath"))?;
+        if self.disk_file_in_use(relative) {
+            return Err(file_fault("FileLocked"));
+        }
+        if !path.is_file() {
+            return Err(file_fault("FileNotFound"));
+        }
+        std::fs::remove_file(&path).map_err(|_| file_fault("CannotDeleteFile"))
+    }
+
     /// The file GET /folder serves for a datastore-relative path: a
     /// disk's base `-flat.vmdk` is the oldest snapshot's frozen bytes
     /// while the VM has snapshots (the VM writes to a delta), else the

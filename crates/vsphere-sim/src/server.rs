@@ -455,15 +455,37 @@ impl Conn {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        let tmp = path.with_extension("upload-tmp");
+        if self.core.lock().disk_file_in_use(relative) {
+            let _ = self.bounded_body(&head, 0).await;
+            self.core
+                .log_call(format!("HTTP PUT /folder/{relative} 403 locked"));
+            return self.text(403, "the file is locked by a VM", false).await;
+        }
+        // The `folder_put` drop fault: the connection closes after half
+        // the body, and what arrived stays in place as a partial file (as
+        // a host may leave it).
+        let cut = self.core.lock().take_drop("folder_put").then_some(len / 2);
+        let tmp = if cut.is_some() {
+            path.clone()
+        } else {
+            path.with_extension("upload-tmp")
+        };
         let mut file = std::fs::File::create(&tmp)?;
         let mut left = len;
         while left > 0 {
+            if cut.is_some_and(|c| len - left >= c) {
+                self.core
+                    .log_call(format!("HTTP PUT /folder/{relative} cut {}", len - left));
+                return Ok(After::Close);
+            }
             if self.buf.is_empty() && self.read_more().await? == 0 {
                 let _ = std::fs::remove_file(&tmp);
                 return Err(ConnError::Io(std::io::ErrorKind::UnexpectedEof.into()));
             }
-            let n = (left as usize).min(self.buf.len());
+            let mut n = (left as usize).min(self.buf.len());
+            if let Some(c) = cut {
+                n = n.min((c - (len - left)).max(1) as usize);
+            }
             std::io::Write::write_all(&mut file, &self.buf[..n])?;
             self.buf.drain(..n);
             left -= n as u64;

@@ -205,7 +205,9 @@ impl Session {
         }
     }
 
-    /// The properties `paths` of `obj` (missing ones are absent).
+    /// The properties `paths` of `obj`: one the host does not set is
+    /// absent; one it refuses to read for want of a session or a privilege
+    /// is an error (see [`refused_property`]).
     pub fn properties(&self, obj: &Moref, paths: &[&str]) -> Result<ObjectContent, VmwareError> {
         let r = self.call(Request::RetrievePropertiesEx {
             this: self.content().property_collector.clone(),
@@ -214,7 +216,11 @@ impl Session {
         })?;
         match r {
             Response::RetrieveResult(Some(mut r)) if !r.objects.is_empty() => {
-                Ok(r.objects.swap_remove(0))
+                let content = r.objects.swap_remove(0);
+                match refused_property(&content) {
+                    Some(e) => Err(e),
+                    None => Ok(content),
+                }
             }
             Response::RetrieveResult(_) => Err(VmwareError::Protocol {
                 what: format!("RetrievePropertiesEx of {}", obj.value),
@@ -301,20 +307,11 @@ impl Session {
             return Ok(());
         }
         let last = offset + buf.len() as u64 - 1;
-        let url = folder_url(&self.base, datacenter, datastore, path);
-        let mut req = self
-            .http
-            .get(url)
-            .header("range", format!("bytes={offset}-{last}"));
-        if let Some(c) = self
-            .cookie
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            req = req.header("cookie", format!("{COOKIE}={c}"));
-        }
-        let resp = req.send().map_err(|e| transport(&self.host, e))?;
+        let resp = self
+            .folder_request(reqwest::Method::GET, datacenter, datastore, path)
+            .header("range", format!("bytes={offset}-{last}"))
+            .send()
+            .map_err(|e| transport(&self.host, e))?;
         let status = resp.status().as_u16();
         if status == 200 {
             return Err(VmwareError::RangeIgnored {
@@ -377,6 +374,164 @@ impl Session {
         }
     }
 
+    /// A `/folder` request for datastore file `path`, with the session cookie.
+    fn folder_request(
+        &self,
+        method: reqwest::Method,
+        datacenter: &str,
+        datastore: &str,
+        path: &str,
+    ) -> reqwest::blocking::RequestBuilder {
+        let url = folder_url(&self.base, datacenter, datastore, path);
+        let mut req = self.http.request(method, url);
+        if let Some(c) = self
+            .cookie
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            req = req.header("cookie", format!("{COOKIE}={c}"));
+        }
+        req
+    }
+
+    /// The size of datastore file `path` (`HEAD /folder`), `None` when
+    /// there is no such file.
+    pub fn file_size(
+        &self,
+        datacenter: &str,
+        datastore: &str,
+        path: &str,
+    ) -> Result<Option<u64>, VmwareError> {
+        let resp = self
+            .folder_request(reqwest::Method::HEAD, datacenter, datastore, path)
+            .send()
+            .map_err(|e| transport(&self.host, e))?;
+        match resp.status().as_u16() {
+            404 => Ok(None),
+            200 => resp
+                .headers()
+                .get("content-length")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .map(Some)
+                .ok_or_else(|| VmwareError::Protocol {
+                    what: format!("HEAD {path}"),
+                    reason: "no Content-Length".into(),
+                }),
+            status => Err(VmwareError::Http {
+                what: format!("HEAD {path}"),
+                status,
+                body: String::new(),
+            }),
+        }
+    }
+
+    /// The whole datastore file `path`, at most `max` bytes.
+    pub fn read_file(
+        &self,
+        datacenter: &str,
+        datastore: &str,
+        path: &str,
+        max: u64,
+    ) -> Result<Vec<u8>, VmwareError> {
+        let resp = self
+            .folder_request(reqwest::Method::GET, datacenter, datastore, path)
+            .send()
+            .map_err(|e| transport(&self.host, e))?;
+        let status = resp.status().as_u16();
+        let bytes = body(&self.host, resp, max)?;
+        if status != 200 {
+            return Err(VmwareError::Http {
+                what: format!("GET {path}"),
+                status,
+                body: String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned(),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Uploads `len` bytes read from `body` as datastore file `path`
+    /// (`PUT /folder`, Content-Length `len`). An error from `body` cuts
+    /// the upload. The time limit allows 1 MiB/s on average (at least 10
+    /// minutes): a slower upload counts as stalled.
+    pub fn put_file(
+        &self,
+        datacenter: &str,
+        datastore: &str,
+        path: &str,
+        len: u64,
+        body_reader: impl std::io::Read + Send + 'static,
+    ) -> Result<(), VmwareError> {
+        let limit = Duration::from_secs((len >> 20).max(600));
+        let resp = self
+            .folder_request(reqwest::Method::PUT, datacenter, datastore, path)
+            .header("content-type", "application/octet-stream")
+            .timeout(limit)
+            .body(reqwest::blocking::Body::sized(body_reader, len))
+            .send()
+            .map_err(|e| transport(&self.host, e))?;
+        let status = resp.status().as_u16();
+        if status != 200 && status != 201 {
+            let b = body(&self.host, resp, 4096).unwrap_or_default();
+            return Err(VmwareError::Http {
+                what: format!("PUT {path} ({len} bytes)"),
+                status,
+                body: String::from_utf8_lossy(&b[..b.len().min(200)]).into_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The Datacenter named `name` (SearchIndex.FindByInventoryPath).
+    pub fn datacenter(&self, name: &str) -> Result<Moref, VmwareError> {
+        let index = self
+            .content()
+            .search_index
+            .clone()
+            .ok_or_else(|| VmwareError::Protocol {
+                what: "RetrieveServiceContent".into(),
+                reason: "no searchIndex".into(),
+            })?;
+        match self.call(Request::FindByInventoryPath {
+            this: index,
+            inventory_path: name.to_string(),
+        })? {
+            Response::Found(Some(m)) if m.kind == "Datacenter" => Ok(m),
+            Response::Found(_) => Err(VmwareError::Invalid(format!(
+                "no datacenter '{name}' on {} (give --datacenter)",
+                self.host
+            ))),
+            other => Err(self.unexpected("FindByInventoryPath", &other)),
+        }
+    }
+
+    /// Deletes datastore file `path` (FileManager.DeleteDatastoreFile_Task).
+    pub fn delete_file(
+        &self,
+        datacenter: &Moref,
+        datastore: &str,
+        path: &str,
+    ) -> Result<(), VmwareError> {
+        let manager = self
+            .content()
+            .file_manager
+            .clone()
+            .ok_or_else(|| VmwareError::Protocol {
+                what: "RetrieveServiceContent".into(),
+                reason: "no fileManager".into(),
+            })?;
+        self.run_task(
+            Request::DeleteDatastoreFileTask {
+                this: manager,
+                name: format!("[{datastore}] {path}"),
+                datacenter: Some(datacenter.clone()),
+            },
+            Duration::from_secs(600),
+        )
+        .map(|_| ())
+    }
+
     /// Logs out (once); errors are ignored: the session ends anyway.
     pub fn logout(&self) {
         let mut logged_in = self.logged_in.lock().unwrap_or_else(|e| e.into_inner());
@@ -400,6 +555,41 @@ impl Drop for Session {
     }
 }
 
+/// The first property of `content` the host refused to read for want of a
+/// session or a privilege, as a `RetrievePropertiesEx` fault. The
+/// PropertyCollector answers such a read not with a fault but with the
+/// property in `missingSet`, its fault `NotAuthenticated` (a subtype of
+/// `NoPermission`), e.g. once the session expired (vcsim does the same);
+/// taken for an absent property, that would read as "change tracking off"
+/// or "no snapshot". Other missing properties (`InvalidProperty`, a path
+/// the host does not know) stay absent.
+pub fn refused_property(content: &ObjectContent) -> Option<VmwareError> {
+    let m = content.missing_set.iter().find(|m| {
+        matches!(
+            m.fault.fault.type_name(),
+            "NotAuthenticated" | "NoPermission"
+        )
+    })?;
+    let privilege = match &m.fault.fault {
+        vim_wire::VimFault::NotAuthenticated {
+            privilege_id: Some(p),
+            ..
+        } => format!(", privilege {p}"),
+        _ => String::new(),
+    };
+    Some(VmwareError::Fault {
+        call: "RetrievePropertiesEx".into(),
+        fault: Box::new(vim_wire::Fault {
+            code: vim_wire::soap::SERVER_FAULT_CODE.into(),
+            message: format!(
+                "the host refused to read property '{}' of {} (no valid session, or no permission{privilege})",
+                m.path, content.obj
+            ),
+            detail: Some(m.fault.fault.clone()),
+        }),
+    })
+}
+
 /// `https://HOST/folder/PATH?dcPath=DC&dsName=DS`, each part escaped.
 pub fn folder_url(base: &str, datacenter: &str, datastore: &str, path: &str) -> String {
     let escaped: Vec<String> = path
@@ -420,6 +610,59 @@ pub fn folder_url(base: &str, datacenter: &str, datastore: &str, path: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_property_refused_for_want_of_a_session_is_an_error_not_absent() {
+        let vm = Moref::new("VirtualMachine", "vm-9");
+        let missing = |path: &str, fault: vim_wire::VimFault| vim_wire::MissingProperty {
+            path: path.into(),
+            fault: vim_wire::LocalizedMethodFault {
+                fault,
+                localized_message: None,
+            },
+        };
+        let mut content = ObjectContent {
+            obj: vm.clone(),
+            prop_set: vec![],
+            missing_set: vec![missing(
+                "no.such.path",
+                vim_wire::VimFault::Other {
+                    type_name: "InvalidProperty".into(),
+                },
+            )],
+        };
+        // A path the host does not know stays an absent property.
+        assert!(refused_property(&content).is_none());
+        // What vSphere (and vcsim) answer once the session is gone.
+        content.missing_set.push(missing(
+            "config.changeTrackingEnabled",
+            vim_wire::VimFault::NotAuthenticated {
+                object: Some(vm.clone()),
+                privilege_id: Some("System.Read".into()),
+            },
+        ));
+        let e = refused_property(&content).expect("an error");
+        assert_eq!(e.fault_type().as_deref(), Some("NotAuthenticated"));
+        let text = e.to_string();
+        assert!(
+            text.starts_with("RetrievePropertiesEx: NotAuthenticated")
+                && text.contains("'config.changeTrackingEnabled' of VirtualMachine:vm-9")
+                && text.contains("privilege System.Read"),
+            "{text}"
+        );
+        content.missing_set = vec![missing(
+            "snapshot",
+            vim_wire::VimFault::Other {
+                type_name: "NoPermission".into(),
+            },
+        )];
+        assert_eq!(
+            refused_property(&content)
+                .and_then(|e| e.fault_type())
+                .as_deref(),
+            Some("NoPermission")
+        );
+    }
 
     #[test]
     fn folder_urls_escape_each_part() {
