@@ -425,6 +425,15 @@ pub struct VmwareArgs {
     /// snapshot.
     #[arg(long)]
     pub quiesce: bool,
+    /// Read the disks' bytes over NBD instead of the datastore's /folder:
+    /// for each disk, once the backup's snapshot exists, run this shell
+    /// command, which must serve the frozen disk in the foreground on the
+    /// Unix socket $CBTVAULT_NBD_SOCKET (e.g. nbdkit -f -U
+    /// "$CBTVAULT_NBD_SOCKET" vddk ... file="$CBTVAULT_DISK_FILE"
+    /// snapshot="$CBTVAULT_SNAPSHOT_MOREF"); it is stopped when the disk
+    /// is read. See README "VMware vSphere" for its environment.
+    #[arg(long, value_name = "COMMAND")]
+    pub data_command: Option<String>,
 }
 
 /// How to log in to vSphere and which datacenter's datastores to use

@@ -198,6 +198,7 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
             vmware: crate::commands::backup_vmware::VmwareOptions {
                 enable_cbt: !a.xen.no_enable_cbt,
                 quiesce: a.vmware.quiesce,
+                data_command: a.vmware.data_command.clone(),
                 ..vmware_options(&a.xen.connect, &a.vmware.connect)
             },
         }
@@ -597,6 +598,7 @@ fn vmware_options(
         enable_cbt: true,
         quiesce: false,
         datacenter: v.datacenter.clone(),
+        data_command: None,
     }
 }
 

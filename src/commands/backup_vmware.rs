@@ -35,6 +35,9 @@ pub struct VmwareOptions {
     pub quiesce: bool,
     /// `dcPath` of the datastore reads (default `ha-datacenter`, ESXi's).
     pub datacenter: Option<String>,
+    /// Read the disks' bytes over NBD from a server this command starts
+    /// per disk (`source::vmware::data_command`).
+    pub data_command: Option<String>,
 }
 
 /// Logs in as the command line says; the password from
@@ -241,6 +244,7 @@ pub fn vmware_backup(
             .datacenter
             .clone()
             .unwrap_or_else(|| "ha-datacenter".into()),
+        data_command: vmware.data_command.clone(),
         ..workflow::Options::default()
     };
     let report = workflow::run(&session, url, &wf, &mut committer);

@@ -545,3 +545,91 @@ fn a_disk_of_partial_sectors_is_padded_and_verified() {
     assert_eq!(&raw[..size as usize], &bytes[..]);
     assert!(raw[size as usize..].iter().all(|b| *b == 0));
 }
+
+/// A `--data-command` that records its environment and pid, then serves
+/// the disk's frozen base flat file over NBD with nbdkit's curl plugin
+/// (Range reads of the simulator's `/folder`, Basic credentials): the
+/// stand-in for nbdkit's VDDK plugin, which needs VMware's library.
+fn curl_data_command(sim: &Simulator, dir: &std::path::Path) -> String {
+    let pw = dir.join("vsphere-password");
+    std::fs::write(&pw, PASSWORD).unwrap();
+    let a = sim.address();
+    format!(
+        "env | grep ^CBTVAULT_ | grep -v SOCKET > {d}/env-$CBTVAULT_DISK_KEY; echo $$ > {d}/pid-$CBTVAULT_DISK_KEY; \
+         exec nbdkit -f -U \"$CBTVAULT_NBD_SOCKET\" curl \
+         url=\"https://{ip}:{port}/folder/$CBTVAULT_DISK_FLAT_PATH?dcPath=$CBTVAULT_DATACENTER&dsName=$CBTVAULT_DATASTORE\" \
+         user=root password=+{pw} sslverify=false",
+        d = dir.display(),
+        ip = a.ip(),
+        port = a.port(),
+        pw = pw.display()
+    )
+}
+
+#[test]
+fn the_nbd_data_path_reads_the_frozen_disks_from_a_server_started_per_disk() {
+    let sim = start();
+    let vm = sim.add_vm("nbd01", &[DISK, DISK]).unwrap();
+    writes(&sim, &vm, 11);
+    let t = TestRepo::new();
+    let dir = t.path("data-command");
+    std::fs::create_dir_all(&dir).unwrap();
+    let command = curl_data_command(&sim, &dir);
+    let s = backup(&t, &sim, &vm.id, &["--data-command", &command])
+        .ok()
+        .json();
+    assert_disks_restore(&t, &sim, &vm, &s);
+    let env = std::fs::read_to_string(dir.join("env-2001")).unwrap();
+    assert!(
+        env.contains("CBTVAULT_DISK_FILE=[datastore1] nbd01/nbd01_1.vmdk"),
+        "{env}"
+    );
+    assert!(env.contains("CBTVAULT_SNAPSHOT_MOREF=snapshot-"), "{env}");
+    assert!(
+        env.contains(&format!("CBTVAULT_VM_MOREF={}", vm.id)),
+        "{env}"
+    );
+    assert!(
+        env.contains(&format!("CBTVAULT_DISK_CAPACITY={DISK}")),
+        "{env}"
+    );
+    // The data came through nbdkit (curl's Range requests), the changed
+    // areas from QueryChangedDiskAreas; the servers are gone.
+    for key in [2000, 2001] {
+        let pid = std::fs::read_to_string(dir.join(format!("pid-{key}"))).unwrap();
+        assert!(
+            !std::path::Path::new(&format!("/proc/{}", pid.trim())).exists(),
+            "the data server of disk {key} outlived the backup"
+        );
+    }
+    // An incremental over the same path: only the changes, bit for bit.
+    writes(&sim, &vm, 12);
+    let s = backup(&t, &sim, &vm.id, &["--data-command", &command])
+        .ok()
+        .json();
+    for d in s["disks"].as_array().unwrap() {
+        assert_eq!(d["full"], false, "{d}");
+        assert!(d["blocks_read"].as_u64().unwrap() <= 6, "{d}");
+    }
+    assert_disks_restore(&t, &sim, &vm, &s);
+    let committed = t.snapshot_ids().len();
+
+    // A command that fails, or serves another disk: a clear error, nothing
+    // committed, no vSphere snapshot left.
+    for (bad, says) in [
+        ("echo vddk: no such library >&2; exit 3", "exited"),
+        (
+            "exec nbdkit -f -U \"$CBTVAULT_NBD_SOCKET\" memory size=1M",
+            "not this disk",
+        ),
+    ] {
+        writes(&sim, &vm, 13);
+        let r = backup(&t, &sim, &vm.id, &["--data-command", bad]).expect_code(1);
+        assert!(r.stderr.contains(says), "{bad}: {}", r.stderr);
+        if says == "exited" {
+            assert!(r.stderr.contains("no such library"), "{}", r.stderr);
+        }
+        assert_eq!(t.snapshot_ids().len(), committed, "{bad}");
+        assert!(sim.snapshots(&vm.id).unwrap().is_empty(), "{bad}");
+    }
+}

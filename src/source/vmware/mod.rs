@@ -11,6 +11,7 @@
 //!   a repository-side [`workflow::Committer`].
 
 pub mod client;
+pub mod data_command;
 pub mod folder;
 pub mod workflow;
 

@@ -25,8 +25,10 @@ use vim_wire::{
 };
 
 use super::client::Session;
+use super::data_command::{self, DataServer};
 use super::folder::FlatFile;
 use super::{is_uuid, VmwareError, VmwareUrl};
+use crate::source::nbd::NbdLimits;
 use crate::source::{BlockSource, Changes, Extents};
 
 /// Landmark keys of vSphere snapshots.
@@ -65,6 +67,9 @@ pub struct Options {
     pub datacenter: String,
     /// How long a task may take.
     pub task_timeout: Duration,
+    /// Read the bytes over NBD from a server this command starts per disk
+    /// (see `data_command`), not from `/folder`.
+    pub data_command: Option<String>,
 }
 
 impl Default for Options {
@@ -74,6 +79,7 @@ impl Default for Options {
             quiesce: false,
             datacenter: "ha-datacenter".into(),
             task_timeout: Duration::from_secs(3600),
+            data_command: None,
         }
     }
 }
@@ -614,17 +620,47 @@ fn frozen<C: Committer>(
         ));
     }
     for (identity, datastore, path, capacity, label, changes, allocated, landmark, key) in planned {
-        let source = FlatFile::new(
-            session.clone(),
-            identity,
-            options.datacenter.clone(),
-            datastore,
-            path,
-            capacity,
-        );
+        let mut served = None;
+        let mut flat = None;
+        let source: &dyn BlockSource = match &options.data_command {
+            Some(command) => {
+                let env = [
+                    ("CBTVAULT_VSPHERE_HOST", url.authority()),
+                    ("CBTVAULT_DATACENTER", options.datacenter.clone()),
+                    ("CBTVAULT_VM_MOREF", vm.value.clone()),
+                    ("CBTVAULT_SNAPSHOT_MOREF", snapshot.value.clone()),
+                    ("CBTVAULT_DISK_KEY", key.to_string()),
+                    (
+                        "CBTVAULT_DISK_FILE",
+                        landmark.get(keys::DISK_FILE).cloned().unwrap_or_default(),
+                    ),
+                    ("CBTVAULT_DATASTORE", datastore.clone()),
+                    ("CBTVAULT_DISK_FLAT_PATH", path.clone()),
+                    ("CBTVAULT_DISK_CAPACITY", capacity.to_string()),
+                ];
+                let server = DataServer::start(
+                    command,
+                    &env,
+                    identity.clone(),
+                    capacity,
+                    NbdLimits::default(),
+                    data_command::START_TIMEOUT,
+                )
+                .map_err(host(format!("serve disk {key} ({label}) over NBD")))?;
+                served.insert(server).source()
+            }
+            None => flat.insert(FlatFile::new(
+                session.clone(),
+                identity,
+                options.datacenter.clone(),
+                datastore,
+                path,
+                capacity,
+            )),
+        };
         committer
             .commit_disk(FrozenDisk {
-                source: &source,
+                source,
                 key,
                 label,
                 changes,
