@@ -467,6 +467,7 @@ pub fn forget(a: &ForgetArgs) -> Result<ForgetOptions> {
         },
         no_host: a.no_host,
         xen: XenOptions::from(&a.xen),
+        per_host: Default::default(),
     })
 }
 

@@ -47,7 +47,11 @@ pub struct ForgetOptions {
     pub prune: Option<PruneOptions>,
     /// Leave the hosts alone; list the landmarks left.
     pub no_host: bool,
+    /// How to log in to a host (`xen` for any host not in `per_host`).
     pub xen: XenOptions,
+    /// Per host (`HOST:PORT`, as landmarks name it): a job's hosts each
+    /// with their own credentials.
+    pub per_host: std::collections::BTreeMap<String, XenOptions>,
 }
 
 /// The host side in a dry run: what would be asked of each host.
@@ -112,7 +116,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
     let forgotten: Vec<SnapshotMeta> = forgotten.into_iter().map(|s| s.meta.clone()).collect();
     let remaining: Vec<SnapshotMeta> = remaining.into_iter().map(|s| s.meta.clone()).collect();
     if !options.dry_run && !options.no_host {
-        forget_host::preflight(&options.xen, &forgotten, &remaining)?;
+        forget_host::preflight(&options.xen, &options.per_host, &forgotten, &remaining)?;
     }
 
     // The repository part.
@@ -147,6 +151,7 @@ pub fn run(ui: &Ui, repo: &Repository, options: &ForgetOptions) -> Result<Outcom
         let cleanup = forget_host::clean_host(
             ui,
             &options.xen,
+            &options.per_host,
             &repo.config().id,
             &forgotten,
             &remaining,

@@ -6,6 +6,8 @@
 
 use anyhow::{bail, Result};
 
+use std::collections::BTreeMap;
+
 use super::backup::{xen_password, xen_session, XenOptions};
 use crate::format::snapshot::SnapshotMeta;
 use crate::output::{plural, Ui};
@@ -74,6 +76,7 @@ fn host_url(authority: &str) -> Result<XenUrl> {
 /// (An unreachable host is only known later, and only warned about.)
 pub fn preflight(
     xen: &XenOptions,
+    per_host: &BTreeMap<String, XenOptions>,
     forgotten: &[SnapshotMeta],
     remaining: &[SnapshotMeta],
 ) -> Result<()> {
@@ -81,7 +84,10 @@ pub fn preflight(
     if plan.is_empty() {
         return Ok(());
     }
-    if let Err(e) = xen_password(xen) {
+    let unusable = plan
+        .keys()
+        .find_map(|h| xen_password(per_host.get(h).unwrap_or(xen)).err());
+    if let Some(e) = unusable {
         let count: usize = plan.values().map(Vec::len).sum();
         let hosts: Vec<&str> = plan.keys().map(String::as_str).collect();
         let e = crate::json::one_line(&e);
@@ -101,6 +107,7 @@ pub fn preflight(
 pub fn clean_host(
     ui: &Ui,
     xen: &XenOptions,
+    per_host: &BTreeMap<String, XenOptions>,
     repository: &str,
     forgotten: &[SnapshotMeta],
     remaining: &[SnapshotMeta],
@@ -121,7 +128,8 @@ pub fn clean_host(
             leave(&mut report, "--no-host");
             continue;
         }
-        let session = match host_url(&host).and_then(|url| xen_session(ui, &url, xen)) {
+        let login = per_host.get(&host).unwrap_or(xen);
+        let session = match host_url(&host).and_then(|url| xen_session(ui, &url, login)) {
             Ok(s) => s,
             Err(e) => {
                 let e = crate::json::one_line(&e);

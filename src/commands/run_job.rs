@@ -609,8 +609,16 @@ pub fn run_one(
     // Retention: only after every backup, and only of this job's snapshots.
     if let Some(retention) = &job.retention {
         let clock = Instant::now();
-        let host = &config.hosts[&job.hosts[0]];
         let r = (|| -> Result<(Status, String)> {
+            // Each host's landmarks are released with its own credentials.
+            let mut per_host = BTreeMap::new();
+            for name in &job.hosts {
+                let host = &config.hosts[name];
+                per_host.insert(
+                    vm_url(host, ANY_UUID)?.authority(),
+                    xen_options(host, false),
+                );
+            }
             let filter = SnapshotFilter {
                 tags: vec![job.job_tag()],
                 ..SnapshotFilter::default()
@@ -636,7 +644,8 @@ pub fn run_one(
                 dry_run: false,
                 prune,
                 no_host: false,
-                xen: xen_options(host, false),
+                xen: xen_options(&config.hosts[&job.hosts[0]], false),
+                per_host,
             };
             let quiet = Ui::new(false, true, "run");
             let outcome = super::forget::run(&quiet, &repo, &options)?;

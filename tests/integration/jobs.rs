@@ -16,8 +16,9 @@ use crate::xen_util::{self, xen_url, Host};
 const PASSWORD: &str = "jobs-secret";
 const DISK: u64 = 2 << 20;
 
-/// A one-shot HTTP server on loopback that keeps the body of each POST.
-fn webhook_server() -> (String, Arc<Mutex<Vec<String>>>) {
+/// An HTTP server on loopback that keeps the body of each POST and
+/// answers `status` (e.g. `204 No Content`).
+fn webhook_server(status: &'static str) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
@@ -42,7 +43,8 @@ fn webhook_server() -> (String, Arc<Mutex<Vec<String>>>) {
                 .unwrap()
                 .push(String::from_utf8_lossy(&body).into_owned());
             let _ = s.write_all(
-                b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
             );
         }
     });
@@ -186,7 +188,7 @@ fn a_job_backs_up_the_pool_concurrently_and_survives_a_failing_vm() {
     let offsite = TestRepo::new();
     let work = tempfile::tempdir().unwrap();
     let dir = work.path();
-    let (webhook, bodies) = webhook_server();
+    let (webhook, bodies) = webhook_server("204 No Content");
     std::fs::write(
         dir.join("cbtvault.toml"),
         config(dir, &main, &offsite, &sim, &webhook),
@@ -413,4 +415,155 @@ fn the_systemd_units_verify() {
     let said =
         String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+/// The landmark VDIs (`cbt_metadata` snapshots) on a host.
+fn landmarks(host: &Host) -> usize {
+    host.snapshot_records("VDI")
+        .iter()
+        .filter(|r| r.vdi_type == "cbt_metadata")
+        .count()
+}
+
+#[test]
+fn a_job_over_two_hosts_reports_failing_steps_and_notifications_and_keeps_one_landmark_each() {
+    // Two pools with different passwords, one VM of one disk each.
+    let pools = [("alpha", "alpha-secret"), ("beta", "beta-secret")];
+    let sims: Vec<xapi_sim::Simulator> = pools.iter().map(|(_, pw)| xen_util::start(pw)).collect();
+    let hosts: Vec<Host> = sims
+        .iter()
+        .zip(pools)
+        .map(|(sim, (_, pw))| Host::login(sim, pw))
+        .collect();
+    let mut disks = Vec::new();
+    for (i, (sim, host)) in sims.iter().zip(&hosts).enumerate() {
+        let vm = sim
+            .create_vm_with_disks(&format!("app{i}"), &[DISK])
+            .unwrap();
+        host.try_call("VM.add_tags", &[&vm.vm_ref, "daily"])
+            .unwrap();
+        sim.guest_write(
+            &vm.disks[0].vdi_uuid,
+            0,
+            &random_bytes(i as u64, 0, BS as usize),
+        )
+        .unwrap();
+        disks.push(vm.disks[0].vdi_uuid.clone());
+    }
+    let main = TestRepo::new();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (webhook, bodies) = webhook_server("500 Internal Server Error");
+    // A metrics file under a regular file cannot be written.
+    std::fs::write(dir.join("blocker"), "").unwrap();
+    let mut text = format!(
+        r#"[state]
+dir = "{state}"
+
+[repositories.main]
+location = "{main}"
+
+[repositories.gone]
+location = "{gone}"
+
+[jobs.daily]
+repository = "main"
+hosts = ["alpha", "beta"]
+offsite = ["gone"]
+
+[jobs.daily.select]
+tags = ["daily"]
+
+[jobs.daily.retention]
+keep_last = 1
+
+[jobs.daily.notify]
+webhook = "{webhook}"
+on_completion = "exit 7"
+metrics_file = "{metrics}"
+"#,
+        state = dir.join("state").display(),
+        main = main.repo.display(),
+        gone = dir.join("no-such-repository").display(),
+        metrics = dir.join("blocker/cbtvault.prom").display(),
+    );
+    for ((name, pw), sim) in pools.iter().zip(&sims) {
+        let file = dir.join(format!("{name}.pass"));
+        std::fs::write(&file, format!("{pw}\n")).unwrap();
+        let a = sim.https_address();
+        text.push_str(&format!(
+            "\n[hosts.{name}]\ntype = \"xenserver\"\nurl = \"xen://root@{}:{}\"\npassword_file = \"{}\"\nfingerprint = [\"{}\"]\n",
+            a.ip(),
+            a.port(),
+            file.display(),
+            sim.fingerprint()
+        ));
+    }
+    std::fs::write(dir.join("cbtvault.toml"), text).unwrap();
+
+    // Both VMs are backed up; the copy fails (its repository does not
+    // exist), which fails the run but not the backups: exit 5. The webhook's
+    // 500, the hook's exit 7 and the unwritable metrics file are warnings.
+    let run = cbtvault(dir, &["--json", "run", "daily"]).expect_code(5);
+    let report = run.json()["runs"][0].clone();
+    assert_eq!(report["status"], "failed", "{report}");
+    for v in report["vms"].as_array().unwrap() {
+        assert_eq!(v["status"], "ok", "{v}");
+    }
+    let steps = report["steps"].as_array().unwrap();
+    let copy = steps.iter().find(|s| s["step"] == "copy to gone").unwrap();
+    assert_eq!(copy["status"], "failed", "{copy}");
+    assert!(
+        copy["detail"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-repository"),
+        "{copy}"
+    );
+    let retention = steps.iter().find(|s| s["step"] == "retention").unwrap();
+    assert_eq!(retention["status"], "ok", "{retention}");
+    for says in [
+        "webhook",
+        "500",
+        "on_completion hook exited",
+        "metrics file was not written",
+    ] {
+        assert!(run.stderr.contains(says), "no '{says}' in: {}", run.stderr);
+    }
+    assert_eq!(bodies.lock().unwrap().len(), 1, "the webhook was called");
+    for host in &hosts {
+        assert_eq!(landmarks(host), 1);
+    }
+
+    // Second run: incremental on both hosts (each with its own password);
+    // retention forgets the first run's snapshots, whose landmarks the new
+    // backups already replaced: one landmark per disk stays on each host.
+    for (sim, vdi) in sims.iter().zip(&disks) {
+        sim.guest_write(vdi, BS, &random_bytes(7, 7, BS as usize))
+            .unwrap();
+    }
+    let run = cbtvault(dir, &["--json", "run", "daily"]).expect_code(5);
+    let report = run.json()["runs"][0].clone();
+    for v in report["vms"].as_array().unwrap() {
+        assert_eq!(v["mode"], "incremental", "{v}");
+    }
+    let retention = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "retention")
+        .unwrap()
+        .clone();
+    assert_eq!(retention["status"], "ok", "{retention} {}", run.stderr);
+    assert!(!run.stderr.contains("cannot reach"), "{}", run.stderr);
+    for (host, vdi) in hosts.iter().zip(&disks) {
+        assert_eq!(landmarks(host), 1, "the old landmark stays on a host");
+        let snaps = main.snapshots(&["--source", &xen_url(host.sim, "vdi", vdi)]);
+        assert_eq!(snaps.len(), 1);
+        main.assert_restores(
+            snaps[0]["snapshot_id"].as_str().unwrap(),
+            blake3::hash(&host.disk(vdi, DISK)),
+            DISK,
+        );
+    }
 }
