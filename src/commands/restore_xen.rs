@@ -240,6 +240,39 @@ fn report_disk(ui: &Ui, d: &XenDiskRestore) {
     ));
 }
 
+/// A health check of one disk snapshot: restored into a new VDI of SR
+/// `sr_uuid` on the host `session` is logged in to, read back over NBD and
+/// compared block by block, then the VDI is destroyed, whatever happened.
+/// Returns the bytes checked.
+pub(crate) fn health_check(
+    repo: &Repository,
+    session: &Session,
+    url: &crate::source::xenapi::XenUrl,
+    sr_uuid: &str,
+    entry: &SnapshotEntry,
+) -> Result<u64> {
+    let mut sr_url = url.clone();
+    sr_url.uuid = sr_uuid.to_string();
+    let options = XenRestoreOptions {
+        target: XenTarget {
+            url: sr_url,
+            kind: TargetKind::Sr,
+        },
+        xen: Default::default(),
+        force: false,
+        verify: true,
+        new_vm: false,
+        import_format: "auto".into(),
+    };
+    let quiet = Ui::new(false, true, "run");
+    let d = restore_disk(&quiet, repo, session, &options.target, entry, &options)?;
+    let vdi = session.vdi_by_uuid(&d.vdi_uuid)?;
+    session
+        .vdi_destroy(&vdi)
+        .with_context(|| format!("destroy the health check's VDI {}", d.vdi_uuid))?;
+    Ok(d.summary.disk_size_bytes)
+}
+
 /// `restore SNAPSHOT --target xen://...` (not --new-vm).
 pub(crate) fn run_disk(
     ui: &Ui,

@@ -494,6 +494,44 @@ fn verify(repo: &Repository, snapshots: &[crate::format::SnapshotId]) -> Result<
     Ok((blocks, bytes))
 }
 
+/// The health check of a VM's newest backup: each disk restored into a
+/// new VDI of SR `sr` on the VM's host, read back over NBD, compared and
+/// destroyed. Returns the disks and bytes checked.
+fn health_check(
+    ui: &Ui,
+    config: &Config,
+    repo: &Repository,
+    host_name: &str,
+    sr: &str,
+    snapshots: &[crate::format::SnapshotId],
+) -> Result<(u64, u64)> {
+    let host = &config.hosts[host_name];
+    let url = vm_url(host, ANY_UUID)?;
+    let _lock = repo.lock(false, "verify")?;
+    let entries: Vec<crate::repo::SnapshotEntry> = repo
+        .snapshots()?
+        .into_iter()
+        .filter(|s| snapshots.contains(&s.meta.id))
+        .filter(|s| {
+            s.meta
+                .landmark
+                .get(crate::source::xenapi::workflow::keys::KIND)
+                .is_none_or(|k| k == "disk")
+        })
+        .collect();
+    let session = xen_session(ui, &url, &xen_options(host, false))?;
+    let mut bytes = 0;
+    let result = (|| -> Result<()> {
+        for e in &entries {
+            bytes += super::restore_xen::health_check(repo, &session, &url, sr, e)
+                .with_context(|| format!("health check of snapshot {}", e.meta.id))?;
+        }
+        Ok(())
+    })();
+    session.logout();
+    result.map(|()| (entries.len() as u64, bytes))
+}
+
 fn step(name: String, clock: Instant, r: Result<(Status, String)>) -> StepResult {
     let (status, detail) = match r {
         Ok(x) => x,
@@ -714,6 +752,22 @@ pub fn run_one(
             .take(verify_after.min(ok.len()))
         {
             let clock = Instant::now();
+            if let Some(sr) = &config.hosts[&v.host].verify_sr {
+                let r = health_check(ui, config, &repo, &v.host, sr, ids).map(|(disks, bytes)| {
+                    (
+                        Status::Ok,
+                        format!(
+                            "{} restored into SR {sr}, read back over NBD ({}) and removed",
+                            plural(disks, "disk"),
+                            human_bytes(bytes)
+                        ),
+                    )
+                });
+                report
+                    .steps
+                    .push(step(format!("verify {}", v.name), clock, r));
+                continue;
+            }
             let r = verify(&repo, ids).map(|(blocks, bytes)| {
                 (
                     Status::Ok,

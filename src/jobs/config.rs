@@ -10,7 +10,8 @@
 //!   `password_file`, and the S3 settings of the command line.
 //! - `[hosts.NAME]`: `type = "xenserver"`, `url` (`xen://[USER@]HOST[:PORT]`),
 //!   `user`, `password_file`, `ca_file`, `fingerprint`, `insecure`,
-//!   `nbd_connections`, `max_concurrent` (VMs of this host backed up at once).
+//!   `nbd_connections`, `max_concurrent` (VMs of this host backed up at once),
+//!   `verify_sr` (a scratch SR the jobs' read-backs restore into).
 //! - `[jobs.NAME]`: `repository`, `hosts`, `select` / `exclude` (VM uuids,
 //!   name globs, tags, pool hosts, power states), `exclude_disks`,
 //!   `concurrency`, `tags`, `schedule` (a hint for the timer), `full_every`,
@@ -177,6 +178,7 @@ struct RawHost {
     insecure: bool,
     nbd_connections: Option<Spanned<usize>>,
     max_concurrent: Option<Spanned<usize>>,
+    verify_sr: Option<Spanned<String>>,
 }
 
 /// A XenServer pool (or host) to back VMs up from.
@@ -193,6 +195,11 @@ pub struct HostConfig {
     pub nbd_connections: usize,
     /// VMs resident on one physical host backed up at once.
     pub max_concurrent: usize,
+    /// A scratch SR (uuid): a job's read-back (`verify_after`) restores
+    /// each disk of its VMs from this host into a new VDI there, reads it
+    /// back over NBD and destroys it. `None`: the read-back reads the
+    /// repository only.
+    pub verify_sr: Option<String>,
 }
 
 /// NBD connections per disk when a host does not say.
@@ -531,6 +538,11 @@ fn host(source: &Source, name: &str, h: RawHost) -> Result<HostConfig, ConfigErr
             DEFAULT_PER_HOST,
             MAX_CONCURRENCY,
         )?,
+        verify_sr: h
+            .verify_sr
+            .as_ref()
+            .map(|sr| uuid(source, sr, &key("verify_sr")))
+            .transpose()?,
     })
 }
 
@@ -556,7 +568,7 @@ fn uuid(source: &Source, s: &Spanned<String>, key: &str) -> Result<String, Confi
             }
         });
     if !shape {
-        return Err(source.error(s.span(), key, format!("'{}' is not a VM uuid", s.get_ref())));
+        return Err(source.error(s.span(), key, format!("'{}' is not a uuid", s.get_ref())));
     }
     Ok(u)
 }

@@ -470,6 +470,7 @@ location = "{gone}"
 repository = "main"
 hosts = ["alpha", "beta"]
 offsite = ["gone"]
+verify_after = 2
 
 [jobs.daily.select]
 tags = ["daily"]
@@ -487,6 +488,12 @@ metrics_file = "{metrics}"
         gone = dir.join("no-such-repository").display(),
         metrics = dir.join("blocker/cbtvault.prom").display(),
     );
+    // alpha's VMs are checked by a restore into its SR; beta's by reading
+    // the repository.
+    let sr = hosts[0].try_call("SR.get_all", &[]).unwrap();
+    let sr = sr.as_array().unwrap()[0].as_str().unwrap().to_string();
+    let sr_uuid = hosts[0].try_call("SR.get_uuid", &[&sr]).unwrap();
+    let sr_uuid = sr_uuid.as_str().unwrap().to_string();
     for ((name, pw), sim) in pools.iter().zip(&sims) {
         let file = dir.join(format!("{name}.pass"));
         std::fs::write(&file, format!("{pw}\n")).unwrap();
@@ -498,7 +505,18 @@ metrics_file = "{metrics}"
             file.display(),
             sim.fingerprint()
         ));
+        if *name == "alpha" {
+            text.push_str(&format!("verify_sr = \"{sr_uuid}\"\n"));
+        }
     }
+    let vdis = |host: &Host| {
+        host.try_call("VDI.get_all", &[])
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let vdis_before = vdis(&hosts[0]);
     std::fs::write(dir.join("cbtvault.toml"), text).unwrap();
 
     // Both VMs are backed up; the copy fails (its repository does not
@@ -531,6 +549,36 @@ metrics_file = "{metrics}"
         assert!(run.stderr.contains(says), "no '{says}' in: {}", run.stderr);
     }
     assert_eq!(bodies.lock().unwrap().len(), 1, "the webhook was called");
+    // The read-backs: app0 restored into alpha's SR over NBD and removed,
+    // app1 read from the repository.
+    let detail = |report: &Value, vm: &str| {
+        let s = report["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["step"] == format!("verify {vm}"))
+            .unwrap_or_else(|| panic!("no read-back of {vm}: {report}"))
+            .clone();
+        (
+            s["status"].as_str().unwrap().to_string(),
+            s["detail"].as_str().unwrap().to_string(),
+        )
+    };
+    let (status, text) = detail(&report, "app0");
+    assert_eq!(status, "ok", "{text}");
+    assert!(
+        text.contains(&format!("restored into SR {sr_uuid}")),
+        "{text}"
+    );
+    let (status, text) = detail(&report, "app1");
+    assert_eq!(status, "ok", "{text}");
+    assert!(text.contains("read back"), "{text}");
+    // Nothing of the check is left on the host but the run's landmark.
+    assert_eq!(
+        vdis(&hosts[0]),
+        vdis_before + 1,
+        "a VDI of the check was left"
+    );
     for host in &hosts {
         assert_eq!(landmarks(host), 1);
     }
@@ -556,6 +604,7 @@ metrics_file = "{metrics}"
         .clone();
     assert_eq!(retention["status"], "ok", "{retention} {}", run.stderr);
     assert!(!run.stderr.contains("cannot reach"), "{}", run.stderr);
+    assert_eq!(detail(&report, "app0").0, "ok");
     for (host, vdi) in hosts.iter().zip(&disks) {
         assert_eq!(landmarks(host), 1, "the old landmark stays on a host");
         let snaps = main.snapshots(&["--source", &xen_url(host.sim, "vdi", vdi)]);
@@ -566,4 +615,20 @@ metrics_file = "{metrics}"
             DISK,
         );
     }
+
+    // Damage in the repository: the read-backs of the next run find it;
+    // the SR restore stops and its VDI is destroyed.
+    for p in main.packs() {
+        let len = std::fs::metadata(&p).unwrap().len();
+        crate::util::flip_byte(&p, len / 3);
+        crate::util::flip_byte(&p, 2 * len / 3);
+    }
+    let vdis_before = vdis(&hosts[0]);
+    let run = cbtvault(dir, &["--json", "run", "daily"]).expect_code(5);
+    let report = run.json()["runs"][0].clone();
+    for vm in ["app0", "app1"] {
+        let (status, text) = detail(&report, vm);
+        assert_eq!(status, "failed", "{vm}: {text}");
+    }
+    assert_eq!(vdis(&hosts[0]), vdis_before, "the failed check left a VDI");
 }
