@@ -600,6 +600,7 @@ fn vmware_options(
         quiesce: false,
         datacenter: v.datacenter.clone(),
         data_command: None,
+        exclude_keys: Vec::new(),
     }
 }
 

@@ -38,6 +38,9 @@ pub struct VmwareOptions {
     /// Read the disks' bytes over NBD from a server this command starts
     /// per disk (`source::vmware::data_command`).
     pub data_command: Option<String>,
+    /// Device keys of disks neither read nor committed (a job's
+    /// `exclude_disks`).
+    pub exclude_keys: Vec<i32>,
 }
 
 /// Logs in as the command line says; the password from
@@ -245,6 +248,7 @@ pub fn vmware_backup(
             .clone()
             .unwrap_or_else(|| "ha-datacenter".into()),
         data_command: vmware.data_command.clone(),
+        exclude_keys: vmware.exclude_keys.iter().copied().collect(),
         ..workflow::Options::default()
     };
     let report = workflow::run(&session, url, &wf, &mut committer);

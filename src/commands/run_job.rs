@@ -16,16 +16,19 @@ use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 
 use super::backup::{xen_backup, xen_session, XenOptions, DEFAULT_FULL_EVERY};
+use super::backup_vmware::{vmware_backup, vmware_session, VmwareOptions};
 use super::forget::{ForgetOptions, Selection as ForgetSelection};
 use super::forget_policy::GroupBy;
 use super::{Outcome, SnapshotFilter};
-use crate::jobs::config::{Config, HostConfig, JobConfig, RepositoryConfig};
+use crate::jobs::config::{Config, HostConfig, HostKind, JobConfig, RepositoryConfig};
 use crate::jobs::report::{self, PassedVm, RunReport, Status, StepResult, VmResult};
 use crate::jobs::select::{self, DiskInfo, Selected, VmInfo};
 use crate::output::{human_bytes, plural, Ui};
 use crate::progress::NoProgress;
 use crate::repo::prune::{MaxUnused, PruneOptions};
 use crate::repo::Repository;
+use crate::source::vmware::inventory::{list_vms, VmwareVm};
+use crate::source::vmware::VmwareUrl;
 use crate::source::xenapi::inventory::PoolVm;
 use crate::source::xenapi::workflow::WorkflowOptions;
 use crate::source::xenapi::XenUrl;
@@ -112,8 +115,73 @@ fn vm_info(v: PoolVm) -> VmInfo {
     }
 }
 
+/// A `vmware://` URL of VM `moref` through `host`.
+fn vmware_url(host: &HostConfig, moref: &str) -> Result<VmwareUrl> {
+    Ok(VmwareUrl::parse(&format!("{}/vm/{moref}", host.url))?)
+}
+
+fn vmware_options(host: &HostConfig, enable_cbt: bool) -> VmwareOptions {
+    VmwareOptions {
+        user: host.user.clone(),
+        password_file: host.password_file.clone(),
+        ca_file: host.ca_file.clone(),
+        fingerprint: host.fingerprint.clone(),
+        insecure: host.insecure,
+        enable_cbt,
+        datacenter: host.datacenter.clone(),
+        ..VmwareOptions::default()
+    }
+}
+
+/// A vSphere VM as selection sees it: power states in XenServer's words
+/// (poweredOn Running, poweredOff Halted, suspended Suspended), no tags
+/// (vSphere's live in its REST API), disks by device key (as
+/// `userdevices`) and label (as `names`).
+fn vmware_vm_info(v: VmwareVm) -> VmInfo {
+    let power_state = match v.power_state.as_str() {
+        "poweredOn" => "Running",
+        "poweredOff" => "Halted",
+        "suspended" => "Suspended",
+        other => other,
+    }
+    .to_string();
+    let running = power_state == "Running";
+    VmInfo {
+        backupable: !v.template,
+        reference: v.moref,
+        uuid: v.instance_uuid,
+        name: v.name,
+        tags: Vec::new(),
+        power_state,
+        resident_on_uuid: v.host.clone().filter(|_| running),
+        resident_on: v.host.filter(|_| running),
+        disks: v
+            .disks
+            .into_iter()
+            .map(|d| DiskInfo {
+                vdi_uuid: d.key.to_string(),
+                name: d.label,
+                userdevice: d.key.to_string(),
+                size_bytes: d.capacity_bytes,
+            })
+            .collect(),
+    }
+}
+
 /// The VMs of one configured host (pool).
 fn inventory(ui: &Ui, host_name: &str, host: &HostConfig) -> Result<Vec<VmInfo>> {
+    if host.kind == HostKind::Vsphere {
+        let url = vmware_url(host, "x")?;
+        let session = vmware_session(ui, &url, &vmware_options(host, false))
+            .with_context(|| format!("log in to host '{host_name}' ({})", url.authority()))?;
+        let vms = list_vms(&session);
+        session.logout();
+        return Ok(vms
+            .with_context(|| format!("list the VMs of host '{host_name}'"))?
+            .into_iter()
+            .map(vmware_vm_info)
+            .collect());
+    }
     let url = vm_url(host, ANY_UUID)?;
     let session = xen_session(ui, &url, &xen_options(host, false))
         .with_context(|| format!("log in to host '{host_name}' ({})", url.authority()))?;
@@ -342,6 +410,71 @@ fn backup_vm(
     };
     let mut committed = Vec::new();
     let quiet = Ui::new(false, true, "run");
+    let mut tags = job.tags.clone();
+    tags.push(job.job_tag());
+    let snapshot = super::backup::SnapshotOptions {
+        parent: crate::repo::backup::plan::ParentRequest::Newest,
+        full_every: match job.full_every {
+            Some(0) => None,
+            Some(n) => Some(n),
+            None => Some(DEFAULT_FULL_EVERY),
+        },
+        tags,
+        strict: false,
+        concurrent: concurrency as u32,
+    };
+    if host.kind == HostKind::Vsphere {
+        let outcome = (|| -> Result<_> {
+            let url = vmware_url(host, &vm.reference)?;
+            let options = VmwareOptions {
+                exclude_keys: work
+                    .selected
+                    .excluded_disks
+                    .iter()
+                    .filter_map(|d| d.userdevice.parse().ok())
+                    .collect(),
+                ..vmware_options(host, job.enable_cbt)
+            };
+            vmware_backup(&quiet, repo, &url, &options, &snapshot)
+        })();
+        match outcome {
+            Ok((summary, run)) => {
+                let full = summary.disks.iter().filter(|d| d.summary.full).count();
+                result.mode = Some(mode_word(full, summary.disks.len() - full));
+                for d in &summary.disks {
+                    result.bytes_read += d.summary.bytes_read;
+                    result.bytes_stored += d.summary.bytes_stored;
+                    committed.push(d.summary.snapshot_id);
+                    if let Some(r) = d.summary.new_set_reason.as_ref().or(d.full_reason.as_ref()) {
+                        result.full_reasons.push(format!("disk {}: {r}", d.label));
+                    }
+                }
+                if let Some(c) = &summary.config {
+                    result.bytes_stored += c.bytes_stored;
+                    committed.push(c.snapshot_id);
+                }
+                result.vm_backup_id = Some(summary.vm_backup_id.clone());
+                if let Some(s) = &run.left_on_host {
+                    result
+                        .warnings
+                        .push(format!("left on the host: snapshot {s}"));
+                }
+                for s in &summary.host_leftovers_removed {
+                    result
+                        .warnings
+                        .push(format!("removed snapshot {s} that an interrupted run left"));
+                }
+                if !result.warnings.is_empty() {
+                    result.status = Status::Warnings;
+                }
+            }
+            Err(e) => {
+                result.status = Status::Failed;
+                result.error = Some(format!("{e:#}"));
+            }
+        }
+        return finish_vm(ui, result, clock, committed);
+    }
     let outcome = (|| -> Result<_> {
         let url = vm_url(host, &vm.uuid)?;
         let xen = xen_options(host, job.enable_cbt);
@@ -357,19 +490,6 @@ fn backup_vm(
                 .collect(),
             ..WorkflowOptions::default()
         };
-        let mut tags = job.tags.clone();
-        tags.push(job.job_tag());
-        let snapshot = super::backup::SnapshotOptions {
-            parent: crate::repo::backup::plan::ParentRequest::Newest,
-            full_every: match job.full_every {
-                Some(0) => None,
-                Some(n) => Some(n),
-                None => Some(DEFAULT_FULL_EVERY),
-            },
-            tags,
-            strict: false,
-            concurrent: concurrency as u32,
-        };
         let r = xen_backup(&quiet, repo, &url, &session, &workflow, &snapshot);
         session.logout();
         r
@@ -377,14 +497,7 @@ fn backup_vm(
     match outcome {
         Ok((summary, run)) => {
             let full = summary.disks.iter().filter(|d| d.summary.full).count();
-            result.mode = Some(
-                match (full, summary.disks.len() - full) {
-                    (_, 0) => "full",
-                    (0, _) => "incremental",
-                    _ => "mixed",
-                }
-                .to_string(),
-            );
+            result.mode = Some(mode_word(full, summary.disks.len() - full));
             for d in &summary.disks {
                 result.bytes_read += d.summary.bytes_read;
                 result.bytes_stored += d.summary.bytes_stored;
@@ -426,6 +539,26 @@ fn backup_vm(
             result.error = Some(format!("{e:#}"));
         }
     }
+    finish_vm(ui, result, clock, committed)
+}
+
+/// `full`, `incremental` or `mixed`, from the disks of each kind.
+fn mode_word(full: usize, incremental: usize) -> String {
+    match (full, incremental) {
+        (_, 0) => "full",
+        (0, _) => "incremental",
+        _ => "mixed",
+    }
+    .to_string()
+}
+
+/// Times the VM's result and says it on the terminal.
+fn finish_vm(
+    ui: &Ui,
+    mut result: VmResult,
+    clock: Instant,
+    committed: Vec<crate::format::SnapshotId>,
+) -> (VmResult, Vec<crate::format::SnapshotId>) {
     result.finished = Utc::now();
     result.seconds = clock.elapsed().as_secs_f64();
     let line = match result.status {
@@ -652,6 +785,9 @@ pub fn run_one(
             let mut per_host = BTreeMap::new();
             for name in &job.hosts {
                 let host = &config.hosts[name];
+                if host.kind != HostKind::Xenserver {
+                    continue;
+                }
                 per_host.insert(
                     vm_url(host, ANY_UUID)?.authority(),
                     xen_options(host, false),
@@ -682,7 +818,13 @@ pub fn run_one(
                 dry_run: false,
                 prune,
                 no_host: false,
-                xen: xen_options(&config.hosts[&job.hosts[0]], false),
+                xen: job
+                    .hosts
+                    .iter()
+                    .map(|h| &config.hosts[h])
+                    .find(|h| h.kind == HostKind::Xenserver)
+                    .map(|h| xen_options(h, false))
+                    .unwrap_or_default(),
                 per_host,
             };
             let quiet = Ui::new(false, true, "run");

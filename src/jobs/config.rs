@@ -8,10 +8,12 @@
 //! - `[state]`: `dir`, where run reports are kept.
 //! - `[repositories.NAME]`: `location` (a folder or `s3://...`),
 //!   `password_file`, and the S3 settings of the command line.
-//! - `[hosts.NAME]`: `type = "xenserver"`, `url` (`xen://[USER@]HOST[:PORT]`),
-//!   `user`, `password_file`, `ca_file`, `fingerprint`, `insecure`,
-//!   `nbd_connections`, `max_concurrent` (VMs of this host backed up at once),
-//!   `verify_sr` (a scratch SR the jobs' read-backs restore into).
+//! - `[hosts.NAME]`: `type = "xenserver"` with `url` (`xen://[USER@]HOST[:PORT]`),
+//!   `nbd_connections` and `verify_sr` (a scratch SR the jobs' read-backs
+//!   restore into); or `type = "vsphere"` with `url`
+//!   (`vmware://[USER@]HOST[:PORT]`) and `datacenter`; both: `user`,
+//!   `password_file`, `ca_file`, `fingerprint`, `insecure`,
+//!   `max_concurrent` (VMs of one physical host backed up at once).
 //! - `[jobs.NAME]`: `repository`, `hosts`, `select` / `exclude` (VM uuids,
 //!   name globs, tags, pool hosts, power states), `exclude_disks`,
 //!   `concurrency`, `tags`, `schedule` (a hint for the timer), `full_every`,
@@ -161,6 +163,7 @@ pub struct RepositoryConfig {
 #[serde(rename_all = "lowercase")]
 pub enum HostKind {
     Xenserver,
+    Vsphere,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -179,6 +182,7 @@ struct RawHost {
     nbd_connections: Option<Spanned<usize>>,
     max_concurrent: Option<Spanned<usize>>,
     verify_sr: Option<Spanned<String>>,
+    datacenter: Option<Spanned<String>>,
 }
 
 /// A XenServer pool (or host) to back VMs up from.
@@ -198,8 +202,10 @@ pub struct HostConfig {
     /// A scratch SR (uuid): a job's read-back (`verify_after`) restores
     /// each disk of its VMs from this host into a new VDI there, reads it
     /// back over NBD and destroys it. `None`: the read-back reads the
-    /// repository only.
+    /// repository only. XenServer hosts only.
     pub verify_sr: Option<String>,
+    /// vSphere: the datacenter of the datastores (default `ha-datacenter`).
+    pub datacenter: Option<String>,
 }
 
 /// NBD connections per disk when a host does not say.
@@ -495,20 +501,49 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
 fn host(source: &Source, name: &str, h: RawHost) -> Result<HostConfig, ConfigError> {
     let key = |k: &str| format!("hosts.{name}.{k}");
     let url = h.url.get_ref().trim().to_string();
-    let rest = url.strip_prefix("xen://").ok_or_else(|| {
+    let scheme = match h.kind {
+        HostKind::Xenserver => "xen",
+        HostKind::Vsphere => "vmware",
+    };
+    let rest = url.strip_prefix(&format!("{scheme}://")).ok_or_else(|| {
         source.error(
             h.url.span(),
             key("url"),
-            format!("'{url}' is not a xen://[USER@]HOST[:PORT] URL"),
+            format!("'{url}' is not a {scheme}://[USER@]HOST[:PORT] URL"),
         )
     })?;
     if rest.is_empty() || rest.trim_end_matches('/').contains('/') {
         return Err(source.error(
             h.url.span(),
             key("url"),
-            format!("'{url}': name the pool's host only (xen://[USER@]HOST[:PORT]); the jobs select the VMs"),
+            format!("'{url}': name the host only ({scheme}://[USER@]HOST[:PORT]); the jobs select the VMs"),
         ));
     }
+    let only =
+        |given: Option<std::ops::Range<usize>>, k: &str, kind: HostKind, what: &str| match given {
+            Some(span) if h.kind != kind => {
+                Err(source.error(span, key(k), format!("'{k}' applies to {what} hosts only")))
+            }
+            _ => Ok(()),
+        };
+    only(
+        h.verify_sr.as_ref().map(Spanned::span),
+        "verify_sr",
+        HostKind::Xenserver,
+        "xenserver",
+    )?;
+    only(
+        h.nbd_connections.as_ref().map(Spanned::span),
+        "nbd_connections",
+        HostKind::Xenserver,
+        "xenserver",
+    )?;
+    only(
+        h.datacenter.as_ref().map(Spanned::span),
+        "datacenter",
+        HostKind::Vsphere,
+        "vsphere",
+    )?;
     let positive = |v: &Option<Spanned<usize>>, k: &str, default: usize, max: usize| match v {
         None => Ok(default),
         Some(s) if (1..=max).contains(s.get_ref()) => Ok(*s.get_ref()),
@@ -543,6 +578,7 @@ fn host(source: &Source, name: &str, h: RawHost) -> Result<HostConfig, ConfigErr
             .as_ref()
             .map(|sr| uuid(source, sr, &key("verify_sr")))
             .transpose()?,
+        datacenter: h.datacenter.map(Spanned::into_inner),
     })
 }
 
@@ -1025,6 +1061,20 @@ metrics_file = "/var/lib/node_exporter/textfile/cbtvault.prom"
                 "100",
                 "hosts.pool1.max_concurrent",
                 "out of range",
+            ),
+            (
+                "max_concurrent = 2",
+                "max_concurrent = 2\ndatacenter = \"DC1\"",
+                "\"DC1\"",
+                "hosts.pool1.datacenter",
+                "vsphere hosts only",
+            ),
+            (
+                "type = \"xenserver\"\nurl = \"xen://root@pool1.example.net\"",
+                "type = \"vsphere\"\nurl = \"xen://root@pool1.example.net\"",
+                "\"xen://root@pool1.example.net\"",
+                "hosts.pool1.url",
+                "not a vmware://",
             ),
             (
                 "webhook = \"https://hooks.example.net/cbtvault\"",

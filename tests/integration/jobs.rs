@@ -632,3 +632,136 @@ metrics_file = "{metrics}"
     }
     assert_eq!(vdis(&hosts[0]), vdis_before, "the failed check left a VDI");
 }
+
+#[test]
+fn a_job_over_a_vsphere_host_selects_by_name_excludes_a_disk_and_goes_incremental() {
+    use vsphere_sim::{SimOptions, Simulator};
+    let sim = Simulator::start(SimOptions {
+        password: "vsphere-jobs".into(),
+        ..SimOptions::default()
+    })
+    .unwrap();
+    let mut vms = Vec::new();
+    for (i, name) in ["web1", "web2", "db1"].iter().enumerate() {
+        let vm = sim.add_vm(name, &[DISK, DISK]).unwrap();
+        for d in &vm.disks {
+            sim.guest_write(
+                &vm.id,
+                d.key,
+                0,
+                &random_bytes(i as u64, d.key as u64, BS as usize),
+            )
+            .unwrap();
+        }
+        vms.push(vm);
+    }
+    sim.set_powered_on(&vms[1].id, true).unwrap();
+    let main = TestRepo::new();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let pw = dir.join("esx.pass");
+    std::fs::write(&pw, "vsphere-jobs\n").unwrap();
+    let a = sim.address();
+    std::fs::write(
+        dir.join("cbtvault.toml"),
+        format!(
+            r#"[state]
+dir = "{state}"
+
+[repositories.main]
+location = "{main}"
+
+[hosts.esx]
+type = "vsphere"
+url = "vmware://root@{ip}:{port}"
+password_file = "{pw}"
+fingerprint = ["{fp}"]
+
+[jobs.web]
+repository = "main"
+hosts = ["esx"]
+concurrency = 2
+verify_after = 2
+
+[jobs.web.select]
+names = ["web*"]
+
+[[jobs.web.exclude_disks]]
+vm = "web2"
+userdevices = ["2001"]
+
+[jobs.web.retention]
+keep_last = 1
+"#,
+            state = dir.join("state").display(),
+            main = main.repo.display(),
+            ip = a.ip(),
+            port = a.port(),
+            pw = pw.display(),
+            fp = sim.fingerprint(),
+        ),
+    )
+    .unwrap();
+
+    let plan = cbtvault(dir, &["--json", "config", "check", "web"])
+        .ok()
+        .json();
+    let names: Vec<&str> = plan["jobs"][0]["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web1", "web2"], "{plan}");
+    assert_eq!(
+        plan["jobs"][0]["vms"][1]["power_state"], "Running",
+        "{plan}"
+    );
+
+    let report = cbtvault(dir, &["--json", "run", "web"]).ok().json()["runs"][0].clone();
+    let done = report["vms"].as_array().unwrap();
+    assert_eq!(done.len(), 2, "{report}");
+    for v in done {
+        assert_eq!(v["status"], "ok", "{v}");
+        assert_eq!(v["mode"], "full", "{v}");
+        let disks = if v["name"] == "web2" { 1 } else { 2 };
+        assert_eq!(v["disk_count"], disks, "{v}");
+    }
+    let steps: Vec<&str> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["ok", "ok", "ok"], "{report}");
+    // web2's second disk was left out; db1 was not selected.
+    let listed = main.snapshots(&["--vm", "web2"]);
+    assert_eq!(listed.iter().filter(|l| l["kind"] == "disk").count(), 1);
+    assert!(main.snapshots(&["--vm", "db1"]).is_empty());
+    for vm in &vms {
+        assert!(
+            sim.snapshots(&vm.id).unwrap().is_empty(),
+            "a vSphere snapshot was left"
+        );
+    }
+
+    // Second run: incremental; retention keeps one per disk; bit for bit.
+    sim.guest_write(&vms[0].id, 2000, 3 * BS, &random_bytes(5, 5, BS as usize))
+        .unwrap();
+    let report = cbtvault(dir, &["--json", "run", "web"]).ok().json()["runs"][0].clone();
+    for v in report["vms"].as_array().unwrap() {
+        assert_eq!(v["mode"], "incremental", "{v}");
+    }
+    let web1 = main.snapshots(&["--vm", "web1"]);
+    let disk0: Vec<&Value> = web1
+        .iter()
+        .filter(|l| l["kind"] == "disk" && l["landmark"]["vmware.disk_key"] == "2000")
+        .collect();
+    assert_eq!(disk0.len(), 1, "{web1:?}");
+    let live = sim.read_disk(&vms[0].id, 2000, 0, DISK as usize).unwrap();
+    main.assert_restores(
+        disk0[0]["snapshot_id"].as_str().unwrap(),
+        blake3::hash(&live),
+        DISK,
+    );
+}

@@ -207,6 +207,7 @@ fn config_path(
         "config.uuid" => PropertyValue::String(vm.uuid.clone()),
         "config.instanceUuid" => PropertyValue::String(vm.instance_uuid.clone()),
         "config.name" => PropertyValue::String(vm.name.clone()),
+        "config.template" => PropertyValue::Bool(false),
         "config.hardware" => {
             let Some(h) = config.child("hardware") else {
                 return Ok(None);
@@ -339,6 +340,7 @@ pub fn property(st: &State, obj: &Moref, path: &str) -> Result<Option<PropertyVa
                     .into(),
                 })),
                 "capability.changeTrackingSupported" => Ok(Some(PropertyValue::Bool(true))),
+                "runtime.host" => moref("HostSystem", model::HOST_SYSTEM),
                 "snapshot" if vm.snapshots.is_empty() => Ok(None),
                 "snapshot" => Ok(Some(PropertyValue::SnapshotInfo(SnapshotInfo {
                     current_snapshot: vm

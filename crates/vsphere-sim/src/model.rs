@@ -26,6 +26,8 @@ pub const SESSION_MANAGER: &str = "ha-sessionmgr";
 pub const SEARCH_INDEX: &str = "ha-searchindex";
 pub const FILE_MANAGER: &str = "ha-nfc-file-manager";
 pub const VIRTUAL_DISK_MANAGER: &str = "ha-vdiskmanager";
+/// The one ESXi host (`runtime.host` of every VM).
+pub const HOST_SYSTEM: &str = "ha-host";
 pub const VIEW_MANAGER: &str = "ViewManager";
 /// The first disk's device key, and its SCSI controller's.
 pub const FIRST_DISK_KEY: i32 = 2000;

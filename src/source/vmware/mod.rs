@@ -13,6 +13,7 @@
 pub mod client;
 pub mod data_command;
 pub mod folder;
+pub mod inventory;
 pub mod workflow;
 
 use std::fmt;

@@ -70,6 +70,8 @@ pub struct Options {
     /// Read the bytes over NBD from a server this command starts per disk
     /// (see `data_command`), not from `/folder`.
     pub data_command: Option<String>,
+    /// Device keys of disks left out: neither read nor committed.
+    pub exclude_keys: std::collections::BTreeSet<i32>,
 }
 
 impl Default for Options {
@@ -80,6 +82,7 @@ impl Default for Options {
             datacenter: "ha-datacenter".into(),
             task_timeout: Duration::from_secs(3600),
             data_command: None,
+            exclude_keys: Default::default(),
         }
     }
 }
@@ -477,6 +480,7 @@ fn frozen<C: Committer>(
     };
     let disks: Vec<VirtualDisk> = vim_wire::device::disks(&devices)
         .into_iter()
+        .filter(|d| !options.exclude_keys.contains(&d.key))
         .cloned()
         .collect();
     if disks.is_empty() {
