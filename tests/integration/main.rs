@@ -39,6 +39,7 @@ mod trust;
 // Drives the library over a test backend registered by a debug-only hook.
 #[cfg(debug_assertions)]
 mod torture_powerloss;
+mod vcsim;
 mod vmware;
 mod xen_backup;
 mod xen_host_changes;
