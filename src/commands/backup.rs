@@ -262,85 +262,16 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
             dirty_bitmap,
             nbd,
             source_id,
-        } => {
-            let tls = nbd_tls(ui, nbd, uri)?;
-            let mut contexts = vec!["base:allocation".to_string()];
-            let dirty_context = dirty_bitmap
-                .as_ref()
-                .map(|n| format!("qemu:dirty-bitmap:{n}"));
-            contexts.extend(dirty_context.clone());
-            let source = NbdSource::connect(
-                uri,
-                uri.identity(),
-                tls,
-                contexts,
-                PoolOptions {
-                    connections: nbd.connections,
-                    ..PoolOptions::default()
-                },
-                nbd.limits,
-            )
-            .map_err(|e| match e {
-                nbd::NbdError::ClientCertificateRequired { .. } => anyhow::anyhow!(
-                    "{e}; give --tls-client-cert FILE --tls-client-key FILE (a certificate the server trusts)"
-                ),
-                e => anyhow::Error::new(e),
-            })
-            .with_context(|| format!("connect to '{text}'"))?;
-            if let Some(why) = source.pool().fewer_connections() {
-                ui.warn(format!("nbd: {why}"));
-            }
-            ui.detail(
-                1,
-                format!(
-                    "nbd: {} open to '{text}' ({} requested), export {}",
-                    plural(source.pool().connection_count(), "connection"),
-                    nbd.connections,
-                    human_bytes(source.size_bytes())
-                ),
-            );
-            let size = source.size_bytes();
-            let ask_allocation = || -> Result<Extents, SourceError> {
-                let ex = source
-                    .extents("base:allocation")
-                    .map_err(|e| SourceError::Invalid {
-                        source_name: text.clone(),
-                        reason: format!("block status (base:allocation): {e}"),
-                    })?;
-                Ok(Extents::from_flagged(&ex, size, |f| {
-                    f & proto::STATE_ZERO == 0
-                }))
-            };
-            let allocated = if source.has_context("base:allocation") {
-                Allocation::Ask(&ask_allocation)
-            } else {
-                Allocation::Unknown
-            };
-            let changes = match (&dirty_context, dirty_bitmap) {
-                (Some(ctx), Some(_)) if source.has_context(ctx) => {
-                    let ex = source.extents(ctx)?;
-                    Changes::Since(Extents::from_flagged(&ex, size, |f| {
-                        f & proto::STATE_DIRTY != 0
-                    }))
-                }
-                (Some(_), Some(name)) => Changes::FullNeeded(format!(
-                    "the server does not offer dirty bitmap '{name}' (qemu:dirty-bitmap:{name}): change tracking lost"
-                )),
-                _ => Changes::Unknown,
-            };
-            let _lock = repo.lock(false, "backup")?;
-            let s = backup_as(
-                ui,
-                repo,
-                &source,
-                source_id,
-                &options.snapshot,
-                changes,
-                allocated,
-            )?;
-            source.close();
-            s
-        }
+        } => nbd_backup(
+            ui,
+            repo,
+            uri,
+            text,
+            dirty_bitmap.as_deref(),
+            nbd,
+            source_id.as_deref(),
+            &options.snapshot,
+        )?,
         BackupSource::File {
             path,
             changed_blocks,
@@ -378,6 +309,99 @@ pub fn run(ui: &Ui, repo: &Repository, options: &BackupOptions) -> Result<Outcom
     };
     report(ui, &summary);
     Ok(Outcome::Ok)
+}
+
+/// Backs up an NBD export (`base:allocation` skips holes on a full read;
+/// a QEMU dirty bitmap, when named and offered, limits the read to what
+/// it marks).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn nbd_backup(
+    ui: &Ui,
+    repo: &Repository,
+    uri: &NbdUri,
+    text: &str,
+    dirty_bitmap: Option<&str>,
+    nbd: &NbdOptions,
+    source_id: Option<&str>,
+    snapshot: &SnapshotOptions,
+) -> Result<BackupSummary> {
+    let tls = nbd_tls(ui, nbd, uri)?;
+    let mut contexts = vec!["base:allocation".to_string()];
+    let dirty_context = dirty_bitmap
+        .as_ref()
+        .map(|n| format!("qemu:dirty-bitmap:{n}"));
+    contexts.extend(dirty_context.clone());
+    let source = NbdSource::connect(
+                uri,
+                uri.identity(),
+                tls,
+                contexts,
+                PoolOptions {
+                    connections: nbd.connections,
+                    ..PoolOptions::default()
+                },
+                nbd.limits,
+            )
+            .map_err(|e| match e {
+                nbd::NbdError::ClientCertificateRequired { .. } => anyhow::anyhow!(
+                    "{e}; give --tls-client-cert FILE --tls-client-key FILE (a certificate the server trusts)"
+                ),
+                e => anyhow::Error::new(e),
+            })
+            .with_context(|| format!("connect to '{text}'"))?;
+    if let Some(why) = source.pool().fewer_connections() {
+        ui.warn(format!("nbd: {why}"));
+    }
+    ui.detail(
+        1,
+        format!(
+            "nbd: {} open to '{text}' ({} requested), export {}",
+            plural(source.pool().connection_count(), "connection"),
+            nbd.connections,
+            human_bytes(source.size_bytes())
+        ),
+    );
+    let size = source.size_bytes();
+    let ask_allocation = || -> Result<Extents, SourceError> {
+        let ex = source
+            .extents("base:allocation")
+            .map_err(|e| SourceError::Invalid {
+                source_name: text.to_string(),
+                reason: format!("block status (base:allocation): {e}"),
+            })?;
+        Ok(Extents::from_flagged(&ex, size, |f| {
+            f & proto::STATE_ZERO == 0
+        }))
+    };
+    let allocated = if source.has_context("base:allocation") {
+        Allocation::Ask(&ask_allocation)
+    } else {
+        Allocation::Unknown
+    };
+    let changes = match (&dirty_context, dirty_bitmap) {
+                (Some(ctx), Some(_)) if source.has_context(ctx) => {
+                    let ex = source.extents(ctx)?;
+                    Changes::Since(Extents::from_flagged(&ex, size, |f| {
+                        f & proto::STATE_DIRTY != 0
+                    }))
+                }
+                (Some(_), Some(name)) => Changes::FullNeeded(format!(
+                    "the server does not offer dirty bitmap '{name}' (qemu:dirty-bitmap:{name}): change tracking lost"
+                )),
+                _ => Changes::Unknown,
+            };
+    let _lock = repo.lock(false, "backup")?;
+    let s = backup_as(
+        ui,
+        repo,
+        &source,
+        &source_id.map(str::to_string),
+        snapshot,
+        changes,
+        allocated,
+    )?;
+    source.close();
+    Ok(s)
 }
 
 /// The changed extents a base64 CBT bitmap file (64 KiB blocks, as

@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use chrono::{DateTime, Utc};
 
-use super::backup::{xen_backup, xen_session, XenOptions, DEFAULT_FULL_EVERY};
+use super::backup::{xen_backup, xen_session, NbdOptions, XenOptions, DEFAULT_FULL_EVERY};
 use super::backup_vmware::{vmware_backup, vmware_session, VmwareOptions};
 use super::forget::{ForgetOptions, Selection as ForgetSelection};
 use super::forget_policy::GroupBy;
@@ -32,6 +32,7 @@ use crate::source::vmware::VmwareUrl;
 use crate::source::xenapi::inventory::PoolVm;
 use crate::source::xenapi::workflow::WorkflowOptions;
 use crate::source::xenapi::XenUrl;
+use ::nbd::NbdUri;
 
 /// Opens a repository of the configuration (the command edge knows how
 /// to ask for passwords and S3 settings).
@@ -168,8 +169,54 @@ fn vmware_vm_info(v: VmwareVm) -> VmInfo {
     }
 }
 
+/// An NBD host's exports as selection sees them: each a running "VM" of
+/// one disk, named by its export name (the URI when it has none), on the
+/// server's address (so `max_concurrent` limits each server).
+fn nbd_inventory(host: &HostConfig) -> Result<Vec<VmInfo>> {
+    host.exports
+        .iter()
+        .map(|text| {
+            let uri = NbdUri::parse(text)?;
+            let name = if uri.export.is_empty() {
+                text.clone()
+            } else {
+                uri.export.clone()
+            };
+            Ok(VmInfo {
+                reference: text.clone(),
+                uuid: uri.identity(),
+                name: name.clone(),
+                tags: Vec::new(),
+                power_state: "Running".into(),
+                resident_on: Some(uri.address.to_string()),
+                resident_on_uuid: Some(uri.address.to_string()),
+                disks: vec![DiskInfo {
+                    vdi_uuid: uri.identity(),
+                    name,
+                    userdevice: "0".into(),
+                    size_bytes: 0,
+                }],
+                backupable: true,
+            })
+        })
+        .collect()
+}
+
+fn nbd_options(host: &HostConfig) -> NbdOptions {
+    NbdOptions {
+        tls_ca: host.tls_ca.clone(),
+        tls_cert_pin: host.tls_cert_pin.clone(),
+        tls_name: host.tls_name.clone(),
+        connections: host.nbd_connections,
+        ..NbdOptions::default()
+    }
+}
+
 /// The VMs of one configured host (pool).
 fn inventory(ui: &Ui, host_name: &str, host: &HostConfig) -> Result<Vec<VmInfo>> {
+    if host.kind == HostKind::Nbd {
+        return nbd_inventory(host);
+    }
     if host.kind == HostKind::Vsphere {
         let url = vmware_url(host, "x")?;
         let session = vmware_session(ui, &url, &vmware_options(host, false))
@@ -423,6 +470,43 @@ fn backup_vm(
         strict: false,
         concurrent: concurrency as u32,
     };
+    if host.kind == HostKind::Nbd {
+        let outcome = (|| -> Result<_> {
+            let uri = NbdUri::parse(&vm.reference)?;
+            super::backup::nbd_backup(
+                &quiet,
+                repo,
+                &uri,
+                &vm.reference,
+                host.dirty_bitmap.as_deref(),
+                &nbd_options(host),
+                None,
+                &snapshot,
+            )
+        })();
+        match outcome {
+            Ok(summary) => {
+                result.mode = Some(mode_word(summary.full as usize, !summary.full as usize));
+                result.bytes_read = summary.bytes_read;
+                result.bytes_stored = summary.bytes_stored;
+                committed.push(summary.snapshot_id);
+                if let Some(r) = &summary.new_set_reason {
+                    result.full_reasons.push(r.clone());
+                }
+                for c in &summary.source_changed {
+                    result.warnings.push(format!("changed while read: {c}"));
+                }
+                if !result.warnings.is_empty() {
+                    result.status = Status::Warnings;
+                }
+            }
+            Err(e) => {
+                result.status = Status::Failed;
+                result.error = Some(format!("{e:#}"));
+            }
+        }
+        return finish_vm(ui, result, clock, committed);
+    }
     if host.kind == HostKind::Vsphere {
         let outcome = (|| -> Result<_> {
             let url = vmware_url(host, &vm.reference)?;

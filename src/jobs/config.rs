@@ -12,8 +12,10 @@
 //!   `nbd_connections` and `verify_sr` (a scratch SR the jobs' read-backs
 //!   restore into); or `type = "vsphere"` with `url`
 //!   (`vmware://[USER@]HOST[:PORT]`) and `datacenter`; both: `user`,
-//!   `password_file`, `ca_file`, `fingerprint`, `insecure`,
-//!   `max_concurrent` (VMs of one physical host backed up at once).
+//!   `password_file`, `ca_file`, `fingerprint`, `insecure`; or `type =
+//!   "nbd"` with `exports` (URIs), `dirty_bitmap`, `tls_ca`, `tls_cert_pin`,
+//!   `tls_name`, `nbd_connections`; all: `max_concurrent` (VMs of one
+//!   physical host, or exports of one server, backed up at once).
 //! - `[jobs.NAME]`: `repository`, `hosts`, `select` / `exclude` (VM uuids,
 //!   name globs, tags, pool hosts, power states), `exclude_disks`,
 //!   `concurrency`, `tags`, `schedule` (a hint for the timer), `full_every`,
@@ -164,6 +166,7 @@ pub struct RepositoryConfig {
 pub enum HostKind {
     Xenserver,
     Vsphere,
+    Nbd,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -171,7 +174,7 @@ pub enum HostKind {
 struct RawHost {
     #[serde(rename = "type")]
     kind: HostKind,
-    url: Spanned<String>,
+    url: Option<Spanned<String>>,
     user: Option<String>,
     password_file: Option<PathBuf>,
     ca_file: Option<PathBuf>,
@@ -183,6 +186,11 @@ struct RawHost {
     max_concurrent: Option<Spanned<usize>>,
     verify_sr: Option<Spanned<String>>,
     datacenter: Option<Spanned<String>>,
+    exports: Option<Spanned<Vec<Spanned<String>>>>,
+    dirty_bitmap: Option<Spanned<String>>,
+    tls_ca: Option<Spanned<PathBuf>>,
+    tls_cert_pin: Option<Spanned<PathBuf>>,
+    tls_name: Option<Spanned<String>>,
 }
 
 /// A XenServer pool (or host) to back VMs up from.
@@ -206,6 +214,14 @@ pub struct HostConfig {
     pub verify_sr: Option<String>,
     /// vSphere: the datacenter of the datastores (default `ha-datacenter`).
     pub datacenter: Option<String>,
+    /// NBD: the exports (URIs), each one disk a job may select by its
+    /// export name.
+    pub exports: Vec<String>,
+    /// NBD: back up only what this QEMU dirty bitmap marks.
+    pub dirty_bitmap: Option<String>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert_pin: Option<PathBuf>,
+    pub tls_name: Option<String>,
 }
 
 /// NBD connections per disk when a host does not say.
@@ -500,50 +516,129 @@ pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
 
 fn host(source: &Source, name: &str, h: RawHost) -> Result<HostConfig, ConfigError> {
     let key = |k: &str| format!("hosts.{name}.{k}");
-    let url = h.url.get_ref().trim().to_string();
-    let scheme = match h.kind {
-        HostKind::Xenserver => "xen",
-        HostKind::Vsphere => "vmware",
-    };
-    let rest = url.strip_prefix(&format!("{scheme}://")).ok_or_else(|| {
-        source.error(
-            h.url.span(),
-            key("url"),
-            format!("'{url}' is not a {scheme}://[USER@]HOST[:PORT] URL"),
-        )
-    })?;
-    if rest.is_empty() || rest.trim_end_matches('/').contains('/') {
-        return Err(source.error(
-            h.url.span(),
-            key("url"),
-            format!("'{url}': name the host only ({scheme}://[USER@]HOST[:PORT]); the jobs select the VMs"),
-        ));
-    }
-    let only =
-        |given: Option<std::ops::Range<usize>>, k: &str, kind: HostKind, what: &str| match given {
-            Some(span) if h.kind != kind => {
+    let only = |given: Option<std::ops::Range<usize>>, k: &str, kinds: &[HostKind], what: &str| {
+        match given {
+            Some(span) if !kinds.contains(&h.kind) => {
                 Err(source.error(span, key(k), format!("'{k}' applies to {what} hosts only")))
             }
             _ => Ok(()),
+        }
+    };
+    let (url, exports) = if h.kind == HostKind::Nbd {
+        only(
+            h.url.as_ref().map(Spanned::span),
+            "url",
+            &[HostKind::Xenserver, HostKind::Vsphere],
+            "xenserver and vsphere (an nbd host lists its export URIs in 'exports')",
+        )?;
+        let exports = h
+            .exports
+            .as_ref()
+            .map(|e| e.get_ref().clone())
+            .unwrap_or_default();
+        if exports.is_empty() {
+            return Err(source.error_at_key(
+                key("exports"),
+                "an nbd host needs its export URIs: exports = [\"nbd://HOST[:PORT]/EXPORT\", ...]",
+            ));
+        }
+        for e in &exports {
+            ::nbd::NbdUri::parse(e.get_ref())
+                .map_err(|err| source.error(e.span(), key("exports"), err.to_string()))?;
+        }
+        (
+            String::new(),
+            exports.into_iter().map(Spanned::into_inner).collect(),
+        )
+    } else {
+        let scheme = match h.kind {
+            HostKind::Vsphere => "vmware",
+            _ => "xen",
         };
+        let Some(u) = &h.url else {
+            return Err(source.error_at_key(
+                key("url"),
+                format!("missing: give url = \"{scheme}://[USER@]HOST[:PORT]\""),
+            ));
+        };
+        let url = u.get_ref().trim().to_string();
+        let rest = url.strip_prefix(&format!("{scheme}://")).ok_or_else(|| {
+            source.error(
+                u.span(),
+                key("url"),
+                format!("'{url}' is not a {scheme}://[USER@]HOST[:PORT] URL"),
+            )
+        })?;
+        if rest.is_empty() || rest.trim_end_matches('/').contains('/') {
+            return Err(source.error(
+                u.span(),
+                key("url"),
+                format!("'{url}': name the host only ({scheme}://[USER@]HOST[:PORT]); the jobs select the VMs"),
+            ));
+        }
+        (url, Vec::new())
+    };
+    use HostKind::{Nbd, Vsphere, Xenserver};
     only(
         h.verify_sr.as_ref().map(Spanned::span),
         "verify_sr",
-        HostKind::Xenserver,
+        &[Xenserver],
         "xenserver",
     )?;
     only(
         h.nbd_connections.as_ref().map(Spanned::span),
         "nbd_connections",
-        HostKind::Xenserver,
-        "xenserver",
+        &[Xenserver, Nbd],
+        "xenserver and nbd",
     )?;
     only(
         h.datacenter.as_ref().map(Spanned::span),
         "datacenter",
-        HostKind::Vsphere,
+        &[Vsphere],
         "vsphere",
     )?;
+    only(
+        h.exports.as_ref().map(Spanned::span),
+        "exports",
+        &[Nbd],
+        "nbd",
+    )?;
+    only(
+        h.dirty_bitmap.as_ref().map(Spanned::span),
+        "dirty_bitmap",
+        &[Nbd],
+        "nbd",
+    )?;
+    only(
+        h.tls_ca.as_ref().map(Spanned::span),
+        "tls_ca",
+        &[Nbd],
+        "nbd",
+    )?;
+    only(
+        h.tls_cert_pin.as_ref().map(Spanned::span),
+        "tls_cert_pin",
+        &[Nbd],
+        "nbd",
+    )?;
+    only(
+        h.tls_name.as_ref().map(Spanned::span),
+        "tls_name",
+        &[Nbd],
+        "nbd",
+    )?;
+    if h.kind == Nbd
+        && (h.password_file.is_some()
+            || !h.fingerprint.is_empty()
+            || h.ca_file.is_some()
+            || h.user.is_some()
+            || h.insecure)
+    {
+        return Err(source.error_at_key(
+            key("password_file"),
+            "user, password_file, ca_file, fingerprint and insecure apply to xenserver and vsphere hosts; an nbd host's TLS is tls_ca or tls_cert_pin",
+        ));
+    }
     let positive = |v: &Option<Spanned<usize>>, k: &str, default: usize, max: usize| match v {
         None => Ok(default),
         Some(s) if (1..=max).contains(s.get_ref()) => Ok(*s.get_ref()),
@@ -579,6 +674,11 @@ fn host(source: &Source, name: &str, h: RawHost) -> Result<HostConfig, ConfigErr
             .map(|sr| uuid(source, sr, &key("verify_sr")))
             .transpose()?,
         datacenter: h.datacenter.map(Spanned::into_inner),
+        exports,
+        dirty_bitmap: h.dirty_bitmap.map(Spanned::into_inner),
+        tls_ca: h.tls_ca.map(Spanned::into_inner),
+        tls_cert_pin: h.tls_cert_pin.map(Spanned::into_inner),
+        tls_name: h.tls_name.map(Spanned::into_inner),
     })
 }
 

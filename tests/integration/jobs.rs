@@ -765,3 +765,155 @@ keep_last = 1
         DISK,
     );
 }
+
+/// nbdkit serving `image` on a unix socket; killed when dropped.
+struct Nbdkit(std::process::Child);
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nbdkit_file(image: &Path, sock: &Path) -> Nbdkit {
+    let child = std::process::Command::new("nbdkit")
+        .args(["-f", "--exit-with-parent", "-U"])
+        .arg(sock)
+        .arg("file")
+        .arg(image)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start nbdkit (apt install nbdkit)");
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(sock.exists(), "nbdkit did not start");
+    Nbdkit(child)
+}
+
+#[test]
+fn a_job_over_nbd_exports_selects_them_by_export_name() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let main = TestRepo::new();
+    let mut servers = Vec::new();
+    let mut uris = Vec::new();
+    let mut images = Vec::new();
+    for (i, name) in ["web-a", "web-b", "db-c"].iter().enumerate() {
+        let img = crate::util::Image::create(&dir.join(format!("{name}.img")), DISK);
+        for b in [0, 5, 17] {
+            img.write_block(b, &random_bytes(i as u64, b, BS as usize));
+        }
+        let sock = dir.join(format!("{name}.sock"));
+        servers.push(nbdkit_file(&img.path, &sock));
+        uris.push(format!("nbd+unix:///{name}?socket={}", sock.display()));
+        images.push(img);
+    }
+    std::fs::write(
+        dir.join("cbtvault.toml"),
+        format!(
+            r#"[state]
+dir = "{state}"
+
+[repositories.main]
+location = "{main}"
+
+[hosts.lab]
+type = "nbd"
+exports = [{exports}]
+nbd_connections = 2
+
+[jobs.web]
+repository = "main"
+hosts = ["lab"]
+concurrency = 2
+
+[jobs.web.select]
+names = ["web-*"]
+"#,
+            state = dir.join("state").display(),
+            main = main.repo.display(),
+            exports = uris
+                .iter()
+                .map(|u| format!("\"{u}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+    )
+    .unwrap();
+    let plan = cbtvault(dir, &["--json", "config", "check", "web"])
+        .ok()
+        .json();
+    let names: Vec<&str> = plan["jobs"][0]["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["web-a", "web-b"], "{plan}");
+
+    for round in 0..2u64 {
+        if round == 1 {
+            images[0].write_block(9, &random_bytes(42, 9, BS as usize));
+        }
+        let report = cbtvault(dir, &["--json", "run", "web"]).ok().json()["runs"][0].clone();
+        let done = report["vms"].as_array().unwrap();
+        assert_eq!(done.len(), 2, "{report}");
+        for v in done {
+            assert_eq!(v["status"], "ok", "{v}");
+            // Without a dirty bitmap every allocated block is read (nbdkit's
+            // base:allocation skips the holes); the second run's snapshot is
+            // layered on the first.
+            assert_eq!(
+                v["mode"],
+                if round == 0 { "full" } else { "incremental" },
+                "{v}"
+            );
+            let allocated = if v["name"] == "web-a" && round == 1 {
+                4
+            } else {
+                3
+            };
+            assert_eq!(v["read_bytes"], allocated * BS, "{v}");
+        }
+    }
+    for (img, uri) in images.iter().zip(&uris).take(2) {
+        let snaps = main.snapshots(&[]);
+        let mine: Vec<&Value> = snaps
+            .iter()
+            .filter(|s| s["source"] == uri.as_str())
+            .collect();
+        assert_eq!(mine.len(), 2, "{snaps:?}");
+        let newest = mine.last().unwrap()["snapshot_id"].as_str().unwrap();
+        main.assert_restores(newest, img.hash(), DISK);
+    }
+    assert!(
+        !main
+            .snapshots(&[])
+            .iter()
+            .any(|s| s["source"].as_str().unwrap().contains("db-c")),
+        "db-c was not selected"
+    );
+    // A host of another kind's keys is refused with its line.
+    let text = std::fs::read_to_string(dir.join("cbtvault.toml")).unwrap();
+    std::fs::write(
+        dir.join("cbtvault.toml"),
+        text.replace(
+            "nbd_connections = 2",
+            "nbd_connections = 2\nverify_sr = \"x\"",
+        ),
+    )
+    .unwrap();
+    let r = cbtvault(dir, &["config", "check", "--offline"]).expect_code(1);
+    assert!(
+        r.stderr.contains("verify_sr") && r.stderr.contains("xenserver"),
+        "{}",
+        r.stderr
+    );
+    drop(servers);
+}

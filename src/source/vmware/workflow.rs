@@ -368,12 +368,15 @@ pub fn run<C: Committer>(
             report.removed_leftovers.push(snap.value.clone());
         }
     }
-    let supported =
-        bool_prop(props.property("capability.changeTrackingSupported")).unwrap_or(false);
+    let supported_prop = bool_prop(props.property("capability.changeTrackingSupported"));
+    let supported = supported_prop.unwrap_or(false);
     let enabled = bool_prop(props.property("config.changeTrackingEnabled")).unwrap_or(false);
     let mut no_tracking: Option<String> = None;
     if !supported {
-        let why = format!("VM '{name}' does not support changed block tracking (capability.changeTrackingSupported is false): its disks are read in full every run");
+        let why = format!(
+            "VM '{name}' does not support changed block tracking (capability.changeTrackingSupported is {}): its disks are read in full every run",
+            if supported_prop.is_some() { "false" } else { "not reported by the host" }
+        );
         committer.warn(why.clone());
         no_tracking = Some(why);
     } else if !enabled {
