@@ -57,6 +57,8 @@
 //!     refs whose xapi-nbd closes every connection at once.
 //!   - `nbd_drop_after_bytes` (int, or "" to clear): NBD connections opened
 //!     afterwards drop (no reply) once they have served that many bytes.
+//!   - `nbd_rate_bytes_per_s` (int, or "" to clear): NBD connections
+//!     opened afterwards serve at most that many bytes of reads a second.
 //!   - `task_delay_ms` (int): async tasks and HTTP handler tasks stay
 //!     `pending` that long (cancellable meanwhile) before they complete.
 //!   - `import_fail_after_bytes` (only through [`Simulator::set_faults`]):

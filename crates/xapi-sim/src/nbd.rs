@@ -87,6 +87,7 @@ impl ExportResolver for SimResolver {
             .map_err(|e| refused(&e.to_string()))?;
         let drop_after = st.faults.nbd_drop_after_bytes;
         let expire_after = st.faults.expire_sessions_after_nbd_bytes;
+        let rate = st.faults.nbd_rate_bytes_per_s.filter(|r| *r > 0);
         drop(st);
         Ok(Arc::new(SimExport {
             core: self.core.clone(),
@@ -95,6 +96,8 @@ impl ExportResolver for SimResolver {
             drop_after,
             expire_after,
             served: AtomicU64::new(0),
+            rate,
+            next_free: std::sync::Mutex::new(std::time::Instant::now()),
         }))
     }
 }
@@ -111,6 +114,10 @@ struct SimExport {
     /// connection once this many bytes were served.
     expire_after: Option<u64>,
     served: AtomicU64,
+    /// Bytes per second this connection serves at most.
+    rate: Option<u64>,
+    /// When the connection's link is free again (reads queue behind it).
+    next_free: std::sync::Mutex<std::time::Instant>,
 }
 
 impl Drop for SimExport {
@@ -142,6 +149,19 @@ impl Export for SimExport {
             if before + len as u64 > limit {
                 // xapi-nbd drops the connection on an I/O error mid-read.
                 return Err(ExportError::Io("injected fault: connection dropped".into()));
+            }
+        }
+        if let Some(rate) = self.rate {
+            // The read leaves when the link has carried the ones before it.
+            let done = {
+                let mut next = self.next_free.lock().unwrap_or_else(|e| e.into_inner());
+                let start = (*next).max(std::time::Instant::now());
+                *next = start + std::time::Duration::from_secs_f64(len as f64 / rate as f64);
+                *next
+            };
+            let now = std::time::Instant::now();
+            if done > now {
+                std::thread::sleep(done - now);
             }
         }
         self.disk

@@ -46,6 +46,7 @@ pub(super) fn set_fault(st: &mut State, c: &Call) -> Reply {
                 .ok_or_else(|| ApiError::field_type("value"))?
         }
         "nbd_drop_after_bytes" => st.faults.nbd_drop_after_bytes = optional_count(value)?,
+        "nbd_rate_bytes_per_s" => st.faults.nbd_rate_bytes_per_s = optional_count(value)?,
         "session_idle_timeout_ms" => st.faults.session_idle_timeout_ms = optional_count(value)?,
         "restart_downtime_ms" => {
             st.faults.restart_downtime_ms = optional_count(value)?.unwrap_or(0)

@@ -50,6 +50,10 @@ pub struct Faults {
     pub legacy_host: bool,
     /// NBD connections drop after serving this many bytes of reads.
     pub nbd_drop_after_bytes: Option<u64>,
+    /// Each NBD connection opened afterwards serves at most this many
+    /// bytes of reads per second (a host's disk and network, for
+    /// benchmarks of many VMs at once; `None`: as fast as the machine).
+    pub nbd_rate_bytes_per_s: Option<u64>,
     /// Once an NBD connection has served this many bytes, xapi "restarts":
     /// every session ends (calls answer `SESSION_INVALID`, new NBD
     /// connections with their export names are refused) and that
