@@ -10,8 +10,10 @@
 #      enable, snapshot, QueryChangedDiskAreas '*', Range reads, hash,
 #      compress, store, snapshot removal);
 # then the guest rewrites 2% of the 64 KiB blocks, and the incremental runs
-# (BENCH_ROUNDS times, other blocks each round). Medians; targets: full at
-# least 0.8x curl's throughput, incremental at most 5% of the full's time.
+# (BENCH_ROUNDS times, other blocks each round). Then the newest snapshot is
+# restored into vSphere (PUT /folder of the whole flat file) against curl
+# uploading the same size. Medians; targets: full at least 0.8x curl's
+# throughput, incremental at most 5% of the full's time.
 #
 # Environment: BENCH_SIZE_MIB=4096 BENCH_ROUNDS=3
 #   BENCH_REPO_DIR=<work dir> (where the repository goes: /dev/shm takes
@@ -117,11 +119,31 @@ print(f"  incremental read {d['blocks_read']} blocks", file=sys.stderr)
 PY
   log "round $r: incremental $s s, peak RSS $INC_RSS MiB"
 done
-python3 - "$SIZE_MIB" "${CURL[*]}" "${FULL[*]}" "${INC[*]}" "$FULL_RSS" "$INC_RSS" <<'PY'
+# Restore into vSphere (a new flat VMDK through PUT /folder, every byte
+# of the disk) against curl uploading the disk's own flat file to the same
+# endpoint (the write ceiling); the uploads are removed after each round.
+declare -a UP RES
+LIVE=$WORK/host/datastore1/demo-vm/demo-vm-flat.vmdk
+LATEST=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["disks"][0]["snapshot_id"])' "$WORK/.out")
+for r in $(seq "$ROUNDS"); do
+  timed curl -sS -k -f -u "root:$CBTVAULT_SIM_PASSWORD" -T "$LIVE" -o /dev/null \
+    "https://127.0.0.1:$PORT/folder/up-$r/up-flat.vmdk?dcPath=ha-datacenter&dsName=datastore1"
+  read -r s _ <"$WORK/.t"; UP+=("$s"); log "round $r: curl upload $s s"
+  rm -rf "$WORK/host/datastore1/up-$r"
+  timed "$CBT" -r "$REPO" --json restore "$LATEST" --fingerprint "$FP" \
+    --target "vmware://root@127.0.0.1:$PORT/datastore/datastore1/res-$r/res.vmdk"
+  read -r s m <"$WORK/.t"; RES+=("$s"); RES_RSS=$((m / 1024)); log "round $r: restore into vSphere $s s, peak RSS $RES_RSS MiB"
+  rm -rf "$WORK/host/datastore1/res-$r"
+done
+python3 - "$SIZE_MIB" "${CURL[*]}" "${FULL[*]}" "${INC[*]}" "$FULL_RSS" "$INC_RSS" "${UP[*]}" "${RES[*]}" "$RES_RSS" <<'PY'
 import statistics, sys
 mib = int(sys.argv[1])
 curl, full, inc = ([float(x) for x in a.split()] for a in sys.argv[2:5])
+up, res = ([float(x) for x in a.split()] for a in sys.argv[7:9])
 c, f, i = statistics.median(curl), statistics.median(full), statistics.median(inc)
+u, r = statistics.median(up), statistics.median(res)
+print(f"curl -T /folder upload    : {u:7.2f} s  {mib/u:7.1f} MiB/s  (runs {up})")
+print(f"cbtvault restore (vSphere): {r:7.2f} s  {mib/r:7.1f} MiB/s  (runs {res}), peak RSS {sys.argv[9]} MiB; {u/r:.2f}x curl")
 print(f"curl /folder -> /dev/null : {c:7.2f} s  {mib/c:7.1f} MiB/s  (runs {curl})")
 print(f"cbtvault full backup      : {f:7.2f} s  {mib/f:7.1f} MiB/s  (runs {full}), peak RSS {sys.argv[5]} MiB")
 print(f"cbtvault incremental (2%) : {i:7.2f} s  (runs {inc}), peak RSS {sys.argv[6]} MiB")

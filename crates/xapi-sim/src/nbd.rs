@@ -169,6 +169,10 @@ impl Export for SimExport {
             .map_err(|e| ExportError::Io(e.to_string()))
     }
 
+    fn reads_may_block(&self) -> bool {
+        self.rate.is_some()
+    }
+
     fn zero_extents(&self, offset: u64, len: u32) -> Vec<(u32, u32)> {
         // Never asked in XapiLike mode (no block status); answer honestly anyway.
         let end = offset

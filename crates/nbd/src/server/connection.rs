@@ -233,7 +233,7 @@ async fn read_requests(
                         reply._permit = permit;
                         reply
                     };
-                    if req.length <= INLINE_READ_BYTES {
+                    if req.length <= INLINE_READ_BYTES && !t.export.reads_may_block() {
                         Queued::Ready(work())
                     } else {
                         Queued::Pending(tokio::task::spawn_blocking(work))

@@ -50,6 +50,12 @@ pub trait Export: Send + Sync {
     /// ranges that read as zeros and 0 for data. Descriptors past
     /// `offset+len` are ignored.
     fn zero_extents(&self, offset: u64, len: u32) -> Vec<(u32, u32)>;
+    /// Whether a read may wait long (a paced or remote export): such
+    /// reads always run on the blocking pool, never inline on a runtime
+    /// worker, however small.
+    fn reads_may_block(&self) -> bool {
+        false
+    }
 }
 
 /// Turns the export name a client asked for into an export. Called once
