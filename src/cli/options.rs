@@ -284,8 +284,8 @@ pub fn restore(a: &RestoreArgs) -> Result<RestoreOptions> {
             overwrite: a.overwrite,
         })
     } else if crate::source::vmware::VmwareUrl::is_vmware(&text) {
-        if a.allow_damaged || a.mode.is_some() || a.new_vm {
-            bail!("--allow-damaged, --mode and --new-vm do not apply to vmware:// targets");
+        if a.allow_damaged || a.mode.is_some() || a.new_vm || a.overwrite {
+            bail!("--allow-damaged, --mode, --new-vm and --overwrite do not apply to vmware:// targets (--force deletes and replaces existing files)");
         }
         if a.import_format != "auto" {
             bail!("--import-format applies to xen:// targets only");

@@ -86,6 +86,7 @@ pub fn preflight(
     }
     let unusable = plan
         .keys()
+        .filter(|h| per_host.is_empty() || per_host.contains_key(*h))
         .find_map(|h| xen_password(per_host.get(h).unwrap_or(xen)).err());
     if let Some(e) = unusable {
         let count: usize = plan.values().map(Vec::len).sum();
@@ -126,6 +127,12 @@ pub fn clean_host(
         };
         if no_host {
             leave(&mut report, "--no-host");
+            continue;
+        }
+        // A job names its hosts: another host's landmarks are left rather
+        // than sent the credentials of one of them.
+        if !per_host.is_empty() && !per_host.contains_key(&host) {
+            leave(&mut report, "not one of the job's hosts");
             continue;
         }
         let login = per_host.get(&host).unwrap_or(xen);

@@ -14,6 +14,7 @@ use super::backup_vmware::{vmware_login, VmwareOptions};
 use crate::output::{human_bytes, plural, Ui};
 use crate::repo::restore::RestoreSummary;
 use crate::repo::{Repository, SnapshotEntry};
+use crate::source::vmware::inventory::{disk_owner, list_vms};
 use crate::target::vmware::{flat_bytes, verify, Upload, VmwareTarget, VmwareTargetError};
 
 /// The datacenter of an ESXi host, the default `dcPath`.
@@ -80,33 +81,55 @@ pub(crate) fn run_disk(
     let datacenter_ref = session
         .datacenter(&datacenter)
         .with_context(|| format!("find datacenter '{datacenter}'"))?;
-    // Nothing is replaced unless asked: a datastore file may be another
-    // VM's disk.
+    // Nothing is replaced unless asked, and never a VM's disk.
     let mut existing = Vec::new();
-    let mut exists = [false; 2];
-    for (n, (path, shown)) in [(&t.descriptor, &descriptor_path), (&t.flat(), &flat_path)]
-        .into_iter()
-        .enumerate()
-    {
+    for (path, shown) in [
+        (t.descriptor.clone(), &descriptor_path),
+        (t.flat(), &flat_path),
+    ] {
         let size = session
-            .file_size(&datacenter, &t.datastore, path)
+            .file_size(&datacenter, &t.datastore, &path)
             .with_context(|| format!("look for {shown}"))?;
         if size.is_some() {
-            existing.push(shown.clone());
-            exists[n] = true;
+            existing.push((path, shown.clone()));
         }
     }
-    if !existing.is_empty() && !options.force {
-        bail!(
-            "{} already exist{} on '{}'; restore under another name, or pass --force to replace {}",
-            existing.join(" and "),
-            if existing.len() == 1 { "s" } else { "" },
-            t.authority(),
-            if existing.len() == 1 { "it" } else { "them" }
-        );
+    if !existing.is_empty() {
+        let shown: Vec<&str> = existing.iter().map(|(_, s)| s.as_str()).collect();
+        if !options.force {
+            bail!(
+                "{} already exist{} on '{}'; restore under another name, or pass --force to delete and replace {}",
+                shown.join(" and "),
+                if shown.len() == 1 { "s" } else { "" },
+                t.authority(),
+                if shown.len() == 1 { "it" } else { "them" }
+            );
+        }
+        let vms = list_vms(&session, Some(&datacenter_ref))
+            .context("list the VMs, to make sure no VM's disk is replaced")?;
+        for (path, shown) in &existing {
+            if let Some(vm) = disk_owner(&vms, &t.datastore, path) {
+                bail!(
+                    "{shown} is a disk of VM '{vm}': a restore never replaces a VM's disk, even with --force; restore under another name and attach that"
+                );
+            }
+        }
+        // Deleted first, so that a restore that fails leaves no descriptor
+        // naming a half-written flat file.
+        for (path, shown) in &existing {
+            session
+                .delete_file(&datacenter_ref, &t.datastore, path)
+                .with_context(|| format!("delete {shown} (--force)"))?;
+            ui.warn(format!("deleted the existing {shown} (--force)"));
+        }
     }
-    for e in &existing {
-        ui.warn(format!("replacing {e} (--force)"));
+    if let Some(dir) = t.folder() {
+        if session
+            .make_directory(&datacenter_ref, &t.datastore, dir)
+            .with_context(|| format!("make folder [{}] {dir}", t.datastore))?
+        {
+            ui.detail(1, format!("made folder [{}] {dir}", t.datastore));
+        }
     }
     if disk % crate::target::vmdk::SECTOR_BYTES != 0 {
         ui.warn(format!(
@@ -130,7 +153,6 @@ pub(crate) fn run_disk(
         target: t,
         datacenter: &datacenter,
         datacenter_ref: &datacenter_ref,
-        replacing: (exists[0], exists[1]),
     };
     let bar = ui.progress("restore", true);
     let flat = upload.flat(repo, reader, &bar);
@@ -139,32 +161,40 @@ pub(crate) fn run_disk(
         ui.warn(line);
     }
     let summary = flat.with_context(|| {
-        format!(
-            "restore of snapshot {id} to {flat_path} failed; {}",
-            if exists[0] {
-                format!("{descriptor_path} was not touched")
-            } else {
-                "no descriptor was written".to_string()
-            }
-        )
+        format!("restore of snapshot {id} to {flat_path} failed; no descriptor was written")
     })?;
     let seed = blake3::hash(format!("{id} {descriptor_path}").as_bytes());
     let mut disk_id = [0u8; 16];
     disk_id.copy_from_slice(&seed.as_bytes()[..16]);
-    let finished = upload.descriptor(disk, disk_id).and_then(|()| {
-        if options.verify {
-            verify(
-                session.clone(),
-                t,
-                &datacenter,
-                repo.chain_reader(id)
-                    .map_err(|e| VmwareTargetError::Invalid(format!("verify: {e}")))?,
-                repo.codec().hasher(),
-            )
-        } else {
-            Ok(())
-        }
-    });
+    // The host must hold the whole flat file before the descriptor makes
+    // it a disk.
+    let whole = match session.file_size(&datacenter, &t.datastore, &t.flat()) {
+        Ok(Some(n)) if n == flat_bytes(disk) => Ok(()),
+        Ok(n) => Err(VmwareTargetError::Invalid(format!(
+            "the host holds {n:?} bytes of {flat_path} after the upload, not {}",
+            flat_bytes(disk)
+        ))),
+        Err(e) => Err(VmwareTargetError::Call {
+            what: format!("HEAD {flat_path}"),
+            error: e,
+        }),
+    };
+    let finished = whole
+        .and_then(|()| upload.descriptor(disk, disk_id))
+        .and_then(|()| {
+            if options.verify {
+                verify(
+                    session.clone(),
+                    t,
+                    &datacenter,
+                    repo.chain_reader(id)
+                        .map_err(|e| VmwareTargetError::Invalid(format!("verify: {e}")))?,
+                    repo.codec().hasher(),
+                )
+            } else {
+                Ok(())
+            }
+        });
     if let Err(e) = finished {
         let cleanup = match upload.remove_both() {
             Ok(()) => format!("{descriptor_path} and {flat_path} were deleted"),

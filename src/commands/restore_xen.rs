@@ -266,7 +266,12 @@ pub(crate) fn health_check(
     };
     let quiet = Ui::new(false, true, "run");
     let d = restore_disk(&quiet, repo, session, &options.target, entry, &options)?;
-    let vdi = session.vdi_by_uuid(&d.vdi_uuid)?;
+    let vdi = session.vdi_by_uuid(&d.vdi_uuid).with_context(|| {
+        format!(
+            "find the health check's VDI {} to destroy it (destroy it by hand)",
+            d.vdi_uuid
+        )
+    })?;
     session
         .vdi_destroy(&vdi)
         .with_context(|| format!("destroy the health check's VDI {}", d.vdi_uuid))?;

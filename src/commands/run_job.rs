@@ -221,7 +221,14 @@ fn inventory(ui: &Ui, host_name: &str, host: &HostConfig) -> Result<Vec<VmInfo>>
         let url = vmware_url(host, "x")?;
         let session = vmware_session(ui, &url, &vmware_options(host, false))
             .with_context(|| format!("log in to host '{host_name}' ({})", url.authority()))?;
-        let vms = list_vms(&session);
+        // The configured datacenter's VMs only: their datastores are read
+        // through it.
+        let vms = match &host.datacenter {
+            Some(dc) => session
+                .datacenter(dc)
+                .and_then(|root| list_vms(&session, Some(&root))),
+            None => list_vms(&session, None),
+        };
         session.logout();
         return Ok(vms
             .with_context(|| format!("list the VMs of host '{host_name}'"))?

@@ -193,11 +193,13 @@ struct RawHost {
     tls_name: Option<Spanned<String>>,
 }
 
-/// A XenServer pool (or host) to back VMs up from.
+/// A XenServer pool (or host), a vSphere host or vCenter, or a set of NBD
+/// exports to back up from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostConfig {
     pub kind: HostKind,
-    /// `xen://[USER@]HOST[:PORT]` (no object path: jobs select the VMs).
+    /// `xen://[USER@]HOST[:PORT]` or `vmware://[USER@]HOST[:PORT]` (no
+    /// object path: jobs select the VMs); empty for NBD hosts.
     pub url: String,
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,

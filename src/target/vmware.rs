@@ -107,11 +107,12 @@ impl VmwareTarget {
         if kind != "datastore" || datastore.is_empty() || rest.is_empty() {
             return Err(bad("the path must be /datastore/DATASTORE/PATH.vmdk"));
         }
-        if rest
-            .iter()
-            .any(|p| p.is_empty() || p == "." || p == ".." || p.contains(['"', '\n', '\r']))
-        {
-            return Err(bad("empty, '.', '..' or quoted parts in the file path"));
+        if rest.iter().any(|p| {
+            p.is_empty() || p == "." || p == ".." || p.contains(['"', '/', '\\', '\n', '\r'])
+        }) {
+            return Err(bad(
+                "empty, '.', '..', quoted or escaped-slash parts in the file path",
+            ));
         }
         let descriptor = rest.join("/");
         let Some(stem) = descriptor.strip_suffix(".vmdk") else {
@@ -144,6 +145,11 @@ impl VmwareTarget {
     pub fn flat_name(&self) -> String {
         let flat = self.flat();
         flat.rsplit('/').next().unwrap_or(&flat).to_string()
+    }
+
+    /// The descriptor's folder in the datastore (`None`: the top).
+    pub fn folder(&self) -> Option<&str> {
+        self.descriptor.rsplit_once('/').map(|(dir, _)| dir)
     }
 
     /// `[DATASTORE] PATH`, as vSphere shows it.
@@ -265,10 +271,6 @@ pub struct Upload<'a> {
     pub datacenter: &'a str,
     /// The same datacenter's moref (deleting a partial file).
     pub datacenter_ref: &'a Moref,
-    /// The descriptor and the flat file existed before (`--force`): after
-    /// a failure they are left in place (they were not this run's to
-    /// delete), and the error says they may be partly overwritten.
-    pub replacing: (bool, bool),
 }
 
 impl Upload<'_> {
@@ -360,7 +362,7 @@ impl Upload<'_> {
             }
         });
         if let Err(e) = result {
-            return Err(match self.remove_partial(&flat, self.replacing.1) {
+            return Err(match self.remove_partial(&flat) {
                 Ok(()) => e,
                 Err(left) => VmwareTargetError::Invalid(format!("{e}; {left}")),
             });
@@ -368,15 +370,10 @@ impl Upload<'_> {
         result
     }
 
-    /// Deletes `path` if the host kept it and this run created it; says
-    /// what is left if it cannot.
-    fn remove_partial(&self, path: &str, existed: bool) -> Result<(), String> {
+    /// Deletes `path` (this run's) if the host kept it; says what is left
+    /// if it cannot.
+    fn remove_partial(&self, path: &str) -> Result<(), String> {
         let shown = self.target.datastore_path(path);
-        if existed {
-            return Err(format!(
-                "{shown} existed before this restore (--force) and may now be partly overwritten: it was left in place"
-            ));
-        }
         match self
             .session
             .file_size(self.datacenter, &self.target.datastore, path)
@@ -422,8 +419,8 @@ impl Upload<'_> {
 
     /// Deletes both files (after a failure once the flat file was whole).
     pub fn remove_both(&self) -> Result<(), String> {
-        let a = self.remove_partial(&self.target.descriptor, self.replacing.0);
-        let b = self.remove_partial(&self.target.flat(), self.replacing.1);
+        let a = self.remove_partial(&self.target.descriptor);
+        let b = self.remove_partial(&self.target.flat());
         match (a, b) {
             (Ok(()), Ok(())) => Ok(()),
             (Err(a), Ok(())) | (Ok(()), Err(a)) => Err(a),
@@ -555,6 +552,7 @@ mod tests {
             "vmware://esx/datastore/ds/d-flat.vmdk",
             "vmware://esx/datastore/ds/../d.vmdk",
             "vmware://esx/datastore/ds/a//d.vmdk",
+            "vmware://esx/datastore/ds/a%2F..%2Fd.vmdk",
             "vmware://esx/datastore/ds/.vmdk",
             "xen://esx/datastore/ds/d.vmdk",
         ] {

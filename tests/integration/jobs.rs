@@ -655,6 +655,7 @@ fn a_job_over_a_vsphere_host_selects_by_name_excludes_a_disk_and_goes_incrementa
         }
         vms.push(vm);
     }
+    sim.set_powered_on(&vms[0].id, false).unwrap();
     sim.set_powered_on(&vms[1].id, true).unwrap();
     let main = TestRepo::new();
     let work = tempfile::tempdir().unwrap();
@@ -713,6 +714,7 @@ keep_last = 1
         .map(|v| v["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["web1", "web2"], "{plan}");
+    assert_eq!(plan["jobs"][0]["vms"][0]["power_state"], "Halted", "{plan}");
     assert_eq!(
         plan["jobs"][0]["vms"][1]["power_state"], "Running",
         "{plan}"

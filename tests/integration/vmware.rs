@@ -418,6 +418,7 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
         qemu_img_raw(&descriptor, &t.path("via-qemu.raw")),
         (blake3::hash(&live), DISK)
     );
+    assert!(sim.calls().iter().any(|c| c == "SOAP MakeDirectory ok"));
     // The calls: the flat file first, the descriptor last.
     let puts: Vec<String> = sim
         .calls()
@@ -450,22 +451,57 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
     let live0 = sim.read_disk(&vm.id, 2000, 0, DISK as usize).unwrap();
     assert_eq!(crate::util::hash_file(&flat), blake3::hash(&live0));
 
-    // A VM's own disk is locked: refused even with --force, and untouched.
+    // A VM's own disk is never replaced, even with --force and the VM
+    // powered off (so that the host does not lock it): refused before
+    // anything is written or deleted.
+    sim.set_powered_on(&vm.id, false).unwrap();
+    let writes = |sim: &Simulator| {
+        sim.calls()
+            .into_iter()
+            .filter(|c| c.contains("HTTP PUT") || c.contains("DeleteDatastoreFile"))
+            .count()
+    };
+    let written = writes(&sim);
     let own = format!("{0}/{0}.vmdk", vm.name);
     let r = restore_to(&t, &sim, id, &own, &["--force"]).expect_code(1);
-    // (The host answers 403 and closes before reading the body, so the
-    // client may see only the closed connection.)
-    assert!(
-        r.stderr.contains("the host stopped the upload"),
-        "{}",
-        r.stderr
-    );
-    assert!(r.stderr.contains("left in place"), "{}", r.stderr);
-    assert!(sim.calls().iter().any(|c| c.contains("403 locked")));
+    assert!(r.stderr.contains("is a disk of VM 'db01'"), "{}", r.stderr);
+    assert_eq!(writes(&sim), written, "{:?}", sim.calls());
     assert_eq!(
         blake3::hash(&sim.read_disk(&vm.id, 2000, 0, DISK as usize).unwrap()),
         blake3::hash(&live0)
     );
+
+    // --force over other files deletes them first: a replacement that then
+    // fails leaves neither the old descriptor (naming a half-written flat
+    // file) nor the partial flat file.
+    let calls_before = sim.calls().len();
+    sim.drop_responses("folder_put", 1);
+    let r = restore_to(&t, &sim, id, "restored/db01 disk1.vmdk", &["--force"]).expect_code(1);
+    assert!(
+        r.stderr
+            .contains("deleted the existing [datastore1] restored/db01 disk1.vmdk"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("no descriptor was written"),
+        "{}",
+        r.stderr
+    );
+    let calls: Vec<String> = sim.calls().into_iter().skip(calls_before).collect();
+    assert!(
+        calls.iter().any(|c| c.contains("-flat.vmdk cut")),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.as_str() == "SOAP DeleteDatastoreFile_Task ok")
+            .count(),
+        3,
+        "two old files and the partial one: {calls:?}"
+    );
+    assert!(!flat.exists() && !descriptor.exists());
 
     // An unknown datacenter is named before anything is written.
     let r = restore_to(&t, &sim, id, "x/y.vmdk", &["--datacenter", "dc-nowhere"]).expect_code(1);
@@ -555,7 +591,7 @@ fn curl_data_command(sim: &Simulator, dir: &std::path::Path) -> String {
     std::fs::write(&pw, PASSWORD).unwrap();
     let a = sim.address();
     format!(
-        "env | grep ^CBTVAULT_ | grep -v SOCKET > {d}/env-$CBTVAULT_DISK_KEY; echo $$ > {d}/pid-$CBTVAULT_DISK_KEY; \
+        "env | grep -e ^CBTVAULT_ -e {PASSWORD} | grep -v SOCKET > {d}/env-$CBTVAULT_DISK_KEY; echo $$ > {d}/pid-$CBTVAULT_DISK_KEY; \
          exec nbdkit -f -U \"$CBTVAULT_NBD_SOCKET\" curl \
          url=\"https://{ip}:{port}/folder/$CBTVAULT_DISK_FLAT_PATH?dcPath=$CBTVAULT_DATACENTER&dsName=$CBTVAULT_DATASTORE\" \
          user=root password=+{pw} sslverify=false",

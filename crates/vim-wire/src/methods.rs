@@ -29,10 +29,11 @@ pub enum Method {
     RemoveSnapshotTask,
     QueryChangedDiskAreas,
     DeleteDatastoreFileTask,
+    MakeDirectory,
 }
 
 impl Method {
-    pub const ALL: [Method; 12] = [
+    pub const ALL: [Method; 13] = [
         Method::RetrieveServiceContent,
         Method::Login,
         Method::Logout,
@@ -45,6 +46,7 @@ impl Method {
         Method::RemoveSnapshotTask,
         Method::QueryChangedDiskAreas,
         Method::DeleteDatastoreFileTask,
+        Method::MakeDirectory,
     ];
 
     /// The wire name (`ReconfigVM_Task`, ...).
@@ -62,6 +64,7 @@ impl Method {
             Method::RemoveSnapshotTask => "RemoveSnapshot_Task",
             Method::QueryChangedDiskAreas => "QueryChangedDiskAreas",
             Method::DeleteDatastoreFileTask => "DeleteDatastoreFile_Task",
+            Method::MakeDirectory => "MakeDirectory",
         }
     }
 
@@ -135,6 +138,13 @@ pub enum Request {
         name: String,
         datacenter: Option<Moref>,
     },
+    /// FileManager.MakeDirectory (void): `name` is a datastore path.
+    MakeDirectory {
+        this: Moref,
+        name: String,
+        datacenter: Option<Moref>,
+        create_parent_directories: Option<bool>,
+    },
     /// A call not modelled here: its name, `_this` if readable, the element.
     Unknown {
         method: String,
@@ -159,6 +169,7 @@ impl Request {
             Request::RemoveSnapshotTask { .. } => Method::RemoveSnapshotTask,
             Request::QueryChangedDiskAreas { .. } => Method::QueryChangedDiskAreas,
             Request::DeleteDatastoreFileTask { .. } => Method::DeleteDatastoreFileTask,
+            Request::MakeDirectory { .. } => Method::MakeDirectory,
             Request::Unknown { .. } => return None,
         })
     }
@@ -186,7 +197,8 @@ impl Request {
             | Request::CreateSnapshotTask { this, .. }
             | Request::RemoveSnapshotTask { this, .. }
             | Request::QueryChangedDiskAreas { this, .. }
-            | Request::DeleteDatastoreFileTask { this, .. } => Some(this),
+            | Request::DeleteDatastoreFileTask { this, .. }
+            | Request::MakeDirectory { this, .. } => Some(this),
             Request::Unknown { this, .. } => this.as_ref(),
         }
     }
@@ -278,6 +290,19 @@ impl Request {
                     None => e,
                 }
             }
+            Request::MakeDirectory {
+                name,
+                datacenter,
+                create_parent_directories,
+                ..
+            } => {
+                let e = e.with(Element::leaf("name", name.clone()));
+                let e = match datacenter {
+                    Some(dc) => e.with(dc.encode("datacenter")),
+                    None => e,
+                };
+                e.with_opt("createParentDirectories", *create_parent_directories)
+            }
             Request::Unknown { .. } => e,
         }
     }
@@ -357,6 +382,12 @@ impl Request {
                 name: req_text(el, "name")?.to_string(),
                 datacenter: opt_moref(el, "datacenter")?,
             },
+            Method::MakeDirectory => Request::MakeDirectory {
+                this,
+                name: req_text(el, "name")?.to_string(),
+                datacenter: opt_moref(el, "datacenter")?,
+                create_parent_directories: opt_bool(el, "createParentDirectories")?,
+            },
         })
     }
 
@@ -423,7 +454,7 @@ impl Response {
                 Response::ServiceContent(Box::new(ServiceContent::decode(need()?)?))
             }
             Method::Login => Response::Login(UserSession::decode(need()?)?),
-            Method::Logout => Response::Void,
+            Method::Logout | Method::MakeDirectory => Response::Void,
             Method::RetrievePropertiesEx => {
                 Response::RetrieveResult(ret.map(RetrieveResult::decode).transpose()?)
             }

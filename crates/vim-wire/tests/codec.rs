@@ -407,6 +407,20 @@ fn request() -> impl Strategy<Value = Request> {
                 datacenter,
             }
         }),
+        (
+            moref(),
+            text(),
+            proptest::option::of(moref()),
+            proptest::option::of(any::<bool>())
+        )
+            .prop_map(|(this, name, datacenter, create_parent_directories)| {
+                Request::MakeDirectory {
+                    this,
+                    name,
+                    datacenter,
+                    create_parent_directories,
+                }
+            }),
     ]
 }
 

@@ -360,6 +360,22 @@ fn call(
                 Response::DiskChangeInfo(info),
             )
         }
+        Request::MakeDirectory {
+            this,
+            name,
+            datacenter,
+            create_parent_directories,
+        } => {
+            expect_kind(this, "FileManager")?;
+            if let Some(dc) = datacenter {
+                if dc.kind != "Datacenter" || dc.value != model::DATACENTER {
+                    return Err((VimFault::ManagedObjectNotFound { obj: dc.clone() }, None));
+                }
+            }
+            st.make_directory(name, create_parent_directories.unwrap_or(false))
+                .map_err(|f| (f, None))?;
+            ok(Method::MakeDirectory, Response::Void)
+        }
         Request::DeleteDatastoreFileTask {
             this,
             name,

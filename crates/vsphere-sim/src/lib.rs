@@ -78,9 +78,10 @@
 //! base), no revert, no memory state, CBT active as soon as enabled (no
 //! stun/unstun), `config` holds the fields the workflow needs, not every
 //! field of a real VirtualMachineConfigInfo. `PUT /folder` stores a file
-//! (refused with 403 for a VM's disk files, which are locked);
-//! `FileManager.DeleteDatastoreFile_Task` removes one; nothing registers
-//! an uploaded disk with a VM.
+//! into an existing folder (refused with 403 for a powered-on VM's disk
+//! files, which are locked); `FileManager.MakeDirectory` makes folders,
+//! `FileManager.DeleteDatastoreFile_Task` removes a file; nothing
+//! registers an uploaded disk with a VM.
 
 mod cbt;
 mod dispatch;

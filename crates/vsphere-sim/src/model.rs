@@ -613,14 +613,37 @@ impl State {
         Ok(())
     }
 
-    /// Whether datastore-relative `relative` is a file of a VM's disk (its
-    /// descriptor or base flat file): such files are locked.
+    /// Whether datastore-relative `relative` is a file of a powered-on
+    /// VM's disk (its descriptor or base flat file): ESXi locks those.
     pub fn disk_file_in_use(&self, relative: &str) -> bool {
-        self.vms.values().any(|v| {
+        self.vms.values().filter(|v| v.powered_on).any(|v| {
             v.disks
                 .iter()
                 .any(|d| d.descriptor == relative || store::flat_name(&d.descriptor) == relative)
         })
+    }
+
+    /// FileManager.MakeDirectory: `name` is `[datastore1] PATH`; an
+    /// existing folder is `FileAlreadyExists`, a missing parent without
+    /// `create_parents` `FileNotFound`.
+    pub fn make_directory(&mut self, name: &str, create_parents: bool) -> Result<(), VimFault> {
+        let fault = |type_name: &str| VimFault::Other {
+            type_name: type_name.to_string(),
+        };
+        let relative = name
+            .strip_prefix(&format!("[{}] ", store::DATASTORE))
+            .ok_or_else(|| fault("InvalidDatastore"))?;
+        let path = self
+            .store
+            .file(relative.trim_end_matches('/'))
+            .ok_or_else(|| fault("InvalidDatastorePath"))?;
+        if path.exists() {
+            return Err(fault("FileAlreadyExists"));
+        }
+        if !create_parents && !path.parent().is_some_and(|p| p.is_dir()) {
+            return Err(fault("FileNotFound"));
+        }
+        std::fs::create_dir_all(&path).map_err(|_| fault("CannotCreateFile"))
     }
 
     /// FileManager.DeleteDatastoreFile_Task: `name` is `[datastore1] PATH`.

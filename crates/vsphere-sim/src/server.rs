@@ -336,7 +336,7 @@ impl Conn {
         let keep = head.keep_alive();
         let relative = head.path.trim_start_matches("/folder/").to_string();
         if !self.authorized(&head) {
-            let _ = self.bounded_body(&head, 0).await;
+            // Refused without reading a body; the connection closes.
             self.core
                 .log_call(format!("HTTP {} /folder/{relative} 401", head.method));
             return self.text(401, "not authenticated", false).await;
@@ -346,7 +346,7 @@ impl Conn {
                 .query_param("dcPath")
                 .is_none_or(|dc| dc == crate::model::DATACENTER);
         if !ds_ok || store::safe_relative(&relative).is_none() {
-            let _ = self.bounded_body(&head, 0).await;
+            // Refused without reading a body; the connection closes.
             self.core
                 .log_call(format!("HTTP {} /folder/{relative} 404", head.method));
             return self.text(404, "no such datastore or file", false).await;
@@ -452,11 +452,15 @@ impl Conn {
             return self.text(404, "bad path", false).await;
         };
         let existed = path.exists();
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent)?;
+        // As on ESXi, the folder must exist (FileManager.MakeDirectory).
+        if !path.parent().is_some_and(|p| p.is_dir()) {
+            // Refused without reading a body; the connection closes.
+            self.core
+                .log_call(format!("HTTP PUT /folder/{relative} 404 no folder"));
+            return self.text(404, "no such folder", false).await;
         }
         if self.core.lock().disk_file_in_use(relative) {
-            let _ = self.bounded_body(&head, 0).await;
+            // Refused without reading a body; the connection closes.
             self.core
                 .log_call(format!("HTTP PUT /folder/{relative} 403 locked"));
             return self.text(403, "the file is locked by a VM", false).await;

@@ -762,6 +762,18 @@ fn sim_folder_upload_auth_and_paths() {
     let soap = Soap::logged_in(&sim);
     let descriptor = b"# Disk DescriptorFile\nversion=1\ncreateType=\"vmfs\"\nRW 2048 VMFS \"restored-flat.vmdk\"\n".to_vec();
     let flat = pattern(5, MIB as usize);
+    // Into a folder that does not exist: 404 (FileManager.MakeDirectory
+    // makes it; the product's restore test calls it over SOAP).
+    let r = soap
+        .http
+        .put(folder_url(&soap, "restored/restored.vmdk"))
+        .basic_auth(sim.username(), Some(sim.password()))
+        .body(descriptor.clone())
+        .send();
+    if let Ok(r) = r {
+        assert_eq!(r.status().as_u16(), 404);
+    }
+    std::fs::create_dir_all(sim.dir().join("datastore1/restored")).unwrap();
     for (path, body) in [
         ("restored/restored.vmdk", descriptor.clone()),
         ("restored/restored-flat.vmdk", flat.clone()),

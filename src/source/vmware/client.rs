@@ -506,6 +506,35 @@ impl Session {
         }
     }
 
+    /// Makes folder `dir` of `datastore` and its parents
+    /// (FileManager.MakeDirectory); an existing folder is fine. Returns
+    /// whether it was made.
+    pub fn make_directory(
+        &self,
+        datacenter: &Moref,
+        datastore: &str,
+        dir: &str,
+    ) -> Result<bool, VmwareError> {
+        let manager = self
+            .content()
+            .file_manager
+            .clone()
+            .ok_or_else(|| VmwareError::Protocol {
+                what: "RetrieveServiceContent".into(),
+                reason: "no fileManager".into(),
+            })?;
+        match self.call(Request::MakeDirectory {
+            this: manager,
+            name: format!("[{datastore}] {dir}"),
+            datacenter: Some(datacenter.clone()),
+            create_parent_directories: Some(true),
+        }) {
+            Ok(_) => Ok(true),
+            Err(e) if e.fault_type().as_deref() == Some("FileAlreadyExists") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Deletes datastore file `path` (FileManager.DeleteDatastoreFile_Task).
     pub fn delete_file(
         &self,

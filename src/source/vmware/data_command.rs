@@ -6,7 +6,9 @@
 //! frozen disk over NBD on a Unix socket. The changed areas still come
 //! from QueryChangedDiskAreas; only the bytes come over NBD. The server is
 //! stopped (its whole process group) when the disk is done or anything
-//! fails, and its socket folder removed.
+//! fails, and its socket folder removed. The command's environment is
+//! this process's without its secrets (`CBTVAULT_*` and `AWS_*` variables
+//! naming a password, secret, token or key).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -78,6 +80,18 @@ impl DataServer {
         let stderr = std::fs::File::create(&log)
             .map_err(|e| failed(format!("create {}: {e}", log.display())))?;
         let mut cmd = Command::new("sh");
+        // The command gets the disk's coordinates, never this process's
+        // secrets (repository, host and object-store credentials).
+        for (name, _) in std::env::vars_os() {
+            let n = name.to_string_lossy().to_ascii_uppercase();
+            let secret = (n.starts_with("CBTVAULT_") || n.starts_with("AWS_"))
+                && ["PASSWORD", "SECRET", "TOKEN", "KEY"]
+                    .iter()
+                    .any(|w| n.contains(w));
+            if secret {
+                cmd.env_remove(&name);
+            }
+        }
         cmd.arg("-c")
             .arg(command)
             .env("CBTVAULT_NBD_SOCKET", &socket)
@@ -90,7 +104,7 @@ impl DataServer {
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         server.child = Some(
             cmd.spawn()
-                .map_err(|e| failed(format!("start 'sh -c {command}': {e}")))?,
+                .map_err(|e| failed(format!("start the command with sh -c: {e}")))?,
         );
         let uri = NbdUri::parse(&format!(
             "nbd+unix:///?socket={}",
@@ -104,7 +118,7 @@ impl DataServer {
             if let Some(child) = server.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     return Err(failed(format!(
-                        "the command exited ({status}) before serving {}: {}",
+                        "the command exited ({status}) before serving {} (it must stay in the foreground, e.g. nbdkit -f): {}",
                         socket.display(),
                         stderr_tail(&log)
                     )));

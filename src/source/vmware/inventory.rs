@@ -30,6 +30,8 @@ pub struct VmwareDiskInfo {
     pub key: i32,
     pub label: String,
     pub capacity_bytes: u64,
+    /// The backing's `fileName` (`[datastore1] web/web.vmdk`).
+    pub file: String,
 }
 
 /// Pages asked for at once.
@@ -74,6 +76,7 @@ fn vm_of(o: &ObjectContent) -> Option<VmwareVm> {
                     key: d.key,
                     label: d.label.clone().unwrap_or_else(|| format!("disk {}", d.key)),
                     capacity_bytes: d.capacity_bytes().max(0) as u64,
+                    file: d.backing.file_name.clone(),
                 }),
                 VirtualDevice::Other(_) => None,
             })
@@ -99,8 +102,8 @@ fn vm_of(o: &ObjectContent) -> Option<VmwareVm> {
     })
 }
 
-/// Every VM under the root folder.
-pub fn list_vms(s: &Session) -> Result<Vec<VmwareVm>, VmwareError> {
+/// Every VM under `root` (a datacenter), or under the root folder.
+pub fn list_vms(s: &Session, root: Option<&Moref>) -> Result<Vec<VmwareVm>, VmwareError> {
     let collector = s.content().property_collector.clone();
     let spec = PropertyFilterSpec {
         prop_set: vec![PropertySpec::new(
@@ -115,7 +118,9 @@ pub fn list_vms(s: &Session) -> Result<Vec<VmwareVm>, VmwareError> {
             ],
         )],
         object_set: vec![ObjectSpec {
-            obj: s.content().root_folder.clone(),
+            obj: root
+                .cloned()
+                .unwrap_or_else(|| s.content().root_folder.clone()),
             skip: Some(true),
             select_set: traversals(),
         }],
@@ -139,6 +144,15 @@ pub fn list_vms(s: &Session) -> Result<Vec<VmwareVm>, VmwareError> {
                 })
             }
         };
+        // A property the host refused (an expired session, a missing
+        // privilege) is an error, not an absent value.
+        if let Some(e) = result
+            .objects
+            .iter()
+            .find_map(super::client::refused_property)
+        {
+            return Err(e);
+        }
         vms.extend(result.objects.iter().filter_map(vm_of));
         let Some(token) = result.token else {
             return Ok(vms);
@@ -154,7 +168,14 @@ pub fn list_vms(s: &Session) -> Result<Vec<VmwareVm>, VmwareError> {
     })
 }
 
-/// The VM with managed object id `moref`, as a `Moref`.
-pub fn vm_moref(moref: &str) -> Moref {
-    Moref::new("VirtualMachine", moref)
+/// The VM (name) one of whose disks is `path` of `datastore`: its
+/// descriptor or its flat file.
+pub fn disk_owner<'a>(vms: &'a [VmwareVm], datastore: &str, path: &str) -> Option<&'a str> {
+    vms.iter().find_map(|v| {
+        v.disks.iter().find_map(|d| {
+            let descriptor = d.file.strip_prefix(&format!("[{datastore}] "))?;
+            let flat = super::workflow::flat_path(&d.file).map(|(_, p)| p);
+            (descriptor == path || flat.as_deref() == Some(path)).then_some(v.name.as_str())
+        })
+    })
 }
