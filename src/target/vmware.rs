@@ -80,15 +80,7 @@ impl VmwareTarget {
                 "'{shown}' is not a vSphere restore target ({why}); expected vmware://[USER@]HOST[:PORT]/datastore/DATASTORE/PATH.vmdk"
             ))
         };
-        let url = url::Url::parse(text).map_err(|e| bad(&e.to_string()))?;
-        if url.scheme() != "vmware" {
-            return Err(bad("scheme is not vmware"));
-        }
-        let (user, host) = crate::source::url_user_host(
-            &url,
-            "use --vmware-password-file or CBTVAULT_VMWARE_PASSWORD",
-        )
-        .map_err(|why| bad(&why))?;
+        let (url, user, host) = crate::source::vmware::parse_head(text).map_err(|why| bad(&why))?;
         let segments: Vec<String> = url
             .path_segments()
             .map(|s| {

@@ -483,6 +483,17 @@ impl Session {
         Ok(())
     }
 
+    /// The FileManager of the service content.
+    fn file_manager(&self) -> Result<Moref, VmwareError> {
+        self.content()
+            .file_manager
+            .clone()
+            .ok_or_else(|| VmwareError::Protocol {
+                what: "RetrieveServiceContent".into(),
+                reason: "no fileManager".into(),
+            })
+    }
+
     /// The Datacenter named `name` (SearchIndex.FindByInventoryPath).
     pub fn datacenter(&self, name: &str) -> Result<Moref, VmwareError> {
         let index = self
@@ -515,14 +526,7 @@ impl Session {
         datastore: &str,
         dir: &str,
     ) -> Result<bool, VmwareError> {
-        let manager = self
-            .content()
-            .file_manager
-            .clone()
-            .ok_or_else(|| VmwareError::Protocol {
-                what: "RetrieveServiceContent".into(),
-                reason: "no fileManager".into(),
-            })?;
+        let manager = self.file_manager()?;
         match self.call(Request::MakeDirectory {
             this: manager,
             name: format!("[{datastore}] {dir}"),
@@ -542,14 +546,7 @@ impl Session {
         datastore: &str,
         path: &str,
     ) -> Result<(), VmwareError> {
-        let manager = self
-            .content()
-            .file_manager
-            .clone()
-            .ok_or_else(|| VmwareError::Protocol {
-                what: "RetrieveServiceContent".into(),
-                reason: "no fileManager".into(),
-            })?;
+        let manager = self.file_manager()?;
         self.run_task(
             Request::DeleteDatastoreFileTask {
                 this: manager,

@@ -104,15 +104,7 @@ impl VmwareUrl {
                 "'{shown}' is not a vSphere source ({why}); expected vmware://[USER@]HOST[:PORT]/vm/ID"
             ))
         };
-        let url = url::Url::parse(text).map_err(|e| bad(&e.to_string()))?;
-        if url.scheme() != "vmware" {
-            return Err(bad("scheme is not vmware"));
-        }
-        let (user, host) = crate::source::url_user_host(
-            &url,
-            "use --vmware-password-file or CBTVAULT_VMWARE_PASSWORD",
-        )
-        .map_err(|why| bad(&why))?;
+        let (url, user, host) = parse_head(text).map_err(|why| bad(&why))?;
         let path = url.path();
         let vm = path
             .strip_prefix("/vm/")
@@ -147,6 +139,20 @@ impl fmt::Display for VmwareUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "vmware://{}/vm/{}", self.authority(), self.vm)
     }
+}
+
+/// A `vmware://[USER@]HOST[:PORT]/...` URL, its user and its host; the
+/// reason when it is not one (a password in it is refused).
+pub(crate) fn parse_head(text: &str) -> Result<(url::Url, Option<String>, String), String> {
+    let url = url::Url::parse(text).map_err(|e| e.to_string())?;
+    if url.scheme() != "vmware" {
+        return Err("scheme is not vmware".into());
+    }
+    let (user, host) = crate::source::url_user_host(
+        &url,
+        "use --vmware-password-file or CBTVAULT_VMWARE_PASSWORD",
+    )?;
+    Ok((url, user, host))
 }
 
 /// Whether `text` looks like a uuid (8-4-4-4-12 hex).
