@@ -974,3 +974,64 @@ fn vcsim_s_builtin_certificate_is_refused() {
         r.stderr
     );
 }
+
+/// The restore plumbing against vcsim: FileManager.MakeDirectory, PUT of
+/// the flat file and the descriptor, HEAD, the Range read-back of
+/// `--verify`, and DeleteDatastoreFile_Task for `--force`; the VM
+/// inventory walk that refuses to replace a VM's disk.
+#[test]
+fn a_restore_into_vcsim_writes_a_flat_vmdk_and_refuses_a_vms_disk() {
+    let Some(sim) = Vcsim::start(Model::Esx, "generated") else {
+        return;
+    };
+    let (vm, flat) = first_vm(&sim);
+    let local = sim.datastore_dir.join(&flat);
+    let bytes = random_bytes(45, 1, DISK_BYTES as usize);
+    std::fs::write(&local, &bytes).expect("fill the flat file");
+    let t = TestRepo::new();
+    let j = sim.backup(&t, &vm.value, &[]).ok().json();
+    let id = j["disks"][0]["snapshot_id"]
+        .as_str()
+        .expect("snapshot_id")
+        .to_string();
+    let restore = |path: &str, extra: &[&str]| {
+        let to = format!(
+            "vmware://{USER}@{}:{}/datastore/{}/{path}",
+            sim.host, sim.port, sim.datastore
+        );
+        let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
+            &"--json",
+            &"restore",
+            &id,
+            &"--target",
+            &to,
+            &"--fingerprint",
+            &sim.fingerprint,
+        ];
+        for e in extra {
+            args.push(e);
+        }
+        t.run_env(&args, &[("CBTVAULT_VMWARE_PASSWORD", PASSWORD)])
+    };
+    let r = restore("restored/r1.vmdk", &["--verify"]).ok().json();
+    assert_eq!(r["verified"], true, "{r}");
+    let written =
+        std::fs::read(sim.datastore_dir.join("restored/r1-flat.vmdk")).expect("the flat file");
+    assert_eq!(blake3::hash(&written), blake3::hash(&bytes));
+    let descriptor = std::fs::read_to_string(sim.datastore_dir.join("restored/r1.vmdk"))
+        .expect("the descriptor");
+    assert!(descriptor.contains("VMFS \"r1-flat.vmdk\""), "{descriptor}");
+    // Again with --force: the old files deleted first, then replaced.
+    let r = restore("restored/r1.vmdk", &["--force", "--verify"]).ok();
+    r.stderr_mentions(&["deleted the existing"]);
+    assert_eq!(r.json()["replaced"], true);
+    // The VM's own disk: refused even with --force, its bytes untouched.
+    let own = flat.replace("-flat.vmdk", ".vmdk");
+    let r = restore(&own, &["--force"]).expect_code(1);
+    r.stderr_mentions(&["is a disk of VM"]);
+    assert_eq!(
+        blake3::hash(&std::fs::read(&local).unwrap()),
+        blake3::hash(&bytes)
+    );
+    assert!(!sim.log().contains("panic"), "{}", sim.log());
+}
