@@ -185,6 +185,7 @@ pub fn backup(a: &BackupArgs) -> Result<BackupOptions> {
         tags: a.tags.clone(),
         strict: a.strict,
         concurrent: 1,
+        defer_commit: false,
     };
     let source = if crate::source::vmware::VmwareUrl::is_vmware(&a.source) {
         if a.changed_blocks.is_some() || a.dirty_bitmap.is_some() || a.parent.is_some() {

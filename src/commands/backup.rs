@@ -91,6 +91,9 @@ pub struct SnapshotOptions {
     /// each takes its share of the read buffers, so memory stays bounded
     /// however many run together. 1 for a lone backup.
     pub concurrent: u32,
+    /// Leave each snapshot object to the caller (`BackupSummary::pending`):
+    /// a vSphere VM backup commits all its snapshots or none.
+    pub defer_commit: bool,
 }
 
 /// How to reach an NBD server.
@@ -524,6 +527,7 @@ pub(crate) fn backup_disk(
     let bar = ui.progress("backup", true);
     let mut pipeline = PipelineOptions::from_repo(repo);
     pipeline.batch_blocks = pipeline_batch(pipeline.batch_blocks, options.concurrent);
+    pipeline.defer_commit = options.defer_commit;
     let summary = backup::run(repo, source, plan, &pipeline, &bar)?;
     bar.finish();
     ui.detail(

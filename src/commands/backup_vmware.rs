@@ -232,10 +232,16 @@ pub fn vmware_backup(
     let started = std::time::Instant::now();
     let _lock = repo.lock(false, "backup")?;
     let session = Arc::new(vmware_session(ui, url, vmware)?);
+    // Every snapshot of the VM backup is committed at the end, or none:
+    // a failure on a later disk commits nothing.
+    let deferred = SnapshotOptions {
+        defer_commit: true,
+        ..options.clone()
+    };
     let mut committer = RepoCommitter {
         ui,
         repo,
-        options,
+        options: &deferred,
         disks: Vec::new(),
         config: None,
         found: BTreeMap::new(),
@@ -253,7 +259,18 @@ pub fn vmware_backup(
     };
     let report = workflow::run(&session, url, &wf, &mut committer);
     session.logout();
-    let report = report.with_context(|| format!("back up {url}"))?;
+    let report = report.with_context(|| {
+        format!("back up {url}; nothing was committed (a VM backup is committed whole)")
+    })?;
+    let pending = committer
+        .disks
+        .iter()
+        .filter_map(|d| d.summary.pending.clone())
+        .chain(committer.config.as_ref().and_then(|c| c.pending.clone()));
+    for snapshot in pending {
+        repo.commit_snapshot(&snapshot)
+            .with_context(|| format!("commit snapshot {} of {url}", snapshot.meta.id))?;
+    }
     Ok((
         VmwareBackupSummary {
             source: url.to_string(),

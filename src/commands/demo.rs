@@ -212,6 +212,7 @@ fn demo_in(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         tags: vec!["demo".into()],
         strict: false,
         concurrent: 1,
+        defer_commit: false,
     };
 
     ui.info(format!(
@@ -368,6 +369,7 @@ fn demo_vmware(ui: &Ui, dir: &Path, size_mib: u64) -> Result<Outcome> {
         tags: vec!["demo".into()],
         strict: false,
         concurrent: 1,
+        defer_commit: false,
     };
     let print = |s: &VmwareBackupSummary| {
         let read: u64 = s.disks.iter().map(|d| d.summary.blocks_read).sum();

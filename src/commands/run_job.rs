@@ -476,6 +476,7 @@ fn backup_vm(
         tags,
         strict: false,
         concurrent: concurrency as u32,
+        defer_commit: false,
     };
     if host.kind == HostKind::Nbd {
         let outcome = (|| -> Result<_> {

@@ -650,6 +650,17 @@ fn the_nbd_data_path_reads_the_frozen_disks_from_a_server_started_per_disk() {
     assert_disks_restore(&t, &sim, &vm, &s);
     let committed = t.snapshot_ids().len();
 
+    // The second disk's server fails after the first disk was read: the
+    // VM backup is committed whole or not at all, so nothing is.
+    writes(&sim, &vm, 14);
+    let second_fails = format!("[ \"$CBTVAULT_DISK_KEY\" = 2001 ] && exit 3; {command}");
+    std::fs::remove_file(dir.join("env-2000")).unwrap();
+    let r = backup(&t, &sim, &vm.id, &["--data-command", &second_fails]).expect_code(1);
+    assert!(r.stderr.contains("nothing was committed"), "{}", r.stderr);
+    assert!(r.stderr.contains("serve disk 2001"), "{}", r.stderr);
+    assert!(dir.join("env-2000").exists(), "the first disk was not read");
+    assert_eq!(t.snapshot_ids().len(), committed);
+    assert!(sim.snapshots(&vm.id).unwrap().is_empty());
     // A command that fails, or serves another disk: a clear error, nothing
     // committed, no vSphere snapshot left.
     for (bad, says) in [

@@ -41,6 +41,12 @@ pub struct PipelineOptions {
     pub queue_depth: usize,
     pub compression_level: i32,
     pub pack_size_target_bytes: u64,
+    /// Write the data, the manifest pages and the packs' index, but leave
+    /// the snapshot object to the caller ([`BackupSummary::pending`] and
+    /// [`Repository::commit_snapshot`]): a VM backup commits all its disks
+    /// or none. Until then the new data is like an interrupted backup's,
+    /// which prune removes.
+    pub defer_commit: bool,
 }
 
 impl PipelineOptions {
@@ -49,6 +55,7 @@ impl PipelineOptions {
             batch_blocks: 64,
             queue_depth: 3,
             compression_level: repo.config().compression_level,
+            defer_commit: false,
             pack_size_target_bytes: repo.config().pack_size_target_bytes,
         }
     }
@@ -79,6 +86,9 @@ pub struct BackupSummary {
     pub packs_written: u64,
     #[serde(rename = "duration_seconds")]
     pub seconds: f64,
+    /// The snapshot to commit, with `defer_commit` (else committed).
+    #[serde(skip)]
+    pub pending: Option<Arc<Snapshot>>,
 }
 
 struct ReadBatch {
@@ -658,7 +668,12 @@ pub fn run(
     }
     // The packs' index object, then the snapshot (06-ordering.md#backup).
     repo.write_index(std::mem::take(&mut stats.indexed))?;
-    repo.commit_snapshot(&obj)?;
+    let pending = if options.defer_commit {
+        Some(Arc::new(obj))
+    } else {
+        repo.commit_snapshot(&obj)?;
+        None
+    };
     let blocks_deduplicated = counters.blocks_read - counters.blocks_zero - counters.blocks_new;
     // Zero blocks: those read as zeros and those the plan knew were zero
     // (holes, NBD zero extents) without reading.
@@ -681,6 +696,7 @@ pub fn run(
         bytes_stored: counters.bytes_stored,
         packs_written: stats.packs,
         seconds: started.elapsed().as_secs_f64(),
+        pending,
     })
 }
 
