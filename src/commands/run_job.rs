@@ -8,6 +8,7 @@
 //! and the notifications. One VM's failure never stops the others.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Instant;
@@ -1066,19 +1067,64 @@ pub fn past_reports(dir: &Path) -> Result<(Vec<RunReport>, Vec<String>)> {
             Err(e) => bad.push(format!("{}: {e}", p.display())),
         }
     }
+    // By start time (file names of older versions had whole seconds).
+    out.sort_by(|a, b| a.started.cmp(&b.started));
     Ok((out, bad))
+}
+
+/// Saves `report` as `DIR/RUN_ID.json` without replacing another run's
+/// report: two runs that started in the same millisecond (or a clock set
+/// back) get `RUN_ID-2`, `RUN_ID-3`, ... The file appears whole (written
+/// aside, then linked under its name, which fails if the name is taken).
+pub fn save_report(dir: &Path, report: &mut RunReport) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create '{}'", dir.display()))?;
+    let base = report.run_id.clone();
+    let tmp = dir.join(format!(".{base}.json.tmp-{}", std::process::id()));
+    let result = (|| {
+        for n in 1..=1000u32 {
+            report.run_id = if n == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{n}")
+            };
+            let path = dir.join(format!("{}.json", report.run_id));
+            let json = serde_json::to_vec_pretty(&*report).context("encode the report")?;
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("create '{}'", tmp.display()))?;
+            f.write_all(&json)
+                .and_then(|()| f.sync_all())
+                .with_context(|| format!("write '{}'", tmp.display()))?;
+            match std::fs::hard_link(&tmp, &path) {
+                Ok(()) => return Ok(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("link '{}'", path.display()));
+                }
+            }
+        }
+        anyhow::bail!("1000 run reports named {base}[-N] already exist")
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    if result.is_err() {
+        report.run_id = base;
+    }
+    result
 }
 
 /// After a run: the report file, the metrics file, the hooks. Problems
 /// here are warnings: the backups are done.
-fn publish(ui: &Ui, config: &Config, job: &JobConfig, report: &RunReport) -> bool {
+fn publish(ui: &Ui, config: &Config, job: &JobConfig, report: &mut RunReport) -> bool {
     let mut clean = true;
-    let path = runs_dir(config).join(format!("{}.json", report.run_id));
+    let path = match save_report(&runs_dir(config), report) {
+        Ok(path) => path,
+        Err(e) => {
+            ui.warn(format!("the run report was not saved: {e:#}"));
+            clean = false;
+            runs_dir(config).join(format!("{}.json", report.run_id))
+        }
+    };
+    let report = &*report;
     let json = serde_json::to_vec_pretty(report).unwrap_or_default();
-    if let Err(e) = write_atomically(&path, &json) {
-        ui.warn(format!("the run report was not saved: {e:#}"));
-        clean = false;
-    }
     if let Some(metrics) = &job.notify.metrics_file {
         let history = past_reports(&runs_dir(config))
             .map(|(r, _)| r)
@@ -1183,11 +1229,11 @@ pub fn run(ui: &Ui, options: &RunOptions, open: &OpenRepo) -> Result<Outcome> {
         let job = &options.config.jobs[name];
         let concurrency = options.concurrency.unwrap_or(job.concurrency);
         let verify_after = options.verify_after.unwrap_or(job.verify_after);
-        let report = run_one(ui, &options.config, job, open, concurrency, verify_after);
+        let mut report = run_one(ui, &options.config, job, open, concurrency, verify_after);
         if !ui.json && !ui.quiet {
             ui.print(report.table());
         }
-        let published = publish(ui, &options.config, job, &report);
+        let published = publish(ui, &options.config, job, &mut report);
         outcome = outcome.and(match report.status {
             Status::Ok if published => Outcome::Ok,
             Status::Ok | Status::Warnings => Outcome::Warnings,
@@ -1280,4 +1326,55 @@ pub fn list_runs(
     } else {
         Outcome::Warnings
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(started: DateTime<Utc>) -> RunReport {
+        RunReport {
+            run_id: report::run_id("daily", started),
+            job: "daily".into(),
+            repository: "main".into(),
+            started,
+            finished: started,
+            seconds: 0.0,
+            concurrency: 1,
+            status: Status::Ok,
+            vms: vec![],
+            passed: vec![],
+            steps: vec![],
+            errors: vec![],
+        }
+    }
+
+    #[test]
+    fn a_report_never_replaces_another_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = DateTime::parse_from_rfc3339("2026-12-07T11:00:00.250Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let mut first = report(t);
+        let mut second = report(t);
+        let mut third = report(t);
+        third.status = Status::Failed;
+        let a = save_report(dir.path(), &mut first).unwrap();
+        let b = save_report(dir.path(), &mut second).unwrap();
+        let c = save_report(dir.path(), &mut third).unwrap();
+        assert_eq!(first.run_id, "20261207T110000.250Z-daily");
+        assert_eq!(second.run_id, "20261207T110000.250Z-daily-2");
+        assert_eq!(third.run_id, "20261207T110000.250Z-daily-3");
+        assert_eq!(c, dir.path().join("20261207T110000.250Z-daily-3.json"));
+        assert!(a != b && b != c);
+        // Each file holds its own report, nothing else is left behind.
+        let (all, bad) = past_reports(dir.path()).unwrap();
+        assert!(bad.is_empty(), "{bad:?}");
+        let ids: Vec<&str> = all.iter().map(|r| r.run_id.as_str()).collect();
+        assert_eq!(ids.len(), 3);
+        assert!(ids.contains(&third.run_id.as_str()));
+        let saved: RunReport = serde_json::from_slice(&std::fs::read(&c).unwrap()).unwrap();
+        assert_eq!((saved.run_id, saved.status), (third.run_id, Status::Failed));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 3);
+    }
 }

@@ -107,9 +107,10 @@ pub struct RunReport {
     pub errors: Vec<String>,
 }
 
-/// The run id of a run of `job` started at `started`.
+/// The run id of a run of `job` started at `started` (milliseconds: a
+/// second run of a quick job may start within the same second).
 pub fn run_id(job: &str, started: DateTime<Utc>) -> String {
-    format!("{}-{job}", started.format("%Y%m%dT%H%M%SZ"))
+    format!("{}-{job}", started.format("%Y%m%dT%H%M%S%.3fZ"))
 }
 
 impl RunReport {
@@ -424,7 +425,7 @@ mod tests {
         r.errors.push("host pool2: login failed".into());
         assert_eq!(r.compute_status(), Status::Failed);
         assert!(r.nothing_done());
-        assert_eq!(r.run_id, "20260528T202640Z-daily");
+        assert_eq!(r.run_id, "20260528T202640.000Z-daily");
     }
 
     #[test]
