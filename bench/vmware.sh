@@ -97,6 +97,9 @@ REPO=${BENCH_REPO_DIR:-$WORK}/vmware-bench-repo
 FLAT="https://127.0.0.1:$PORT/folder/demo-vm/demo-vm-flat.vmdk?dcPath=ha-datacenter&dsName=datastore1"
 SRC="vmware://root@127.0.0.1:$PORT/vm/$VM"
 for r in $(seq "$ROUNDS"); do
+  # The folder first (the simulator, like vSphere, refuses a PUT into a
+  # folder that does not exist; the product makes it with MakeDirectory).
+  mkdir -p "$WORK/host/datastore1/up-$r"
   timed curl -sS -k -f -u "root:$CBTVAULT_SIM_PASSWORD" -o /dev/null "$FLAT"
   read -r s _ <"$WORK/.t"; CURL+=("$s"); log "round $r: curl $s s"
   rm -rf "$REPO"; "$CBT" -r "$REPO" init -q
@@ -126,6 +129,9 @@ declare -a UP RES
 LIVE=$WORK/host/datastore1/demo-vm/demo-vm-flat.vmdk
 LATEST=$(python3 -c 'import json,sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["disks"][0]["snapshot_id"])' "$WORK/.out")
 for r in $(seq "$ROUNDS"); do
+  # The folder first (the simulator, like vSphere, refuses a PUT into a
+  # folder that does not exist; the product makes it with MakeDirectory).
+  mkdir -p "$WORK/host/datastore1/up-$r"
   timed curl -sS -k -f -u "root:$CBTVAULT_SIM_PASSWORD" -T "$LIVE" -o /dev/null \
     "https://127.0.0.1:$PORT/folder/up-$r/up-flat.vmdk?dcPath=ha-datacenter&dsName=datastore1"
   read -r s _ <"$WORK/.t"; UP+=("$s"); log "round $r: curl upload $s s"

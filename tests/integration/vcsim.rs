@@ -705,10 +705,24 @@ fn plumbing(model: Model) {
         (0, size),
     ] {
         let mut buf = vec![0u8; len];
-        s.read_range(dc, &sim.datastore, rel, at as u64, &mut buf)
+        s.read_range(dc, &sim.datastore, rel, at as u64, &mut [&mut buf[..]])
             .unwrap_or_else(|e| panic!("bytes {at}+{len}: {e}"));
         assert!(buf == bytes[at..at + len], "bytes {at}+{len} differ");
     }
+    // One request read straight into several buffers, one after the other.
+    let (mut a, mut b, mut c) = (vec![0u8; 5], vec![0u8; 70_000], vec![0u8; 3]);
+    s.read_range(
+        dc,
+        &sim.datastore,
+        rel,
+        1000,
+        &mut [&mut a[..], &mut b[..], &mut c[..]],
+    )
+    .unwrap();
+    assert!(
+        [a, b, c].concat() == bytes[1000..71_008],
+        "vectored read differs"
+    );
     // The same through the disk reader: adjacent reads merged, 4 lanes.
     let source = FlatFile::new(
         std::sync::Arc::new(sim.login()),
@@ -747,11 +761,17 @@ fn plumbing(model: Model) {
     // Content-Range vcsim answers is refused.
     let mut buf = vec![0u8; 10];
     assert_eq!(
-        http_status(s.read_range(dc, &sim.datastore, rel, size as u64, &mut buf)),
+        http_status(s.read_range(dc, &sim.datastore, rel, size as u64, &mut [&mut buf[..]])),
         416
     );
     let mut buf = vec![0u8; 20];
-    match s.read_range(dc, &sim.datastore, rel, size as u64 - 10, &mut buf) {
+    match s.read_range(
+        dc,
+        &sim.datastore,
+        rel,
+        size as u64 - 10,
+        &mut [&mut buf[..]],
+    ) {
         Err(VmwareError::Protocol { reason, .. }) => {
             assert!(reason.contains("Content-Range"), "{reason}")
         }
@@ -760,11 +780,17 @@ fn plumbing(model: Model) {
     // No such file, no such datastore: 404.
     let mut buf = vec![0u8; 10];
     assert_eq!(
-        http_status(s.read_range(dc, &sim.datastore, "cbtvault test/none", 0, &mut buf)),
+        http_status(s.read_range(
+            dc,
+            &sim.datastore,
+            "cbtvault test/none",
+            0,
+            &mut [&mut buf[..]]
+        )),
         404
     );
     assert_eq!(
-        http_status(s.read_range(dc, "no-such-ds", rel, 0, &mut buf)),
+        http_status(s.read_range(dc, "no-such-ds", rel, 0, &mut [&mut buf[..]])),
         404
     );
     // vcsim's own flat file of the VM's disk is empty: any read is 416.
@@ -775,7 +801,7 @@ fn plumbing(model: Model) {
         Some(0)
     );
     assert_eq!(
-        http_status(s.read_range(dc, &sim.datastore, &flat, 0, &mut buf)),
+        http_status(s.read_range(dc, &sim.datastore, &flat, 0, &mut [&mut buf[..]])),
         416
     );
 

@@ -291,22 +291,26 @@ impl Session {
         }
     }
 
-    /// `len` bytes of datastore file `path` from `offset`, with a Range
-    /// request: the answer must be 206 with a matching `Content-Range`
-    /// and exactly that many bytes.
+    /// Reads bytes `offset ..` of datastore file `path` into `bufs`, one
+    /// after the other (one Range request for their total length, read
+    /// straight into them). The answer must be 206 with a matching
+    /// `Content-Range` and exactly the bytes asked for; a 200 (the host
+    /// ignored Range) is [`VmwareError::RangeIgnored`], never a whole-file
+    /// read.
     pub fn read_range(
         &self,
         datacenter: &str,
         datastore: &str,
         path: &str,
         offset: u64,
-        buf: &mut [u8],
+        bufs: &mut [&mut [u8]],
     ) -> Result<(), VmwareError> {
         use std::io::Read;
-        if buf.is_empty() {
+        let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if total == 0 {
             return Ok(());
         }
-        let last = offset + buf.len() as u64 - 1;
+        let last = offset + total - 1;
         let resp = self
             .folder_request(reqwest::Method::GET, datacenter, datastore, path)
             .header("range", format!("bytes={offset}-{last}"))
@@ -338,40 +342,37 @@ impl Session {
                 reason: format!("Content-Range {range:?} does not match the request"),
             });
         }
-        let mut r = resp.take(buf.len() as u64 + 1);
-        let mut got = 0;
-        loop {
-            if got == buf.len() {
-                let mut extra = [0u8; 1];
-                let n = r.read(&mut extra).map_err(|e| VmwareError::Transport {
-                    host: self.host.clone(),
-                    reason: format!("GET {path}: {e}"),
-                })?;
-                if n != 0 {
-                    return Err(VmwareError::Protocol {
-                        what: format!("GET {path} bytes {offset}-{last}"),
-                        reason: "more bytes than the range".into(),
+        let transport_error = |e: std::io::Error| VmwareError::Transport {
+            host: self.host.clone(),
+            reason: format!("GET {path}: {e}"),
+        };
+        let mut r = resp.take(total + 1);
+        let mut got = 0u64;
+        for buf in bufs.iter_mut() {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = r.read(&mut buf[filled..]).map_err(transport_error)?;
+                if n == 0 {
+                    return Err(VmwareError::Transport {
+                        host: self.host.clone(),
+                        reason: format!(
+                            "GET {path} bytes {offset}-{last}: the answer ended after {} of {total} bytes",
+                            got + filled as u64
+                        ),
                     });
                 }
-                return Ok(());
+                filled += n;
             }
-            let n = r
-                .read(&mut buf[got..])
-                .map_err(|e| VmwareError::Transport {
-                    host: self.host.clone(),
-                    reason: format!("GET {path}: {e}"),
-                })?;
-            if n == 0 {
-                return Err(VmwareError::Transport {
-                    host: self.host.clone(),
-                    reason: format!(
-                        "GET {path} bytes {offset}-{last}: the answer ended after {got} of {} bytes",
-                        buf.len()
-                    ),
-                });
-            }
-            got += n;
+            got += filled as u64;
         }
+        let mut extra = [0u8; 1];
+        if r.read(&mut extra).map_err(transport_error)? != 0 {
+            return Err(VmwareError::Protocol {
+                what: format!("GET {path} bytes {offset}-{last}"),
+                reason: "more bytes than the range".into(),
+            });
+        }
+        Ok(())
     }
 
     /// A `/folder` request for datastore file `path`, with the session cookie.

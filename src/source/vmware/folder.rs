@@ -14,7 +14,7 @@ use crate::source::{BlockSource, SourceError};
 /// Largest Range request.
 pub const MAX_REQUEST: u64 = 8 << 20;
 /// Requests in flight.
-pub const LANES: usize = 4;
+pub const LANES: usize = 8;
 
 pub struct FlatFile {
     session: Arc<Session>,
@@ -51,6 +51,24 @@ impl FlatFile {
             reason: e.to_string(),
         }
     }
+
+    /// One Range request for adjacent buffers from `offset` on, read
+    /// straight into them.
+    fn read_run(&self, offset: u64, bufs: &mut [&mut [u8]]) -> Result<(), SourceError> {
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(SourceError::Invalid {
+                source_name: self.identity.clone(),
+                reason: format!(
+                    "read of {len} bytes at {offset} past the end ({} bytes)",
+                    self.size
+                ),
+            });
+        }
+        self.session
+            .read_range(&self.datacenter, &self.datastore, &self.path, offset, bufs)
+            .map_err(|e| self.error(e))
+    }
 }
 
 /// One run of reads, taken by the lane that serves it.
@@ -86,19 +104,7 @@ impl BlockSource for FlatFile {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), SourceError> {
-        if offset + buf.len() as u64 > self.size {
-            return Err(SourceError::Invalid {
-                source_name: self.identity.clone(),
-                reason: format!(
-                    "read of {} bytes at {offset} past the end ({} bytes)",
-                    buf.len(),
-                    self.size
-                ),
-            });
-        }
-        self.session
-            .read_range(&self.datacenter, &self.datastore, &self.path, offset, buf)
-            .map_err(|e| self.error(e))
+        self.read_run(offset, &mut [buf])
     }
 
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Result<(), SourceError> {
@@ -129,19 +135,8 @@ impl BlockSource for FlatFile {
                         return;
                     };
                     let at = run[0].0;
-                    let len: usize = run.iter().map(|(_, b)| b.len()).sum();
-                    let result = if run.len() == 1 {
-                        self.read_at(at, run[0].1)
-                    } else {
-                        let mut buf = vec![0u8; len];
-                        self.read_at(at, &mut buf).map(|()| {
-                            let mut o = 0;
-                            for (_, b) in run.iter_mut() {
-                                b.copy_from_slice(&buf[o..o + b.len()]);
-                                o += b.len();
-                            }
-                        })
-                    };
+                    let mut bufs: Vec<&mut [u8]> = run.iter_mut().map(|(_, b)| &mut **b).collect();
+                    let result = self.read_run(at, &mut bufs);
                     if let Err(e) = result {
                         if let Ok(mut f) = failed.lock() {
                             f.get_or_insert(e);
