@@ -571,10 +571,20 @@ impl Simulator {
             )),
             None => None,
         };
-        let core = Arc::new(Core {
+        let core = Arc::new_cyclic(|me: &std::sync::Weak<Core>| Core {
             state: Mutex::new(state),
             down_until: Mutex::new(None),
-            persist: persist.map(|d| Mutex::new(persist::Saver::start(d))),
+            persist: persist.map(|d| {
+                let me = me.clone();
+                Mutex::new(persist::Saver::start(
+                    d,
+                    Box::new(move || {
+                        let core = me.upgrade()?;
+                        let bytes = persist::encode(&core.lock(), false).ok();
+                        bytes
+                    }),
+                ))
+            }),
             import_bytes: std::sync::atomic::AtomicU64::new(0),
             calls: Mutex::new(Vec::new()),
             log_file,
@@ -951,10 +961,12 @@ impl Simulator {
     fn stop_now(&mut self) {
         let _ = self.stop.send(true);
         if let Some(saver) = &self.core.persist {
+            let mut saver = saver.lock().unwrap_or_else(|e| e.into_inner());
+            // The saver's thread takes the state lock to encode: stop it
+            // before taking that lock here.
+            saver.finish();
             // NBD connections still open lose their dom0 VBDs with the runtime.
             let st = self.core.lock();
-            let mut saver = saver.lock().unwrap_or_else(|e| e.into_inner());
-            saver.finish();
             let _ = persist::save(&st, saver.dir(), true);
         }
         if let Some(rt) = self.runtime.take() {

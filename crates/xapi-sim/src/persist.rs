@@ -172,11 +172,19 @@ pub fn write(dir: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
-/// Saves the state in the background, newest first: a change hands its
-/// encoded state over and returns; a thread writes the newest one handed
-/// over (older ones it has not begun are dropped). Calls no longer wait on
-/// fsync under the state lock (xapi does not flush its database on every
-/// call either), and the file is never older than one write behind.
+/// Encodes the state now (taking its lock), or `None` when it is gone.
+pub type Encoder = Box<dyn Fn() -> Option<Vec<u8>> + Send>;
+
+/// How long the saver lets changes gather before it encodes the state: a
+/// backup makes a burst of calls, and one encoding serves them all.
+const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Saves the state in the background. A change only marks the state dirty
+/// and returns; a thread waits [`GATHER`], encodes the state once under its
+/// lock (not on the call's path, nor once per call) and writes it. Calls no
+/// longer wait on encoding or fsync (xapi does not flush its database on
+/// every call either); the file lags the state by at most one gathering
+/// and one write, and a clean stop writes the final state.
 pub struct Saver {
     dir: PathBuf,
     slot: std::sync::Arc<(std::sync::Mutex<SaverSlot>, std::sync::Condvar)>,
@@ -185,12 +193,13 @@ pub struct Saver {
 
 #[derive(Default)]
 struct SaverSlot {
-    pending: Option<Vec<u8>>,
+    dirty: bool,
     stop: bool,
 }
 
 impl Saver {
-    pub fn start(dir: PathBuf) -> Saver {
+    /// A saver whose thread encodes the state with `encode`.
+    pub fn start(dir: PathBuf, encode: Encoder) -> Saver {
         let slot = std::sync::Arc::new((
             std::sync::Mutex::new(SaverSlot::default()),
             std::sync::Condvar::new(),
@@ -200,19 +209,29 @@ impl Saver {
         let thread = std::thread::Builder::new()
             .name("sim-saver".into())
             .spawn(move || loop {
-                let bytes = {
+                {
                     let (m, cv) = &*shared;
                     let mut s = m.lock().unwrap_or_else(|e| e.into_inner());
-                    while s.pending.is_none() && !s.stop {
+                    while !s.dirty && !s.stop {
                         s = cv.wait(s).unwrap_or_else(|e| e.into_inner());
                     }
-                    match s.pending.take() {
-                        Some(b) => b,
-                        None => return,
+                    if s.stop {
+                        // The final state is written by whoever stops us.
+                        return;
                     }
-                };
+                    let (s, _) = cv
+                        .wait_timeout_while(s, GATHER, |s| !s.stop)
+                        .unwrap_or_else(|e| e.into_inner());
+                    let mut s = s;
+                    if s.stop {
+                        return;
+                    }
+                    s.dirty = false;
+                }
                 // A failed save is not a call's failure; the next may work.
-                let _ = write(&to, &bytes);
+                if let Some(bytes) = encode() {
+                    let _ = write(&to, &bytes);
+                }
             })
             .ok();
         Saver { dir, slot, thread }
@@ -222,19 +241,21 @@ impl Saver {
         &self.dir
     }
 
-    /// Hands over the state after a change.
+    /// Notes a change of `st` (whose lock the caller holds).
     pub fn changed(&self, st: &State) {
-        let Ok(bytes) = encode(st, false) else { return };
         if self.thread.is_none() {
-            let _ = write(&self.dir, &bytes);
+            // No thread could be started: save on the call's path.
+            if let Ok(bytes) = encode(st, false) {
+                let _ = write(&self.dir, &bytes);
+            }
             return;
         }
         let (m, cv) = &*self.slot;
-        m.lock().unwrap_or_else(|e| e.into_inner()).pending = Some(bytes);
+        m.lock().unwrap_or_else(|e| e.into_inner()).dirty = true;
         cv.notify_one();
     }
 
-    /// Writes what was handed over, then stops the thread.
+    /// Stops the thread (the caller then saves the final state).
     pub fn finish(&mut self) {
         {
             let (m, cv) = &*self.slot;
@@ -243,16 +264,6 @@ impl Saver {
         }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
-        }
-        let pending = self
-            .slot
-            .0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pending
-            .take();
-        if let Some(b) = pending {
-            let _ = write(&self.dir, &b);
         }
     }
 }

@@ -1583,6 +1583,39 @@ fn sim_conformance_with_the_python_xenapi_binding() {
     );
 }
 
+/// A change reaches `state.json` soon after the call, without a stop (the
+/// saver gathers changes and encodes off the call's path), and a burst of
+/// calls is not written once per call.
+#[test]
+fn sim_state_is_saved_soon_after_a_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let sim = start_with(SimOptions {
+        dir: Some(dir.path().to_path_buf()),
+        ..SimOptions::default()
+    });
+    let api = Api::login(&sim);
+    let (_, vdi) = cbt_disk(&api, 2 * MIB);
+    let state = dir.path().join("state.json");
+    for i in 0..50 {
+        api.ok("VDI.set_name_label", &[s(&vdi), s(&format!("label {i}"))]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        if text.contains("\"label 49\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the last change was not saved within 10 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(sim);
+    let text = std::fs::read_to_string(&state).unwrap();
+    assert!(text.contains("\"clean\":true") && text.contains("\"label 49\""));
+}
+
 #[test]
 fn sim_state_survives_a_restart_and_a_crash_breaks_cbt() {
     let dir = tempfile::tempdir().unwrap();
