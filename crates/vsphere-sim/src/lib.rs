@@ -156,9 +156,11 @@ pub struct SimOptions {
     pub password: String,
     /// The DNS name in the certificate (besides 127.0.0.1 and ::1).
     pub hostname: String,
-    /// QueryChangedDiskAreas covers at most this many bytes per call.
+    /// QueryChangedDiskAreas covers at most this many bytes per call
+    /// (default 2 GiB, the window of the reference's example answer; tests
+    /// of the paging loop set a few MiB).
     pub changed_areas_window_bytes: u64,
-    /// ... and at most this many extents.
+    /// ... and at most this many extents (default 1024).
     pub changed_areas_max_extents: usize,
     /// Appends every call (and /folder access) to this file, one per line.
     pub log_calls: Option<PathBuf>,
@@ -172,8 +174,8 @@ impl Default for SimOptions {
             username: "root".into(),
             password: "sim-password".into(),
             hostname: "localhost".into(),
-            changed_areas_window_bytes: 16 << 20,
-            changed_areas_max_extents: 8,
+            changed_areas_window_bytes: 2 << 30,
+            changed_areas_max_extents: 1024,
             log_calls: None,
         }
     }

@@ -234,8 +234,8 @@ pub struct State {
 
 fn default_paging() -> Paging {
     Paging {
-        window_bytes: 16 << 20,
-        max_extents: 8,
+        window_bytes: 2 << 30,
+        max_extents: 1024,
     }
 }
 
