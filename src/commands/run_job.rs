@@ -1068,7 +1068,7 @@ pub fn past_reports(dir: &Path) -> Result<(Vec<RunReport>, Vec<String>)> {
         }
     }
     // By start time (file names of older versions had whole seconds).
-    out.sort_by(|a, b| a.started.cmp(&b.started));
+    out.sort_by_key(|r| r.started);
     Ok((out, bad))
 }
 

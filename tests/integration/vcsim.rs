@@ -759,12 +759,12 @@ fn plumbing(model: Model) {
     drop(source);
     // Past the end: 416 from vcsim; across the end: the shorter
     // Content-Range vcsim answers is refused.
-    let mut buf = vec![0u8; 10];
+    let mut buf = [0u8; 10];
     assert_eq!(
         http_status(s.read_range(dc, &sim.datastore, rel, size as u64, &mut [&mut buf[..]])),
         416
     );
-    let mut buf = vec![0u8; 20];
+    let mut buf = [0u8; 20];
     match s.read_range(
         dc,
         &sim.datastore,
@@ -778,7 +778,7 @@ fn plumbing(model: Model) {
         other => panic!("a range across the end: {other:?}"),
     }
     // No such file, no such datastore: 404.
-    let mut buf = vec![0u8; 10];
+    let mut buf = [0u8; 10];
     assert_eq!(
         http_status(s.read_range(
             dc,
