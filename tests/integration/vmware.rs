@@ -629,8 +629,20 @@ fn the_nbd_data_path_reads_the_frozen_disks_from_a_server_started_per_disk() {
         env.contains(&format!("CBTVAULT_DISK_CAPACITY={DISK}")),
         "{env}"
     );
-    // The data came through nbdkit (curl's Range requests), the changed
-    // areas from QueryChangedDiskAreas; the servers are gone.
+    // The data came through nbdkit (curl's Range requests, Basic
+    // credentials), none through cbtvault's own reads (its SOAP session's
+    // cookie); the changed areas from QueryChangedDiskAreas.
+    let reads: Vec<String> = sim
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("HTTP GET /folder/"))
+        .collect();
+    assert!(!reads.is_empty(), "no /folder reads at all");
+    assert!(
+        reads.iter().all(|c| c.ends_with(" basic")),
+        "cbtvault read the datastore itself: {reads:?}"
+    );
+    // The servers are gone.
     for key in [2000, 2001] {
         let pid = std::fs::read_to_string(dir.join(format!("pid-{key}"))).unwrap();
         assert!(

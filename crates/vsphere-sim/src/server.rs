@@ -324,11 +324,15 @@ impl Conn {
 
     /// A valid session cookie, or Basic credentials of the host's user.
     fn authorized(&self, head: &RequestHead) -> bool {
-        if let Some(c) = head.cookie(COOKIE) {
-            if self.core.lock().sessions.contains_key(&c) {
-                return true;
-            }
-        }
+        self.session_cookie(head) || self.basic_credentials(head)
+    }
+
+    fn session_cookie(&self, head: &RequestHead) -> bool {
+        head.cookie(COOKIE)
+            .is_some_and(|c| self.core.lock().sessions.contains_key(&c))
+    }
+
+    fn basic_credentials(&self, head: &RequestHead) -> bool {
         matches!(head.basic_auth(), Some((u, p)) if u == self.core.username && p == self.core.password)
     }
 
@@ -400,8 +404,16 @@ impl Conn {
         };
         headers.push(("content-type", "application/octet-stream".into()));
         headers.push(("accept-ranges", "bytes".into()));
+        // Reads authorized by Basic credentials alone (no session cookie:
+        // another client than the SOAP session's, e.g. nbdkit's curl
+        // plugin) are marked, so tests can tell who read.
+        let by_basic = if self.session_cookie(&head) {
+            ""
+        } else {
+            " basic"
+        };
         self.core.log_call(format!(
-            "HTTP {} /folder/{relative} {status}{}",
+            "HTTP {} /folder/{relative} {status}{}{by_basic}",
             head.method,
             if status == 206 {
                 format!(" {start}+{len}")
