@@ -1097,9 +1097,25 @@ pub fn save_report(dir: &Path, report: &mut RunReport) -> Result<PathBuf> {
             match std::fs::hard_link(&tmp, &path) {
                 Ok(()) => return Ok(path),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("link '{}'", path.display()));
-                }
+                // A file system without hard links: create the name
+                // exclusively and write it (a reader may see it partly
+                // written, never another run's report replaced).
+                Err(_) => match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                {
+                    Ok(mut f) => {
+                        f.write_all(&json)
+                            .and_then(|()| f.sync_all())
+                            .with_context(|| format!("write '{}'", path.display()))?;
+                        return Ok(path);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("create '{}'", path.display()));
+                    }
+                },
             }
         }
         anyhow::bail!("1000 run reports named {base}[-N] already exist")
