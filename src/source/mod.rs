@@ -113,22 +113,21 @@ fn read_in_lanes<S: BlockSource + ?Sized>(
     }
     let lanes = reads.len().min(READ_LANES);
     let per = reads.len().div_ceil(lanes);
+    let read = |group: &mut [(u64, &mut [u8])]| {
+        group
+            .iter_mut()
+            .try_for_each(|(at, buf)| source.read_at(*at, buf))
+    };
     std::thread::scope(|s| {
-        let handles: Vec<_> = reads
-            .chunks_mut(per)
-            .map(|group| {
-                s.spawn(move || {
-                    group
-                        .iter_mut()
-                        .try_for_each(|(at, buf)| source.read_at(*at, buf))
-                })
-            })
-            .collect();
+        // The first group is read on this thread, the others on lanes.
+        let mut groups = reads.chunks_mut(per);
+        let first = groups.next();
+        let handles: Vec<_> = groups.map(|group| s.spawn(move || read(group))).collect();
+        let here = first.map_or(Ok(()), read);
         handles
             .into_iter()
             .map(|h| h.join().expect("reader lane panicked"))
-            .collect::<Result<Vec<()>, _>>()
-            .map(|_| ())
+            .fold(here, |acc, r| acc.and(r))
     })
 }
 

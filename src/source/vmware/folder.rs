@@ -124,27 +124,30 @@ impl BlockSource for FlatFile {
         };
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<SourceError>> = Mutex::new(None);
-        std::thread::scope(|scope| {
-            for _ in 0..LANES.min(slots.len()) {
-                scope.spawn(|| loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= slots.len() || failed.lock().is_ok_and(|f| f.is_some()) {
-                        return;
-                    }
-                    let Some(run) = slots[i].lock().ok().and_then(|mut s| s.take()) else {
-                        return;
-                    };
-                    let at = run[0].0;
-                    let mut bufs: Vec<&mut [u8]> = run.iter_mut().map(|(_, b)| &mut **b).collect();
-                    let result = self.read_run(at, &mut bufs);
-                    if let Err(e) = result {
-                        if let Ok(mut f) = failed.lock() {
-                            f.get_or_insert(e);
-                        }
-                        return;
-                    }
-                });
+        let lane = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= slots.len() || failed.lock().is_ok_and(|f| f.is_some()) {
+                return;
             }
+            let Some(run) = slots[i].lock().ok().and_then(|mut s| s.take()) else {
+                return;
+            };
+            let at = run[0].0;
+            let mut bufs: Vec<&mut [u8]> = run.iter_mut().map(|(_, b)| &mut **b).collect();
+            if let Err(e) = self.read_run(at, &mut bufs) {
+                if let Ok(mut f) = failed.lock() {
+                    f.get_or_insert(e);
+                }
+                return;
+            }
+        };
+        // This thread is one of the lanes: a batch that is one run (a
+        // full's contiguous blocks) starts no thread at all.
+        std::thread::scope(|scope| {
+            for _ in 1..LANES.min(slots.len()) {
+                scope.spawn(lane);
+            }
+            lane();
         });
         match failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
             Some(e) => Err(e),
