@@ -692,3 +692,62 @@ fn the_nbd_data_path_reads_the_frozen_disks_from_a_server_started_per_disk() {
         assert!(sim.snapshots(&vm.id).unwrap().is_empty(), "{bad}");
     }
 }
+
+/// Two backups of one VM at once (into two repositories): the second
+/// removes the first's snapshot as a leftover of an earlier run, so the
+/// first read base files that took the VM's writes. The first finds its
+/// snapshot gone once its disks are read and commits nothing, loudly; no
+/// snapshot is left on the VM.
+#[test]
+fn a_snapshot_removed_while_its_disks_are_read_commits_nothing() {
+    let sim = start();
+    let vm = sim.add_vm("torn01", &[DISK]).unwrap();
+    writes(&sim, &vm, 21);
+    let (a, b) = (TestRepo::new(), TestRepo::new());
+    let dir = a.path("data-command");
+    std::fs::create_dir_all(&dir).unwrap();
+    let go = dir.join("go");
+    // A's data server starts only once the test says so.
+    let command = format!(
+        "while [ ! -e {} ]; do sleep 0.05; done; {}",
+        go.display(),
+        curl_data_command(&sim, &dir)
+    );
+    let (u, fp) = (url(&sim, &vm.id), sim.fingerprint().to_string());
+    let child = crate::util::spawn(
+        &a,
+        &[
+            &"--json",
+            &"backup",
+            &u,
+            &"--fingerprint",
+            &fp,
+            &"--data-command",
+            &command,
+        ],
+        &[("CBTVAULT_VMWARE_PASSWORD", PASSWORD)],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sim.snapshots(&vm.id).unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "A made no snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = backup(&b, &sim, &vm.id, &[]).ok();
+    assert!(r.stderr.contains("removed snapshot"), "{}", r.stderr);
+    writes(&sim, &vm, 22);
+    std::fs::write(&go, b"").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("was removed while its disks were read") && stderr.contains("nothing"),
+        "{stderr}"
+    );
+    assert!(a.snapshot_ids().is_empty(), "A committed a torn backup");
+    assert!(sim.snapshots(&vm.id).unwrap().is_empty());
+    assert_eq!(
+        b.snapshot_ids().len(),
+        2,
+        "B: the disk and the configuration"
+    );
+}

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use vim_wire::{
-    ChangeId, ConfigSpec, Moref, PropertyValue, Request, Response, SnapshotTree, TaskResult,
-    VirtualDisk,
+    ChangeId, ConfigSpec, Moref, PropertyValue, Request, Response, SnapshotTree, TaskInfo,
+    TaskResult, VirtualDisk,
 };
 
 use super::client::Session;
@@ -247,6 +247,44 @@ fn flatten(trees: &[SnapshotTree], out: &mut Vec<(Moref, String)>) {
     }
 }
 
+/// Removes the VM's snapshots named `name` (a snapshot this run's failed
+/// CreateSnapshot_Task may have made); says what is left if it cannot.
+fn remove_named(s: &Session, vm: &Moref, name: &str, timeout: Duration) -> Result<(), String> {
+    let all = snapshots_of(s, vm)
+        .map_err(|e| format!("could not look for snapshot '{name}' to remove it: {e}; check VM {} and remove it by hand", vm.value))?;
+    for (snap, _) in all.into_iter().filter(|(_, n)| n == name) {
+        s.run_task(
+            Request::RemoveSnapshotTask {
+                this: snap.clone(),
+                remove_children: false,
+                consolidate: Some(true),
+            },
+            timeout,
+        )
+        .map_err(|e| {
+            format!(
+                "snapshot '{name}' ({}) is left on VM {}: {e}; remove it by hand",
+                snap.value, vm.value
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// The VM's snapshots now, `(moref, name)`.
+fn snapshots_of(s: &Session, vm: &Moref) -> Result<Vec<(Moref, String)>, VmwareError> {
+    let props = s.properties(vm, &["snapshot"])?;
+    let mut all = Vec::new();
+    if let Some(PropertyValue::SnapshotInfo(info)) = props.property("snapshot") {
+        flatten(&info.root_snapshot_list, &mut all);
+    }
+    Ok(all)
+}
+
+/// Most QueryChangedDiskAreas pages read for one disk: a host that
+/// advances by a few bytes per page is broken, not slow.
+const MAX_PAGES: u64 = 1 << 20;
+
 /// The changed areas of disk `key` between `change_id` and `snapshot`,
 /// every page.
 fn changed_areas(
@@ -259,6 +297,7 @@ fn changed_areas(
 ) -> Result<Extents, VmwareError> {
     let mut ranges = Vec::new();
     let mut at: u64 = 0;
+    let mut pages = 0u64;
     while at < capacity {
         let r = s.call(Request::QueryChangedDiskAreas {
             this: vm.clone(),
@@ -285,8 +324,18 @@ fn changed_areas(
                 ),
             });
         }
+        pages += 1;
+        if pages > MAX_PAGES {
+            return Err(VmwareError::Protocol {
+                what: "QueryChangedDiskAreas".into(),
+                reason: format!(
+                    "more than {MAX_PAGES} pages for a disk of {capacity} bytes (at {at}): the host does not advance"
+                ),
+            });
+        }
         for e in &info.changed_area {
-            if e.start < 0 || e.length < 0 || (e.start + e.length) as u64 > capacity {
+            let end = e.start.checked_add(e.length);
+            if e.start < 0 || e.length < 0 || end.is_none_or(|end| end as u64 > capacity) {
                 return Err(VmwareError::Protocol {
                     what: "QueryChangedDiskAreas".into(),
                     reason: format!(
@@ -297,9 +346,37 @@ fn changed_areas(
             }
             ranges.push((e.start as u64, e.length as u64));
         }
-        at = (start + len) as u64;
+        at = match start.checked_add(len) {
+            Some(next) => next as u64,
+            None => {
+                return Err(VmwareError::Protocol {
+                    what: "QueryChangedDiskAreas".into(),
+                    reason: format!("window {start}+{len} overflows"),
+                })
+            }
+        };
     }
     Ok(Extents::from_ranges(ranges, capacity))
+}
+
+/// Why the changes since `then` cannot be asked for at `now`, if they
+/// cannot: tracking was reset (a new epoch), or the disk went back to an
+/// earlier state (a lower sequence: the VM was reverted to a snapshot
+/// older than the last backup, and the changes since `then` are not
+/// defined for it).
+fn tracking_broken(then: &ChangeId, now: &ChangeId) -> Option<String> {
+    if !then.same_epoch(now) {
+        return Some(format!(
+            "change tracking was reset (changeId epoch {} -> {})",
+            then.uuid, now.uuid
+        ));
+    }
+    (now.sequence < then.sequence).then(|| {
+        format!(
+            "the disk's changeId went back (sequence {} -> {}): the VM was reverted to an earlier state",
+            then.sequence, now.sequence
+        )
+    })
 }
 
 /// Whether a QueryChangedDiskAreas failure means "tracking lost" (a full
@@ -405,25 +482,40 @@ pub fn run<C: Committer>(
         report.enabled_cbt = true;
     }
     let snap_name = format!("{SNAPSHOT_PREFIX}-{}", report.vm_backup);
-    let task = s
-        .run_task(
-            Request::CreateSnapshotTask {
-                this: vm.clone(),
-                name: snap_name.clone(),
-                description: Some("cbtvault backup (removed when the backup ends)".into()),
-                memory: false,
-                quiesce: options.quiesce,
-            },
-            options.task_timeout,
-        )
-        .map_err(host(format!("snapshot VM '{name}' (CreateSnapshot_Task)")))?;
-    let snapshot = match task.result {
-        Some(TaskResult::Moref(m)) => m,
-        other => {
-            return Err(WorkflowError::Unusable {
-                step: "CreateSnapshot_Task".into(),
-                reason: format!("the task returned {other:?}, not a snapshot"),
-            })
+    let created = s.run_task(
+        Request::CreateSnapshotTask {
+            this: vm.clone(),
+            name: snap_name.clone(),
+            description: Some("cbtvault backup (removed when the backup ends)".into()),
+            memory: false,
+            quiesce: options.quiesce,
+        },
+        options.task_timeout,
+    );
+    let snapshot = match created {
+        Ok(TaskInfo {
+            result: Some(TaskResult::Moref(m)),
+            ..
+        }) => m,
+        failed => {
+            // The task may still have made the snapshot (a wait that timed
+            // out, a lost answer): look for it by its name and remove it.
+            let leftover = remove_named(s, &vm, &snap_name, options.task_timeout);
+            let mut e = match failed {
+                Err(e) => host(format!("snapshot VM '{name}' (CreateSnapshot_Task)"))(e),
+                Ok(info) => WorkflowError::Unusable {
+                    step: "CreateSnapshot_Task".into(),
+                    reason: format!("the task returned {:?}, not a snapshot", info.result),
+                },
+            };
+            if let Err(left) = leftover {
+                committer.warn(left.clone());
+                e = WorkflowError::Unusable {
+                    step: "CreateSnapshot_Task".into(),
+                    reason: format!("{e}; {left}"),
+                };
+            }
+            return Err(e);
         }
     };
     let result = frozen(
@@ -437,6 +529,23 @@ pub fn run<C: Committer>(
         no_tracking,
         &mut report,
     );
+    // The disks were read from the base files our snapshot froze: if the
+    // snapshot is gone now (another run or an administrator removed it),
+    // the base took the VM's writes while it was read, and nothing of
+    // this run may be committed.
+    let result = result.and_then(|()| match snapshots_of(s, &vm) {
+        Ok(all) if all.iter().any(|(m, _)| *m == snapshot) => Ok(()),
+        Ok(_) => Err(WorkflowError::Unusable {
+            step: "check the snapshot after reading".into(),
+            reason: format!(
+                "snapshot '{snap_name}' ({}) of VM '{name}' was removed while its disks were read (by another backup of this VM or by hand): what was read may mix two points in time; nothing is committed",
+                snapshot.value
+            ),
+        }),
+        Err(e) => Err(host(format!(
+            "check that snapshot '{snap_name}' of VM '{name}' still exists"
+        ))(e)),
+    });
     // The snapshot goes, whatever happened.
     let removed = s.run_task(
         Request::RemoveSnapshotTask {
@@ -496,8 +605,19 @@ fn frozen<C: Committer>(
     // commits nothing.
     let mut planned = Vec::new();
     for d in &disks {
-        let capacity = u64::try_from(d.capacity_bytes()).unwrap_or(0);
         let label = d.label.clone().unwrap_or_else(|| format!("disk {}", d.key));
+        let capacity = match u64::try_from(d.capacity_bytes()) {
+            Ok(c) if c > 0 => c,
+            _ => {
+                return Err(WorkflowError::Unusable {
+                    step: format!("disk {} ({label})", d.key),
+                    reason: format!(
+                        "the host reports a capacity of {} bytes",
+                        d.capacity_bytes()
+                    ),
+                })
+            }
+        };
         let identity = disk_identity(url, vm_id, d.key);
         let file = d.backing.file_name.clone();
         let Some((datastore, path)) = flat_path(&file) else {
@@ -536,11 +656,8 @@ fn frozen<C: Committer>(
                         change_id.clone().unwrap_or_default()
                     ))
                 }
-                (Some(then), Some(now)) if !then.same_epoch(&now) => {
-                    full_reason = Some(format!(
-                        "change tracking was reset (changeId epoch {} -> {})",
-                        then.uuid, now.uuid
-                    ));
+                (Some(then), Some(now)) if tracking_broken(&then, &now).is_some() => {
+                    full_reason = tracking_broken(&then, &now);
                 }
                 _ if prev.get(keys::DISK_FILE) != Some(&file) => {
                     full_reason = Some(format!(
@@ -703,6 +820,23 @@ fn frozen<C: Committer>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracking_breaks_on_a_new_epoch_or_a_sequence_that_went_back() {
+        let id = |v: &str| ChangeId::parse(v).unwrap();
+        let a = "52 3c 2a 7e 1f 0b 4d 9e-a1 b2 c3 d4 e5 f6 07 18";
+        let then = id(&format!("{a}/40"));
+        assert_eq!(tracking_broken(&then, &id(&format!("{a}/40"))), None);
+        assert_eq!(tracking_broken(&then, &id(&format!("{a}/41"))), None);
+        let back = tracking_broken(&then, &id(&format!("{a}/39"))).unwrap();
+        assert!(back.contains("went back (sequence 40 -> 39)"), "{back}");
+        let reset = tracking_broken(
+            &then,
+            &id("52 00 00 00 00 00 00 00-00 00 00 00 00 00 00 01/1"),
+        )
+        .unwrap();
+        assert!(reset.contains("was reset"), "{reset}");
+    }
 
     #[test]
     fn flat_paths() {
