@@ -100,11 +100,24 @@ impl VmwareTarget {
             return Err(bad("the path must be /datastore/DATASTORE/PATH.vmdk"));
         }
         if rest.iter().any(|p| {
-            p.is_empty() || p == "." || p == ".." || p.contains(['"', '/', '\\', '\n', '\r'])
+            p.is_empty()
+                || p == "."
+                || p == ".."
+                || p.contains(['"', '/', '\\', '[', ']'])
+                || p.chars().any(char::is_control)
+                || p.trim() != p
         }) {
             return Err(bad(
-                "empty, '.', '..', quoted or escaped-slash parts in the file path",
+                "empty, '.', '..', quoted, bracketed, escaped-slash or control-character parts, or parts with leading or trailing spaces, in the file path",
             ));
+        }
+        // The datastore name goes into "[DATASTORE] path" strings that the
+        // host parses: nothing that could end it early or be trimmed.
+        if datastore.contains(['[', ']', '"', '/', '\\'])
+            || datastore.chars().any(char::is_control)
+            || datastore.trim() != datastore
+        {
+            return Err(bad("brackets, quotes, slashes, control characters or leading or trailing spaces in the datastore name"));
         }
         let descriptor = rest.join("/");
         let Some(stem) = descriptor.strip_suffix(".vmdk") else {
@@ -545,6 +558,12 @@ mod tests {
             "vmware://esx/datastore/ds/../d.vmdk",
             "vmware://esx/datastore/ds/a//d.vmdk",
             "vmware://esx/datastore/ds/a%2F..%2Fd.vmdk",
+            "vmware://esx/datastore/ds/%20d.vmdk",
+            "vmware://esx/datastore/ds/d%09x.vmdk",
+            "vmware://esx/datastore/ds/d%00.vmdk",
+            "vmware://esx/datastore/ds/a%5Bb%5D.vmdk",
+            "vmware://esx/datastore/d%5Ds/d.vmdk",
+            "vmware://esx/datastore/%20ds/d.vmdk",
             "vmware://esx/datastore/ds/.vmdk",
             "xen://esx/datastore/ds/d.vmdk",
         ] {

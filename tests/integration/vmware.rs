@@ -471,6 +471,61 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
         blake3::hash(&live0)
     );
 
+    // Nor the base disk under a snapshot (the VM's backing then names the
+    // delta NAME-000001.vmdk). (Other letter cases: inventory's unit test;
+    // this simulator's datastore tells case apart.)
+    let session = cbtvault::source::vmware::client::Session::login(
+        &sim.address().ip().to_string(),
+        sim.address().port(),
+        &cbtvault::source::xenapi::tls::HttpsTrust::Fingerprint(vec![
+            cbtvault::source::xenapi::tls::parse_fingerprint(sim.fingerprint()).unwrap(),
+        ]),
+        "root",
+        PASSWORD,
+    )
+    .unwrap();
+    session
+        .run_task(
+            vim_wire::Request::CreateSnapshotTask {
+                this: vim_wire::Moref::new("VirtualMachine", &vm.id),
+                name: "admin".into(),
+                description: None,
+                memory: false,
+                quiesce: false,
+            },
+            std::time::Duration::from_secs(30),
+        )
+        .unwrap();
+    for own in [
+        format!("{0}/{0}.vmdk", vm.name),
+        format!("{0}/{0}-ctk.vmdk", vm.name),
+    ] {
+        std::fs::write(
+            datastore_file(&sim, &format!("{0}/{0}-ctk.vmdk", vm.name)),
+            b"ctk",
+        )
+        .unwrap();
+        let r = restore_to(&t, &sim, id, &own, &["--force"]).expect_code(1);
+        assert!(
+            r.stderr.contains("is a disk of VM 'db01'"),
+            "{own}: {}",
+            r.stderr
+        );
+    }
+    assert_eq!(writes(&sim), written, "{:?}", sim.calls());
+    for snap in sim.snapshots(&vm.id).unwrap() {
+        session
+            .run_task(
+                vim_wire::Request::RemoveSnapshotTask {
+                    this: vim_wire::Moref::new("VirtualMachineSnapshot", &snap.id),
+                    remove_children: false,
+                    consolidate: Some(true),
+                },
+                std::time::Duration::from_secs(30),
+            )
+            .unwrap();
+    }
+
     // --force over other files deletes them first: a replacement that then
     // fails leaves neither the old descriptor (naming a half-written flat
     // file) nor the partial flat file.

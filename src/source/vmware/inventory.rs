@@ -169,13 +169,95 @@ pub fn list_vms(s: &Session, root: Option<&Moref>) -> Result<Vec<VmwareVm>, Vmwa
 }
 
 /// The VM (name) one of whose disks is `path` of `datastore`: its
-/// descriptor or its flat file.
+/// descriptor or its flat file, or those of the base disk under its
+/// snapshots' deltas (a VM with snapshots names `NAME-000001.vmdk`, whose
+/// chain ends in `NAME.vmdk` and `NAME-flat.vmdk`). Compared without regard
+/// to case (NFS and VMFS datastores may not tell case apart).
 pub fn disk_owner<'a>(vms: &'a [VmwareVm], datastore: &str, path: &str) -> Option<&'a str> {
+    let path = path.to_lowercase();
+    let prefix = format!("[{}] ", datastore.to_lowercase());
     vms.iter().find_map(|v| {
         v.disks.iter().find_map(|d| {
-            let descriptor = d.file.strip_prefix(&format!("[{datastore}] "))?;
-            let flat = super::workflow::flat_path(&d.file).map(|(_, p)| p);
-            (descriptor == path || flat.as_deref() == Some(path)).then_some(v.name.as_str())
+            let file = d.file.to_lowercase();
+            let descriptor = file.strip_prefix(&prefix)?;
+            let mut names = vec![descriptor.to_string()];
+            if let Some(base) = base_of_delta(descriptor) {
+                names.push(base);
+            }
+            // A descriptor's own extents and side files.
+            let hit = names.iter().any(|n| {
+                *n == path
+                    || n.strip_suffix(".vmdk").is_some_and(|stem| {
+                        DISK_SIDE_FILES
+                            .iter()
+                            .any(|side| format!("{stem}-{side}.vmdk") == path)
+                    })
+            });
+            hit.then_some(v.name.as_str())
         })
     })
+}
+
+/// The files beside a disk's descriptor `NAME.vmdk` that are part of the
+/// disk: `NAME-flat.vmdk`, the change tracking file `NAME-ctk.vmdk`, a
+/// snapshot's `-delta` / `-sesparse` extent, a raw device mapping.
+const DISK_SIDE_FILES: &[&str] = &["flat", "ctk", "delta", "sesparse", "rdm", "rdmp"];
+
+/// `dir/NAME.vmdk` for a snapshot delta `dir/NAME-000001.vmdk` (six
+/// digits, as vSphere numbers them).
+fn base_of_delta(descriptor: &str) -> Option<String> {
+    let stem = descriptor.strip_suffix(".vmdk")?;
+    let (base, number) = stem.rsplit_once('-')?;
+    (number.len() == 6 && number.bytes().all(|b| b.is_ascii_digit()) && !base.is_empty())
+        .then(|| format!("{base}.vmdk"))
+}
+
+#[cfg(test)]
+mod owner_tests {
+    use super::*;
+
+    fn vm(name: &str, files: &[&str]) -> VmwareVm {
+        VmwareVm {
+            moref: format!("vm-{name}"),
+            name: name.into(),
+            instance_uuid: name.into(),
+            power_state: "poweredOff".into(),
+            template: false,
+            host: None,
+            disks: files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| VmwareDiskInfo {
+                    key: 2000 + i as i32,
+                    label: format!("Hard disk {}", i + 1),
+                    capacity_bytes: 1 << 20,
+                    file: f.to_string(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_vm_disk_is_found_under_its_snapshots_and_without_regard_to_case() {
+        let vms = [
+            vm("web", &["[ds1] web/web-000002.vmdk"]),
+            vm("db", &["[ds1] db/DB.vmdk"]),
+        ];
+        for (path, owner) in [
+            ("web/web-000002.vmdk", Some("web")),
+            ("web/web.vmdk", Some("web")),
+            ("web/web-flat.vmdk", Some("web")),
+            ("web/web-ctk.vmdk", Some("web")),
+            ("web/web-000002-delta.vmdk", Some("web")),
+            ("web/web-000002-sesparse.vmdk", Some("web")),
+            ("db/db.vmdk", Some("db")),
+            ("DB/db-FLAT.vmdk", Some("db")),
+            ("web/web-restored.vmdk", None),
+            ("web/web-000001x.vmdk", None),
+            ("other/web.vmdk", None),
+        ] {
+            assert_eq!(disk_owner(&vms, "ds1", path), owner, "{path}");
+        }
+        assert_eq!(disk_owner(&vms, "ds2", "web/web.vmdk"), None);
+    }
 }
