@@ -262,15 +262,18 @@ pub fn vmware_backup(
     let report = report.with_context(|| {
         format!("back up {url}; nothing was committed (a VM backup is committed whole)")
     })?;
-    let pending = committer
+    let pending: Vec<_> = committer
         .disks
         .iter()
         .filter_map(|d| d.summary.pending.clone())
-        .chain(committer.config.as_ref().and_then(|c| c.pending.clone()));
-    for snapshot in pending {
-        repo.commit_snapshot(&snapshot)
-            .with_context(|| format!("commit snapshot {} of {url}", snapshot.meta.id))?;
-    }
+        .chain(committer.config.as_ref().and_then(|c| c.pending.clone()))
+        .collect();
+    repo.commit_snapshots(&pending).with_context(|| {
+        format!(
+            "commit the snapshots of VM backup {} of {url}",
+            report.vm_backup
+        )
+    })?;
     Ok((
         VmwareBackupSummary {
             source: url.to_string(),

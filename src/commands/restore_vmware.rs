@@ -148,6 +148,12 @@ pub(crate) fn run_disk(
             plural(shape.data_blocks, "data block")
         ),
     );
+    // A long upload makes no SOAP calls: keep the session from expiring
+    // before the steps after it (size check, descriptor, cleanup).
+    let alive = session.keep_alive(
+        datacenter_ref.clone(),
+        crate::source::vmware::workflow::KEEP_ALIVE_EVERY,
+    );
     let upload = Upload {
         session: &session,
         target: t,
@@ -204,6 +210,7 @@ pub(crate) fn run_disk(
             "restore of snapshot {id} to {descriptor_path} failed; {cleanup}"
         )));
     }
+    drop(alive);
     session.logout();
     let done = VmwareDiskRestore {
         target: format!(

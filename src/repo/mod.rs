@@ -1409,12 +1409,27 @@ impl Repository {
     /// Writes a snapshot object whose pages (version 2) are durable, and
     /// records it.
     pub fn commit_snapshot(&self, obj: &Snapshot) -> Result<ObjectName, RepoError> {
+        // The last check point: nothing is committed after a stop signal.
+        crate::interrupt::check()?;
+        self.write_snapshot_object(obj)
+    }
+
+    /// Commits the snapshot objects of one group (a VM backup's disks and
+    /// configuration), in order. A stop signal is honoured before the first
+    /// and not between them, so a signal never splits the group.
+    pub fn commit_snapshots<S: std::ops::Deref<Target = Snapshot>>(
+        &self,
+        objs: &[S],
+    ) -> Result<Vec<ObjectName>, RepoError> {
+        crate::interrupt::check()?;
+        objs.iter().map(|o| self.write_snapshot_object(o)).collect()
+    }
+
+    fn write_snapshot_object(&self, obj: &Snapshot) -> Result<ObjectName, RepoError> {
         #[cfg(debug_assertions)]
         test_failpoint("commit_snapshot")?;
         #[cfg(debug_assertions)]
         test_delay("commit_snapshot");
-        // The last check point: nothing is committed after a stop signal.
-        crate::interrupt::check()?;
         self.ensure_lock_held()?;
         let plain = obj
             .encode()

@@ -806,3 +806,44 @@ fn a_snapshot_removed_while_its_disks_are_read_commits_nothing() {
         "B: the disk and the configuration"
     );
 }
+
+/// An otherwise idle session is used every so often (hosts end sessions
+/// idle for ~30 minutes), and no more once the guard is dropped.
+#[test]
+fn keep_alive_uses_the_session_until_dropped() {
+    let sim = start();
+    let vm = sim.add_vm("idle01", &[DISK]).unwrap();
+    let session = std::sync::Arc::new(
+        cbtvault::source::vmware::client::Session::login(
+            &sim.address().ip().to_string(),
+            sim.address().port(),
+            &cbtvault::source::xenapi::tls::HttpsTrust::Fingerprint(vec![
+                cbtvault::source::xenapi::tls::parse_fingerprint(sim.fingerprint()).unwrap(),
+            ]),
+            "root",
+            PASSWORD,
+        )
+        .unwrap(),
+    );
+    let reads = || {
+        sim.calls()
+            .iter()
+            .filter(|c| c.as_str() == "SOAP RetrievePropertiesEx ok")
+            .count()
+    };
+    let before = reads();
+    let alive = session.keep_alive(
+        vim_wire::Moref::new("VirtualMachine", &vm.id),
+        std::time::Duration::from_millis(50),
+    );
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    drop(alive);
+    let during = reads() - before;
+    assert!(during >= 3, "{during} calls in 600 ms at one per 50 ms");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        reads() - before,
+        during,
+        "calls after the guard was dropped"
+    );
+}

@@ -80,7 +80,45 @@ fn body(host: &str, resp: reqwest::blocking::Response, limit: u64) -> Result<Vec
     Ok(out)
 }
 
+/// Keeps a session from expiring while nothing else uses it (a long read
+/// through `--data-command`, a long upload): hosts end sessions idle for
+/// about 30 minutes, and the calls after the long step (removing the
+/// snapshot, deleting a partial file) would then fail. Stops when dropped.
+pub struct KeepAlive {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 impl Session {
+    /// Reads `probe`'s `name` every `every` until the returned guard is
+    /// dropped (an authenticated call resets the host's idle timer).
+    /// Failures are ignored: the steps that need the session report theirs.
+    pub fn keep_alive(self: &std::sync::Arc<Self>, probe: Moref, every: Duration) -> KeepAlive {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let session = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("vsphere-keepalive".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
+                    let _ = session.properties(&probe, &["name"]);
+                }
+            })
+            .ok();
+        KeepAlive {
+            stop: Some(tx),
+            thread,
+        }
+    }
+
     /// Connects, reads the service content and logs in.
     pub fn login(
         host: &str,

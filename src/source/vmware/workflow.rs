@@ -281,6 +281,10 @@ fn snapshots_of(s: &Session, vm: &Moref) -> Result<Vec<(Moref, String)>, VmwareE
     Ok(all)
 }
 
+/// How often an otherwise idle session is used (hosts end sessions idle
+/// for about 30 minutes).
+pub const KEEP_ALIVE_EVERY: Duration = Duration::from_secs(300);
+
 /// Most QueryChangedDiskAreas pages read for one disk: a host that
 /// advances by a few bytes per page is broken, not slow.
 const MAX_PAGES: u64 = 1 << 20;
@@ -518,6 +522,9 @@ pub fn run<C: Committer>(
             return Err(e);
         }
     };
+    // Nothing may use the session for hours while a --data-command server
+    // is read: keep it from expiring before the snapshot is removed.
+    let alive = session.keep_alive(vm.clone(), KEEP_ALIVE_EVERY);
     let result = frozen(
         session,
         url,
@@ -555,6 +562,7 @@ pub fn run<C: Committer>(
         },
         options.task_timeout,
     );
+    drop(alive);
     if let Err(e) = removed {
         committer.warn(format!(
             "could not remove snapshot '{snap_name}' ({}) of VM '{name}': {e}; the next run removes it, or remove it by hand",
