@@ -134,7 +134,7 @@ struct RepoCommitter<'a> {
 impl Committer for RepoCommitter<'_> {
     type Error = RepoError;
 
-    fn previous(&mut self, identity: &str) -> Result<Option<BTreeMap<String, String>>, RepoError> {
+    fn previous(&mut self, identity: &str) -> Result<Option<workflow::Previous>, RepoError> {
         let last = self
             .repo
             .snapshots()?
@@ -142,7 +142,10 @@ impl Committer for RepoCommitter<'_> {
             .rfind(|s| s.meta.source == identity);
         Ok(last.map(|s| {
             self.found.insert(identity.to_string(), s.meta.id);
-            s.meta.landmark.clone()
+            workflow::Previous {
+                landmark: s.meta.landmark.clone(),
+                disk_size_bytes: s.meta.disk_size_bytes,
+            }
         }))
     }
 

@@ -847,3 +847,39 @@ fn keep_alive_uses_the_session_until_dropped() {
         "calls after the guard was dropped"
     );
 }
+
+/// A disk grown since the last backup is read in full (changed areas
+/// across a resize are not trusted), and restores at its new size.
+#[test]
+fn a_grown_disk_is_read_in_full() {
+    let sim = start();
+    let vm = sim.add_vm("grow01", &[DISK]).unwrap();
+    writes(&sim, &vm, 41);
+    let t = TestRepo::new();
+    backup(&t, &sim, &vm.id, &[]).ok();
+    sim.extend_disk(&vm.id, 2000, 2 * DISK).unwrap();
+    sim.guest_write(
+        &vm.id,
+        2000,
+        DISK + 3 * BS,
+        &random_bytes(42, 0, BS as usize),
+    )
+    .unwrap();
+    let r = backup(&t, &sim, &vm.id, &[]).ok();
+    let d = &r.json()["disks"][0];
+    assert_eq!(d["full"], true, "{d}");
+    assert!(
+        d["full_reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("size changed ({DISK} -> {} bytes)", 2 * DISK)),
+        "{d}"
+    );
+    assert!(r.stderr.contains("a new full backup"), "{}", r.stderr);
+    let live = sim.read_disk(&vm.id, 2000, 0, 2 * DISK as usize).unwrap();
+    t.assert_restores(
+        d["snapshot_id"].as_str().unwrap(),
+        blake3::hash(&live),
+        2 * DISK,
+    );
+}

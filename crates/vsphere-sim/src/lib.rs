@@ -542,6 +542,17 @@ impl Simulator {
         Ok(k)
     }
 
+    /// Extends disk `key` of a VM without snapshots to `capacity` bytes
+    /// (a test hook: an administrator growing a disk).
+    pub fn extend_disk(&self, vm: &str, key: i32, capacity: u64) -> Result<(), SimError> {
+        let mut st = self.core.lock();
+        let id = vm_id(&st, vm)?;
+        st.extend_disk(&id, key, capacity)
+            .map_err(SimError::Invalid)?;
+        self.core.changed(&st);
+        Ok(())
+    }
+
     /// Stops serving and waits for the server to close.
     pub fn shutdown(mut self) {
         self.stop_now();

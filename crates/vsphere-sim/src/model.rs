@@ -528,6 +528,40 @@ impl State {
         Ok(new_key)
     }
 
+    /// Extends disk `key` of a VM without snapshots to `capacity` bytes
+    /// (the new bytes read as zeros; tracking goes on, as ESXi's does).
+    pub fn extend_disk(&mut self, vm: &str, key: i32, capacity: u64) -> Result<(), String> {
+        let store = self.store.clone();
+        let v = self
+            .vms
+            .get_mut(vm)
+            .ok_or_else(|| format!("no VM '{vm}'"))?;
+        if !v.snapshots.is_empty() {
+            return Err(format!(
+                "VM '{vm}' has snapshots: a disk under one cannot grow"
+            ));
+        }
+        let d = v
+            .disks
+            .iter_mut()
+            .find(|d| d.key == key)
+            .ok_or_else(|| format!("VM '{vm}' has no disk {key}"))?;
+        if capacity <= d.capacity_bytes || !capacity.is_multiple_of(1024) {
+            return Err(format!(
+                "disk {key} is {} bytes: {capacity} is not larger, or not a multiple of 1024",
+                d.capacity_bytes
+            ));
+        }
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(store.live(&d.descriptor))
+            .and_then(|f| f.set_len(capacity))
+            .map_err(|e| format!("extend disk {key}: {e}"))?;
+        d.capacity_bytes = capacity;
+        v.change_version += 1;
+        Ok(())
+    }
+
     /// CreateSnapshot_Task: freezes every disk and stamps changeIds.
     pub fn create_snapshot(
         &mut self,

@@ -98,12 +98,19 @@ pub struct FrozenDisk<'a> {
     pub landmark: BTreeMap<String, String>,
 }
 
+/// The last backup of a disk, as the workflow needs it.
+#[derive(Debug, Clone)]
+pub struct Previous {
+    pub landmark: BTreeMap<String, String>,
+    /// The disk's size then.
+    pub disk_size_bytes: u64,
+}
+
 /// The repository side.
 pub trait Committer {
     type Error: std::error::Error + Send + Sync + 'static;
-    /// The landmark of the last backup of the disk `identity`, if any.
-    fn previous(&mut self, identity: &str)
-        -> Result<Option<BTreeMap<String, String>>, Self::Error>;
+    /// The last backup of the disk `identity`, if any.
+    fn previous(&mut self, identity: &str) -> Result<Option<Previous>, Self::Error>;
     fn commit_disk(&mut self, disk: FrozenDisk<'_>) -> Result<(), Self::Error>;
     /// The VM's configuration (`config` as the host returned it, XML).
     fn commit_config(
@@ -651,7 +658,16 @@ fn frozen<C: Committer>(
             full_reason = Some(why);
         } else if change_id.is_none() {
             full_reason = Some(format!("the snapshot records no changeId for disk {} ({label}): change tracking is not active", d.key));
-        } else if let Some(prev) = &previous {
+        } else if let Some(Previous {
+            disk_size_bytes, ..
+        }) = previous.as_ref().filter(|p| p.disk_size_bytes != capacity)
+        {
+            // Changed areas across a resize are not trusted (vSphere had
+            // CBT bugs after extending a disk): read it all.
+            full_reason = Some(format!(
+                "the disk's size changed ({disk_size_bytes} -> {capacity} bytes)"
+            ));
+        } else if let Some(prev) = previous.as_ref().map(|p| &p.landmark) {
             let now = change_id.as_deref().and_then(|c| ChangeId::parse(c).ok());
             let then = prev
                 .get(keys::CHANGE_ID)
