@@ -883,3 +883,37 @@ fn a_grown_disk_is_read_in_full() {
         2 * DISK,
     );
 }
+
+/// A --data-command that leaves a process behind which ignores SIGTERM:
+/// the whole process group is gone when the backup ends (KILL after the
+/// grace period), not only the command's shell.
+#[test]
+fn a_data_command_leaves_no_process_behind() {
+    let sim = start();
+    let vm = sim.add_vm("group01", &[DISK]).unwrap();
+    writes(&sim, &vm, 51);
+    let t = TestRepo::new();
+    let dir = t.path("data-command");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sleeper = dir.join("sleeper");
+    let command = format!(
+        "(trap '' TERM; exec sleep 1000) & echo $! > {}; {}",
+        sleeper.display(),
+        curl_data_command(&sim, &dir)
+    );
+    let s = backup(&t, &sim, &vm.id, &["--data-command", &command])
+        .ok()
+        .json();
+    assert_disks_restore(&t, &sim, &vm, &s);
+    let pid = std::fs::read_to_string(&sleeper).unwrap();
+    let proc = format!("/proc/{}", pid.trim());
+    // Gone, or a zombie about to be reaped by init.
+    let alive = std::fs::read_to_string(format!("{proc}/stat"))
+        .map(|stat| !stat.contains(") Z "))
+        .unwrap_or(false);
+    assert!(
+        !alive,
+        "process {} of the data command outlived the backup",
+        pid.trim()
+    );
+}

@@ -163,28 +163,35 @@ impl DataServer {
     }
 
     /// Disconnects, stops the command's process group (TERM, then KILL
-    /// after 5 s) and removes the socket folder.
+    /// after 5 s to whatever of the group is left, the shell's children
+    /// included once the shell itself has exited) and removes the socket
+    /// folder.
     pub fn stop(&mut self) {
+        use rustix::process::{kill_process_group, test_kill_process_group, Signal};
         if let Some(source) = self.source.take() {
             source.close();
         }
         if let Some(mut child) = self.child.take() {
             let group = rustix::process::Pid::from_child(&child);
-            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::TERM);
+            let _ = kill_process_group(group, Signal::TERM);
             let deadline = Instant::now() + Duration::from_secs(5);
+            let mut reaped = false;
             loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() > deadline => {
-                        let _ = rustix::process::kill_process_group(
-                            group,
-                            rustix::process::Signal::KILL,
-                        );
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                if !reaped {
+                    reaped = !matches!(child.try_wait(), Ok(None));
                 }
+                let group_left = test_kill_process_group(group).is_ok();
+                if reaped && !group_left {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = kill_process_group(group, Signal::KILL);
+                    if !reaped {
+                        let _ = child.wait();
+                    }
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
