@@ -177,7 +177,11 @@ pub(crate) fn run_disk(
     let whole = match session.file_size(&datacenter, &t.datastore, &t.flat()) {
         Ok(Some(n)) if n == flat_bytes(disk) => Ok(()),
         Ok(n) => Err(VmwareTargetError::Invalid(format!(
-            "the host holds {n:?} bytes of {flat_path} after the upload, not {}",
+            "the host {} after the upload, not {} bytes",
+            match n {
+                Some(n) => format!("holds {n} bytes of {flat_path}"),
+                None => format!("reports no size for {flat_path}"),
+            },
             flat_bytes(disk)
         ))),
         Err(e) => Err(VmwareTargetError::Call {

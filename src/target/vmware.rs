@@ -491,6 +491,10 @@ pub fn verify(
     let bs = reader.block_size() as u64;
     let mut buf = BytesMut::new();
     for first in (0..reader.block_count()).step_by(VERIFY_BATCH_BLOCKS as usize) {
+        // A stop signal ends the read-back (the caller removes the files
+        // of a restore that was not verified).
+        crate::interrupt::check()
+            .map_err(|e| VmwareTargetError::Invalid(format!("verify: {e}")))?;
         let at = first * bs;
         // The last batch takes the sector padding too.
         let end = ((first + VERIFY_BATCH_BLOCKS) * bs).min(disk);
