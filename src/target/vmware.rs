@@ -8,8 +8,8 @@
 //! (`DeleteDatastoreFile_Task`). `--verify` reads both back. The command
 //! workflow stays in `commands/restore_vmware.rs`. Never prints.
 
+use crossbeam_channel::{Receiver, SendTimeoutError, Sender};
 use std::io::{Read, Write};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use ::bytes::BytesMut;
@@ -174,12 +174,15 @@ impl VmwareTarget {
 
 /// Bytes buffered before a chunk goes to the upload.
 const PIPE_CHUNK: usize = 1 << 20;
+/// An upload the host takes nothing of for this long has stalled.
+const STALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Chunks queued for the upload (so at most 9 MiB in memory).
 const PIPE_DEPTH: usize = 8;
 
 /// The restore engine's side of the upload: bytes in order, in chunks.
 struct PipeWriter {
-    tx: SyncSender<Result<Vec<u8>, String>>,
+    tx: Sender<Result<Vec<u8>, String>>,
     buf: Vec<u8>,
 }
 
@@ -195,10 +198,30 @@ impl PipeWriter {
                 "the host stopped reading the upload",
             )
         };
-        match self.tx.try_send(Ok(chunk)) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(chunk)) => self.tx.send(chunk).map_err(|_| closed()),
-            Err(TrySendError::Disconnected(_)) => Err(closed()),
+        // The host takes the queued chunks at its pace; while it takes
+        // none, a stop signal still ends the restore, and a host that takes
+        // nothing for STALL_LIMIT has stalled.
+        let mut chunk = Ok(chunk);
+        let waiting = std::time::Instant::now();
+        loop {
+            match self
+                .tx
+                .send_timeout(chunk, std::time::Duration::from_millis(200))
+            {
+                Ok(()) => return Ok(()),
+                Err(SendTimeoutError::Disconnected(_)) => return Err(closed()),
+                Err(SendTimeoutError::Timeout(back)) => chunk = back,
+            }
+            crate::interrupt::check().map_err(std::io::Error::other)?;
+            if waiting.elapsed() > STALL_LIMIT {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the host took no bytes of the upload for {} seconds",
+                        STALL_LIMIT.as_secs()
+                    ),
+                ));
+            }
         }
     }
 }
@@ -291,7 +314,7 @@ impl Upload<'_> {
         let disk = reader.disk_size_bytes();
         let len = flat_bytes(disk);
         let flat = self.target.flat();
-        let (tx, rx) = std::sync::mpsc::sync_channel(PIPE_DEPTH);
+        let (tx, rx) = crossbeam_channel::bounded(PIPE_DEPTH);
         let fail = tx.clone();
         let result = std::thread::scope(|scope| {
             let upload = scope.spawn(|| {
@@ -578,7 +601,7 @@ mod tests {
     #[test]
     fn the_pipe_delivers_exactly_the_length_or_an_error() {
         let run = |chunks: Vec<Result<Vec<u8>, String>>, len: u64, close: bool| {
-            let (tx, rx) = std::sync::mpsc::sync_channel(16);
+            let (tx, rx) = crossbeam_channel::bounded(16);
             for c in chunks {
                 tx.send(c).unwrap();
             }
