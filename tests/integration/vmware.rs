@@ -40,6 +40,19 @@ fn backup(t: &TestRepo, sim: &Simulator, vm: &str, extra: &[&str]) -> Run {
     t.run_env(&args, &[("CBTVAULT_VMWARE_PASSWORD", PASSWORD)])
 }
 
+/// A SOAP session on the simulator, its certificate pinned.
+fn login(sim: &Simulator) -> cbtvault::source::vmware::client::Session {
+    use cbtvault::source::xenapi::tls::{parse_fingerprint, HttpsTrust};
+    cbtvault::source::vmware::client::Session::login(
+        &sim.address().ip().to_string(),
+        sim.address().port(),
+        &HttpsTrust::Fingerprint(vec![parse_fingerprint(sim.fingerprint()).unwrap()]),
+        "root",
+        PASSWORD,
+    )
+    .unwrap()
+}
+
 /// Random writes: a few whole blocks and one unaligned piece per disk.
 fn writes(sim: &Simulator, vm: &SimVm, seed: u64) {
     for d in &vm.disks {
@@ -474,16 +487,7 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
     // Nor the base disk under a snapshot (the VM's backing then names the
     // delta NAME-000001.vmdk). (Other letter cases: inventory's unit test;
     // this simulator's datastore tells case apart.)
-    let session = cbtvault::source::vmware::client::Session::login(
-        &sim.address().ip().to_string(),
-        sim.address().port(),
-        &cbtvault::source::xenapi::tls::HttpsTrust::Fingerprint(vec![
-            cbtvault::source::xenapi::tls::parse_fingerprint(sim.fingerprint()).unwrap(),
-        ]),
-        "root",
-        PASSWORD,
-    )
-    .unwrap();
+    let session = login(&sim);
     session
         .run_task(
             vim_wire::Request::CreateSnapshotTask {
@@ -813,18 +817,7 @@ fn a_snapshot_removed_while_its_disks_are_read_commits_nothing() {
 fn keep_alive_uses_the_session_until_dropped() {
     let sim = start();
     let vm = sim.add_vm("idle01", &[DISK]).unwrap();
-    let session = std::sync::Arc::new(
-        cbtvault::source::vmware::client::Session::login(
-            &sim.address().ip().to_string(),
-            sim.address().port(),
-            &cbtvault::source::xenapi::tls::HttpsTrust::Fingerprint(vec![
-                cbtvault::source::xenapi::tls::parse_fingerprint(sim.fingerprint()).unwrap(),
-            ]),
-            "root",
-            PASSWORD,
-        )
-        .unwrap(),
-    );
+    let session = std::sync::Arc::new(login(&sim));
     let reads = || {
         sim.calls()
             .iter()
