@@ -547,28 +547,37 @@ pub fn run<C: Committer>(
     // snapshot is gone now (another run or an administrator removed it),
     // the base took the VM's writes while it was read, and nothing of
     // this run may be committed.
+    let mut gone = false;
     let result = result.and_then(|()| match snapshots_of(s, &vm) {
         Ok(all) if all.iter().any(|(m, _)| *m == snapshot) => Ok(()),
         Ok(_) => Err(WorkflowError::Unusable {
             step: "check the snapshot after reading".into(),
-            reason: format!(
-                "snapshot '{snap_name}' ({}) of VM '{name}' was removed while its disks were read (by another backup of this VM or by hand): what was read may mix two points in time; nothing is committed",
-                snapshot.value
-            ),
+            reason: {
+                gone = true;
+                format!(
+                    "snapshot '{snap_name}' ({}) of VM '{name}' was removed while its disks were read (by another backup of this VM or by hand): what was read may mix two points in time; nothing is committed",
+                    snapshot.value
+                )
+            },
         }),
         Err(e) => Err(host(format!(
             "check that snapshot '{snap_name}' of VM '{name}' still exists"
         ))(e)),
     });
-    // The snapshot goes, whatever happened.
-    let removed = s.run_task(
-        Request::RemoveSnapshotTask {
-            this: snapshot.clone(),
-            remove_children: false,
-            consolidate: Some(true),
-        },
-        options.task_timeout,
-    );
+    // The snapshot goes, whatever happened (unless it is gone already).
+    let removed = if gone {
+        Ok(())
+    } else {
+        s.run_task(
+            Request::RemoveSnapshotTask {
+                this: snapshot.clone(),
+                remove_children: false,
+                consolidate: Some(true),
+            },
+            options.task_timeout,
+        )
+        .map(drop)
+    };
     drop(alive);
     if let Err(e) = removed {
         committer.warn(format!(
