@@ -1409,8 +1409,7 @@ impl Repository {
     /// Writes a snapshot object whose pages (version 2) are durable, and
     /// records it.
     pub fn commit_snapshot(&self, obj: &Snapshot) -> Result<ObjectName, RepoError> {
-        // The last check point: nothing is committed after a stop signal.
-        crate::interrupt::check()?;
+        self.before_commit()?;
         self.write_snapshot_object(obj)
     }
 
@@ -1421,15 +1420,22 @@ impl Repository {
         &self,
         objs: &[S],
     ) -> Result<Vec<ObjectName>, RepoError> {
-        crate::interrupt::check()?;
+        self.before_commit()?;
         objs.iter().map(|o| self.write_snapshot_object(o)).collect()
     }
 
-    fn write_snapshot_object(&self, obj: &Snapshot) -> Result<ObjectName, RepoError> {
+    /// The last check point: nothing is committed after a stop signal
+    /// (the test hooks come first, so a test's signal lands before it).
+    fn before_commit(&self) -> Result<(), RepoError> {
         #[cfg(debug_assertions)]
         test_failpoint("commit_snapshot")?;
         #[cfg(debug_assertions)]
         test_delay("commit_snapshot");
+        crate::interrupt::check()?;
+        Ok(())
+    }
+
+    fn write_snapshot_object(&self, obj: &Snapshot) -> Result<ObjectName, RepoError> {
         self.ensure_lock_held()?;
         let plain = obj
             .encode()
