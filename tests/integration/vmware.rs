@@ -641,6 +641,13 @@ fn a_disk_of_partial_sectors_is_padded_and_verified() {
     assert!(raw[size as usize..].iter().all(|b| *b == 0));
 }
 
+/// A new folder of `t` for a data command's records.
+fn data_command_dir(t: &TestRepo) -> std::path::PathBuf {
+    let dir = t.path("data-command");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 /// A `--data-command` that records its environment and pid, then serves
 /// the disk's frozen base flat file over NBD with nbdkit's curl plugin
 /// (Range reads of the simulator's `/folder`, Basic credentials): the
@@ -667,8 +674,7 @@ fn the_nbd_data_path_reads_the_frozen_disks_from_a_server_started_per_disk() {
     let vm = sim.add_vm("nbd01", &[DISK, DISK]).unwrap();
     writes(&sim, &vm, 11);
     let t = TestRepo::new();
-    let dir = t.path("data-command");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = data_command_dir(&t);
     let command = curl_data_command(&sim, &dir);
     let s = backup(&t, &sim, &vm.id, &["--data-command", &command])
         .ok()
@@ -763,8 +769,7 @@ fn a_snapshot_removed_while_its_disks_are_read_commits_nothing() {
     let vm = sim.add_vm("torn01", &[DISK]).unwrap();
     writes(&sim, &vm, 21);
     let (a, b) = (TestRepo::new(), TestRepo::new());
-    let dir = a.path("data-command");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = data_command_dir(&a);
     let go = dir.join("go");
     // A's data server starts only once the test says so.
     let command = format!(
@@ -890,8 +895,7 @@ fn a_data_command_leaves_no_process_behind() {
     let vm = sim.add_vm("group01", &[DISK]).unwrap();
     writes(&sim, &vm, 51);
     let t = TestRepo::new();
-    let dir = t.path("data-command");
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = data_command_dir(&t);
     let sleeper = dir.join("sleeper");
     let command = format!(
         "(trap '' TERM; exec sleep 1000) & echo $! > {}; {}",

@@ -254,21 +254,26 @@ fn flatten(trees: &[SnapshotTree], out: &mut Vec<(Moref, String)>) {
     }
 }
 
+/// RemoveSnapshot_Task of one snapshot, its disks consolidated.
+fn remove_snapshot(s: &Session, snap: &Moref, timeout: Duration) -> Result<(), VmwareError> {
+    s.run_task(
+        Request::RemoveSnapshotTask {
+            this: snap.clone(),
+            remove_children: false,
+            consolidate: Some(true),
+        },
+        timeout,
+    )
+    .map(drop)
+}
+
 /// Removes the VM's snapshots named `name` (a snapshot this run's failed
 /// CreateSnapshot_Task may have made); says what is left if it cannot.
 fn remove_named(s: &Session, vm: &Moref, name: &str, timeout: Duration) -> Result<(), String> {
     let all = snapshots_of(s, vm)
         .map_err(|e| format!("could not look for snapshot '{name}' to remove it: {e}; check VM {} and remove it by hand", vm.value))?;
     for (snap, _) in all.into_iter().filter(|(_, n)| n == name) {
-        s.run_task(
-            Request::RemoveSnapshotTask {
-                this: snap.clone(),
-                remove_children: false,
-                consolidate: Some(true),
-            },
-            timeout,
-        )
-        .map_err(|e| {
+        remove_snapshot(s, &snap, timeout).map_err(|e| {
             format!(
                 "snapshot '{name}' ({}) is left on VM {}: {e}; remove it by hand",
                 snap.value, vm.value
@@ -437,15 +442,7 @@ pub fn run<C: Committer>(
             if !snap_name.starts_with(SNAPSHOT_PREFIX) {
                 continue;
             }
-            s.run_task(
-                Request::RemoveSnapshotTask {
-                    this: snap.clone(),
-                    remove_children: false,
-                    consolidate: Some(true),
-                },
-                options.task_timeout,
-            )
-            .map_err(host(format!(
+            remove_snapshot(s, &snap, options.task_timeout).map_err(host(format!(
                 "remove the leftover snapshot '{snap_name}' ({}) of an earlier run",
                 snap.value
             )))?;
@@ -568,15 +565,7 @@ pub fn run<C: Committer>(
     let removed = if gone {
         Ok(())
     } else {
-        s.run_task(
-            Request::RemoveSnapshotTask {
-                this: snapshot.clone(),
-                remove_children: false,
-                consolidate: Some(true),
-            },
-            options.task_timeout,
-        )
-        .map(drop)
+        remove_snapshot(s, &snapshot, options.task_timeout)
     };
     drop(alive);
     if let Err(e) = removed {
