@@ -15,7 +15,9 @@ use nbd::{proto, tls, NbdUri, PoolOptions};
 use super::Outcome;
 use crate::output::{human_bytes, plural, Ui};
 use crate::repo::backup::plan::{self, ParentRequest, PlanOptions, SourceDisk};
-use crate::repo::backup::{self, BackupSummary, BlockBitmap, PipelineOptions};
+use crate::repo::backup::{
+    self, AllocationWalk, BackupSummary, BlockBitmap, OnRanges, PipelineOptions,
+};
 use crate::repo::lock::hostname;
 use crate::repo::{RepoError, Repository};
 use crate::source::nbd::{NbdLimits, NbdSource};
@@ -365,19 +367,27 @@ pub(crate) fn nbd_backup(
         ),
     );
     let size = source.size_bytes();
-    let ask_allocation = || -> Result<Extents, SourceError> {
-        let ex = source
-            .extents("base:allocation")
+    let walk_allocation = |f: &mut OnRanges<'_>| -> Result<(), SourceError> {
+        let mut data = Vec::new();
+        source
+            .extents_each("base:allocation", |window| {
+                data.clear();
+                data.extend(
+                    window
+                        .iter()
+                        .filter(|e| e.2 & proto::STATE_ZERO == 0)
+                        .map(|e| (e.0, e.1)),
+                );
+                f(&data)
+            })
+            .map(|_| ())
             .map_err(|e| SourceError::Invalid {
                 source_name: text.to_string(),
                 reason: format!("block status (base:allocation): {e}"),
-            })?;
-        Ok(Extents::from_flagged(&ex, size, |f| {
-            f & proto::STATE_ZERO == 0
-        }))
+            })
     };
     let allocated = if source.has_context("base:allocation") {
-        Allocation::Ask(&ask_allocation)
+        Allocation::Walk(&walk_allocation)
     } else {
         Allocation::Unknown
     };
@@ -436,6 +446,11 @@ pub(crate) enum Allocation<'a> {
     /// it does not pay for a block-status walk of the whole disk (minutes
     /// over a 16 TiB qcow2 chain).
     Ask(&'a dyn Fn() -> Result<Extents, SourceError>),
+    /// As `Ask`, walked window by window: a backup without a parent reads
+    /// while the walk goes on (a 16 TiB export's block status walk takes
+    /// as long as reading its data); with a parent the walk is collected
+    /// first, since the manifest needs it for every page.
+    Walk(AllocationWalk<'a>),
 }
 
 /// Commits a small object (a VM's metadata or configuration) as a
@@ -486,25 +501,38 @@ pub(crate) fn backup_disk(
     landmark: BTreeMap<String, String>,
 ) -> Result<BackupSummary, RepoError> {
     let lookup = plan::find_parent(repo, source.identity(), &options.parent, &changes)?;
-    let allocated = match allocated {
-        Allocation::Unknown => None,
-        Allocation::Ask(_)
-            if matches!(lookup, plan::ParentLookup::Found(_))
-                && matches!(changes, Changes::Since(_)) =>
+    let found = matches!(lookup, plan::ParentLookup::Found(_));
+    let (allocated, walk) = match allocated {
+        Allocation::Unknown => (None, None),
+        Allocation::Ask(_) | Allocation::Walk(_)
+            if found && matches!(changes, Changes::Since(_)) =>
         {
             ui.detail(
                 1,
                 "change bitmap over a found parent: the source's allocation is not asked",
             );
-            None
+            (None, None)
         }
-        Allocation::Ask(ask) => Some(ask()?),
+        Allocation::Ask(ask) => (Some(ask()?), None),
+        Allocation::Walk(walk) if !found => (None, Some(walk)),
+        Allocation::Walk(walk) => {
+            let mut ranges = Vec::new();
+            walk(&mut |window| {
+                ranges.extend_from_slice(window);
+                true
+            })?;
+            (
+                Some(Extents::from_ranges(ranges, source.size_bytes())),
+                None,
+            )
+        }
     };
     let disk = SourceDisk {
         identity: source.identity(),
         size_bytes: source.size_bytes(),
         changes,
         allocated,
+        allocation_streamed: walk.is_some(),
     };
     let plan_options = PlanOptions {
         full_every: options.full_every,
@@ -528,7 +556,7 @@ pub(crate) fn backup_disk(
     let mut pipeline = PipelineOptions::from_repo(repo);
     pipeline.batch_blocks = pipeline_batch(pipeline.batch_blocks, options.concurrent);
     pipeline.defer_commit = options.defer_commit;
-    let summary = backup::run(repo, source, plan, &pipeline, &bar)?;
+    let summary = backup::run(repo, source, plan, &pipeline, &bar, walk)?;
     bar.finish();
     ui.detail(
         1,
@@ -581,7 +609,11 @@ fn detail_plan(ui: &Ui, source: &dyn BlockSource, plan: &plan::BackupPlan, block
         ),
     }
     let blocks = source.size_bytes().div_ceil(block_size as u64);
-    let read = plan.read.as_ref().map_or(blocks, |r| r.count());
+    let read = match &plan.read {
+        _ if plan.streamed => "the allocated blocks, mapped while reading,".to_string(),
+        Some(r) => r.count().to_string(),
+        None => blocks.to_string(),
+    };
     ui.detail(
         1,
         format!(

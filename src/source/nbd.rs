@@ -103,6 +103,17 @@ impl NbdSource {
         self.runtime.block_on(self.pool().extents(name))
     }
 
+    /// Extents for a negotiated meta context, window by window in
+    /// ascending order ([`NbdPool::extents_each`]); `f` returns whether to
+    /// go on.
+    pub fn extents_each(
+        &self,
+        name: &str,
+        f: impl FnMut(&[(u64, u64, u32)]) -> bool,
+    ) -> Result<bool, NbdError> {
+        self.runtime.block_on(self.pool().extents_each(name, f))
+    }
+
     pub fn has_context(&self, name: &str) -> bool {
         self.pool()
             .negotiated

@@ -6,6 +6,7 @@ mod util;
 mod vectors;
 mod vectors_encrypted;
 
+mod allocation_walk;
 mod catalog;
 mod catalog_damage;
 mod changed_blocks;

@@ -115,6 +115,41 @@ fn tcp_raw_full_backup_reads_only_allocated_blocks_and_restores_exactly() {
     t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
 }
 
+/// A full of an export larger than one block status window (1 GiB): the
+/// allocation map is walked window by window while the blocks are read,
+/// data on both sides of each window boundary and an extent across one
+/// included; the incremental after it (a parent: the map is collected
+/// first) finds the same blocks.
+#[test]
+fn an_export_of_several_status_windows_is_read_while_its_map_is_walked() {
+    let t = TestRepo::new();
+    let gib = 1u64 << 30;
+    let img = Image::create(&t.path("big.raw"), 3 * gib + 5 * BS);
+    let blocks: Vec<u64> = [
+        0,
+        gib / BS - 1,
+        gib / BS,
+        2 * gib / BS - 2,
+        2 * gib / BS - 1,
+        2 * gib / BS,
+        2 * gib / BS + 1,
+        3 * gib / BS + 4,
+    ]
+    .to_vec();
+    for &b in &blocks {
+        img.write_block(b, &random_block(11, b));
+    }
+    let server = qemu_nbd(&img.path, "raw", None, &[]);
+    let s = t.backup(Path::new(&server.uri), &["--nbd-connections", "2"]);
+    assert_eq!(s["blocks_read"], blocks.len() as u64, "{s}");
+    assert_eq!(s["blocks_new"], blocks.len() as u64, "{s}");
+    t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
+    let s2 = t.backup(Path::new(&server.uri), &[]);
+    assert_eq!(s2["parent_id"], s["snapshot_id"]);
+    assert_eq!(s2["blocks_read"], blocks.len() as u64, "{s2}");
+    assert_eq!(s2["blocks_new"], 0, "{s2}");
+}
+
 #[test]
 fn unix_socket_qcow2_round_trip() {
     let t = TestRepo::new();

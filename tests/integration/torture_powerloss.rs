@@ -105,6 +105,7 @@ fn backup_once(
         landmark: BTreeMap::new(),
         warnings: vec![],
         strict: false,
+        streamed: false,
     };
     backup::run(
         repo,
@@ -112,6 +113,7 @@ fn backup_once(
         plan,
         &PipelineOptions::from_repo(repo),
         &NoProgress,
+        None,
     )
     .map(|s| s.snapshot_id)
     .map_err(|e| e.to_string())

@@ -219,6 +219,12 @@ const SPARE_BUFFERS: usize = 64;
 /// ... and at most this many bytes of them.
 const SPARE_BYTES: usize = 16 << 20;
 
+/// The range one block status walk asks about at a time.
+pub const EXTENT_WINDOW_BYTES: u64 = 1 << 30;
+
+/// How many windows of a block status walk are asked at once.
+pub const EXTENT_WINDOWS_IN_FLIGHT: usize = 32;
+
 /// The least time each extra connection of a pool (after the first) gets to
 /// connect and finish its handshake: it gets this, or 4 times what the
 /// first connection took if that is longer, never more than the I/O
@@ -507,9 +513,37 @@ impl NbdPool {
     }
 
     /// Extents of the whole export for context `name`: (offset, length,
-    /// flags), contiguous and covering the export. Loops as the spec
-    /// requires, since a server may describe less than asked.
+    /// flags), contiguous and covering the export. The export is walked in
+    /// windows of [`EXTENT_WINDOW_BYTES`], [`EXTENT_WINDOWS_IN_FLIGHT`] of
+    /// them at once over the pool's connections (a serial walk of a 16 TiB
+    /// export waits out 16,384 round trips); each window loops as the spec
+    /// requires, since a server may describe less than asked, and an
+    /// extent that runs past its window is cut at the window's end.
     pub async fn extents(&self, name: &str) -> Result<Vec<(u64, u64, u32)>, NbdError> {
+        let mut out: Vec<(u64, u64, u32)> = Vec::new();
+        self.extents_each(name, |window| {
+            for &(at, len, flags) in window {
+                match out.last_mut() {
+                    Some(last) if last.2 == flags && last.0 + last.1 == at => last.1 += len,
+                    _ => out.push((at, len, flags)),
+                }
+            }
+            true
+        })
+        .await?;
+        Ok(out)
+    }
+
+    /// [`Self::extents`] window by window, in ascending order, as they
+    /// arrive: `f` gets each window's extents (contiguous, covering the
+    /// window) and returns whether to go on. A caller can act on the first
+    /// windows while the later ones are still asked, and nothing holds the
+    /// whole map. Returns whether the walk reached the end of the export.
+    pub async fn extents_each(
+        &self,
+        name: &str,
+        mut f: impl FnMut(&[(u64, u64, u32)]) -> bool,
+    ) -> Result<bool, NbdError> {
         let Some(&(id, _)) = self
             .negotiated
             .meta_contexts
@@ -520,10 +554,39 @@ impl NbdPool {
                 "meta context '{name}' was not negotiated"
             )));
         };
-        let mut out: Vec<(u64, u64, u32)> = Vec::new();
+        let size = self.size_bytes;
+        let batch_bytes = EXTENT_WINDOW_BYTES * EXTENT_WINDOWS_IN_FLIGHT as u64;
         let mut at = 0u64;
-        while at < self.size_bytes {
-            let len = (self.size_bytes - at).min(1 << 30) as u32;
+        while at < size {
+            let end = at.saturating_add(batch_bytes).min(size);
+            let windows = (at..end)
+                .step_by(EXTENT_WINDOW_BYTES as usize)
+                .map(|from| (from, (from + EXTENT_WINDOW_BYTES).min(end)));
+            let walked =
+                join_all(windows.map(|(from, to)| self.window_extents(id, name, from, to))).await;
+            for window in walked {
+                if !f(&window?) {
+                    return Ok(false);
+                }
+            }
+            at = end;
+        }
+        Ok(true)
+    }
+
+    /// The extents of context `id` (`name`) from `from` to `to`, contiguous
+    /// and covering exactly that range.
+    async fn window_extents(
+        &self,
+        id: u32,
+        name: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(u64, u64, u32)>, NbdError> {
+        let mut out = Vec::new();
+        let mut at = from;
+        while at < to {
+            let len = (to - at) as u32;
             let replies = self
                 .with_retry(move |c, deadline| async move {
                     c.block_status_before(at, len, deadline).await
@@ -540,20 +603,17 @@ impl NbdPool {
                 })?;
             let before = at;
             for (elen, flags) in extents {
-                if at >= self.size_bytes {
+                if at >= to {
                     break;
                 }
-                let elen = (elen as u64).min(self.size_bytes - at);
-                match out.last_mut() {
-                    Some(last) if last.2 == flags && last.0 + last.1 == at => last.1 += elen,
-                    _ => out.push((at, elen, flags)),
-                }
+                let elen = (elen as u64).min(to - at);
+                out.push((at, elen, flags));
                 at += elen;
             }
             if at == before {
-                return Err(NbdError::Protocol(proto::ProtoError::Protocol(
-                    "block status made no progress".into(),
-                )));
+                return Err(NbdError::Protocol(proto::ProtoError::Protocol(format!(
+                    "block status at byte {at} made no progress"
+                ))));
             }
         }
         Ok(out)

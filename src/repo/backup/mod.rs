@@ -21,6 +21,17 @@ mod sink;
 pub use bitmap::BlockBitmap;
 pub use plan::{BackupPlan, KnownZero, ParentInfo};
 
+/// A source's allocation map, walked while the backup reads (a full of a
+/// large NBD export need not wait for a block status walk of the whole
+/// disk before its first read): calls its argument with the byte ranges
+/// that may hold data, window by window in ascending order, until the
+/// argument returns false or the map ends.
+pub type AllocationWalk<'a> = &'a (dyn Fn(&mut OnRanges<'_>) -> Result<(), SourceError> + Sync);
+
+/// What an [`AllocationWalk`] calls with each window's data ranges
+/// (offset, length in bytes); it returns whether to go on.
+pub type OnRanges<'f> = dyn FnMut(&[(u64, u64)]) -> bool + 'f;
+
 use super::{Body, ChainReader, RepoError, Repository, Snapshot};
 use crate::backend::Kind;
 use crate::format::snapshot::{block_count, BlockRef, ReadMode, SnapshotMeta};
@@ -417,8 +428,16 @@ pub fn run(
     plan: BackupPlan,
     options: &PipelineOptions,
     progress: &dyn Progress,
+    walk: Option<AllocationWalk<'_>>,
 ) -> Result<BackupSummary, RepoError> {
     let started = Instant::now();
+    if walk.is_some() != plan.streamed
+        || (plan.streamed && (plan.read.is_some() || plan.parent.is_some()))
+    {
+        return Err(RepoError::Invalid(
+            "a backup plan and its allocation walk disagree; nothing was read".into(),
+        ));
+    }
     let block_size = repo.config().block_size;
     let disk_size = source.size_bytes();
     let blocks = block_count(disk_size, block_size);
@@ -431,11 +450,14 @@ pub fn run(
             )));
         }
     }
-    let read_total = match &plan.read {
-        Some(b) => b.iter().map(|i| span_len(disk_size, block_size, i)).sum(),
-        None => disk_size,
-    };
-    progress.set_total(read_total);
+    // A streamed plan's total is known when its walk ends.
+    if !plan.streamed {
+        let read_total = match &plan.read {
+            Some(b) => b.iter().map(|i| span_len(disk_size, block_size, i)).sum(),
+            None => disk_size,
+        };
+        progress.set_total(read_total);
+    }
 
     let mut plan = plan;
     let parent_chain = plan.parent.as_mut().map(|p| std::mem::take(&mut p.chain));
@@ -460,7 +482,9 @@ pub fn run(
 
     let mut counters = Counters::default();
 
-    let (process_result, writer_result) = std::thread::scope(|s| {
+    // Set when the processing ends: a walk still going stops.
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let (process_result, writer_result, planned) = std::thread::scope(|s| {
         let changed = plan.read.as_ref();
         // Batches in the queues, in the hands of each stage, and one spare.
         let pool: BufPool = bounded::<BytesMut>(2 * options.queue_depth + 2 * READERS + 2);
@@ -485,21 +509,79 @@ pub fn run(
             });
         }
         let batch_blocks = options.batch_blocks;
-        s.spawn(move || {
-            let mut all = 0..blocks;
-            let mut marked = changed.map(BlockBitmap::iter);
-            let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
-                Some(m) => m,
-                None => &mut all,
-            };
+        let stopped = &stopped;
+        let planner = s.spawn(move || -> Result<Option<(BlockBitmap, bool)>, RepoError> {
             let mut k = 0;
-            loop {
-                let indices: Vec<u64> = (&mut *it).take(batch_blocks).collect();
-                if indices.is_empty() || plan_txs[k % READERS].send(indices).is_err() {
-                    return;
-                }
+            let mut send = |indices: Vec<u64>| {
                 k += 1;
+                plan_txs[(k - 1) % READERS].send(indices).is_ok()
+            };
+            let Some(walk) = walk else {
+                let mut all = 0..blocks;
+                let mut marked = changed.map(BlockBitmap::iter);
+                let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
+                    Some(m) => m,
+                    None => &mut all,
+                };
+                loop {
+                    let indices: Vec<u64> = (&mut *it).take(batch_blocks).collect();
+                    if indices.is_empty() || !send(indices) {
+                        return Ok(None);
+                    }
+                }
+            };
+            // Blocks are planned as the walk names them; a block named twice
+            // (two ranges sharing it) or out of order is planned once, in
+            // ascending order.
+            let mut read = BlockBitmap::empty(blocks);
+            let mut batch = Vec::with_capacity(batch_blocks);
+            let mut next = 0u64;
+            let mut total = 0u64;
+            let mut open = true;
+            let mut interrupted = None;
+            walk(&mut |ranges| {
+                // A map with long stretches of holes sends nothing for a
+                // while: the pipeline's end and stop signals are checked
+                // here too.
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    open = false;
+                    return false;
+                }
+                if let Err(e) = crate::interrupt::check() {
+                    interrupted = Some(e);
+                    open = false;
+                    return false;
+                }
+                for &(offset, len) in ranges {
+                    if len == 0 || blocks == 0 || offset >= disk_size {
+                        continue;
+                    }
+                    let first = (offset / block_size as u64).max(next);
+                    let last =
+                        ((offset.saturating_add(len) - 1) / block_size as u64).min(blocks - 1);
+                    for b in first..=last {
+                        read.set(b);
+                        total += span_len(disk_size, block_size, b);
+                        batch.push(b);
+                        if batch.len() == batch_blocks && !send(std::mem::take(&mut batch)) {
+                            open = false;
+                            return false;
+                        }
+                    }
+                    next = next.max(last + 1);
+                }
+                true
+            })?;
+            if let Some(e) = interrupted {
+                return Err(e.into());
             }
+            if open {
+                progress.set_total(total);
+                if !batch.is_empty() {
+                    open = send(batch);
+                }
+            }
+            Ok(Some((read, open)))
         });
         let read_rx = InOrder {
             rxs: read_rxs,
@@ -608,13 +690,32 @@ pub fn run(
             }
             Ok(())
         })();
+        stopped.store(true, std::sync::atomic::Ordering::Relaxed);
         drop(write_tx);
         let writer_result = writer_handle.join().expect("pack writer panicked");
-        (process_result, writer_result)
+        let planned = planner.join().expect("backup planner panicked");
+        (process_result, writer_result, planned)
     });
+    // A failed walk of the allocation map ended the reads early: its error
+    // is the cause of whatever else stopped.
+    let walked = planned?;
     process_result?;
     let mut stats = writer_result?;
-    let planned = plan.read.as_ref().map(BlockBitmap::count).unwrap_or(blocks);
+    let walked = match walked {
+        Some((read, true)) => Some(read),
+        Some((_, false)) => {
+            return Err(RepoError::Invalid(format!(
+                "the backup of '{}' stopped before the source's allocation map was read to its end; nothing committed",
+                source.identity()
+            )))
+        }
+        None => None,
+    };
+    let planned = walked
+        .as_ref()
+        .or(plan.read.as_ref())
+        .map(BlockBitmap::count)
+        .unwrap_or(blocks);
     if counters.blocks_read != planned {
         return Err(RepoError::Invalid(format!(
             "read {} blocks but {planned} were planned; nothing committed",
@@ -625,6 +726,9 @@ pub fn run(
     // entry where the parent had data). Blocks beyond the new end are
     // dropped by resolution; the delta is complete for every block read.
     let (table, blocks_changed) = sink.finish()?;
+    if walked.is_some() {
+        plan.read = walked;
+    }
     let id = SnapshotId(rand::random());
     let (parent, backup_set) = match &plan.parent {
         None => (None, id),

@@ -102,6 +102,10 @@ pub struct BackupPlan {
     /// (`backup --strict`); otherwise the change is reported with the
     /// snapshot ([`super::BackupSummary::source_changed`]).
     pub strict: bool,
+    /// `read` comes from the source's allocation map walked while the
+    /// backup reads ([`super::AllocationWalk`]): `None` until the walk is
+    /// done, every unread block known zero. Only without a parent.
+    pub streamed: bool,
 }
 
 /// Which snapshot a backup may layer on.
@@ -216,6 +220,9 @@ pub struct SourceDisk<'a> {
     /// Bytes that may hold data (NBD `base:allocation`), when the source can
     /// tell; everything else reads as zero.
     pub allocated: Option<Extents>,
+    /// The allocation is walked while the backup reads instead
+    /// (`allocated` is then `None`); honoured only without a parent.
+    pub allocation_streamed: bool,
 }
 
 /// Decides what a backup of `disk` reads, given the parent lookup.
@@ -247,6 +254,7 @@ pub fn plan(
         .allocated
         .as_ref()
         .map(|a| BlockBitmap::covering(a, block_size, blocks));
+    let streamed = disk.allocation_streamed && parent.is_none() && nonzero.is_none();
     let (mut read, known_zero, change_bitmap) = match (&parent, disk.changes) {
         (Some(_), Changes::Since(extents)) => {
             let changed = BlockBitmap::covering(&extents, block_size, blocks);
@@ -267,7 +275,7 @@ pub fn plan(
                     disk.identity
                 ));
             }
-            let rule = if nonzero.is_some() {
+            let rule = if nonzero.is_some() || streamed {
                 KnownZero::Unread
             } else {
                 KnownZero::None
@@ -275,7 +283,7 @@ pub fn plan(
             (nonzero, rule, None)
         }
         (_, _) => {
-            let rule = if nonzero.is_some() {
+            let rule = if nonzero.is_some() || streamed {
                 KnownZero::Unread
             } else {
                 KnownZero::None
@@ -311,6 +319,7 @@ pub fn plan(
         new_set_reason,
         warnings,
         strict: options.strict,
+        streamed,
     }
 }
 
@@ -350,6 +359,7 @@ mod tests {
             size_bytes: size,
             changes,
             allocated: None,
+            allocation_streamed: false,
         }
     }
 
