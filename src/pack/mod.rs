@@ -118,9 +118,13 @@ const RAW_ENTROPY_BITS: f64 = 7.93;
 /// A wrong guess costs space, never correctness: either way the block is
 /// stored in a zstd frame that decodes to exactly `raw`.
 pub fn looks_incompressible(raw: &[u8]) -> bool {
-    if raw.len() < 8 * SAMPLE_BYTES {
-        return false;
-    }
+    raw.len() >= 8 * SAMPLE_BYTES && sample_entropy(raw) >= RAW_ENTROPY_BITS
+}
+
+/// Order-0 entropy (bits per byte) of [`looks_incompressible`]'s sample:
+/// `SAMPLE_BYTES / SAMPLE_RUN` runs spread evenly over `raw` (at least
+/// `8 * SAMPLE_BYTES` long).
+fn sample_entropy(raw: &[u8]) -> f64 {
     let runs = SAMPLE_BYTES / SAMPLE_RUN;
     let stride = raw.len() / runs;
     // Four interleaved tables, so consecutive equal bytes do not wait on
@@ -134,34 +138,62 @@ pub fn looks_incompressible(raw: &[u8]) -> bool {
             counts[3][q[3] as usize] += 1;
         }
     }
-    let n = SAMPLE_BYTES as f64;
+    // H = -sum p log2 p = log2 n - (sum c log2 c) / n, with c log2 c from a
+    // table: 256 lookups instead of 256 logarithms (which cost more than
+    // the histogram itself).
+    let table = c_log2_c();
     let [c0, c1, c2, c3] = &counts;
-    let entropy: f64 = (c0.iter().zip(c1).zip(c2).zip(c3))
-        .map(|(((a, b), c), d)| u32::from(*a) + u32::from(*b) + u32::from(*c) + u32::from(*d))
-        .filter(|&c| c > 0)
-        .map(|c| {
-            let p = c as f64 / n;
-            -p * p.log2()
+    let sum: f64 = (c0.iter().zip(c1).zip(c2).zip(c3))
+        .map(|(((a, b), c), d)| {
+            table[usize::from(*a) + usize::from(*b) + usize::from(*c) + usize::from(*d)]
         })
         .sum();
-    entropy >= RAW_ENTROPY_BITS
+    let n = SAMPLE_BYTES as f64;
+    n.log2() - sum / n
+}
+
+/// `c * log2(c)` for every count `c` a sample can hold (0 for 0).
+fn c_log2_c() -> &'static [f64; SAMPLE_BYTES + 1] {
+    static TABLE: std::sync::OnceLock<Box<[f64; SAMPLE_BYTES + 1]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut t = Box::new([0f64; SAMPLE_BYTES + 1]);
+        for (c, v) in t.iter_mut().enumerate().skip(1) {
+            *v = c as f64 * (c as f64).log2();
+        }
+        t
+    })
 }
 
 /// Compresses `raw` (whose BLAKE3 is `id`) into one zstd frame and checks
 /// that the frame decompresses back to the same bytes (verify before write).
 pub fn compress_block(raw: &[u8], id: BlockId, level: i32) -> Result<CompressedBlock, PackError> {
-    let frame = with_compressor(level, |c| c.compress(raw)).map_err(|e| PackError::Compress {
-        block: id,
-        reason: e.to_string(),
+    // Compressed and decompressed in this thread's scratch buffers; the
+    // frame leaves in an allocation of its own size (a very compressible
+    // block's frame is a few dozen bytes, where a fresh buffer per block
+    // would hold the whole bound and fault in new pages for each).
+    let frame = SCRATCH.with(|cell| {
+        let (packed, back) = &mut *cell.borrow_mut();
+        packed.clear();
+        packed.reserve(zstd::zstd_safe::compress_bound(raw.len()));
+        with_compressor(level, |c| c.compress_to_buffer(raw, packed)).map_err(|e| {
+            PackError::Compress {
+                block: id,
+                reason: e.to_string(),
+            }
+        })?;
+        back.clear();
+        back.reserve(raw.len());
+        with_decompressor(|d| d.decompress_to_buffer(&packed[..], back))
+            .map_err(|_| PackError::VerifyBeforeWrite { block: id })?;
+        // `raw` hashed to `id` (the caller's hash of the bytes read), so a
+        // frame that decompresses to exactly `raw` decompresses to `id`:
+        // comparing the bytes proves it at a fraction of a second hash's
+        // cost.
+        if back[..] != *raw {
+            return Err(PackError::VerifyBeforeWrite { block: id });
+        }
+        Ok(packed.to_vec())
     })?;
-    let back = with_decompressor(|d| d.decompress(&frame, raw.len()))
-        .map_err(|_| PackError::VerifyBeforeWrite { block: id })?;
-    // `raw` hashed to `id` (the caller's hash of the bytes read), so a frame
-    // that decompresses to exactly `raw` decompresses to `id`: comparing the
-    // bytes proves it at a fraction of a second hash's cost.
-    if back != raw {
-        return Err(PackError::VerifyBeforeWrite { block: id });
-    }
     if frame.len() as u64 > layout::max_stored_length(raw.len() as u32) as u64 {
         return Err(PackError::Compress {
             block: id,
@@ -208,6 +240,9 @@ pub fn decompress_verified(
 }
 
 thread_local! {
+    /// [`compress_block`]'s frame and read-back buffers.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
     // zstd contexts are costly to set up; one per thread is reused.
     static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
         const { std::cell::RefCell::new(None) };
@@ -466,6 +501,30 @@ mod tests {
                 (x >> 24) as u8
             })
             .collect()
+    }
+
+    /// The table form of the entropy equals the textbook sum.
+    #[test]
+    fn sample_entropy_is_the_order_0_entropy_of_the_sample() {
+        let skewed: Vec<u8> = random(65536, 3).iter().map(|b| b % 37 + b / 200).collect();
+        for raw in [random(65536, 9), skewed, vec![5u8; 65536]] {
+            let runs = SAMPLE_BYTES / SAMPLE_RUN;
+            let stride = raw.len() / runs;
+            let mut counts = [0u32; 256];
+            for r in 0..runs {
+                for b in &raw[r * stride..r * stride + SAMPLE_RUN] {
+                    counts[*b as usize] += 1;
+                }
+            }
+            let n = SAMPLE_BYTES as f64;
+            let want: f64 = counts
+                .iter()
+                .filter(|&&c| c > 0)
+                .map(|&c| -(c as f64 / n) * (c as f64 / n).log2())
+                .sum();
+            let got = sample_entropy(&raw);
+            assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        }
     }
 
     #[test]

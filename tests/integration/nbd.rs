@@ -742,6 +742,10 @@ fn missing_dirty_bitmap_starts_a_new_backup_set_loudly() {
     let s = r.json();
     assert_eq!(s["parent_id"], serde_json::Value::Null);
     assert!(s["new_set_reason"].as_str().unwrap().contains("nosuch"));
+    // The export was first opened for the bitmap alone (a parent exists);
+    // the new full opened it again with base:allocation, so the holes
+    // still go unread.
+    assert_eq!(s["blocks_read"], data_blocks(8), "{s}");
     r.stderr_mentions(&["warning", "nosuch", "full"]);
     t.assert_restores(&TestRepo::id_of(&s), img.hash(), img.size());
 }
