@@ -114,9 +114,11 @@ impl FolderView {
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let end = offset + buf.len() as u64;
         let mut fill = |path: &std::path::Path, s: u64, e: u64| -> std::io::Result<()> {
-            let bytes = store::read_at(path, s, (e - s) as usize)?;
-            buf[(s - offset) as usize..(e - offset) as usize].copy_from_slice(&bytes);
-            Ok(())
+            store::read_into(
+                path,
+                s,
+                &mut buf[(s - offset) as usize..(e - offset) as usize],
+            )
         };
         match self {
             FolderView::Plain(p) => fill(p, offset, end),

@@ -430,7 +430,7 @@ impl Conn {
         let send = if cut { len / 2 } else { len };
         let mut at = start;
         let mut left = send;
-        let mut buf = vec![0u8; IO_CHUNK];
+        let mut buf = vec![0u8; IO_CHUNK.min(send as usize)];
         while left > 0 {
             let n = (left as usize).min(IO_CHUNK);
             {

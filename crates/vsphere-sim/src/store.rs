@@ -133,17 +133,24 @@ pub fn write_at(path: &Path, offset: u64, data: &[u8]) -> io::Result<()> {
 
 /// `len` bytes at `offset`; past the end of the file reads zeros.
 pub fn read_at(path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let f = File::open(path)?;
     let mut buf = vec![0u8; len];
+    read_into(path, offset, &mut buf)?;
+    Ok(buf)
+}
+
+/// Fills `buf` from `offset`; past the end of the file reads zeros.
+pub fn read_into(path: &Path, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let f = File::open(path)?;
     let mut done = 0;
-    while done < len {
+    while done < buf.len() {
         let n = f.read_at(&mut buf[done..], offset + done as u64)?;
         if n == 0 {
+            buf[done..].fill(0);
             break;
         }
         done += n;
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// An empty sparse file of `capacity` bytes at `dst` (a snapshot's

@@ -26,6 +26,9 @@ const COOKIE: &str = "vmware_soap_session";
 /// A logged-in session on one host (vCenter or ESXi).
 pub struct Session {
     http: reqwest::blocking::Client,
+    /// `/folder` Range reads in the calling thread ([`super::range_get`]);
+    /// `None` when a proxy is configured (reqwest honours it).
+    direct: Option<super::range_get::RangeGet>,
     /// `https://HOST:PORT`.
     base: String,
     host: String,
@@ -129,7 +132,7 @@ impl Session {
     ) -> Result<Session, VmwareError> {
         let tls = client_config(trust).map_err(|e| VmwareError::Tls(e.to_string()))?;
         let http = reqwest::blocking::Client::builder()
-            .use_preconfigured_tls(tls)
+            .use_preconfigured_tls(tls.clone())
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(30))
             .timeout(Duration::from_secs(600))
@@ -140,8 +143,12 @@ impl Session {
         } else {
             format!("{host}:{port}")
         };
+        let direct = (!proxy_configured()).then(|| {
+            super::range_get::RangeGet::new(host, port, authority.clone(), std::sync::Arc::new(tls))
+        });
         let mut s = Session {
             http,
+            direct,
             base: format!("https://{authority}"),
             host: authority,
             cookie: Mutex::new(None),
@@ -349,6 +356,16 @@ impl Session {
             return Ok(());
         }
         let last = offset + total - 1;
+        if let Some(direct) = &self.direct {
+            let url = folder_url("", datacenter, datastore, path);
+            let cookie = self
+                .cookie
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map(|c| format!("{COOKIE}={c}"));
+            return direct.get(&url, cookie.as_deref(), offset, bufs, path);
+        }
         let resp = self
             .folder_request(reqwest::Method::GET, datacenter, datastore, path)
             .header("range", format!("bytes={offset}-{last}"))
@@ -656,6 +673,14 @@ pub fn refused_property(content: &ObjectContent) -> Option<VmwareError> {
 }
 
 /// `https://HOST/folder/PATH?dcPath=DC&dsName=DS`, each part escaped.
+/// Whether the environment names a proxy for HTTPS (reqwest's client
+/// honours it; the direct Range reads do not, so they stand aside).
+fn proxy_configured() -> bool {
+    ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|x| !x.is_empty()))
+}
+
 pub fn folder_url(base: &str, datacenter: &str, datastore: &str, path: &str) -> String {
     let escaped: Vec<String> = path
         .split('/')

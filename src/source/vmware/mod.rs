@@ -14,6 +14,7 @@ pub mod client;
 pub mod data_command;
 pub mod folder;
 pub mod inventory;
+pub mod range_get;
 pub mod workflow;
 
 use std::fmt;
