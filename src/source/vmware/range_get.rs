@@ -596,6 +596,128 @@ mod tests {
         assert!(read_head(&mut std::io::Cursor::new(endless)).is_err());
     }
 
+    type Answer = fn(usize) -> Vec<u8>;
+
+    /// A TLS peer on 127.0.0.1 that answers one request per connection
+    /// with `answer(n)` (n: the connection's number, from 0), then closes
+    /// the connection without saying so (as a host closing an idle kept
+    /// connection does). Returns the port and the connection counter.
+    fn peer(answer: fn(usize) -> Vec<u8>) -> (u16, Arc<std::sync::atomic::AtomicUsize>, [u8; 32]) {
+        use std::net::TcpListener;
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let der = cert.cert.der().to_vec();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let config = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone().into()], key)
+            .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = count.clone();
+        std::thread::spawn(move || {
+            for tcp in listener.incoming() {
+                let Ok(tcp) = tcp else { return };
+                let n = seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+                let mut s = rustls::StreamOwned::new(conn, tcp);
+                if let Ok(Some(_)) = read_head(&mut s) {
+                    let _ = s.write_all(&answer(n));
+                    let _ = s.flush();
+                }
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            }
+        });
+        let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &der)
+            .as_ref()
+            .try_into()
+            .unwrap();
+        (port, count, digest)
+    }
+
+    fn client(port: u16, pin: [u8; 32]) -> RangeGet {
+        let tls = crate::source::xenapi::tls::client_config(
+            &crate::source::xenapi::tls::HttpsTrust::Fingerprint(vec![pin]),
+        )
+        .unwrap();
+        RangeGet::new(
+            "localhost",
+            port,
+            format!("localhost:{port}"),
+            Arc::new(tls),
+        )
+    }
+
+    #[test]
+    fn a_kept_connection_the_host_closed_is_replaced_once() {
+        let (port, count, pin) = peer(|n| {
+            format!(
+                "HTTP/1.1 206 Partial Content\r\nContent-Length: 4\r\nContent-Range: bytes 8-11/100\r\n\r\nab{n:02}"
+            )
+            .into_bytes()
+        });
+        let get = client(port, pin);
+        for want in [b"ab00", b"ab01"] {
+            let mut a = [0u8; 1];
+            let mut b = [0u8; 3];
+            get.get(
+                "/folder/x?dcPath=d&dsName=s",
+                Some("c=1"),
+                8,
+                &mut [&mut a, &mut b],
+                "x",
+            )
+            .unwrap();
+            assert_eq!(&[&a[..], &b[..]].concat(), want);
+        }
+        // The second read found its kept connection closed and opened one.
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn answers_that_do_not_fit_the_request_are_named() {
+        let cases: [(Answer, &str); 4] = [
+            (
+                |_| {
+                    b"HTTP/1.1 206 P\r\nContent-Length: 4\r\nContent-Range: bytes 8-11/100\r\n\r\nabcdEXTRA".to_vec()
+                },
+                "more bytes than the range",
+            ),
+            (
+                |_| {
+                    b"HTTP/1.1 206 P\r\nContent-Length: 4\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd".to_vec()
+                },
+                "does not match the request",
+            ),
+            (
+                |_| b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabcd".to_vec(),
+                "Range",
+            ),
+            (
+                |_| {
+                    b"HTTP/1.1 206 P\r\nContent-Length: 4\r\nContent-Range: bytes 8-11/100\r\n\r\nab".to_vec()
+                },
+                "ended after 2 of 4 bytes",
+            ),
+        ];
+        for (answer, words) in cases {
+            let (port, _, pin) = peer(answer);
+            let mut buf = [0u8; 4];
+            let err = client(port, pin)
+                .get("/folder/x", None, 8, &mut [&mut buf], "x")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(words), "{err}");
+        }
+    }
+
     fn fill(body: &[u8], chunked: bool, lens: &[usize]) -> Result<Vec<u8>, BodyError> {
         let mut bufs: Vec<Vec<u8>> = lens.iter().map(|&n| vec![0u8; n]).collect();
         let mut refs: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
