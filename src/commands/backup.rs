@@ -361,15 +361,16 @@ pub(crate) fn nbd_backup(
     // at 16 TiB). A change bitmap over a parent never asks the allocation,
     // so then only the bitmap is negotiated; should the bitmap be missing
     // (a new full), the export is opened again with the allocation.
-    let parent_expected = dirty_context.is_some()
-        && match &snapshot.parent {
-            ParentRequest::NoParent => false,
-            ParentRequest::Newest => {
-                let identity = source_id.map_or_else(|| uri.identity(), str::to_string);
-                repo.snapshots()?.iter().any(|s| s.meta.source == identity)
-            }
-            ParentRequest::Named(_) | ParentRequest::NewestFound(_) => true,
-        };
+    // The lock first, so that the parent found here is the one the backup
+    // layers on (no forget or prune in between).
+    let _lock = repo.lock(false, "backup")?;
+    let parent_expected = dirty_context.is_some() && {
+        let identity = source_id.map_or_else(|| uri.identity(), str::to_string);
+        matches!(
+            plan::find_parent(repo, &identity, &snapshot.parent, &Changes::Unknown),
+            Ok(plan::ParentLookup::Found(_))
+        )
+    };
     let mut source = if parent_expected {
         connect(dirty_context.clone().into_iter().collect())?
     } else {
@@ -436,7 +437,6 @@ pub(crate) fn nbd_backup(
                 )),
                 _ => Changes::Unknown,
             };
-    let _lock = repo.lock(false, "backup")?;
     let s = backup_as(
         ui,
         repo,

@@ -223,7 +223,13 @@ const SPARE_BYTES: usize = 16 << 20;
 pub const EXTENT_WINDOW_BYTES: u64 = 1 << 30;
 
 /// How many windows of a block status walk are asked at once.
-pub const EXTENT_WINDOWS_IN_FLIGHT: usize = 32;
+pub const EXTENT_WINDOWS_IN_FLIGHT: usize = 16;
+
+/// Most extents one window may hold (after merging neighbours with the
+/// same flags): 4 KiB alternating allocation over a whole window is
+/// 262,144; the cap bounds a walk's memory (12 MiB a window) against a
+/// server that describes its export byte by byte.
+pub const MAX_EXTENTS_PER_WINDOW: usize = 1 << 19;
 
 /// The least time each extra connection of a pool (after the first) gets to
 /// connect and finish its handshake: it gets this, or 4 times what the
@@ -583,7 +589,7 @@ impl NbdPool {
         from: u64,
         to: u64,
     ) -> Result<Vec<(u64, u64, u32)>, NbdError> {
-        let mut out = Vec::new();
+        let mut out: Vec<(u64, u64, u32)> = Vec::new();
         let mut at = from;
         while at < to {
             let len = (to - at) as u32;
@@ -607,8 +613,19 @@ impl NbdPool {
                     break;
                 }
                 let elen = (elen as u64).min(to - at);
-                out.push((at, elen, flags));
+                if elen == 0 {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some(last) if last.2 == flags => last.1 += elen,
+                    _ => out.push((at, elen, flags)),
+                }
                 at += elen;
+            }
+            if out.len() > MAX_EXTENTS_PER_WINDOW {
+                return Err(NbdError::Protocol(proto::ProtoError::Protocol(format!(
+                    "block status describes bytes {from}..{at} in more than {MAX_EXTENTS_PER_WINDOW} extents"
+                ))));
             }
             if at == before {
                 return Err(NbdError::Protocol(proto::ProtoError::Protocol(format!(

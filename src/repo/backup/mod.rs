@@ -530,15 +530,17 @@ pub fn run(
                     }
                 }
             };
-            // Blocks are planned as the walk names them; a block named twice
-            // (two ranges sharing it) or out of order is planned once, in
-            // ascending order.
+            // Blocks are planned as the walk names them, in ascending order;
+            // a block named twice (two ranges sharing it) is planned once. A
+            // walk that goes back to a block it passed without naming it is
+            // an error: that block is already counted as zero.
             let mut read = BlockBitmap::empty(blocks);
             let mut batch = Vec::with_capacity(batch_blocks);
             let mut next = 0u64;
             let mut total = 0u64;
             let mut open = true;
             let mut interrupted = None;
+            let mut backwards = None;
             walk(&mut |ranges| {
                 // A map with long stretches of holes sends nothing for a
                 // while: the pipeline's end and stop signals are checked
@@ -556,9 +558,15 @@ pub fn run(
                     if len == 0 || blocks == 0 || offset >= disk_size {
                         continue;
                     }
-                    let first = (offset / block_size as u64).max(next);
+                    let start = offset / block_size as u64;
                     let last =
                         ((offset.saturating_add(len) - 1) / block_size as u64).min(blocks - 1);
+                    if (start..next.min(last + 1)).any(|b| !read.is_set(b)) {
+                        backwards = Some(offset);
+                        open = false;
+                        return false;
+                    }
+                    let first = start.max(next);
                     for b in first..=last {
                         read.set(b);
                         total += span_len(disk_size, block_size, b);
@@ -574,6 +582,15 @@ pub fn run(
             })?;
             if let Some(e) = interrupted {
                 return Err(e.into());
+            }
+            if let Some(offset) = backwards {
+                return Err(SourceError::Invalid {
+                    source_name: source.identity().to_string(),
+                    reason: format!(
+                        "the allocation map went back to byte {offset}, past blocks it had not named; nothing committed"
+                    ),
+                }
+                .into());
             }
             if open {
                 progress.set_total(total);

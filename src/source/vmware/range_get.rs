@@ -22,6 +22,11 @@ use super::VmwareError;
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// Kept connections.
 const MAX_IDLE: usize = 32;
+/// Trailer lines accepted after a chunked body.
+const MAX_TRAILERS: usize = 64;
+/// The longest one request may take, answer included (a host that
+/// trickles bytes cannot hold a read forever).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(600);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A host silent this long in the middle of a request has stalled.
 const IO_TIMEOUT: Duration = Duration::from_secs(300);
@@ -92,8 +97,9 @@ pub fn parse_head(bytes: &[u8]) -> Result<Head, String> {
         } else if name.eq_ignore_ascii_case("content-range") {
             head.content_range = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            let last = value.rsplit(',').next().unwrap_or_default().trim();
-            if !last.eq_ignore_ascii_case("chunked") {
+            // Only chunked framing: any other coding would put encoded
+            // bytes where the disk's bytes go.
+            if !value.eq_ignore_ascii_case("chunked") {
                 return Err(format!(
                     "unsupported Transfer-Encoding {:?}",
                     truncate(value)
@@ -131,7 +137,24 @@ fn read_head(r: &mut impl Read) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
-        let n = r.read(&mut chunk)?;
+        let n = match r.read(&mut chunk) {
+            Ok(n) => n,
+            // A kept connection the host dropped (without TLS close_notify,
+            // or with a reset) before the answer's first byte.
+            Err(e)
+                if buf.is_empty()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::UnexpectedEof
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::BrokenPipe
+                    ) =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             if buf.is_empty() {
                 return Ok(None);
@@ -160,6 +183,44 @@ fn read_head(r: &mut impl Read) -> std::io::Result<Option<(Vec<u8>, Vec<u8>)>> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A connection read under a deadline: each read waits at most until the
+/// deadline (and at most [`IO_TIMEOUT`]).
+struct Timed<'a> {
+    conn: &'a mut Conn,
+    deadline: std::time::Instant,
+}
+
+impl Read for Timed<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self
+            .deadline
+            .saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "the answer took longer than {} s",
+                    REQUEST_DEADLINE.as_secs()
+                ),
+            ));
+        }
+        self.conn
+            .sock
+            .set_read_timeout(Some(left.min(IO_TIMEOUT)))?;
+        self.conn.read(buf)
+    }
+}
+
+/// An I/O failure in words, a timeout named as one.
+fn io_text(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("no answer in time ({e})")
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// `r` after `first`: the bytes already read, then the stream.
@@ -240,10 +301,12 @@ pub fn read_body(
     loop {
         let size = chunk_size(r)?;
         if size == 0 {
-            // Trailers, up to the blank line.
-            loop {
-                if read_line(r)?.is_empty() {
-                    break;
+            // Trailers, up to the blank line (a few at most).
+            let mut trailers = 0;
+            while !read_line(r)?.is_empty() {
+                trailers += 1;
+                if trailers > MAX_TRAILERS {
+                    return Err(BodyError::Protocol("too many trailer lines".into()));
                 }
             }
             if got != total {
@@ -432,11 +495,14 @@ impl RangeGet {
         {
             return Attempt::Stale;
         }
-        let (head, rest) = match read_head(&mut conn) {
+        let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
+        let (head, rest) = match read_head(&mut Timed {
+            conn: &mut conn,
+            deadline,
+        }) {
             Ok(Some(h)) => h,
             Ok(None) => return Attempt::Stale,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Attempt::Stale,
-            Err(e) => return Attempt::Done(Err(transport(e.to_string()))),
+            Err(e) => return Attempt::Done(Err(transport(io_text(&e)))),
         };
         let head = match parse_head(&head) {
             Ok(h) => h,
@@ -495,18 +561,31 @@ impl RangeGet {
             }
             (true, _) => {}
         }
+        let mut timed = Timed {
+            conn: &mut conn,
+            deadline,
+        };
         let mut body = Prefixed {
             first: &rest,
-            r: &mut conn,
+            r: &mut timed,
         };
         let read = read_body(&mut body, head.chunked, bufs);
-        let leftover = !body.first.is_empty();
+        let mut leftover = !body.first.is_empty();
         match read {
             Ok(()) => {}
-            Err(BodyError::Io(e)) => return Attempt::Done(Err(transport(e.to_string()))),
+            Err(BodyError::Io(e)) => return Attempt::Done(Err(transport(io_text(&e)))),
             Err(BodyError::Protocol(reason)) => {
                 return Attempt::Done(Err(VmwareError::Protocol { what, reason }))
             }
+        }
+        // Decrypted bytes already waiting past the answer (a look at what
+        // TLS holds, no socket read).
+        let mut probe = [0u8; 1];
+        let mut closed = false;
+        match conn.conn.reader().read(&mut probe) {
+            Ok(0) => closed = true,
+            Ok(_) => leftover = true,
+            Err(_) => {}
         }
         if leftover {
             // Bytes past the answer: the connection is out of step.
@@ -515,7 +594,7 @@ impl RangeGet {
                 reason: "more bytes than the range".into(),
             }));
         }
-        if !head.close {
+        if !head.close && !closed {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             if idle.len() < MAX_IDLE {
                 idle.push(conn);
@@ -562,7 +641,8 @@ mod tests {
         assert_eq!(h.content_length, Some(10));
         assert_eq!(h.content_range.as_deref(), Some("bytes 5-14/100"));
         assert!(!h.chunked && !h.close);
-        let h = parse_head(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: gzip, chunked").unwrap();
+        assert!(parse_head(b"HTTP/1.1 206 X\r\nTransfer-Encoding: gzip, chunked").is_err());
+        let h = parse_head(b"HTTP/1.0 200 OK\r\nTransfer-Encoding: Chunked").unwrap();
         assert!(h.chunked && h.close);
         for bad in [
             &b"SSH-2.0 x"[..],
@@ -602,7 +682,16 @@ mod tests {
     /// with `answer(n)` (n: the connection's number, from 0), then closes
     /// the connection without saying so (as a host closing an idle kept
     /// connection does). Returns the port and the connection counter.
-    fn peer(answer: fn(usize) -> Vec<u8>) -> (u16, Arc<std::sync::atomic::AtomicUsize>, [u8; 32]) {
+    fn peer(answer: Answer) -> (u16, Arc<std::sync::atomic::AtomicUsize>, [u8; 32]) {
+        peer_with(answer, true)
+    }
+
+    /// [`peer`], closing with TLS close_notify or (`notify` false) by
+    /// dropping the socket alone.
+    fn peer_with(
+        answer: Answer,
+        notify: bool,
+    ) -> (u16, Arc<std::sync::atomic::AtomicUsize>, [u8; 32]) {
         use std::net::TcpListener;
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let der = cert.cert.der().to_vec();
@@ -631,8 +720,10 @@ mod tests {
                     let _ = s.write_all(&answer(n));
                     let _ = s.flush();
                 }
-                s.conn.send_close_notify();
-                let _ = s.flush();
+                if notify {
+                    s.conn.send_close_notify();
+                    let _ = s.flush();
+                }
             }
         });
         let digest: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, &der)
@@ -682,8 +773,28 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_connection_dropped_without_close_notify_is_replaced_once() {
+        let (port, count, pin) = peer_with(
+            |n| {
+                format!(
+                    "HTTP/1.1 206 P\r\nContent-Length: 4\r\nContent-Range: bytes 8-11/100\r\n\r\ncd{n:02}"
+                )
+                .into_bytes()
+            },
+            false,
+        );
+        let get = client(port, pin);
+        for want in [b"cd00", b"cd01"] {
+            let mut buf = [0u8; 4];
+            get.get("/folder/x", None, 8, &mut [&mut buf], "x").unwrap();
+            assert_eq!(&buf, want);
+        }
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
     fn answers_that_do_not_fit_the_request_are_named() {
-        let cases: [(Answer, &str); 4] = [
+        let cases: [(Answer, &str); 5] = [
             (
                 |_| {
                     b"HTTP/1.1 206 P\r\nContent-Length: 4\r\nContent-Range: bytes 8-11/100\r\n\r\nabcdEXTRA".to_vec()
@@ -695,6 +806,15 @@ mod tests {
                     b"HTTP/1.1 206 P\r\nContent-Length: 4\r\nContent-Range: bytes 0-3/100\r\n\r\nabcd".to_vec()
                 },
                 "does not match the request",
+            ),
+            (
+                |_| {
+                    let mut a = b"HTTP/1.1 206 P\r\nContent-Length: 4\r\nContent-Range: bytes 8-11/100\r\n\r\nabcd".to_vec();
+                    // Well past what the head's first read takes.
+                    a.extend_from_slice(&[b'x'; 9000]);
+                    a
+                },
+                "more bytes than the range",
             ),
             (
                 |_| b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nabcd".to_vec(),
