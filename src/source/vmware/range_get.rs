@@ -206,9 +206,11 @@ impl Read for Timed<'_> {
                 ),
             ));
         }
-        self.conn
-            .sock
-            .set_read_timeout(Some(left.min(IO_TIMEOUT)))?;
+        // The socket waits IO_TIMEOUT (set before each request); only in
+        // the deadline's last stretch is it shortened, one call per read.
+        if left < IO_TIMEOUT {
+            self.conn.sock.set_read_timeout(Some(left))?;
+        }
         self.conn.read(buf)
     }
 }
@@ -484,6 +486,9 @@ impl RangeGet {
         path: &str,
     ) -> Attempt {
         let what = format!("GET {path} bytes {offset}-{last}");
+        if conn.sock.set_read_timeout(Some(IO_TIMEOUT)).is_err() {
+            return Attempt::Stale;
+        }
         let transport = |reason: String| VmwareError::Transport {
             host: self.authority.clone(),
             reason: format!("{what}: {reason}"),
