@@ -11,36 +11,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use cbtvault::progress::NoProgress;
 use cbtvault::repo::backup::plan::{self, PlanOptions, SourceDisk};
 use cbtvault::repo::backup::{self, OnRanges, PipelineOptions};
-use cbtvault::repo::restore::{self, BlockSink, RestoreOptions};
+use cbtvault::repo::restore::{self, RestoreOptions};
+
+use crate::util::VecSink;
 use cbtvault::repo::{InitOptions, RepoError, Repository};
 use cbtvault::source::{BlockSource, Changes, FileSource, SourceError};
 
 const BS: u64 = 65536;
 const BLOCKS: u64 = 40;
-
-struct VecSink(Vec<u8>);
-
-impl BlockSink for VecSink {
-    fn write_data(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let end = offset as usize + data.len();
-        if self.0.len() < end {
-            self.0.resize(end, 0);
-        }
-        self.0[offset as usize..end].copy_from_slice(data);
-        Ok(())
-    }
-    fn write_zeros(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
-        let end = (offset + len) as usize;
-        if self.0.len() < end {
-            self.0.resize(end, 0);
-        }
-        self.0[offset as usize..end].fill(0);
-        Ok(())
-    }
-    fn finish(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A disk of `BLOCKS` blocks, every block distinct and non-zero; the last
 /// one partial.

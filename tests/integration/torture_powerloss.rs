@@ -25,7 +25,7 @@ use cbtvault::format::SnapshotId;
 use cbtvault::progress::NoProgress;
 use cbtvault::repo::backup::{self, BackupPlan, BlockBitmap, ParentInfo, PipelineOptions};
 use cbtvault::repo::check::{self, DataSubset};
-use cbtvault::repo::restore::{self, BlockSink, RestoreOptions};
+use cbtvault::repo::restore::{self, RestoreOptions};
 use cbtvault::repo::{InitOptions, Repository};
 use cbtvault::source::FileSource;
 use rand::rngs::StdRng;
@@ -34,31 +34,6 @@ use rand::{Rng, SeedableRng};
 use crate::util::*;
 
 const DISK_BLOCKS: u64 = 20;
-
-/// A restore target in memory.
-struct VecSink(Vec<u8>);
-
-impl BlockSink for VecSink {
-    fn write_data(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let end = offset as usize + data.len();
-        if self.0.len() < end {
-            self.0.resize(end, 0);
-        }
-        self.0[offset as usize..end].copy_from_slice(data);
-        Ok(())
-    }
-    fn write_zeros(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
-        let end = (offset + len) as usize;
-        if self.0.len() < end {
-            self.0.resize(end, 0);
-        }
-        self.0[offset as usize..end].fill(0);
-        Ok(())
-    }
-    fn finish(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// One backup through the library, as the `backup` command would run it:
 /// under a shared lock; incremental on `parent` reading the `marked` blocks

@@ -779,3 +779,28 @@ pub fn object_entries(
         }
     }
 }
+
+/// A restore target in memory.
+pub struct VecSink(pub Vec<u8>);
+
+impl cbtvault::repo::restore::BlockSink for VecSink {
+    fn write_data(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let end = offset as usize + data.len();
+        if self.0.len() < end {
+            self.0.resize(end, 0);
+        }
+        self.0[offset as usize..end].copy_from_slice(data);
+        Ok(())
+    }
+    fn write_zeros(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        let end = (offset + len) as usize;
+        if self.0.len() < end {
+            self.0.resize(end, 0);
+        }
+        self.0[offset as usize..end].fill(0);
+        Ok(())
+    }
+    fn finish(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
