@@ -885,5 +885,17 @@ mod tests {
             fill(b"3\r\nab", true, &[3]),
             Err(BodyError::Io(_))
         ));
+        // Trailers: a few pass, an endless run of them is refused.
+        let mut few = b"3\r\nabc\r\n0\r\n".to_vec();
+        few.extend(b"T: v\r\n".repeat(MAX_TRAILERS));
+        few.extend_from_slice(b"\r\n");
+        assert_eq!(fill(&few, true, &[3]).unwrap(), b"abc");
+        let mut many = b"3\r\nabc\r\n0\r\n".to_vec();
+        many.extend(b"T: v\r\n".repeat(MAX_TRAILERS + 1));
+        many.extend_from_slice(b"\r\n");
+        assert!(matches!(
+            fill(&many, true, &[3]),
+            Err(BodyError::Protocol(_))
+        ));
     }
 }
