@@ -534,8 +534,9 @@ fn restore_to_stdout_refuses_a_terminal() {
 fn a_terminal_shows_progress_and_a_pipe_does_not() {
     let t = TestRepo::new();
     let img = Image::from_bytes(&t.path("big.img"), &random_bytes(84, 0, 128 * BSU));
-    // Each 4 MiB batch waits 400 ms: the backup lasts about a second.
-    let slow = [("CBTVAULT_TEST_DELAY", "backup_batch:400")];
+    // Each batch (1 MiB: a small disk is read in small batches) waits
+    // 100 ms: the backup lasts about a second.
+    let slow = [("CBTVAULT_TEST_DELAY", "backup_batch:100")];
     let (code, shown) = on_a_terminal(&t, &["backup", &img.path.display().to_string()], &slow);
     assert_eq!(code, 0, "{shown}");
     assert!(
