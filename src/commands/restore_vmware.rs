@@ -3,7 +3,8 @@
 //! uploaded with `PUT /folder`), which an administrator attaches to a VM.
 //! The bytes come from the one coalescing engine through `target::vmware`;
 //! nothing is materialised locally. Existing files are never replaced
-//! unless `--force`; after any failure neither file is left behind.
+//! unless `--force`; after any failure neither new file is left behind,
+//! and a `--force` replacement that fails leaves the old disk as it was.
 
 use std::sync::Arc;
 
@@ -52,6 +53,7 @@ pub(crate) fn run_disk(
     options: &VmwareRestoreOptions,
     entry: &SnapshotEntry,
 ) -> Result<()> {
+    let mut target = options.target.clone();
     let t = &options.target;
     let id = entry.meta.id;
     let datacenter = options
@@ -77,15 +79,15 @@ pub(crate) fn run_disk(
         &options.vmware,
     )?);
     let descriptor_path = t.datastore_path(&t.descriptor);
-    let flat_path = t.datastore_path(&t.flat());
     let datacenter_ref = session
         .datacenter(&datacenter)
         .with_context(|| format!("find datacenter '{datacenter}'"))?;
     // Nothing is replaced unless asked, and never a VM's disk.
+    let mut replacing: Option<Replacement> = None;
     let mut existing = Vec::new();
     for (path, shown) in [
-        (t.descriptor.clone(), &descriptor_path),
-        (t.flat(), &flat_path),
+        (t.descriptor.clone(), descriptor_path.clone()),
+        (t.flat(), t.datastore_path(&t.flat())),
     ] {
         let size = session
             .file_size(&datacenter, &t.datastore, &path)
@@ -114,15 +116,15 @@ pub(crate) fn run_disk(
                 );
             }
         }
-        // Deleted first, so that a restore that fails leaves no descriptor
-        // naming a half-written flat file.
-        for (path, shown) in &existing {
-            session
-                .delete_file(&datacenter_ref, &t.datastore, path)
-                .with_context(|| format!("delete {shown} (--force)"))?;
-            ui.warn(format!("deleted the existing {shown} (--force)"));
-        }
+        replacing = Some(plan_replacement(
+            &session,
+            &datacenter,
+            &mut target,
+            &existing,
+        )?);
     }
+    let t = &target;
+    let flat_path = t.datastore_path(&t.flat());
     if let Some(dir) = t.folder() {
         if session
             .make_directory(&datacenter_ref, &t.datastore, dir)
@@ -166,8 +168,13 @@ pub(crate) fn run_disk(
     for line in repo.take_notices() {
         ui.warn(line);
     }
-    let summary = flat.with_context(|| {
-        format!("restore of snapshot {id} to {flat_path} failed; no descriptor was written")
+    let summary = flat.with_context(|| match &replacing {
+        None => {
+            format!("restore of snapshot {id} to {flat_path} failed; no descriptor was written")
+        }
+        Some(_) => format!(
+            "restore of snapshot {id} to {flat_path} failed; the old disk was left as it was ({descriptor_path} untouched)"
+        ),
     })?;
     let seed = blake3::hash(format!("{id} {descriptor_path}").as_bytes());
     let mut disk_id = [0u8; 16];
@@ -206,13 +213,34 @@ pub(crate) fn run_disk(
             }
         });
     if let Err(e) = finished {
-        let cleanup = match upload.remove_both() {
-            Ok(()) => format!("{descriptor_path} and {flat_path} were deleted"),
-            Err(left) => left,
+        let cleanup = match &replacing {
+            None => match upload.remove_both() {
+                Ok(()) => format!("{descriptor_path} and {flat_path} were deleted"),
+                Err(left) => left,
+            },
+            Some(old) => old.roll_back(&upload),
         };
         return Err(anyhow::Error::new(e).context(format!(
             "restore of snapshot {id} to {descriptor_path} failed; {cleanup}"
         )));
+    }
+    // The new disk is whole (and read back with --verify): only now do the
+    // old disk's data files go.
+    if let Some(old) = &replacing {
+        for path in &old.data_files {
+            let shown = t.datastore_path(path);
+            match session.delete_file(&datacenter_ref, &t.datastore, path) {
+                Ok(()) => ui.warn(format!("replaced: deleted the old {shown} (--force)")),
+                Err(e) => ui.warn(format!(
+                    "replaced {descriptor_path}, but the old {shown} could not be deleted ({e}): no disk names it any more; delete it by hand"
+                )),
+            }
+        }
+        if let Some(why) = &old.unknown_extents {
+            ui.warn(format!(
+                "replaced {descriptor_path}; the old descriptor's data files were left in place ({why})"
+            ));
+        }
     }
     drop(alive);
     session.logout();
@@ -245,4 +273,139 @@ pub(crate) fn run_disk(
         if done.verified { ", verified" } else { "" }
     ));
     Ok(())
+}
+
+/// What a `--force` restore replaces, kept until the new disk is whole:
+/// the old descriptor's bytes (put back if the replacement fails) and the
+/// old disk's data files (deleted once it succeeds).
+struct Replacement {
+    descriptor: Option<Vec<u8>>,
+    data_files: Vec<String>,
+    /// Why the old descriptor's own data files are not known (not a flat
+    /// descriptor, or one naming files elsewhere).
+    unknown_extents: Option<String>,
+}
+
+/// Tries for a flat file name of a replacement that names no file yet.
+const NEW_NAME_TRIES: usize = 4;
+
+/// Plans a `--force` replacement of the `existing` files (none of them a
+/// VM's disk): the old descriptor is read and kept, the old data files
+/// noted, and `target` gets a flat file name no file has
+/// (`NAME-XXXXXXXX-flat.vmdk`), so that the old disk stands untouched
+/// until the new one is whole.
+fn plan_replacement(
+    session: &crate::source::vmware::client::Session,
+    datacenter: &str,
+    target: &mut VmwareTarget,
+    existing: &[(String, String)],
+) -> Result<Replacement> {
+    let t = target.clone();
+    let descriptor = match existing.iter().find(|(p, _)| *p == t.descriptor) {
+        Some((path, shown)) => Some(
+            session
+                .read_file(
+                    datacenter,
+                    &t.datastore,
+                    path,
+                    crate::target::vmdk::MAX_DESCRIPTOR_BYTES as u64,
+                )
+                .with_context(|| {
+                    format!("read the existing {shown}, to keep it until the new disk is whole")
+                })?,
+        ),
+        None => None,
+    };
+    let mut data_files: Vec<String> = existing
+        .iter()
+        .filter(|(p, _)| *p != t.descriptor)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let mut unknown_extents = None;
+    if let Some(bytes) = &descriptor {
+        match crate::target::vmdk::parse_flat_descriptor(bytes) {
+            Ok(d) if plain_file_name(&d.extent_file) => {
+                let path = t.beside(&d.extent_file);
+                if !data_files.contains(&path)
+                    && session
+                        .file_size(datacenter, &t.datastore, &path)
+                        .with_context(|| format!("look for {}", t.datastore_path(&path)))?
+                        .is_some()
+                {
+                    data_files.push(path);
+                }
+            }
+            Ok(d) => {
+                unknown_extents = Some(format!(
+                    "it names '{}', not a file beside it",
+                    d.extent_file
+                ))
+            }
+            Err(e) => {
+                unknown_extents = Some(format!("it is not a flat descriptor cbtvault reads: {e}"))
+            }
+        }
+    }
+    let stem = t
+        .descriptor
+        .rsplit('/')
+        .next()
+        .unwrap_or(&t.descriptor)
+        .strip_suffix(".vmdk")
+        .unwrap_or(&t.descriptor)
+        .to_string();
+    for _ in 0..NEW_NAME_TRIES {
+        let name = format!("{stem}-{:08x}-flat.vmdk", rand::random::<u32>());
+        let path = t.beside(&name);
+        let taken = session
+            .file_size(datacenter, &t.datastore, &path)
+            .with_context(|| format!("look for {}", t.datastore_path(&path)))?
+            .is_some();
+        if !taken && !data_files.contains(&path) {
+            target.flat_file = Some(name);
+            return Ok(Replacement {
+                descriptor,
+                data_files,
+                unknown_extents,
+            });
+        }
+    }
+    bail!(
+        "found no free name beside {} for the new flat file after {NEW_NAME_TRIES} tries",
+        t.datastore_path(&t.descriptor)
+    )
+}
+
+/// A file name with no folder part (what a descriptor beside its extent
+/// names).
+fn plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '[', ']'])
+}
+
+impl Replacement {
+    /// After a failed replacement: the new flat file deleted, the old
+    /// descriptor put back (or the new one deleted when there was none).
+    /// Says what was done, or what is left.
+    fn roll_back(&self, upload: &Upload<'_>) -> String {
+        let t = upload.target;
+        let flat = upload.remove_partial(&t.flat());
+        let descriptor = match &self.descriptor {
+            Some(bytes) => upload.put_descriptor(bytes.clone()).map_err(|e| {
+                format!(
+                    "the old descriptor could not be put back ({e}): {} may name the wrong file; its old text was {} bytes",
+                    t.datastore_path(&t.descriptor),
+                    bytes.len()
+                )
+            }),
+            None => upload.remove_partial(&t.descriptor),
+        };
+        match (flat, descriptor) {
+            (Ok(()), Ok(())) => format!(
+                "the new {} was deleted and the old disk was left as it was",
+                t.datastore_path(&t.flat())
+            ),
+            (Err(a), Ok(())) | (Ok(()), Err(a)) => a,
+            (Err(a), Err(b)) => format!("{a}; {b}"),
+        }
+    }
 }

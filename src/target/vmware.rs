@@ -70,6 +70,10 @@ pub struct VmwareTarget {
     pub datastore: String,
     /// The descriptor's path in the datastore (`dir/name.vmdk`).
     pub descriptor: String,
+    /// The flat file's name beside the descriptor, when not the usual
+    /// `name-flat.vmdk` (a `--force` restore writes a new disk under a
+    /// name of its own while the old one still stands).
+    pub flat_file: Option<String>,
 }
 
 impl VmwareTarget {
@@ -134,11 +138,16 @@ impl VmwareTarget {
             port: url.port().unwrap_or(443),
             datastore: datastore.clone(),
             descriptor,
+            flat_file: None,
         })
     }
 
-    /// The flat file's path in the datastore (`dir/name-flat.vmdk`).
+    /// The flat file's path in the datastore (`dir/name-flat.vmdk`, or
+    /// [`Self::flat_file`] in the descriptor's folder).
     pub fn flat(&self) -> String {
+        if let Some(name) = &self.flat_file {
+            return self.beside(name);
+        }
         let stem = self
             .descriptor
             .strip_suffix(".vmdk")
@@ -150,6 +159,14 @@ impl VmwareTarget {
     pub fn flat_name(&self) -> String {
         let flat = self.flat();
         flat.rsplit('/').next().unwrap_or(&flat).to_string()
+    }
+
+    /// The path of file `name` in the descriptor's folder.
+    pub fn beside(&self, name: &str) -> String {
+        match self.folder() {
+            Some(dir) => format!("{dir}/{name}"),
+            None => name.to_string(),
+        }
     }
 
     /// The descriptor's folder in the datastore (`None`: the top).
@@ -400,7 +417,7 @@ impl Upload<'_> {
 
     /// Deletes `path` (this run's) if the host kept it; says what is left
     /// if it cannot.
-    fn remove_partial(&self, path: &str) -> Result<(), String> {
+    pub fn remove_partial(&self, path: &str) -> Result<(), String> {
         let shown = self.target.datastore_path(path);
         match self
             .session
@@ -430,14 +447,20 @@ impl Upload<'_> {
             id,
         )
         .map_err(|e| VmwareTargetError::Invalid(format!("the descriptor: {e}")))?;
-        let len = text.len() as u64;
+        self.put_descriptor(text.into_bytes())
+    }
+
+    /// Writes `bytes` as the descriptor (a new one, or an old one put
+    /// back after a failed replacement).
+    pub fn put_descriptor(&self, bytes: Vec<u8>) -> Result<(), VmwareTargetError> {
+        let len = bytes.len() as u64;
         self.session
             .put_file(
                 self.datacenter,
                 &self.target.datastore,
                 &self.target.descriptor,
                 len,
-                std::io::Cursor::new(text.into_bytes()),
+                std::io::Cursor::new(bytes),
             )
             .map_err(call(format!(
                 "upload the descriptor {}",

@@ -1047,10 +1047,29 @@ fn a_restore_into_vcsim_writes_a_flat_vmdk_and_refuses_a_vms_disk() {
     let descriptor = std::fs::read_to_string(sim.datastore_dir.join("restored/r1.vmdk"))
         .expect("the descriptor");
     assert!(descriptor.contains("VMFS \"r1-flat.vmdk\""), "{descriptor}");
-    // Again with --force: the old files deleted first, then replaced.
+    // Again with --force: the new disk under a flat file of its own name,
+    // the descriptor replaced, the old flat file deleted last.
     let r = restore("restored/r1.vmdk", &["--force", "--verify"]).ok();
-    r.stderr_mentions(&["deleted the existing"]);
-    assert_eq!(r.json()["replaced"], true);
+    r.stderr_mentions(&["replaced: deleted the old"]);
+    let j = r.json();
+    assert_eq!(j["replaced"], true);
+    let new_flat = j["flat_path"].as_str().expect("flat_path");
+    let new_name = new_flat.rsplit('/').next().expect("a name");
+    assert!(
+        new_name.starts_with("r1-") && new_name != "r1-flat.vmdk",
+        "{new_flat}"
+    );
+    assert!(!sim.datastore_dir.join("restored/r1-flat.vmdk").exists());
+    let descriptor = std::fs::read_to_string(sim.datastore_dir.join("restored/r1.vmdk"))
+        .expect("the descriptor");
+    assert!(
+        descriptor.contains(&format!("VMFS \"{new_name}\"")),
+        "{descriptor}"
+    );
+    assert_eq!(
+        blake3::hash(&std::fs::read(sim.datastore_dir.join("restored").join(new_name)).unwrap()),
+        blake3::hash(&bytes)
+    );
     // The VM's own disk: refused even with --force, its bytes untouched.
     let own = flat.replace("-flat.vmdk", ".vmdk");
     let r = restore(&own, &["--force"]).expect_code(1);

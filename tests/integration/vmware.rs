@@ -345,6 +345,16 @@ fn datastore_file(sim: &Simulator, path: &str) -> std::path::PathBuf {
     sim.dir().join("datastore1").join(path)
 }
 
+/// The names of the files in datastore folder `dir`, sorted.
+fn datastore_files(sim: &Simulator, dir: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(datastore_file(sim, dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 fn target(sim: &Simulator, path: &str) -> String {
     let a = sim.address();
     format!(
@@ -444,13 +454,73 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
         "{puts:?}"
     );
 
-    // Never over existing files unless --force; then replaced.
+    // Never over existing files unless --force.
     let before = crate::util::hash_file(&flat);
     let other = s["disks"][0]["snapshot_id"].as_str().unwrap();
     let r = restore_to(&t, &sim, other, "restored/db01 disk1.vmdk", &[]).expect_code(1);
     assert!(r.stderr.contains("already exist"), "{}", r.stderr);
     assert!(r.stderr.contains("--force"), "{}", r.stderr);
     assert_eq!(crate::util::hash_file(&flat), before);
+    let live0 = sim.read_disk(&vm.id, 2000, 0, DISK as usize).unwrap();
+
+    // --force whose upload fails halfway: the old disk stays as it was,
+    // descriptor and flat file byte for byte, and the partial new flat
+    // file is deleted.
+    let old_text = std::fs::read(&descriptor).unwrap();
+    let files_before = datastore_files(&sim, "restored");
+    sim.drop_responses("folder_put", 1);
+    let r = restore_to(&t, &sim, other, "restored/db01 disk1.vmdk", &["--force"]).expect_code(1);
+    assert!(
+        r.stderr.contains("the old disk was left as it was"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        sim.calls().iter().any(|c| c.contains("-flat.vmdk cut")),
+        "the fault did not fire: {:?}",
+        sim.calls()
+    );
+    assert_eq!(crate::util::hash_file(&flat), before);
+    assert_eq!(std::fs::read(&descriptor).unwrap(), old_text);
+    assert_eq!(datastore_files(&sim, "restored"), files_before);
+    assert_eq!(
+        qemu_img_raw(&descriptor, &t.path("old-via-qemu.raw")),
+        (blake3::hash(&live), DISK)
+    );
+
+    // --force whose read-back fails (the host damages the new flat file
+    // after the descriptor was replaced): the old descriptor is put back,
+    // the new flat file deleted, the old disk reads as before.
+    let calls_before = sim.calls().len();
+    sim.corrupt_next_put(4096);
+    let r = restore_to(
+        &t,
+        &sim,
+        other,
+        "restored/db01 disk1.vmdk",
+        &["--force", "--verify"],
+    )
+    .expect_code(1);
+    assert!(
+        r.stderr.contains("the old disk was left as it was"),
+        "{}",
+        r.stderr
+    );
+    let calls: Vec<String> = sim.calls().into_iter().skip(calls_before).collect();
+    assert_eq!(
+        calls
+            .iter()
+            .filter(|c| c.starts_with("HTTP PUT") && !c.contains("corrupted"))
+            .count(),
+        3,
+        "new flat file, new descriptor, old descriptor put back: {calls:?}"
+    );
+    assert_eq!(crate::util::hash_file(&flat), before);
+    assert_eq!(std::fs::read(&descriptor).unwrap(), old_text);
+    assert_eq!(datastore_files(&sim, "restored"), files_before);
+
+    // --force that succeeds: the new disk under a flat file of its own
+    // name, the descriptor naming it, the old flat file deleted last.
     let j = restore_to(
         &t,
         &sim,
@@ -461,8 +531,38 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
     .ok()
     .json();
     assert_eq!(j["replaced"], true);
-    let live0 = sim.read_disk(&vm.id, 2000, 0, DISK as usize).unwrap();
-    assert_eq!(crate::util::hash_file(&flat), blake3::hash(&live0));
+    let new_flat = j["flat_path"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("[datastore1] ")
+        .unwrap()
+        .to_string();
+    assert!(
+        new_flat.starts_with("restored/db01 disk1-") && new_flat.ends_with("-flat.vmdk"),
+        "{new_flat}"
+    );
+    assert!(!flat.exists(), "the old flat file is deleted");
+    assert_eq!(
+        crate::util::hash_file(&datastore_file(&sim, &new_flat)),
+        blake3::hash(&live0)
+    );
+    assert_eq!(
+        qemu_img_raw(&descriptor, &t.path("new-via-qemu.raw")),
+        (blake3::hash(&live0), DISK)
+    );
+    assert_eq!(datastore_files(&sim, "restored").len(), 2);
+    // Replaced again: the flat file the descriptor named is the one
+    // deleted, whatever its name.
+    let j = restore_to(&t, &sim, id, "restored/db01 disk1.vmdk", &["--force"])
+        .ok()
+        .json();
+    assert_eq!(j["replaced"], true);
+    assert!(!datastore_file(&sim, &new_flat).exists());
+    assert_eq!(datastore_files(&sim, "restored").len(), 2);
+    assert_eq!(
+        qemu_img_raw(&descriptor, &t.path("again-via-qemu.raw")),
+        (blake3::hash(&live), DISK)
+    );
 
     // A VM's own disk is never replaced, even with --force and the VM
     // powered off (so that the host does not lock it): refused before
@@ -529,38 +629,6 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
             )
             .unwrap();
     }
-
-    // --force over other files deletes them first: a replacement that then
-    // fails leaves neither the old descriptor (naming a half-written flat
-    // file) nor the partial flat file.
-    let calls_before = sim.calls().len();
-    sim.drop_responses("folder_put", 1);
-    let r = restore_to(&t, &sim, id, "restored/db01 disk1.vmdk", &["--force"]).expect_code(1);
-    assert!(
-        r.stderr
-            .contains("deleted the existing [datastore1] restored/db01 disk1.vmdk"),
-        "{}",
-        r.stderr
-    );
-    assert!(
-        r.stderr.contains("no descriptor was written"),
-        "{}",
-        r.stderr
-    );
-    let calls: Vec<String> = sim.calls().into_iter().skip(calls_before).collect();
-    assert!(
-        calls.iter().any(|c| c.contains("-flat.vmdk cut")),
-        "{calls:?}"
-    );
-    assert_eq!(
-        calls
-            .iter()
-            .filter(|c| c.as_str() == "SOAP DeleteDatastoreFile_Task ok")
-            .count(),
-        3,
-        "two old files and the partial one: {calls:?}"
-    );
-    assert!(!flat.exists() && !descriptor.exists());
 
     // An unknown datacenter is named before anything is written.
     let r = restore_to(&t, &sim, id, "x/y.vmdk", &["--datacenter", "dc-nowhere"]).expect_code(1);

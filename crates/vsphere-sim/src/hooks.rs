@@ -120,6 +120,7 @@ fn fault(core: &Core, head: &RequestHead) -> Result<serde_json::Value, String> {
                 .or_default() += n;
         }
         "ignore_range" => st.faults.ignore_range = flag(head, "on")?,
+        "corrupt_put" => st.faults.corrupt_put = Some(number(head, "offset")?),
         "delay" => st.faults.delay = Duration::from_millis(number(head, "ms")?),
         "task_duration" => st.faults.task_duration = Duration::from_millis(number(head, "ms")?),
         "reset_cbt" => {

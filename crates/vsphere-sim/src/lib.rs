@@ -64,7 +64,8 @@
 //!   nothing; `drop` (`target` = a method name or `folder`, `count`): the
 //!   response is cut mid-way and the connection closed; `target` =
 //!   `folder_put`: a PUT's connection closes after half the body and the
-//!   partial file stays; `ignore_range`
+//!   partial file stays; `corrupt_put` (`offset`): the next PUT /folder
+//!   stores its body with the byte at that offset inverted; `ignore_range`
 //!   (`on`): GET /folder answers 200 with the whole file; `delay` (`ms`):
 //!   every response waits; `task_duration` (`ms`); `reset_cbt` (`vm`): a
 //!   new epoch on every tracked disk; `disable_cbt` (`vm`); `replace_disk`
@@ -490,6 +491,12 @@ impl Simulator {
             .drop_responses
             .entry(target.to_string())
             .or_default() += count;
+    }
+
+    /// The next PUT /folder stores its body with the byte at `offset`
+    /// inverted (answering as if all were well).
+    pub fn corrupt_next_put(&self, offset: u64) {
+        self.core.lock().faults.corrupt_put = Some(offset);
     }
 
     /// GET /folder ignores `Range` (answers 200 with the whole file).

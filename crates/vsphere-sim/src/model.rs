@@ -192,6 +192,9 @@ pub struct Faults {
     pub drop_responses: BTreeMap<String, u32>,
     /// GET /folder ignores `Range` (200 with the whole file).
     pub ignore_range: bool,
+    /// The next PUT /folder stores its body with the byte at this offset
+    /// inverted (a host that damages what it stores).
+    pub corrupt_put: Option<u64>,
     /// Every response waits this long first.
     pub delay: Duration,
     /// Tasks stay `running` this long.

@@ -481,6 +481,7 @@ impl Conn {
         // the body, and what arrived stays in place as a partial file (as
         // a host may leave it).
         let cut = self.core.lock().take_drop("folder_put").then_some(len / 2);
+        let corrupt = self.core.lock().faults.corrupt_put.take();
         let tmp = if cut.is_some() {
             path.clone()
         } else {
@@ -505,6 +506,18 @@ impl Conn {
             std::io::Write::write_all(&mut file, &self.buf[..n])?;
             self.buf.drain(..n);
             left -= n as u64;
+        }
+        if let Some(at) = corrupt.filter(|&at| at < len) {
+            use std::io::{Read, Seek, SeekFrom, Write};
+            let mut byte = [0u8; 1];
+            file.seek(SeekFrom::Start(at))?;
+            // Opened for writing only: read the byte through another handle.
+            let mut reader = std::fs::File::open(&tmp)?;
+            reader.seek(SeekFrom::Start(at))?;
+            reader.read_exact(&mut byte)?;
+            file.write_all(&[!byte[0]])?;
+            self.core
+                .log_call(format!("HTTP PUT /folder/{relative} corrupted at {at}"));
         }
         file.sync_all()?;
         std::fs::rename(&tmp, &path)?;
