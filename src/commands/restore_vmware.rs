@@ -121,6 +121,7 @@ pub(crate) fn run_disk(
             &datacenter,
             &mut target,
             &existing,
+            &vms,
         )?);
     }
     let t = &target;
@@ -173,7 +174,7 @@ pub(crate) fn run_disk(
             format!("restore of snapshot {id} to {flat_path} failed; no descriptor was written")
         }
         Some(_) => format!(
-            "restore of snapshot {id} to {flat_path} failed; the old disk was left as it was ({descriptor_path} untouched)"
+            "restore of snapshot {id} to {flat_path} failed; the old disk was left as it was"
         ),
     })?;
     let seed = blake3::hash(format!("{id} {descriptor_path}").as_bytes());
@@ -196,8 +197,14 @@ pub(crate) fn run_disk(
             error: e,
         }),
     };
+    // Whether the descriptor was sent (a failure after that puts an old
+    // one back).
+    let descriptor_sent = std::cell::Cell::new(false);
     let finished = whole
-        .and_then(|()| upload.descriptor(disk, disk_id))
+        .and_then(|()| {
+            descriptor_sent.set(true);
+            upload.descriptor(disk, disk_id)
+        })
         .and_then(|()| {
             if options.verify {
                 verify(
@@ -218,7 +225,7 @@ pub(crate) fn run_disk(
                 Ok(()) => format!("{descriptor_path} and {flat_path} were deleted"),
                 Err(left) => left,
             },
-            Some(old) => old.roll_back(&upload),
+            Some(old) => old.roll_back(&upload, descriptor_sent.get()),
         };
         return Err(anyhow::Error::new(e).context(format!(
             "restore of snapshot {id} to {descriptor_path} failed; {cleanup}"
@@ -230,13 +237,13 @@ pub(crate) fn run_disk(
         for path in &old.data_files {
             let shown = t.datastore_path(path);
             match session.delete_file(&datacenter_ref, &t.datastore, path) {
-                Ok(()) => ui.warn(format!("replaced: deleted the old {shown} (--force)")),
+                Ok(()) => ui.info(format!("replaced: deleted the old {shown} (--force)")),
                 Err(e) => ui.warn(format!(
-                    "replaced {descriptor_path}, but the old {shown} could not be deleted ({e}): no disk names it any more; delete it by hand"
+                    "replaced {descriptor_path}, but the old {shown} could not be deleted ({e}): the new descriptor does not name it; delete it by hand"
                 )),
             }
         }
-        if let Some(why) = &old.unknown_extents {
+        if let Some(why) = &old.left_alone {
             ui.warn(format!(
                 "replaced {descriptor_path}; the old descriptor's data files were left in place ({why})"
             ));
@@ -276,44 +283,69 @@ pub(crate) fn run_disk(
 }
 
 /// What a `--force` restore replaces, kept until the new disk is whole:
-/// the old descriptor's bytes (put back if the replacement fails) and the
-/// old disk's data files (deleted once it succeeds).
+/// the old descriptor's bytes (put back if the replacement fails after it
+/// was overwritten) and the old disk's data files (deleted once it
+/// succeeds).
 struct Replacement {
     descriptor: Option<Vec<u8>>,
     data_files: Vec<String>,
-    /// Why the old descriptor's own data files are not known (not a flat
-    /// descriptor, or one naming files elsewhere).
-    unknown_extents: Option<String>,
+    /// Files the old descriptor names that are not deleted (not named as a
+    /// restore names its flat files, or not a flat descriptor at all).
+    left_alone: Option<String>,
 }
 
 /// Tries for a flat file name of a replacement that names no file yet.
 const NEW_NAME_TRIES: usize = 4;
 
+/// The names a restore gives a descriptor's flat file: `STEM-flat.vmdk`,
+/// or `STEM-XXXXXXXX-flat.vmdk` (8 lower-case hex digits) for a
+/// replacement. Only such files are ever deleted as an old disk's data.
+fn restore_flat_name(stem: &str, name: &str) -> bool {
+    name == format!("{stem}-flat.vmdk")
+        || crate::source::vmware::inventory::is_replacement_flat(stem, name)
+}
+
 /// Plans a `--force` replacement of the `existing` files (none of them a
-/// VM's disk): the old descriptor is read and kept, the old data files
-/// noted, and `target` gets a flat file name no file has
-/// (`NAME-XXXXXXXX-flat.vmdk`), so that the old disk stands untouched
-/// until the new one is whole.
+/// VM's disk, as `vms` tell): the old descriptor is read and kept, the old
+/// disk's data files noted (each checked against `vms` too), and `target`
+/// gets a flat file name no file has (`NAME-XXXXXXXX-flat.vmdk`), so that
+/// the old disk stands untouched until the new one is whole.
 fn plan_replacement(
     session: &crate::source::vmware::client::Session,
     datacenter: &str,
     target: &mut VmwareTarget,
     existing: &[(String, String)],
+    vms: &[crate::source::vmware::inventory::VmwareVm],
 ) -> Result<Replacement> {
     let t = target.clone();
+    let stem = t
+        .descriptor
+        .rsplit('/')
+        .next()
+        .unwrap_or(&t.descriptor)
+        .strip_suffix(".vmdk")
+        .unwrap_or(&t.descriptor)
+        .to_string();
+    let max = crate::target::vmdk::MAX_DESCRIPTOR_BYTES as u64;
     let descriptor = match existing.iter().find(|(p, _)| *p == t.descriptor) {
-        Some((path, shown)) => Some(
-            session
-                .read_file(
-                    datacenter,
-                    &t.datastore,
-                    path,
-                    crate::target::vmdk::MAX_DESCRIPTOR_BYTES as u64,
-                )
-                .with_context(|| {
-                    format!("read the existing {shown}, to keep it until the new disk is whole")
-                })?,
-        ),
+        Some((path, shown)) => {
+            let size = session
+                .file_size(datacenter, &t.datastore, path)
+                .with_context(|| format!("look for {shown}"))?
+                .unwrap_or(0);
+            if size > max {
+                bail!(
+                    "{shown} is {size} bytes, not a descriptor a restore can keep while it writes the new disk (at most {max}); restore under another name, or delete it first"
+                );
+            }
+            Some(
+                session
+                    .read_file(datacenter, &t.datastore, path, max)
+                    .with_context(|| {
+                        format!("read the existing {shown}, to keep it until the new disk is whole")
+                    })?,
+            )
+        }
         None => None,
     };
     let mut data_files: Vec<String> = existing
@@ -321,12 +353,13 @@ fn plan_replacement(
         .filter(|(p, _)| *p != t.descriptor)
         .map(|(p, _)| p.clone())
         .collect();
-    let mut unknown_extents = None;
+    let mut left_alone = None;
     if let Some(bytes) = &descriptor {
         match crate::target::vmdk::parse_flat_descriptor(bytes) {
-            Ok(d) if plain_file_name(&d.extent_file) => {
+            Ok(d) if restore_flat_name(&stem, &d.extent_file) => {
                 let path = t.beside(&d.extent_file);
-                if !data_files.contains(&path)
+                if !data_files.iter().any(|f| f.eq_ignore_ascii_case(&path))
+                    && !path.eq_ignore_ascii_case(&t.descriptor)
                     && session
                         .file_size(datacenter, &t.datastore, &path)
                         .with_context(|| format!("look for {}", t.datastore_path(&path)))?
@@ -336,24 +369,26 @@ fn plan_replacement(
                 }
             }
             Ok(d) => {
-                unknown_extents = Some(format!(
-                    "it names '{}', not a file beside it",
+                left_alone = Some(format!(
+                    "it names '{}', not a flat file a restore of {stem}.vmdk writes; that file is left in place",
                     d.extent_file
                 ))
             }
             Err(e) => {
-                unknown_extents = Some(format!("it is not a flat descriptor cbtvault reads: {e}"))
+                left_alone = Some(format!(
+                    "it is not a flat descriptor cbtvault reads ({e}); the files it names are left in place"
+                ))
             }
         }
     }
-    let stem = t
-        .descriptor
-        .rsplit('/')
-        .next()
-        .unwrap_or(&t.descriptor)
-        .strip_suffix(".vmdk")
-        .unwrap_or(&t.descriptor)
-        .to_string();
+    for path in &data_files {
+        if let Some(vm) = disk_owner(vms, &t.datastore, path) {
+            bail!(
+                "{} is a data file of VM '{vm}': a restore never replaces a VM's disk, even with --force; restore under another name and attach that",
+                t.datastore_path(path)
+            );
+        }
+    }
     for _ in 0..NEW_NAME_TRIES {
         let name = format!("{stem}-{:08x}-flat.vmdk", rand::random::<u32>());
         let path = t.beside(&name);
@@ -361,12 +396,12 @@ fn plan_replacement(
             .file_size(datacenter, &t.datastore, &path)
             .with_context(|| format!("look for {}", t.datastore_path(&path)))?
             .is_some();
-        if !taken && !data_files.contains(&path) {
+        if !taken && !data_files.iter().any(|f| f.eq_ignore_ascii_case(&path)) {
             target.flat_file = Some(name);
             return Ok(Replacement {
                 descriptor,
                 data_files,
-                unknown_extents,
+                left_alone,
             });
         }
     }
@@ -376,36 +411,62 @@ fn plan_replacement(
     )
 }
 
-/// A file name with no folder part (what a descriptor beside its extent
-/// names).
-fn plain_file_name(name: &str) -> bool {
-    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '[', ']'])
-}
-
 impl Replacement {
-    /// After a failed replacement: the new flat file deleted, the old
-    /// descriptor put back (or the new one deleted when there was none).
-    /// Says what was done, or what is left.
-    fn roll_back(&self, upload: &Upload<'_>) -> String {
+    /// After a failed replacement: the new flat file deleted, and the old
+    /// descriptor put back when `overwritten` (the new one was sent), or
+    /// the new one deleted when there was none. Says what was done, or
+    /// what is left.
+    fn roll_back(&self, upload: &Upload<'_>, overwritten: bool) -> String {
         let t = upload.target;
         let flat = upload.remove_partial(&t.flat());
-        let descriptor = match &self.descriptor {
-            Some(bytes) => upload.put_descriptor(bytes.clone()).map_err(|e| {
+        let descriptor = match (&self.descriptor, overwritten) {
+            (Some(bytes), true) => upload.put_descriptor(bytes.clone()).map_err(|e| {
                 format!(
-                    "the old descriptor could not be put back ({e}): {} may name the wrong file; its old text was {} bytes",
+                    "the old descriptor could not be put back ({e}): {} may name the deleted {}; the old data file is intact and the old descriptor was {} bytes",
                     t.datastore_path(&t.descriptor),
+                    t.datastore_path(&t.flat()),
                     bytes.len()
                 )
             }),
-            None => upload.remove_partial(&t.descriptor),
+            (Some(_), false) => Ok(()),
+            (None, _) => upload.remove_partial(&t.descriptor),
         };
+        let old = "the old disk was left as it was";
         match (flat, descriptor) {
             (Ok(()), Ok(())) => format!(
-                "the new {} was deleted and the old disk was left as it was",
+                "the new {} was deleted and {old}",
                 t.datastore_path(&t.flat())
             ),
-            (Err(a), Ok(())) | (Ok(()), Err(a)) => a,
+            (Err(a), Ok(())) => format!("{old}; {a}"),
+            (Ok(()), Err(a)) => a,
             (Err(a), Err(b)) => format!("{a}; {b}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restore_flat_name;
+
+    /// Only the names a restore gives flat files are deleted as an old
+    /// disk's data.
+    #[test]
+    fn only_flat_names_a_restore_writes_are_old_data_files() {
+        for ok in ["r1-flat.vmdk", "r1-0a1b2c3d-flat.vmdk"] {
+            assert!(restore_flat_name("r1", ok), "{ok}");
+        }
+        for no in [
+            "r1.vmdk",
+            "db-flat.vmdk",
+            "r1-0A1B2C3D-flat.vmdk",
+            "r1-0a1b2c3-flat.vmdk",
+            "r1-0a1b2c3d0-flat.vmdk",
+            "r1-ctk.vmdk",
+            "r1-0a1b2c3g-flat.vmdk",
+            "r1flat.vmdk",
+            "r10-flat.vmdk",
+        ] {
+            assert!(!restore_flat_name("r1", no), "{no}");
         }
     }
 }

@@ -170,18 +170,18 @@ fn partial_files(dir: &Path) -> Vec<String> {
 #[test]
 fn backup_stopped_by_a_signal_at_random_moments_leaves_a_clean_repository() {
     let t = TestRepo::init(&["--pack-size-mib", "1"]);
-    let blocks = 320; // five read batches of 64 blocks
+    let blocks = 320; // twenty read batches of 16 blocks (a small disk)
     let img = Image::create(&t.path("disk.img"), blocks * BS);
     for i in 0..blocks {
         img.write_block(i, &random_block(7, i));
     }
     let first = t.backup(&img.path, &[]);
     let kept = vec![TestRepo::id_of(&first)];
-    // Each batch sleeps 60 ms; the commit waits 1.5 s: a signal within
+    // Each batch sleeps 15 ms; the commit waits 1.5 s: a signal within
     // ~300 ms of the lock lands while reading, one later before the commit.
     let env = [(
         "CBTVAULT_TEST_DELAY",
-        "backup_batch:60,commit_snapshot:1500",
+        "backup_batch:15,commit_snapshot:1500",
     )];
     let mut delays: Vec<u64> = vec![0, 10, 50, 120, 200, 300, 600];
     delays.extend((0..3).map(|_| rand::random::<u64>() % 400));

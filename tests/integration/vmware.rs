@@ -630,6 +630,39 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
             .unwrap();
     }
 
+    // An old descriptor naming a file a restore does not write: replaced,
+    // that file left in place, and said so.
+    let text = std::fs::read_to_string(&descriptor).unwrap();
+    let named = text.split('"').nth(1).unwrap().to_string();
+    std::fs::write(
+        datastore_file(&sim, "restored/hand.vmdk"),
+        text.replace(&named, "kept.vmdk"),
+    )
+    .unwrap();
+    std::fs::write(datastore_file(&sim, "restored/kept.vmdk"), b"keep me").unwrap();
+    let r = restore_to(&t, &sim, id, "restored/hand.vmdk", &["--force"]).ok();
+    assert!(r.stderr.contains("left in place"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(datastore_file(&sim, "restored/kept.vmdk")).unwrap(),
+        b"keep me"
+    );
+    // An old file too large to be a descriptor kept in memory: refused
+    // before anything is written, the file untouched.
+    let big = vec![7u8; 100 << 10];
+    std::fs::write(datastore_file(&sim, "restored/big.vmdk"), &big).unwrap();
+    let files = datastore_files(&sim, "restored");
+    let r = restore_to(&t, &sim, id, "restored/big.vmdk", &["--force"]).expect_code(1);
+    assert!(
+        r.stderr.contains("not a descriptor a restore can keep"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read(datastore_file(&sim, "restored/big.vmdk")).unwrap(),
+        big
+    );
+    assert_eq!(datastore_files(&sim, "restored"), files);
+
     // An unknown datacenter is named before anything is written.
     let r = restore_to(&t, &sim, id, "x/y.vmdk", &["--datacenter", "dc-nowhere"]).expect_code(1);
     assert!(r.stderr.contains("dc-nowhere"), "{}", r.stderr);

@@ -228,7 +228,7 @@ struct BufPool {
 /// queued, the processor one, the writer's queue and the writer one each),
 /// so waiting never slows a backup whose buffers all come back.
 fn pool_fresh(queue_depth: usize) -> usize {
-    2 * READERS + queue_depth + 2
+    READERS * (1 + queue_depth.div_ceil(READERS)) + queue_depth + 2
 }
 
 /// Blocks in a batch at least (unless the caller asks for fewer).
@@ -239,7 +239,8 @@ const MIN_BATCH: usize = 16;
 /// buffers it allocates are at most an eighth of what it reads, so a small
 /// incremental reuses its buffers rather than faulting in fresh memory for
 /// each batch (measured on a 2% incremental of 4 GiB: page faults 12,000 ->
-/// 6,000, CPU time 110 -> 95 ms); a full keeps the caller's batch.
+/// 6,000, CPU time 110 -> 95 ms); a backup reading more than about 400 MiB
+/// keeps the caller's batch.
 fn batch_for(planned: u64, fresh: usize, most: usize) -> usize {
     let fit = usize::try_from(planned / (8 * fresh as u64)).unwrap_or(usize::MAX);
     fit.max(MIN_BATCH).min(most).max(1)
@@ -1031,7 +1032,7 @@ mod pool_tests {
         assert_eq!(again.data.len(), 500);
         // A buffer returned while a reader waits at the cap ends its wait
         // (a wait long enough that only the return can end it).
-        pool.wait = Duration::from_secs(600);
+        pool.wait = Duration::from_secs(10);
         let b_at = b.data.as_ptr();
         let pool = &pool;
         std::thread::scope(|s| {

@@ -191,11 +191,27 @@ pub fn disk_owner<'a>(vms: &'a [VmwareVm], datastore: &str, path: &str) -> Optio
                         DISK_SIDE_FILES
                             .iter()
                             .any(|side| format!("{stem}-{side}.vmdk") == path)
+                            || is_replacement_flat(stem, &path)
                     })
             });
             hit.then_some(v.name.as_str())
         })
     })
+}
+
+/// Whether `path` is `STEM-XXXXXXXX-flat.vmdk` (8 lower-case hex digits):
+/// the flat file a `--force` restore into vSphere gives the disk whose
+/// descriptor is `STEM.vmdk`.
+pub fn is_replacement_flat(stem: &str, path: &str) -> bool {
+    path.strip_prefix(stem)
+        .and_then(|r| r.strip_prefix('-'))
+        .and_then(|r| r.strip_suffix("-flat.vmdk"))
+        .is_some_and(|hex| {
+            hex.len() == 8
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
 }
 
 /// The files beside a disk's descriptor `NAME.vmdk` that are part of the
@@ -252,6 +268,10 @@ mod owner_tests {
             ("web/web-000002-sesparse.vmdk", Some("web")),
             ("db/db.vmdk", Some("db")),
             ("DB/db-FLAT.vmdk", Some("db")),
+            // The flat file a --force restore gave a disk later attached.
+            ("db/db-0a1b2c3d-flat.vmdk", Some("db")),
+            ("db/db-0a1b2c3-flat.vmdk", None),
+            ("db/db-0a1b2c3dd-flat.vmdk", None),
             ("web/web-restored.vmdk", None),
             ("web/web-000001x.vmdk", None),
             ("other/web.vmdk", None),
