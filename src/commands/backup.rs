@@ -405,6 +405,9 @@ pub(crate) fn nbd_backup(
         let mut data = Vec::new();
         source
             .extents_each("base:allocation", |window| {
+                // Test hook: a slow map (a signal lands mid-walk).
+                #[cfg(debug_assertions)]
+                crate::repo::test_delay("allocation_window");
                 data.clear();
                 data.extend(
                     window

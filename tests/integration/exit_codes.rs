@@ -14,7 +14,7 @@ use crate::xen_backup::{backup as xen_backup, two_disk_vm_with_backup, PASSWORD}
 use crate::xen_util::{guest_writes, Host};
 
 /// Sends `signal` (`TERM`, `INT`) to `child`.
-fn signal(child: &Child, signal: &str) {
+pub(crate) fn signal(child: &Child, signal: &str) {
     let st = Command::new("kill")
         .args(["-s", signal, &child.id().to_string()])
         .status()
@@ -23,7 +23,7 @@ fn signal(child: &Child, signal: &str) {
 }
 
 /// Waits (at most 60 s) for `child` to end; its exit code and stderr.
-fn finish(mut child: Child) -> (i32, String) {
+pub(crate) fn finish(mut child: Child) -> (i32, String) {
     let started = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
