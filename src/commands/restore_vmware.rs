@@ -92,12 +92,12 @@ pub(crate) fn run_disk(
         let size = session
             .file_size(&datacenter, &t.datastore, &path)
             .with_context(|| format!("look for {shown}"))?;
-        if size.is_some() {
-            existing.push((path, shown.clone()));
+        if let Some(size) = size {
+            existing.push((path, shown.clone(), size));
         }
     }
     if !existing.is_empty() {
-        let shown: Vec<&str> = existing.iter().map(|(_, s)| s.as_str()).collect();
+        let shown: Vec<&str> = existing.iter().map(|(_, s, _)| s.as_str()).collect();
         if !options.force {
             bail!(
                 "{} already exist{} on '{}'; restore under another name, or pass --force to delete and replace {}",
@@ -109,7 +109,7 @@ pub(crate) fn run_disk(
         }
         let vms = list_vms(&session, Some(&datacenter_ref))
             .context("list the VMs, to make sure no VM's disk is replaced")?;
-        for (path, shown) in &existing {
+        for (path, shown, _) in &existing {
             if let Some(vm) = disk_owner(&vms, &t.datastore, path) {
                 bail!(
                     "{shown} is a disk of VM '{vm}': a restore never replaces a VM's disk, even with --force; restore under another name and attach that"
@@ -314,26 +314,15 @@ fn plan_replacement(
     session: &crate::source::vmware::client::Session,
     datacenter: &str,
     target: &mut VmwareTarget,
-    existing: &[(String, String)],
+    existing: &[(String, String, u64)],
     vms: &[crate::source::vmware::inventory::VmwareVm],
 ) -> Result<Replacement> {
     let t = target.clone();
-    let stem = t
-        .descriptor
-        .rsplit('/')
-        .next()
-        .unwrap_or(&t.descriptor)
-        .strip_suffix(".vmdk")
-        .unwrap_or(&t.descriptor)
-        .to_string();
+    let stem = t.stem().to_string();
     let max = crate::target::vmdk::MAX_DESCRIPTOR_BYTES as u64;
-    let descriptor = match existing.iter().find(|(p, _)| *p == t.descriptor) {
-        Some((path, shown)) => {
-            let size = session
-                .file_size(datacenter, &t.datastore, path)
-                .with_context(|| format!("look for {shown}"))?
-                .unwrap_or(0);
-            if size > max {
+    let descriptor = match existing.iter().find(|(p, _, _)| *p == t.descriptor) {
+        Some((path, shown, size)) => {
+            if *size > max {
                 bail!(
                     "{shown} is {size} bytes, not a descriptor a restore can keep while it writes the new disk (at most {max}); restore under another name, or delete it first"
                 );
@@ -350,8 +339,8 @@ fn plan_replacement(
     };
     let mut data_files: Vec<String> = existing
         .iter()
-        .filter(|(p, _)| *p != t.descriptor)
-        .map(|(p, _)| p.clone())
+        .filter(|(p, _, _)| *p != t.descriptor)
+        .map(|(p, _, _)| p.clone())
         .collect();
     let mut left_alone = None;
     if let Some(bytes) = &descriptor {

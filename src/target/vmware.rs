@@ -148,11 +148,17 @@ impl VmwareTarget {
         if let Some(name) = &self.flat_file {
             return self.beside(name);
         }
-        let stem = self
+        self.beside(&format!("{}-flat.vmdk", self.stem()))
+    }
+
+    /// The descriptor's file name without `.vmdk` (`name`).
+    pub fn stem(&self) -> &str {
+        let file = self
             .descriptor
-            .strip_suffix(".vmdk")
+            .rsplit('/')
+            .next()
             .unwrap_or(&self.descriptor);
-        format!("{stem}-flat.vmdk")
+        file.strip_suffix(".vmdk").unwrap_or(file)
     }
 
     /// The flat file's name, as the descriptor's extent line names it.

@@ -487,7 +487,12 @@ impl Conn {
         } else {
             path.with_extension("upload-tmp")
         };
-        let mut file = std::fs::File::create(&tmp)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
         let mut left = len;
         while left > 0 {
             if cut.is_some_and(|c| len - left >= c) {
@@ -508,14 +513,10 @@ impl Conn {
             left -= n as u64;
         }
         if let Some(at) = corrupt.filter(|&at| at < len) {
-            use std::io::{Read, Seek, SeekFrom, Write};
+            use std::os::unix::fs::FileExt;
             let mut byte = [0u8; 1];
-            file.seek(SeekFrom::Start(at))?;
-            // Opened for writing only: read the byte through another handle.
-            let mut reader = std::fs::File::open(&tmp)?;
-            reader.seek(SeekFrom::Start(at))?;
-            reader.read_exact(&mut byte)?;
-            file.write_all(&[!byte[0]])?;
+            file.read_exact_at(&mut byte, at)?;
+            file.write_all_at(&[!byte[0]], at)?;
             self.core
                 .log_call(format!("HTTP PUT /folder/{relative} corrupted at {at}"));
         }

@@ -250,10 +250,11 @@ fn batch_for(planned: u64, fresh: usize, most: usize) -> usize {
 const POOL_WAIT: Duration = Duration::from_millis(50);
 
 impl BufPool {
-    /// A pool that keeps up to `keep` returned buffers and allocates up to
-    /// `cap` before waiting for returns.
-    fn new(keep: usize, cap: usize) -> Self {
-        let (home, spare) = bounded::<BytesMut>(keep.max(cap));
+    /// A pool that allocates up to `cap` buffers before waiting for
+    /// returns, and keeps as many returned ones (any made past the cap
+    /// after a wait are freed when they come back).
+    fn new(cap: usize) -> Self {
+        let (home, spare) = bounded::<BytesMut>(cap);
         BufPool {
             home,
             spare,
@@ -557,9 +558,8 @@ pub fn run(
 
     // Set when the processing ends: a walk still going stops.
     let stopped = std::sync::atomic::AtomicBool::new(false);
-    // Batches in the queues, in the hands of each stage, and one spare.
     let fresh = pool_fresh(options.queue_depth);
-    let pool = BufPool::new(2 * options.queue_depth + 2 * READERS + 2, fresh);
+    let pool = BufPool::new(fresh);
     let batch_blocks = batch_for(
         plan.read.as_ref().map_or(blocks, BlockBitmap::count),
         fresh,
@@ -1012,7 +1012,7 @@ mod pool_tests {
     /// than wait for ever.
     #[test]
     fn the_pool_reuses_waits_at_its_cap_and_never_deadlocks() {
-        let mut pool = BufPool::new(4, 2);
+        let mut pool = BufPool::new(2);
         pool.wait = Duration::from_millis(20);
         let a = PooledBuf::take(&pool, 1000);
         let b = PooledBuf::take(&pool, 1000);
