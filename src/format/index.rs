@@ -6,7 +6,7 @@
 
 use super::pack::{
     max_stored_length, TrailerEntry, ENTRY_LEN, FOOTER_LEN, HEADER_LEN, MAX_BLOCK_SIZE,
-    MAX_ENTRIES, TRAILER_FIXED_LEN,
+    MAX_ENTRIES, PACK_ID_LEN, TRAILER_FIXED_LEN, TRAILER_FORMAT_TAIL, TRAILER_FORMAT_WHOLE,
 };
 use super::{BlockId, Cursor, FormatError, ObjectName};
 
@@ -15,7 +15,7 @@ pub const MAGIC: [u8; 8] = *b"CBTVINDX";
 pub const VERSION: u32 = 1;
 /// Magic, version, pack count, reserved.
 pub const HEADER_LEN_INDEX: usize = 8 + 4 + 4 + 4;
-/// Pack name, size, entry count, reserved.
+/// Pack name, size, entry count, trailer format.
 pub const PACK_RECORD_LEN: usize = 32 + 8 + 4 + 4;
 /// Most entries (over all packs) one index object may hold: bounds what a
 /// reader allocates (48 MiB of entries). Writers split larger lists.
@@ -28,6 +28,8 @@ pub struct IndexedPack {
     pub size_bytes: u64,
     /// Its trailer's entries, in offset order.
     pub entries: Vec<TrailerEntry>,
+    /// Its trailer's format (`02-pack.md#trailer`): 0, or 1 with a pack id.
+    pub trailer_format: u32,
 }
 
 const WHAT: &str = "index object";
@@ -57,7 +59,7 @@ pub fn encode(packs: &[IndexedPack]) -> Vec<u8> {
         out.extend_from_slice(&p.name.0);
         out.extend_from_slice(&p.size_bytes.to_le_bytes());
         out.extend_from_slice(&(p.entries.len() as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&p.trailer_format.to_le_bytes());
         for e in &p.entries {
             out.extend_from_slice(&e.block_id.0);
             out.extend_from_slice(&e.offset.to_le_bytes());
@@ -137,10 +139,11 @@ pub fn decode_framed(
         let name = ObjectName(c.array()?);
         let size_bytes = c.u64()?;
         let n = c.u32()?;
-        if c.u32()? != 0 {
+        let trailer_format = c.u32()?;
+        if trailer_format != TRAILER_FORMAT_WHOLE && trailer_format != TRAILER_FORMAT_TAIL {
             return Err(FormatError::invalid(
                 WHAT,
-                format!("pack {k}: reserved field is not 0"),
+                format!("pack {k}: unsupported trailer format {trailer_format}"),
             ));
         }
         if let Some(prev) = packs.last() {
@@ -195,9 +198,16 @@ pub fn decode_framed(
             expected = e.offset + e.stored_length as u64;
             entries.push(e);
         }
-        let trailer =
-            (TRAILER_FIXED_LEN + n as usize * ENTRY_LEN + FOOTER_LEN + framing.overhead as usize)
-                as u64;
+        let id_len = if trailer_format == TRAILER_FORMAT_TAIL {
+            PACK_ID_LEN
+        } else {
+            0
+        };
+        let trailer = (TRAILER_FIXED_LEN
+            + id_len
+            + n as usize * ENTRY_LEN
+            + FOOTER_LEN
+            + framing.overhead as usize) as u64;
         if expected.checked_add(trailer) != Some(size_bytes) {
             return Err(FormatError::invalid(
                 WHAT,
@@ -210,6 +220,7 @@ pub fn decode_framed(
             name,
             size_bytes,
             entries,
+            trailer_format,
         });
     }
     c.finish()?;
@@ -241,6 +252,7 @@ mod tests {
             name: ObjectName(*blake3::hash(&[seed]).as_bytes()),
             size_bytes: size,
             entries,
+            trailer_format: TRAILER_FORMAT_WHOLE,
         }
     }
 

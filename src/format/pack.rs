@@ -14,8 +14,14 @@ pub const VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 16;
 pub const FOOTER_LEN: usize = 12;
 pub const ENTRY_LEN: usize = 48;
-/// Fixed trailer bytes around the entries: count, reserved, hash.
+/// Fixed trailer bytes around the entries: count, trailer format, hash.
 pub const TRAILER_FIXED_LEN: usize = 8 + 32;
+/// Bytes of a trailer format 1 pack id.
+pub const PACK_ID_LEN: usize = 16;
+/// Trailer format 0: no pack id; the pack is named by the whole file.
+pub const TRAILER_FORMAT_WHOLE: u32 = 0;
+/// Trailer format 1: a pack id; the pack is named by its trailer and footer.
+pub const TRAILER_FORMAT_TAIL: u32 = 1;
 /// Upper bound on blobs per pack; bounds the trailer a reader will allocate.
 pub const MAX_ENTRIES: u32 = 1 << 20;
 /// Largest raw block any version-1 repository may use.
@@ -104,13 +110,22 @@ pub fn decode_header_framed(bytes: &[u8], framing: Framing) -> Result<(), Format
     Ok(())
 }
 
-/// Encodes trailer and footer for blobs written back to back after the
-/// header. The caller appends the result to the blobs.
+/// Encodes a trailer format 0 trailer and footer for blobs written back
+/// to back after the header. The caller appends the result to the blobs.
 pub fn encode_trailer(entries: &[TrailerEntry]) -> Vec<u8> {
-    let mut out = encode_trailer_body(entries);
-    let trailer_len = out.len() as u32;
-    out.extend_from_slice(&encode_footer(trailer_len));
-    out
+    with_footer(encode_trailer_body(entries))
+}
+
+/// [`encode_trailer`] of trailer format 1, carrying `pack_id`: what
+/// writers write (spec: format-spec/02-pack.md#naming).
+pub fn encode_trailer_named(entries: &[TrailerEntry], pack_id: [u8; PACK_ID_LEN]) -> Vec<u8> {
+    with_footer(encode_trailer_body_named(entries, Some(pack_id)))
+}
+
+fn with_footer(mut trailer: Vec<u8>) -> Vec<u8> {
+    let trailer_len = trailer.len() as u32;
+    trailer.extend_from_slice(&encode_footer(trailer_len));
+    trailer
 }
 
 /// The footer after a trailer of `stored_len` bytes.
@@ -121,12 +136,29 @@ pub fn encode_footer(stored_len: u32) -> [u8; FOOTER_LEN] {
     f
 }
 
-/// The trailer's plaintext (count, entries, hash), without the footer.
+/// The trailer format 0 plaintext (count, format, entries, hash), without
+/// the footer.
 pub fn encode_trailer_body(entries: &[TrailerEntry]) -> Vec<u8> {
-    let trailer_len = TRAILER_FIXED_LEN + entries.len() * ENTRY_LEN;
+    encode_trailer_body_named(entries, None)
+}
+
+/// The trailer's plaintext, format 1 when given a pack id, without the
+/// footer.
+pub fn encode_trailer_body_named(
+    entries: &[TrailerEntry],
+    pack_id: Option<[u8; PACK_ID_LEN]>,
+) -> Vec<u8> {
+    let id_len = pack_id.map_or(0, |_| PACK_ID_LEN);
+    let trailer_len = TRAILER_FIXED_LEN + id_len + entries.len() * ENTRY_LEN;
     let mut out = Vec::with_capacity(trailer_len + FOOTER_LEN + 40);
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
+    match pack_id {
+        None => out.extend_from_slice(&TRAILER_FORMAT_WHOLE.to_le_bytes()),
+        Some(id) => {
+            out.extend_from_slice(&TRAILER_FORMAT_TAIL.to_le_bytes());
+            out.extend_from_slice(&id);
+        }
+    }
     for e in entries {
         out.extend_from_slice(&e.block_id.0);
         out.extend_from_slice(&e.offset.to_le_bytes());
@@ -160,7 +192,8 @@ pub fn decode_footer_framed(
     let trailer_len = c.u32()?;
     c.finish()?;
     let over = framing.overhead as u64;
-    let max = TRAILER_FIXED_LEN as u64 + MAX_ENTRIES as u64 * ENTRY_LEN as u64 + over;
+    let max =
+        (TRAILER_FIXED_LEN + PACK_ID_LEN) as u64 + MAX_ENTRIES as u64 * ENTRY_LEN as u64 + over;
     let room = pack_len.saturating_sub((HEADER_LEN + FOOTER_LEN) as u64);
     if (trailer_len as u64) < TRAILER_FIXED_LEN as u64 + ENTRY_LEN as u64 + over
         || trailer_len as u64 > max
@@ -220,8 +253,17 @@ pub fn decode_trailer_framed(
             format!("entry count {count} out of range"),
         ));
     }
-    if c.u32()? != 0 {
-        return Err(FormatError::invalid(WHAT, "reserved field is not 0"));
+    match c.u32()? {
+        TRAILER_FORMAT_WHOLE => {}
+        TRAILER_FORMAT_TAIL => {
+            c.array::<PACK_ID_LEN>()?;
+        }
+        other => {
+            return Err(FormatError::invalid(
+                WHAT,
+                format!("unsupported trailer format {other}"),
+            ))
+        }
     }
     if c.remaining() != count as usize * ENTRY_LEN {
         return Err(FormatError::invalid(
@@ -314,4 +356,88 @@ pub fn decode_pack_index_framed<'a>(
     let plain = open(&pack[start..pack.len() - FOOTER_LEN])
         .map_err(|e| FormatError::invalid("pack trailer", e))?;
     decode_trailer_framed(&plain, trailer_len as u64, len, max_block_size, framing)
+}
+
+/// What a pack's name is the BLAKE3 of (spec: format-spec/02-pack.md#naming).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Naming {
+    /// Trailer format 0: all of the file.
+    WholeFile,
+    /// Trailer format 1: the stored trailer and the footer.
+    Tail,
+}
+
+/// The naming of a pack whose opened trailer is `plain`, already accepted
+/// by [`decode_trailer_framed`].
+pub fn naming(plain: &[u8]) -> Naming {
+    match plain.get(4..8) {
+        Some(f) if f == TRAILER_FORMAT_TAIL.to_le_bytes() => Naming::Tail,
+        _ => Naming::WholeFile,
+    }
+}
+
+/// The pack id of a trailer format 1 trailer (`plain`, opened and
+/// accepted by [`decode_trailer_framed`]); `None` for format 0.
+pub fn pack_id(plain: &[u8]) -> Option<[u8; PACK_ID_LEN]> {
+    (naming(plain) == Naming::Tail)
+        .then(|| plain.get(8..8 + PACK_ID_LEN)?.try_into().ok())
+        .flatten()
+}
+
+/// The name a whole pack held in memory calls for (its naming read from
+/// its trailer, which `open` turns into plaintext). Only the footer and
+/// the trailer format are checked here; [`decode_pack_index_framed`]
+/// checks the rest.
+pub fn name_of_pack<'a>(
+    pack: &'a [u8],
+    framing: Framing,
+    open: impl FnOnce(&'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, String>,
+) -> Result<super::ObjectName, FormatError> {
+    let len = pack.len() as u64;
+    let footer_at = pack
+        .len()
+        .checked_sub(FOOTER_LEN)
+        .ok_or(FormatError::Truncated {
+            what: "pack",
+            needed: FOOTER_LEN as u64,
+            available: len,
+        })?;
+    let trailer_len = decode_footer_framed(&pack[footer_at..], len, framing)? as usize;
+    let tail = &pack[footer_at - trailer_len..];
+    let plain = open(&tail[..trailer_len]).map_err(|e| FormatError::invalid("pack trailer", e))?;
+    let naming = match plain
+        .get(4..8)
+        .map(|f| u32::from_le_bytes(f.try_into().unwrap()))
+    {
+        Some(TRAILER_FORMAT_TAIL) => Naming::Tail,
+        Some(TRAILER_FORMAT_WHOLE) => Naming::WholeFile,
+        Some(other) => {
+            return Err(FormatError::invalid(
+                "pack trailer",
+                format!("unsupported trailer format {other}"),
+            ))
+        }
+        None => {
+            return Err(FormatError::Truncated {
+                what: "pack trailer",
+                needed: 8,
+                available: plain.len() as u64,
+            })
+        }
+    };
+    Ok(expected_name(naming, tail, Some(pack)).expect("the whole pack is given"))
+}
+
+/// The name a pack's bytes call for: `tail` is its stored trailer and
+/// footer (the last `T + 12` bytes), `whole` all of it when at hand.
+/// `None` when the naming needs the whole file and it is not given.
+pub fn expected_name(
+    naming: Naming,
+    tail: &[u8],
+    whole: Option<&[u8]>,
+) -> Option<super::ObjectName> {
+    match naming {
+        Naming::Tail => Some(super::ObjectName(*blake3::hash(tail).as_bytes())),
+        Naming::WholeFile => whole.map(|w| super::ObjectName(*blake3::hash(w).as_bytes())),
+    }
 }

@@ -26,6 +26,10 @@ pub enum PackError {
     },
     #[error("pack trailer: {0}")]
     SealTrailer(crate::crypto::codec::SealError),
+    #[error(
+        "pack trailer about to be written does not list the blobs appended (verify before write)"
+    )]
+    TrailerMismatch,
     #[error("block {block} in pack {pack}: {reason}; run 'cbtvault check --read-data'")]
     Corrupt {
         block: BlockId,
@@ -287,9 +291,6 @@ pub struct PackWriter {
     taken: u64,
     entries: Vec<TrailerEntry>,
     target_bytes: u64,
-    /// BLAKE3 of the pack so far, fed as bytes are appended (while they
-    /// are still in cache) rather than over the whole pack at the end.
-    hasher: blake3::Hasher,
     /// Plain or sealed blobs and trailer.
     codec: Codec,
 }
@@ -358,15 +359,12 @@ impl PackWriter {
         let start = prepare_staging(&mut buffer, room);
         let header = layout::encode_header_framed(codec.framing());
         buffer.extend_from_slice(&header);
-        let mut hasher = blake3::Hasher::new();
-        hasher.update(&header);
         PackWriter {
             buffer,
             start,
             taken: 0,
             entries: Vec::new(),
             target_bytes,
-            hasher,
             codec: codec.clone(),
         }
     }
@@ -444,7 +442,6 @@ impl PackWriter {
                 });
             }
         }
-        self.hasher.update(&self.buffer[at..]);
         self.entries.push(TrailerEntry {
             block_id: block.id,
             offset,
@@ -464,18 +461,51 @@ impl PackWriter {
         self.len() >= self.target_bytes || self.entries.len() >= WRITER_MAX_BLOBS
     }
 
-    pub fn finish(mut self) -> Result<FinishedPack, PackError> {
-        let body = layout::encode_trailer_body(&self.entries);
-        let mut trailer = self
+    /// Closes the pack: a trailer format 1 trailer under a fresh random
+    /// pack id, the footer, and the name, the BLAKE3 of those tail bytes
+    /// (spec: format-spec/02-pack.md#naming).
+    pub fn finish(self) -> Result<FinishedPack, PackError> {
+        self.finish_with_id(rand::random())
+    }
+
+    /// [`Self::finish`] under a given pack id (tests).
+    pub fn finish_with_id(
+        mut self,
+        pack_id: [u8; layout::PACK_ID_LEN],
+    ) -> Result<FinishedPack, PackError> {
+        let body = layout::encode_trailer_body_named(&self.entries, Some(pack_id));
+        let mut tail = self
             .codec
             .seal_trailer(body)
             .map_err(PackError::SealTrailer)?;
-        trailer.extend_from_slice(&layout::encode_footer((trailer.len()) as u32));
-        self.buffer.extend_from_slice(&trailer);
-        self.hasher.update(&trailer);
+        let stored_len = tail.len();
+        tail.extend_from_slice(&layout::encode_footer(stored_len as u32));
+        let tail_at = self.buffer.len();
+        self.buffer.extend_from_slice(&tail);
         let size_bytes = self.len();
+        // Verify before write: the tail decodes, as a reader lists it, to
+        // the entries appended.
+        let listed =
+            layout::decode_footer_framed(&tail[stored_len..], size_bytes, self.codec.framing())
+                .and_then(|t| {
+                    let plain = self.codec.open_trailer(&tail[..t as usize]).map_err(|e| {
+                        crate::format::FormatError::invalid("pack trailer", e.to_string())
+                    })?;
+                    layout::decode_trailer_framed(
+                        &plain,
+                        t as u64,
+                        size_bytes,
+                        u32::MAX,
+                        self.codec.framing(),
+                    )
+                });
+        if listed.as_deref() != Ok(&self.entries[..]) {
+            return Err(PackError::TrailerMismatch);
+        }
+        let name = layout::expected_name(layout::Naming::Tail, &self.buffer[tail_at..], None)
+            .expect("a tail name needs only the tail");
         Ok(FinishedPack {
-            name: ObjectName(*self.hasher.finalize().as_bytes()),
+            name,
             entries: self.entries,
             tail: PackChunk {
                 buffer: self.buffer,
@@ -589,11 +619,13 @@ mod tests {
         w.add(&a).unwrap();
         w.add(&b).unwrap();
         let done = w.finish().unwrap();
-        // The name hashed on the way equals the hash of the finished bytes,
-        // and the pack starts at an aligned address.
+        // The name is the one the finished bytes call for (their tail's
+        // hash, not the whole file's), and the pack starts at an aligned
+        // address.
         let bytes = done.tail.bytes();
         assert_eq!(done.size_bytes, bytes.len() as u64);
-        assert_eq!(done.name, ObjectName::of(bytes));
+        assert_eq!(done.name, name_of(bytes));
+        assert_ne!(done.name, ObjectName::of(bytes));
         assert_eq!(bytes.as_ptr().align_offset(PACK_ALIGN), 0);
         let index = layout::decode_pack_index(bytes, 65536).unwrap();
         for (e, want) in index.iter().zip([&rnd, &txt]) {
@@ -611,8 +643,21 @@ mod tests {
             w.add(&b).unwrap();
             w.finish().unwrap()
         };
-        assert_eq!(again.name, ObjectName::of(again.tail.bytes()));
+        assert_eq!(again.name, name_of(again.tail.bytes()));
+        // The same blobs in the same order: another pack id, another name.
+        assert_ne!(again.name, done.name);
+        assert_eq!(again.entries, done.entries);
     }
+
+    /// The name a reader expects for plain pack bytes.
+    fn name_of(bytes: &[u8]) -> ObjectName {
+        layout::name_of_pack(bytes, layout::Framing::PLAIN, |t| {
+            Ok(std::borrow::Cow::Borrowed(t))
+        })
+        .unwrap()
+    }
+
+    const ID: [u8; layout::PACK_ID_LEN] = [9; layout::PACK_ID_LEN];
 
     /// A raw block whose frame does not describe it is refused before a
     /// byte reaches the pack, and the pack (name included) goes on as if
@@ -635,12 +680,12 @@ mod tests {
         assert_eq!(w.staged(), staged);
         assert!(w.is_empty());
         w.add(&good).unwrap();
-        let done = w.finish().unwrap();
+        let done = w.finish_with_id(ID).unwrap();
         let mut alone = PackWriter::new(1 << 20, &Codec::Plain);
         alone.add(&good).unwrap();
-        let alone = alone.finish().unwrap();
+        let alone = alone.finish_with_id(ID).unwrap();
         assert_eq!(done.tail.bytes(), alone.tail.bytes());
-        assert_eq!(done.name, ObjectName::of(done.tail.bytes()));
+        assert_eq!(done.name, name_of(done.tail.bytes()));
         assert_eq!(done.entries.len(), 1);
     }
 
@@ -675,11 +720,14 @@ mod tests {
                 streamed.extend_from_slice(c.bytes());
             }
         }
-        let (whole, chunked) = (whole.finish().unwrap(), chunked.finish().unwrap());
+        let (whole, chunked) = (
+            whole.finish_with_id(ID).unwrap(),
+            chunked.finish_with_id(ID).unwrap(),
+        );
         streamed.extend_from_slice(chunked.tail.bytes());
         assert_eq!(streamed, whole.tail.bytes());
         assert_eq!(chunked.name, whole.name);
-        assert_eq!(chunked.name, ObjectName::of(&streamed));
+        assert_eq!(chunked.name, name_of(&streamed));
         assert_eq!(chunked.size_bytes, streamed.len() as u64);
         assert_eq!(chunked.entries, whole.entries);
         let index = layout::decode_pack_index(&streamed, 65536).unwrap();
@@ -715,6 +763,23 @@ mod tests {
         })
         .unwrap();
         assert_eq!(entries, done.entries);
+        // Named by the sealed trailer and footer; the pack id is inside
+        // the seal.
+        let open = |t| codec.open_trailer(t).map_err(|e| e.to_string());
+        assert_eq!(
+            layout::name_of_pack(&bytes, codec.framing(), open).unwrap(),
+            done.name
+        );
+        let footer_at = bytes.len() - layout::FOOTER_LEN;
+        let t =
+            layout::decode_footer_framed(&bytes[footer_at..], bytes.len() as u64, codec.framing())
+                .unwrap() as usize;
+        assert_eq!(done.name, ObjectName::of(&bytes[footer_at - t..]));
+        let plain = codec
+            .open_trailer(&bytes[footer_at - t..footer_at])
+            .unwrap();
+        assert_eq!(layout::naming(&plain), layout::Naming::Tail);
+        assert!(layout::pack_id(&plain).is_some());
         let blob = |e: &TrailerEntry| {
             &bytes[e.offset as usize..(e.offset + e.stored_length as u64) as usize]
         };

@@ -187,6 +187,25 @@ pub struct OpenOptions {
     pub password: Option<PasswordSource>,
 }
 
+/// A pack's trailer as listed from its end.
+pub struct PackListing {
+    pub entries: Vec<pack_layout::TrailerEntry>,
+    /// The name the tail calls for, for a pack named by its tail (trailer
+    /// format 1); `None` for one named by its whole file.
+    pub tail_name: Option<ObjectName>,
+}
+
+impl PackListing {
+    /// The trailer format (`02-pack.md#trailer`) the pack was listed with.
+    pub fn trailer_format(&self) -> u32 {
+        if self.tail_name.is_some() {
+            pack_layout::TRAILER_FORMAT_TAIL
+        } else {
+            pack_layout::TRAILER_FORMAT_WHOLE
+        }
+    }
+}
+
 /// An open repository.
 pub struct Repository {
     backend: Arc<dyn Backend>,
@@ -862,6 +881,12 @@ impl Repository {
         name: &str,
         size: u64,
     ) -> Result<Vec<pack_layout::TrailerEntry>, RepoError> {
+        self.read_pack_listing(name, size).map(|l| l.entries)
+    }
+
+    /// [`Self::read_pack_index`], with the name the pack's tail calls for
+    /// when the pack is named by its tail (trailer format 1).
+    pub fn read_pack_listing(&self, name: &str, size: u64) -> Result<PackListing, RepoError> {
         let bad = |e: FormatError| RepoError::corrupt(Kind::Pack, name, e);
         if size < (pack_layout::HEADER_LEN + pack_layout::FOOTER_LEN) as u64 {
             return Err(bad(FormatError::Truncated {
@@ -889,14 +914,20 @@ impl Repository {
             .codec
             .open_trailer(&trailer)
             .map_err(|e| RepoError::corrupt(Kind::Pack, name, format!("trailer: {e}")))?;
-        pack_layout::decode_trailer_framed(
+        let entries = pack_layout::decode_trailer_framed(
             &plain,
             trailer_len as u64,
             size,
             self.config.block_size,
             framing,
         )
-        .map_err(bad)
+        .map_err(bad)?;
+        let naming = pack_layout::naming(&plain);
+        trailer.extend_from_slice(&footer);
+        Ok(PackListing {
+            entries,
+            tail_name: pack_layout::expected_name(naming, &trailer, None),
+        })
     }
 
     /// The packs an index object lists, from its stored bytes (opened when

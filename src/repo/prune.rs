@@ -464,12 +464,14 @@ fn prune_marked(
             cat.remove_pack(&usage[k].name)?;
         }
         for (name, size) in &written {
-            let entries = repo.read_pack_index(&name.to_hex(), *size)?;
-            cat.add_pack(name, *size, &entries)?;
+            let listing = repo.read_pack_listing(&name.to_hex(), *size)?;
+            cat.add_pack(name, *size, &listing.entries)?;
+            let trailer_format = listing.trailer_format();
             indexed.push(crate::format::index::IndexedPack {
                 name: *name,
                 size_bytes: *size,
-                entries,
+                entries: listing.entries,
+                trailer_format,
             });
         }
         Ok(())

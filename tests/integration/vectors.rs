@@ -26,10 +26,16 @@ pub(crate) const PAGE_DELTA_HEX: &str =
 pub(crate) const BITMAP_XEN_TXT: &str =
     include_str!("../../format-spec/test-vectors/bitmap-xen.txt");
 pub(crate) const RAW_FRAME_HEX: &str = include_str!("../../format-spec/test-vectors/raw-frame.hex");
+pub(crate) const PACK_TAIL_HEX: &str =
+    include_str!("../../format-spec/test-vectors/pack-tail-named.hex");
 pub(crate) const CONFIG_JSON: &str = include_str!("../../format-spec/test-vectors/config.json");
 
 const BLOCK_SIZE: u32 = 65536;
 const PACK_NAME: &str = "e51a00737837b775064cff4cb7bb4ddf414e8b5bbf12da575fa86e7c0f795a43";
+const PACK_TAIL_NAME: &str = "acdcfb213980d83c8001c3c07cee76352e7cef3f24d8cbaa1901b61dd37123aa";
+const PACK_TAIL_ID: [u8; 16] = [
+    0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7, 0xa8, 0xa9, 0xaa, 0xab, 0xac, 0xad, 0xae, 0xaf,
+];
 const FULL_NAME: &str = "5c4b58fcc931419ac79edf5faa86dd45b185437551ffabd16ef949a1a17b390d";
 const DELTA_NAME: &str = "54966580097761144e290da410ba412244e25a20b4b8eba0ad02894f2e5fd450";
 const PAGED_NAME: &str = "06dee157ed4eada79756bbd2c3984118362bc277aaab2ce437543650c2a41ef3";
@@ -209,6 +215,110 @@ fn pack_vector_reencodes_byte_for_byte() {
     assert_eq!(out, p);
 }
 
+// ------------------------------------------------ pack, trailer format 1
+
+#[test]
+fn tail_named_pack_vector_decodes_names_and_reencodes() {
+    let p = parse_hex(PACK_TAIL_HEX);
+    assert_eq!(p.len(), 468);
+    // Header and blobs are those of the format 0 vector.
+    assert_eq!(p[..304], pack_bytes()[..304]);
+    let entries = pack::decode_pack_index(&p, BLOCK_SIZE).unwrap();
+    assert_eq!(entries, expected_entries());
+    // Listed from its end with two reads, as a reader lists any pack.
+    let footer_at = p.len() - pack::FOOTER_LEN;
+    let t = pack::decode_footer(&p[footer_at..], p.len() as u64).unwrap() as usize;
+    assert_eq!(t, 152);
+    let trailer = &p[footer_at - t..footer_at];
+    assert_eq!(
+        pack::decode_trailer(trailer, p.len() as u64, BLOCK_SIZE).unwrap(),
+        expected_entries()
+    );
+    assert_eq!(pack::naming(trailer), pack::Naming::Tail);
+    assert_eq!(pack::pack_id(trailer), Some(PACK_TAIL_ID));
+    // The name is the BLAKE3 of trailer and footer, not of the file.
+    let tail = &p[footer_at - t..];
+    assert_eq!(blake3::hash(tail).to_hex().as_str(), PACK_TAIL_NAME);
+    assert_ne!(blake3::hash(&p).to_hex().as_str(), PACK_TAIL_NAME);
+    let named = |bytes: &[u8]| {
+        pack::name_of_pack(bytes, pack::Framing::PLAIN, |t| {
+            Ok(std::borrow::Cow::Borrowed(t))
+        })
+    };
+    assert_eq!(named(&p).unwrap().to_hex(), PACK_TAIL_NAME);
+    assert_eq!(
+        pack::expected_name(pack::Naming::Tail, tail, None)
+            .unwrap()
+            .to_hex(),
+        PACK_TAIL_NAME
+    );
+    // The format 0 vector is still named by its whole file.
+    let old = pack_bytes();
+    assert_eq!(named(&old).unwrap().to_hex(), PACK_NAME);
+    assert_eq!(pack::naming(&trailer_body(&old)), pack::Naming::WholeFile);
+    assert_eq!(pack::pack_id(&trailer_body(&old)), None);
+    // Byte for byte from the entries and the pack id.
+    let mut out = pack::encode_header().to_vec();
+    out.extend_from_slice(&p[16..304]);
+    out.extend_from_slice(&pack::encode_trailer_named(&entries, PACK_TAIL_ID));
+    assert_eq!(out, p);
+}
+
+#[test]
+fn tail_named_pack_vector_damage_is_caught() {
+    let p = parse_hex(PACK_TAIL_HEX);
+    let footer_at = p.len() - pack::FOOTER_LEN;
+    let trailer_at = footer_at - 152;
+    let named = |bytes: &[u8]| {
+        pack::name_of_pack(bytes, pack::Framing::PLAIN, |t| {
+            Ok(std::borrow::Cow::Borrowed(t))
+        })
+    };
+    // A flipped pack id byte: the trailer hash no longer matches, and
+    // the name would change with it.
+    let flipped = with_byte(&p, trailer_at + 8, |b| *b ^= 1);
+    let r = invalid_reason(
+        pack::decode_pack_index(&flipped, BLOCK_SIZE),
+        "pack trailer",
+    );
+    assert!(r.contains("checksum mismatch"), "{r}");
+    assert_ne!(named(&flipped).unwrap().to_hex(), PACK_TAIL_NAME);
+    // Another pack id with a recomputed trailer hash: a valid pack under
+    // another name (pack ids make names unique).
+    let mut body = p[trailer_at..footer_at - 32].to_vec();
+    body[8] ^= 1;
+    let mut other = p[..trailer_at].to_vec();
+    other.extend_from_slice(&body);
+    other.extend_from_slice(blake3::hash(&body).as_bytes());
+    other.extend_from_slice(&p[footer_at..]);
+    assert_eq!(
+        pack::decode_pack_index(&other, BLOCK_SIZE).unwrap(),
+        expected_entries()
+    );
+    assert_ne!(named(&other).unwrap().to_hex(), PACK_TAIL_NAME);
+    // A blob byte changed: the name (of the tail) is unchanged; the blob
+    // fails its own check on read.
+    let blob = with_byte(&p, 0x30, |b| *b ^= 0x40);
+    assert_eq!(named(&blob).unwrap().to_hex(), PACK_TAIL_NAME);
+    let e = pack::decode_pack_index(&blob, BLOCK_SIZE).unwrap();
+    assert!(read_blob(&blob, &e[1]).is_err());
+    assert!(read_blob(&blob, &e[0]).is_ok());
+    // An unknown trailer format is named nothing.
+    let mut bad = body.clone();
+    bad[4] = 2;
+    let mut unknown = p[..trailer_at].to_vec();
+    unknown.extend_from_slice(&bad);
+    unknown.extend_from_slice(blake3::hash(&bad).as_bytes());
+    unknown.extend_from_slice(&p[footer_at..]);
+    let r = invalid_reason(named(&unknown), "pack trailer");
+    assert!(r.contains("unsupported trailer format 2"), "{r}");
+    let r = invalid_reason(
+        pack::decode_pack_index(&unknown, BLOCK_SIZE),
+        "pack trailer",
+    );
+    assert!(r.contains("unsupported trailer format 2"), "{r}");
+}
+
 #[test]
 fn pack_header_damage_is_rejected() {
     let p = pack_bytes();
@@ -313,7 +423,11 @@ fn pack_trailer_rules_behind_the_checksum() {
     check(&b, "3 entries need 144 bytes");
     let mut b = body.clone();
     put_u32(&mut b, 4, 7);
-    check(&b, "reserved");
+    check(&b, "unsupported trailer format 7");
+    // Format 1 needs its 16-byte pack id: the same entries no longer fit.
+    let mut b = body.clone();
+    put_u32(&mut b, 4, 1);
+    check(&b, "2 entries need 96 bytes, have 80");
     // Entry 0: offset not 16.
     let mut b = body.clone();
     put_u64(&mut b, 8 + 32, 17);
@@ -947,6 +1061,7 @@ fn index_vector_lists_the_pack_vector_exactly() {
         name: ObjectName::of(&pack),
         size_bytes: pack.len() as u64,
         entries: expected_entries(),
+        trailer_format: 0,
     }];
     assert_eq!(packs, expected);
     assert_eq!(packs[0].name.to_hex(), PACK_NAME);
@@ -1283,4 +1398,27 @@ fn vmware_landmark_vector_names_the_keys_the_writer_uses() {
     );
     assert_eq!(v["disk"][keys::KIND], "disk");
     assert_eq!(v["vm_config"][keys::KIND], "vm-config");
+}
+
+/// The pack writer, given the vector's frames and pack id, writes the
+/// tail-named vector byte for byte and names it as the vector says.
+#[test]
+fn the_pack_writer_writes_the_tail_named_vector() {
+    use cbtvault::crypto::Codec;
+    use cbtvault::pack::{CompressedBlock, PackWriter, Stored};
+    let p = parse_hex(PACK_TAIL_HEX);
+    let mut w = PackWriter::new(1 << 20, &Codec::Plain);
+    for e in expected_entries() {
+        let frame = p[e.offset as usize..][..e.stored_length as usize].to_vec();
+        w.add(&CompressedBlock {
+            id: e.block_id,
+            raw_length: e.raw_length,
+            stored: Stored::Verbatim(frame),
+        })
+        .unwrap();
+    }
+    let done = w.finish_with_id(PACK_TAIL_ID).unwrap();
+    assert_eq!(done.tail.bytes(), &p[..]);
+    assert_eq!(done.name.to_hex(), PACK_TAIL_NAME);
+    assert_eq!(done.entries, expected_entries());
 }
