@@ -13,6 +13,10 @@ fuzz_target!(|data: &[u8]| {
     }
     let (head, pack_bytes) = data.split_at(4);
     let max_block_size = u32::from_le_bytes(head.try_into().unwrap());
+    // Naming must not panic on any input; it decodes only footer and format.
+    let name = pack::name_of_pack(pack_bytes, pack::Framing::PLAIN, |t| {
+        Ok(std::borrow::Cow::Borrowed(t))
+    });
     let Ok(entries) = pack::decode_pack_index(pack_bytes, max_block_size) else {
         // The footer decoder alone must not panic either.
         if pack_bytes.len() >= pack::FOOTER_LEN {
@@ -26,7 +30,17 @@ fuzz_target!(|data: &[u8]| {
     let blobs_end =
         (entries.last().unwrap().offset + entries.last().unwrap().stored_length as u64) as usize;
     let mut again = pack_bytes[..blobs_end].to_vec();
-    again.extend_from_slice(&pack::encode_trailer(&entries));
+    // Trailer format 0, or 1 with its pack id.
+    let trailer = &pack_bytes[blobs_end..pack_bytes.len() - pack::FOOTER_LEN];
+    match pack::pack_id(trailer) {
+        None => again.extend_from_slice(&pack::encode_trailer(&entries)),
+        Some(id) => {
+            again.extend_from_slice(&pack::encode_trailer_named(&entries, id));
+            // A tail-named pack's name is the hash of what follows the blobs.
+            let tail = cbtvault::format::ObjectName::of(&pack_bytes[blobs_end..]);
+            assert_eq!(name.as_ref().ok(), Some(&tail));
+        }
+    }
     assert_eq!(again, pack_bytes, "trailer encoding is canonical");
     let decoded = pack::decode_pack_index(&again, max_block_size).expect("re-encoded pack decodes");
     assert_eq!(decoded, entries);

@@ -309,6 +309,26 @@ mod tests {
         assert!(decode(&huge, 65536).is_err());
     }
 
+    /// A record of a tail-named pack (trailer format 1) implies a trailer
+    /// 16 bytes longer; the format is checked and kept.
+    #[test]
+    fn records_carry_the_trailer_format() {
+        let mut t = pack(3, &[100]);
+        t.trailer_format = TRAILER_FORMAT_TAIL;
+        // The size of a format 0 pack does not fit format 1.
+        assert!(decode(&encode(std::slice::from_ref(&t)), 65536).is_err());
+        t.size_bytes += PACK_ID_LEN as u64;
+        let bytes = encode(std::slice::from_ref(&t));
+        assert_eq!(decode(&bytes, 65536).unwrap(), vec![t.clone()]);
+        // The field sits where the reserved field was.
+        let at = HEADER_LEN_INDEX + 44;
+        assert_eq!(&bytes[at..at + 4], &1u32.to_le_bytes());
+        let mut bad = bytes.clone();
+        bad[at] = 2;
+        let e = decode(&bad, 65536).unwrap_err().to_string();
+        assert!(e.contains("unsupported trailer format 2"), "{e}");
+    }
+
     #[test]
     fn split_bounds_each_object() {
         let packs: Vec<IndexedPack> = (0..5).map(|i| pack(i, &[10])).collect();
