@@ -113,7 +113,7 @@ pub trait Backend: Send + Sync {
     fn remove(&self, kind: Kind, name: &str) -> Result<(), BackendError>;
 
     /// Starts an object whose name is known only once all its bytes are
-    /// (a pack is named by the hash of its trailer): bytes are appended in
+    /// (a pack is named by the hash of its tail): bytes are appended in
     /// order while the object is assembled, then [`NewObject::commit`]
     /// makes it durable and visible under its name as atomically as
     /// [`Backend::save`]. Dropped without a commit, it leaves nothing.

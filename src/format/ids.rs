@@ -71,7 +71,7 @@ digest_id!(
 digest_id!(
     ObjectName,
     "object name",
-    "BLAKE3 of an immutable repository file's bytes; the file's name."
+    "an immutable repository file's name: the BLAKE3 of its bytes (of a pack's trailer and footer, format-spec/02-pack.md#naming)."
 );
 
 /// A snapshot's stable identity: 16 random bytes, 32 hex digits. It stays the

@@ -319,6 +319,8 @@ impl PackChunk {
 /// when no chunk was taken).
 pub struct FinishedPack {
     pub name: ObjectName,
+    /// The trailer format written (`02-pack.md#trailer`), for index records.
+    pub trailer_format: u32,
     pub entries: Vec<TrailerEntry>,
     pub tail: PackChunk,
     pub size_bytes: u64,
@@ -506,6 +508,7 @@ impl PackWriter {
             .expect("a tail name needs only the tail");
         Ok(FinishedPack {
             name,
+            trailer_format: layout::TRAILER_FORMAT_TAIL,
             entries: self.entries,
             tail: PackChunk {
                 buffer: self.buffer,

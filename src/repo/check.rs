@@ -211,6 +211,7 @@ pub fn run(
                         format!("pack {name}"),
                         "its trailer does not match its name (hash): the file was modified or renamed".into(),
                     );
+                    report.fixed_by(fix::PACKS);
                     // As for a whole-file name that does not match while
                     // the blobs verify (below): the copies are recorded
                     // damaged, so that `repair packs` rewrites the pack
@@ -338,8 +339,10 @@ pub fn run(
                 // Already reported by the structure pass.
                 Err(_) => continue,
             };
-            // A modified file whose blobs all verify (a change a zstd
-            // decoder ignores): its copies are recorded damaged, so that
+            // A modified file whose blobs all verify (for a pack named by
+            // its whole file, a change a zstd decoder ignores; for one
+            // named by its tail, a tail whole but not the one named):
+            // its copies are recorded damaged, so that
             // `repair packs` rewrites the pack and backups store fresh
             // copies; reads still verify every blob.
             if !name_matches && verified.iter().all(|(_, r)| r.is_ok()) {

@@ -372,7 +372,7 @@ fn flush(
         name: done.name,
         size_bytes: done.size_bytes,
         entries: done.entries,
-        trailer_format: crate::format::pack::TRAILER_FORMAT_TAIL,
+        trailer_format: done.trailer_format,
     });
     if indexed.iter().map(|p| p.entries.len()).sum::<usize>() >= super::INDEX_FLUSH_ENTRIES {
         to.write_index(std::mem::take(indexed))?;

@@ -226,42 +226,39 @@ fn modified_pack_whose_blobs_still_verify_is_repaired() {
     }
     flip(f.blob.offset + 4);
     // A pack whose tail is whole but is not the one its name was made of
-    // (here: its pack id changed and the trailer hash made to match):
-    // found by check without --read-data, from the two reads that list
-    // the pack; its blobs still verify, so restores are unaffected, and
-    // `repair packs` rewrites it under a name of its own.
-    let bytes = std::fs::read(&f.pack).unwrap();
-    let footer_at = bytes.len() - 12;
-    let t_len = u32::from_le_bytes(bytes[footer_at + 8..].try_into().unwrap()) as usize;
-    let trailer_at = footer_at - t_len;
-    assert_eq!(
-        &bytes[trailer_at + 4..trailer_at + 8],
-        &1u32.to_le_bytes(),
-        "trailer format 1"
-    );
-    let mut body = bytes[trailer_at..footer_at - 32].to_vec();
-    body[8] ^= 0xff; // the first byte of the pack id
-    let mut renamed = bytes[..trailer_at].to_vec();
-    renamed.extend_from_slice(&body);
-    renamed.extend_from_slice(blake3::hash(&body).as_bytes());
-    renamed.extend_from_slice(&bytes[footer_at..]);
-    std::fs::write(&f.pack, &renamed).unwrap();
+    // (here: its pack id changed and the trailer hash made to match).
+    let misname = |pack: &Path| {
+        let bytes = std::fs::read(pack).unwrap();
+        let footer_at = bytes.len() - 12;
+        let t_len = u32::from_le_bytes(bytes[footer_at + 8..].try_into().unwrap()) as usize;
+        let trailer_at = footer_at - t_len;
+        assert_eq!(
+            &bytes[trailer_at + 4..trailer_at + 8],
+            &1u32.to_le_bytes(),
+            "trailer format 1"
+        );
+        let mut body = bytes[trailer_at..footer_at - 32].to_vec();
+        body[8] ^= 0xff; // the first byte of the pack id
+        let mut renamed = bytes[..trailer_at].to_vec();
+        renamed.extend_from_slice(&body);
+        renamed.extend_from_slice(blake3::hash(&body).as_bytes());
+        renamed.extend_from_slice(&bytes[footer_at..]);
+        std::fs::write(pack, &renamed).unwrap();
+    };
+    misname(&f.pack);
+    // Check without --read-data finds it from the two reads that list the
+    // pack, names the fix, and records its copies damaged, which is what
+    // `repair packs` acts on; its blobs still verify, so restores are
+    // unaffected.
     let (check, report) = t.check(false);
     check.expect_code(3);
-    assert!(
-        report.to_string().contains("does not match its name"),
-        "{report}"
-    );
-    let (check, report) = t.check(true);
-    check.expect_code(3);
-    assert_eq!(
-        report
-            .to_string()
-            .matches("does not match its name")
-            .count(),
-        1,
-        "reported once: {report}"
-    );
+    let problems = report["problems"].as_array().expect("problems");
+    let named: Vec<_> = problems
+        .iter()
+        .filter(|p| p.to_string().contains("does not match its name"))
+        .collect();
+    assert_eq!(named.len(), 1, "{report}");
+    assert_eq!(named[0]["fix"], "cbtvault repair packs", "{report}");
     for s in [&f.a1, &f.a2, &f.b1] {
         t.assert_restores(&s.0, s.1, s.2);
     }
@@ -275,6 +272,30 @@ fn modified_pack_whose_blobs_still_verify_is_repaired() {
     for s in [&f.a1, &f.a2, &f.b1] {
         t.assert_restores(&s.0, s.1, s.2);
     }
+    // With --read-data the same damage is reported once, not again by
+    // the pass that reads the whole pack.
+    let rewritten: Vec<PathBuf> = t
+        .packs()
+        .into_iter()
+        .filter(|p| {
+            decode_pack_index(&std::fs::read(p).unwrap(), BS as u32)
+                .is_ok_and(|e| e.iter().any(|e| e.block_id == f.blob.block_id))
+        })
+        .collect();
+    assert_eq!(rewritten.len(), 1);
+    misname(&rewritten[0]);
+    let (check, report) = t.check(true);
+    check.expect_code(3);
+    assert_eq!(
+        report
+            .to_string()
+            .matches("does not match its name")
+            .count(),
+        1,
+        "reported once: {report}"
+    );
+    t.run(&[&"repair", &"packs"]).ok();
+    t.check(true).0.ok();
 }
 
 /// `check` reads each level once and resolves only chains with an unsound

@@ -375,7 +375,7 @@ fn saver(
                     name: done.name,
                     size_bytes: done.size_bytes,
                     entries: done.entries,
-                    trailer_format: crate::format::pack::TRAILER_FORMAT_TAIL,
+                    trailer_format: done.trailer_format,
                 });
                 // Memory stays bounded whatever the disk's size: the packs
                 // listed so far go out as an index object of their own.
