@@ -10,7 +10,10 @@
 # Environment: BENCH_SIZE_MIB (4096), BENCH_DIR (<repo>/bench-work-nbd),
 # BENCH_KEEP=1 keeps the work dir, CBTVAULT (binary), BENCH_CONNECTIONS (4),
 # BENCH_DROP_CACHES (0: the image stays in the page cache, as in the issue's
-# reference figures; 1: caches dropped before every timed step).
+# reference figures; 1: caches dropped before every timed step),
+# BENCH_REPO_DIR (the work dir: where the repositories go; /dev/shm takes the
+# disk's write speed out of the comparison with nbdcopy -> null:, which
+# writes nothing).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -18,6 +21,7 @@ SIZE_MIB=${BENCH_SIZE_MIB:-4096}
 WORK=${BENCH_DIR:-$ROOT/bench-work-nbd}
 CBT=${CBTVAULT:-$ROOT/target/release/cbtvault}
 CONN=${BENCH_CONNECTIONS:-4}
+REPOS=${BENCH_REPO_DIR:-$WORK}/nbd-bench-repos
 BS=65536
 
 die() { echo "nbd-bench: error: $*" >&2; exit 1; }
@@ -31,7 +35,7 @@ PIDS=()
 cleanup() {
   local rc=$?
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  [[ ${BENCH_KEEP:-0} == 1 ]] || rm -rf -- "$WORK"
+  [[ ${BENCH_KEEP:-0} == 1 ]] || rm -rf -- "$WORK" "${REPOS:-}"
   exit $rc
 }
 trap cleanup EXIT
@@ -96,9 +100,10 @@ log "nbdcopy to /dev/null"; drop; read -r nc_dev _ < <(timed nbdcopy "$URI" /dev
 log "nbdcopy to null:";     drop; read -r nc_null _ < <(timed nbdcopy "$URI" null:)
 log "nbdcopy TLS to null:"; drop; read -r nc_tls _ < <(timed nbdcopy "$TURI?tls-certificates=$PKI" null:)
 
-R=$WORK/repo; "$CBT" -r "$R" init -q
+rm -rf "$REPOS"; mkdir -p "$REPOS"
+R=$REPOS/repo; "$CBT" -r "$R" init -q
 log "cbtvault full backup"; drop; read -r cb_full cb_full_rss < <(timed "$CBT" -r "$R" backup -q "$URI" --nbd-connections "$CONN")
-R2=$WORK/repo-tls; "$CBT" -r "$R2" init -q
+R2=$REPOS/repo-tls; "$CBT" -r "$R2" init -q
 log "cbtvault full backup over TLS"; drop
 read -r cb_tls cb_tls_rss < <(timed "$CBT" -r "$R2" backup -q "$TURI" --tls-ca "$PKI/ca-cert.pem" --nbd-connections "$CONN")
 
@@ -110,7 +115,7 @@ qemu-img bitmap --add "$Q" b0
 SQ=$WORK/q.sock
 qemu-nbd -r -t --shared=8 -f qcow2 -x disk -k "$SQ" "$Q" & QP=$!; PIDS+=($QP)
 for _ in $(seq 100); do [[ -S $SQ ]] && break; sleep 0.1; done
-R3=$WORK/repo-qcow; "$CBT" -r "$R3" init -q
+R3=$REPOS/repo-qcow; "$CBT" -r "$R3" init -q
 QURI="nbd+unix:///disk?socket=$SQ"
 drop; read -r q_full _ < <(timed "$CBT" -r "$R3" backup -q "$QURI" --dirty-bitmap b0 --source-id bench-disk)
 kill "$QP"; wait "$QP" 2>/dev/null || true; rm -f "$SQ"
