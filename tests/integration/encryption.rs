@@ -486,3 +486,35 @@ fn a_terminal_is_asked_for_the_password() {
     let (code, out) = on_tty("hunter3\n", "snapshots");
     assert_eq!(code, 12, "{out}");
 }
+
+/// Sealed packs are named by their sealed trailer and footer
+/// (09-encryption.md#pack, 02-pack.md#naming): check finds a pack copied
+/// under another name from the listing reads alone, for an encrypted
+/// repository as for a plain one, and the original stays intact.
+#[test]
+fn a_pack_under_another_name_is_found_in_plain_and_encrypted_repositories() {
+    for t in [TestRepo::encrypted(&[]), TestRepo::new()] {
+        let img = marked_image(&t);
+        let id = TestRepo::id_of(&t.backup(&img.path, &[]));
+        let (check, report) = t.check(false);
+        assert_eq!(check.code, 0, "{report}");
+        let pack = t.packs().into_iter().next().expect("a pack");
+        let other = "ab".repeat(32);
+        let dir = t.repo.join("data").join("ab");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(&pack, dir.join(&other)).unwrap();
+        let (check, report) = t.check(false);
+        check.expect_code(3);
+        let text = report.to_string();
+        assert_eq!(
+            text.matches("does not match its name").count(),
+            1,
+            "{report}"
+        );
+        assert!(text.contains(&other), "{report}");
+        t.assert_restores(&id, img.hash(), img.size());
+        std::fs::remove_file(dir.join(&other)).unwrap();
+        let (check, report) = t.check(true);
+        assert_eq!(check.code, 0, "{report}");
+    }
+}
