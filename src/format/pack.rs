@@ -253,17 +253,8 @@ pub fn decode_trailer_framed(
             format!("entry count {count} out of range"),
         ));
     }
-    match c.u32()? {
-        TRAILER_FORMAT_WHOLE => {}
-        TRAILER_FORMAT_TAIL => {
-            c.array::<PACK_ID_LEN>()?;
-        }
-        other => {
-            return Err(FormatError::invalid(
-                WHAT,
-                format!("unsupported trailer format {other}"),
-            ))
-        }
+    if Naming::of_format(c.u32()?)? == Naming::Tail {
+        c.array::<PACK_ID_LEN>()?;
     }
     if c.remaining() != count as usize * ENTRY_LEN {
         return Err(FormatError::invalid(
@@ -367,6 +358,20 @@ pub enum Naming {
     Tail,
 }
 
+impl Naming {
+    /// The naming of a trailer's `trailer_format` field.
+    fn of_format(format: u32) -> Result<Naming, FormatError> {
+        match format {
+            TRAILER_FORMAT_WHOLE => Ok(Naming::WholeFile),
+            TRAILER_FORMAT_TAIL => Ok(Naming::Tail),
+            other => Err(FormatError::invalid(
+                "pack trailer",
+                format!("unsupported trailer format {other}"),
+            )),
+        }
+    }
+}
+
 /// The naming of a pack whose opened trailer is `plain`, already accepted
 /// by [`decode_trailer_framed`].
 pub fn naming(plain: &[u8]) -> Naming {
@@ -405,39 +410,10 @@ pub fn name_of_pack<'a>(
     let trailer_len = decode_footer_framed(&pack[footer_at..], len, framing)? as usize;
     let tail = &pack[footer_at - trailer_len..];
     let plain = open(&tail[..trailer_len]).map_err(|e| FormatError::invalid("pack trailer", e))?;
-    let naming = match plain
-        .get(4..8)
-        .map(|f| u32::from_le_bytes(f.try_into().unwrap()))
-    {
-        Some(TRAILER_FORMAT_TAIL) => Naming::Tail,
-        Some(TRAILER_FORMAT_WHOLE) => Naming::WholeFile,
-        Some(other) => {
-            return Err(FormatError::invalid(
-                "pack trailer",
-                format!("unsupported trailer format {other}"),
-            ))
-        }
-        None => {
-            return Err(FormatError::Truncated {
-                what: "pack trailer",
-                needed: 8,
-                available: plain.len() as u64,
-            })
-        }
-    };
-    Ok(expected_name(naming, tail, Some(pack)).expect("the whole pack is given"))
-}
-
-/// The name a pack's bytes call for: `tail` is its stored trailer and
-/// footer (the last `T + 12` bytes), `whole` all of it when at hand.
-/// `None` when the naming needs the whole file and it is not given.
-pub fn expected_name(
-    naming: Naming,
-    tail: &[u8],
-    whole: Option<&[u8]>,
-) -> Option<super::ObjectName> {
-    match naming {
-        Naming::Tail => Some(super::ObjectName(*blake3::hash(tail).as_bytes())),
-        Naming::WholeFile => whole.map(|w| super::ObjectName(*blake3::hash(w).as_bytes())),
-    }
+    let mut c = super::Cursor::new("pack trailer", &plain[..]);
+    c.u32()?;
+    Ok(match Naming::of_format(c.u32()?)? {
+        Naming::Tail => super::ObjectName::of(tail),
+        Naming::WholeFile => super::ObjectName::of(pack),
+    })
 }

@@ -504,8 +504,7 @@ impl PackWriter {
         if listed.as_deref() != Ok(&self.entries[..]) {
             return Err(PackError::TrailerMismatch);
         }
-        let name = layout::expected_name(layout::Naming::Tail, &self.buffer[tail_at..], None)
-            .expect("a tail name needs only the tail");
+        let name = ObjectName::of(&self.buffer[tail_at..]);
         Ok(FinishedPack {
             name,
             trailer_format: layout::TRAILER_FORMAT_TAIL,

@@ -184,9 +184,10 @@ pub fn run(
     }
     // Each readable pack's trailer, to compare index objects with.
     let mut trailer_digests: HashMap<ObjectName, blake3::Hash> = HashMap::new();
-    // Packs named by their tail whose tail does not match the name,
-    // reported once, here.
-    let mut misnamed: HashSet<ObjectName> = HashSet::new();
+    // Packs named by their tail (trailer format 1), whether the tail
+    // matches the name: checked and reported here, from the listing
+    // reads, and not again by the data pass.
+    let mut tail_named: HashMap<ObjectName, bool> = HashMap::new();
     progress.set_total(listed.len() as u64);
     for (name, size) in &listed {
         crate::interrupt::check()?;
@@ -206,6 +207,9 @@ pub fn run(
                 let entries = listing.entries;
                 // A pack named by its tail: its name is checked from the
                 // two reads just made (spec: format-spec/02-pack.md#naming).
+                if let Some(n) = listing.tail_name {
+                    tail_named.insert(pack, n == pack);
+                }
                 if listing.tail_name.is_some_and(|n| n != pack) {
                     report.error(
                         format!("pack {name}"),
@@ -221,7 +225,6 @@ pub fn run(
                     for (id, _) in rows {
                         repo.mark_damaged(&id, &pack, reason)?;
                     }
-                    misnamed.insert(pack);
                 }
                 trailer_digests.insert(
                     pack,
@@ -321,12 +324,14 @@ pub fn run(
                 }
             };
             progress.advance(size);
-            let codec = repo.codec();
-            let name_matches = crate::format::pack::name_of_pack(&bytes, codec.framing(), |t| {
-                codec.open_trailer(t).map_err(|e| e.to_string())
-            })
-            .is_ok_and(|n| n == pack);
-            if !name_matches && !misnamed.contains(&pack) {
+            // A tail name was checked by the structure pass; a whole-file
+            // name (trailer format 0, or a trailer that did not list) needs
+            // the whole file, which is at hand now.
+            let (name_matches, reported) = match tail_named.get(&pack) {
+                Some(&matches) => (matches, true),
+                None => (ObjectName::of(&bytes) == pack, false),
+            };
+            if !name_matches && !reported {
                 report.error(
                     format!("pack {name}"),
                     "content does not match its name (hash): the file was modified".into(),

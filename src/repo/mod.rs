@@ -922,12 +922,11 @@ impl Repository {
             framing,
         )
         .map_err(bad)?;
-        let naming = pack_layout::naming(&plain);
-        trailer.extend_from_slice(&footer);
-        Ok(PackListing {
-            entries,
-            tail_name: pack_layout::expected_name(naming, &trailer, None),
-        })
+        let tail_name = (pack_layout::naming(&plain) == pack_layout::Naming::Tail).then(|| {
+            trailer.extend_from_slice(&footer);
+            ObjectName::of(&trailer)
+        });
+        Ok(PackListing { entries, tail_name })
     }
 
     /// The packs an index object lists, from its stored bytes (opened when
