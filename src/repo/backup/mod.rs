@@ -284,6 +284,20 @@ impl BufPool {
     }
 }
 
+/// A scoped thread with a name (seen in `top -H`, `perf` and panics), so
+/// a stage of the pipeline can be told apart from the others. Failing to
+/// start a thread is fatal, as for `Scope::spawn`.
+fn spawn_named<'scope, 'env, T: Send + 'scope>(
+    s: &'scope std::thread::Scope<'scope, 'env>,
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'scope,
+) -> std::thread::ScopedJoinHandle<'scope, T> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn_scoped(s, f)
+        .expect("start a backup thread")
+}
+
 /// Threads reading (and then hashing) batches at once, so the source
 /// always has requests in flight while other batches are being hashed.
 const READERS: usize = 4;
@@ -422,7 +436,9 @@ fn writer(
             let committed = committed.clone();
             let spare = spare_tx.clone();
             to_savers.push(tx);
-            savers.push(s.spawn(move || saver(repo, catalog, rx, committed, spare)));
+            savers.push(spawn_named(s, "cbt-save", move || {
+                saver(repo, catalog, rx, committed, spare)
+            }));
         }
         drop(spare_tx);
         // Pack k goes to saver k % saver_count, all its bytes in order.
@@ -578,7 +594,7 @@ pub fn run(
             read_rxs.push(read_rx);
             let pool = &pool;
             let hasher = repo.codec().hasher();
-            s.spawn(move || {
+            spawn_named(s, "cbt-read", move || {
                 for indices in plan_rx {
                     let batch = read_batch(source, hasher, block_size, &indices, pool);
                     let failed = batch.is_err();
@@ -589,102 +605,107 @@ pub fn run(
             });
         }
         let stopped = &stopped;
-        let planner = s.spawn(move || -> Result<Option<(BlockBitmap, bool)>, RepoError> {
-            let mut k = 0;
-            let mut send = |indices: Vec<u64>| {
-                k += 1;
-                plan_txs[(k - 1) % READERS].send(indices).is_ok()
-            };
-            let Some(walk) = walk else {
-                let mut all = 0..blocks;
-                let mut marked = changed.map(BlockBitmap::iter);
-                let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
-                    Some(m) => m,
-                    None => &mut all,
+        let planner = spawn_named(
+            s,
+            "cbt-plan",
+            move || -> Result<Option<(BlockBitmap, bool)>, RepoError> {
+                let mut k = 0;
+                let mut send = |indices: Vec<u64>| {
+                    k += 1;
+                    plan_txs[(k - 1) % READERS].send(indices).is_ok()
                 };
-                loop {
-                    let indices: Vec<u64> = (&mut *it).take(batch_blocks).collect();
-                    if indices.is_empty() || !send(indices) {
-                        return Ok(None);
+                let Some(walk) = walk else {
+                    let mut all = 0..blocks;
+                    let mut marked = changed.map(BlockBitmap::iter);
+                    let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
+                        Some(m) => m,
+                        None => &mut all,
+                    };
+                    loop {
+                        let indices: Vec<u64> = (&mut *it).take(batch_blocks).collect();
+                        if indices.is_empty() || !send(indices) {
+                            return Ok(None);
+                        }
                     }
-                }
-            };
-            // Blocks are planned as the walk names them, in ascending order;
-            // a block named twice (two ranges sharing it) is planned once. A
-            // walk that goes back to a block it passed without naming it is
-            // an error: that block is already counted as zero.
-            let mut read = BlockBitmap::empty(blocks);
-            let mut batch = Vec::with_capacity(batch_blocks);
-            let mut next = 0u64;
-            let mut total = 0u64;
-            let mut open = true;
-            let mut interrupted = None;
-            let mut backwards = None;
-            walk(&mut |ranges| {
-                // A map with long stretches of holes sends nothing for a
-                // while: the pipeline's end and stop signals are checked
-                // here too.
-                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
-                    open = false;
-                    return false;
-                }
-                if let Err(e) = crate::interrupt::check() {
-                    interrupted = Some(e);
-                    open = false;
-                    return false;
-                }
-                for &(offset, len) in ranges {
-                    if len == 0 || blocks == 0 || offset >= disk_size {
-                        continue;
-                    }
-                    let start = offset / block_size as u64;
-                    let last =
-                        ((offset.saturating_add(len) - 1) / block_size as u64).min(blocks - 1);
-                    if (start..next.min(last + 1)).any(|b| !read.is_set(b)) {
-                        backwards = Some(offset);
+                };
+                // Blocks are planned as the walk names them, in ascending order;
+                // a block named twice (two ranges sharing it) is planned once. A
+                // walk that goes back to a block it passed without naming it is
+                // an error: that block is already counted as zero.
+                let mut read = BlockBitmap::empty(blocks);
+                let mut batch = Vec::with_capacity(batch_blocks);
+                let mut next = 0u64;
+                let mut total = 0u64;
+                let mut open = true;
+                let mut interrupted = None;
+                let mut backwards = None;
+                walk(&mut |ranges| {
+                    // A map with long stretches of holes sends nothing for a
+                    // while: the pipeline's end and stop signals are checked
+                    // here too.
+                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
                         open = false;
                         return false;
                     }
-                    let first = start.max(next);
-                    for b in first..=last {
-                        read.set(b);
-                        total += span_len(disk_size, block_size, b);
-                        batch.push(b);
-                        if batch.len() == batch_blocks && !send(std::mem::take(&mut batch)) {
+                    if let Err(e) = crate::interrupt::check() {
+                        interrupted = Some(e);
+                        open = false;
+                        return false;
+                    }
+                    for &(offset, len) in ranges {
+                        if len == 0 || blocks == 0 || offset >= disk_size {
+                            continue;
+                        }
+                        let start = offset / block_size as u64;
+                        let last =
+                            ((offset.saturating_add(len) - 1) / block_size as u64).min(blocks - 1);
+                        if (start..next.min(last + 1)).any(|b| !read.is_set(b)) {
+                            backwards = Some(offset);
                             open = false;
                             return false;
                         }
+                        let first = start.max(next);
+                        for b in first..=last {
+                            read.set(b);
+                            total += span_len(disk_size, block_size, b);
+                            batch.push(b);
+                            if batch.len() == batch_blocks && !send(std::mem::take(&mut batch)) {
+                                open = false;
+                                return false;
+                            }
+                        }
+                        next = next.max(last + 1);
                     }
-                    next = next.max(last + 1);
+                    true
+                })?;
+                if let Some(e) = interrupted {
+                    return Err(e.into());
                 }
-                true
-            })?;
-            if let Some(e) = interrupted {
-                return Err(e.into());
-            }
-            if let Some(offset) = backwards {
-                return Err(SourceError::Invalid {
+                if let Some(offset) = backwards {
+                    return Err(SourceError::Invalid {
                     source_name: source.identity().to_string(),
                     reason: format!(
                         "the allocation map went back to byte {offset}, past blocks it had not named; nothing committed"
                     ),
                 }
                 .into());
-            }
-            if open {
-                progress.set_total(total);
-                if !batch.is_empty() {
-                    open = send(batch);
                 }
-            }
-            Ok(Some((read, open)))
-        });
+                if open {
+                    progress.set_total(total);
+                    if !batch.is_empty() {
+                        open = send(batch);
+                    }
+                }
+                Ok(Some((read, open)))
+            },
+        );
         let read_rx = InOrder {
             rxs: read_rxs,
             next: 0,
         };
-        let writer_handle =
-            s.spawn(move || writer(repo, write_rx, done_tx, options.pack_size_target_bytes));
+        let writer_handle = spawn_named(s, "cbt-write", move || {
+            writer(repo, write_rx, done_tx, options.pack_size_target_bytes)
+        });
         let process_result = (|| -> Result<(), RepoError> {
             let catalog = repo.open_catalog()?;
             // More connections for the dedup lookups of large batches: a
@@ -929,7 +950,9 @@ fn contains_intact(
     std::thread::scope(|s| {
         let handles: Vec<_> = chunks
             .zip(more.iter_mut())
-            .map(|(chunk, conn)| s.spawn(move || conn.contains_intact_many(chunk)))
+            .map(|(chunk, conn)| {
+                spawn_named(s, "cbt-lookup", move || conn.contains_intact_many(chunk))
+            })
             .collect();
         let mut out = main.contains_intact_many(first)?;
         for h in handles {
