@@ -607,6 +607,39 @@ mod tests {
         assert!(!looks_incompressible(&random(4096, 3)));
     }
 
+    /// Verify before write, for the tail: a writer whose entries no longer
+    /// describe the blobs it appended (here an entry made to run into the
+    /// trailer, then one made to overlap its neighbour) refuses to finish
+    /// the pack rather than name and hand out bytes a reader would refuse.
+    #[test]
+    fn writer_refuses_a_tail_that_does_not_list_its_blobs() {
+        let rnd = random(65536, 5);
+        let other = random(65536, 6);
+        let shared: SharedBytes = Arc::new([rnd.clone(), other.clone()].concat());
+        let a = prepare_block(&shared, 0..65536, BlockId::of(&rnd), 3, true).unwrap();
+        let b = prepare_block(&shared, 65536..131072, BlockId::of(&other), 3, true).unwrap();
+        let written = |damage: &dyn Fn(&mut Vec<TrailerEntry>)| {
+            let mut w = PackWriter::new(1 << 20, &Codec::Plain);
+            w.add(&a).unwrap();
+            w.add(&b).unwrap();
+            damage(&mut w.entries);
+            w.finish()
+        };
+        assert!(written(&|_| {}).is_ok());
+        let past_the_end = written(&|e| e[1].stored_length += 64);
+        assert!(
+            matches!(past_the_end, Err(PackError::TrailerMismatch)),
+            "{:?}",
+            past_the_end.err()
+        );
+        let overlapping = written(&|e| e[1].offset -= 16);
+        assert!(
+            matches!(overlapping, Err(PackError::TrailerMismatch)),
+            "{:?}",
+            overlapping.err()
+        );
+    }
+
     #[test]
     fn pack_with_raw_and_compressed_blocks_reads_back() {
         let rnd = random(65536, 42);
