@@ -225,7 +225,7 @@ pub(crate) fn run_disk(
                 Ok(()) => format!("{descriptor_path} and {flat_path} were deleted"),
                 Err(left) => left,
             },
-            Some(old) => old.roll_back(&upload, descriptor_sent.get()),
+            Some(old) => old.roll_back(ui, &upload, descriptor_sent.get()),
         };
         return Err(anyhow::Error::new(e).context(format!(
             "restore of snapshot {id} to {descriptor_path} failed; {cleanup}"
@@ -404,17 +404,25 @@ impl Replacement {
     /// After a failed replacement: the new flat file deleted, and the old
     /// descriptor put back when `overwritten` (the new one was sent), or
     /// the new one deleted when there was none. Says what was done, or
-    /// what is left.
-    fn roll_back(&self, upload: &Upload<'_>, overwritten: bool) -> String {
+    /// what is left; when the old descriptor could not be put back, its
+    /// text is shown first (`ui`), as a warning of its own: this process
+    /// holds the only copy left.
+    fn roll_back(&self, ui: &Ui, upload: &Upload<'_>, overwritten: bool) -> String {
         let t = upload.target;
         let flat = upload.remove_partial(&t.flat());
         let descriptor = match (&self.descriptor, overwritten) {
             (Some(bytes), true) => upload.put_descriptor(bytes.clone()).map_err(|e| {
+                ui.warn(format!(
+                    "the old descriptor of {}, to write back by hand:\n{}",
+                    t.datastore_path(&t.descriptor),
+                    String::from_utf8_lossy(bytes).trim_end()
+                ));
                 format!(
-                    "the old descriptor could not be put back ({e}): {} may name the deleted {}; the old data file is intact and the old descriptor was {} bytes",
+                    "the old descriptor could not be put back ({e}): {} may name the deleted {}; the old data file is intact; write the old descriptor ({} bytes, shown above) back to {}",
                     t.datastore_path(&t.descriptor),
                     t.datastore_path(&t.flat()),
-                    bytes.len()
+                    bytes.len(),
+                    t.datastore_path(&t.descriptor),
                 )
             }),
             (Some(_), false) => Ok(()),

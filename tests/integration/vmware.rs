@@ -519,6 +519,59 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
     assert_eq!(std::fs::read(&descriptor).unwrap(), old_text);
     assert_eq!(datastore_files(&sim, "restored"), files_before);
 
+    // The same, and the host then refuses the old descriptor's put-back
+    // too: the new flat file is still deleted (the descriptor names
+    // nothing that could be read as the old disk), the old data file is
+    // untouched, and the error says what to write back where, with the
+    // old descriptor's text (the only copy left).
+    sim.corrupt_next_put(4096);
+    sim.refuse_put_after(2);
+    let r = restore_to(
+        &t,
+        &sim,
+        other,
+        "restored/db01 disk1.vmdk",
+        &["--force", "--verify"],
+    )
+    .expect_code(1);
+    assert!(
+        sim.calls().iter().any(|c| c.ends_with("503 refused")),
+        "the fault did not fire: {:?}",
+        sim.calls()
+    );
+    assert!(
+        r.stderr
+            .contains("the old descriptor could not be put back")
+            && r.stderr.contains("[datastore1] restored/db01 disk1.vmdk"),
+        "{}",
+        r.stderr
+    );
+    // The text comes first, as a warning of its own, whole.
+    let old_descriptor = String::from_utf8(old_text.clone()).unwrap();
+    let shown: Vec<String> = r
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|m| m["message_type"] == "warning")
+        .filter_map(|m| m["message"].as_str().map(str::to_string))
+        .filter(|m| m.starts_with("the old descriptor of [datastore1] restored/db01 disk1.vmdk"))
+        .collect();
+    assert_eq!(shown.len(), 1, "{}", r.stderr);
+    assert!(
+        shown[0].ends_with(&format!(":\n{}", old_descriptor.trim_end())),
+        "{}",
+        shown[0]
+    );
+    assert_eq!(crate::util::hash_file(&flat), before);
+    assert_ne!(std::fs::read(&descriptor).unwrap(), old_text);
+    assert_eq!(datastore_files(&sim, "restored"), files_before);
+    // The administrator writes it back, and the old disk reads as before.
+    std::fs::write(&descriptor, &old_text).unwrap();
+    assert_eq!(
+        qemu_img_raw(&descriptor, &t.path("old-again-via-qemu.raw")),
+        (blake3::hash(&live), DISK)
+    );
+
     // --force that succeeds: the new disk under a flat file of its own
     // name, the descriptor naming it, the old flat file deleted last.
     let j = restore_to(

@@ -121,6 +121,7 @@ fn fault(core: &Core, head: &RequestHead) -> Result<serde_json::Value, String> {
         }
         "ignore_range" => st.faults.ignore_range = flag(head, "on")?,
         "corrupt_put" => st.faults.corrupt_put = Some(number(head, "offset")?),
+        "refuse_put" => st.faults.refuse_put_after = Some(number(head, "after")?),
         "delay" => st.faults.delay = Duration::from_millis(number(head, "ms")?),
         "task_duration" => st.faults.task_duration = Duration::from_millis(number(head, "ms")?),
         "reset_cbt" => {

@@ -65,7 +65,9 @@
 //!   response is cut mid-way and the connection closed; `target` =
 //!   `folder_put`: a PUT's connection closes after half the body and the
 //!   partial file stays; `corrupt_put` (`offset`): the next PUT /folder
-//!   stores its body with the byte at that offset inverted; `ignore_range`
+//!   stores its body with the byte at that offset inverted; `refuse_put`
+//!   (`after`): the PUT /folder after that many more is refused with 503,
+//!   nothing stored; `ignore_range`
 //!   (`on`): GET /folder answers 200 with the whole file; `delay` (`ms`):
 //!   every response waits; `task_duration` (`ms`); `reset_cbt` (`vm`): a
 //!   new epoch on every tracked disk; `disable_cbt` (`vm`); `replace_disk`
@@ -497,6 +499,11 @@ impl Simulator {
     /// inverted (answering as if all were well).
     pub fn corrupt_next_put(&self, offset: u64) {
         self.core.lock().faults.corrupt_put = Some(offset);
+    }
+
+    /// The PUT /folder after `after` more is refused (503, nothing stored).
+    pub fn refuse_put_after(&self, after: u32) {
+        self.core.lock().faults.refuse_put_after = Some(after);
     }
 
     /// GET /folder ignores `Range` (answers 200 with the whole file).

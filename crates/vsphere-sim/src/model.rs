@@ -195,6 +195,9 @@ pub struct Faults {
     /// The next PUT /folder stores its body with the byte at this offset
     /// inverted (a host that damages what it stores).
     pub corrupt_put: Option<u64>,
+    /// PUTs /folder to let through before one is refused (503, nothing
+    /// stored, the body not read): a host that fails an upload outright.
+    pub refuse_put_after: Option<u32>,
     /// Every response waits this long first.
     pub delay: Duration,
     /// Tasks stay `running` this long.
@@ -882,6 +885,22 @@ impl State {
             self.faults.fail_calls.remove(pos);
         }
         Some(out)
+    }
+
+    /// Whether this PUT /folder is the one to refuse (and counts the ones
+    /// let through before it).
+    pub fn take_refused_put(&mut self) -> bool {
+        match self.faults.refuse_put_after {
+            Some(0) => {
+                self.faults.refuse_put_after = None;
+                true
+            }
+            Some(n) => {
+                self.faults.refuse_put_after = Some(n - 1);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Whether the response to `what` is to be cut (and counts it).

@@ -477,6 +477,12 @@ impl Conn {
                 .log_call(format!("HTTP PUT /folder/{relative} 403 locked"));
             return self.text(403, "the file is locked by a VM", false).await;
         }
+        if self.core.lock().take_refused_put() {
+            // Refused without reading a body; the connection closes.
+            self.core
+                .log_call(format!("HTTP PUT /folder/{relative} 503 refused"));
+            return self.text(503, "the host refused the upload", false).await;
+        }
         // The `folder_put` drop fault: the connection closes after half
         // the body, and what arrived stays in place as a partial file (as
         // a host may leave it).
