@@ -225,7 +225,7 @@ pub(crate) fn run_disk(
                 Ok(()) => format!("{descriptor_path} and {flat_path} were deleted"),
                 Err(left) => left,
             },
-            Some(old) => old.roll_back(ui, &upload, descriptor_sent.get()),
+            Some(old) => old.roll_back(&upload, descriptor_sent.get()),
         };
         return Err(anyhow::Error::new(e).context(format!(
             "restore of snapshot {id} to {descriptor_path} failed; {cleanup}"
@@ -405,20 +405,22 @@ impl Replacement {
     /// descriptor put back when `overwritten` (the new one was sent), or
     /// the new one deleted when there was none. Says what was done, or
     /// what is left; when the old descriptor could not be put back, its
-    /// text is shown first (`ui`), as a warning of its own: this process
-    /// holds the only copy left.
-    fn roll_back(&self, ui: &Ui, upload: &Upload<'_>, overwritten: bool) -> String {
+    /// exact bytes are saved to a local file (this process holds the only
+    /// copy left) and the message says where, and where they go.
+    fn roll_back(&self, upload: &Upload<'_>, overwritten: bool) -> String {
         let t = upload.target;
         let flat = upload.remove_partial(&t.flat());
         let descriptor = match (&self.descriptor, overwritten) {
             (Some(bytes), true) => upload.put_descriptor(bytes.clone()).map_err(|e| {
-                ui.warn(format!(
-                    "the old descriptor of {}, to write back by hand:\n{}",
-                    t.datastore_path(&t.descriptor),
-                    String::from_utf8_lossy(bytes).trim_end()
-                ));
+                let copy = match keep_locally(bytes) {
+                    Ok(path) => format!("its exact bytes are saved in '{}'", path.display()),
+                    Err(saving) => format!(
+                        "it could not be saved locally either ({saving}); its text: {}",
+                        printable(bytes)
+                    ),
+                };
                 format!(
-                    "the old descriptor could not be put back ({e}): {} may name the deleted {}; the old data file is intact; write the old descriptor ({} bytes, shown above) back to {}",
+                    "the old descriptor could not be put back ({e}): {} names {} (the new data file); the old disk's data files were not touched; write the old descriptor ({} bytes) back to {}: {copy}",
                     t.datastore_path(&t.descriptor),
                     t.datastore_path(&t.flat()),
                     bytes.len(),
@@ -441,9 +443,58 @@ impl Replacement {
     }
 }
 
+/// Saves an old descriptor that could not be put back, byte for byte, in
+/// a new file of the temporary directory that only the user can read (a
+/// descriptor may hold an encrypted disk's key safe); returns its path.
+fn keep_locally(bytes: &[u8]) -> std::io::Result<std::path::PathBuf> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = std::env::temp_dir().join(format!(
+        "cbtvault-old-descriptor-{:016x}.vmdk",
+        rand::random::<u64>()
+    ));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(path)
+}
+
+/// A descriptor's text for a message when it could not be saved: as it is
+/// when it is plain text, with any other control character escaped (a
+/// datastore's file must not drive the terminal).
+fn printable(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .map(|c| match c {
+            '\n' | '\t' => c.to_string(),
+            c if c.is_control() => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::restore_flat_name;
+    use super::{keep_locally, printable, restore_flat_name};
+
+    /// A descriptor that could not be put back is kept byte for byte, for
+    /// the user only; shown as text, control characters are escaped.
+    #[test]
+    fn an_old_descriptor_is_kept_exactly_and_shown_harmlessly() {
+        use std::os::unix::fs::PermissionsExt;
+        let bytes = b"# Disk DescriptorFile\nRW 8 VMFS \"caf\xe9-flat.vmdk\"\n";
+        let path = keep_locally(bytes).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), bytes);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(printable(b"a\n\tb"), "a\n\tb");
+        assert_eq!(printable(b"x\x1b[2Jy\r"), "x\\u{1b}[2Jy\\r");
+    }
 
     /// Only the names a restore gives flat files are deleted as an old
     /// disk's data.

@@ -576,16 +576,18 @@ fn files_damaged_block_fails_its_file_by_name_and_block_and_the_rest_restores() 
 /// Renames directory entries in an ext4 image by patching their name
 /// bytes (no metadata checksums, linear directories). Only a directory
 /// entry's name matches: the byte two before it is the name's length
-/// (ext4_dir_entry_2: inode, rec_len, name_len, file_type, name), so two
-/// bytes of a UUID, hash seed or time that happen to spell the name are
-/// not taken for it.
+/// (ext4_dir_entry_2: inode, rec_len, name_len, file_type, name) and it
+/// starts 4-byte aligned, as entries do, so two bytes of a UUID, hash seed
+/// or time that happen to spell the name are not taken for it.
 fn patch_name(image: &Path, from: &[u8], to: &[u8]) {
     assert_eq!(from.len(), to.len());
     let mut bytes = fs::read(image).unwrap();
     let hits: Vec<usize> = bytes
         .windows(from.len())
         .enumerate()
-        .filter(|&(i, w)| w == from && i >= 2 && usize::from(bytes[i - 2]) == from.len())
+        .filter(|&(i, w)| {
+            w == from && i % 4 == 0 && i >= 2 && usize::from(bytes[i - 2]) == from.len()
+        })
         .map(|(i, _)| i)
         .collect();
     assert_eq!(hits.len(), 1, "{:?} found {} times", from, hits.len());

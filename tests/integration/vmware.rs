@@ -520,10 +520,10 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
     assert_eq!(datastore_files(&sim, "restored"), files_before);
 
     // The same, and the host then refuses the old descriptor's put-back
-    // too: the new flat file is still deleted (the descriptor names
-    // nothing that could be read as the old disk), the old data file is
-    // untouched, and the error says what to write back where, with the
-    // old descriptor's text (the only copy left).
+    // too: the new flat file is still deleted, the old data file is
+    // untouched, and the error says what to write back where; the old
+    // descriptor's exact bytes (the only copy left) are in a local file
+    // only the user can read, which the error names.
     sim.corrupt_next_put(4096);
     sim.refuse_put_after(2);
     let r = restore_to(
@@ -539,34 +539,41 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
         "the fault did not fire: {:?}",
         sim.calls()
     );
-    assert!(
-        r.stderr
-            .contains("the old descriptor could not be put back")
-            && r.stderr.contains("[datastore1] restored/db01 disk1.vmdk"),
-        "{}",
-        r.stderr
-    );
-    // The text comes first, as a warning of its own, whole.
-    let old_descriptor = String::from_utf8(old_text.clone()).unwrap();
-    let shown: Vec<String> = r
+    let error: Value = r
         .stderr
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["message_type"] == "warning")
-        .filter_map(|m| m["message"].as_str().map(str::to_string))
-        .filter(|m| m.starts_with("the old descriptor of [datastore1] restored/db01 disk1.vmdk"))
-        .collect();
-    assert_eq!(shown.len(), 1, "{}", r.stderr);
+        .find(|m| m["message_type"] == "error")
+        .unwrap_or_else(|| panic!("no error message: {}", r.stderr));
+    let message = error["message"].as_str().unwrap();
     assert!(
-        shown[0].ends_with(&format!(":\n{}", old_descriptor.trim_end())),
-        "{}",
-        shown[0]
+        message.contains("the old descriptor could not be put back")
+            && message.contains(
+                "write the old descriptor (442 bytes) back to [datastore1] restored/db01 disk1.vmdk: its exact bytes are saved in '"
+            ),
+        "{message}"
     );
+    assert_eq!(old_text.len(), 442);
+    let saved = message
+        .split("its exact bytes are saved in '")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .map(std::path::PathBuf::from)
+        .unwrap();
+    assert_eq!(std::fs::read(&saved).unwrap(), old_text);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&saved).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     assert_eq!(crate::util::hash_file(&flat), before);
     assert_ne!(std::fs::read(&descriptor).unwrap(), old_text);
     assert_eq!(datastore_files(&sim, "restored"), files_before);
-    // The administrator writes it back, and the old disk reads as before.
-    std::fs::write(&descriptor, &old_text).unwrap();
+    // The administrator writes the saved file back, and the old disk
+    // reads as before.
+    std::fs::copy(&saved, &descriptor).unwrap();
+    std::fs::remove_file(&saved).unwrap();
+    assert_eq!(std::fs::read(&descriptor).unwrap(), old_text);
     assert_eq!(
         qemu_img_raw(&descriptor, &t.path("old-again-via-qemu.raw")),
         (blake3::hash(&live), DISK)

@@ -66,8 +66,11 @@
 //!   `folder_put`: a PUT's connection closes after half the body and the
 //!   partial file stays; `corrupt_put` (`offset`): the next PUT /folder
 //!   stores its body with the byte at that offset inverted; `refuse_put`
-//!   (`after`): the PUT /folder after that many more is refused with 503,
-//!   nothing stored; `ignore_range`
+//!   (`after`; 0: the next one): the PUT /folder after that many more
+//!   stored ones is refused with 503 and the connection closed, nothing
+//!   stored and the body not read (a client still sending a large body
+//!   may see the connection reset instead; PUTs refused for another reason
+//!   do not count); `ignore_range`
 //!   (`on`): GET /folder answers 200 with the whole file; `delay` (`ms`):
 //!   every response waits; `task_duration` (`ms`); `reset_cbt` (`vm`): a
 //!   new epoch on every tracked disk; `disable_cbt` (`vm`); `replace_disk`
@@ -501,7 +504,8 @@ impl Simulator {
         self.core.lock().faults.corrupt_put = Some(offset);
     }
 
-    /// The PUT /folder after `after` more is refused (503, nothing stored).
+    /// The PUT /folder after `after` more is refused (503, nothing stored,
+    /// the body not read; see `refuse_put` above).
     pub fn refuse_put_after(&self, after: u32) {
         self.core.lock().faults.refuse_put_after = Some(after);
     }
