@@ -488,19 +488,23 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
         (blake3::hash(&live), DISK)
     );
 
+    // A --force --verify restore of the other snapshot over the same disk.
+    let replace_verified = || {
+        restore_to(
+            &t,
+            &sim,
+            other,
+            "restored/db01 disk1.vmdk",
+            &["--force", "--verify"],
+        )
+    };
+
     // --force whose read-back fails (the host damages the new flat file
     // after the descriptor was replaced): the old descriptor is put back,
     // the new flat file deleted, the old disk reads as before.
     let calls_before = sim.calls().len();
     sim.corrupt_next_put(4096);
-    let r = restore_to(
-        &t,
-        &sim,
-        other,
-        "restored/db01 disk1.vmdk",
-        &["--force", "--verify"],
-    )
-    .expect_code(1);
+    let r = replace_verified().expect_code(1);
     assert!(
         r.stderr.contains("the old disk was left as it was"),
         "{}",
@@ -526,14 +530,7 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
     // only the user can read, which the error names.
     sim.corrupt_next_put(4096);
     sim.refuse_put_after(2);
-    let r = restore_to(
-        &t,
-        &sim,
-        other,
-        "restored/db01 disk1.vmdk",
-        &["--force", "--verify"],
-    )
-    .expect_code(1);
+    let r = replace_verified().expect_code(1);
     assert!(
         sim.calls().iter().any(|c| c.ends_with("503 refused")),
         "the fault did not fire: {:?}",
@@ -581,15 +578,7 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
 
     // --force that succeeds: the new disk under a flat file of its own
     // name, the descriptor naming it, the old flat file deleted last.
-    let j = restore_to(
-        &t,
-        &sim,
-        other,
-        "restored/db01 disk1.vmdk",
-        &["--force", "--verify"],
-    )
-    .ok()
-    .json();
+    let j = replace_verified().ok().json();
     assert_eq!(j["replaced"], true);
     let new_flat = j["flat_path"]
         .as_str()
