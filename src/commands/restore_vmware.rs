@@ -413,14 +413,19 @@ impl Replacement {
         let descriptor = match (&self.descriptor, overwritten) {
             (Some(bytes), true) => upload.put_descriptor(bytes.clone()).map_err(|e| {
                 let copy = match keep_locally(bytes) {
-                    Ok(path) => format!("its exact bytes are saved in '{}'", path.display()),
+                    Ok(path) => format!("its exact bytes are saved in {path:?}"),
                     Err(saving) => format!(
-                        "it could not be saved locally either ({saving}); its text: {}",
+                        "it could not be saved locally either ({saving}); its text, with every byte but newline and tab that is not printable ASCII (and \\, ', \") escaped as \\xNN, \\\\, \\' or \\\": {}",
                         printable(bytes)
                     ),
                 };
+                let new_flat = if flat.is_ok() {
+                    "the new data file, deleted"
+                } else {
+                    "the new data file"
+                };
                 format!(
-                    "the old descriptor could not be put back ({e}): {} names {} (the new data file); the old disk's data files were not touched; write the old descriptor ({} bytes) back to {}: {copy}",
+                    "the old descriptor could not be put back ({e}): {} may name {} ({new_flat}); the old disk's data files were not touched; write the old descriptor ({} bytes) back to {}: {copy}",
                     t.datastore_path(&t.descriptor),
                     t.datastore_path(&t.flat()),
                     bytes.len(),
@@ -458,21 +463,27 @@ fn keep_locally(bytes: &[u8]) -> std::io::Result<std::path::PathBuf> {
         .create_new(true)
         .mode(0o600)
         .open(&path)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    Ok(path)
+    match file.write_all(bytes).and_then(|()| file.sync_all()) {
+        Ok(()) => Ok(path),
+        Err(e) => {
+            // A partial copy helps nobody and may hold a key safe.
+            let _ = std::fs::remove_file(&path);
+            Err(e)
+        }
+    }
 }
 
-/// A descriptor's text for a message when it could not be saved: as it is
-/// when it is plain text, with any other control character escaped (a
-/// datastore's file must not drive the terminal).
+/// A descriptor's bytes for a message when they could not be saved: each
+/// byte that is printable ASCII (but `\`, `'` and `"`), newline or tab as
+/// it is, every other one escaped (`\xNN`, `\\`, ...), so the text can
+/// be turned back into the exact bytes and a datastore's file cannot
+/// drive the terminal.
 fn printable(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes)
-        .chars()
-        .map(|c| match c {
-            '\n' | '\t' => c.to_string(),
-            c if c.is_control() => c.escape_default().to_string(),
-            c => c.to_string(),
+    bytes
+        .iter()
+        .map(|&b| match b {
+            b'\n' | b'\t' => char::from(b).to_string(),
+            b => std::ascii::escape_default(b).to_string(),
         })
         .collect()
 }
@@ -493,7 +504,8 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_file(&path).unwrap();
         assert_eq!(printable(b"a\n\tb"), "a\n\tb");
-        assert_eq!(printable(b"x\x1b[2Jy\r"), "x\\u{1b}[2Jy\\r");
+        assert_eq!(printable(b"x\x1b[2Jy\r"), "x\\x1b[2Jy\\r");
+        assert_eq!(printable(b"caf\xe9 \"\\"), "caf\\xe9 \\\"\\\\");
     }
 
     /// Only the names a restore gives flat files are deleted as an old

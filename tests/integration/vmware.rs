@@ -379,7 +379,17 @@ fn restore_to(t: &TestRepo, sim: &Simulator, id: &str, path: &str, extra: &[&str
     for e in extra {
         args.push(e);
     }
-    t.run_env(&args, &[("CBTVAULT_VMWARE_PASSWORD", PASSWORD)])
+    // A temporary directory of the test's own (where a descriptor that
+    // could not be put back is saved).
+    let tmp = t.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    t.run_env(
+        &args,
+        &[
+            ("CBTVAULT_VMWARE_PASSWORD", PASSWORD),
+            ("TMPDIR", tmp.to_str().unwrap()),
+        ],
+    )
 }
 
 /// The disk a descriptor describes, as qemu-img (a real VMDK reader)
@@ -545,18 +555,24 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
     let message = error["message"].as_str().unwrap();
     assert!(
         message.contains("the old descriptor could not be put back")
+            && message.contains("(the new data file, deleted)")
             && message.contains(
-                "write the old descriptor (442 bytes) back to [datastore1] restored/db01 disk1.vmdk: its exact bytes are saved in '"
+                "write the old descriptor (442 bytes) back to [datastore1] restored/db01 disk1.vmdk: its exact bytes are saved in \""
             ),
         "{message}"
     );
     assert_eq!(old_text.len(), 442);
-    let saved = message
-        .split("its exact bytes are saved in '")
-        .nth(1)
-        .and_then(|rest| rest.split('\'').next())
-        .map(std::path::PathBuf::from)
-        .unwrap();
+    // The one file in the run's temporary directory, named by the error.
+    let kept: Vec<std::path::PathBuf> = std::fs::read_dir(t.path("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(kept.len(), 1, "{kept:?} {message}");
+    let saved = kept[0].clone();
+    assert!(
+        message.contains(&format!("saved in {saved:?}")),
+        "{message}"
+    );
     assert_eq!(std::fs::read(&saved).unwrap(), old_text);
     {
         use std::os::unix::fs::PermissionsExt;
