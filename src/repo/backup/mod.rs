@@ -605,100 +605,97 @@ pub fn run(
             });
         }
         let stopped = &stopped;
-        let planner = spawn_named(
-            s,
-            "cbt-plan",
-            move || -> Result<Option<(BlockBitmap, bool)>, RepoError> {
-                let mut k = 0;
-                let mut send = |indices: Vec<u64>| {
-                    k += 1;
-                    plan_txs[(k - 1) % READERS].send(indices).is_ok()
+        let plan = move || -> Result<Option<(BlockBitmap, bool)>, RepoError> {
+            let mut k = 0;
+            let mut send = |indices: Vec<u64>| {
+                k += 1;
+                plan_txs[(k - 1) % READERS].send(indices).is_ok()
+            };
+            let Some(walk) = walk else {
+                let mut all = 0..blocks;
+                let mut marked = changed.map(BlockBitmap::iter);
+                let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
+                    Some(m) => m,
+                    None => &mut all,
                 };
-                let Some(walk) = walk else {
-                    let mut all = 0..blocks;
-                    let mut marked = changed.map(BlockBitmap::iter);
-                    let it: &mut dyn Iterator<Item = u64> = match marked.as_mut() {
-                        Some(m) => m,
-                        None => &mut all,
-                    };
-                    loop {
-                        let indices: Vec<u64> = (&mut *it).take(batch_blocks).collect();
-                        if indices.is_empty() || !send(indices) {
-                            return Ok(None);
-                        }
+                loop {
+                    let indices: Vec<u64> = (&mut *it).take(batch_blocks).collect();
+                    if indices.is_empty() || !send(indices) {
+                        return Ok(None);
                     }
-                };
-                // Blocks are planned as the walk names them, in ascending order;
-                // a block named twice (two ranges sharing it) is planned once. A
-                // walk that goes back to a block it passed without naming it is
-                // an error: that block is already counted as zero.
-                let mut read = BlockBitmap::empty(blocks);
-                let mut batch = Vec::with_capacity(batch_blocks);
-                let mut next = 0u64;
-                let mut total = 0u64;
-                let mut open = true;
-                let mut interrupted = None;
-                let mut backwards = None;
-                walk(&mut |ranges| {
-                    // A map with long stretches of holes sends nothing for a
-                    // while: the pipeline's end and stop signals are checked
-                    // here too.
-                    if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                }
+            };
+            // Blocks are planned as the walk names them, in ascending order;
+            // a block named twice (two ranges sharing it) is planned once. A
+            // walk that goes back to a block it passed without naming it is
+            // an error: that block is already counted as zero.
+            let mut read = BlockBitmap::empty(blocks);
+            let mut batch = Vec::with_capacity(batch_blocks);
+            let mut next = 0u64;
+            let mut total = 0u64;
+            let mut open = true;
+            let mut interrupted = None;
+            let mut backwards = None;
+            walk(&mut |ranges| {
+                // A map with long stretches of holes sends nothing for a
+                // while: the pipeline's end and stop signals are checked
+                // here too.
+                if stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                    open = false;
+                    return false;
+                }
+                if let Err(e) = crate::interrupt::check() {
+                    interrupted = Some(e);
+                    open = false;
+                    return false;
+                }
+                for &(offset, len) in ranges {
+                    if len == 0 || blocks == 0 || offset >= disk_size {
+                        continue;
+                    }
+                    let start = offset / block_size as u64;
+                    let last =
+                        ((offset.saturating_add(len) - 1) / block_size as u64).min(blocks - 1);
+                    if (start..next.min(last + 1)).any(|b| !read.is_set(b)) {
+                        backwards = Some(offset);
                         open = false;
                         return false;
                     }
-                    if let Err(e) = crate::interrupt::check() {
-                        interrupted = Some(e);
-                        open = false;
-                        return false;
-                    }
-                    for &(offset, len) in ranges {
-                        if len == 0 || blocks == 0 || offset >= disk_size {
-                            continue;
-                        }
-                        let start = offset / block_size as u64;
-                        let last =
-                            ((offset.saturating_add(len) - 1) / block_size as u64).min(blocks - 1);
-                        if (start..next.min(last + 1)).any(|b| !read.is_set(b)) {
-                            backwards = Some(offset);
+                    let first = start.max(next);
+                    for b in first..=last {
+                        read.set(b);
+                        total += span_len(disk_size, block_size, b);
+                        batch.push(b);
+                        if batch.len() == batch_blocks && !send(std::mem::take(&mut batch)) {
                             open = false;
                             return false;
                         }
-                        let first = start.max(next);
-                        for b in first..=last {
-                            read.set(b);
-                            total += span_len(disk_size, block_size, b);
-                            batch.push(b);
-                            if batch.len() == batch_blocks && !send(std::mem::take(&mut batch)) {
-                                open = false;
-                                return false;
-                            }
-                        }
-                        next = next.max(last + 1);
                     }
-                    true
-                })?;
-                if let Some(e) = interrupted {
-                    return Err(e.into());
+                    next = next.max(last + 1);
                 }
-                if let Some(offset) = backwards {
-                    return Err(SourceError::Invalid {
-                    source_name: source.identity().to_string(),
-                    reason: format!(
-                        "the allocation map went back to byte {offset}, past blocks it had not named; nothing committed"
-                    ),
+                true
+            })?;
+            if let Some(e) = interrupted {
+                return Err(e.into());
+            }
+            if let Some(offset) = backwards {
+                return Err(SourceError::Invalid {
+                source_name: source.identity().to_string(),
+                reason: format!(
+                    "the allocation map went back to byte {offset}, past blocks it had not named; nothing committed"
+                ),
+            }
+            .into());
+            }
+            if open {
+                progress.set_total(total);
+                if !batch.is_empty() {
+                    open = send(batch);
                 }
-                .into());
-                }
-                if open {
-                    progress.set_total(total);
-                    if !batch.is_empty() {
-                        open = send(batch);
-                    }
-                }
-                Ok(Some((read, open)))
-            },
-        );
+            }
+            Ok(Some((read, open)))
+        };
+        let planner = spawn_named(s, "cbt-plan", plan);
         let read_rx = InOrder {
             rxs: read_rxs,
             next: 0,
