@@ -365,6 +365,22 @@ fn target(sim: &Simulator, path: &str) -> String {
 }
 
 fn restore_to(t: &TestRepo, sim: &Simulator, id: &str, path: &str, extra: &[&str]) -> Run {
+    // A temporary directory of the test's own (where a descriptor that
+    // could not be put back is saved).
+    let tmp = t.path("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    restore_to_in(t, sim, id, path, extra, &tmp)
+}
+
+/// [`restore_to`] with `tmp` as the command's temporary directory.
+fn restore_to_in(
+    t: &TestRepo,
+    sim: &Simulator,
+    id: &str,
+    path: &str,
+    extra: &[&str],
+    tmp: &std::path::Path,
+) -> Run {
     let to = target(sim, path);
     let fp = sim.fingerprint().to_string();
     let mut args: Vec<&dyn AsRef<std::ffi::OsStr>> = vec![
@@ -379,10 +395,6 @@ fn restore_to(t: &TestRepo, sim: &Simulator, id: &str, path: &str, extra: &[&str
     for e in extra {
         args.push(e);
     }
-    // A temporary directory of the test's own (where a descriptor that
-    // could not be put back is saved).
-    let tmp = t.path("tmp");
-    std::fs::create_dir_all(&tmp).unwrap();
     t.run_env(
         &args,
         &[
@@ -591,6 +603,67 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
         qemu_img_raw(&descriptor, &t.path("old-again-via-qemu.raw")),
         (blake3::hash(&live), DISK)
     );
+
+    // The same with no temporary directory to save the copy in: the error
+    // then carries the old descriptor's bytes, escaped, and unescaping
+    // them gives the exact bytes back.
+    sim.corrupt_next_put(4096);
+    sim.refuse_put_after(2);
+    let r = restore_to_in(
+        &t,
+        &sim,
+        other,
+        "restored/db01 disk1.vmdk",
+        &["--force", "--verify"],
+        &t.path("no-such-dir"),
+    )
+    .expect_code(1);
+    let error: Value = r
+        .stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|m| m["message_type"] == "error")
+        .unwrap_or_else(|| panic!("no error message: {}", r.stderr));
+    let message = error["message"].as_str().unwrap();
+    let marker = "\\\": ";
+    let text = message
+        .split_once("it could not be saved locally either (")
+        .and_then(|(_, rest)| rest.split_once(marker))
+        .map(|(_, text)| text)
+        .unwrap_or_else(|| panic!("{message}"));
+    let mut unescaped = Vec::new();
+    let mut bytes = text.bytes();
+    while let Some(b) = bytes.next() {
+        if b != b'\\' {
+            unescaped.push(b);
+            continue;
+        }
+        match bytes.next() {
+            Some(b'x') => {
+                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+                unescaped.push(u8::from_str_radix(&hex, 16).unwrap());
+            }
+            Some(b'n') => unescaped.push(b'\n'),
+            Some(b't') => unescaped.push(b'\t'),
+            Some(b'r') => unescaped.push(b'\r'),
+            Some(c) => unescaped.push(c),
+            None => panic!("a lone backslash at the end: {message}"),
+        }
+    }
+    assert!(
+        unescaped.starts_with(&old_text),
+        "{}",
+        String::from_utf8_lossy(&unescaped)
+    );
+    // What follows the text is the error's cause (the failed read-back).
+    assert!(
+        String::from_utf8_lossy(&unescaped[old_text.len()..]).starts_with(": verify: "),
+        "{message}"
+    );
+    assert!(!t.path("no-such-dir").exists());
+    assert_eq!(crate::util::hash_file(&flat), before);
+    assert_eq!(datastore_files(&sim, "restored"), files_before);
+    std::fs::write(&descriptor, &old_text).unwrap();
 
     // --force that succeeds: the new disk under a flat file of its own
     // name, the descriptor naming it, the old flat file deleted last.
