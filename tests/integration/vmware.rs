@@ -404,6 +404,16 @@ fn restore_to_in(
     )
 }
 
+/// The message of a `--json` run's `error` line on stderr.
+fn error_message(r: &Run) -> String {
+    r.stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|m| m["message_type"] == "error")
+        .and_then(|m| m["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("no error message: {}", r.stderr))
+}
+
 /// The disk a descriptor describes, as qemu-img (a real VMDK reader)
 /// converts it to raw: its hash and size.
 fn qemu_img_raw(descriptor: &std::path::Path, out: &std::path::Path) -> (blake3::Hash, u64) {
@@ -558,13 +568,7 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
         "the fault did not fire: {:?}",
         sim.calls()
     );
-    let error: Value = r
-        .stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|m| m["message_type"] == "error")
-        .unwrap_or_else(|| panic!("no error message: {}", r.stderr));
-    let message = error["message"].as_str().unwrap();
+    let message = &error_message(&r);
     assert!(
         message.contains("the old descriptor could not be put back")
             && message.contains("(the new data file, deleted)")
@@ -618,13 +622,7 @@ fn restore_into_vsphere_uploads_a_flat_vmdk_that_qemu_img_reads_bit_for_bit() {
         &t.path("no-such-dir"),
     )
     .expect_code(1);
-    let error: Value = r
-        .stderr
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|m| m["message_type"] == "error")
-        .unwrap_or_else(|| panic!("no error message: {}", r.stderr));
-    let message = error["message"].as_str().unwrap();
+    let message = &error_message(&r);
     let marker = "\\\": ";
     let text = message
         .split_once("it could not be saved locally either (")
